@@ -1,0 +1,4 @@
+//! Block drivers.
+
+pub mod file;
+pub mod mem;

@@ -1,0 +1,106 @@
+//! The sharedisk block layer.
+//!
+//! Three parts, as in DESIGN.md §2:
+//! - [`Driver`]: where the bytes live (`driver::mem`, `driver::file`; `rbd` later). Byte offsets,
+//!   no knowledge of SCSI.
+//! - [`Backend`]: the API the SCSI layer calls, in logical blocks. It owns bounds checks, range
+//!   locks that make compare-and-write atomic against other writes, and emulation of what a
+//!   driver lacks (compare-and-write by read-compare-write under a range lock, write zeroes by
+//!   writing zero buffers).
+//! - [`BlockError`]: what can go wrong below the SCSI layer. The SCSI layer maps every variant to
+//!   a status and sense data; none of them is ever reported as GOOD.
+
+mod backend;
+pub mod driver;
+
+pub use backend::{Backend, Capabilities};
+
+use async_trait::async_trait;
+
+/// Everything that can fail in the block layer or a driver.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The request reaches past the last logical block.
+    #[error("Access beyond the end of the device: block {lba} + {blocks} > {capacity}")]
+    OutOfRange {
+        lba: u64,
+        blocks: u64,
+        capacity: u64,
+    },
+    /// A buffer whose length is not what the request needs.
+    #[error("Buffer of {got} bytes where {expected} were needed")]
+    BadBufferLength { expected: u64, got: u64 },
+    /// Compare-and-write found different data; `offset` is the byte offset of the first
+    /// difference from the start of the compared range.
+    #[error("Compare failed at byte {offset}")]
+    Miscompare { offset: u64 },
+    /// The driver cannot do this operation (e.g. discard on a driver without holes).
+    #[error("Operation not supported by the driver")]
+    Unsupported,
+    /// The backing store is full (thin provisioning ran out of space).
+    #[error("No space left on the backing store")]
+    NoSpace,
+    /// A read from the backing store failed.
+    #[error("Read from the backing store failed")]
+    ReadFailed(#[source] std::io::Error),
+    /// A write (or flush, discard, zeroing) to the backing store failed.
+    #[error("Write to the backing store failed")]
+    WriteFailed(#[source] std::io::Error),
+    /// The driver could not be opened or configured.
+    #[error("Cannot open the backing store")]
+    Open(#[source] std::io::Error),
+}
+
+/// What a driver can do, reported once at open time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DriverInfo {
+    /// Size of the device in bytes.
+    pub size: u64,
+    /// `discard` deallocates (punches holes).
+    pub discard: bool,
+    /// Deallocated ranges read back as zeros.
+    pub discard_zeroes: bool,
+    /// The largest native atomic compare-and-write, in bytes; 0 when the driver has none and the
+    /// block layer must emulate it under a range lock.
+    pub native_compare_and_write: u32,
+}
+
+/// One extent as reported by [`Driver::block_status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes starting at the queried offset.
+    pub len: u64,
+    /// `true` when the range is allocated (mapped); `false` when deallocated (a hole).
+    pub mapped: bool,
+}
+
+/// A block driver: byte-addressed storage. Offsets and lengths are already checked against the
+/// device size and aligned to the logical block size by [`Backend`].
+#[async_trait]
+pub trait Driver: Send + Sync + 'static {
+    /// Static facts about the device.
+    fn info(&self) -> DriverInfo;
+    /// Read `len` bytes at `offset`.
+    async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, BlockError>;
+    /// Write `data` at `offset`; with `fua` the data is on stable storage before this returns.
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), BlockError>;
+    /// Make every completed write stable.
+    async fn flush(&self) -> Result<(), BlockError>;
+    /// Deallocate the range. Only called when [`DriverInfo::discard`] is true.
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError>;
+    /// Make the range read as zeros; with `unmap` the driver may deallocate it.
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BlockError>;
+    /// The extent that starts at `offset`, at most `len` bytes long.
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Extent, BlockError>;
+    /// Native atomic compare-and-write; only called when
+    /// [`DriverInfo::native_compare_and_write`] is non-zero.
+    async fn compare_and_write(
+        &self,
+        _offset: u64,
+        _compare: Vec<u8>,
+        _write: Vec<u8>,
+        _fua: bool,
+    ) -> Result<(), BlockError> {
+        Err(BlockError::Unsupported)
+    }
+}

@@ -1,0 +1,119 @@
+//! SCSI device emulation: SPC-5 / SBC-4 direct-access block devices.
+//!
+//! Transport-agnostic: a frontend (iSCSI, vhost-user) turns its requests into a [`Command`]
+//! carrying the I_T nexus, LUN, CDB and the data-out buffer, hands it to [`Target::execute`], and
+//! gets back a [`Completion`]: status, sense data and data-in. Every SCSI-level problem (bad CDB,
+//! out of range, I/O error) is a CHECK CONDITION with sense data, never an `Err`.
+//!
+//! The task set lives here, not in the transport (SAM-5): task management functions
+//! ([`Target::task_management`]) abort or drain commands of any nexus on a logical unit, so
+//! LOGICAL UNIT RESET and (later) PREEMPT AND ABORT work the same for every frontend.
+
+mod lu;
+mod nexus;
+mod target;
+
+pub use lu::{LogicalUnit, LuConfig};
+pub use nexus::{InitiatorPort, ItNexus, TargetPort, Transport};
+pub use target::Target;
+
+use std::sync::Arc;
+
+/// SAM-5 status codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Status(pub u8);
+
+impl Status {
+    pub const GOOD: Status = Status(0x00);
+    pub const CHECK_CONDITION: Status = Status(0x02);
+    pub const CONDITION_MET: Status = Status(0x04);
+    pub const BUSY: Status = Status(0x08);
+    pub const RESERVATION_CONFLICT: Status = Status(0x18);
+    pub const TASK_SET_FULL: Status = Status(0x28);
+    pub const ACA_ACTIVE: Status = Status(0x30);
+    pub const TASK_ABORTED: Status = Status(0x40);
+}
+
+/// SAM-5 task attribute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TaskAttr {
+    #[default]
+    Simple,
+    Ordered,
+    HeadOfQueue,
+    Aca,
+}
+
+/// One SCSI command as a frontend delivers it, with all data-out already received.
+#[derive(Debug, Clone)]
+pub struct Command {
+    /// Who sent it.
+    pub nexus: Arc<ItNexus>,
+    /// The LUN as the 8-byte SAM LUN structure decoded to a plain number (single level,
+    /// peripheral or flat addressing).
+    pub lun: u64,
+    /// The transport's task tag (iSCSI Initiator Task Tag, virtio-scsi request id).
+    pub tag: u64,
+    pub attr: TaskAttr,
+    /// The CDB, exactly as received (up to 32 bytes for iSCSI with AHS, 16 without).
+    pub cdb: Vec<u8>,
+    /// Data-out from the initiator; its length is what the transport received, which may differ
+    /// from what the CDB asks for.
+    pub data_out: Vec<u8>,
+    /// The transport's expected data-in length (allocation the initiator provided).
+    pub data_in_len: u32,
+}
+
+/// The result of a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// Send this status (and sense, and data-in) to the initiator.
+    Done(Response),
+    /// The task was aborted by a task management function or another nexus; per SAM-5 the
+    /// transport sends no status for it (TAS = 0).
+    Aborted,
+}
+
+/// Status, sense and data-in of a completed command.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Response {
+    pub status: Status,
+    /// Sense data (fixed or descriptor format), empty when there is none.
+    pub sense: Vec<u8>,
+    /// Data-in. May be shorter than `data_in_len` (underflow) but never longer; the transport
+    /// reports the residual.
+    pub data_in: Vec<u8>,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Status::GOOD
+    }
+}
+
+/// SAM-5 task management functions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tmf {
+    AbortTask { lun: u64, tag: u64 },
+    AbortTaskSet { lun: u64 },
+    ClearTaskSet { lun: u64 },
+    ClearAca { lun: u64 },
+    LogicalUnitReset { lun: u64 },
+    TargetWarmReset,
+    TargetColdReset,
+    ItNexusReset,
+    QueryTask { lun: u64, tag: u64 },
+    QueryTaskSet { lun: u64 },
+    QueryAsyncEvent { lun: u64 },
+}
+
+/// SAM-5 service responses to a task management function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TmfResponse {
+    FunctionComplete,
+    FunctionSucceeded,
+    FunctionRejected,
+    IncorrectLun,
+    /// ABORT TASK for a tag that is not in the task set (already completed or never seen).
+    TaskDoesNotExist,
+}

@@ -1,0 +1,37 @@
+//! I_T nexus identity (SAM-5 4.6): an initiator port and a target port.
+
+/// The transport protocol of a port, for TransportIDs (SPC-5 7.6.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Iscsi,
+    /// vhost-user-scsi: reported as SAS (no SCSI transport of its own), as QEMU does.
+    Vhost,
+}
+
+/// An initiator port. For iSCSI its name is `<initiator name>,i,0x<ISID>` (RFC 7143 13.8).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct InitiatorPort {
+    pub transport: Transport,
+    /// The initiator (device) name, e.g. `iqn.1993-08.org.debian:01:abc`.
+    pub name: String,
+    /// The iSCSI session identifier; `None` for transports without one.
+    pub isid: Option<[u8; 6]>,
+}
+
+/// A target port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TargetPort {
+    /// The target name, e.g. `iqn.2026-01.io.sharedisk:disk0`.
+    pub name: String,
+    /// Target portal group tag (iSCSI) — part of the port name `<name>,t,0x<tpgt>`.
+    pub tpgt: u16,
+    /// RELATIVE TARGET PORT IDENTIFIER (SPC-5 7.7.3.7), unique per target, never 0.
+    pub relative_id: u16,
+}
+
+/// An I_T nexus: the unit that holds unit attentions, SPC-2 reservations and PR registrations.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ItNexus {
+    pub initiator: InitiatorPort,
+    pub target: TargetPort,
+}
