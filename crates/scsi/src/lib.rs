@@ -57,8 +57,10 @@ pub struct Command {
     pub attr: TaskAttr,
     /// The CDB, exactly as received (up to 32 bytes for iSCSI with AHS, 16 without).
     pub cdb: Vec<u8>,
-    /// Data-out from the initiator; its length is what the transport received, which may differ
-    /// from what the CDB asks for.
+    /// Data-out from the initiator; its length is what the transport received (its expected
+    /// data transfer length), which may differ from what the CDB asks for
+    /// ([`Target::data_out_len`]). On a mismatch the command fails with INVALID FIELD IN COMMAND
+    /// INFORMATION UNIT and writes nothing (FCP-4 9.4.2 b, which libiscsi's residual tests accept).
     pub data_out: Vec<u8>,
     /// The transport's expected data-in length (allocation the initiator provided).
     pub data_in_len: u32,
@@ -80,8 +82,9 @@ pub struct Response {
     pub status: Status,
     /// Sense data (fixed or descriptor format), empty when there is none.
     pub sense: Vec<u8>,
-    /// Data-in. May be shorter than `data_in_len` (underflow) but never longer; the transport
-    /// reports the residual.
+    /// Data-in as the command produced it (bounded by the CDB's allocation or transfer length).
+    /// The transport sends at most its expected length of it and reports the residual: underflow
+    /// when shorter, overflow when longer (RFC 7143 11.4.5).
     pub data_in: Vec<u8>,
 }
 

@@ -38,6 +38,18 @@ impl LogicalUnit {
         &self.config
     }
 
+    /// See [`crate::Target::data_out_len`].
+    pub fn data_out_len(&self, cdb: &[u8]) -> u32 {
+        let bs = self.backend.block_size();
+        match (cdb.first(), cdb.len()) {
+            (Some(0x2A), 10..) => u32::from(u16::from_be_bytes([cdb[7], cdb[8]])) * bs,
+            (Some(0x8A), 16..) => {
+                u32::from_be_bytes([cdb[10], cdb[11], cdb[12], cdb[13]]).saturating_mul(bs)
+            }
+            _ => 0,
+        }
+    }
+
     /// Execute one command addressed to this LU.
     pub async fn execute(&self, cmd: Command) -> Completion {
         Completion::Done(self.run(&cmd).await)
@@ -117,7 +129,7 @@ impl LogicalUnit {
                 };
                 let bytes = u64::from(len) * u64::from(self.backend.block_size());
                 if cmd.data_out.len() as u64 != bytes {
-                    return check(0x05, 0x24, 0x00);
+                    return check(0x05, 0x0E, 0x03);
                 }
                 match self
                     .backend

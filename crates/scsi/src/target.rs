@@ -72,6 +72,13 @@ impl Target {
         }
     }
 
+    /// The number of data-out bytes the CDB asks for (SAM-5's SCSI protocol data transfer
+    /// length), so a transport can report residuals for data-out. 0 for commands without
+    /// data-out, for unknown LUNs and for CDBs too short to say.
+    pub fn data_out_len(&self, lun: u64, cdb: &[u8]) -> u32 {
+        self.luns.get(&lun).map_or(0, |lu| lu.data_out_len(cdb))
+    }
+
     /// Run a task management function for `nexus`.
     pub async fn task_management(&self, _nexus: &Arc<ItNexus>, tmf: Tmf) -> TmfResponse {
         match tmf {
