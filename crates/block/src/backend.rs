@@ -1,8 +1,34 @@
-//! [`Backend`]: the block-layer API the SCSI layer calls, in logical blocks.
+//! [`Backend`]: the block-layer API the SCSI layer calls, in logical blocks, and the I/O path
+//! under it (DESIGN.md §2, "block I/O path").
+//!
+//! Every request goes through the same steps:
+//! 1. **Bounds and shape.** `lba + blocks` is computed with checked arithmetic and compared with
+//!    the capacity; data buffers must be a whole number of logical blocks. Nothing that comes from
+//!    the wire can make this layer panic or overflow.
+//! 2. **Range lock.** Every request that writes (write, write same, write zeroes, discard) holds a
+//!    *shared* lock over its byte range for the duration of the driver I/O; COMPARE AND WRITE
+//!    holds an *exclusive* one (see [`crate::range_lock`]). That makes the emulated
+//!    read-compare-write one atomic step against every overlapping write, for any length up to
+//!    [`MAX_COMPARE_AND_WRITE_BLOCKS`]. Reads take no lock.
+//! 3. **Emulation** of what the driver lacks: compare-and-write by read-compare-write under the
+//!    exclusive lock; write same by writing the pattern in chunks of at most
+//!    [`WRITE_SAME_CHUNK`] bytes (never the whole range at once); write zeroes with unmap by the
+//!    driver's discard when discarded blocks read as zeros.
+//! 4. **Accounting** (see [`crate::stats`]): operations, bytes, errors, miscompares and requests in
+//!    flight, per backend, readable with [`Backend::stats`].
 
 use std::sync::Arc;
 
-use crate::{BlockError, Driver, Extent};
+use crate::range_lock::{LockMode, RangeLock};
+use crate::stats::{OpKind, Stats, StatsSnapshot};
+use crate::{BlockError, Driver, DriverInfo, Extent};
+
+/// The largest COMPARE AND WRITE the block layer emulates, in logical blocks. SBC-4 6.6.5: the
+/// MAXIMUM COMPARE AND WRITE LENGTH field of the Block Limits VPD page is one byte.
+pub const MAX_COMPARE_AND_WRITE_BLOCKS: u32 = 255;
+
+/// The most bytes write same puts in one driver write (1 MiB).
+pub const WRITE_SAME_CHUNK: usize = 1 << 20;
 
 /// What the SCSI layer may advertise for this backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,8 +44,11 @@ pub struct Capabilities {
 /// A block device as the SCSI layer sees it: a driver plus the I/O path.
 pub struct Backend {
     driver: Arc<dyn Driver>,
+    info: DriverInfo,
     block_size: u32,
     capacity: u64,
+    locks: RangeLock,
+    stats: Stats,
 }
 
 impl Backend {
@@ -31,11 +60,15 @@ impl Backend {
                 format!("Logical block size {block_size} is not 512 or 4096"),
             )));
         }
-        let capacity = driver.info().size / u64::from(block_size);
+        let info = driver.info();
+        let capacity = info.size / u64::from(block_size);
         Ok(Self {
             driver,
+            info,
             block_size,
             capacity,
+            locks: RangeLock::new(),
+            stats: Stats::default(),
         })
     }
 
@@ -49,16 +82,35 @@ impl Backend {
         self.capacity
     }
 
+    /// What the driver reported at open time.
+    pub fn driver_info(&self) -> DriverInfo {
+        self.info
+    }
+
     /// What may be advertised.
     pub fn capabilities(&self) -> Capabilities {
-        let info = self.driver.info();
+        let info = self.info;
         Capabilities {
             thin: info.discard,
             unmapped_reads_zero: info.discard && info.discard_zeroes,
-            max_compare_and_write_blocks: 255,
+            max_compare_and_write_blocks: self.max_compare_and_write_blocks(),
         }
     }
 
+    /// A copy of the request counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    fn max_compare_and_write_blocks(&self) -> u32 {
+        match self.info.native_compare_and_write {
+            0 => MAX_COMPARE_AND_WRITE_BLOCKS,
+            n => (n / self.block_size).min(MAX_COMPARE_AND_WRITE_BLOCKS),
+        }
+    }
+
+    /// Byte offset and length of `blocks` blocks at `lba`, checked against the capacity. As
+    /// `capacity * block_size <= driver size`, `offset + length` cannot overflow afterwards.
     fn range(&self, lba: u64, blocks: u64) -> Result<(u64, u64), BlockError> {
         let out = || BlockError::OutOfRange {
             lba,
@@ -70,45 +122,107 @@ impl Backend {
             return Err(out());
         }
         let bs = u64::from(self.block_size);
-        Ok((lba * bs, blocks * bs))
+        let off = lba.checked_mul(bs).ok_or_else(out)?;
+        let len = blocks.checked_mul(bs).ok_or_else(out)?;
+        Ok((off, len))
     }
 
     /// Read `blocks` logical blocks at `lba`.
     pub async fn read(&self, lba: u64, blocks: u32) -> Result<Vec<u8>, BlockError> {
+        let op = self.stats.start(OpKind::Read);
+        let r = self.do_read(lba, blocks).await;
+        let n = r.as_ref().map_or(0, |d| d.len() as u64);
+        op.finish(r, n)
+    }
+
+    async fn do_read(&self, lba: u64, blocks: u32) -> Result<Vec<u8>, BlockError> {
         let (off, len) = self.range(lba, u64::from(blocks))?;
         let len = usize::try_from(len).map_err(|_| BlockError::OutOfRange {
             lba,
             blocks: u64::from(blocks),
             capacity: self.capacity,
         })?;
-        self.driver.read(off, len).await
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let data = self.driver.read(off, len).await?;
+        check_read_len(&data, len)?;
+        Ok(data)
     }
 
     /// Write `data` (a whole number of blocks) at `lba`; `fua` makes it stable before returning.
     pub async fn write(&self, lba: u64, data: Vec<u8>, fua: bool) -> Result<(), BlockError> {
+        let op = self.stats.start(OpKind::Write);
+        let n = data.len() as u64;
+        let r = self.do_write(lba, data, fua).await;
+        op.finish(r, n)
+    }
+
+    async fn do_write(&self, lba: u64, data: Vec<u8>, fua: bool) -> Result<(), BlockError> {
         let blocks = self.whole_blocks(data.len())?;
-        let (off, _) = self.range(lba, blocks)?;
+        let (off, len) = self.range(lba, blocks)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let end = off.checked_add(len).ok_or(BlockError::OutOfRange {
+            lba,
+            blocks,
+            capacity: self.capacity,
+        })?;
+        let _g = self.locks.lock(off, end, LockMode::Shared).await;
         self.driver.write(off, data, fua).await
     }
 
     /// Make every completed write stable.
     pub async fn flush(&self) -> Result<(), BlockError> {
-        self.driver.flush().await
+        let op = self.stats.start(OpKind::Flush);
+        op.finish(self.driver.flush().await, 0)
     }
 
     /// Deallocate `blocks` at `lba` (UNMAP). A no-op success on drivers without holes is not
     /// allowed: callers check [`Capabilities::thin`] first.
     pub async fn discard(&self, lba: u64, blocks: u64) -> Result<(), BlockError> {
+        let op = self.stats.start(OpKind::Discard);
+        let r = self.do_discard(lba, blocks).await;
+        op.finish(r, 0)
+    }
+
+    async fn do_discard(&self, lba: u64, blocks: u64) -> Result<(), BlockError> {
         let (off, len) = self.range(lba, blocks)?;
-        if !self.driver.info().discard {
+        if !self.info.discard {
             return Err(BlockError::Unsupported);
         }
+        if len == 0 {
+            return Ok(());
+        }
+        let _g = self.locks.lock(off, off + len, LockMode::Shared).await;
         self.driver.discard(off, len).await
     }
 
     /// Make `blocks` at `lba` read as zeros; `unmap` allows deallocation.
     pub async fn write_zeroes(&self, lba: u64, blocks: u64, unmap: bool) -> Result<(), BlockError> {
+        let op = self.stats.start(OpKind::WriteZeroes);
+        let r = self.do_write_zeroes(lba, blocks, unmap).await;
+        op.finish(r, 0)
+    }
+
+    async fn do_write_zeroes(&self, lba: u64, blocks: u64, unmap: bool) -> Result<(), BlockError> {
         let (off, len) = self.range(lba, blocks)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let _g = self.locks.lock(off, off + len, LockMode::Shared).await;
+        self.zero_range(off, len, unmap).await
+    }
+
+    /// Zero `[off, off + len)`; the caller holds the range lock.
+    async fn zero_range(&self, off: u64, len: u64, unmap: bool) -> Result<(), BlockError> {
+        if unmap && self.info.discard && self.info.discard_zeroes {
+            match self.driver.discard(off, len).await {
+                Err(BlockError::Unsupported) => {}
+                r => return r,
+            }
+        }
         self.driver.write_zeroes(off, len, unmap).await
     }
 
@@ -119,22 +233,74 @@ impl Backend {
         blocks: u64,
         pattern: Vec<u8>,
     ) -> Result<(), BlockError> {
+        let op = self.stats.start(OpKind::WriteSame);
+        let r = self.do_write_same(lba, blocks, pattern).await;
+        let n = if r.is_ok() {
+            blocks.saturating_mul(u64::from(self.block_size))
+        } else {
+            0
+        };
+        op.finish(r, n)
+    }
+
+    async fn do_write_same(
+        &self,
+        lba: u64,
+        blocks: u64,
+        pattern: Vec<u8>,
+    ) -> Result<(), BlockError> {
         let (off, len) = self.range(lba, blocks)?;
-        if pattern.len() != self.block_size as usize {
+        let bs = self.block_size as usize;
+        if pattern.len() != bs {
             return Err(BlockError::BadBufferLength {
                 expected: u64::from(self.block_size),
                 got: pattern.len() as u64,
             });
         }
-        let mut data = Vec::with_capacity(len as usize);
-        for _ in 0..blocks {
-            data.extend_from_slice(&pattern);
+        if len == 0 {
+            return Ok(());
         }
-        self.driver.write(off, data, false).await
+        let end = off + len;
+        let _g = self.locks.lock(off, end, LockMode::Shared).await;
+        if pattern.iter().all(|&b| b == 0) {
+            return self.zero_range(off, len, false).await;
+        }
+        // One chunk of the pattern repeated, built once and copied per driver write: memory
+        // stays at two chunks whatever the length of the range.
+        let chunk_blocks = (WRITE_SAME_CHUNK / bs).max(1) as u64;
+        let first = blocks.min(chunk_blocks) as usize;
+        let chunk = pattern.repeat(first);
+        let mut pos = off;
+        while pos < end {
+            let n = (end - pos).min(chunk.len() as u64) as usize;
+            let data = chunk.get(..n).unwrap_or(&chunk).to_vec();
+            self.driver.write(pos, data, false).await?;
+            pos += n as u64;
+        }
+        Ok(())
     }
 
     /// Atomically compare the blocks at `lba` with `compare` and, when equal, write `write`.
+    ///
+    /// On a difference nothing is written and the result is
+    /// `Err(BlockError::Miscompare { offset })` with the byte offset of the first difference
+    /// (SBC-4 5.3: reported in the INFORMATION field). Atomic against every other write through
+    /// this backend to an overlapping range, for up to
+    /// [`Capabilities::max_compare_and_write_blocks`] blocks.
     pub async fn compare_and_write(
+        &self,
+        lba: u64,
+        compare: Vec<u8>,
+        write: Vec<u8>,
+        fua: bool,
+    ) -> Result<(), BlockError> {
+        let op = self.stats.start(OpKind::CompareAndWrite);
+        let n = write.len() as u64;
+        let r = self.do_compare_and_write(lba, compare, write, fua).await;
+        op.finish(r, n)
+    }
+
+    async fn do_compare_and_write(
         &self,
         lba: u64,
         compare: Vec<u8>,
@@ -148,9 +314,26 @@ impl Backend {
             });
         }
         let blocks = self.whole_blocks(compare.len())?;
+        let max = self.max_compare_and_write_blocks();
+        if blocks > u64::from(max) {
+            return Err(BlockError::BadBufferLength {
+                expected: u64::from(max) * u64::from(self.block_size),
+                got: compare.len() as u64,
+            });
+        }
         let (off, len) = self.range(lba, blocks)?;
-        // NOTE: not yet atomic against other writers; the range lock comes with the I/O path.
-        let current = self.driver.read(off, len as usize).await?;
+        if len == 0 {
+            return Ok(());
+        }
+        if self.info.native_compare_and_write != 0 {
+            return self
+                .driver
+                .compare_and_write(off, compare, write, fua)
+                .await;
+        }
+        let _g = self.locks.lock(off, off + len, LockMode::Exclusive).await;
+        let current = self.driver.read(off, compare.len()).await?;
+        check_read_len(&current, compare.len())?;
         if let Some(i) = current.iter().zip(&compare).position(|(a, b)| a != b) {
             return Err(BlockError::Miscompare { offset: i as u64 });
         }
@@ -158,15 +341,40 @@ impl Backend {
     }
 
     /// The mapped/deallocated extent starting at `lba`, in blocks: `(blocks, mapped)`.
+    ///
+    /// `blocks` is at least 1. A driver extent that ends inside a block is rounded so that a
+    /// block is never reported deallocated while part of it is mapped.
     pub async fn block_status(&self, lba: u64) -> Result<(u64, bool), BlockError> {
-        let (off, len) = self.range(lba, self.capacity.saturating_sub(lba))?;
-        let Extent { len, mapped } = self.driver.block_status(off, len).await?;
-        Ok((len / u64::from(self.block_size), mapped))
+        let op = self.stats.start(OpKind::BlockStatus);
+        let r = self.do_block_status(lba).await;
+        op.finish(r, 0)
+    }
+
+    async fn do_block_status(&self, lba: u64) -> Result<(u64, bool), BlockError> {
+        let remaining = self.capacity.saturating_sub(lba);
+        if remaining == 0 {
+            return Err(BlockError::OutOfRange {
+                lba,
+                blocks: 1,
+                capacity: self.capacity,
+            });
+        }
+        let (off, len) = self.range(lba, remaining)?;
+        let Extent { len: got, mapped } = self.driver.block_status(off, len).await?;
+        let bs = u64::from(self.block_size);
+        let got = got.min(len);
+        let blocks = if mapped { got.div_ceil(bs) } else { got / bs };
+        if blocks == 0 {
+            // A hole shorter than one block, or a driver that answered nothing: the block is
+            // (partly) mapped.
+            return Ok((1, true));
+        }
+        Ok((blocks.min(remaining), mapped))
     }
 
     fn whole_blocks(&self, bytes: usize) -> Result<u64, BlockError> {
         let bs = self.block_size as usize;
-        if bytes % bs != 0 {
+        if bytes.checked_rem(bs) != Some(0) {
             return Err(BlockError::BadBufferLength {
                 expected: (bytes / bs * bs) as u64,
                 got: bytes as u64,
@@ -174,4 +382,18 @@ impl Backend {
         }
         Ok((bytes / bs) as u64)
     }
+}
+
+/// A driver that returns fewer bytes than asked has failed; never pass short data up.
+fn check_read_len(data: &[u8], len: usize) -> Result<(), BlockError> {
+    if data.len() != len {
+        return Err(BlockError::ReadFailed(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!(
+                "Driver returned {} bytes where {len} were asked",
+                data.len()
+            ),
+        )));
+    }
+    Ok(())
 }

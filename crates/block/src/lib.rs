@@ -7,13 +7,17 @@
 //!   locks that make compare-and-write atomic against other writes, and emulation of what a
 //!   driver lacks (compare-and-write by read-compare-write under a range lock, write zeroes by
 //!   writing zero buffers).
+//! - Request accounting ([`StatsSnapshot`], from [`Backend::stats`]) for the daemon's metrics.
 //! - [`BlockError`]: what can go wrong below the SCSI layer. The SCSI layer maps every variant to
 //!   a status and sense data; none of them is ever reported as GOOD.
 
 mod backend;
 pub mod driver;
+pub mod range_lock;
+pub mod stats;
 
-pub use backend::{Backend, Capabilities};
+pub use backend::{Backend, Capabilities, MAX_COMPARE_AND_WRITE_BLOCKS, WRITE_SAME_CHUNK};
+pub use stats::{OpKind, StatsSnapshot};
 
 use async_trait::async_trait;
 
