@@ -1,4 +1,8 @@
-//! Block drivers.
+//! Block drivers: where the bytes live.
+//!
+//! - [`mem`]: a sparse RAM disk, for tests and conformance runs.
+//! - [`file`]: a file or block device, with io_uring or a thread pool underneath.
 
 pub mod file;
 pub mod mem;
+mod uring;

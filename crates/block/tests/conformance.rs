@@ -1,0 +1,625 @@
+//! The driver conformance suite (DESIGN.md §7, level 2): the same tests, through [`Backend`],
+//! against every block driver. Each driver gets a module below, made by `suite!`; a new driver
+//! (RBD) adds one line.
+//!
+//! Every driver is wrapped in [`Yielding`], which yields to the scheduler before and after each
+//! driver call, so concurrent requests interleave at every await point; the atomicity test
+//! depends on that to have a chance of catching a race.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use block::driver::file::{Engine, EngineChoice, FileDriver, FileOptions};
+use block::driver::mem::MemDriver;
+use block::{Backend, BlockError, Driver, DriverInfo, Extent, OpKind};
+
+/// A device under test, with whatever must outlive it.
+struct Harness {
+    backend: Arc<Backend>,
+    path: Option<PathBuf>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+type Make = fn(u64, u32) -> Harness;
+
+/// Yields around every call of the inner driver.
+struct Yielding(Arc<dyn Driver>);
+
+#[async_trait]
+impl Driver for Yielding {
+    fn info(&self) -> DriverInfo {
+        self.0.info()
+    }
+    async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, BlockError> {
+        tokio::task::yield_now().await;
+        let r = self.0.read(offset, len).await;
+        tokio::task::yield_now().await;
+        r
+    }
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), BlockError> {
+        tokio::task::yield_now().await;
+        let r = self.0.write(offset, data, fua).await;
+        tokio::task::yield_now().await;
+        r
+    }
+    async fn flush(&self) -> Result<(), BlockError> {
+        self.0.flush().await
+    }
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        tokio::task::yield_now().await;
+        self.0.discard(offset, len).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BlockError> {
+        tokio::task::yield_now().await;
+        self.0.write_zeroes(offset, len, unmap).await
+    }
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Extent, BlockError> {
+        self.0.block_status(offset, len).await
+    }
+}
+
+fn harness(driver: Arc<dyn Driver>, bs: u32, dir: Option<tempfile::TempDir>) -> Harness {
+    let path = dir.as_ref().map(|d| d.path().join("disk.img"));
+    let backend = Backend::new(Arc::new(Yielding(driver)), bs).expect("backend");
+    Harness {
+        backend: Arc::new(backend),
+        path,
+        _dir: dir,
+    }
+}
+
+fn mem(size: u64, bs: u32) -> Harness {
+    harness(Arc::new(MemDriver::new(size)), bs, None)
+}
+
+fn file_with(size: u64, bs: u32, engine: EngineChoice) -> Harness {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk.img");
+    let opts = FileOptions {
+        engine,
+        ..FileOptions::default()
+    };
+    let d = FileDriver::open_with(&path, Some(size), &opts).expect("open");
+    harness(Arc::new(d), bs, Some(dir))
+}
+
+fn file_uring(size: u64, bs: u32) -> Harness {
+    file_with(size, bs, EngineChoice::IoUring)
+}
+
+fn file_pool(size: u64, bs: u32) -> Harness {
+    file_with(size, bs, EngineChoice::ThreadPool)
+}
+
+const MIB: u64 = 1 << 20;
+
+fn block_of(value: u64, bs: u32) -> Vec<u8> {
+    value.to_le_bytes().repeat(bs as usize / 8)
+}
+
+fn value_of(block: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&block[..8]);
+    u64::from_le_bytes(b)
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+// ---- data path -------------------------------------------------------------------------------
+
+async fn read_write_round_trip(make: Make) {
+    for bs in [512, 4096] {
+        let h = make(8 * MIB, bs);
+        let b = &h.backend;
+        let data = pattern(3 * bs as usize, 7);
+        b.write(5, data.clone(), false).await.expect("write");
+        assert_eq!(b.read(5, 3).await.expect("read"), data);
+        assert_eq!(b.read(4, 1).await.expect("read"), vec![0; bs as usize]);
+    }
+}
+
+async fn unwritten_blocks_read_zero(make: Make) {
+    let h = make(8 * MIB, 512);
+    let got = h.backend.read(100, 64).await.expect("read");
+    assert!(got.iter().all(|&x| x == 0));
+}
+
+async fn fua_write_is_readable_and_flush_succeeds(make: Make) {
+    let h = make(8 * MIB, 512);
+    let data = pattern(4096, 3);
+    h.backend
+        .write(8, data.clone(), true)
+        .await
+        .expect("fua write");
+    h.backend.flush().await.expect("flush");
+    assert_eq!(h.backend.read(8, 8).await.expect("read"), data);
+}
+
+async fn zero_length_requests_do_nothing(make: Make) {
+    let h = make(MIB, 512);
+    assert_eq!(h.backend.read(0, 0).await.expect("read"), Vec::<u8>::new());
+    h.backend.write(0, Vec::new(), false).await.expect("write");
+    h.backend
+        .write_zeroes(0, 0, true)
+        .await
+        .expect("write zeroes");
+    h.backend
+        .compare_and_write(0, Vec::new(), Vec::new(), false)
+        .await
+        .expect("caw");
+}
+
+// ---- bounds and shape ------------------------------------------------------------------------
+
+async fn requests_beyond_the_end_are_out_of_range(make: Make) {
+    let h = make(MIB, 512);
+    let b = &h.backend;
+    let cap = b.capacity();
+    assert_eq!(cap, 2048);
+    let out = |r: Result<(), BlockError>| matches!(r, Err(BlockError::OutOfRange { .. }));
+    assert!(matches!(
+        b.read(cap, 1).await,
+        Err(BlockError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        b.read(u64::MAX, 2).await,
+        Err(BlockError::OutOfRange { .. })
+    ));
+    assert!(out(b.write(cap - 1, vec![0; 1024], false).await));
+    assert!(out(b.write(u64::MAX, vec![0; 512], false).await));
+    assert!(out(b.write_zeroes(1, u64::MAX, false).await));
+    assert!(out(b.write_same(cap, 1, vec![1; 512]).await));
+    assert!(out(b.write_same(u64::MAX - 1, 3, vec![1; 512]).await));
+    assert!(out(b
+        .compare_and_write(cap, vec![0; 512], vec![0; 512], false)
+        .await));
+    assert!(matches!(
+        b.block_status(cap).await,
+        Err(BlockError::OutOfRange { .. })
+    ));
+    if b.capabilities().thin {
+        assert!(out(b.discard(cap - 1, 2).await));
+    }
+    // Nothing was written by any of them.
+    let last = b.read(cap - 1, 1).await.expect("read");
+    assert!(last.iter().all(|&x| x == 0));
+}
+
+async fn partial_block_buffers_are_rejected(make: Make) {
+    let h = make(MIB, 512);
+    let b = &h.backend;
+    assert!(matches!(
+        b.write(0, vec![1; 513], false).await,
+        Err(BlockError::BadBufferLength { .. })
+    ));
+    assert!(matches!(
+        b.write_same(0, 4, vec![1; 511]).await,
+        Err(BlockError::BadBufferLength { .. })
+    ));
+    assert!(matches!(
+        b.compare_and_write(0, vec![0; 512], vec![0; 1024], false)
+            .await,
+        Err(BlockError::BadBufferLength { .. })
+    ));
+    assert!(matches!(
+        b.compare_and_write(0, vec![0; 100], vec![0; 100], false)
+            .await,
+        Err(BlockError::BadBufferLength { .. })
+    ));
+    assert!(b.read(0, 2).await.expect("read").iter().all(|&x| x == 0));
+}
+
+// ---- thin provisioning -----------------------------------------------------------------------
+
+async fn discard_reads_zero(make: Make) {
+    let h = make(8 * MIB, 512);
+    let b = &h.backend;
+    b.write(0, vec![0xaa; 256 * 1024], false)
+        .await
+        .expect("write");
+    if !b.capabilities().thin {
+        assert!(matches!(
+            b.discard(0, 8).await,
+            Err(BlockError::Unsupported)
+        ));
+        return;
+    }
+    assert!(b.capabilities().unmapped_reads_zero);
+    // An unaligned range: whole chunks go, the edges are zeroed.
+    b.discard(3, 300).await.expect("discard");
+    let got = b.read(0, 512).await.expect("read");
+    assert!(got[..3 * 512].iter().all(|&x| x == 0xaa));
+    assert!(got[3 * 512..303 * 512].iter().all(|&x| x == 0));
+    assert!(got[303 * 512..].iter().all(|&x| x == 0xaa));
+}
+
+async fn write_zeroes_reads_zero_with_and_without_unmap(make: Make) {
+    let h = make(8 * MIB, 512);
+    let b = &h.backend;
+    b.write(0, vec![0x55; 64 * 1024], false)
+        .await
+        .expect("write");
+    b.write_zeroes(1, 10, false).await.expect("zeroes");
+    b.write_zeroes(20, 50, true).await.expect("zeroes+unmap");
+    let got = b.read(0, 128).await.expect("read");
+    for (i, blk) in got.chunks(512).enumerate() {
+        let zero = (1..11).contains(&i) || (20..70).contains(&i);
+        let want = if zero { 0 } else { 0x55 };
+        assert!(blk.iter().all(|&x| x == want), "block {i}");
+    }
+}
+
+async fn write_zeroes_of_the_whole_device_is_cheap_and_reads_zero(make: Make) {
+    let h = make(64 * MIB, 4096);
+    let b = &h.backend;
+    b.write(7, vec![9; 4096], false).await.expect("write");
+    b.write_zeroes(0, b.capacity(), false)
+        .await
+        .expect("zeroes");
+    assert!(b.read(7, 1).await.expect("read").iter().all(|&x| x == 0));
+}
+
+async fn block_status_tells_holes_from_data(make: Make) {
+    let h = make(8 * MIB, 512);
+    let b = &h.backend;
+    if !b.capabilities().thin {
+        let (n, mapped) = b.block_status(0).await.expect("status");
+        assert!(mapped && n >= 1);
+        return;
+    }
+    // 64 KiB in: aligned for every file system's and the memory driver's allocation unit.
+    b.write(128, vec![1; 8 * 512], false).await.expect("write");
+    assert_eq!(b.block_status(0).await.expect("status"), (128, false));
+    assert_eq!(b.block_status(128).await.expect("status"), (8, true));
+    let (n, mapped) = b.block_status(136).await.expect("status");
+    assert!(!mapped);
+    assert_eq!(n, b.capacity() - 136);
+    // Discard makes it a hole again.
+    b.discard(128, 8).await.expect("discard");
+    let (n, mapped) = b.block_status(0).await.expect("status");
+    assert!(!mapped);
+    assert_eq!(n, b.capacity());
+}
+
+async fn block_status_of_the_last_block(make: Make) {
+    let h = make(MIB, 512);
+    let b = &h.backend;
+    let last = b.capacity() - 1;
+    assert_eq!(b.block_status(last).await.expect("status").0, 1);
+}
+
+// ---- write same ------------------------------------------------------------------------------
+
+async fn write_same_repeats_the_pattern_beyond_one_chunk(make: Make) {
+    let h = make(8 * MIB, 512);
+    let b = &h.backend;
+    let p = pattern(512, 42);
+    let blocks = 2 * 2048 + 3; // two 1 MiB chunks and a bit
+    b.write_same(10, blocks, p.clone())
+        .await
+        .expect("write same");
+    for lba in [10, 11, 10 + 2047, 10 + 2048, 10 + blocks - 1] {
+        assert_eq!(b.read(lba, 1).await.expect("read"), p, "lba {lba}");
+    }
+    assert!(b.read(9, 1).await.expect("read").iter().all(|&x| x == 0));
+    assert!(b
+        .read(10 + blocks, 1)
+        .await
+        .expect("read")
+        .iter()
+        .all(|&x| x == 0));
+}
+
+async fn write_same_of_zeros_reads_zero(make: Make) {
+    let h = make(8 * MIB, 512);
+    let b = &h.backend;
+    b.write(0, vec![3; 8192], false).await.expect("write");
+    b.write_same(2, 10, vec![0; 512]).await.expect("write same");
+    let got = b.read(0, 16).await.expect("read");
+    assert!(got[..1024].iter().all(|&x| x == 3));
+    assert!(got[1024..6144].iter().all(|&x| x == 0));
+    assert!(got[6144..].iter().all(|&x| x == 3));
+}
+
+// ---- compare and write -----------------------------------------------------------------------
+
+async fn caw_advertises_more_than_one_block(make: Make) {
+    let h = make(MIB, 512);
+    let max = h.backend.capabilities().max_compare_and_write_blocks;
+    assert!((2..=255).contains(&max), "{max}");
+}
+
+async fn caw_writes_when_the_data_matches(make: Make) {
+    let h = make(MIB, 512);
+    let b = &h.backend;
+    let old = pattern(2048, 1);
+    let new = pattern(2048, 2);
+    b.write(4, old.clone(), false).await.expect("write");
+    b.compare_and_write(4, old, new.clone(), true)
+        .await
+        .expect("caw");
+    assert_eq!(b.read(4, 4).await.expect("read"), new);
+}
+
+async fn caw_miscompare_reports_first_difference_and_writes_nothing(make: Make) {
+    let h = make(MIB, 512);
+    let b = &h.backend;
+    let old = pattern(2048, 1);
+    b.write(4, old.clone(), false).await.expect("write");
+    let mut cmp = old.clone();
+    cmp[700] ^= 1;
+    cmp[1500] ^= 1;
+    let r = b.compare_and_write(4, cmp, pattern(2048, 9), false).await;
+    assert!(
+        matches!(r, Err(BlockError::Miscompare { offset: 700 })),
+        "{r:?}"
+    );
+    assert_eq!(b.read(4, 4).await.expect("read"), old);
+    assert_eq!(b.stats().miscompares, 1);
+}
+
+async fn caw_of_the_maximum_length_works_and_one_more_is_rejected(make: Make) {
+    let h = make(MIB, 512);
+    let b = &h.backend;
+    let max = b.capabilities().max_compare_and_write_blocks as usize;
+    let new = pattern(max * 512, 5);
+    b.compare_and_write(0, vec![0; max * 512], new.clone(), false)
+        .await
+        .expect("caw");
+    assert_eq!(b.read(0, max as u32).await.expect("read"), new);
+    let len = (max + 1) * 512;
+    assert!(matches!(
+        b.compare_and_write(0, vec![0; len], vec![0; len], false)
+            .await,
+        Err(BlockError::BadBufferLength { .. })
+    ));
+}
+
+/// Blocks 0..2 are the CAW range, blocks 1..3 the plain-write range. Plain writes set blocks 1
+/// and 2 to the same fresh marker; a CAW reads (counter, marker) from blocks 0..2 and writes
+/// (counter + 1, marker). If every CAW is atomic against the writes and the other CAWs:
+/// - blocks 1 and 2 always hold the same marker when nothing is in flight (a plain write landing
+///   between a CAW's compare and its write would leave block 1 with the old marker);
+/// - block 0 counts exactly the successful CAWs (no lost update).
+async fn caw_is_atomic_against_overlapping_writes(make: Make) {
+    const ROUNDS: u64 = 150;
+    const TASKS: u64 = 3;
+    let h = make(MIB, 512);
+    let b = h.backend.clone();
+    let mut successes = 0u64;
+    for round in 0..ROUNDS {
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let bc = b.clone();
+            tasks.push(tokio::spawn(async move {
+                let b = bc;
+                let mut tries = 0;
+                loop {
+                    let cur = b.read(0, 2).await.expect("read");
+                    let counter = value_of(&cur[..512]);
+                    let mut new = block_of(counter + 1, 512);
+                    new.extend_from_slice(&cur[512..]);
+                    match b.compare_and_write(0, cur, new, false).await {
+                        Ok(()) => return 1u64,
+                        Err(BlockError::Miscompare { .. }) if tries < 1000 => tries += 1,
+                        Err(e) => panic!("caw failed: {e:?}"),
+                    }
+                }
+            }));
+            let bw = b.clone();
+            tasks.push(tokio::spawn(async move {
+                let b = bw;
+                let marker = 1_000_000 + round * TASKS + t;
+                let mut both = block_of(marker, 512);
+                both.extend_from_slice(&block_of(marker, 512));
+                b.write(1, both, false).await.expect("write");
+                0u64
+            }));
+        }
+        for t in tasks {
+            successes += t.await.expect("task");
+        }
+        let got = b.read(0, 3).await.expect("read");
+        assert_eq!(
+            value_of(&got[512..1024]),
+            value_of(&got[1024..]),
+            "round {round}: a write landed inside a compare-and-write"
+        );
+        assert_eq!(
+            value_of(&got[..512]),
+            successes,
+            "round {round}: lost update"
+        );
+    }
+    assert_eq!(successes, ROUNDS * TASKS);
+    assert_eq!(b.stats().in_flight, 0);
+}
+
+// ---- accounting ------------------------------------------------------------------------------
+
+async fn stats_count_ops_bytes_and_errors(make: Make) {
+    let h = make(MIB, 512);
+    let b = &h.backend;
+    b.write(0, vec![1; 1024], false).await.expect("write");
+    b.read(0, 2).await.expect("read");
+    let _ = b.read(b.capacity(), 1).await;
+    let s = b.stats();
+    assert_eq!(s.ops_of(OpKind::Write), 1);
+    assert_eq!(s.ops_of(OpKind::Read), 2);
+    assert_eq!(s.errors_of(OpKind::Read), 1);
+    assert_eq!(s.bytes_written, 1024);
+    assert_eq!(s.bytes_read, 1024);
+    assert_eq!(s.in_flight, 0);
+}
+
+macro_rules! suite {
+    ($driver:ident: $($test:ident),* $(,)?) => {
+        mod $driver {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::$driver).await
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! suites {
+    ($($driver:ident),*) => {
+        $(
+            suite!($driver:
+                read_write_round_trip,
+                unwritten_blocks_read_zero,
+                fua_write_is_readable_and_flush_succeeds,
+                zero_length_requests_do_nothing,
+                requests_beyond_the_end_are_out_of_range,
+                partial_block_buffers_are_rejected,
+                discard_reads_zero,
+                write_zeroes_reads_zero_with_and_without_unmap,
+                write_zeroes_of_the_whole_device_is_cheap_and_reads_zero,
+                block_status_tells_holes_from_data,
+                block_status_of_the_last_block,
+                write_same_repeats_the_pattern_beyond_one_chunk,
+                write_same_of_zeros_reads_zero,
+                caw_advertises_more_than_one_block,
+                caw_writes_when_the_data_matches,
+                caw_miscompare_reports_first_difference_and_writes_nothing,
+                caw_of_the_maximum_length_works_and_one_more_is_rejected,
+                caw_is_atomic_against_overlapping_writes,
+                stats_count_ops_bytes_and_errors,
+            );
+        )*
+    };
+}
+
+suites!(mem, file_uring, file_pool);
+
+// ---- file driver only ------------------------------------------------------------------------
+
+mod file_only {
+    use super::*;
+
+    fn open(path: &std::path::Path, engine: EngineChoice) -> Result<FileDriver, BlockError> {
+        let opts = FileOptions {
+            engine,
+            ..FileOptions::default()
+        };
+        FileDriver::open_with(path, Some(MIB), &opts)
+    }
+
+    #[tokio::test]
+    async fn a_second_open_of_the_same_image_fails_naming_the_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk.img");
+        let _first = FileDriver::open(&path, Some(MIB)).expect("first open");
+        let err = match FileDriver::open(&path, None) {
+            Ok(_) => panic!("second open succeeded"),
+            Err(e) => e,
+        };
+        let BlockError::Open(io) = &err else {
+            panic!("{err:?}");
+        };
+        let msg = io.to_string();
+        assert!(msg.contains("in use by another process"), "{msg}");
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn the_image_can_be_reopened_after_the_driver_is_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk.img");
+        {
+            let d = FileDriver::open(&path, Some(MIB)).expect("open");
+            d.write(4096, vec![7; 4096], true).await.expect("write");
+        }
+        let d = FileDriver::open(&path, None).expect("reopen");
+        assert_eq!(d.read(4096, 4096).await.expect("read"), vec![7; 4096]);
+    }
+
+    #[tokio::test]
+    async fn a_missing_image_without_a_size_is_an_open_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = FileDriver::open(&dir.path().join("nope.img"), None);
+        assert!(matches!(r, Err(BlockError::Open(_))));
+    }
+
+    #[tokio::test]
+    async fn a_directory_is_not_an_image() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = FileDriver::open(dir.path(), None);
+        assert!(matches!(r, Err(BlockError::Open(_))));
+    }
+
+    #[tokio::test]
+    async fn a_new_image_is_sparse_and_of_the_given_size() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk.img");
+        let d = FileDriver::open(&path, Some(64 * MIB)).expect("open");
+        assert_eq!(d.info().size, 64 * MIB);
+        let meta = std::fs::metadata(&path).expect("metadata");
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(meta.blocks(), 0);
+    }
+
+    async fn truncated_image_read_fails(engine: EngineChoice) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk.img");
+        let d = open(&path, engine).expect("open");
+        d.write(0, vec![1; 4096], false).await.expect("write");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open for truncate")
+            .set_len(4096)
+            .expect("truncate");
+        let r = d.read(8192, 4096).await;
+        assert!(matches!(r, Err(BlockError::ReadFailed(_))), "{r:?}");
+        // A read that straddles the new end is short, and still an error.
+        let r = d.read(0, 8192).await;
+        assert!(matches!(r, Err(BlockError::ReadFailed(_))), "{r:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reading_an_image_truncated_underneath_is_read_failed_uring() {
+        truncated_image_read_fails(EngineChoice::IoUring).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reading_an_image_truncated_underneath_is_read_failed_pool() {
+        truncated_image_read_fails(EngineChoice::ThreadPool).await;
+    }
+
+    #[tokio::test]
+    async fn the_requested_engine_is_used_or_the_pool_when_io_uring_is_missing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = open(&dir.path().join("a.img"), EngineChoice::ThreadPool).expect("open");
+        assert_eq!(p.engine(), Engine::ThreadPool);
+        let u = open(&dir.path().join("b.img"), EngineChoice::IoUring).expect("open");
+        // Either engine is correct here: the pool is the documented fallback.
+        assert!(matches!(u.engine(), Engine::IoUring | Engine::ThreadPool));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_concurrent_requests_complete_on_the_ring() {
+        let h = file_uring(8 * MIB, 4096);
+        let mut tasks = Vec::new();
+        for i in 0..512u64 {
+            let b = h.backend.clone();
+            tasks.push(tokio::spawn(async move {
+                b.write(i, block_of(i, 4096), false).await.expect("write");
+                let got = b.read(i, 1).await.expect("read");
+                assert_eq!(value_of(&got), i);
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+        assert!(h.path.is_some());
+    }
+}
