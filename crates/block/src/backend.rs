@@ -27,6 +27,12 @@ use crate::{BlockError, Driver, DriverInfo, Extent};
 /// MAXIMUM COMPARE AND WRITE LENGTH field of the Block Limits VPD page is one byte.
 pub const MAX_COMPARE_AND_WRITE_BLOCKS: u32 = 255;
 
+/// The largest read the block layer performs in one request (32 MiB): the buffer is allocated
+/// up front, so a huge transfer length from the wire must not reach the allocator. The SCSI layer
+/// advertises at most this as the MAXIMUM TRANSFER LENGTH (SBC-4 6.6.5) and rejects longer
+/// transfers itself; a longer read here is `BadBufferLength`.
+pub const MAX_TRANSFER_BYTES: u32 = 32 << 20;
+
 /// The most bytes write same puts in one driver write (1 MiB).
 pub const WRITE_SAME_CHUNK: usize = 1 << 20;
 
@@ -97,6 +103,13 @@ impl Backend {
         }
     }
 
+    /// The driver's allocation unit in logical blocks (at least 1): discards of whole, aligned
+    /// units deallocate; smaller ones only zero. For OPTIMAL UNMAP GRANULARITY (SBC-4 6.6.5).
+    pub fn unmap_granularity_blocks(&self) -> u32 {
+        let unit = self.driver.allocation_unit() / u64::from(self.block_size);
+        u32::try_from(unit).unwrap_or(u32::MAX).max(1)
+    }
+
     /// A copy of the request counters.
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
@@ -144,6 +157,12 @@ impl Backend {
         })?;
         if len == 0 {
             return Ok(Vec::new());
+        }
+        if len > MAX_TRANSFER_BYTES as usize {
+            return Err(BlockError::BadBufferLength {
+                expected: u64::from(MAX_TRANSFER_BYTES),
+                got: len as u64,
+            });
         }
         let data = self.driver.read(off, len).await?;
         check_read_len(&data, len)?;

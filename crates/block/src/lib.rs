@@ -16,7 +16,9 @@ pub mod driver;
 pub mod range_lock;
 pub mod stats;
 
-pub use backend::{Backend, Capabilities, MAX_COMPARE_AND_WRITE_BLOCKS, WRITE_SAME_CHUNK};
+pub use backend::{
+    Backend, Capabilities, MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BYTES, WRITE_SAME_CHUNK,
+};
 pub use stats::{OpKind, StatsSnapshot};
 
 use async_trait::async_trait;
@@ -84,6 +86,12 @@ pub struct Extent {
 pub trait Driver: Send + Sync + 'static {
     /// Static facts about the device.
     fn info(&self) -> DriverInfo;
+    /// The unit in which the driver allocates and deallocates, in bytes (a discard smaller
+    /// than this, or not aligned to it, may leave the range mapped though it reads as zeros);
+    /// 0 when unknown. The SCSI layer may advertise it as the OPTIMAL UNMAP GRANULARITY.
+    fn allocation_unit(&self) -> u64 {
+        0
+    }
     /// Read `len` bytes at `offset`.
     async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, BlockError>;
     /// Write `data` at `offset`; with `fua` the data is on stable storage before this returns.

@@ -31,6 +31,9 @@ impl Driver for Yielding {
     fn info(&self) -> DriverInfo {
         self.0.info()
     }
+    fn allocation_unit(&self) -> u64 {
+        self.0.allocation_unit()
+    }
     async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, BlockError> {
         tokio::task::yield_now().await;
         let r = self.0.read(offset, len).await;
@@ -188,6 +191,29 @@ async fn requests_beyond_the_end_are_out_of_range(make: Make) {
     // Nothing was written by any of them.
     let last = b.read(cap - 1, 1).await.expect("read");
     assert!(last.iter().all(|&x| x == 0));
+}
+
+async fn reads_longer_than_the_maximum_transfer_are_rejected(make: Make) {
+    let h = make(64 * MIB, 512);
+    let blocks = block::MAX_TRANSFER_BYTES / 512 + 1;
+    assert!(matches!(
+        h.backend.read(0, blocks).await,
+        Err(BlockError::BadBufferLength { .. })
+    ));
+    assert!(matches!(
+        h.backend.read(0, u32::MAX).await,
+        Err(BlockError::OutOfRange { .. })
+    ));
+}
+
+async fn thin_devices_report_an_unmap_granularity(make: Make) {
+    let h = make(MIB, 512);
+    let g = h.backend.unmap_granularity_blocks();
+    assert!(g >= 1);
+    if h.backend.capabilities().thin {
+        // 512-byte blocks on a driver allocating in units of at least 4 KiB.
+        assert!(g >= 8, "{g}");
+    }
 }
 
 async fn partial_block_buffers_are_rejected(make: Make) {
@@ -480,6 +506,8 @@ macro_rules! suites {
                 zero_length_requests_do_nothing,
                 requests_beyond_the_end_are_out_of_range,
                 partial_block_buffers_are_rejected,
+                reads_longer_than_the_maximum_transfer_are_rejected,
+                thin_devices_report_an_unmap_granularity,
                 discard_reads_zero,
                 write_zeroes_reads_zero_with_and_without_unmap,
                 write_zeroes_of_the_whole_device_is_cheap_and_reads_zero,

@@ -98,6 +98,8 @@ pub struct FileDriver {
     size: u64,
     block_device: bool,
     punch: bool,
+    /// The file system's block size (`st_blksize`).
+    alloc_unit: u64,
     /// Cleared once the file system refuses `FALLOC_FL_ZERO_RANGE`.
     zero_range: AtomicBool,
 }
@@ -164,6 +166,7 @@ impl FileDriver {
             size,
             block_device,
             punch,
+            alloc_unit: std::os::unix::fs::MetadataExt::blksize(&meta),
             zero_range: AtomicBool::new(!block_device),
         })
     }
@@ -341,6 +344,14 @@ impl Driver for FileDriver {
         }
     }
 
+    fn allocation_unit(&self) -> u64 {
+        if self.punch {
+            self.alloc_unit
+        } else {
+            0
+        }
+    }
+
     async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, BlockError> {
         self.check(offset, len as u64)
             .map_err(BlockError::ReadFailed)?;
@@ -444,5 +455,45 @@ impl Driver for FileDriver {
         blocking(move || seek_extent(&file, offset, len))
             .await
             .map_err(BlockError::ReadFailed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_file_system_is_no_space_not_a_write_error() {
+        let e = write_error(io::Error::from_raw_os_error(libc::ENOSPC));
+        assert!(matches!(e, BlockError::NoSpace));
+        let e = write_error(io::Error::from_raw_os_error(libc::EDQUOT));
+        assert!(matches!(e, BlockError::NoSpace));
+    }
+
+    #[test]
+    fn other_write_errors_keep_their_cause() {
+        let e = write_error(io::Error::from_raw_os_error(libc::EIO));
+        let BlockError::WriteFailed(io) = e else {
+            panic!("{e:?}");
+        };
+        assert_eq!(io.raw_os_error(), Some(libc::EIO));
+    }
+
+    #[test]
+    fn a_hole_at_the_end_of_a_file_is_reported_to_the_end() {
+        let f = tempfile::tempfile().expect("tempfile");
+        f.set_len(1 << 20).expect("set_len");
+        f.write_all_at(&[1; 4096], 0).expect("write");
+        let e = seek_extent(&f, 0, 1 << 20).expect("data extent");
+        assert!(e.mapped);
+        assert_eq!(e.len, 4096);
+        let e = seek_extent(&f, 4096, (1 << 20) - 4096).expect("hole extent");
+        assert_eq!(
+            e,
+            Extent {
+                len: (1 << 20) - 4096,
+                mapped: false
+            }
+        );
     }
 }

@@ -113,6 +113,10 @@ impl Driver for MemDriver {
         }
     }
 
+    fn allocation_unit(&self) -> u64 {
+        CHUNK
+    }
+
     async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, BlockError> {
         let end = self
             .check(offset, len as u64)
