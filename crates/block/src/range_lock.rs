@@ -93,8 +93,10 @@ impl RangeLock {
                 mode,
                 waiting: blocked,
             });
+            // From here on the guard owns the entry: a cancelled wait still removes it.
             let guard = RangeGuard { lock: self, seq };
             if !blocked {
+                // The hot path: nothing overlapping in flight.
                 return guard;
             }
             guard

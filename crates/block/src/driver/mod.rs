@@ -1,7 +1,7 @@
 //! Block drivers: where the bytes live.
 //!
 //! - [`mem`]: a sparse RAM disk, for tests and conformance runs.
-//! - [`file`]: a file or block device, with io_uring or a thread pool underneath.
+//! - [`file`](mod@file): a file or block device, with io_uring or a thread pool underneath.
 
 pub mod file;
 pub mod mem;

@@ -61,6 +61,8 @@ struct Shared {
     queue: Mutex<Vec<Request>>,
     sleeping: AtomicBool,
     shutdown: AtomicBool,
+    /// Set when the ring thread has ended; requests queued after that are failed by the caller.
+    dead: AtomicBool,
     wake: File,
 }
 
@@ -109,13 +111,26 @@ impl Ring {
             queue: Mutex::new(Vec::new()),
             sleeping: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
             wake,
         });
         let cap = ring.params().sq_entries() as usize;
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("block-uring".into())
-            .spawn(move || RingThread::new(ring, file, s, cap).run())?;
+            .spawn(move || {
+                let mut t = RingThread::new(ring, file, s.clone(), cap);
+                let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.run()));
+                if ended.is_err() {
+                    // The kernel may still own buffers in `t`: leak them (and the ring) rather
+                    // than free memory it could write to.
+                    tracing::error!("io_uring thread panicked; the file driver fails all I/O");
+                    std::mem::forget(t);
+                }
+                s.dead.store(true, Ordering::SeqCst);
+                // Dropping the queued senders fails the waiting callers.
+                drop(std::mem::take(&mut *s.queue()));
+            })?;
         Ok(Self {
             shared,
             thread: Some(thread),
@@ -132,6 +147,9 @@ impl Ring {
         });
         if self.shared.sleeping.swap(false, Ordering::SeqCst) {
             self.shared.wake();
+        }
+        if self.shared.dead.load(Ordering::SeqCst) {
+            drop(std::mem::take(&mut *self.shared.queue()));
         }
         rx.await
             .map_err(|_| io::Error::other("io_uring thread ended"))?
@@ -193,7 +211,7 @@ impl RingThread {
         }
     }
 
-    fn run(mut self) {
+    fn run(&mut self) {
         loop {
             let batch = std::mem::take(&mut *self.shared.queue());
             self.backlog.extend(batch);
