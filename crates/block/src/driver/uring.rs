@@ -228,9 +228,15 @@ impl RingThread {
             self.start_backlog();
 
             self.shared.sleeping.store(true, Ordering::SeqCst);
-            let want = if self.shared.queue().is_empty() { 1 } else { 0 };
+            // Without the eventfd read armed (only if the SQ was full) and nothing in flight, a
+            // blocking wait could never end: poll instead.
+            let can_sleep = self.wake_armed || self.in_flight > 0;
+            let want = usize::from(can_sleep && self.shared.queue().is_empty());
             if want == 0 {
                 self.shared.sleeping.store(false, Ordering::SeqCst);
+                if !can_sleep {
+                    std::thread::yield_now();
+                }
             }
             match self.ring.submit_and_wait(want) {
                 Ok(_) => {}
