@@ -406,13 +406,13 @@ async fn caw_of_the_maximum_length_works_and_one_more_is_rejected(make: Make) {
     ));
 }
 
-/// Blocks 0..2 are the CAW range, blocks 1..3 the plain-write range. Plain writes set blocks 1
-/// and 2 to the same fresh marker; a CAW reads (counter, marker) from blocks 0..2 and writes
+/// Blocks 0..2 are the CAW range, blocks 1..3 the plain-write range. Plain writes (write, write
+/// same, write zeroes, discard) set blocks 1 and 2 to the same fresh marker (or zeros); a CAW reads (counter, marker) from blocks 0..2 and writes
 /// (counter + 1, marker). If every CAW is atomic against the writes and the other CAWs:
 /// - blocks 1 and 2 always hold the same marker when nothing is in flight (a plain write landing
 ///   between a CAW's compare and its write would leave block 1 with the old marker);
 /// - block 0 counts exactly the successful CAWs (no lost update).
-async fn caw_is_atomic_against_overlapping_writes(make: Make) {
+async fn caw_is_atomic_against_overlapping_writes_of_every_kind(make: Make) {
     const ROUNDS: u64 = 150;
     const TASKS: u64 = 3;
     let h = make(MIB, 512);
@@ -440,10 +440,20 @@ async fn caw_is_atomic_against_overlapping_writes(make: Make) {
             let bw = b.clone();
             tasks.push(tokio::spawn(async move {
                 let b = bw;
+                // Every kind of write leaves blocks 1 and 2 equal.
                 let marker = 1_000_000 + round * TASKS + t;
-                let mut both = block_of(marker, 512);
-                both.extend_from_slice(&block_of(marker, 512));
-                b.write(1, both, false).await.expect("write");
+                let r = match (round + t) % 4 {
+                    0 => {
+                        let mut both = block_of(marker, 512);
+                        both.extend_from_slice(&block_of(marker, 512));
+                        b.write(1, both, false).await
+                    }
+                    1 => b.write_same(1, 2, block_of(marker, 512)).await,
+                    2 => b.write_zeroes(1, 2, false).await,
+                    _ if b.capabilities().thin => b.discard(1, 2).await,
+                    _ => b.write_zeroes(1, 2, true).await,
+                };
+                r.expect("write");
                 0u64
             }));
         }
@@ -519,7 +529,7 @@ macro_rules! suites {
                 caw_writes_when_the_data_matches,
                 caw_miscompare_reports_first_difference_and_writes_nothing,
                 caw_of_the_maximum_length_works_and_one_more_is_rejected,
-                caw_is_atomic_against_overlapping_writes,
+                caw_is_atomic_against_overlapping_writes_of_every_kind,
                 stats_count_ops_bytes_and_errors,
             );
         )*
