@@ -644,6 +644,29 @@ mod file_only {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn abandoned_requests_and_dropping_the_driver_are_clean() {
+        for engine in [EngineChoice::IoUring, EngineChoice::ThreadPool] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let d = open(&dir.path().join("disk.img"), engine).expect("open");
+            for i in 0..64u64 {
+                // Polled once (so submitted), then dropped: the engine keeps the buffer until
+                // the I/O completes.
+                let _ = tokio::time::timeout(
+                    std::time::Duration::ZERO,
+                    d.write(i * 4096, vec![1; 4096], false),
+                )
+                .await;
+                let _ =
+                    tokio::time::timeout(std::time::Duration::ZERO, d.read(i * 4096, 4096)).await;
+            }
+            drop(d);
+            // The lock went with the driver.
+            let again = open(&dir.path().join("disk.img"), engine).expect("reopen");
+            again.flush().await.expect("flush");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_concurrent_requests_complete_on_the_ring() {
         let h = file_uring(8 * MIB, 4096);
         let mut tasks = Vec::new();

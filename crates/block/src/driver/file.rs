@@ -14,6 +14,21 @@
 //! [`EngineChoice::Auto`] (the default) picks the engine the benchmark in
 //! `examples/file_engines.rs` found faster, and falls back to the thread pool, with a warning in
 //! the log, when io_uring is unavailable at run time (ENOSYS, EPERM, missing opcodes).
+//! io_uring won every row on a 2-core VM (4 KiB random I/O through `Backend`, IOPS):
+//!
+//! | file on | op | QD | io_uring | thread pool |
+//! |---|---|---|---|---|
+//! | tmpfs | read | 1 | 52.6k | 35.9k |
+//! | tmpfs | read | 32 | 298k | 107k |
+//! | tmpfs | write | 1 | 102k | 28.3k |
+//! | tmpfs | write | 32 | 261k | 88.7k |
+//! | ext4 | read | 1 | 187k | 37.9k |
+//! | ext4 | read | 32 | 541k | 104k |
+//! | ext4 | write | 1 | 31.2k | 25.9k |
+//! | ext4 | write | 32 | 91.0k | 66.6k |
+//!
+//! The pool pays a thread hand-off per request each way; the ring thread serves page-cache hits
+//! inline and carries a whole queue's worth of requests per system call.
 //!
 //! **Durability.** FUA writes are `RWF_DSYNC` writes on io_uring and `pwrite` + `fdatasync` on the
 //! thread pool; flush is `fdatasync`. Either way the data is on stable storage before the call
@@ -160,6 +175,13 @@ impl FileDriver {
         } else {
             Io::Pool
         };
+        tracing::info!(
+            path = %path.display(),
+            size,
+            engine = if matches!(io, Io::Ring(_)) { "io_uring" } else { "thread-pool" },
+            thin = punch,
+            "opened image"
+        );
         Ok(Self {
             file,
             io,
