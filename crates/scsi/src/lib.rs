@@ -9,10 +9,16 @@
 //! ([`Target::task_management`]) abort or drain commands of any nexus on a logical unit, so
 //! LOGICAL UNIT RESET and (later) PREEMPT AND ABORT work the same for every frontend.
 
+pub mod cdb;
+mod inquiry;
 mod lu;
+mod mode;
 mod nexus;
+pub mod sense;
 mod target;
+mod task;
 
+pub use inquiry::Limits;
 pub use lu::{LogicalUnit, LuConfig};
 pub use nexus::{InitiatorPort, ItNexus, TargetPort, Transport};
 pub use target::Target;
@@ -119,4 +125,29 @@ pub enum TmfResponse {
     IncorrectLun,
     /// ABORT TASK for a tag that is not in the task set (already completed or never seen).
     TaskDoesNotExist,
+}
+
+/// Entry points for fuzz targets: run the parsers on arbitrary bytes. None of them may panic.
+pub mod fuzzing {
+    /// Parse `data` as a CDB, compute its data-out length, and run the parameter-list parsers
+    /// (MODE SELECT, UNMAP via a scratch LU is not needed: its parser is pure) on the same bytes.
+    pub fn cdb(data: &[u8]) {
+        let _ = crate::cdb::parse(data);
+        let _ = crate::cdb::data_out_len(data, 512);
+        let _ = crate::cdb::data_out_len(data, 4096);
+        let flags = data.first().copied().unwrap_or(0) & 0x07;
+        let _ = crate::mode::select(false, data, flags, 512);
+        let _ = crate::mode::select(true, data, flags, 4096);
+        for pc in 0..4 {
+            let req = crate::mode::SenseRequest {
+                ten: data.get(1).is_some_and(|b| b & 1 != 0),
+                dbd: data.get(1).is_some_and(|b| b & 2 != 0),
+                llbaa: data.get(1).is_some_and(|b| b & 4 != 0),
+                pc,
+                page: data.get(2).copied().unwrap_or(0) & 0x3F,
+                subpage: data.get(3).copied().unwrap_or(0),
+            };
+            let _ = crate::mode::sense_data(&req, flags, u64::MAX, 512);
+        }
+    }
 }

@@ -1,0 +1,302 @@
+//! The task set of a logical unit (SAM-5 4.6.25, 8.x) and the unit attention queues of its
+//! I_T nexuses (SAM-5 5.14).
+//!
+//! Tasks are kept in a few mutex-protected shards keyed by (nexus, tag); a command takes one shard
+//! lock briefly to enter and once to leave, never across an await. Each task has a small state
+//! machine so task management can tell "not started" (abort: it will never touch the backend)
+//! from "running" (abort: wait until it is done, so an aborted write never lands after the TMF
+//! answered).
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::Notify;
+
+use crate::sense::Sense;
+use crate::ItNexus;
+
+const PENDING: u8 = 0;
+const RUNNING: u8 = 1;
+const ABORTED: u8 = 2;
+const DONE: u8 = 3;
+
+/// The control block of one task.
+#[derive(Debug)]
+pub struct TaskCtl {
+    nexus: Arc<ItNexus>,
+    tag: u64,
+    state: AtomicU8,
+    /// Set by task management while the task runs: its completion is [`crate::Completion::Aborted`].
+    aborted: AtomicBool,
+    done: Notify,
+}
+
+impl TaskCtl {
+    /// Move from pending to running; `false` when the task was aborted before it started.
+    pub fn start(&self) -> bool {
+        self.state
+            .compare_exchange(PENDING, RUNNING, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    /// Whether task management aborted the task.
+    pub fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::SeqCst) || self.state.load(Ordering::SeqCst) == ABORTED
+    }
+
+    /// Mark aborted; returns `true` when the task is running and must be waited for.
+    fn abort(&self) -> bool {
+        self.aborted.store(true, Ordering::SeqCst);
+        match self
+            .state
+            .compare_exchange(PENDING, ABORTED, Ordering::SeqCst, Ordering::SeqCst)
+        {
+            Ok(_) => false,
+            Err(s) => s == RUNNING,
+        }
+    }
+
+    async fn wait_done(&self) {
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.state.load(Ordering::SeqCst) == DONE {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+const SHARDS: usize = 8;
+
+type Shard = Mutex<HashMap<(Arc<ItNexus>, u64), Arc<TaskCtl>>>;
+
+/// The task set of one LU.
+pub struct TaskSet {
+    shards: [Shard; SHARDS],
+    hasher: RandomState,
+}
+
+impl Default for TaskSet {
+    fn default() -> Self {
+        TaskSet {
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            hasher: RandomState::new(),
+        }
+    }
+}
+
+/// Removes the task from the set when the command ends, however it ends.
+pub struct TaskGuard<'a> {
+    set: &'a TaskSet,
+    pub ctl: Arc<TaskCtl>,
+}
+
+impl Drop for TaskGuard<'_> {
+    fn drop(&mut self) {
+        self.set.remove(&self.ctl);
+        self.ctl.state.store(DONE, Ordering::SeqCst);
+        self.ctl.done.notify_waiters();
+    }
+}
+
+impl TaskSet {
+    fn shard(&self, tag: u64) -> &Shard {
+        let i = (self.hasher.hash_one(tag) as usize) % SHARDS;
+        // `i < SHARDS` by construction.
+        &self.shards[i]
+    }
+
+    /// Enter a task; `None` when the nexus already has a task with this tag (overlapped command,
+    /// SAM-5 5.11.2).
+    pub fn enter(&self, nexus: &Arc<ItNexus>, tag: u64) -> Option<TaskGuard<'_>> {
+        let ctl = Arc::new(TaskCtl {
+            nexus: nexus.clone(),
+            tag,
+            state: AtomicU8::new(PENDING),
+            aborted: AtomicBool::new(false),
+            done: Notify::new(),
+        });
+        let mut map = self.shard(tag).lock().unwrap_or_else(|e| e.into_inner());
+        let key = (nexus.clone(), tag);
+        if map.contains_key(&key) {
+            return None;
+        }
+        map.insert(key, ctl.clone());
+        Some(TaskGuard { set: self, ctl })
+    }
+
+    fn remove(&self, ctl: &Arc<TaskCtl>) {
+        let mut map = self
+            .shard(ctl.tag)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let key = (ctl.nexus.clone(), ctl.tag);
+        if map.get(&key).is_some_and(|c| Arc::ptr_eq(c, ctl)) {
+            map.remove(&key);
+        }
+    }
+
+    fn matching(&self, pred: impl Fn(&TaskCtl) -> bool) -> Vec<Arc<TaskCtl>> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let map = shard.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(map.values().filter(|c| pred(c)).cloned());
+        }
+        out
+    }
+
+    /// Whether `nexus` has the task `tag` in the set.
+    pub fn contains(&self, nexus: &ItNexus, tag: u64) -> bool {
+        !self
+            .matching(|c| c.tag == tag && *c.nexus == *nexus)
+            .is_empty()
+    }
+
+    /// Whether `nexus` has any task in the set.
+    pub fn any_of(&self, nexus: &ItNexus) -> bool {
+        !self.matching(|c| *c.nexus == *nexus).is_empty()
+    }
+
+    /// Abort every task matching `pred` and wait for the running ones to finish. Returns the
+    /// nexuses whose tasks were aborted.
+    pub async fn abort(&self, pred: impl Fn(&ItNexus, u64) -> bool) -> Vec<Arc<ItNexus>> {
+        let tasks = self.matching(|c| pred(&c.nexus, c.tag));
+        let mut wait = Vec::new();
+        let mut owners: Vec<Arc<ItNexus>> = Vec::new();
+        for t in &tasks {
+            if t.abort() {
+                wait.push(t.clone());
+            }
+            if !owners.iter().any(|n| **n == *t.nexus) {
+                owners.push(t.nexus.clone());
+            }
+        }
+        for t in wait {
+            t.wait_done().await;
+        }
+        owners
+    }
+
+    /// Abort every task matching `pred` without waiting (the nexus is gone).
+    pub fn abort_now(&self, pred: impl Fn(&ItNexus) -> bool) {
+        for t in self.matching(|c| pred(&c.nexus)) {
+            t.abort();
+        }
+    }
+}
+
+/// Unit attention state of one I_T nexus.
+#[derive(Debug, Default)]
+pub struct NexusState {
+    pending: AtomicBool,
+    queue: Mutex<VecDeque<Sense>>,
+}
+
+/// SAM-5 5.14: a queue of at most this many UAs per nexus; further ones are dropped (the
+/// initiator still sees the oldest, and the same condition is never queued twice).
+const UA_QUEUE_MAX: usize = 8;
+
+impl NexusState {
+    fn with(s: Sense) -> Self {
+        let st = NexusState::default();
+        st.push(s);
+        st
+    }
+
+    pub fn push(&self, s: Sense) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if !q.contains(&s) && q.len() < UA_QUEUE_MAX {
+            q.push_back(s);
+        }
+        self.pending.store(true, Ordering::Release);
+    }
+
+    /// Take the oldest unit attention, if any.
+    pub fn take(&self) -> Option<Sense> {
+        if !self.pending.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let s = q.pop_front();
+        self.pending.store(!q.is_empty(), Ordering::Release);
+        s
+    }
+
+    pub fn has_pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    fn clear(&self) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.clear();
+        self.pending.store(false, Ordering::Release);
+    }
+}
+
+/// The nexuses an LU has seen, with their unit attentions.
+#[derive(Default)]
+pub struct Nexuses {
+    map: RwLock<HashMap<ItNexus, Arc<NexusState>>>,
+}
+
+impl Nexuses {
+    /// The state of `nexus`; a nexus seen for the first time starts with POWER ON, RESET, OR
+    /// BUS DEVICE RESET OCCURRED (SAM-5 5.14, 6.3.1).
+    pub fn get(&self, nexus: &ItNexus) -> Arc<NexusState> {
+        if let Some(s) = self
+            .map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(nexus)
+        {
+            return s.clone();
+        }
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(nexus.clone())
+            .or_insert_with(|| Arc::new(NexusState::with(crate::sense::cond::POWER_ON_RESET)))
+            .clone()
+    }
+
+    /// The state of `nexus` if it has been seen.
+    pub fn peek(&self, nexus: &ItNexus) -> Option<Arc<NexusState>> {
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(nexus)
+            .cloned()
+    }
+
+    /// Queue `s` for every known nexus for which `pred` holds.
+    pub fn broadcast(&self, s: Sense, pred: impl Fn(&ItNexus) -> bool) {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        for (n, st) in map.iter() {
+            if pred(n) {
+                st.push(s);
+            }
+        }
+    }
+
+    /// Replace every queued UA of the nexuses matching `pred` by `s`.
+    pub fn reset(&self, s: Sense, pred: impl Fn(&ItNexus) -> bool) {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        for (n, st) in map.iter() {
+            if pred(n) {
+                st.clear();
+                st.push(s);
+            }
+        }
+    }
+
+    /// Forget `nexus` (I_T nexus loss): its next command starts as a new nexus.
+    pub fn forget(&self, nexus: &ItNexus) {
+        self.map
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(nexus);
+    }
+}
