@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used)]
+
 //! READ, WRITE, WRITE AND VERIFY, VERIFY, COMPARE AND WRITE, WRITE SAME, SYNCHRONIZE CACHE and
 //! PRE-FETCH, with CDBs and sense bytes written out from SBC-4 / SPC-5.
 

@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used)]
+
 //! INQUIRY and VPD pages, READ CAPACITY, MODE SENSE/SELECT, REPORT SUPPORTED OPERATION CODES,
 //! REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS, REPORT LUNS, REQUEST SENSE, unit attentions and
 //! sense formats. Expected bytes are written out from SPC-5 / SBC-4.

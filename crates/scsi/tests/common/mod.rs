@@ -1,7 +1,7 @@
 //! Shared helpers for the command tests: LUs over the memory driver and over small test drivers
 //! (thin provisioning, failing I/O, gated writes), and a one-call way to run a CDB.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::sync::{Arc, Mutex};
 
