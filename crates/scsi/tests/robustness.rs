@@ -32,12 +32,12 @@ fn random_cdb(rng: &mut XorShift) -> Vec<u8> {
     let len = (rng.next() % 33) as usize;
     let mut c: Vec<u8> = (0..len).map(|_| rng.byte()).collect();
     if let Some(first) = c.first_mut() {
-        if rng.next() % 4 != 0 {
+        if rng.next() & 3 != 0 {
             *first = OPCODES[(rng.next() as usize) % OPCODES.len()];
         }
     }
     // Small LBAs and lengths often, so commands reach the backend.
-    if rng.next() % 2 == 0 {
+    if rng.next() & 1 == 0 {
         for b in c.iter_mut().skip(2).take(7) {
             *b = 0;
         }
