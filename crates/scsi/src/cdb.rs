@@ -760,6 +760,8 @@ pub fn data_out_len(cdb: &[u8], block_size: u32) -> u32 {
             _ => 0,
         },
         0x89 => blocks(u32::from(r.b(13))).saturating_mul(2),
+        // ORWRITE(16) (not implemented, but its data-out is known).
+        0x8B => blocks(r.be32(10)),
         0x41 => block_size,
         0x93 => {
             if r.bit(1, 0x01) {

@@ -20,7 +20,7 @@ use crate::cdb::{self, Cdb, DataDir, OpInfo};
 use crate::inquiry::{self, Limits};
 use crate::mode::{self, ModeState};
 use crate::sense::{cond, key, Sense};
-use crate::task::{Nexuses, TaskCtl, TaskSet};
+use crate::task::{NexusState, Nexuses, TaskCtl, TaskSet};
 use crate::{Command, Completion, ItNexus, Response, Status};
 
 /// Per-LU identity and settings.
@@ -104,10 +104,11 @@ impl LogicalUnit {
 
     /// Execute one command addressed to this LU.
     pub async fn execute(&self, cmd: Command) -> Completion {
-        let Some(guard) = self.tasks.enter(&cmd.nexus, cmd.tag) else {
+        let ns = self.nexuses.get(&cmd.nexus);
+        let Some(guard) = self.tasks.enter(&cmd.nexus, ns.id, cmd.tag) else {
             return Completion::Done(self.check(cond::OVERLAPPED_COMMANDS));
         };
-        let out = self.run(cmd, &guard.ctl).await;
+        let out = self.run(cmd, &ns, &guard.ctl).await;
         match out {
             Some(r) if !guard.ctl.is_aborted() => Completion::Done(r),
             _ => Completion::Aborted,
@@ -121,7 +122,7 @@ impl LogicalUnit {
         Ok(())
     }
 
-    async fn run(&self, cmd: Command, ctl: &TaskCtl) -> Option<Response> {
+    async fn run(&self, cmd: Command, ns: &NexusState, ctl: &TaskCtl) -> Option<Response> {
         let Command {
             nexus,
             lun,
@@ -130,7 +131,6 @@ impl LogicalUnit {
             ..
         } = cmd;
         let opcode = cdb.first().copied().unwrap_or(0);
-        let ns = self.nexuses.get(&nexus);
         // SAM-5 5.14: INQUIRY, REPORT LUNS and REQUEST SENSE are not terminated by a UA.
         if !matches!(opcode, 0x12 | 0xA0 | 0x03) {
             if let Some(ua) = ns.take() {

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::Notify;
@@ -26,6 +26,8 @@ const DONE: u8 = 3;
 #[derive(Debug)]
 pub struct TaskCtl {
     nexus: Arc<ItNexus>,
+    /// The LU-local id of the nexus ([`NexusState::id`]), so the hot path hashes two integers.
+    nexus_id: u64,
     tag: u64,
     state: AtomicU8,
     /// Set by task management while the task runs: its completion is [`crate::Completion::Aborted`].
@@ -73,7 +75,7 @@ impl TaskCtl {
 
 const SHARDS: usize = 8;
 
-type Shard = Mutex<HashMap<(Arc<ItNexus>, u64), Arc<TaskCtl>>>;
+type Shard = Mutex<HashMap<(u64, u64), Arc<TaskCtl>>>;
 
 /// The task set of one LU.
 pub struct TaskSet {
@@ -113,16 +115,17 @@ impl TaskSet {
 
     /// Enter a task; `None` when the nexus already has a task with this tag (overlapped command,
     /// SAM-5 5.11.2).
-    pub fn enter(&self, nexus: &Arc<ItNexus>, tag: u64) -> Option<TaskGuard<'_>> {
+    pub fn enter(&self, nexus: &Arc<ItNexus>, nexus_id: u64, tag: u64) -> Option<TaskGuard<'_>> {
         let ctl = Arc::new(TaskCtl {
             nexus: nexus.clone(),
+            nexus_id,
             tag,
             state: AtomicU8::new(PENDING),
             aborted: AtomicBool::new(false),
             done: Notify::new(),
         });
         let mut map = self.shard(tag).lock().unwrap_or_else(|e| e.into_inner());
-        let key = (nexus.clone(), tag);
+        let key = (nexus_id, tag);
         if map.contains_key(&key) {
             return None;
         }
@@ -135,7 +138,7 @@ impl TaskSet {
             .shard(ctl.tag)
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let key = (ctl.nexus.clone(), ctl.tag);
+        let key = (ctl.nexus_id, ctl.tag);
         if map.get(&key).is_some_and(|c| Arc::ptr_eq(c, ctl)) {
             map.remove(&key);
         }
@@ -191,8 +194,10 @@ impl TaskSet {
 }
 
 /// Unit attention state of one I_T nexus.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NexusState {
+    /// Unique for the life of the process; a nexus that is lost and comes back gets a new one.
+    pub id: u64,
     pending: AtomicBool,
     queue: Mutex<VecDeque<Sense>>,
 }
@@ -203,7 +208,12 @@ const UA_QUEUE_MAX: usize = 8;
 
 impl NexusState {
     fn with(s: Sense) -> Self {
-        let st = NexusState::default();
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let st = NexusState {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            pending: AtomicBool::new(false),
+            queue: Mutex::new(VecDeque::new()),
+        };
         st.push(s);
         st
     }
