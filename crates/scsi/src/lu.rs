@@ -682,11 +682,11 @@ impl LogicalUnit {
     }
 
     /// LOGICAL UNIT RESET (SAM-5 7.7, 6.3.5): abort every task, reset the mode pages, and
-    /// BUS DEVICE RESET FUNCTION OCCURRED to the other nexuses.
-    pub(crate) async fn reset(&self, nexus: Option<&ItNexus>, ua: Sense) {
+    /// queue `ua` (BUS DEVICE RESET FUNCTION OCCURRED) for every nexus.
+    pub(crate) async fn reset(&self, ua: Sense) {
         self.tasks.abort(|_, _| true).await;
         self.mode.reset();
-        self.nexuses.reset(ua, |n| Some(n) != nexus);
+        self.nexuses.reset(ua, |_| true);
     }
 
     pub(crate) async fn nexus_reset(&self, nexus: &ItNexus) {

@@ -148,15 +148,17 @@ impl Target {
             Tmf::LogicalUnitReset { lun } => match lu(lun) {
                 None => TmfResponse::IncorrectLun,
                 Some(lu) => {
-                    lu.reset(Some(nexus), cond::BUS_DEVICE_RESET).await;
+                    // SAM-5 6.3.5: the UA goes to every I_T nexus, the requester's included
+                    // (libiscsi's multipath reset test checks every path).
+                    lu.reset(cond::BUS_DEVICE_RESET).await;
                     TmfResponse::FunctionComplete
                 }
             },
             Tmf::TargetWarmReset | Tmf::TargetColdReset => {
-                // SAM-5 6.3.3/6.3.4: every LU is reset; every nexus but the requester gets
-                // POWER ON, RESET, OR BUS DEVICE RESET OCCURRED.
+                // SAM-5 6.3.3/6.3.4: every LU is reset; every nexus gets POWER ON, RESET, OR
+                // BUS DEVICE RESET OCCURRED.
                 for lu in self.luns.values() {
-                    lu.reset(Some(nexus), cond::POWER_ON_RESET).await;
+                    lu.reset(cond::POWER_ON_RESET).await;
                 }
                 TmfResponse::FunctionComplete
             }

@@ -136,7 +136,7 @@ async fn clear_task_set_aborts_all_and_tells_the_other_nexus() {
 }
 
 #[tokio::test]
-async fn logical_unit_reset_aborts_everything_resets_mode_pages_and_raises_ua() {
+async fn logical_unit_reset_resets_mode_pages_and_raises_ua_on_every_nexus() {
     let (t, d, a, b) = gated().await;
     // Turn on SWP, then reset: SWP must be back to its default (off).
     let p = vec![
@@ -149,21 +149,25 @@ async fn logical_unit_reset_aborts_everything_resets_mode_pages_and_raises_ua() 
         .task_management(&a, Tmf::LogicalUnitReset { lun: 0 })
         .await;
     assert_eq!(r, TmfResponse::FunctionComplete);
-    let r = run(&t, &b, &[0x00, 0, 0, 0, 0, 0], vec![]).await;
-    assert_sense(&r, 0x06, 0x29, 0x03); // BUS DEVICE RESET FUNCTION OCCURRED
+    for n in [&a, &b] {
+        let r = run(&t, n, &[0x00, 0, 0, 0, 0, 0], vec![]).await;
+        assert_sense(&r, 0x06, 0x29, 0x03); // BUS DEVICE RESET FUNCTION OCCURRED
+    }
     d.gate.add_permits(1);
     assert_good(&run(&t, &a, &write16(0, 1), vec![0; BS]).await);
 }
 
 #[tokio::test]
-async fn target_reset_raises_power_on_reset_on_other_nexuses() {
+async fn target_reset_raises_power_on_reset_on_every_nexus() {
     let (t, _, a, b) = gated().await;
     assert_eq!(
         t.task_management(&a, Tmf::TargetWarmReset).await,
         TmfResponse::FunctionComplete
     );
-    let r = run(&t, &b, &[0x00, 0, 0, 0, 0, 0], vec![]).await;
-    assert_sense(&r, 0x06, 0x29, 0x00);
+    for n in [&a, &b] {
+        let r = run(&t, n, &[0x00, 0, 0, 0, 0, 0], vec![]).await;
+        assert_sense(&r, 0x06, 0x29, 0x00);
+    }
 }
 
 #[tokio::test]
