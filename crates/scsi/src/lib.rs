@@ -8,6 +8,24 @@
 //! The task set lives here, not in the transport (SAM-5): task management functions
 //! ([`Target::task_management`]) abort or drain commands of any nexus on a logical unit, so
 //! LOGICAL UNIT RESET and (later) PREEMPT AND ABORT work the same for every frontend.
+//!
+//! # Layout
+//! - [`cdb`]: the opcode table (operation code, service action, CDB usage data, data direction,
+//!   reservation class) and the parser that turns bytes into a typed [`cdb::Cdb`]. The table
+//!   drives dispatch, REPORT SUPPORTED OPERATION CODES and the reserved-bit checks.
+//! - [`sense`]: sense data in fixed and descriptor format, with field pointers.
+//! - `lu`: [`LogicalUnit`], the per-command pipeline (task set, unit attention, parse, data-out
+//!   length check, reservation check, execute) and the SBC-4 commands.
+//! - `inquiry`: standard INQUIRY data, the VPD pages and the advertised [`Limits`].
+//! - `mode`: mode pages and MODE SENSE / MODE SELECT.
+//! - `task`: the LU task set and the per-nexus unit attention queues.
+//! - `target`: [`Target`], REPORT LUNS and task management.
+//!
+//! # Hot path
+//! READ and WRITE take the data-out buffer by value down to the block layer and return the
+//! block layer's buffer as data-in. Per command the LU takes two short shard locks (task set in
+//! and out) and one read lock (the nexus's unit attention state); none is held across an await.
+//! Mode parameters are one atomic byte.
 
 pub mod cdb;
 mod inquiry;
