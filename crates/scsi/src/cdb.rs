@@ -23,7 +23,9 @@ pub enum DataDir {
     Out,
 }
 
-/// How a command relates to reservations (SPC-5 5.13.1, table 62), for the per-command check.
+/// How a command relates to reservations (SPC-5 5.13.1, table 62; SBC-4 4.17), for the
+/// per-command check. A first classification; the persistent reservation work refines the
+/// commands whose class depends on CDB fields (PREVENT ALLOW, START STOP UNIT).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResvClass {
     /// Allowed whatever the reservation (INQUIRY, REPORT LUNS, REQUEST SENSE, …).

@@ -727,8 +727,20 @@ pub(crate) fn block_error(e: BlockError, unsupported: Sense) -> Sense {
     }
 }
 
-/// The response for a command to a LUN that does not exist (SPC-5 4.5.3).
+/// The response for a command to a LUN that does not exist (SPC-5 4.5.3): INQUIRY data with
+/// qualifier 011b, REQUEST SENSE data saying LOGICAL UNIT NOT SUPPORTED, and CHECK CONDITION
+/// for everything else.
 pub(crate) fn no_such_lun(cmd: &Command) -> Response {
+    if cmd.cdb.first() == Some(&0x03) {
+        let desc = cmd.cdb.get(1).is_some_and(|b| b & 0x01 != 0);
+        let mut d = cond::LUN_NOT_SUPPORTED.encode(desc);
+        d.truncate(usize::from(cmd.cdb.get(4).copied().unwrap_or(0)));
+        return Response {
+            status: Status::GOOD,
+            sense: Vec::new(),
+            data_in: d,
+        };
+    }
     if cmd.cdb.first() == Some(&0x12) {
         let mut d = inquiry::no_lun();
         let alloc = match cmd.cdb.get(3..5) {

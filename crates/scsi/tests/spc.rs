@@ -210,6 +210,16 @@ async fn inquiry_to_missing_lun_reports_qualifier_3() {
         panic!()
     };
     assert_sense(&r, 0x05, 0x25, 0x00); // LOGICAL UNIT NOT SUPPORTED
+    let mut c = cmd(&n, 1, &[0x03, 0, 0, 0, 252, 0], vec![], 252);
+    c.lun = 5;
+    let Completion::Done(r) = t.execute(c).await else {
+        panic!()
+    };
+    assert_good(&r);
+    assert_eq!(
+        r.data_in,
+        vec![0x70, 0, 0x05, 0, 0, 0, 0, 0x0A, 0, 0, 0, 0, 0x25, 0x00, 0, 0, 0, 0]
+    );
 }
 
 #[tokio::test]
