@@ -83,8 +83,11 @@ pub struct Command {
     pub cdb: Vec<u8>,
     /// Data-out from the initiator; its length is what the transport received (its expected
     /// data transfer length), which may differ from what the CDB asks for
-    /// ([`Target::data_out_len`]). On a mismatch the command fails with INVALID FIELD IN COMMAND
-    /// INFORMATION UNIT and writes nothing (FCP-4 9.4.2 b, which libiscsi's residual tests accept).
+    /// ([`Target::data_out_len`]). On a mismatch (FCP-4 9.4.2) WRITE and WRITE AND VERIFY use
+    /// the first CDB-length bytes of a longer buffer, or write only the whole blocks of a
+    /// shorter one, and complete normally (the transport reports the residual); a partial
+    /// block, and every other command (COMPARE AND WRITE, WRITE SAME, UNMAP, MODE SELECT,
+    /// VERIFY), fails with INVALID FIELD IN COMMAND INFORMATION UNIT and writes nothing.
     pub data_out: Vec<u8>,
     /// The transport's expected data-in length (allocation the initiator provided).
     pub data_in_len: u32,

@@ -144,10 +144,11 @@ impl LogicalUnit {
         if !self.supported(info) {
             return Some(self.check(cond::INVALID_OPCODE));
         }
+        let mut data_out = data_out;
         if info.dir == DataDir::Out {
             let want = cdb::data_out_len(&cdb, self.backend.block_size());
-            if data_out.len() as u64 != u64::from(want) {
-                return Some(self.check(cond::INVALID_FIELD_IN_CMD_IU));
+            if let Err(s) = self.fit_data_out(&parsed, &mut data_out, want) {
+                return Some(self.check(s));
             }
         }
         if let Err(status) = self.reservation_check(info, &nexus) {
@@ -372,11 +373,41 @@ impl LogicalUnit {
         fua || self.mode.get() & mode::WCE == 0
     }
 
+    /// Reconcile the data-out the transport received with what the CDB asks for (`want`
+    /// bytes). FCP-4 9.4.2 allows either (a) processing the command without the data beyond
+    /// what was transferred or (b) INVALID FIELD IN COMMAND INFORMATION UNIT without touching
+    /// the medium. WRITE and WRITE AND VERIFY take (a) when the data-out is longer (the first
+    /// `want` bytes are used) or a whole number of blocks shorter (only those blocks are
+    /// written); libiscsi 1.19's residual tests require GOOD there. Everything else, and a
+    /// partial block, takes (b).
+    fn fit_data_out(&self, c: &Cdb, data: &mut Vec<u8>, want: u32) -> Result<(), Sense> {
+        let want = usize::try_from(want).unwrap_or(usize::MAX);
+        if data.len() == want {
+            return Ok(());
+        }
+        let bs = self.backend.block_size() as usize;
+        match c {
+            Cdb::Write { .. } | Cdb::WriteVerify { .. } => {
+                if data.len() > want {
+                    data.truncate(want);
+                    Ok(())
+                } else if data.len() / bs.max(1) * bs == data.len() {
+                    Ok(())
+                } else {
+                    Err(cond::INVALID_FIELD_IN_CMD_IU)
+                }
+            }
+            _ => Err(cond::INVALID_FIELD_IN_CMD_IU),
+        }
+    }
+
+    /// WRITE `blocks` at `lba` as the CDB says; `data` may hold fewer whole blocks when the
+    /// transport received less (see [`Self::fit_data_out`]): only those are written.
     async fn write(&self, lba: u64, blocks: u32, fua: bool, data: Vec<u8>) -> Result<(), Sense> {
         self.check_writable()?;
         self.check_transfer(blocks)?;
         self.check_range(lba, u64::from(blocks))?;
-        if blocks == 0 {
+        if blocks == 0 || data.is_empty() {
             return Ok(());
         }
         self.backend

@@ -129,12 +129,62 @@ async fn read_above_maximum_transfer_length_is_invalid_field() {
 }
 
 #[tokio::test]
-async fn write_with_short_data_out_is_invalid_field_in_command_iu_and_writes_nothing() {
+async fn write_with_partial_block_of_data_out_is_invalid_field_in_command_iu_and_writes_nothing() {
     let (t, n) = ready_mem(64, 512).await;
-    // WRITE(10) of 2 blocks with only 1 block of data-out.
-    let r = run(&t, &n, &[0x2A, 0, 0, 0, 0, 0, 0, 0, 2, 0], vec![1u8; BS]).await;
+    write_blocks(&t, &n, 0, vec![b'a'; BS], BS).await;
+    // WRITE(10) of 1 block with 200 bytes of data-out (FCP-4 9.4.2 b).
+    let r = run(&t, &n, &[0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0], vec![b'b'; 200]).await;
     assert_sense(&r, 0x05, 0x0E, 0x03); // INVALID FIELD IN COMMAND INFORMATION UNIT
-    assert_eq!(read_blocks(&t, &n, 0, 1).await, vec![0u8; BS]);
+    assert_eq!(read_blocks(&t, &n, 0, 1).await, vec![b'a'; BS]);
+}
+
+#[tokio::test]
+async fn write_with_no_data_out_is_good_and_writes_nothing() {
+    let (t, n) = ready_mem(64, 512).await;
+    write_blocks(&t, &n, 0, vec![b'a'; BS], BS).await;
+    // EDTL 0 for a 1-block WRITE(10): FCP-4 9.4.2 a, the transport reports the overflow.
+    let r = run(&t, &n, &[0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0], vec![]).await;
+    assert_good(&r);
+    assert_eq!(read_blocks(&t, &n, 0, 1).await, vec![b'a'; BS]);
+}
+
+#[tokio::test]
+async fn write_with_fewer_whole_blocks_writes_only_those() {
+    let (t, n) = ready_mem(64, 512).await;
+    write_blocks(&t, &n, 0, vec![b'a'; 2 * BS], BS).await;
+    // WRITE(10) of 2 blocks with 1 block of data-out.
+    let r = run(&t, &n, &[0x2A, 0, 0, 0, 0, 0, 0, 0, 2, 0], vec![b'b'; BS]).await;
+    assert_good(&r);
+    assert_eq!(
+        read_blocks(&t, &n, 0, 2).await,
+        [vec![b'b'; BS], vec![b'a'; BS]].concat()
+    );
+}
+
+#[tokio::test]
+async fn write_with_longer_data_out_writes_only_what_the_cdb_asks() {
+    let (t, n) = ready_mem(64, 512).await;
+    write_blocks(&t, &n, 0, vec![b'a'; 2 * BS], BS).await;
+    // WRITE AND VERIFY(10) of 1 block with 10000 bytes of data-out.
+    let r = run(
+        &t,
+        &n,
+        &[0x2E, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        vec![b'b'; 10000],
+    )
+    .await;
+    assert_good(&r);
+    assert_eq!(
+        read_blocks(&t, &n, 0, 2).await,
+        [vec![b'b'; BS], vec![b'a'; BS]].concat()
+    );
+}
+
+#[tokio::test]
+async fn write_beyond_end_with_short_data_out_is_still_lba_out_of_range() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(&t, &n, &[0x2A, 0, 0, 0, 0, 63, 0, 0, 2, 0], vec![0; BS]).await;
+    assert_sense(&r, 0x05, 0x21, 0x00);
 }
 
 #[tokio::test]
@@ -341,6 +391,14 @@ async fn compare_and_write_with_wrong_data_out_length_writes_nothing() {
 }
 
 #[tokio::test]
+async fn compare_and_write_with_too_much_data_out_writes_nothing() {
+    let (t, n) = ready_mem(64, 512).await;
+    // NUMBER OF LOGICAL BLOCKS 1 with 4 blocks of data-out.
+    let r = run(&t, &n, &caw(0, 1), vec![0u8; 4 * BS]).await;
+    assert_sense(&r, 0x05, 0x0E, 0x03);
+}
+
+#[tokio::test]
 async fn compare_and_write_beyond_end_is_lba_out_of_range() {
     let (t, n) = ready_mem(64, 512).await;
     let r = run(&t, &n, &caw(63, 2), vec![0u8; 4 * BS]).await;
@@ -424,6 +482,20 @@ async fn write_same_with_wrong_data_out_length_is_invalid_field_in_command_iu() 
     let (t, n) = ready_mem(64, 512).await;
     let r = run(&t, &n, &ws16(0, 1, 0), vec![0u8; 2 * BS]).await;
     assert_sense(&r, 0x05, 0x0E, 0x03);
+}
+
+#[tokio::test]
+async fn write_same_with_half_a_block_of_data_out_is_invalid_field_in_command_iu() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(
+        &t,
+        &n,
+        &[0x41, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        vec![1u8; BS / 2],
+    )
+    .await;
+    assert_sense(&r, 0x05, 0x0E, 0x03);
+    assert_eq!(read_blocks(&t, &n, 0, 1).await, vec![0u8; BS]);
 }
 
 #[tokio::test]
