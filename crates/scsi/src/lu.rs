@@ -109,8 +109,9 @@ impl LogicalUnit {
             return Completion::Done(self.check(cond::OVERLAPPED_COMMANDS));
         };
         let out = self.run(cmd, &ns, &guard.ctl).await;
+        let aborted = guard.ctl.finish();
         match out {
-            Some(r) if !guard.ctl.is_aborted() => Completion::Done(r),
+            Some(r) if !aborted => Completion::Done(r),
             _ => Completion::Aborted,
         }
     }
@@ -690,12 +691,14 @@ impl LogicalUnit {
 
     // ---- task management (called by the target) ----
 
+    /// ABORT TASK: `false` when the task is not in the task set or finished first (SAM-5 7.2:
+    /// TASK DOES NOT EXIST, and its status is sent normally).
     pub(crate) async fn abort_task(&self, nexus: &ItNexus, tag: u64) -> bool {
-        if !self.tasks.contains(nexus, tag) {
-            return false;
-        }
-        self.tasks.abort(|n, t| t == tag && n == nexus).await;
-        true
+        !self
+            .tasks
+            .abort(|n, t| t == tag && n == nexus)
+            .await
+            .is_empty()
     }
 
     pub(crate) async fn abort_task_set(&self, nexus: &ItNexus) {

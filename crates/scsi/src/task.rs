@@ -17,46 +17,73 @@ use tokio::sync::Notify;
 use crate::sense::Sense;
 use crate::ItNexus;
 
-const PENDING: u8 = 0;
-const RUNNING: u8 = 1;
-const ABORTED: u8 = 2;
-const DONE: u8 = 3;
+/// The task has started: it may touch the backend.
+const STARTED: u8 = 1;
+/// Task management aborted it.
+const ABORT: u8 = 2;
+/// Its outcome is decided (and any backend I/O it did is complete).
+const FINISHED: u8 = 4;
 
-/// The control block of one task.
+/// The control block of one task. The flags are set with atomic OR, so whichever of ABORT and
+/// FINISHED comes first decides the outcome: a task finished before the abort is reported with
+/// its status (and the abort does not count it); an abort before the finish makes the
+/// completion [`crate::Completion::Aborted`].
 #[derive(Debug)]
 pub struct TaskCtl {
     nexus: Arc<ItNexus>,
     /// The LU-local id of the nexus ([`NexusState::id`]), so the hot path hashes two integers.
     nexus_id: u64,
     tag: u64,
-    state: AtomicU8,
-    /// Set by task management while the task runs: its completion is [`crate::Completion::Aborted`].
-    aborted: AtomicBool,
+    flags: AtomicU8,
     done: Notify,
 }
 
+/// What an abort found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AbortOutcome {
+    /// The task had already finished: nothing was aborted.
+    TooLate,
+    /// Aborted before it started: it never touches the backend.
+    NotStarted,
+    /// Aborted while running: wait for it before answering.
+    Running,
+}
+
 impl TaskCtl {
-    /// Move from pending to running; `false` when the task was aborted before it started.
+    /// Mark the task started; `false` when it was aborted before it started.
     pub fn start(&self) -> bool {
-        self.state
-            .compare_exchange(PENDING, RUNNING, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
+        let mut cur = self.flags.load(Ordering::SeqCst);
+        loop {
+            if cur & ABORT != 0 {
+                return false;
+            }
+            match self.flags.compare_exchange(
+                cur,
+                cur | STARTED,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
     }
 
-    /// Whether task management aborted the task.
-    pub fn is_aborted(&self) -> bool {
-        self.aborted.load(Ordering::SeqCst) || self.state.load(Ordering::SeqCst) == ABORTED
+    /// Decide the outcome and wake waiters; returns whether the task was aborted. Idempotent.
+    pub fn finish(&self) -> bool {
+        let prior = self.flags.fetch_or(FINISHED, Ordering::SeqCst);
+        self.done.notify_waiters();
+        prior & ABORT != 0
     }
 
-    /// Mark aborted; returns `true` when the task is running and must be waited for.
-    fn abort(&self) -> bool {
-        self.aborted.store(true, Ordering::SeqCst);
-        match self
-            .state
-            .compare_exchange(PENDING, ABORTED, Ordering::SeqCst, Ordering::SeqCst)
-        {
-            Ok(_) => false,
-            Err(s) => s == RUNNING,
+    fn abort(&self) -> AbortOutcome {
+        let prior = self.flags.fetch_or(ABORT, Ordering::SeqCst);
+        if prior & FINISHED != 0 {
+            AbortOutcome::TooLate
+        } else if prior & STARTED != 0 {
+            AbortOutcome::Running
+        } else {
+            AbortOutcome::NotStarted
         }
     }
 
@@ -65,7 +92,7 @@ impl TaskCtl {
             let notified = self.done.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.state.load(Ordering::SeqCst) == DONE {
+            if self.flags.load(Ordering::SeqCst) & FINISHED != 0 {
                 return;
             }
             notified.await;
@@ -101,8 +128,7 @@ pub struct TaskGuard<'a> {
 impl Drop for TaskGuard<'_> {
     fn drop(&mut self) {
         self.set.remove(&self.ctl);
-        self.ctl.state.store(DONE, Ordering::SeqCst);
-        self.ctl.done.notify_waiters();
+        self.ctl.finish();
     }
 }
 
@@ -120,8 +146,7 @@ impl TaskSet {
             nexus: nexus.clone(),
             nexus_id,
             tag,
-            state: AtomicU8::new(PENDING),
-            aborted: AtomicBool::new(false),
+            flags: AtomicU8::new(0),
             done: Notify::new(),
         });
         let mut map = self.shard(tag).lock().unwrap_or_else(|e| e.into_inner());
@@ -166,14 +191,16 @@ impl TaskSet {
     }
 
     /// Abort every task matching `pred` and wait for the running ones to finish. Returns the
-    /// nexuses whose tasks were aborted.
+    /// nexuses whose tasks were aborted (tasks that had already finished do not count).
     pub async fn abort(&self, pred: impl Fn(&ItNexus, u64) -> bool) -> Vec<Arc<ItNexus>> {
         let tasks = self.matching(|c| pred(&c.nexus, c.tag));
         let mut wait = Vec::new();
         let mut owners: Vec<Arc<ItNexus>> = Vec::new();
         for t in &tasks {
-            if t.abort() {
-                wait.push(t.clone());
+            match t.abort() {
+                AbortOutcome::TooLate => continue,
+                AbortOutcome::Running => wait.push(t.clone()),
+                AbortOutcome::NotStarted => {}
             }
             if !owners.iter().any(|n| **n == *t.nexus) {
                 owners.push(t.nexus.clone());
@@ -308,5 +335,85 @@ impl Nexuses {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(nexus);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{InitiatorPort, TargetPort, Transport};
+
+    fn nexus() -> Arc<ItNexus> {
+        Arc::new(ItNexus {
+            initiator: InitiatorPort {
+                transport: Transport::Iscsi,
+                name: "i".into(),
+                isid: None,
+            },
+            target: TargetPort {
+                name: "t".into(),
+                tpgt: 1,
+                relative_id: 1,
+            },
+        })
+    }
+
+    #[test]
+    fn task_aborted_before_start_never_starts() {
+        let set = TaskSet::default();
+        let n = nexus();
+        let Some(g) = set.enter(&n, 1, 7) else {
+            panic!("enter")
+        };
+        assert_eq!(g.ctl.abort(), AbortOutcome::NotStarted);
+        assert!(!g.ctl.start());
+        assert!(g.ctl.finish());
+    }
+
+    #[test]
+    fn abort_after_finish_is_too_late_and_outcome_stands() {
+        let set = TaskSet::default();
+        let n = nexus();
+        let Some(g) = set.enter(&n, 1, 7) else {
+            panic!("enter")
+        };
+        assert!(g.ctl.start());
+        assert!(!g.ctl.finish());
+        assert_eq!(g.ctl.abort(), AbortOutcome::TooLate);
+    }
+
+    #[test]
+    fn abort_while_running_makes_the_completion_aborted() {
+        let set = TaskSet::default();
+        let n = nexus();
+        let Some(g) = set.enter(&n, 1, 7) else {
+            panic!("enter")
+        };
+        assert!(g.ctl.start());
+        assert_eq!(g.ctl.abort(), AbortOutcome::Running);
+        assert!(g.ctl.finish());
+    }
+
+    #[test]
+    fn same_tag_twice_on_one_nexus_is_refused_until_the_first_leaves() {
+        let set = TaskSet::default();
+        let n = nexus();
+        let first = set.enter(&n, 1, 7);
+        assert!(first.is_some());
+        assert!(set.enter(&n, 1, 7).is_none());
+        assert!(set.enter(&n, 2, 7).is_some());
+        drop(first);
+        assert!(set.enter(&n, 1, 7).is_some());
+    }
+
+    #[test]
+    fn unit_attentions_are_queued_once_and_taken_in_order() {
+        let st = NexusState::with(crate::sense::cond::POWER_ON_RESET);
+        st.push(crate::sense::cond::MODE_PARAMETERS_CHANGED);
+        st.push(crate::sense::cond::MODE_PARAMETERS_CHANGED);
+        assert_eq!(st.take(), Some(crate::sense::cond::POWER_ON_RESET));
+        assert_eq!(st.take(), Some(crate::sense::cond::MODE_PARAMETERS_CHANGED));
+        assert_eq!(st.take(), None);
+        assert!(!st.has_pending());
     }
 }
