@@ -164,7 +164,7 @@ pub fn vpd(
             p[2..4].copy_from_slice(&gran.to_be_bytes());
             p[4..8].copy_from_slice(&limits.max_transfer.to_be_bytes());
             p[8..12].copy_from_slice(&limits.opt_transfer.to_be_bytes());
-            p[12..16].copy_from_slice(&limits.max_transfer.to_be_bytes());
+            // MAXIMUM PREFETCH LENGTH stays 0 (no limit): PRE-FETCH only checks the range.
             p[16..20].copy_from_slice(&limits.max_unmap_lbas.to_be_bytes());
             p[20..24].copy_from_slice(&limits.max_unmap_descriptors.to_be_bytes());
             if limits.thin {

@@ -121,7 +121,7 @@ async fn vpd_block_limits_on_a_full_512_byte_disk() {
         0x00, 0x08, // OPTIMAL TRANSFER LENGTH GRANULARITY: 8 blocks (4 KiB)
         0x00, 0x00, 0x40, 0x00, // MAXIMUM TRANSFER LENGTH 16384 (8 MiB)
         0x00, 0x00, 0x02, 0x00, // OPTIMAL TRANSFER LENGTH 512 (256 KiB)
-        0x00, 0x00, 0x40, 0x00, // MAXIMUM PREFETCH LENGTH
+        0x00, 0x00, 0x00, 0x00, // MAXIMUM PREFETCH LENGTH: no limit
         0, 0, 0, 0, // MAXIMUM UNMAP LBA COUNT: no UNMAP
         0, 0, 0, 0, // MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT
         0, 0, 0, 0, // OPTIMAL UNMAP GRANULARITY
