@@ -145,6 +145,9 @@ impl LogicalUnit {
         if !self.supported(info) {
             return Some(self.check(cond::INVALID_OPCODE));
         }
+        if let Err(s) = self.check_transfer_field(info, &parsed) {
+            return Some(self.check(s));
+        }
         let mut data_out = data_out;
         if info.dir == DataDir::Out {
             let want = cdb::data_out_len(&cdb, self.backend.block_size());
@@ -353,7 +356,31 @@ impl LogicalUnit {
         }
     }
 
-    /// SBC-4 6.6.4: a TRANSFER LENGTH above MAXIMUM TRANSFER LENGTH is INVALID FIELD IN CDB.
+    /// SBC-4 6.6.4: a TRANSFER LENGTH above MAXIMUM TRANSFER LENGTH is INVALID FIELD IN CDB,
+    /// pointing at the TRANSFER LENGTH field.
+    fn check_transfer_field(&self, info: &OpInfo, c: &Cdb) -> Result<(), Sense> {
+        let blocks = match *c {
+            Cdb::Read { blocks, .. }
+            | Cdb::Write { blocks, .. }
+            | Cdb::WriteVerify { blocks, .. }
+            | Cdb::Verify {
+                blocks, bytchk: 1, ..
+            } => blocks,
+            _ => return Ok(()),
+        };
+        if blocks > self.limits.max_transfer {
+            let field = match info.opcode >> 5 {
+                0 => 4,     // 6-byte CDBs
+                1 | 2 => 7, // 10-byte
+                5 => 6,     // 12-byte
+                _ => 10,    // 16-byte
+            };
+            return Err(Sense::invalid_field_in_cdb(field, 7));
+        }
+        Ok(())
+    }
+
+    /// The same check where the field position is not at hand (defence in depth).
     fn check_transfer(&self, blocks: u32) -> Result<(), Sense> {
         if blocks > self.limits.max_transfer {
             return Err(cond::INVALID_FIELD_IN_CDB);

@@ -126,6 +126,9 @@ async fn read_above_maximum_transfer_length_is_invalid_field() {
     // MAXIMUM TRANSFER LENGTH is 16384 blocks of 512 bytes (8 MiB).
     let r = run(&t, &n, &read16(0, 16385), vec![]).await;
     assert_sense(&r, 0x05, 0x24, 0x00); // INVALID FIELD IN CDB
+    assert_eq!(&r.sense[15..18], &[0xCF, 0x00, 0x0A]); // TRANSFER LENGTH, byte 10
+    let r = run(&t, &n, &[0x28, 0, 0, 0, 0, 0, 0, 0x40, 0x01, 0], vec![]).await;
+    assert_eq!(&r.sense[15..18], &[0xCF, 0x00, 0x07]); // READ(10): byte 7
 }
 
 #[tokio::test]
