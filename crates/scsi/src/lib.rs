@@ -151,7 +151,7 @@ pub enum TmfResponse {
 /// Entry points for fuzz targets: run the parsers on arbitrary bytes. None of them may panic.
 pub mod fuzzing {
     /// Parse `data` as a CDB, compute its data-out length, and run the parameter-list parsers
-    /// (MODE SELECT, UNMAP via a scratch LU is not needed: its parser is pure) on the same bytes.
+    /// (MODE SELECT, UNMAP) and MODE SENSE page building on the same bytes.
     pub fn cdb(data: &[u8]) {
         let _ = crate::cdb::parse(data);
         let _ = crate::cdb::data_out_len(data, 512);
@@ -170,5 +170,14 @@ pub mod fuzzing {
             };
             let _ = crate::mode::sense_data(&req, flags, u64::MAX, 512);
         }
+        let limits = crate::Limits::new(
+            512,
+            block::Capabilities {
+                thin: true,
+                unmapped_reads_zero: true,
+                max_compare_and_write_blocks: 255,
+            },
+        );
+        let _ = crate::lu::parse_unmap(data, &limits, 1 << 20);
     }
 }

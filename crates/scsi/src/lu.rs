@@ -562,44 +562,7 @@ impl LogicalUnit {
             return Err(Sense::invalid_field_in_cdb(1, 0));
         }
         self.check_writable()?;
-        if p.is_empty() {
-            return Ok(Vec::new());
-        }
-        // SBC-4 5.32.2: 8-byte header, then 16-byte block descriptors.
-        if p.len() < 8 {
-            return Err(cond::PARAM_LIST_LENGTH_ERROR);
-        }
-        let bd_len = usize::from(u16::from_be_bytes([
-            p.get(2).copied().unwrap_or(0),
-            p.get(3).copied().unwrap_or(0),
-        ]));
-        let avail = p.len() - 8;
-        let bd_len = bd_len.min(avail) / 16 * 16;
-        let descs = p.get(8..8 + bd_len).unwrap_or(&[]);
-        let count = descs.len() / 16;
-        if count as u64 > u64::from(self.limits.max_unmap_descriptors) {
-            return Err(Sense::invalid_field_in_param(2, Some(7)));
-        }
-        let mut ranges = Vec::with_capacity(count);
-        let mut total = 0u64;
-        for (i, d) in descs.chunks_exact(16).enumerate() {
-            let mut lba = [0u8; 8];
-            lba.copy_from_slice(d.get(0..8).unwrap_or(&[0; 8]));
-            let mut num = [0u8; 4];
-            num.copy_from_slice(d.get(8..12).unwrap_or(&[0; 4]));
-            let (lba, num) = (u64::from_be_bytes(lba), u64::from(u32::from_be_bytes(num)));
-            self.check_range(lba, num)?;
-            total = total.saturating_add(num);
-            if total > u64::from(self.limits.max_unmap_lbas) {
-                return Err(Sense::invalid_field_in_param(
-                    (8 + i * 16 + 8) as u16,
-                    Some(7),
-                ));
-            }
-            if num > 0 {
-                ranges.push((lba, num));
-            }
-        }
+        let ranges = parse_unmap(p, &self.limits, self.backend.capacity())?;
         for (lba, num) in ranges {
             self.backend
                 .discard(lba, num)
@@ -771,6 +734,62 @@ impl LogicalUnit {
         self.tasks.abort_now(|n| n == nexus);
         self.nexuses.forget(nexus);
     }
+}
+
+/// Parse and validate an UNMAP parameter list (SBC-4 5.32.2: an 8-byte header, then 16-byte
+/// block descriptors) against the advertised limits and the capacity. Every descriptor is
+/// checked before anything is unmapped; descriptors of zero blocks are dropped.
+pub(crate) fn parse_unmap(
+    p: &[u8],
+    limits: &Limits,
+    capacity: u64,
+) -> Result<Vec<(u64, u64)>, Sense> {
+    if p.is_empty() {
+        return Ok(Vec::new());
+    }
+    // SBC-4 5.32.1: a non-zero PARAMETER LIST LENGTH below 8 is a parameter list length error.
+    if p.len() < 8 {
+        return Err(cond::PARAM_LIST_LENGTH_ERROR);
+    }
+    let bd_len = usize::from(u16::from_be_bytes([
+        p.get(2).copied().unwrap_or(0),
+        p.get(3).copied().unwrap_or(0),
+    ]));
+    let avail = p.len() - 8;
+    let bd_len = bd_len.min(avail) / 16 * 16;
+    let descs = p.get(8..8 + bd_len).unwrap_or(&[]);
+    let count = descs.len() / 16;
+    if count as u64 > u64::from(limits.max_unmap_descriptors) {
+        return Err(Sense::invalid_field_in_param(2, Some(7)));
+    }
+    let mut ranges = Vec::with_capacity(count);
+    let mut total = 0u64;
+    for (i, d) in descs.chunks_exact(16).enumerate() {
+        let mut lba = [0u8; 8];
+        for (dst, src) in lba.iter_mut().zip(d) {
+            *dst = *src;
+        }
+        let mut num = [0u8; 4];
+        for (dst, src) in num.iter_mut().zip(d.iter().skip(8)) {
+            *dst = *src;
+        }
+        let (lba, num) = (u64::from_be_bytes(lba), u64::from(u32::from_be_bytes(num)));
+        match lba.checked_add(num) {
+            Some(end) if end <= capacity => {}
+            _ => return Err(cond::LBA_OUT_OF_RANGE),
+        }
+        total = total.saturating_add(num);
+        if total > u64::from(limits.max_unmap_lbas) {
+            return Err(Sense::invalid_field_in_param(
+                (8 + i * 16 + 8) as u16,
+                Some(7),
+            ));
+        }
+        if num > 0 {
+            ranges.push((lba, num));
+        }
+    }
+    Ok(ranges)
 }
 
 /// Map a block layer error to sense data (exhaustive: a new variant cannot silently become the
