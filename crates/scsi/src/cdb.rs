@@ -777,3 +777,42 @@ pub fn data_out_len(cdb: &[u8], block_size: u32) -> u32 {
         _ => 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_row_has_its_opcode_and_service_action_in_the_usage_data() {
+        for (i, op) in OPS.iter().enumerate() {
+            assert_eq!(op.usage.first(), Some(&op.opcode), "{}", op.name);
+            if let Some(sa) = op.sa {
+                assert_eq!(op.usage.get(1).map(|b| b & 0x1F), Some(sa), "{}", op.name);
+            }
+            assert!(matches!(op.usage.len(), 6 | 10 | 12 | 16), "{}", op.name);
+            // Sorted and unique, as REPORT SUPPORTED OPERATION CODES lists them.
+            if let Some(prev) = i.checked_sub(1).and_then(|j| OPS.get(j)) {
+                assert!((prev.opcode, prev.sa) < (op.opcode, op.sa), "{}", op.name);
+            }
+        }
+    }
+
+    #[test]
+    fn a_cdb_of_the_usage_data_itself_parses() {
+        // The usage data sets every bit the device server accepts, so it must parse (except
+        // where field values are checked, which a usage pattern of all ones may trip).
+        for op in OPS {
+            let r = classify(op.usage);
+            assert!(r.is_ok(), "{}: {:?}", op.name, r);
+        }
+    }
+
+    #[test]
+    fn short_cdb_is_invalid_field_in_cdb() {
+        assert_eq!(
+            classify(&[0x28, 0, 0]).err(),
+            Some(cond::INVALID_FIELD_IN_CDB)
+        );
+        assert_eq!(classify(&[]).err(), Some(cond::INVALID_OPCODE));
+    }
+}
