@@ -8,11 +8,35 @@
 //! The task set lives here, not in the transport (SAM-5): task management functions
 //! ([`Target::task_management`]) abort or drain commands of any nexus on a logical unit, so
 //! LOGICAL UNIT RESET and (later) PREEMPT AND ABORT work the same for every frontend.
+//!
+//! # Layout
+//! - [`cdb`]: the opcode table (operation code, service action, CDB usage data, data direction,
+//!   reservation class) and the parser that turns bytes into a typed [`cdb::Cdb`]. The table
+//!   drives dispatch, REPORT SUPPORTED OPERATION CODES and the reserved-bit checks.
+//! - [`sense`]: sense data in fixed and descriptor format, with field pointers.
+//! - `lu`: [`LogicalUnit`], the per-command pipeline (task set, unit attention, parse, data-out
+//!   length check, reservation check, execute) and the SBC-4 commands.
+//! - `inquiry`: standard INQUIRY data, the VPD pages and the advertised [`Limits`].
+//! - `mode`: mode pages and MODE SENSE / MODE SELECT.
+//! - `task`: the LU task set and the per-nexus unit attention queues.
+//! - `target`: [`Target`], REPORT LUNS and task management.
+//!
+//! # Hot path
+//! READ and WRITE take the data-out buffer by value down to the block layer and return the
+//! block layer's buffer as data-in. Per command the LU takes two short shard locks (task set in
+//! and out) and one read lock (the nexus's unit attention state); none is held across an await.
+//! Mode parameters are one atomic byte.
 
+pub mod cdb;
+mod inquiry;
 mod lu;
+mod mode;
 mod nexus;
+pub mod sense;
 mod target;
+mod task;
 
+pub use inquiry::Limits;
 pub use lu::{LogicalUnit, LuConfig};
 pub use nexus::{InitiatorPort, ItNexus, TargetPort, Transport};
 pub use target::Target;
@@ -59,8 +83,11 @@ pub struct Command {
     pub cdb: Vec<u8>,
     /// Data-out from the initiator; its length is what the transport received (its expected
     /// data transfer length), which may differ from what the CDB asks for
-    /// ([`Target::data_out_len`]). On a mismatch the command fails with INVALID FIELD IN COMMAND
-    /// INFORMATION UNIT and writes nothing (FCP-4 9.4.2 b, which libiscsi's residual tests accept).
+    /// ([`Target::data_out_len`]). On a mismatch (FCP-4 9.4.2) WRITE and WRITE AND VERIFY use
+    /// the first CDB-length bytes of a longer buffer, or write only the whole blocks of a
+    /// shorter one, and complete normally (the transport reports the residual); a partial
+    /// block, and every other command (COMPARE AND WRITE, WRITE SAME, UNMAP, MODE SELECT,
+    /// VERIFY), fails with INVALID FIELD IN COMMAND INFORMATION UNIT and writes nothing.
     pub data_out: Vec<u8>,
     /// The transport's expected data-in length (allocation the initiator provided).
     pub data_in_len: u32,
@@ -119,4 +146,38 @@ pub enum TmfResponse {
     IncorrectLun,
     /// ABORT TASK for a tag that is not in the task set (already completed or never seen).
     TaskDoesNotExist,
+}
+
+/// Entry points for fuzz targets: run the parsers on arbitrary bytes. None of them may panic.
+pub mod fuzzing {
+    /// Parse `data` as a CDB, compute its data-out length, and run the parameter-list parsers
+    /// (MODE SELECT, UNMAP) and MODE SENSE page building on the same bytes.
+    pub fn cdb(data: &[u8]) {
+        let _ = crate::cdb::parse(data);
+        let _ = crate::cdb::data_out_len(data, 512);
+        let _ = crate::cdb::data_out_len(data, 4096);
+        let flags = data.first().copied().unwrap_or(0) & 0x07;
+        let _ = crate::mode::select(false, data, flags, 512);
+        let _ = crate::mode::select(true, data, flags, 4096);
+        for pc in 0..4 {
+            let req = crate::mode::SenseRequest {
+                ten: data.get(1).is_some_and(|b| b & 1 != 0),
+                dbd: data.get(1).is_some_and(|b| b & 2 != 0),
+                llbaa: data.get(1).is_some_and(|b| b & 4 != 0),
+                pc,
+                page: data.get(2).copied().unwrap_or(0) & 0x3F,
+                subpage: data.get(3).copied().unwrap_or(0),
+            };
+            let _ = crate::mode::sense_data(&req, flags, u64::MAX, 512);
+        }
+        let limits = crate::Limits::new(
+            512,
+            block::Capabilities {
+                thin: true,
+                unmapped_reads_zero: true,
+                max_compare_and_write_blocks: 255,
+            },
+        );
+        let _ = crate::lu::parse_unmap(data, &limits, 1 << 20);
+    }
 }

@@ -1,8 +1,27 @@
-//! A logical unit: a direct-access block device over a [`block::Backend`].
+//! A logical unit: an SBC-4 direct-access block device over a [`block::Backend`].
+//!
+//! Every command goes through the same steps (SAM-5 5.14, SPC-5 5.13, DESIGN.md §3-4):
+//! 1. enter the LU's task set (an overlapped tag is ABORTED COMMAND / OVERLAPPED COMMANDS
+//!    ATTEMPTED);
+//! 2. report a pending unit attention, except to INQUIRY, REPORT LUNS and REQUEST SENSE;
+//! 3. parse the CDB against the opcode table ([`crate::cdb`]);
+//! 4. check that the data-out the transport received is what the CDB asks for;
+//! 5. the reservation check ([`LogicalUnit::reservation_check`]), fed by the table row;
+//! 6. start the task (a task aborted before this point never touches the backend);
+//! 7. execute.
+//!
+//! Block layer errors map to sense data in [`block_error`], an exhaustive match.
+
+use std::sync::Arc;
 
 use block::{Backend, BlockError};
 
-use crate::{Command, Completion, Response, Status};
+use crate::cdb::{self, Cdb, DataDir, OpInfo};
+use crate::inquiry::{self, Limits};
+use crate::mode::{self, ModeState};
+use crate::sense::{cond, key, Sense};
+use crate::task::{NexusState, Nexuses, TaskCtl, TaskSet};
+use crate::{Command, Completion, ItNexus, Response, Status};
 
 /// Per-LU identity and settings.
 #[derive(Debug, Clone)]
@@ -23,11 +42,28 @@ pub struct LuConfig {
 pub struct LogicalUnit {
     backend: Backend,
     config: LuConfig,
+    limits: Limits,
+    mode: ModeState,
+    tasks: TaskSet,
+    nexuses: Nexuses,
 }
+
+type Outcome = Result<Vec<u8>, Sense>;
+
+/// Largest buffer used by commands that walk a range (VERIFY, WRITE SAME with a pattern).
+const CHUNK_BYTES: u32 = 1 << 20;
 
 impl LogicalUnit {
     pub fn new(backend: Backend, config: LuConfig) -> Self {
-        Self { backend, config }
+        let limits = Limits::new(backend.block_size(), backend.capabilities());
+        Self {
+            backend,
+            config,
+            limits,
+            mode: ModeState::default(),
+            tasks: TaskSet::default(),
+            nexuses: Nexuses::default(),
+        }
     }
 
     pub fn backend(&self) -> &Backend {
@@ -38,162 +74,769 @@ impl LogicalUnit {
         &self.config
     }
 
+    /// The limits this LU advertises (VPD 0xB0) and enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
     /// See [`crate::Target::data_out_len`].
     pub fn data_out_len(&self, cdb: &[u8]) -> u32 {
-        let bs = self.backend.block_size();
-        match (cdb.first(), cdb.len()) {
-            (Some(0x2A), 10..) => u32::from(u16::from_be_bytes([cdb[7], cdb[8]])) * bs,
-            (Some(0x8A), 16..) => {
-                u32::from_be_bytes([cdb[10], cdb[11], cdb[12], cdb[13]]).saturating_mul(bs)
-            }
-            _ => 0,
+        cdb::data_out_len(cdb, self.backend.block_size())
+    }
+
+    /// Tell every nexus that the capacity changed (SBC-4 4.9: CAPACITY DATA HAS CHANGED).
+    pub fn capacity_changed(&self) {
+        self.nexuses
+            .broadcast(cond::CAPACITY_DATA_CHANGED, |_| true);
+    }
+
+    fn descriptor_sense(&self) -> bool {
+        self.mode.get() & mode::D_SENSE != 0
+    }
+
+    fn check(&self, s: Sense) -> Response {
+        Response {
+            status: Status::CHECK_CONDITION,
+            sense: s.encode(self.descriptor_sense()),
+            data_in: Vec::new(),
         }
     }
 
     /// Execute one command addressed to this LU.
     pub async fn execute(&self, cmd: Command) -> Completion {
-        Completion::Done(self.run(&cmd).await)
+        let ns = self.nexuses.get(&cmd.nexus);
+        let Some(guard) = self.tasks.enter(&cmd.nexus, ns.id, cmd.tag) else {
+            return Completion::Done(self.check(cond::OVERLAPPED_COMMANDS));
+        };
+        let out = self.run(cmd, &ns, &guard.ctl).await;
+        let aborted = guard.ctl.finish();
+        match out {
+            Some(r) if !aborted => Completion::Done(r),
+            _ => Completion::Aborted,
+        }
     }
 
-    async fn run(&self, cmd: &Command) -> Response {
-        let cdb = &cmd.cdb;
-        let Some(&op) = cdb.first() else {
-            return check(0x05, 0x20, 0x00);
+    /// The per-command reservation check (SPC-5 5.13.1, DESIGN.md §4): decided from the table
+    /// row and the nexus. Persistent reservations are not implemented yet, so everything is
+    /// allowed; the next step answers RESERVATION CONFLICT here.
+    fn reservation_check(&self, _info: &OpInfo, _nexus: &ItNexus) -> Result<(), Status> {
+        Ok(())
+    }
+
+    async fn run(&self, cmd: Command, ns: &NexusState, ctl: &TaskCtl) -> Option<Response> {
+        let Command {
+            nexus,
+            lun,
+            cdb,
+            data_out,
+            ..
+        } = cmd;
+        let opcode = cdb.first().copied().unwrap_or(0);
+        // SAM-5 5.14: INQUIRY, REPORT LUNS and REQUEST SENSE are not terminated by a UA.
+        if !matches!(opcode, 0x12 | 0xA0 | 0x03) {
+            if let Some(ua) = ns.take() {
+                return Some(self.check(ua));
+            }
+        }
+        let (info, parsed) = match cdb::parse(&cdb) {
+            Ok(p) => p,
+            Err(s) => return Some(self.check(s)),
         };
-        let need = match op {
-            0x28 | 0x2A => 10,
-            0x88 | 0x8A | 0x9E => 16,
-            0x12 | 0x00 => 6,
-            0x25 => 10,
+        if !self.supported(info) {
+            return Some(self.check(cond::INVALID_OPCODE));
+        }
+        if let Err(s) = self.check_transfer_field(info, &parsed) {
+            return Some(self.check(s));
+        }
+        let mut data_out = data_out;
+        if info.dir == DataDir::Out {
+            let want = cdb::data_out_len(&cdb, self.backend.block_size());
+            if let Err(s) = self.fit_data_out(&parsed, &mut data_out, want) {
+                return Some(self.check(s));
+            }
+        }
+        if let Err(status) = self.reservation_check(info, &nexus) {
+            return Some(Response {
+                status,
+                ..Response::default()
+            });
+        }
+        if !ctl.start() {
+            return None;
+        }
+        let out = match parsed {
+            Cdb::RequestSense { desc, alloc } => {
+                let s = ns.take().unwrap_or(Sense::new(key::NO_SENSE, 0x00, 0x00));
+                let mut d = s.encode(desc);
+                d.truncate(alloc as usize);
+                Ok(d)
+            }
+            other => self.dispatch(other, &nexus, lun, data_out).await,
+        };
+        Some(match out {
+            Ok(data_in) => Response {
+                status: Status::GOOD,
+                sense: Vec::new(),
+                data_in,
+            },
+            Err(s) => self.check(s),
+        })
+    }
+
+    /// Whether this LU implements the table row (UNMAP only with thin provisioning: SBC-4
+    /// 5.32.1, LBPU).
+    pub(crate) fn supported(&self, info: &OpInfo) -> bool {
+        info.opcode != 0x42 || self.limits.thin
+    }
+
+    async fn dispatch(&self, c: Cdb, nexus: &Arc<ItNexus>, lun: u64, data_out: Vec<u8>) -> Outcome {
+        match c {
+            Cdb::TestUnitReady | Cdb::StartStopUnit | Cdb::PreventAllow => Ok(Vec::new()),
+            Cdb::RequestSense { .. } => Ok(Vec::new()),
+            Cdb::Inquiry { evpd, page, alloc } => {
+                let mut d = if evpd {
+                    inquiry::vpd(
+                        page,
+                        &self.config,
+                        nexus,
+                        &self.limits,
+                        self.backend.capacity(),
+                    )?
+                } else {
+                    inquiry::standard(&self.config, nexus)
+                };
+                d.truncate(alloc as usize);
+                Ok(d)
+            }
+            Cdb::ModeSense {
+                ten,
+                dbd,
+                llbaa,
+                pc,
+                page,
+                subpage,
+                alloc,
+            } => {
+                let req = mode::SenseRequest {
+                    ten,
+                    dbd,
+                    llbaa,
+                    pc,
+                    page,
+                    subpage,
+                };
+                let mut d = mode::sense_data(
+                    &req,
+                    self.mode.get(),
+                    self.backend.capacity(),
+                    self.backend.block_size(),
+                )?;
+                d.truncate(alloc as usize);
+                Ok(d)
+            }
+            Cdb::ModeSelect { ten, .. } => {
+                let old = self.mode.get();
+                let new = mode::select(ten, &data_out, old, self.backend.block_size())?;
+                if new != old {
+                    self.mode.set(new);
+                    // SPC-5 5.14 / SAM-5: MODE PARAMETERS CHANGED to the other I_T nexuses.
+                    self.nexuses
+                        .broadcast(cond::MODE_PARAMETERS_CHANGED, |n| n != &**nexus);
+                }
+                Ok(Vec::new())
+            }
+            Cdb::ReadCapacity10 => {
+                let last = self.backend.capacity().saturating_sub(1);
+                let last = u32::try_from(last).unwrap_or(u32::MAX);
+                let mut d = last.to_be_bytes().to_vec();
+                d.extend_from_slice(&self.backend.block_size().to_be_bytes());
+                Ok(d)
+            }
+            Cdb::ReadCapacity16 { alloc } => {
+                // SBC-4 5.21.2 READ CAPACITY (16) parameter data.
+                let mut d = vec![0u8; 32];
+                let last = self.backend.capacity().saturating_sub(1);
+                d[0..8].copy_from_slice(&last.to_be_bytes());
+                d[8..12].copy_from_slice(&self.backend.block_size().to_be_bytes());
+                d[13] = self.limits.lbppbe & 0x0F;
+                if self.limits.thin {
+                    d[14] |= 0x80; // LBPME
+                }
+                if self.limits.lbprz {
+                    d[14] |= 0x40; // LBPRZ
+                }
+                d.truncate(alloc as usize);
+                Ok(d)
+            }
+            Cdb::Read { lba, blocks, .. } => {
+                self.check_transfer(blocks)?;
+                self.check_range(lba, u64::from(blocks))?;
+                if blocks == 0 {
+                    return Ok(Vec::new());
+                }
+                self.backend
+                    .read(lba, blocks)
+                    .await
+                    .map_err(|e| block_error(e, cond::INVALID_OPCODE))
+            }
+            Cdb::Write { lba, blocks, fua } => {
+                self.write(lba, blocks, fua, data_out).await?;
+                Ok(Vec::new())
+            }
+            Cdb::WriteVerify { lba, blocks, .. } => {
+                // The data reaches the medium before GOOD, which is what the verify step
+                // checks (SBC-4 5.46); a compare against the buffer just written adds nothing.
+                self.write(lba, blocks, true, data_out).await?;
+                Ok(Vec::new())
+            }
+            Cdb::Verify {
+                lba,
+                blocks,
+                bytchk,
+            } => self.verify(lba, blocks, bytchk, &data_out).await,
+            Cdb::PreFetch { lba, blocks } => {
+                self.check_range(lba, u64::from(blocks))?;
+                Ok(Vec::new())
+            }
+            Cdb::SyncCache { lba, blocks } => {
+                self.check_range(lba, u64::from(blocks))?;
+                self.backend
+                    .flush()
+                    .await
+                    .map_err(|e| block_error(e, cond::INVALID_OPCODE))?;
+                Ok(Vec::new())
+            }
+            Cdb::WriteSame {
+                lba,
+                blocks,
+                unmap,
+                anchor,
+                ndob,
+                ten,
+            } => {
+                self.write_same(lba, blocks, unmap, anchor, ndob, ten, data_out)
+                    .await
+            }
+            Cdb::Unmap { anchor, .. } => self.unmap(anchor, &data_out).await,
+            Cdb::CompareAndWrite { lba, blocks, fua } => {
+                self.compare_and_write(lba, blocks, fua, data_out).await
+            }
+            Cdb::GetLbaStatus { lba, alloc } => self.get_lba_status(lba, alloc).await,
+            Cdb::ReportLuns { select, alloc } => {
+                crate::target::report_luns(select, alloc, std::iter::once(lun))
+            }
+            Cdb::Rsoc {
+                rctd,
+                options,
+                opcode,
+                sa,
+                alloc,
+            } => {
+                let mut d = self.rsoc(rctd, options, opcode, sa)?;
+                d.truncate(alloc as usize);
+                Ok(d)
+            }
+            Cdb::Rstmf { repd, alloc } => {
+                // SPC-5 6.39: ATS, ATSS, CTSS, LURS, QTS, TRS; QAES, QTSS, ITNRS.
+                let mut d = vec![0xDE, 0x07, 0x00, 0x00];
+                if repd {
+                    d[3] = 0x0C;
+                    d.extend_from_slice(&[0u8; 12]);
+                }
+                d.truncate(alloc as usize);
+                Ok(d)
+            }
+        }
+    }
+
+    fn check_range(&self, lba: u64, blocks: u64) -> Result<(), Sense> {
+        match lba.checked_add(blocks) {
+            Some(end) if end <= self.backend.capacity() => Ok(()),
+            _ => Err(cond::LBA_OUT_OF_RANGE),
+        }
+    }
+
+    /// SBC-4 6.6.4: a TRANSFER LENGTH above MAXIMUM TRANSFER LENGTH is INVALID FIELD IN CDB,
+    /// pointing at the TRANSFER LENGTH field.
+    fn check_transfer_field(&self, info: &OpInfo, c: &Cdb) -> Result<(), Sense> {
+        let blocks = match *c {
+            Cdb::Read { blocks, .. }
+            | Cdb::Write { blocks, .. }
+            | Cdb::WriteVerify { blocks, .. }
+            | Cdb::Verify {
+                blocks, bytchk: 1, ..
+            } => blocks,
+            _ => return Ok(()),
+        };
+        if blocks > self.limits.max_transfer {
+            let field = match info.opcode >> 5 {
+                0 => 4,     // 6-byte CDBs
+                1 | 2 => 7, // 10-byte
+                5 => 6,     // 12-byte
+                _ => 10,    // 16-byte
+            };
+            return Err(Sense::invalid_field_in_cdb(field, 7));
+        }
+        Ok(())
+    }
+
+    /// The same check where the field position is not at hand (defence in depth).
+    fn check_transfer(&self, blocks: u32) -> Result<(), Sense> {
+        if blocks > self.limits.max_transfer {
+            return Err(cond::INVALID_FIELD_IN_CDB);
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<(), Sense> {
+        if self.mode.get() & mode::SWP != 0 {
+            // SPC-5 7.5.8: SWP set, writes fail with DATA PROTECT, WRITE PROTECTED.
+            return Err(cond::WRITE_PROTECTED);
+        }
+        Ok(())
+    }
+
+    /// With the write cache disabled (WCE=0) every write is forced unit access.
+    fn fua(&self, fua: bool) -> bool {
+        fua || self.mode.get() & mode::WCE == 0
+    }
+
+    /// Reconcile the data-out the transport received with what the CDB asks for (`want`
+    /// bytes). FCP-4 9.4.2 allows either (a) processing the command without the data beyond
+    /// what was transferred or (b) INVALID FIELD IN COMMAND INFORMATION UNIT without touching
+    /// the medium. WRITE and WRITE AND VERIFY take (a) when the data-out is longer (the first
+    /// `want` bytes are used) or a whole number of blocks shorter (only those blocks are
+    /// written); libiscsi 1.19's residual tests require GOOD there. Everything else, and a
+    /// partial block, takes (b).
+    fn fit_data_out(&self, c: &Cdb, data: &mut Vec<u8>, want: u32) -> Result<(), Sense> {
+        let want = usize::try_from(want).unwrap_or(usize::MAX);
+        if data.len() == want {
+            return Ok(());
+        }
+        let bs = self.backend.block_size() as usize;
+        match c {
+            Cdb::Write { .. } | Cdb::WriteVerify { .. } => {
+                if data.len() > want {
+                    data.truncate(want);
+                    Ok(())
+                } else if data.len() / bs.max(1) * bs == data.len() {
+                    Ok(())
+                } else {
+                    Err(cond::INVALID_FIELD_IN_CMD_IU)
+                }
+            }
+            _ => Err(cond::INVALID_FIELD_IN_CMD_IU),
+        }
+    }
+
+    /// WRITE `blocks` at `lba` as the CDB says; `data` may hold fewer whole blocks when the
+    /// transport received less (see [`Self::fit_data_out`]): only those are written.
+    async fn write(&self, lba: u64, blocks: u32, fua: bool, data: Vec<u8>) -> Result<(), Sense> {
+        self.check_writable()?;
+        self.check_transfer(blocks)?;
+        self.check_range(lba, u64::from(blocks))?;
+        if blocks == 0 || data.is_empty() {
+            return Ok(());
+        }
+        self.backend
+            .write(lba, data, self.fua(fua))
+            .await
+            .map_err(|e| block_error(e, cond::INVALID_OPCODE))
+    }
+
+    /// Flush after an operation that has no FUA of its own, when the write cache is off.
+    async fn flush_if_write_through(&self) -> Result<(), Sense> {
+        if self.mode.get() & mode::WCE == 0 {
+            self.backend
+                .flush()
+                .await
+                .map_err(|e| block_error(e, cond::INVALID_OPCODE))?;
+        }
+        Ok(())
+    }
+
+    fn chunk_blocks(&self) -> u64 {
+        u64::from((CHUNK_BYTES / self.backend.block_size().max(1)).max(1))
+    }
+
+    async fn verify(&self, lba: u64, blocks: u32, bytchk: u8, data: &[u8]) -> Outcome {
+        self.check_range(lba, u64::from(blocks))?;
+        if bytchk == 1 {
+            self.check_transfer(blocks)?;
+        }
+        let bs = u64::from(self.backend.block_size());
+        let chunk = self.chunk_blocks();
+        let mut done = 0u64;
+        let total = u64::from(blocks);
+        while done < total {
+            let n = chunk.min(total - done);
+            let got = self
+                .backend
+                .read(lba + done, n as u32)
+                .await
+                .map_err(|e| block_error(e, cond::INVALID_OPCODE))?;
+            let base = done * bs;
+            let diff = match bytchk {
+                1 => {
+                    let start = usize::try_from(base).unwrap_or(usize::MAX);
+                    let want = data.get(start..).unwrap_or(&[]);
+                    got.iter().zip(want).position(|(a, b)| a != b)
+                }
+                3 => got
+                    .chunks(bs as usize)
+                    .flat_map(|blk| blk.iter().zip(data))
+                    .position(|(a, b)| a != b),
+                _ => None,
+            };
+            if let Some(i) = diff {
+                // SBC-4 5.40: INFORMATION = offset of the first miscompared byte.
+                return Err(cond::MISCOMPARE_DURING_VERIFY.with_info(base + i as u64));
+            }
+            done += n;
+        }
+        Ok(Vec::new())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn write_same(
+        &self,
+        lba: u64,
+        blocks: u32,
+        unmap: bool,
+        anchor: bool,
+        ndob: bool,
+        ten: bool,
+        pattern: Vec<u8>,
+    ) -> Outcome {
+        if anchor {
+            // SBC-4 5.50: ANC_SUP is zero, so ANCHOR=1 is an invalid field.
+            return Err(Sense::invalid_field_in_cdb(1, 4));
+        }
+        if unmap && !self.limits.thin {
+            // Without LBPWS/LBPWS10 an UNMAP request is refused rather than silently written.
+            return Err(Sense::invalid_field_in_cdb(1, 3));
+        }
+        self.check_writable()?;
+        let cap = self.backend.capacity();
+        if lba > cap {
+            return Err(cond::LBA_OUT_OF_RANGE);
+        }
+        // SBC-4 5.50: NUMBER OF LOGICAL BLOCKS zero (WSNZ=0) means through the last LBA.
+        let n = if blocks == 0 {
+            cap - lba
+        } else {
+            u64::from(blocks)
+        };
+        if n > self.limits.max_write_same {
+            let at = if ten { 7 } else { 10 };
+            return Err(Sense::invalid_field_in_cdb(at, 7));
+        }
+        self.check_range(lba, n)?;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let zero = ndob || pattern.iter().all(|&b| b == 0);
+        let r = if zero {
+            self.backend.write_zeroes(lba, n, unmap).await
+        } else {
+            let chunk = self.chunk_blocks();
+            let mut done = 0u64;
+            let mut r = Ok(());
+            while done < n && r.is_ok() {
+                let k = chunk.min(n - done);
+                r = self
+                    .backend
+                    .write_same(lba + done, k, pattern.clone())
+                    .await;
+                done += k;
+            }
+            r
+        };
+        r.map_err(|e| block_error(e, Sense::invalid_field_in_cdb(1, 3)))?;
+        self.flush_if_write_through().await?;
+        Ok(Vec::new())
+    }
+
+    async fn unmap(&self, anchor: bool, p: &[u8]) -> Outcome {
+        if anchor {
+            return Err(Sense::invalid_field_in_cdb(1, 0));
+        }
+        self.check_writable()?;
+        let ranges = parse_unmap(p, &self.limits, self.backend.capacity())?;
+        for (lba, num) in ranges {
+            self.backend
+                .discard(lba, num)
+                .await
+                .map_err(|e| block_error(e, cond::INVALID_OPCODE))?;
+        }
+        Ok(Vec::new())
+    }
+
+    async fn compare_and_write(&self, lba: u64, blocks: u32, fua: bool, data: Vec<u8>) -> Outcome {
+        self.check_writable()?;
+        if blocks > u32::from(self.limits.max_caw) {
+            // SBC-4 5.3: above MAXIMUM COMPARE AND WRITE LENGTH.
+            return Err(Sense::invalid_field_in_cdb(13, 7));
+        }
+        self.check_range(lba, u64::from(blocks))?;
+        if blocks == 0 {
+            return Ok(Vec::new());
+        }
+        let mut compare = data;
+        let half = compare.len() / 2;
+        let write = compare.split_off(half);
+        self.backend
+            .compare_and_write(lba, compare, write, self.fua(fua))
+            .await
+            .map_err(|e| block_error(e, cond::INVALID_OPCODE))?;
+        Ok(Vec::new())
+    }
+
+    async fn get_lba_status(&self, lba: u64, alloc: u32) -> Outcome {
+        let cap = self.backend.capacity();
+        if lba >= cap {
+            return Err(cond::LBA_OUT_OF_RANGE);
+        }
+        let max_desc = (alloc.saturating_sub(8) / 16).clamp(1, 64) as usize;
+        let mut d = vec![0u8; 8];
+        let mut cur = lba;
+        let mut n = 0;
+        while n < max_desc && cur < cap {
+            let (len, mapped) = match self.backend.block_status(cur).await {
+                Ok(x) => x,
+                Err(BlockError::Unsupported) => (cap - cur, true),
+                Err(e) => return Err(block_error(e, cond::INVALID_OPCODE)),
+            };
+            let len = len.clamp(1, cap - cur).min(u64::from(u32::MAX));
+            // SBC-4 5.7.3 LBA status descriptor: 0h mapped, 1h deallocated.
+            d.extend_from_slice(&cur.to_be_bytes());
+            d.extend_from_slice(&(len as u32).to_be_bytes());
+            d.extend_from_slice(&[if mapped { 0x00 } else { 0x01 }, 0, 0, 0]);
+            cur += len;
+            n += 1;
+        }
+        let plen = (d.len() - 4) as u32;
+        d[0..4].copy_from_slice(&plen.to_be_bytes());
+        d.truncate(alloc as usize);
+        Ok(d)
+    }
+
+    /// REPORT SUPPORTED OPERATION CODES (SPC-5 6.36).
+    fn rsoc(&self, rctd: bool, options: u8, opcode: u8, sa: u16) -> Outcome {
+        // Command timeouts descriptor (SPC-5 6.36.4): length 0Ah, no timeouts given.
+        const TIMEOUTS: [u8; 12] = [0x00, 0x0A, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let one = |info: Option<&OpInfo>| -> Vec<u8> {
+            match info {
+                Some(info) if self.supported(info) => {
+                    let mut d = vec![0u8, 0x03, 0, 0];
+                    if rctd {
+                        d[1] |= 0x80;
+                    }
+                    d[2..4].copy_from_slice(&(info.usage.len() as u16).to_be_bytes());
+                    d.extend_from_slice(info.usage);
+                    if rctd {
+                        d.extend_from_slice(&TIMEOUTS);
+                    }
+                    d
+                }
+                _ => vec![0, 0x01, 0, 0],
+            }
+        };
+        let has_sa = cdb::has_service_actions(opcode);
+        let sa8 = u8::try_from(sa).ok();
+        match options {
+            0 => {
+                let mut d = vec![0u8; 4];
+                for info in cdb::OPS.iter().filter(|i| self.supported(i)) {
+                    let s = u16::from(info.sa.unwrap_or(0)).to_be_bytes();
+                    let mut flags = 0;
+                    if rctd {
+                        flags |= 0x02;
+                    }
+                    if info.sa.is_some() {
+                        flags |= 0x01;
+                    }
+                    let l = (info.usage.len() as u16).to_be_bytes();
+                    d.extend_from_slice(&[info.opcode, 0, s[0], s[1], 0, flags, l[0], l[1]]);
+                    if rctd {
+                        d.extend_from_slice(&TIMEOUTS);
+                    }
+                }
+                let len = (d.len() - 4) as u32;
+                d[0..4].copy_from_slice(&len.to_be_bytes());
+                Ok(d)
+            }
+            1 if has_sa => Err(Sense::invalid_field_in_cdb(2, 2)),
+            1 => Ok(one(cdb::lookup(opcode, 0))),
+            2 if !has_sa => Err(Sense::invalid_field_in_cdb(2, 2)),
+            2 | 3 if has_sa => Ok(one(sa8.and_then(|s| {
+                cdb::OPS
+                    .iter()
+                    .find(|i| i.opcode == opcode && i.sa == Some(s))
+            }))),
+            3 => Ok(one(cdb::lookup(opcode, 0))),
+            _ => Err(Sense::invalid_field_in_cdb(2, 2)),
+        }
+    }
+
+    // ---- task management (called by the target) ----
+
+    /// ABORT TASK: `false` when the task is not in the task set or finished first (SAM-5 7.2:
+    /// TASK DOES NOT EXIST, and its status is sent normally).
+    pub(crate) async fn abort_task(&self, nexus: &ItNexus, tag: u64) -> bool {
+        !self
+            .tasks
+            .abort(|n, t| t == tag && n == nexus)
+            .await
+            .is_empty()
+    }
+
+    pub(crate) async fn abort_task_set(&self, nexus: &ItNexus) {
+        self.tasks.abort(|n, _| n == nexus).await;
+    }
+
+    /// CLEAR TASK SET with TST=000b: every task of every nexus; the others are told with
+    /// COMMANDS CLEARED BY ANOTHER INITIATOR (SAM-5 7.4).
+    pub(crate) async fn clear_task_set(&self, nexus: &ItNexus) {
+        let owners = self.tasks.abort(|_, _| true).await;
+        self.nexuses
+            .broadcast(cond::COMMANDS_CLEARED_BY_ANOTHER, |n| {
+                n != nexus && owners.iter().any(|o| **o == *n)
+            });
+    }
+
+    /// LOGICAL UNIT RESET (SAM-5 7.7, 6.3.5): abort every task, reset the mode pages, and
+    /// queue `ua` (BUS DEVICE RESET FUNCTION OCCURRED) for every nexus.
+    pub(crate) async fn reset(&self, ua: Sense) {
+        self.tasks.abort(|_, _| true).await;
+        self.mode.reset();
+        self.nexuses.reset(ua, |_| true);
+    }
+
+    pub(crate) async fn nexus_reset(&self, nexus: &ItNexus) {
+        self.tasks.abort(|n, _| n == nexus).await;
+        self.nexuses.reset(cond::IT_NEXUS_LOSS, |n| n == nexus);
+    }
+
+    pub(crate) fn query_task(&self, nexus: &ItNexus, tag: u64) -> bool {
+        self.tasks.contains(nexus, tag)
+    }
+
+    pub(crate) fn query_task_set(&self, nexus: &ItNexus) -> bool {
+        self.tasks.any_of(nexus)
+    }
+
+    pub(crate) fn query_async_event(&self, nexus: &ItNexus) -> bool {
+        self.nexuses.peek(nexus).is_some_and(|s| s.has_pending())
+    }
+
+    pub(crate) fn nexus_lost(&self, nexus: &ItNexus) {
+        self.tasks.abort_now(|n| n == nexus);
+        self.nexuses.forget(nexus);
+    }
+}
+
+/// Parse and validate an UNMAP parameter list (SBC-4 5.32.2: an 8-byte header, then 16-byte
+/// block descriptors) against the advertised limits and the capacity. Every descriptor is
+/// checked before anything is unmapped; descriptors of zero blocks are dropped.
+pub(crate) fn parse_unmap(
+    p: &[u8],
+    limits: &Limits,
+    capacity: u64,
+) -> Result<Vec<(u64, u64)>, Sense> {
+    if p.is_empty() {
+        return Ok(Vec::new());
+    }
+    // SBC-4 5.32.1: a non-zero PARAMETER LIST LENGTH below 8 is a parameter list length error.
+    if p.len() < 8 {
+        return Err(cond::PARAM_LIST_LENGTH_ERROR);
+    }
+    let bd_len = usize::from(u16::from_be_bytes([
+        p.get(2).copied().unwrap_or(0),
+        p.get(3).copied().unwrap_or(0),
+    ]));
+    let avail = p.len() - 8;
+    let bd_len = bd_len.min(avail) / 16 * 16;
+    let descs = p.get(8..8 + bd_len).unwrap_or(&[]);
+    let count = descs.len() / 16;
+    if count as u64 > u64::from(limits.max_unmap_descriptors) {
+        return Err(Sense::invalid_field_in_param(2, Some(7)));
+    }
+    let mut ranges = Vec::with_capacity(count);
+    let mut total = 0u64;
+    for (i, d) in descs.chunks_exact(16).enumerate() {
+        let mut lba = [0u8; 8];
+        for (dst, src) in lba.iter_mut().zip(d) {
+            *dst = *src;
+        }
+        let mut num = [0u8; 4];
+        for (dst, src) in num.iter_mut().zip(d.iter().skip(8)) {
+            *dst = *src;
+        }
+        let (lba, num) = (u64::from_be_bytes(lba), u64::from(u32::from_be_bytes(num)));
+        match lba.checked_add(num) {
+            Some(end) if end <= capacity => {}
+            _ => return Err(cond::LBA_OUT_OF_RANGE),
+        }
+        total = total.saturating_add(num);
+        if total > u64::from(limits.max_unmap_lbas) {
+            return Err(Sense::invalid_field_in_param(
+                (8 + i * 16 + 8) as u16,
+                Some(7),
+            ));
+        }
+        if num > 0 {
+            ranges.push((lba, num));
+        }
+    }
+    Ok(ranges)
+}
+
+/// Map a block layer error to sense data (exhaustive: a new variant cannot silently become the
+/// wrong status). `unsupported` is what the command's standard names when the backend cannot do
+/// the operation.
+pub(crate) fn block_error(e: BlockError, unsupported: Sense) -> Sense {
+    match e {
+        BlockError::OutOfRange { .. } => cond::LBA_OUT_OF_RANGE,
+        BlockError::Miscompare { offset } => cond::MISCOMPARE_DURING_VERIFY.with_info(offset),
+        BlockError::Unsupported => unsupported,
+        BlockError::NoSpace => cond::SPACE_ALLOC_FAILED,
+        BlockError::ReadFailed(_) => cond::UNRECOVERED_READ_ERROR,
+        BlockError::WriteFailed(_) => cond::WRITE_ERROR,
+        BlockError::BadBufferLength { .. } | BlockError::Open(_) => cond::INTERNAL_TARGET_FAILURE,
+    }
+}
+
+/// The response for a command to a LUN that does not exist (SPC-5 4.5.3): INQUIRY data with
+/// qualifier 011b, REQUEST SENSE data saying LOGICAL UNIT NOT SUPPORTED, and CHECK CONDITION
+/// for everything else.
+pub(crate) fn no_such_lun(cmd: &Command) -> Response {
+    if cmd.cdb.first() == Some(&0x03) {
+        let desc = cmd.cdb.get(1).is_some_and(|b| b & 0x01 != 0);
+        let mut d = cond::LUN_NOT_SUPPORTED.encode(desc);
+        d.truncate(usize::from(cmd.cdb.get(4).copied().unwrap_or(0)));
+        return Response {
+            status: Status::GOOD,
+            sense: Vec::new(),
+            data_in: d,
+        };
+    }
+    if cmd.cdb.first() == Some(&0x12) {
+        let mut d = inquiry::no_lun();
+        let alloc = match cmd.cdb.get(3..5) {
+            Some(&[a, b]) => usize::from(u16::from_be_bytes([a, b])),
             _ => 0,
         };
-        if cdb.len() < need {
-            return check(0x05, 0x24, 0x00);
-        }
-        let be32 = |i: usize| u32::from_be_bytes([cdb[i], cdb[i + 1], cdb[i + 2], cdb[i + 3]]);
-        let be64 = |i: usize| (u64::from(be32(i)) << 32) | u64::from(be32(i + 4));
-        match op {
-            0x00 => good(Vec::new()),
-            0x12 => {
-                let mut d = vec![0u8; 36];
-                d[2] = 0x06; // SPC-4
-                d[3] = 0x02;
-                d[4] = 31;
-                d[7] = 0x02; // CMDQUE
-                pad(&mut d[8..16], &self.config.vendor);
-                pad(&mut d[16..32], &self.config.product);
-                pad(&mut d[32..36], &self.config.revision);
-                let alloc = u16::from_be_bytes([cdb[3], cdb[4]]) as usize;
-                d.truncate(alloc);
-                good(d)
-            }
-            0x25 => {
-                let last = self
-                    .backend
-                    .capacity()
-                    .saturating_sub(1)
-                    .min(u64::from(u32::MAX));
-                let mut d = (last as u32).to_be_bytes().to_vec();
-                d.extend_from_slice(&self.backend.block_size().to_be_bytes());
-                good(d)
-            }
-            0x9E if cdb[1] & 0x1f == 0x10 => {
-                let mut d = vec![0u8; 32];
-                d[0..8].copy_from_slice(&self.backend.capacity().saturating_sub(1).to_be_bytes());
-                d[8..12].copy_from_slice(&self.backend.block_size().to_be_bytes());
-                d.truncate(be32(10) as usize);
-                good(d)
-            }
-            0x28 | 0x88 => {
-                let (lba, len) = if op == 0x28 {
-                    (
-                        u64::from(be32(2)),
-                        u32::from(u16::from_be_bytes([cdb[7], cdb[8]])),
-                    )
-                } else {
-                    (be64(2), be32(10))
-                };
-                match self.backend.read(lba, len).await {
-                    Ok(d) => good(d),
-                    Err(e) => error(&e),
-                }
-            }
-            0x2A | 0x8A => {
-                let (lba, len) = if op == 0x2A {
-                    (
-                        u64::from(be32(2)),
-                        u32::from(u16::from_be_bytes([cdb[7], cdb[8]])),
-                    )
-                } else {
-                    (be64(2), be32(10))
-                };
-                let bytes = u64::from(len) * u64::from(self.backend.block_size());
-                if cmd.data_out.len() as u64 != bytes {
-                    return check(0x05, 0x0E, 0x03);
-                }
-                match self
-                    .backend
-                    .write(lba, cmd.data_out.clone(), cdb[1] & 0x08 != 0)
-                    .await
-                {
-                    Ok(()) => good(Vec::new()),
-                    Err(e) => error(&e),
-                }
-            }
-            _ => check(0x05, 0x20, 0x00),
-        }
+        d.truncate(alloc);
+        return Response {
+            status: Status::GOOD,
+            sense: Vec::new(),
+            data_in: d,
+        };
     }
-}
-
-fn pad(dst: &mut [u8], s: &str) {
-    dst.fill(b' ');
-    for (d, c) in dst.iter_mut().zip(s.bytes()) {
-        *d = c;
-    }
-}
-
-fn good(data_in: Vec<u8>) -> Response {
-    Response {
-        status: Status::GOOD,
-        sense: Vec::new(),
-        data_in,
-    }
-}
-
-/// CHECK CONDITION with fixed-format sense (SPC-5 4.4.3).
-fn check(key: u8, asc: u8, ascq: u8) -> Response {
-    let mut sense = vec![0u8; 18];
-    sense[0] = 0x70;
-    sense[2] = key;
-    sense[7] = 10;
-    sense[12] = asc;
-    sense[13] = ascq;
     Response {
         status: Status::CHECK_CONDITION,
-        sense,
+        sense: cond::LUN_NOT_SUPPORTED.encode(false),
         data_in: Vec::new(),
     }
-}
-
-fn error(e: &BlockError) -> Response {
-    match e {
-        BlockError::OutOfRange { .. } => check(0x05, 0x21, 0x00),
-        BlockError::ReadFailed(_) => check(0x03, 0x11, 0x00),
-        _ => check(0x03, 0x0C, 0x00),
-    }
-}
-
-/// The response for a command to a LUN that does not exist (SPC-5 4.5.3).
-pub(crate) fn no_such_lun(cmd: &Command) -> Response {
-    if cmd.cdb.first() == Some(&0x12) {
-        // INQUIRY: peripheral qualifier 011b, device type 1Fh.
-        let mut d = vec![0u8; 36];
-        d[0] = 0x7f;
-        d[2] = 0x06;
-        d[3] = 0x02;
-        d[4] = 31;
-        d.truncate(cmd.data_in_len as usize);
-        return good(d);
-    }
-    check(0x05, 0x25, 0x00)
 }

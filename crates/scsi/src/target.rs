@@ -1,8 +1,11 @@
-//! A SCSI target device: a set of logical units addressed by LUN.
+//! A SCSI target device: a set of logical units addressed by LUN, REPORT LUNS (answered by the
+//! target, SPC-5 6.33) and task management (SAM-5 7).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::cdb::{self, Cdb};
+use crate::sense::{cond, Sense};
 use crate::{lu, Command, Completion, ItNexus, LogicalUnit, Response, Status, Tmf, TmfResponse};
 
 /// A SCSI target: LUNs to logical units. The same logical unit may sit in several targets (one
@@ -10,6 +13,40 @@ use crate::{lu, Command, Completion, ItNexus, LogicalUnit, Response, Status, Tmf
 #[derive(Default)]
 pub struct Target {
     luns: BTreeMap<u64, Arc<LogicalUnit>>,
+}
+
+/// REPORT LUNS parameter data (SPC-5 6.33): LUN LIST LENGTH, 4 reserved bytes, then 8-byte LUNs
+/// (peripheral device addressing below 256, flat space addressing above).
+pub(crate) fn report_luns(
+    select: u8,
+    alloc: u32,
+    luns: impl Iterator<Item = u64>,
+) -> Result<Vec<u8>, Sense> {
+    // SPC-5 6.33: SELECT REPORT 00h, 01h (well known: none), 02h, 10h-12h.
+    if !matches!(select, 0x00 | 0x01 | 0x02 | 0x10 | 0x11 | 0x12) {
+        return Err(Sense::invalid_field_in_cdb(2, 7));
+    }
+    // SPC-5 6.33: an ALLOCATION LENGTH below 16 is an invalid field.
+    if alloc < 16 {
+        return Err(Sense::invalid_field_in_cdb(6, 7));
+    }
+    let mut data = vec![0u8; 8];
+    if select != 0x01 {
+        for lun in luns {
+            let mut entry = [0u8; 8];
+            if lun < 256 {
+                entry[1] = lun as u8;
+            } else {
+                entry[0] = 0x40 | ((lun >> 8) as u8 & 0x3f);
+                entry[1] = lun as u8;
+            }
+            data.extend_from_slice(&entry);
+        }
+    }
+    let len = (data.len() - 8) as u32;
+    data[0..4].copy_from_slice(&len.to_be_bytes());
+    data.truncate(alloc as usize);
+    Ok(data)
 }
 
 impl Target {
@@ -45,30 +82,24 @@ impl Target {
     }
 
     fn report_luns(&self, cmd: &Command) -> Response {
-        // SPC-5 6.33: LUN LIST LENGTH, 4 reserved bytes, then 8-byte LUNs (peripheral device
-        // addressing for LUNs below 256, flat space addressing above).
-        let mut data = Vec::with_capacity(8 + 8 * self.luns.len());
-        data.extend_from_slice(&((8 * self.luns.len()) as u32).to_be_bytes());
-        data.extend_from_slice(&[0; 4]);
-        for &lun in self.luns.keys() {
-            let mut entry = [0u8; 8];
-            if lun < 256 {
-                entry[1] = lun as u8;
-            } else {
-                entry[0] = 0x40 | ((lun >> 8) as u8 & 0x3f);
-                entry[1] = lun as u8;
-            }
-            data.extend_from_slice(&entry);
-        }
-        let alloc = cmd
-            .cdb
-            .get(6..10)
-            .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-        data.truncate(alloc.min(cmd.data_in_len) as usize);
-        Response {
-            status: Status::GOOD,
-            sense: Vec::new(),
-            data_in: data,
+        // Sense format follows the addressed LU's control page when it exists.
+        let descriptor = false;
+        let out = match cdb::parse(&cmd.cdb) {
+            Ok((_, Cdb::ReportLuns { select, alloc })) => report_luns(select, alloc, self.luns()),
+            Ok(_) => Err(cond::INVALID_OPCODE),
+            Err(s) => Err(s),
+        };
+        match out {
+            Ok(data_in) => Response {
+                status: Status::GOOD,
+                sense: Vec::new(),
+                data_in,
+            },
+            Err(s) => Response {
+                status: Status::CHECK_CONDITION,
+                sense: s.encode(descriptor),
+                data_in: Vec::new(),
+            },
         }
     }
 
@@ -79,21 +110,88 @@ impl Target {
         self.luns.get(&lun).map_or(0, |lu| lu.data_out_len(cdb))
     }
 
-    /// Run a task management function for `nexus`.
-    pub async fn task_management(&self, _nexus: &Arc<ItNexus>, tmf: Tmf) -> TmfResponse {
+    /// Run a task management function for `nexus` (SAM-5 7). Functions that abort tasks return
+    /// only once every aborted task that had started is finished, so nothing an aborted command
+    /// wrote lands after the response.
+    pub async fn task_management(&self, nexus: &Arc<ItNexus>, tmf: Tmf) -> TmfResponse {
+        let lu = |lun: u64| self.luns.get(&lun);
         match tmf {
-            Tmf::AbortTask { lun, .. }
-            | Tmf::AbortTaskSet { lun }
-            | Tmf::ClearTaskSet { lun }
-            | Tmf::LogicalUnitReset { lun }
-                if !self.luns.contains_key(&lun) =>
-            {
-                TmfResponse::IncorrectLun
+            Tmf::AbortTask { lun, tag } => match lu(lun) {
+                None => TmfResponse::IncorrectLun,
+                Some(lu) => {
+                    if lu.abort_task(nexus, tag).await {
+                        TmfResponse::FunctionComplete
+                    } else {
+                        TmfResponse::TaskDoesNotExist
+                    }
+                }
+            },
+            Tmf::AbortTaskSet { lun } => match lu(lun) {
+                None => TmfResponse::IncorrectLun,
+                Some(lu) => {
+                    lu.abort_task_set(nexus).await;
+                    TmfResponse::FunctionComplete
+                }
+            },
+            Tmf::ClearTaskSet { lun } => match lu(lun) {
+                None => TmfResponse::IncorrectLun,
+                Some(lu) => {
+                    lu.clear_task_set(nexus).await;
+                    TmfResponse::FunctionComplete
+                }
+            },
+            // No ACA support (NORMACA=0): SAM-5 7.3.
+            Tmf::ClearAca { lun } => match lu(lun) {
+                None => TmfResponse::IncorrectLun,
+                Some(_) => TmfResponse::FunctionRejected,
+            },
+            Tmf::LogicalUnitReset { lun } => match lu(lun) {
+                None => TmfResponse::IncorrectLun,
+                Some(lu) => {
+                    // SAM-5 6.3.5: the UA goes to every I_T nexus, the requester's included
+                    // (libiscsi's multipath reset test checks every path).
+                    lu.reset(cond::BUS_DEVICE_RESET).await;
+                    TmfResponse::FunctionComplete
+                }
+            },
+            Tmf::TargetWarmReset | Tmf::TargetColdReset => {
+                // SAM-5 6.3.3/6.3.4: every LU is reset; every nexus gets POWER ON, RESET, OR
+                // BUS DEVICE RESET OCCURRED.
+                for lu in self.luns.values() {
+                    lu.reset(cond::POWER_ON_RESET).await;
+                }
+                TmfResponse::FunctionComplete
             }
-            _ => TmfResponse::FunctionComplete,
+            Tmf::ItNexusReset => {
+                for lu in self.luns.values() {
+                    lu.nexus_reset(nexus).await;
+                }
+                TmfResponse::FunctionComplete
+            }
+            Tmf::QueryTask { lun, tag } => match lu(lun) {
+                None => TmfResponse::IncorrectLun,
+                Some(lu) if lu.query_task(nexus, tag) => TmfResponse::FunctionSucceeded,
+                Some(_) => TmfResponse::FunctionComplete,
+            },
+            Tmf::QueryTaskSet { lun } => match lu(lun) {
+                None => TmfResponse::IncorrectLun,
+                Some(lu) if lu.query_task_set(nexus) => TmfResponse::FunctionSucceeded,
+                Some(_) => TmfResponse::FunctionComplete,
+            },
+            Tmf::QueryAsyncEvent { lun } => match lu(lun) {
+                None => TmfResponse::IncorrectLun,
+                Some(lu) if lu.query_async_event(nexus) => TmfResponse::FunctionSucceeded,
+                Some(_) => TmfResponse::FunctionComplete,
+            },
         }
     }
 
-    /// The nexus is gone (session closed, connection lost, guest disconnected).
-    pub fn nexus_lost(&self, _nexus: &Arc<ItNexus>) {}
+    /// The nexus is gone (session closed, connection lost, guest disconnected): its tasks are
+    /// aborted (SAM-5 6.3.4: I_T nexus loss) and its unit attention state is dropped, so a new
+    /// nexus with the same name starts with POWER ON, RESET.
+    pub fn nexus_lost(&self, nexus: &Arc<ItNexus>) {
+        for lu in self.luns.values() {
+            lu.nexus_lost(nexus);
+        }
+    }
 }

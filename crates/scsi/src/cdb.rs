@@ -1,0 +1,818 @@
+//! The opcode table and the CDB parser.
+//!
+//! One table ([`OPS`]) lists every supported command: operation code, service action, CDB usage
+//! data (SPC-5 6.36.3: the CDB length and, per bit, whether the device server uses it), data
+//! direction and reservation class. The same table drives
+//! - parsing: a CDB bit that the usage data marks unused (reserved, or a field this device does
+//!   not support, such as RDPROTECT) is rejected with INVALID FIELD IN CDB and a field pointer to
+//!   that bit (SPC-5 4.4.2.4.2), so the reserved-bit checks can never disagree with what
+//!   REPORT SUPPORTED OPERATION CODES reports;
+//! - REPORT SUPPORTED OPERATION CODES;
+//! - the per-command reservation check (DESIGN.md §4), through [`OpInfo::resv`].
+//!
+//! The CDB is copied into a fixed 32-byte array before parsing, so every field access below is a
+//! constant index into that array and cannot panic whatever the initiator sends.
+
+use crate::sense::{cond, Sense};
+
+/// Direction of the data transfer of a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataDir {
+    None,
+    In,
+    Out,
+}
+
+/// How a command relates to reservations (SPC-5 5.13.1, table 62; SBC-4 4.17), for the
+/// per-command check. A first classification; the persistent reservation work refines the
+/// commands whose class depends on CDB fields (PREVENT ALLOW, START STOP UNIT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResvClass {
+    /// Allowed whatever the reservation (INQUIRY, REPORT LUNS, REQUEST SENSE, …).
+    Allowed,
+    /// Reads the medium (READ, VERIFY, …): conflicts with Exclusive Access reservations held by
+    /// another nexus.
+    Read,
+    /// Changes the medium or the LU's state (WRITE, UNMAP, MODE SELECT, …): conflicts with Write
+    /// Exclusive and Exclusive Access reservations held by another nexus.
+    Write,
+}
+
+/// One row of the opcode table.
+#[derive(Debug)]
+pub struct OpInfo {
+    pub opcode: u8,
+    /// The service action, for operation codes that have them.
+    pub sa: Option<u8>,
+    pub name: &'static str,
+    /// CDB USAGE DATA (SPC-5 6.36.3); its length is the CDB length.
+    pub usage: &'static [u8],
+    pub dir: DataDir,
+    pub resv: ResvClass,
+}
+
+impl OpInfo {
+    pub fn cdb_len(&self) -> usize {
+        self.usage.len()
+    }
+}
+
+const fn op(
+    opcode: u8,
+    sa: Option<u8>,
+    name: &'static str,
+    usage: &'static [u8],
+    dir: DataDir,
+    resv: ResvClass,
+) -> OpInfo {
+    OpInfo {
+        opcode,
+        sa,
+        name,
+        usage,
+        dir,
+        resv,
+    }
+}
+
+use DataDir::{In, None as NoData, Out};
+use ResvClass::{Allowed, Read as RRead, Write as RWrite};
+
+const FF: u8 = 0xFF;
+
+/// Every supported command, sorted by operation code and service action.
+pub static OPS: &[OpInfo] = &[
+    op(
+        0x00,
+        None,
+        "TEST UNIT READY",
+        &[0x00, 0, 0, 0, 0, 0],
+        NoData,
+        RRead,
+    ),
+    op(
+        0x03,
+        None,
+        "REQUEST SENSE",
+        &[0x03, 0x01, 0, 0, FF, 0],
+        In,
+        Allowed,
+    ),
+    op(
+        0x08,
+        None,
+        "READ(6)",
+        &[0x08, 0x1F, FF, FF, FF, 0],
+        In,
+        RRead,
+    ),
+    op(
+        0x0A,
+        None,
+        "WRITE(6)",
+        &[0x0A, 0x1F, FF, FF, FF, 0],
+        Out,
+        RWrite,
+    ),
+    op(
+        0x12,
+        None,
+        "INQUIRY",
+        &[0x12, 0x01, FF, FF, FF, 0],
+        In,
+        Allowed,
+    ),
+    op(
+        0x15,
+        None,
+        "MODE SELECT(6)",
+        &[0x15, 0x10, 0, 0, FF, 0],
+        Out,
+        RWrite,
+    ),
+    op(
+        0x1A,
+        None,
+        "MODE SENSE(6)",
+        &[0x1A, 0x08, FF, FF, FF, 0],
+        In,
+        RRead,
+    ),
+    op(
+        0x1B,
+        None,
+        "START STOP UNIT",
+        &[0x1B, 0x01, 0, 0x0F, 0xF7, 0],
+        NoData,
+        RWrite,
+    ),
+    op(
+        0x1E,
+        None,
+        "PREVENT ALLOW MEDIUM REMOVAL",
+        &[0x1E, 0, 0, 0, 0x03, 0],
+        NoData,
+        RRead,
+    ),
+    op(
+        0x25,
+        None,
+        "READ CAPACITY(10)",
+        &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        In,
+        Allowed,
+    ),
+    op(
+        0x28,
+        None,
+        "READ(10)",
+        &[0x28, 0x18, FF, FF, FF, FF, 0x1F, FF, FF, 0],
+        In,
+        RRead,
+    ),
+    op(
+        0x2A,
+        None,
+        "WRITE(10)",
+        &[0x2A, 0x18, FF, FF, FF, FF, 0x1F, FF, FF, 0],
+        Out,
+        RWrite,
+    ),
+    op(
+        0x2E,
+        None,
+        "WRITE AND VERIFY(10)",
+        &[0x2E, 0x16, FF, FF, FF, FF, 0x1F, FF, FF, 0],
+        Out,
+        RWrite,
+    ),
+    op(
+        0x2F,
+        None,
+        "VERIFY(10)",
+        &[0x2F, 0x16, FF, FF, FF, FF, 0x1F, FF, FF, 0],
+        Out,
+        RRead,
+    ),
+    op(
+        0x34,
+        None,
+        "PRE-FETCH(10)",
+        &[0x34, 0x02, FF, FF, FF, FF, 0x1F, FF, FF, 0],
+        NoData,
+        RRead,
+    ),
+    op(
+        0x35,
+        None,
+        "SYNCHRONIZE CACHE(10)",
+        &[0x35, 0x02, FF, FF, FF, FF, 0x1F, FF, FF, 0],
+        NoData,
+        RWrite,
+    ),
+    op(
+        0x41,
+        None,
+        "WRITE SAME(10)",
+        &[0x41, 0x18, FF, FF, FF, FF, 0x1F, FF, FF, 0],
+        Out,
+        RWrite,
+    ),
+    op(
+        0x42,
+        None,
+        "UNMAP",
+        &[0x42, 0x01, 0, 0, 0, 0, 0x1F, FF, FF, 0],
+        Out,
+        RWrite,
+    ),
+    op(
+        0x55,
+        None,
+        "MODE SELECT(10)",
+        &[0x55, 0x10, 0, 0, 0, 0, 0, FF, FF, 0],
+        Out,
+        RWrite,
+    ),
+    op(
+        0x5A,
+        None,
+        "MODE SENSE(10)",
+        &[0x5A, 0x18, FF, FF, 0, 0, 0, FF, FF, 0],
+        In,
+        RRead,
+    ),
+    op(
+        0x88,
+        None,
+        "READ(16)",
+        &[
+            0x88, 0x18, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x1F, 0,
+        ],
+        In,
+        RRead,
+    ),
+    op(
+        0x89,
+        None,
+        "COMPARE AND WRITE",
+        &[
+            0x89, 0x18, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0, 0, FF, 0x1F, 0,
+        ],
+        Out,
+        RWrite,
+    ),
+    op(
+        0x8A,
+        None,
+        "WRITE(16)",
+        &[
+            0x8A, 0x18, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x1F, 0,
+        ],
+        Out,
+        RWrite,
+    ),
+    op(
+        0x8E,
+        None,
+        "WRITE AND VERIFY(16)",
+        &[
+            0x8E, 0x16, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x1F, 0,
+        ],
+        Out,
+        RWrite,
+    ),
+    op(
+        0x8F,
+        None,
+        "VERIFY(16)",
+        &[
+            0x8F, 0x16, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x1F, 0,
+        ],
+        Out,
+        RRead,
+    ),
+    op(
+        0x90,
+        None,
+        "PRE-FETCH(16)",
+        &[
+            0x90, 0x02, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x1F, 0,
+        ],
+        NoData,
+        RRead,
+    ),
+    op(
+        0x91,
+        None,
+        "SYNCHRONIZE CACHE(16)",
+        &[
+            0x91, 0x02, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x1F, 0,
+        ],
+        NoData,
+        RWrite,
+    ),
+    op(
+        0x93,
+        None,
+        "WRITE SAME(16)",
+        &[
+            0x93, 0x19, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x1F, 0,
+        ],
+        Out,
+        RWrite,
+    ),
+    op(
+        0x9E,
+        Some(0x10),
+        "READ CAPACITY(16)",
+        &[0x9E, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0],
+        In,
+        Allowed,
+    ),
+    op(
+        0x9E,
+        Some(0x12),
+        "GET LBA STATUS(16)",
+        &[
+            0x9E, 0x12, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0, 0,
+        ],
+        In,
+        RRead,
+    ),
+    op(
+        0xA0,
+        None,
+        "REPORT LUNS",
+        &[0xA0, 0, FF, 0, 0, 0, FF, FF, FF, FF, 0, 0],
+        In,
+        Allowed,
+    ),
+    op(
+        0xA3,
+        Some(0x0C),
+        "REPORT SUPPORTED OPERATION CODES",
+        &[0xA3, 0x0C, 0x87, FF, FF, FF, FF, FF, FF, FF, 0, 0],
+        In,
+        Allowed,
+    ),
+    op(
+        0xA3,
+        Some(0x0D),
+        "REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS",
+        &[0xA3, 0x0D, 0x80, 0, 0, 0, FF, FF, FF, FF, 0, 0],
+        In,
+        Allowed,
+    ),
+    op(
+        0xA8,
+        None,
+        "READ(12)",
+        &[0xA8, 0x18, FF, FF, FF, FF, FF, FF, FF, FF, 0x1F, 0],
+        In,
+        RRead,
+    ),
+    op(
+        0xAA,
+        None,
+        "WRITE(12)",
+        &[0xAA, 0x18, FF, FF, FF, FF, FF, FF, FF, FF, 0x1F, 0],
+        Out,
+        RWrite,
+    ),
+    op(
+        0xAE,
+        None,
+        "WRITE AND VERIFY(12)",
+        &[0xAE, 0x16, FF, FF, FF, FF, FF, FF, FF, FF, 0x1F, 0],
+        Out,
+        RWrite,
+    ),
+    op(
+        0xAF,
+        None,
+        "VERIFY(12)",
+        &[0xAF, 0x16, FF, FF, FF, FF, FF, FF, FF, FF, 0x1F, 0],
+        Out,
+        RRead,
+    ),
+];
+
+/// Whether `opcode` has service actions (its table rows carry one).
+pub fn has_service_actions(opcode: u8) -> bool {
+    OPS.iter().any(|o| o.opcode == opcode && o.sa.is_some())
+}
+
+/// The table row for `opcode` (and `sa` when the opcode has service actions).
+pub fn lookup(opcode: u8, sa: u8) -> Option<&'static OpInfo> {
+    OPS.iter()
+        .find(|o| o.opcode == opcode && o.sa.is_none_or(|s| s == sa))
+}
+
+/// A parsed CDB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cdb {
+    TestUnitReady,
+    RequestSense {
+        desc: bool,
+        alloc: u32,
+    },
+    Inquiry {
+        evpd: bool,
+        page: u8,
+        alloc: u32,
+    },
+    ModeSelect {
+        ten: bool,
+        len: u32,
+    },
+    ModeSense {
+        ten: bool,
+        dbd: bool,
+        llbaa: bool,
+        pc: u8,
+        page: u8,
+        subpage: u8,
+        alloc: u32,
+    },
+    StartStopUnit,
+    PreventAllow,
+    ReadCapacity10,
+    ReadCapacity16 {
+        alloc: u32,
+    },
+    Read {
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+    },
+    Write {
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+    },
+    /// WRITE AND VERIFY; `bytchk` 0 or 1.
+    WriteVerify {
+        lba: u64,
+        blocks: u32,
+        bytchk: u8,
+    },
+    /// VERIFY; `bytchk` 0 (no data-out), 1 (compare `blocks`) or 3 (compare one block with each).
+    Verify {
+        lba: u64,
+        blocks: u32,
+        bytchk: u8,
+    },
+    PreFetch {
+        lba: u64,
+        blocks: u32,
+    },
+    SyncCache {
+        lba: u64,
+        blocks: u32,
+    },
+    WriteSame {
+        lba: u64,
+        blocks: u32,
+        unmap: bool,
+        anchor: bool,
+        ndob: bool,
+        ten: bool,
+    },
+    Unmap {
+        anchor: bool,
+        len: u32,
+    },
+    CompareAndWrite {
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+    },
+    GetLbaStatus {
+        lba: u64,
+        alloc: u32,
+    },
+    ReportLuns {
+        select: u8,
+        alloc: u32,
+    },
+    Rsoc {
+        rctd: bool,
+        options: u8,
+        opcode: u8,
+        sa: u16,
+        alloc: u32,
+    },
+    Rstmf {
+        repd: bool,
+        alloc: u32,
+    },
+}
+
+/// A CDB copied into a fixed-size buffer; accessors take constant indexes.
+struct Raw([u8; 32]);
+
+impl Raw {
+    fn new(cdb: &[u8]) -> Self {
+        let mut b = [0u8; 32];
+        for (d, s) in b.iter_mut().zip(cdb) {
+            *d = *s;
+        }
+        Raw(b)
+    }
+    fn b(&self, i: usize) -> u8 {
+        self.0.get(i).copied().unwrap_or(0)
+    }
+    fn be16(&self, i: usize) -> u16 {
+        u16::from_be_bytes([self.b(i), self.b(i + 1)])
+    }
+    fn be32(&self, i: usize) -> u32 {
+        u32::from_be_bytes([self.b(i), self.b(i + 1), self.b(i + 2), self.b(i + 3)])
+    }
+    fn be64(&self, i: usize) -> u64 {
+        (u64::from(self.be32(i)) << 32) | u64::from(self.be32(i + 4))
+    }
+    fn bit(&self, i: usize, mask: u8) -> bool {
+        self.b(i) & mask != 0
+    }
+}
+
+/// Find the table row for `cdb` and check its length and reserved bits.
+pub fn classify(cdb: &[u8]) -> Result<&'static OpInfo, Sense> {
+    let Some(&opcode) = cdb.first() else {
+        return Err(cond::INVALID_OPCODE);
+    };
+    let sa = cdb.get(1).copied().unwrap_or(0) & 0x1F;
+    let Some(info) = lookup(opcode, sa) else {
+        if has_service_actions(opcode) {
+            // SPC-5 4.2.5.1: an unsupported service action is an invalid field at its position.
+            return Err(Sense::invalid_field_in_cdb(1, 4));
+        }
+        return Err(cond::INVALID_OPCODE);
+    };
+    if cdb.len() < info.cdb_len() {
+        return Err(cond::INVALID_FIELD_IN_CDB);
+    }
+    for (i, (&byte, &usage)) in cdb.iter().zip(info.usage).enumerate().skip(1) {
+        let allowed = if i == 1 && info.sa.is_some() {
+            usage | 0x1F
+        } else {
+            usage
+        };
+        let bad = byte & !allowed;
+        if bad != 0 {
+            let bit = 7 - bad.leading_zeros() as u8;
+            return Err(Sense::invalid_field_in_cdb(i as u16, bit));
+        }
+    }
+    Ok(info)
+}
+
+/// Parse `cdb` into a typed command.
+pub fn parse(cdb: &[u8]) -> Result<(&'static OpInfo, Cdb), Sense> {
+    let info = classify(cdb)?;
+    let r = Raw::new(cdb);
+    let c = match (info.opcode, info.sa) {
+        (0x00, _) => Cdb::TestUnitReady,
+        (0x03, _) => Cdb::RequestSense {
+            desc: r.bit(1, 0x01),
+            alloc: u32::from(r.b(4)),
+        },
+        (0x12, _) => {
+            let evpd = r.bit(1, 0x01);
+            if !evpd && r.b(2) != 0 {
+                // SPC-5 6.7.1: PAGE CODE must be zero when EVPD is zero.
+                return Err(Sense::invalid_field_in_cdb(2, 7));
+            }
+            Cdb::Inquiry {
+                evpd,
+                page: r.b(2),
+                alloc: u32::from(r.be16(3)),
+            }
+        }
+        (0x15, _) => Cdb::ModeSelect {
+            ten: false,
+            len: u32::from(r.b(4)),
+        },
+        (0x55, _) => Cdb::ModeSelect {
+            ten: true,
+            len: u32::from(r.be16(7)),
+        },
+        (0x1A, _) => Cdb::ModeSense {
+            ten: false,
+            dbd: r.bit(1, 0x08),
+            llbaa: false,
+            pc: r.b(2) >> 6,
+            page: r.b(2) & 0x3F,
+            subpage: r.b(3),
+            alloc: u32::from(r.b(4)),
+        },
+        (0x5A, _) => Cdb::ModeSense {
+            ten: true,
+            dbd: r.bit(1, 0x08),
+            llbaa: r.bit(1, 0x10),
+            pc: r.b(2) >> 6,
+            page: r.b(2) & 0x3F,
+            subpage: r.b(3),
+            alloc: u32::from(r.be16(7)),
+        },
+        (0x1B, _) => Cdb::StartStopUnit,
+        (0x1E, _) => Cdb::PreventAllow,
+        (0x25, _) => Cdb::ReadCapacity10,
+        (0x9E, Some(0x10)) => Cdb::ReadCapacity16 { alloc: r.be32(10) },
+        (0x9E, _) => Cdb::GetLbaStatus {
+            lba: r.be64(2),
+            alloc: r.be32(10),
+        },
+        (0x08, _) => Cdb::Read {
+            lba: u64::from(u32::from_be_bytes([0, r.b(1) & 0x1F, r.b(2), r.b(3)])),
+            blocks: six_len(r.b(4)),
+            fua: false,
+        },
+        (0x0A, _) => Cdb::Write {
+            lba: u64::from(u32::from_be_bytes([0, r.b(1) & 0x1F, r.b(2), r.b(3)])),
+            blocks: six_len(r.b(4)),
+            fua: false,
+        },
+        (0x28 | 0xA8 | 0x88, _) => {
+            let (lba, blocks) = lba_len(&r, info.opcode);
+            Cdb::Read {
+                lba,
+                blocks,
+                fua: r.bit(1, 0x08),
+            }
+        }
+        (0x2A | 0xAA | 0x8A, _) => {
+            let (lba, blocks) = lba_len(&r, info.opcode);
+            Cdb::Write {
+                lba,
+                blocks,
+                fua: r.bit(1, 0x08),
+            }
+        }
+        (0x2E | 0xAE | 0x8E, _) => {
+            let (lba, blocks) = lba_len(&r, info.opcode);
+            let bytchk = (r.b(1) >> 1) & 0x03;
+            if bytchk > 1 {
+                // SBC-4 5.46: BYTCHK 10b and 11b are reserved for WRITE AND VERIFY.
+                return Err(Sense::invalid_field_in_cdb(1, 2));
+            }
+            Cdb::WriteVerify {
+                lba,
+                blocks,
+                bytchk,
+            }
+        }
+        (0x2F | 0xAF | 0x8F, _) => {
+            let (lba, blocks) = lba_len(&r, info.opcode);
+            let bytchk = (r.b(1) >> 1) & 0x03;
+            if bytchk == 2 {
+                // SBC-4 5.40 table 117: BYTCHK 10b is reserved.
+                return Err(Sense::invalid_field_in_cdb(1, 2));
+            }
+            Cdb::Verify {
+                lba,
+                blocks,
+                bytchk,
+            }
+        }
+        (0x34 | 0x90, _) => {
+            let (lba, blocks) = lba_len(&r, info.opcode);
+            Cdb::PreFetch { lba, blocks }
+        }
+        (0x35 | 0x91, _) => {
+            let (lba, blocks) = lba_len(&r, info.opcode);
+            Cdb::SyncCache { lba, blocks }
+        }
+        (0x41 | 0x93, _) => {
+            let (lba, blocks) = lba_len(&r, info.opcode);
+            Cdb::WriteSame {
+                lba,
+                blocks,
+                anchor: r.bit(1, 0x10),
+                unmap: r.bit(1, 0x08),
+                ndob: info.opcode == 0x93 && r.bit(1, 0x01),
+                ten: info.opcode == 0x41,
+            }
+        }
+        (0x42, _) => Cdb::Unmap {
+            anchor: r.bit(1, 0x01),
+            len: u32::from(r.be16(7)),
+        },
+        (0x89, _) => Cdb::CompareAndWrite {
+            lba: r.be64(2),
+            blocks: u32::from(r.b(13)),
+            fua: r.bit(1, 0x08),
+        },
+        (0xA0, _) => Cdb::ReportLuns {
+            select: r.b(2),
+            alloc: r.be32(6),
+        },
+        (0xA3, Some(0x0C)) => Cdb::Rsoc {
+            rctd: r.bit(2, 0x80),
+            options: r.b(2) & 0x07,
+            opcode: r.b(3),
+            sa: r.be16(4),
+            alloc: r.be32(6),
+        },
+        (0xA3, _) => Cdb::Rstmf {
+            repd: r.bit(2, 0x80),
+            alloc: r.be32(6),
+        },
+        _ => return Err(cond::INVALID_OPCODE),
+    };
+    Ok((info, c))
+}
+
+/// READ(6)/WRITE(6): a TRANSFER LENGTH of 0 means 256 blocks (SBC-4 5.17).
+fn six_len(b: u8) -> u32 {
+    if b == 0 {
+        256
+    } else {
+        u32::from(b)
+    }
+}
+
+/// LBA and TRANSFER LENGTH of the 10-, 12- and 16-byte READ/WRITE-shaped CDBs.
+fn lba_len(r: &Raw, opcode: u8) -> (u64, u32) {
+    match opcode >> 5 {
+        // Group 1 (10-byte): LBA at 2..6, length at 7..9.
+        1 | 2 => (u64::from(r.be32(2)), u32::from(r.be16(7))),
+        // Group 5 (12-byte): LBA at 2..6, length at 6..10.
+        5 => (u64::from(r.be32(2)), r.be32(6)),
+        // Group 4 (16-byte): LBA at 2..10, length at 10..14.
+        _ => (r.be64(2), r.be32(10)),
+    }
+}
+
+/// The number of data-out bytes `cdb` asks for, computed from the raw fields (no validation),
+/// for transports' residual accounting. 0 for commands without data-out.
+pub fn data_out_len(cdb: &[u8], block_size: u32) -> u32 {
+    let r = Raw::new(cdb);
+    let blocks = |n: u32| n.saturating_mul(block_size);
+    let Some(&opcode) = cdb.first() else {
+        return 0;
+    };
+    match opcode {
+        0x0A => blocks(six_len(r.b(4))),
+        0x2A | 0xAA | 0x8A | 0x2E | 0xAE | 0x8E => blocks(lba_len(&r, opcode).1),
+        0x2F | 0xAF | 0x8F => match (r.b(1) >> 1) & 0x03 {
+            1 => blocks(lba_len(&r, opcode).1),
+            3 => block_size,
+            _ => 0,
+        },
+        0x89 => blocks(u32::from(r.b(13))).saturating_mul(2),
+        // ORWRITE(16) (not implemented, but its data-out is known).
+        0x8B => blocks(r.be32(10)),
+        0x41 => block_size,
+        0x93 => {
+            if r.bit(1, 0x01) {
+                0
+            } else {
+                block_size
+            }
+        }
+        0x42 | 0x55 => u32::from(r.be16(7)),
+        0x15 => u32::from(r.b(4)),
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_row_has_its_opcode_and_service_action_in_the_usage_data() {
+        for (i, op) in OPS.iter().enumerate() {
+            assert_eq!(op.usage.first(), Some(&op.opcode), "{}", op.name);
+            if let Some(sa) = op.sa {
+                assert_eq!(op.usage.get(1).map(|b| b & 0x1F), Some(sa), "{}", op.name);
+            }
+            assert!(matches!(op.usage.len(), 6 | 10 | 12 | 16), "{}", op.name);
+            // Sorted and unique, as REPORT SUPPORTED OPERATION CODES lists them.
+            if let Some(prev) = i.checked_sub(1).and_then(|j| OPS.get(j)) {
+                assert!((prev.opcode, prev.sa) < (op.opcode, op.sa), "{}", op.name);
+            }
+        }
+    }
+
+    #[test]
+    fn a_cdb_of_the_usage_data_itself_parses() {
+        // The usage data sets every bit the device server accepts, so it must parse (except
+        // where field values are checked, which a usage pattern of all ones may trip).
+        for op in OPS {
+            let r = classify(op.usage);
+            assert!(r.is_ok(), "{}: {:?}", op.name, r);
+        }
+    }
+
+    #[test]
+    fn short_cdb_is_invalid_field_in_cdb() {
+        assert_eq!(
+            classify(&[0x28, 0, 0]).err(),
+            Some(cond::INVALID_FIELD_IN_CDB)
+        );
+        assert_eq!(classify(&[]).err(), Some(cond::INVALID_OPCODE));
+    }
+}

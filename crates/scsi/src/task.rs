@@ -1,0 +1,419 @@
+//! The task set of a logical unit (SAM-5 4.6.25, 8.x) and the unit attention queues of its
+//! I_T nexuses (SAM-5 5.14).
+//!
+//! Tasks are kept in a few mutex-protected shards keyed by (nexus, tag); a command takes one shard
+//! lock briefly to enter and once to leave, never across an await. Each task has a small state
+//! machine so task management can tell "not started" (abort: it will never touch the backend)
+//! from "running" (abort: wait until it is done, so an aborted write never lands after the TMF
+//! answered).
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::Notify;
+
+use crate::sense::Sense;
+use crate::ItNexus;
+
+/// The task has started: it may touch the backend.
+const STARTED: u8 = 1;
+/// Task management aborted it.
+const ABORT: u8 = 2;
+/// Its outcome is decided (and any backend I/O it did is complete).
+const FINISHED: u8 = 4;
+
+/// The control block of one task. The flags are set with atomic OR, so whichever of ABORT and
+/// FINISHED comes first decides the outcome: a task finished before the abort is reported with
+/// its status (and the abort does not count it); an abort before the finish makes the
+/// completion [`crate::Completion::Aborted`].
+#[derive(Debug)]
+pub struct TaskCtl {
+    nexus: Arc<ItNexus>,
+    /// The LU-local id of the nexus ([`NexusState::id`]), so the hot path hashes two integers.
+    nexus_id: u64,
+    tag: u64,
+    flags: AtomicU8,
+    done: Notify,
+}
+
+/// What an abort found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AbortOutcome {
+    /// The task had already finished: nothing was aborted.
+    TooLate,
+    /// Aborted before it started: it never touches the backend.
+    NotStarted,
+    /// Aborted while running: wait for it before answering.
+    Running,
+}
+
+impl TaskCtl {
+    /// Mark the task started; `false` when it was aborted before it started.
+    pub fn start(&self) -> bool {
+        let mut cur = self.flags.load(Ordering::SeqCst);
+        loop {
+            if cur & ABORT != 0 {
+                return false;
+            }
+            match self.flags.compare_exchange(
+                cur,
+                cur | STARTED,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Decide the outcome and wake waiters; returns whether the task was aborted. Idempotent.
+    pub fn finish(&self) -> bool {
+        let prior = self.flags.fetch_or(FINISHED, Ordering::SeqCst);
+        self.done.notify_waiters();
+        prior & ABORT != 0
+    }
+
+    fn abort(&self) -> AbortOutcome {
+        let prior = self.flags.fetch_or(ABORT, Ordering::SeqCst);
+        if prior & FINISHED != 0 {
+            AbortOutcome::TooLate
+        } else if prior & STARTED != 0 {
+            AbortOutcome::Running
+        } else {
+            AbortOutcome::NotStarted
+        }
+    }
+
+    async fn wait_done(&self) {
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.flags.load(Ordering::SeqCst) & FINISHED != 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+const SHARDS: usize = 8;
+
+type Shard = Mutex<HashMap<(u64, u64), Arc<TaskCtl>>>;
+
+/// The task set of one LU.
+pub struct TaskSet {
+    shards: [Shard; SHARDS],
+    hasher: RandomState,
+}
+
+impl Default for TaskSet {
+    fn default() -> Self {
+        TaskSet {
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            hasher: RandomState::new(),
+        }
+    }
+}
+
+/// Removes the task from the set when the command ends, however it ends.
+pub struct TaskGuard<'a> {
+    set: &'a TaskSet,
+    pub ctl: Arc<TaskCtl>,
+}
+
+impl Drop for TaskGuard<'_> {
+    fn drop(&mut self) {
+        self.set.remove(&self.ctl);
+        self.ctl.finish();
+    }
+}
+
+impl TaskSet {
+    fn shard(&self, tag: u64) -> &Shard {
+        let i = (self.hasher.hash_one(tag) as usize) % SHARDS;
+        // `i < SHARDS` by construction.
+        &self.shards[i]
+    }
+
+    /// Enter a task; `None` when the nexus already has a task with this tag (overlapped command,
+    /// SAM-5 5.11.2).
+    pub fn enter(&self, nexus: &Arc<ItNexus>, nexus_id: u64, tag: u64) -> Option<TaskGuard<'_>> {
+        let ctl = Arc::new(TaskCtl {
+            nexus: nexus.clone(),
+            nexus_id,
+            tag,
+            flags: AtomicU8::new(0),
+            done: Notify::new(),
+        });
+        let mut map = self.shard(tag).lock().unwrap_or_else(|e| e.into_inner());
+        let key = (nexus_id, tag);
+        if map.contains_key(&key) {
+            return None;
+        }
+        map.insert(key, ctl.clone());
+        Some(TaskGuard { set: self, ctl })
+    }
+
+    fn remove(&self, ctl: &Arc<TaskCtl>) {
+        let mut map = self
+            .shard(ctl.tag)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let key = (ctl.nexus_id, ctl.tag);
+        if map.get(&key).is_some_and(|c| Arc::ptr_eq(c, ctl)) {
+            map.remove(&key);
+        }
+    }
+
+    fn matching(&self, pred: impl Fn(&TaskCtl) -> bool) -> Vec<Arc<TaskCtl>> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let map = shard.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(map.values().filter(|c| pred(c)).cloned());
+        }
+        out
+    }
+
+    /// Whether `nexus` has the task `tag` in the set.
+    pub fn contains(&self, nexus: &ItNexus, tag: u64) -> bool {
+        !self
+            .matching(|c| c.tag == tag && *c.nexus == *nexus)
+            .is_empty()
+    }
+
+    /// Whether `nexus` has any task in the set.
+    pub fn any_of(&self, nexus: &ItNexus) -> bool {
+        !self.matching(|c| *c.nexus == *nexus).is_empty()
+    }
+
+    /// Abort every task matching `pred` and wait for the running ones to finish. Returns the
+    /// nexuses whose tasks were aborted (tasks that had already finished do not count).
+    pub async fn abort(&self, pred: impl Fn(&ItNexus, u64) -> bool) -> Vec<Arc<ItNexus>> {
+        let tasks = self.matching(|c| pred(&c.nexus, c.tag));
+        let mut wait = Vec::new();
+        let mut owners: Vec<Arc<ItNexus>> = Vec::new();
+        for t in &tasks {
+            match t.abort() {
+                AbortOutcome::TooLate => continue,
+                AbortOutcome::Running => wait.push(t.clone()),
+                AbortOutcome::NotStarted => {}
+            }
+            if !owners.iter().any(|n| **n == *t.nexus) {
+                owners.push(t.nexus.clone());
+            }
+        }
+        for t in wait {
+            t.wait_done().await;
+        }
+        owners
+    }
+
+    /// Abort every task matching `pred` without waiting (the nexus is gone).
+    pub fn abort_now(&self, pred: impl Fn(&ItNexus) -> bool) {
+        for t in self.matching(|c| pred(&c.nexus)) {
+            t.abort();
+        }
+    }
+}
+
+/// Unit attention state of one I_T nexus.
+#[derive(Debug)]
+pub struct NexusState {
+    /// Unique for the life of the process; a nexus that is lost and comes back gets a new one.
+    pub id: u64,
+    pending: AtomicBool,
+    queue: Mutex<VecDeque<Sense>>,
+}
+
+/// SAM-5 5.14: a queue of at most this many UAs per nexus; further ones are dropped (the
+/// initiator still sees the oldest, and the same condition is never queued twice).
+const UA_QUEUE_MAX: usize = 8;
+
+impl NexusState {
+    fn with(s: Sense) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let st = NexusState {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            pending: AtomicBool::new(false),
+            queue: Mutex::new(VecDeque::new()),
+        };
+        st.push(s);
+        st
+    }
+
+    pub fn push(&self, s: Sense) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if !q.contains(&s) && q.len() < UA_QUEUE_MAX {
+            q.push_back(s);
+        }
+        self.pending.store(true, Ordering::Release);
+    }
+
+    /// Take the oldest unit attention, if any.
+    pub fn take(&self) -> Option<Sense> {
+        if !self.pending.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let s = q.pop_front();
+        self.pending.store(!q.is_empty(), Ordering::Release);
+        s
+    }
+
+    pub fn has_pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    fn clear(&self) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.clear();
+        self.pending.store(false, Ordering::Release);
+    }
+}
+
+/// The nexuses an LU has seen, with their unit attentions.
+#[derive(Default)]
+pub struct Nexuses {
+    map: RwLock<HashMap<ItNexus, Arc<NexusState>>>,
+}
+
+impl Nexuses {
+    /// The state of `nexus`; a nexus seen for the first time starts with POWER ON, RESET, OR
+    /// BUS DEVICE RESET OCCURRED (SAM-5 5.14, 6.3.1).
+    pub fn get(&self, nexus: &ItNexus) -> Arc<NexusState> {
+        if let Some(s) = self
+            .map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(nexus)
+        {
+            return s.clone();
+        }
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(nexus.clone())
+            .or_insert_with(|| Arc::new(NexusState::with(crate::sense::cond::POWER_ON_RESET)))
+            .clone()
+    }
+
+    /// The state of `nexus` if it has been seen.
+    pub fn peek(&self, nexus: &ItNexus) -> Option<Arc<NexusState>> {
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(nexus)
+            .cloned()
+    }
+
+    /// Queue `s` for every known nexus for which `pred` holds.
+    pub fn broadcast(&self, s: Sense, pred: impl Fn(&ItNexus) -> bool) {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        for (n, st) in map.iter() {
+            if pred(n) {
+                st.push(s);
+            }
+        }
+    }
+
+    /// Replace every queued UA of the nexuses matching `pred` by `s`.
+    pub fn reset(&self, s: Sense, pred: impl Fn(&ItNexus) -> bool) {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        for (n, st) in map.iter() {
+            if pred(n) {
+                st.clear();
+                st.push(s);
+            }
+        }
+    }
+
+    /// Forget `nexus` (I_T nexus loss): its next command starts as a new nexus.
+    pub fn forget(&self, nexus: &ItNexus) {
+        self.map
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(nexus);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{InitiatorPort, TargetPort, Transport};
+
+    fn nexus() -> Arc<ItNexus> {
+        Arc::new(ItNexus {
+            initiator: InitiatorPort {
+                transport: Transport::Iscsi,
+                name: "i".into(),
+                isid: None,
+            },
+            target: TargetPort {
+                name: "t".into(),
+                tpgt: 1,
+                relative_id: 1,
+            },
+        })
+    }
+
+    #[test]
+    fn task_aborted_before_start_never_starts() {
+        let set = TaskSet::default();
+        let n = nexus();
+        let Some(g) = set.enter(&n, 1, 7) else {
+            panic!("enter")
+        };
+        assert_eq!(g.ctl.abort(), AbortOutcome::NotStarted);
+        assert!(!g.ctl.start());
+        assert!(g.ctl.finish());
+    }
+
+    #[test]
+    fn abort_after_finish_is_too_late_and_outcome_stands() {
+        let set = TaskSet::default();
+        let n = nexus();
+        let Some(g) = set.enter(&n, 1, 7) else {
+            panic!("enter")
+        };
+        assert!(g.ctl.start());
+        assert!(!g.ctl.finish());
+        assert_eq!(g.ctl.abort(), AbortOutcome::TooLate);
+    }
+
+    #[test]
+    fn abort_while_running_makes_the_completion_aborted() {
+        let set = TaskSet::default();
+        let n = nexus();
+        let Some(g) = set.enter(&n, 1, 7) else {
+            panic!("enter")
+        };
+        assert!(g.ctl.start());
+        assert_eq!(g.ctl.abort(), AbortOutcome::Running);
+        assert!(g.ctl.finish());
+    }
+
+    #[test]
+    fn same_tag_twice_on_one_nexus_is_refused_until_the_first_leaves() {
+        let set = TaskSet::default();
+        let n = nexus();
+        let first = set.enter(&n, 1, 7);
+        assert!(first.is_some());
+        assert!(set.enter(&n, 1, 7).is_none());
+        assert!(set.enter(&n, 2, 7).is_some());
+        drop(first);
+        assert!(set.enter(&n, 1, 7).is_some());
+    }
+
+    #[test]
+    fn unit_attentions_are_queued_once_and_taken_in_order() {
+        let st = NexusState::with(crate::sense::cond::POWER_ON_RESET);
+        st.push(crate::sense::cond::MODE_PARAMETERS_CHANGED);
+        st.push(crate::sense::cond::MODE_PARAMETERS_CHANGED);
+        assert_eq!(st.take(), Some(crate::sense::cond::POWER_ON_RESET));
+        assert_eq!(st.take(), Some(crate::sense::cond::MODE_PARAMETERS_CHANGED));
+        assert_eq!(st.take(), None);
+        assert!(!st.has_pending());
+    }
+}

@@ -1,0 +1,567 @@
+#![allow(clippy::unwrap_used)]
+
+//! READ, WRITE, WRITE AND VERIFY, VERIFY, COMPARE AND WRITE, WRITE SAME, SYNCHRONIZE CACHE and
+//! PRE-FETCH, with CDBs and sense bytes written out from SBC-4 / SPC-5.
+
+mod common;
+
+use std::sync::Arc;
+
+use block::BlockError;
+use common::*;
+use scsi::Status;
+
+const BS: usize = 512;
+
+#[tokio::test]
+async fn write10_then_read10_returns_the_data() {
+    let (t, n) = ready_mem(64, 512).await;
+    let data = vec![0xA5u8; 2 * BS];
+    // WRITE(10): opcode 2Ah, LBA 5, TRANSFER LENGTH 2.
+    let r = run(&t, &n, &[0x2A, 0, 0, 0, 0, 5, 0, 0, 2, 0], data.clone()).await;
+    assert_good(&r);
+    // READ(10): opcode 28h, LBA 5, TRANSFER LENGTH 2.
+    let r = run(&t, &n, &[0x28, 0, 0, 0, 0, 5, 0, 0, 2, 0], vec![]).await;
+    assert_good(&r);
+    assert_eq!(r.data_in, data);
+}
+
+#[tokio::test]
+async fn read6_transfer_length_zero_means_256_blocks() {
+    let (t, n) = ready_mem(512, 512).await;
+    // READ(6): opcode 08h, LBA 0, TRANSFER LENGTH 0 = 256 blocks (SBC-4 5.17).
+    let r = run(&t, &n, &[0x08, 0, 0, 0, 0, 0], vec![]).await;
+    assert_good(&r);
+    assert_eq!(r.data_in.len(), 256 * BS);
+}
+
+#[tokio::test]
+async fn write6_and_read6_use_21_bit_lba() {
+    let (t, n) = ready_mem(0x30000, 512).await;
+    let data = vec![0x5Au8; BS];
+    // WRITE(6) at LBA 0x012345 (bits 20..16 in byte 1), 1 block.
+    let r = run(&t, &n, &[0x0A, 0x01, 0x23, 0x45, 1, 0], data.clone()).await;
+    assert_good(&r);
+    assert_eq!(read_blocks(&t, &n, 0x012345, 1).await, data);
+}
+
+#[tokio::test]
+async fn read12_and_read16_read_the_last_block() {
+    let (t, n) = ready_mem(64, 512).await;
+    write_blocks(&t, &n, 63, vec![7u8; BS], BS).await;
+    // READ(12): LBA 63, TRANSFER LENGTH 1.
+    let r = run(&t, &n, &[0xA8, 0, 0, 0, 0, 63, 0, 0, 0, 1, 0, 0], vec![]).await;
+    assert_good(&r);
+    assert_eq!(r.data_in, vec![7u8; BS]);
+    let r = run(&t, &n, &read16(63, 1), vec![]).await;
+    assert_eq!(r.data_in, vec![7u8; BS]);
+}
+
+#[tokio::test]
+async fn read10_beyond_end_is_lba_out_of_range() {
+    let (t, n) = ready_mem(64, 512).await;
+    // READ(10) LBA 63, 2 blocks: one past the end.
+    let r = run(&t, &n, &[0x28, 0, 0, 0, 0, 63, 0, 0, 2, 0], vec![]).await;
+    assert_sense(&r, 0x05, 0x21, 0x00); // ILLEGAL REQUEST, LBA OUT OF RANGE
+}
+
+#[tokio::test]
+async fn read16_lba_overflow_is_lba_out_of_range() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(&t, &n, &read16(u64::MAX, 2), vec![]).await;
+    assert_sense(&r, 0x05, 0x21, 0x00); // ILLEGAL REQUEST, LBA OUT OF RANGE
+}
+
+#[tokio::test]
+async fn read_zero_blocks_at_capacity_is_good_and_beyond_is_out_of_range() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(&t, &n, &[0x28, 0, 0, 0, 0, 64, 0, 0, 0, 0], vec![]).await;
+    assert_good(&r);
+    assert!(r.data_in.is_empty());
+    let r = run(&t, &n, &[0x28, 0, 0, 0, 0, 65, 0, 0, 0, 0], vec![]).await;
+    assert_sense(&r, 0x05, 0x21, 0x00); // LBA OUT OF RANGE
+}
+
+#[tokio::test]
+async fn read10_with_rdprotect_is_invalid_field_with_pointer() {
+    let (t, n) = ready_mem(64, 512).await;
+    // READ(10) with RDPROTECT=001b (byte 1 bit 5): no protection information here.
+    let r = run(&t, &n, &[0x28, 0x20, 0, 0, 0, 0, 0, 0, 1, 0], vec![]).await;
+    assert_eq!(
+        r.sense,
+        vec![
+            0x70, // current, fixed format
+            0x00, 0x05, // ILLEGAL REQUEST
+            0x00, 0x00, 0x00, 0x00, // INFORMATION
+            0x0A, // additional length
+            0x00, 0x00, 0x00, 0x00, // command specific
+            0x24, 0x00, // INVALID FIELD IN CDB
+            0x00, // FRU
+            0xCD, // SKSV=1, C/D=1, BPV=1, BIT POINTER 5
+            0x00, 0x01, // FIELD POINTER: byte 1
+        ]
+    );
+}
+
+#[tokio::test]
+async fn read10_with_dpo_and_fua_is_good() {
+    let (t, n) = ready_mem(64, 512).await;
+    // DPO (0x10) and FUA (0x08): advertised by DPOFUA in MODE SENSE.
+    let r = run(&t, &n, &[0x28, 0x18, 0, 0, 0, 0, 0, 0, 1, 0], vec![]).await;
+    assert_good(&r);
+}
+
+#[tokio::test]
+async fn read_with_nonzero_control_byte_is_invalid_field() {
+    let (t, n) = ready_mem(64, 512).await;
+    // NACA=1 in the CONTROL byte: ACA is not supported.
+    let r = run(&t, &n, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0x04], vec![]).await;
+    assert_sense(&r, 0x05, 0x24, 0x00);
+    assert_eq!(&r.sense[15..18], &[0xCA, 0x00, 0x09]); // C/D, BPV, bit 2, byte 9
+}
+
+#[tokio::test]
+async fn read_above_maximum_transfer_length_is_invalid_field() {
+    let (t, n) = ready_mem(40000, 512).await;
+    // MAXIMUM TRANSFER LENGTH is 16384 blocks of 512 bytes (8 MiB).
+    let r = run(&t, &n, &read16(0, 16385), vec![]).await;
+    assert_sense(&r, 0x05, 0x24, 0x00); // INVALID FIELD IN CDB
+    assert_eq!(&r.sense[15..18], &[0xCF, 0x00, 0x0A]); // TRANSFER LENGTH, byte 10
+    let r = run(&t, &n, &[0x28, 0, 0, 0, 0, 0, 0, 0x40, 0x01, 0], vec![]).await;
+    assert_eq!(&r.sense[15..18], &[0xCF, 0x00, 0x07]); // READ(10): byte 7
+}
+
+#[tokio::test]
+async fn write_with_partial_block_of_data_out_is_invalid_field_in_command_iu_and_writes_nothing() {
+    let (t, n) = ready_mem(64, 512).await;
+    write_blocks(&t, &n, 0, vec![b'a'; BS], BS).await;
+    // WRITE(10) of 1 block with 200 bytes of data-out (FCP-4 9.4.2 b).
+    let r = run(&t, &n, &[0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0], vec![b'b'; 200]).await;
+    assert_sense(&r, 0x05, 0x0E, 0x03); // INVALID FIELD IN COMMAND INFORMATION UNIT
+    assert_eq!(read_blocks(&t, &n, 0, 1).await, vec![b'a'; BS]);
+}
+
+#[tokio::test]
+async fn write_with_no_data_out_is_good_and_writes_nothing() {
+    let (t, n) = ready_mem(64, 512).await;
+    write_blocks(&t, &n, 0, vec![b'a'; BS], BS).await;
+    // EDTL 0 for a 1-block WRITE(10): FCP-4 9.4.2 a, the transport reports the overflow.
+    let r = run(&t, &n, &[0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0], vec![]).await;
+    assert_good(&r);
+    assert_eq!(read_blocks(&t, &n, 0, 1).await, vec![b'a'; BS]);
+}
+
+#[tokio::test]
+async fn write_with_fewer_whole_blocks_writes_only_those() {
+    let (t, n) = ready_mem(64, 512).await;
+    write_blocks(&t, &n, 0, vec![b'a'; 2 * BS], BS).await;
+    // WRITE(10) of 2 blocks with 1 block of data-out.
+    let r = run(&t, &n, &[0x2A, 0, 0, 0, 0, 0, 0, 0, 2, 0], vec![b'b'; BS]).await;
+    assert_good(&r);
+    assert_eq!(
+        read_blocks(&t, &n, 0, 2).await,
+        [vec![b'b'; BS], vec![b'a'; BS]].concat()
+    );
+}
+
+#[tokio::test]
+async fn write_with_longer_data_out_writes_only_what_the_cdb_asks() {
+    let (t, n) = ready_mem(64, 512).await;
+    write_blocks(&t, &n, 0, vec![b'a'; 2 * BS], BS).await;
+    // WRITE AND VERIFY(10) of 1 block with 10000 bytes of data-out.
+    let r = run(
+        &t,
+        &n,
+        &[0x2E, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        vec![b'b'; 10000],
+    )
+    .await;
+    assert_good(&r);
+    assert_eq!(
+        read_blocks(&t, &n, 0, 2).await,
+        [vec![b'b'; BS], vec![b'a'; BS]].concat()
+    );
+}
+
+#[tokio::test]
+async fn write_beyond_end_with_short_data_out_is_still_lba_out_of_range() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(&t, &n, &[0x2A, 0, 0, 0, 0, 63, 0, 0, 2, 0], vec![0; BS]).await;
+    assert_sense(&r, 0x05, 0x21, 0x00);
+}
+
+#[tokio::test]
+async fn read_with_unexpected_data_out_ignores_it() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(&t, &n, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], vec![1u8; BS]).await;
+    assert_good(&r);
+}
+
+#[tokio::test]
+async fn write12_beyond_end_is_lba_out_of_range() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(
+        &t,
+        &n,
+        &[0xAA, 0, 0, 0, 0, 64, 0, 0, 0, 1, 0, 0],
+        vec![0u8; BS],
+    )
+    .await;
+    assert_sense(&r, 0x05, 0x21, 0x00);
+}
+
+#[tokio::test]
+async fn write_with_wrprotect_is_invalid_field() {
+    let (t, n) = ready_mem(64, 512).await;
+    let mut c = write16(0, 1);
+    c[1] = 0x40; // WRPROTECT=010b
+    let r = run(&t, &n, &c, vec![0u8; BS]).await;
+    assert_sense(&r, 0x05, 0x24, 0x00);
+    assert_eq!(&r.sense[15..18], &[0xCE, 0x00, 0x01]); // bit 6 of byte 1
+}
+
+#[tokio::test]
+async fn write_fua_reaches_the_driver_as_fua() {
+    let d = Arc::new(GatedDriver::new(64 * 512, true));
+    let t = target_with(d.clone(), 512);
+    let n = nexus();
+    ready(&t, &n).await;
+    // WRITE(10) with FUA.
+    let r = run(&t, &n, &[0x2A, 0x08, 0, 0, 0, 1, 0, 0, 1, 0], vec![0u8; BS]).await;
+    assert_good(&r);
+    let r = run(&t, &n, &[0x2A, 0x00, 0, 0, 0, 2, 0, 0, 1, 0], vec![0u8; BS]).await;
+    assert_good(&r);
+    assert_eq!(*d.writes.lock().unwrap(), vec![(512, true), (1024, false)]);
+}
+
+#[tokio::test]
+async fn write_and_verify_writes_with_fua() {
+    let d = Arc::new(GatedDriver::new(64 * 512, true));
+    let t = target_with(d.clone(), 512);
+    let n = nexus();
+    ready(&t, &n).await;
+    // WRITE AND VERIFY(10), BYTCHK=01b (byte 1 bit 1), LBA 3, 1 block.
+    let r = run(&t, &n, &[0x2E, 0x02, 0, 0, 0, 3, 0, 0, 1, 0], vec![9u8; BS]).await;
+    assert_good(&r);
+    assert_eq!(*d.writes.lock().unwrap(), vec![(3 * 512, true)]);
+}
+
+#[tokio::test]
+async fn write_and_verify12_and_16_write_the_data() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(
+        &t,
+        &n,
+        &[0xAE, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0],
+        vec![1u8; BS],
+    )
+    .await;
+    assert_good(&r);
+    let mut c = write16(2, 1);
+    c[0] = 0x8E;
+    let r = run(&t, &n, &c, vec![2u8; BS]).await;
+    assert_good(&r);
+    assert_eq!(
+        read_blocks(&t, &n, 1, 2).await,
+        [vec![1u8; BS], vec![2u8; BS]].concat()
+    );
+}
+
+#[tokio::test]
+async fn write_and_verify_with_bytchk_10b_is_invalid_field() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(&t, &n, &[0x2E, 0x04, 0, 0, 0, 0, 0, 0, 1, 0], vec![0u8; BS]).await;
+    assert_sense(&r, 0x05, 0x24, 0x00);
+}
+
+#[tokio::test]
+async fn verify10_bytchk_matching_data_is_good() {
+    let (t, n) = ready_mem(64, 512).await;
+    write_blocks(&t, &n, 0, vec![3u8; 2 * BS], BS).await;
+    // VERIFY(10) BYTCHK=01b, LBA 0, 2 blocks.
+    let r = run(
+        &t,
+        &n,
+        &[0x2F, 0x02, 0, 0, 0, 0, 0, 0, 2, 0],
+        vec![3u8; 2 * BS],
+    )
+    .await;
+    assert_good(&r);
+}
+
+#[tokio::test]
+async fn verify10_mismatch_is_miscompare_with_offset() {
+    let (t, n) = ready_mem(64, 512).await;
+    write_blocks(&t, &n, 0, vec![3u8; 2 * BS], BS).await;
+    let mut d = vec![3u8; 2 * BS];
+    d[700] = 4;
+    let r = run(&t, &n, &[0x2F, 0x02, 0, 0, 0, 0, 0, 0, 2, 0], d).await;
+    assert_eq!(r.status, Status::CHECK_CONDITION);
+    assert_eq!(
+        r.sense,
+        vec![
+            0xF0, // VALID, current, fixed
+            0x00, 0x0E, // MISCOMPARE
+            0x00, 0x00, 0x02, 0xBC, // INFORMATION: byte 700
+            0x0A, 0, 0, 0, 0, 0x1D, 0x00, // MISCOMPARE DURING VERIFY OPERATION
+            0, 0, 0, 0,
+        ]
+    );
+}
+
+#[tokio::test]
+async fn verify16_bytchk_11b_compares_one_block_with_each() {
+    let (t, n) = ready_mem(64, 512).await;
+    write_blocks(&t, &n, 4, vec![6u8; 3 * BS], BS).await;
+    let mut c = read16(4, 3);
+    c[0] = 0x8F;
+    c[1] = 0x06; // BYTCHK=11b
+    let r = run(&t, &n, &c, vec![6u8; BS]).await;
+    assert_good(&r);
+    let r = run(&t, &n, &c, vec![7u8; BS]).await;
+    assert_sense(&r, 0x0E, 0x1D, 0x00);
+}
+
+#[tokio::test]
+async fn verify12_without_bytchk_checks_range_only() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(&t, &n, &[0xAF, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0], vec![]).await;
+    assert_good(&r);
+    let r = run(&t, &n, &[0xAF, 0, 0, 0, 0, 1, 0, 0, 0, 64, 0, 0], vec![]).await;
+    assert_sense(&r, 0x05, 0x21, 0x00);
+}
+
+#[tokio::test]
+async fn verify_with_vrprotect_is_invalid_field() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(&t, &n, &[0x2F, 0x20, 0, 0, 0, 0, 0, 0, 1, 0], vec![]).await;
+    assert_sense(&r, 0x05, 0x24, 0x00);
+}
+
+fn caw(lba: u64, blocks: u8) -> Vec<u8> {
+    let mut c = vec![0x89, 0];
+    c.extend_from_slice(&lba.to_be_bytes());
+    c.extend_from_slice(&[0, 0, 0, blocks, 0, 0]);
+    c
+}
+
+#[tokio::test]
+async fn compare_and_write_matching_writes_new_data() {
+    let (t, n) = ready_mem(64, 512).await;
+    write_blocks(&t, &n, 8, vec![b'A'; 2 * BS], BS).await;
+    let data = [vec![b'A'; 2 * BS], vec![b'B'; 2 * BS]].concat();
+    let r = run(&t, &n, &caw(8, 2), data).await;
+    assert_good(&r);
+    assert_eq!(read_blocks(&t, &n, 8, 2).await, vec![b'B'; 2 * BS]);
+}
+
+#[tokio::test]
+async fn compare_and_write_miscompare_reports_offset_and_writes_nothing() {
+    let (t, n) = ready_mem(64, 512).await;
+    write_blocks(&t, &n, 8, vec![b'A'; 2 * BS], BS).await;
+    let mut data = [vec![b'A'; 2 * BS], vec![b'B'; 2 * BS]].concat();
+    data[2 * BS - 27] = b'C';
+    let r = run(&t, &n, &caw(8, 2), data).await;
+    assert_eq!(
+        r.sense,
+        vec![
+            0xF0, 0x00, 0x0E, // VALID, MISCOMPARE
+            0x00, 0x00, 0x03, 0xE5, // INFORMATION: 997 = 1024 - 27
+            0x0A, 0, 0, 0, 0, 0x1D, 0x00, // MISCOMPARE DURING VERIFY OPERATION
+            0, 0, 0, 0,
+        ]
+    );
+    assert_eq!(read_blocks(&t, &n, 8, 2).await, vec![b'A'; 2 * BS]);
+}
+
+#[tokio::test]
+async fn compare_and_write_of_255_blocks_and_of_zero_blocks_is_good() {
+    let (t, n) = ready_mem(1024, 512).await;
+    // MAXIMUM COMPARE AND WRITE LENGTH from the backend is 255.
+    let r = run(&t, &n, &caw(0, 255), vec![0u8; 2 * 255 * BS]).await;
+    assert_good(&r);
+    let mut c = caw(0, 0);
+    c[13] = 0; // NUMBER OF LOGICAL BLOCKS 0: nothing to do
+    let r = run(&t, &n, &c, vec![]).await;
+    assert_good(&r);
+}
+
+#[tokio::test]
+async fn compare_and_write_with_wrong_data_out_length_writes_nothing() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(&t, &n, &caw(0, 1), vec![0u8; BS]).await;
+    assert_sense(&r, 0x05, 0x0E, 0x03);
+}
+
+#[tokio::test]
+async fn compare_and_write_with_too_much_data_out_writes_nothing() {
+    let (t, n) = ready_mem(64, 512).await;
+    // NUMBER OF LOGICAL BLOCKS 1 with 4 blocks of data-out.
+    let r = run(&t, &n, &caw(0, 1), vec![0u8; 4 * BS]).await;
+    assert_sense(&r, 0x05, 0x0E, 0x03);
+}
+
+#[tokio::test]
+async fn compare_and_write_beyond_end_is_lba_out_of_range() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(&t, &n, &caw(63, 2), vec![0u8; 4 * BS]).await;
+    assert_sense(&r, 0x05, 0x21, 0x00);
+}
+
+fn ws16(lba: u64, blocks: u32, flags: u8) -> Vec<u8> {
+    let mut c = read16(lba, blocks);
+    c[0] = 0x93;
+    c[1] = flags;
+    c
+}
+
+#[tokio::test]
+async fn write_same16_repeats_the_block() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(&t, &n, &ws16(2, 5, 0), vec![0x42u8; BS]).await;
+    assert_good(&r);
+    assert_eq!(read_blocks(&t, &n, 2, 5).await, vec![0x42u8; 5 * BS]);
+    assert_eq!(read_blocks(&t, &n, 7, 1).await, vec![0u8; BS]);
+}
+
+#[tokio::test]
+async fn write_same10_zero_blocks_writes_to_the_end() {
+    let (t, n) = ready_mem(64, 512).await;
+    // WRITE SAME(10), LBA 60, NUMBER OF LOGICAL BLOCKS 0 (WSNZ=0: through the last LBA).
+    let r = run(&t, &n, &[0x41, 0, 0, 0, 0, 60, 0, 0, 0, 0], vec![1u8; BS]).await;
+    assert_good(&r);
+    assert_eq!(read_blocks(&t, &n, 60, 4).await, vec![1u8; 4 * BS]);
+}
+
+#[tokio::test]
+async fn write_same_beyond_end_is_lba_out_of_range() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(&t, &n, &[0x41, 0, 0, 0, 0, 63, 0, 0, 2, 0], vec![1u8; BS]).await;
+    assert_sense(&r, 0x05, 0x21, 0x00);
+    let r = run(&t, &n, &ws16(u64::MAX, 1, 0), vec![1u8; BS]).await;
+    assert_sense(&r, 0x05, 0x21, 0x00);
+}
+
+#[tokio::test]
+async fn write_same_above_maximum_write_same_length_is_invalid_field() {
+    let (t, n) = ready_mem(70000, 512).await;
+    // MAXIMUM WRITE SAME LENGTH is 65536.
+    let r = run(&t, &n, &ws16(0, 65537, 0), vec![0u8; BS]).await;
+    assert_sense(&r, 0x05, 0x24, 0x00);
+    assert_eq!(&r.sense[15..18], &[0xCF, 0x00, 0x0A]); // byte 10 bit 7
+                                                       // Zero blocks from LBA 0 covers 70000 > 65536 blocks.
+    let r = run(&t, &n, &ws16(0, 0, 0), vec![0u8; BS]).await;
+    assert_sense(&r, 0x05, 0x24, 0x00);
+}
+
+#[tokio::test]
+async fn write_same16_ndob_writes_zeros_without_data_out() {
+    let (t, n) = ready_mem(64, 512).await;
+    write_blocks(&t, &n, 0, vec![9u8; 4 * BS], BS).await;
+    let r = run(&t, &n, &ws16(1, 2, 0x01), vec![]).await;
+    assert_good(&r);
+    assert_eq!(
+        read_blocks(&t, &n, 0, 4).await,
+        [vec![9u8; BS], vec![0u8; 2 * BS], vec![9u8; BS]].concat()
+    );
+}
+
+#[tokio::test]
+async fn write_same_unmap_without_thin_provisioning_is_invalid_field() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(&t, &n, &[0x41, 0x08, 0, 0, 0, 0, 0, 0, 1, 0], vec![0u8; BS]).await;
+    assert_sense(&r, 0x05, 0x24, 0x00);
+}
+
+#[tokio::test]
+async fn write_same_anchor_is_invalid_field() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(&t, &n, &ws16(0, 1, 0x18), vec![0u8; BS]).await;
+    assert_sense(&r, 0x05, 0x24, 0x00);
+}
+
+#[tokio::test]
+async fn write_same_with_wrong_data_out_length_is_invalid_field_in_command_iu() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(&t, &n, &ws16(0, 1, 0), vec![0u8; 2 * BS]).await;
+    assert_sense(&r, 0x05, 0x0E, 0x03);
+}
+
+#[tokio::test]
+async fn write_same_with_half_a_block_of_data_out_is_invalid_field_in_command_iu() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(
+        &t,
+        &n,
+        &[0x41, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        vec![1u8; BS / 2],
+    )
+    .await;
+    assert_sense(&r, 0x05, 0x0E, 0x03);
+    assert_eq!(read_blocks(&t, &n, 0, 1).await, vec![0u8; BS]);
+}
+
+#[tokio::test]
+async fn synchronize_cache_is_good_and_checks_the_range() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(&t, &n, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], vec![]).await;
+    assert_good(&r);
+    let mut c = read16(60, 10);
+    c[0] = 0x91;
+    let r = run(&t, &n, &c, vec![]).await;
+    assert_sense(&r, 0x05, 0x21, 0x00);
+}
+
+#[tokio::test]
+async fn prefetch10_is_good_within_range() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(&t, &n, &[0x34, 0, 0, 0, 0, 0, 0, 0, 8, 0], vec![]).await;
+    assert_good(&r);
+}
+
+#[tokio::test]
+async fn logical_block_size_4096_reads_and_writes_4096_byte_blocks() {
+    let (t, n) = ready_mem(16, 4096).await;
+    let r = run(&t, &n, &[0x2A, 0, 0, 0, 0, 1, 0, 0, 1, 0], vec![8u8; 4096]).await;
+    assert_good(&r);
+    assert_eq!(read_blocks(&t, &n, 1, 1).await, vec![8u8; 4096]);
+    // READ CAPACITY(10): last LBA 15, block length 4096.
+    let r = run(&t, &n, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], vec![]).await;
+    assert_eq!(r.data_in, vec![0, 0, 0, 15, 0, 0, 0x10, 0]);
+}
+
+async fn failing(make: fn() -> BlockError) -> (scsi::Target, Arc<scsi::ItNexus>) {
+    let t = target_with(
+        Arc::new(FailingDriver {
+            size: 64 * 512,
+            make,
+        }),
+        512,
+    );
+    let n = nexus();
+    ready(&t, &n).await;
+    (t, n)
+}
+
+#[tokio::test]
+async fn read_failure_is_medium_error_unrecovered_read_error() {
+    let (t, n) = failing(|| BlockError::ReadFailed(std::io::Error::other("x"))).await;
+    let r = run(&t, &n, &read16(0, 1), vec![]).await;
+    assert_sense(&r, 0x03, 0x11, 0x00); // MEDIUM ERROR, UNRECOVERED READ ERROR
+}
+
+#[tokio::test]
+async fn write_failure_is_medium_error_write_error() {
+    let (t, n) = failing(|| BlockError::WriteFailed(std::io::Error::other("x"))).await;
+    let r = run(&t, &n, &write16(0, 1), vec![0u8; BS]).await;
+    assert_sense(&r, 0x03, 0x0C, 0x00); // MEDIUM ERROR, WRITE ERROR
+    let r = run(&t, &n, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], vec![]).await;
+    assert_sense(&r, 0x03, 0x0C, 0x00); // SYNCHRONIZE CACHE failure is never GOOD
+}
+
+#[tokio::test]
+async fn no_space_is_data_protect_space_allocation_failed() {
+    let (t, n) = failing(|| BlockError::NoSpace).await;
+    let r = run(&t, &n, &write16(0, 1), vec![0u8; BS]).await;
+    assert_sense(&r, 0x07, 0x27, 0x07); // DATA PROTECT, SPACE ALLOCATION FAILED WRITE PROTECT
+}

@@ -1,0 +1,204 @@
+#![allow(clippy::unwrap_used)]
+
+//! Thin provisioning: UNMAP, WRITE SAME with UNMAP, GET LBA STATUS (SBC-4 4.7, 5.7, 5.32, 5.50).
+
+mod common;
+
+use common::*;
+
+const BS: usize = 512;
+
+fn unmap_params(ranges: &[(u64, u32)]) -> Vec<u8> {
+    let bd = (ranges.len() * 16) as u16;
+    let mut p = Vec::new();
+    p.extend_from_slice(&(bd + 6).to_be_bytes()); // UNMAP DATA LENGTH
+    p.extend_from_slice(&bd.to_be_bytes()); // UNMAP BLOCK DESCRIPTOR DATA LENGTH
+    p.extend_from_slice(&[0; 4]);
+    for &(lba, n) in ranges {
+        p.extend_from_slice(&lba.to_be_bytes());
+        p.extend_from_slice(&n.to_be_bytes());
+        p.extend_from_slice(&[0; 4]);
+    }
+    p
+}
+
+fn unmap_cdb(len: u16) -> Vec<u8> {
+    let l = len.to_be_bytes();
+    vec![0x42, 0, 0, 0, 0, 0, 0, l[0], l[1], 0]
+}
+
+fn get_lba_status(lba: u64, alloc: u32) -> Vec<u8> {
+    let mut c = vec![0x9E, 0x12];
+    c.extend_from_slice(&lba.to_be_bytes());
+    c.extend_from_slice(&alloc.to_be_bytes());
+    c.extend_from_slice(&[0, 0]);
+    c
+}
+
+async fn thin_ready() -> (
+    scsi::Target,
+    std::sync::Arc<scsi::ItNexus>,
+    std::sync::Arc<ThinDriver>,
+) {
+    let (t, d) = thin_target(64, 512);
+    let n = nexus();
+    ready(&t, &n).await;
+    (t, n, d)
+}
+
+#[tokio::test]
+async fn unmap_deallocates_and_get_lba_status_reports_it() {
+    let (t, n, _) = thin_ready().await;
+    write_blocks(&t, &n, 0, vec![0xAB; 16 * BS], BS).await;
+    let p = unmap_params(&[(8, 8)]);
+    let r = run(&t, &n, &unmap_cdb(p.len() as u16), p).await;
+    assert_good(&r);
+    assert_eq!(read_blocks(&t, &n, 8, 8).await, vec![0u8; 8 * BS]);
+    let r = run(&t, &n, &get_lba_status(0, 56), vec![]).await;
+    assert_good(&r);
+    assert_eq!(
+        r.data_in,
+        vec![
+            0, 0, 0, 36, // PARAMETER DATA LENGTH: 4 + 2 descriptors
+            0, 0, 0, 0, //
+            0, 0, 0, 0, 0, 0, 0, 0, // LBA 0
+            0, 0, 0, 8, // 8 blocks
+            0x00, 0, 0, 0, // mapped
+            0, 0, 0, 0, 0, 0, 0, 8, // LBA 8
+            0, 0, 0, 56, // 56 blocks
+            0x01, 0, 0, 0, // deallocated
+        ]
+    );
+}
+
+#[tokio::test]
+async fn get_lba_status_truncates_to_allocation_length() {
+    let (t, n, _) = thin_ready().await;
+    write_blocks(&t, &n, 0, vec![1; 8 * BS], BS).await;
+    let r = run(&t, &n, &get_lba_status(0, 24), vec![]).await;
+    assert_eq!(
+        r.data_in,
+        vec![0, 0, 0, 20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0]
+    );
+}
+
+#[tokio::test]
+async fn get_lba_status_beyond_end_is_lba_out_of_range() {
+    let (t, n, _) = thin_ready().await;
+    let r = run(&t, &n, &get_lba_status(64, 24), vec![]).await;
+    assert_sense(&r, 0x05, 0x21, 0x00);
+}
+
+#[tokio::test]
+async fn get_lba_status_on_full_disk_reports_everything_mapped() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(&t, &n, &get_lba_status(10, 24), vec![]).await;
+    assert_eq!(
+        &r.data_in[8..24],
+        &[0, 0, 0, 0, 0, 0, 0, 10, 0, 0, 0, 54, 0, 0, 0, 0]
+    );
+}
+
+#[tokio::test]
+async fn unmap_with_zero_parameter_list_length_is_good() {
+    let (t, n, d) = thin_ready().await;
+    let r = run(&t, &n, &unmap_cdb(0), vec![]).await;
+    assert_good(&r);
+    assert!(d.discards.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn unmap_zero_blocks_is_good_and_discards_nothing() {
+    let (t, n, d) = thin_ready().await;
+    let p = unmap_params(&[(3, 0), (64, 0)]);
+    assert_good(&run(&t, &n, &unmap_cdb(p.len() as u16), p).await);
+    assert!(d.discards.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn unmap_short_parameter_list_is_parameter_list_length_error() {
+    let (t, n, _) = thin_ready().await;
+    let r = run(&t, &n, &unmap_cdb(4), vec![0; 4]).await;
+    assert_sense(&r, 0x05, 0x1A, 0x00); // PARAMETER LIST LENGTH ERROR
+}
+
+#[tokio::test]
+async fn unmap_beyond_end_is_lba_out_of_range_and_unmaps_nothing() {
+    let (t, n, d) = thin_ready().await;
+    let p = unmap_params(&[(0, 8), (60, 8)]);
+    let r = run(&t, &n, &unmap_cdb(p.len() as u16), p).await;
+    assert_sense(&r, 0x05, 0x21, 0x00);
+    assert!(d.discards.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn unmap_more_descriptors_than_advertised_is_invalid_field_in_parameter_list() {
+    let (t, n, _) = thin_ready().await;
+    let ranges: Vec<(u64, u32)> = (0..257).map(|_| (0, 0)).collect();
+    let p = unmap_params(&ranges);
+    let r = run(&t, &n, &unmap_cdb(p.len() as u16), p).await;
+    assert_sense(&r, 0x05, 0x26, 0x00);
+}
+
+#[tokio::test]
+async fn unmap_on_fully_provisioned_lu_is_invalid_command_operation_code() {
+    let (t, n) = ready_mem(64, 512).await;
+    let p = unmap_params(&[(0, 1)]);
+    let r = run(&t, &n, &unmap_cdb(p.len() as u16), p).await;
+    assert_sense(&r, 0x05, 0x20, 0x00);
+}
+
+#[tokio::test]
+async fn unmap_listed_in_rsoc_on_thin_lu() {
+    let (t, n, _) = thin_ready().await;
+    let r = run(
+        &t,
+        &n,
+        &[0xA3, 0x0C, 0x01, 0x42, 0, 0, 0, 0, 0, 64, 0, 0],
+        vec![],
+    )
+    .await;
+    assert_eq!(
+        r.data_in,
+        vec![0, 0x03, 0, 10, 0x42, 0x01, 0, 0, 0, 0, 0x1F, 0xFF, 0xFF, 0x00]
+    );
+}
+
+#[tokio::test]
+async fn write_same16_unmap_with_zero_block_deallocates() {
+    let (t, n, d) = thin_ready().await;
+    write_blocks(&t, &n, 0, vec![7; 16 * BS], BS).await;
+    let mut c = read16(0, 16);
+    c[0] = 0x93;
+    c[1] = 0x08; // UNMAP
+    assert_good(&run(&t, &n, &c, vec![0u8; BS]).await);
+    assert_eq!(*d.discards.lock().unwrap(), vec![(0, 16 * 512)]);
+    assert_eq!(read_blocks(&t, &n, 0, 16).await, vec![0u8; 16 * BS]);
+    let r = run(&t, &n, &get_lba_status(0, 24), vec![]).await;
+    assert_eq!(r.data_in[20], 0x01); // deallocated
+}
+
+#[tokio::test]
+async fn write_same10_unmap_is_supported_when_thin() {
+    let (t, n, d) = thin_ready().await;
+    assert_good(&run(&t, &n, &[0x41, 0x08, 0, 0, 0, 1, 0, 0, 7, 0], vec![0u8; BS]).await);
+    assert_eq!(*d.discards.lock().unwrap(), vec![(512, 7 * 512)]);
+}
+
+#[tokio::test]
+async fn write_same_unmap_with_nonzero_pattern_writes_the_pattern() {
+    let (t, n, d) = thin_ready().await;
+    assert_good(&run(&t, &n, &[0x41, 0x08, 0, 0, 0, 0, 0, 0, 2, 0], vec![5u8; BS]).await);
+    assert!(d.discards.lock().unwrap().is_empty());
+    assert_eq!(read_blocks(&t, &n, 0, 2).await, vec![5u8; 2 * BS]);
+}
+
+#[tokio::test]
+async fn write_same16_unmap_ndob_deallocates_without_data_out() {
+    let (t, n, d) = thin_ready().await;
+    let mut c = read16(4, 4);
+    c[0] = 0x93;
+    c[1] = 0x09; // UNMAP, NDOB
+    assert_good(&run(&t, &n, &c, vec![]).await);
+    assert_eq!(*d.discards.lock().unwrap(), vec![(4 * 512, 4 * 512)]);
+}

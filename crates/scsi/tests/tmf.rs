@@ -1,0 +1,248 @@
+#![allow(clippy::unwrap_used)]
+
+//! Task management (SAM-5 7): aborts wait for running tasks, so an aborted write never lands
+//! after the TMF response; unit attentions that TMFs raise.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use scsi::{Completion, ItNexus, Status, Target, Tmf, TmfResponse};
+
+const BS: usize = 512;
+
+async fn gated() -> (Arc<Target>, Arc<GatedDriver>, Arc<ItNexus>, Arc<ItNexus>) {
+    let d = Arc::new(GatedDriver::new(64 * 512, false));
+    let t = Arc::new(target_with(d.clone(), 512));
+    let a = nexus();
+    let b = nexus_named("iqn.1993-08.org.debian:01:b");
+    ready(&t, &a).await;
+    ready(&t, &b).await;
+    (t, d, a, b)
+}
+
+/// Start a WRITE(16) of one block of `fill` at `lba` and wait until it reaches the driver.
+async fn start_write(
+    t: &Arc<Target>,
+    d: &Arc<GatedDriver>,
+    n: &Arc<ItNexus>,
+    tag: u64,
+    lba: u64,
+    fill: u8,
+) -> tokio::task::JoinHandle<Completion> {
+    let t = t.clone();
+    let n = n.clone();
+    let h = tokio::spawn(async move {
+        t.execute(cmd(&n, tag, &write16(lba, 1), vec![fill; BS], 0))
+            .await
+    });
+    d.entered.notified().await;
+    h
+}
+
+async fn is_pending<T>(h: &mut tokio::task::JoinHandle<T>) -> bool {
+    tokio::time::timeout(Duration::from_millis(30), h)
+        .await
+        .is_err()
+}
+
+#[tokio::test]
+async fn abort_task_waits_for_the_running_write_and_completes_it_as_aborted() {
+    let (t, d, a, _) = gated().await;
+    let w = start_write(&t, &d, &a, 5, 0, 0x11).await;
+    let (t2, a2) = (t.clone(), a.clone());
+    let mut tmf = tokio::spawn(async move {
+        t2.task_management(&a2, Tmf::AbortTask { lun: 0, tag: 5 })
+            .await
+    });
+    assert!(
+        is_pending(&mut tmf).await,
+        "TMF answered before the write finished"
+    );
+    d.gate.add_permits(1);
+    assert_eq!(tmf.await.unwrap(), TmfResponse::FunctionComplete);
+    assert_eq!(w.await.unwrap(), Completion::Aborted);
+    // The write ran to the end before the TMF answered.
+    d.gate.add_permits(100);
+    assert_eq!(read_blocks(&t, &a, 0, 1).await, vec![0x11; BS]);
+}
+
+#[tokio::test]
+async fn abort_task_for_unknown_tag_is_task_does_not_exist() {
+    let (t, _, a, _) = gated().await;
+    let r = t
+        .task_management(&a, Tmf::AbortTask { lun: 0, tag: 99 })
+        .await;
+    assert_eq!(r, TmfResponse::TaskDoesNotExist);
+}
+
+#[tokio::test]
+async fn tmf_to_missing_lun_is_incorrect_lun() {
+    let (t, _, a, _) = gated().await;
+    assert_eq!(
+        t.task_management(&a, Tmf::AbortTaskSet { lun: 3 }).await,
+        TmfResponse::IncorrectLun
+    );
+    assert_eq!(
+        t.task_management(&a, Tmf::LogicalUnitReset { lun: 3 })
+            .await,
+        TmfResponse::IncorrectLun
+    );
+}
+
+#[tokio::test]
+async fn abort_task_of_another_nexus_does_not_exist() {
+    let (t, d, a, b) = gated().await;
+    let w = start_write(&t, &d, &a, 5, 0, 1).await;
+    let r = t
+        .task_management(&b, Tmf::AbortTask { lun: 0, tag: 5 })
+        .await;
+    assert_eq!(r, TmfResponse::TaskDoesNotExist);
+    d.gate.add_permits(1);
+    assert!(matches!(w.await.unwrap(), Completion::Done(r) if r.status == Status::GOOD));
+}
+
+#[tokio::test]
+async fn abort_task_set_aborts_only_this_nexus_tasks() {
+    let (t, d, a, b) = gated().await;
+    let wa = start_write(&t, &d, &a, 1, 0, 1).await;
+    let wb = start_write(&t, &d, &b, 1, 1, 2).await;
+    let (t2, a2) = (t.clone(), a.clone());
+    let tmf =
+        tokio::spawn(async move { t2.task_management(&a2, Tmf::AbortTaskSet { lun: 0 }).await });
+    d.gate.add_permits(2);
+    assert_eq!(tmf.await.unwrap(), TmfResponse::FunctionComplete);
+    assert_eq!(wa.await.unwrap(), Completion::Aborted);
+    assert!(matches!(wb.await.unwrap(), Completion::Done(r) if r.status == Status::GOOD));
+}
+
+#[tokio::test]
+async fn clear_task_set_aborts_all_and_tells_the_other_nexus() {
+    let (t, d, a, b) = gated().await;
+    let wa = start_write(&t, &d, &a, 1, 0, 1).await;
+    let wb = start_write(&t, &d, &b, 1, 1, 2).await;
+    let (t2, a2) = (t.clone(), a.clone());
+    let tmf =
+        tokio::spawn(async move { t2.task_management(&a2, Tmf::ClearTaskSet { lun: 0 }).await });
+    d.gate.add_permits(2);
+    assert_eq!(tmf.await.unwrap(), TmfResponse::FunctionComplete);
+    assert_eq!(wa.await.unwrap(), Completion::Aborted);
+    assert_eq!(wb.await.unwrap(), Completion::Aborted);
+    let r = run(&t, &b, &[0x00, 0, 0, 0, 0, 0], vec![]).await;
+    assert_sense(&r, 0x06, 0x2F, 0x00); // COMMANDS CLEARED BY ANOTHER INITIATOR
+    assert_good(&run(&t, &a, &[0x00, 0, 0, 0, 0, 0], vec![]).await);
+}
+
+#[tokio::test]
+async fn logical_unit_reset_resets_mode_pages_and_raises_ua_on_every_nexus() {
+    let (t, d, a, b) = gated().await;
+    // Turn on SWP, then reset: SWP must be back to its default (off).
+    let p = vec![
+        0, 0, 0, 0, 0x0A, 0x0A, 0, 0x10, 0x08, 0, 0, 0, 0xFF, 0xFF, 0, 0,
+    ];
+    assert_good(&run(&t, &a, &[0x15, 0x10, 0, 0, 16, 0], p).await);
+    let r = run(&t, &a, &write16(0, 1), vec![0; BS]).await;
+    assert_sense(&r, 0x07, 0x27, 0x00);
+    let r = t
+        .task_management(&a, Tmf::LogicalUnitReset { lun: 0 })
+        .await;
+    assert_eq!(r, TmfResponse::FunctionComplete);
+    for n in [&a, &b] {
+        let r = run(&t, n, &[0x00, 0, 0, 0, 0, 0], vec![]).await;
+        assert_sense(&r, 0x06, 0x29, 0x03); // BUS DEVICE RESET FUNCTION OCCURRED
+    }
+    d.gate.add_permits(1);
+    assert_good(&run(&t, &a, &write16(0, 1), vec![0; BS]).await);
+}
+
+#[tokio::test]
+async fn target_reset_raises_power_on_reset_on_every_nexus() {
+    let (t, _, a, b) = gated().await;
+    assert_eq!(
+        t.task_management(&a, Tmf::TargetWarmReset).await,
+        TmfResponse::FunctionComplete
+    );
+    for n in [&a, &b] {
+        let r = run(&t, n, &[0x00, 0, 0, 0, 0, 0], vec![]).await;
+        assert_sense(&r, 0x06, 0x29, 0x00);
+    }
+}
+
+#[tokio::test]
+async fn it_nexus_reset_raises_it_nexus_loss_on_that_nexus() {
+    let (t, _, a, b) = gated().await;
+    assert_eq!(
+        t.task_management(&a, Tmf::ItNexusReset).await,
+        TmfResponse::FunctionComplete
+    );
+    let r = run(&t, &a, &[0x00, 0, 0, 0, 0, 0], vec![]).await;
+    assert_sense(&r, 0x06, 0x29, 0x07); // I_T NEXUS LOSS OCCURRED
+    assert_good(&run(&t, &b, &[0x00, 0, 0, 0, 0, 0], vec![]).await);
+}
+
+#[tokio::test]
+async fn query_task_reports_running_tasks() {
+    let (t, d, a, _) = gated().await;
+    let w = start_write(&t, &d, &a, 9, 0, 1).await;
+    assert_eq!(
+        t.task_management(&a, Tmf::QueryTask { lun: 0, tag: 9 })
+            .await,
+        TmfResponse::FunctionSucceeded
+    );
+    assert_eq!(
+        t.task_management(&a, Tmf::QueryTaskSet { lun: 0 }).await,
+        TmfResponse::FunctionSucceeded
+    );
+    d.gate.add_permits(1);
+    w.await.unwrap();
+    assert_eq!(
+        t.task_management(&a, Tmf::QueryTask { lun: 0, tag: 9 })
+            .await,
+        TmfResponse::FunctionComplete
+    );
+}
+
+#[tokio::test]
+async fn query_async_event_reports_pending_unit_attention() {
+    let t = mem_target(64, 512);
+    let n = nexus();
+    // First contact queues POWER ON, RESET; INQUIRY does not consume it.
+    assert_good(&run(&t, &n, &[0x12, 0, 0, 0, 36, 0], vec![]).await);
+    assert_eq!(
+        t.task_management(&n, Tmf::QueryAsyncEvent { lun: 0 }).await,
+        TmfResponse::FunctionSucceeded
+    );
+    ready(&t, &n).await;
+    assert_eq!(
+        t.task_management(&n, Tmf::QueryAsyncEvent { lun: 0 }).await,
+        TmfResponse::FunctionComplete
+    );
+}
+
+#[tokio::test]
+async fn clear_aca_is_rejected() {
+    let (t, _, a, _) = gated().await;
+    assert_eq!(
+        t.task_management(&a, Tmf::ClearAca { lun: 0 }).await,
+        TmfResponse::FunctionRejected
+    );
+}
+
+#[tokio::test]
+async fn nexus_lost_forgets_the_nexus_state() {
+    let (t, _, a, _) = gated().await;
+    t.nexus_lost(&a);
+    let r = run(&t, &a, &[0x00, 0, 0, 0, 0, 0], vec![]).await;
+    assert_sense(&r, 0x06, 0x29, 0x00);
+}
+
+#[tokio::test]
+async fn aborted_running_task_of_lost_nexus_completes_as_aborted() {
+    let (t, d, a, _) = gated().await;
+    let w = start_write(&t, &d, &a, 3, 0, 1).await;
+    t.nexus_lost(&a);
+    d.gate.add_permits(1);
+    assert_eq!(w.await.unwrap(), Completion::Aborted);
+}
