@@ -468,7 +468,7 @@ async fn write_same16_ndob_writes_zeros_without_data_out() {
 
 #[tokio::test]
 async fn write_same_unmap_without_thin_provisioning_is_invalid_field() {
-    let (t, n) = ready_mem(64, 512).await;
+    let (t, n) = ready_thick(64, 512).await;
     let r = run(&t, &n, &[0x41, 0x08, 0, 0, 0, 0, 0, 0, 1, 0], vec![0u8; BS]).await;
     assert_sense(&r, 0x05, 0x24, 0x00);
 }

@@ -112,7 +112,7 @@ async fn vpd_device_identification_has_naa_and_target_port_designators() {
 
 #[tokio::test]
 async fn vpd_block_limits_on_a_full_512_byte_disk() {
-    let (t, n) = ready_mem(64, 512).await;
+    let (t, n) = ready_thick(64, 512).await;
     let r = run(&t, &n, &[0x12, 0x01, 0xB0, 0, 255, 0], vec![]).await;
     let mut want = vec![
         0, 0xB0, 0x00, 0x3C, // page length 60
@@ -159,7 +159,7 @@ async fn vpd_block_device_characteristics_is_non_rotating() {
 
 #[tokio::test]
 async fn vpd_logical_block_provisioning_full_and_thin() {
-    let (t, n) = ready_mem(64, 512).await;
+    let (t, n) = ready_thick(64, 512).await;
     let r = run(&t, &n, &[0x12, 0x01, 0xB2, 0, 255, 0], vec![]).await;
     assert_eq!(r.data_in, vec![0, 0xB2, 0, 4, 0, 0x00, 0x00, 0]);
     let (t, _) = thin_target(64, 512);
@@ -575,7 +575,7 @@ fn rsoc(options: u8, rctd: bool, opcode: u8, sa: u16) -> Vec<u8> {
 
 #[tokio::test]
 async fn rsoc_all_lists_commands_with_cdb_lengths() {
-    let (t, n) = ready_mem(64, 512).await;
+    let (t, n) = ready_thick(64, 512).await;
     let r = run(&t, &n, &rsoc(0, false, 0, 0), vec![]).await;
     assert_good(&r);
     let d = &r.data_in;

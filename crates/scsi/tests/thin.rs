@@ -91,7 +91,7 @@ async fn get_lba_status_beyond_end_is_lba_out_of_range() {
 
 #[tokio::test]
 async fn get_lba_status_on_full_disk_reports_everything_mapped() {
-    let (t, n) = ready_mem(64, 512).await;
+    let (t, n) = ready_thick(64, 512).await;
     let r = run(&t, &n, &get_lba_status(10, 24), vec![]).await;
     assert_eq!(
         &r.data_in[8..24],
@@ -142,7 +142,7 @@ async fn unmap_more_descriptors_than_advertised_is_invalid_field_in_parameter_li
 
 #[tokio::test]
 async fn unmap_on_fully_provisioned_lu_is_invalid_command_operation_code() {
-    let (t, n) = ready_mem(64, 512).await;
+    let (t, n) = ready_thick(64, 512).await;
     let p = unmap_params(&[(0, 1)]);
     let r = run(&t, &n, &unmap_cdb(p.len() as u16), p).await;
     assert_sense(&r, 0x05, 0x20, 0x00);

@@ -93,6 +93,50 @@ pub async fn ready(t: &Target, n: &Arc<ItNexus>) {
 }
 
 /// A target with one ready nexus.
+/// A ready target with LUN 0 on a thick (fully provisioned, no discard) memory disk.
+pub async fn ready_thick(blocks: u64, block_size: u32) -> (Target, Arc<ItNexus>) {
+    let d = Arc::new(ThickDriver(MemDriver::new(blocks * u64::from(block_size))));
+    let t = target_with(d, block_size);
+    let n = nexus();
+    ready(&t, &n).await;
+    (t, n)
+}
+
+/// A memory disk that reports no thin provisioning (no discard), like a fully allocated image.
+pub struct ThickDriver(pub MemDriver);
+
+#[async_trait]
+impl Driver for ThickDriver {
+    fn info(&self) -> DriverInfo {
+        DriverInfo {
+            discard: false,
+            discard_zeroes: false,
+            ..self.0.info()
+        }
+    }
+    async fn read(&self, o: u64, l: usize) -> Result<Vec<u8>, BlockError> {
+        self.0.read(o, l).await
+    }
+    async fn write(&self, o: u64, d: Vec<u8>, fua: bool) -> Result<(), BlockError> {
+        self.0.write(o, d, fua).await
+    }
+    async fn flush(&self) -> Result<(), BlockError> {
+        self.0.flush().await
+    }
+    async fn discard(&self, _: u64, _: u64) -> Result<(), BlockError> {
+        Err(BlockError::Unsupported)
+    }
+    async fn write_zeroes(&self, o: u64, l: u64, _unmap: bool) -> Result<(), BlockError> {
+        self.0.write_zeroes(o, l, false).await
+    }
+    async fn block_status(&self, _: u64, l: u64) -> Result<Extent, BlockError> {
+        Ok(Extent {
+            len: l,
+            mapped: true,
+        })
+    }
+}
+
 pub async fn ready_mem(blocks: u64, block_size: u32) -> (Target, Arc<ItNexus>) {
     let t = mem_target(blocks, block_size);
     let n = nexus();
