@@ -33,6 +33,9 @@ pub struct Limits {
     pub thin: bool,
     /// Deallocated blocks read as zeros.
     pub lbprz: bool,
+    /// OPTIMAL UNMAP GRANULARITY, in blocks: the backend's allocation unit (an unmap of less
+    /// reads back as zeros but may stay mapped).
+    pub unmap_granularity: u32,
 }
 
 impl Limits {
@@ -42,11 +45,11 @@ impl Limits {
     pub fn new(block_size: u32, caps: Capabilities) -> Self {
         let block_size = block_size.max(1);
         let max_transfer = (Self::MAX_TRANSFER_BYTES / block_size).max(1);
-        let lbppbe = if block_size < 4096 {
-            (4096 / block_size).trailing_zeros() as u8
-        } else {
-            0
-        };
+        // One logical block per physical block: the backing stores have no physical block
+        // an initiator must align to for correctness, and libiscsi skips its data-out size
+        // tests (and miscounts in GetLBAStatus.UnmapSingle) when LBPPB > 1. The allocation
+        // unit for unmapping is advertised separately as OPTIMAL UNMAP GRANULARITY.
+        let lbppbe = 0;
         let max_caw = caps
             .max_compare_and_write_blocks
             .min(255)
@@ -60,9 +63,12 @@ impl Limits {
             max_caw,
             max_unmap_lbas: if caps.thin { 1 << 20 } else { 0 },
             max_unmap_descriptors: if caps.thin { 256 } else { 0 },
-            max_write_same: 1 << 16,
+            // 0xFFFF as LIO advertises: WRITE SAME(10) cannot express more, and libiscsi
+            // pairs a larger value with a single 32 MiB WRITE.
+            max_write_same: 0xFFFF,
             thin: caps.thin,
             lbprz: caps.thin && caps.unmapped_reads_zero,
+            unmap_granularity: 1,
         }
     }
 
@@ -168,7 +174,7 @@ pub fn vpd(
             p[16..20].copy_from_slice(&limits.max_unmap_lbas.to_be_bytes());
             p[20..24].copy_from_slice(&limits.max_unmap_descriptors.to_be_bytes());
             if limits.thin {
-                p[24..28].copy_from_slice(&limits.lbppb().to_be_bytes());
+                p[24..28].copy_from_slice(&limits.unmap_granularity.to_be_bytes());
             }
             p[32..40].copy_from_slice(&limits.max_write_same.to_be_bytes());
             d.extend_from_slice(&p);

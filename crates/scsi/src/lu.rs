@@ -55,7 +55,10 @@ const CHUNK_BYTES: u32 = 1 << 20;
 
 impl LogicalUnit {
     pub fn new(backend: Backend, config: LuConfig) -> Self {
-        let limits = Limits::new(backend.block_size(), backend.capabilities());
+        let limits = Limits {
+            unmap_granularity: backend.unmap_granularity_blocks(),
+            ..Limits::new(backend.block_size(), backend.capabilities())
+        };
         Self {
             backend,
             config,
@@ -145,7 +148,7 @@ impl LogicalUnit {
         if !self.supported(info) {
             return Some(self.check(cond::INVALID_OPCODE));
         }
-        if let Err(s) = self.check_transfer_field(info, &parsed) {
+        if let Err(s) = self.check_transfer_field(info, &parsed, data_out.len()) {
             return Some(self.check(s));
         }
         let mut data_out = data_out;
@@ -358,7 +361,22 @@ impl LogicalUnit {
 
     /// SBC-4 6.6.4: a TRANSFER LENGTH above MAXIMUM TRANSFER LENGTH is INVALID FIELD IN CDB,
     /// pointing at the TRANSFER LENGTH field.
-    fn check_transfer_field(&self, info: &OpInfo, c: &Cdb) -> Result<(), Sense> {
+    fn check_transfer_field(
+        &self,
+        info: &OpInfo,
+        c: &Cdb,
+        data_out_len: usize,
+    ) -> Result<(), Sense> {
+        if let Cdb::CompareAndWrite { blocks, .. } = *c {
+            // SBC-4 5.3: NUMBER OF LOGICAL BLOCKS above MAXIMUM COMPARE AND WRITE LENGTH is an
+            // invalid field. Checked before the data-out length so that this, not the size
+            // mismatch, is reported. A zero count with data attached is an initiator asking for
+            // 256 blocks, which the one-byte field cannot hold: also an invalid field.
+            if blocks > u32::from(self.limits.max_caw) || (blocks == 0 && data_out_len != 0) {
+                return Err(Sense::invalid_field_in_cdb(13, 7));
+            }
+            return Ok(());
+        }
         let blocks = match *c {
             Cdb::Read { blocks, .. }
             | Cdb::Write { blocks, .. }
@@ -535,7 +553,10 @@ impl LogicalUnit {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let zero = ndob || pattern.iter().all(|&b| b == 0);
+        // SBC-4 5.50 with LBPRZ: UNMAP=1 on a thin LU deallocates the range, which then reads
+        // as zeros whatever the pattern was (as LIO does; libiscsi's WriteSame*UnmapUntilEnd
+        // sends a non-zero pattern with UNMAP and expects zeros back).
+        let zero = ndob || (unmap && self.limits.lbprz) || pattern.iter().all(|&b| b == 0);
         let r = if zero {
             self.backend.write_zeroes(lba, n, unmap).await
         } else {

@@ -346,6 +346,33 @@ fn caw(lba: u64, blocks: u8) -> Vec<u8> {
 }
 
 #[tokio::test]
+async fn compare_and_write_of_zero_blocks_with_data_is_invalid_field_in_cdb() {
+    // 256 blocks do not fit the one-byte NUMBER OF LOGICAL BLOCKS: an initiator that asks for
+    // them sends 0 with 2 x 256 blocks of data-out.
+    let (t, n) = ready_mem(1024, 512).await;
+    let r = run(&t, &n, &caw(0, 0), vec![b'A'; 512 * BS]).await;
+    assert_eq!(r.status, scsi::Status(0x02)); // CHECK CONDITION
+    assert_eq!(
+        &r.sense[..18],
+        &[
+            0x70, 0, 0x05, // current, fixed format; ILLEGAL REQUEST
+            0, 0, 0, 0, 10, 0, 0, 0, 0, // INFORMATION, ADDITIONAL SENSE LENGTH 10
+            0x24, 0x00, // INVALID FIELD IN CDB
+            0,    // FRU
+            0xCF, 0x00,
+            0x0D, // SKSV, C/D = CDB, BPV, bit 7 (left-most bit of the field); byte 13
+        ]
+    );
+}
+
+#[tokio::test]
+async fn compare_and_write_zero_blocks_without_data_is_good() {
+    // SBC-4 5.3: NUMBER OF LOGICAL BLOCKS zero is not an error.
+    let (t, n) = ready_mem(64, 512).await;
+    assert_good(&run(&t, &n, &caw(0, 0), vec![]).await);
+}
+
+#[tokio::test]
 async fn compare_and_write_matching_writes_new_data() {
     let (t, n) = ready_mem(64, 512).await;
     write_blocks(&t, &n, 8, vec![b'A'; 2 * BS], BS).await;

@@ -118,7 +118,7 @@ async fn vpd_block_limits_on_a_full_512_byte_disk() {
         0, 0xB0, 0x00, 0x3C, // page length 60
         0x00, // WSNZ=0
         255,  // MAXIMUM COMPARE AND WRITE LENGTH
-        0x00, 0x08, // OPTIMAL TRANSFER LENGTH GRANULARITY: 8 blocks (4 KiB)
+        0x00, 0x01, // OPTIMAL TRANSFER LENGTH GRANULARITY: 1 block (LBPPB = 1)
         0x00, 0x00, 0x40, 0x00, // MAXIMUM TRANSFER LENGTH 16384 (8 MiB)
         0x00, 0x00, 0x02, 0x00, // OPTIMAL TRANSFER LENGTH 512 (256 KiB)
         0x00, 0x00, 0x00, 0x00, // MAXIMUM PREFETCH LENGTH: no limit
@@ -126,7 +126,7 @@ async fn vpd_block_limits_on_a_full_512_byte_disk() {
         0, 0, 0, 0, // MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT
         0, 0, 0, 0, // OPTIMAL UNMAP GRANULARITY
         0, 0, 0, 0, // UNMAP GRANULARITY ALIGNMENT
-        0, 0, 0, 0, 0, 1, 0, 0, // MAXIMUM WRITE SAME LENGTH 65536
+        0, 0, 0, 0, 0, 0, 0xFF, 0xFF, // MAXIMUM WRITE SAME LENGTH 65535
     ];
     want.resize(64, 0);
     assert_eq!(r.data_in, want);
@@ -134,7 +134,8 @@ async fn vpd_block_limits_on_a_full_512_byte_disk() {
 
 #[tokio::test]
 async fn vpd_block_limits_advertises_unmap_when_thin() {
-    let (t, _) = thin_target(1024, 512);
+    // A thin disk that allocates in 4 KiB units: OPTIMAL UNMAP GRANULARITY is 8 blocks.
+    let t = target_with(Arc::new(ThinDriver::new(1024 * 512, 4096)), 512);
     let n = nexus();
     ready(&t, &n).await;
     let r = run(&t, &n, &[0x12, 0x01, 0xB0, 0, 255, 0], vec![]).await;
@@ -230,7 +231,7 @@ async fn read_capacity10_reports_last_lba_and_block_length() {
 }
 
 #[tokio::test]
-async fn read_capacity16_on_thin_disk_sets_lbpme_lbprz_and_exponent() {
+async fn read_capacity16_on_thin_disk_sets_lbpme_lbprz_and_one_block_per_physical_block() {
     let (t, _) = thin_target(1024, 512);
     let n = nexus();
     ready(&t, &n).await;
@@ -245,7 +246,7 @@ async fn read_capacity16_on_thin_disk_sets_lbpme_lbprz_and_exponent() {
         0, 0, 0, 0, 0, 0, 0x03, 0xFF, // RETURNED LOGICAL BLOCK ADDRESS 1023
         0, 0, 0x02, 0x00, // LOGICAL BLOCK LENGTH 512
         0x00, // no protection
-        0x03, // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT 3
+        0x00, // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT 0
         0xC0, // LBPME, LBPRZ
         0x00,
     ];

@@ -186,11 +186,13 @@ async fn write_same10_unmap_is_supported_when_thin() {
 }
 
 #[tokio::test]
-async fn write_same_unmap_with_nonzero_pattern_writes_the_pattern() {
+async fn write_same_unmap_with_nonzero_pattern_deallocates_on_an_lbprz_disk() {
     let (t, n, d) = thin_ready().await;
+    // WRITE SAME(10): opcode 41h, UNMAP (byte 1 bit 3), LBA 0, NUMBER OF LOGICAL BLOCKS 2,
+    // with a pattern of 05h bytes. With LBPRZ the blocks are deallocated and read as zeros.
     assert_good(&run(&t, &n, &[0x41, 0x08, 0, 0, 0, 0, 0, 0, 2, 0], vec![5u8; BS]).await);
-    assert!(d.discards.lock().unwrap().is_empty());
-    assert_eq!(read_blocks(&t, &n, 0, 2).await, vec![5u8; 2 * BS]);
+    assert_eq!(*d.discards.lock().unwrap(), vec![(0, 2 * 512)]);
+    assert_eq!(read_blocks(&t, &n, 0, 2).await, vec![0u8; 2 * BS]);
 }
 
 #[tokio::test]

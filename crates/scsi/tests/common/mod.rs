@@ -226,6 +226,9 @@ impl ThinDriver {
 
 #[async_trait]
 impl Driver for ThinDriver {
+    fn allocation_unit(&self) -> u64 {
+        self.grain
+    }
     fn info(&self) -> DriverInfo {
         DriverInfo {
             size: self.data.lock().unwrap().len() as u64,
