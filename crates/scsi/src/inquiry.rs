@@ -45,11 +45,14 @@ impl Limits {
     pub fn new(block_size: u32, caps: Capabilities) -> Self {
         let block_size = block_size.max(1);
         let max_transfer = (Self::MAX_TRANSFER_BYTES / block_size).max(1);
-        // One logical block per physical block: the backing stores have no physical block
-        // an initiator must align to for correctness, and libiscsi skips its data-out size
-        // tests (and miscounts in GetLBAStatus.UnmapSingle) when LBPPB > 1. The allocation
-        // unit for unmapping is advertised separately as OPTIMAL UNMAP GRANULARITY.
-        let lbppbe = 0;
+        // By default 4 KiB physical blocks ("512e" for 512-byte LUs): initiators then align
+        // their I/O to the page-sized unit the backing stores allocate in.
+        // `LogicalUnit::with_physical_block_size` chooses otherwise per LU.
+        let lbppbe = if block_size < 4096 {
+            (4096 / block_size).trailing_zeros() as u8
+        } else {
+            0
+        };
         let max_caw = caps
             .max_compare_and_write_blocks
             .min(255)

@@ -53,6 +53,14 @@ type Outcome = Result<Vec<u8>, Sense>;
 /// Largest buffer used by commands that walk a range (VERIFY, WRITE SAME with a pattern).
 const CHUNK_BYTES: u32 = 1 << 20;
 
+/// A physical block size that is not a power-of-two multiple of the logical block size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("Physical block size {bytes} is not a power-of-two multiple (at most 2^15) of the {logical}-byte logical block")]
+pub struct PhysicalBlockSizeError {
+    pub bytes: u32,
+    pub logical: u32,
+}
+
 impl LogicalUnit {
     pub fn new(backend: Backend, config: LuConfig) -> Self {
         let limits = Limits {
@@ -75,6 +83,24 @@ impl LogicalUnit {
 
     pub fn config(&self) -> &LuConfig {
         &self.config
+    }
+
+    /// Advertise `bytes`-sized physical blocks (READ CAPACITY(16) LOGICAL BLOCKS PER PHYSICAL
+    /// BLOCK EXPONENT, VPD 0xB0 OPTIMAL TRANSFER LENGTH GRANULARITY): a power of two, at least
+    /// the logical block size and at most 2^15 logical blocks. The default is 4096 bytes (or
+    /// the logical block size, when larger).
+    pub fn with_physical_block_size(mut self, bytes: u32) -> Result<Self, PhysicalBlockSizeError> {
+        let bs = self.backend.block_size();
+        let err = PhysicalBlockSizeError { bytes, logical: bs };
+        if bytes < bs || !bytes.is_power_of_two() {
+            return Err(err);
+        }
+        let exp = (bytes / bs).trailing_zeros();
+        if exp > 15 {
+            return Err(err);
+        }
+        self.limits.lbppbe = exp as u8;
+        Ok(self)
     }
 
     /// The limits this LU advertises (VPD 0xB0) and enforces.

@@ -118,7 +118,7 @@ async fn vpd_block_limits_on_a_full_512_byte_disk() {
         0, 0xB0, 0x00, 0x3C, // page length 60
         0x00, // WSNZ=0
         255,  // MAXIMUM COMPARE AND WRITE LENGTH
-        0x00, 0x01, // OPTIMAL TRANSFER LENGTH GRANULARITY: 1 block (LBPPB = 1)
+        0x00, 0x08, // OPTIMAL TRANSFER LENGTH GRANULARITY: 8 blocks (4 KiB physical)
         0x00, 0x00, 0x40, 0x00, // MAXIMUM TRANSFER LENGTH 16384 (8 MiB)
         0x00, 0x00, 0x02, 0x00, // OPTIMAL TRANSFER LENGTH 512 (256 KiB)
         0x00, 0x00, 0x00, 0x00, // MAXIMUM PREFETCH LENGTH: no limit
@@ -231,7 +231,7 @@ async fn read_capacity10_reports_last_lba_and_block_length() {
 }
 
 #[tokio::test]
-async fn read_capacity16_on_thin_disk_sets_lbpme_lbprz_and_one_block_per_physical_block() {
+async fn read_capacity16_on_thin_disk_sets_lbpme_lbprz_and_exponent() {
     let (t, _) = thin_target(1024, 512);
     let n = nexus();
     ready(&t, &n).await;
@@ -246,7 +246,7 @@ async fn read_capacity16_on_thin_disk_sets_lbpme_lbprz_and_one_block_per_physica
         0, 0, 0, 0, 0, 0, 0x03, 0xFF, // RETURNED LOGICAL BLOCK ADDRESS 1023
         0, 0, 0x02, 0x00, // LOGICAL BLOCK LENGTH 512
         0x00, // no protection
-        0x00, // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT 0
+        0x03, // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT 3 (4 KiB physical)
         0xC0, // LBPME, LBPRZ
         0x00,
     ];
@@ -691,4 +691,41 @@ async fn overlapped_tag_is_aborted_command() {
     assert_sense(&r, 0x0B, 0x4E, 0x00); // ABORTED COMMAND, OVERLAPPED COMMANDS ATTEMPTED
     d.gate.add_permits(1);
     assert!(matches!(first.await.unwrap(), Completion::Done(r) if r.status == Status::GOOD));
+}
+
+#[tokio::test]
+async fn physical_block_size_of_512_on_a_512_byte_lu_reports_exponent_0() {
+    let backend = block::Backend::new(Arc::new(block::driver::mem::MemDriver::new(64 * 512)), 512)
+        .expect("valid block size");
+    let lu = scsi::LogicalUnit::new(backend, config())
+        .with_physical_block_size(512)
+        .expect("512 is a valid physical block size");
+    let mut t = scsi::Target::new();
+    t.add_lu(0, Arc::new(lu));
+    let n = nexus();
+    ready(&t, &n).await;
+    // READ CAPACITY(16): SERVICE ACTION 10h, ALLOCATION LENGTH 32.
+    let r = run(
+        &t,
+        &n,
+        &[0x9E, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+        vec![],
+    )
+    .await;
+    assert_eq!(r.data_in[13], 0x00); // LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT 0
+                                     // VPD 0xB0: OPTIMAL TRANSFER LENGTH GRANULARITY (bytes 6..8) is 1 block.
+    let r = run(&t, &n, &[0x12, 0x01, 0xB0, 0, 255, 0], vec![]).await;
+    assert_eq!(&r.data_in[6..8], &[0x00, 0x01]);
+}
+
+#[test]
+fn physical_block_size_must_be_a_power_of_two_multiple_of_the_logical_block() {
+    let lu = || {
+        let d = Arc::new(block::driver::mem::MemDriver::new(64 * 4096));
+        scsi::LogicalUnit::new(block::Backend::new(d, 4096).expect("valid"), config())
+    };
+    assert!(lu().with_physical_block_size(512).is_err()); // smaller than a logical block
+    assert!(lu().with_physical_block_size(12288).is_err()); // not a power of two
+    assert!(lu().with_physical_block_size(4096 << 16).is_err()); // exponent above 15
+    assert!(lu().with_physical_block_size(16384).is_ok());
 }
