@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use scsi::{Command, Completion, ItNexus, Response, TaskAttr, Tmf, TmfResponse};
@@ -95,6 +95,17 @@ pub struct Shared {
     /// All SCSI commands executing (for Logout).
     executing: AtomicU32,
     immediate: AtomicU32,
+    /// Commands handed to the SCSI layer, by ITT. Locked once when a command starts and once
+    /// when it ends; only this connection's tasks use it. A task marked aborted by a task
+    /// management function gets no response (RFC 7143 4.2.3.3), whatever the SCSI layer
+    /// returns.
+    running: Mutex<HashMap<u32, Running>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Running {
+    lun: u64,
+    aborted: bool,
 }
 
 impl Shared {
@@ -104,7 +115,11 @@ impl Shared {
             outstanding: AtomicU32::new(0),
             executing: AtomicU32::new(0),
             immediate: AtomicU32::new(0),
+            running: Mutex::new(HashMap::new()),
         }
+    }
+    fn running(&self) -> MutexGuard<'_, HashMap<u32, Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
     fn exp(&self) -> u32 {
         self.exp_cmdsn.load(Ordering::Acquire)
@@ -336,10 +351,14 @@ impl Conn {
 
     async fn handle(&mut self, pdu: Pdu) -> Result<Flow, SessionError> {
         if pdu.data_digest_bad {
-            // RFC 7143 7.8 / 11.17.1: Reject with "data digest error" and discard; at ERL 0
-            // the affected task cannot be recovered, so the connection ends.
+            // RFC 7143 7.8 / 11.17.1: Reject with "data digest error" and discard the PDU. At
+            // ERL 0 a Data-Out cannot be asked for again, so its task ends with CHECK
+            // CONDITION, PROTOCOL SERVICE CRC ERROR.
             self.reject(reject::DATA_DIGEST, &pdu.bhs);
-            return Ok(Flow::Close);
+            if pdu.bhs.opcode() == op::DATA_OUT {
+                self.fail_task(pdu.bhs.itt(), 0x47, 0x05);
+            }
+            return Ok(Flow::Continue);
         }
         match pdu.bhs.opcode() {
             op::NOP_OUT | op::SCSI_CMD | op::TMF_REQ | op::TEXT_REQ | op::LOGOUT_REQ => {
@@ -504,7 +523,7 @@ impl Conn {
         let edtl = bhs.field20();
         let lun_raw = bhs.lun();
         let lun = pdu::decode_lun(lun_raw);
-        if self.tasks.contains_key(&itt) {
+        if self.tasks.contains_key(&itt) || self.shared.running().contains_key(&itt) {
             // RFC 7143 11.2.1.8: ITTs are unique among outstanding tasks.
             self.uncount(!immediate);
             self.reject(reject::INVALID_FIELD, &bhs);
@@ -545,14 +564,8 @@ impl Conn {
         }
         if edtl > MAX_WRITE {
             self.uncount(!immediate);
-            let resp = Response {
-                status: scsi::Status::CHECK_CONDITION,
-                // Fixed sense: ILLEGAL REQUEST, INVALID FIELD IN CDB (24h/00h).
-                sense: vec![
-                    0x70, 0, 0x05, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x24, 0x00, 0, 0, 0, 0,
-                ],
-                data_in: Vec::new(),
-            };
+            // ILLEGAL REQUEST, INVALID FIELD IN CDB (24h/00h).
+            let resp = check_condition(0x05, 0x24, 0x00);
             self.send(Out::Result(Box::new(ScsiResult {
                 itt,
                 lun: lun_raw,
@@ -670,16 +683,21 @@ impl Conn {
             self.reject(reject::INVALID_FIELD, &bhs);
             return Ok(Flow::Continue);
         }
-        // RFC 7143 11.7.5 / 7.8: a DataSN out of order at ERL 0 fails the connection.
+        // RFC 7143 7.9: a DataSN out of order means an earlier Data-Out was lost to a digest
+        // error, handled as in 7.8; at ERL 0 the task ends with CHECK CONDITION, ABORTED
+        // COMMAND / PROTOCOL SERVICE CRC ERROR (11.4.7.2). Later Data-Out for it is discarded.
         if bhs.u32_at(36) != task.datasn {
-            return Err(SessionError::Protocol("Data-Out DataSN out of order"));
+            self.fail_task(itt, 0x47, 0x05);
+            return Ok(Flow::Continue);
         }
         let offset = bhs.u32_at(40);
         let len = pdu.data.len() as u32;
         let got = task.buf.len() as u32;
-        // DataPDUInOrder=Yes: each PDU continues where the last ended, within the sequence.
+        // DataPDUInOrder=Yes: each PDU continues where the last ended, within the sequence;
+        // otherwise the task ends with INCORRECT AMOUNT OF DATA (0Ch/0Dh, RFC 7143 11.4.7.2).
         if offset != got || got.checked_add(len).is_none_or(|end| end > task.seq_end) {
-            return Err(SessionError::Protocol("Data-Out offset or length invalid"));
+            self.fail_task(itt, 0x0c, 0x0d);
+            return Ok(Flow::Continue);
         }
         task.buf.extend_from_slice(&pdu.data);
         task.datasn = task.datasn.wrapping_add(1);
@@ -689,6 +707,22 @@ impl Conn {
         }
         self.advance_write(itt);
         Ok(Flow::Continue)
+    }
+
+    /// End a task still collecting data with CHECK CONDITION, ABORTED COMMAND and the given
+    /// additional sense code.
+    fn fail_task(&mut self, itt: u32, asc: u8, ascq: u8) {
+        let Some(t) = self.tasks.remove(&itt) else {
+            return;
+        };
+        self.uncount(t.counted);
+        self.send(Out::Result(Box::new(ScsiResult {
+            itt,
+            lun: t.lun_raw,
+            resp: check_condition(0x0b, asc, ascq),
+            edtl_in: 0,
+            write_residual: None,
+        })));
     }
 
     fn execute(
@@ -704,6 +738,13 @@ impl Conn {
         let shared = self.shared.clone();
         let itt = cmd.tag as u32;
         shared.executing.fetch_add(1, Ordering::AcqRel);
+        shared.running().insert(
+            itt,
+            Running {
+                lun: cmd.lun,
+                aborted: false,
+            },
+        );
         if !counted {
             shared.immediate.fetch_add(1, Ordering::AcqRel);
         }
@@ -714,14 +755,19 @@ impl Conn {
             } else {
                 shared.immediate.fetch_sub(1, Ordering::AcqRel);
             }
-            if let Completion::Done(resp) = done {
-                let _ = tx.send(Out::Result(Box::new(ScsiResult {
-                    itt,
-                    lun,
-                    resp,
-                    edtl_in,
-                    write_residual,
-                })));
+            {
+                // Send under the lock, so a TMF response can never overtake it unnoticed.
+                let mut running = shared.running();
+                let aborted = running.remove(&itt).is_some_and(|r| r.aborted);
+                if let (Completion::Done(resp), false) = (done, aborted) {
+                    let _ = tx.send(Out::Result(Box::new(ScsiResult {
+                        itt,
+                        lun,
+                        resp,
+                        edtl_in,
+                        write_residual,
+                    })));
+                }
             }
             shared.executing.fetch_sub(1, Ordering::AcqRel);
         });
@@ -757,6 +803,7 @@ impl Conn {
         };
         // RFC 7143 11.6.1 response codes.
         const COMPLETE: u8 = 0;
+        const TASK_DOES_NOT_EXIST: u8 = 1;
         const NOT_SUPPORTED: u8 = 5;
         const REASSIGN_NOT_SUPPORTED: u8 = 4;
         let tmf = match func {
@@ -785,6 +832,11 @@ impl Conn {
                 if ref_d < tmf_d && tmf_d < 0x8000_0000 {
                     self.held.entry(refsn).or_insert(Held::Skip);
                     respond(self, b, COMPLETE);
+                    return Flow::Continue;
+                }
+                // Neither collecting data nor executing: it completed (or never existed).
+                if !self.shared.running().contains_key(&rtt) {
+                    respond(self, b, TASK_DOES_NOT_EXIST);
                     return Flow::Continue;
                 }
                 Tmf::AbortTask {
@@ -822,6 +874,7 @@ impl Conn {
             }
         };
         let tx = self.tx.clone();
+        let shared = self.shared.clone();
         let server = self.server.clone();
         let kind = self.kind;
         tokio::spawn(async move {
@@ -832,12 +885,37 @@ impl Conn {
                 TmfResponse::IncorrectLun => 2,
                 TmfResponse::FunctionRejected => 255,
             };
-            b.0[2] = code;
-            let _ = tx.send(Out::Pdu {
-                bhs: b,
-                data: Vec::new(),
-                sn: Sn::Status,
-            });
+            {
+                // Tasks the function ended get no response of their own: mark them, and send
+                // the TMF response under the same lock.
+                let mut running = shared.running();
+                let mut code = code;
+                if let Tmf::AbortTask { tag, .. } = tmf {
+                    // The task completed (and its response went out) while the SCSI layer
+                    // was being asked: it no longer exists.
+                    if code == 0 && u32::try_from(tag).is_ok_and(|t| !running.contains_key(&t)) {
+                        code = 1;
+                    }
+                }
+                b.0[2] = code;
+                if code == 0 {
+                    for (itt, r) in running.iter_mut() {
+                        let hit = match tmf {
+                            Tmf::AbortTask { tag, .. } => u64::from(*itt) == tag,
+                            Tmf::AbortTaskSet { lun }
+                            | Tmf::ClearTaskSet { lun }
+                            | Tmf::LogicalUnitReset { lun } => r.lun == lun,
+                            _ => true,
+                        };
+                        r.aborted |= hit;
+                    }
+                }
+                let _ = tx.send(Out::Pdu {
+                    bhs: b,
+                    data: Vec::new(),
+                    sn: Sn::Status,
+                });
+            }
             // RFC 7143 11.5.1: after TARGET COLD RESET the target drops all its connections.
             if tmf == Tmf::TargetColdReset {
                 if let Kind::Normal(i) = kind {
@@ -984,6 +1062,22 @@ impl Conn {
         b.set_u16(42, 0);
         self.send_pdu(b, Vec::new(), Sn::Status);
         Flow::Close
+    }
+}
+
+/// CHECK CONDITION with fixed-format sense data (SPC-5 4.4.3).
+fn check_condition(key: u8, asc: u8, ascq: u8) -> Response {
+    Response {
+        status: scsi::Status::CHECK_CONDITION,
+        sense: vec![
+            0x70, // current error, fixed format
+            0, key, // SENSE KEY
+            0, 0, 0, 0, 10, // ADDITIONAL SENSE LENGTH
+            0, 0, 0, 0, asc,  // ADDITIONAL SENSE CODE
+            ascq, // ADDITIONAL SENSE CODE QUALIFIER
+            0, 0, 0, 0,
+        ],
+        data_in: Vec::new(),
     }
 }
 
