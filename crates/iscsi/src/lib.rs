@@ -309,6 +309,7 @@ impl Server {
                 _ => {}
             }
         };
+        tracing::debug!(%peer, initiator = %est.initiator_name, params = ?est.params, "iSCSI session established");
         let target = match est.kind {
             Kind::Normal(i) => self.config.targets.get(i).map(|t| t.scsi.clone()),
             Kind::Discovery => None,
