@@ -25,7 +25,7 @@ mod text;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +38,8 @@ use crate::pdu::Framing;
 
 /// Time allowed for the whole login phase.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default idle time before a NOP-In ping, and the time allowed for its answer.
+const NOP_INTERVAL: Duration = Duration::from_secs(15);
 /// Time allowed for a reinstated session to end.
 const REINSTATE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -112,6 +114,7 @@ pub struct Server {
     registry: Mutex<Registry>,
     next_tsih: AtomicU16,
     shutdown: watch::Sender<bool>,
+    nop_interval_ms: AtomicU64,
 }
 
 impl Server {
@@ -121,7 +124,20 @@ impl Server {
             registry: Mutex::new(Registry::default()),
             next_tsih: AtomicU16::new(1),
             shutdown: watch::channel(false).0,
+            nop_interval_ms: AtomicU64::new(NOP_INTERVAL.as_millis() as u64),
         })
+    }
+
+    /// Keep-alive: after `interval` without a PDU from the initiator a session sends a NOP-In
+    /// ping (RFC 7143 11.19), and ends when the next `interval` passes without any PDU.
+    /// Applies to sessions that start afterwards. Default 15 s.
+    pub fn set_nop_interval(&self, interval: Duration) {
+        let ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.nop_interval_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn nop_interval(&self) -> Duration {
+        Duration::from_millis(self.nop_interval_ms.load(Ordering::Relaxed))
     }
 
     pub fn config(&self) -> &ServerConfig {
@@ -390,5 +406,40 @@ pub mod fuzzing {
             let _ = login.step(&req, local);
             let _ = login.step(&req, local);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    /// The fuzz entry points survive random input and mutations of valid input.
+    #[test]
+    fn fuzz_entry_points_never_panic() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7143);
+        let mut login = b"InitiatorName=iqn.x\0TargetName=iqn.2026-01.io.sharedisk:fuzz\0AuthMethod=CHAP\0CHAP_A=5\0CHAP_N=u\0CHAP_R=0x00\0HeaderDigest=CRC32C\0MaxBurstLength=512\0".to_vec();
+        let mut pdu = vec![0u8; 48];
+        pdu[0] = 0x01; // SCSI Command
+        pdu[4] = 2; // TotalAHSLength: 8 bytes
+        pdu[7] = 4; // DataSegmentLength
+        pdu.extend_from_slice(&[0, 5, 1, 0, 1, 2, 3, 4]); // Extended CDB AHS
+        pdu.extend_from_slice(&[1, 2, 3, 4]);
+        for _ in 0..5000 {
+            let n = rng.gen_range(0..200);
+            let random: Vec<u8> = (0..n).map(|_| rng.gen()).collect();
+            super::fuzzing::pdu(&random);
+            super::fuzzing::login_text(&random);
+            for buf in [&mut login, &mut pdu] {
+                let mut m = buf.clone();
+                for _ in 0..rng.gen_range(1..4) {
+                    let i = rng.gen_range(0..m.len());
+                    m[i] = rng.gen();
+                }
+                super::fuzzing::pdu(&m);
+                super::fuzzing::login_text(&m);
+            }
+        }
+        login.clear();
+        pdu.clear();
     }
 }

@@ -33,8 +33,6 @@ pub const QUEUE_DEPTH: u32 = 128;
 pub const MAX_WRITE: u32 = 32 * 1024 * 1024;
 /// Immediate commands in flight at once; more are rejected (RFC 7143 11.17.1, reason 0x06).
 const MAX_IMMEDIATE: u32 = 16;
-/// Idle time before a NOP-In ping, and the time allowed for its answer.
-const PING_IDLE: Duration = Duration::from_secs(15);
 /// Longest text (SendTargets) request or response kept.
 const MAX_TEXT: usize = 64 * 1024;
 
@@ -265,12 +263,13 @@ where
         text_in: Vec::new(),
         text_out: None,
     };
+    let ping_idle = conn.server.nop_interval();
     let result = loop {
         // Wait for the next PDU's first byte, pinging an idle initiator (keep-alive).
         let ready = tokio::select! {
             biased;
             _ = kill.changed() => break Ok(()),
-            r = tokio::time::timeout(PING_IDLE, async { rd.fill_buf().await.map(|b| b.is_empty()) }) => r,
+            r = tokio::time::timeout(ping_idle, async { rd.fill_buf().await.map(|b| b.is_empty()) }) => r,
         };
         match ready {
             Err(_) => {

@@ -11,6 +11,10 @@ use tokio::net::TcpStream;
 const TARGET: &str = "iqn.2026-01.io.sharedisk:wire";
 
 async fn start() -> std::net::SocketAddr {
+    start_server().await.0
+}
+
+async fn start_server() -> (std::net::SocketAddr, Arc<Server>) {
     let driver = block::driver::mem::MemDriver::new(16 << 20);
     let backend = block::Backend::new(Arc::new(driver), 512).expect("512-byte blocks");
     let lu = scsi::LogicalUnit::new(
@@ -41,8 +45,8 @@ async fn start() -> std::net::SocketAddr {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(server.serve(listener));
-    addr
+    tokio::spawn(server.clone().serve(listener));
+    (addr, server)
 }
 
 struct Pdu {
@@ -93,6 +97,10 @@ impl Client {
 
     /// Log in to the test target in one operational-stage exchange (CSG=1 → NSG=3).
     async fn login(addr: std::net::SocketAddr, keys: &str) -> Client {
+        Self::login_isid(addr, keys, [0x80, 1, 2, 3, 4, 5]).await
+    }
+
+    async fn login_isid(addr: std::net::SocketAddr, keys: &str, isid: [u8; 6]) -> Client {
         let s = TcpStream::connect(addr).await.expect("connect");
         let mut c = Client {
             s,
@@ -102,7 +110,7 @@ impl Client {
         let mut b = [0u8; 48];
         b[0] = 0x43; // I=1, Login Request
         b[1] = 0x87; // T=1, CSG=1, NSG=3
-        b[8..14].copy_from_slice(&[0x80, 1, 2, 3, 4, 5]); // ISID
+        b[8..14].copy_from_slice(&isid); // ISID
         b[16..20].copy_from_slice(&0u32.to_be_bytes()); // ITT
         b[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
         let text = format!(
@@ -357,4 +365,87 @@ async fn oversized_data_segment_ends_the_connection() {
         .expect("closed in time")
         .unwrap_or(0);
     assert_eq!(n, 0);
+}
+
+async fn closed(c: &mut Client) -> bool {
+    let mut buf = [0u8; 1];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), c.s.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test]
+async fn idle_session_is_pinged_and_dropped_when_the_ping_is_unanswered() {
+    let (addr, server) = start_server().await;
+    server.set_nop_interval(Duration::from_millis(200));
+    let mut c = Client::login(addr, "").await;
+    let ping = c.recv().await.expect("NOP-In ping");
+    assert_eq!(ping.bhs[0], 0x20, "NOP-In");
+    assert_eq!(ping.u32(16), 0xffff_ffff, "ITT reserved: a ping, not a response");
+    assert_ne!(ping.u32(20), 0xffff_ffff, "TTT asks for an answer");
+    assert!(closed(&mut c).await, "unanswered ping ends the connection");
+}
+
+#[tokio::test]
+async fn answered_ping_keeps_the_session() {
+    let (addr, server) = start_server().await;
+    server.set_nop_interval(Duration::from_millis(200));
+    let mut c = Client::login(addr, "").await;
+    for _ in 0..3 {
+        let ping = c.recv().await.expect("NOP-In ping");
+        // NOP-Out answer: immediate, ITT 0xffffffff, TTT copied (RFC 7143 11.18).
+        let mut n = [0u8; 48];
+        n[0] = 0x40;
+        n[1] = 0x80;
+        n[16..20].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
+        n[20..24].copy_from_slice(&ping.bhs[20..24]);
+        n[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+        c.send(n, &[]).await;
+    }
+    assert_eq!(server.sessions().len(), 1);
+}
+
+#[tokio::test]
+async fn login_with_the_same_isid_reinstates_the_session() {
+    let (addr, server) = start_server().await;
+    let mut old = Client::login(addr, "").await;
+    let _new = Client::login(addr, "").await;
+    assert!(closed(&mut old).await, "the old connection is closed");
+    assert_eq!(server.sessions().len(), 1);
+    let _other = Client::login_isid(addr, "", [0x80, 9, 9, 9, 9, 9]).await;
+    assert_eq!(server.sessions().len(), 2);
+}
+
+#[tokio::test]
+async fn target_cold_reset_drops_every_connection() {
+    let addr = start().await;
+    let mut a = Client::login(addr, "").await;
+    let mut b = Client::login_isid(addr, "", [0x80, 7, 7, 7, 7, 7]).await;
+    let mut t = [0u8; 48];
+    t[0] = 0x42; // I=1, TMF Request
+    t[1] = 0x87; // F=1, TARGET COLD RESET
+    t[16..20].copy_from_slice(&50u32.to_be_bytes());
+    t[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
+    t[24..28].copy_from_slice(&a.cmdsn.to_be_bytes());
+    a.send(t, &[]).await;
+    let r = a.recv().await.expect("TMF Response");
+    assert_eq!(r.bhs[0], 0x22);
+    assert_eq!(r.bhs[2], 0, "Function complete");
+    assert!(closed(&mut a).await);
+    assert!(closed(&mut b).await);
+}
+
+#[tokio::test]
+async fn unsupported_tmf_function_is_answered_not_supported() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    let mut t = [0u8; 48];
+    t[0] = 0x42;
+    t[1] = 0x83; // F=1, CLEAR ACA
+    t[16..20].copy_from_slice(&51u32.to_be_bytes());
+    t[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+    c.send(t, &[]).await;
+    let r = c.recv().await.expect("TMF Response");
+    assert_eq!(r.bhs[2], 5, "Task management function not supported");
 }
