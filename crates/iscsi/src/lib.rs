@@ -132,7 +132,9 @@ impl Server {
     /// ping (RFC 7143 11.19), and ends when the next `interval` passes without any PDU.
     /// Applies to sessions that start afterwards. Default 15 s.
     pub fn set_nop_interval(&self, interval: Duration) {
-        let ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ms = u64::try_from(interval.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         self.nop_interval_ms.store(ms, Ordering::Relaxed);
     }
 

@@ -10,9 +10,12 @@
 //!   MaxBurstLength, and flushes only when no more messages are ready (batching).
 //!
 //! Bounded memory: at most [`QUEUE_DEPTH`] commands are admitted (MaxCmdSN shrinks as commands
-//! are outstanding), each buffers at most its EDTL of data-out, capped at [`MAX_WRITE`].
+//! are outstanding), each buffers at most its EDTL of data-out, capped at [`MAX_WRITE`]:
+//! unsolicited data is at most FirstBurstLength per command, and the data solicited by R2Ts of
+//! one connection at most [`MAX_SOLICITED`] (an R2T waits until earlier writes have left; one
+//! is always allowed when none is outstanding, so writes always progress).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,6 +34,9 @@ use crate::Server;
 pub const QUEUE_DEPTH: u32 = 128;
 /// Largest EDTL of a write buffered by the transport.
 pub const MAX_WRITE: u32 = 32 * 1024 * 1024;
+/// Data-out bytes one connection solicits with R2Ts at once; a write's first R2T waits until
+/// earlier writes have left.
+pub const MAX_SOLICITED: u64 = 64 * 1024 * 1024;
 /// Immediate commands in flight at once; more are rejected (RFC 7143 11.17.1, reason 0x06).
 const MAX_IMMEDIATE: u32 = 16;
 /// Longest text (SendTargets) request or response kept.
@@ -178,6 +184,8 @@ struct WriteTask {
     ttt: u32,
     datasn: u32,
     r2tsn: u32,
+    /// Bytes this task has asked for with R2Ts and still holds (see [`MAX_SOLICITED`]).
+    solicited: u64,
 }
 
 struct Conn {
@@ -198,6 +206,10 @@ struct Conn {
     ping: Option<u32>,
     text_in: Vec<u8>,
     text_out: Option<(u32, Vec<u8>)>,
+    /// Bytes solicited by R2Ts of tasks still collecting data.
+    solicited: u64,
+    /// Tasks waiting to send their next R2T, oldest first.
+    r2t_wait: VecDeque<u32>,
 }
 
 enum Flow {
@@ -262,6 +274,8 @@ where
         ping: None,
         text_in: Vec::new(),
         text_out: None,
+        solicited: 0,
+        r2t_wait: VecDeque::new(),
     };
     let ping_idle = conn.server.nop_interval();
     let result = loop {
@@ -349,6 +363,14 @@ impl Conn {
     }
 
     async fn handle(&mut self, pdu: Pdu) -> Result<Flow, SessionError> {
+        let flow = self.handle_pdu(pdu).await;
+        if !self.r2t_wait.is_empty() {
+            self.pump_r2t();
+        }
+        flow
+    }
+
+    async fn handle_pdu(&mut self, pdu: Pdu) -> Result<Flow, SessionError> {
         if pdu.data_digest_bad {
             // RFC 7143 7.8 / 11.17.1: Reject with "data digest error" and discard the PDU. At
             // ERL 0 a Data-Out cannot be asked for again, so its task ends with CHECK
@@ -581,7 +603,7 @@ impl Conn {
         } else {
             imm
         };
-        let mut buf = Vec::with_capacity(edtl as usize);
+        let mut buf = Vec::with_capacity(unsol_end.max(imm) as usize);
         buf.extend_from_slice(&data);
         let task = WriteTask {
             lun,
@@ -597,6 +619,7 @@ impl Conn {
             ttt: RESERVED_TAG,
             datasn: 0,
             r2tsn: 0,
+            solicited: 0,
         };
         self.tasks.insert(itt, task);
         self.advance_write(itt);
@@ -617,7 +640,7 @@ impl Conn {
         };
         let got = task.buf.len() as u32;
         if got >= task.edtl {
-            if let Some(t) = self.tasks.remove(&itt) {
+            if let Some(t) = self.take_task(itt) {
                 let (Some(target), Some(nexus)) = (self.target.clone(), self.nexus.clone()) else {
                     return;
                 };
@@ -640,6 +663,19 @@ impl Conn {
         }
         // RFC 7143 11.8: one R2T at a time (MaxOutstandingR2T=1), at most MaxBurstLength.
         let len = (task.edtl - got).min(max_burst);
+        if task.solicited == 0 {
+            // The first R2T reserves everything the task still needs, so a started write
+            // never waits for budget (and always finishes, freeing it).
+            let need = u64::from(task.edtl - got);
+            if self.solicited > 0 && self.solicited + need > MAX_SOLICITED {
+                if !self.r2t_wait.contains(&itt) {
+                    self.r2t_wait.push_back(itt);
+                }
+                return;
+            }
+            task.solicited = need;
+            self.solicited += need;
+        }
         let ttt = {
             let t = self.next_ttt;
             self.next_ttt = self.next_ttt.wrapping_add(1);
@@ -663,6 +699,29 @@ impl Conn {
         b.set_u32(40, got);
         b.set_u32(44, len);
         self.send_pdu(b, Vec::new(), Sn::Peek);
+    }
+
+    /// Remove a task collecting data, returning what it solicited to the budget.
+    fn take_task(&mut self, itt: u32) -> Option<WriteTask> {
+        let t = self.tasks.remove(&itt)?;
+        self.solicited = self.solicited.saturating_sub(t.solicited);
+        Some(t)
+    }
+
+    /// Send the R2Ts that waited for budget, oldest first, while budget lasts.
+    fn pump_r2t(&mut self) {
+        while let Some(itt) = self.r2t_wait.pop_front() {
+            if !self.tasks.contains_key(&itt) {
+                continue;
+            }
+            self.advance_write(itt);
+            if self.r2t_wait.back() == Some(&itt) {
+                // Still no budget: keep it first in line.
+                self.r2t_wait.pop_back();
+                self.r2t_wait.push_front(itt);
+                break;
+            }
+        }
     }
 
     fn data_out(&mut self, pdu: Pdu) -> Result<Flow, SessionError> {
@@ -711,7 +770,7 @@ impl Conn {
     /// End a task still collecting data with CHECK CONDITION, ABORTED COMMAND and the given
     /// additional sense code.
     fn fail_task(&mut self, itt: u32, asc: u8, ascq: u8) {
-        let Some(t) = self.tasks.remove(&itt) else {
+        let Some(t) = self.take_task(itt) else {
             return;
         };
         self.uncount(t.counted);
@@ -775,13 +834,18 @@ impl Conn {
     /// Drop transport-side tasks still collecting data that `pred` selects.
     fn drop_tasks(&mut self, pred: impl Fn(u64) -> bool) {
         let shared = self.shared.clone();
+        let mut released = 0;
         self.tasks.retain(|_, t| {
             let keep = !pred(t.lun);
-            if !keep && t.counted {
-                shared.outstanding.fetch_sub(1, Ordering::AcqRel);
+            if !keep {
+                released += t.solicited;
+                if t.counted {
+                    shared.outstanding.fetch_sub(1, Ordering::AcqRel);
+                }
             }
             keep
         });
+        self.solicited = self.solicited.saturating_sub(released);
     }
 
     fn tmf(&mut self, pdu: &Pdu) -> Flow {
@@ -808,7 +872,7 @@ impl Conn {
         let tmf = match func {
             1 => {
                 // ABORT TASK (RFC 7143 11.5.1).
-                if let Some(t) = self.tasks.remove(&rtt) {
+                if let Some(t) = self.take_task(rtt) {
                     self.uncount(t.counted);
                     respond(self, b, COMPLETE);
                     return Flow::Continue;

@@ -382,7 +382,11 @@ async fn idle_session_is_pinged_and_dropped_when_the_ping_is_unanswered() {
     let mut c = Client::login(addr, "").await;
     let ping = c.recv().await.expect("NOP-In ping");
     assert_eq!(ping.bhs[0], 0x20, "NOP-In");
-    assert_eq!(ping.u32(16), 0xffff_ffff, "ITT reserved: a ping, not a response");
+    assert_eq!(
+        ping.u32(16),
+        0xffff_ffff,
+        "ITT reserved: a ping, not a response"
+    );
     assert_ne!(ping.u32(20), 0xffff_ffff, "TTT asks for an answer");
     assert!(closed(&mut c).await, "unanswered ping ends the connection");
 }
