@@ -164,16 +164,26 @@ impl Server {
         }
     }
 
-    /// Accept and serve connections until the listener fails or [`Server::shutdown`].
+    /// Accept and serve connections until [`Server::shutdown`]. Accept errors (such as running
+    /// out of file descriptors) are logged and retried.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
         let mut stop = self.shutdown.subscribe();
         loop {
             if *stop.borrow() {
                 return Ok(());
             }
-            let (stream, peer) = tokio::select! {
+            let accepted = tokio::select! {
                 _ = stop.changed() => return Ok(()),
-                r = listener.accept() => r?,
+                r = listener.accept() => r,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors, a connection reset before accept, ...: transient.
+                    tracing::warn!(error = %e, "iSCSI accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             let server = self.clone();
             tokio::spawn(async move {

@@ -357,8 +357,14 @@ impl Conn {
 
     async fn finish(&mut self) {
         self.send(Out::Close);
-        if let Some(w) = self.writer.take() {
-            let _ = w.await;
+        if let Some(mut w) = self.writer.take() {
+            // An initiator that stopped reading must not keep the session alive.
+            if tokio::time::timeout(Duration::from_secs(5), &mut w)
+                .await
+                .is_err()
+            {
+                w.abort();
+            }
         }
     }
 
