@@ -5,7 +5,7 @@
 //! [`scsi::Target`]; this crate owns only the transport.
 //!
 //! Layout:
-//! - [`pdu`](crate::pdu): BHS/AHS/data-segment framing and digests;
+//! - `pdu`: BHS/AHS/data-segment framing and digests;
 //! - `text`: `key=value` text and the negotiation of operational keys;
 //! - `chap`: CHAP (MD5) with hex/base64 values;
 //! - `login`: the login phase as a pure state machine;
@@ -19,7 +19,7 @@
 
 mod chap;
 mod login;
-pub mod pdu;
+mod pdu;
 mod session;
 mod text;
 

@@ -101,6 +101,8 @@ pub struct Login<'a> {
     text_in: Vec<u8>,
     text_out: Vec<u8>,
     new_tsih: u16,
+    /// Keys already received in this login (RFC 7143 6.1: none may be sent twice).
+    seen: std::collections::HashSet<String>,
 }
 
 fn login_flags(t: bool, c: bool, csg: u8, nsg: u8) -> u8 {
@@ -129,6 +131,7 @@ impl<'a> Login<'a> {
             text_in: Vec::new(),
             text_out: Vec::new(),
             new_tsih: tsih,
+            seen: std::collections::HashSet::new(),
         }
     }
 
@@ -223,6 +226,12 @@ impl<'a> Login<'a> {
         let mut auth_fail = false;
         let mut session_type = None;
         let mut target_name = None;
+        for (k, _) in &pairs {
+            // RFC 7143 6.1: declaring or negotiating a key twice is an initiator error.
+            if self.seen.len() > 256 || !self.seen.insert(k.clone()) {
+                return self.fail(status::INITIATOR_ERROR);
+            }
+        }
         for (k, v) in &pairs {
             match k.as_str() {
                 "InitiatorName" => self.initiator_name = Some(v.clone()),
@@ -608,6 +617,22 @@ mod tests {
             &req(0x84, &format!("InitiatorName=iqn.i|TargetName={TARGET}|")),
             local(),
         );
+        assert!(matches!(o, Outcome::Fail(0x0200)));
+    }
+
+    #[test]
+    fn key_sent_twice_is_an_initiator_error() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 1);
+        let (_, _, o) = l.step(
+            &req(
+                0x01,
+                &format!("InitiatorName=iqn.i|TargetName={TARGET}|MaxBurstLength=512|"),
+            ),
+            local(),
+        );
+        assert!(matches!(o, Outcome::Continue));
+        let (_, _, o) = l.step(&req(0x05, "MaxBurstLength=1024|"), local());
         assert!(matches!(o, Outcome::Fail(0x0200)));
     }
 

@@ -38,7 +38,6 @@ pub mod op {
 /// Reject reasons (RFC 7143 11.17.1).
 pub mod reject {
     pub const DATA_DIGEST: u8 = 0x02;
-    pub const SNACK: u8 = 0x03;
     pub const PROTOCOL_ERROR: u8 = 0x04;
     pub const NOT_SUPPORTED: u8 = 0x05;
     pub const IMMEDIATE_REJECT: u8 = 0x06;
@@ -148,10 +147,6 @@ impl Bhs {
     /// CmdSN of a request (bytes 24-27).
     pub fn cmdsn(&self) -> u32 {
         self.u32_at(24)
-    }
-    /// ExpStatSN of a request (bytes 28-31).
-    pub fn exp_statsn(&self) -> u32 {
-        self.u32_at(28)
     }
 }
 
@@ -316,18 +311,6 @@ pub fn decode_lun(l: [u8; 8]) -> u64 {
     }
 }
 
-/// Encode a LUN as SAM-5 does in REPORT LUNS: peripheral below 256, flat space above.
-pub fn encode_lun(lun: u64) -> [u8; 8] {
-    let mut l = [0; 8];
-    if lun < 256 {
-        l[1] = lun as u8;
-    } else {
-        l[0] = 0x40 | ((lun >> 8) as u8 & 0x3f);
-        l[1] = lun as u8;
-    }
-    l
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,7 +345,7 @@ mod tests {
         assert_eq!(pdu.bhs.itt(), 7);
         assert_eq!(pdu.bhs.field20(), 4096);
         assert_eq!(pdu.bhs.cmdsn(), 5);
-        assert_eq!(pdu.bhs.exp_statsn(), 9);
+        assert_eq!(pdu.bhs.u32_at(28), 9); // ExpStatSN
         assert_eq!(decode_lun(pdu.bhs.lun()), 2);
     }
 
@@ -404,7 +387,6 @@ mod tests {
     fn lun_encodings() {
         assert_eq!(decode_lun([0x00, 0x05, 0, 0, 0, 0, 0, 0]), 5); // peripheral
         assert_eq!(decode_lun([0x41, 0x02, 0, 0, 0, 0, 0, 0]), 0x102); // flat space
-        assert_eq!(encode_lun(0x102), [0x41, 0x02, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(encode_lun(7), [0, 7, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(decode_lun([0x80, 0x01, 0, 0, 0, 0, 0, 0]), u64::MAX); // LUN addressing
     }
 }
