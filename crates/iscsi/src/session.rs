@@ -482,39 +482,35 @@ impl Conn {
         data.truncate(self.params.max_send_dsl as usize);
         self.send_pdu(b, data, Sn::Status);
     }
-
-    fn cdb(pdu: &Pdu) -> Result<Vec<u8>, ()> {
-        cdb_of(pdu)
-    }
 }
 
 /// Build the CDB from the header and an Extended CDB AHS (RFC 7143 11.2.2.3, 11.3.5).
+///
+/// Each AHS is AHSLength (2 bytes), AHSType (1 byte) and AHSLength bytes of AHS-specific
+/// content, of which the Extended CDB AHS uses the first as a reserved byte and the rest as
+/// CDB bytes 16 and up; each AHS is padded to 4 bytes. At most 16 more CDB bytes are taken
+/// (32 in all); other AHS types (the bidirectional read length) are skipped.
 pub fn cdb_of(pdu: &Pdu) -> Result<Vec<u8>, ()> {
-    {
-        let mut cdb = pdu.bhs.0[32..48].to_vec();
-        let mut ahs = pdu.ahs.as_slice();
-        while !ahs.is_empty() {
-            let Some(hdr) = ahs.get(..3) else {
+    let mut cdb = pdu.bhs.0[32..48].to_vec();
+    let mut ahs = pdu.ahs.as_slice();
+    while !ahs.is_empty() {
+        let hdr = ahs.get(..3).ok_or(())?;
+        let len = usize::from(u16::from_be_bytes([hdr[0], hdr[1]]));
+        let ty = hdr[2];
+        let total = 3 + len;
+        let padded = total + pdu::pad_len(total);
+        if ty == 1 {
+            let ext = ahs.get(4..total).ok_or(())?;
+            if ext.len() > 16 {
                 return Err(());
-            };
-            let len = usize::from(u16::from_be_bytes([hdr[0], hdr[1]]));
-            let ty = hdr[2];
-            // AHSLength counts the bytes after the 3-byte header... plus the specific byte;
-            // each AHS is padded to a 4-byte boundary.
-            let total = 3 + len;
-            let padded = total + pdu::pad_len(total);
-            let body = ahs.get(4..total).ok_or(())?;
-            if ty == 1 {
-                // Extended CDB: up to 16 more bytes (32 in all).
-                if body.len() > 16 {
-                    return Err(());
-                }
-                cdb.extend_from_slice(body);
             }
-            ahs = ahs.get(padded..).unwrap_or_default();
+            cdb.extend_from_slice(ext);
+        } else if ahs.len() < total {
+            return Err(());
         }
-        Ok(cdb)
+        ahs = ahs.get(padded..).unwrap_or_default();
     }
+    Ok(cdb)
 }
 
 impl Conn {
@@ -525,7 +521,7 @@ impl Conn {
             self.reject(reject::PROTOCOL_ERROR, &bhs);
             return;
         };
-        let Ok(cdb) = Self::cdb(&pdu) else {
+        let Ok(cdb) = cdb_of(&pdu) else {
             self.reject(reject::INVALID_FIELD, &bhs);
             return;
         };
@@ -1338,6 +1334,40 @@ mod tests {
     fn closed_window_drops_everything() {
         // MaxCmdSN = ExpCmdSN - 1: the window is empty (RFC 7143 3.2.2.1).
         assert_eq!(window(10, 10, 9), Window::Drop);
+    }
+
+    fn command_with_ahs(ahs: Vec<u8>) -> Pdu {
+        let mut p = Pdu::default();
+        p.bhs.0[0] = 0x01; // SCSI Command
+        p.bhs.0[32] = 0x7f; // variable-length CDB opcode
+        p.ahs = ahs;
+        p
+    }
+
+    #[test]
+    fn extended_cdb_ahs_extends_the_cdb_to_32_bytes() {
+        // AHSLength 17 (reserved byte + 16 CDB bytes), AHSType 1 (Extended CDB), reserved,
+        // then CDB bytes 16..31; 20 bytes in all, already a multiple of 4.
+        let mut ahs = vec![0x00, 0x11, 0x01, 0x00];
+        ahs.extend(16u8..32);
+        let cdb = cdb_of(&command_with_ahs(ahs)).expect("valid AHS");
+        assert_eq!(cdb.len(), 32);
+        assert_eq!(cdb[0], 0x7f);
+        assert_eq!(cdb[16], 16);
+        assert_eq!(cdb[31], 31);
+    }
+
+    #[test]
+    fn extended_cdb_beyond_32_bytes_is_refused() {
+        let mut ahs = vec![0x00, 0x15, 0x01, 0x00]; // AHSLength 21: 20 CDB bytes
+        ahs.extend([0u8; 20]);
+        assert!(cdb_of(&command_with_ahs(ahs)).is_err());
+    }
+
+    #[test]
+    fn ahs_length_beyond_the_segment_is_refused() {
+        let ahs = vec![0x00, 0x40, 0x01, 0x00, 0, 0, 0, 0]; // claims 64 bytes, has 5
+        assert!(cdb_of(&command_with_ahs(ahs)).is_err());
     }
 
     #[test]
