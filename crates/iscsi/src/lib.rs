@@ -289,7 +289,7 @@ impl Server {
             let pdu = tokio::time::timeout_at(deadline, pdu::read_pdu(&mut rd, framing))
                 .await
                 .map_err(|_| session::SessionError::Protocol("Login timed out"))??;
-            let (mut bhs, data, outcome) = login.step(&pdu, local);
+            let (mut bhs, data, outcome) = login.step(&pdu);
             let reg = match &outcome {
                 Outcome::Done(est) => {
                     let (target, tname, nexus) = match est.kind {
@@ -404,7 +404,6 @@ pub mod fuzzing {
             discovery_auth: Auth::default(),
             portals: Vec::new(),
         };
-        let local = SocketAddr::from(([127, 0, 0, 1], 3260));
         for flags in [0x81u8, 0x87, 0x01, 0x44] {
             let mut login = Login::new(&config, 1);
             let mut bhs = pdu::Bhs::new(pdu::op::LOGIN_REQ);
@@ -415,8 +414,8 @@ pub mod fuzzing {
                 data: data.to_vec(),
                 data_digest_bad: false,
             };
-            let _ = login.step(&req, local);
-            let _ = login.step(&req, local);
+            let _ = login.step(&req);
+            let _ = login.step(&req);
         }
     }
 }

@@ -7,8 +7,6 @@
 //! does not fit one PDU travels with the C bit: each side answers a C=1 PDU with an empty one
 //! (6.3, 11.12.2).
 
-use std::net::SocketAddr;
-
 use rand::RngCore;
 
 use crate::pdu::{op, Bhs, Pdu};
@@ -159,8 +157,7 @@ impl<'a> Login<'a> {
     }
 
     /// Handle one PDU received during login.
-    pub fn step(&mut self, pdu: &Pdu, local: SocketAddr) -> (Bhs, Vec<u8>, Outcome) {
-        let _ = local;
+    pub fn step(&mut self, pdu: &Pdu) -> (Bhs, Vec<u8>, Outcome) {
         let bhs = &pdu.bhs;
         if bhs.opcode() != op::LOGIN_REQ {
             return self.fail(status::INVALID_DURING_LOGIN);
@@ -495,10 +492,6 @@ mod tests {
         }
     }
 
-    fn local() -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], 3260))
-    }
-
     /// A Login Request (RFC 7143 11.12) with the given flags and text.
     fn req(flags: u8, text: &str) -> Pdu {
         let mut b = [0u8; 48];
@@ -536,15 +529,10 @@ mod tests {
         let cfg = config(Auth::default(), None);
         let mut l = Login::new(&cfg, 7);
         // T=1 CSG=0 NSG=1
-        let (b, d, o) = l.step(
-            &req(
-                0x81,
-                &format!(
-                    "InitiatorName=iqn.i|TargetName={TARGET}|SessionType=Normal|AuthMethod=None|"
-                ),
-            ),
-            local(),
-        );
+        let (b, d, o) = l.step(&req(
+            0x81,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|SessionType=Normal|AuthMethod=None|"),
+        ));
         assert!(matches!(o, Outcome::Continue));
         assert_eq!(b.0[0], 0x23);
         assert_eq!(b.0[1], 0x81); // T=1 CSG=0 NSG=1
@@ -556,9 +544,7 @@ mod tests {
         assert_eq!(get(&r, "MaxRecvDataSegmentLength"), Some("262144"));
         // T=1 CSG=1 NSG=3
         let (b, d, o) = l.step(
-            &req(0x87, "HeaderDigest=None|MaxRecvDataSegmentLength=65536|ImmediateData=Yes|InitialR2T=No|Foo=1|"),
-            local(),
-        );
+            &req(0x87, "HeaderDigest=None|MaxRecvDataSegmentLength=65536|ImmediateData=Yes|InitialR2T=No|Foo=1|"));
         assert_eq!(b.0[1], 0x87);
         assert_eq!(b.u16_at(14), 7); // TSIH assigned
         assert_eq!(b.u32_at(28), 10); // ExpCmdSN = the login's CmdSN
@@ -577,7 +563,7 @@ mod tests {
     fn missing_initiator_name_is_0207() {
         let cfg = config(Auth::default(), None);
         let mut l = Login::new(&cfg, 1);
-        let (b, _, o) = l.step(&req(0x87, &format!("TargetName={TARGET}|")), local());
+        let (b, _, o) = l.step(&req(0x87, &format!("TargetName={TARGET}|")));
         assert!(matches!(o, Outcome::Fail(0x0207)));
         assert_eq!(b.0[36], 0x02); // Status-Class: initiator error
         assert_eq!(b.0[37], 0x07); // Status-Detail: missing parameter
@@ -587,10 +573,7 @@ mod tests {
     fn unknown_target_is_0203() {
         let cfg = config(Auth::default(), None);
         let mut l = Login::new(&cfg, 1);
-        let (_, _, o) = l.step(
-            &req(0x87, "InitiatorName=iqn.i|TargetName=iqn.nope|"),
-            local(),
-        );
+        let (_, _, o) = l.step(&req(0x87, "InitiatorName=iqn.i|TargetName=iqn.nope|"));
         assert!(matches!(o, Outcome::Fail(0x0203)));
     }
 
@@ -598,13 +581,10 @@ mod tests {
     fn initiator_not_in_acl_is_0202() {
         let cfg = config(Auth::default(), Some(vec!["iqn.allowed".into()]));
         let mut l = Login::new(&cfg, 1);
-        let (_, _, o) = l.step(
-            &req(
-                0x87,
-                &format!("InitiatorName=iqn.other|TargetName={TARGET}|"),
-            ),
-            local(),
-        );
+        let (_, _, o) = l.step(&req(
+            0x87,
+            &format!("InitiatorName=iqn.other|TargetName={TARGET}|"),
+        ));
         assert!(matches!(o, Outcome::Fail(0x0202)));
     }
 
@@ -613,10 +593,10 @@ mod tests {
         let cfg = config(Auth::default(), None);
         let mut l = Login::new(&cfg, 1);
         // T=1 CSG=1 NSG=0
-        let (_, _, o) = l.step(
-            &req(0x84, &format!("InitiatorName=iqn.i|TargetName={TARGET}|")),
-            local(),
-        );
+        let (_, _, o) = l.step(&req(
+            0x84,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|"),
+        ));
         assert!(matches!(o, Outcome::Fail(0x0200)));
     }
 
@@ -624,15 +604,12 @@ mod tests {
     fn key_sent_twice_is_an_initiator_error() {
         let cfg = config(Auth::default(), None);
         let mut l = Login::new(&cfg, 1);
-        let (_, _, o) = l.step(
-            &req(
-                0x01,
-                &format!("InitiatorName=iqn.i|TargetName={TARGET}|MaxBurstLength=512|"),
-            ),
-            local(),
-        );
+        let (_, _, o) = l.step(&req(
+            0x01,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|MaxBurstLength=512|"),
+        ));
         assert!(matches!(o, Outcome::Continue));
-        let (_, _, o) = l.step(&req(0x05, "MaxBurstLength=1024|"), local());
+        let (_, _, o) = l.step(&req(0x05, "MaxBurstLength=1024|"));
         assert!(matches!(o, Outcome::Fail(0x0200)));
     }
 
@@ -642,7 +619,7 @@ mod tests {
         let mut l = Login::new(&cfg, 1);
         let mut p = req(0x87, "InitiatorName=iqn.i|SessionType=Discovery|");
         p.bhs.0[3] = 1; // Version-min 1
-        let (_, _, o) = l.step(&p, local());
+        let (_, _, o) = l.step(&p);
         assert!(matches!(o, Outcome::Fail(0x0205)));
     }
 
@@ -650,13 +627,10 @@ mod tests {
     fn discovery_session_skips_target_name() {
         let cfg = config(Auth::default(), None);
         let mut l = Login::new(&cfg, 1);
-        let (_, d, o) = l.step(
-            &req(
-                0x87,
-                "InitiatorName=iqn.i|SessionType=Discovery|MaxBurstLength=8192|",
-            ),
-            local(),
-        );
+        let (_, d, o) = l.step(&req(
+            0x87,
+            "InitiatorName=iqn.i|SessionType=Discovery|MaxBurstLength=8192|",
+        ));
         let Outcome::Done(est) = o else {
             panic!("discovery login should complete")
         };
@@ -669,11 +643,11 @@ mod tests {
         let cfg = config(Auth::default(), None);
         let mut l = Login::new(&cfg, 1);
         // C=1, CSG=1: the first half of the text.
-        let (b, d, o) = l.step(&req(0x44, "InitiatorName=iq"), local());
+        let (b, d, o) = l.step(&req(0x44, "InitiatorName=iq"));
         assert!(matches!(o, Outcome::Continue));
         assert!(d.is_empty());
         assert_eq!(b.0[1] & 0xc0, 0); // T=0 C=0
-        let (_, _, o) = l.step(&req(0x87, &format!("n.i|TargetName={TARGET}|")), local());
+        let (_, _, o) = l.step(&req(0x87, &format!("n.i|TargetName={TARGET}|")));
         let Outcome::Done(est) = o else {
             panic!("login should complete")
         };
@@ -697,15 +671,12 @@ mod tests {
     }
 
     fn chap_challenge(l: &mut Login) -> (u8, Vec<u8>) {
-        let (_, d, _) = l.step(
-            &req(
-                0x01,
-                &format!("InitiatorName=iqn.i|TargetName={TARGET}|AuthMethod=CHAP,None|"),
-            ),
-            local(),
-        );
+        let (_, d, _) = l.step(&req(
+            0x01,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|AuthMethod=CHAP,None|"),
+        ));
         assert_eq!(get(&reply_text(&d), "AuthMethod"), Some("CHAP"));
-        let (b, d, _) = l.step(&req(0x01, "CHAP_A=7,5|"), local());
+        let (b, d, _) = l.step(&req(0x01, "CHAP_A=7,5|"));
         assert_eq!(b.0[1] & 0x80, 0);
         let r = reply_text(&d);
         assert_eq!(get(&r, "CHAP_A"), Some("5"));
@@ -722,7 +693,7 @@ mod tests {
         let mut l = Login::new(&cfg, 1);
         let (id, c) = chap_challenge(&mut l);
         let r = chap::to_hex(&chap::response(id, b"secretsecret", &c));
-        let (b, _, o) = l.step(&req(0x81, &format!("CHAP_N=user|CHAP_R={r}|")), local());
+        let (b, _, o) = l.step(&req(0x81, &format!("CHAP_N=user|CHAP_R={r}|")));
         assert!(matches!(o, Outcome::Continue));
         assert_eq!(b.0[1], 0x81); // transit to the operational stage
     }
@@ -733,7 +704,7 @@ mod tests {
         let mut l = Login::new(&cfg, 1);
         let (id, c) = chap_challenge(&mut l);
         let r = chap::to_hex(&chap::response(id, b"wrong", &c));
-        let (_, _, o) = l.step(&req(0x81, &format!("CHAP_N=user|CHAP_R={r}|")), local());
+        let (_, _, o) = l.step(&req(0x81, &format!("CHAP_N=user|CHAP_R={r}|")));
         assert!(matches!(o, Outcome::Fail(0x0201)));
     }
 
@@ -743,13 +714,10 @@ mod tests {
         let mut l = Login::new(&cfg, 1);
         let (id, c) = chap_challenge(&mut l);
         let r = chap::to_hex(&chap::response(id, b"secretsecret", &c));
-        let (_, d, o) = l.step(
-            &req(
-                0x81,
-                &format!("CHAP_N=user|CHAP_R={r}|CHAP_I=9|CHAP_C=0b AAECAw==|").replace(' ', ""),
-            ),
-            local(),
-        );
+        let (_, d, o) = l.step(&req(
+            0x81,
+            &format!("CHAP_N=user|CHAP_R={r}|CHAP_I=9|CHAP_C=0b AAECAw==|").replace(' ', ""),
+        ));
         assert!(matches!(o, Outcome::Continue));
         let rr = reply_text(&d);
         assert_eq!(get(&rr, "CHAP_N"), Some("target"));
@@ -761,10 +729,10 @@ mod tests {
     fn chap_required_but_skipped_fails() {
         let cfg = chap_config(false);
         let mut l = Login::new(&cfg, 1);
-        let (_, _, o) = l.step(
-            &req(0x87, &format!("InitiatorName=iqn.i|TargetName={TARGET}|")),
-            local(),
-        );
+        let (_, _, o) = l.step(&req(
+            0x87,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|"),
+        ));
         assert!(matches!(o, Outcome::Fail(0x0201)));
     }
 }
