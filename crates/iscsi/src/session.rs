@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -34,6 +34,11 @@ use crate::Server;
 pub const QUEUE_DEPTH: u32 = 128;
 /// Largest EDTL of a write buffered by the transport.
 pub const MAX_WRITE: u32 = 32 * 1024 * 1024;
+/// Messages queued for the writer beyond which the reader stops reading PDUs (an initiator
+/// that sends but does not read cannot make the target buffer without limit).
+const MAX_QUEUED: usize = 1024;
+/// How long the reader waits for the writer to drain before giving up on the connection.
+const WRITER_STALL: Duration = Duration::from_secs(30);
 /// Data-out bytes one connection solicits with R2Ts at once; a write's first R2T waits until
 /// earlier writes have left.
 pub const MAX_SOLICITED: u64 = 64 * 1024 * 1024;
@@ -88,6 +93,23 @@ pub struct ScsiResult {
     pub edtl_in: u32,
     /// For writes: (overflow, count) from EDTL against the CDB's data-out length.
     pub write_residual: Option<(bool, u32)>,
+}
+
+/// The sending side of the writer's queue, counting what is queued.
+#[derive(Clone)]
+struct Sender {
+    tx: mpsc::UnboundedSender<Out>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Sender {
+    fn send(&self, out: Out) {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        // The writer only goes away when the connection is closing.
+        if self.tx.send(out).is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 /// CmdSN state shared by the reader and the writer of one connection.
@@ -198,7 +220,7 @@ struct Conn {
     local: SocketAddr,
     cid: u16,
     shared: Arc<Shared>,
-    tx: mpsc::UnboundedSender<Out>,
+    tx: Sender,
     writer: Option<tokio::task::JoinHandle<Result<(), std::io::Error>>>,
     held: BTreeMap<u32, Held>,
     tasks: HashMap<u32, WriteTask>,
@@ -234,6 +256,11 @@ where
 {
     let shared = Arc::new(Shared::new(est.exp_cmdsn));
     let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let tx = Sender {
+        tx,
+        queued: queued.clone(),
+    };
     let send_framing = Framing {
         header_digest: est.params.header_digest,
         data_digest: est.params.data_digest,
@@ -247,6 +274,7 @@ where
     let writer = tokio::spawn(writer(
         wr,
         rx,
+        queued.clone(),
         shared.clone(),
         send_framing,
         est.params.max_burst,
@@ -279,6 +307,19 @@ where
     };
     let ping_idle = conn.server.nop_interval();
     let result = loop {
+        // Backpressure: stop reading while the writer is far behind.
+        if queued.load(Ordering::Acquire) > MAX_QUEUED {
+            let start = tokio::time::Instant::now();
+            while queued.load(Ordering::Acquire) > MAX_QUEUED / 2 {
+                if start.elapsed() > WRITER_STALL {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            if queued.load(Ordering::Acquire) > MAX_QUEUED / 2 {
+                break Err(SessionError::Protocol("Initiator does not read responses"));
+            }
+        }
         // Wait for the next PDU's first byte, pinging an idle initiator (keep-alive).
         let ready = tokio::select! {
             biased;
@@ -319,7 +360,7 @@ where
 impl Conn {
     fn send(&self, out: Out) {
         // The writer only goes away when the connection is closing.
-        let _ = self.tx.send(out);
+        self.tx.send(out);
     }
 
     fn send_pdu(&self, bhs: Bhs, data: Vec<u8>, sn: Sn) {
@@ -420,7 +461,10 @@ impl Conn {
                 Ok(Flow::Continue)
             }
             Window::Later | Window::Now => {
-                self.held.insert(bhs.cmdsn(), Held::Pdu(Box::new(pdu)));
+                // A CmdSN an ABORT TASK already settled stays settled (RFC 7143 11.5.1).
+                if !matches!(self.held.get(&bhs.cmdsn()), Some(Held::Skip)) {
+                    self.held.insert(bhs.cmdsn(), Held::Pdu(Box::new(pdu)));
+                }
                 self.drain().await
             }
         }
@@ -820,7 +864,7 @@ impl Conn {
                 let mut running = shared.running();
                 let aborted = running.remove(&itt).is_some_and(|r| r.aborted);
                 if let (Completion::Done(resp), false) = (done, aborted) {
-                    let _ = tx.send(Out::Result(Box::new(ScsiResult {
+                    tx.send(Out::Result(Box::new(ScsiResult {
                         itt,
                         lun,
                         resp,
@@ -975,7 +1019,7 @@ impl Conn {
                         r.aborted |= hit;
                     }
                 }
-                let _ = tx.send(Out::Pdu {
+                tx.send(Out::Pdu {
                     bhs: b,
                     data: Vec::new(),
                     sn: Sn::Status,
@@ -1147,9 +1191,10 @@ fn check_condition(key: u8, asc: u8, ascq: u8) -> Response {
 }
 
 /// The writer task: serialise [`Out`] messages, flushing when the queue runs dry.
-pub async fn writer<W: AsyncWrite + Unpin>(
+async fn writer<W: AsyncWrite + Unpin>(
     mut w: BufWriter<W>,
     mut rx: mpsc::UnboundedReceiver<Out>,
+    queued: Arc<AtomicUsize>,
     shared: Arc<Shared>,
     framing: Framing,
     max_burst: u32,
@@ -1160,6 +1205,7 @@ pub async fn writer<W: AsyncWrite + Unpin>(
     'outer: while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
+            queued.fetch_sub(1, Ordering::AcqRel);
             match msg {
                 Out::Close => {
                     w.flush().await?;

@@ -453,3 +453,35 @@ async fn unsupported_tmf_function_is_answered_not_supported() {
     let r = c.recv().await.expect("TMF Response");
     assert_eq!(r.bhs[2], 5, "Task management function not supported");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initiator_that_never_reads_does_not_stall_others() {
+    let addr = start().await;
+    let mut flood = Client::login(addr, "").await;
+    let flooder = tokio::spawn(async move {
+        let payload = vec![0x5au8; 4096];
+        for i in 0..20_000u32 {
+            let mut n = [0u8; 48];
+            n[0] = 0x40; // I=1, NOP-Out
+            n[1] = 0x80;
+            n[16..20].copy_from_slice(&i.to_be_bytes());
+            n[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
+            n[24..28].copy_from_slice(&flood.cmdsn.to_be_bytes());
+            flood.send(n, &payload).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The flooder is blocked by backpressure (the target stopped reading it).
+    assert!(!flooder.is_finished());
+    let mut c = Client::login_isid(addr, "", [0x80, 3, 3, 3, 3, 3]).await;
+    let mut n = [0u8; 48];
+    n[0] = 0x40;
+    n[1] = 0x80;
+    n[16..20].copy_from_slice(&1u32.to_be_bytes());
+    n[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
+    n[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+    c.send(n, b"hi").await;
+    let r = c.recv().await.expect("NOP-In");
+    assert_eq!(r.data, b"hi");
+    flooder.abort();
+}
