@@ -485,3 +485,226 @@ async fn initiator_that_never_reads_does_not_stall_others() {
     assert_eq!(r.data, b"hi");
     flooder.abort();
 }
+
+/// A server with `n` targets (one LU each, the first named [`TARGET`]).
+async fn start_many(n: usize) -> std::net::SocketAddr {
+    let targets = (0..n)
+        .map(|i| {
+            let driver = block::driver::mem::MemDriver::new(1 << 20);
+            let backend = block::Backend::new(Arc::new(driver), 512).expect("512-byte blocks");
+            let lu = scsi::LogicalUnit::new(
+                backend,
+                scsi::LuConfig {
+                    vendor: "SHAREDSK".into(),
+                    product: "memdisk".into(),
+                    revision: "0001".into(),
+                    serial: format!("{i}"),
+                    id: i as u64,
+                },
+            );
+            let mut t = scsi::Target::new();
+            t.add_lu(0, Arc::new(lu));
+            TargetConfig {
+                name: if i == 0 {
+                    TARGET.into()
+                } else {
+                    format!("iqn.2026-01.io.sharedisk:a-rather-long-target-name-{i:04}")
+                },
+                alias: None,
+                scsi: Arc::new(t),
+                allowed_initiators: None,
+                auth: Auth::default(),
+                tpgt: 1,
+            }
+        })
+        .collect();
+    let server = Server::new(ServerConfig {
+        targets,
+        discovery_auth: Auth::default(),
+        portals: vec!["192.0.2.1:3260".parse().expect("portal")],
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(server.serve(listener));
+    addr
+}
+
+/// Log in to a discovery session (RFC 7143 4.3), declaring `mrdsl`.
+async fn discovery(addr: std::net::SocketAddr, mrdsl: u32) -> Client {
+    let s = TcpStream::connect(addr).await.expect("connect");
+    let mut c = Client {
+        s,
+        cmdsn: 1,
+        itt: 1,
+    };
+    let mut b = [0u8; 48];
+    b[0] = 0x43; // I=1, Login Request
+    b[1] = 0x87; // T=1, CSG=1, NSG=3
+    b[8..14].copy_from_slice(&[0x80, 4, 4, 4, 4, 4]);
+    b[24..28].copy_from_slice(&1u32.to_be_bytes());
+    let text = format!(
+        "InitiatorName=iqn.2026-01.test:disc\0SessionType=Discovery\0MaxRecvDataSegmentLength={mrdsl}\0"
+    );
+    c.send(b, text.as_bytes()).await;
+    let r = c.recv().await.expect("login response");
+    assert_eq!(&r.bhs[36..38], &[0, 0], "status success");
+    c
+}
+
+fn text_request(c: &Client, itt: u32, ttt: u32, data: &[u8]) -> ([u8; 48], Vec<u8>) {
+    let mut b = [0u8; 48];
+    b[0] = 0x44; // I=1, Text Request
+    b[1] = 0x80; // F=1
+    b[16..20].copy_from_slice(&itt.to_be_bytes());
+    b[20..24].copy_from_slice(&ttt.to_be_bytes());
+    b[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+    (b, data.to_vec())
+}
+
+#[tokio::test]
+async fn long_send_targets_answer_continues_with_the_c_bit() {
+    let addr = start_many(40).await;
+    let mut c = discovery(addr, 512).await;
+    let (b, d) = text_request(&c, 5, 0xffff_ffff, b"SendTargets=All\0");
+    c.send(b, &d).await;
+    let mut all = Vec::new();
+    loop {
+        let r = c.recv().await.expect("Text Response");
+        assert_eq!(r.bhs[0], 0x24);
+        assert!(
+            r.data.len() <= 512,
+            "never above the initiator's MaxRecvDataSegmentLength"
+        );
+        all.extend_from_slice(&r.data);
+        if r.bhs[1] & 0x80 != 0 {
+            assert_eq!(r.u32(20), 0xffff_ffff, "final response: TTT reserved");
+            break;
+        }
+        assert_eq!(r.bhs[1] & 0x40, 0x40, "C=1 while more follows");
+        // Ask for the rest with an empty Text Request carrying the TTT (RFC 7143 11.10.4).
+        let (b, d) = text_request(&c, 5, r.u32(20), b"");
+        c.send(b, &d).await;
+    }
+    let text = String::from_utf8(all).expect("text");
+    assert_eq!(text.matches("TargetName=").count(), 40);
+    assert_eq!(text.matches("TargetAddress=192.0.2.1:3260,1").count(), 40);
+}
+
+#[tokio::test]
+async fn send_targets_for_one_name_and_for_an_unknown_name() {
+    let addr = start_many(3).await;
+    let mut c = discovery(addr, 8192).await;
+    let (b, d) = text_request(
+        &c,
+        6,
+        0xffff_ffff,
+        format!("SendTargets={TARGET}\0").as_bytes(),
+    );
+    c.send(b, &d).await;
+    let r = c.recv().await.expect("Text Response");
+    assert_eq!(
+        String::from_utf8(r.data).expect("text"),
+        format!("TargetName={TARGET}\0TargetAddress=192.0.2.1:3260,1\0")
+    );
+    let (b, d) = text_request(&c, 7, 0xffff_ffff, b"SendTargets=iqn.2026-01.nope\0");
+    c.send(b, &d).await;
+    let r = c.recv().await.expect("Text Response");
+    assert_eq!(r.data, b"SendTargets=Reject\0");
+    let (b, d) = text_request(&c, 8, 0xffff_ffff, b"SendTargetsPlease=All\0");
+    c.send(b, &d).await;
+    let r = c.recv().await.expect("Text Response");
+    assert_eq!(r.data, b"SendTargetsPlease=NotUnderstood\0");
+}
+
+#[tokio::test]
+async fn scsi_command_in_a_discovery_session_is_rejected() {
+    let addr = start_many(1).await;
+    let mut c = discovery(addr, 8192).await;
+    let (b, _) = c.command(0x81, 0, &[0; 6]);
+    c.send(b, &[]).await;
+    let r = c.recv().await.expect("Reject");
+    assert_eq!(r.bhs[0], 0x3f);
+    assert_eq!(r.bhs[2], 0x04, "protocol error");
+}
+
+fn data_out(itt: u32, ttt: u32, datasn: u32, offset: u32, last: bool) -> [u8; 48] {
+    // Data-Out (RFC 7143 11.7).
+    let mut d = [0u8; 48];
+    d[0] = 0x05;
+    d[1] = if last { 0x80 } else { 0 }; // F
+    d[16..20].copy_from_slice(&itt.to_be_bytes());
+    d[20..24].copy_from_slice(&ttt.to_be_bytes());
+    d[36..40].copy_from_slice(&datasn.to_be_bytes()); // DataSN
+    d[40..44].copy_from_slice(&offset.to_be_bytes()); // Buffer Offset
+    d
+}
+
+#[tokio::test]
+async fn immediate_then_unsolicited_then_solicited_data() {
+    let addr = start().await;
+    let mut c = Client::login(
+        addr,
+        "InitialR2T=No|ImmediateData=Yes|FirstBurstLength=1024|MaxBurstLength=2048|",
+    )
+    .await;
+    let payload: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 256) as u8).collect();
+    // WRITE(10) of 8 blocks, F=0 (unsolicited Data-Out follows), 512 bytes immediate.
+    let (b, itt) = c.command(0x21, 4096, &write10(20, 8));
+    c.send(b, &payload[..512]).await;
+    // The rest of the first burst: unsolicited, TTT 0xffffffff, DataSN 0, F=1.
+    c.send(
+        data_out(itt, 0xffff_ffff, 0, 512, true),
+        &payload[512..1024],
+    )
+    .await;
+    let mut offset = 1024u32;
+    for (r2tsn, len) in [(0u32, 2048u32), (1, 1024)] {
+        let r2t = c.recv().await.expect("R2T");
+        assert_eq!(r2t.bhs[0], 0x31);
+        assert_eq!(r2t.u32(36), r2tsn, "R2TSN");
+        assert_eq!(r2t.u32(40), offset, "Buffer Offset");
+        assert_eq!(r2t.u32(44), len, "Desired Data Transfer Length");
+        let ttt = r2t.u32(20);
+        let end = (offset + len) as usize;
+        c.send(
+            data_out(itt, ttt, 0, offset, true),
+            &payload[offset as usize..end],
+        )
+        .await;
+        offset += len;
+    }
+    let rsp = c.recv().await.expect("SCSI Response");
+    assert_eq!(rsp.bhs[0], 0x21);
+    assert_eq!(rsp.bhs[3], 0x00, "GOOD");
+    let (b, _) = c.command(0xc1, 4096, &read10(20, 8));
+    c.send(b, &[]).await;
+    let mut got = Vec::new();
+    while got.len() < 4096 {
+        let d = c.recv().await.expect("Data-In");
+        got.extend_from_slice(&d.data);
+    }
+    assert_eq!(got, payload);
+}
+
+#[tokio::test]
+async fn out_of_order_data_sn_ends_the_task_with_check_condition() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "InitialR2T=No|ImmediateData=No|").await;
+    let (b, itt) = c.command(0x21, 1024, &write10(0, 2));
+    c.send(b, &[]).await;
+    c.send(data_out(itt, 0xffff_ffff, 1, 0, false), &[0; 512])
+        .await; // DataSN 1, expected 0
+    let rsp = c.recv().await.expect("SCSI Response");
+    assert_eq!(rsp.bhs[0], 0x21);
+    assert_eq!(rsp.bhs[3], 0x02, "CHECK CONDITION");
+    // SenseLength, then fixed sense: ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR (47h/05h).
+    assert_eq!(rsp.data[2 + 2] & 0x0f, 0x0b);
+    assert_eq!(&rsp.data[2 + 12..2 + 14], &[0x47, 0x05]);
+    // The session goes on.
+    let (b, _) = c.command(0x81, 0, &[0; 6]);
+    c.send(b, &[]).await;
+    let r = c.recv().await.expect("SCSI Response to TEST UNIT READY");
+    assert_eq!(r.bhs[3], 0x00);
+}
