@@ -1,0 +1,738 @@
+//! The login phase (RFC 7143 6.3, 11.12, 11.13) as a pure state machine: feed it each Login
+//! Request, send what it returns. No I/O here, so tests drive it with literal PDUs.
+//!
+//! Stages: security (CSG 0), operational (1), full feature (3). The initiator asks to move on
+//! with the T bit and NSG; the target agrees by echoing T=1 once it has nothing left to settle
+//! (CHAP not finished means T=0). A stage can be skipped (0 → 3), never revisited. Text that
+//! does not fit one PDU travels with the C bit: each side answers a C=1 PDU with an empty one
+//! (6.3, 11.12.2).
+
+use rand::RngCore;
+
+use crate::pdu::{op, Bhs, Pdu};
+use crate::text::{self, Answer, Params};
+use crate::{chap, Auth, ServerConfig};
+
+/// Login text larger than this is refused (bounded memory while the initiator is unknown).
+const MAX_LOGIN_TEXT: usize = 64 * 1024;
+/// The largest data segment either side sends during login (RFC 7143 13.12: the declared
+/// MaxRecvDataSegmentLength applies only from the full feature phase on).
+pub const LOGIN_MAX_DATA: u32 = 8192;
+
+/// Login status class and detail (RFC 7143 11.13.5).
+pub mod status {
+    pub const SUCCESS: u16 = 0x0000;
+    pub const INITIATOR_ERROR: u16 = 0x0200;
+    pub const AUTH_FAILURE: u16 = 0x0201;
+    pub const AUTHORIZATION_FAILURE: u16 = 0x0202;
+    pub const NOT_FOUND: u16 = 0x0203;
+    pub const UNSUPPORTED_VERSION: u16 = 0x0205;
+    pub const MISSING_PARAMETER: u16 = 0x0207;
+    pub const SESSION_TYPE_UNSUPPORTED: u16 = 0x0209;
+    pub const SESSION_DOES_NOT_EXIST: u16 = 0x020a;
+    pub const INVALID_DURING_LOGIN: u16 = 0x020b;
+}
+
+/// What kind of session is being set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Discovery,
+    /// Index into [`ServerConfig::targets`].
+    Normal(usize),
+}
+
+/// A completed login.
+#[derive(Debug, Clone)]
+pub struct Established {
+    pub kind: Kind,
+    pub initiator_name: String,
+    pub isid: [u8; 6],
+    pub tsih: u16,
+    pub params: Params,
+    /// The CmdSN the first full-feature command carries (RFC 7143 11.12.7).
+    pub exp_cmdsn: u32,
+    /// The StatSN of the next status-bearing PDU.
+    pub next_statsn: u32,
+    pub cid: u16,
+}
+
+/// What to do after sending the returned PDU.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Wait for the next Login Request.
+    Continue,
+    /// Close the connection (the response carries a non-zero status).
+    Fail(u16),
+    /// Full feature phase begins.
+    Done(Box<Established>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum AuthState {
+    /// No AuthMethod agreed yet.
+    Start,
+    /// AuthMethod=CHAP agreed; waiting for CHAP_A.
+    ChapMethod,
+    /// Challenge sent; waiting for CHAP_N / CHAP_R.
+    Challenged { id: u8, challenge: Vec<u8> },
+    /// Authenticated (or none required).
+    Done,
+}
+
+/// The login state machine of one connection.
+pub struct Login<'a> {
+    config: &'a ServerConfig,
+    stage: u8,
+    started: bool,
+    isid: [u8; 6],
+    tsih: u16,
+    itt: u32,
+    cid: u16,
+    cmdsn: u32,
+    statsn: u32,
+    initiator_name: Option<String>,
+    kind: Option<Kind>,
+    auth: Auth,
+    auth_state: AuthState,
+    params: Params,
+    declared: bool,
+    text_in: Vec<u8>,
+    text_out: Vec<u8>,
+    new_tsih: u16,
+    /// Keys already received in this login (RFC 7143 6.1: none may be sent twice).
+    seen: std::collections::HashSet<String>,
+}
+
+fn login_flags(t: bool, c: bool, csg: u8, nsg: u8) -> u8 {
+    (u8::from(t) << 7) | (u8::from(c) << 6) | ((csg & 3) << 2) | (nsg & 3)
+}
+
+impl<'a> Login<'a> {
+    /// `tsih` is the session handle the session will get if the login succeeds (non-zero).
+    pub fn new(config: &'a ServerConfig, tsih: u16) -> Self {
+        Self {
+            config,
+            stage: 0,
+            started: false,
+            isid: [0; 6],
+            tsih: 0,
+            itt: 0,
+            cid: 0,
+            cmdsn: 0,
+            statsn: rand::thread_rng().next_u32(),
+            initiator_name: None,
+            kind: None,
+            auth: Auth::default(),
+            auth_state: AuthState::Start,
+            params: Params::default(),
+            declared: false,
+            text_in: Vec::new(),
+            text_out: Vec::new(),
+            new_tsih: tsih,
+            seen: std::collections::HashSet::new(),
+        }
+    }
+
+    fn response(&mut self, flags: u8, status: u16, data: &[u8]) -> (Bhs, Vec<u8>) {
+        let mut b = Bhs::new(op::LOGIN_RESP);
+        b.0[1] = flags;
+        b.0[2] = 0; // Version-max
+        b.0[3] = 0; // Version-active
+        b.0[8..14].copy_from_slice(&self.isid);
+        b.set_u16(14, self.tsih);
+        b.set_u32(16, self.itt);
+        b.set_u32(24, self.statsn);
+        self.statsn = self.statsn.wrapping_add(1);
+        b.set_u32(28, self.cmdsn);
+        b.set_u32(32, self.cmdsn.wrapping_add(crate::session::QUEUE_DEPTH - 1));
+        b.set_u16(36, status);
+        b.set_data_len(data.len() as u32);
+        (b, data.to_vec())
+    }
+
+    fn fail(&mut self, status: u16) -> (Bhs, Vec<u8>, Outcome) {
+        let flags = login_flags(false, false, self.stage, 0);
+        let (b, d) = self.response(flags, status, &[]);
+        (b, d, Outcome::Fail(status))
+    }
+
+    /// Handle one PDU received during login.
+    pub fn step(&mut self, pdu: &Pdu) -> (Bhs, Vec<u8>, Outcome) {
+        let bhs = &pdu.bhs;
+        if bhs.opcode() != op::LOGIN_REQ {
+            return self.fail(status::INVALID_DURING_LOGIN);
+        }
+        let flags = bhs.flags();
+        let t = flags & 0x80 != 0;
+        let c = flags & 0x40 != 0;
+        let csg = (flags >> 2) & 3;
+        let nsg = flags & 3;
+        let mut isid = [0; 6];
+        isid.copy_from_slice(&bhs.0[8..14]);
+        let tsih = bhs.u16_at(14);
+        if !self.started {
+            self.started = true;
+            self.isid = isid;
+            self.tsih = tsih;
+            self.itt = bhs.itt();
+            self.cid = bhs.u16_at(20);
+            self.cmdsn = bhs.cmdsn();
+            self.stage = csg;
+            // RFC 7143 11.12.4: Version-min above what we support (0) fails the login.
+            if bhs.0[3] > 0 {
+                return self.fail(status::UNSUPPORTED_VERSION);
+            }
+            // A non-zero TSIH adds a connection to (or reinstates one of) an existing session;
+            // with MaxConnections=1 and ERL 0 there is none to join.
+            if tsih != 0 {
+                return self.fail(status::SESSION_DOES_NOT_EXIST);
+            }
+        } else if isid != self.isid || tsih != self.tsih {
+            return self.fail(status::INITIATOR_ERROR);
+        } else {
+            self.itt = bhs.itt();
+        }
+        // RFC 7143 11.12.3: CSG must be the current stage; NSG 2 is reserved; T and C together
+        // are a protocol error; a transit must go forward.
+        if csg != self.stage || csg == 2 || (t && c) || (t && (nsg == 2 || nsg <= csg)) {
+            return self.fail(status::INITIATOR_ERROR);
+        }
+        if self.text_in.len() + pdu.data.len() > MAX_LOGIN_TEXT {
+            return self.fail(status::INITIATOR_ERROR);
+        }
+        self.text_in.extend_from_slice(&pdu.data);
+        if c {
+            // More text follows: acknowledge with an empty response (RFC 7143 6.3).
+            let (b, d) = self.response(login_flags(false, false, csg, 0), status::SUCCESS, &[]);
+            return (b, d, Outcome::Continue);
+        }
+        if !self.text_out.is_empty() {
+            // The initiator is fetching the rest of our text.
+            return self.send_text(t, csg, nsg, false);
+        }
+        let input = std::mem::take(&mut self.text_in);
+        let pairs = match text::parse(&input) {
+            Ok(p) => p,
+            Err(_) => return self.fail(status::INITIATOR_ERROR),
+        };
+        let mut reply: Vec<(String, String)> = Vec::new();
+        let mut chap_n = None;
+        let mut chap_r = None;
+        let mut chap_i = None;
+        let mut chap_c = None;
+        let mut auth_fail = false;
+        let mut session_type = None;
+        let mut target_name = None;
+        for (k, _) in &pairs {
+            // RFC 7143 6.1: declaring or negotiating a key twice is an initiator error.
+            if self.seen.len() > 256 || !self.seen.insert(k.clone()) {
+                return self.fail(status::INITIATOR_ERROR);
+            }
+        }
+        for (k, v) in &pairs {
+            match k.as_str() {
+                "InitiatorName" => self.initiator_name = Some(v.clone()),
+                "SessionType" => session_type = Some(v.clone()),
+                "TargetName" => target_name = Some(v.clone()),
+                "InitiatorAlias" => {}
+                "AuthMethod" if csg == 0 => {
+                    let want_chap = self.wants_chap_for(session_type.as_deref(), &target_name);
+                    let offered: Vec<&str> = v.split(',').collect();
+                    let pick = if want_chap {
+                        offered.contains(&"CHAP").then_some("CHAP")
+                    } else {
+                        offered.contains(&"None").then_some("None")
+                    };
+                    match pick {
+                        Some("CHAP") => self.auth_state = AuthState::ChapMethod,
+                        Some(_) => self.auth_state = AuthState::Done,
+                        None => auth_fail = true,
+                    }
+                    reply.push((k.clone(), pick.unwrap_or("Reject").to_string()));
+                }
+                "CHAP_A" if self.auth_state == AuthState::ChapMethod => {
+                    // RFC 7143 12.1.3: only MD5 (5) is supported.
+                    if v.split(',').any(|a| a == "5") {
+                        let mut rng = rand::thread_rng();
+                        let id = (rng.next_u32() & 0xff) as u8;
+                        let mut challenge = vec![0u8; 16];
+                        rng.fill_bytes(&mut challenge);
+                        reply.push(("CHAP_A".into(), "5".into()));
+                        reply.push(("CHAP_I".into(), id.to_string()));
+                        reply.push(("CHAP_C".into(), chap::to_hex(&challenge)));
+                        self.auth_state = AuthState::Challenged { id, challenge };
+                    } else {
+                        reply.push((k.clone(), "Reject".into()));
+                        auth_fail = true;
+                    }
+                }
+                "CHAP_N" => chap_n = Some(v.clone()),
+                "CHAP_R" => chap_r = Some(v.clone()),
+                "CHAP_I" => chap_i = Some(v.clone()),
+                "CHAP_C" => chap_c = Some(v.clone()),
+                "AuthMethod" | "CHAP_A" => auth_fail = true,
+                "TargetAlias" | "TargetAddress" | "TargetPortalGroupTag" | "SendTargets" => {
+                    reply.push((k.clone(), "Irrelevant".into()))
+                }
+                _ => {
+                    let discovery = session_type.as_deref() == Some("Discovery")
+                        || self.kind == Some(Kind::Discovery);
+                    match text::negotiate(&mut self.params, k, v, discovery) {
+                        Answer::Value(a) => reply.push((k.clone(), a)),
+                        Answer::Silent => {}
+                        Answer::NotOperational => reply.push((k.clone(), "NotUnderstood".into())),
+                    }
+                }
+            }
+        }
+        if self.kind.is_none() {
+            // The leading Login Request names the initiator and the session (RFC 7143 13.5,
+            // 13.4, 13.6).
+            let Some(name) = self.initiator_name.clone() else {
+                return self.fail(status::MISSING_PARAMETER);
+            };
+            match session_type.as_deref().unwrap_or("Normal") {
+                "Discovery" => {
+                    self.kind = Some(Kind::Discovery);
+                    self.auth = self.config.discovery_auth.clone();
+                }
+                "Normal" => {
+                    let Some(tn) = target_name.as_deref() else {
+                        return self.fail(status::MISSING_PARAMETER);
+                    };
+                    let Some(i) = self.config.targets.iter().position(|t| t.name == tn) else {
+                        return self.fail(status::NOT_FOUND);
+                    };
+                    let Some(tc) = self.config.targets.get(i) else {
+                        return self.fail(status::NOT_FOUND);
+                    };
+                    if let Some(acl) = &tc.allowed_initiators {
+                        if !acl.iter().any(|a| a == &name) {
+                            return self.fail(status::AUTHORIZATION_FAILURE);
+                        }
+                    }
+                    self.kind = Some(Kind::Normal(i));
+                    self.auth = tc.auth.clone();
+                    // RFC 7143 13.9: TargetPortalGroupTag in the first response of a normal
+                    // session.
+                    reply.push(("TargetPortalGroupTag".into(), tc.tpgt.to_string()));
+                    if let Some(a) = &tc.alias {
+                        reply.push(("TargetAlias".into(), a.clone()));
+                    }
+                }
+                _ => return self.fail(status::SESSION_TYPE_UNSUPPORTED),
+            }
+            if self.auth.chap.is_none() && self.auth_state == AuthState::Start {
+                self.auth_state = AuthState::Done;
+            }
+        }
+        if auth_fail {
+            return self.fail(status::AUTH_FAILURE);
+        }
+        if let (Some(n), Some(r)) = (&chap_n, &chap_r) {
+            match self.verify_chap(n, r, chap_i.as_deref(), chap_c.as_deref()) {
+                Ok(mutual) => reply.extend(mutual),
+                Err(s) => return self.fail(s),
+            }
+        } else if chap_n.is_some() || chap_r.is_some() {
+            return self.fail(status::AUTH_FAILURE);
+        }
+        // Leaving the security stage needs authentication when the target asks for it; an
+        // initiator that starts in the operational stage skips it (RFC 7143 6.3).
+        if self.auth.chap.is_some() && self.auth_state != AuthState::Done && (csg != 0 || t) {
+            if csg != 0 {
+                return self.fail(status::AUTH_FAILURE);
+            }
+            // Still negotiating CHAP: stay in the security stage.
+            return self.finish_step(reply, false, csg, nsg);
+        }
+        // Declare MaxRecvDataSegmentLength once the operational stage is reached (or skipped).
+        if csg == 1 || t {
+            self.declare(&mut reply);
+        }
+        self.finish_step(reply, t, csg, nsg)
+    }
+
+    fn declare(&mut self, reply: &mut Vec<(String, String)>) {
+        if !self.declared {
+            self.declared = true;
+            reply.push((
+                "MaxRecvDataSegmentLength".into(),
+                self.params.max_recv_dsl.to_string(),
+            ));
+        }
+    }
+
+    fn wants_chap_for(&self, session_type: Option<&str>, target: &Option<String>) -> bool {
+        if self.kind.is_some() {
+            return self.auth.chap.is_some();
+        }
+        if session_type == Some("Discovery") {
+            return self.config.discovery_auth.chap.is_some();
+        }
+        target
+            .as_deref()
+            .and_then(|n| self.config.targets.iter().find(|t| t.name == n))
+            .is_some_and(|t| t.auth.chap.is_some())
+    }
+
+    fn verify_chap(
+        &mut self,
+        n: &str,
+        r: &str,
+        i: Option<&str>,
+        c: Option<&str>,
+    ) -> Result<Vec<(String, String)>, u16> {
+        let AuthState::Challenged { id, challenge } = &self.auth_state else {
+            return Err(status::AUTH_FAILURE);
+        };
+        let Some(secret) = &self.auth.chap else {
+            return Err(status::AUTH_FAILURE);
+        };
+        let got = chap::decode_binary(r).ok_or(status::AUTH_FAILURE)?;
+        let want = chap::response(*id, secret.secret.as_bytes(), challenge);
+        if n != secret.user || !chap::equal(&got, &want) {
+            return Err(status::AUTH_FAILURE);
+        }
+        let mut reply = Vec::new();
+        match (i, c, &self.auth.mutual) {
+            (None, None, None) => {}
+            (Some(i), Some(c), Some(m)) => {
+                let id: u8 = text::parse_number(i)
+                    .and_then(|x| u8::try_from(x).ok())
+                    .ok_or(status::AUTH_FAILURE)?;
+                let ic = chap::decode_binary(c).ok_or(status::AUTH_FAILURE)?;
+                // RFC 7143 12.1.3: a target receiving its own challenge back must fail the
+                // login (reflection attack); an empty or huge challenge is refused too.
+                if ic.is_empty() || ic.len() > 1024 || chap::equal(&ic, challenge) {
+                    return Err(status::AUTH_FAILURE);
+                }
+                let resp = chap::response(id, m.secret.as_bytes(), &ic);
+                reply.push(("CHAP_N".into(), m.user.clone()));
+                reply.push(("CHAP_R".into(), chap::to_hex(&resp)));
+            }
+            // Mutual CHAP asked for but not configured, or configured but not asked for.
+            _ => return Err(status::AUTH_FAILURE),
+        }
+        self.auth_state = AuthState::Done;
+        Ok(reply)
+    }
+
+    fn finish_step(
+        &mut self,
+        reply: Vec<(String, String)>,
+        t: bool,
+        csg: u8,
+        nsg: u8,
+    ) -> (Bhs, Vec<u8>, Outcome) {
+        self.text_out = text::encode(&reply);
+        self.send_text(t, csg, nsg, true)
+    }
+
+    fn send_text(&mut self, t: bool, csg: u8, nsg: u8, _first: bool) -> (Bhs, Vec<u8>, Outcome) {
+        let max = LOGIN_MAX_DATA as usize;
+        let rest = if self.text_out.len() > max {
+            self.text_out.split_off(max)
+        } else {
+            Vec::new()
+        };
+        let chunk = std::mem::replace(&mut self.text_out, rest);
+        let more = !self.text_out.is_empty();
+        if more {
+            // RFC 7143 11.13.2: C=1 and T=0 while text is pending.
+            let (b, d) = self.response(login_flags(false, true, csg, 0), 0, &chunk);
+            return (b, d, Outcome::Continue);
+        }
+        if t {
+            self.stage = nsg;
+            if nsg == 3 {
+                self.tsih = self.new_tsih;
+                self.params.finish();
+                let (b, d) = self.response(login_flags(true, false, csg, nsg), 0, &chunk);
+                let est = Established {
+                    kind: self.kind.unwrap_or(Kind::Discovery),
+                    initiator_name: self.initiator_name.clone().unwrap_or_default(),
+                    isid: self.isid,
+                    tsih: self.tsih,
+                    params: self.params.clone(),
+                    exp_cmdsn: self.cmdsn,
+                    next_statsn: self.statsn,
+                    cid: self.cid,
+                };
+                return (b, d, Outcome::Done(Box::new(est)));
+            }
+            let (b, d) = self.response(login_flags(true, false, csg, nsg), 0, &chunk);
+            return (b, d, Outcome::Continue);
+        }
+        let (b, d) = self.response(login_flags(false, false, csg, 0), 0, &chunk);
+        (b, d, Outcome::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ChapSecret, TargetConfig};
+    use std::sync::Arc;
+
+    const TARGET: &str = "iqn.2026-01.io.sharedisk:t";
+
+    fn config(auth: Auth, acl: Option<Vec<String>>) -> ServerConfig {
+        ServerConfig {
+            targets: vec![TargetConfig {
+                name: TARGET.into(),
+                alias: None,
+                scsi: Arc::new(scsi::Target::new()),
+                allowed_initiators: acl,
+                auth,
+                tpgt: 1,
+            }],
+            discovery_auth: Auth::default(),
+            portals: vec![],
+        }
+    }
+
+    /// A Login Request (RFC 7143 11.12) with the given flags and text.
+    fn req(flags: u8, text: &str) -> Pdu {
+        let mut b = [0u8; 48];
+        b[0] = 0x43; // I=1, opcode Login Request
+        b[1] = flags; // T C . . CSG NSG
+        b[2] = 0x00; // Version-max
+        b[3] = 0x00; // Version-min
+        b[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0, 1]); // ISID (random type)
+        b[14..16].copy_from_slice(&[0, 0]); // TSIH 0: a new session
+        b[16..20].copy_from_slice(&[0, 0, 0, 1]); // ITT
+        b[20..22].copy_from_slice(&[0, 1]); // CID
+        b[24..28].copy_from_slice(&[0, 0, 0, 10]); // CmdSN
+        let data: Vec<u8> = text.replace('|', "\0").into_bytes();
+        Pdu {
+            bhs: Bhs(b),
+            ahs: vec![],
+            data,
+            data_digest_bad: false,
+        }
+    }
+
+    fn reply_text(d: &[u8]) -> Vec<(String, String)> {
+        text::parse(d).expect("valid reply text")
+    }
+
+    fn get<'a>(pairs: &'a [(String, String)], k: &str) -> Option<&'a str> {
+        pairs
+            .iter()
+            .find(|(kk, _)| kk == k)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn security_then_operational_then_full_feature() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 7);
+        // T=1 CSG=0 NSG=1
+        let (b, d, o) = l.step(&req(
+            0x81,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|SessionType=Normal|AuthMethod=None|"),
+        ));
+        assert!(matches!(o, Outcome::Continue));
+        assert_eq!(b.0[0], 0x23);
+        assert_eq!(b.0[1], 0x81); // T=1 CSG=0 NSG=1
+        assert_eq!(b.u16_at(36), 0);
+        let r = reply_text(&d);
+        assert_eq!(get(&r, "AuthMethod"), Some("None"));
+        assert_eq!(get(&r, "TargetPortalGroupTag"), Some("1"));
+        // Declared on the way into the operational stage.
+        assert_eq!(get(&r, "MaxRecvDataSegmentLength"), Some("262144"));
+        // T=1 CSG=1 NSG=3
+        let (b, d, o) = l.step(
+            &req(0x87, "HeaderDigest=None|MaxRecvDataSegmentLength=65536|ImmediateData=Yes|InitialR2T=No|Foo=1|"));
+        assert_eq!(b.0[1], 0x87);
+        assert_eq!(b.u16_at(14), 7); // TSIH assigned
+        assert_eq!(b.u32_at(28), 10); // ExpCmdSN = the login's CmdSN
+        let r = reply_text(&d);
+        assert_eq!(get(&r, "Foo"), Some("NotUnderstood"));
+        assert_eq!(get(&r, "InitialR2T"), Some("No"));
+        let Outcome::Done(est) = o else {
+            panic!("login should complete")
+        };
+        assert_eq!(est.params.max_send_dsl, 65536);
+        assert!(!est.params.initial_r2t);
+        assert_eq!(est.kind, Kind::Normal(0));
+    }
+
+    #[test]
+    fn missing_initiator_name_is_0207() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 1);
+        let (b, _, o) = l.step(&req(0x87, &format!("TargetName={TARGET}|")));
+        assert!(matches!(o, Outcome::Fail(0x0207)));
+        assert_eq!(b.0[36], 0x02); // Status-Class: initiator error
+        assert_eq!(b.0[37], 0x07); // Status-Detail: missing parameter
+    }
+
+    #[test]
+    fn unknown_target_is_0203() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 1);
+        let (_, _, o) = l.step(&req(0x87, "InitiatorName=iqn.i|TargetName=iqn.nope|"));
+        assert!(matches!(o, Outcome::Fail(0x0203)));
+    }
+
+    #[test]
+    fn initiator_not_in_acl_is_0202() {
+        let cfg = config(Auth::default(), Some(vec!["iqn.allowed".into()]));
+        let mut l = Login::new(&cfg, 1);
+        let (_, _, o) = l.step(&req(
+            0x87,
+            &format!("InitiatorName=iqn.other|TargetName={TARGET}|"),
+        ));
+        assert!(matches!(o, Outcome::Fail(0x0202)));
+    }
+
+    #[test]
+    fn backward_transit_is_an_initiator_error() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 1);
+        // T=1 CSG=1 NSG=0
+        let (_, _, o) = l.step(&req(
+            0x84,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|"),
+        ));
+        assert!(matches!(o, Outcome::Fail(0x0200)));
+    }
+
+    #[test]
+    fn key_sent_twice_is_an_initiator_error() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 1);
+        let (_, _, o) = l.step(&req(
+            0x01,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|MaxBurstLength=512|"),
+        ));
+        assert!(matches!(o, Outcome::Continue));
+        let (_, _, o) = l.step(&req(0x05, "MaxBurstLength=1024|"));
+        assert!(matches!(o, Outcome::Fail(0x0200)));
+    }
+
+    #[test]
+    fn unsupported_version_is_0205() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 1);
+        let mut p = req(0x87, "InitiatorName=iqn.i|SessionType=Discovery|");
+        p.bhs.0[3] = 1; // Version-min 1
+        let (_, _, o) = l.step(&p);
+        assert!(matches!(o, Outcome::Fail(0x0205)));
+    }
+
+    #[test]
+    fn discovery_session_skips_target_name() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 1);
+        let (_, d, o) = l.step(&req(
+            0x87,
+            "InitiatorName=iqn.i|SessionType=Discovery|MaxBurstLength=8192|",
+        ));
+        let Outcome::Done(est) = o else {
+            panic!("discovery login should complete")
+        };
+        assert_eq!(est.kind, Kind::Discovery);
+        assert_eq!(get(&reply_text(&d), "MaxBurstLength"), Some("Irrelevant"));
+    }
+
+    #[test]
+    fn continued_text_is_acknowledged_with_an_empty_response() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 1);
+        // C=1, CSG=1: the first half of the text.
+        let (b, d, o) = l.step(&req(0x44, "InitiatorName=iq"));
+        assert!(matches!(o, Outcome::Continue));
+        assert!(d.is_empty());
+        assert_eq!(b.0[1] & 0xc0, 0); // T=0 C=0
+        let (_, _, o) = l.step(&req(0x87, &format!("n.i|TargetName={TARGET}|")));
+        let Outcome::Done(est) = o else {
+            panic!("login should complete")
+        };
+        assert_eq!(est.initiator_name, "iqn.i");
+    }
+
+    fn chap_config(mutual: bool) -> ServerConfig {
+        config(
+            Auth {
+                chap: Some(ChapSecret {
+                    user: "user".into(),
+                    secret: "secretsecret".into(),
+                }),
+                mutual: mutual.then(|| ChapSecret {
+                    user: "target".into(),
+                    secret: "targetsecret".into(),
+                }),
+            },
+            None,
+        )
+    }
+
+    fn chap_challenge(l: &mut Login) -> (u8, Vec<u8>) {
+        let (_, d, _) = l.step(&req(
+            0x01,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|AuthMethod=CHAP,None|"),
+        ));
+        assert_eq!(get(&reply_text(&d), "AuthMethod"), Some("CHAP"));
+        let (b, d, _) = l.step(&req(0x01, "CHAP_A=7,5|"));
+        assert_eq!(b.0[1] & 0x80, 0);
+        let r = reply_text(&d);
+        assert_eq!(get(&r, "CHAP_A"), Some("5"));
+        let id: u8 = get(&r, "CHAP_I")
+            .and_then(|v| v.parse().ok())
+            .expect("CHAP_I");
+        let c = chap::decode_binary(get(&r, "CHAP_C").expect("CHAP_C")).expect("hex");
+        (id, c)
+    }
+
+    #[test]
+    fn one_way_chap_accepts_the_right_response() {
+        let cfg = chap_config(false);
+        let mut l = Login::new(&cfg, 1);
+        let (id, c) = chap_challenge(&mut l);
+        let r = chap::to_hex(&chap::response(id, b"secretsecret", &c));
+        let (b, _, o) = l.step(&req(0x81, &format!("CHAP_N=user|CHAP_R={r}|")));
+        assert!(matches!(o, Outcome::Continue));
+        assert_eq!(b.0[1], 0x81); // transit to the operational stage
+    }
+
+    #[test]
+    fn one_way_chap_rejects_a_wrong_response() {
+        let cfg = chap_config(false);
+        let mut l = Login::new(&cfg, 1);
+        let (id, c) = chap_challenge(&mut l);
+        let r = chap::to_hex(&chap::response(id, b"wrong", &c));
+        let (_, _, o) = l.step(&req(0x81, &format!("CHAP_N=user|CHAP_R={r}|")));
+        assert!(matches!(o, Outcome::Fail(0x0201)));
+    }
+
+    #[test]
+    fn mutual_chap_answers_the_initiator_challenge() {
+        let cfg = chap_config(true);
+        let mut l = Login::new(&cfg, 1);
+        let (id, c) = chap_challenge(&mut l);
+        let r = chap::to_hex(&chap::response(id, b"secretsecret", &c));
+        let (_, d, o) = l.step(&req(
+            0x81,
+            &format!("CHAP_N=user|CHAP_R={r}|CHAP_I=9|CHAP_C=0b AAECAw==|").replace(' ', ""),
+        ));
+        assert!(matches!(o, Outcome::Continue));
+        let rr = reply_text(&d);
+        assert_eq!(get(&rr, "CHAP_N"), Some("target"));
+        let want = chap::to_hex(&chap::response(9, b"targetsecret", &[0, 1, 2, 3]));
+        assert_eq!(get(&rr, "CHAP_R"), Some(want.as_str()));
+    }
+
+    #[test]
+    fn chap_required_but_skipped_fails() {
+        let cfg = chap_config(false);
+        let mut l = Login::new(&cfg, 1);
+        let (_, _, o) = l.step(&req(
+            0x87,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|"),
+        ));
+        assert!(matches!(o, Outcome::Fail(0x0201)));
+    }
+}

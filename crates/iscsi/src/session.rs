@@ -1,0 +1,1426 @@
+//! The full feature phase of one session (one connection: MaxConnections=1, ERL 0).
+//!
+//! Two tasks per connection, no lock shared with other connections:
+//! - the **reader** (this module's [`run`]) reads PDUs through a buffered reader, applies the
+//!   CmdSN window (RFC 7143 3.2.2.1), collects data-out (immediate, unsolicited, R2T-solicited)
+//!   and spawns each command into the SCSI layer, so many commands run at once;
+//! - the **writer** ([`writer`]) owns the socket's write half behind a buffered writer. Spawned
+//!   commands and the reader send it [`Out`] messages; it numbers StatSN, stamps
+//!   ExpCmdSN/MaxCmdSN, splits data-in at the initiator's MaxRecvDataSegmentLength and
+//!   MaxBurstLength, and flushes only when no more messages are ready (batching).
+//!
+//! Bounded memory: at most [`QUEUE_DEPTH`] commands are admitted (MaxCmdSN shrinks as commands
+//! are outstanding), each buffers at most its EDTL of data-out, capped at [`MAX_WRITE`]:
+//! unsolicited data is at most FirstBurstLength per command, and the data solicited by R2Ts of
+//! one connection at most [`MAX_SOLICITED`] (an R2T waits until earlier writes have left; one
+//! is always allowed when none is outstanding, so writes always progress).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use scsi::{Command, Completion, ItNexus, Response, TaskAttr, Tmf, TmfResponse};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::sync::{mpsc, watch};
+
+use crate::login::{Established, Kind};
+use crate::pdu::{self, op, reject, Bhs, Framing, Pdu, RESERVED_TAG};
+use crate::text::{self, Params};
+use crate::Server;
+
+/// Commands admitted at once (the CmdSN window when none is outstanding).
+pub const QUEUE_DEPTH: u32 = 128;
+/// Largest EDTL of a write buffered by the transport.
+pub const MAX_WRITE: u32 = 32 * 1024 * 1024;
+/// Messages queued for the writer beyond which the reader stops reading PDUs (an initiator
+/// that sends but does not read cannot make the target buffer without limit).
+const MAX_QUEUED: usize = 1024;
+/// How long the reader waits for the writer to drain before giving up on the connection.
+const WRITER_STALL: Duration = Duration::from_secs(30);
+/// Data-out bytes one connection solicits with R2Ts at once; a write's first R2T waits until
+/// earlier writes have left.
+pub const MAX_SOLICITED: u64 = 64 * 1024 * 1024;
+/// Immediate commands in flight at once; more are rejected (RFC 7143 11.17.1, reason 0x06).
+const MAX_IMMEDIATE: u32 = 16;
+/// Longest text (SendTargets) request or response kept.
+const MAX_TEXT: usize = 64 * 1024;
+
+/// Errors that end a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("Reading a PDU failed")]
+    Pdu(#[from] pdu::PduError),
+    #[error("Connection I/O failed")]
+    Io(#[from] std::io::Error),
+    #[error("Protocol error: {0}")]
+    Protocol(&'static str),
+    #[error("NOP-In ping not answered")]
+    PingTimeout,
+}
+
+/// Sequence-number handling of an outgoing PDU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sn {
+    /// Carries StatSN and advances it (responses).
+    Status,
+    /// Carries the next StatSN without advancing it (R2T, NOP-In pings).
+    Peek,
+}
+
+/// A message to the writer.
+#[derive(Debug)]
+pub enum Out {
+    Pdu {
+        bhs: Bhs,
+        data: Vec<u8>,
+        sn: Sn,
+    },
+    /// A command's completion: data-in (when the R bit was set), status, sense, residuals.
+    Result(Box<ScsiResult>),
+    /// Flush everything queued, then stop.
+    Close,
+}
+
+/// Everything the writer needs to answer a SCSI command.
+#[derive(Debug)]
+pub struct ScsiResult {
+    pub itt: u32,
+    pub lun: [u8; 8],
+    pub resp: Response,
+    /// Expected data-in length: EDTL when the R bit was set, otherwise 0.
+    pub edtl_in: u32,
+    /// For writes: (overflow, count) from EDTL against the CDB's data-out length.
+    pub write_residual: Option<(bool, u32)>,
+}
+
+/// The sending side of the writer's queue, counting what is queued.
+#[derive(Clone)]
+struct Sender {
+    tx: mpsc::UnboundedSender<Out>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Sender {
+    fn send(&self, out: Out) {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        // The writer only goes away when the connection is closing.
+        if self.tx.send(out).is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// CmdSN state shared by the reader and the writer of one connection.
+#[derive(Debug)]
+pub struct Shared {
+    exp_cmdsn: AtomicU32,
+    /// Non-immediate SCSI commands admitted and not yet answered.
+    outstanding: AtomicU32,
+    /// All SCSI commands executing (for Logout).
+    executing: AtomicU32,
+    immediate: AtomicU32,
+    /// Commands handed to the SCSI layer, by ITT. Locked once when a command starts and once
+    /// when it ends; only this connection's tasks use it. A task marked aborted by a task
+    /// management function gets no response (RFC 7143 4.2.3.3), whatever the SCSI layer
+    /// returns.
+    running: Mutex<HashMap<u32, Running>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Running {
+    lun: u64,
+    aborted: bool,
+}
+
+impl Shared {
+    fn new(exp: u32) -> Self {
+        Self {
+            exp_cmdsn: AtomicU32::new(exp),
+            outstanding: AtomicU32::new(0),
+            executing: AtomicU32::new(0),
+            immediate: AtomicU32::new(0),
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+    fn running(&self) -> MutexGuard<'_, HashMap<u32, Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn exp(&self) -> u32 {
+        self.exp_cmdsn.load(Ordering::Acquire)
+    }
+    /// MaxCmdSN = ExpCmdSN + free slots - 1: the window shrinks while commands are
+    /// outstanding and never moves backwards (ExpCmdSN and the count rise together).
+    fn max(&self) -> u32 {
+        let out = self.outstanding.load(Ordering::Acquire).min(QUEUE_DEPTH);
+        self.exp().wrapping_add(QUEUE_DEPTH - out).wrapping_sub(1)
+    }
+}
+
+/// Where a CmdSN falls relative to the window (RFC 7143 3.2.2.1, serial arithmetic RFC 1982).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// CmdSN == ExpCmdSN: deliver now.
+    Now,
+    /// Inside the window but ahead: hold until the gap is filled.
+    Later,
+    /// Outside [ExpCmdSN, MaxCmdSN]: silently ignore.
+    Drop,
+}
+
+/// Classify `cmdsn` against the window [exp, max].
+pub fn window(cmdsn: u32, exp: u32, max: u32) -> Window {
+    let d = cmdsn.wrapping_sub(exp);
+    let width = max.wrapping_sub(exp);
+    if d == 0 && width < 0x8000_0000 {
+        Window::Now
+    } else if width < 0x8000_0000 && d <= width {
+        Window::Later
+    } else {
+        Window::Drop
+    }
+}
+
+/// A held non-immediate PDU, or a CmdSN to treat as received (an ABORT TASK for a command
+/// not yet received, RFC 7143 11.5.1).
+enum Held {
+    Pdu(Box<Pdu>),
+    Skip,
+}
+
+/// A write collecting its data-out.
+struct WriteTask {
+    lun: u64,
+    lun_raw: [u8; 8],
+    cdb: Vec<u8>,
+    attr: TaskAttr,
+    edtl: u32,
+    spdtl: u32,
+    counted: bool,
+    buf: Vec<u8>,
+    /// End offset of the current sequence (unsolicited or the outstanding R2T).
+    seq_end: u32,
+    /// The current sequence is unsolicited (TTT 0xffffffff).
+    unsolicited: bool,
+    ttt: u32,
+    datasn: u32,
+    r2tsn: u32,
+    /// Bytes this task has asked for with R2Ts and still holds (see [`MAX_SOLICITED`]).
+    solicited: u64,
+}
+
+struct Conn {
+    server: Arc<Server>,
+    kind: Kind,
+    initiator: String,
+    nexus: Option<Arc<ItNexus>>,
+    target: Option<Arc<scsi::Target>>,
+    params: Params,
+    local: SocketAddr,
+    cid: u16,
+    shared: Arc<Shared>,
+    tx: Sender,
+    writer: Option<tokio::task::JoinHandle<Result<(), std::io::Error>>>,
+    held: BTreeMap<u32, Held>,
+    tasks: HashMap<u32, WriteTask>,
+    next_ttt: u32,
+    ping: Option<u32>,
+    text_in: Vec<u8>,
+    text_out: Option<(u32, Vec<u8>)>,
+    /// Bytes solicited by R2Ts of tasks still collecting data.
+    solicited: u64,
+    /// Tasks waiting to send their next R2T, oldest first.
+    r2t_wait: VecDeque<u32>,
+}
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+/// Run the full feature phase until logout, connection loss or `kill`.
+#[allow(clippy::too_many_arguments)]
+pub async fn run<R, W>(
+    server: Arc<Server>,
+    est: Established,
+    nexus: Option<Arc<ItNexus>>,
+    mut rd: BufReader<R>,
+    wr: BufWriter<W>,
+    mut kill: watch::Receiver<bool>,
+    local: SocketAddr,
+) -> Result<(), SessionError>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let shared = Arc::new(Shared::new(est.exp_cmdsn));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let tx = Sender {
+        tx,
+        queued: queued.clone(),
+    };
+    let send_framing = Framing {
+        header_digest: est.params.header_digest,
+        data_digest: est.params.data_digest,
+        max_data: est.params.max_send_dsl,
+    };
+    let recv_framing = Framing {
+        header_digest: est.params.header_digest,
+        data_digest: est.params.data_digest,
+        max_data: est.params.max_recv_dsl,
+    };
+    let writer = tokio::spawn(writer(
+        wr,
+        rx,
+        queued.clone(),
+        shared.clone(),
+        send_framing,
+        est.params.max_burst,
+        est.next_statsn,
+    ));
+    let target = match est.kind {
+        Kind::Normal(i) => server.config.targets.get(i).map(|t| t.scsi.clone()),
+        Kind::Discovery => None,
+    };
+    let mut conn = Conn {
+        server,
+        kind: est.kind,
+        initiator: est.initiator_name.clone(),
+        nexus,
+        target,
+        params: est.params.clone(),
+        local,
+        cid: est.cid,
+        shared,
+        tx,
+        writer: Some(writer),
+        held: BTreeMap::new(),
+        tasks: HashMap::new(),
+        next_ttt: 1,
+        ping: None,
+        text_in: Vec::new(),
+        text_out: None,
+        solicited: 0,
+        r2t_wait: VecDeque::new(),
+    };
+    let ping_idle = conn.server.nop_interval();
+    let result = loop {
+        // Backpressure: stop reading while the writer is far behind.
+        if queued.load(Ordering::Acquire) > MAX_QUEUED {
+            let start = tokio::time::Instant::now();
+            while queued.load(Ordering::Acquire) > MAX_QUEUED / 2 {
+                if start.elapsed() > WRITER_STALL {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            if queued.load(Ordering::Acquire) > MAX_QUEUED / 2 {
+                break Err(SessionError::Protocol("Initiator does not read responses"));
+            }
+        }
+        // Wait for the next PDU's first byte, pinging an idle initiator (keep-alive).
+        let ready = tokio::select! {
+            biased;
+            _ = kill.changed() => break Ok(()),
+            r = tokio::time::timeout(ping_idle, async { rd.fill_buf().await.map(|b| b.is_empty()) }) => r,
+        };
+        match ready {
+            Err(_) => {
+                if conn.ping.is_some() {
+                    break Err(SessionError::PingTimeout);
+                }
+                conn.send_ping();
+                continue;
+            }
+            Ok(Err(e)) => break Err(e.into()),
+            Ok(Ok(true)) => break Ok(()),
+            Ok(Ok(false)) => {}
+        }
+        let pdu = tokio::select! {
+            biased;
+            _ = kill.changed() => break Ok(()),
+            p = pdu::read_pdu(&mut rd, recv_framing) => p,
+        };
+        let pdu = match pdu {
+            Ok(p) => p,
+            Err(e) => break Err(e.into()),
+        };
+        match conn.handle(pdu).await {
+            Ok(Flow::Continue) => {}
+            Ok(Flow::Close) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    conn.finish().await;
+    result
+}
+
+impl Conn {
+    fn send(&self, out: Out) {
+        // The writer only goes away when the connection is closing.
+        self.tx.send(out);
+    }
+
+    fn send_pdu(&self, bhs: Bhs, data: Vec<u8>, sn: Sn) {
+        self.send(Out::Pdu { bhs, data, sn });
+    }
+
+    fn reject(&self, reason: u8, bhs: &Bhs) {
+        // RFC 7143 11.17: the data segment is the rejected PDU's header.
+        let mut b = Bhs::new(op::REJECT);
+        b.0[1] = 0x80;
+        b.0[2] = reason;
+        b.set_u32(16, RESERVED_TAG);
+        self.send_pdu(b, bhs.0.to_vec(), Sn::Status);
+    }
+
+    fn send_ping(&mut self) {
+        let ttt = self.alloc_ttt();
+        self.ping = Some(ttt);
+        // RFC 7143 11.19: a ping carries a valid TTT and ITT 0xffffffff; StatSN not advanced.
+        let mut b = Bhs::new(op::NOP_IN);
+        b.0[1] = 0x80;
+        b.set_u32(16, RESERVED_TAG);
+        b.set_u32(20, ttt);
+        self.send_pdu(b, Vec::new(), Sn::Peek);
+    }
+
+    fn alloc_ttt(&mut self) -> u32 {
+        let t = self.next_ttt;
+        self.next_ttt = self.next_ttt.wrapping_add(1);
+        if self.next_ttt == RESERVED_TAG {
+            self.next_ttt = 1;
+        }
+        t
+    }
+
+    async fn finish(&mut self) {
+        self.send(Out::Close);
+        if let Some(mut w) = self.writer.take() {
+            // An initiator that stopped reading must not keep the session alive.
+            if tokio::time::timeout(Duration::from_secs(5), &mut w)
+                .await
+                .is_err()
+            {
+                w.abort();
+            }
+        }
+    }
+
+    async fn handle(&mut self, pdu: Pdu) -> Result<Flow, SessionError> {
+        let flow = self.handle_pdu(pdu).await;
+        if !self.r2t_wait.is_empty() {
+            self.pump_r2t();
+        }
+        flow
+    }
+
+    async fn handle_pdu(&mut self, pdu: Pdu) -> Result<Flow, SessionError> {
+        if pdu.data_digest_bad {
+            // RFC 7143 7.8 / 11.17.1: Reject with "data digest error" and discard the PDU. At
+            // ERL 0 a Data-Out cannot be asked for again, so its task ends with CHECK
+            // CONDITION, PROTOCOL SERVICE CRC ERROR.
+            self.reject(reject::DATA_DIGEST, &pdu.bhs);
+            if pdu.bhs.opcode() == op::DATA_OUT {
+                self.fail_task(pdu.bhs.itt(), 0x47, 0x05);
+            }
+            return Ok(Flow::Continue);
+        }
+        match pdu.bhs.opcode() {
+            op::NOP_OUT | op::SCSI_CMD | op::TMF_REQ | op::TEXT_REQ | op::LOGOUT_REQ => {
+                self.ordered(pdu).await
+            }
+            op::DATA_OUT => self.data_out(pdu),
+            op::SNACK => {
+                // ERL 0: SNACK is not supported (RFC 7143 11.16).
+                self.reject(reject::PROTOCOL_ERROR, &pdu.bhs);
+                Ok(Flow::Continue)
+            }
+            _ => {
+                self.reject(reject::NOT_SUPPORTED, &pdu.bhs);
+                Ok(Flow::Continue)
+            }
+        }
+    }
+
+    /// Apply the CmdSN window to a request, then process it and any held ones it releases.
+    async fn ordered(&mut self, pdu: Pdu) -> Result<Flow, SessionError> {
+        let bhs = pdu.bhs;
+        // NOP-Out answering a ping (ITT 0xffffffff) is never ordered (RFC 7143 11.18).
+        if bhs.immediate() || (bhs.opcode() == op::NOP_OUT && bhs.itt() == RESERVED_TAG) {
+            if let Flow::Close = self.process(pdu, true).await? {
+                return Ok(Flow::Close);
+            }
+            return self.drain().await;
+        }
+        match window(bhs.cmdsn(), self.shared.exp(), self.shared.max()) {
+            Window::Drop => {
+                tracing::debug!(cmdsn = bhs.cmdsn(), "CmdSN outside the window: ignored");
+                Ok(Flow::Continue)
+            }
+            Window::Later | Window::Now => {
+                // A CmdSN an ABORT TASK already settled stays settled (RFC 7143 11.5.1).
+                if !matches!(self.held.get(&bhs.cmdsn()), Some(Held::Skip)) {
+                    self.held.insert(bhs.cmdsn(), Held::Pdu(Box::new(pdu)));
+                }
+                self.drain().await
+            }
+        }
+    }
+
+    /// Process held requests in CmdSN order while the next one expected is there.
+    async fn drain(&mut self) -> Result<Flow, SessionError> {
+        while let Some(next) = self.held.remove(&self.shared.exp()) {
+            self.advance();
+            if let Held::Pdu(p) = next {
+                if let Flow::Close = self.process(*p, false).await? {
+                    return Ok(Flow::Close);
+                }
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn advance(&self) {
+        self.shared.exp_cmdsn.fetch_add(1, Ordering::AcqRel);
+    }
+
+    async fn process(&mut self, pdu: Pdu, immediate: bool) -> Result<Flow, SessionError> {
+        match pdu.bhs.opcode() {
+            op::NOP_OUT => {
+                self.nop_out(&pdu);
+                Ok(Flow::Continue)
+            }
+            op::SCSI_CMD => {
+                self.scsi_command(pdu, immediate);
+                Ok(Flow::Continue)
+            }
+            op::TMF_REQ => Ok(self.tmf(&pdu)),
+            op::TEXT_REQ => {
+                self.text(&pdu);
+                Ok(Flow::Continue)
+            }
+            op::LOGOUT_REQ => Ok(self.logout(&pdu).await),
+            _ => Ok(Flow::Continue),
+        }
+    }
+
+    fn nop_out(&mut self, pdu: &Pdu) {
+        let itt = pdu.bhs.itt();
+        if itt == RESERVED_TAG {
+            // The answer to our ping (or a ping wanting no answer).
+            if self.ping == Some(pdu.bhs.field20()) {
+                self.ping = None;
+            }
+            return;
+        }
+        // RFC 7143 11.19: echo the ping data, TTT 0xffffffff.
+        let mut b = Bhs::new(op::NOP_IN);
+        b.0[1] = 0x80;
+        b.set_lun(pdu.bhs.lun());
+        b.set_u32(16, itt);
+        b.set_u32(20, RESERVED_TAG);
+        let mut data = pdu.data.clone();
+        data.truncate(self.params.max_send_dsl as usize);
+        self.send_pdu(b, data, Sn::Status);
+    }
+}
+
+/// Build the CDB from the header and an Extended CDB AHS (RFC 7143 11.2.2.3, 11.3.5).
+///
+/// Each AHS is AHSLength (2 bytes), AHSType (1 byte) and AHSLength bytes of AHS-specific
+/// content, of which the Extended CDB AHS uses the first as a reserved byte and the rest as
+/// CDB bytes 16 and up; each AHS is padded to 4 bytes. At most 16 more CDB bytes are taken
+/// (32 in all); other AHS types (the bidirectional read length) are skipped.
+pub fn cdb_of(pdu: &Pdu) -> Result<Vec<u8>, ()> {
+    let mut cdb = pdu.bhs.0[32..48].to_vec();
+    let mut ahs = pdu.ahs.as_slice();
+    while !ahs.is_empty() {
+        let hdr = ahs.get(..3).ok_or(())?;
+        let len = usize::from(u16::from_be_bytes([hdr[0], hdr[1]]));
+        let ty = hdr[2];
+        let total = 3 + len;
+        let padded = total + pdu::pad_len(total);
+        if ty == 1 {
+            let ext = ahs.get(4..total).ok_or(())?;
+            if ext.len() > 16 {
+                return Err(());
+            }
+            cdb.extend_from_slice(ext);
+        } else if ahs.len() < total {
+            return Err(());
+        }
+        ahs = ahs.get(padded..).unwrap_or_default();
+    }
+    Ok(cdb)
+}
+
+impl Conn {
+    fn scsi_command(&mut self, pdu: Pdu, immediate: bool) {
+        let bhs = pdu.bhs;
+        let (Some(target), Some(nexus)) = (self.target.clone(), self.nexus.clone()) else {
+            // Discovery sessions carry no SCSI commands (RFC 7143 4.3).
+            self.reject(reject::PROTOCOL_ERROR, &bhs);
+            return;
+        };
+        let Ok(cdb) = cdb_of(&pdu) else {
+            self.reject(reject::INVALID_FIELD, &bhs);
+            return;
+        };
+        if immediate {
+            if self.shared.immediate.load(Ordering::Acquire) >= MAX_IMMEDIATE {
+                self.reject(reject::IMMEDIATE_REJECT, &bhs);
+                return;
+            }
+        } else {
+            self.shared.outstanding.fetch_add(1, Ordering::AcqRel);
+        }
+        let flags = bhs.flags();
+        let read = flags & 0x40 != 0;
+        let write = flags & 0x20 != 0;
+        let attr = match flags & 7 {
+            0 | 1 => TaskAttr::Simple,
+            2 => TaskAttr::Ordered,
+            3 => TaskAttr::HeadOfQueue,
+            _ => TaskAttr::Aca,
+        };
+        let itt = bhs.itt();
+        let edtl = bhs.field20();
+        let lun_raw = bhs.lun();
+        let lun = pdu::decode_lun(lun_raw);
+        if self.tasks.contains_key(&itt) || self.shared.running().contains_key(&itt) {
+            // RFC 7143 11.2.1.8: ITTs are unique among outstanding tasks.
+            self.uncount(!immediate);
+            self.reject(reject::INVALID_FIELD, &bhs);
+            return;
+        }
+        if !write || edtl == 0 {
+            let cmd = Command {
+                nexus,
+                lun,
+                tag: u64::from(itt),
+                attr,
+                cdb,
+                data_out: Vec::new(),
+                data_in_len: if read { edtl } else { 0 },
+            };
+            let wr = write.then(|| {
+                let spdtl = target.data_out_len(lun, &cmd.cdb);
+                (spdtl > 0, spdtl)
+            });
+            self.execute(
+                target,
+                cmd,
+                lun_raw,
+                if read { edtl } else { 0 },
+                wr,
+                !immediate,
+            );
+            return;
+        }
+        let data = pdu.data;
+        let imm = data.len() as u32;
+        // Immediate data only when negotiated, never beyond FirstBurstLength or EDTL
+        // (RFC 7143 13.11, 13.14).
+        if (imm > 0 && !self.params.immediate_data) || imm > self.params.first_burst || imm > edtl {
+            self.uncount(!immediate);
+            self.reject(reject::PROTOCOL_ERROR, &bhs);
+            return;
+        }
+        if edtl > MAX_WRITE {
+            self.uncount(!immediate);
+            // ILLEGAL REQUEST, INVALID FIELD IN CDB (24h/00h).
+            let resp = check_condition(0x05, 0x24, 0x00);
+            self.send(Out::Result(Box::new(ScsiResult {
+                itt,
+                lun: lun_raw,
+                resp,
+                edtl_in: 0,
+                write_residual: None,
+            })));
+            return;
+        }
+        let spdtl = target.data_out_len(lun, &cdb);
+        // Unsolicited data follows unless F=1 or InitialR2T=Yes (RFC 7143 11.3.4).
+        let unsol_end = if !self.params.initial_r2t && flags & 0x80 == 0 {
+            self.params.first_burst.min(edtl)
+        } else {
+            imm
+        };
+        let mut buf = Vec::with_capacity(unsol_end.max(imm) as usize);
+        buf.extend_from_slice(&data);
+        let task = WriteTask {
+            lun,
+            lun_raw,
+            cdb,
+            attr,
+            edtl,
+            spdtl,
+            counted: !immediate,
+            buf,
+            seq_end: unsol_end.max(imm),
+            unsolicited: true,
+            ttt: RESERVED_TAG,
+            datasn: 0,
+            r2tsn: 0,
+            solicited: 0,
+        };
+        self.tasks.insert(itt, task);
+        self.advance_write(itt);
+    }
+
+    fn uncount(&self, counted: bool) {
+        if counted {
+            self.shared.outstanding.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// After data arrived for `itt`: execute when complete, or ask for more with an R2T
+    /// once the current sequence is done.
+    fn advance_write(&mut self, itt: u32) {
+        let max_burst = self.params.max_burst;
+        let Some(task) = self.tasks.get_mut(&itt) else {
+            return;
+        };
+        let got = task.buf.len() as u32;
+        if got >= task.edtl {
+            if let Some(t) = self.take_task(itt) {
+                let (Some(target), Some(nexus)) = (self.target.clone(), self.nexus.clone()) else {
+                    return;
+                };
+                let wr = Some((t.spdtl > t.edtl, t.spdtl.abs_diff(t.edtl)));
+                let cmd = Command {
+                    nexus,
+                    lun: t.lun,
+                    tag: u64::from(itt),
+                    attr: t.attr,
+                    cdb: t.cdb,
+                    data_out: t.buf,
+                    data_in_len: 0,
+                };
+                self.execute(target, cmd, t.lun_raw, 0, wr, t.counted);
+            }
+            return;
+        }
+        if got < task.seq_end {
+            return; // the current sequence is still arriving
+        }
+        // RFC 7143 11.8: one R2T at a time (MaxOutstandingR2T=1), at most MaxBurstLength.
+        let len = (task.edtl - got).min(max_burst);
+        if task.solicited == 0 {
+            // The first R2T reserves everything the task still needs, so a started write
+            // never waits for budget (and always finishes, freeing it).
+            let need = u64::from(task.edtl - got);
+            if self.solicited > 0 && self.solicited + need > MAX_SOLICITED {
+                if !self.r2t_wait.contains(&itt) {
+                    self.r2t_wait.push_back(itt);
+                }
+                return;
+            }
+            task.solicited = need;
+            self.solicited += need;
+        }
+        let ttt = {
+            let t = self.next_ttt;
+            self.next_ttt = self.next_ttt.wrapping_add(1);
+            if self.next_ttt == RESERVED_TAG {
+                self.next_ttt = 1;
+            }
+            t
+        };
+        task.unsolicited = false;
+        task.ttt = ttt;
+        task.seq_end = got + len;
+        task.datasn = 0;
+        let r2tsn = task.r2tsn;
+        task.r2tsn = task.r2tsn.wrapping_add(1);
+        let mut b = Bhs::new(op::R2T);
+        b.0[1] = 0x80;
+        b.set_lun(task.lun_raw);
+        b.set_u32(16, itt);
+        b.set_u32(20, ttt);
+        b.set_u32(36, r2tsn);
+        b.set_u32(40, got);
+        b.set_u32(44, len);
+        self.send_pdu(b, Vec::new(), Sn::Peek);
+    }
+
+    /// Remove a task collecting data, returning what it solicited to the budget.
+    fn take_task(&mut self, itt: u32) -> Option<WriteTask> {
+        let t = self.tasks.remove(&itt)?;
+        self.solicited = self.solicited.saturating_sub(t.solicited);
+        Some(t)
+    }
+
+    /// Send the R2Ts that waited for budget, oldest first, while budget lasts.
+    fn pump_r2t(&mut self) {
+        while let Some(itt) = self.r2t_wait.pop_front() {
+            if !self.tasks.contains_key(&itt) {
+                continue;
+            }
+            self.advance_write(itt);
+            if self.r2t_wait.back() == Some(&itt) {
+                // Still no budget: keep it first in line.
+                self.r2t_wait.pop_back();
+                self.r2t_wait.push_front(itt);
+                break;
+            }
+        }
+    }
+
+    fn data_out(&mut self, pdu: Pdu) -> Result<Flow, SessionError> {
+        let bhs = pdu.bhs;
+        let itt = bhs.itt();
+        let ttt = bhs.field20();
+        let Some(task) = self.tasks.get_mut(&itt) else {
+            // Data for a task that was aborted or already failed: discard (RFC 7143 4.2.3.3).
+            return Ok(Flow::Continue);
+        };
+        let expected_ttt = if task.unsolicited {
+            RESERVED_TAG
+        } else {
+            task.ttt
+        };
+        if ttt != expected_ttt {
+            self.reject(reject::INVALID_FIELD, &bhs);
+            return Ok(Flow::Continue);
+        }
+        // RFC 7143 7.9: a DataSN out of order means an earlier Data-Out was lost to a digest
+        // error, handled as in 7.8; at ERL 0 the task ends with CHECK CONDITION, ABORTED
+        // COMMAND / PROTOCOL SERVICE CRC ERROR (11.4.7.2). Later Data-Out for it is discarded.
+        if bhs.u32_at(36) != task.datasn {
+            self.fail_task(itt, 0x47, 0x05);
+            return Ok(Flow::Continue);
+        }
+        let offset = bhs.u32_at(40);
+        let len = pdu.data.len() as u32;
+        let got = task.buf.len() as u32;
+        // DataPDUInOrder=Yes: each PDU continues where the last ended, within the sequence;
+        // otherwise the task ends with INCORRECT AMOUNT OF DATA (0Ch/0Dh, RFC 7143 11.4.7.2).
+        if offset != got || got.checked_add(len).is_none_or(|end| end > task.seq_end) {
+            self.fail_task(itt, 0x0c, 0x0d);
+            return Ok(Flow::Continue);
+        }
+        task.buf.extend_from_slice(&pdu.data);
+        task.datasn = task.datasn.wrapping_add(1);
+        if bhs.final_bit() {
+            // The sequence ended (possibly early): the next R2T starts where data stopped.
+            task.seq_end = task.buf.len() as u32;
+        }
+        self.advance_write(itt);
+        Ok(Flow::Continue)
+    }
+
+    /// End a task still collecting data with CHECK CONDITION, ABORTED COMMAND and the given
+    /// additional sense code.
+    fn fail_task(&mut self, itt: u32, asc: u8, ascq: u8) {
+        let Some(t) = self.take_task(itt) else {
+            return;
+        };
+        self.uncount(t.counted);
+        self.send(Out::Result(Box::new(ScsiResult {
+            itt,
+            lun: t.lun_raw,
+            resp: check_condition(0x0b, asc, ascq),
+            edtl_in: 0,
+            write_residual: None,
+        })));
+    }
+
+    fn execute(
+        &self,
+        target: Arc<scsi::Target>,
+        cmd: Command,
+        lun: [u8; 8],
+        edtl_in: u32,
+        write_residual: Option<(bool, u32)>,
+        counted: bool,
+    ) {
+        let tx = self.tx.clone();
+        let shared = self.shared.clone();
+        let itt = cmd.tag as u32;
+        shared.executing.fetch_add(1, Ordering::AcqRel);
+        shared.running().insert(
+            itt,
+            Running {
+                lun: cmd.lun,
+                aborted: false,
+            },
+        );
+        if !counted {
+            shared.immediate.fetch_add(1, Ordering::AcqRel);
+        }
+        tokio::spawn(async move {
+            let done = target.execute(cmd).await;
+            if counted {
+                shared.outstanding.fetch_sub(1, Ordering::AcqRel);
+            } else {
+                shared.immediate.fetch_sub(1, Ordering::AcqRel);
+            }
+            {
+                // Send under the lock, so a TMF response can never overtake it unnoticed.
+                let mut running = shared.running();
+                let aborted = running.remove(&itt).is_some_and(|r| r.aborted);
+                if let (Completion::Done(resp), false) = (done, aborted) {
+                    tx.send(Out::Result(Box::new(ScsiResult {
+                        itt,
+                        lun,
+                        resp,
+                        edtl_in,
+                        write_residual,
+                    })));
+                }
+            }
+            shared.executing.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+
+    /// Drop transport-side tasks still collecting data that `pred` selects.
+    fn drop_tasks(&mut self, pred: impl Fn(u64) -> bool) {
+        let shared = self.shared.clone();
+        let mut released = 0;
+        self.tasks.retain(|_, t| {
+            let keep = !pred(t.lun);
+            if !keep {
+                released += t.solicited;
+                if t.counted {
+                    shared.outstanding.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            keep
+        });
+        self.solicited = self.solicited.saturating_sub(released);
+    }
+
+    fn tmf(&mut self, pdu: &Pdu) -> Flow {
+        let bhs = pdu.bhs;
+        let func = bhs.flags() & 0x7f;
+        let lun = pdu::decode_lun(bhs.lun());
+        let rtt = bhs.field20();
+        let mut b = Bhs::new(op::TMF_RESP);
+        b.0[1] = 0x80;
+        b.set_u32(16, bhs.itt());
+        let (Some(target), Some(nexus)) = (self.target.clone(), self.nexus.clone()) else {
+            self.reject(reject::PROTOCOL_ERROR, &bhs);
+            return Flow::Continue;
+        };
+        let respond = |this: &Self, mut b: Bhs, code: u8| {
+            b.0[2] = code;
+            this.send_pdu(b, Vec::new(), Sn::Status);
+        };
+        // RFC 7143 11.6.1 response codes.
+        const COMPLETE: u8 = 0;
+        const TASK_DOES_NOT_EXIST: u8 = 1;
+        const NOT_SUPPORTED: u8 = 5;
+        const REASSIGN_NOT_SUPPORTED: u8 = 4;
+        let tmf = match func {
+            1 => {
+                // ABORT TASK (RFC 7143 11.5.1).
+                if let Some(t) = self.take_task(rtt) {
+                    self.uncount(t.counted);
+                    respond(self, b, COMPLETE);
+                    return Flow::Continue;
+                }
+                let exp = self.shared.exp();
+                let refsn = bhs.u32_at(32);
+                let ref_d = refsn.wrapping_sub(exp);
+                let tmf_d = bhs.cmdsn().wrapping_sub(exp);
+                if let Some((&sn, _)) = self
+                    .held
+                    .iter()
+                    .find(|(_, h)| matches!(h, Held::Pdu(p) if p.bhs.itt() == rtt))
+                {
+                    self.held.insert(sn, Held::Skip);
+                    respond(self, b, COMPLETE);
+                    return Flow::Continue;
+                }
+                // A task not received yet whose CmdSN precedes the TMF's: consider the CmdSN
+                // received and answer "Function complete".
+                if ref_d < tmf_d && tmf_d < 0x8000_0000 {
+                    self.held.entry(refsn).or_insert(Held::Skip);
+                    respond(self, b, COMPLETE);
+                    return Flow::Continue;
+                }
+                // Neither collecting data nor executing: it completed (or never existed).
+                if !self.shared.running().contains_key(&rtt) {
+                    respond(self, b, TASK_DOES_NOT_EXIST);
+                    return Flow::Continue;
+                }
+                Tmf::AbortTask {
+                    lun,
+                    tag: u64::from(rtt),
+                }
+            }
+            2 => {
+                self.drop_tasks(|l| l == lun);
+                Tmf::AbortTaskSet { lun }
+            }
+            4 => {
+                self.drop_tasks(|l| l == lun);
+                Tmf::ClearTaskSet { lun }
+            }
+            5 => {
+                self.drop_tasks(|l| l == lun);
+                Tmf::LogicalUnitReset { lun }
+            }
+            6 => {
+                self.drop_tasks(|_| true);
+                Tmf::TargetWarmReset
+            }
+            7 => {
+                self.drop_tasks(|_| true);
+                Tmf::TargetColdReset
+            }
+            8 => {
+                respond(self, b, REASSIGN_NOT_SUPPORTED);
+                return Flow::Continue;
+            }
+            _ => {
+                respond(self, b, NOT_SUPPORTED);
+                return Flow::Continue;
+            }
+        };
+        let tx = self.tx.clone();
+        let shared = self.shared.clone();
+        let server = self.server.clone();
+        let kind = self.kind;
+        tokio::spawn(async move {
+            let r = target.task_management(&nexus, tmf).await;
+            let code = match r {
+                TmfResponse::FunctionComplete | TmfResponse::FunctionSucceeded => 0,
+                TmfResponse::TaskDoesNotExist => 1,
+                TmfResponse::IncorrectLun => 2,
+                TmfResponse::FunctionRejected => 255,
+            };
+            {
+                // Tasks the function ended get no response of their own: mark them, and send
+                // the TMF response under the same lock.
+                let mut running = shared.running();
+                let mut code = code;
+                if let Tmf::AbortTask { tag, .. } = tmf {
+                    // The task completed (and its response went out) while the SCSI layer
+                    // was being asked: it no longer exists.
+                    if code == 0 && u32::try_from(tag).is_ok_and(|t| !running.contains_key(&t)) {
+                        code = 1;
+                    }
+                }
+                b.0[2] = code;
+                if code == 0 {
+                    for (itt, r) in running.iter_mut() {
+                        let hit = match tmf {
+                            Tmf::AbortTask { tag, .. } => u64::from(*itt) == tag,
+                            Tmf::AbortTaskSet { lun }
+                            | Tmf::ClearTaskSet { lun }
+                            | Tmf::LogicalUnitReset { lun } => r.lun == lun,
+                            _ => true,
+                        };
+                        r.aborted |= hit;
+                    }
+                }
+                tx.send(Out::Pdu {
+                    bhs: b,
+                    data: Vec::new(),
+                    sn: Sn::Status,
+                });
+            }
+            // RFC 7143 11.5.1: after TARGET COLD RESET the target drops all its connections.
+            if tmf == Tmf::TargetColdReset {
+                if let Kind::Normal(i) = kind {
+                    server.kill_target_sessions(i);
+                }
+            }
+        });
+        Flow::Continue
+    }
+
+    fn text(&mut self, pdu: &Pdu) {
+        let bhs = pdu.bhs;
+        let itt = bhs.itt();
+        let ttt = bhs.field20();
+        let mut b = Bhs::new(op::TEXT_RESP);
+        b.set_lun(bhs.lun());
+        b.set_u32(16, itt);
+        // Continuing a long response (RFC 7143 11.10.4).
+        if ttt != RESERVED_TAG {
+            if let Some((t, rest)) = self.text_out.take() {
+                if t == ttt {
+                    self.send_text(b, rest);
+                    return;
+                }
+            }
+            self.reject(reject::INVALID_FIELD, &bhs);
+            return;
+        }
+        if self.text_in.len() + pdu.data.len() > MAX_TEXT {
+            self.text_in.clear();
+            self.reject(reject::OUT_OF_RESOURCES, &bhs);
+            return;
+        }
+        self.text_in.extend_from_slice(&pdu.data);
+        if bhs.flags() & 0x40 != 0 {
+            // C=1: more request text follows; answer empty with F=0 (RFC 7143 11.10.2).
+            let ttt = self.alloc_ttt();
+            b.set_u32(20, ttt);
+            self.send_pdu(b, Vec::new(), Sn::Status);
+            return;
+        }
+        let input = std::mem::take(&mut self.text_in);
+        let pairs = match text::parse(&input) {
+            Ok(p) => p,
+            Err(_) => {
+                self.reject(reject::PROTOCOL_ERROR, &bhs);
+                return;
+            }
+        };
+        let mut reply = Vec::new();
+        for (k, v) in &pairs {
+            if k == "SendTargets" {
+                self.send_targets(v, &mut reply);
+            } else {
+                reply.push((k.clone(), "NotUnderstood".to_string()));
+            }
+        }
+        self.send_text(b, text::encode(&reply));
+    }
+
+    fn send_text(&mut self, mut b: Bhs, mut data: Vec<u8>) {
+        let max = self.params.max_send_dsl as usize;
+        if data.len() > max {
+            let rest = data.split_off(max);
+            let ttt = self.alloc_ttt();
+            b.0[1] = 0x40; // C=1, F=0
+            b.set_u32(20, ttt);
+            self.text_out = Some((ttt, rest));
+        } else {
+            b.0[1] = 0x80; // F=1
+            b.set_u32(20, RESERVED_TAG);
+        }
+        self.send_pdu(b, data, Sn::Status);
+    }
+
+    /// SendTargets (RFC 7143 Appendix C): `All` lists every target this initiator may log in
+    /// to; a name lists that target; empty (normal sessions) the session's target. Anything
+    /// else is answered `Reject`.
+    fn send_targets(&self, v: &str, reply: &mut Vec<(String, String)>) {
+        let targets = &self.server.config.targets;
+        let visible = |t: &crate::TargetConfig| {
+            t.allowed_initiators
+                .as_ref()
+                .is_none_or(|a| a.iter().any(|n| n == &self.initiator))
+        };
+        let chosen: Vec<&crate::TargetConfig> = match (v, self.kind) {
+            ("All", _) => targets.iter().filter(|t| visible(t)).collect(),
+            ("", Kind::Normal(i)) => targets.get(i).into_iter().collect(),
+            (name, _) => targets
+                .iter()
+                .filter(|t| t.name == name && visible(t))
+                .collect(),
+        };
+        if chosen.is_empty() {
+            reply.push(("SendTargets".into(), "Reject".into()));
+            return;
+        }
+        let portals = if self.server.config.portals.is_empty() {
+            vec![self.local]
+        } else {
+            self.server.config.portals.clone()
+        };
+        for t in chosen {
+            reply.push(("TargetName".into(), t.name.clone()));
+            for p in &portals {
+                let addr = match p {
+                    SocketAddr::V4(a) => format!("{}:{}", a.ip(), a.port()),
+                    SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+                };
+                reply.push(("TargetAddress".into(), format!("{addr},{}", t.tpgt)));
+            }
+        }
+    }
+
+    async fn logout(&mut self, pdu: &Pdu) -> Flow {
+        let bhs = pdu.bhs;
+        let reason = bhs.flags() & 0x7f;
+        let mut b = Bhs::new(op::LOGOUT_RESP);
+        b.0[1] = 0x80;
+        b.set_u32(16, bhs.itt());
+        // RFC 7143 11.14.1 / 11.15.1.
+        let code = match reason {
+            0 => 0,
+            1 if bhs.u16_at(20) == self.cid => 0,
+            1 => 1, // CID not found
+            _ => 2, // connection recovery is not supported (ERL 0)
+        };
+        b.0[2] = code;
+        if code != 0 {
+            self.send_pdu(b, Vec::new(), Sn::Status);
+            return Flow::Continue;
+        }
+        // Commands still collecting data are dropped; the ones executing are answered before
+        // the Logout Response (RFC 7143 11.14: the response follows all outstanding tasks).
+        self.drop_tasks(|_| true);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.shared.executing.load(Ordering::Acquire) > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // Time2Wait / Time2Retain: nothing to reconnect to at ERL 0.
+        b.set_u16(40, 0);
+        b.set_u16(42, 0);
+        self.send_pdu(b, Vec::new(), Sn::Status);
+        Flow::Close
+    }
+}
+
+/// CHECK CONDITION with fixed-format sense data (SPC-5 4.4.3).
+fn check_condition(key: u8, asc: u8, ascq: u8) -> Response {
+    Response {
+        status: scsi::Status::CHECK_CONDITION,
+        sense: vec![
+            0x70, // current error, fixed format
+            0, key, // SENSE KEY
+            0, 0, 0, 0, 10, // ADDITIONAL SENSE LENGTH
+            0, 0, 0, 0, asc,  // ADDITIONAL SENSE CODE
+            ascq, // ADDITIONAL SENSE CODE QUALIFIER
+            0, 0, 0, 0,
+        ],
+        data_in: Vec::new(),
+    }
+}
+
+/// The writer task: serialise [`Out`] messages, flushing when the queue runs dry.
+async fn writer<W: AsyncWrite + Unpin>(
+    mut w: BufWriter<W>,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+    queued: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
+    framing: Framing,
+    max_burst: u32,
+    mut statsn: u32,
+) -> Result<(), std::io::Error> {
+    let max_data = framing.max_data.max(512);
+    let max_burst = max_burst.max(max_data);
+    'outer: while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            queued.fetch_sub(1, Ordering::AcqRel);
+            match msg {
+                Out::Close => {
+                    w.flush().await?;
+                    break 'outer;
+                }
+                Out::Pdu { mut bhs, data, sn } => {
+                    stamp(&mut bhs, &shared, &mut statsn, sn);
+                    pdu::write_pdu(&mut w, &mut bhs, &data, framing).await?;
+                }
+                Out::Result(r) => {
+                    write_result(
+                        &mut w,
+                        *r,
+                        &shared,
+                        &mut statsn,
+                        framing,
+                        max_data,
+                        max_burst,
+                    )
+                    .await?;
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        w.flush().await?;
+    }
+    w.flush().await?;
+    let _ = w.shutdown().await;
+    Ok(())
+}
+
+fn stamp(bhs: &mut Bhs, shared: &Shared, statsn: &mut u32, sn: Sn) {
+    bhs.set_u32(24, *statsn);
+    if sn == Sn::Status {
+        *statsn = statsn.wrapping_add(1);
+    }
+    bhs.set_u32(28, shared.exp());
+    bhs.set_u32(32, shared.max());
+}
+
+/// Data-In PDUs and/or a SCSI Response for one command (RFC 7143 11.4, 11.7).
+async fn write_result<W: AsyncWrite + Unpin>(
+    w: &mut BufWriter<W>,
+    r: ScsiResult,
+    shared: &Shared,
+    statsn: &mut u32,
+    framing: Framing,
+    max_data: u32,
+    max_burst: u32,
+) -> Result<(), std::io::Error> {
+    let produced = r.resp.data_in.len();
+    let send = produced.min(r.edtl_in as usize);
+    // Residuals (RFC 7143 11.4.5): for data-in, what was produced against EDTL; for writes,
+    // the CDB's transfer length against EDTL.
+    let (res_flags, residual) = match r.write_residual {
+        Some((true, n)) if n > 0 => (0x04, n),
+        Some((false, n)) if n > 0 => (0x02, n),
+        Some(_) => (0, 0),
+        None => {
+            let edtl = r.edtl_in as usize;
+            if produced > edtl {
+                (0x04, u32::try_from(produced - edtl).unwrap_or(u32::MAX))
+            } else if produced < edtl {
+                (0x02, u32::try_from(edtl - produced).unwrap_or(u32::MAX))
+            } else {
+                (0, 0)
+            }
+        }
+    };
+    let status_in_data = r.resp.sense.is_empty() && send > 0;
+    let data = r.resp.data_in.get(..send).unwrap_or_default();
+    let mut datasn = 0u32;
+    let mut offset = 0usize;
+    let mut burst_used = 0u32;
+    while offset < send {
+        let len = (send - offset).min((max_data.min(max_burst - burst_used)) as usize);
+        let end = offset + len;
+        let last = end == send;
+        burst_used += len as u32;
+        let burst_end = burst_used >= max_burst || last;
+        let mut b = Bhs::new(op::DATA_IN);
+        let mut flags = 0u8;
+        if burst_end {
+            flags |= 0x80; // F: end of a sequence
+            burst_used = 0;
+        }
+        if last && status_in_data {
+            flags |= 0x01 | res_flags; // S, with O/U
+            b.0[3] = r.resp.status.0;
+            b.set_u32(44, residual);
+        }
+        b.0[1] = flags;
+        b.set_lun(r.lun);
+        b.set_u32(16, r.itt);
+        b.set_u32(20, RESERVED_TAG);
+        b.set_u32(36, datasn);
+        b.set_u32(40, offset as u32);
+        let sn = if last && status_in_data {
+            Sn::Status
+        } else {
+            Sn::Peek
+        };
+        stamp(&mut b, shared, statsn, sn);
+        if sn == Sn::Peek {
+            b.set_u32(24, 0); // StatSN is reserved without the S bit
+        }
+        pdu::write_pdu(
+            w,
+            &mut b,
+            data.get(offset..end).unwrap_or_default(),
+            framing,
+        )
+        .await?;
+        datasn = datasn.wrapping_add(1);
+        offset = end;
+    }
+    if status_in_data {
+        return Ok(());
+    }
+    let mut b = Bhs::new(op::SCSI_RESP);
+    b.0[1] = 0x80 | res_flags;
+    b.0[2] = 0x00; // Response: command completed at target
+    b.0[3] = r.resp.status.0;
+    b.set_u32(16, r.itt);
+    b.set_u32(36, datasn); // ExpDataSN: Data-In PDUs sent
+    b.set_u32(44, residual);
+    let mut seg = Vec::new();
+    if !r.resp.sense.is_empty() {
+        // RFC 7143 11.4.7: SenseLength, then the sense data.
+        let n = r
+            .resp
+            .sense
+            .len()
+            .min(usize::from(u16::MAX))
+            .min(max_data as usize - 2);
+        seg.extend_from_slice(&(n as u16).to_be_bytes());
+        seg.extend_from_slice(r.resp.sense.get(..n).unwrap_or_default());
+    }
+    stamp(&mut b, shared, statsn, Sn::Status);
+    pdu::write_pdu(w, &mut b, &seg, framing).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdsn_equal_to_exp_is_delivered() {
+        assert_eq!(window(10, 10, 137), Window::Now);
+    }
+
+    #[test]
+    fn cmdsn_ahead_inside_the_window_is_held() {
+        assert_eq!(window(11, 10, 137), Window::Later);
+        assert_eq!(window(137, 10, 137), Window::Later);
+    }
+
+    #[test]
+    fn cmdsn_beyond_max_or_below_exp_is_dropped() {
+        assert_eq!(window(138, 10, 137), Window::Drop); // MaxCmdSN + 1
+        assert_eq!(window(9, 10, 137), Window::Drop); // ExpCmdSN - 1
+    }
+
+    #[test]
+    fn window_wraps_with_serial_arithmetic() {
+        assert_eq!(window(0xffff_fffe, 0xffff_fffe, 5), Window::Now);
+        assert_eq!(window(3, 0xffff_fffe, 5), Window::Later);
+        assert_eq!(window(6, 0xffff_fffe, 5), Window::Drop);
+    }
+
+    #[test]
+    fn closed_window_drops_everything() {
+        // MaxCmdSN = ExpCmdSN - 1: the window is empty (RFC 7143 3.2.2.1).
+        assert_eq!(window(10, 10, 9), Window::Drop);
+    }
+
+    fn command_with_ahs(ahs: Vec<u8>) -> Pdu {
+        let mut p = Pdu::default();
+        p.bhs.0[0] = 0x01; // SCSI Command
+        p.bhs.0[32] = 0x7f; // variable-length CDB opcode
+        p.ahs = ahs;
+        p
+    }
+
+    #[test]
+    fn extended_cdb_ahs_extends_the_cdb_to_32_bytes() {
+        // AHSLength 17 (reserved byte + 16 CDB bytes), AHSType 1 (Extended CDB), reserved,
+        // then CDB bytes 16..31; 20 bytes in all, already a multiple of 4.
+        let mut ahs = vec![0x00, 0x11, 0x01, 0x00];
+        ahs.extend(16u8..32);
+        let cdb = cdb_of(&command_with_ahs(ahs)).expect("valid AHS");
+        assert_eq!(cdb.len(), 32);
+        assert_eq!(cdb[0], 0x7f);
+        assert_eq!(cdb[16], 16);
+        assert_eq!(cdb[31], 31);
+    }
+
+    #[test]
+    fn extended_cdb_beyond_32_bytes_is_refused() {
+        let mut ahs = vec![0x00, 0x15, 0x01, 0x00]; // AHSLength 21: 20 CDB bytes
+        ahs.extend([0u8; 20]);
+        assert!(cdb_of(&command_with_ahs(ahs)).is_err());
+    }
+
+    #[test]
+    fn ahs_length_beyond_the_segment_is_refused() {
+        let ahs = vec![0x00, 0x40, 0x01, 0x00, 0, 0, 0, 0]; // claims 64 bytes, has 5
+        assert!(cdb_of(&command_with_ahs(ahs)).is_err());
+    }
+
+    #[test]
+    fn max_cmdsn_shrinks_with_outstanding_commands() {
+        let s = Shared::new(100);
+        assert_eq!(s.max(), 100 + QUEUE_DEPTH - 1);
+        s.outstanding.store(3, Ordering::Release);
+        assert_eq!(s.max(), 100 + QUEUE_DEPTH - 4);
+    }
+}

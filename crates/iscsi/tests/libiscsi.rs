@@ -1,0 +1,297 @@
+//! End-to-end tests: `Server::serve` on loopback with memory-backed LUs, driven by the
+//! libiscsi command-line tools (`iscsi-ls`, `iscsi-inq`, `iscsi-readcapacity16`,
+//! `iscsi-test-cu`). A test whose tool is not installed says so and passes.
+
+use std::net::SocketAddr;
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use iscsi::{Auth, ChapSecret, Server, ServerConfig, TargetConfig};
+
+const OPEN: &str = "iqn.2026-01.io.sharedisk:open";
+const CHAP: &str = "iqn.2026-01.io.sharedisk:chap";
+const MUTUAL: &str = "iqn.2026-01.io.sharedisk:mutual";
+const ACL: &str = "iqn.2026-01.io.sharedisk:acl";
+const ALLOWED: &str = "iqn.2026-01.io.sharedisk:allowed-initiator";
+
+fn lu(size: u64, id: u64) -> Arc<scsi::LogicalUnit> {
+    let driver = block::driver::mem::MemDriver::new(size);
+    let backend = block::Backend::new(Arc::new(driver), 512).expect("512-byte blocks");
+    Arc::new(scsi::LogicalUnit::new(
+        backend,
+        scsi::LuConfig {
+            vendor: "SHAREDSK".into(),
+            product: "memdisk".into(),
+            revision: "0001".into(),
+            serial: format!("{id}"),
+            id,
+        },
+    ))
+}
+
+fn target(name: &str, luns: u64, auth: Auth, acl: Option<Vec<String>>) -> TargetConfig {
+    let mut t = scsi::Target::new();
+    for l in 0..luns {
+        t.add_lu(l, lu(64 << 20, l + 1));
+    }
+    TargetConfig {
+        name: name.into(),
+        alias: Some("sharedisk test".into()),
+        scsi: Arc::new(t),
+        allowed_initiators: acl,
+        auth,
+        tpgt: 1,
+    }
+}
+
+fn secret(user: &str, secret: &str) -> Option<ChapSecret> {
+    Some(ChapSecret {
+        user: user.into(),
+        secret: secret.into(),
+    })
+}
+
+/// Start a server with four targets on 127.0.0.1:0; returns its address.
+async fn start() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local address");
+    let server = Server::new(ServerConfig {
+        targets: vec![
+            target(OPEN, 2, Auth::default(), None),
+            target(
+                CHAP,
+                1,
+                Auth {
+                    chap: secret("alice", "alicesecret12"),
+                    mutual: None,
+                },
+                None,
+            ),
+            target(
+                MUTUAL,
+                1,
+                Auth {
+                    chap: secret("bob", "bobsecret1234"),
+                    mutual: secret("target", "targetsecret1"),
+                },
+                None,
+            ),
+            target(ACL, 1, Auth::default(), Some(vec![ALLOWED.into()])),
+        ],
+        discovery_auth: Auth::default(),
+        portals: Vec::new(),
+    });
+    tokio::spawn(server.serve(listener));
+    addr
+}
+
+fn installed(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!("{tool} is not installed; skipping");
+    }
+    found
+}
+
+/// Run a tool off the runtime's worker threads.
+async fn run(tool: &str, args: Vec<String>, env: Vec<(&'static str, &'static str)>) -> Output {
+    let tool = tool.to_string();
+    tokio::task::spawn_blocking(move || {
+        Command::new(&tool)
+            .args(&args)
+            .envs(env)
+            .output()
+            .expect("run tool")
+    })
+    .await
+    .expect("tool thread")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_lists_the_visible_targets() {
+    if !installed("iscsi-ls") {
+        return;
+    }
+    let addr = start().await;
+    let o = run("iscsi-ls", vec![format!("iscsi://{addr}")], vec![]).await;
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains(&format!("Target:{OPEN} Portal:{addr},1")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("Target:{CHAP} Portal:{addr},1")),
+        "{out}"
+    );
+    // The ACL hides the restricted target from other initiators.
+    assert!(!out.contains(ACL), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inquiry_and_read_capacity_on_two_luns() {
+    if !installed("iscsi-inq") || !installed("iscsi-readcapacity16") {
+        return;
+    }
+    let addr = start().await;
+    for lun in 0..2 {
+        let url = format!("iscsi://{addr}/{OPEN}/{lun}");
+        let o = run("iscsi-inq", vec![url.clone()], vec![]).await;
+        assert!(o.status.success(), "{}", text(&o));
+        assert!(text(&o).contains("Vendor:SHAREDSK"), "{}", text(&o));
+        let o = run("iscsi-readcapacity16", vec![url], vec![]).await;
+        assert!(o.status.success(), "{}", text(&o));
+        // 64 MiB of 512-byte blocks: last LBA 131071.
+        assert!(
+            text(&o).contains("RETURNED LOGICAL BLOCK ADDRESS:131071"),
+            "{}",
+            text(&o)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_and_data_digests_work() {
+    if !installed("iscsi-readcapacity16") {
+        return;
+    }
+    let addr = start().await;
+    let url = format!("iscsi://{addr}/{OPEN}/0?header_digest=crc32c&data_digest=crc32c");
+    let o = run("iscsi-readcapacity16", vec![url], vec![]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("RETURNED LOGICAL BLOCK ADDRESS:131071"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_target_is_refused() {
+    if !installed("iscsi-inq") {
+        return;
+    }
+    let addr = start().await;
+    let url = format!("iscsi://{addr}/iqn.2026-01.io.sharedisk:nope/0");
+    let o = run("iscsi-inq", vec![url], vec![]).await;
+    assert!(!o.status.success());
+    assert!(text(&o).contains("Target not found"), "{}", text(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_admits_only_listed_initiators() {
+    if !installed("iscsi-inq") {
+        return;
+    }
+    let addr = start().await;
+    let url = format!("iscsi://{addr}/{ACL}/0");
+    let o = run(
+        "iscsi-inq",
+        vec!["-i".into(), ALLOWED.into(), url.clone()],
+        vec![],
+    )
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(
+        "iscsi-inq",
+        vec!["-i".into(), "iqn.2026-01.x:other".into(), url],
+        vec![],
+    )
+    .await;
+    assert!(!o.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_way_chap_needs_the_right_secret() {
+    if !installed("iscsi-inq") {
+        return;
+    }
+    let addr = start().await;
+    let good = format!("iscsi://alice%alicesecret12@{addr}/{CHAP}/0");
+    let o = run("iscsi-inq", vec![good], vec![]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let bad = format!("iscsi://alice%wrongsecret12@{addr}/{CHAP}/0");
+    let o = run("iscsi-inq", vec![bad], vec![]).await;
+    assert!(!o.status.success());
+    let none = format!("iscsi://{addr}/{CHAP}/0");
+    let o = run("iscsi-inq", vec![none], vec![]).await;
+    assert!(!o.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_chap_authenticates_both_sides() {
+    if !installed("iscsi-inq") {
+        return;
+    }
+    let addr = start().await;
+    let url = format!("iscsi://bob%bobsecret1234@{addr}/{MUTUAL}/0");
+    let env = vec![
+        ("LIBISCSI_CHAP_TARGET_USERNAME", "target"),
+        ("LIBISCSI_CHAP_TARGET_PASSWORD", "targetsecret1"),
+    ];
+    let o = run("iscsi-inq", vec![url.clone()], env).await;
+    assert!(o.status.success(), "{}", text(&o));
+    // The initiator refuses a target that proves a different secret.
+    let env = vec![
+        ("LIBISCSI_CHAP_TARGET_USERNAME", "target"),
+        ("LIBISCSI_CHAP_TARGET_PASSWORD", "othersecret12"),
+    ];
+    let o = run("iscsi-inq", vec![url], env).await;
+    assert!(!o.status.success());
+}
+
+/// Runs `iscsi-test-cu` on the families that exercise the transport and returns
+/// (test name, verdict) pairs.
+async fn test_cu(addr: SocketAddr, tests: &str) -> Vec<(String, bool)> {
+    let url = format!("iscsi://{addr}/{OPEN}/0");
+    let o = run(
+        "iscsi-test-cu",
+        vec!["--dataloss".into(), "-t".into(), tests.into(), url],
+        vec![],
+    )
+    .await;
+    let out = text(&o);
+    let mut verdicts = Vec::new();
+    let mut current: Option<String> = None;
+    for line in out.lines() {
+        if let Some(rest) = line.trim_start().strip_prefix("Test: ") {
+            current = rest.split(" ...").next().map(str::to_string);
+        }
+        if let Some(name) = &current {
+            // The verdict follows the name, possibly after other output.
+            if line.contains("passed") || line.trim_end().ends_with("FAILED") {
+                verdicts.push((name.clone(), line.contains("passed")));
+                current = None;
+            }
+        }
+    }
+    eprintln!("{out}");
+    verdicts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_cmdsn_datasn_tmf_and_read_residuals() {
+    if !installed("iscsi-test-cu") {
+        return;
+    }
+    let addr = start().await;
+    let got = test_cu(
+        addr,
+        "iSCSI.iSCSIcmdsn,iSCSI.iSCSIdatasn,iSCSI.iSCSITMF,iSCSI.iSCSIResiduals.Read10Invalid,\
+         iSCSI.iSCSIResiduals.Read10Residuals,iSCSI.iSCSIResiduals.Read16Residuals",
+    )
+    .await;
+    assert_eq!(got.len(), 8, "{got:?}");
+    let failed: Vec<_> = got.iter().filter(|(_, ok)| !ok).collect();
+    assert!(failed.is_empty(), "failed: {failed:?}");
+}

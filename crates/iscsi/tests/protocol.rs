@@ -1,0 +1,710 @@
+//! Wire-level tests: a minimal initiator written here from RFC 7143's PDU layouts talks to
+//! `Server::serve` over loopback and checks the target's PDUs field by field.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use iscsi::{Auth, Server, ServerConfig, TargetConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const TARGET: &str = "iqn.2026-01.io.sharedisk:wire";
+
+async fn start() -> std::net::SocketAddr {
+    start_server().await.0
+}
+
+async fn start_server() -> (std::net::SocketAddr, Arc<Server>) {
+    let driver = block::driver::mem::MemDriver::new(16 << 20);
+    let backend = block::Backend::new(Arc::new(driver), 512).expect("512-byte blocks");
+    let lu = scsi::LogicalUnit::new(
+        backend,
+        scsi::LuConfig {
+            vendor: "SHAREDSK".into(),
+            product: "memdisk".into(),
+            revision: "0001".into(),
+            serial: "1".into(),
+            id: 1,
+        },
+    );
+    let mut t = scsi::Target::new();
+    t.add_lu(0, Arc::new(lu));
+    let server = Server::new(ServerConfig {
+        targets: vec![TargetConfig {
+            name: TARGET.into(),
+            alias: None,
+            scsi: Arc::new(t),
+            allowed_initiators: None,
+            auth: Auth::default(),
+            tpgt: 1,
+        }],
+        discovery_auth: Auth::default(),
+        portals: Vec::new(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(server.clone().serve(listener));
+    (addr, server)
+}
+
+struct Pdu {
+    bhs: [u8; 48],
+    data: Vec<u8>,
+}
+
+impl Pdu {
+    fn u32(&self, off: usize) -> u32 {
+        u32::from_be_bytes([
+            self.bhs[off],
+            self.bhs[off + 1],
+            self.bhs[off + 2],
+            self.bhs[off + 3],
+        ])
+    }
+}
+
+struct Client {
+    s: TcpStream,
+    cmdsn: u32,
+    itt: u32,
+}
+
+impl Client {
+    async fn send(&mut self, bhs: [u8; 48], data: &[u8]) {
+        let mut b = bhs;
+        let len = (data.len() as u32).to_be_bytes();
+        b[5..8].copy_from_slice(&len[1..]); // DataSegmentLength
+        self.s.write_all(&b).await.expect("send BHS");
+        self.s.write_all(data).await.expect("send data");
+        let pad = (4 - data.len() % 4) % 4;
+        self.s.write_all(&[0u8; 3][..pad]).await.expect("send pad");
+    }
+
+    async fn recv(&mut self) -> Option<Pdu> {
+        let mut bhs = [0u8; 48];
+        tokio::time::timeout(Duration::from_secs(2), self.s.read_exact(&mut bhs))
+            .await
+            .ok()?
+            .ok()?;
+        let len = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as usize;
+        let mut data = vec![0; len + (4 - len % 4) % 4];
+        self.s.read_exact(&mut data).await.ok()?;
+        data.truncate(len);
+        Some(Pdu { bhs, data })
+    }
+
+    /// Log in to the test target in one operational-stage exchange (CSG=1 → NSG=3).
+    async fn login(addr: std::net::SocketAddr, keys: &str) -> Client {
+        Self::login_isid(addr, keys, [0x80, 1, 2, 3, 4, 5]).await
+    }
+
+    async fn login_isid(addr: std::net::SocketAddr, keys: &str, isid: [u8; 6]) -> Client {
+        let s = TcpStream::connect(addr).await.expect("connect");
+        let mut c = Client {
+            s,
+            cmdsn: 1,
+            itt: 1,
+        };
+        let mut b = [0u8; 48];
+        b[0] = 0x43; // I=1, Login Request
+        b[1] = 0x87; // T=1, CSG=1, NSG=3
+        b[8..14].copy_from_slice(&isid); // ISID
+        b[16..20].copy_from_slice(&0u32.to_be_bytes()); // ITT
+        b[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
+        let text = format!(
+            "InitiatorName=iqn.2026-01.test:wire\0SessionType=Normal\0TargetName={TARGET}\0{}",
+            keys.replace('|', "\0")
+        );
+        c.send(b, text.as_bytes()).await;
+        let r = c.recv().await.expect("login response");
+        assert_eq!(r.bhs[0], 0x23, "Login Response");
+        assert_eq!(r.bhs[1], 0x87, "T=1 CSG=1 NSG=3");
+        assert_eq!(&r.bhs[36..38], &[0, 0], "status success");
+        c
+    }
+
+    fn next_itt(&mut self) -> u32 {
+        self.itt += 1;
+        self.itt
+    }
+
+    /// A SCSI Command BHS (RFC 7143 11.3).
+    fn command(&mut self, flags: u8, edtl: u32, cdb: &[u8]) -> ([u8; 48], u32) {
+        let itt = self.next_itt();
+        let mut b = [0u8; 48];
+        b[0] = 0x01; // SCSI Command
+        b[1] = flags; // F R W ATTR
+        b[16..20].copy_from_slice(&itt.to_be_bytes());
+        b[20..24].copy_from_slice(&edtl.to_be_bytes()); // EDTL
+        b[24..28].copy_from_slice(&self.cmdsn.to_be_bytes());
+        self.cmdsn += 1;
+        b[32..32 + cdb.len()].copy_from_slice(cdb);
+        (b, itt)
+    }
+}
+
+fn read10(lba: u32, blocks: u16) -> Vec<u8> {
+    let mut c = vec![0x28, 0];
+    c.extend_from_slice(&lba.to_be_bytes());
+    c.push(0);
+    c.extend_from_slice(&blocks.to_be_bytes());
+    c.push(0);
+    c
+}
+
+fn write10(lba: u32, blocks: u16) -> Vec<u8> {
+    let mut c = read10(lba, blocks);
+    c[0] = 0x2a;
+    c
+}
+
+#[tokio::test]
+async fn write_with_r2t_then_read_split_at_max_recv_data_segment_length() {
+    let addr = start().await;
+    let mut c = Client::login(
+        addr,
+        "InitialR2T=Yes|ImmediateData=No|MaxBurstLength=2048|MaxRecvDataSegmentLength=1024|",
+    )
+    .await;
+    // WRITE(10) of 8 blocks = 4096 bytes, F=1 W=1 simple.
+    let (b, itt) = c.command(0xa1, 4096, &write10(10, 8));
+    c.send(b, &[]).await;
+    let payload: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    for (r2tsn, offset) in [(0u32, 0u32), (1, 2048)] {
+        let r2t = c.recv().await.expect("R2T");
+        assert_eq!(r2t.bhs[0], 0x31, "R2T");
+        assert_eq!(r2t.u32(16), itt);
+        assert_eq!(r2t.u32(36), r2tsn, "R2TSN");
+        assert_eq!(r2t.u32(40), offset, "Buffer Offset");
+        assert_eq!(
+            r2t.u32(44),
+            2048,
+            "Desired Data Transfer Length = MaxBurstLength"
+        );
+        let ttt = r2t.u32(20);
+        assert_ne!(ttt, 0xffff_ffff);
+        // Two Data-Out PDUs of 1024 bytes per R2T, DataSN from 0, F on the last.
+        for (datasn, part) in [(0u32, 0u32), (1, 1024)] {
+            let mut d = [0u8; 48];
+            d[0] = 0x05;
+            d[1] = if datasn == 1 { 0x80 } else { 0 };
+            d[16..20].copy_from_slice(&itt.to_be_bytes());
+            d[20..24].copy_from_slice(&ttt.to_be_bytes());
+            d[36..40].copy_from_slice(&datasn.to_be_bytes());
+            d[40..44].copy_from_slice(&(offset + part).to_be_bytes());
+            let at = (offset + part) as usize;
+            c.send(d, &payload[at..at + 1024]).await;
+        }
+    }
+    let rsp = c.recv().await.expect("SCSI Response");
+    assert_eq!(rsp.bhs[0], 0x21, "SCSI Response");
+    assert_eq!(rsp.bhs[3], 0x00, "GOOD");
+    assert_eq!(rsp.bhs[1] & 0x06, 0, "no residual");
+
+    // READ(10) of the same 8 blocks, F=1 R=1.
+    let (b, itt) = c.command(0xc1, 4096, &read10(10, 8));
+    c.send(b, &[]).await;
+    let mut got = Vec::new();
+    for datasn in 0..4u32 {
+        let d = c.recv().await.expect("Data-In");
+        assert_eq!(d.bhs[0], 0x25, "Data-In");
+        assert_eq!(d.u32(16), itt);
+        assert_eq!(d.u32(36), datasn, "DataSN");
+        assert_eq!(d.u32(40), datasn * 1024, "Buffer Offset");
+        assert_eq!(
+            d.data.len(),
+            1024,
+            "split at the initiator's MaxRecvDataSegmentLength"
+        );
+        let last = datasn == 3;
+        // F at the end of each 2048-byte burst; S (status) only on the last.
+        assert_eq!(d.bhs[1] & 0x80 != 0, datasn % 2 == 1, "F bit");
+        assert_eq!(d.bhs[1] & 0x01 != 0, last, "S bit");
+        if last {
+            assert_eq!(d.bhs[3], 0x00, "GOOD");
+        }
+        got.extend_from_slice(&d.data);
+    }
+    assert_eq!(got, payload);
+}
+
+#[tokio::test]
+async fn read_with_small_edtl_reports_overflow() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    let (b, _) = c.command(0xc1, 200, &read10(0, 1));
+    c.send(b, &[]).await;
+    let d = c.recv().await.expect("Data-In");
+    assert_eq!(d.bhs[0], 0x25);
+    assert_eq!(d.data.len(), 200);
+    assert_eq!(d.bhs[1] & 0x05, 0x05, "S and O (overflow)");
+    assert_eq!(d.u32(44), 312, "Residual Count");
+}
+
+#[tokio::test]
+async fn command_beyond_max_cmdsn_is_ignored_and_nop_is_answered() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    // TEST UNIT READY with CmdSN far beyond MaxCmdSN.
+    let (mut b, _) = c.command(0x81, 0, &[0; 6]);
+    b[24..28].copy_from_slice(&1_000_000u32.to_be_bytes());
+    c.cmdsn -= 1;
+    c.send(b, &[]).await;
+    // NOP-Out ping with data (RFC 7143 11.18), immediate.
+    let mut n = [0u8; 48];
+    n[0] = 0x40; // I=1, NOP-Out
+    n[1] = 0x80;
+    n[16..20].copy_from_slice(&77u32.to_be_bytes()); // ITT
+    n[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes()); // TTT
+    n[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+    c.send(n, b"ping").await;
+    let r = c.recv().await.expect("NOP-In");
+    assert_eq!(
+        r.bhs[0], 0x20,
+        "NOP-In, not a response to the dropped command"
+    );
+    assert_eq!(r.u32(16), 77);
+    assert_eq!(r.u32(20), 0xffff_ffff);
+    assert_eq!(r.data, b"ping");
+    assert_eq!(r.u32(28), 1, "ExpCmdSN unchanged by the dropped command");
+}
+
+#[tokio::test]
+async fn unknown_opcode_is_rejected_with_its_header() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    let mut b = [0u8; 48];
+    b[0] = 0x1c; // not an initiator opcode
+    b[16..20].copy_from_slice(&5u32.to_be_bytes());
+    c.send(b, &[]).await;
+    let r = c.recv().await.expect("Reject");
+    assert_eq!(r.bhs[0], 0x3f, "Reject");
+    assert_eq!(r.bhs[2], 0x05, "Command not supported");
+    assert_eq!(r.data.len(), 48);
+    assert_eq!(r.data[0], 0x1c);
+}
+
+#[tokio::test]
+async fn send_targets_in_a_normal_session() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    let mut b = [0u8; 48];
+    b[0] = 0x44; // I=1, Text Request
+    b[1] = 0x80; // F=1
+    b[16..20].copy_from_slice(&9u32.to_be_bytes());
+    b[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
+    b[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+    c.send(b, b"SendTargets=All\0").await;
+    let r = c.recv().await.expect("Text Response");
+    assert_eq!(r.bhs[0], 0x24);
+    assert_eq!(r.bhs[1], 0x80, "F=1 C=0");
+    let text = String::from_utf8(r.data).expect("text");
+    assert_eq!(
+        text,
+        format!("TargetName={TARGET}\0TargetAddress={addr},1\0")
+    );
+}
+
+#[tokio::test]
+async fn abort_task_still_collecting_data() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "InitialR2T=Yes|ImmediateData=No|").await;
+    let (b, itt) = c.command(0xa1, 512, &write10(0, 1));
+    c.send(b, &[]).await;
+    let r2t = c.recv().await.expect("R2T");
+    assert_eq!(r2t.bhs[0], 0x31);
+    // ABORT TASK (RFC 7143 11.5), immediate.
+    let mut t = [0u8; 48];
+    t[0] = 0x42;
+    t[1] = 0x81; // F=1, function 1
+    t[16..20].copy_from_slice(&100u32.to_be_bytes());
+    t[20..24].copy_from_slice(&itt.to_be_bytes()); // Referenced Task Tag
+    t[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+    t[32..36].copy_from_slice(&(c.cmdsn - 1).to_be_bytes()); // RefCmdSN
+    c.send(t, &[]).await;
+    let r = c.recv().await.expect("TMF Response");
+    assert_eq!(r.bhs[0], 0x22);
+    assert_eq!(r.bhs[2], 0, "Function complete");
+    assert_eq!(r.u32(16), 100);
+    // No SCSI Response for the aborted task follows.
+    assert!(c.recv().await.is_none());
+}
+
+#[tokio::test]
+async fn logout_closes_the_session() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    let mut b = [0u8; 48];
+    b[0] = 0x46; // I=1, Logout Request
+    b[1] = 0x80; // reason 0: close the session
+    b[16..20].copy_from_slice(&3u32.to_be_bytes());
+    b[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+    c.send(b, &[]).await;
+    let r = c.recv().await.expect("Logout Response");
+    assert_eq!(r.bhs[0], 0x26);
+    assert_eq!(r.bhs[2], 0, "closed successfully");
+    let mut buf = [0u8; 1];
+    let n = c.s.read(&mut buf).await.expect("read after logout");
+    assert_eq!(n, 0, "connection closed");
+}
+
+#[tokio::test]
+async fn oversized_data_segment_ends_the_connection() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    let mut b = [0u8; 48];
+    b[0] = 0x40; // NOP-Out
+    b[1] = 0x80;
+    b[5..8].copy_from_slice(&[0xff, 0xff, 0xff]); // 16 MiB - 1 > MaxRecvDataSegmentLength
+    c.s.write_all(&b).await.expect("send");
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(2), c.s.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+}
+
+async fn closed(c: &mut Client) -> bool {
+    let mut buf = [0u8; 1];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), c.s.read(&mut buf)).await,
+        Ok(Ok(0)) | Ok(Err(_))
+    )
+}
+
+#[tokio::test]
+async fn idle_session_is_pinged_and_dropped_when_the_ping_is_unanswered() {
+    let (addr, server) = start_server().await;
+    server.set_nop_interval(Duration::from_millis(200));
+    let mut c = Client::login(addr, "").await;
+    let ping = c.recv().await.expect("NOP-In ping");
+    assert_eq!(ping.bhs[0], 0x20, "NOP-In");
+    assert_eq!(
+        ping.u32(16),
+        0xffff_ffff,
+        "ITT reserved: a ping, not a response"
+    );
+    assert_ne!(ping.u32(20), 0xffff_ffff, "TTT asks for an answer");
+    assert!(closed(&mut c).await, "unanswered ping ends the connection");
+}
+
+#[tokio::test]
+async fn answered_ping_keeps_the_session() {
+    let (addr, server) = start_server().await;
+    server.set_nop_interval(Duration::from_millis(200));
+    let mut c = Client::login(addr, "").await;
+    for _ in 0..3 {
+        let ping = c.recv().await.expect("NOP-In ping");
+        // NOP-Out answer: immediate, ITT 0xffffffff, TTT copied (RFC 7143 11.18).
+        let mut n = [0u8; 48];
+        n[0] = 0x40;
+        n[1] = 0x80;
+        n[16..20].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
+        n[20..24].copy_from_slice(&ping.bhs[20..24]);
+        n[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+        c.send(n, &[]).await;
+    }
+    assert_eq!(server.sessions().len(), 1);
+}
+
+#[tokio::test]
+async fn login_with_the_same_isid_reinstates_the_session() {
+    let (addr, server) = start_server().await;
+    let mut old = Client::login(addr, "").await;
+    let _new = Client::login(addr, "").await;
+    assert!(closed(&mut old).await, "the old connection is closed");
+    assert_eq!(server.sessions().len(), 1);
+    let _other = Client::login_isid(addr, "", [0x80, 9, 9, 9, 9, 9]).await;
+    assert_eq!(server.sessions().len(), 2);
+}
+
+#[tokio::test]
+async fn target_cold_reset_drops_every_connection() {
+    let addr = start().await;
+    let mut a = Client::login(addr, "").await;
+    let mut b = Client::login_isid(addr, "", [0x80, 7, 7, 7, 7, 7]).await;
+    let mut t = [0u8; 48];
+    t[0] = 0x42; // I=1, TMF Request
+    t[1] = 0x87; // F=1, TARGET COLD RESET
+    t[16..20].copy_from_slice(&50u32.to_be_bytes());
+    t[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
+    t[24..28].copy_from_slice(&a.cmdsn.to_be_bytes());
+    a.send(t, &[]).await;
+    let r = a.recv().await.expect("TMF Response");
+    assert_eq!(r.bhs[0], 0x22);
+    assert_eq!(r.bhs[2], 0, "Function complete");
+    assert!(closed(&mut a).await);
+    assert!(closed(&mut b).await);
+}
+
+#[tokio::test]
+async fn unsupported_tmf_function_is_answered_not_supported() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    let mut t = [0u8; 48];
+    t[0] = 0x42;
+    t[1] = 0x83; // F=1, CLEAR ACA
+    t[16..20].copy_from_slice(&51u32.to_be_bytes());
+    t[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+    c.send(t, &[]).await;
+    let r = c.recv().await.expect("TMF Response");
+    assert_eq!(r.bhs[2], 5, "Task management function not supported");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initiator_that_never_reads_does_not_stall_others() {
+    let addr = start().await;
+    let mut flood = Client::login(addr, "").await;
+    let flooder = tokio::spawn(async move {
+        let payload = vec![0x5au8; 4096];
+        for i in 0..20_000u32 {
+            let mut n = [0u8; 48];
+            n[0] = 0x40; // I=1, NOP-Out
+            n[1] = 0x80;
+            n[16..20].copy_from_slice(&i.to_be_bytes());
+            n[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
+            n[24..28].copy_from_slice(&flood.cmdsn.to_be_bytes());
+            flood.send(n, &payload).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The flooder is blocked by backpressure (the target stopped reading it).
+    assert!(!flooder.is_finished());
+    let mut c = Client::login_isid(addr, "", [0x80, 3, 3, 3, 3, 3]).await;
+    let mut n = [0u8; 48];
+    n[0] = 0x40;
+    n[1] = 0x80;
+    n[16..20].copy_from_slice(&1u32.to_be_bytes());
+    n[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
+    n[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+    c.send(n, b"hi").await;
+    let r = c.recv().await.expect("NOP-In");
+    assert_eq!(r.data, b"hi");
+    flooder.abort();
+}
+
+/// A server with `n` targets (one LU each, the first named [`TARGET`]).
+async fn start_many(n: usize) -> std::net::SocketAddr {
+    let targets = (0..n)
+        .map(|i| {
+            let driver = block::driver::mem::MemDriver::new(1 << 20);
+            let backend = block::Backend::new(Arc::new(driver), 512).expect("512-byte blocks");
+            let lu = scsi::LogicalUnit::new(
+                backend,
+                scsi::LuConfig {
+                    vendor: "SHAREDSK".into(),
+                    product: "memdisk".into(),
+                    revision: "0001".into(),
+                    serial: format!("{i}"),
+                    id: i as u64,
+                },
+            );
+            let mut t = scsi::Target::new();
+            t.add_lu(0, Arc::new(lu));
+            TargetConfig {
+                name: if i == 0 {
+                    TARGET.into()
+                } else {
+                    format!("iqn.2026-01.io.sharedisk:a-rather-long-target-name-{i:04}")
+                },
+                alias: None,
+                scsi: Arc::new(t),
+                allowed_initiators: None,
+                auth: Auth::default(),
+                tpgt: 1,
+            }
+        })
+        .collect();
+    let server = Server::new(ServerConfig {
+        targets,
+        discovery_auth: Auth::default(),
+        portals: vec!["192.0.2.1:3260".parse().expect("portal")],
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(server.serve(listener));
+    addr
+}
+
+/// Log in to a discovery session (RFC 7143 4.3), declaring `mrdsl`.
+async fn discovery(addr: std::net::SocketAddr, mrdsl: u32) -> Client {
+    let s = TcpStream::connect(addr).await.expect("connect");
+    let mut c = Client {
+        s,
+        cmdsn: 1,
+        itt: 1,
+    };
+    let mut b = [0u8; 48];
+    b[0] = 0x43; // I=1, Login Request
+    b[1] = 0x87; // T=1, CSG=1, NSG=3
+    b[8..14].copy_from_slice(&[0x80, 4, 4, 4, 4, 4]);
+    b[24..28].copy_from_slice(&1u32.to_be_bytes());
+    let text = format!(
+        "InitiatorName=iqn.2026-01.test:disc\0SessionType=Discovery\0MaxRecvDataSegmentLength={mrdsl}\0"
+    );
+    c.send(b, text.as_bytes()).await;
+    let r = c.recv().await.expect("login response");
+    assert_eq!(&r.bhs[36..38], &[0, 0], "status success");
+    c
+}
+
+fn text_request(c: &Client, itt: u32, ttt: u32, data: &[u8]) -> ([u8; 48], Vec<u8>) {
+    let mut b = [0u8; 48];
+    b[0] = 0x44; // I=1, Text Request
+    b[1] = 0x80; // F=1
+    b[16..20].copy_from_slice(&itt.to_be_bytes());
+    b[20..24].copy_from_slice(&ttt.to_be_bytes());
+    b[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+    (b, data.to_vec())
+}
+
+#[tokio::test]
+async fn long_send_targets_answer_continues_with_the_c_bit() {
+    let addr = start_many(40).await;
+    let mut c = discovery(addr, 512).await;
+    let (b, d) = text_request(&c, 5, 0xffff_ffff, b"SendTargets=All\0");
+    c.send(b, &d).await;
+    let mut all = Vec::new();
+    loop {
+        let r = c.recv().await.expect("Text Response");
+        assert_eq!(r.bhs[0], 0x24);
+        assert!(
+            r.data.len() <= 512,
+            "never above the initiator's MaxRecvDataSegmentLength"
+        );
+        all.extend_from_slice(&r.data);
+        if r.bhs[1] & 0x80 != 0 {
+            assert_eq!(r.u32(20), 0xffff_ffff, "final response: TTT reserved");
+            break;
+        }
+        assert_eq!(r.bhs[1] & 0x40, 0x40, "C=1 while more follows");
+        // Ask for the rest with an empty Text Request carrying the TTT (RFC 7143 11.10.4).
+        let (b, d) = text_request(&c, 5, r.u32(20), b"");
+        c.send(b, &d).await;
+    }
+    let text = String::from_utf8(all).expect("text");
+    assert_eq!(text.matches("TargetName=").count(), 40);
+    assert_eq!(text.matches("TargetAddress=192.0.2.1:3260,1").count(), 40);
+}
+
+#[tokio::test]
+async fn send_targets_for_one_name_and_for_an_unknown_name() {
+    let addr = start_many(3).await;
+    let mut c = discovery(addr, 8192).await;
+    let (b, d) = text_request(
+        &c,
+        6,
+        0xffff_ffff,
+        format!("SendTargets={TARGET}\0").as_bytes(),
+    );
+    c.send(b, &d).await;
+    let r = c.recv().await.expect("Text Response");
+    assert_eq!(
+        String::from_utf8(r.data).expect("text"),
+        format!("TargetName={TARGET}\0TargetAddress=192.0.2.1:3260,1\0")
+    );
+    let (b, d) = text_request(&c, 7, 0xffff_ffff, b"SendTargets=iqn.2026-01.nope\0");
+    c.send(b, &d).await;
+    let r = c.recv().await.expect("Text Response");
+    assert_eq!(r.data, b"SendTargets=Reject\0");
+    let (b, d) = text_request(&c, 8, 0xffff_ffff, b"SendTargetsPlease=All\0");
+    c.send(b, &d).await;
+    let r = c.recv().await.expect("Text Response");
+    assert_eq!(r.data, b"SendTargetsPlease=NotUnderstood\0");
+}
+
+#[tokio::test]
+async fn scsi_command_in_a_discovery_session_is_rejected() {
+    let addr = start_many(1).await;
+    let mut c = discovery(addr, 8192).await;
+    let (b, _) = c.command(0x81, 0, &[0; 6]);
+    c.send(b, &[]).await;
+    let r = c.recv().await.expect("Reject");
+    assert_eq!(r.bhs[0], 0x3f);
+    assert_eq!(r.bhs[2], 0x04, "protocol error");
+}
+
+fn data_out(itt: u32, ttt: u32, datasn: u32, offset: u32, last: bool) -> [u8; 48] {
+    // Data-Out (RFC 7143 11.7).
+    let mut d = [0u8; 48];
+    d[0] = 0x05;
+    d[1] = if last { 0x80 } else { 0 }; // F
+    d[16..20].copy_from_slice(&itt.to_be_bytes());
+    d[20..24].copy_from_slice(&ttt.to_be_bytes());
+    d[36..40].copy_from_slice(&datasn.to_be_bytes()); // DataSN
+    d[40..44].copy_from_slice(&offset.to_be_bytes()); // Buffer Offset
+    d
+}
+
+#[tokio::test]
+async fn immediate_then_unsolicited_then_solicited_data() {
+    let addr = start().await;
+    let mut c = Client::login(
+        addr,
+        "InitialR2T=No|ImmediateData=Yes|FirstBurstLength=1024|MaxBurstLength=2048|",
+    )
+    .await;
+    let payload: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 256) as u8).collect();
+    // WRITE(10) of 8 blocks, F=0 (unsolicited Data-Out follows), 512 bytes immediate.
+    let (b, itt) = c.command(0x21, 4096, &write10(20, 8));
+    c.send(b, &payload[..512]).await;
+    // The rest of the first burst: unsolicited, TTT 0xffffffff, DataSN 0, F=1.
+    c.send(
+        data_out(itt, 0xffff_ffff, 0, 512, true),
+        &payload[512..1024],
+    )
+    .await;
+    let mut offset = 1024u32;
+    for (r2tsn, len) in [(0u32, 2048u32), (1, 1024)] {
+        let r2t = c.recv().await.expect("R2T");
+        assert_eq!(r2t.bhs[0], 0x31);
+        assert_eq!(r2t.u32(36), r2tsn, "R2TSN");
+        assert_eq!(r2t.u32(40), offset, "Buffer Offset");
+        assert_eq!(r2t.u32(44), len, "Desired Data Transfer Length");
+        let ttt = r2t.u32(20);
+        let end = (offset + len) as usize;
+        c.send(
+            data_out(itt, ttt, 0, offset, true),
+            &payload[offset as usize..end],
+        )
+        .await;
+        offset += len;
+    }
+    let rsp = c.recv().await.expect("SCSI Response");
+    assert_eq!(rsp.bhs[0], 0x21);
+    assert_eq!(rsp.bhs[3], 0x00, "GOOD");
+    let (b, _) = c.command(0xc1, 4096, &read10(20, 8));
+    c.send(b, &[]).await;
+    let mut got = Vec::new();
+    while got.len() < 4096 {
+        let d = c.recv().await.expect("Data-In");
+        got.extend_from_slice(&d.data);
+    }
+    assert_eq!(got, payload);
+}
+
+#[tokio::test]
+async fn out_of_order_data_sn_ends_the_task_with_check_condition() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "InitialR2T=No|ImmediateData=No|").await;
+    let (b, itt) = c.command(0x21, 1024, &write10(0, 2));
+    c.send(b, &[]).await;
+    c.send(data_out(itt, 0xffff_ffff, 1, 0, false), &[0; 512])
+        .await; // DataSN 1, expected 0
+    let rsp = c.recv().await.expect("SCSI Response");
+    assert_eq!(rsp.bhs[0], 0x21);
+    assert_eq!(rsp.bhs[3], 0x02, "CHECK CONDITION");
+    // SenseLength, then fixed sense: ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR (47h/05h).
+    assert_eq!(rsp.data[2 + 2] & 0x0f, 0x0b);
+    assert_eq!(&rsp.data[2 + 12..2 + 14], &[0x47, 0x05]);
+    // The session goes on.
+    let (b, _) = c.command(0x81, 0, &[0; 6]);
+    c.send(b, &[]).await;
+    let r = c.recv().await.expect("SCSI Response to TEST UNIT READY");
+    assert_eq!(r.bhs[3], 0x00);
+}
