@@ -125,6 +125,22 @@ impl Client {
         c
     }
 
+    /// Consume the unit attention a new I_T nexus gets on its first command (SAM-5: power on or
+    /// reset), so the test's own commands see the status they are about: TEST UNIT READY until
+    /// GOOD, at most a few times.
+    async fn clear_unit_attention(&mut self) {
+        for _ in 0..4 {
+            let (b, _) = self.command(0x80, 0, &[0x00, 0, 0, 0, 0, 0]); // F, TEST UNIT READY
+            self.send(b, &[]).await;
+            let r = self.recv().await.expect("SCSI Response");
+            assert_eq!(r.bhs[0], 0x21, "SCSI Response");
+            if r.bhs[3] == 0x00 {
+                return; // GOOD
+            }
+        }
+        panic!("TEST UNIT READY never returned GOOD");
+    }
+
     fn next_itt(&mut self) -> u32 {
         self.itt += 1;
         self.itt
@@ -168,6 +184,7 @@ async fn write_with_r2t_then_read_split_at_max_recv_data_segment_length() {
         "InitialR2T=Yes|ImmediateData=No|MaxBurstLength=2048|MaxRecvDataSegmentLength=1024|",
     )
     .await;
+    c.clear_unit_attention().await;
     // WRITE(10) of 8 blocks = 4096 bytes, F=1 W=1 simple.
     let (b, itt) = c.command(0xa1, 4096, &write10(10, 8));
     c.send(b, &[]).await;
@@ -234,6 +251,7 @@ async fn write_with_r2t_then_read_split_at_max_recv_data_segment_length() {
 async fn read_with_small_edtl_reports_overflow() {
     let addr = start().await;
     let mut c = Client::login(addr, "").await;
+    c.clear_unit_attention().await;
     let (b, _) = c.command(0xc1, 200, &read10(0, 1));
     c.send(b, &[]).await;
     let d = c.recv().await.expect("Data-In");
@@ -649,6 +667,7 @@ async fn immediate_then_unsolicited_then_solicited_data() {
         "InitialR2T=No|ImmediateData=Yes|FirstBurstLength=1024|MaxBurstLength=2048|",
     )
     .await;
+    c.clear_unit_attention().await;
     let payload: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 256) as u8).collect();
     // WRITE(10) of 8 blocks, F=0 (unsolicited Data-Out follows), 512 bytes immediate.
     let (b, itt) = c.command(0x21, 4096, &write10(20, 8));
@@ -692,6 +711,7 @@ async fn immediate_then_unsolicited_then_solicited_data() {
 async fn out_of_order_data_sn_ends_the_task_with_check_condition() {
     let addr = start().await;
     let mut c = Client::login(addr, "InitialR2T=No|ImmediateData=No|").await;
+    c.clear_unit_attention().await;
     let (b, itt) = c.command(0x21, 1024, &write10(0, 2));
     c.send(b, &[]).await;
     c.send(data_out(itt, 0xffff_ffff, 1, 0, false), &[0; 512])
