@@ -128,10 +128,15 @@ pub struct Shared {
     running: Mutex<HashMap<u32, Running>>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Running {
     lun: u64,
     aborted: bool,
+    /// A TMF response that must follow this task's own response: ABORT TASK found the task
+    /// already completed in the SCSI layer ("task does not exist") before its response was
+    /// queued. Sending the TMF response first would tell the initiator the task is gone while
+    /// its response is still to come, and initiators drop such late responses.
+    then: Option<Bhs>,
 }
 
 impl Shared {
@@ -847,6 +852,7 @@ impl Conn {
             Running {
                 lun: cmd.lun,
                 aborted: false,
+                then: None,
             },
         );
         if !counted {
@@ -862,7 +868,8 @@ impl Conn {
             {
                 // Send under the lock, so a TMF response can never overtake it unnoticed.
                 let mut running = shared.running();
-                let aborted = running.remove(&itt).is_some_and(|r| r.aborted);
+                let entry = running.remove(&itt);
+                let aborted = entry.as_ref().is_some_and(|r| r.aborted);
                 if let (Completion::Done(resp), false) = (done, aborted) {
                     tx.send(Out::Result(Box::new(ScsiResult {
                         itt,
@@ -871,6 +878,13 @@ impl Conn {
                         edtl_in,
                         write_residual,
                     })));
+                }
+                if let Some(bhs) = entry.and_then(|r| r.then) {
+                    tx.send(Out::Pdu {
+                        bhs,
+                        data: Vec::new(),
+                        sn: Sn::Status,
+                    });
                 }
             }
             shared.executing.fetch_sub(1, Ordering::AcqRel);
@@ -998,15 +1012,19 @@ impl Conn {
                 // Tasks the function ended get no response of their own: mark them, and send
                 // the TMF response under the same lock.
                 let mut running = shared.running();
-                let mut code = code;
+                // The SCSI layer's answer is authoritative: the first of "abort" and "finish"
+                // decides a task's fate there. FUNCTION COMPLETE means its completion is
+                // `Aborted` (no response of its own), TASK DOES NOT EXIST that it finished.
+                b.0[2] = code;
                 if let Tmf::AbortTask { tag, .. } = tmf {
-                    // The task completed (and its response went out) while the SCSI layer
-                    // was being asked: it no longer exists.
-                    if code == 0 && u32::try_from(tag).is_ok_and(|t| !running.contains_key(&t)) {
-                        code = 1;
+                    // Completed in the SCSI layer, response not yet queued: the TMF response
+                    // goes out right after it (see `Running::then`).
+                    let pending = u32::try_from(tag).ok().and_then(|t| running.get_mut(&t));
+                    if let (1, Some(r)) = (code, pending) {
+                        r.then = Some(b);
+                        return;
                     }
                 }
-                b.0[2] = code;
                 if code == 0 {
                     for (itt, r) in running.iter_mut() {
                         let hit = match tmf {

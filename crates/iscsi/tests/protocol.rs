@@ -15,8 +15,11 @@ async fn start() -> std::net::SocketAddr {
 }
 
 async fn start_server() -> (std::net::SocketAddr, Arc<Server>) {
-    let driver = block::driver::mem::MemDriver::new(16 << 20);
-    let backend = block::Backend::new(Arc::new(driver), 512).expect("512-byte blocks");
+    start_with(Arc::new(block::driver::mem::MemDriver::new(16 << 20))).await
+}
+
+async fn start_with(driver: Arc<dyn block::Driver>) -> (std::net::SocketAddr, Arc<Server>) {
+    let backend = block::Backend::new(driver, 512).expect("512-byte blocks");
     let lu = scsi::LogicalUnit::new(
         backend,
         scsi::LuConfig {
@@ -322,6 +325,88 @@ async fn send_targets_in_a_normal_session() {
     assert_eq!(
         text,
         format!("TargetName={TARGET}\0TargetAddress={addr},1\0")
+    );
+}
+
+/// A memory disk whose writes wait until the test opens the gate.
+struct GatedDriver {
+    inner: block::driver::mem::MemDriver,
+    gate: tokio::sync::Semaphore,
+    entered: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl block::Driver for GatedDriver {
+    fn info(&self) -> block::DriverInfo {
+        self.inner.info()
+    }
+    async fn read(&self, o: u64, l: usize) -> Result<Vec<u8>, block::BlockError> {
+        self.inner.read(o, l).await
+    }
+    async fn write(&self, o: u64, d: Vec<u8>, fua: bool) -> Result<(), block::BlockError> {
+        self.entered.notify_one();
+        let _permit = self.gate.acquire().await.expect("gate");
+        self.inner.write(o, d, fua).await
+    }
+    async fn flush(&self) -> Result<(), block::BlockError> {
+        self.inner.flush().await
+    }
+    async fn discard(&self, o: u64, l: u64) -> Result<(), block::BlockError> {
+        self.inner.discard(o, l).await
+    }
+    async fn write_zeroes(&self, o: u64, l: u64, u: bool) -> Result<(), block::BlockError> {
+        self.inner.write_zeroes(o, l, u).await
+    }
+    async fn block_status(&self, o: u64, l: u64) -> Result<block::Extent, block::BlockError> {
+        self.inner.block_status(o, l).await
+    }
+}
+
+fn abort_task(c: &Client, itt: u32, ref_itt: u32, ref_cmdsn: u32) -> [u8; 48] {
+    // ABORT TASK (RFC 7143 11.5), immediate.
+    let mut t = [0u8; 48];
+    t[0] = 0x42; // I=1, Task Management Function Request
+    t[1] = 0x81; // F=1, function 1 (ABORT TASK)
+    t[16..20].copy_from_slice(&itt.to_be_bytes());
+    t[20..24].copy_from_slice(&ref_itt.to_be_bytes()); // Referenced Task Tag
+    t[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+    t[32..36].copy_from_slice(&ref_cmdsn.to_be_bytes()); // RefCmdSN
+    t
+}
+
+#[tokio::test]
+async fn abort_task_of_a_write_inside_the_backend_completes_and_suppresses_its_response() {
+    let driver = Arc::new(GatedDriver {
+        inner: block::driver::mem::MemDriver::new(16 << 20),
+        gate: tokio::sync::Semaphore::new(0),
+        entered: tokio::sync::Notify::new(),
+    });
+    let (addr, _server) = start_with(driver.clone()).await;
+    let mut c = Client::login(addr, "").await;
+    c.clear_unit_attention().await;
+    // WRITE(10) of one block with its data as immediate data; it stops inside the driver.
+    let (b, itt) = c.command(0xa1, 512, &write10(0, 1));
+    let entered = driver.entered.notified();
+    c.send(b, &[0x5A; 512]).await;
+    entered.await;
+    let t = abort_task(&c, 100, itt, c.cmdsn - 1);
+    c.send(t, &[]).await;
+    // The TMF waits for the write it cannot stop; let the write finish.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    driver.gate.add_permits(1);
+    let r = c.recv().await.expect("TMF Response");
+    assert_eq!(r.bhs[0], 0x22, "Task Management Function Response");
+    assert_eq!(r.u32(16), 100, "ITT of the TMF");
+    // Whichever came first in the SCSI layer, the initiator must be able to tell: either the
+    // task was aborted (Function complete, no response of its own follows), or it finished
+    // (Task does not exist) and its response came before this one.
+    assert_eq!(
+        r.bhs[2], 0,
+        "Function complete: the abort reached the task first"
+    );
+    assert!(
+        c.recv().await.is_none(),
+        "no SCSI Response for the aborted task"
     );
 }
 
