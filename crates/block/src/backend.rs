@@ -319,6 +319,36 @@ impl Backend {
         op.finish(r, n)
     }
 
+    /// Atomically OR `data` into the blocks at `lba` (SBC-4 ORWRITE(16)): read, OR, write under
+    /// an exclusive range lock, so no other write to an overlapping range lands in between.
+    pub async fn or_write(&self, lba: u64, data: Vec<u8>, fua: bool) -> Result<(), BlockError> {
+        let op = self.stats.start(OpKind::OrWrite);
+        let n = data.len() as u64;
+        let r = self.do_or_write(lba, data, fua).await;
+        op.finish(r, n)
+    }
+
+    async fn do_or_write(&self, lba: u64, data: Vec<u8>, fua: bool) -> Result<(), BlockError> {
+        let blocks = self.whole_blocks(data.len())?;
+        if data.len() > MAX_TRANSFER_BYTES as usize {
+            return Err(BlockError::BadBufferLength {
+                expected: u64::from(MAX_TRANSFER_BYTES),
+                got: data.len() as u64,
+            });
+        }
+        let (off, len) = self.range(lba, blocks)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let _g = self.locks.lock(off, off + len, LockMode::Exclusive).await;
+        let mut current = self.driver.read(off, data.len()).await?;
+        check_read_len(&current, data.len())?;
+        for (c, d) in current.iter_mut().zip(&data) {
+            *c |= d;
+        }
+        self.driver.write(off, current, fua).await
+    }
+
     async fn do_compare_and_write(
         &self,
         lba: u64,

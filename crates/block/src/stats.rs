@@ -25,9 +25,11 @@ pub enum OpKind {
     CompareAndWrite,
     /// [`crate::Backend::block_status`].
     BlockStatus,
+    /// [`crate::Backend::or_write`].
+    OrWrite,
 }
 
-const KINDS: usize = 8;
+const KINDS: usize = 9;
 
 impl OpKind {
     /// Every kind, in the order of [`StatsSnapshot::ops`].
@@ -40,6 +42,7 @@ impl OpKind {
         OpKind::WriteSame,
         OpKind::CompareAndWrite,
         OpKind::BlockStatus,
+        OpKind::OrWrite,
     ];
 
     fn index(self) -> usize {
@@ -57,6 +60,7 @@ impl OpKind {
             OpKind::WriteSame => "write_same",
             OpKind::CompareAndWrite => "compare_and_write",
             OpKind::BlockStatus => "block_status",
+            OpKind::OrWrite => "or_write",
         }
     }
 }
@@ -142,7 +146,7 @@ impl InFlight<'_> {
                 OpKind::Read => {
                     s.bytes_read.fetch_add(bytes, Ordering::Relaxed);
                 }
-                OpKind::Write | OpKind::WriteSame | OpKind::CompareAndWrite => {
+                OpKind::Write | OpKind::WriteSame | OpKind::CompareAndWrite | OpKind::OrWrite => {
                     s.bytes_written.fetch_add(bytes, Ordering::Relaxed);
                 }
                 OpKind::Flush | OpKind::Discard | OpKind::WriteZeroes | OpKind::BlockStatus => {}

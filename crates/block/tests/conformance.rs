@@ -476,6 +476,45 @@ async fn caw_is_atomic_against_overlapping_writes_of_every_kind(make: Make) {
     assert_eq!(b.stats().in_flight, 0);
 }
 
+async fn or_write_ors_into_the_blocks(make: Make) {
+    let h = make(MIB, 512);
+    let b = &h.backend;
+    b.write(8, vec![0x0F; 1024], false).await.expect("write");
+    b.or_write(8, vec![0xA0; 1024], true)
+        .await
+        .expect("or_write");
+    assert_eq!(b.read(8, 2).await.expect("read"), vec![0xAF; 1024]);
+    assert!(matches!(
+        b.or_write(2047, vec![0; 1024], false).await,
+        Err(BlockError::OutOfRange { .. })
+    ));
+}
+
+async fn concurrent_or_writes_lose_no_bits(make: Make) {
+    // Eight writers each OR their own bit into the same two blocks at once; a read-OR-write
+    // that is not atomic loses some of them.
+    const ROUNDS: usize = 40;
+    let h = make(MIB, 512);
+    let b = h.backend.clone();
+    for round in 0..ROUNDS {
+        b.write_zeroes(0, 2, false).await.expect("zero");
+        let tasks: Vec<_> = (0..8u8)
+            .map(|bit| {
+                let b = b.clone();
+                tokio::spawn(async move { b.or_write(0, vec![1 << bit; 1024], false).await })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("task").expect("or_write");
+        }
+        assert_eq!(
+            b.read(0, 2).await.expect("read"),
+            vec![0xFF; 1024],
+            "round {round}: an OR was lost"
+        );
+    }
+}
+
 // ---- accounting ------------------------------------------------------------------------------
 
 async fn stats_count_ops_bytes_and_errors(make: Make) {
@@ -531,6 +570,8 @@ macro_rules! suites {
                 caw_of_the_maximum_length_works_and_one_more_is_rejected,
                 caw_is_atomic_against_overlapping_writes_of_every_kind,
                 stats_count_ops_bytes_and_errors,
+                or_write_ors_into_the_blocks,
+                concurrent_or_writes_lose_no_bits,
             );
         )*
     };

@@ -273,6 +273,16 @@ pub static OPS: &[OpInfo] = &[
         RWrite,
     ),
     op(
+        0x8B,
+        None,
+        "ORWRITE(16)",
+        &[
+            0x8B, 0x18, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x1F, 0,
+        ],
+        Out,
+        RWrite,
+    ),
+    op(
         0x8E,
         None,
         "WRITE AND VERIFY(16)",
@@ -488,6 +498,12 @@ pub enum Cdb {
         blocks: u32,
         fua: bool,
     },
+    /// ORWRITE(16) (SBC-4 5.15): OR the data-out into the blocks.
+    OrWrite {
+        lba: u64,
+        blocks: u32,
+        fua: bool,
+    },
     GetLbaStatus {
         lba: u64,
         alloc: u32,
@@ -699,6 +715,14 @@ pub fn parse(cdb: &[u8]) -> Result<(&'static OpInfo, Cdb), Sense> {
             anchor: r.bit(1, 0x01),
             len: u32::from(r.be16(7)),
         },
+        (0x8B, _) => {
+            let (lba, blocks) = lba_len(&r, info.opcode);
+            Cdb::OrWrite {
+                lba,
+                blocks,
+                fua: r.bit(1, 0x08),
+            }
+        }
         (0x89, _) => Cdb::CompareAndWrite {
             lba: r.be64(2),
             blocks: u32::from(r.b(13)),
@@ -762,7 +786,6 @@ pub fn data_out_len(cdb: &[u8], block_size: u32) -> u32 {
             _ => 0,
         },
         0x89 => blocks(u32::from(r.b(13))).saturating_mul(2),
-        // ORWRITE(16) (not implemented, but its data-out is known).
         0x8B => blocks(r.be32(10)),
         0x41 => block_size,
         0x93 => {

@@ -350,6 +350,19 @@ impl LogicalUnit {
             Cdb::CompareAndWrite { lba, blocks, fua } => {
                 self.compare_and_write(lba, blocks, fua, data_out).await
             }
+            Cdb::OrWrite { lba, blocks, fua } => {
+                self.check_writable()?;
+                self.check_transfer(blocks)?;
+                self.check_range(lba, u64::from(blocks))?;
+                if blocks == 0 {
+                    return Ok(Vec::new());
+                }
+                self.backend
+                    .or_write(lba, data_out, self.fua(fua))
+                    .await
+                    .map_err(|e| block_error(e, cond::INVALID_OPCODE))?;
+                Ok(Vec::new())
+            }
             Cdb::GetLbaStatus { lba, alloc } => self.get_lba_status(lba, alloc).await,
             Cdb::ReportLuns { select, alloc } => {
                 crate::target::report_luns(select, alloc, std::iter::once(lun))
@@ -407,6 +420,7 @@ impl LogicalUnit {
             Cdb::Read { blocks, .. }
             | Cdb::Write { blocks, .. }
             | Cdb::WriteVerify { blocks, .. }
+            | Cdb::OrWrite { blocks, .. }
             | Cdb::Verify {
                 blocks, bytchk: 1, ..
             } => blocks,

@@ -592,3 +592,36 @@ async fn no_space_is_data_protect_space_allocation_failed() {
     let r = run(&t, &n, &write16(0, 1), vec![0u8; BS]).await;
     assert_sense(&r, 0x07, 0x27, 0x07); // DATA PROTECT, SPACE ALLOCATION FAILED WRITE PROTECT
 }
+
+fn orwrite16(lba: u64, blocks: u32) -> Vec<u8> {
+    // ORWRITE(16), SBC-4 5.15: opcode 8Bh, LBA in bytes 2..10, TRANSFER LENGTH in 10..14.
+    let mut c = vec![0x8B, 0];
+    c.extend_from_slice(&lba.to_be_bytes());
+    c.extend_from_slice(&blocks.to_be_bytes());
+    c.extend_from_slice(&[0, 0]);
+    c
+}
+
+#[tokio::test]
+async fn orwrite_ors_the_data_into_the_blocks() {
+    let (t, n) = ready_mem(64, 512).await;
+    write_blocks(&t, &n, 3, vec![0x0F; 2 * BS], BS).await;
+    assert_good(&run(&t, &n, &orwrite16(3, 2), vec![0x50; 2 * BS]).await);
+    assert_eq!(read_blocks(&t, &n, 3, 2).await, vec![0x5F; 2 * BS]);
+}
+
+#[tokio::test]
+async fn orwrite_with_orprotect_is_invalid_field_in_cdb() {
+    let (t, n) = ready_mem(64, 512).await;
+    let mut c = orwrite16(0, 1);
+    c[1] = 0x20; // ORPROTECT 001b: no protection information on this LU
+    let r = run(&t, &n, &c, vec![0; BS]).await;
+    assert_sense(&r, 0x05, 0x24, 0x00); // ILLEGAL REQUEST, INVALID FIELD IN CDB
+}
+
+#[tokio::test]
+async fn orwrite_beyond_the_end_is_lba_out_of_range() {
+    let (t, n) = ready_mem(64, 512).await;
+    let r = run(&t, &n, &orwrite16(63, 2), vec![0; 2 * BS]).await;
+    assert_sense(&r, 0x05, 0x21, 0x00); // ILLEGAL REQUEST, LBA OUT OF RANGE
+}
