@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -115,9 +115,12 @@ impl Sender {
 /// CmdSN state shared by the reader and the writer of one connection.
 #[derive(Debug)]
 pub struct Shared {
-    exp_cmdsn: AtomicU32,
-    /// Non-immediate SCSI commands admitted and not yet answered.
-    outstanding: AtomicU32,
+    /// ExpCmdSN (high 32 bits) and the number of non-immediate SCSI commands admitted and not
+    /// yet answered (low 32 bits), in one word so MaxCmdSN is always computed from a
+    /// consistent pair: admitting a command advances ExpCmdSN and counts it in one atomic add,
+    /// so MaxCmdSN never moves backwards and never advertises a slot the reader would refuse
+    /// (RFC 7143 3.2.2.1: commands up to the advertised MaxCmdSN must be accepted).
+    window: AtomicU64,
     /// All SCSI commands executing (for Logout).
     executing: AtomicU32,
     immediate: AtomicU32,
@@ -142,8 +145,7 @@ struct Running {
 impl Shared {
     fn new(exp: u32) -> Self {
         Self {
-            exp_cmdsn: AtomicU32::new(exp),
-            outstanding: AtomicU32::new(0),
+            window: AtomicU64::new(u64::from(exp) << 32),
             executing: AtomicU32::new(0),
             immediate: AtomicU32::new(0),
             running: Mutex::new(HashMap::new()),
@@ -153,13 +155,25 @@ impl Shared {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
     }
     fn exp(&self) -> u32 {
-        self.exp_cmdsn.load(Ordering::Acquire)
+        (self.window.load(Ordering::Acquire) >> 32) as u32
     }
     /// MaxCmdSN = ExpCmdSN + free slots - 1: the window shrinks while commands are
     /// outstanding and never moves backwards (ExpCmdSN and the count rise together).
     fn max(&self) -> u32 {
-        let out = self.outstanding.load(Ordering::Acquire).min(QUEUE_DEPTH);
-        self.exp().wrapping_add(QUEUE_DEPTH - out).wrapping_sub(1)
+        let w = self.window.load(Ordering::Acquire);
+        let (exp, out) = ((w >> 32) as u32, (w as u32).min(QUEUE_DEPTH));
+        exp.wrapping_add(QUEUE_DEPTH - out).wrapping_sub(1)
+    }
+    /// The next CmdSN has arrived; `counted` when it is a non-immediate SCSI command, which
+    /// stays outstanding until [`Self::uncount`]. ExpCmdSN wraps modulo 2^32 (the high half of
+    /// the word overflows out of the u64).
+    fn advance(&self, counted: bool) {
+        self.window
+            .fetch_add((1 << 32) | u64::from(counted), Ordering::AcqRel);
+    }
+    /// A counted command has been answered (or refused).
+    fn uncount(&self) {
+        self.window.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -478,7 +492,10 @@ impl Conn {
     /// Process held requests in CmdSN order while the next one expected is there.
     async fn drain(&mut self) -> Result<Flow, SessionError> {
         while let Some(next) = self.held.remove(&self.shared.exp()) {
-            self.advance();
+            // A SCSI command is counted as outstanding in the same step that advances
+            // ExpCmdSN; `scsi_command` uncounts it if it refuses the command.
+            let counted = matches!(&next, Held::Pdu(p) if p.bhs.opcode() == op::SCSI_CMD);
+            self.shared.advance(counted);
             if let Held::Pdu(p) = next {
                 if let Flow::Close = self.process(*p, false).await? {
                     return Ok(Flow::Close);
@@ -486,10 +503,6 @@ impl Conn {
             }
         }
         Ok(Flow::Continue)
-    }
-
-    fn advance(&self) {
-        self.shared.exp_cmdsn.fetch_add(1, Ordering::AcqRel);
     }
 
     async fn process(&mut self, pdu: Pdu, immediate: bool) -> Result<Flow, SessionError> {
@@ -567,10 +580,12 @@ impl Conn {
         let bhs = pdu.bhs;
         let (Some(target), Some(nexus)) = (self.target.clone(), self.nexus.clone()) else {
             // Discovery sessions carry no SCSI commands (RFC 7143 4.3).
+            self.uncount(!immediate);
             self.reject(reject::PROTOCOL_ERROR, &bhs);
             return;
         };
         let Ok(cdb) = cdb_of(&pdu) else {
+            self.uncount(!immediate);
             self.reject(reject::INVALID_FIELD, &bhs);
             return;
         };
@@ -579,9 +594,8 @@ impl Conn {
                 self.reject(reject::IMMEDIATE_REJECT, &bhs);
                 return;
             }
-        } else {
-            self.shared.outstanding.fetch_add(1, Ordering::AcqRel);
         }
+        // Non-immediate commands were counted as outstanding by `drain`.
         let flags = bhs.flags();
         let read = flags & 0x40 != 0;
         let write = flags & 0x20 != 0;
@@ -678,7 +692,7 @@ impl Conn {
 
     fn uncount(&self, counted: bool) {
         if counted {
-            self.shared.outstanding.fetch_sub(1, Ordering::AcqRel);
+            self.shared.uncount();
         }
     }
 
@@ -861,7 +875,7 @@ impl Conn {
         tokio::spawn(async move {
             let done = target.execute(cmd).await;
             if counted {
-                shared.outstanding.fetch_sub(1, Ordering::AcqRel);
+                shared.uncount();
             } else {
                 shared.immediate.fetch_sub(1, Ordering::AcqRel);
             }
@@ -900,7 +914,7 @@ impl Conn {
             if !keep {
                 released += t.solicited;
                 if t.counted {
-                    shared.outstanding.fetch_sub(1, Ordering::AcqRel);
+                    shared.uncount();
                 }
             }
             keep
@@ -1438,7 +1452,23 @@ mod tests {
     fn max_cmdsn_shrinks_with_outstanding_commands() {
         let s = Shared::new(100);
         assert_eq!(s.max(), 100 + QUEUE_DEPTH - 1);
-        s.outstanding.store(3, Ordering::Release);
-        assert_eq!(s.max(), 100 + QUEUE_DEPTH - 4);
+        for _ in 0..3 {
+            s.advance(true);
+        }
+        assert_eq!(s.exp(), 103);
+        assert_eq!(s.max(), 103 + QUEUE_DEPTH - 4);
+        s.uncount();
+        assert_eq!(s.max(), 103 + QUEUE_DEPTH - 3);
+    }
+
+    #[test]
+    fn max_cmdsn_never_moves_backwards_while_commands_are_admitted() {
+        // Admitting a command advances ExpCmdSN and counts it in one step: MaxCmdSN stays put.
+        let s = Shared::new(0xffff_fffe);
+        let before = s.max();
+        s.advance(true);
+        s.advance(true);
+        assert_eq!(s.exp(), 0); // wrapped modulo 2^32
+        assert_eq!(s.max(), before);
     }
 }
