@@ -589,11 +589,9 @@ impl Conn {
             self.reject(reject::INVALID_FIELD, &bhs);
             return;
         };
-        if immediate {
-            if self.shared.immediate.load(Ordering::Acquire) >= MAX_IMMEDIATE {
-                self.reject(reject::IMMEDIATE_REJECT, &bhs);
-                return;
-            }
+        if immediate && self.shared.immediate.load(Ordering::Acquire) >= MAX_IMMEDIATE {
+            self.reject(reject::IMMEDIATE_REJECT, &bhs);
+            return;
         }
         // Non-immediate commands were counted as outstanding by `drain`.
         let flags = bhs.flags();
