@@ -88,7 +88,9 @@ pub static OPS: &[OpInfo] = &[
         "TEST UNIT READY",
         &[0x00, 0, 0, 0, 0, 0],
         NoData,
-        RRead,
+        // SPC-5 5.13.1 table 67: allowed under every reservation type (path checkers rely on
+        // it).
+        Allowed,
     ),
     op(
         0x03,

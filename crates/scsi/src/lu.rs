@@ -421,9 +421,9 @@ impl LogicalUnit {
             | Cdb::Write { blocks, .. }
             | Cdb::WriteVerify { blocks, .. }
             | Cdb::OrWrite { blocks, .. }
-            | Cdb::Verify {
-                blocks, bytchk: 1, ..
-            } => blocks,
+            // SBC-4 6.6.4: MAXIMUM TRANSFER LENGTH bounds VERIFY whatever BYTCHK says, which
+            // also bounds how long a reset can wait for one.
+            | Cdb::Verify { blocks, .. } => blocks,
             _ => return Ok(()),
         };
         if blocks > self.limits.max_transfer {
@@ -519,9 +519,7 @@ impl LogicalUnit {
 
     async fn verify(&self, lba: u64, blocks: u32, bytchk: u8, data: &[u8]) -> Outcome {
         self.check_range(lba, u64::from(blocks))?;
-        if bytchk == 1 {
-            self.check_transfer(blocks)?;
-        }
+        self.check_transfer(blocks)?;
         let bs = u64::from(self.backend.block_size());
         let chunk = self.chunk_blocks();
         let mut done = 0u64;

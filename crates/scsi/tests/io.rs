@@ -625,3 +625,30 @@ async fn orwrite_beyond_the_end_is_lba_out_of_range() {
     let r = run(&t, &n, &orwrite16(63, 2), vec![0; 2 * BS]).await;
     assert_sense(&r, 0x05, 0x21, 0x00); // ILLEGAL REQUEST, LBA OUT OF RANGE
 }
+
+#[tokio::test]
+async fn verify_without_bytchk_longer_than_maximum_transfer_length_is_invalid_field() {
+    // VPD 0xB0 advertises MAXIMUM TRANSFER LENGTH 16384 blocks of 512 bytes (8 MiB); SBC-4
+    // 6.6.4 applies it to VERIFY whatever BYTCHK says.
+    let (t, n) = ready_mem(32768, 512).await;
+    // VERIFY(16): opcode 8Fh, BYTCHK 00b, LBA 0, VERIFICATION LENGTH 16385 (00004001h).
+    let cdb = [
+        0x8F, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x00, 0x40, 0x01, 0, 0,
+    ];
+    let r = run(&t, &n, &cdb, vec![]).await;
+    assert_eq!(
+        &r.sense[..18],
+        &[
+            0x70, 0, 0x05, // current, fixed format; ILLEGAL REQUEST
+            0, 0, 0, 0, 10, 0, 0, 0, 0, // INFORMATION, ADDITIONAL SENSE LENGTH 10
+            0x24, 0x00, // INVALID FIELD IN CDB
+            0,    // FRU
+            0xCF, 0x00, 0x0A, // SKSV, C/D = CDB, BPV, bit 7; field pointer byte 10
+        ]
+    );
+    // 16384 blocks is within the limit.
+    let ok = [
+        0x8F, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x00, 0x40, 0x00, 0, 0,
+    ];
+    assert_good(&run(&t, &n, &ok, vec![]).await);
+}
