@@ -122,11 +122,39 @@ pub struct FileDriver {
     alloc_unit: u64,
     /// Cleared once the file system refuses `FALLOC_FL_ZERO_RANGE`.
     zero_range: AtomicBool,
+    /// Set by the first failed `fdatasync` (a flush or a FUA write). Linux reports a writeback
+    /// error to one sync only and may already have dropped the dirty pages, so a later sync
+    /// that succeeds proves nothing: from then on every flush and FUA write fails until the
+    /// image is reopened.
+    sync_failed: AtomicBool,
 }
 
 const ZERO_CHUNK: u64 = 1 << 20;
 
 impl FileDriver {
+    /// Fail when an earlier sync failed (see `sync_failed`).
+    fn check_sync(&self) -> Result<(), BlockError> {
+        if self.sync_failed.load(Ordering::Acquire) {
+            return Err(BlockError::WriteFailed(io::Error::other(
+                "An earlier flush of this image failed; its data may not be on stable storage",
+            )));
+        }
+        Ok(())
+    }
+
+    /// Latch a failed sync. A FUA write that failed for lack of space failed before writeback
+    /// (allocation), so it does not latch; a failed flush always does.
+    fn latch_sync<T>(&self, r: &io::Result<T>, flush: bool) {
+        let Err(e) = r else {
+            return;
+        };
+        if !flush && matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
+            return;
+        }
+        tracing::error!(error = %e, "flush failed; every later flush of this image fails");
+        self.sync_failed.store(true, Ordering::Release);
+    }
+
     /// Open `path`; when it does not exist and `create_size` is given, create a sparse file of
     /// that many bytes. Uses the default [`FileOptions`].
     pub fn open(path: &Path, create_size: Option<u64>) -> Result<Self, BlockError> {
@@ -195,6 +223,7 @@ impl FileDriver {
             punch,
             alloc_unit: std::os::unix::fs::MetadataExt::blksize(&meta),
             zero_range: AtomicBool::new(!block_device),
+            sync_failed: AtomicBool::new(false),
         })
     }
 
@@ -402,7 +431,10 @@ impl Driver for FileDriver {
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), BlockError> {
         self.check(offset, data.len() as u64)
             .map_err(BlockError::WriteFailed)?;
-        match &self.io {
+        if fua {
+            self.check_sync()?;
+        }
+        let r = match &self.io {
             Io::Ring(r) => r.write(offset, data, fua).await,
             Io::Pool => {
                 let file = self.file.clone();
@@ -415,19 +447,24 @@ impl Driver for FileDriver {
                 })
                 .await
             }
+        };
+        if fua {
+            self.latch_sync(&r, false);
         }
-        .map_err(write_error)
+        r.map_err(write_error)
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
-        match &self.io {
+        self.check_sync()?;
+        let r = match &self.io {
             Io::Ring(r) => r.fdatasync().await,
             Io::Pool => {
                 let file = self.file.clone();
                 blocking(move || file.sync_data()).await
             }
-        }
-        .map_err(write_error)
+        };
+        self.latch_sync(&r, true);
+        r.map_err(write_error)
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
@@ -522,5 +559,27 @@ mod tests {
                 mapped: false
             }
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_flush_fails_every_later_flush_and_fua_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = FileDriver::open(&dir.path().join("img"), Some(1 << 20)).expect("open");
+        // A FUA write that ran out of space failed at allocation: nothing is latched.
+        d.latch_sync(
+            &Err::<(), _>(io::Error::from_raw_os_error(libc::ENOSPC)),
+            false,
+        );
+        d.flush().await.expect("flush after ENOSPC on a FUA write");
+        // A flush that failed with EIO: the kernel may have dropped the dirty pages.
+        d.latch_sync(&Err::<(), _>(io::Error::from_raw_os_error(libc::EIO)), true);
+        assert!(matches!(d.flush().await, Err(BlockError::WriteFailed(_))));
+        assert!(matches!(
+            d.write(0, vec![1; 4096], true).await,
+            Err(BlockError::WriteFailed(_))
+        ));
+        // Plain writes still reach the page cache; the next flush reports the loss.
+        d.write(0, vec![1; 4096], false).await.expect("plain write");
+        assert!(matches!(d.flush().await, Err(BlockError::WriteFailed(_))));
     }
 }
