@@ -216,7 +216,8 @@ pub static OPS: &[OpInfo] = &[
         0x41,
         None,
         "WRITE SAME(10)",
-        &[0x41, 0x18, FF, FF, FF, FF, 0x1F, FF, FF, 0],
+        // ANCHOR is not supported (ANC_SUP = 0): left out, so it is refused as invalid.
+        &[0x41, 0x08, FF, FF, FF, FF, 0x1F, FF, FF, 0],
         Out,
         RWrite,
     ),
@@ -224,7 +225,7 @@ pub static OPS: &[OpInfo] = &[
         0x42,
         None,
         "UNMAP",
-        &[0x42, 0x01, 0, 0, 0, 0, 0x1F, FF, FF, 0],
+        &[0x42, 0x00, 0, 0, 0, 0, 0x1F, FF, FF, 0],
         Out,
         RWrite,
     ),
@@ -329,7 +330,7 @@ pub static OPS: &[OpInfo] = &[
         None,
         "WRITE SAME(16)",
         &[
-            0x93, 0x19, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x1F, 0,
+            0x93, 0x09, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x1F, 0,
         ],
         Out,
         RWrite,

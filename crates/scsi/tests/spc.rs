@@ -616,6 +616,104 @@ async fn rsoc_one_command_read10_reports_usage_data() {
     );
 }
 
+/// REPORT SUPPORTED OPERATION CODES, one command (reporting options 001b), on a thin LU.
+async fn usage_data(opcode: u8) -> Vec<u8> {
+    let (t, _) = thin_target(1024, 512);
+    let n = nexus();
+    ready(&t, &n).await;
+    let r = run(&t, &n, &rsoc(1, false, opcode, 0), vec![]).await;
+    assert_good(&r);
+    r.data_in
+}
+
+#[tokio::test]
+async fn rsoc_usage_data_of_the_cluster_commands_follows_sbc4() {
+    // Each CDB USAGE DATA below is the SBC-4 CDB layout with a one in every bit this device
+    // evaluates: LBA and length fields, DPO/FUA, UNMAP/NDOB and GROUP NUMBER; zeros in
+    // reserved bits, WRPROTECT (no protection information) and ANCHOR (ANC_SUP = 0).
+    assert_eq!(
+        usage_data(0x89).await,
+        vec![
+            0, 0x03, 0, 16,   // SUPPORT 011b, CDB SIZE 16
+            0x89, // COMPARE AND WRITE (SBC-4 5.3)
+            0x18, // WRPROTECT 000b, DPO, FUA
+            0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, // LOGICAL BLOCK ADDRESS
+            0x00, 0x00, 0x00, // reserved
+            0xFF, // NUMBER OF LOGICAL BLOCKS
+            0x1F, // GROUP NUMBER
+            0x00, // CONTROL
+        ]
+    );
+    assert_eq!(
+        usage_data(0x93).await,
+        vec![
+            0, 0x03, 0, 16,   // SUPPORT 011b, CDB SIZE 16
+            0x93, // WRITE SAME(16) (SBC-4 5.50)
+            0x09, // WRPROTECT 000b, ANCHOR 0, UNMAP, NDOB
+            0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, // LOGICAL BLOCK ADDRESS
+            0xFF, 0xFF, 0xFF, 0xFF, // NUMBER OF LOGICAL BLOCKS
+            0x1F, // GROUP NUMBER
+            0x00, // CONTROL
+        ]
+    );
+    assert_eq!(
+        usage_data(0x41).await,
+        vec![
+            0, 0x03, 0, 10,   // SUPPORT 011b, CDB SIZE 10
+            0x41, // WRITE SAME(10) (SBC-4 5.49)
+            0x08, // WRPROTECT 000b, ANCHOR 0, UNMAP
+            0xFF, 0xFF, 0xFF, 0xFF, // LOGICAL BLOCK ADDRESS
+            0x1F, // GROUP NUMBER
+            0xFF, 0xFF, // NUMBER OF LOGICAL BLOCKS
+            0x00, // CONTROL
+        ]
+    );
+    assert_eq!(
+        usage_data(0x42).await,
+        vec![
+            0, 0x03, 0, 10,   // SUPPORT 011b, CDB SIZE 10
+            0x42, // UNMAP (SBC-4 5.32)
+            0x00, // ANCHOR 0
+            0x00, 0x00, 0x00, 0x00, // reserved
+            0x1F, // GROUP NUMBER
+            0xFF, 0xFF, // PARAMETER LIST LENGTH
+            0x00, // CONTROL
+        ]
+    );
+    assert_eq!(
+        usage_data(0x91).await,
+        vec![
+            0, 0x03, 0, 16,   // SUPPORT 011b, CDB SIZE 16
+            0x91, // SYNCHRONIZE CACHE(16) (SBC-4 5.27)
+            0x02, // IMMED
+            0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, // LOGICAL BLOCK ADDRESS
+            0xFF, 0xFF, 0xFF, 0xFF, // NUMBER OF LOGICAL BLOCKS
+            0x1F, // GROUP NUMBER
+            0x00, // CONTROL
+        ]
+    );
+}
+
+#[tokio::test]
+async fn write_same16_with_anchor_is_invalid_field_pointing_at_the_anchor_bit() {
+    let (t, _) = thin_target(1024, 512);
+    let n = nexus();
+    ready(&t, &n).await;
+    // WRITE SAME(16) with ANCHOR (byte 1 bit 4) and UNMAP, LBA 0, 1 block.
+    let cdb = [0x93, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0];
+    let r = run(&t, &n, &cdb, vec![0; 512]).await;
+    assert_eq!(
+        &r.sense[..18],
+        &[
+            0x70, 0, 0x05, // current, fixed format; ILLEGAL REQUEST
+            0, 0, 0, 0, 10, 0, 0, 0, 0, // INFORMATION, ADDITIONAL SENSE LENGTH 10
+            0x24, 0x00, // INVALID FIELD IN CDB
+            0,    // FRU
+            0xCC, 0x00, 0x01, // SKSV, C/D = CDB, BPV, bit 4; field pointer byte 1
+        ]
+    );
+}
+
 #[tokio::test]
 async fn rsoc_one_command_with_rctd_appends_timeouts() {
     let (t, n) = ready_mem(64, 512).await;

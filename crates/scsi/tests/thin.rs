@@ -160,7 +160,8 @@ async fn unmap_listed_in_rsoc_on_thin_lu() {
     .await;
     assert_eq!(
         r.data_in,
-        vec![0, 0x03, 0, 10, 0x42, 0x01, 0, 0, 0, 0, 0x1F, 0xFF, 0xFF, 0x00]
+        // SUPPORT 011b, CDB SIZE 10; UNMAP with ANCHOR (byte 1 bit 0) not supported.
+        vec![0, 0x03, 0, 10, 0x42, 0x00, 0, 0, 0, 0, 0x1F, 0xFF, 0xFF, 0x00]
     );
 }
 
