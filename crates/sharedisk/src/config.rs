@@ -476,6 +476,24 @@ mod tests {
     }
 
     #[test]
+    fn readme_shows_the_example_config() {
+        let readme = include_str!("../../../README.md");
+        let example = include_str!("../sharedisk.example.toml");
+        let body: String = example
+            .lines()
+            .skip_while(|l| {
+                l.starts_with("# sharedisk configuration") || l.starts_with("# Relative")
+            })
+            .skip(1)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(
+            readme.contains(&body),
+            "README.md and sharedisk.example.toml differ"
+        );
+    }
+
+    #[test]
     fn minimal_target_gets_defaults() {
         let p = plan(
             r#"
