@@ -52,7 +52,7 @@ struct ServeArgs {
     /// Logical block size in bytes: 512 or 4096.
     #[arg(long, default_value_t = 512)]
     block_size: u32,
-    /// Target name [default: iqn.2026-01.io.sharedisk:<image name>].
+    /// Target name [default: iqn.2026-01.io.sharedisk:IMAGE, IMAGE being the file name].
     #[arg(long)]
     name: Option<String>,
     /// Admit only this initiator name (repeat for several). Needed, or CHAP, outside loopback.
