@@ -44,10 +44,10 @@ step "cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 
 step "cargo test (debug)"
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast
 
 step "cargo test (release)"
-cargo test --workspace --release --locked
+cargo test --workspace --release --locked --no-fail-fast
 
 step "Fuzz targets build"
 scripts/fuzz-build.sh
