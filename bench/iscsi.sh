@@ -63,8 +63,15 @@ cleanup() {
         wait "$server" 2>/dev/null || true
     fi
     if [[ -n $tgt_pid ]]; then
+        # tgtd ignores SIGTERM; it stops when told to, once it has no target.
+        tgtadm -C "$tgt_ctl" --lld iscsi --op delete --mode target --tid 1 --force \
+            >/dev/null 2>&1 || true
         tgtadm -C "$tgt_ctl" --op delete --mode system >/dev/null 2>&1 || true
-        kill -TERM "$tgt_pid" 2>/dev/null || true
+        for _ in $(seq 50); do
+            kill -0 "$tgt_pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$tgt_pid" 2>/dev/null || true
         wait "$tgt_pid" 2>/dev/null || true
     fi
     rm -rf "$work"
@@ -152,6 +159,10 @@ wait "$server" || true
 server=""
 
 echo "bench: tgt"
+if tgtadm -C "$tgt_ctl" --op show --mode system >/dev/null 2>&1; then
+    echo "bench: another tgtd already uses control port $tgt_ctl" >&2
+    exit 1
+fi
 tgtd -f -C "$tgt_ctl" --iscsi portal="127.0.0.1:$tgt_port" >"$out/tgtd.log" 2>&1 &
 tgt_pid=$!
 for _ in $(seq 100); do
