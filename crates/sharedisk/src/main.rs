@@ -1,11 +1,26 @@
-//! The sharedisk daemon.
+//! The sharedisk daemon: `sharedisk serve`.
+//!
+//! Two ways to say what to serve, both turned into one validated [`config::Plan`]:
+//! - the quick start, `sharedisk serve --file PATH [--size SIZE] [--listen ADDR:PORT]`: one
+//!   image as LUN 0 of one target;
+//! - `sharedisk serve --config FILE`: a TOML file with several targets, LUs, portals, ACLs and
+//!   CHAP secrets (see `sharedisk.example.toml`).
+//!
+//! When every portal is bound the daemon prints each LU's URL (`iscsi://ADDR:PORT/IQN/LUN`) on
+//! stdout, then one line on how to reach it. Logs go to stderr (`RUST_LOG`, default `info`).
+
+mod config;
+mod identity;
+mod serve;
+mod size;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+
+use config::{FileConfig, LuPlan, Plan, TargetPlan, DEFAULT_IQN_PREFIX};
 
 #[derive(Parser)]
 #[command(name = "sharedisk", version, about = "A shared-disk SCSI target")]
@@ -16,73 +31,265 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Serve one file as LUN 0 of one iSCSI target.
-    Serve {
-        /// The image file; created sparse with --size when missing.
-        #[arg(long)]
-        file: PathBuf,
-        /// Size of a new image, e.g. 1G.
-        #[arg(long)]
-        size: Option<String>,
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:3260")]
-        listen: SocketAddr,
-    },
+    /// Serve one image as LUN 0 of one iSCSI target, or what a config file says.
+    Serve(ServeArgs),
 }
 
-fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&s[..i], 1u64 << 10),
-        Some((i, 'M' | 'm')) => (&s[..i], 1 << 20),
-        Some((i, 'G' | 'g')) => (&s[..i], 1 << 30),
-        Some((i, 'T' | 't')) => (&s[..i], 1 << 40),
-        _ => (s, 1),
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// A TOML config file (several targets, LUs, portals, ACLs, CHAP).
+    #[arg(long, conflicts_with_all = ["file", "size", "listen", "block_size", "name", "allow_initiator", "chap_user"])]
+    config: Option<PathBuf>,
+    /// The image file; created sparse with --size when it does not exist.
+    #[arg(long, required_unless_present = "config")]
+    file: Option<PathBuf>,
+    /// Size of a new image, e.g. 1G (binary units: K, M, G, T).
+    #[arg(long)]
+    size: Option<String>,
+    /// Address to listen on [default: 127.0.0.1:3260].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Logical block size in bytes: 512 or 4096.
+    #[arg(long, default_value_t = 512)]
+    block_size: u32,
+    /// Target name [default: iqn.2026-01.io.sharedisk:IMAGE, IMAGE being the file name].
+    #[arg(long)]
+    name: Option<String>,
+    /// Admit only this initiator name (repeat for several). Needed, or CHAP, outside loopback.
+    #[arg(long = "allow-initiator", value_name = "IQN")]
+    allow_initiator: Vec<String>,
+    /// Require CHAP as this user; the secret is read from SHAREDISK_CHAP_SECRET.
+    #[arg(long)]
+    chap_user: Option<String>,
+}
+
+/// A target name made from an image's file name: lower-case letters, digits and '-'.
+fn default_target_name(file: &Path) -> String {
+    let stem = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    let mut name: String = stem
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    name = name.trim_matches('-').to_string();
+    if name.is_empty() {
+        name = "disk".into();
+    }
+    format!("{DEFAULT_IQN_PREFIX}{name}")
+}
+
+fn quick_start_plan(args: ServeArgs) -> anyhow::Result<Plan> {
+    let file = args.file.context("--file or --config is required")?;
+    let size = args
+        .size
+        .as_deref()
+        .map(size::parse_size)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    if !file.exists() && size.is_none() {
+        anyhow::bail!(
+            "Image {} does not exist; add --size (e.g. --size 1G) to create it",
+            file.display()
+        );
+    }
+    let chap = match args.chap_user {
+        None => None,
+        Some(user) => Some(iscsi::ChapSecret {
+            user,
+            secret: std::env::var("SHAREDISK_CHAP_SECRET")
+                .context("--chap-user needs the secret in SHAREDISK_CHAP_SECRET")?,
+        }),
     };
-    let n: u64 = num.parse().with_context(|| format!("Bad size {s:?}"))?;
-    n.checked_mul(mult).context("Size overflows")
+    let plan = Plan {
+        discovery_auth: iscsi::Auth::default(),
+        targets: vec![TargetPlan {
+            name: args.name.unwrap_or_else(|| default_target_name(&file)),
+            alias: None,
+            portals: vec![match args.listen {
+                Some(a) => a,
+                None => config::DEFAULT_LISTEN.parse().context("Default portal")?,
+            }],
+            allowed_initiators: (!args.allow_initiator.is_empty()).then_some(args.allow_initiator),
+            auth: iscsi::Auth { chap, mutual: None },
+            tpgt: 1,
+            lus: vec![LuPlan {
+                lun: 0,
+                file,
+                size,
+                block_size: args.block_size,
+                serial: None,
+                id: None,
+            }],
+        }],
+    };
+    plan.validate()?;
+    Ok(plan)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn plan(args: ServeArgs) -> anyhow::Result<Plan> {
+    match args.config.clone() {
+        Some(path) => {
+            let base = path
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
+            FileConfig::load(&path)?
+                .into_plan(&base)
+                .with_context(|| format!("Bad config file {}", path.display()))
+        }
+        None => quick_start_plan(args),
+    }
+}
+
+/// The line after the URLs: how to reach the first LU with the usual clients.
+fn how_to_reach(urls: &[String]) -> String {
+    let Some(url) = urls.first() else {
+        return "No logical unit is served".into();
+    };
+    let rest = url.trim_start_matches("iscsi://");
+    let portal = rest.split('/').next().unwrap_or(rest);
+    let target = rest.split('/').nth(1).unwrap_or("");
+    format!(
+        "Reach it with: iscsi-ls -s iscsi://{portal}/ | iscsi-test-cu --dataloss {url} | \
+         iscsiadm -m discovery -t st -p {portal} && iscsiadm -m node -T {target} -p {portal} --login"
+    )
+}
+
+fn main() -> std::process::ExitCode {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
         .init();
     let cli = Cli::parse();
-    match cli.command {
-        Cmd::Serve { file, size, listen } => {
-            let size = size.as_deref().map(parse_size).transpose()?;
-            let driver = block::driver::file::FileDriver::open(&file, size)
-                .with_context(|| format!("Cannot open {}", file.display()))?;
-            let backend = block::Backend::new(Arc::new(driver), 512)?;
-            let lu = scsi::LogicalUnit::new(
-                backend,
-                scsi::LuConfig {
-                    vendor: "SHAREDSK".into(),
-                    product: "sharedisk".into(),
-                    revision: "0001".into(),
-                    serial: "0".into(),
-                    id: 0,
-                },
-            );
-            let mut target = scsi::Target::new();
-            target.add_lu(0, Arc::new(lu));
-            let name = "iqn.2026-01.io.sharedisk:disk0".to_string();
-            let server = iscsi::Server::new(iscsi::ServerConfig {
-                targets: vec![iscsi::TargetConfig {
-                    name: name.clone(),
-                    alias: None,
-                    scsi: Arc::new(target),
-                    allowed_initiators: None,
-                    auth: iscsi::Auth::default(),
-                    tpgt: 1,
-                }],
-                discovery_auth: iscsi::Auth::default(),
-                portals: vec![listen],
-            });
-            let listener = tokio::net::TcpListener::bind(listen).await?;
-            println!("iscsi://{listen}/{name}/0");
-            server.serve(listener).await?;
+    let result = match cli.command {
+        Cmd::Serve(args) => plan(args).and_then(|plan| {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("Cannot start the async runtime")?
+                .block_on(serve::run(plan, how_to_reach))
+        }),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sharedisk: error: {e:#}");
+            std::process::ExitCode::FAILURE
         }
     }
-    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> ServeArgs {
+        let mut argv = vec!["sharedisk", "serve"];
+        argv.extend_from_slice(list);
+        match Cli::try_parse_from(argv).expect("parses").command {
+            Cmd::Serve(a) => a,
+        }
+    }
+
+    #[test]
+    fn target_name_comes_from_the_image_name() {
+        assert_eq!(
+            default_target_name(Path::new("/srv/My Disk_1.img")),
+            "iqn.2026-01.io.sharedisk:my-disk-1"
+        );
+        assert_eq!(
+            default_target_name(Path::new("disk.img")),
+            "iqn.2026-01.io.sharedisk:disk"
+        );
+        config::check_iscsi_name(&default_target_name(Path::new("/srv/x y.raw")))
+            .expect("valid name");
+    }
+
+    #[test]
+    fn quick_start_defaults_to_loopback_and_admits_any_initiator() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("disk.img");
+        let p = quick_start_plan(args(&[
+            "--file",
+            file.to_str().expect("utf-8"),
+            "--size",
+            "1G",
+        ]))
+        .expect("valid");
+        let t = &p.targets[0];
+        assert_eq!(t.portals, vec!["127.0.0.1:3260".parse().expect("addr")]);
+        assert_eq!(t.allowed_initiators, None);
+        assert_eq!(t.lus[0].size, Some(1 << 30));
+        assert_eq!(t.lus[0].lun, 0);
+    }
+
+    #[test]
+    fn quick_start_refuses_a_missing_image_without_size() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("disk.img");
+        let e = quick_start_plan(args(&["--file", file.to_str().expect("utf-8")]))
+            .expect_err("no size");
+        assert!(format!("{e:#}").contains("add --size"), "{e:#}");
+    }
+
+    #[test]
+    fn quick_start_outside_loopback_needs_an_acl() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("disk.img");
+        let f = file.to_str().expect("utf-8");
+        let e = quick_start_plan(args(&[
+            "--file",
+            f,
+            "--size",
+            "1M",
+            "--listen",
+            "0.0.0.0:3260",
+        ]))
+        .expect_err("open to the network");
+        assert!(format!("{e:#}").contains("--allow-initiator"), "{e:#}");
+        quick_start_plan(args(&[
+            "--file",
+            f,
+            "--size",
+            "1M",
+            "--listen",
+            "0.0.0.0:3260",
+            "--allow-initiator",
+            "iqn.1993-08.org.debian:01:node1",
+        ]))
+        .expect("an ACL is enough");
+    }
+
+    #[test]
+    fn config_conflicts_with_quick_start_options() {
+        let argv = [
+            "sharedisk",
+            "serve",
+            "--config",
+            "a.toml",
+            "--file",
+            "b.img",
+        ];
+        assert!(Cli::try_parse_from(argv).is_err());
+    }
+
+    #[test]
+    fn hint_names_the_portal_and_target() {
+        let line = how_to_reach(&["iscsi://127.0.0.1:3260/iqn.2026-01.io.sharedisk:disk/0".into()]);
+        assert!(
+            line.contains("iscsi-ls -s iscsi://127.0.0.1:3260/"),
+            "{line}"
+        );
+        assert!(
+            line.contains("-T iqn.2026-01.io.sharedisk:disk -p 127.0.0.1:3260"),
+            "{line}"
+        );
+    }
 }

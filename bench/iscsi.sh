@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# sharedisk against tgt, side by side on this machine, with neutral clients; fio on the image
+# file itself is the ceiling.
+#
+#   bench/iscsi.sh            # about 15 s per row; BENCH_SECONDS=20 for longer rows
+#
+# Rows (4 KiB I/O):
+#   iscsi-perf   random reads, 32 in flight              (libiscsi-bin)
+#   qemu-img     reads and writes, 1 and 32 in flight    (qemu-img bench over iscsi://,
+#                                                         QEMU's own iSCSI client)
+# Each row runs against sharedisk, then tgt (tgtd, file-backed LUN on the same image), then
+# fio straight on the file with the same pattern (io_uring; buffered unless FIO_DIRECT=1).
+# Everything listens on 127.0.0.1 only, one server at a time, and is stopped on exit.
+# Prints a table of IOPS with the ratios sharedisk/tgt and sharedisk/fio; the raw output is
+# kept in out/bench/. Needs root to install packages when they are missing. Not part of
+# scripts/test.sh.
+#
+# QEMU's iSCSI driver is in qemu-block-extra, which Debian 12 ships only for its own QEMU 7.2:
+# when the installed qemu-img is a newer one without that driver, this installs qemu-utils 7.2
+# from bookworm with it (a downgrade of qemu-img).
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+secs=${BENCH_SECONDS:-15}
+size_mib=${BENCH_SIZE_MIB:-1024}
+fio_direct=${FIO_DIRECT:-0}
+out=$root/out/bench
+iqn_tgt=iqn.2026-01.io.sharedisk:bench-tgt
+tgt_port=3270
+tgt_ctl=17
+
+need_install=()
+command -v iscsi-perf >/dev/null || need_install+=(libiscsi-bin)
+command -v tgtd >/dev/null || need_install+=(tgt)
+command -v fio >/dev/null || need_install+=(fio)
+qemu_iscsi() {
+    ls /usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so >/dev/null 2>&1 &&
+        qemu-img --version 2>/dev/null | grep -q "version 7\.2"
+}
+qemu_iscsi || need_install+=(qemu-utils/bookworm qemu-block-extra/bookworm)
+if ((${#need_install[@]})); then
+    echo "bench: installing ${need_install[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --allow-downgrades --no-install-recommends "${need_install[@]}"
+fi
+qemu_iscsi || {
+    echo "bench: qemu-img has no iSCSI driver" >&2
+    exit 1
+}
+
+cargo build --release --locked -p sharedisk --manifest-path "$root/Cargo.toml"
+bin=${CARGO_TARGET_DIR:-$root/target}/release/sharedisk
+
+mkdir -p "$out"
+work=$(mktemp -d /var/tmp/sharedisk-bench.XXXXXX)
+image=$work/disk.img
+server=""
+tgt_pid=""
+cleanup() {
+    if [[ -n $server ]]; then
+        kill -TERM "$server" 2>/dev/null || true
+        wait "$server" 2>/dev/null || true
+    fi
+    if [[ -n $tgt_pid ]]; then
+        # tgtd ignores SIGTERM; it stops when told to, once it has no target.
+        tgtadm -C "$tgt_ctl" --lld iscsi --op delete --mode target --tid 1 --force \
+            >/dev/null 2>&1 || true
+        tgtadm -C "$tgt_ctl" --op delete --mode system >/dev/null 2>&1 || true
+        for _ in $(seq 50); do
+            kill -0 "$tgt_pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -KILL "$tgt_pid" 2>/dev/null || true
+        wait "$tgt_pid" 2>/dev/null || true
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Real data everywhere, so no row reads holes.
+fio --name=fill --filename="$image" --rw=write --bs=1M --size="${size_mib}M" \
+    --ioengine=psync --end_fsync=1 >"$out/fill.log"
+
+# Results: results[ROW,SERVER] = IOPS.
+declare -A results
+rows=(perf-randread-qd32 qemu-read-qd1 qemu-read-qd32 qemu-write-qd1 qemu-write-qd32)
+
+# iscsi-perf prints "iops average N" when its time is up.
+run_perf() { # NAME URL
+    local log=$out/$1-perf-randread-qd32.log
+    timeout $((secs + 30)) iscsi-perf -t "$secs" -m 32 -b 8 -r "$2" >"$log" 2>&1 || true
+    results[perf-randread-qd32,$1]=$(tr '\r' '\n' <"$log" | sed -n 's/^iops average \([0-9]*\).*/\1/p' |
+        tail -n 1)
+}
+
+# qemu-img bench runs a count of requests; a short first run sizes the count for ~secs seconds
+# (sequential 4 KiB, at most the whole image).
+qemu_bench() { # COUNT DEPTH RW URL LOG -> seconds
+    local flag=()
+    [[ $3 == write ]] && flag=(-w)
+    timeout 120 qemu-img bench -f raw -c "$1" -d "$2" -s 4096 "${flag[@]}" "$4" >"$5" 2>&1 || true
+    sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' "$5"
+}
+run_qemu() { # NAME URL
+    local rw depth log t count max=$((size_mib * 256))
+    for rw in read write; do
+        for depth in 1 32; do
+            log=$out/$1-qemu-$rw-qd$depth.log
+            t=$(qemu_bench 2000 "$depth" "$rw" "$2" "$log")
+            [[ -n $t ]] || continue
+            count=$(awk -v t="$t" -v s="$secs" -v m="$max" \
+                'BEGIN { c = int(2000 / (t > 0 ? t : 0.001) * s); print (c > m ? m : c) }')
+            t=$(qemu_bench "$count" "$depth" "$rw" "$2" "$log")
+            [[ -n $t ]] || continue
+            results[qemu-$rw-qd$depth,$1]=$(awk -v c="$count" -v t="$t" 'BEGIN { printf "%d", c / t }')
+        done
+    done
+}
+
+run_fio() {
+    local row rw depth
+    for row in "${rows[@]}"; do
+        case $row in
+            perf-randread-qd32) rw=randread depth=32 ;;
+            qemu-*) rw=${row#qemu-} depth=${rw#*-qd} rw=${rw%-qd*} ;;
+        esac
+        fio --name="$row" --filename="$image" --rw="$rw" --bs=4k --iodepth="$depth" \
+            --ioengine=io_uring --direct="$fio_direct" --size="${size_mib}M" --time_based \
+            --runtime="$secs" --output-format=json >"$out/fio-$row.json"
+        results[$row,fio]=$(python3 -c '
+import json, sys
+job = json.load(open(sys.argv[1]))["jobs"][0]
+print(int(job["read"]["iops"] + job["write"]["iops"]))' "$out/fio-$row.json")
+    done
+}
+
+echo "bench: fio on the file"
+run_fio
+
+echo "bench: sharedisk"
+"$bin" serve --file "$image" --listen 127.0.0.1:0 >"$work/url" 2>"$out/sharedisk.log" &
+server=$!
+url=""
+for _ in $(seq 300); do
+    url=$(head -n 1 "$work/url")
+    [[ $url == iscsi://* ]] && break
+    kill -0 "$server" 2>/dev/null || break
+    sleep 0.1
+done
+[[ $url == iscsi://* ]] || {
+    echo "bench: sharedisk did not start; see $out/sharedisk.log" >&2
+    exit 1
+}
+run_perf sharedisk "$url"
+run_qemu sharedisk "$url"
+kill -TERM "$server" 2>/dev/null || true
+wait "$server" || true
+server=""
+
+echo "bench: tgt"
+if tgtadm -C "$tgt_ctl" --op show --mode system >/dev/null 2>&1; then
+    echo "bench: another tgtd already uses control port $tgt_ctl" >&2
+    exit 1
+fi
+tgtd -f -C "$tgt_ctl" --iscsi portal="127.0.0.1:$tgt_port" >"$out/tgtd.log" 2>&1 &
+tgt_pid=$!
+for _ in $(seq 100); do
+    tgtadm -C "$tgt_ctl" --op show --mode system >/dev/null 2>&1 && break
+    sleep 0.1
+done
+tgtadm -C "$tgt_ctl" --lld iscsi --op new --mode target --tid 1 -T "$iqn_tgt"
+tgtadm -C "$tgt_ctl" --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$image"
+tgtadm -C "$tgt_ctl" --lld iscsi --op bind --mode target --tid 1 -I ALL
+tgt_url=iscsi://127.0.0.1:$tgt_port/$iqn_tgt/1
+run_perf tgt "$tgt_url"
+run_qemu tgt "$tgt_url"
+
+ratio() {
+    if [[ -n $1 && -n $2 && $2 != 0 ]]; then
+        awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'
+    else
+        echo "-"
+    fi
+}
+{
+    echo "sharedisk vs tgt vs fio on the file: 4 KiB I/O, ${secs} s per row, ${size_mib} MiB image," \
+        "fio direct=$fio_direct, $(nproc) cores"
+    printf '%-22s %10s %10s %10s %9s %9s\n' row sharedisk tgt fio sd/tgt sd/fio
+    for row in "${rows[@]}"; do
+        sd=${results[$row,sharedisk]:-}
+        tg=${results[$row,tgt]:-}
+        fi=${results[$row,fio]:-}
+        printf '%-22s %10s %10s %10s %9s %9s\n' "$row" "${sd:--}" "${tg:--}" "${fi:--}" \
+            "$(ratio "$sd" "$tg")" "$(ratio "$sd" "$fi")"
+    done
+} | tee "$out/table.txt"

@@ -1,0 +1,809 @@
+//! What the daemon serves: the config file schema, the quick-start command line, and the
+//! validated [`Plan`] both turn into.
+//!
+//! Validation happens before anything is opened or bound, so a bad deployment fails with one
+//! clear message and leaves nothing behind. The rules:
+//! - target and initiator names are iSCSI names (RFC 7143 4.2.7.1: `iqn.`, `eui.`, `naa.`);
+//! - target names are unique, LUNs are unique within a target, images are unique overall;
+//! - a logical block is 512 or 4096 bytes, and a new image's size is a whole number of blocks;
+//! - an image that does not exist needs a size to be created with;
+//! - a target with a portal outside the loopback network must have an initiator ACL or CHAP,
+//!   so a fresh deployment never exposes a disk to anyone who can reach the port;
+//! - CHAP secrets are at least 12 bytes (RFC 7143 12.1.3 asks for 96 bits), and mutual CHAP
+//!   needs one-way CHAP and a different secret.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+use crate::size::parse_size;
+
+/// The default portal: loopback, the IANA iSCSI port.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3260";
+/// The prefix of target names the daemon makes up for the quick start.
+pub const DEFAULT_IQN_PREFIX: &str = "iqn.2026-01.io.sharedisk:";
+
+/// The config file (TOML).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Authentication for discovery (SendTargets) sessions.
+    #[serde(default)]
+    pub discovery_auth: AuthConfig,
+    /// The targets, at least one.
+    #[serde(default, rename = "target")]
+    pub targets: Vec<TargetConfig>,
+}
+
+/// One `[[target]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub name: String,
+    pub alias: Option<String>,
+    /// Addresses to listen on; `["127.0.0.1:3260"]` when absent.
+    pub portals: Option<Vec<String>>,
+    /// Initiator names allowed to log in; any initiator when absent.
+    pub allowed_initiators: Option<Vec<String>>,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    /// Target portal group tag; 1 when absent.
+    pub tpgt: Option<u16>,
+    #[serde(default, rename = "lu")]
+    pub lus: Vec<LuConfig>,
+}
+
+/// CHAP settings of a target or of discovery.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// The initiator must authenticate as this user with this secret.
+    pub chap: Option<ChapConfig>,
+    /// The target authenticates itself to the initiator with these (mutual CHAP).
+    pub mutual: Option<ChapConfig>,
+}
+
+/// One CHAP identity.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChapConfig {
+    pub user: String,
+    pub secret: String,
+}
+
+/// One `[[target.lu]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LuConfig {
+    pub lun: u64,
+    pub file: PathBuf,
+    /// Size of the image to create when the file does not exist (`"10G"` or a number of bytes).
+    pub size: Option<SizeValue>,
+    /// 512 (default) or 4096.
+    pub block_size: Option<u32>,
+    /// Unit serial number (VPD 0x80); derived when absent.
+    pub serial: Option<String>,
+    /// The 64-bit value behind the NAA identifier (VPD 0x83); derived when absent.
+    pub id: Option<IdValue>,
+}
+
+/// A size: bytes as a number, or a string with a suffix.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+/// An identifier: a number, or a string in hex (`"0x..."`) or decimal.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum IdValue {
+    Number(u64),
+    Text(String),
+}
+
+/// What to serve, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub discovery_auth: iscsi::Auth,
+    pub targets: Vec<TargetPlan>,
+}
+
+/// One target, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetPlan {
+    pub name: String,
+    pub alias: Option<String>,
+    pub portals: Vec<SocketAddr>,
+    pub allowed_initiators: Option<Vec<String>>,
+    pub auth: iscsi::Auth,
+    pub tpgt: u16,
+    pub lus: Vec<LuPlan>,
+}
+
+/// One logical unit, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LuPlan {
+    pub lun: u64,
+    pub file: PathBuf,
+    /// Size to create the image with when it does not exist.
+    pub size: Option<u64>,
+    pub block_size: u32,
+    pub serial: Option<String>,
+    pub id: Option<u64>,
+}
+
+impl FileConfig {
+    /// Parse a config file's text.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Read and parse a config file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("Cannot read config file {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("Bad config file {}", path.display()))
+    }
+
+    /// Turn into a plan; relative image paths are taken from `base` (the config file's folder).
+    pub fn into_plan(self, base: &Path) -> anyhow::Result<Plan> {
+        let mut targets = Vec::new();
+        for t in self.targets {
+            let what = format!("Target {}", t.name);
+            let portals = match t.portals {
+                None => vec![DEFAULT_LISTEN.parse().context("Default portal")?],
+                Some(list) => list
+                    .iter()
+                    .map(|p| {
+                        p.parse::<SocketAddr>()
+                            .with_context(|| format!("{what}: portal {p:?} is not an ADDRESS:PORT"))
+                    })
+                    .collect::<anyhow::Result<_>>()?,
+            };
+            let mut lus = Vec::new();
+            for lu in t.lus {
+                let lu_what = format!("{what}, LUN {}", lu.lun);
+                let size = match lu.size {
+                    None => None,
+                    Some(SizeValue::Bytes(n)) => Some(n),
+                    Some(SizeValue::Text(s)) => Some(
+                        parse_size(&s)
+                            .map_err(anyhow::Error::msg)
+                            .context(lu_what.clone())?,
+                    ),
+                };
+                let id = match lu.id {
+                    None => None,
+                    Some(IdValue::Number(n)) => Some(n),
+                    Some(IdValue::Text(s)) => Some(parse_id(&s).context(lu_what.clone())?),
+                };
+                lus.push(LuPlan {
+                    lun: lu.lun,
+                    file: base.join(&lu.file),
+                    size,
+                    block_size: lu.block_size.unwrap_or(512),
+                    serial: lu.serial,
+                    id,
+                });
+            }
+            targets.push(TargetPlan {
+                name: t.name,
+                alias: t.alias,
+                portals,
+                allowed_initiators: t.allowed_initiators,
+                auth: t.auth.into_auth(),
+                tpgt: t.tpgt.unwrap_or(1),
+                lus,
+            });
+        }
+        let plan = Plan {
+            discovery_auth: self.discovery_auth.into_auth(),
+            targets,
+        };
+        plan.validate()?;
+        Ok(plan)
+    }
+}
+
+impl AuthConfig {
+    fn into_auth(self) -> iscsi::Auth {
+        let secret = |c: ChapConfig| iscsi::ChapSecret {
+            user: c.user,
+            secret: c.secret,
+        };
+        iscsi::Auth {
+            chap: self.chap.map(secret),
+            mutual: self.mutual.map(secret),
+        }
+    }
+}
+
+fn parse_id(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => t.parse(),
+    };
+    parsed.with_context(|| format!("id {s:?} is not a 64-bit number (decimal or 0x hex)"))
+}
+
+/// Check an iSCSI name (RFC 7143 4.2.7.1, RFC 3720 3.2.6.3): `iqn.YYYY-MM.reversed.domain[:x]`,
+/// `eui.` + 16 hex digits, or `naa.` + 16 or 32 hex digits; at most 223 bytes, made of lower-case
+/// letters, digits, `-`, `.` and `:`.
+pub fn check_iscsi_name(name: &str) -> Result<(), String> {
+    let bad = |why: &str| Err(format!("{name:?} is not a valid iSCSI name: {why}"));
+    if name.is_empty() || name.len() > 223 {
+        return bad("it must be 1 to 223 bytes long");
+    }
+    if let Some(hex) = name.strip_prefix("eui.") {
+        if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return bad("eui. must be followed by 16 hex digits");
+        }
+        return Ok(());
+    }
+    if let Some(hex) = name.strip_prefix("naa.") {
+        if !(hex.len() == 16 || hex.len() == 32) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return bad("naa. must be followed by 16 or 32 hex digits");
+        }
+        return Ok(());
+    }
+    let Some(rest) = name.strip_prefix("iqn.") else {
+        return bad("it must start with iqn., eui. or naa.");
+    };
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b':'))
+    {
+        return bad("only lower-case letters, digits, '-', '.' and ':' are allowed");
+    }
+    let date = rest.get(..7).unwrap_or("");
+    let db = date.as_bytes();
+    let date_ok = db.len() == 7
+        && db[..4].iter().all(u8::is_ascii_digit)
+        && db[4] == b'-'
+        && db[5..].iter().all(u8::is_ascii_digit)
+        && matches!(
+            &date[5..],
+            "01" | "02" | "03" | "04" | "05" | "06" | "07" | "08" | "09" | "10" | "11" | "12"
+        );
+    if !date_ok {
+        return bad("iqn. must be followed by a date YYYY-MM");
+    }
+    let authority = rest[7..].strip_prefix('.').unwrap_or("");
+    let domain = authority.split(':').next().unwrap_or("");
+    if domain.is_empty() || domain.split('.').any(str::is_empty) {
+        return bad("iqn.YYYY-MM. must be followed by a reversed domain name");
+    }
+    Ok(())
+}
+
+fn check_chap(what: &str, c: &iscsi::ChapSecret) -> anyhow::Result<()> {
+    if c.user.is_empty() {
+        bail!("{what}: the CHAP user name is empty");
+    }
+    if c.secret.len() < 12 {
+        bail!(
+            "{what}: the CHAP secret of {:?} is shorter than 12 bytes",
+            c.user
+        );
+    }
+    if c.secret.len() > 255 {
+        bail!(
+            "{what}: the CHAP secret of {:?} is longer than 255 bytes",
+            c.user
+        );
+    }
+    Ok(())
+}
+
+fn check_auth(what: &str, auth: &iscsi::Auth) -> anyhow::Result<()> {
+    if let Some(c) = &auth.chap {
+        check_chap(what, c)?;
+    }
+    if let Some(m) = &auth.mutual {
+        let Some(c) = &auth.chap else {
+            bail!("{what}: mutual CHAP needs one-way CHAP too (set auth.chap)");
+        };
+        check_chap(what, m)?;
+        if m.secret == c.secret {
+            bail!("{what}: the mutual CHAP secret must differ from the initiator's secret");
+        }
+    }
+    Ok(())
+}
+
+/// The path an image will have once it exists: canonical when it does, its canonical folder
+/// plus its name when it does not.
+pub fn canonical_image_path(path: &Path) -> std::io::Result<PathBuf> {
+    if path.exists() {
+        return path.canonicalize();
+    }
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("The path has no file name"))?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.canonicalize()?,
+        _ => std::env::current_dir()?,
+    };
+    Ok(parent.join(name))
+}
+
+impl TargetPlan {
+    /// Whether every portal is on the loopback network.
+    pub fn loopback_only(&self) -> bool {
+        self.portals.iter().all(|p| p.ip().is_loopback())
+    }
+}
+
+impl Plan {
+    /// Check every rule in the module docs. Touches the file system only to see whether images
+    /// exist.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.targets.is_empty() {
+            bail!("No target is configured (add a [[target]] with at least one [[target.lu]])");
+        }
+        check_auth("Discovery", &self.discovery_auth)?;
+        let mut names = HashSet::new();
+        let mut images = HashSet::new();
+        let mut serials = HashSet::new();
+        let mut ids = HashSet::new();
+        for t in &self.targets {
+            check_iscsi_name(&t.name).map_err(anyhow::Error::msg)?;
+            let what = format!("Target {}", t.name);
+            if !names.insert(t.name.as_str()) {
+                bail!("{what} is configured twice");
+            }
+            if t.portals.is_empty() {
+                bail!("{what}: no portal to listen on");
+            }
+            if let Some(list) = &t.allowed_initiators {
+                if list.is_empty() {
+                    bail!(
+                        "{what}: allowed_initiators is empty and would admit no one; \
+                         list initiator names, or leave it out to admit any (loopback only)"
+                    );
+                }
+                for name in list {
+                    check_iscsi_name(name)
+                        .map_err(anyhow::Error::msg)
+                        .with_context(|| format!("{what}: allowed_initiators"))?;
+                }
+            }
+            check_auth(&what, &t.auth)?;
+            if !t.loopback_only() && t.allowed_initiators.is_none() && t.auth.chap.is_none() {
+                let outside: Vec<String> = t
+                    .portals
+                    .iter()
+                    .filter(|p| !p.ip().is_loopback())
+                    .map(ToString::to_string)
+                    .collect();
+                bail!(
+                    "{what} listens on {} outside the loopback network but has neither an \
+                     initiator ACL nor CHAP; configure allowed_initiators or auth.chap \
+                     (with serve: --allow-initiator, or --chap-user and SHAREDISK_CHAP_SECRET)",
+                    outside.join(", ")
+                );
+            }
+            if t.lus.is_empty() {
+                bail!("{what}: no logical unit (add a [[target.lu]])");
+            }
+            let mut luns = HashSet::new();
+            for lu in &t.lus {
+                let what = format!("{what}, LUN {}", lu.lun);
+                if !luns.insert(lu.lun) {
+                    bail!("{what} is configured twice");
+                }
+                if lu.lun >= 16384 {
+                    bail!("{what}: LUNs go from 0 to 16383");
+                }
+                if !matches!(lu.block_size, 512 | 4096) {
+                    bail!("{what}: block size {} is not 512 or 4096", lu.block_size);
+                }
+                if let Some(size) = lu.size {
+                    if size % u64::from(lu.block_size) != 0 {
+                        bail!(
+                            "{what}: size {size} is not a whole number of {}-byte blocks",
+                            lu.block_size
+                        );
+                    }
+                }
+                if !lu.file.exists() && lu.size.is_none() {
+                    bail!(
+                        "{what}: image {} does not exist; give a size to create it",
+                        lu.file.display()
+                    );
+                }
+                let canonical = canonical_image_path(&lu.file)
+                    .with_context(|| format!("{what}: bad image path {}", lu.file.display()))?;
+                if !images.insert(canonical.clone()) {
+                    bail!("{what}: image {} is served twice", canonical.display());
+                }
+                if let Some(serial) = &lu.serial {
+                    if serial.is_empty()
+                        || serial.len() > 32
+                        || !serial.bytes().all(|b| b.is_ascii_graphic())
+                    {
+                        bail!(
+                            "{what}: serial {serial:?} must be 1 to 32 printable ASCII characters"
+                        );
+                    }
+                    if !serials.insert(serial.clone()) {
+                        bail!("{what}: serial {serial:?} is used twice");
+                    }
+                }
+                if let Some(id) = lu.id {
+                    if !ids.insert(id) {
+                        bail!("{what}: id {id:#x} is used twice");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(text: &str) -> anyhow::Result<Plan> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        FileConfig::parse(text)?.into_plan(dir.path())
+    }
+
+    fn err(text: &str) -> String {
+        match plan(text) {
+            Ok(p) => panic!("accepted: {p:?}"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    const CHAP: &str = r#"chap = { user = "alice", secret = "twelve-bytes-or-more" }"#;
+
+    #[test]
+    fn example_config_is_valid() {
+        let text = include_str!("../sharedisk.example.toml");
+        let p = plan(text).expect("the example config is valid");
+        assert_eq!(p.targets.len(), 2);
+        assert_eq!(p.targets[0].lus.len(), 2);
+        assert_eq!(p.targets[0].lus[1].block_size, 4096);
+        assert!(p.targets[1].auth.mutual.is_some());
+    }
+
+    #[test]
+    fn readme_shows_the_example_config() {
+        let readme = include_str!("../../../README.md");
+        let example = include_str!("../sharedisk.example.toml");
+        let body: String = example
+            .lines()
+            .skip_while(|l| {
+                l.starts_with("# sharedisk configuration") || l.starts_with("# Relative")
+            })
+            .skip(1)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(
+            readme.contains(&body),
+            "README.md and sharedisk.example.toml differ"
+        );
+    }
+
+    #[test]
+    fn minimal_target_gets_defaults() {
+        let p = plan(
+            r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            [[target.lu]]
+            lun = 0
+            file = "db.img"
+            size = "1G"
+            "#,
+        )
+        .expect("valid");
+        let t = &p.targets[0];
+        assert_eq!(t.portals, vec!["127.0.0.1:3260".parse().expect("addr")]);
+        assert_eq!(t.tpgt, 1);
+        assert_eq!(t.allowed_initiators, None);
+        assert_eq!(t.lus[0].size, Some(1 << 30));
+        assert_eq!(t.lus[0].block_size, 512);
+        assert!(t.lus[0].file.is_absolute());
+    }
+
+    #[test]
+    fn size_may_be_a_number_and_id_hex() {
+        let p = plan(
+            r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            [[target.lu]]
+            lun = 3
+            file = "db.img"
+            size = 1048576
+            id = "0xFEDCBA9876543210"
+            serial = "DB0003"
+            "#,
+        )
+        .expect("valid");
+        let lu = &p.targets[0].lus[0];
+        assert_eq!(lu.size, Some(1 << 20));
+        assert_eq!(lu.id, Some(0xFEDC_BA98_7654_3210));
+        assert_eq!(lu.serial.as_deref(), Some("DB0003"));
+    }
+
+    #[test]
+    fn unknown_field_is_refused() {
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            portal = ["127.0.0.1:3260"]
+            "#);
+        assert!(e.contains("unknown field `portal`"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_lun_is_refused() {
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            [[target.lu]]
+            lun = 0
+            file = "b.img"
+            size = "1M"
+            "#);
+        assert!(e.contains("LUN 0 is configured twice"), "{e}");
+    }
+
+    #[test]
+    fn same_image_twice_is_refused() {
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            [[target.lu]]
+            lun = 1
+            file = "./a.img"
+            size = "1M"
+            "#);
+        assert!(e.contains("is served twice"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_target_is_refused() {
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            [[target.lu]]
+            lun = 0
+            file = "b.img"
+            size = "1M"
+            "#);
+        assert!(e.contains("configured twice"), "{e}");
+    }
+
+    #[test]
+    fn missing_image_without_size_is_refused() {
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            [[target.lu]]
+            lun = 0
+            file = "nowhere.img"
+            "#);
+        assert!(e.contains("does not exist; give a size"), "{e}");
+    }
+
+    #[test]
+    fn bad_target_name_is_refused() {
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-13.com.example:db"
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            "#);
+        assert!(e.contains("not a valid iSCSI name"), "{e}");
+    }
+
+    #[test]
+    fn bad_block_size_is_refused() {
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            block_size = 1024
+            "#);
+        assert!(e.contains("block size 1024 is not 512 or 4096"), "{e}");
+    }
+
+    #[test]
+    fn size_not_a_whole_number_of_blocks_is_refused() {
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = 6144
+            block_size = 4096
+            "#);
+        assert!(e.contains("not a whole number of 4096-byte blocks"), "{e}");
+    }
+
+    #[test]
+    fn short_chap_secret_is_refused() {
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            auth.chap = { user = "alice", secret = "short" }
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            "#);
+        assert!(e.contains("shorter than 12 bytes"), "{e}");
+    }
+
+    #[test]
+    fn mutual_chap_without_chap_is_refused() {
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            auth.mutual = { user = "target", secret = "twelve-bytes-or-more" }
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            "#);
+        assert!(e.contains("mutual CHAP needs one-way CHAP"), "{e}");
+    }
+
+    #[test]
+    fn empty_acl_is_refused() {
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            allowed_initiators = []
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            "#);
+        assert!(e.contains("would admit no one"), "{e}");
+    }
+
+    #[test]
+    fn bad_portal_is_refused() {
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            portals = ["localhost"]
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            "#);
+        assert!(e.contains("is not an ADDRESS:PORT"), "{e}");
+    }
+
+    #[test]
+    fn non_loopback_portal_without_acl_or_chap_is_refused() {
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            portals = ["127.0.0.1:3260", "0.0.0.0:3260"]
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            "#);
+        assert!(e.contains("outside the loopback network"), "{e}");
+        assert!(e.contains("0.0.0.0:3260"), "{e}");
+    }
+
+    #[test]
+    fn non_loopback_portal_with_acl_is_accepted() {
+        plan(
+            r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            portals = ["[::]:3260"]
+            allowed_initiators = ["iqn.1993-08.org.debian:01:abcdef"]
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            "#,
+        )
+        .expect("an ACL is enough");
+    }
+
+    #[test]
+    fn non_loopback_portal_with_chap_is_accepted() {
+        plan(&format!(
+            r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            portals = ["0.0.0.0:3260"]
+            auth.{CHAP}
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            "#
+        ))
+        .expect("CHAP is enough");
+    }
+
+    #[test]
+    fn loopback_portals_admit_any_initiator() {
+        let p = plan(
+            r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            portals = ["127.0.0.1:3260", "[::1]:3260", "127.0.0.2:3261"]
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            "#,
+        )
+        .expect("loopback needs no ACL");
+        assert!(p.targets[0].loopback_only());
+    }
+
+    #[test]
+    fn no_target_is_refused() {
+        assert!(err("").contains("No target is configured"));
+    }
+
+    #[test]
+    fn iscsi_names() {
+        for good in [
+            "iqn.2026-01.com.example:db",
+            "iqn.1993-08.org.debian:01:abcdef0123",
+            "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test-2",
+            "iqn.2026-01.io.sharedisk",
+            "eui.02004567A425678D",
+            "naa.52004567BA64678D",
+        ] {
+            assert_eq!(check_iscsi_name(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            "disk0",
+            "iqn.2026-1.com.example",
+            "iqn.2026-01",
+            "iqn.2026-01.",
+            "iqn.2026-01.com..example",
+            "iqn.2026-01.com.Example:db",
+            "iqn.2026-01.com.example:a b",
+            "eui.1234",
+            "naa.xyz",
+        ] {
+            assert!(check_iscsi_name(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+}

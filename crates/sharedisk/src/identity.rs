@@ -1,0 +1,64 @@
+//! Stable identity of a logical unit: the unit serial number (VPD 0x80) and the 64-bit value
+//! behind its NAA identifier (VPD 0x83).
+//!
+//! Initiators and cluster software (multipath, Windows failover clustering) recognise a disk by
+//! these, so they must not change across restarts and must differ between LUs. Configured values
+//! win; otherwise they are derived with FNV-1a (stable across builds, unlike `std`'s hasher)
+//! from the configured serial, or else from the image's canonical path.
+
+use std::path::Path;
+
+/// 64-bit FNV-1a.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The serial and id of an LU.
+pub fn derive(canonical_image: &Path, serial: Option<&str>, id: Option<u64>) -> (String, u64) {
+    use std::os::unix::ffi::OsStrExt;
+    let id = id.unwrap_or_else(|| match serial {
+        Some(s) => fnv1a64(s.as_bytes()),
+        None => fnv1a64(canonical_image.as_os_str().as_bytes()),
+    });
+    let serial = serial.map_or_else(|| format!("{id:016x}"), str::to_owned);
+    (serial, id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a_matches_the_reference_vectors() {
+        // From the FNV reference test suite.
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn derived_identity_is_stable_and_differs_per_image() {
+        let a = derive(Path::new("/srv/a.img"), None, None);
+        assert_eq!(a, derive(Path::new("/srv/a.img"), None, None));
+        assert_ne!(a.1, derive(Path::new("/srv/b.img"), None, None).1);
+        assert_eq!(a.0, format!("{:016x}", a.1));
+    }
+
+    #[test]
+    fn configured_values_win() {
+        assert_eq!(
+            derive(Path::new("/srv/a.img"), Some("SER1"), Some(7)),
+            ("SER1".to_string(), 7)
+        );
+        let (serial, id) = derive(Path::new("/srv/a.img"), Some("SER1"), None);
+        assert_eq!(serial, "SER1");
+        assert_eq!(id, fnv1a64(b"SER1"));
+        let (serial, _) = derive(Path::new("/srv/a.img"), None, Some(0xabc));
+        assert_eq!(serial, "0000000000000abc");
+    }
+}

@@ -1,0 +1,178 @@
+//! Running a [`Plan`]: open the images, build the SCSI targets, bind the portals, announce the
+//! URLs, serve until SIGINT or SIGTERM, then flush every backend.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::JoinSet;
+
+use crate::config::{canonical_image_path, LuPlan, Plan};
+use crate::identity;
+
+/// T10 vendor identification in INQUIRY.
+const VENDOR: &str = "SHAREDSK";
+/// Product identification in INQUIRY.
+const PRODUCT: &str = "sharedisk";
+
+fn open_lu(plan: &LuPlan) -> anyhow::Result<Arc<scsi::LogicalUnit>> {
+    let path = &plan.file;
+    let driver = block::driver::file::FileDriver::open(path, plan.size).map_err(|e| {
+        let busy = matches!(
+            &e,
+            block::BlockError::Open(io) if io.kind() == std::io::ErrorKind::WouldBlock
+        );
+        let e = anyhow::Error::new(e);
+        if busy {
+            e.context(format!(
+                "Image {} is in use: another process holds its lock (is another sharedisk \
+                 serving it?)",
+                path.display()
+            ))
+        } else {
+            e.context(format!("Cannot open image {}", path.display()))
+        }
+    })?;
+    let canonical = canonical_image_path(path)
+        .with_context(|| format!("Cannot resolve image path {}", path.display()))?;
+    let backend = block::Backend::new(Arc::new(driver), plan.block_size)
+        .with_context(|| format!("Cannot use image {}", path.display()))?;
+    if backend.capacity() == 0 {
+        bail!(
+            "Image {} is smaller than one {}-byte block",
+            path.display(),
+            plan.block_size
+        );
+    }
+    if let Some(size) = plan.size {
+        let actual = backend.capacity() * u64::from(plan.block_size);
+        if actual != size {
+            tracing::warn!(
+                image = %path.display(),
+                actual,
+                requested = size,
+                "Image exists with another size; serving it as it is"
+            );
+        }
+    }
+    let (serial, id) = identity::derive(&canonical, plan.serial.as_deref(), plan.id);
+    tracing::info!(
+        image = %canonical.display(),
+        lun = plan.lun,
+        blocks = backend.capacity(),
+        block_size = plan.block_size,
+        %serial,
+        id = format_args!("{id:#018x}"),
+        "Opened logical unit"
+    );
+    Ok(Arc::new(scsi::LogicalUnit::new(
+        backend,
+        scsi::LuConfig {
+            vendor: VENDOR.into(),
+            product: PRODUCT.into(),
+            revision: env!("CARGO_PKG_VERSION").chars().take(4).collect(),
+            serial,
+            id,
+        },
+    )))
+}
+
+/// Serve `plan` until a signal. `hint` is printed after the URLs (one line on how to reach
+/// them).
+pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Result<()> {
+    let mut lus = Vec::new();
+    let mut targets = Vec::new();
+    for t in &plan.targets {
+        let mut target = scsi::Target::new();
+        for lu in &t.lus {
+            let opened = open_lu(lu)?;
+            lus.push(opened.clone());
+            target.add_lu(lu.lun, opened);
+        }
+        targets.push(iscsi::TargetConfig {
+            name: t.name.clone(),
+            alias: t.alias.clone(),
+            scsi: Arc::new(target),
+            allowed_initiators: t.allowed_initiators.clone(),
+            auth: t.auth.clone(),
+            tpgt: t.tpgt,
+        });
+    }
+
+    // One server per listen address, with the targets that list it.
+    let mut by_portal: BTreeMap<SocketAddr, Vec<iscsi::TargetConfig>> = BTreeMap::new();
+    for (t, config) in plan.targets.iter().zip(&targets) {
+        for p in &t.portals {
+            by_portal.entry(*p).or_default().push(config.clone());
+        }
+    }
+    let mut servers = JoinSet::new();
+    let mut bound = BTreeMap::new();
+    for (addr, targets) in by_portal {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("Cannot listen on {addr}"))?;
+        let local = listener
+            .local_addr()
+            .with_context(|| format!("Cannot read the address bound for {addr}"))?;
+        tracing::info!(portal = %local, targets = targets.len(), "Listening");
+        bound.insert(addr, local);
+        let server = iscsi::Server::new(iscsi::ServerConfig {
+            targets,
+            discovery_auth: plan.discovery_auth.clone(),
+            // Announce the bound address; a wildcard address is left to the server, which
+            // answers with the address the initiator reached.
+            portals: if local.ip().is_unspecified() {
+                Vec::new()
+            } else {
+                vec![local]
+            },
+        });
+        servers.spawn(async move { (local, server.serve(listener).await) });
+    }
+
+    let mut urls = Vec::new();
+    for t in &plan.targets {
+        let portal = t.portals.first().and_then(|p| bound.get(p));
+        if let Some(portal) = portal {
+            for lu in &t.lus {
+                urls.push(format!("iscsi://{portal}/{}/{}", t.name, lu.lun));
+            }
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    for url in &urls {
+        writeln!(out, "{url}").context("Cannot write to stdout")?;
+    }
+    writeln!(out, "{}", hint(&urls)).context("Cannot write to stdout")?;
+    out.flush().context("Cannot write to stdout")?;
+    drop(out);
+
+    let mut term = signal(SignalKind::terminate()).context("Cannot catch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("Cannot catch SIGINT")?;
+    let outcome = tokio::select! {
+        _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(()) }
+        _ = int.recv() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
+        Some(done) = servers.join_next() => match done {
+            Ok((addr, Ok(()))) => Err(anyhow::anyhow!("The server on {addr} stopped")),
+            Ok((addr, Err(e))) => Err(anyhow::Error::new(e).context(format!("The server on {addr} failed"))),
+            Err(e) => Err(anyhow::Error::new(e).context("A server task failed")),
+        },
+    };
+    // Stop accepting: dropping the serve futures closes the listeners.
+    servers.abort_all();
+    while servers.join_next().await.is_some() {}
+
+    let mut flushed = Ok(());
+    for lu in &lus {
+        if let Err(e) = lu.backend().flush().await {
+            tracing::error!(error = %e, serial = %lu.config().serial, "Flush failed");
+            flushed = Err(anyhow::Error::new(e).context("Cannot flush a logical unit"));
+        }
+    }
+    outcome.and(flushed)
+}

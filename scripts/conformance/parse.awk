@@ -1,0 +1,65 @@
+# Per-test verdicts of an iscsi-test-cu run.
+#
+# Usage: awk -f parse.awk LIST OUTPUT
+#   LIST    the output of `iscsi-test-cu -l` (lines ALL.Suite.Test name the tests of `-t ALL`)
+#   OUTPUT  the stdout of `iscsi-test-cu -t ALL` in its default (verbose) mode
+# Prints "Suite.Test verdict" for every test in LIST, in LIST's order; verdict is pass, fail or
+# skip.
+#
+# How CUnit's verbose mode reports a test: "  Test: NAME ..." then the test's own log lines,
+# then the verdict "passed" or "FAILED", either right after the "..." or at the start of a later
+# line (failed assertions follow a FAILED, indented). libiscsi reports a skipped test as passed,
+# after logging "[SKIPPED]", so a passed test that logged "[SKIPPED]" is a skip. Whatever comes
+# after the verdict (e.g. "[FAILED]" from the suite's cleanup) belongs to no test. A listed test
+# with no verdict did not run (its suite's set-up failed, or the run died): fail.
+
+FILENAME == ARGV[1] {
+    if (split($0, p, ".") == 3 && p[1] == "ALL") {
+        order[++n] = p[2] "." p[3]
+    }
+    next
+}
+
+function verdict(text) {
+    if (text ~ /^(passed|FAILED)/) {
+        if (!(current in result)) {
+            result[current] = text ~ /^FAILED/ ? "fail" : (skipped ? "skip" : "pass")
+        }
+        current = ""
+        return
+    }
+    if (index(text, "[SKIPPED]") > 0) {
+        skipped = 1
+    }
+}
+
+/^Suite: / {
+    suite = substr($0, 8)
+    current = ""
+    next
+}
+
+/^  Test: .* \.\.\./ {
+    rest = substr($0, 9)
+    i = index(rest, " ...")
+    current = suite "." substr(rest, 1, i - 1)
+    skipped = 0
+    verdict(substr(rest, i + 4))
+    next
+}
+
+current != "" {
+    verdict($0)
+}
+
+END {
+    for (i = 1; i <= n; i++) {
+        name = order[i]
+        if (name in result) {
+            print name, result[name]
+        } else {
+            print name, "fail"
+            print "not run: " name > "/dev/stderr"
+        }
+    }
+}

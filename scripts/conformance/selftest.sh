@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Unit test of the conformance parser and checker on a hand-written sample of iscsi-test-cu
+# output (tests/conformance/fixtures). Run by scripts/test.sh.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+fixtures=$here/../../tests/conformance/fixtures
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+fail() {
+    echo "conformance selftest: $*" >&2
+    exit 1
+}
+
+# The parser gives every listed test of -t ALL its verdict, in order.
+awk -f "$here/parse.awk" "$fixtures/list.txt" "$fixtures/output.txt" >"$tmp/results" 2>"$tmp/err"
+diff -u "$fixtures/results.txt" "$tmp/results" || fail "parse.awk: wrong verdicts"
+grep -qx "not run: ProutReserve.Simple" "$tmp/err" || fail "parse.awk: did not report a test not run"
+
+# The checker: CompareAndWrite.Miscompare skips in a required family, unlisted: a regression.
+if "$here/check.sh" "$tmp/results" "$fixtures/expected-not-passing.txt" >"$tmp/out"; then
+    fail "check.sh: accepted an unlisted skip in a required family"
+fi
+grep -qx "REGRESSION: CompareAndWrite.Miscompare skipped in a required family" "$tmp/out" ||
+    fail "check.sh: did not name the regression"
+grep -qx "skipped (allowed outside the required families): Sanitize.BlockErase" "$tmp/out" ||
+    fail "check.sh: did not report the allowed skip"
+[[ $(tail -n 1 "$tmp/out") == "4 passed, 4 failed, 2 skipped" ]] ||
+    fail "check.sh: wrong summary: $(tail -n 1 "$tmp/out")"
+
+# Listing it makes the run pass.
+cp "$fixtures/expected-not-passing.txt" "$tmp/expected"
+echo "CompareAndWrite.Miscompare skip" >>"$tmp/expected"
+"$here/check.sh" "$tmp/results" "$tmp/expected" >"$tmp/out" || fail "check.sh: rejected a complete list"
+
+# An unlisted failure is a regression.
+grep -v "^GetLBAStatus" "$tmp/expected" >"$tmp/expected2"
+if "$here/check.sh" "$tmp/results" "$tmp/expected2" >"$tmp/out"; then
+    fail "check.sh: accepted an unlisted failure"
+fi
+grep -qx "REGRESSION: GetLBAStatus.BeyondEol failed" "$tmp/out" || fail "check.sh: did not name the failure"
+
+# A listed test that now passes makes the list stale.
+echo "WriteSame10.UnmapVPD fail" >>"$tmp/expected"
+if "$here/check.sh" "$tmp/results" "$tmp/expected" >"$tmp/out"; then
+    fail "check.sh: accepted a stale list"
+fi
+grep -q "^STALE: WriteSame10.UnmapVPD is listed as fail but now is pass" "$tmp/out" ||
+    fail "check.sh: did not name the stale entry"
+
+echo "conformance selftest: ok"
