@@ -1,17 +1,24 @@
 #!/usr/bin/env bash
-# libiscsi's conformance suite against the daemon.
+# libiscsi's conformance suite against the daemon, over a matrix of LU configurations.
 #
-# Builds the release daemon, serves a fresh 1 GiB sparse image on a loopback port, runs
-# `iscsi-test-cu --dataloss -t ALL` (every test once) with both of its initiator names (on
-# loopback the daemon admits every initiator), stops the daemon with SIGTERM, and checks the
-# per-test verdicts against tests/conformance/expected-not-passing.txt (scripts/conformance/
-# check.sh says how). Writes to out/conformance/: results.txt (per-test verdicts), the raw
-# iscsi-test-cu output and the daemon's log. The last line is "N passed, N failed, N skipped".
+# For each configuration below: build nothing new, serve a fresh 1 GiB sparse image with the
+# configuration's options on a loopback port, run `iscsi-test-cu --dataloss` (both of its
+# initiator names; on loopback the daemon admits every initiator), stop the daemon with SIGTERM
+# (it must exit 0), and check the per-test verdicts against tests/conformance/NAME.expected
+# (scripts/conformance/check.sh says how). Writes out/conformance/NAME/: results.txt (per-test
+# verdicts), the raw iscsi-test-cu output and the daemon's log. The last line is the total over
+# all configurations, "N passed, N failed, N skipped".
+#
+# Configurations:
+#   512e       512-byte blocks, 4 KiB physical blocks (the default): the whole suite
+#   512n       512-byte blocks, 512-byte physical blocks: the whole suite
+#   4kn        4096-byte blocks: the whole suite
+#   multipath  the default LU reached over two sessions: the MultipathIO family (CAW and resets
+#              across paths); on its own fresh image, as its COMPARE AND WRITE test assumes
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=$root/out/conformance
-expected=$root/tests/conformance/expected-not-passing.txt
 init1=iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test
 init2=iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test-2
 suite_timeout=1800
@@ -36,57 +43,86 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-
-RUST_LOG=${RUST_LOG:-info} "$bin" serve --file "$work/disk.img" --size 1G \
-    --listen 127.0.0.1:0 >"$work/daemon.out" 2>"$out/daemon.log" &
-daemon=$!
-
-url=""
-for _ in $(seq 300); do
-    url=$(head -n 1 "$work/daemon.out")
-    [[ $url == iscsi://* ]] && break
-    kill -0 "$daemon" 2>/dev/null || break
-    sleep 0.1
-done
-if [[ $url != iscsi://* ]]; then
-    echo "conformance: the daemon printed no URL; its log:" >&2
-    cat "$out/daemon.log" >&2
-    exit 1
-fi
-echo "conformance: testing $url"
-
 iscsi-test-cu -l >"$out/test-list.txt"
-status=0
-timeout --kill-after=10 "$suite_timeout" iscsi-test-cu --dataloss -t ALL -i "$init1" -I "$init2" \
-    "$url" >"$out/iscsi-test-cu.log" 2>"$out/iscsi-test-cu.stderr.log" || status=$?
-# iscsi-test-cu exits non-zero when a test fails; only a time-out is an error of its own.
-if ((status == 124 || status == 137)); then
-    echo "conformance: iscsi-test-cu did not finish in ${suite_timeout}s" >&2
-fi
 
-daemon_ok=1
-if kill -TERM "$daemon" 2>/dev/null; then
+total_pass=0 total_fail=0 total_skip=0 all_ok=1
+
+# run NAME PATHS SUITE SERVE-OPTIONS...: one configuration. PATHS is how many sessions to the
+# LU iscsi-test-cu opens; SUITE is "" for the whole suite or one family.
+run() {
+    local name=$1 paths=$2 suite=$3
+    shift 3
+    local dir=$out/$name
+    mkdir -p "$dir"
+    rm -f "$work/disk.img" "$work/daemon.out"
+    RUST_LOG=${RUST_LOG:-info} "$bin" serve --file "$work/disk.img" --size 1G \
+        --listen 127.0.0.1:0 "$@" >"$work/daemon.out" 2>"$dir/daemon.log" &
+    daemon=$!
+    local url=""
     for _ in $(seq 300); do
+        url=$(head -n 1 "$work/daemon.out")
+        [[ $url == iscsi://* ]] && break
         kill -0 "$daemon" 2>/dev/null || break
         sleep 0.1
     done
-fi
-if kill -0 "$daemon" 2>/dev/null; then
-    echo "conformance: the daemon did not stop within 30 s of SIGTERM" >&2
-    daemon_ok=0
-else
-    daemon_status=0
-    wait "$daemon" || daemon_status=$?
-    if ((daemon_status != 0)); then
-        echo "conformance: the daemon exited with status $daemon_status; its log ends:" >&2
-        tail -n 20 "$out/daemon.log" >&2
-        daemon_ok=0
+    if [[ $url != iscsi://* ]]; then
+        echo "conformance[$name]: the daemon printed no URL; its log:" >&2
+        cat "$dir/daemon.log" >&2
+        exit 1
     fi
-fi
-daemon=""
+    echo "conformance[$name]: testing $url (options: ${*:-none})"
+    local urls=() status=0
+    for _ in $(seq "$paths"); do urls+=("$url"); done
+    timeout --kill-after=10 "$suite_timeout" iscsi-test-cu --dataloss -t "ALL${suite:+.$suite}" \
+        -i "$init1" -I "$init2" "${urls[@]}" >"$dir/iscsi-test-cu.log" \
+        2>"$dir/iscsi-test-cu.stderr.log" || status=$?
+    # iscsi-test-cu exits non-zero when a test fails; only a time-out is an error of its own.
+    if ((status == 124 || status == 137)); then
+        echo "conformance[$name]: iscsi-test-cu did not finish in ${suite_timeout}s" >&2
+        all_ok=0
+    fi
 
-awk -f "$root/scripts/conformance/parse.awk" "$out/test-list.txt" "$out/iscsi-test-cu.log" \
-    >"$out/results.txt"
-check=0
-"$root/scripts/conformance/check.sh" "$out/results.txt" "$expected" || check=$?
-((check == 0 && daemon_ok == 1 && status != 124 && status != 137))
+    if kill -TERM "$daemon" 2>/dev/null; then
+        for _ in $(seq 300); do
+            kill -0 "$daemon" 2>/dev/null || break
+            sleep 0.1
+        done
+    fi
+    if kill -0 "$daemon" 2>/dev/null; then
+        echo "conformance[$name]: the daemon did not stop within 30 s of SIGTERM" >&2
+        all_ok=0
+    else
+        local daemon_status=0
+        wait "$daemon" || daemon_status=$?
+        if ((daemon_status != 0)); then
+            echo "conformance[$name]: the daemon exited with status $daemon_status; its log ends:" >&2
+            tail -n 20 "$dir/daemon.log" >&2
+            all_ok=0
+        fi
+    fi
+    daemon=""
+
+    awk -v only="$suite" -f "$root/scripts/conformance/parse.awk" "$out/test-list.txt" \
+        "$dir/iscsi-test-cu.log" >"$dir/results.txt"
+    local check=0
+    "$root/scripts/conformance/check.sh" "$dir/results.txt" \
+        "$root/tests/conformance/$name.expected" >"$dir/check.txt" || check=$?
+    sed "s/^/conformance[$name]: /" "$dir/check.txt"
+    ((check == 0)) || all_ok=0
+    local p f s
+    read -r p _ f _ s _ < <(tail -n 1 "$dir/check.txt")
+    total_pass=$((total_pass + p)) total_fail=$((total_fail + f)) total_skip=$((total_skip + s))
+}
+
+run 512e 1 ""
+run 512n 1 "" --physical-block-size 512
+run 4kn 1 "" --block-size 4096
+run multipath 2 MultipathIO
+
+if ((all_ok)); then
+    echo "conformance: ok"
+else
+    echo "conformance: FAILED"
+fi
+echo "$total_pass passed, $total_fail failed, $total_skip skipped"
+((all_ok))

@@ -1,8 +1,9 @@
 # Per-test verdicts of an iscsi-test-cu run.
 #
-# Usage: awk -f parse.awk LIST OUTPUT
+# Usage: awk [-v only=SUITE] -f parse.awk LIST OUTPUT
 #   LIST    the output of `iscsi-test-cu -l` (lines ALL.Suite.Test name the tests of `-t ALL`)
-#   OUTPUT  the stdout of `iscsi-test-cu -t ALL` in its default (verbose) mode
+#   OUTPUT  the stdout of `iscsi-test-cu -t ALL` (or `-t ALL.SUITE` with only=SUITE) in its
+#           default (verbose) mode
 # Prints "Suite.Test verdict" for every test in LIST, in LIST's order; verdict is pass, fail or
 # skip.
 #
@@ -14,7 +15,7 @@
 # with no verdict did not run (its suite's set-up failed, or the run died): fail.
 
 FILENAME == ARGV[1] {
-    if (split($0, p, ".") == 3 && p[1] == "ALL") {
+    if (split($0, p, ".") == 3 && p[1] == "ALL" && (only == "" || p[2] == only)) {
         order[++n] = p[2] "." p[3]
     }
     next

@@ -84,6 +84,9 @@ pub struct LuConfig {
     pub size: Option<SizeValue>,
     /// 512 (default) or 4096.
     pub block_size: Option<u32>,
+    /// Physical block size advertised to initiators: a power-of-two multiple of the block
+    /// size; default 4096 (or the block size when larger).
+    pub physical_block_size: Option<u32>,
     /// Unit serial number (VPD 0x80); derived when absent.
     pub serial: Option<String>,
     /// The 64-bit value behind the NAA identifier (VPD 0x83); derived when absent.
@@ -133,6 +136,7 @@ pub struct LuPlan {
     /// Size to create the image with when it does not exist.
     pub size: Option<u64>,
     pub block_size: u32,
+    pub physical_block_size: Option<u32>,
     pub serial: Option<String>,
     pub id: Option<u64>,
 }
@@ -187,6 +191,7 @@ impl FileConfig {
                     file: base.join(&lu.file),
                     size,
                     block_size: lu.block_size.unwrap_or(512),
+                    physical_block_size: lu.physical_block_size,
                     serial: lu.serial,
                     id,
                 });
@@ -403,6 +408,19 @@ impl Plan {
                 }
                 if !matches!(lu.block_size, 512 | 4096) {
                     bail!("{what}: block size {} is not 512 or 4096", lu.block_size);
+                }
+                if let Some(p) = lu.physical_block_size {
+                    // READ CAPACITY(16) carries it as a 4-bit exponent of logical blocks.
+                    let ok = p >= lu.block_size
+                        && p.is_power_of_two()
+                        && (p / lu.block_size).trailing_zeros() <= 15;
+                    if !ok {
+                        bail!(
+                            "{what}: physical block size {p} is not a power-of-two multiple of \
+                             the {}-byte block size (at most 2^15 blocks)",
+                            lu.block_size
+                        );
+                    }
                 }
                 if let Some(size) = lu.size {
                     if size % u64::from(lu.block_size) != 0 {
@@ -636,6 +654,31 @@ mod tests {
             block_size = 1024
             "#);
         assert!(e.contains("block size 1024 is not 512 or 4096"), "{e}");
+    }
+
+    #[test]
+    fn physical_block_size_must_be_a_power_of_two_multiple_of_the_block_size() {
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            block_size = 4096
+            physical_block_size = 512
+            "#);
+        assert!(e.contains("physical block size 512 is not"), "{e}");
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            physical_block_size = 1536
+            "#);
+        assert!(e.contains("physical block size 1536 is not"), "{e}");
     }
 
     #[test]

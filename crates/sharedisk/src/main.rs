@@ -38,7 +38,7 @@ enum Cmd {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// A TOML config file (several targets, LUs, portals, ACLs, CHAP).
-    #[arg(long, conflicts_with_all = ["file", "size", "listen", "block_size", "name", "allow_initiator", "chap_user"])]
+    #[arg(long, conflicts_with_all = ["file", "size", "listen", "block_size", "physical_block_size", "name", "allow_initiator", "chap_user"])]
     config: Option<PathBuf>,
     /// The image file; created sparse with --size when it does not exist.
     #[arg(long, required_unless_present = "config")]
@@ -52,6 +52,10 @@ struct ServeArgs {
     /// Logical block size in bytes: 512 or 4096.
     #[arg(long, default_value_t = 512)]
     block_size: u32,
+    /// Physical block size advertised to initiators [default: 4096, or the block size when
+    /// larger]; 512 with --block-size 512 makes a "512n" disk.
+    #[arg(long)]
+    physical_block_size: Option<u32>,
     /// Target name [default: iqn.2026-01.io.sharedisk:IMAGE, IMAGE being the file name].
     #[arg(long)]
     name: Option<String>,
@@ -119,6 +123,7 @@ fn quick_start_plan(args: ServeArgs) -> anyhow::Result<Plan> {
                 file,
                 size,
                 block_size: args.block_size,
+                physical_block_size: args.physical_block_size,
                 serial: None,
                 id: None,
             }],

@@ -69,7 +69,7 @@ fn open_lu(plan: &LuPlan) -> anyhow::Result<Arc<scsi::LogicalUnit>> {
         id = format_args!("{id:#018x}"),
         "Opened logical unit"
     );
-    Ok(Arc::new(scsi::LogicalUnit::new(
+    let lu = scsi::LogicalUnit::new(
         backend,
         scsi::LuConfig {
             vendor: VENDOR.into(),
@@ -78,7 +78,14 @@ fn open_lu(plan: &LuPlan) -> anyhow::Result<Arc<scsi::LogicalUnit>> {
             serial,
             id,
         },
-    )))
+    );
+    let lu = match plan.physical_block_size {
+        Some(bytes) => lu
+            .with_physical_block_size(bytes)
+            .with_context(|| format!("Cannot use image {}", path.display()))?,
+        None => lu,
+    };
+    Ok(Arc::new(lu))
 }
 
 /// Serve `plan` until a signal. `hint` is printed after the URLs (one line on how to reach
