@@ -6,6 +6,11 @@
 //! (CHAP not finished means T=0). A stage can be skipped (0 → 3), never revisited. Text that
 //! does not fit one PDU travels with the C bit: each side answers a C=1 PDU with an empty one
 //! (6.3, 11.12.2).
+//!
+//! Authentication: the leading request's whole text is read for InitiatorName, SessionType and
+//! TargetName before any other key is answered, so the required method (the target's or
+//! discovery's CHAP, or none) is known whatever the key order. No transit out of the security
+//! stage, and no skip past it, happens until that method has succeeded (RFC 7143 6.3, 12).
 
 use rand::RngCore;
 
@@ -101,6 +106,8 @@ pub struct Login<'a> {
     new_tsih: u16,
     /// Keys already received in this login (RFC 7143 6.1: none may be sent twice).
     seen: std::collections::HashSet<String>,
+    /// The stage the target agreed to move to with the last part of its pending reply.
+    transit: Option<u8>,
 }
 
 fn login_flags(t: bool, c: bool, csg: u8, nsg: u8) -> u8 {
@@ -130,6 +137,7 @@ impl<'a> Login<'a> {
             text_out: Vec::new(),
             new_tsih: tsih,
             seen: std::collections::HashSet::new(),
+            transit: None,
         }
     }
 
@@ -208,41 +216,43 @@ impl<'a> Login<'a> {
         }
         if !self.text_out.is_empty() {
             // The initiator is fetching the rest of our text.
-            return self.send_text(t, csg, nsg, false);
+            return self.send_text(t, csg);
         }
         let input = std::mem::take(&mut self.text_in);
         let pairs = match text::parse(&input) {
             Ok(p) => p,
             Err(_) => return self.fail(status::INITIATOR_ERROR),
         };
-        let mut reply: Vec<(String, String)> = Vec::new();
-        let mut chap_n = None;
-        let mut chap_r = None;
-        let mut chap_i = None;
-        let mut chap_c = None;
-        let mut auth_fail = false;
-        let mut session_type = None;
-        let mut target_name = None;
         for (k, _) in &pairs {
             // RFC 7143 6.1: declaring or negotiating a key twice is an initiator error.
             if self.seen.len() > 256 || !self.seen.insert(k.clone()) {
                 return self.fail(status::INITIATOR_ERROR);
             }
         }
+        let mut reply: Vec<(String, String)> = Vec::new();
+        // The session kind and target decide which authentication is required, so they are
+        // resolved from the whole text before any other key (AuthMethod in particular) is
+        // answered, whatever order the initiator put them in.
+        if let Err(s) = self.resolve_session(&pairs, &mut reply) {
+            return self.fail(s);
+        }
+        let mut chap_n = None;
+        let mut chap_r = None;
+        let mut chap_i = None;
+        let mut chap_c = None;
+        let mut auth_fail = false;
         for (k, v) in &pairs {
             match k.as_str() {
-                "InitiatorName" => self.initiator_name = Some(v.clone()),
-                "SessionType" => session_type = Some(v.clone()),
-                "TargetName" => target_name = Some(v.clone()),
-                "InitiatorAlias" => {}
-                "AuthMethod" if csg == 0 => {
-                    let want_chap = self.wants_chap_for(session_type.as_deref(), &target_name);
-                    let offered: Vec<&str> = v.split(',').collect();
-                    let pick = if want_chap {
-                        offered.contains(&"CHAP").then_some("CHAP")
+                "InitiatorName" | "SessionType" | "TargetName" | "InitiatorAlias" => {}
+                "AuthMethod" if csg == 0 && self.auth_state == AuthState::Start => {
+                    // RFC 7143 12: the target picks the first method it accepts from the
+                    // initiator's list; only the method the target requires is accepted.
+                    let want = if self.auth.chap.is_some() {
+                        "CHAP"
                     } else {
-                        offered.contains(&"None").then_some("None")
+                        "None"
                     };
+                    let pick = v.split(',').any(|m| m == want).then_some(want);
                     match pick {
                         Some("CHAP") => self.auth_state = AuthState::ChapMethod,
                         Some(_) => self.auth_state = AuthState::Done,
@@ -275,55 +285,13 @@ impl<'a> Login<'a> {
                     reply.push((k.clone(), "Irrelevant".into()))
                 }
                 _ => {
-                    let discovery = session_type.as_deref() == Some("Discovery")
-                        || self.kind == Some(Kind::Discovery);
+                    let discovery = self.kind == Some(Kind::Discovery);
                     match text::negotiate(&mut self.params, k, v, discovery) {
                         Answer::Value(a) => reply.push((k.clone(), a)),
                         Answer::Silent => {}
                         Answer::NotOperational => reply.push((k.clone(), "NotUnderstood".into())),
                     }
                 }
-            }
-        }
-        if self.kind.is_none() {
-            // The leading Login Request names the initiator and the session (RFC 7143 13.5,
-            // 13.4, 13.6).
-            let Some(name) = self.initiator_name.clone() else {
-                return self.fail(status::MISSING_PARAMETER);
-            };
-            match session_type.as_deref().unwrap_or("Normal") {
-                "Discovery" => {
-                    self.kind = Some(Kind::Discovery);
-                    self.auth = self.config.discovery_auth.clone();
-                }
-                "Normal" => {
-                    let Some(tn) = target_name.as_deref() else {
-                        return self.fail(status::MISSING_PARAMETER);
-                    };
-                    let Some(i) = self.config.targets.iter().position(|t| t.name == tn) else {
-                        return self.fail(status::NOT_FOUND);
-                    };
-                    let Some(tc) = self.config.targets.get(i) else {
-                        return self.fail(status::NOT_FOUND);
-                    };
-                    if let Some(acl) = &tc.allowed_initiators {
-                        if !acl.iter().any(|a| a == &name) {
-                            return self.fail(status::AUTHORIZATION_FAILURE);
-                        }
-                    }
-                    self.kind = Some(Kind::Normal(i));
-                    self.auth = tc.auth.clone();
-                    // RFC 7143 13.9: TargetPortalGroupTag in the first response of a normal
-                    // session.
-                    reply.push(("TargetPortalGroupTag".into(), tc.tpgt.to_string()));
-                    if let Some(a) = &tc.alias {
-                        reply.push(("TargetAlias".into(), a.clone()));
-                    }
-                }
-                _ => return self.fail(status::SESSION_TYPE_UNSUPPORTED),
-            }
-            if self.auth.chap.is_none() && self.auth_state == AuthState::Start {
-                self.auth_state = AuthState::Done;
             }
         }
         if auth_fail {
@@ -337,20 +305,100 @@ impl<'a> Login<'a> {
         } else if chap_n.is_some() || chap_r.is_some() {
             return self.fail(status::AUTH_FAILURE);
         }
-        // Leaving the security stage needs authentication when the target asks for it; an
-        // initiator that starts in the operational stage skips it (RFC 7143 6.3).
-        if self.auth.chap.is_some() && self.auth_state != AuthState::Done && (csg != 0 || t) {
+        // RFC 7143 6.3, 12: the security stage is left (or skipped, by starting in the
+        // operational stage or by a transit from 0 straight to 3) only once the agreed
+        // method satisfies what the target or discovery requires.
+        if !self.authenticated() {
             if csg != 0 {
                 return self.fail(status::AUTH_FAILURE);
             }
-            // Still negotiating CHAP: stay in the security stage.
-            return self.finish_step(reply, false, csg, nsg);
+            if t {
+                // Still negotiating: stay in the security stage (T=0 in the answer).
+                return self.finish_step(reply, false, csg, nsg);
+            }
         }
         // Declare MaxRecvDataSegmentLength once the operational stage is reached (or skipped).
         if csg == 1 || t {
             self.declare(&mut reply);
         }
         self.finish_step(reply, t, csg, nsg)
+    }
+
+    /// Whether the login may leave the security stage: the required authentication is done,
+    /// or none is required and no CHAP exchange is half-way.
+    fn authenticated(&self) -> bool {
+        match &self.auth_state {
+            AuthState::Done => true,
+            AuthState::Start => self.kind.is_some() && self.auth.chap.is_none(),
+            AuthState::ChapMethod | AuthState::Challenged { .. } => false,
+        }
+    }
+
+    /// Settle the session kind, the target, its ACL and its authentication from the leading
+    /// Login Request's text (RFC 7143 13.4-13.6: InitiatorName and, for a normal session,
+    /// TargetName come in the first Login Request; SessionType defaults to Normal). Later
+    /// requests may not change them.
+    fn resolve_session(
+        &mut self,
+        pairs: &[(String, String)],
+        reply: &mut Vec<(String, String)>,
+    ) -> Result<(), u16> {
+        let value = |key: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        let session_type = value("SessionType");
+        let target_name = value("TargetName");
+        let initiator_name = value("InitiatorName");
+        if let Some(kind) = self.kind {
+            let same_type = matches!(
+                (session_type, kind),
+                (None, _)
+                    | (Some("Discovery"), Kind::Discovery)
+                    | (Some("Normal"), Kind::Normal(_))
+            );
+            if !same_type || target_name.is_some() || initiator_name.is_some() {
+                return Err(status::INITIATOR_ERROR);
+            }
+            return Ok(());
+        }
+        let Some(name) = initiator_name else {
+            return Err(status::MISSING_PARAMETER);
+        };
+        match session_type.unwrap_or("Normal") {
+            "Discovery" => {
+                self.kind = Some(Kind::Discovery);
+                self.auth = self.config.discovery_auth.clone();
+            }
+            "Normal" => {
+                let tn = target_name.ok_or(status::MISSING_PARAMETER)?;
+                let (i, tc) = self
+                    .config
+                    .targets
+                    .iter()
+                    .enumerate()
+                    .find(|(_, t)| t.name == tn)
+                    .ok_or(status::NOT_FOUND)?;
+                if let Some(acl) = &tc.allowed_initiators {
+                    if !acl.iter().any(|a| a == name) {
+                        return Err(status::AUTHORIZATION_FAILURE);
+                    }
+                }
+                self.kind = Some(Kind::Normal(i));
+                self.auth = tc.auth.clone();
+                // RFC 7143 13.9: TargetPortalGroupTag in the first response of a normal
+                // session.
+                reply.push(("TargetPortalGroupTag".into(), tc.tpgt.to_string()));
+                if let Some(a) = &tc.alias {
+                    reply.push(("TargetAlias".into(), a.clone()));
+                }
+            }
+            _ => return Err(status::SESSION_TYPE_UNSUPPORTED),
+        }
+        self.initiator_name = Some(name.to_string());
+        Ok(())
     }
 
     fn declare(&mut self, reply: &mut Vec<(String, String)>) {
@@ -361,19 +409,6 @@ impl<'a> Login<'a> {
                 self.params.max_recv_dsl.to_string(),
             ));
         }
-    }
-
-    fn wants_chap_for(&self, session_type: Option<&str>, target: &Option<String>) -> bool {
-        if self.kind.is_some() {
-            return self.auth.chap.is_some();
-        }
-        if session_type == Some("Discovery") {
-            return self.config.discovery_auth.chap.is_some();
-        }
-        target
-            .as_deref()
-            .and_then(|n| self.config.targets.iter().find(|t| t.name == n))
-            .is_some_and(|t| t.auth.chap.is_some())
     }
 
     fn verify_chap(
@@ -418,6 +453,9 @@ impl<'a> Login<'a> {
         Ok(reply)
     }
 
+    /// Answer the current request with `reply`; `t` is whether the target agrees to the
+    /// transit to `nsg`. The decision is kept for the rest of the reply should it need more
+    /// than one PDU.
     fn finish_step(
         &mut self,
         reply: Vec<(String, String)>,
@@ -426,10 +464,13 @@ impl<'a> Login<'a> {
         nsg: u8,
     ) -> (Bhs, Vec<u8>, Outcome) {
         self.text_out = text::encode(&reply);
-        self.send_text(t, csg, nsg, true)
+        self.transit = t.then_some(nsg);
+        self.send_text(t, csg)
     }
 
-    fn send_text(&mut self, t: bool, csg: u8, nsg: u8, _first: bool) -> (Bhs, Vec<u8>, Outcome) {
+    /// Send the next part of the pending reply. `t` is the current request's T bit: the
+    /// transit happens with the last part, when both sides still ask for it (RFC 7143 6.3).
+    fn send_text(&mut self, t: bool, csg: u8) -> (Bhs, Vec<u8>, Outcome) {
         let max = LOGIN_MAX_DATA as usize;
         let rest = if self.text_out.len() > max {
             self.text_out.split_off(max)
@@ -443,14 +484,19 @@ impl<'a> Login<'a> {
             let (b, d) = self.response(login_flags(false, true, csg, 0), 0, &chunk);
             return (b, d, Outcome::Continue);
         }
-        if t {
-            self.stage = nsg;
-            if nsg == 3 {
+        // Never leave a stage unauthenticated, whatever path led here (RFC 7143 12).
+        let transit = match self.transit.take() {
+            Some(nsg) if t && self.authenticated() => Some(nsg),
+            _ => None,
+        };
+        match (transit, self.kind) {
+            (Some(3), Some(kind)) => {
+                self.stage = 3;
                 self.tsih = self.new_tsih;
                 self.params.finish();
-                let (b, d) = self.response(login_flags(true, false, csg, nsg), 0, &chunk);
+                let (b, d) = self.response(login_flags(true, false, csg, 3), 0, &chunk);
                 let est = Established {
-                    kind: self.kind.unwrap_or(Kind::Discovery),
+                    kind,
                     initiator_name: self.initiator_name.clone().unwrap_or_default(),
                     isid: self.isid,
                     tsih: self.tsih,
@@ -459,13 +505,18 @@ impl<'a> Login<'a> {
                     next_statsn: self.statsn,
                     cid: self.cid,
                 };
-                return (b, d, Outcome::Done(Box::new(est)));
+                (b, d, Outcome::Done(Box::new(est)))
             }
-            let (b, d) = self.response(login_flags(true, false, csg, nsg), 0, &chunk);
-            return (b, d, Outcome::Continue);
+            (Some(nsg), Some(_)) if nsg != 3 => {
+                self.stage = nsg;
+                let (b, d) = self.response(login_flags(true, false, csg, nsg), 0, &chunk);
+                (b, d, Outcome::Continue)
+            }
+            _ => {
+                let (b, d) = self.response(login_flags(false, false, csg, 0), 0, &chunk);
+                (b, d, Outcome::Continue)
+            }
         }
-        let (b, d) = self.response(login_flags(false, false, csg, 0), 0, &chunk);
-        (b, d, Outcome::Continue)
     }
 }
 
@@ -734,5 +785,237 @@ mod tests {
             &format!("InitiatorName=iqn.i|TargetName={TARGET}|"),
         ));
         assert!(matches!(o, Outcome::Fail(0x0201)));
+    }
+
+    /// A server whose discovery sessions need CHAP.
+    fn discovery_chap_config() -> ServerConfig {
+        let mut cfg = config(Auth::default(), None);
+        cfg.discovery_auth = Auth {
+            chap: Some(ChapSecret {
+                user: "user".into(),
+                secret: "secretsecret".into(),
+            }),
+            mutual: None,
+        };
+        cfg
+    }
+
+    /// The same keys in every order the bypass could use.
+    fn orders(keys: &[&str]) -> Vec<String> {
+        let mut out = Vec::new();
+        let n = keys.len();
+        let mut idx: Vec<usize> = (0..n).collect();
+        // All permutations (Heap's algorithm); at most 4 keys here.
+        let mut c = vec![0usize; n];
+        out.push(idx.iter().map(|&i| format!("{}|", keys[i])).collect());
+        let mut i = 0;
+        while i < n {
+            if c[i] < i {
+                if i % 2 == 0 {
+                    idx.swap(0, i);
+                } else {
+                    idx.swap(c[i], i);
+                }
+                out.push(idx.iter().map(|&i| format!("{}|", keys[i])).collect());
+                c[i] += 1;
+                i = 0;
+            } else {
+                c[i] = 0;
+                i += 1;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn auth_method_none_for_a_chap_target_fails_in_any_key_order() {
+        let cfg = chap_config(false);
+        let target = format!("TargetName={TARGET}");
+        let keys = ["InitiatorName=iqn.i", "AuthMethod=None", target.as_str()];
+        for text in orders(&keys) {
+            // T=1 CSG=0 NSG=3: skip the operational stage straight to full feature phase.
+            for flags in [0x83, 0x81] {
+                let mut l = Login::new(&cfg, 1);
+                let (b, d, o) = l.step(&req(flags, &text));
+                assert!(matches!(o, Outcome::Fail(0x0201)), "{text}: {o:?}");
+                assert_eq!(b.0[36], 0x02, "{text}: Status-Class initiator error");
+                assert_eq!(
+                    b.0[37], 0x01,
+                    "{text}: Status-Detail authentication failure"
+                );
+                assert!(d.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn chap_target_stays_in_the_security_stage_until_chap_is_done_in_any_key_order() {
+        let cfg = chap_config(false);
+        let target = format!("TargetName={TARGET}");
+        let keys = [
+            "InitiatorName=iqn.i",
+            "AuthMethod=None,CHAP",
+            "SessionType=Normal",
+            target.as_str(),
+        ];
+        for text in orders(&keys) {
+            let mut l = Login::new(&cfg, 1);
+            // T=1 CSG=0 NSG=3.
+            let (b, d, o) = l.step(&req(0x83, &text));
+            assert!(matches!(o, Outcome::Continue), "{text}: {o:?}");
+            assert_eq!(b.0[1], 0x00, "{text}: T=0 CSG=0: no transit");
+            assert_eq!(b.u16_at(36), 0);
+            assert_eq!(get(&reply_text(&d), "AuthMethod"), Some("CHAP"), "{text}");
+            // Asking again without CHAP still does not leave the stage.
+            let (b, _, o) = l.step(&req(0x83, "CHAP_A=5|"));
+            assert!(matches!(o, Outcome::Continue), "{text}: {o:?}");
+            assert_eq!(b.0[1], 0x00, "{text}: challenged, not authenticated");
+            // Nor does starting the operational stage.
+            let (_, _, o) = l.step(&req(0x87, ""));
+            assert!(matches!(o, Outcome::Fail(0x0200)), "{text}: {o:?}");
+        }
+    }
+
+    #[test]
+    fn open_target_skips_to_full_feature_phase_in_any_key_order() {
+        let cfg = config(Auth::default(), None);
+        let target = format!("TargetName={TARGET}");
+        let keys = ["InitiatorName=iqn.i", "AuthMethod=None", target.as_str()];
+        for text in orders(&keys) {
+            let mut l = Login::new(&cfg, 1);
+            let (b, d, o) = l.step(&req(0x83, &text));
+            assert!(matches!(o, Outcome::Done(_)), "{text}: {o:?}");
+            assert_eq!(b.0[1], 0x83, "{text}: T=1 CSG=0 NSG=3");
+            assert_eq!(get(&reply_text(&d), "AuthMethod"), Some("None"));
+        }
+    }
+
+    #[test]
+    fn open_target_refuses_chap_only() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 1);
+        let (_, d, o) = l.step(&req(
+            0x83,
+            &format!("AuthMethod=CHAP|InitiatorName=iqn.i|TargetName={TARGET}|"),
+        ));
+        assert!(matches!(o, Outcome::Fail(0x0201)), "{o:?}");
+        assert!(d.is_empty());
+    }
+
+    #[test]
+    fn discovery_with_chap_refuses_auth_method_none_in_any_key_order() {
+        let cfg = discovery_chap_config();
+        let keys = [
+            "InitiatorName=iqn.i",
+            "AuthMethod=None",
+            "SessionType=Discovery",
+        ];
+        for text in orders(&keys) {
+            let mut l = Login::new(&cfg, 1);
+            let (_, _, o) = l.step(&req(0x83, &text));
+            assert!(matches!(o, Outcome::Fail(0x0201)), "{text}: {o:?}");
+        }
+        // Skipping the security stage altogether (CSG=1) fails too.
+        let mut l = Login::new(&cfg, 1);
+        let (_, _, o) = l.step(&req(0x87, "InitiatorName=iqn.i|SessionType=Discovery|"));
+        assert!(matches!(o, Outcome::Fail(0x0201)), "{o:?}");
+    }
+
+    #[test]
+    fn discovery_with_chap_picks_chap_in_any_key_order() {
+        let cfg = discovery_chap_config();
+        let keys = [
+            "InitiatorName=iqn.i",
+            "AuthMethod=None,CHAP",
+            "SessionType=Discovery",
+        ];
+        for text in orders(&keys) {
+            let mut l = Login::new(&cfg, 1);
+            let (b, d, o) = l.step(&req(0x83, &text));
+            assert!(matches!(o, Outcome::Continue), "{text}: {o:?}");
+            assert_eq!(b.0[1], 0x00, "{text}: no transit");
+            assert_eq!(get(&reply_text(&d), "AuthMethod"), Some("CHAP"));
+        }
+    }
+
+    #[test]
+    fn discovery_without_chap_skips_to_full_feature_phase_in_any_key_order() {
+        let cfg = config(Auth::default(), None);
+        let keys = [
+            "InitiatorName=iqn.i",
+            "AuthMethod=None",
+            "SessionType=Discovery",
+        ];
+        for text in orders(&keys) {
+            let mut l = Login::new(&cfg, 1);
+            let (_, _, o) = l.step(&req(0x83, &text));
+            let Outcome::Done(est) = o else {
+                panic!("{text}: discovery login should complete")
+            };
+            assert_eq!(est.kind, Kind::Discovery);
+        }
+    }
+
+    #[test]
+    fn one_way_chap_then_skip_to_full_feature_phase() {
+        let cfg = chap_config(false);
+        let mut l = Login::new(&cfg, 1);
+        let (id, c) = chap_challenge(&mut l);
+        let r = chap::to_hex(&chap::response(id, b"secretsecret", &c));
+        // T=1 CSG=0 NSG=3 with the right response.
+        let (b, _, o) = l.step(&req(0x83, &format!("CHAP_N=user|CHAP_R={r}|")));
+        assert!(matches!(o, Outcome::Done(_)), "{o:?}");
+        assert_eq!(b.0[1], 0x83);
+    }
+
+    #[test]
+    fn acl_uses_the_target_named_anywhere_in_the_text() {
+        let mut cfg = config(Auth::default(), None);
+        let mut restricted = cfg.targets[0].clone();
+        restricted.name = "iqn.2026-01.io.sharedisk:restricted".into();
+        restricted.allowed_initiators = Some(vec!["iqn.allowed".into()]);
+        cfg.targets.push(restricted);
+        let mut l = Login::new(&cfg, 1);
+        let (_, _, o) = l.step(&req(
+            0x83,
+            "AuthMethod=None|InitiatorName=iqn.other|TargetName=iqn.2026-01.io.sharedisk:restricted|",
+        ));
+        assert!(matches!(o, Outcome::Fail(0x0202)), "{o:?}");
+    }
+
+    #[test]
+    fn a_long_reply_keeps_the_target_s_no_transit_decision() {
+        // The reply to an unfinished CHAP negotiation is long enough to need the C bit; asking
+        // for its rest with T=1 must not move the login on.
+        let cfg = chap_config(false);
+        let mut l = Login::new(&cfg, 1);
+        let mut text = format!("InitiatorName=iqn.i|TargetName={TARGET}|AuthMethod=CHAP|");
+        for i in 0..200 {
+            text.push_str(&format!("X-com.example.Padding.Key.Number.{i:04}=1|"));
+        }
+        let (b, _, o) = l.step(&req(0x83, &text));
+        assert!(matches!(o, Outcome::Continue));
+        assert_eq!(b.0[1], 0x40, "C=1 T=0: more text follows");
+        loop {
+            let (b, _, o) = l.step(&req(0x83, ""));
+            assert!(matches!(o, Outcome::Continue), "{o:?}");
+            assert_eq!(b.0[1] & 0x80, 0, "never T=1");
+            if b.0[1] & 0x40 == 0 {
+                break;
+            }
+        }
+    }
+
+    #[test]
+    fn session_keys_after_the_first_request_are_an_initiator_error() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 1);
+        let (_, _, o) = l.step(&req(
+            0x00,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|"),
+        ));
+        assert!(matches!(o, Outcome::Continue));
+        let (_, _, o) = l.step(&req(0x83, "SessionType=Discovery|"));
+        assert!(matches!(o, Outcome::Fail(0x0200)), "{o:?}");
     }
 }

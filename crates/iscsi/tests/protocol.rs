@@ -19,6 +19,14 @@ async fn start_server() -> (std::net::SocketAddr, Arc<Server>) {
 }
 
 async fn start_with(driver: Arc<dyn block::Driver>) -> (std::net::SocketAddr, Arc<Server>) {
+    start_with_auth(driver, Auth::default(), Auth::default()).await
+}
+
+async fn start_with_auth(
+    driver: Arc<dyn block::Driver>,
+    auth: Auth,
+    discovery_auth: Auth,
+) -> (std::net::SocketAddr, Arc<Server>) {
     let backend = block::Backend::new(driver, 512).expect("512-byte blocks");
     let lu = scsi::LogicalUnit::new(
         backend,
@@ -38,10 +46,10 @@ async fn start_with(driver: Arc<dyn block::Driver>) -> (std::net::SocketAddr, Ar
             alias: None,
             scsi: Arc::new(t),
             allowed_initiators: None,
-            auth: Auth::default(),
+            auth,
             tpgt: 1,
         }],
-        discovery_auth: Auth::default(),
+        discovery_auth,
         portals: Vec::new(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -812,4 +820,64 @@ async fn out_of_order_data_sn_ends_the_task_with_check_condition() {
     c.send(b, &[]).await;
     let r = c.recv().await.expect("SCSI Response to TEST UNIT READY");
     assert_eq!(r.bhs[3], 0x00);
+}
+
+fn chap_auth() -> Auth {
+    Auth {
+        chap: Some(iscsi::ChapSecret {
+            user: "user".into(),
+            secret: "secretsecret".into(),
+        }),
+        mutual: None,
+    }
+}
+
+/// Send one Login Request with T=1 CSG=0 NSG=3 and `text`; returns the response.
+async fn login_skipping_security(addr: std::net::SocketAddr, text: &str) -> (Client, Pdu) {
+    let s = TcpStream::connect(addr).await.expect("connect");
+    let mut c = Client {
+        s,
+        cmdsn: 1,
+        itt: 1,
+    };
+    let mut b = [0u8; 48];
+    b[0] = 0x43; // I=1, Login Request
+    b[1] = 0x83; // T=1, CSG=0 (security), NSG=3 (full feature)
+    b[8..14].copy_from_slice(&[0x80, 6, 6, 6, 6, 6]); // ISID
+    b[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
+    c.send(b, text.replace('|', "\0").as_bytes()).await;
+    let r = c.recv().await.expect("login response");
+    (c, r)
+}
+
+#[tokio::test]
+async fn auth_method_none_before_the_target_name_cannot_bypass_chap() {
+    let driver = Arc::new(block::driver::mem::MemDriver::new(1 << 20));
+    let (addr, server) = start_with_auth(driver, chap_auth(), Auth::default()).await;
+    let (mut c, r) = login_skipping_security(
+        addr,
+        &format!("InitiatorName=iqn.2026-01.test:wire|AuthMethod=None|TargetName={TARGET}|"),
+    )
+    .await;
+    assert_eq!(r.bhs[0], 0x23, "Login Response");
+    assert_eq!(r.bhs[1] & 0x80, 0, "T=0: no transit");
+    assert_eq!(r.bhs[36], 0x02, "Status-Class: initiator error");
+    assert_eq!(r.bhs[37], 0x01, "Status-Detail: authentication failure");
+    assert!(closed(&mut c).await);
+    assert!(server.sessions().is_empty());
+}
+
+#[tokio::test]
+async fn auth_method_none_before_the_session_type_cannot_bypass_discovery_chap() {
+    let driver = Arc::new(block::driver::mem::MemDriver::new(1 << 20));
+    let (addr, server) = start_with_auth(driver, Auth::default(), chap_auth()).await;
+    let (mut c, r) = login_skipping_security(
+        addr,
+        "InitiatorName=iqn.2026-01.test:wire|AuthMethod=None|SessionType=Discovery|",
+    )
+    .await;
+    assert_eq!(r.bhs[1] & 0x80, 0, "T=0: no transit");
+    assert_eq!(&r.bhs[36..38], &[0x02, 0x01], "authentication failure");
+    assert!(closed(&mut c).await);
+    assert!(server.sessions().is_empty());
 }
