@@ -976,6 +976,23 @@ impl Conn {
         self.solicited = self.solicited.saturating_sub(released);
     }
 
+    /// Whether `refsn` is a CmdSN inside the window [ExpCmdSN, MaxCmdSN] that has not
+    /// arrived and comes before `tmf_cmdsn`, the CmdSN of the TMF referring to it (which, for
+    /// an immediate TMF, is itself at most one past MaxCmdSN: RFC 7143 3.2.2.1).
+    fn not_yet_received(&self, refsn: u32, tmf_cmdsn: u32) -> bool {
+        let (exp, max) = (self.shared.exp(), self.shared.max());
+        let width = max.wrapping_sub(exp);
+        if width >= 0x8000_0000 {
+            return false; // the window is closed
+        }
+        let ref_d = refsn.wrapping_sub(exp);
+        let tmf_d = tmf_cmdsn.wrapping_sub(exp);
+        ref_d <= width
+            && ref_d < tmf_d
+            && tmf_d <= width.saturating_add(1)
+            && !self.held.contains_key(&refsn)
+    }
+
     fn tmf(&mut self, pdu: &Pdu) -> Flow {
         let bhs = pdu.bhs;
         let func = bhs.flags() & 0x7f;
@@ -1005,10 +1022,7 @@ impl Conn {
                     respond(self, b, COMPLETE);
                     return Flow::Continue;
                 }
-                let exp = self.shared.exp();
                 let refsn = bhs.u32_at(32);
-                let ref_d = refsn.wrapping_sub(exp);
-                let tmf_d = bhs.cmdsn().wrapping_sub(exp);
                 if let Some((&sn, _)) = self
                     .held
                     .iter()
@@ -1018,10 +1032,12 @@ impl Conn {
                     respond(self, b, COMPLETE);
                     return Flow::Continue;
                 }
-                // A task not received yet whose CmdSN precedes the TMF's: consider the CmdSN
-                // received and answer "Function complete".
-                if ref_d < tmf_d && tmf_d < 0x8000_0000 {
-                    self.held.entry(refsn).or_insert(Held::Skip);
+                // RFC 7143 11.5.1 b): a task not received yet whose RefCmdSN is inside the
+                // valid CmdSN window and precedes the TMF's own CmdSN: consider the CmdSN
+                // received and answer "Function complete". Anything else (c: outside the
+                // window, or a CmdSN already received for another task) is not this task.
+                if self.not_yet_received(refsn, bhs.cmdsn()) {
+                    self.held.insert(refsn, Held::Skip);
                     respond(self, b, COMPLETE);
                     return Flow::Continue;
                 }
@@ -1707,5 +1723,59 @@ mod tests {
         c.handle(write_cmd(true, 16, 1, 8, &[])).await.ok();
         assert!(outs(&mut rx).is_empty(), "admitted, not rejected");
         assert_eq!(c.tasks.len(), 16);
+    }
+
+    fn tmf_responses(outs: &[Out]) -> Vec<u8> {
+        outs.iter()
+            .filter_map(|o| match o {
+                Out::Pdu { bhs, .. } if bhs.opcode() == 0x22 => Some(bhs.0[2]),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn abort_task_outside_the_window_does_not_exist_and_settles_nothing() {
+        let (mut c, mut rx) = conn(unsolicited_params());
+        // ExpCmdSN is 1, MaxCmdSN 128. RefCmdSNs beyond MaxCmdSN, behind ExpCmdSN, and inside
+        // the window but not before the TMF's own CmdSN; TMF CmdSNs anywhere.
+        let cases = [(129, 0x4000_0000), (0, 5), (0xffff_0000, 2), (5, 5), (5, 3)];
+        for (i, (refsn, cmdsn)) in cases.into_iter().enumerate() {
+            c.handle(abort_task(500 + i as u32, 77, cmdsn, refsn))
+                .await
+                .ok();
+        }
+        for i in 0..10_000u32 {
+            c.handle(abort_task(
+                1000 + i,
+                77,
+                0x7fff_0000,
+                i.wrapping_mul(40_000),
+            ))
+            .await
+            .ok();
+        }
+        let codes = tmf_responses(&outs(&mut rx));
+        assert_eq!(codes.len(), 10_005);
+        // Response 1: Task does not exist (RFC 7143 11.6.1).
+        assert!(codes.iter().all(|&r| r == 1), "{codes:?}");
+        assert!(c.held.is_empty(), "no CmdSN was settled");
+    }
+
+    #[tokio::test]
+    async fn abort_task_of_a_command_not_yet_received_settles_its_cmdsn() {
+        let (mut c, mut rx) = conn(unsolicited_params());
+        // RefCmdSN 3 inside [1, 128] and before the TMF's CmdSN 4.
+        c.handle(abort_task(600, 77, 4, 3)).await.ok();
+        assert_eq!(tmf_responses(&outs(&mut rx)), vec![0], "Function complete");
+        assert!(matches!(c.held.get(&3), Some(Held::Skip)));
+        // Asking again for the same CmdSN finds it settled already: nothing more is held.
+        c.handle(abort_task(601, 78, 4, 3)).await.ok();
+        assert_eq!(
+            tmf_responses(&outs(&mut rx)),
+            vec![1],
+            "Task does not exist"
+        );
+        assert_eq!(c.held.len(), 1);
     }
 }

@@ -881,3 +881,40 @@ async fn auth_method_none_before_the_session_type_cannot_bypass_discovery_chap()
     assert!(closed(&mut c).await);
     assert!(server.sessions().is_empty());
 }
+
+#[tokio::test]
+async fn abort_task_with_a_ref_cmdsn_beyond_the_tmf_s_does_not_swallow_a_later_command() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    c.clear_unit_attention().await;
+    let exp = c.cmdsn;
+    // Immediate ABORT TASK for an unknown ITT: RefCmdSN ExpCmdSN+5 (inside the window) but
+    // the TMF's own CmdSN far beyond MaxCmdSN, so RefCmdSN does not precede a valid CmdSN.
+    let mut t = abort_task(&c, 100, 0x0bad_0bad, exp + 5);
+    t[24..28].copy_from_slice(&(exp + 0x4000_0000).to_be_bytes()); // CmdSN
+    c.send(t, &[]).await;
+    let r = c.recv().await.expect("TMF Response");
+    assert_eq!(r.bhs[0], 0x22, "Task Management Function Response");
+    assert_eq!(r.bhs[2], 1, "Task does not exist");
+    // The six commands ExpCmdSN..ExpCmdSN+5 are all answered.
+    for _ in 0..6 {
+        let (b, _) = c.command(0x81, 0, &[0; 6]); // F, TEST UNIT READY
+        c.send(b, &[]).await;
+        let r = c.recv().await.expect("SCSI Response");
+        assert_eq!(r.bhs[0], 0x21, "SCSI Response");
+        assert_eq!(r.bhs[3], 0x00, "GOOD");
+    }
+}
+
+#[tokio::test]
+async fn abort_task_with_a_ref_cmdsn_outside_the_window_does_not_exist() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    let exp = c.cmdsn;
+    // RefCmdSN beyond MaxCmdSN (the window is 128 wide), TMF CmdSN further still.
+    let mut t = abort_task(&c, 101, 0x0bad_0bad, exp + 1000);
+    t[24..28].copy_from_slice(&(exp + 2000).to_be_bytes()); // CmdSN
+    c.send(t, &[]).await;
+    let r = c.recv().await.expect("TMF Response");
+    assert_eq!(r.bhs[2], 1, "Task does not exist");
+}
