@@ -673,10 +673,11 @@ impl Conn {
                 data_out: Vec::new(),
                 data_in_len: if read { edtl } else { 0 },
             };
-            let wr = write.then(|| {
-                let spdtl = target.data_out_len(lun, &cmd.cdb);
-                (spdtl > 0, spdtl)
-            });
+            // RFC 7143 11.4.5: the residual compares the data-out the CDB asks for with what
+            // was expected (EDTL with the W bit, otherwise none), whatever the W bit says; the
+            // SCSI layer gets what was received (nothing) and writes only whole blocks of it.
+            let spdtl = target.data_out_len(lun, &cmd.cdb);
+            let wr = (write || spdtl > 0).then_some((spdtl > 0, spdtl));
             self.execute(target, cmd, lun_raw, if read { edtl } else { 0 }, wr, slot);
             return;
         }

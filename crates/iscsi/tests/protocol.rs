@@ -918,3 +918,43 @@ async fn abort_task_with_a_ref_cmdsn_outside_the_window_does_not_exist() {
     let r = c.recv().await.expect("TMF Response");
     assert_eq!(r.bhs[2], 1, "Task does not exist");
 }
+
+#[tokio::test]
+async fn write_cdb_without_the_w_bit_reports_the_overflow() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    c.clear_unit_attention().await;
+    // WRITE(10) of one block with F=1, R=0, W=0 and EDTL 0: nothing is sent or expected.
+    let (b, itt) = c.command(0x80, 0, &write10(3, 1));
+    c.send(b, &[]).await;
+    let r = c.recv().await.expect("SCSI Response");
+    assert_eq!(r.bhs[0], 0x21, "SCSI Response");
+    assert_eq!(r.u32(16), itt);
+    assert_eq!(r.bhs[2], 0x00, "command completed at target");
+    assert_eq!(
+        r.bhs[3], 0x00,
+        "GOOD: no whole block was received, none is written"
+    );
+    assert_eq!(r.bhs[1] & 0x06, 0x04, "O (overflow), not U");
+    assert_eq!(r.u32(44), 512, "Residual Count: the bytes the CDB wanted");
+}
+
+#[tokio::test]
+async fn write_cdb_without_the_w_bit_writes_nothing() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    c.clear_unit_attention().await;
+    let (b, _) = c.command(0xa1, 512, &write10(4, 1)); // F, W: write a pattern
+    c.send(b, &[0x77; 512]).await;
+    assert_eq!(c.recv().await.expect("SCSI Response").bhs[3], 0x00);
+    // The same WRITE(10) with W=0 and EDTL 512, carrying no data.
+    let (b, _) = c.command(0x80, 512, &write10(4, 1));
+    c.send(b, &[]).await;
+    let r = c.recv().await.expect("SCSI Response");
+    assert_eq!(r.bhs[1] & 0x06, 0x04, "O (overflow)");
+    assert_eq!(r.u32(44), 512, "Residual Count");
+    let (b, _) = c.command(0xc1, 512, &read10(4, 1));
+    c.send(b, &[]).await;
+    let d = c.recv().await.expect("Data-In");
+    assert_eq!(d.data, vec![0x77; 512], "the block is unchanged");
+}
