@@ -1303,8 +1303,10 @@ async fn writer<W: AsyncWrite + Unpin>(
     max_burst: u32,
     mut statsn: u32,
 ) -> Result<(), std::io::Error> {
+    // Both are at least 512 by negotiation (RFC 7143 13.12, 13.13); the floor only guards
+    // against a zero that would never make progress.
     let max_data = framing.max_data.max(512);
-    let max_burst = max_burst.max(max_data);
+    let max_burst = max_burst.max(512);
     'outer: while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
@@ -1380,14 +1382,20 @@ async fn write_result<W: AsyncWrite + Unpin>(
     };
     let status_in_data = r.resp.sense.is_empty() && send > 0;
     let data = r.resp.data_in.get(..send).unwrap_or_default();
+    // Each PDU carries at most the initiator's MaxRecvDataSegmentLength (RFC 7143 13.12) and
+    // each Data-In sequence at most MaxBurstLength (13.13); the F bit marks the last PDU of a
+    // sequence (11.7.1), so a read longer than MaxBurstLength is several sequences.
+    let max_data = max_data as usize;
+    let max_burst = max_burst as usize;
     let mut datasn = 0u32;
     let mut offset = 0usize;
-    let mut burst_used = 0u32;
+    let mut burst_used = 0usize;
     while offset < send {
-        let len = (send - offset).min((max_data.min(max_burst - burst_used)) as usize);
+        let room = max_burst.saturating_sub(burst_used).max(1);
+        let len = (send - offset).min(max_data).min(room);
         let end = offset + len;
         let last = end == send;
-        burst_used += len as u32;
+        burst_used += len;
         let burst_end = burst_used >= max_burst || last;
         let mut b = Bhs::new(op::DATA_IN);
         let mut flags = 0u8;
@@ -1405,7 +1413,8 @@ async fn write_result<W: AsyncWrite + Unpin>(
         b.set_u32(16, r.itt);
         b.set_u32(20, RESERVED_TAG);
         b.set_u32(36, datasn);
-        b.set_u32(40, offset as u32);
+        // `send` is at most EDTL, a u32.
+        b.set_u32(40, u32::try_from(offset).unwrap_or(u32::MAX));
         let sn = if last && status_in_data {
             Sn::Status
         } else {
@@ -1443,7 +1452,7 @@ async fn write_result<W: AsyncWrite + Unpin>(
             .sense
             .len()
             .min(usize::from(u16::MAX))
-            .min(max_data as usize - 2);
+            .min(max_data.saturating_sub(2));
         seg.extend_from_slice(&(n as u16).to_be_bytes());
         seg.extend_from_slice(r.resp.sense.get(..n).unwrap_or_default());
     }

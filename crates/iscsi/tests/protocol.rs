@@ -958,3 +958,58 @@ async fn write_cdb_without_the_w_bit_writes_nothing() {
     let d = c.recv().await.expect("Data-In");
     assert_eq!(d.data, vec![0x77; 512], "the block is unchanged");
 }
+
+/// Read `len` bytes from LBA 0 and return the Data-In PDUs.
+async fn read_data_in(c: &mut Client, len: u32) -> Vec<Pdu> {
+    let (b, itt) = c.command(0xc1, len, &read10(0, (len / 512) as u16)); // F, R
+    c.send(b, &[]).await;
+    let mut pdus = Vec::new();
+    loop {
+        let d = c.recv().await.expect("Data-In");
+        assert_eq!(d.bhs[0], 0x25, "Data-In");
+        assert_eq!(d.u32(16), itt);
+        let status = d.bhs[1] & 0x01 != 0;
+        pdus.push(d);
+        if status {
+            return pdus;
+        }
+    }
+}
+
+#[tokio::test]
+async fn data_in_sequences_end_at_max_burst_length_below_the_segment_length() {
+    let addr = start().await;
+    // MaxBurstLength 1024 < the initiator's MaxRecvDataSegmentLength 8192.
+    let mut c = Client::login(addr, "MaxBurstLength=1024|MaxRecvDataSegmentLength=8192|").await;
+    c.clear_unit_attention().await;
+    let pdus = read_data_in(&mut c, 4096).await;
+    assert_eq!(pdus.len(), 4, "one 1024-byte sequence per PDU");
+    for (i, d) in pdus.iter().enumerate() {
+        assert_eq!(d.u32(36), i as u32, "DataSN");
+        assert_eq!(d.u32(40), 1024 * i as u32, "Buffer Offset");
+        assert_eq!(d.data.len(), 1024, "no more than MaxBurstLength");
+        assert_eq!(d.bhs[1] & 0x80, 0x80, "F: every PDU ends a sequence");
+    }
+}
+
+#[tokio::test]
+async fn data_in_sequences_split_into_segments_and_end_at_max_burst_length() {
+    let addr = start().await;
+    // MaxBurstLength 1536: each sequence is a 1024-byte PDU and a 512-byte PDU.
+    let mut c = Client::login(addr, "MaxBurstLength=1536|MaxRecvDataSegmentLength=1024|").await;
+    c.clear_unit_attention().await;
+    let pdus = read_data_in(&mut c, 3072).await;
+    let got: Vec<(u32, usize, bool)> = pdus
+        .iter()
+        .map(|d| (d.u32(40), d.data.len(), d.bhs[1] & 0x80 != 0))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (0, 1024, false),
+            (1024, 512, true), // end of the first 1536-byte sequence
+            (1536, 1024, false),
+            (2560, 512, true), // end of the second, with status
+        ]
+    );
+}
