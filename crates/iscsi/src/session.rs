@@ -66,6 +66,8 @@ pub enum SessionError {
     Protocol(&'static str),
     #[error("NOP-In ping not answered")]
     PingTimeout,
+    #[error("PDU not completed within {0:?}")]
+    PduTimeout(Duration),
 }
 
 /// Sequence-number handling of an outgoing PDU.
@@ -325,6 +327,7 @@ where
         est.next_statsn,
     )));
     let ping_idle = conn.server.nop_interval();
+    let pdu_timeout = conn.server.pdu_timeout();
     let result = loop {
         // Backpressure: stop reading while the writer is far behind.
         if queued.load(Ordering::Acquire) > MAX_QUEUED {
@@ -357,14 +360,17 @@ where
             Ok(Ok(true)) => break Ok(()),
             Ok(Ok(false)) => {}
         }
+        // Once a PDU has started, the rest must follow in time: a peer stalling inside a PDU
+        // would otherwise hold the connection (and its session) forever.
         let pdu = tokio::select! {
             biased;
             _ = kill.changed() => break Ok(()),
-            p = pdu::read_pdu(&mut rd, recv_framing) => p,
+            p = tokio::time::timeout(pdu_timeout, pdu::read_pdu(&mut rd, recv_framing)) => p,
         };
         let pdu = match pdu {
-            Ok(p) => p,
-            Err(e) => break Err(e.into()),
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => break Err(e.into()),
+            Err(_) => break Err(SessionError::PduTimeout(pdu_timeout)),
         };
         match conn.handle(pdu).await {
             Ok(Flow::Continue) => {}
