@@ -1000,6 +1000,13 @@ impl Conn {
             && !self.held.contains_key(&refsn)
     }
 
+    /// Whether a SCSI command held for its CmdSN matches `pred`.
+    fn held_command(&self, pred: impl Fn(&Pdu) -> bool) -> bool {
+        self.held
+            .values()
+            .any(|h| matches!(h, Held::Pdu(p) if p.bhs.opcode() == op::SCSI_CMD && pred(p)))
+    }
+
     fn tmf(&mut self, pdu: &Pdu) -> Flow {
         let bhs = pdu.bhs;
         let func = bhs.flags() & 0x7f;
@@ -1021,6 +1028,8 @@ impl Conn {
         const TASK_DOES_NOT_EXIST: u8 = 1;
         const NOT_SUPPORTED: u8 = 5;
         const REASSIGN_NOT_SUPPORTED: u8 = 4;
+        // RFC 7144 (iSCSI SCSI features update): the query functions' positive answer.
+        const SUCCEEDED: u8 = 7;
         let tmf = match func {
             1 => {
                 // ABORT TASK (RFC 7143 11.5.1).
@@ -1082,6 +1091,37 @@ impl Conn {
                 respond(self, b, REASSIGN_NOT_SUPPORTED);
                 return Flow::Continue;
             }
+            // RFC 7144: function codes 9-12 carry the SAM-4/5 functions.
+            9 => {
+                // QUERY TASK: a task still collecting data (or held for its CmdSN) exists as
+                // far as the initiator knows, though the SCSI layer has not seen it yet.
+                if self.tasks.contains_key(&rtt) || self.held_command(|p| p.bhs.itt() == rtt) {
+                    respond(self, b, SUCCEEDED);
+                    return Flow::Continue;
+                }
+                Tmf::QueryTask {
+                    lun,
+                    tag: u64::from(rtt),
+                }
+            }
+            10 => {
+                // QUERY TASK SET: likewise for any task of the LU.
+                let raw = bhs.lun();
+                if self.tasks.values().any(|t| t.lun == lun)
+                    || self.held_command(|p| p.bhs.lun() == raw)
+                {
+                    respond(self, b, SUCCEEDED);
+                    return Flow::Continue;
+                }
+                Tmf::QueryTaskSet { lun }
+            }
+            11 => {
+                // I_T NEXUS RESET: every task of this session ends, as for a reset of the
+                // nexus (SAM-5 6.3.4).
+                self.drop_tasks(|_| true);
+                Tmf::ItNexusReset
+            }
+            12 => Tmf::QueryAsyncEvent { lun },
             _ => {
                 respond(self, b, NOT_SUPPORTED);
                 return Flow::Continue;
@@ -1094,7 +1134,8 @@ impl Conn {
         tokio::spawn(async move {
             let r = target.task_management(&nexus, tmf).await;
             let code = match r {
-                TmfResponse::FunctionComplete | TmfResponse::FunctionSucceeded => 0,
+                TmfResponse::FunctionComplete => COMPLETE,
+                TmfResponse::FunctionSucceeded => SUCCEEDED,
                 TmfResponse::TaskDoesNotExist => 1,
                 TmfResponse::IncorrectLun => 2,
                 TmfResponse::FunctionRejected => 255,
@@ -1118,12 +1159,17 @@ impl Conn {
                 }
                 if code == 0 {
                     for (itt, r) in running.iter_mut() {
+                        // Only functions that end tasks mark them; the queries change nothing.
                         let hit = match tmf {
                             Tmf::AbortTask { tag, .. } => u64::from(*itt) == tag,
                             Tmf::AbortTaskSet { lun }
                             | Tmf::ClearTaskSet { lun }
                             | Tmf::LogicalUnitReset { lun } => r.lun == lun,
-                            _ => true,
+                            Tmf::TargetWarmReset | Tmf::TargetColdReset | Tmf::ItNexusReset => true,
+                            Tmf::ClearAca { .. }
+                            | Tmf::QueryTask { .. }
+                            | Tmf::QueryTaskSet { .. }
+                            | Tmf::QueryAsyncEvent { .. } => false,
                         };
                         r.aborted |= hit;
                     }

@@ -1013,3 +1013,104 @@ async fn data_in_sequences_split_into_segments_and_end_at_max_burst_length() {
         ]
     );
 }
+
+/// An immediate Task Management Function Request (RFC 7143 11.5) for LUN 0.
+fn tmf_request(c: &Client, function: u8, itt: u32, ref_itt: u32) -> [u8; 48] {
+    let mut t = [0u8; 48];
+    t[0] = 0x42; // I=1, Task Management Function Request
+    t[1] = 0x80 | function; // F=1, function
+    t[16..20].copy_from_slice(&itt.to_be_bytes());
+    t[20..24].copy_from_slice(&ref_itt.to_be_bytes()); // Referenced Task Tag
+    t[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+    t[32..36].copy_from_slice(&(c.cmdsn - 1).to_be_bytes()); // RefCmdSN
+    t
+}
+
+async fn tmf_response(c: &mut Client, function: u8, itt: u32, ref_itt: u32) -> u8 {
+    let t = tmf_request(c, function, itt, ref_itt);
+    c.send(t, &[]).await;
+    let r = c.recv().await.expect("TMF Response");
+    assert_eq!(r.bhs[0], 0x22, "Task Management Function Response");
+    assert_eq!(r.u32(16), itt);
+    r.bhs[2]
+}
+
+// RFC 7143 11.5.1 / RFC 7144 function codes and 11.6.1 / RFC 7144 response codes.
+const QUERY_TASK: u8 = 9;
+const QUERY_TASK_SET: u8 = 10;
+const I_T_NEXUS_RESET: u8 = 11;
+const QUERY_ASYNC_EVENT: u8 = 12;
+const FUNCTION_COMPLETE: u8 = 0;
+const FUNCTION_SUCCEEDED: u8 = 7;
+
+#[tokio::test]
+async fn query_task_and_query_task_set_report_a_write_waiting_for_data() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "InitialR2T=Yes|ImmediateData=No|").await;
+    c.clear_unit_attention().await;
+    assert_eq!(
+        tmf_response(&mut c, QUERY_TASK, 200, 0x1234).await,
+        FUNCTION_COMPLETE,
+        "no such task"
+    );
+    assert_eq!(
+        tmf_response(&mut c, QUERY_TASK_SET, 201, 0xffff_ffff).await,
+        FUNCTION_COMPLETE,
+        "no task at all"
+    );
+    let (b, itt) = c.command(0xa1, 512, &write10(0, 1)); // F, W
+    c.send(b, &[]).await;
+    let r2t = c.recv().await.expect("R2T");
+    assert_eq!(r2t.bhs[0], 0x31, "R2T");
+    assert_eq!(
+        tmf_response(&mut c, QUERY_TASK, 202, itt).await,
+        FUNCTION_SUCCEEDED
+    );
+    assert_eq!(
+        tmf_response(&mut c, QUERY_TASK_SET, 203, 0xffff_ffff).await,
+        FUNCTION_SUCCEEDED
+    );
+    // The queries left the task alone: its data completes it.
+    c.send(data_out(itt, r2t.u32(20), 0, 0, true), &[0x11; 512])
+        .await;
+    let rsp = c.recv().await.expect("SCSI Response");
+    assert_eq!(rsp.bhs[0], 0x21, "SCSI Response");
+    assert_eq!(rsp.bhs[3], 0x00, "GOOD");
+}
+
+#[tokio::test]
+async fn i_t_nexus_reset_ends_the_tasks_and_query_async_event_sees_the_unit_attention() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "InitialR2T=Yes|ImmediateData=No|").await;
+    c.clear_unit_attention().await;
+    assert_eq!(
+        tmf_response(&mut c, QUERY_ASYNC_EVENT, 300, 0xffff_ffff).await,
+        FUNCTION_COMPLETE,
+        "nothing pending"
+    );
+    let (b, itt) = c.command(0xa1, 512, &write10(0, 1)); // F, W
+    c.send(b, &[]).await;
+    assert_eq!(c.recv().await.expect("R2T").bhs[0], 0x31);
+    assert_eq!(
+        tmf_response(&mut c, I_T_NEXUS_RESET, 301, 0xffff_ffff).await,
+        FUNCTION_COMPLETE
+    );
+    assert_eq!(
+        tmf_response(&mut c, QUERY_TASK, 302, itt).await,
+        FUNCTION_COMPLETE,
+        "the write is gone"
+    );
+    assert_eq!(
+        tmf_response(&mut c, QUERY_ASYNC_EVENT, 303, 0xffff_ffff).await,
+        FUNCTION_SUCCEEDED,
+        "a unit attention is pending"
+    );
+    // SAM-5: the next command reports UNIT ATTENTION, I_T NEXUS LOSS OCCURRED (29h/07h).
+    let (b, _) = c.command(0x80, 0, &[0; 6]); // F, TEST UNIT READY
+    c.send(b, &[]).await;
+    let r = c.recv().await.expect("SCSI Response");
+    assert_eq!(r.bhs[0], 0x21, "SCSI Response, none for the write");
+    assert_eq!(r.bhs[3], 0x02, "CHECK CONDITION");
+    assert_eq!(r.data[2 + 2] & 0x0f, 0x06, "UNIT ATTENTION");
+    assert_eq!(&r.data[2 + 12..2 + 14], &[0x29, 0x07]);
+}
