@@ -11,6 +11,12 @@
 //! TargetName before any other key is answered, so the required method (the target's or
 //! discovery's CHAP, or none) is known whatever the key order. No transit out of the security
 //! stage, and no skip past it, happens until that method has succeeded (RFC 7143 6.3, 12).
+//!
+//! Target offers: in a normal session's first operational-stage answer the target offers
+//! InitialR2T=No, ImmediateData=Yes and its burst lengths for whichever of them the initiator
+//! has not negotiated (RFC 7143 6.2: either side may start a negotiation); the initiator's
+//! answer is the result, and the full feature phase waits for every answer. A login that skips
+//! the operational stage keeps the defaults.
 
 use rand::RngCore;
 
@@ -108,6 +114,10 @@ pub struct Login<'a> {
     seen: std::collections::HashSet<String>,
     /// The stage the target agreed to move to with the last part of its pending reply.
     transit: Option<u8>,
+    /// Whether the target has made its own offers (once, in the operational stage).
+    offers_made: bool,
+    /// Keys the target offered that the initiator has not answered yet.
+    offered: Vec<&'static str>,
 }
 
 fn login_flags(t: bool, c: bool, csg: u8, nsg: u8) -> u8 {
@@ -138,6 +148,8 @@ impl<'a> Login<'a> {
             new_tsih: tsih,
             seen: std::collections::HashSet::new(),
             transit: None,
+            offers_made: false,
+            offered: Vec::new(),
         }
     }
 
@@ -284,6 +296,13 @@ impl<'a> Login<'a> {
                 "TargetAlias" | "TargetAddress" | "TargetPortalGroupTag" | "SendTargets" => {
                     reply.push((k.clone(), "Irrelevant".into()))
                 }
+                _ if self.offered.contains(&k.as_str()) => {
+                    // The initiator's answer to our offer: the result, not answered again.
+                    self.offered.retain(|o| o != k);
+                    if text::apply_answer(&mut self.params, k, v).is_err() {
+                        return self.fail(status::INITIATOR_ERROR);
+                    }
+                }
                 _ => {
                     let discovery = self.kind == Some(Kind::Discovery);
                     match text::negotiate(&mut self.params, k, v, discovery) {
@@ -321,7 +340,29 @@ impl<'a> Login<'a> {
         if csg == 1 || t {
             self.declare(&mut reply);
         }
+        if csg == 1 {
+            self.offer(&mut reply);
+        }
+        // RFC 7143 6.2, 6.3: a negotiation ends with its answer, so the full feature phase
+        // waits until the initiator has answered every offer of ours (T=0 meanwhile).
+        let t = t && (nsg != 3 || self.offered.is_empty());
         self.finish_step(reply, t, csg, nsg)
+    }
+
+    /// In a normal session's first operational-stage answer, offer the keys the initiator has
+    /// not negotiated (see [`text::target_offers`]). A login that skips the operational stage
+    /// keeps their defaults.
+    fn offer(&mut self, reply: &mut Vec<(String, String)>) {
+        if self.offers_made || !matches!(self.kind, Some(Kind::Normal(_))) {
+            return;
+        }
+        self.offers_made = true;
+        for (k, v) in text::target_offers() {
+            if !self.seen.contains(k) {
+                reply.push((k.to_string(), v));
+                self.offered.push(k);
+            }
+        }
     }
 
     /// Whether the login may leave the security stage: the required authentication is done,
@@ -527,6 +568,9 @@ mod tests {
     use std::sync::Arc;
 
     const TARGET: &str = "iqn.2026-01.io.sharedisk:t";
+    /// The keys the target offers when the initiator leaves them out.
+    const ALL_FOUR: &str =
+        "InitialR2T=Yes|ImmediateData=Yes|MaxBurstLength=262144|FirstBurstLength=65536|";
 
     fn config(auth: Auth, acl: Option<Vec<String>>) -> ServerConfig {
         ServerConfig {
@@ -594,8 +638,11 @@ mod tests {
         // Declared on the way into the operational stage.
         assert_eq!(get(&r, "MaxRecvDataSegmentLength"), Some("262144"));
         // T=1 CSG=1 NSG=3
-        let (b, d, o) = l.step(
-            &req(0x87, "HeaderDigest=None|MaxRecvDataSegmentLength=65536|ImmediateData=Yes|InitialR2T=No|Foo=1|"));
+        let (b, d, o) = l.step(&req(
+            0x87,
+            "HeaderDigest=None|MaxRecvDataSegmentLength=65536|ImmediateData=Yes|InitialR2T=No|\
+             MaxBurstLength=262144|FirstBurstLength=65536|Foo=1|",
+        ));
         assert_eq!(b.0[1], 0x87);
         assert_eq!(b.u16_at(14), 7); // TSIH assigned
         assert_eq!(b.u32_at(28), 10); // ExpCmdSN = the login's CmdSN
@@ -698,7 +745,7 @@ mod tests {
         assert!(matches!(o, Outcome::Continue));
         assert!(d.is_empty());
         assert_eq!(b.0[1] & 0xc0, 0); // T=0 C=0
-        let (_, _, o) = l.step(&req(0x87, &format!("n.i|TargetName={TARGET}|")));
+        let (_, _, o) = l.step(&req(0x87, &format!("n.i|TargetName={TARGET}|{ALL_FOUR}")));
         let Outcome::Done(est) = o else {
             panic!("login should complete")
         };
@@ -1017,5 +1064,80 @@ mod tests {
         assert!(matches!(o, Outcome::Continue));
         let (_, _, o) = l.step(&req(0x83, "SessionType=Discovery|"));
         assert!(matches!(o, Outcome::Fail(0x0200)), "{o:?}");
+    }
+
+    #[test]
+    fn target_offers_the_keys_the_initiator_left_out_and_waits_for_the_answers() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 5);
+        // T=1 CSG=1 NSG=3, offering only ImmediateData.
+        let (b, d, o) = l.step(&req(
+            0x87,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|ImmediateData=No|"),
+        ));
+        assert!(matches!(o, Outcome::Continue), "{o:?}");
+        assert_eq!(b.0[1], 0x04, "T=0 CSG=1: no transit before the answers");
+        let r = reply_text(&d);
+        assert_eq!(get(&r, "ImmediateData"), Some("No"), "answered");
+        assert_eq!(get(&r, "InitialR2T"), Some("No"), "offered");
+        assert_eq!(get(&r, "MaxBurstLength"), Some("1048576"), "offered");
+        assert_eq!(get(&r, "FirstBurstLength"), Some("262144"), "offered");
+        // Part of the answers: still no transit.
+        let (b, _, o) = l.step(&req(0x87, "InitialR2T=No|MaxBurstLength=524288|"));
+        assert!(matches!(o, Outcome::Continue), "{o:?}");
+        assert_eq!(b.0[1], 0x04, "T=0");
+        // The last answer; the answers themselves are not answered.
+        let (b, d, o) = l.step(&req(0x87, "FirstBurstLength=131072|"));
+        assert_eq!(b.0[1], 0x87, "T=1 CSG=1 NSG=3");
+        assert!(reply_text(&d).is_empty());
+        let Outcome::Done(est) = o else {
+            panic!("login should complete")
+        };
+        assert!(!est.params.initial_r2t);
+        assert!(!est.params.immediate_data);
+        assert_eq!(est.params.max_burst, 524_288);
+        assert_eq!(est.params.first_burst, 131_072);
+    }
+
+    #[test]
+    fn initial_r2t_answer_yes_is_the_result() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 5);
+        let (_, d, _) = l.step(&req(
+            0x87,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|"),
+        ));
+        assert_eq!(get(&reply_text(&d), "InitialR2T"), Some("No"));
+        let (_, _, o) = l.step(&req(
+            0x87,
+            "InitialR2T=Yes|ImmediateData=Yes|MaxBurstLength=Reject|FirstBurstLength=8192|",
+        ));
+        let Outcome::Done(est) = o else {
+            panic!("login should complete")
+        };
+        assert!(est.params.initial_r2t, "OR: the initiator's Yes wins");
+        assert_eq!(est.params.max_burst, 262_144, "rejected: the default");
+        assert_eq!(est.params.first_burst, 8192);
+    }
+
+    #[test]
+    fn an_answer_above_the_offer_fails_the_login() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 5);
+        l.step(&req(
+            0x87,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|"),
+        ));
+        let (_, _, o) = l.step(&req(0x87, "MaxBurstLength=16777215|"));
+        assert!(matches!(o, Outcome::Fail(0x0200)), "{o:?}");
+    }
+
+    #[test]
+    fn discovery_sessions_get_no_offers() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 5);
+        let (_, d, o) = l.step(&req(0x87, "InitiatorName=iqn.i|SessionType=Discovery|"));
+        assert!(matches!(o, Outcome::Done(_)));
+        assert_eq!(get(&reply_text(&d), "InitialR2T"), None);
     }
 }

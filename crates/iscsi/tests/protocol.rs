@@ -111,7 +111,28 @@ impl Client {
         Self::login_isid(addr, keys, [0x80, 1, 2, 3, 4, 5]).await
     }
 
+    /// Log in, answering the target's own offers (RFC 7143 6.2) as an initiator content with
+    /// the RFC 7143 defaults does: InitialR2T=Yes (OR), ImmediateData=Yes (AND), and the
+    /// default burst lengths (the minimum).
     async fn login_isid(addr: std::net::SocketAddr, keys: &str, isid: [u8; 6]) -> Client {
+        let answer = |k: &str| match k {
+            "InitialR2T" => "Yes",
+            "ImmediateData" => "Yes",
+            "MaxBurstLength" => "262144",
+            "FirstBurstLength" => "65536",
+            _ => "NotUnderstood",
+        };
+        Self::login_answering(addr, keys, isid, answer).await
+    }
+
+    /// Log in with `keys` in one operational-stage request (CSG=1 → NSG=3), then answer each
+    /// key the target offers with `answer` until it agrees to the transit.
+    async fn login_answering(
+        addr: std::net::SocketAddr,
+        keys: &str,
+        isid: [u8; 6],
+        answer: impl Fn(&str) -> &'static str,
+    ) -> Client {
         let s = TcpStream::connect(addr).await.expect("connect");
         let mut c = Client {
             s,
@@ -129,11 +150,36 @@ impl Client {
             keys.replace('|', "\0")
         );
         c.send(b, text.as_bytes()).await;
-        let r = c.recv().await.expect("login response");
-        assert_eq!(r.bhs[0], 0x23, "Login Response");
-        assert_eq!(r.bhs[1], 0x87, "T=1 CSG=1 NSG=3");
-        assert_eq!(&r.bhs[36..38], &[0, 0], "status success");
-        c
+        for _ in 0..3 {
+            let r = c.recv().await.expect("login response");
+            assert_eq!(r.bhs[0], 0x23, "Login Response");
+            assert_eq!(&r.bhs[36..38], &[0, 0], "status success");
+            if r.bhs[1] == 0x87 {
+                return c; // T=1 CSG=1 NSG=3
+            }
+            assert_eq!(r.bhs[1], 0x04, "T=0 CSG=1: the target offers keys");
+            let text = String::from_utf8(r.data).expect("text");
+            let offered: Vec<&str> = text
+                .split('\0')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, _)| k)
+                .filter(|k| {
+                    matches!(
+                        *k,
+                        "InitialR2T" | "ImmediateData" | "MaxBurstLength" | "FirstBurstLength"
+                    ) && !keys.contains(&format!("{k}="))
+                })
+                .collect();
+            let reply: String = offered
+                .iter()
+                .map(|k| format!("{k}={}\0", answer(k)))
+                .collect();
+            let mut b = b;
+            b[16..20].copy_from_slice(&1u32.to_be_bytes()); // ITT
+            b[8..14].copy_from_slice(&isid);
+            c.send(b, reply.as_bytes()).await;
+        }
+        panic!("the target never agreed to the full feature phase");
     }
 
     /// Consume the unit attention a new I_T nexus gets on its first command (SAM-5: power on or
@@ -1113,4 +1159,75 @@ async fn i_t_nexus_reset_ends_the_tasks_and_query_async_event_sees_the_unit_atte
     assert_eq!(r.bhs[3], 0x02, "CHECK CONDITION");
     assert_eq!(r.data[2 + 2] & 0x0f, 0x06, "UNIT ATTENTION");
     assert_eq!(&r.data[2 + 12..2 + 14], &[0x29, 0x07]);
+}
+
+#[tokio::test]
+async fn target_offers_initial_r2t_no_and_immediate_data_yes_to_an_initiator_that_omits_them() {
+    let addr = start().await;
+    let s = TcpStream::connect(addr).await.expect("connect");
+    let mut c = Client {
+        s,
+        cmdsn: 1,
+        itt: 1,
+    };
+    let mut b = [0u8; 48];
+    b[0] = 0x43; // I=1, Login Request
+    b[1] = 0x87; // T=1, CSG=1, NSG=3
+    b[8..14].copy_from_slice(&[0x80, 2, 2, 2, 2, 2]); // ISID
+    b[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
+    let text = format!("InitiatorName=iqn.2026-01.test:wire\0TargetName={TARGET}\0");
+    c.send(b, text.as_bytes()).await;
+    let r = c.recv().await.expect("Login Response");
+    assert_eq!(
+        r.bhs[1], 0x04,
+        "T=0 CSG=1: no full feature phase before the answers"
+    );
+    let text = String::from_utf8(r.data).expect("text");
+    for kv in [
+        "InitialR2T=No\0",
+        "ImmediateData=Yes\0",
+        "MaxBurstLength=1048576\0",
+        "FirstBurstLength=262144\0",
+    ] {
+        assert!(text.contains(kv), "{kv} offered in {text:?}");
+    }
+    // Answer with the results: InitialR2T OR -> No, ImmediateData AND -> Yes.
+    c.send(
+        b,
+        b"InitialR2T=No\0ImmediateData=Yes\0MaxBurstLength=1048576\0FirstBurstLength=4096\0",
+    )
+    .await;
+    let r = c.recv().await.expect("Login Response");
+    assert_eq!(r.bhs[1], 0x87, "T=1 CSG=1 NSG=3");
+    assert!(r.data.is_empty(), "answers are not answered");
+    c.clear_unit_attention().await;
+    // WRITE(10) of 8 blocks: 512 bytes immediate, then unsolicited Data-Out up to
+    // FirstBurstLength (4096, the whole write) with no R2T.
+    let payload: Vec<u8> = (0..4096u32).map(|i| (i % 253) as u8).collect();
+    let (b, itt) = c.command(0x21, 4096, &write10(40, 8)); // W, F=0
+    c.send(b, &payload[..512]).await;
+    c.send(data_out(itt, 0xffff_ffff, 0, 512, true), &payload[512..])
+        .await;
+    let rsp = c.recv().await.expect("SCSI Response, not an R2T");
+    assert_eq!(rsp.bhs[0], 0x21, "SCSI Response");
+    assert_eq!(rsp.bhs[3], 0x00, "GOOD");
+}
+
+#[tokio::test]
+async fn an_initiator_answering_initial_r2t_yes_gets_r2ts() {
+    let addr = start().await;
+    let answer = |k: &str| match k {
+        "InitialR2T" => "Yes",
+        "ImmediateData" => "No",
+        "MaxBurstLength" => "262144",
+        "FirstBurstLength" => "65536",
+        _ => "NotUnderstood",
+    };
+    let mut c = Client::login_answering(addr, "", [0x80, 2, 2, 2, 2, 3], answer).await;
+    c.clear_unit_attention().await;
+    let (b, itt) = c.command(0xa1, 512, &write10(0, 1)); // F, W
+    c.send(b, &[]).await;
+    let r2t = c.recv().await.expect("R2T");
+    assert_eq!(r2t.bhs[0], 0x31, "R2T: InitialR2T=Yes is the result");
+    assert_eq!(r2t.u32(16), itt);
 }
