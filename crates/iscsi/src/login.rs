@@ -212,9 +212,9 @@ impl<'a> Login<'a> {
         } else {
             self.itt = bhs.itt();
         }
-        // RFC 7143 11.12.3: CSG must be the current stage; NSG 2 is reserved; T and C together
-        // are a protocol error; a transit must go forward.
-        if csg != self.stage || csg == 2 || (t && c) || (t && (nsg == 2 || nsg <= csg)) {
+        // RFC 7143 11.12.3: CSG must be the current stage, security (0) or operational (1);
+        // NSG 2 is reserved; T and C together are a protocol error; a transit must go forward.
+        if csg != self.stage || csg >= 2 || (t && c) || (t && (nsg == 2 || nsg <= csg)) {
             return self.fail(status::INITIATOR_ERROR);
         }
         if self.text_in.len() + pdu.data.len() > MAX_LOGIN_TEXT {
@@ -1139,5 +1139,17 @@ mod tests {
         let (_, d, o) = l.step(&req(0x87, "InitiatorName=iqn.i|SessionType=Discovery|"));
         assert!(matches!(o, Outcome::Done(_)));
         assert_eq!(get(&reply_text(&d), "InitialR2T"), None);
+    }
+
+    #[test]
+    fn a_login_request_in_the_full_feature_stage_is_an_initiator_error() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 1);
+        // T=0 CSG=3.
+        let (_, _, o) = l.step(&req(
+            0x0c,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|"),
+        ));
+        assert!(matches!(o, Outcome::Fail(0x0200)), "{o:?}");
     }
 }

@@ -813,9 +813,6 @@ impl Conn {
         task.unsolicited = false;
         task.ttt = ttt;
         task.seq_end = got + len;
-        // The data asked for is within the solicited budget: room for it now.
-        task.buf
-            .reserve_exact((task.seq_end as usize).saturating_sub(task.buf.len()));
         task.datasn = 0;
         let r2tsn = task.r2tsn;
         task.r2tsn = task.r2tsn.wrapping_add(1);
@@ -1839,5 +1836,26 @@ mod tests {
             "Task does not exist"
         );
         assert_eq!(c.held.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_write_buffer_grows_only_when_its_data_arrives() {
+        let (mut c, mut rx) = conn(unsolicited_params());
+        c.handle(write_cmd(false, 7, 1, 2048, &[])).await.ok();
+        assert_eq!(buffered(&c), 0, "1 MiB announced, nothing arrived");
+        // Data-Out (RFC 7143 11.7): unsolicited (TTT 0xffffffff), DataSN 0, offset 0, F=0.
+        let mut b = Bhs::default();
+        b.0[0] = 0x05; // Data-Out
+        b.0[16..20].copy_from_slice(&7u32.to_be_bytes()); // ITT
+        b.0[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes()); // TTT
+        let pdu = Pdu {
+            bhs: b,
+            data: vec![0x5a; 512],
+            ..Pdu::default()
+        };
+        c.handle(pdu).await.ok();
+        assert!(outs(&mut rx).is_empty());
+        // Room for the unsolicited sequence (FirstBurstLength), not the whole write.
+        assert_eq!(buffered(&c), 65_536);
     }
 }
