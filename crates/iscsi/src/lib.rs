@@ -16,6 +16,11 @@
 //! session reinstatement (RFC 7143 6.3.5: a new login with the same initiator name and ISID
 //! ends the old session), TARGET COLD RESET (which drops every connection of the target) and
 //! [`Server::sessions`].
+//!
+//! Limits: at most 1024 connections at once (`MAX_CONNECTIONS`; more are closed as accepted);
+//! the login phase must finish within 30 s (`LOGIN_TIMEOUT`); in the full feature phase a PDU
+//! whose first byte has arrived must be complete within 30 s (`PDU_TIMEOUT`), and an idle
+//! initiator is pinged (see [`Server::set_nop_interval`]).
 
 mod chap;
 mod login;
@@ -25,7 +30,7 @@ mod text;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,8 +41,15 @@ use tokio::sync::watch;
 use crate::login::{Kind, Login, Outcome, LOGIN_MAX_DATA};
 use crate::pdu::Framing;
 
-/// Time allowed for the whole login phase.
+/// Time allowed for the whole login phase, from accepting the connection to the last Login
+/// Response written.
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time allowed to receive the rest of a PDU once its first byte has arrived in the full
+/// feature phase; a connection that stalls inside a PDU is dropped.
+const PDU_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections one server serves at once (in login or full feature phase); one accepted
+/// beyond it is closed at once, with a log line.
+const MAX_CONNECTIONS: usize = 1024;
 /// Default idle time before a NOP-In ping, and the time allowed for its answer.
 const NOP_INTERVAL: Duration = Duration::from_secs(15);
 /// Time allowed for a reinstated session to end.
@@ -115,6 +127,24 @@ pub struct Server {
     next_tsih: AtomicU16,
     shutdown: watch::Sender<bool>,
     nop_interval_ms: AtomicU64,
+    login_timeout_ms: AtomicU64,
+    pdu_timeout_ms: AtomicU64,
+    max_connections: AtomicUsize,
+    /// Connections being served.
+    connections: AtomicUsize,
+}
+
+/// Counts one served connection until dropped.
+struct ConnectionSlot(Arc<Server>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 impl Server {
@@ -124,18 +154,37 @@ impl Server {
             registry: Mutex::new(Registry::default()),
             next_tsih: AtomicU16::new(1),
             shutdown: watch::channel(false).0,
-            nop_interval_ms: AtomicU64::new(NOP_INTERVAL.as_millis() as u64),
+            nop_interval_ms: AtomicU64::new(millis(NOP_INTERVAL)),
+            login_timeout_ms: AtomicU64::new(millis(LOGIN_TIMEOUT)),
+            pdu_timeout_ms: AtomicU64::new(millis(PDU_TIMEOUT)),
+            max_connections: AtomicUsize::new(MAX_CONNECTIONS),
+            connections: AtomicUsize::new(0),
         })
+    }
+
+    /// Shorter limits for tests (see [`LOGIN_TIMEOUT`], [`PDU_TIMEOUT`], [`MAX_CONNECTIONS`]).
+    #[cfg(test)]
+    pub(crate) fn set_limits(&self, login: Duration, pdu: Duration, connections: usize) {
+        self.login_timeout_ms
+            .store(millis(login), Ordering::Relaxed);
+        self.pdu_timeout_ms.store(millis(pdu), Ordering::Relaxed);
+        self.max_connections.store(connections, Ordering::Relaxed);
+    }
+
+    fn login_timeout(&self) -> Duration {
+        Duration::from_millis(self.login_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn pdu_timeout(&self) -> Duration {
+        Duration::from_millis(self.pdu_timeout_ms.load(Ordering::Relaxed))
     }
 
     /// Keep-alive: after `interval` without a PDU from the initiator a session sends a NOP-In
     /// ping (RFC 7143 11.19), and ends when the next `interval` passes without any PDU.
     /// Applies to sessions that start afterwards. Default 15 s.
     pub fn set_nop_interval(&self, interval: Duration) {
-        let ms = u64::try_from(interval.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        self.nop_interval_ms.store(ms, Ordering::Relaxed);
+        self.nop_interval_ms
+            .store(millis(interval), Ordering::Relaxed);
     }
 
     fn nop_interval(&self) -> Duration {
@@ -185,8 +234,17 @@ impl Server {
                     continue;
                 }
             };
+            let limit = self.max_connections.load(Ordering::Relaxed);
+            if self.connections.fetch_add(1, Ordering::AcqRel) >= limit {
+                self.connections.fetch_sub(1, Ordering::AcqRel);
+                tracing::warn!(%peer, limit, "iSCSI connection refused: too many connections");
+                drop(stream);
+                continue;
+            }
+            let slot = ConnectionSlot(self.clone());
             let server = self.clone();
             tokio::spawn(async move {
+                let _slot = slot;
                 if let Err(e) = server.connection(stream, peer).await {
                     tracing::debug!(%peer, error = %e, "iSCSI connection ended");
                 }
@@ -284,11 +342,14 @@ impl Server {
             max_data: LOGIN_MAX_DATA,
         };
         let mut login = Login::new(&self.config, self.alloc_tsih());
-        let deadline = tokio::time::Instant::now() + LOGIN_TIMEOUT;
+        // The whole login phase, writes and the wait for a reinstated session included, has
+        // one deadline.
+        let deadline = tokio::time::Instant::now() + self.login_timeout();
+        let timed_out = |_| session::SessionError::Protocol("Login timed out");
         let (est, id, kill, done, nexus) = loop {
             let pdu = tokio::time::timeout_at(deadline, pdu::read_pdu(&mut rd, framing))
                 .await
-                .map_err(|_| session::SessionError::Protocol("Login timed out"))??;
+                .map_err(timed_out)??;
             let (mut bhs, data, outcome) = login.step(&pdu);
             let reg = match &outcome {
                 Outcome::Done(est) => {
@@ -320,12 +381,30 @@ impl Server {
                         target: tname,
                         peer,
                     };
-                    Some((self.register(info, target).await, nexus))
+                    // Cancelling the wait for an old session registers nothing.
+                    let reg = tokio::time::timeout_at(deadline, self.register(info, target))
+                        .await
+                        .map_err(timed_out)?;
+                    Some((reg, nexus))
                 }
                 _ => None,
             };
-            pdu::write_pdu(&mut wr, &mut bhs, &data, framing).await?;
-            wr.flush().await?;
+            let written = tokio::time::timeout_at(deadline, async {
+                pdu::write_pdu(&mut wr, &mut bhs, &data, framing).await?;
+                wr.flush().await
+            })
+            .await;
+            let written = match written {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.into()),
+                Err(e) => Err(timed_out(e)),
+            };
+            if let Err(e) = written {
+                if let Some(((id, _, _), _)) = &reg {
+                    self.unregister(*id);
+                }
+                return Err(e);
+            }
             match (outcome, reg) {
                 (Outcome::Done(est), Some(((id, kill, done), nexus))) => {
                     break (est, id, kill, done, nexus)
@@ -422,7 +501,117 @@ pub mod fuzzing {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
     use rand::{Rng, SeedableRng};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::{Auth, Server, ServerConfig};
+
+    /// A server for discovery sessions only, with the given limits.
+    async fn start(login: Duration, pdu: Duration, connections: usize) -> SocketAddr {
+        let server = Server::new(ServerConfig {
+            targets: Vec::new(),
+            discovery_auth: Auth::default(),
+            portals: Vec::new(),
+        });
+        server.set_limits(login, pdu, connections);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(server.serve(listener));
+        addr
+    }
+
+    /// A discovery Login Request (RFC 7143 11.12) with the given flags.
+    fn login_request(flags: u8) -> Vec<u8> {
+        let text = b"InitiatorName=iqn.2026-01.test:lib\0SessionType=Discovery\0";
+        let mut b = vec![0u8; 48];
+        b[0] = 0x43; // I=1, Login Request
+        b[1] = flags; // T C . . CSG NSG
+        b[7] = text.len() as u8; // DataSegmentLength
+        b[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0, 9]); // ISID
+        b[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
+        b.extend_from_slice(text);
+        b.resize(b.len().div_ceil(4) * 4, 0); // padding
+        b
+    }
+
+    /// Read one Login Response's BHS and data segment; returns the BHS.
+    async fn login_response(s: &mut TcpStream) -> [u8; 48] {
+        let mut bhs = [0u8; 48];
+        s.read_exact(&mut bhs).await.expect("Login Response");
+        let len = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as usize;
+        let mut data = vec![0u8; len.div_ceil(4) * 4];
+        s.read_exact(&mut data).await.expect("Login Response data");
+        bhs
+    }
+
+    /// Whether the target closes the connection within `within`.
+    async fn closed(s: &mut TcpStream, within: Duration) -> bool {
+        let mut buf = [0u8; 256];
+        tokio::time::timeout(within, async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    #[tokio::test]
+    async fn a_pdu_stalled_after_its_first_bytes_drops_the_connection() {
+        let addr = start(Duration::from_secs(30), Duration::from_millis(200), 16).await;
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(&login_request(0x87)).await.expect("send"); // T=1 CSG=1 NSG=3
+        let r = login_response(&mut s).await;
+        assert_eq!(&r[36..38], &[0, 0], "logged in");
+        // The first 10 bytes of a NOP-Out, and nothing more.
+        s.write_all(&[0x40, 0x80, 0, 0, 0, 0, 0, 0, 0, 0])
+            .await
+            .expect("send");
+        assert!(closed(&mut s, Duration::from_secs(5)).await);
+    }
+
+    #[tokio::test]
+    async fn a_login_that_does_not_finish_in_time_is_dropped() {
+        let addr = start(Duration::from_millis(300), Duration::from_secs(30), 16).await;
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        // T=0 CSG=1: the login goes on, PDU by PDU, but never ends.
+        s.write_all(&login_request(0x04)).await.expect("send");
+        let r = login_response(&mut s).await;
+        assert_eq!(r[1] & 0x80, 0, "no transit");
+        assert!(closed(&mut s, Duration::from_secs(5)).await);
+        // A connection that sends part of a Login Request and stalls.
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(&login_request(0x87)[..20]).await.expect("send");
+        assert!(closed(&mut s, Duration::from_secs(5)).await);
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed() {
+        let addr = start(Duration::from_secs(30), Duration::from_secs(30), 2).await;
+        let a = TcpStream::connect(addr).await.expect("connect");
+        let _b = TcpStream::connect(addr).await.expect("connect");
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        assert!(
+            closed(&mut c, Duration::from_secs(5)).await,
+            "third refused"
+        );
+        // Once one ends, a new connection is served.
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut d = TcpStream::connect(addr).await.expect("connect");
+        d.write_all(&login_request(0x87)).await.expect("send");
+        let r = login_response(&mut d).await;
+        assert_eq!(&r[36..38], &[0, 0], "logged in");
+    }
 
     /// The fuzz entry points survive random input and mutations of valid input.
     #[test]

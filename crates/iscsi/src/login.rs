@@ -6,6 +6,17 @@
 //! (CHAP not finished means T=0). A stage can be skipped (0 → 3), never revisited. Text that
 //! does not fit one PDU travels with the C bit: each side answers a C=1 PDU with an empty one
 //! (6.3, 11.12.2).
+//!
+//! Authentication: the leading request's whole text is read for InitiatorName, SessionType and
+//! TargetName before any other key is answered, so the required method (the target's or
+//! discovery's CHAP, or none) is known whatever the key order. No transit out of the security
+//! stage, and no skip past it, happens until that method has succeeded (RFC 7143 6.3, 12).
+//!
+//! Target offers: in a normal session's first operational-stage answer the target offers
+//! InitialR2T=No, ImmediateData=Yes and its burst lengths for whichever of them the initiator
+//! has not negotiated (RFC 7143 6.2: either side may start a negotiation); the initiator's
+//! answer is the result, and the full feature phase waits for every answer. A login that skips
+//! the operational stage keeps the defaults.
 
 use rand::RngCore;
 
@@ -101,6 +112,12 @@ pub struct Login<'a> {
     new_tsih: u16,
     /// Keys already received in this login (RFC 7143 6.1: none may be sent twice).
     seen: std::collections::HashSet<String>,
+    /// The stage the target agreed to move to with the last part of its pending reply.
+    transit: Option<u8>,
+    /// Whether the target has made its own offers (once, in the operational stage).
+    offers_made: bool,
+    /// Keys the target offered that the initiator has not answered yet.
+    offered: Vec<&'static str>,
 }
 
 fn login_flags(t: bool, c: bool, csg: u8, nsg: u8) -> u8 {
@@ -130,6 +147,9 @@ impl<'a> Login<'a> {
             text_out: Vec::new(),
             new_tsih: tsih,
             seen: std::collections::HashSet::new(),
+            transit: None,
+            offers_made: false,
+            offered: Vec::new(),
         }
     }
 
@@ -192,9 +212,9 @@ impl<'a> Login<'a> {
         } else {
             self.itt = bhs.itt();
         }
-        // RFC 7143 11.12.3: CSG must be the current stage; NSG 2 is reserved; T and C together
-        // are a protocol error; a transit must go forward.
-        if csg != self.stage || csg == 2 || (t && c) || (t && (nsg == 2 || nsg <= csg)) {
+        // RFC 7143 11.12.3: CSG must be the current stage, security (0) or operational (1);
+        // NSG 2 is reserved; T and C together are a protocol error; a transit must go forward.
+        if csg != self.stage || csg >= 2 || (t && c) || (t && (nsg == 2 || nsg <= csg)) {
             return self.fail(status::INITIATOR_ERROR);
         }
         if self.text_in.len() + pdu.data.len() > MAX_LOGIN_TEXT {
@@ -208,41 +228,43 @@ impl<'a> Login<'a> {
         }
         if !self.text_out.is_empty() {
             // The initiator is fetching the rest of our text.
-            return self.send_text(t, csg, nsg, false);
+            return self.send_text(t, csg);
         }
         let input = std::mem::take(&mut self.text_in);
         let pairs = match text::parse(&input) {
             Ok(p) => p,
             Err(_) => return self.fail(status::INITIATOR_ERROR),
         };
-        let mut reply: Vec<(String, String)> = Vec::new();
-        let mut chap_n = None;
-        let mut chap_r = None;
-        let mut chap_i = None;
-        let mut chap_c = None;
-        let mut auth_fail = false;
-        let mut session_type = None;
-        let mut target_name = None;
         for (k, _) in &pairs {
             // RFC 7143 6.1: declaring or negotiating a key twice is an initiator error.
             if self.seen.len() > 256 || !self.seen.insert(k.clone()) {
                 return self.fail(status::INITIATOR_ERROR);
             }
         }
+        let mut reply: Vec<(String, String)> = Vec::new();
+        // The session kind and target decide which authentication is required, so they are
+        // resolved from the whole text before any other key (AuthMethod in particular) is
+        // answered, whatever order the initiator put them in.
+        if let Err(s) = self.resolve_session(&pairs, &mut reply) {
+            return self.fail(s);
+        }
+        let mut chap_n = None;
+        let mut chap_r = None;
+        let mut chap_i = None;
+        let mut chap_c = None;
+        let mut auth_fail = false;
         for (k, v) in &pairs {
             match k.as_str() {
-                "InitiatorName" => self.initiator_name = Some(v.clone()),
-                "SessionType" => session_type = Some(v.clone()),
-                "TargetName" => target_name = Some(v.clone()),
-                "InitiatorAlias" => {}
-                "AuthMethod" if csg == 0 => {
-                    let want_chap = self.wants_chap_for(session_type.as_deref(), &target_name);
-                    let offered: Vec<&str> = v.split(',').collect();
-                    let pick = if want_chap {
-                        offered.contains(&"CHAP").then_some("CHAP")
+                "InitiatorName" | "SessionType" | "TargetName" | "InitiatorAlias" => {}
+                "AuthMethod" if csg == 0 && self.auth_state == AuthState::Start => {
+                    // RFC 7143 12: the target picks the first method it accepts from the
+                    // initiator's list; only the method the target requires is accepted.
+                    let want = if self.auth.chap.is_some() {
+                        "CHAP"
                     } else {
-                        offered.contains(&"None").then_some("None")
+                        "None"
                     };
+                    let pick = v.split(',').any(|m| m == want).then_some(want);
                     match pick {
                         Some("CHAP") => self.auth_state = AuthState::ChapMethod,
                         Some(_) => self.auth_state = AuthState::Done,
@@ -274,56 +296,21 @@ impl<'a> Login<'a> {
                 "TargetAlias" | "TargetAddress" | "TargetPortalGroupTag" | "SendTargets" => {
                     reply.push((k.clone(), "Irrelevant".into()))
                 }
+                _ if self.offered.contains(&k.as_str()) => {
+                    // The initiator's answer to our offer: the result, not answered again.
+                    self.offered.retain(|o| o != k);
+                    if text::apply_answer(&mut self.params, k, v).is_err() {
+                        return self.fail(status::INITIATOR_ERROR);
+                    }
+                }
                 _ => {
-                    let discovery = session_type.as_deref() == Some("Discovery")
-                        || self.kind == Some(Kind::Discovery);
+                    let discovery = self.kind == Some(Kind::Discovery);
                     match text::negotiate(&mut self.params, k, v, discovery) {
                         Answer::Value(a) => reply.push((k.clone(), a)),
                         Answer::Silent => {}
                         Answer::NotOperational => reply.push((k.clone(), "NotUnderstood".into())),
                     }
                 }
-            }
-        }
-        if self.kind.is_none() {
-            // The leading Login Request names the initiator and the session (RFC 7143 13.5,
-            // 13.4, 13.6).
-            let Some(name) = self.initiator_name.clone() else {
-                return self.fail(status::MISSING_PARAMETER);
-            };
-            match session_type.as_deref().unwrap_or("Normal") {
-                "Discovery" => {
-                    self.kind = Some(Kind::Discovery);
-                    self.auth = self.config.discovery_auth.clone();
-                }
-                "Normal" => {
-                    let Some(tn) = target_name.as_deref() else {
-                        return self.fail(status::MISSING_PARAMETER);
-                    };
-                    let Some(i) = self.config.targets.iter().position(|t| t.name == tn) else {
-                        return self.fail(status::NOT_FOUND);
-                    };
-                    let Some(tc) = self.config.targets.get(i) else {
-                        return self.fail(status::NOT_FOUND);
-                    };
-                    if let Some(acl) = &tc.allowed_initiators {
-                        if !acl.iter().any(|a| a == &name) {
-                            return self.fail(status::AUTHORIZATION_FAILURE);
-                        }
-                    }
-                    self.kind = Some(Kind::Normal(i));
-                    self.auth = tc.auth.clone();
-                    // RFC 7143 13.9: TargetPortalGroupTag in the first response of a normal
-                    // session.
-                    reply.push(("TargetPortalGroupTag".into(), tc.tpgt.to_string()));
-                    if let Some(a) = &tc.alias {
-                        reply.push(("TargetAlias".into(), a.clone()));
-                    }
-                }
-                _ => return self.fail(status::SESSION_TYPE_UNSUPPORTED),
-            }
-            if self.auth.chap.is_none() && self.auth_state == AuthState::Start {
-                self.auth_state = AuthState::Done;
             }
         }
         if auth_fail {
@@ -337,20 +324,122 @@ impl<'a> Login<'a> {
         } else if chap_n.is_some() || chap_r.is_some() {
             return self.fail(status::AUTH_FAILURE);
         }
-        // Leaving the security stage needs authentication when the target asks for it; an
-        // initiator that starts in the operational stage skips it (RFC 7143 6.3).
-        if self.auth.chap.is_some() && self.auth_state != AuthState::Done && (csg != 0 || t) {
+        // RFC 7143 6.3, 12: the security stage is left (or skipped, by starting in the
+        // operational stage or by a transit from 0 straight to 3) only once the agreed
+        // method satisfies what the target or discovery requires.
+        if !self.authenticated() {
             if csg != 0 {
                 return self.fail(status::AUTH_FAILURE);
             }
-            // Still negotiating CHAP: stay in the security stage.
-            return self.finish_step(reply, false, csg, nsg);
+            if t {
+                // Still negotiating: stay in the security stage (T=0 in the answer).
+                return self.finish_step(reply, false, csg, nsg);
+            }
         }
         // Declare MaxRecvDataSegmentLength once the operational stage is reached (or skipped).
         if csg == 1 || t {
             self.declare(&mut reply);
         }
+        if csg == 1 {
+            self.offer(&mut reply);
+        }
+        // RFC 7143 6.2, 6.3: a negotiation ends with its answer, so the full feature phase
+        // waits until the initiator has answered every offer of ours (T=0 meanwhile).
+        let t = t && (nsg != 3 || self.offered.is_empty());
         self.finish_step(reply, t, csg, nsg)
+    }
+
+    /// In a normal session's first operational-stage answer, offer the keys the initiator has
+    /// not negotiated (see [`text::target_offers`]). A login that skips the operational stage
+    /// keeps their defaults.
+    fn offer(&mut self, reply: &mut Vec<(String, String)>) {
+        if self.offers_made || !matches!(self.kind, Some(Kind::Normal(_))) {
+            return;
+        }
+        self.offers_made = true;
+        for (k, v) in text::target_offers() {
+            if !self.seen.contains(k) {
+                reply.push((k.to_string(), v));
+                self.offered.push(k);
+            }
+        }
+    }
+
+    /// Whether the login may leave the security stage: the required authentication is done,
+    /// or none is required and no CHAP exchange is half-way.
+    fn authenticated(&self) -> bool {
+        match &self.auth_state {
+            AuthState::Done => true,
+            AuthState::Start => self.kind.is_some() && self.auth.chap.is_none(),
+            AuthState::ChapMethod | AuthState::Challenged { .. } => false,
+        }
+    }
+
+    /// Settle the session kind, the target, its ACL and its authentication from the leading
+    /// Login Request's text (RFC 7143 13.4-13.6: InitiatorName and, for a normal session,
+    /// TargetName come in the first Login Request; SessionType defaults to Normal). Later
+    /// requests may not change them.
+    fn resolve_session(
+        &mut self,
+        pairs: &[(String, String)],
+        reply: &mut Vec<(String, String)>,
+    ) -> Result<(), u16> {
+        let value = |key: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
+        let session_type = value("SessionType");
+        let target_name = value("TargetName");
+        let initiator_name = value("InitiatorName");
+        if let Some(kind) = self.kind {
+            let same_type = matches!(
+                (session_type, kind),
+                (None, _)
+                    | (Some("Discovery"), Kind::Discovery)
+                    | (Some("Normal"), Kind::Normal(_))
+            );
+            if !same_type || target_name.is_some() || initiator_name.is_some() {
+                return Err(status::INITIATOR_ERROR);
+            }
+            return Ok(());
+        }
+        let Some(name) = initiator_name else {
+            return Err(status::MISSING_PARAMETER);
+        };
+        match session_type.unwrap_or("Normal") {
+            "Discovery" => {
+                self.kind = Some(Kind::Discovery);
+                self.auth = self.config.discovery_auth.clone();
+            }
+            "Normal" => {
+                let tn = target_name.ok_or(status::MISSING_PARAMETER)?;
+                let (i, tc) = self
+                    .config
+                    .targets
+                    .iter()
+                    .enumerate()
+                    .find(|(_, t)| t.name == tn)
+                    .ok_or(status::NOT_FOUND)?;
+                if let Some(acl) = &tc.allowed_initiators {
+                    if !acl.iter().any(|a| a == name) {
+                        return Err(status::AUTHORIZATION_FAILURE);
+                    }
+                }
+                self.kind = Some(Kind::Normal(i));
+                self.auth = tc.auth.clone();
+                // RFC 7143 13.9: TargetPortalGroupTag in the first response of a normal
+                // session.
+                reply.push(("TargetPortalGroupTag".into(), tc.tpgt.to_string()));
+                if let Some(a) = &tc.alias {
+                    reply.push(("TargetAlias".into(), a.clone()));
+                }
+            }
+            _ => return Err(status::SESSION_TYPE_UNSUPPORTED),
+        }
+        self.initiator_name = Some(name.to_string());
+        Ok(())
     }
 
     fn declare(&mut self, reply: &mut Vec<(String, String)>) {
@@ -361,19 +450,6 @@ impl<'a> Login<'a> {
                 self.params.max_recv_dsl.to_string(),
             ));
         }
-    }
-
-    fn wants_chap_for(&self, session_type: Option<&str>, target: &Option<String>) -> bool {
-        if self.kind.is_some() {
-            return self.auth.chap.is_some();
-        }
-        if session_type == Some("Discovery") {
-            return self.config.discovery_auth.chap.is_some();
-        }
-        target
-            .as_deref()
-            .and_then(|n| self.config.targets.iter().find(|t| t.name == n))
-            .is_some_and(|t| t.auth.chap.is_some())
     }
 
     fn verify_chap(
@@ -418,6 +494,9 @@ impl<'a> Login<'a> {
         Ok(reply)
     }
 
+    /// Answer the current request with `reply`; `t` is whether the target agrees to the
+    /// transit to `nsg`. The decision is kept for the rest of the reply should it need more
+    /// than one PDU.
     fn finish_step(
         &mut self,
         reply: Vec<(String, String)>,
@@ -426,10 +505,13 @@ impl<'a> Login<'a> {
         nsg: u8,
     ) -> (Bhs, Vec<u8>, Outcome) {
         self.text_out = text::encode(&reply);
-        self.send_text(t, csg, nsg, true)
+        self.transit = t.then_some(nsg);
+        self.send_text(t, csg)
     }
 
-    fn send_text(&mut self, t: bool, csg: u8, nsg: u8, _first: bool) -> (Bhs, Vec<u8>, Outcome) {
+    /// Send the next part of the pending reply. `t` is the current request's T bit: the
+    /// transit happens with the last part, when both sides still ask for it (RFC 7143 6.3).
+    fn send_text(&mut self, t: bool, csg: u8) -> (Bhs, Vec<u8>, Outcome) {
         let max = LOGIN_MAX_DATA as usize;
         let rest = if self.text_out.len() > max {
             self.text_out.split_off(max)
@@ -443,14 +525,19 @@ impl<'a> Login<'a> {
             let (b, d) = self.response(login_flags(false, true, csg, 0), 0, &chunk);
             return (b, d, Outcome::Continue);
         }
-        if t {
-            self.stage = nsg;
-            if nsg == 3 {
+        // Never leave a stage unauthenticated, whatever path led here (RFC 7143 12).
+        let transit = match self.transit.take() {
+            Some(nsg) if t && self.authenticated() => Some(nsg),
+            _ => None,
+        };
+        match (transit, self.kind) {
+            (Some(3), Some(kind)) => {
+                self.stage = 3;
                 self.tsih = self.new_tsih;
                 self.params.finish();
-                let (b, d) = self.response(login_flags(true, false, csg, nsg), 0, &chunk);
+                let (b, d) = self.response(login_flags(true, false, csg, 3), 0, &chunk);
                 let est = Established {
-                    kind: self.kind.unwrap_or(Kind::Discovery),
+                    kind,
                     initiator_name: self.initiator_name.clone().unwrap_or_default(),
                     isid: self.isid,
                     tsih: self.tsih,
@@ -459,13 +546,18 @@ impl<'a> Login<'a> {
                     next_statsn: self.statsn,
                     cid: self.cid,
                 };
-                return (b, d, Outcome::Done(Box::new(est)));
+                (b, d, Outcome::Done(Box::new(est)))
             }
-            let (b, d) = self.response(login_flags(true, false, csg, nsg), 0, &chunk);
-            return (b, d, Outcome::Continue);
+            (Some(nsg), Some(_)) if nsg != 3 => {
+                self.stage = nsg;
+                let (b, d) = self.response(login_flags(true, false, csg, nsg), 0, &chunk);
+                (b, d, Outcome::Continue)
+            }
+            _ => {
+                let (b, d) = self.response(login_flags(false, false, csg, 0), 0, &chunk);
+                (b, d, Outcome::Continue)
+            }
         }
-        let (b, d) = self.response(login_flags(false, false, csg, 0), 0, &chunk);
-        (b, d, Outcome::Continue)
     }
 }
 
@@ -476,6 +568,9 @@ mod tests {
     use std::sync::Arc;
 
     const TARGET: &str = "iqn.2026-01.io.sharedisk:t";
+    /// The keys the target offers when the initiator leaves them out.
+    const ALL_FOUR: &str =
+        "InitialR2T=Yes|ImmediateData=Yes|MaxBurstLength=262144|FirstBurstLength=65536|";
 
     fn config(auth: Auth, acl: Option<Vec<String>>) -> ServerConfig {
         ServerConfig {
@@ -543,8 +638,11 @@ mod tests {
         // Declared on the way into the operational stage.
         assert_eq!(get(&r, "MaxRecvDataSegmentLength"), Some("262144"));
         // T=1 CSG=1 NSG=3
-        let (b, d, o) = l.step(
-            &req(0x87, "HeaderDigest=None|MaxRecvDataSegmentLength=65536|ImmediateData=Yes|InitialR2T=No|Foo=1|"));
+        let (b, d, o) = l.step(&req(
+            0x87,
+            "HeaderDigest=None|MaxRecvDataSegmentLength=65536|ImmediateData=Yes|InitialR2T=No|\
+             MaxBurstLength=262144|FirstBurstLength=65536|Foo=1|",
+        ));
         assert_eq!(b.0[1], 0x87);
         assert_eq!(b.u16_at(14), 7); // TSIH assigned
         assert_eq!(b.u32_at(28), 10); // ExpCmdSN = the login's CmdSN
@@ -647,7 +745,7 @@ mod tests {
         assert!(matches!(o, Outcome::Continue));
         assert!(d.is_empty());
         assert_eq!(b.0[1] & 0xc0, 0); // T=0 C=0
-        let (_, _, o) = l.step(&req(0x87, &format!("n.i|TargetName={TARGET}|")));
+        let (_, _, o) = l.step(&req(0x87, &format!("n.i|TargetName={TARGET}|{ALL_FOUR}")));
         let Outcome::Done(est) = o else {
             panic!("login should complete")
         };
@@ -734,5 +832,324 @@ mod tests {
             &format!("InitiatorName=iqn.i|TargetName={TARGET}|"),
         ));
         assert!(matches!(o, Outcome::Fail(0x0201)));
+    }
+
+    /// A server whose discovery sessions need CHAP.
+    fn discovery_chap_config() -> ServerConfig {
+        let mut cfg = config(Auth::default(), None);
+        cfg.discovery_auth = Auth {
+            chap: Some(ChapSecret {
+                user: "user".into(),
+                secret: "secretsecret".into(),
+            }),
+            mutual: None,
+        };
+        cfg
+    }
+
+    /// The same keys in every order the bypass could use.
+    fn orders(keys: &[&str]) -> Vec<String> {
+        let mut out = Vec::new();
+        let n = keys.len();
+        let mut idx: Vec<usize> = (0..n).collect();
+        // All permutations (Heap's algorithm); at most 4 keys here.
+        let mut c = vec![0usize; n];
+        out.push(idx.iter().map(|&i| format!("{}|", keys[i])).collect());
+        let mut i = 0;
+        while i < n {
+            if c[i] < i {
+                if i % 2 == 0 {
+                    idx.swap(0, i);
+                } else {
+                    idx.swap(c[i], i);
+                }
+                out.push(idx.iter().map(|&i| format!("{}|", keys[i])).collect());
+                c[i] += 1;
+                i = 0;
+            } else {
+                c[i] = 0;
+                i += 1;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn auth_method_none_for_a_chap_target_fails_in_any_key_order() {
+        let cfg = chap_config(false);
+        let target = format!("TargetName={TARGET}");
+        let keys = ["InitiatorName=iqn.i", "AuthMethod=None", target.as_str()];
+        for text in orders(&keys) {
+            // T=1 CSG=0 NSG=3: skip the operational stage straight to full feature phase.
+            for flags in [0x83, 0x81] {
+                let mut l = Login::new(&cfg, 1);
+                let (b, d, o) = l.step(&req(flags, &text));
+                assert!(matches!(o, Outcome::Fail(0x0201)), "{text}: {o:?}");
+                assert_eq!(b.0[36], 0x02, "{text}: Status-Class initiator error");
+                assert_eq!(
+                    b.0[37], 0x01,
+                    "{text}: Status-Detail authentication failure"
+                );
+                assert!(d.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn chap_target_stays_in_the_security_stage_until_chap_is_done_in_any_key_order() {
+        let cfg = chap_config(false);
+        let target = format!("TargetName={TARGET}");
+        let keys = [
+            "InitiatorName=iqn.i",
+            "AuthMethod=None,CHAP",
+            "SessionType=Normal",
+            target.as_str(),
+        ];
+        for text in orders(&keys) {
+            let mut l = Login::new(&cfg, 1);
+            // T=1 CSG=0 NSG=3.
+            let (b, d, o) = l.step(&req(0x83, &text));
+            assert!(matches!(o, Outcome::Continue), "{text}: {o:?}");
+            assert_eq!(b.0[1], 0x00, "{text}: T=0 CSG=0: no transit");
+            assert_eq!(b.u16_at(36), 0);
+            assert_eq!(get(&reply_text(&d), "AuthMethod"), Some("CHAP"), "{text}");
+            // Asking again without CHAP still does not leave the stage.
+            let (b, _, o) = l.step(&req(0x83, "CHAP_A=5|"));
+            assert!(matches!(o, Outcome::Continue), "{text}: {o:?}");
+            assert_eq!(b.0[1], 0x00, "{text}: challenged, not authenticated");
+            // Nor does starting the operational stage.
+            let (_, _, o) = l.step(&req(0x87, ""));
+            assert!(matches!(o, Outcome::Fail(0x0200)), "{text}: {o:?}");
+        }
+    }
+
+    #[test]
+    fn open_target_skips_to_full_feature_phase_in_any_key_order() {
+        let cfg = config(Auth::default(), None);
+        let target = format!("TargetName={TARGET}");
+        let keys = ["InitiatorName=iqn.i", "AuthMethod=None", target.as_str()];
+        for text in orders(&keys) {
+            let mut l = Login::new(&cfg, 1);
+            let (b, d, o) = l.step(&req(0x83, &text));
+            assert!(matches!(o, Outcome::Done(_)), "{text}: {o:?}");
+            assert_eq!(b.0[1], 0x83, "{text}: T=1 CSG=0 NSG=3");
+            assert_eq!(get(&reply_text(&d), "AuthMethod"), Some("None"));
+        }
+    }
+
+    #[test]
+    fn open_target_refuses_chap_only() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 1);
+        let (_, d, o) = l.step(&req(
+            0x83,
+            &format!("AuthMethod=CHAP|InitiatorName=iqn.i|TargetName={TARGET}|"),
+        ));
+        assert!(matches!(o, Outcome::Fail(0x0201)), "{o:?}");
+        assert!(d.is_empty());
+    }
+
+    #[test]
+    fn discovery_with_chap_refuses_auth_method_none_in_any_key_order() {
+        let cfg = discovery_chap_config();
+        let keys = [
+            "InitiatorName=iqn.i",
+            "AuthMethod=None",
+            "SessionType=Discovery",
+        ];
+        for text in orders(&keys) {
+            let mut l = Login::new(&cfg, 1);
+            let (_, _, o) = l.step(&req(0x83, &text));
+            assert!(matches!(o, Outcome::Fail(0x0201)), "{text}: {o:?}");
+        }
+        // Skipping the security stage altogether (CSG=1) fails too.
+        let mut l = Login::new(&cfg, 1);
+        let (_, _, o) = l.step(&req(0x87, "InitiatorName=iqn.i|SessionType=Discovery|"));
+        assert!(matches!(o, Outcome::Fail(0x0201)), "{o:?}");
+    }
+
+    #[test]
+    fn discovery_with_chap_picks_chap_in_any_key_order() {
+        let cfg = discovery_chap_config();
+        let keys = [
+            "InitiatorName=iqn.i",
+            "AuthMethod=None,CHAP",
+            "SessionType=Discovery",
+        ];
+        for text in orders(&keys) {
+            let mut l = Login::new(&cfg, 1);
+            let (b, d, o) = l.step(&req(0x83, &text));
+            assert!(matches!(o, Outcome::Continue), "{text}: {o:?}");
+            assert_eq!(b.0[1], 0x00, "{text}: no transit");
+            assert_eq!(get(&reply_text(&d), "AuthMethod"), Some("CHAP"));
+        }
+    }
+
+    #[test]
+    fn discovery_without_chap_skips_to_full_feature_phase_in_any_key_order() {
+        let cfg = config(Auth::default(), None);
+        let keys = [
+            "InitiatorName=iqn.i",
+            "AuthMethod=None",
+            "SessionType=Discovery",
+        ];
+        for text in orders(&keys) {
+            let mut l = Login::new(&cfg, 1);
+            let (_, _, o) = l.step(&req(0x83, &text));
+            let Outcome::Done(est) = o else {
+                panic!("{text}: discovery login should complete")
+            };
+            assert_eq!(est.kind, Kind::Discovery);
+        }
+    }
+
+    #[test]
+    fn one_way_chap_then_skip_to_full_feature_phase() {
+        let cfg = chap_config(false);
+        let mut l = Login::new(&cfg, 1);
+        let (id, c) = chap_challenge(&mut l);
+        let r = chap::to_hex(&chap::response(id, b"secretsecret", &c));
+        // T=1 CSG=0 NSG=3 with the right response.
+        let (b, _, o) = l.step(&req(0x83, &format!("CHAP_N=user|CHAP_R={r}|")));
+        assert!(matches!(o, Outcome::Done(_)), "{o:?}");
+        assert_eq!(b.0[1], 0x83);
+    }
+
+    #[test]
+    fn acl_uses_the_target_named_anywhere_in_the_text() {
+        let mut cfg = config(Auth::default(), None);
+        let mut restricted = cfg.targets[0].clone();
+        restricted.name = "iqn.2026-01.io.sharedisk:restricted".into();
+        restricted.allowed_initiators = Some(vec!["iqn.allowed".into()]);
+        cfg.targets.push(restricted);
+        let mut l = Login::new(&cfg, 1);
+        let (_, _, o) = l.step(&req(
+            0x83,
+            "AuthMethod=None|InitiatorName=iqn.other|TargetName=iqn.2026-01.io.sharedisk:restricted|",
+        ));
+        assert!(matches!(o, Outcome::Fail(0x0202)), "{o:?}");
+    }
+
+    #[test]
+    fn a_long_reply_keeps_the_target_s_no_transit_decision() {
+        // The reply to an unfinished CHAP negotiation is long enough to need the C bit; asking
+        // for its rest with T=1 must not move the login on.
+        let cfg = chap_config(false);
+        let mut l = Login::new(&cfg, 1);
+        let mut text = format!("InitiatorName=iqn.i|TargetName={TARGET}|AuthMethod=CHAP|");
+        for i in 0..200 {
+            text.push_str(&format!("X-com.example.Padding.Key.Number.{i:04}=1|"));
+        }
+        let (b, _, o) = l.step(&req(0x83, &text));
+        assert!(matches!(o, Outcome::Continue));
+        assert_eq!(b.0[1], 0x40, "C=1 T=0: more text follows");
+        loop {
+            let (b, _, o) = l.step(&req(0x83, ""));
+            assert!(matches!(o, Outcome::Continue), "{o:?}");
+            assert_eq!(b.0[1] & 0x80, 0, "never T=1");
+            if b.0[1] & 0x40 == 0 {
+                break;
+            }
+        }
+    }
+
+    #[test]
+    fn session_keys_after_the_first_request_are_an_initiator_error() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 1);
+        let (_, _, o) = l.step(&req(
+            0x00,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|"),
+        ));
+        assert!(matches!(o, Outcome::Continue));
+        let (_, _, o) = l.step(&req(0x83, "SessionType=Discovery|"));
+        assert!(matches!(o, Outcome::Fail(0x0200)), "{o:?}");
+    }
+
+    #[test]
+    fn target_offers_the_keys_the_initiator_left_out_and_waits_for_the_answers() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 5);
+        // T=1 CSG=1 NSG=3, offering only ImmediateData.
+        let (b, d, o) = l.step(&req(
+            0x87,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|ImmediateData=No|"),
+        ));
+        assert!(matches!(o, Outcome::Continue), "{o:?}");
+        assert_eq!(b.0[1], 0x04, "T=0 CSG=1: no transit before the answers");
+        let r = reply_text(&d);
+        assert_eq!(get(&r, "ImmediateData"), Some("No"), "answered");
+        assert_eq!(get(&r, "InitialR2T"), Some("No"), "offered");
+        assert_eq!(get(&r, "MaxBurstLength"), Some("1048576"), "offered");
+        assert_eq!(get(&r, "FirstBurstLength"), Some("262144"), "offered");
+        // Part of the answers: still no transit.
+        let (b, _, o) = l.step(&req(0x87, "InitialR2T=No|MaxBurstLength=524288|"));
+        assert!(matches!(o, Outcome::Continue), "{o:?}");
+        assert_eq!(b.0[1], 0x04, "T=0");
+        // The last answer; the answers themselves are not answered.
+        let (b, d, o) = l.step(&req(0x87, "FirstBurstLength=131072|"));
+        assert_eq!(b.0[1], 0x87, "T=1 CSG=1 NSG=3");
+        assert!(reply_text(&d).is_empty());
+        let Outcome::Done(est) = o else {
+            panic!("login should complete")
+        };
+        assert!(!est.params.initial_r2t);
+        assert!(!est.params.immediate_data);
+        assert_eq!(est.params.max_burst, 524_288);
+        assert_eq!(est.params.first_burst, 131_072);
+    }
+
+    #[test]
+    fn initial_r2t_answer_yes_is_the_result() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 5);
+        let (_, d, _) = l.step(&req(
+            0x87,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|"),
+        ));
+        assert_eq!(get(&reply_text(&d), "InitialR2T"), Some("No"));
+        let (_, _, o) = l.step(&req(
+            0x87,
+            "InitialR2T=Yes|ImmediateData=Yes|MaxBurstLength=Reject|FirstBurstLength=8192|",
+        ));
+        let Outcome::Done(est) = o else {
+            panic!("login should complete")
+        };
+        assert!(est.params.initial_r2t, "OR: the initiator's Yes wins");
+        assert_eq!(est.params.max_burst, 262_144, "rejected: the default");
+        assert_eq!(est.params.first_burst, 8192);
+    }
+
+    #[test]
+    fn an_answer_above_the_offer_fails_the_login() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 5);
+        l.step(&req(
+            0x87,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|"),
+        ));
+        let (_, _, o) = l.step(&req(0x87, "MaxBurstLength=16777215|"));
+        assert!(matches!(o, Outcome::Fail(0x0200)), "{o:?}");
+    }
+
+    #[test]
+    fn discovery_sessions_get_no_offers() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 5);
+        let (_, d, o) = l.step(&req(0x87, "InitiatorName=iqn.i|SessionType=Discovery|"));
+        assert!(matches!(o, Outcome::Done(_)));
+        assert_eq!(get(&reply_text(&d), "InitialR2T"), None);
+    }
+
+    #[test]
+    fn a_login_request_in_the_full_feature_stage_is_an_initiator_error() {
+        let cfg = config(Auth::default(), None);
+        let mut l = Login::new(&cfg, 1);
+        // T=0 CSG=3.
+        let (_, _, o) = l.step(&req(
+            0x0c,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|"),
+        ));
+        assert!(matches!(o, Outcome::Fail(0x0200)), "{o:?}");
     }
 }

@@ -9,11 +9,14 @@
 //!   ExpCmdSN/MaxCmdSN, splits data-in at the initiator's MaxRecvDataSegmentLength and
 //!   MaxBurstLength, and flushes only when no more messages are ready (batching).
 //!
-//! Bounded memory: at most [`QUEUE_DEPTH`] commands are admitted (MaxCmdSN shrinks as commands
-//! are outstanding), each buffers at most its EDTL of data-out, capped at [`MAX_WRITE`]:
-//! unsolicited data is at most FirstBurstLength per command, and the data solicited by R2Ts of
-//! one connection at most [`MAX_SOLICITED`] (an R2T waits until earlier writes have left; one
-//! is always allowed when none is outstanding, so writes always progress).
+//! Bounded memory: at most [`QUEUE_DEPTH`] non-immediate commands are admitted (MaxCmdSN
+//! shrinks as commands are outstanding, held ones included) and at most [`MAX_IMMEDIATE`]
+//! immediate ones, counted from admission until answered whether they collect data or execute.
+//! A write's buffer holds what has arrived, grown once per sequence to that sequence's end, so
+//! a command that announces data and sends none holds nothing: unsolicited data is at most
+//! FirstBurstLength per command, and the data solicited by R2Ts of one connection at most
+//! [`MAX_SOLICITED`] (an R2T waits until earlier writes have left; one is always allowed when
+//! none is outstanding, so writes always progress). Each write is at most [`MAX_WRITE`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -42,8 +45,13 @@ const WRITER_STALL: Duration = Duration::from_secs(30);
 /// Data-out bytes one connection solicits with R2Ts at once; a write's first R2T waits until
 /// earlier writes have left.
 pub const MAX_SOLICITED: u64 = 64 * 1024 * 1024;
-/// Immediate commands in flight at once; more are rejected (RFC 7143 11.17.1, reason 0x06).
+/// Immediate SCSI commands admitted at once, from admission (collecting data or executing)
+/// until answered; more are rejected (RFC 7143 11.17.1, reason 0x06).
 const MAX_IMMEDIATE: u32 = 16;
+/// Write commands of one connection still collecting data-out. The CmdSN window admits at
+/// most [`QUEUE_DEPTH`] non-immediate commands and [`MAX_IMMEDIATE`] immediate ones, so this
+/// guards that invariant; a command beyond it is refused like one beyond either limit.
+const MAX_COLLECTING: usize = QUEUE_DEPTH as usize + MAX_IMMEDIATE as usize;
 /// Longest text (SendTargets) request or response kept.
 const MAX_TEXT: usize = 64 * 1024;
 
@@ -58,6 +66,8 @@ pub enum SessionError {
     Protocol(&'static str),
     #[error("NOP-In ping not answered")]
     PingTimeout,
+    #[error("PDU not completed within {0:?}")]
+    PduTimeout(Duration),
 }
 
 /// Sequence-number handling of an outgoing PDU.
@@ -123,6 +133,7 @@ pub struct Shared {
     window: AtomicU64,
     /// All SCSI commands executing (for Logout).
     executing: AtomicU32,
+    /// Immediate SCSI commands admitted and not yet answered (see [`MAX_IMMEDIATE`]).
     immediate: AtomicU32,
     /// Commands handed to the SCSI layer, by ITT. Locked once when a command starts and once
     /// when it ends; only this connection's tasks use it. A task marked aborted by a task
@@ -175,6 +186,24 @@ impl Shared {
     fn uncount(&self) {
         self.window.fetch_sub(1, Ordering::AcqRel);
     }
+    /// An admitted command has been answered, refused or dropped: free its slot.
+    fn release(&self, slot: Slot) {
+        match slot {
+            Slot::Window => self.uncount(),
+            Slot::Immediate => {
+                self.immediate.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+/// The limit an admitted SCSI command counts against until it is answered or dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Non-immediate: one place of the CmdSN window (MaxCmdSN shrinks while it is held).
+    Window,
+    /// Immediate: one of [`MAX_IMMEDIATE`].
+    Immediate,
 }
 
 /// Where a CmdSN falls relative to the window (RFC 7143 3.2.2.1, serial arithmetic RFC 1982).
@@ -216,7 +245,10 @@ struct WriteTask {
     attr: TaskAttr,
     edtl: u32,
     spdtl: u32,
-    counted: bool,
+    slot: Slot,
+    /// Data-out received so far; grown as data arrives (never ahead of it by more than the
+    /// sequence the initiator is sending), so a command that announces data and sends none
+    /// holds no buffer.
     buf: Vec<u8>,
     /// End offset of the current sequence (unsolicited or the outstanding R2T).
     seq_end: u32,
@@ -273,13 +305,8 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let shared = Arc::new(Shared::new(est.exp_cmdsn));
-    let (tx, rx) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let tx = Sender {
-        tx,
-        queued: queued.clone(),
-    };
+    let (mut conn, rx) = Conn::new(server, &est, nexus, local);
+    let queued = conn.tx.queued.clone();
     let send_framing = Framing {
         header_digest: est.params.header_digest,
         data_digest: est.params.data_digest,
@@ -290,41 +317,17 @@ where
         data_digest: est.params.data_digest,
         max_data: est.params.max_recv_dsl,
     };
-    let writer = tokio::spawn(writer(
+    conn.writer = Some(tokio::spawn(writer(
         wr,
         rx,
         queued.clone(),
-        shared.clone(),
+        conn.shared.clone(),
         send_framing,
         est.params.max_burst,
         est.next_statsn,
-    ));
-    let target = match est.kind {
-        Kind::Normal(i) => server.config.targets.get(i).map(|t| t.scsi.clone()),
-        Kind::Discovery => None,
-    };
-    let mut conn = Conn {
-        server,
-        kind: est.kind,
-        initiator: est.initiator_name.clone(),
-        nexus,
-        target,
-        params: est.params.clone(),
-        local,
-        cid: est.cid,
-        shared,
-        tx,
-        writer: Some(writer),
-        held: BTreeMap::new(),
-        tasks: HashMap::new(),
-        next_ttt: 1,
-        ping: None,
-        text_in: Vec::new(),
-        text_out: None,
-        solicited: 0,
-        r2t_wait: VecDeque::new(),
-    };
+    )));
     let ping_idle = conn.server.nop_interval();
+    let pdu_timeout = conn.server.pdu_timeout();
     let result = loop {
         // Backpressure: stop reading while the writer is far behind.
         if queued.load(Ordering::Acquire) > MAX_QUEUED {
@@ -357,14 +360,17 @@ where
             Ok(Ok(true)) => break Ok(()),
             Ok(Ok(false)) => {}
         }
+        // Once a PDU has started, the rest must follow in time: a peer stalling inside a PDU
+        // would otherwise hold the connection (and its session) forever.
         let pdu = tokio::select! {
             biased;
             _ = kill.changed() => break Ok(()),
-            p = pdu::read_pdu(&mut rd, recv_framing) => p,
+            p = tokio::time::timeout(pdu_timeout, pdu::read_pdu(&mut rd, recv_framing)) => p,
         };
         let pdu = match pdu {
-            Ok(p) => p,
-            Err(e) => break Err(e.into()),
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => break Err(e.into()),
+            Err(_) => break Err(SessionError::PduTimeout(pdu_timeout)),
         };
         match conn.handle(pdu).await {
             Ok(Flow::Continue) => {}
@@ -377,6 +383,47 @@ where
 }
 
 impl Conn {
+    /// The reader's state for a session just logged in, and the receiving end of its
+    /// writer's queue.
+    fn new(
+        server: Arc<Server>,
+        est: &Established,
+        nexus: Option<Arc<ItNexus>>,
+        local: SocketAddr,
+    ) -> (Self, mpsc::UnboundedReceiver<Out>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let tx = Sender {
+            tx,
+            queued: Arc::new(AtomicUsize::new(0)),
+        };
+        let target = match est.kind {
+            Kind::Normal(i) => server.config.targets.get(i).map(|t| t.scsi.clone()),
+            Kind::Discovery => None,
+        };
+        let conn = Conn {
+            server,
+            kind: est.kind,
+            initiator: est.initiator_name.clone(),
+            nexus,
+            target,
+            params: est.params.clone(),
+            local,
+            cid: est.cid,
+            shared: Arc::new(Shared::new(est.exp_cmdsn)),
+            tx,
+            writer: None,
+            held: BTreeMap::new(),
+            tasks: HashMap::new(),
+            next_ttt: 1,
+            ping: None,
+            text_in: Vec::new(),
+            text_out: None,
+            solicited: 0,
+            r2t_wait: VecDeque::new(),
+        };
+        (conn, rx)
+    }
+
     fn send(&self, out: Out) {
         // The writer only goes away when the connection is closing.
         self.tx.send(out);
@@ -578,22 +625,31 @@ pub fn cdb_of(pdu: &Pdu) -> Result<Vec<u8>, ()> {
 impl Conn {
     fn scsi_command(&mut self, pdu: Pdu, immediate: bool) {
         let bhs = pdu.bhs;
+        // Non-immediate commands were counted as outstanding by `drain`. Immediate ones count
+        // from here, collecting data or executing, until answered (RFC 7143 11.17.1: "too many
+        // immediate commands" is reject reason 0x06). Only this task admits, so the check
+        // and the increment cannot race past the limit.
+        let slot = if immediate {
+            if self.shared.immediate.load(Ordering::Acquire) >= MAX_IMMEDIATE {
+                self.reject(reject::IMMEDIATE_REJECT, &bhs);
+                return;
+            }
+            self.shared.immediate.fetch_add(1, Ordering::AcqRel);
+            Slot::Immediate
+        } else {
+            Slot::Window
+        };
         let (Some(target), Some(nexus)) = (self.target.clone(), self.nexus.clone()) else {
             // Discovery sessions carry no SCSI commands (RFC 7143 4.3).
-            self.uncount(!immediate);
+            self.shared.release(slot);
             self.reject(reject::PROTOCOL_ERROR, &bhs);
             return;
         };
         let Ok(cdb) = cdb_of(&pdu) else {
-            self.uncount(!immediate);
+            self.shared.release(slot);
             self.reject(reject::INVALID_FIELD, &bhs);
             return;
         };
-        if immediate && self.shared.immediate.load(Ordering::Acquire) >= MAX_IMMEDIATE {
-            self.reject(reject::IMMEDIATE_REJECT, &bhs);
-            return;
-        }
-        // Non-immediate commands were counted as outstanding by `drain`.
         let flags = bhs.flags();
         let read = flags & 0x40 != 0;
         let write = flags & 0x20 != 0;
@@ -609,7 +665,7 @@ impl Conn {
         let lun = pdu::decode_lun(lun_raw);
         if self.tasks.contains_key(&itt) || self.shared.running().contains_key(&itt) {
             // RFC 7143 11.2.1.8: ITTs are unique among outstanding tasks.
-            self.uncount(!immediate);
+            self.shared.release(slot);
             self.reject(reject::INVALID_FIELD, &bhs);
             return;
         }
@@ -623,18 +679,12 @@ impl Conn {
                 data_out: Vec::new(),
                 data_in_len: if read { edtl } else { 0 },
             };
-            let wr = write.then(|| {
-                let spdtl = target.data_out_len(lun, &cmd.cdb);
-                (spdtl > 0, spdtl)
-            });
-            self.execute(
-                target,
-                cmd,
-                lun_raw,
-                if read { edtl } else { 0 },
-                wr,
-                !immediate,
-            );
+            // RFC 7143 11.4.5: the residual compares the data-out the CDB asks for with what
+            // was expected (EDTL with the W bit, otherwise none), whatever the W bit says; the
+            // SCSI layer gets what was received (nothing) and writes only whole blocks of it.
+            let spdtl = target.data_out_len(lun, &cmd.cdb);
+            let wr = (write || spdtl > 0).then_some((spdtl > 0, spdtl));
+            self.execute(target, cmd, lun_raw, if read { edtl } else { 0 }, wr, slot);
             return;
         }
         let data = pdu.data;
@@ -642,12 +692,12 @@ impl Conn {
         // Immediate data only when negotiated, never beyond FirstBurstLength or EDTL
         // (RFC 7143 13.11, 13.14).
         if (imm > 0 && !self.params.immediate_data) || imm > self.params.first_burst || imm > edtl {
-            self.uncount(!immediate);
+            self.shared.release(slot);
             self.reject(reject::PROTOCOL_ERROR, &bhs);
             return;
         }
         if edtl > MAX_WRITE {
-            self.uncount(!immediate);
+            self.shared.release(slot);
             // ILLEGAL REQUEST, INVALID FIELD IN CDB (24h/00h).
             let resp = check_condition(0x05, 0x24, 0x00);
             self.send(Out::Result(Box::new(ScsiResult {
@@ -666,8 +716,27 @@ impl Conn {
         } else {
             imm
         };
-        let mut buf = Vec::with_capacity(unsol_end.max(imm) as usize);
-        buf.extend_from_slice(&data);
+        if self.tasks.len() >= MAX_COLLECTING {
+            self.shared.release(slot);
+            match slot {
+                Slot::Immediate => self.reject(reject::IMMEDIATE_REJECT, &bhs),
+                // SAM-5 5.3: TASK SET FULL when resources for a new command are lacking.
+                Slot::Window => self.send(Out::Result(Box::new(ScsiResult {
+                    itt,
+                    lun: lun_raw,
+                    resp: Response {
+                        status: scsi::Status::TASK_SET_FULL,
+                        sense: Vec::new(),
+                        data_in: Vec::new(),
+                    },
+                    edtl_in: 0,
+                    write_residual: None,
+                }))),
+            }
+            return;
+        }
+        // The immediate data is all that has arrived; the buffer grows with the data-out.
+        let buf = data;
         let task = WriteTask {
             lun,
             lun_raw,
@@ -675,7 +744,7 @@ impl Conn {
             attr,
             edtl,
             spdtl,
-            counted: !immediate,
+            slot,
             buf,
             seq_end: unsol_end.max(imm),
             unsolicited: true,
@@ -686,12 +755,6 @@ impl Conn {
         };
         self.tasks.insert(itt, task);
         self.advance_write(itt);
-    }
-
-    fn uncount(&self, counted: bool) {
-        if counted {
-            self.shared.uncount();
-        }
     }
 
     /// After data arrived for `itt`: execute when complete, or ask for more with an R2T
@@ -717,7 +780,7 @@ impl Conn {
                     data_out: t.buf,
                     data_in_len: 0,
                 };
-                self.execute(target, cmd, t.lun_raw, 0, wr, t.counted);
+                self.execute(target, cmd, t.lun_raw, 0, wr, t.slot);
             }
             return;
         }
@@ -820,6 +883,12 @@ impl Conn {
             self.fail_task(itt, 0x0c, 0x0d);
             return Ok(Flow::Continue);
         }
+        if task.buf.capacity() < task.seq_end as usize {
+            // Data of this sequence is arriving: room for the rest of it (at most
+            // FirstBurstLength unsolicited, or what an R2T asked for), once.
+            task.buf
+                .reserve_exact((task.seq_end as usize).saturating_sub(task.buf.len()));
+        }
         task.buf.extend_from_slice(&pdu.data);
         task.datasn = task.datasn.wrapping_add(1);
         if bhs.final_bit() {
@@ -836,7 +905,7 @@ impl Conn {
         let Some(t) = self.take_task(itt) else {
             return;
         };
-        self.uncount(t.counted);
+        self.shared.release(t.slot);
         self.send(Out::Result(Box::new(ScsiResult {
             itt,
             lun: t.lun_raw,
@@ -853,7 +922,7 @@ impl Conn {
         lun: [u8; 8],
         edtl_in: u32,
         write_residual: Option<(bool, u32)>,
-        counted: bool,
+        slot: Slot,
     ) {
         let tx = self.tx.clone();
         let shared = self.shared.clone();
@@ -867,16 +936,9 @@ impl Conn {
                 then: None,
             },
         );
-        if !counted {
-            shared.immediate.fetch_add(1, Ordering::AcqRel);
-        }
         tokio::spawn(async move {
             let done = target.execute(cmd).await;
-            if counted {
-                shared.uncount();
-            } else {
-                shared.immediate.fetch_sub(1, Ordering::AcqRel);
-            }
+            shared.release(slot);
             {
                 // Send under the lock, so a TMF response can never overtake it unnoticed.
                 let mut running = shared.running();
@@ -911,13 +973,35 @@ impl Conn {
             let keep = !pred(t.lun);
             if !keep {
                 released += t.solicited;
-                if t.counted {
-                    shared.uncount();
-                }
+                shared.release(t.slot);
             }
             keep
         });
         self.solicited = self.solicited.saturating_sub(released);
+    }
+
+    /// Whether `refsn` is a CmdSN inside the window [ExpCmdSN, MaxCmdSN] that has not
+    /// arrived and comes before `tmf_cmdsn`, the CmdSN of the TMF referring to it (which, for
+    /// an immediate TMF, is itself at most one past MaxCmdSN: RFC 7143 3.2.2.1).
+    fn not_yet_received(&self, refsn: u32, tmf_cmdsn: u32) -> bool {
+        let (exp, max) = (self.shared.exp(), self.shared.max());
+        let width = max.wrapping_sub(exp);
+        if width >= 0x8000_0000 {
+            return false; // the window is closed
+        }
+        let ref_d = refsn.wrapping_sub(exp);
+        let tmf_d = tmf_cmdsn.wrapping_sub(exp);
+        ref_d <= width
+            && ref_d < tmf_d
+            && tmf_d <= width.saturating_add(1)
+            && !self.held.contains_key(&refsn)
+    }
+
+    /// Whether a SCSI command held for its CmdSN matches `pred`.
+    fn held_command(&self, pred: impl Fn(&Pdu) -> bool) -> bool {
+        self.held
+            .values()
+            .any(|h| matches!(h, Held::Pdu(p) if p.bhs.opcode() == op::SCSI_CMD && pred(p)))
     }
 
     fn tmf(&mut self, pdu: &Pdu) -> Flow {
@@ -941,18 +1025,17 @@ impl Conn {
         const TASK_DOES_NOT_EXIST: u8 = 1;
         const NOT_SUPPORTED: u8 = 5;
         const REASSIGN_NOT_SUPPORTED: u8 = 4;
+        // RFC 7144 (iSCSI SCSI features update): the query functions' positive answer.
+        const SUCCEEDED: u8 = 7;
         let tmf = match func {
             1 => {
                 // ABORT TASK (RFC 7143 11.5.1).
                 if let Some(t) = self.take_task(rtt) {
-                    self.uncount(t.counted);
+                    self.shared.release(t.slot);
                     respond(self, b, COMPLETE);
                     return Flow::Continue;
                 }
-                let exp = self.shared.exp();
                 let refsn = bhs.u32_at(32);
-                let ref_d = refsn.wrapping_sub(exp);
-                let tmf_d = bhs.cmdsn().wrapping_sub(exp);
                 if let Some((&sn, _)) = self
                     .held
                     .iter()
@@ -962,10 +1045,12 @@ impl Conn {
                     respond(self, b, COMPLETE);
                     return Flow::Continue;
                 }
-                // A task not received yet whose CmdSN precedes the TMF's: consider the CmdSN
-                // received and answer "Function complete".
-                if ref_d < tmf_d && tmf_d < 0x8000_0000 {
-                    self.held.entry(refsn).or_insert(Held::Skip);
+                // RFC 7143 11.5.1 b): a task not received yet whose RefCmdSN is inside the
+                // valid CmdSN window and precedes the TMF's own CmdSN: consider the CmdSN
+                // received and answer "Function complete". Anything else (c: outside the
+                // window, or a CmdSN already received for another task) is not this task.
+                if self.not_yet_received(refsn, bhs.cmdsn()) {
+                    self.held.insert(refsn, Held::Skip);
                     respond(self, b, COMPLETE);
                     return Flow::Continue;
                 }
@@ -1003,6 +1088,37 @@ impl Conn {
                 respond(self, b, REASSIGN_NOT_SUPPORTED);
                 return Flow::Continue;
             }
+            // RFC 7144: function codes 9-12 carry the SAM-4/5 functions.
+            9 => {
+                // QUERY TASK: a task still collecting data (or held for its CmdSN) exists as
+                // far as the initiator knows, though the SCSI layer has not seen it yet.
+                if self.tasks.contains_key(&rtt) || self.held_command(|p| p.bhs.itt() == rtt) {
+                    respond(self, b, SUCCEEDED);
+                    return Flow::Continue;
+                }
+                Tmf::QueryTask {
+                    lun,
+                    tag: u64::from(rtt),
+                }
+            }
+            10 => {
+                // QUERY TASK SET: likewise for any task of the LU.
+                let raw = bhs.lun();
+                if self.tasks.values().any(|t| t.lun == lun)
+                    || self.held_command(|p| p.bhs.lun() == raw)
+                {
+                    respond(self, b, SUCCEEDED);
+                    return Flow::Continue;
+                }
+                Tmf::QueryTaskSet { lun }
+            }
+            11 => {
+                // I_T NEXUS RESET: every task of this session ends, as for a reset of the
+                // nexus (SAM-5 6.3.4).
+                self.drop_tasks(|_| true);
+                Tmf::ItNexusReset
+            }
+            12 => Tmf::QueryAsyncEvent { lun },
             _ => {
                 respond(self, b, NOT_SUPPORTED);
                 return Flow::Continue;
@@ -1015,7 +1131,8 @@ impl Conn {
         tokio::spawn(async move {
             let r = target.task_management(&nexus, tmf).await;
             let code = match r {
-                TmfResponse::FunctionComplete | TmfResponse::FunctionSucceeded => 0,
+                TmfResponse::FunctionComplete => COMPLETE,
+                TmfResponse::FunctionSucceeded => SUCCEEDED,
                 TmfResponse::TaskDoesNotExist => 1,
                 TmfResponse::IncorrectLun => 2,
                 TmfResponse::FunctionRejected => 255,
@@ -1039,12 +1156,17 @@ impl Conn {
                 }
                 if code == 0 {
                     for (itt, r) in running.iter_mut() {
+                        // Only functions that end tasks mark them; the queries change nothing.
                         let hit = match tmf {
                             Tmf::AbortTask { tag, .. } => u64::from(*itt) == tag,
                             Tmf::AbortTaskSet { lun }
                             | Tmf::ClearTaskSet { lun }
                             | Tmf::LogicalUnitReset { lun } => r.lun == lun,
-                            _ => true,
+                            Tmf::TargetWarmReset | Tmf::TargetColdReset | Tmf::ItNexusReset => true,
+                            Tmf::ClearAca { .. }
+                            | Tmf::QueryTask { .. }
+                            | Tmf::QueryTaskSet { .. }
+                            | Tmf::QueryAsyncEvent { .. } => false,
                         };
                         r.aborted |= hit;
                     }
@@ -1230,8 +1352,10 @@ async fn writer<W: AsyncWrite + Unpin>(
     max_burst: u32,
     mut statsn: u32,
 ) -> Result<(), std::io::Error> {
+    // Both are at least 512 by negotiation (RFC 7143 13.12, 13.13); the floor only guards
+    // against a zero that would never make progress.
     let max_data = framing.max_data.max(512);
-    let max_burst = max_burst.max(max_data);
+    let max_burst = max_burst.max(512);
     'outer: while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
@@ -1307,14 +1431,20 @@ async fn write_result<W: AsyncWrite + Unpin>(
     };
     let status_in_data = r.resp.sense.is_empty() && send > 0;
     let data = r.resp.data_in.get(..send).unwrap_or_default();
+    // Each PDU carries at most the initiator's MaxRecvDataSegmentLength (RFC 7143 13.12) and
+    // each Data-In sequence at most MaxBurstLength (13.13); the F bit marks the last PDU of a
+    // sequence (11.7.1), so a read longer than MaxBurstLength is several sequences.
+    let max_data = max_data as usize;
+    let max_burst = max_burst as usize;
     let mut datasn = 0u32;
     let mut offset = 0usize;
-    let mut burst_used = 0u32;
+    let mut burst_used = 0usize;
     while offset < send {
-        let len = (send - offset).min((max_data.min(max_burst - burst_used)) as usize);
+        let room = max_burst.saturating_sub(burst_used).max(1);
+        let len = (send - offset).min(max_data).min(room);
         let end = offset + len;
         let last = end == send;
-        burst_used += len as u32;
+        burst_used += len;
         let burst_end = burst_used >= max_burst || last;
         let mut b = Bhs::new(op::DATA_IN);
         let mut flags = 0u8;
@@ -1332,7 +1462,8 @@ async fn write_result<W: AsyncWrite + Unpin>(
         b.set_u32(16, r.itt);
         b.set_u32(20, RESERVED_TAG);
         b.set_u32(36, datasn);
-        b.set_u32(40, offset as u32);
+        // `send` is at most EDTL, a u32.
+        b.set_u32(40, u32::try_from(offset).unwrap_or(u32::MAX));
         let sn = if last && status_in_data {
             Sn::Status
         } else {
@@ -1370,7 +1501,7 @@ async fn write_result<W: AsyncWrite + Unpin>(
             .sense
             .len()
             .min(usize::from(u16::MAX))
-            .min(max_data as usize - 2);
+            .min(max_data.saturating_sub(2));
         seg.extend_from_slice(&(n as u16).to_be_bytes());
         seg.extend_from_slice(r.resp.sense.get(..n).unwrap_or_default());
     }
@@ -1468,5 +1599,263 @@ mod tests {
         s.advance(true);
         assert_eq!(s.exp(), 0); // wrapped modulo 2^32
         assert_eq!(s.max(), before);
+    }
+
+    /// A reader for a normal session on a server with one 16 MiB LU, as a login with these
+    /// operational parameters leaves it; the test holds the writer's queue.
+    fn conn(params: Params) -> (Conn, mpsc::UnboundedReceiver<Out>) {
+        let driver = block::driver::mem::MemDriver::new(16 << 20);
+        let backend = block::Backend::new(Arc::new(driver), 512).expect("512-byte blocks");
+        let lu = scsi::LogicalUnit::new(
+            backend,
+            scsi::LuConfig {
+                vendor: "SHAREDSK".into(),
+                product: "memdisk".into(),
+                revision: "0001".into(),
+                serial: "1".into(),
+                id: 1,
+            },
+        );
+        let mut t = scsi::Target::new();
+        t.add_lu(0, Arc::new(lu));
+        let server = Server::new(crate::ServerConfig {
+            targets: vec![crate::TargetConfig {
+                name: "iqn.2026-01.io.sharedisk:unit".into(),
+                alias: None,
+                scsi: Arc::new(t),
+                allowed_initiators: None,
+                auth: crate::Auth::default(),
+                tpgt: 1,
+            }],
+            discovery_auth: crate::Auth::default(),
+            portals: Vec::new(),
+        });
+        let nexus = Arc::new(ItNexus {
+            initiator: scsi::InitiatorPort {
+                transport: scsi::Transport::Iscsi,
+                name: "iqn.2026-01.test:unit".into(),
+                isid: Some([0x80, 0, 0, 0, 0, 1]),
+            },
+            target: scsi::TargetPort {
+                name: "iqn.2026-01.io.sharedisk:unit".into(),
+                tpgt: 1,
+                relative_id: 1,
+            },
+        });
+        let est = Established {
+            kind: Kind::Normal(0),
+            initiator_name: "iqn.2026-01.test:unit".into(),
+            isid: [0x80, 0, 0, 0, 0, 1],
+            tsih: 1,
+            params,
+            exp_cmdsn: 1,
+            next_statsn: 1,
+            cid: 0,
+        };
+        let local = "127.0.0.1:3260".parse().expect("address");
+        Conn::new(server, &est, Some(nexus), local)
+    }
+
+    /// Negotiated as an initiator offering InitialR2T=No and ImmediateData=Yes would.
+    fn unsolicited_params() -> Params {
+        Params {
+            initial_r2t: false,
+            immediate_data: true,
+            first_burst: 65_536,
+            max_burst: 262_144,
+            ..Params::default()
+        }
+    }
+
+    /// A WRITE(10) SCSI Command PDU (RFC 7143 11.3) for `blocks` 512-byte blocks at LBA 0,
+    /// F=0 (unsolicited Data-Out would follow), with `data` as immediate data.
+    fn write_cmd(immediate: bool, itt: u32, cmdsn: u32, blocks: u16, data: &[u8]) -> Pdu {
+        let mut b = Bhs::default();
+        b.0[0] = if immediate { 0x41 } else { 0x01 }; // I bit, opcode SCSI Command
+        b.0[1] = 0x21; // F=0 R=0 W=1, ATTR simple
+        b.0[16..20].copy_from_slice(&itt.to_be_bytes()); // ITT
+        let edtl = u32::from(blocks) * 512;
+        b.0[20..24].copy_from_slice(&edtl.to_be_bytes()); // EDTL
+        b.0[24..28].copy_from_slice(&cmdsn.to_be_bytes()); // CmdSN
+        b.0[32] = 0x2a; // WRITE(10)
+        b.0[39..41].copy_from_slice(&blocks.to_be_bytes()); // TRANSFER LENGTH
+        Pdu {
+            bhs: b,
+            ahs: Vec::new(),
+            data: data.to_vec(),
+            data_digest_bad: false,
+        }
+    }
+
+    fn outs(rx: &mut mpsc::UnboundedReceiver<Out>) -> Vec<Out> {
+        let mut v = Vec::new();
+        while let Ok(o) = rx.try_recv() {
+            v.push(o);
+        }
+        v
+    }
+
+    /// Bytes held by the buffers of commands collecting data.
+    fn buffered(c: &Conn) -> usize {
+        c.tasks.values().map(|t| t.buf.capacity()).sum()
+    }
+
+    #[tokio::test]
+    async fn immediate_writes_waiting_for_data_are_limited_and_hold_no_buffer() {
+        let (mut c, mut rx) = conn(unsolicited_params());
+        // 3000 immediate WRITE(10)s of 1 MiB that announce unsolicited data and send none.
+        for itt in 0..3000u32 {
+            c.handle(write_cmd(true, itt, 1, 2048, &[])).await.ok();
+        }
+        let outs = outs(&mut rx);
+        let rejects = outs
+            .iter()
+            .filter(|o| {
+                matches!(o, Out::Pdu { bhs, data, .. }
+                if bhs.opcode() == 0x3f // Reject
+                    && bhs.0[2] == 0x06 // Immediate command reject: too many
+                    && data.len() == 48)
+            })
+            .count();
+        assert_eq!(
+            rejects,
+            3000 - 16,
+            "all beyond the 16 admitted are rejected"
+        );
+        assert_eq!(outs.len(), rejects, "nothing else is sent");
+        assert_eq!(c.tasks.len(), 16);
+        assert_eq!(buffered(&c), 0, "no data arrived, so no buffer is held");
+    }
+
+    #[tokio::test]
+    async fn non_immediate_writes_waiting_for_data_stay_inside_the_window() {
+        let (mut c, mut rx) = conn(unsolicited_params());
+        for i in 0..3000u32 {
+            c.handle(write_cmd(false, i, 1 + i, 2048, &[0xa5; 512]))
+                .await
+                .ok();
+        }
+        // Beyond MaxCmdSN they are ignored (RFC 7143 3.2.2.1), not buffered.
+        assert!(outs(&mut rx).is_empty());
+        assert_eq!(c.tasks.len(), QUEUE_DEPTH as usize);
+        assert!(c.held.is_empty());
+        let budget = QUEUE_DEPTH as usize * 512;
+        assert!(
+            buffered(&c) <= budget,
+            "{} bytes buffered for {budget} bytes received",
+            buffered(&c)
+        );
+        assert_eq!(
+            c.shared.max(),
+            c.shared.exp().wrapping_sub(1),
+            "window closed"
+        );
+    }
+
+    /// An ABORT TASK (RFC 7143 11.5) for `rtt`, immediate.
+    fn abort_task(itt: u32, rtt: u32, cmdsn: u32, refcmdsn: u32) -> Pdu {
+        let mut b = Bhs::default();
+        b.0[0] = 0x42; // I=1, Task Management Function Request
+        b.0[1] = 0x81; // F=1, function 1: ABORT TASK
+        b.0[16..20].copy_from_slice(&itt.to_be_bytes()); // ITT
+        b.0[20..24].copy_from_slice(&rtt.to_be_bytes()); // Referenced Task Tag
+        b.0[24..28].copy_from_slice(&cmdsn.to_be_bytes()); // CmdSN
+        b.0[32..36].copy_from_slice(&refcmdsn.to_be_bytes()); // RefCmdSN
+        Pdu {
+            bhs: b,
+            ..Pdu::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn aborting_an_immediate_write_frees_its_slot() {
+        let (mut c, mut rx) = conn(unsolicited_params());
+        for itt in 0..16u32 {
+            c.handle(write_cmd(true, itt, 1, 8, &[])).await.ok();
+        }
+        c.handle(abort_task(1000, 3, 1, 1)).await.ok();
+        let sent = outs(&mut rx);
+        assert!(
+            matches!(&sent[..], [Out::Pdu { bhs, .. }] if bhs.opcode() == 0x22 && bhs.0[2] == 0),
+            "Function complete: {sent:?}"
+        );
+        c.handle(write_cmd(true, 16, 1, 8, &[])).await.ok();
+        assert!(outs(&mut rx).is_empty(), "admitted, not rejected");
+        assert_eq!(c.tasks.len(), 16);
+    }
+
+    fn tmf_responses(outs: &[Out]) -> Vec<u8> {
+        outs.iter()
+            .filter_map(|o| match o {
+                Out::Pdu { bhs, .. } if bhs.opcode() == 0x22 => Some(bhs.0[2]),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn abort_task_outside_the_window_does_not_exist_and_settles_nothing() {
+        let (mut c, mut rx) = conn(unsolicited_params());
+        // ExpCmdSN is 1, MaxCmdSN 128. RefCmdSNs beyond MaxCmdSN, behind ExpCmdSN, and inside
+        // the window but not before the TMF's own CmdSN; TMF CmdSNs anywhere.
+        let cases = [(129, 0x4000_0000), (0, 5), (0xffff_0000, 2), (5, 5), (5, 3)];
+        for (i, (refsn, cmdsn)) in cases.into_iter().enumerate() {
+            c.handle(abort_task(500 + i as u32, 77, cmdsn, refsn))
+                .await
+                .ok();
+        }
+        for i in 0..10_000u32 {
+            c.handle(abort_task(
+                1000 + i,
+                77,
+                0x7fff_0000,
+                i.wrapping_mul(40_000),
+            ))
+            .await
+            .ok();
+        }
+        let codes = tmf_responses(&outs(&mut rx));
+        assert_eq!(codes.len(), 10_005);
+        // Response 1: Task does not exist (RFC 7143 11.6.1).
+        assert!(codes.iter().all(|&r| r == 1), "{codes:?}");
+        assert!(c.held.is_empty(), "no CmdSN was settled");
+    }
+
+    #[tokio::test]
+    async fn abort_task_of_a_command_not_yet_received_settles_its_cmdsn() {
+        let (mut c, mut rx) = conn(unsolicited_params());
+        // RefCmdSN 3 inside [1, 128] and before the TMF's CmdSN 4.
+        c.handle(abort_task(600, 77, 4, 3)).await.ok();
+        assert_eq!(tmf_responses(&outs(&mut rx)), vec![0], "Function complete");
+        assert!(matches!(c.held.get(&3), Some(Held::Skip)));
+        // Asking again for the same CmdSN finds it settled already: nothing more is held.
+        c.handle(abort_task(601, 78, 4, 3)).await.ok();
+        assert_eq!(
+            tmf_responses(&outs(&mut rx)),
+            vec![1],
+            "Task does not exist"
+        );
+        assert_eq!(c.held.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_write_buffer_grows_only_when_its_data_arrives() {
+        let (mut c, mut rx) = conn(unsolicited_params());
+        c.handle(write_cmd(false, 7, 1, 2048, &[])).await.ok();
+        assert_eq!(buffered(&c), 0, "1 MiB announced, nothing arrived");
+        // Data-Out (RFC 7143 11.7): unsolicited (TTT 0xffffffff), DataSN 0, offset 0, F=0.
+        let mut b = Bhs::default();
+        b.0[0] = 0x05; // Data-Out
+        b.0[16..20].copy_from_slice(&7u32.to_be_bytes()); // ITT
+        b.0[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes()); // TTT
+        let pdu = Pdu {
+            bhs: b,
+            data: vec![0x5a; 512],
+            ..Pdu::default()
+        };
+        c.handle(pdu).await.ok();
+        assert!(outs(&mut rx).is_empty());
+        // Room for the unsolicited sequence (FirstBurstLength), not the whole write.
+        assert_eq!(buffered(&c), 65_536);
     }
 }

@@ -105,6 +105,54 @@ pub mod ours {
     pub const DEFAULT_TIME2RETAIN: u32 = 0;
 }
 
+/// Keys the target offers in a normal session's operational stage when the initiator has not
+/// offered them (RFC 7143 6.2: either side may originate a negotiation), so that an initiator
+/// that leaves them out still gets unsolicited and immediate data and large bursts.
+pub fn target_offers() -> [(&'static str, String); 4] {
+    [
+        ("InitialR2T", "No".into()),
+        ("ImmediateData", "Yes".into()),
+        ("MaxBurstLength", ours::MAX_BURST.to_string()),
+        ("FirstBurstLength", ours::FIRST_BURST.to_string()),
+    ]
+}
+
+/// Errors of [`apply_answer`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AnswerError {
+    #[error("Answer to {0} is not a value its result function can give")]
+    Invalid(&'static str),
+}
+
+/// Take the initiator's answer to one of [`target_offers`]. The answer is the negotiation's
+/// result (RFC 7143 6.2), so it must be one the result function can produce from our offer:
+/// InitialR2T is OR with our No (any Yes/No), ImmediateData AND with our Yes (any Yes/No), the
+/// burst lengths the minimum (at most what we offered). `Reject`, `NotUnderstood` and
+/// `Irrelevant` leave the key at its default (6.2.1).
+pub fn apply_answer(p: &mut Params, key: &str, value: &str) -> Result<(), AnswerError> {
+    if matches!(value, "Reject" | "NotUnderstood" | "Irrelevant") {
+        return Ok(());
+    }
+    let burst = |ours: u32, k: &'static str| {
+        parse_number(value)
+            .filter(|n| (512..=u64::from(ours)).contains(n))
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or(AnswerError::Invalid(k))
+    };
+    match key {
+        "InitialR2T" => {
+            p.initial_r2t = parse_bool(value).ok_or(AnswerError::Invalid("InitialR2T"))?
+        }
+        "ImmediateData" => {
+            p.immediate_data = parse_bool(value).ok_or(AnswerError::Invalid("ImmediateData"))?
+        }
+        "MaxBurstLength" => p.max_burst = burst(ours::MAX_BURST, "MaxBurstLength")?,
+        "FirstBurstLength" => p.first_burst = burst(ours::FIRST_BURST, "FirstBurstLength")?,
+        _ => return Err(AnswerError::Invalid("an unoffered key")),
+    }
+    Ok(())
+}
+
 /// The operational parameters of a session (RFC 7143 13), starting at the RFC's defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Params {
@@ -457,5 +505,28 @@ mod tests {
         let pairs = vec![("A".to_string(), "1".to_string())];
         assert_eq!(encode(&pairs), b"A=1\0");
         assert_eq!(parse(&encode(&pairs)).expect("valid"), pairs);
+    }
+
+    #[test]
+    fn answers_to_target_offers_set_the_result() {
+        let mut p = Params::default();
+        apply_answer(&mut p, "InitialR2T", "No").expect("valid");
+        apply_answer(&mut p, "ImmediateData", "No").expect("valid");
+        apply_answer(&mut p, "MaxBurstLength", "65536").expect("valid");
+        apply_answer(&mut p, "FirstBurstLength", "Reject").expect("valid");
+        assert!(!p.initial_r2t);
+        assert!(!p.immediate_data);
+        assert_eq!(p.max_burst, 65536);
+        assert_eq!(p.first_burst, 65_536, "default kept");
+    }
+
+    #[test]
+    fn answers_a_result_function_cannot_give_are_errors() {
+        let mut p = Params::default();
+        // Above what was offered: the minimum cannot exceed our offer.
+        assert!(apply_answer(&mut p, "MaxBurstLength", "1048577").is_err());
+        assert!(apply_answer(&mut p, "FirstBurstLength", "511").is_err());
+        assert!(apply_answer(&mut p, "InitialR2T", "maybe").is_err());
+        assert!(apply_answer(&mut p, "HeaderDigest", "None").is_err());
     }
 }

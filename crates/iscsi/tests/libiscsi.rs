@@ -1,6 +1,7 @@
 //! End-to-end tests: `Server::serve` on loopback with memory-backed LUs, driven by the
 //! libiscsi command-line tools (`iscsi-ls`, `iscsi-inq`, `iscsi-readcapacity16`,
-//! `iscsi-test-cu`). A test whose tool is not installed says so and passes.
+//! `iscsi-test-cu`). A test whose tool is not installed fails and names the package to
+//! install (Debian/Ubuntu: libiscsi-bin).
 
 use std::net::SocketAddr;
 use std::process::{Command, Output};
@@ -87,16 +88,18 @@ async fn start() -> SocketAddr {
     addr
 }
 
-fn installed(tool: &str) -> bool {
+/// Fail the test unless `tool` is on the PATH: a conformance test that cannot run must not
+/// pass.
+fn require(tool: &str) {
     let found = Command::new("sh")
         .arg("-c")
         .arg(format!("command -v {tool}"))
         .output()
         .is_ok_and(|o| o.status.success());
-    if !found {
-        eprintln!("{tool} is not installed; skipping");
-    }
-    found
+    assert!(
+        found,
+        "{tool} is not installed: install the libiscsi-bin package (apt-get install libiscsi-bin)"
+    );
 }
 
 /// Run a tool off the runtime's worker threads.
@@ -123,9 +126,7 @@ fn text(o: &Output) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_lists_the_visible_targets() {
-    if !installed("iscsi-ls") {
-        return;
-    }
+    require("iscsi-ls");
     let addr = start().await;
     let o = run("iscsi-ls", vec![format!("iscsi://{addr}")], vec![]).await;
     let out = text(&o);
@@ -144,9 +145,8 @@ async fn discovery_lists_the_visible_targets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inquiry_and_read_capacity_on_two_luns() {
-    if !installed("iscsi-inq") || !installed("iscsi-readcapacity16") {
-        return;
-    }
+    require("iscsi-inq");
+    require("iscsi-readcapacity16");
     let addr = start().await;
     for lun in 0..2 {
         let url = format!("iscsi://{addr}/{OPEN}/{lun}");
@@ -166,9 +166,7 @@ async fn inquiry_and_read_capacity_on_two_luns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_and_data_digests_work() {
-    if !installed("iscsi-readcapacity16") {
-        return;
-    }
+    require("iscsi-readcapacity16");
     let addr = start().await;
     let url = format!("iscsi://{addr}/{OPEN}/0?header_digest=crc32c&data_digest=crc32c");
     let o = run("iscsi-readcapacity16", vec![url], vec![]).await;
@@ -178,9 +176,7 @@ async fn header_and_data_digests_work() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_target_is_refused() {
-    if !installed("iscsi-inq") {
-        return;
-    }
+    require("iscsi-inq");
     let addr = start().await;
     let url = format!("iscsi://{addr}/iqn.2026-01.io.sharedisk:nope/0");
     let o = run("iscsi-inq", vec![url], vec![]).await;
@@ -190,9 +186,7 @@ async fn unknown_target_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acl_admits_only_listed_initiators() {
-    if !installed("iscsi-inq") {
-        return;
-    }
+    require("iscsi-inq");
     let addr = start().await;
     let url = format!("iscsi://{addr}/{ACL}/0");
     let o = run(
@@ -213,9 +207,7 @@ async fn acl_admits_only_listed_initiators() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_way_chap_needs_the_right_secret() {
-    if !installed("iscsi-inq") {
-        return;
-    }
+    require("iscsi-inq");
     let addr = start().await;
     let good = format!("iscsi://alice%alicesecret12@{addr}/{CHAP}/0");
     let o = run("iscsi-inq", vec![good], vec![]).await;
@@ -230,9 +222,7 @@ async fn one_way_chap_needs_the_right_secret() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_chap_authenticates_both_sides() {
-    if !installed("iscsi-inq") {
-        return;
-    }
+    require("iscsi-inq");
     let addr = start().await;
     let url = format!("iscsi://bob%bobsecret1234@{addr}/{MUTUAL}/0");
     let env = vec![
@@ -281,9 +271,7 @@ async fn test_cu(addr: SocketAddr, tests: &str) -> Vec<(String, bool)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_cmdsn_datasn_tmf_and_read_residuals() {
-    if !installed("iscsi-test-cu") {
-        return;
-    }
+    require("iscsi-test-cu");
     let addr = start().await;
     let got = test_cu(
         addr,

@@ -19,6 +19,14 @@ async fn start_server() -> (std::net::SocketAddr, Arc<Server>) {
 }
 
 async fn start_with(driver: Arc<dyn block::Driver>) -> (std::net::SocketAddr, Arc<Server>) {
+    start_with_auth(driver, Auth::default(), Auth::default()).await
+}
+
+async fn start_with_auth(
+    driver: Arc<dyn block::Driver>,
+    auth: Auth,
+    discovery_auth: Auth,
+) -> (std::net::SocketAddr, Arc<Server>) {
     let backend = block::Backend::new(driver, 512).expect("512-byte blocks");
     let lu = scsi::LogicalUnit::new(
         backend,
@@ -38,10 +46,10 @@ async fn start_with(driver: Arc<dyn block::Driver>) -> (std::net::SocketAddr, Ar
             alias: None,
             scsi: Arc::new(t),
             allowed_initiators: None,
-            auth: Auth::default(),
+            auth,
             tpgt: 1,
         }],
-        discovery_auth: Auth::default(),
+        discovery_auth,
         portals: Vec::new(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -103,7 +111,28 @@ impl Client {
         Self::login_isid(addr, keys, [0x80, 1, 2, 3, 4, 5]).await
     }
 
+    /// Log in, answering the target's own offers (RFC 7143 6.2) as an initiator content with
+    /// the RFC 7143 defaults does: InitialR2T=Yes (OR), ImmediateData=Yes (AND), and the
+    /// default burst lengths (the minimum).
     async fn login_isid(addr: std::net::SocketAddr, keys: &str, isid: [u8; 6]) -> Client {
+        let answer = |k: &str| match k {
+            "InitialR2T" => "Yes",
+            "ImmediateData" => "Yes",
+            "MaxBurstLength" => "262144",
+            "FirstBurstLength" => "65536",
+            _ => "NotUnderstood",
+        };
+        Self::login_answering(addr, keys, isid, answer).await
+    }
+
+    /// Log in with `keys` in one operational-stage request (CSG=1 → NSG=3), then answer each
+    /// key the target offers with `answer` until it agrees to the transit.
+    async fn login_answering(
+        addr: std::net::SocketAddr,
+        keys: &str,
+        isid: [u8; 6],
+        answer: impl Fn(&str) -> &'static str,
+    ) -> Client {
         let s = TcpStream::connect(addr).await.expect("connect");
         let mut c = Client {
             s,
@@ -121,11 +150,36 @@ impl Client {
             keys.replace('|', "\0")
         );
         c.send(b, text.as_bytes()).await;
-        let r = c.recv().await.expect("login response");
-        assert_eq!(r.bhs[0], 0x23, "Login Response");
-        assert_eq!(r.bhs[1], 0x87, "T=1 CSG=1 NSG=3");
-        assert_eq!(&r.bhs[36..38], &[0, 0], "status success");
-        c
+        for _ in 0..3 {
+            let r = c.recv().await.expect("login response");
+            assert_eq!(r.bhs[0], 0x23, "Login Response");
+            assert_eq!(&r.bhs[36..38], &[0, 0], "status success");
+            if r.bhs[1] == 0x87 {
+                return c; // T=1 CSG=1 NSG=3
+            }
+            assert_eq!(r.bhs[1], 0x04, "T=0 CSG=1: the target offers keys");
+            let text = String::from_utf8(r.data).expect("text");
+            let offered: Vec<&str> = text
+                .split('\0')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, _)| k)
+                .filter(|k| {
+                    matches!(
+                        *k,
+                        "InitialR2T" | "ImmediateData" | "MaxBurstLength" | "FirstBurstLength"
+                    ) && !keys.contains(&format!("{k}="))
+                })
+                .collect();
+            let reply: String = offered
+                .iter()
+                .map(|k| format!("{k}={}\0", answer(k)))
+                .collect();
+            let mut b = b;
+            b[16..20].copy_from_slice(&1u32.to_be_bytes()); // ITT
+            b[8..14].copy_from_slice(&isid);
+            c.send(b, reply.as_bytes()).await;
+        }
+        panic!("the target never agreed to the full feature phase");
     }
 
     /// Consume the unit attention a new I_T nexus gets on its first command (SAM-5: power on or
@@ -812,4 +866,368 @@ async fn out_of_order_data_sn_ends_the_task_with_check_condition() {
     c.send(b, &[]).await;
     let r = c.recv().await.expect("SCSI Response to TEST UNIT READY");
     assert_eq!(r.bhs[3], 0x00);
+}
+
+fn chap_auth() -> Auth {
+    Auth {
+        chap: Some(iscsi::ChapSecret {
+            user: "user".into(),
+            secret: "secretsecret".into(),
+        }),
+        mutual: None,
+    }
+}
+
+/// Send one Login Request with T=1 CSG=0 NSG=3 and `text`; returns the response.
+async fn login_skipping_security(addr: std::net::SocketAddr, text: &str) -> (Client, Pdu) {
+    let s = TcpStream::connect(addr).await.expect("connect");
+    let mut c = Client {
+        s,
+        cmdsn: 1,
+        itt: 1,
+    };
+    let mut b = [0u8; 48];
+    b[0] = 0x43; // I=1, Login Request
+    b[1] = 0x83; // T=1, CSG=0 (security), NSG=3 (full feature)
+    b[8..14].copy_from_slice(&[0x80, 6, 6, 6, 6, 6]); // ISID
+    b[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
+    c.send(b, text.replace('|', "\0").as_bytes()).await;
+    let r = c.recv().await.expect("login response");
+    (c, r)
+}
+
+#[tokio::test]
+async fn auth_method_none_before_the_target_name_cannot_bypass_chap() {
+    let driver = Arc::new(block::driver::mem::MemDriver::new(1 << 20));
+    let (addr, server) = start_with_auth(driver, chap_auth(), Auth::default()).await;
+    let (mut c, r) = login_skipping_security(
+        addr,
+        &format!("InitiatorName=iqn.2026-01.test:wire|AuthMethod=None|TargetName={TARGET}|"),
+    )
+    .await;
+    assert_eq!(r.bhs[0], 0x23, "Login Response");
+    assert_eq!(r.bhs[1] & 0x80, 0, "T=0: no transit");
+    assert_eq!(r.bhs[36], 0x02, "Status-Class: initiator error");
+    assert_eq!(r.bhs[37], 0x01, "Status-Detail: authentication failure");
+    assert!(closed(&mut c).await);
+    assert!(server.sessions().is_empty());
+}
+
+#[tokio::test]
+async fn auth_method_none_before_the_session_type_cannot_bypass_discovery_chap() {
+    let driver = Arc::new(block::driver::mem::MemDriver::new(1 << 20));
+    let (addr, server) = start_with_auth(driver, Auth::default(), chap_auth()).await;
+    let (mut c, r) = login_skipping_security(
+        addr,
+        "InitiatorName=iqn.2026-01.test:wire|AuthMethod=None|SessionType=Discovery|",
+    )
+    .await;
+    assert_eq!(r.bhs[1] & 0x80, 0, "T=0: no transit");
+    assert_eq!(&r.bhs[36..38], &[0x02, 0x01], "authentication failure");
+    assert!(closed(&mut c).await);
+    assert!(server.sessions().is_empty());
+}
+
+#[tokio::test]
+async fn abort_task_with_a_ref_cmdsn_beyond_the_tmf_s_does_not_swallow_a_later_command() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    c.clear_unit_attention().await;
+    let exp = c.cmdsn;
+    // Immediate ABORT TASK for an unknown ITT: RefCmdSN ExpCmdSN+5 (inside the window) but
+    // the TMF's own CmdSN far beyond MaxCmdSN, so RefCmdSN does not precede a valid CmdSN.
+    let mut t = abort_task(&c, 100, 0x0bad_0bad, exp + 5);
+    t[24..28].copy_from_slice(&(exp + 0x4000_0000).to_be_bytes()); // CmdSN
+    c.send(t, &[]).await;
+    let r = c.recv().await.expect("TMF Response");
+    assert_eq!(r.bhs[0], 0x22, "Task Management Function Response");
+    assert_eq!(r.bhs[2], 1, "Task does not exist");
+    // The six commands ExpCmdSN..ExpCmdSN+5 are all answered.
+    for _ in 0..6 {
+        let (b, _) = c.command(0x81, 0, &[0; 6]); // F, TEST UNIT READY
+        c.send(b, &[]).await;
+        let r = c.recv().await.expect("SCSI Response");
+        assert_eq!(r.bhs[0], 0x21, "SCSI Response");
+        assert_eq!(r.bhs[3], 0x00, "GOOD");
+    }
+}
+
+#[tokio::test]
+async fn abort_task_with_a_ref_cmdsn_outside_the_window_does_not_exist() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    let exp = c.cmdsn;
+    // RefCmdSN beyond MaxCmdSN (the window is 128 wide), TMF CmdSN further still.
+    let mut t = abort_task(&c, 101, 0x0bad_0bad, exp + 1000);
+    t[24..28].copy_from_slice(&(exp + 2000).to_be_bytes()); // CmdSN
+    c.send(t, &[]).await;
+    let r = c.recv().await.expect("TMF Response");
+    assert_eq!(r.bhs[2], 1, "Task does not exist");
+}
+
+#[tokio::test]
+async fn write_cdb_without_the_w_bit_reports_the_overflow() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    c.clear_unit_attention().await;
+    // WRITE(10) of one block with F=1, R=0, W=0 and EDTL 0: nothing is sent or expected.
+    let (b, itt) = c.command(0x80, 0, &write10(3, 1));
+    c.send(b, &[]).await;
+    let r = c.recv().await.expect("SCSI Response");
+    assert_eq!(r.bhs[0], 0x21, "SCSI Response");
+    assert_eq!(r.u32(16), itt);
+    assert_eq!(r.bhs[2], 0x00, "command completed at target");
+    assert_eq!(
+        r.bhs[3], 0x00,
+        "GOOD: no whole block was received, none is written"
+    );
+    assert_eq!(r.bhs[1] & 0x06, 0x04, "O (overflow), not U");
+    assert_eq!(r.u32(44), 512, "Residual Count: the bytes the CDB wanted");
+}
+
+#[tokio::test]
+async fn write_cdb_without_the_w_bit_writes_nothing() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    c.clear_unit_attention().await;
+    let (b, _) = c.command(0xa1, 512, &write10(4, 1)); // F, W: write a pattern
+    c.send(b, &[0x77; 512]).await;
+    assert_eq!(c.recv().await.expect("SCSI Response").bhs[3], 0x00);
+    // The same WRITE(10) with W=0 and EDTL 512, carrying no data.
+    let (b, _) = c.command(0x80, 512, &write10(4, 1));
+    c.send(b, &[]).await;
+    let r = c.recv().await.expect("SCSI Response");
+    assert_eq!(r.bhs[1] & 0x06, 0x04, "O (overflow)");
+    assert_eq!(r.u32(44), 512, "Residual Count");
+    let (b, _) = c.command(0xc1, 512, &read10(4, 1));
+    c.send(b, &[]).await;
+    let d = c.recv().await.expect("Data-In");
+    assert_eq!(d.data, vec![0x77; 512], "the block is unchanged");
+}
+
+/// Read `len` bytes from LBA 0 and return the Data-In PDUs.
+async fn read_data_in(c: &mut Client, len: u32) -> Vec<Pdu> {
+    let (b, itt) = c.command(0xc1, len, &read10(0, (len / 512) as u16)); // F, R
+    c.send(b, &[]).await;
+    let mut pdus = Vec::new();
+    loop {
+        let d = c.recv().await.expect("Data-In");
+        assert_eq!(d.bhs[0], 0x25, "Data-In");
+        assert_eq!(d.u32(16), itt);
+        let status = d.bhs[1] & 0x01 != 0;
+        pdus.push(d);
+        if status {
+            return pdus;
+        }
+    }
+}
+
+#[tokio::test]
+async fn data_in_sequences_end_at_max_burst_length_below_the_segment_length() {
+    let addr = start().await;
+    // MaxBurstLength 1024 < the initiator's MaxRecvDataSegmentLength 8192.
+    let mut c = Client::login(addr, "MaxBurstLength=1024|MaxRecvDataSegmentLength=8192|").await;
+    c.clear_unit_attention().await;
+    let pdus = read_data_in(&mut c, 4096).await;
+    assert_eq!(pdus.len(), 4, "one 1024-byte sequence per PDU");
+    for (i, d) in pdus.iter().enumerate() {
+        assert_eq!(d.u32(36), i as u32, "DataSN");
+        assert_eq!(d.u32(40), 1024 * i as u32, "Buffer Offset");
+        assert_eq!(d.data.len(), 1024, "no more than MaxBurstLength");
+        assert_eq!(d.bhs[1] & 0x80, 0x80, "F: every PDU ends a sequence");
+    }
+}
+
+#[tokio::test]
+async fn data_in_sequences_split_into_segments_and_end_at_max_burst_length() {
+    let addr = start().await;
+    // MaxBurstLength 1536: each sequence is a 1024-byte PDU and a 512-byte PDU.
+    let mut c = Client::login(addr, "MaxBurstLength=1536|MaxRecvDataSegmentLength=1024|").await;
+    c.clear_unit_attention().await;
+    let pdus = read_data_in(&mut c, 3072).await;
+    let got: Vec<(u32, usize, bool)> = pdus
+        .iter()
+        .map(|d| (d.u32(40), d.data.len(), d.bhs[1] & 0x80 != 0))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (0, 1024, false),
+            (1024, 512, true), // end of the first 1536-byte sequence
+            (1536, 1024, false),
+            (2560, 512, true), // end of the second, with status
+        ]
+    );
+}
+
+/// An immediate Task Management Function Request (RFC 7143 11.5) for LUN 0.
+fn tmf_request(c: &Client, function: u8, itt: u32, ref_itt: u32) -> [u8; 48] {
+    let mut t = [0u8; 48];
+    t[0] = 0x42; // I=1, Task Management Function Request
+    t[1] = 0x80 | function; // F=1, function
+    t[16..20].copy_from_slice(&itt.to_be_bytes());
+    t[20..24].copy_from_slice(&ref_itt.to_be_bytes()); // Referenced Task Tag
+    t[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+    t[32..36].copy_from_slice(&(c.cmdsn - 1).to_be_bytes()); // RefCmdSN
+    t
+}
+
+async fn tmf_response(c: &mut Client, function: u8, itt: u32, ref_itt: u32) -> u8 {
+    let t = tmf_request(c, function, itt, ref_itt);
+    c.send(t, &[]).await;
+    let r = c.recv().await.expect("TMF Response");
+    assert_eq!(r.bhs[0], 0x22, "Task Management Function Response");
+    assert_eq!(r.u32(16), itt);
+    r.bhs[2]
+}
+
+// RFC 7143 11.5.1 / RFC 7144 function codes and 11.6.1 / RFC 7144 response codes.
+const QUERY_TASK: u8 = 9;
+const QUERY_TASK_SET: u8 = 10;
+const I_T_NEXUS_RESET: u8 = 11;
+const QUERY_ASYNC_EVENT: u8 = 12;
+const FUNCTION_COMPLETE: u8 = 0;
+const FUNCTION_SUCCEEDED: u8 = 7;
+
+#[tokio::test]
+async fn query_task_and_query_task_set_report_a_write_waiting_for_data() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "InitialR2T=Yes|ImmediateData=No|").await;
+    c.clear_unit_attention().await;
+    assert_eq!(
+        tmf_response(&mut c, QUERY_TASK, 200, 0x1234).await,
+        FUNCTION_COMPLETE,
+        "no such task"
+    );
+    assert_eq!(
+        tmf_response(&mut c, QUERY_TASK_SET, 201, 0xffff_ffff).await,
+        FUNCTION_COMPLETE,
+        "no task at all"
+    );
+    let (b, itt) = c.command(0xa1, 512, &write10(0, 1)); // F, W
+    c.send(b, &[]).await;
+    let r2t = c.recv().await.expect("R2T");
+    assert_eq!(r2t.bhs[0], 0x31, "R2T");
+    assert_eq!(
+        tmf_response(&mut c, QUERY_TASK, 202, itt).await,
+        FUNCTION_SUCCEEDED
+    );
+    assert_eq!(
+        tmf_response(&mut c, QUERY_TASK_SET, 203, 0xffff_ffff).await,
+        FUNCTION_SUCCEEDED
+    );
+    // The queries left the task alone: its data completes it.
+    c.send(data_out(itt, r2t.u32(20), 0, 0, true), &[0x11; 512])
+        .await;
+    let rsp = c.recv().await.expect("SCSI Response");
+    assert_eq!(rsp.bhs[0], 0x21, "SCSI Response");
+    assert_eq!(rsp.bhs[3], 0x00, "GOOD");
+}
+
+#[tokio::test]
+async fn i_t_nexus_reset_ends_the_tasks_and_query_async_event_sees_the_unit_attention() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "InitialR2T=Yes|ImmediateData=No|").await;
+    c.clear_unit_attention().await;
+    assert_eq!(
+        tmf_response(&mut c, QUERY_ASYNC_EVENT, 300, 0xffff_ffff).await,
+        FUNCTION_COMPLETE,
+        "nothing pending"
+    );
+    let (b, itt) = c.command(0xa1, 512, &write10(0, 1)); // F, W
+    c.send(b, &[]).await;
+    assert_eq!(c.recv().await.expect("R2T").bhs[0], 0x31);
+    assert_eq!(
+        tmf_response(&mut c, I_T_NEXUS_RESET, 301, 0xffff_ffff).await,
+        FUNCTION_COMPLETE
+    );
+    assert_eq!(
+        tmf_response(&mut c, QUERY_TASK, 302, itt).await,
+        FUNCTION_COMPLETE,
+        "the write is gone"
+    );
+    assert_eq!(
+        tmf_response(&mut c, QUERY_ASYNC_EVENT, 303, 0xffff_ffff).await,
+        FUNCTION_SUCCEEDED,
+        "a unit attention is pending"
+    );
+    // SAM-5: the next command reports UNIT ATTENTION, I_T NEXUS LOSS OCCURRED (29h/07h).
+    let (b, _) = c.command(0x80, 0, &[0; 6]); // F, TEST UNIT READY
+    c.send(b, &[]).await;
+    let r = c.recv().await.expect("SCSI Response");
+    assert_eq!(r.bhs[0], 0x21, "SCSI Response, none for the write");
+    assert_eq!(r.bhs[3], 0x02, "CHECK CONDITION");
+    assert_eq!(r.data[2 + 2] & 0x0f, 0x06, "UNIT ATTENTION");
+    assert_eq!(&r.data[2 + 12..2 + 14], &[0x29, 0x07]);
+}
+
+#[tokio::test]
+async fn target_offers_initial_r2t_no_and_immediate_data_yes_to_an_initiator_that_omits_them() {
+    let addr = start().await;
+    let s = TcpStream::connect(addr).await.expect("connect");
+    let mut c = Client {
+        s,
+        cmdsn: 1,
+        itt: 1,
+    };
+    let mut b = [0u8; 48];
+    b[0] = 0x43; // I=1, Login Request
+    b[1] = 0x87; // T=1, CSG=1, NSG=3
+    b[8..14].copy_from_slice(&[0x80, 2, 2, 2, 2, 2]); // ISID
+    b[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
+    let text = format!("InitiatorName=iqn.2026-01.test:wire\0TargetName={TARGET}\0");
+    c.send(b, text.as_bytes()).await;
+    let r = c.recv().await.expect("Login Response");
+    assert_eq!(
+        r.bhs[1], 0x04,
+        "T=0 CSG=1: no full feature phase before the answers"
+    );
+    let text = String::from_utf8(r.data).expect("text");
+    for kv in [
+        "InitialR2T=No\0",
+        "ImmediateData=Yes\0",
+        "MaxBurstLength=1048576\0",
+        "FirstBurstLength=262144\0",
+    ] {
+        assert!(text.contains(kv), "{kv} offered in {text:?}");
+    }
+    // Answer with the results: InitialR2T OR -> No, ImmediateData AND -> Yes.
+    c.send(
+        b,
+        b"InitialR2T=No\0ImmediateData=Yes\0MaxBurstLength=1048576\0FirstBurstLength=4096\0",
+    )
+    .await;
+    let r = c.recv().await.expect("Login Response");
+    assert_eq!(r.bhs[1], 0x87, "T=1 CSG=1 NSG=3");
+    assert!(r.data.is_empty(), "answers are not answered");
+    c.clear_unit_attention().await;
+    // WRITE(10) of 8 blocks: 512 bytes immediate, then unsolicited Data-Out up to
+    // FirstBurstLength (4096, the whole write) with no R2T.
+    let payload: Vec<u8> = (0..4096u32).map(|i| (i % 253) as u8).collect();
+    let (b, itt) = c.command(0x21, 4096, &write10(40, 8)); // W, F=0
+    c.send(b, &payload[..512]).await;
+    c.send(data_out(itt, 0xffff_ffff, 0, 512, true), &payload[512..])
+        .await;
+    let rsp = c.recv().await.expect("SCSI Response, not an R2T");
+    assert_eq!(rsp.bhs[0], 0x21, "SCSI Response");
+    assert_eq!(rsp.bhs[3], 0x00, "GOOD");
+}
+
+#[tokio::test]
+async fn an_initiator_answering_initial_r2t_yes_gets_r2ts() {
+    let addr = start().await;
+    let answer = |k: &str| match k {
+        "InitialR2T" => "Yes",
+        "ImmediateData" => "No",
+        "MaxBurstLength" => "262144",
+        "FirstBurstLength" => "65536",
+        _ => "NotUnderstood",
+    };
+    let mut c = Client::login_answering(addr, "", [0x80, 2, 2, 2, 2, 3], answer).await;
+    c.clear_unit_attention().await;
+    let (b, itt) = c.command(0xa1, 512, &write10(0, 1)); // F, W
+    c.send(b, &[]).await;
+    let r2t = c.recv().await.expect("R2T");
+    assert_eq!(r2t.bhs[0], 0x31, "R2T: InitialR2T=Yes is the result");
+    assert_eq!(r2t.u32(16), itt);
 }
