@@ -76,11 +76,12 @@ fn mem(size: u64, bs: u32) -> Harness {
     harness(Arc::new(MemDriver::new(size)), bs, None)
 }
 
-fn file_with(size: u64, bs: u32, engine: EngineChoice) -> Harness {
+fn file_with(size: u64, bs: u32, engine: EngineChoice, cached_reads: bool) -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("disk.img");
     let opts = FileOptions {
         engine,
+        cached_reads,
         ..FileOptions::default()
     };
     let d = FileDriver::open_with(&path, Some(size), &opts).expect("open");
@@ -101,12 +102,18 @@ fn file_with(size: u64, bs: u32, engine: EngineChoice) -> Harness {
     harness(Arc::new(d), bs, Some(dir))
 }
 
+// The engines on their own (every read goes through them), and the default: page-cache hits
+// served inline, the rest through the default engine.
 fn file_uring(size: u64, bs: u32) -> Harness {
-    file_with(size, bs, EngineChoice::IoUring)
+    file_with(size, bs, EngineChoice::IoUring, false)
 }
 
 fn file_pool(size: u64, bs: u32) -> Harness {
-    file_with(size, bs, EngineChoice::ThreadPool)
+    file_with(size, bs, EngineChoice::ThreadPool, false)
+}
+
+fn file_cached(size: u64, bs: u32) -> Harness {
+    file_with(size, bs, EngineChoice::Auto, true)
 }
 
 const MIB: u64 = 1 << 20;
@@ -591,7 +598,7 @@ macro_rules! suites {
     };
 }
 
-suites!(mem, file_uring, file_pool);
+suites!(mem, file_uring, file_pool, file_cached);
 
 // ---- file driver only ------------------------------------------------------------------------
 
