@@ -1,5 +1,6 @@
-//! Compare the file driver's I/O engines: 4 KiB random reads and writes at queue depth 1 and 32,
-//! through `Backend` (range locks and accounting included), a few seconds each.
+//! Compare the file driver's I/O engines, on their own and behind the default fast paths (page-
+//! cache hits inline, lone writes through the pool): 4 KiB random reads and writes at queue depth
+//! 1 and 32, through `Backend` (range locks and accounting included), a few seconds each.
 //!
 //! ```text
 //! cargo run --release -p block --example file_engines -- [PATH] [SECONDS] [SIZE_MIB]
@@ -40,15 +41,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{:<12} {:<6} {:>3} {:>10} {:>10}",
         "engine", "op", "qd", "IOPS", "MiB/s"
     );
-    for engine in [EngineChoice::IoUring, EngineChoice::ThreadPool] {
+    let setups = [
+        (EngineChoice::IoUring, false),
+        (EngineChoice::ThreadPool, false),
+        (EngineChoice::Auto, true),
+    ];
+    for (engine, fast_paths) in setups {
         let opts = FileOptions {
             engine,
+            fast_paths,
             ..FileOptions::default()
         };
         let driver = FileDriver::open_with(&path, Some(size), &opts)?;
-        let name = match driver.engine() {
-            Engine::IoUring => "io_uring",
-            Engine::ThreadPool => "thread-pool",
+        let name = match (driver.engine(), fast_paths) {
+            (_, true) => "default",
+            (Engine::IoUring, false) => "io_uring",
+            (Engine::ThreadPool, false) => "thread-pool",
         };
         let backend = Arc::new(Backend::new(Arc::new(driver), BS)?);
         rt.block_on(fill(&backend))?;

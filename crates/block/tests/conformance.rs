@@ -76,12 +76,12 @@ fn mem(size: u64, bs: u32) -> Harness {
     harness(Arc::new(MemDriver::new(size)), bs, None)
 }
 
-fn file_with(size: u64, bs: u32, engine: EngineChoice, cached_reads: bool) -> Harness {
+fn file_with(size: u64, bs: u32, engine: EngineChoice, fast_paths: bool) -> Harness {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("disk.img");
     let opts = FileOptions {
         engine,
-        cached_reads,
+        fast_paths,
         ..FileOptions::default()
     };
     let d = FileDriver::open_with(&path, Some(size), &opts).expect("open");
@@ -102,8 +102,8 @@ fn file_with(size: u64, bs: u32, engine: EngineChoice, cached_reads: bool) -> Ha
     harness(Arc::new(d), bs, Some(dir))
 }
 
-// The engines on their own (every read goes through them), and the default: page-cache hits
-// served inline, the rest through the default engine.
+// The engines on their own (every request goes through them), and the default: the fast
+// paths (page-cache hits inline, lone writes through the pool) in front of the default engine.
 fn file_uring(size: u64, bs: u32) -> Harness {
     file_with(size, bs, EngineChoice::IoUring, false)
 }
@@ -112,7 +112,7 @@ fn file_pool(size: u64, bs: u32) -> Harness {
     file_with(size, bs, EngineChoice::ThreadPool, false)
 }
 
-fn file_cached(size: u64, bs: u32) -> Harness {
+fn file_default(size: u64, bs: u32) -> Harness {
     file_with(size, bs, EngineChoice::Auto, true)
 }
 
@@ -598,7 +598,7 @@ macro_rules! suites {
     };
 }
 
-suites!(mem, file_uring, file_pool, file_cached);
+suites!(mem, file_uring, file_pool, file_default);
 
 // ---- file driver only ------------------------------------------------------------------------
 
