@@ -37,7 +37,7 @@ mod target;
 mod task;
 
 pub use inquiry::Limits;
-pub use lu::{LogicalUnit, LuConfig, PhysicalBlockSizeError};
+pub use lu::{LogicalUnit, LuConfig, PhysicalBlockSizeError, Ticket};
 pub use nexus::{InitiatorPort, ItNexus, TargetPort, Transport};
 pub use target::Target;
 

@@ -12,6 +12,7 @@
 //!
 //! Block layer errors map to sense data in [`block_error`], an exhaustive match.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use block::{Backend, BlockError};
@@ -46,6 +47,22 @@ pub struct LogicalUnit {
     mode: ModeState,
     tasks: TaskSet,
     nexuses: Nexuses,
+    /// Bumped by task management that ends every nexus's tasks (LOGICAL UNIT RESET, target
+    /// resets, CLEAR TASK SET), before it aborts the task set: see [`Ticket`].
+    reset_epoch: AtomicU64,
+}
+
+/// Proof of when a transport received a command, for SAM-5's rule that task management ends
+/// every task in the task set, including those the transport holds before execution (an
+/// iSCSI write still collecting Data-Out, a command waiting for a CmdSN gap). A transport takes
+/// it with [`LogicalUnit::admit`] (or [`crate::Target::admit`]) on receipt and hands it to
+/// [`LogicalUnit::execute_admitted`]; a command a reset, ABORT TASK SET, CLEAR TASK SET or
+/// I_T NEXUS RESET ended in between then never runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    reset_epoch: u64,
+    nexus_id: u64,
+    abort_epoch: u64,
 }
 
 type Outcome = Result<Vec<u8>, Sense>;
@@ -74,6 +91,7 @@ impl LogicalUnit {
             mode: ModeState::default(),
             tasks: TaskSet::default(),
             nexuses: Nexuses::default(),
+            reset_epoch: AtomicU64::new(0),
         }
     }
 
@@ -131,12 +149,39 @@ impl LogicalUnit {
         }
     }
 
-    /// Execute one command addressed to this LU.
+    /// A ticket for a command of `nexus` that the transport has just received (see [`Ticket`]).
+    pub fn admit(&self, nexus: &Arc<ItNexus>) -> Ticket {
+        let ns = self.nexuses.get(nexus);
+        Ticket {
+            reset_epoch: self.reset_epoch.load(Ordering::SeqCst),
+            nexus_id: ns.id,
+            abort_epoch: ns.abort_epoch.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Execute one command addressed to this LU, as received now.
     pub async fn execute(&self, cmd: Command) -> Completion {
+        self.execute_admitted(cmd, None).await
+    }
+
+    /// Execute a command the transport received earlier, when it took `ticket`: a command
+    /// that task management ended in the meantime completes as [`Completion::Aborted`].
+    pub async fn execute_admitted(&self, cmd: Command, ticket: Option<Ticket>) -> Completion {
         let ns = self.nexuses.get(&cmd.nexus);
         let Some(guard) = self.tasks.enter(&cmd.nexus, ns.id, cmd.tag) else {
             return Completion::Done(self.check(cond::OVERLAPPED_COMMANDS));
         };
+        // Checked after entering the task set, while task management bumps the epoch before
+        // it scans the set: either the scan sees this task, or this sees the new epoch.
+        if let Some(t) = ticket {
+            let ended = self.reset_epoch.load(Ordering::SeqCst) != t.reset_epoch
+                || ns.id != t.nexus_id
+                || ns.abort_epoch.load(Ordering::SeqCst) != t.abort_epoch;
+            if ended {
+                guard.ctl.finish();
+                return Completion::Aborted;
+            }
+        }
         let out = self.run(cmd, &ns, &guard.ctl).await;
         let aborted = guard.ctl.finish();
         match out {
@@ -751,12 +796,21 @@ impl LogicalUnit {
     }
 
     pub(crate) async fn abort_task_set(&self, nexus: &ItNexus) {
+        self.end_nexus_tasks(nexus);
         self.tasks.abort(|n, _| n == nexus).await;
+    }
+
+    /// Commands of `nexus` received but not yet executing are ended too (see [`Ticket`]).
+    fn end_nexus_tasks(&self, nexus: &ItNexus) {
+        if let Some(ns) = self.nexuses.peek(nexus) {
+            ns.abort_epoch.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     /// CLEAR TASK SET with TST=000b: every task of every nexus; the others are told with
     /// COMMANDS CLEARED BY ANOTHER INITIATOR (SAM-5 7.4).
     pub(crate) async fn clear_task_set(&self, nexus: &ItNexus) {
+        self.reset_epoch.fetch_add(1, Ordering::SeqCst);
         let owners = self.tasks.abort(|_, _| true).await;
         self.nexuses
             .broadcast(cond::COMMANDS_CLEARED_BY_ANOTHER, |n| {
@@ -767,12 +821,14 @@ impl LogicalUnit {
     /// LOGICAL UNIT RESET (SAM-5 7.7, 6.3.5): abort every task, reset the mode pages, and
     /// queue `ua` (BUS DEVICE RESET FUNCTION OCCURRED) for every nexus.
     pub(crate) async fn reset(&self, ua: Sense) {
+        self.reset_epoch.fetch_add(1, Ordering::SeqCst);
         self.tasks.abort(|_, _| true).await;
         self.mode.reset();
         self.nexuses.reset(ua, |_| true);
     }
 
     pub(crate) async fn nexus_reset(&self, nexus: &ItNexus) {
+        self.end_nexus_tasks(nexus);
         self.tasks.abort(|n, _| n == nexus).await;
         self.nexuses.reset(cond::IT_NEXUS_LOSS, |n| n == nexus);
     }

@@ -69,14 +69,31 @@ impl Target {
         self.luns.keys().copied()
     }
 
-    /// Execute one command.
+    /// Execute one command, as received now.
     pub async fn execute(&self, cmd: Command) -> Completion {
+        self.execute_admitted(cmd, None).await
+    }
+
+    /// A ticket for a command of `nexus` to `lun` that the transport has just received;
+    /// `None` for a LUN that does not exist. See [`crate::Ticket`].
+    pub fn admit(&self, nexus: &Arc<ItNexus>, lun: u64) -> Option<crate::Ticket> {
+        self.luns.get(&lun).map(|lu| lu.admit(nexus))
+    }
+
+    /// Execute a command received earlier, when the transport took `ticket` with
+    /// [`Self::admit`]: task management that ended it in between makes it
+    /// [`Completion::Aborted`].
+    pub async fn execute_admitted(
+        &self,
+        cmd: Command,
+        ticket: Option<crate::Ticket>,
+    ) -> Completion {
         const REPORT_LUNS: u8 = 0xA0;
         if cmd.cdb.first() == Some(&REPORT_LUNS) {
             return Completion::Done(self.report_luns(&cmd));
         }
         match self.luns.get(&cmd.lun) {
-            Some(lu) => lu.execute(cmd).await,
+            Some(lu) => lu.execute_admitted(cmd, ticket).await,
             None => Completion::Done(lu::no_such_lun(&cmd)),
         }
     }

@@ -225,6 +225,9 @@ impl TaskSet {
 pub struct NexusState {
     /// Unique for the life of the process; a nexus that is lost and comes back gets a new one.
     pub id: u64,
+    /// Bumped by task management that ends this nexus's tasks on the LU (ABORT TASK SET,
+    /// I_T NEXUS RESET), before it aborts the task set: see [`crate::Ticket`].
+    pub abort_epoch: AtomicU64,
     pending: AtomicBool,
     queue: Mutex<VecDeque<Sense>>,
 }
@@ -238,6 +241,7 @@ impl NexusState {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let st = NexusState {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            abort_epoch: AtomicU64::new(0),
             pending: AtomicBool::new(false),
             queue: Mutex::new(VecDeque::new()),
         };

@@ -246,3 +246,51 @@ async fn aborted_running_task_of_lost_nexus_completes_as_aborted() {
     d.gate.add_permits(1);
     assert_eq!(w.await.unwrap(), Completion::Aborted);
 }
+
+#[tokio::test]
+async fn logical_unit_reset_ends_commands_received_but_not_yet_executing() {
+    // SAM-5 7.7: LOGICAL UNIT RESET ends every task in the task set, including one a transport
+    // still holds (e.g. an iSCSI write collecting its Data-Out on another session).
+    let t = Arc::new(mem_target(64, 512));
+    let (a, b) = (nexus(), nexus_named("iqn.1993-08.org.debian:01:b"));
+    ready(&t, &a).await;
+    ready(&t, &b).await;
+    let held = t.admit(&a, 0).expect("LUN 0 exists");
+    let r = t
+        .task_management(&b, Tmf::LogicalUnitReset { lun: 0 })
+        .await;
+    assert_eq!(r, TmfResponse::FunctionComplete);
+    let c = cmd(&a, 1, &write16(3, 1), vec![0xEE; BS], 0);
+    assert_eq!(t.execute_admitted(c, Some(held)).await, Completion::Aborted);
+    // Nothing was written; a command received after the reset runs.
+    ready(&t, &a).await; // consume BUS DEVICE RESET FUNCTION OCCURRED
+    assert_eq!(read_blocks(&t, &a, 3, 1).await, vec![0u8; BS]);
+    let after = t.admit(&a, 0).expect("LUN 0 exists");
+    let c = cmd(&a, 2, &write16(3, 1), vec![0xEE; BS], 0);
+    let Completion::Done(r) = t.execute_admitted(c, Some(after)).await else {
+        panic!("a command received after the reset was aborted");
+    };
+    assert_good(&r);
+}
+
+#[tokio::test]
+async fn abort_task_set_ends_only_this_nexus_commands_received_but_not_yet_executing() {
+    let t = Arc::new(mem_target(64, 512));
+    let (a, b) = (nexus(), nexus_named("iqn.1993-08.org.debian:01:b"));
+    ready(&t, &a).await;
+    ready(&t, &b).await;
+    let held_a = t.admit(&a, 0).expect("LUN 0 exists");
+    let held_b = t.admit(&b, 0).expect("LUN 0 exists");
+    let r = t.task_management(&a, Tmf::AbortTaskSet { lun: 0 }).await;
+    assert_eq!(r, TmfResponse::FunctionComplete);
+    let c = cmd(&a, 1, &write16(4, 1), vec![0xAA; BS], 0);
+    assert_eq!(
+        t.execute_admitted(c, Some(held_a)).await,
+        Completion::Aborted
+    );
+    let c = cmd(&b, 1, &write16(5, 1), vec![0xBB; BS], 0);
+    let Completion::Done(r) = t.execute_admitted(c, Some(held_b)).await else {
+        panic!("the other nexus's command was aborted");
+    };
+    assert_good(&r);
+}
