@@ -233,7 +233,8 @@ pub fn window(cmdsn: u32, exp: u32, max: u32) -> Window {
 /// A held non-immediate PDU, or a CmdSN to treat as received (an ABORT TASK for a command
 /// not yet received, RFC 7143 11.5.1).
 enum Held {
-    Pdu(Box<Pdu>),
+    /// With the ticket taken when it arrived (see [`scsi::Ticket`]), for SCSI commands.
+    Pdu(Box<Pdu>, Option<scsi::Ticket>),
     Skip,
 }
 
@@ -259,6 +260,9 @@ struct WriteTask {
     r2tsn: u32,
     /// Bytes this task has asked for with R2Ts and still holds (see [`MAX_SOLICITED`]).
     solicited: u64,
+    /// Taken when the command arrived: task management from any session that ends it while
+    /// its data is still arriving makes it complete as aborted (SAM-5 7.x).
+    ticket: Option<scsi::Ticket>,
 }
 
 struct Conn {
@@ -516,7 +520,7 @@ impl Conn {
         let bhs = pdu.bhs;
         // NOP-Out answering a ping (ITT 0xffffffff) is never ordered (RFC 7143 11.18).
         if bhs.immediate() || (bhs.opcode() == op::NOP_OUT && bhs.itt() == RESERVED_TAG) {
-            if let Flow::Close = self.process(pdu, true).await? {
+            if let Flow::Close = self.process(pdu, true, None).await? {
                 return Ok(Flow::Close);
             }
             return self.drain().await;
@@ -529,7 +533,9 @@ impl Conn {
             Window::Later | Window::Now => {
                 // A CmdSN an ABORT TASK already settled stays settled (RFC 7143 11.5.1).
                 if !matches!(self.held.get(&bhs.cmdsn()), Some(Held::Skip)) {
-                    self.held.insert(bhs.cmdsn(), Held::Pdu(Box::new(pdu)));
+                    let ticket = self.admit(&pdu);
+                    self.held
+                        .insert(bhs.cmdsn(), Held::Pdu(Box::new(pdu), ticket));
                 }
                 self.drain().await
             }
@@ -541,10 +547,10 @@ impl Conn {
         while let Some(next) = self.held.remove(&self.shared.exp()) {
             // A SCSI command is counted as outstanding in the same step that advances
             // ExpCmdSN; `scsi_command` uncounts it if it refuses the command.
-            let counted = matches!(&next, Held::Pdu(p) if p.bhs.opcode() == op::SCSI_CMD);
+            let counted = matches!(&next, Held::Pdu(p, _) if p.bhs.opcode() == op::SCSI_CMD);
             self.shared.advance(counted);
-            if let Held::Pdu(p) = next {
-                if let Flow::Close = self.process(*p, false).await? {
+            if let Held::Pdu(p, ticket) = next {
+                if let Flow::Close = self.process(*p, false, ticket).await? {
                     return Ok(Flow::Close);
                 }
             }
@@ -552,14 +558,31 @@ impl Conn {
         Ok(Flow::Continue)
     }
 
-    async fn process(&mut self, pdu: Pdu, immediate: bool) -> Result<Flow, SessionError> {
+    /// A ticket for a SCSI command PDU received now (`None` for other PDUs, discovery
+    /// sessions and unknown LUNs).
+    fn admit(&self, pdu: &Pdu) -> Option<scsi::Ticket> {
+        if pdu.bhs.opcode() != op::SCSI_CMD {
+            return None;
+        }
+        let (target, nexus) = (self.target.as_ref()?, self.nexus.as_ref()?);
+        target.admit(nexus, pdu::decode_lun(pdu.bhs.lun()))
+    }
+
+    async fn process(
+        &mut self,
+        pdu: Pdu,
+        immediate: bool,
+        ticket: Option<scsi::Ticket>,
+    ) -> Result<Flow, SessionError> {
         match pdu.bhs.opcode() {
             op::NOP_OUT => {
                 self.nop_out(&pdu);
                 Ok(Flow::Continue)
             }
             op::SCSI_CMD => {
-                self.scsi_command(pdu, immediate);
+                // An immediate command is received now; a held one when it arrived.
+                let ticket = ticket.or_else(|| self.admit(&pdu));
+                self.scsi_command(pdu, immediate, ticket);
                 Ok(Flow::Continue)
             }
             op::TMF_REQ => Ok(self.tmf(&pdu)),
@@ -623,7 +646,7 @@ pub fn cdb_of(pdu: &Pdu) -> Result<Vec<u8>, ()> {
 }
 
 impl Conn {
-    fn scsi_command(&mut self, pdu: Pdu, immediate: bool) {
+    fn scsi_command(&mut self, pdu: Pdu, immediate: bool, ticket: Option<scsi::Ticket>) {
         let bhs = pdu.bhs;
         // Non-immediate commands were counted as outstanding by `drain`. Immediate ones count
         // from here, collecting data or executing, until answered (RFC 7143 11.17.1: "too many
@@ -684,7 +707,15 @@ impl Conn {
             // SCSI layer gets what was received (nothing) and writes only whole blocks of it.
             let spdtl = target.data_out_len(lun, &cmd.cdb);
             let wr = (write || spdtl > 0).then_some((spdtl > 0, spdtl));
-            self.execute(target, cmd, lun_raw, if read { edtl } else { 0 }, wr, slot);
+            self.execute(
+                target,
+                cmd,
+                ticket,
+                lun_raw,
+                if read { edtl } else { 0 },
+                wr,
+                slot,
+            );
             return;
         }
         let data = pdu.data;
@@ -752,6 +783,7 @@ impl Conn {
             datasn: 0,
             r2tsn: 0,
             solicited: 0,
+            ticket,
         };
         self.tasks.insert(itt, task);
         self.advance_write(itt);
@@ -780,7 +812,7 @@ impl Conn {
                     data_out: t.buf,
                     data_in_len: 0,
                 };
-                self.execute(target, cmd, t.lun_raw, 0, wr, t.slot);
+                self.execute(target, cmd, t.ticket, t.lun_raw, 0, wr, t.slot);
             }
             return;
         }
@@ -915,10 +947,12 @@ impl Conn {
         })));
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn execute(
         &self,
         target: Arc<scsi::Target>,
         cmd: Command,
+        ticket: Option<scsi::Ticket>,
         lun: [u8; 8],
         edtl_in: u32,
         write_residual: Option<(bool, u32)>,
@@ -937,7 +971,7 @@ impl Conn {
             },
         );
         tokio::spawn(async move {
-            let done = target.execute(cmd).await;
+            let done = target.execute_admitted(cmd, ticket).await;
             shared.release(slot);
             {
                 // Send under the lock, so a TMF response can never overtake it unnoticed.
@@ -1001,7 +1035,7 @@ impl Conn {
     fn held_command(&self, pred: impl Fn(&Pdu) -> bool) -> bool {
         self.held
             .values()
-            .any(|h| matches!(h, Held::Pdu(p) if p.bhs.opcode() == op::SCSI_CMD && pred(p)))
+            .any(|h| matches!(h, Held::Pdu(p, _) if p.bhs.opcode() == op::SCSI_CMD && pred(p)))
     }
 
     fn tmf(&mut self, pdu: &Pdu) -> Flow {
@@ -1039,7 +1073,7 @@ impl Conn {
                 if let Some((&sn, _)) = self
                     .held
                     .iter()
-                    .find(|(_, h)| matches!(h, Held::Pdu(p) if p.bhs.itt() == rtt))
+                    .find(|(_, h)| matches!(h, Held::Pdu(p, _) if p.bhs.itt() == rtt))
                 {
                     self.held.insert(sn, Held::Skip);
                     respond(self, b, COMPLETE);

@@ -1231,3 +1231,46 @@ async fn an_initiator_answering_initial_r2t_yes_gets_r2ts() {
     assert_eq!(r2t.bhs[0], 0x31, "R2T: InitialR2T=Yes is the result");
     assert_eq!(r2t.u32(16), itt);
 }
+
+#[tokio::test]
+async fn lu_reset_from_another_session_ends_a_write_still_collecting_data() {
+    // SAM-5 7.7: LOGICAL UNIT RESET ends every task in the task set, whichever I_T nexus it
+    // came from, including a write whose Data-Out has not all arrived.
+    let addr = start().await;
+    let mut a = Client::login_isid(
+        addr,
+        "InitialR2T=Yes|ImmediateData=No|",
+        [0x80, 1, 2, 3, 4, 5],
+    )
+    .await;
+    a.clear_unit_attention().await;
+    let mut b = Client::login_isid(addr, "", [0x80, 9, 9, 9, 9, 9]).await;
+    b.clear_unit_attention().await;
+    // A: WRITE(10) of block 7, which waits for its data (R2T).
+    let (w, itt) = a.command(0xa1, 512, &write10(7, 1));
+    a.send(w, &[]).await;
+    let r2t = a.recv().await.expect("R2T");
+    assert_eq!(r2t.bhs[0], 0x31, "R2T");
+    let ttt = r2t.u32(20);
+    // B: LOGICAL UNIT RESET (function 5) of LUN 0, immediate.
+    let mut t = [0u8; 48];
+    t[0] = 0x42; // I=1, Task Management Function Request
+    t[1] = 0x85; // F=1, LOGICAL UNIT RESET
+    t[16..20].copy_from_slice(&77u32.to_be_bytes());
+    t[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes()); // Referenced Task Tag: reserved
+    t[24..28].copy_from_slice(&b.cmdsn.to_be_bytes());
+    b.send(t, &[]).await;
+    let r = b.recv().await.expect("TMF Response");
+    assert_eq!(r.bhs[0], 0x22);
+    assert_eq!(r.bhs[2], 0, "Function complete");
+    // A's data arrives after the reset: the write must not land and gets no response.
+    a.send(data_out(itt, ttt, 0, 0, true), &[0xEE; 512]).await;
+    assert!(a.recv().await.is_none(), "no response for the ended write");
+    // B (past its reset unit attention) reads block 7: still zeros.
+    b.clear_unit_attention().await;
+    let (rd, _) = b.command(0xc1, 512, &read10(7, 1));
+    b.send(rd, &[]).await;
+    let d = b.recv().await.expect("Data-In");
+    assert_eq!(d.bhs[0], 0x25, "Data-In");
+    assert_eq!(d.data, vec![0u8; 512]);
+}
