@@ -970,7 +970,7 @@ impl Conn {
                 then: None,
             },
         );
-        tokio::spawn(async move {
+        let task = async move {
             let done = target.execute_admitted(cmd, ticket).await;
             shared.release(slot);
             {
@@ -996,7 +996,16 @@ impl Conn {
                 }
             }
             shared.executing.fetch_sub(1, Ordering::AcqRel);
-        });
+        };
+        // Run the command here until it first has to wait: a read the page cache holds
+        // completes without a task spawn and a thread hop. Only a command that waits gets a
+        // task of its own; tokio polls a new task at once, so the real waker replaces the no-op
+        // one before anything can be missed.
+        let mut task = Box::pin(task);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if std::future::Future::poll(task.as_mut(), &mut cx).is_pending() {
+            tokio::spawn(task);
+        }
     }
 
     /// Drop transport-side tasks still collecting data that `pred` selects.
