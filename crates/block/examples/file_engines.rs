@@ -1,5 +1,5 @@
 //! Compare the file driver's I/O engines, on their own and behind the default fast paths (page-
-//! cache hits inline, lone writes through the pool): 4 KiB random reads and writes at queue depth
+//! cache hits and lone writes on the calling thread): 4 KiB random reads and writes at queue depth
 //! 1 and 32, through `Backend` (range locks and accounting included), a few seconds each.
 //!
 //! ```text

@@ -103,7 +103,7 @@ fn file_with(size: u64, bs: u32, engine: EngineChoice, fast_paths: bool) -> Harn
 }
 
 // The engines on their own (every request goes through them), and the default: the fast
-// paths (page-cache hits inline, lone writes through the pool) in front of the default engine.
+// paths (page-cache hits and lone writes on the calling thread) in front of the default engine.
 fn file_uring(size: u64, bs: u32) -> Harness {
     file_with(size, bs, EngineChoice::IoUring, false)
 }
