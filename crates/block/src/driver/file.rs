@@ -158,6 +158,23 @@ fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> usize {
     done
 }
 
+/// `pwrite` all of `data` at `offset`, then `fdatasync` when `fua`: the synchronous write of
+/// the thread pool and of the calling thread.
+fn write_at(file: &File, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+    file.write_all_at(data, offset)?;
+    if fua {
+        file.sync_data()?;
+    }
+    Ok(())
+}
+
+/// `tokio::task::block_in_place` panics on a current-thread runtime; there the pool takes a
+/// lone write instead.
+fn on_multi_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+}
+
 /// Counts one request in flight while it lives; `others` is how many were in flight already.
 struct InFlight<'a> {
     count: &'a AtomicUsize,
@@ -529,28 +546,14 @@ impl Driver for FileDriver {
         }
         let in_flight = InFlight::enter(&self.writes_in_flight);
         let alone = self.fast_paths && in_flight.others == 0;
-        // `block_in_place` panics on a current-thread runtime: there the pool takes the write.
-        let multi = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         let r = match &self.io {
             Io::Ring(r) if !alone => r.write(offset, data, fua).await,
-            _ if alone && multi => tokio::task::block_in_place(|| {
-                self.file.write_all_at(&data, offset)?;
-                if fua {
-                    self.file.sync_data()?;
-                }
-                Ok(())
-            }),
+            _ if alone && on_multi_thread_runtime() => {
+                tokio::task::block_in_place(|| write_at(&self.file, &data, offset, fua))
+            }
             Io::Ring(_) | Io::Pool => {
                 let file = self.file.clone();
-                blocking(move || {
-                    file.write_all_at(&data, offset)?;
-                    if fua {
-                        file.sync_data()?;
-                    }
-                    Ok(())
-                })
-                .await
+                blocking(move || write_at(&file, &data, offset, fua)).await
             }
         };
         if fua {
