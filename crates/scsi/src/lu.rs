@@ -396,9 +396,7 @@ impl LogicalUnit {
                 self.compare_and_write(lba, blocks, fua, data_out).await
             }
             Cdb::OrWrite { lba, blocks, fua } => {
-                self.check_writable()?;
-                self.check_transfer(blocks)?;
-                self.check_range(lba, u64::from(blocks))?;
+                self.check_write(lba, blocks)?;
                 if blocks == 0 {
                     return Ok(Vec::new());
                 }
@@ -491,6 +489,14 @@ impl LogicalUnit {
         Ok(())
     }
 
+    /// The checks of a command that writes `blocks` taken from its data-out at `lba`: not
+    /// write protected, within MAXIMUM TRANSFER LENGTH, within the capacity, in that order.
+    fn check_write(&self, lba: u64, blocks: u32) -> Result<(), Sense> {
+        self.check_writable()?;
+        self.check_transfer(blocks)?;
+        self.check_range(lba, u64::from(blocks))
+    }
+
     fn check_writable(&self) -> Result<(), Sense> {
         if self.mode.get() & mode::SWP != 0 {
             // SPC-5 7.5.8: SWP set, writes fail with DATA PROTECT, WRITE PROTECTED.
@@ -535,9 +541,7 @@ impl LogicalUnit {
     /// WRITE `blocks` at `lba` as the CDB says; `data` may hold fewer whole blocks when the
     /// transport received less (see [`Self::fit_data_out`]): only those are written.
     async fn write(&self, lba: u64, blocks: u32, fua: bool, data: Vec<u8>) -> Result<(), Sense> {
-        self.check_writable()?;
-        self.check_transfer(blocks)?;
-        self.check_range(lba, u64::from(blocks))?;
+        self.check_write(lba, blocks)?;
         if blocks == 0 || data.is_empty() {
             return Ok(());
         }
