@@ -91,6 +91,10 @@ fn open_lu(plan: &LuPlan) -> anyhow::Result<Arc<scsi::LogicalUnit>> {
 /// Serve `plan` until a signal. `hint` is printed after the URLs (one line on how to reach
 /// them).
 pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Result<()> {
+    // Catch the signals before anything is announced: a supervisor may send SIGTERM as soon as
+    // it reads the URL, and the default action would end the process without a flush.
+    let mut term = signal(SignalKind::terminate()).context("Cannot catch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("Cannot catch SIGINT")?;
     let mut lus = Vec::new();
     let mut targets = Vec::new();
     for t in &plan.targets {
@@ -159,8 +163,6 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
     out.flush().context("Cannot write to stdout")?;
     drop(out);
 
-    let mut term = signal(SignalKind::terminate()).context("Cannot catch SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("Cannot catch SIGINT")?;
     let outcome = tokio::select! {
         _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(()) }
         _ = int.recv() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
