@@ -32,6 +32,7 @@ mod inquiry;
 mod lu;
 mod mode;
 mod nexus;
+pub mod pr;
 pub mod sense;
 mod target;
 mod task;

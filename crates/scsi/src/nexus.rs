@@ -1,7 +1,9 @@
 //! I_T nexus identity (SAM-5 4.6): an initiator port and a target port.
 
+use serde::{Deserialize, Serialize};
+
 /// The transport protocol of a port, for TransportIDs (SPC-5 7.6.4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Transport {
     Iscsi,
     /// vhost-user-scsi: reported as SAS (no SCSI transport of its own), as QEMU does.
@@ -9,7 +11,7 @@ pub enum Transport {
 }
 
 /// An initiator port. For iSCSI its name is `<initiator name>,i,0x<ISID>` (RFC 7143 13.8).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct InitiatorPort {
     pub transport: Transport,
     /// The initiator (device) name, e.g. `iqn.1993-08.org.debian:01:abc`.
@@ -19,7 +21,7 @@ pub struct InitiatorPort {
 }
 
 /// A target port.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TargetPort {
     /// The target name, e.g. `iqn.2026-01.io.sharedisk:disk0`.
     pub name: String,
@@ -30,7 +32,7 @@ pub struct TargetPort {
 }
 
 /// An I_T nexus: the unit that holds unit attentions, SPC-2 reservations and PR registrations.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ItNexus {
     pub initiator: InitiatorPort,
     pub target: TargetPort,
