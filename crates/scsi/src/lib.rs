@@ -33,6 +33,7 @@ mod lu;
 mod mode;
 mod nexus;
 pub mod pr;
+mod reservations;
 pub mod sense;
 mod target;
 mod task;

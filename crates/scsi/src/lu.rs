@@ -20,6 +20,9 @@ use block::{Backend, BlockError};
 use crate::cdb::{self, Cdb, DataDir, OpInfo};
 use crate::inquiry::{self, Limits};
 use crate::mode::{self, ModeState};
+use crate::pr::out::Refusal;
+use crate::pr::{self, PrState};
+use crate::reservations::{Failure, Reservations};
 use crate::sense::{cond, key, Sense};
 use crate::task::{NexusState, Nexuses, TaskCtl, TaskSet};
 use crate::{Command, Completion, ItNexus, Response, Status};
@@ -50,6 +53,8 @@ pub struct LogicalUnit {
     /// Bumped by task management that ends every nexus's tasks (LOGICAL UNIT RESET, target
     /// resets, CLEAR TASK SET), before it aborts the task set: see [`Ticket`].
     reset_epoch: AtomicU64,
+    /// Persistent and SPC-2 reservations: the snapshot every command is checked against.
+    resv: Arc<Reservations>,
 }
 
 /// Proof of when a transport received a command, for SAM-5's rule that task management ends
@@ -92,7 +97,55 @@ impl LogicalUnit {
             tasks: TaskSet::default(),
             nexuses: Nexuses::default(),
             reset_epoch: AtomicU64::new(0),
+            resv: Arc::default(),
         }
+    }
+
+    /// Load the persistent reservation state the block driver's store holds (APTPL state
+    /// kept across a restart) and follow changes other holders of the LU store. Call once,
+    /// before serving.
+    pub async fn restore_reservations(&self) -> Result<(), String> {
+        self.resv
+            .restore(self.backend.reservations())
+            .await
+            .map_err(|f| match f {
+                Failure::Store(e) => format!("Cannot load the reservation state: {e}"),
+                Failure::Corrupt(e) => format!("The stored reservation state is unreadable: {e}"),
+                Failure::Refused(_) => "Reservation state refused".into(),
+            })
+    }
+
+    /// The persistent reservation state now (operators: `sharedisk pr show`).
+    pub fn persistent_reservations(&self) -> Arc<PrState> {
+        self.resv.snapshot().pr.clone()
+    }
+
+    /// An operator's way out of a stale reservation (`sharedisk pr clear`): remove every
+    /// registration and the reservation as a CLEAR would, bump the generation, and tell every
+    /// registrant (RESERVATIONS PREEMPTED, SPC-5 5.14.11.3's unit attention for CLEAR).
+    /// Returns the state it replaced.
+    pub async fn clear_reservations_by_operator(&self) -> Result<Arc<PrState>, String> {
+        let _change = self.resv.lock().await;
+        let old = self
+            .resv
+            .replace(self.backend.reservations(), |old| PrState {
+                generation: old.generation.wrapping_add(1),
+                ..PrState::default()
+            })
+            .await
+            .map_err(|f| format!("{f:?}"))?;
+        for r in &old.registrations {
+            self.nexuses
+                .broadcast(cond::RESERVATIONS_PREEMPTED, |n| r.who.matches(n));
+        }
+        tracing::warn!(
+            serial = %self.config.serial,
+            generation = old.generation,
+            registrations = old.registrations.len(),
+            reservation = ?old.reservation,
+            "Operator cleared the persistent reservations"
+        );
+        Ok(old)
     }
 
     pub fn backend(&self) -> &Backend {
@@ -190,17 +243,68 @@ impl LogicalUnit {
         }
     }
 
-    /// The per-command reservation check (SPC-5 5.13.1, DESIGN.md §4): decided from the table
-    /// row and the nexus. Persistent reservations are not implemented yet, so everything is
-    /// allowed; the next step answers RESERVATION CONFLICT here.
-    fn reservation_check(&self, _info: &OpInfo, _nexus: &ItNexus) -> Result<(), Status> {
-        Ok(())
+    /// The response to a reservation-changing command the rules refused, or GOOD.
+    fn refusal(&self, r: Result<(), Refusal>) -> Response {
+        match r {
+            Ok(()) => Response::default(),
+            Err(Refusal::Conflict) => conflict(),
+            Err(Refusal::Check(s)) => self.check(s),
+        }
+    }
+
+    /// PERSISTENT RESERVE OUT (SPC-5 6.17): the new state is stored and published before GOOD;
+    /// then the unit attentions go out, and PREEMPT AND ABORT ends the preempted nexuses'
+    /// tasks (SPC-5 5.14.11.2.5), waiting for those running so none completes after GOOD.
+    async fn persistent_reserve_out(
+        &self,
+        nexus: &Arc<ItNexus>,
+        tag: u64,
+        cdb: (u8, u8, u8),
+        param: &[u8],
+    ) -> Response {
+        let eff = match self
+            .resv
+            .out(self.backend.reservations(), nexus, cdb, param)
+            .await
+        {
+            Ok(eff) => eff,
+            Err(Failure::Refused(r)) => return self.refusal(Err(r)),
+            Err(f) => {
+                tracing::error!(serial = %self.config.serial, failure = ?f, "PERSISTENT RESERVE OUT could not store the new state");
+                return self.check(cond::INTERNAL_TARGET_FAILURE);
+            }
+        };
+        for (who, sense) in &eff.unit_attentions {
+            self.nexuses
+                .broadcast(*sense, |n| n != &**nexus && who.matches(n));
+        }
+        if !eff.abort.is_empty() {
+            let preempted = |n: &ItNexus| eff.abort.iter().any(|r| r.matches(n));
+            // Commands the transport holds for the other preempted nexuses end too (see
+            // Ticket); the issuer's later commands are ordered after this one.
+            self.nexuses.for_each(|n, st| {
+                if n != &**nexus && preempted(n) {
+                    st.abort_epoch.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+            let owners = self
+                .tasks
+                .abort(|n, t| preempted(n) && !(n == &**nexus && t == tag))
+                .await;
+            // SAM-5 5.6 with TAS=0: the other nexuses whose tasks were aborted are told.
+            self.nexuses
+                .broadcast(cond::COMMANDS_CLEARED_BY_ANOTHER, |n| {
+                    n != &**nexus && owners.iter().any(|o| **o == *n)
+                });
+        }
+        Response::default()
     }
 
     async fn run(&self, cmd: Command, ns: &NexusState, ctl: &TaskCtl) -> Option<Response> {
         let Command {
             nexus,
             lun,
+            tag,
             cdb,
             data_out,
             ..
@@ -229,11 +333,16 @@ impl LogicalUnit {
                 return Some(self.check(s));
             }
         }
-        if let Err(status) = self.reservation_check(info, &nexus) {
-            return Some(Response {
-                status,
-                ..Response::default()
-            });
+        // Commands that change reservations run one at a time per LU; the lock is taken before
+        // the task starts, so task management can end a waiting one without waiting for it.
+        let _change = match parsed {
+            Cdb::PersistentReserveOut { .. } | Cdb::Reserve | Cdb::Release => {
+                Some(self.resv.lock().await)
+            }
+            _ => None,
+        };
+        if !self.resv.allowed(&nexus, info, &cdb) {
+            return Some(conflict());
         }
         if !ctl.start() {
             return None;
@@ -245,6 +354,14 @@ impl LogicalUnit {
                 d.truncate(alloc as usize);
                 Ok(d)
             }
+            Cdb::PersistentReserveOut { sa, scope, ty, .. } => {
+                return Some(
+                    self.persistent_reserve_out(&nexus, tag, (sa, scope, ty), &data_out)
+                        .await,
+                );
+            }
+            Cdb::Reserve => return Some(self.refusal(self.resv.reserve(&nexus))),
+            Cdb::Release => return Some(self.refusal(self.resv.release(&nexus))),
             other => self.dispatch(other, &nexus, lun, data_out).await,
         };
         Some(match out {
@@ -267,6 +384,13 @@ impl LogicalUnit {
         match c {
             Cdb::TestUnitReady | Cdb::StartStopUnit | Cdb::PreventAllow => Ok(Vec::new()),
             Cdb::RequestSense { .. } => Ok(Vec::new()),
+            Cdb::PersistentReserveIn { sa, alloc } => {
+                pr::input::input(&self.resv.snapshot().pr, sa, alloc)
+            }
+            // Answered in `run`, which can return RESERVATION CONFLICT.
+            Cdb::PersistentReserveOut { .. } | Cdb::Reserve | Cdb::Release => {
+                Err(cond::INTERNAL_TARGET_FAILURE)
+            }
             Cdb::Inquiry { evpd, page, alloc } => {
                 let mut d = if evpd {
                     inquiry::vpd(
@@ -826,12 +950,15 @@ impl LogicalUnit {
     /// queue `ua` (BUS DEVICE RESET FUNCTION OCCURRED) for every nexus.
     pub(crate) async fn reset(&self, ua: Sense) {
         self.reset_epoch.fetch_add(1, Ordering::SeqCst);
+        // SPC-2 reservations end with a reset; persistent reservations do not (SPC-5 5.14.1).
+        self.resv.release_spc2_if(|_| true);
         self.tasks.abort(|_, _| true).await;
         self.mode.reset();
         self.nexuses.reset(ua, |_| true);
     }
 
     pub(crate) async fn nexus_reset(&self, nexus: &ItNexus) {
+        self.resv.release_spc2_if(|h| h == nexus);
         self.end_nexus_tasks(nexus);
         self.tasks.abort(|n, _| n == nexus).await;
         self.nexuses.reset(cond::IT_NEXUS_LOSS, |n| n == nexus);
@@ -850,8 +977,17 @@ impl LogicalUnit {
     }
 
     pub(crate) fn nexus_lost(&self, nexus: &ItNexus) {
+        self.resv.release_spc2_if(|h| h == nexus);
         self.tasks.abort_now(|n| n == nexus);
         self.nexuses.forget(nexus);
+    }
+}
+
+/// RESERVATION CONFLICT status, without sense data (SAM-5 5.3.1).
+fn conflict() -> Response {
+    Response {
+        status: Status::RESERVATION_CONFLICT,
+        ..Response::default()
     }
 }
 

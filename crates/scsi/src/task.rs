@@ -322,6 +322,14 @@ impl Nexuses {
         }
     }
 
+    /// Run `f` on every known nexus.
+    pub fn for_each(&self, mut f: impl FnMut(&ItNexus, &NexusState)) {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        for (n, st) in map.iter() {
+            f(n, st);
+        }
+    }
+
     /// Replace every queued UA of the nexuses matching `pred` by `s`.
     pub fn reset(&self, s: Sense, pred: impl Fn(&ItNexus) -> bool) {
         let map = self.map.read().unwrap_or_else(|e| e.into_inner());

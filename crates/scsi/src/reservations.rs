@@ -1,0 +1,287 @@
+//! The logical unit's side of reservations (DESIGN.md §4): the snapshot every command is
+//! checked against, and the commands that change it.
+//!
+//! - The per-command check ([`Reservations::allowed`]) loads one `Arc` from an [`ArcSwap`]: no
+//!   lock and no I/O on the hot path.
+//! - Commands that change reservations (PERSISTENT RESERVE OUT, RESERVE, RELEASE) run one at a
+//!   time per LU under [`Reservations::lock`]. The logical unit takes that lock before the
+//!   command starts (so task management can end a waiting one without waiting for it) and
+//!   checks the command against the snapshot under the lock.
+//! - A PERSISTENT RESERVE OUT computes the next state with the pure rules of [`crate::pr`],
+//!   stores it through the block driver's [`block::ReservationStore`] (compare-and-swap on the
+//!   version it was computed from; durable when APTPL is set), waits for the store's barrier,
+//!   and only then publishes the snapshot and answers. A state another holder stored first is
+//!   adopted and the command is evaluated again on it.
+//! - SPC-2 RESERVE/RELEASE keep their holder in the snapshot but not in the store: SPC-2
+//!   reservations do not survive a reset, a nexus loss or a restart.
+
+use std::sync::{Arc, Weak};
+
+use arc_swap::ArcSwap;
+use block::{BlockError, ReservationStore, Stored};
+use serde::{Deserialize, Serialize};
+
+use crate::cdb::OpInfo;
+use crate::pr::out::{Effects, Refusal};
+use crate::pr::spc2::{self, Spc2Outcome};
+use crate::pr::{self, PrState};
+use crate::ItNexus;
+
+/// What the per-command check reads.
+#[derive(Debug, Default)]
+pub(crate) struct Snapshot {
+    /// The store's version of `pr` (0: nothing stored yet).
+    pub version: u64,
+    pub pr: Arc<PrState>,
+    /// The SPC-2 RESERVE holder: kept by this process only.
+    pub spc2: Option<Arc<ItNexus>>,
+}
+
+/// The reservation state of one LU.
+#[derive(Debug, Default)]
+pub(crate) struct Reservations {
+    snap: ArcSwap<Snapshot>,
+    change: tokio::sync::Mutex<()>,
+}
+
+/// Why a reservation-changing command failed.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The rules refused it; nothing changed.
+    Refused(Refusal),
+    /// The store failed; nothing changed.
+    Store(BlockError),
+    /// The stored state could not be decoded.
+    Corrupt(String),
+}
+
+/// The stored form: a format number and the state, as JSON, so an operator can read the
+/// file driver's sidecar.
+#[derive(Serialize, Deserialize)]
+struct StoredForm {
+    format: u32,
+    state: PrState,
+}
+
+const FORMAT: u32 = 1;
+
+/// Serialise `state` for the reservation store.
+pub fn encode(state: &PrState) -> Vec<u8> {
+    let form = StoredForm {
+        format: FORMAT,
+        state: state.clone(),
+    };
+    // Serialising plain structs of strings, integers and enums to JSON cannot fail.
+    serde_json::to_vec_pretty(&form).unwrap_or_default()
+}
+
+/// Read a state the reservation store holds.
+pub fn decode(bytes: &[u8]) -> Result<PrState, String> {
+    let form: StoredForm =
+        serde_json::from_slice(bytes).map_err(|e| format!("not a reservation state: {e}"))?;
+    if form.format != FORMAT {
+        return Err(format!(
+            "reservation state format {} (this version reads {FORMAT})",
+            form.format
+        ));
+    }
+    Ok(form.state)
+}
+
+/// How many times a PERSISTENT RESERVE OUT is evaluated again on a state another holder stored
+/// first, before it gives up.
+const CAS_ATTEMPTS: usize = 8;
+
+impl Reservations {
+    /// The current snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snap.load_full()
+    }
+
+    /// The per-command check: whether `nexus` may run the command `info` describes now.
+    #[inline]
+    pub fn allowed(&self, nexus: &ItNexus, info: &OpInfo, cdb: &[u8]) -> bool {
+        let s = self.snap.load();
+        if let Some(holder) = &s.spc2 {
+            if !spc2::allowed(holder, nexus, info, cdb) {
+                return false;
+            }
+        }
+        pr::check::allowed(&s.pr, nexus, info, cdb)
+    }
+
+    /// Serialise a reservation-changing command against the others on this LU.
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.change.lock().await
+    }
+
+    fn publish(&self, version: u64, pr: Arc<PrState>) {
+        self.snap.rcu(|s| Snapshot {
+            version,
+            pr: pr.clone(),
+            spc2: s.spc2.clone(),
+        });
+    }
+
+    fn adopt(&self, stored: &Stored) -> Result<(), Failure> {
+        let pr = if stored.state.is_empty() {
+            PrState::default()
+        } else {
+            decode(&stored.state).map_err(Failure::Corrupt)?
+        };
+        self.publish(stored.version, Arc::new(pr));
+        Ok(())
+    }
+
+    /// Load the stored state (at startup), and follow changes other holders make.
+    pub async fn restore(
+        self: &Arc<Self>,
+        store: &Arc<dyn ReservationStore>,
+    ) -> Result<(), Failure> {
+        let stored = store.load().await.map_err(Failure::Store)?;
+        self.adopt(&stored)?;
+        let mut changes = store.watch();
+        let me: Weak<Self> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let stored = changes.borrow_and_update().clone();
+                let Some(me) = me.upgrade() else { break };
+                if stored.version > me.snap.load().version {
+                    if let Err(e) = me.adopt(&stored) {
+                        tracing::error!(error = ?e, "Cannot read a reservation state stored elsewhere");
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Store `next` as the successor of the snapshot's version and publish it. `Ok(false)`:
+    /// another holder stored a state first; it is now the snapshot.
+    async fn store(
+        &self,
+        store: &Arc<dyn ReservationStore>,
+        version: u64,
+        next: &PrState,
+    ) -> Result<bool, Failure> {
+        match store
+            .compare_and_swap(version, encode(next), next.aptpl)
+            .await
+            .map_err(Failure::Store)?
+        {
+            Ok(v) => {
+                store.barrier(v).await.map_err(Failure::Store)?;
+                self.publish(v, Arc::new(next.clone()));
+                Ok(true)
+            }
+            Err(now) => {
+                self.adopt(&now)?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Run a PERSISTENT RESERVE OUT (the caller holds [`Self::lock`]): compute the next state,
+    /// store it and publish it. The caller carries out the effects (unit attentions, aborts).
+    pub async fn out(
+        &self,
+        store: &Arc<dyn ReservationStore>,
+        nexus: &ItNexus,
+        cdb: (u8, u8, u8),
+        param: &[u8],
+    ) -> Result<Effects, Failure> {
+        let (sa, scope, ty) = cdb;
+        for _ in 0..CAS_ATTEMPTS {
+            let cur = self.snap.load_full();
+            let eff = pr::out::out(&cur.pr, nexus, sa, scope, ty, param).map_err(Failure::Refused)?;
+            if !eff.changed || self.store(store, cur.version, &eff.state).await? {
+                return Ok(eff);
+            }
+        }
+        Err(Failure::Store(BlockError::WriteFailed(std::io::Error::other(
+            "the reservation state kept changing under this command",
+        ))))
+    }
+
+    /// Replace the whole persistent reservation state with `next(old)` (the caller holds
+    /// [`Self::lock`]); returns the old state.
+    pub async fn replace(
+        &self,
+        store: &Arc<dyn ReservationStore>,
+        next: impl Fn(&PrState) -> PrState,
+    ) -> Result<Arc<PrState>, Failure> {
+        for _ in 0..CAS_ATTEMPTS {
+            let cur = self.snap.load_full();
+            if self.store(store, cur.version, &next(&cur.pr)).await? {
+                return Ok(cur.pr.clone());
+            }
+        }
+        Err(Failure::Store(BlockError::WriteFailed(std::io::Error::other(
+            "the reservation state kept changing under this command",
+        ))))
+    }
+
+    /// SPC-2 RESERVE(6/10) from `nexus` (the caller holds [`Self::lock`]).
+    pub fn reserve(&self, nexus: &Arc<ItNexus>) -> Result<(), Refusal> {
+        let cur = self.snap.load();
+        let outcome = spc2::reserve(&cur.pr, cur.spc2.as_deref(), nexus)?;
+        self.set_spc2(outcome, nexus);
+        Ok(())
+    }
+
+    /// SPC-2 RELEASE(6/10) from `nexus` (the caller holds [`Self::lock`]).
+    pub fn release(&self, nexus: &Arc<ItNexus>) -> Result<(), Refusal> {
+        let cur = self.snap.load();
+        let outcome = spc2::release(&cur.pr, cur.spc2.as_deref(), nexus)?;
+        self.set_spc2(outcome, nexus);
+        Ok(())
+    }
+
+    fn set_spc2(&self, outcome: Spc2Outcome, nexus: &Arc<ItNexus>) {
+        let holder = match outcome {
+            Spc2Outcome::Reserved => Some(nexus.clone()),
+            Spc2Outcome::Released => None,
+            Spc2Outcome::NoChange => return,
+        };
+        self.snap.rcu(|s| Snapshot {
+            version: s.version,
+            pr: s.pr.clone(),
+            spc2: holder.clone(),
+        });
+    }
+
+    /// Release the SPC-2 reservation if `pred` matches its holder (LU reset: any holder; I_T
+    /// nexus loss or reset: that nexus).
+    pub fn release_spc2_if(&self, pred: impl Fn(&ItNexus) -> bool) {
+        self.snap.rcu(|s| Snapshot {
+            version: s.version,
+            pr: s.pr.clone(),
+            spc2: s.spc2.clone().filter(|h| !pred(h)),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stored_form_round_trips_and_names_its_format() {
+        let state = PrState {
+            generation: 3,
+            aptpl: true,
+            ..PrState::default()
+        };
+        let bytes = encode(&state);
+        let text = String::from_utf8(bytes.clone()).expect("JSON is UTF-8");
+        assert!(text.contains("\"format\": 1"), "{text}");
+        assert_eq!(decode(&bytes), Ok(state));
+    }
+
+    #[test]
+    fn a_damaged_or_foreign_state_is_an_error_not_an_empty_state() {
+        assert!(decode(b"{\"format\": 1, \"state\": {\"generation\"").is_err());
+        assert!(decode(b"{\"format\": 2, \"state\": {}}").is_err());
+        assert!(decode(b"").is_err());
+    }
+}
