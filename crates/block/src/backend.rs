@@ -20,6 +20,7 @@
 use std::sync::Arc;
 
 use crate::range_lock::{LockMode, RangeLock};
+use crate::reservation::{MemoryStore, ReservationStore};
 use crate::stats::{OpKind, Stats, StatsSnapshot};
 use crate::{BlockError, Driver, DriverInfo, Extent};
 
@@ -55,10 +56,12 @@ pub struct Backend {
     capacity: u64,
     locks: RangeLock,
     stats: Stats,
+    reservations: Arc<dyn ReservationStore>,
 }
 
 impl Backend {
-    /// Wrap `driver` with logical blocks of `block_size` bytes (512 or 4096).
+    /// Wrap `driver` with logical blocks of `block_size` bytes (512 or 4096). The reservation
+    /// store is the driver's, or a fresh [`MemoryStore`] when it has none.
     pub fn new(driver: Arc<dyn Driver>, block_size: u32) -> Result<Self, BlockError> {
         if !(block_size == 512 || block_size == 4096) {
             return Err(BlockError::Open(std::io::Error::new(
@@ -68,6 +71,9 @@ impl Backend {
         }
         let info = driver.info();
         let capacity = info.size / u64::from(block_size);
+        let reservations = driver
+            .reservation_store()
+            .unwrap_or_else(|| Arc::new(MemoryStore::new()));
         Ok(Self {
             driver,
             info,
@@ -75,6 +81,7 @@ impl Backend {
             capacity,
             locks: RangeLock::new(),
             stats: Stats::default(),
+            reservations,
         })
     }
 
@@ -108,6 +115,11 @@ impl Backend {
     pub fn unmap_granularity_blocks(&self) -> u32 {
         let unit = self.driver.allocation_unit() / u64::from(self.block_size);
         u32::try_from(unit).unwrap_or(u32::MAX).max(1)
+    }
+
+    /// Where this LU's persistent reservation state is kept (DESIGN.md §4).
+    pub fn reservations(&self) -> &Arc<dyn ReservationStore> {
+        &self.reservations
     }
 
     /// A copy of the request counters.

@@ -7,6 +7,8 @@
 //!   locks that make compare-and-write atomic against other writes, and emulation of what a
 //!   driver lacks (compare-and-write by read-compare-write under a range lock, write zeroes by
 //!   writing zero buffers).
+//! - [`ReservationStore`]: where a logical unit's persistent reservation state lives, owned by the
+//!   driver ([`Driver::reservation_store`]), a [`MemoryStore`] when the driver has none.
 //! - Request accounting ([`StatsSnapshot`], from [`Backend::stats`]) for the daemon's metrics.
 //! - [`BlockError`]: what can go wrong below the SCSI layer. The SCSI layer maps every variant to
 //!   a status and sense data; none of them is ever reported as GOOD.
@@ -14,12 +16,16 @@
 mod backend;
 pub mod driver;
 pub mod range_lock;
+pub mod reservation;
 pub mod stats;
 
 pub use backend::{
     Backend, Capabilities, MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BYTES, WRITE_SAME_CHUNK,
 };
+pub use reservation::{MemoryStore, ReservationStore, Stored};
 pub use stats::{OpKind, StatsSnapshot};
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
@@ -91,6 +97,11 @@ pub trait Driver: Send + Sync + 'static {
     /// 0 when unknown. The SCSI layer may advertise it as the OPTIMAL UNMAP GRANULARITY.
     fn allocation_unit(&self) -> u64 {
         0
+    }
+    /// Where this device keeps its persistent reservation state; `None` (the default) when it
+    /// has nowhere better than process memory, and [`Backend`] uses a fresh [`MemoryStore`].
+    fn reservation_store(&self) -> Option<Arc<dyn ReservationStore>> {
+        None
     }
     /// Read `len` bytes at `offset`.
     async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, BlockError>;

@@ -58,6 +58,10 @@
 //! thread pool; flush is `fdatasync`. Either way the data is on stable storage before the call
 //! returns.
 //!
+//! **Reservations.** The persistent reservation state is kept in a sidecar file next to the
+//! image, `<image>.pr`, written crash-safely; see [`super::sidecar`]. For a block device that
+//! puts it under `/dev`, which does not survive a reboot.
+//!
 //! **Errors.** Short reads and writes continue with the rest. A read that reaches the end of the
 //! file (an image truncated underneath) is `ReadFailed`; every I/O error is `ReadFailed` or
 //! `WriteFailed`, except ENOSPC/EDQUOT which are `NoSpace`. A failed I/O is never success.
@@ -79,8 +83,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use super::sidecar::SidecarStore;
 use super::uring::Ring;
-use crate::{BlockError, Driver, DriverInfo, Extent};
+use crate::{BlockError, Driver, DriverInfo, Extent, ReservationStore};
 
 /// Which I/O engine to ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -218,6 +223,8 @@ pub struct FileDriver {
     /// that succeeds proves nothing: from then on every flush and FUA write fails until the
     /// image is reopened.
     sync_failed: AtomicBool,
+    /// The persistent reservation state, in the sidecar file `<image>.pr`.
+    reservations: Arc<SidecarStore>,
 }
 
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -298,6 +305,7 @@ impl FileDriver {
         };
         let punch = !block_device && probe_punch(&file, size);
         let file = Arc::new(file);
+        let reservations = Arc::new(SidecarStore::open(path, file.clone())?);
         let want_ring = match opts.engine {
             EngineChoice::Auto => DEFAULT_ENGINE == Engine::IoUring,
             EngineChoice::IoUring => true,
@@ -336,6 +344,7 @@ impl FileDriver {
             alloc_unit: std::os::unix::fs::MetadataExt::blksize(&meta),
             zero_range: AtomicBool::new(!block_device),
             sync_failed: AtomicBool::new(false),
+            reservations,
         })
     }
 
@@ -486,7 +495,7 @@ fn seek_extent(file: &File, offset: u64, len: u64) -> io::Result<Extent> {
     }
 }
 
-fn write_error(e: io::Error) -> BlockError {
+pub(crate) fn write_error(e: io::Error) -> BlockError {
     match e.raw_os_error() {
         Some(libc::ENOSPC) | Some(libc::EDQUOT) => BlockError::NoSpace,
         _ => BlockError::WriteFailed(e),
@@ -510,6 +519,10 @@ impl Driver for FileDriver {
             discard_zeroes: self.punch,
             native_compare_and_write: 0,
         }
+    }
+
+    fn reservation_store(&self) -> Option<Arc<dyn ReservationStore>> {
+        Some(self.reservations.clone())
     }
 
     fn allocation_unit(&self) -> u64 {

@@ -1,0 +1,391 @@
+//! The file driver's reservation store: APTPL state in a sidecar file next to the image.
+//!
+//! **Where.** The image `disk.img` has its state in `disk.img.pr` in the same directory (see
+//! [`sidecar_path`]), and a write in progress in `disk.img.pr.tmp`. Only the process holding the
+//! image's exclusive `flock` touches them: the store keeps the image's descriptor, and so the
+//! lock, for as long as it lives.
+//!
+//! **Format.** One header line, then the state bytes exactly as the SCSI layer gave them (JSON),
+//! so `tail -n +2 disk.img.pr` shows the state:
+//!
+//! ```text
+//! sharedisk-pr-v1 <state length in bytes, decimal> <CRC-32C of the state, 8 hex digits>
+//! ```
+//!
+//! **Writing** (a durable compare-and-swap): write the temp file, fsync it, rename it over the
+//! sidecar, fsync the directory; only then is the new version reported. A crash at any point
+//! leaves the sidecar holding the old state or the new one, never a mix. A non-durable
+//! compare-and-swap removes the sidecar, if there may be one (unlink, fsync the directory), and
+//! keeps the state in memory; one that follows another non-durable one does no I/O at all.
+//!
+//! **Failures** are returned (`NoSpace` for ENOSPC/EDQUOT, `WriteFailed` otherwise) and leave the
+//! previous state in force, in memory and on disk: a failure before the rename changes nothing on
+//! disk, and after it (the directory fsync failed) the previous sidecar is put back (rewritten,
+//! or removed if there was none). If even that fails, the error is logged, and the next
+//! compare-and-swap rewrites or removes the sidecar whatever it holds.
+//!
+//! **Opening.** A leftover temp file (a crash during a write) is removed. A sidecar that exists
+//! is loaded as version 1. A sidecar whose header, length or checksum is wrong makes the open of
+//! the image fail (`BlockError::Open`, `InvalidData`, naming the file): the reservations that
+//! fence a cluster are never silently dropped. The operator restores the file, or removes it to
+//! start with no reservations.
+
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use super::file::write_error;
+use crate::reservation::{next_version, ReservationStore, Stored};
+use crate::BlockError;
+
+/// The first word of a sidecar's header line.
+const MAGIC: &str = "sharedisk-pr-v1";
+
+/// The sidecar of the image at `image`: the same path with `.pr` appended to the file name
+/// (`disk.img` → `disk.img.pr`).
+pub fn sidecar_path(image: &Path) -> PathBuf {
+    let mut s = OsString::from(image.as_os_str());
+    s.push(".pr");
+    PathBuf::from(s)
+}
+
+/// The three paths the store works with.
+#[derive(Debug)]
+struct Paths {
+    sidecar: PathBuf,
+    temp: PathBuf,
+    dir: PathBuf,
+}
+
+/// What is known of the sidecar on disk; guarded by the writer lock.
+#[derive(Debug)]
+struct Disk {
+    /// The sidecar holds the current state.
+    current: bool,
+    /// A sidecar may exist (false only once its absence is on stable storage).
+    may_exist: bool,
+}
+
+#[derive(Debug)]
+struct Inner {
+    paths: Paths,
+    /// Serialises compare-and-swaps; held for the whole of one, on a blocking thread.
+    writer: Mutex<Disk>,
+    /// The current state; held only to read or replace it. Replaced only under `writer`.
+    current: Mutex<Stored>,
+    /// The image, whose `flock` makes this process the only one touching the sidecar.
+    _image: Arc<File>,
+}
+
+/// The file driver's [`ReservationStore`] (see the module docs). A single holder: its
+/// [`ReservationStore::watch`] never changes and its barrier is immediate.
+#[derive(Debug)]
+pub struct SidecarStore {
+    inner: Arc<Inner>,
+    changes: watch::Sender<Stored>,
+}
+
+/// A step of a write or removal that failed, and whether the sidecar had changed by then.
+enum Failed {
+    /// Before the rename or unlink: the sidecar is as it was.
+    Before(io::Error),
+    /// The rename or unlink happened, the directory fsync failed: the sidecar is uncertain.
+    After(io::Error),
+}
+
+impl SidecarStore {
+    /// Open the store of the image at `image`, whose descriptor `file` holds the image's
+    /// exclusive lock. Removes a leftover temp file and loads the sidecar if there is one.
+    pub(crate) fn open(image: &Path, file: Arc<File>) -> Result<Self, BlockError> {
+        let sidecar = sidecar_path(image);
+        let mut temp = OsString::from(sidecar.as_os_str());
+        temp.push(".tmp");
+        let dir = match image.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let paths = Paths {
+            sidecar,
+            temp: PathBuf::from(temp),
+            dir,
+        };
+        match fs::remove_file(&paths.temp) {
+            Ok(()) => tracing::info!(
+                path = %paths.temp.display(),
+                "removed a reservation state write left over from a crash"
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            // Not fatal: a durable compare-and-swap will report it.
+            Err(e) => tracing::warn!(
+                path = %paths.temp.display(),
+                error = %e,
+                "cannot remove a leftover reservation state temp file"
+            ),
+        }
+        let (stored, on_disk) = match fs::read(&paths.sidecar) {
+            Ok(bytes) => {
+                let state = decode(&bytes).map_err(|why| {
+                    BlockError::Open(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "Reservation state file {} is corrupt ({why}); restore it, or remove \
+                             it to start with no persistent reservations",
+                            paths.sidecar.display()
+                        ),
+                    ))
+                })?;
+                tracing::info!(
+                    path = %paths.sidecar.display(),
+                    bytes = state.len(),
+                    "loaded persistent reservation state"
+                );
+                (Stored { version: 1, state }, true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (Stored::default(), false),
+            Err(e) => {
+                return Err(BlockError::Open(io::Error::new(
+                    e.kind(),
+                    format!("Cannot read {}: {e}", paths.sidecar.display()),
+                )))
+            }
+        };
+        Ok(Self {
+            changes: watch::Sender::new(stored.clone()),
+            inner: Arc::new(Inner {
+                paths,
+                writer: Mutex::new(Disk {
+                    current: on_disk,
+                    may_exist: on_disk,
+                }),
+                current: Mutex::new(stored),
+                _image: file,
+            }),
+        })
+    }
+}
+
+impl Inner {
+    fn current(&self) -> std::sync::MutexGuard<'_, Stored> {
+        self.current.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The whole compare-and-swap, on a blocking thread: once started it runs to the end even if
+    /// the caller goes away, so memory and disk never part.
+    fn compare_and_swap(
+        &self,
+        expected: u64,
+        state: Vec<u8>,
+        durable: bool,
+    ) -> Result<Result<u64, Stored>, BlockError> {
+        let mut disk = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let version = {
+            let cur = self.current();
+            if cur.version != expected {
+                return Ok(Err(cur.clone()));
+            }
+            next_version(cur.version)?
+        };
+        if durable {
+            self.settle(&mut disk, write_sidecar(&self.paths, &state))?;
+            disk.current = true;
+            disk.may_exist = true;
+        } else if disk.may_exist {
+            self.settle(&mut disk, remove_sidecar(&self.paths))?;
+            disk.current = false;
+            disk.may_exist = false;
+        } else {
+            disk.current = false;
+        }
+        *self.current() = Stored { version, state };
+        Ok(Ok(version))
+    }
+
+    /// After a failed write or removal, put the previous sidecar back if it had changed.
+    fn settle(&self, disk: &mut Disk, r: Result<(), Failed>) -> Result<(), BlockError> {
+        let e = match r {
+            Ok(()) => return Ok(()),
+            Err(Failed::Before(e)) => e,
+            Err(Failed::After(e)) => {
+                let undo = if disk.current {
+                    let prev = self.current().state.clone();
+                    write_sidecar(&self.paths, &prev)
+                } else {
+                    remove_sidecar(&self.paths)
+                };
+                if let Err(Failed::Before(u) | Failed::After(u)) = undo {
+                    tracing::error!(
+                        path = %self.paths.sidecar.display(),
+                        error = %u,
+                        "cannot restore the reservation state file after a failed update; \
+                         the next update rewrites or removes it"
+                    );
+                    disk.current = false;
+                    disk.may_exist = true;
+                }
+                e
+            }
+        };
+        tracing::error!(
+            path = %self.paths.sidecar.display(),
+            error = %e,
+            "reservation state update failed; the previous state stays in force"
+        );
+        Err(write_error(e))
+    }
+}
+
+/// Temp file, fsync, rename over the sidecar, fsync the directory.
+fn write_sidecar(p: &Paths, state: &[u8]) -> Result<(), Failed> {
+    let header = format!("{MAGIC} {} {:08x}\n", state.len(), crc32c(state));
+    let write_temp = || -> io::Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&p.temp)?;
+        f.write_all(header.as_bytes())?;
+        f.write_all(state)?;
+        f.sync_all()
+    };
+    if let Err(e) = write_temp().and_then(|()| fs::rename(&p.temp, &p.sidecar)) {
+        let _ = fs::remove_file(&p.temp);
+        return Err(Failed::Before(e));
+    }
+    sync_dir(&p.dir).map_err(Failed::After)
+}
+
+/// Unlink the sidecar (if it is there), fsync the directory. The directory is synced even when
+/// the sidecar is already gone: an earlier unlink may not have reached stable storage.
+fn remove_sidecar(p: &Paths) -> Result<(), Failed> {
+    match fs::remove_file(&p.sidecar) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Failed::Before(e)),
+    }
+    sync_dir(&p.dir).map_err(Failed::After)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The state in a sidecar's bytes, or why they are not a valid sidecar.
+fn decode(bytes: &[u8]) -> Result<Vec<u8>, String> {
+    let nl = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or("no header line")?;
+    let (head, rest) = bytes.split_at(nl);
+    let body = rest.get(1..).unwrap_or_default();
+    let head = std::str::from_utf8(head).map_err(|_| "header is not text")?;
+    let mut words = head.split(' ');
+    let (Some(MAGIC), Some(len), Some(crc), None) =
+        (words.next(), words.next(), words.next(), words.next())
+    else {
+        return Err(format!("header {head:?} is not \"{MAGIC} LENGTH CRC32C\""));
+    };
+    let len: u64 = len.parse().map_err(|_| format!("bad length {len:?}"))?;
+    let crc = u32::from_str_radix(crc, 16).map_err(|_| format!("bad checksum {crc:?}"))?;
+    if body.len() as u64 != len {
+        return Err(format!(
+            "{} bytes of state where the header says {len}",
+            body.len()
+        ));
+    }
+    let got = crc32c(body);
+    if got != crc {
+        return Err(format!(
+            "checksum {got:08x} where the header says {crc:08x}"
+        ));
+    }
+    Ok(body.to_vec())
+}
+
+/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), bit by bit: the state is small and
+/// written rarely.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0x82F6_3B78 & (crc & 1).wrapping_neg());
+        }
+    }
+    !crc
+}
+
+#[async_trait]
+impl ReservationStore for SidecarStore {
+    async fn load(&self) -> Result<Stored, BlockError> {
+        Ok(self.inner.current().clone())
+    }
+
+    async fn compare_and_swap(
+        &self,
+        expected: u64,
+        state: Vec<u8>,
+        durable: bool,
+    ) -> Result<Result<u64, Stored>, BlockError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.compare_and_swap(expected, state, durable))
+            .await
+            .map_err(|e| BlockError::WriteFailed(io::Error::other(e)))?
+    }
+
+    fn watch(&self) -> watch::Receiver<Stored> {
+        self.changes.subscribe()
+    }
+
+    async fn barrier(&self, _version: u64) -> Result<(), BlockError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32c_of_the_standard_check_string() {
+        // The CRC-32C check value of the CRC catalogue: "123456789" → 0xE3069283.
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+        // RFC 3720 B.4: 32 bytes of zeros → 0x8A9136AA.
+        assert_eq!(crc32c(&[0u8; 32]), 0x8A91_36AA);
+    }
+
+    #[test]
+    fn a_sidecar_decodes_to_its_state() {
+        let state = br#"{"generation":3}"#;
+        let file = format!("{MAGIC} {} {:08x}\n", state.len(), crc32c(state));
+        let mut bytes = file.into_bytes();
+        bytes.extend_from_slice(state);
+        assert_eq!(decode(&bytes).as_deref(), Ok(&state[..]));
+    }
+
+    #[test]
+    fn damaged_sidecars_are_refused_not_read_as_empty() {
+        let good = format!("{MAGIC} 2 {:08x}\n{{}}", crc32c(b"{}"));
+        assert!(decode(good.as_bytes()).is_ok());
+        for bad in [
+            "".to_string(),
+            "{}".to_string(),
+            format!("{MAGIC} 2 {:08x}\n{{", crc32c(b"{}")),
+            format!("{MAGIC} 2 {:08x}\n{{}}}}", crc32c(b"{}")),
+            format!("{MAGIC} 2 {:08x}\n{{]", crc32c(b"{}")),
+            format!("sharedisk-pr-v9 2 {:08x}\n{{}}", crc32c(b"{}")),
+            format!("{MAGIC} 2\n{{}}"),
+            format!("{MAGIC} 99999999999999999999999 0\n{{}}"),
+            format!("{MAGIC} 2 zz\n{{}}"),
+        ] {
+            assert!(decode(bad.as_bytes()).is_err(), "{bad:?}");
+        }
+        assert!(decode(b"\xff\xfe 2 0\n{}").is_err());
+    }
+}

@@ -1,0 +1,137 @@
+//! The reservation store: where a logical unit's persistent reservation state lives
+//! (DESIGN.md §4, "storage of the state belongs to the driver").
+//!
+//! The SCSI layer owns the rules and serialises its state into opaque bytes; the block layer only
+//! keeps those bytes with a version and swaps them atomically. A driver that can keep the state
+//! somewhere better than process memory returns its store from
+//! [`Driver::reservation_store`](crate::Driver::reservation_store); [`Backend`](crate::Backend)
+//! falls back to a [`MemoryStore`] for the others.
+//!
+//! - [`MemoryStore`]: process memory only. Nothing survives a restart, with or without APTPL,
+//!   which is true of the memory driver's data too.
+//! - The file driver's store (`driver::sidecar`): APTPL state in a sidecar file next to the
+//!   image, written crash-safely; state without APTPL in memory.
+//! - The RBD driver (DESIGN.md §5) will keep it in a RADOS object shared by many hosts; that is
+//!   what [`ReservationStore::watch`] and [`ReservationStore::barrier`] are for. Both stores here
+//!   serve a single holder: they never report changes and their barrier is immediate.
+
+use std::sync::{Mutex, PoisonError};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::BlockError;
+
+/// A stored reservation state: opaque bytes (the SCSI layer serialises its state) and a version.
+///
+/// Version 0 with an empty state means nothing is stored yet. Every successful
+/// [`ReservationStore::compare_and_swap`] increases the version by one; a state reloaded from
+/// stable storage at open has version 1.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Stored {
+    /// The version of `state`, for [`ReservationStore::compare_and_swap`].
+    pub version: u64,
+    /// The serialised state, as the SCSI layer wrote it.
+    pub state: Vec<u8>,
+}
+
+/// Where one logical unit's persistent reservation state is kept.
+#[async_trait]
+pub trait ReservationStore: Send + Sync + std::fmt::Debug {
+    /// The current state and its version.
+    async fn load(&self) -> Result<Stored, BlockError>;
+
+    /// Replace the state if its version is still `expected`: `Ok(Ok(new_version))`, or
+    /// `Ok(Err(current))` when another holder changed it first.
+    ///
+    /// `durable`: keep it across restarts (APTPL); when false, any state kept from before is
+    /// removed from stable storage (state without APTPL does not survive a restart), and the new
+    /// state lives in memory only. Returns only after a durable state is on stable storage.
+    ///
+    /// An `Err` leaves the previous state (and version) in force.
+    async fn compare_and_swap(
+        &self,
+        expected: u64,
+        state: Vec<u8>,
+        durable: bool,
+    ) -> Result<Result<u64, Stored>, BlockError>;
+
+    /// Changes made by other holders (other processes/hosts serving the same image), newest first
+    /// seen. Single-process stores never send: their receiver holds the state at open and never
+    /// changes.
+    fn watch(&self) -> watch::Receiver<Stored>;
+
+    /// Resolves when every other holder of this LU has seen `version` and has no command in
+    /// flight that it forbids. Trivial (immediate) for single-holder stores.
+    async fn barrier(&self, version: u64) -> Result<(), BlockError>;
+}
+
+/// The next version after `v`.
+pub(crate) fn next_version(v: u64) -> Result<u64, BlockError> {
+    v.checked_add(1).ok_or_else(|| {
+        BlockError::WriteFailed(std::io::Error::other(
+            "Reservation state version counter exhausted",
+        ))
+    })
+}
+
+/// A reservation store in process memory, for drivers that have nowhere better.
+///
+/// `durable` is accepted and has no stable storage to go to: a memory store's state never
+/// survives a restart (the memory driver's data does not either). It has a single holder, so
+/// [`ReservationStore::watch`] never changes and [`ReservationStore::barrier`] is immediate.
+#[derive(Debug)]
+pub struct MemoryStore {
+    current: Mutex<Stored>,
+    changes: watch::Sender<Stored>,
+}
+
+impl MemoryStore {
+    /// An empty store (version 0, no state).
+    pub fn new() -> Self {
+        Self {
+            current: Mutex::new(Stored::default()),
+            changes: watch::Sender::new(Stored::default()),
+        }
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[async_trait]
+impl ReservationStore for MemoryStore {
+    async fn load(&self) -> Result<Stored, BlockError> {
+        Ok(self
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone())
+    }
+
+    async fn compare_and_swap(
+        &self,
+        expected: u64,
+        state: Vec<u8>,
+        _durable: bool,
+    ) -> Result<Result<u64, Stored>, BlockError> {
+        let mut cur = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        if cur.version != expected {
+            return Ok(Err(cur.clone()));
+        }
+        let version = next_version(cur.version)?;
+        *cur = Stored { version, state };
+        Ok(Ok(version))
+    }
+
+    fn watch(&self) -> watch::Receiver<Stored> {
+        self.changes.subscribe()
+    }
+
+    async fn barrier(&self, _version: u64) -> Result<(), BlockError> {
+        Ok(())
+    }
+}
