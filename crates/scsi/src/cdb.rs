@@ -86,10 +86,10 @@ impl ResvClass {
             ResvClass::Allowed => Access::Allowed,
             ResvClass::Read => Access::Read,
             ResvClass::Write => Access::Write,
-            // SBC-4 5.15: PREVENT is byte 4 bits 1..0.
+            // SBC-4 PREVENT ALLOW MEDIUM REMOVAL: PREVENT is byte 4 bits 1..0.
             ResvClass::PreventAllow if byte(4) & 0x03 == 0 => Access::Unrestricted,
             ResvClass::PreventAllow => Access::Write,
-            // SBC-4 5.25: POWER CONDITION is byte 4 bits 7..4, START bit 0.
+            // SBC-4 START STOP UNIT: POWER CONDITION is byte 4 bits 7..4, START bit 0.
             ResvClass::StartStop if byte(4) & 0xF0 == 0 && byte(4) & 0x01 != 0 => Access::Allowed,
             ResvClass::StartStop => Access::Write,
             ResvClass::PrOut => Access::PrOut(byte(1) & 0x1F),
@@ -198,7 +198,7 @@ pub static OPS: &[OpInfo] = &[
         0x16,
         None,
         "RESERVE(6)",
-        // SPC-2 7.21.3: bytes 1..4 are obsolete (the SCSI-2 third-party and extent forms,
+        // SPC-2 RESERVE(6): bytes 1..4 are obsolete (the SCSI-2 third-party and extent forms,
         // which this device does not support).
         &[0x16, 0, 0, 0, 0, 0],
         NoData,
@@ -208,7 +208,7 @@ pub static OPS: &[OpInfo] = &[
         0x17,
         None,
         "RELEASE(6)",
-        // SPC-2 7.22.3: bytes 1..4 are obsolete.
+        // SPC-2 RELEASE(6): bytes 1..4 are obsolete.
         &[0x17, 0, 0, 0, 0, 0],
         NoData,
         Spc2,
@@ -323,7 +323,7 @@ pub static OPS: &[OpInfo] = &[
         0x56,
         None,
         "RESERVE(10)",
-        // SPC-2 7.21.2: 3RDPTY (byte 1 bit 4) is not supported, so left out: 3RDPTY=1 is
+        // SPC-2 RESERVE(10): 3RDPTY (byte 1 bit 4) is not supported, so left out: 3RDPTY=1 is
         // INVALID FIELD IN CDB. With 3RDPTY zero the LONGID bit (byte 1 bit 1) and PARAMETER
         // LIST LENGTH (bytes 7..8) "shall be ignored": accepted, and no parameter data is
         // taken. Byte 1 bit 0 and byte 2 are obsolete; byte 3 (THIRD-PARTY DEVICE ID) belongs
@@ -336,7 +336,7 @@ pub static OPS: &[OpInfo] = &[
         0x57,
         None,
         "RELEASE(10)",
-        // SPC-2 7.22.2: as RESERVE(10).
+        // SPC-2 RELEASE(10): as RESERVE(10).
         &[0x57, 0x02, 0, 0, 0, 0, 0, FF, FF, 0],
         NoData,
         Spc2,
@@ -780,9 +780,9 @@ pub enum Cdb {
         ty: u8,
         param_len: u32,
     },
-    /// RESERVE(6) or RESERVE(10) of the whole logical unit (SPC-2 7.21).
+    /// RESERVE(6) or RESERVE(10) of the whole logical unit (SPC-2).
     Reserve,
-    /// RELEASE(6) or RELEASE(10) (SPC-2 7.22).
+    /// RELEASE(6) or RELEASE(10) (SPC-2).
     Release,
 }
 
@@ -1204,7 +1204,7 @@ mod tests {
     fn reserve_and_release_6() {
         assert_eq!(parse(&[0x16, 0, 0, 0, 0, 0]).unwrap().1, Cdb::Reserve);
         assert_eq!(parse(&[0x17, 0, 0, 0, 0, 0]).unwrap().1, Cdb::Release);
-        // SPC-2 7.21.3: byte 1 is obsolete (SCSI-2's 3RDPTY at bit 4, EXTENT at bit 0).
+        // SPC-2 RESERVE(6): byte 1 is obsolete (SCSI-2's 3RDPTY at bit 4, EXTENT at bit 0).
         assert_eq!(
             parse(&[0x16, 0x10, 0, 0, 0, 0]).err(),
             Some(Sense::invalid_field_in_cdb(1, 4))
@@ -1218,7 +1218,7 @@ mod tests {
 
     #[test]
     fn reserve_and_release_10_third_party_is_invalid_field_in_cdb() {
-        // SPC-2 7.21.2 / 7.22.2: 3RDPTY is byte 1 bit 4.
+        // SPC-2 RESERVE(10) / RELEASE(10): 3RDPTY is byte 1 bit 4.
         assert_eq!(
             parse(&[0x56, 0x10, 0, 0x07, 0, 0, 0, 0, 0, 0]).err(),
             Some(Sense::invalid_field_in_cdb(1, 4))
@@ -1236,7 +1236,7 @@ mod tests {
 
     #[test]
     fn reserve_10_without_third_party_ignores_longid_and_parameter_list_length() {
-        // SPC-2 7.21.2: with 3RDPTY zero, LONGID and PARAMETER LIST LENGTH are ignored.
+        // SPC-2 RESERVE(10): with 3RDPTY zero, LONGID and PARAMETER LIST LENGTH are ignored.
         let cdb = [0x56, 0x02, 0, 0, 0, 0, 0, 0x00, 0x08, 0];
         assert_eq!(parse(&cdb).unwrap().1, Cdb::Reserve);
         assert_eq!(data_out_len(&cdb, 512), 0);

@@ -344,7 +344,7 @@ fn an_empty_state_allows_everything() {
 
 #[test]
 fn the_same_initiator_through_another_session_is_another_nexus() {
-    // SPC-5 5.14.1: the holder is an I_T nexus; the same initiator name with another ISID is
+    // SPC-5: the holder is an I_T nexus; the same initiator name with another ISID is
     // a different initiator port.
     let st = state(PrType::ExclusiveAccess);
     let mut other = holder();

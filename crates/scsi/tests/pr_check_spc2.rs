@@ -1,4 +1,4 @@
-//! SPC-2 reservations (`scsi::pr::spc2`): RESERVE/RELEASE (SPC-2 7.21, 7.22), their meeting with
+//! SPC-2 reservations (`scsi::pr::spc2`): RESERVE/RELEASE (SPC-2), their meeting with
 //! persistent reservations (SPC-5 5.13.3 with CRH = 1, SPC-2 5.5.1), and the commands another
 //! I_T nexus may send while one is held. Rows are literals; every row of the opcode table has
 //! one.
@@ -63,7 +63,7 @@ fn reserved(ty: PrType) -> PrState {
     st
 }
 
-// ---- RESERVE and RELEASE without persistent reservations (SPC-2 7.21, 7.22) ----
+// ---- RESERVE and RELEASE without persistent reservations (SPC-2 RESERVE, RELEASE) ----
 
 #[test]
 fn reserve_when_unreserved_reserves() {
@@ -106,7 +106,7 @@ fn release_by_the_holder_releases() {
 
 #[test]
 fn release_by_another_nexus_is_good_without_effect() {
-    // SPC-2 7.22.1.
+    // SPC-2 RELEASE: GOOD, and the reservation stays.
     let pr = PrState::default();
     assert_eq!(
         spc2::release(&pr, Some(&one()), &two()),

@@ -62,7 +62,7 @@ fn pr_out_allowed(sa: u8, registered: bool) -> bool {
     match sa {
         // REGISTER, REGISTER AND IGNORE EXISTING KEY: allowed from every I_T nexus.
         0x00 | 0x06 => true,
-        // RELEASE (GOOD without effect from a registered non-holder, SPC-5 5.14.11.2), CLEAR,
+        // RELEASE (GOOD without effect from a registered non-holder), CLEAR,
         // PREEMPT, PREEMPT AND ABORT, REPLACE LOST RESERVATION: allowed from a registered
         // I_T nexus, conflict otherwise.
         0x02 | 0x03 | 0x04 | 0x05 | 0x08 => registered,

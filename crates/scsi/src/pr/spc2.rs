@@ -1,5 +1,5 @@
-//! SPC-2 reservations: RESERVE(6/10) and RELEASE(6/10) of the whole logical unit (SPC-2 7.21,
-//! 7.22), and how they meet persistent reservations (SPC-5 5.13.3 with CRH = 1, SPC-2 5.5.1).
+//! SPC-2 reservations: RESERVE(6/10) and RELEASE(6/10) of the whole logical unit (SPC-2
+//! RESERVE and RELEASE), and how they meet persistent reservations (SPC-5 5.13.3 with CRH = 1, SPC-2 5.5.1).
 //!
 //! The logical unit keeps the holder (one I_T nexus, or none) outside [`super::PrState`]: an
 //! SPC-2 reservation is not persistent. It releases it on LOGICAL UNIT RESET, on a target
@@ -62,9 +62,9 @@ pub fn reserve(
     }
     match holder {
         None => Ok(Spc2Outcome::Reserved),
-        // SPC-2 7.21.1: a RESERVE from the holder supersedes its own reservation; it stays.
+        // SPC-2 RESERVE: a RESERVE from the holder supersedes its own reservation; it stays.
         Some(h) if h == nexus => Ok(Spc2Outcome::NoChange),
-        // SPC-2 7.21.1: reserved by another initiator.
+        // SPC-2 RESERVE: reserved by another initiator.
         Some(_) => Err(Refusal::Conflict),
     }
 }
@@ -85,7 +85,7 @@ pub fn release(
     }
     match holder {
         Some(h) if h == nexus => Ok(Spc2Outcome::Released),
-        // SPC-2 7.22.1: a RELEASE from an I_T nexus that does not hold the reservation (or
+        // SPC-2 RELEASE: a RELEASE from an I_T nexus that does not hold the reservation (or
         // when there is none) is GOOD and releases nothing.
         _ => Ok(Spc2Outcome::NoChange),
     }
