@@ -23,19 +23,79 @@ pub enum DataDir {
     Out,
 }
 
-/// How a command relates to reservations (SPC-5 5.13.1, table 62; SBC-4 4.17), for the
-/// per-command check. A first classification; the persistent reservation work refines the
-/// commands whose class depends on CDB fields (PREVENT ALLOW, START STOP UNIT).
+/// How a command relates to reservations: which column pattern of SPC-5 5.14.3 table 67 ("SPC
+/// commands that are allowed in the presence of various reservations") or of the SBC-4 4.17
+/// table ("SBC commands that are allowed in the presence of various reservations") its row has.
+///
+/// Both tables have the same columns: the persistent reservation is held by another I_T nexus
+/// and is Write Exclusive, or Exclusive Access (from any I_T nexus); or it is of a Registrants
+/// Only or All Registrants type and the command comes from a registered I_T nexus, or from one
+/// that is not registered (Write Exclusive forms, Exclusive Access forms). A = allowed,
+/// C = conflict. [`crate::pr::check`] turns the class into the answer; [`crate::pr::spc2`] uses
+/// it for SPC-2 reservations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ResvClass {
-    /// Allowed whatever the reservation (INQUIRY, REPORT LUNS, REQUEST SENSE, …).
+    /// A A A A A, and allowed under an SPC-2 reservation held by another I_T nexus too (SPC-2
+    /// 5.5.1): INQUIRY, REPORT LUNS, REQUEST SENSE.
+    Unrestricted,
+    /// A A A A A under persistent reservations, but conflicts with an SPC-2 reservation held by
+    /// another I_T nexus: TEST UNIT READY, READ CAPACITY, PERSISTENT RESERVE IN.
     Allowed,
-    /// Reads the medium (READ, VERIFY, …): conflicts with Exclusive Access reservations held by
-    /// another nexus.
+    /// A C A A C: reads the medium or the device's data (READ, VERIFY, MODE SENSE, …).
     Read,
-    /// Changes the medium or the LU's state (WRITE, UNMAP, MODE SELECT, …): conflicts with Write
-    /// Exclusive and Exclusive Access reservations held by another nexus.
+    /// C C A C C: changes the medium or the LU's state (WRITE, UNMAP, MODE SELECT, …).
     Write,
+    /// PREVENT ALLOW MEDIUM REMOVAL (SBC-4 4.17): [`ResvClass::Unrestricted`] with PREVENT 00b,
+    /// [`ResvClass::Write`] otherwise.
+    PreventAllow,
+    /// START STOP UNIT (SBC-4 4.17): [`ResvClass::Allowed`] with START 1 and POWER CONDITION 0h,
+    /// [`ResvClass::Write`] otherwise.
+    StartStop,
+    /// PERSISTENT RESERVE OUT: by service action, from SPC-5's table of PERSISTENT RESERVE OUT
+    /// service actions allowed in the presence of various reservations.
+    PrOut,
+    /// RESERVE(6/10) and RELEASE(6/10): never a conflict at the check; [`crate::pr::spc2`]
+    /// decides (SPC-5 5.13.3, CRH = 1).
+    Spc2,
+}
+
+/// What a command's [`ResvClass`] comes to once its CDB fields are looked at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// See [`ResvClass::Unrestricted`].
+    Unrestricted,
+    /// See [`ResvClass::Allowed`].
+    Allowed,
+    /// See [`ResvClass::Read`].
+    Read,
+    /// See [`ResvClass::Write`].
+    Write,
+    /// PERSISTENT RESERVE OUT with this service action.
+    PrOut(u8),
+    /// See [`ResvClass::Spc2`].
+    Spc2,
+}
+
+impl ResvClass {
+    /// The access of a command of this class with this CDB (only the fields the SBC-4 table
+    /// names are read; a short CDB reads as zeros there, and never panics).
+    pub fn access(self, cdb: &[u8]) -> Access {
+        let byte = |i: usize| cdb.get(i).copied().unwrap_or(0);
+        match self {
+            ResvClass::Unrestricted => Access::Unrestricted,
+            ResvClass::Allowed => Access::Allowed,
+            ResvClass::Read => Access::Read,
+            ResvClass::Write => Access::Write,
+            // SBC-4 PREVENT ALLOW MEDIUM REMOVAL: PREVENT is byte 4 bits 1..0.
+            ResvClass::PreventAllow if byte(4) & 0x03 == 0 => Access::Unrestricted,
+            ResvClass::PreventAllow => Access::Write,
+            // SBC-4 START STOP UNIT: POWER CONDITION is byte 4 bits 7..4, START bit 0.
+            ResvClass::StartStop if byte(4) & 0xF0 == 0 && byte(4) & 0x01 != 0 => Access::Allowed,
+            ResvClass::StartStop => Access::Write,
+            ResvClass::PrOut => Access::PrOut(byte(1) & 0x1F),
+            ResvClass::Spc2 => Access::Spc2,
+        }
+    }
 }
 
 /// One row of the opcode table.
@@ -76,7 +136,9 @@ const fn op(
 }
 
 use DataDir::{In, None as NoData, Out};
-use ResvClass::{Allowed, Read as RRead, Write as RWrite};
+use ResvClass::{
+    Allowed, PrOut, PreventAllow, Read as RRead, Spc2, StartStop, Unrestricted, Write as RWrite,
+};
 
 const FF: u8 = 0xFF;
 
@@ -88,8 +150,8 @@ pub static OPS: &[OpInfo] = &[
         "TEST UNIT READY",
         &[0x00, 0, 0, 0, 0, 0],
         NoData,
-        // SPC-5 5.13.1 table 67: allowed under every reservation type (path checkers rely on
-        // it).
+        // SPC-5 table 67: allowed under every persistent reservation type (path checkers rely
+        // on it); SPC-2 5.5.1: conflicts with another I_T nexus's SPC-2 reservation.
         Allowed,
     ),
     op(
@@ -98,7 +160,7 @@ pub static OPS: &[OpInfo] = &[
         "REQUEST SENSE",
         &[0x03, 0x01, 0, 0, FF, 0],
         In,
-        Allowed,
+        Unrestricted,
     ),
     op(
         0x08,
@@ -122,7 +184,7 @@ pub static OPS: &[OpInfo] = &[
         "INQUIRY",
         &[0x12, 0x01, FF, FF, FF, 0],
         In,
-        Allowed,
+        Unrestricted,
     ),
     op(
         0x15,
@@ -131,6 +193,25 @@ pub static OPS: &[OpInfo] = &[
         &[0x15, 0x10, 0, 0, FF, 0],
         Out,
         RWrite,
+    ),
+    op(
+        0x16,
+        None,
+        "RESERVE(6)",
+        // SPC-2 RESERVE(6): bytes 1..4 are obsolete (the SCSI-2 third-party and extent forms,
+        // which this device does not support).
+        &[0x16, 0, 0, 0, 0, 0],
+        NoData,
+        Spc2,
+    ),
+    op(
+        0x17,
+        None,
+        "RELEASE(6)",
+        // SPC-2 RELEASE(6): bytes 1..4 are obsolete.
+        &[0x17, 0, 0, 0, 0, 0],
+        NoData,
+        Spc2,
     ),
     op(
         0x1A,
@@ -146,7 +227,7 @@ pub static OPS: &[OpInfo] = &[
         "START STOP UNIT",
         &[0x1B, 0x01, 0, 0x0F, 0xF7, 0],
         NoData,
-        RWrite,
+        StartStop,
     ),
     op(
         0x1E,
@@ -154,7 +235,7 @@ pub static OPS: &[OpInfo] = &[
         "PREVENT ALLOW MEDIUM REMOVAL",
         &[0x1E, 0, 0, 0, 0x03, 0],
         NoData,
-        RRead,
+        PreventAllow,
     ),
     op(
         0x25,
@@ -162,6 +243,7 @@ pub static OPS: &[OpInfo] = &[
         "READ CAPACITY(10)",
         &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         In,
+        // SBC-4 4.17: allowed under every persistent reservation type.
         Allowed,
     ),
     op(
@@ -238,12 +320,168 @@ pub static OPS: &[OpInfo] = &[
         RWrite,
     ),
     op(
+        0x56,
+        None,
+        "RESERVE(10)",
+        // SPC-2 RESERVE(10): 3RDPTY (byte 1 bit 4) is not supported, so left out: 3RDPTY=1 is
+        // INVALID FIELD IN CDB. With 3RDPTY zero the LONGID bit (byte 1 bit 1) and PARAMETER
+        // LIST LENGTH (bytes 7..8) "shall be ignored": accepted, and no parameter data is
+        // taken. Byte 1 bit 0 and byte 2 are obsolete; byte 3 (THIRD-PARTY DEVICE ID) belongs
+        // to the unsupported third-party form.
+        &[0x56, 0x02, 0, 0, 0, 0, 0, FF, FF, 0],
+        NoData,
+        Spc2,
+    ),
+    op(
+        0x57,
+        None,
+        "RELEASE(10)",
+        // SPC-2 RELEASE(10): as RESERVE(10).
+        &[0x57, 0x02, 0, 0, 0, 0, 0, FF, FF, 0],
+        NoData,
+        Spc2,
+    ),
+    op(
         0x5A,
         None,
         "MODE SENSE(10)",
         &[0x5A, 0x18, FF, FF, 0, 0, 0, FF, FF, 0],
         In,
         RRead,
+    ),
+    op(
+        0x5E,
+        Some(0x00),
+        "PERSISTENT RESERVE IN",
+        // SPC-5 6.16.1: SERVICE ACTION (byte 1 bits 4..0), ALLOCATION LENGTH (bytes 7..8);
+        // READ KEYS.
+        &[0x5E, 0x00, 0, 0, 0, 0, 0, FF, FF, 0],
+        In,
+        // SPC-5 table 67: allowed under every persistent reservation type.
+        Allowed,
+    ),
+    op(
+        0x5E,
+        Some(0x01),
+        "PERSISTENT RESERVE IN",
+        // SPC-5 6.16.1: SERVICE ACTION (byte 1 bits 4..0), ALLOCATION LENGTH (bytes 7..8);
+        // READ RESERVATION.
+        &[0x5E, 0x01, 0, 0, 0, 0, 0, FF, FF, 0],
+        In,
+        // SPC-5 table 67: allowed under every persistent reservation type.
+        Allowed,
+    ),
+    op(
+        0x5E,
+        Some(0x02),
+        "PERSISTENT RESERVE IN",
+        // SPC-5 6.16.1: SERVICE ACTION (byte 1 bits 4..0), ALLOCATION LENGTH (bytes 7..8);
+        // REPORT CAPABILITIES.
+        &[0x5E, 0x02, 0, 0, 0, 0, 0, FF, FF, 0],
+        In,
+        // SPC-5 table 67: allowed under every persistent reservation type.
+        Allowed,
+    ),
+    op(
+        0x5E,
+        Some(0x03),
+        "PERSISTENT RESERVE IN",
+        // SPC-5 6.16.1: SERVICE ACTION (byte 1 bits 4..0), ALLOCATION LENGTH (bytes 7..8);
+        // READ FULL STATUS.
+        &[0x5E, 0x03, 0, 0, 0, 0, 0, FF, FF, 0],
+        In,
+        // SPC-5 table 67: allowed under every persistent reservation type.
+        Allowed,
+    ),
+    op(
+        0x5F,
+        Some(0x00),
+        "PERSISTENT RESERVE OUT",
+        // SPC-5 6.17.1: SERVICE ACTION, SCOPE and TYPE (byte 2), PARAMETER LIST LENGTH (bytes
+        // 5..8); REGISTER.
+        &[0x5F, 0x00, FF, 0, 0, FF, FF, FF, FF, 0],
+        Out,
+        PrOut,
+    ),
+    op(
+        0x5F,
+        Some(0x01),
+        "PERSISTENT RESERVE OUT",
+        // SPC-5 6.17.1: SERVICE ACTION, SCOPE and TYPE (byte 2), PARAMETER LIST LENGTH (bytes
+        // 5..8); RESERVE.
+        &[0x5F, 0x01, FF, 0, 0, FF, FF, FF, FF, 0],
+        Out,
+        PrOut,
+    ),
+    op(
+        0x5F,
+        Some(0x02),
+        "PERSISTENT RESERVE OUT",
+        // SPC-5 6.17.1: SERVICE ACTION, SCOPE and TYPE (byte 2), PARAMETER LIST LENGTH (bytes
+        // 5..8); RELEASE.
+        &[0x5F, 0x02, FF, 0, 0, FF, FF, FF, FF, 0],
+        Out,
+        PrOut,
+    ),
+    op(
+        0x5F,
+        Some(0x03),
+        "PERSISTENT RESERVE OUT",
+        // SPC-5 6.17.1: SERVICE ACTION, SCOPE and TYPE (byte 2), PARAMETER LIST LENGTH (bytes
+        // 5..8); CLEAR.
+        &[0x5F, 0x03, FF, 0, 0, FF, FF, FF, FF, 0],
+        Out,
+        PrOut,
+    ),
+    op(
+        0x5F,
+        Some(0x04),
+        "PERSISTENT RESERVE OUT",
+        // SPC-5 6.17.1: SERVICE ACTION, SCOPE and TYPE (byte 2), PARAMETER LIST LENGTH (bytes
+        // 5..8); PREEMPT.
+        &[0x5F, 0x04, FF, 0, 0, FF, FF, FF, FF, 0],
+        Out,
+        PrOut,
+    ),
+    op(
+        0x5F,
+        Some(0x05),
+        "PERSISTENT RESERVE OUT",
+        // SPC-5 6.17.1: SERVICE ACTION, SCOPE and TYPE (byte 2), PARAMETER LIST LENGTH (bytes
+        // 5..8); PREEMPT AND ABORT.
+        &[0x5F, 0x05, FF, 0, 0, FF, FF, FF, FF, 0],
+        Out,
+        PrOut,
+    ),
+    op(
+        0x5F,
+        Some(0x06),
+        "PERSISTENT RESERVE OUT",
+        // SPC-5 6.17.1: SERVICE ACTION, SCOPE and TYPE (byte 2), PARAMETER LIST LENGTH (bytes
+        // 5..8); REGISTER AND IGNORE EXISTING KEY.
+        &[0x5F, 0x06, FF, 0, 0, FF, FF, FF, FF, 0],
+        Out,
+        PrOut,
+    ),
+    op(
+        0x5F,
+        Some(0x07),
+        "PERSISTENT RESERVE OUT",
+        // SPC-5 6.17.1: SERVICE ACTION, SCOPE and TYPE (byte 2), PARAMETER LIST LENGTH (bytes
+        // 5..8); REGISTER AND MOVE.
+        &[0x5F, 0x07, FF, 0, 0, FF, FF, FF, FF, 0],
+        Out,
+        PrOut,
+    ),
+    op(
+        0x5F,
+        Some(0x08),
+        "PERSISTENT RESERVE OUT",
+        // SPC-5 6.17.1: SERVICE ACTION, SCOPE and TYPE (byte 2), PARAMETER LIST LENGTH (bytes
+        // 5..8); REPLACE LOST RESERVATION.
+        &[0x5F, 0x08, FF, 0, 0, FF, FF, FF, FF, 0],
+        Out,
+        PrOut,
     ),
     op(
         0x88,
@@ -341,6 +579,7 @@ pub static OPS: &[OpInfo] = &[
         "READ CAPACITY(16)",
         &[0x9E, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, FF, FF, FF, FF, 0, 0],
         In,
+        // SBC-4 4.17: allowed under every persistent reservation type.
         Allowed,
     ),
     op(
@@ -359,7 +598,7 @@ pub static OPS: &[OpInfo] = &[
         "REPORT LUNS",
         &[0xA0, 0, FF, 0, 0, 0, FF, FF, FF, FF, 0, 0],
         In,
-        Allowed,
+        Unrestricted,
     ),
     op(
         0xA3,
@@ -367,7 +606,8 @@ pub static OPS: &[OpInfo] = &[
         "REPORT SUPPORTED OPERATION CODES",
         &[0xA3, 0x0C, 0x87, FF, FF, FF, FF, FF, FF, FF, 0, 0],
         In,
-        Allowed,
+        // SPC-5 table 67: A C A A C (conflicts where reads do).
+        RRead,
     ),
     op(
         0xA3,
@@ -375,7 +615,8 @@ pub static OPS: &[OpInfo] = &[
         "REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS",
         &[0xA3, 0x0D, 0x80, 0, 0, 0, FF, FF, FF, FF, 0, 0],
         In,
-        Allowed,
+        // SPC-5 table 67: A C A A C.
+        RRead,
     ),
     op(
         0xA8,
@@ -526,6 +767,23 @@ pub enum Cdb {
         repd: bool,
         alloc: u32,
     },
+    /// PERSISTENT RESERVE IN (SPC-5 6.16): service action 00h..03h.
+    PersistentReserveIn {
+        sa: u8,
+        alloc: u16,
+    },
+    /// PERSISTENT RESERVE OUT (SPC-5 6.17): service action 00h..08h, SCOPE (byte 2 bits 7..4),
+    /// TYPE (byte 2 bits 3..0), PARAMETER LIST LENGTH.
+    PersistentReserveOut {
+        sa: u8,
+        scope: u8,
+        ty: u8,
+        param_len: u32,
+    },
+    /// RESERVE(6) or RESERVE(10) of the whole logical unit (SPC-2).
+    Reserve,
+    /// RELEASE(6) or RELEASE(10) (SPC-2).
+    Release,
 }
 
 /// A CDB copied into a fixed-size buffer; accessors take constant indexes.
@@ -746,6 +1004,18 @@ pub fn parse(cdb: &[u8]) -> Result<(&'static OpInfo, Cdb), Sense> {
             repd: r.bit(2, 0x80),
             alloc: r.be32(6),
         },
+        (0x5E, Some(sa)) => Cdb::PersistentReserveIn {
+            sa,
+            alloc: r.be16(7),
+        },
+        (0x5F, Some(sa)) => Cdb::PersistentReserveOut {
+            sa,
+            scope: r.b(2) >> 4,
+            ty: r.b(2) & 0x0F,
+            param_len: r.be32(5),
+        },
+        (0x16 | 0x56, _) => Cdb::Reserve,
+        (0x17 | 0x57, _) => Cdb::Release,
         _ => return Err(cond::INVALID_OPCODE),
     };
     Ok((info, c))
@@ -800,11 +1070,14 @@ pub fn data_out_len(cdb: &[u8], block_size: u32) -> u32 {
         }
         0x42 | 0x55 => u32::from(r.be16(7)),
         0x15 => u32::from(r.b(4)),
+        // SPC-5 6.17.1: PARAMETER LIST LENGTH.
+        0x5F => r.be32(5),
         _ => 0,
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -831,6 +1104,144 @@ mod tests {
             let r = classify(op.usage);
             assert!(r.is_ok(), "{}: {:?}", op.name, r);
         }
+    }
+
+    #[test]
+    fn persistent_reserve_in_read_full_status() {
+        // SPC-5 6.16.1: 5Eh, SERVICE ACTION 03h, ALLOCATION LENGTH 0102h.
+        let (_, c) = parse(&[0x5E, 0x03, 0, 0, 0, 0, 0, 0x01, 0x02, 0]).unwrap();
+        assert_eq!(
+            c,
+            Cdb::PersistentReserveIn {
+                sa: 3,
+                alloc: 0x0102
+            }
+        );
+    }
+
+    #[test]
+    fn persistent_reserve_in_service_actions_04h_and_up_are_invalid_field_in_cdb() {
+        // SPC-5 4.2.5.1: an unsupported service action; field pointer byte 1, bit 4.
+        for sa in 0x04..=0x1F {
+            assert_eq!(
+                parse(&[0x5E, sa, 0, 0, 0, 0, 0, 0, 0x10, 0]).err(),
+                Some(Sense::field_pointer(0x24, 0x00, true, 1, Some(4)))
+            );
+        }
+    }
+
+    #[test]
+    fn persistent_reserve_in_reserved_bits_have_field_pointers() {
+        // Byte 1 bit 5 (reserved above the service action), byte 2 bit 0, byte 6 bit 7.
+        assert_eq!(
+            parse(&[0x5E, 0x20, 0, 0, 0, 0, 0, 0, 0x10, 0]).err(),
+            Some(Sense::invalid_field_in_cdb(1, 5))
+        );
+        assert_eq!(
+            parse(&[0x5E, 0x00, 0x01, 0, 0, 0, 0, 0, 0x10, 0]).err(),
+            Some(Sense::invalid_field_in_cdb(2, 0))
+        );
+        assert_eq!(
+            parse(&[0x5E, 0x00, 0, 0, 0, 0, 0x80, 0, 0x10, 0]).err(),
+            Some(Sense::invalid_field_in_cdb(6, 7))
+        );
+    }
+
+    #[test]
+    fn persistent_reserve_out_reserve_fields() {
+        // SPC-5 6.17.1: 5Fh, RESERVE (01h), SCOPE 0h / TYPE 5h, PARAMETER LIST LENGTH 24.
+        let cdb = [0x5F, 0x01, 0x05, 0, 0, 0, 0, 0, 0x18, 0];
+        let (info, c) = parse(&cdb).unwrap();
+        assert_eq!(
+            c,
+            Cdb::PersistentReserveOut {
+                sa: 1,
+                scope: 0,
+                ty: 5,
+                param_len: 24
+            }
+        );
+        assert_eq!(info.dir, DataDir::Out);
+        assert_eq!(data_out_len(&cdb, 512), 24);
+    }
+
+    #[test]
+    fn persistent_reserve_out_scope_type_and_a_four_byte_length() {
+        // Byte 2 = 21h: SCOPE 2h, TYPE 1h (values are checked by the service action, not
+        // here); PARAMETER LIST LENGTH 01020304h in bytes 5..8.
+        let cdb = [0x5F, 0x07, 0x21, 0, 0, 0x01, 0x02, 0x03, 0x04, 0];
+        let (_, c) = parse(&cdb).unwrap();
+        assert_eq!(
+            c,
+            Cdb::PersistentReserveOut {
+                sa: 7,
+                scope: 2,
+                ty: 1,
+                param_len: 0x0102_0304
+            }
+        );
+        assert_eq!(data_out_len(&cdb, 4096), 0x0102_0304);
+    }
+
+    #[test]
+    fn persistent_reserve_out_service_actions_09h_and_up_and_reserved_bytes() {
+        assert_eq!(
+            parse(&[0x5F, 0x09, 0, 0, 0, 0, 0, 0, 0x18, 0]).err(),
+            Some(Sense::invalid_field_in_cdb(1, 4))
+        );
+        // Bytes 3..4 are reserved.
+        assert_eq!(
+            parse(&[0x5F, 0x00, 0, 0x04, 0, 0, 0, 0, 0x18, 0]).err(),
+            Some(Sense::invalid_field_in_cdb(3, 2))
+        );
+        assert_eq!(
+            parse(&[0x5F, 0x00, 0, 0, 0x01, 0, 0, 0, 0x18, 0]).err(),
+            Some(Sense::invalid_field_in_cdb(4, 0))
+        );
+    }
+
+    #[test]
+    fn reserve_and_release_6() {
+        assert_eq!(parse(&[0x16, 0, 0, 0, 0, 0]).unwrap().1, Cdb::Reserve);
+        assert_eq!(parse(&[0x17, 0, 0, 0, 0, 0]).unwrap().1, Cdb::Release);
+        // SPC-2 RESERVE(6): byte 1 is obsolete (SCSI-2's 3RDPTY at bit 4, EXTENT at bit 0).
+        assert_eq!(
+            parse(&[0x16, 0x10, 0, 0, 0, 0]).err(),
+            Some(Sense::invalid_field_in_cdb(1, 4))
+        );
+        assert_eq!(
+            parse(&[0x17, 0x01, 0, 0, 0, 0]).err(),
+            Some(Sense::invalid_field_in_cdb(1, 0))
+        );
+        assert_eq!(data_out_len(&[0x16, 0, 0, 0, 0, 0], 512), 0);
+    }
+
+    #[test]
+    fn reserve_and_release_10_third_party_is_invalid_field_in_cdb() {
+        // SPC-2 RESERVE(10) / RELEASE(10): 3RDPTY is byte 1 bit 4.
+        assert_eq!(
+            parse(&[0x56, 0x10, 0, 0x07, 0, 0, 0, 0, 0, 0]).err(),
+            Some(Sense::invalid_field_in_cdb(1, 4))
+        );
+        assert_eq!(
+            parse(&[0x57, 0x10, 0, 0x07, 0, 0, 0, 0, 0, 0]).err(),
+            Some(Sense::invalid_field_in_cdb(1, 4))
+        );
+        // THIRD-PARTY DEVICE ID (byte 3) belongs to the third-party form.
+        assert_eq!(
+            parse(&[0x56, 0, 0, 0x07, 0, 0, 0, 0, 0, 0]).err(),
+            Some(Sense::invalid_field_in_cdb(3, 2))
+        );
+    }
+
+    #[test]
+    fn reserve_10_without_third_party_ignores_longid_and_parameter_list_length() {
+        // SPC-2 RESERVE(10): with 3RDPTY zero, LONGID and PARAMETER LIST LENGTH are ignored.
+        let cdb = [0x56, 0x02, 0, 0, 0, 0, 0, 0x00, 0x08, 0];
+        assert_eq!(parse(&cdb).unwrap().1, Cdb::Reserve);
+        assert_eq!(data_out_len(&cdb, 512), 0);
+        let cdb = [0x57, 0x02, 0, 0, 0, 0, 0, 0x00, 0x08, 0];
+        assert_eq!(parse(&cdb).unwrap().1, Cdb::Release);
     }
 
     #[test]
