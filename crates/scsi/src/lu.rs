@@ -555,14 +555,6 @@ impl LogicalUnit {
                 d.truncate(alloc as usize);
                 Ok(d)
             }
-            // wired by the reservation work
-            Cdb::PersistentReserveIn { .. } => Err(cond::INVALID_OPCODE),
-            // wired by the reservation work
-            Cdb::PersistentReserveOut { .. } => Err(cond::INVALID_OPCODE),
-            // wired by the reservation work
-            Cdb::Reserve => Err(cond::INVALID_OPCODE),
-            // wired by the reservation work
-            Cdb::Release => Err(cond::INVALID_OPCODE),
         }
     }
 

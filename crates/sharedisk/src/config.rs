@@ -36,6 +36,8 @@ pub struct FileConfig {
     /// The targets, at least one.
     #[serde(default, rename = "target")]
     pub targets: Vec<TargetConfig>,
+    /// The operator's control socket (`sharedisk pr …`); relative to the config file.
+    pub control: Option<PathBuf>,
 }
 
 /// One `[[target]]`.
@@ -114,6 +116,8 @@ pub enum IdValue {
 pub struct Plan {
     pub discovery_auth: iscsi::Auth,
     pub targets: Vec<TargetPlan>,
+    /// The control socket, when one was asked for (otherwise the default, best effort).
+    pub control: Option<PathBuf>,
 }
 
 /// One target, validated.
@@ -209,6 +213,7 @@ impl FileConfig {
         let plan = Plan {
             discovery_auth: self.discovery_auth.into_auth(),
             targets,
+            control: self.control.map(|c| base.join(c)),
         };
         plan.validate()?;
         Ok(plan)

@@ -10,6 +10,7 @@
 //! stdout, then one line on how to reach it. Logs go to stderr (`RUST_LOG`, default `info`).
 
 mod config;
+mod control;
 mod identity;
 mod serve;
 mod size;
@@ -33,12 +34,38 @@ struct Cli {
 enum Cmd {
     /// Serve one image as LUN 0 of one iSCSI target, or what a config file says.
     Serve(ServeArgs),
+    /// Persistent reservations of a running daemon's logical units.
+    #[command(subcommand)]
+    Pr(PrCmd),
+}
+
+#[derive(Subcommand)]
+enum PrCmd {
+    /// Show the keys, the holder, the type, the generation and who registered.
+    Show(PrArgs),
+    /// Remove every registration and the reservation (an operator's way out of a stale
+    /// reservation; logged by the daemon, and the registrants get a unit attention).
+    Clear(PrArgs),
+}
+
+#[derive(clap::Args)]
+struct PrArgs {
+    /// The LU: TARGET-IQN/LUN, its iscsi:// URL, or its image path; may be left out when the
+    /// daemon serves one LU.
+    lu: Option<String>,
+    /// The daemon's control socket [default: $SHAREDISK_CONTROL, else
+    /// $XDG_RUNTIME_DIR/sharedisk.sock, else /run/sharedisk.sock].
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Print the state as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
 struct ServeArgs {
     /// A TOML config file (several targets, LUs, portals, ACLs, CHAP).
-    #[arg(long, conflicts_with_all = ["file", "size", "listen", "block_size", "physical_block_size", "name", "allow_initiator", "chap_user"])]
+    #[arg(long, conflicts_with_all = ["file", "size", "listen", "block_size", "physical_block_size", "name", "allow_initiator", "chap_user", "control"])]
     config: Option<PathBuf>,
     /// The image file; created sparse with --size when it does not exist.
     #[arg(long, required_unless_present = "config")]
@@ -65,6 +92,9 @@ struct ServeArgs {
     /// Require CHAP as this user; the secret is read from SHAREDISK_CHAP_SECRET.
     #[arg(long)]
     chap_user: Option<String>,
+    /// The operator's control socket, for `sharedisk pr` [default: see `sharedisk pr --help`].
+    #[arg(long)]
+    control: Option<PathBuf>,
 }
 
 /// A target name made from an image's file name: lower-case letters, digits and '-'.
@@ -108,6 +138,7 @@ fn quick_start_plan(args: ServeArgs) -> anyhow::Result<Plan> {
     };
     let plan = Plan {
         discovery_auth: iscsi::Auth::default(),
+        control: args.control,
         targets: vec![TargetPlan {
             name: args.name.unwrap_or_else(|| default_target_name(&file)),
             alias: None,
@@ -181,6 +212,14 @@ fn main() -> std::process::ExitCode {
                 .context("Cannot start the async runtime")?
                 .block_on(serve::run(plan, how_to_reach))
         }),
+        Cmd::Pr(cmd) => {
+            let (clear, args) = match cmd {
+                PrCmd::Show(a) => (false, a),
+                PrCmd::Clear(a) => (true, a),
+            };
+            let path = args.control.unwrap_or_else(control::default_path);
+            control::client(&path, clear, args.lu, args.json)
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -12,6 +12,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 
 use crate::config::{canonical_image_path, LuPlan, Plan};
+use crate::control;
 use crate::identity;
 
 /// T10 vendor identification in INQUIRY.
@@ -96,12 +97,23 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
     let mut term = signal(SignalKind::terminate()).context("Cannot catch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("Cannot catch SIGINT")?;
     let mut lus = Vec::new();
+    let mut served = Vec::new();
     let mut targets = Vec::new();
     for t in &plan.targets {
         let mut target = scsi::Target::new();
         for lu in &t.lus {
             let opened = open_lu(lu)?;
+            opened
+                .restore_reservations()
+                .await
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("Cannot use image {}", lu.file.display()))?;
             lus.push(opened.clone());
+            served.push(control::ServedLu {
+                name: format!("{}/{}", t.name, lu.lun),
+                image: canonical_image_path(&lu.file).unwrap_or_else(|_| lu.file.clone()),
+                lu: opened.clone(),
+            });
             target.add_lu(lu.lun, opened);
         }
         targets.push(iscsi::TargetConfig {
@@ -146,6 +158,24 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
         servers.spawn(async move { (local, server.serve(listener).await) });
     }
 
+    let control = match &plan.control {
+        Some(path) => Some(control::Control::bind(path).await?),
+        None => {
+            let path = control::default_path();
+            match control::Control::bind(&path).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "Serving without a control socket (`sharedisk pr` will not reach this daemon)");
+                    None
+                }
+            }
+        }
+    };
+    if let Some(c) = &control {
+        tracing::info!(path = %c.path().display(), "Control socket");
+    }
+    let control_task = control.map(|c| tokio::spawn(c.serve(Arc::new(served))));
+
     let mut urls = Vec::new();
     for t in &plan.targets {
         let portal = t.portals.first().and_then(|p| bound.get(p));
@@ -175,6 +205,10 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
     // Stop accepting: dropping the serve futures closes the listeners.
     servers.abort_all();
     while servers.join_next().await.is_some() {}
+    if let Some(t) = control_task {
+        t.abort();
+        let _ = t.await;
+    }
 
     let mut flushed = Ok(());
     for lu in &lus {
