@@ -12,7 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use block::driver::file::{Engine, EngineChoice, FileDriver, FileOptions};
 use block::driver::mem::MemDriver;
-use block::{Backend, BlockError, Driver, DriverInfo, Extent, OpKind};
+use block::{Backend, BlockError, Driver, DriverInfo, Extent, OpKind, ReservationStore, Stored};
 
 /// A device under test, with whatever must outlive it.
 struct Harness {
@@ -33,6 +33,9 @@ impl Driver for Yielding {
     }
     fn allocation_unit(&self) -> u64 {
         self.0.allocation_unit()
+    }
+    fn reservation_store(&self) -> Option<Arc<dyn ReservationStore>> {
+        self.0.reservation_store()
     }
     async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, BlockError> {
         tokio::task::yield_now().await;
@@ -553,6 +556,28 @@ async fn stats_count_ops_bytes_and_errors(make: Make) {
     assert_eq!(s.in_flight, 0);
 }
 
+async fn reservation_store_compare_and_swap(make: Make) {
+    let h = make(MIB, 512);
+    let s = h.backend.reservations();
+    assert_eq!(s.load().await.expect("load"), Stored::default());
+    let swap = |expected: u64, state: &[u8], durable: bool| {
+        s.compare_and_swap(expected, state.to_vec(), durable)
+    };
+    assert_eq!(swap(0, b"{}", false).await.expect("cas"), Ok(1));
+    let stale = swap(0, b"[]", true).await.expect("cas");
+    assert_eq!(
+        stale,
+        Err(Stored {
+            version: 1,
+            state: b"{}".to_vec()
+        })
+    );
+    assert_eq!(swap(1, b"[]", true).await.expect("cas"), Ok(2));
+    assert_eq!(swap(2, b"{}", false).await.expect("cas"), Ok(3));
+    assert_eq!(s.load().await.expect("load").version, 3);
+    s.barrier(3).await.expect("barrier");
+}
+
 macro_rules! suite {
     ($driver:ident: $($test:ident),* $(,)?) => {
         mod $driver {
@@ -593,6 +618,7 @@ macro_rules! suites {
                 stats_count_ops_bytes_and_errors,
                 or_write_ors_into_the_blocks,
                 concurrent_or_writes_lose_no_bits,
+                reservation_store_compare_and_swap,
             );
         )*
     };

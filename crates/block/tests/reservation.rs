@@ -1,0 +1,297 @@
+//! The reservation stores: compare-and-swap semantics (memory store, file driver's sidecar, and
+//! the one `Backend` picks), APTPL persistence across a reopen of the file driver, and what
+//! happens to damaged or leftover files and failed writes. The crash test (SIGKILL at random
+//! moments) is in `reservation_crash.rs`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use block::driver::file::{EngineChoice, FileDriver, FileOptions};
+use block::driver::mem::MemDriver;
+use block::driver::sidecar::sidecar_path;
+use block::{Backend, BlockError, Driver, MemoryStore, ReservationStore, Stored};
+
+const MIB: u64 = 1 << 20;
+
+fn open(path: &Path) -> Result<FileDriver, BlockError> {
+    let opts = FileOptions {
+        engine: EngineChoice::ThreadPool,
+        ..FileOptions::default()
+    };
+    FileDriver::open_with(path, Some(MIB), &opts)
+}
+
+fn store_of(d: &FileDriver) -> Arc<dyn ReservationStore> {
+    d.reservation_store()
+        .expect("the file driver has a reservation store")
+}
+
+fn temp_path(image: &Path) -> PathBuf {
+    let mut s = sidecar_path(image).into_os_string();
+    s.push(".tmp");
+    PathBuf::from(s)
+}
+
+async fn cas(
+    s: &dyn ReservationStore,
+    expected: u64,
+    state: &[u8],
+    durable: bool,
+) -> Result<u64, Stored> {
+    s.compare_and_swap(expected, state.to_vec(), durable)
+        .await
+        .expect("compare_and_swap")
+}
+
+fn stored(version: u64, state: &[u8]) -> Stored {
+    Stored {
+        version,
+        state: state.to_vec(),
+    }
+}
+
+/// The contract every single-holder store keeps, starting from an empty store.
+async fn compare_and_swap_semantics(s: Arc<dyn ReservationStore>) {
+    let rx = s.watch();
+    assert_eq!(s.load().await.expect("load"), Stored::default());
+    assert_eq!(cas(&*s, 0, b"{\"a\":1}", false).await, Ok(1));
+    // A stale version is refused with the current state, which is left as it was.
+    assert_eq!(
+        cas(&*s, 0, b"{\"b\":2}", false).await,
+        Err(stored(1, b"{\"a\":1}"))
+    );
+    assert_eq!(
+        cas(&*s, 7, b"{\"b\":2}", true).await,
+        Err(stored(1, b"{\"a\":1}"))
+    );
+    assert_eq!(s.load().await.expect("load"), stored(1, b"{\"a\":1}"));
+    assert_eq!(cas(&*s, 1, b"{\"b\":2}", true).await, Ok(2));
+    assert_eq!(cas(&*s, 2, b"", false).await, Ok(3));
+    assert_eq!(s.load().await.expect("load"), stored(3, b""));
+    // A single holder: nothing changes elsewhere, and the barrier is immediate.
+    assert!(!rx.has_changed().expect("the store is alive"));
+    assert_eq!(*rx.borrow(), Stored::default());
+    tokio::time::timeout(Duration::from_secs(5), s.barrier(3))
+        .await
+        .expect("the barrier of a single holder is immediate")
+        .expect("barrier");
+}
+
+#[tokio::test]
+async fn memory_store_compare_and_swap() {
+    compare_and_swap_semantics(Arc::new(MemoryStore::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_store_compare_and_swap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = open(&dir.path().join("disk.img")).expect("open");
+    compare_and_swap_semantics(store_of(&d)).await;
+}
+
+#[tokio::test]
+async fn a_driver_without_a_store_gets_a_fresh_memory_store_from_the_backend() {
+    let d = MemDriver::new(MIB);
+    assert!(d.reservation_store().is_none());
+    let a = Backend::new(Arc::new(d), 512).expect("backend");
+    let b = Backend::new(Arc::new(MemDriver::new(MIB)), 512).expect("backend");
+    assert!(format!("{:?}", a.reservations()).starts_with("MemoryStore"));
+    compare_and_swap_semantics(a.reservations().clone()).await;
+    // Each backend has its own.
+    assert_eq!(
+        b.reservations().load().await.expect("load"),
+        Stored::default()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_keeps_the_file_drivers_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk.img");
+    {
+        let b = Backend::new(Arc::new(open(&path).expect("open")), 512).expect("backend");
+        assert_eq!(cas(&**b.reservations(), 0, b"{}", true).await, Ok(1));
+    }
+    let b = Backend::new(Arc::new(open(&path).expect("reopen")), 512).expect("backend");
+    assert_eq!(
+        b.reservations().load().await.expect("load"),
+        stored(1, b"{}")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_state_survives_a_reopen_in_a_readable_sidecar() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk.img");
+    let first = br#"{"keys":["0x1"],"generation":1}"#;
+    let second = br#"{"keys":["0x1","0x2"],"generation":2}"#;
+    {
+        let d = open(&path).expect("open");
+        let s = store_of(&d);
+        assert_eq!(cas(&*s, 0, first, true).await, Ok(1));
+        assert_eq!(cas(&*s, 1, second, true).await, Ok(2));
+    }
+    // disk.img → disk.img.pr, one header line, then the state as given.
+    let side = dir.path().join("disk.img.pr");
+    assert_eq!(sidecar_path(&path), side);
+    let bytes = std::fs::read(&side).expect("the sidecar exists");
+    let text = String::from_utf8(bytes).expect("text");
+    let (header, body) = text.split_once('\n').expect("a header line");
+    assert!(
+        header.starts_with(&format!("sharedisk-pr-v1 {} ", second.len())),
+        "{header}"
+    );
+    assert_eq!(body.as_bytes(), &second[..]);
+
+    let d = open(&path).expect("reopen");
+    // Reloaded as version 1, and usable from there.
+    let s = store_of(&d);
+    assert_eq!(s.load().await.expect("load"), stored(1, second));
+    assert_eq!(*s.watch().borrow(), stored(1, second));
+    assert_eq!(cas(&*s, 1, first, true).await, Ok(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_durable_state_does_not_survive_and_removes_an_earlier_durable_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk.img");
+    let side = sidecar_path(&path);
+    {
+        let d = open(&path).expect("open");
+        let s = store_of(&d);
+        assert_eq!(cas(&*s, 0, b"{\"aptpl\":true}", true).await, Ok(1));
+        assert!(side.exists());
+        assert_eq!(cas(&*s, 1, b"{\"aptpl\":false}", false).await, Ok(2));
+        assert!(!side.exists(), "APTPL off removes the kept state");
+        assert_eq!(
+            s.load().await.expect("load"),
+            stored(2, b"{\"aptpl\":false}")
+        );
+        assert_eq!(cas(&*s, 2, b"{\"again\":1}", false).await, Ok(3));
+    }
+    let d = open(&path).expect("reopen");
+    assert_eq!(store_of(&d).load().await.expect("load"), Stored::default());
+    // Never durable: no sidecar is ever written.
+    let s = store_of(&d);
+    assert_eq!(cas(&*s, 0, b"{}", false).await, Ok(1));
+    assert!(!side.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_temp_file_left_by_a_crash_is_ignored_and_removed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk.img");
+    let tmp = temp_path(&path);
+    // Without a sidecar.
+    drop(open(&path).expect("create"));
+    std::fs::write(&tmp, b"sharedisk-pr-v1 100 0\n{\"half").expect("write");
+    {
+        let d = open(&path).expect("open");
+        assert!(!tmp.exists());
+        let s = store_of(&d);
+        assert_eq!(s.load().await.expect("load"), Stored::default());
+        assert_eq!(cas(&*s, 0, b"{\"kept\":1}", true).await, Ok(1));
+    }
+    // Beside a sidecar.
+    std::fs::write(&tmp, b"garbage").expect("write");
+    let d = open(&path).expect("open");
+    assert!(!tmp.exists());
+    assert_eq!(
+        store_of(&d).load().await.expect("load"),
+        stored(1, b"{\"kept\":1}")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_sidecar_fails_the_open_and_is_left_for_the_operator() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk.img");
+    let side = sidecar_path(&path);
+    {
+        let d = open(&path).expect("open");
+        assert_eq!(
+            cas(&*store_of(&d), 0, b"{\"key\":\"0xabc\"}", true).await,
+            Ok(1)
+        );
+    }
+    let good = std::fs::read(&side).expect("read");
+    let mut flipped = good.clone();
+    *flipped.last_mut().expect("not empty") ^= 0x01;
+    let truncated = good.get(..good.len() - 3).expect("long enough").to_vec();
+    for bad in [
+        flipped,
+        truncated,
+        b"{\"key\":\"0xabc\"}".to_vec(),
+        Vec::new(),
+    ] {
+        std::fs::write(&side, &bad).expect("write");
+        match open(&path) {
+            Err(BlockError::Open(e)) => {
+                assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+                assert!(e.to_string().contains("disk.img.pr"), "{e}");
+            }
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => panic!("a damaged sidecar was accepted: {bad:?}"),
+        }
+        assert_eq!(std::fs::read(&side).expect("still there"), bad);
+    }
+    std::fs::write(&side, &good).expect("write");
+    let d = open(&path).expect("open with the sidecar restored");
+    assert_eq!(
+        store_of(&d).load().await.expect("load"),
+        stored(1, b"{\"key\":\"0xabc\"}")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_leaves_the_previous_state_in_force() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk.img");
+    let tmp = temp_path(&path);
+    let d = open(&path).expect("open");
+    let s = store_of(&d);
+    assert_eq!(cas(&*s, 0, b"{\"old\":1}", true).await, Ok(1));
+    // The temp file cannot be created (a directory is in the way; this works as root too).
+    std::fs::create_dir(&tmp).expect("mkdir");
+    let r = s.compare_and_swap(1, b"{\"new\":1}".to_vec(), true).await;
+    assert!(matches!(r, Err(BlockError::WriteFailed(_))), "{r:?}");
+    assert_eq!(s.load().await.expect("load"), stored(1, b"{\"old\":1}"));
+    std::fs::remove_dir(&tmp).expect("rmdir");
+    drop(s);
+    drop(d);
+    let d = open(&path).expect("reopen");
+    let s = store_of(&d);
+    assert_eq!(s.load().await.expect("load"), stored(1, b"{\"old\":1}"));
+    assert_eq!(cas(&*s, 1, b"{\"new\":1}", true).await, Ok(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_compare_and_swap_completes_and_memory_agrees_with_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk.img");
+    {
+        let d = open(&path).expect("open");
+        let s = store_of(&d);
+        // Polled once (so started), then dropped.
+        let _ = tokio::time::timeout(
+            Duration::ZERO,
+            s.compare_and_swap(0, b"{\"abandoned\":1}".to_vec(), true),
+        )
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while s.load().await.expect("load").version == 0 {
+            assert!(Instant::now() < deadline, "the swap never completed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            s.load().await.expect("load"),
+            stored(1, b"{\"abandoned\":1}")
+        );
+    }
+    let d = open(&path).expect("reopen");
+    assert_eq!(
+        store_of(&d).load().await.expect("load"),
+        stored(1, b"{\"abandoned\":1}")
+    );
+}
