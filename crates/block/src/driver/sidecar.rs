@@ -308,32 +308,10 @@ fn decode(bytes: &[u8]) -> Result<Vec<u8>, String> {
     Ok(body.to_vec())
 }
 
-/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), a byte at a time from a table.
+/// CRC-32C (Castagnoli), the checksum iSCSI digests use too.
 fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        let i = usize::from((crc as u8) ^ b);
-        crc = (crc >> 8) ^ CRC32C_TABLE.get(i).copied().unwrap_or_default();
-    }
-    !crc
+    crc32c::crc32c(data)
 }
-
-/// The CRC-32C of every byte value.
-const CRC32C_TABLE: [u32; 256] = {
-    let mut t = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut crc = i as u32;
-        let mut bit = 0;
-        while bit < 8 {
-            crc = (crc >> 1) ^ (0x82F6_3B78 & (crc & 1).wrapping_neg());
-            bit += 1;
-        }
-        t[i] = crc;
-        i += 1;
-    }
-    t
-};
 
 #[async_trait]
 impl ReservationStore for SidecarStore {
