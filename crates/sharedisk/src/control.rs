@@ -1,0 +1,283 @@
+//! The operator's control socket: `sharedisk pr show|clear` talk to a running daemon over a
+//! Unix socket, one JSON request line and one JSON answer line per connection.
+//!
+//! The socket is created mode 0600: whoever can use it can drop a cluster's fencing.
+//!
+//! Where it is: `--control PATH` (or `control` in the config file); otherwise the default,
+//! `$SHAREDISK_CONTROL`, else `$XDG_RUNTIME_DIR/sharedisk.sock`, else `/run/sharedisk.sock`.
+//! A daemon that cannot have the default socket (another daemon holds it, or the directory is
+//! not writable) serves without one and says so in its log; a socket asked for by name must
+//! work or the daemon does not start.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// The default control socket path.
+pub fn default_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("SHAREDISK_CONTROL") {
+        return PathBuf::from(p);
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) => Path::new(&dir).join("sharedisk.sock"),
+        None => PathBuf::from("/run/sharedisk.sock"),
+    }
+}
+
+/// One served LU, as the control socket names it.
+pub struct ServedLu {
+    /// `TARGET-IQN/LUN`.
+    pub name: String,
+    pub image: PathBuf,
+    pub lu: Arc<scsi::LogicalUnit>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "command", rename_all = "kebab-case")]
+enum Request {
+    PrShow { lu: Option<String> },
+    PrClear { lu: Option<String> },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Answer {
+    Ok {
+        lu: String,
+        image: PathBuf,
+        state: scsi::pr::PrState,
+    },
+    Error(String),
+}
+
+/// A bound control socket; the file is removed when it is dropped.
+pub struct Control {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Control {
+    /// Bind `path`. A socket file nobody answers on is stale and replaced; one a live daemon
+    /// answers on is an error.
+    pub async fn bind(path: &Path) -> anyhow::Result<Control> {
+        if path.exists() {
+            if UnixStream::connect(path).await.is_ok() {
+                bail!(
+                    "Another sharedisk daemon answers on the control socket {}",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("Cannot remove the stale socket {}", path.display()))?;
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("Cannot create the control socket {}", path.display()))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("Cannot restrict the control socket {}", path.display()))?;
+        Ok(Control {
+            listener,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Where it is bound.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Answer requests until the future is dropped.
+    pub async fn serve(self, lus: Arc<Vec<ServedLu>>) {
+        loop {
+            let Ok((stream, _)) = self.listener.accept().await else {
+                continue;
+            };
+            let lus = lus.clone();
+            tokio::spawn(async move {
+                if let Err(e) = answer(stream, &lus).await {
+                    tracing::warn!(error = %e, "Control request failed");
+                }
+            });
+        }
+    }
+}
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 4096;
+
+async fn answer(stream: UnixStream, lus: &[ServedLu]) -> anyhow::Result<()> {
+    let (rd, mut wr) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(tokio::io::AsyncReadExt::take(rd, MAX_REQUEST))
+        .read_line(&mut line)
+        .await?;
+    let answer = match serde_json::from_str::<Request>(&line) {
+        Err(e) => Answer::Error(format!("Bad request: {e}")),
+        Ok(Request::PrShow { lu }) => match find(lus, lu.as_deref()) {
+            Err(e) => Answer::Error(e),
+            Ok(s) => Answer::Ok {
+                lu: s.name.clone(),
+                image: s.image.clone(),
+                state: (*s.lu.persistent_reservations()).clone(),
+            },
+        },
+        Ok(Request::PrClear { lu }) => match find(lus, lu.as_deref()) {
+            Err(e) => Answer::Error(e),
+            Ok(s) => match s.lu.clear_reservations_by_operator().await {
+                Err(e) => Answer::Error(format!("Cannot clear the reservations: {e}")),
+                Ok(old) => {
+                    tracing::warn!(lu = %s.name, "Persistent reservations cleared by the operator");
+                    Answer::Ok {
+                        lu: s.name.clone(),
+                        image: s.image.clone(),
+                        state: (*old).clone(),
+                    }
+                }
+            },
+        },
+    };
+    let mut out = serde_json::to_vec(&answer)?;
+    out.push(b'\n');
+    wr.write_all(&out).await?;
+    Ok(())
+}
+
+/// The LU an operator means: `TARGET-IQN/LUN`, its URL `iscsi://ADDR:PORT/TARGET-IQN/LUN`, or
+/// its image path; may be left out when the daemon serves one LU.
+fn find<'a>(lus: &'a [ServedLu], want: Option<&str>) -> Result<&'a ServedLu, String> {
+    let Some(want) = want else {
+        return match lus {
+            [one] => Ok(one),
+            _ => Err(format!(
+                "This daemon serves {} logical units; name one: {}",
+                lus.len(),
+                names(lus)
+            )),
+        };
+    };
+    let by_name = want
+        .strip_prefix("iscsi://")
+        .and_then(|rest| rest.split_once('/').map(|(_, path)| path))
+        .unwrap_or(want);
+    let image = std::fs::canonicalize(want).ok();
+    lus.iter()
+        .find(|s| s.name == by_name || image.as_deref() == Some(s.image.as_path()))
+        .ok_or_else(|| format!("No logical unit {want} here; served: {}", names(lus)))
+}
+
+fn names(lus: &[ServedLu]) -> String {
+    lus.iter()
+        .map(|s| s.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The client side: send one request to the daemon at `path` and print the answer.
+pub fn client(path: &Path, clear: bool, lu: Option<String>, json: bool) -> anyhow::Result<()> {
+    use std::io::{BufRead, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(path).with_context(|| {
+        format!(
+            "No sharedisk daemon answers on {} (start it with --control, or pass the same --control here)",
+            path.display()
+        )
+    })?;
+    let request = if clear {
+        Request::PrClear { lu }
+    } else {
+        Request::PrShow { lu }
+    };
+    let mut line = serde_json::to_vec(&request)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut answer = String::new();
+    std::io::BufReader::new(stream).read_line(&mut answer)?;
+    match serde_json::from_str::<Answer>(&answer).context("The daemon's answer is unreadable")? {
+        Answer::Error(e) => bail!("{e}"),
+        Answer::Ok { lu, image, state } => {
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &state)?;
+                writeln!(out)?;
+            } else {
+                if clear {
+                    writeln!(out, "Cleared the persistent reservations of {lu}; they were:")?;
+                }
+                write!(out, "{}", describe(&lu, &image, &state))?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `name,i,0x<ISID>` (RFC 7143 13.8) or the bare name.
+fn initiator(i: &scsi::InitiatorPort) -> String {
+    match i.isid {
+        Some(isid) => {
+            let hex: String = isid.iter().map(|b| format!("{b:02x}")).collect();
+            format!("{},i,0x{hex}", i.name)
+        }
+        None => i.name.clone(),
+    }
+}
+
+fn registrant(r: &scsi::pr::Registrant) -> String {
+    match &r.target {
+        Some(t) => format!(
+            "{} via {},t,0x{:04x} (relative port {})",
+            initiator(&r.initiator),
+            t.name,
+            t.tpgt,
+            t.relative_id
+        ),
+        None => format!("{} via every target port", initiator(&r.initiator)),
+    }
+}
+
+/// The human-readable `pr show` text.
+pub fn describe(lu: &str, image: &Path, s: &scsi::pr::PrState) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(o, "LU {lu} ({})", image.display());
+    let _ = writeln!(
+        o,
+        "generation {}, APTPL {}",
+        s.generation,
+        if s.aptpl { "on" } else { "off" }
+    );
+    match &s.reservation {
+        None => {
+            let _ = writeln!(o, "reservation: none");
+        }
+        Some(r) => {
+            let holder = match &r.holder {
+                Some(h) => registrant(h),
+                None => "every registrant".into(),
+            };
+            let _ = writeln!(
+                o,
+                "reservation: type {:x}h {:?}, held by {holder}",
+                r.ty.code(),
+                r.ty
+            );
+        }
+    }
+    if s.registrations.is_empty() {
+        let _ = writeln!(o, "registrations: none");
+    } else {
+        let _ = writeln!(o, "registrations:");
+        for r in &s.registrations {
+            let _ = writeln!(o, "  key 0x{:016x}  {}", r.key, registrant(&r.who));
+        }
+    }
+    o
+}
