@@ -337,7 +337,7 @@ impl Node {
         let d = self.pr_in(READ_KEYS).await;
         let gen = be32(&d, 0);
         let len = be32(&d, 4) as usize;
-        assert_eq!(len % 8, 0, "ADDITIONAL LENGTH is 8 per key");
+        assert!(len.is_multiple_of(8), "ADDITIONAL LENGTH is 8 per key");
         assert_eq!(
             d.len(),
             8 + len,
@@ -497,13 +497,25 @@ fn reg(key: u64, holder: bool, tid: &'static [u8]) -> Reg {
     Reg { key, holder, tid }
 }
 
-/// TransportIDs are equal: the 4-byte header exactly, the name case-insensitively (iSCSI names
-/// are case-insensitive, RFC 7143 4.2.7.1, and SPC-5 7.6.4.6 leaves the case of the ISID's
-/// hexadecimal digits open).
+/// TransportIDs are equal as SPC-5 7.6.4.6 defines them: bytes 0..1 exactly (FORMAT CODE,
+/// PROTOCOL IDENTIFIER, reserved); ADDITIONAL LENGTH the length of the rest, a multiple of 4 and
+/// at least 20; the name up to its null terminator equal, ignoring case (iSCSI names compare
+/// case-insensitively, RFC 7143 4.2.7.1, and the case of the ISID's hexadecimal digits is left
+/// open); only null bytes after it (null padding, at least the minimum).
 fn same_tid(got: &[u8], want: &[u8]) -> bool {
-    got.len() == want.len()
-        && got.get(..4) == want.get(..4)
-        && got[4..].eq_ignore_ascii_case(&want[4..])
+    let name = |t: &[u8]| -> Option<(Vec<u8>, bool)> {
+        let body = t.get(4..)?;
+        let nul = body.iter().position(|&b| b == 0)?;
+        let padded = body[nul..].iter().all(|&b| b == 0);
+        Some((body[..nul].to_ascii_lowercase(), padded))
+    };
+    let len_ok = got.len() >= 24
+        && (got.len() - 4).is_multiple_of(4)
+        && usize::from(u16::from_be_bytes([got[2], got[3]])) == got.len() - 4;
+    len_ok
+        && got.len() >= want.len()
+        && got.get(..2) == want.get(..2)
+        && matches!((name(got), name(want)), (Some((g, true)), Some((w, true))) if g == w)
 }
 
 /// Check, from `obs`'s nexus: PRGENERATION in all three answers, READ KEYS, READ RESERVATION
@@ -1457,4 +1469,35 @@ async fn preempt_changing_the_type_tells_the_other_registrants() {
         "node 3"
     );
     assert!(n2.unit_attentions().await.is_empty(), "node 2");
+}
+
+/// The TransportID comparison itself, on hand-written TransportIDs.
+#[test]
+fn transport_id_comparison() {
+    assert!(same_tid(TID1, TID1));
+    // Upper-case ISID digits.
+    assert!(same_tid(
+        b"\x45\x00\x00\x28iqn.2026-01.test:node1,i,0x80ABCDEF0001\0",
+        TID1
+    ));
+    // More null padding than the minimum.
+    assert!(same_tid(
+        b"\x45\x00\x00\x2ciqn.2026-01.test:node1,i,0x80abcdef0001\0\0\0\0\0",
+        TID1
+    ));
+    // FORMAT CODE 00b (name only), another ISID, a wrong ADDITIONAL LENGTH, no terminator.
+    assert!(!same_tid(
+        b"\x05\x00\x00\x28iqn.2026-01.test:node1,i,0x80abcdef0001\0",
+        TID1
+    ));
+    assert!(!same_tid(TID1B, TID1));
+    assert!(!same_tid(
+        b"\x45\x00\x00\x24iqn.2026-01.test:node1,i,0x80abcdef0001\0",
+        TID1
+    ));
+    assert!(!same_tid(
+        b"\x45\x00\x00\x28iqn.2026-01.test:node1,i,0x80abcdef00011",
+        TID1
+    ));
+    assert!(same_tid(TID3, TID3));
 }
