@@ -18,7 +18,9 @@ expected=$2
 required="CompareAndWrite WriteSame10 WriteSame16 Unmap GetLBAStatus ReadCapacity16 Inquiry
 ModeSense6 ReportSupportedOpcodes Read6 Read10 Read12 Read16 Write10 Write12 Write16 Verify10
 Verify12 Verify16 WriteVerify10 WriteVerify12 WriteVerify16 iSCSIcmdsn iSCSIdatasn
-iSCSIResiduals iSCSITMF"
+iSCSIResiduals iSCSITMF
+PrinReadKeys PrinServiceactionRange PrinReportCapabilities ProutRegister ProutReserve ProutClear
+ProutPreempt Reserve6"
 
 awk -v required="$required" '
     BEGIN {

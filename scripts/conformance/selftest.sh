@@ -49,4 +49,13 @@ fi
 grep -q "^STALE: WriteSame10.UnmapVPD is listed as fail but now is pass" "$tmp/out" ||
     fail "check.sh: did not name the stale entry"
 
+# The reservation families (issue 3) are required too: a skip there is a regression.
+printf 'PrinReadKeys.Simple skip\nReserve6.Simple pass\n' >"$tmp/results2"
+: >"$tmp/empty"
+if "$here/check.sh" "$tmp/results2" "$tmp/empty" >"$tmp/out"; then
+    fail "check.sh: accepted a skip in PrinReadKeys"
+fi
+grep -qx "REGRESSION: PrinReadKeys.Simple skipped in a required family" "$tmp/out" ||
+    fail "check.sh: did not name the PrinReadKeys skip"
+
 echo "conformance selftest: ok"

@@ -1,0 +1,248 @@
+//! The test initiator shared by the wire-level test files: an in-process server on loopback
+//! with a memory-backed LU, and a minimal initiator written from RFC 7143's PDU layouts.
+//!
+//! Each test file compiles this module on its own and uses only part of it.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use iscsi::{Auth, Server, ServerConfig, TargetConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub const TARGET: &str = "iqn.2026-01.io.sharedisk:wire";
+
+pub async fn start() -> std::net::SocketAddr {
+    start_server().await.0
+}
+
+pub async fn start_server() -> (std::net::SocketAddr, Arc<Server>) {
+    start_with(Arc::new(block::driver::mem::MemDriver::new(16 << 20))).await
+}
+
+pub async fn start_with(driver: Arc<dyn block::Driver>) -> (std::net::SocketAddr, Arc<Server>) {
+    start_with_auth(driver, Auth::default(), Auth::default()).await
+}
+
+pub async fn start_with_auth(
+    driver: Arc<dyn block::Driver>,
+    auth: Auth,
+    discovery_auth: Auth,
+) -> (std::net::SocketAddr, Arc<Server>) {
+    let backend = block::Backend::new(driver, 512).expect("512-byte blocks");
+    let lu = scsi::LogicalUnit::new(
+        backend,
+        scsi::LuConfig {
+            vendor: "SHAREDSK".into(),
+            product: "memdisk".into(),
+            revision: "0001".into(),
+            serial: "1".into(),
+            id: 1,
+        },
+    );
+    let mut t = scsi::Target::new();
+    t.add_lu(0, Arc::new(lu));
+    let server = Server::new(ServerConfig {
+        targets: vec![TargetConfig {
+            name: TARGET.into(),
+            alias: None,
+            scsi: Arc::new(t),
+            allowed_initiators: None,
+            auth,
+            tpgt: 1,
+        }],
+        discovery_auth,
+        portals: Vec::new(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(server.clone().serve(listener));
+    (addr, server)
+}
+
+pub struct Pdu {
+    pub bhs: [u8; 48],
+    pub data: Vec<u8>,
+}
+
+impl Pdu {
+    pub fn u32(&self, off: usize) -> u32 {
+        u32::from_be_bytes([
+            self.bhs[off],
+            self.bhs[off + 1],
+            self.bhs[off + 2],
+            self.bhs[off + 3],
+        ])
+    }
+}
+
+pub struct Client {
+    pub s: TcpStream,
+    pub cmdsn: u32,
+    pub itt: u32,
+}
+
+impl Client {
+    pub async fn send(&mut self, bhs: [u8; 48], data: &[u8]) {
+        let mut b = bhs;
+        let len = (data.len() as u32).to_be_bytes();
+        b[5..8].copy_from_slice(&len[1..]); // DataSegmentLength
+        self.s.write_all(&b).await.expect("send BHS");
+        self.s.write_all(data).await.expect("send data");
+        let pad = (4 - data.len() % 4) % 4;
+        self.s.write_all(&[0u8; 3][..pad]).await.expect("send pad");
+    }
+
+    pub async fn recv(&mut self) -> Option<Pdu> {
+        let mut bhs = [0u8; 48];
+        tokio::time::timeout(Duration::from_secs(2), self.s.read_exact(&mut bhs))
+            .await
+            .ok()?
+            .ok()?;
+        let len = u32::from_be_bytes([0, bhs[5], bhs[6], bhs[7]]) as usize;
+        let mut data = vec![0; len + (4 - len % 4) % 4];
+        self.s.read_exact(&mut data).await.ok()?;
+        data.truncate(len);
+        Some(Pdu { bhs, data })
+    }
+
+    /// Log in to the test target in one operational-stage exchange (CSG=1 → NSG=3).
+    pub async fn login(addr: std::net::SocketAddr, keys: &str) -> Client {
+        Self::login_isid(addr, keys, [0x80, 1, 2, 3, 4, 5]).await
+    }
+
+    /// Log in, answering the target's own offers (RFC 7143 6.2) as an initiator content with
+    /// the RFC 7143 defaults does: InitialR2T=Yes (OR), ImmediateData=Yes (AND), and the
+    /// default burst lengths (the minimum).
+    pub async fn login_isid(addr: std::net::SocketAddr, keys: &str, isid: [u8; 6]) -> Client {
+        let answer = |k: &str| match k {
+            "InitialR2T" => "Yes",
+            "ImmediateData" => "Yes",
+            "MaxBurstLength" => "262144",
+            "FirstBurstLength" => "65536",
+            _ => "NotUnderstood",
+        };
+        Self::login_answering(addr, keys, isid, answer).await
+    }
+
+    /// Log in with `keys` in one operational-stage request (CSG=1 → NSG=3), then answer each
+    /// key the target offers with `answer` until it agrees to the transit.
+    pub async fn login_answering(
+        addr: std::net::SocketAddr,
+        keys: &str,
+        isid: [u8; 6],
+        answer: impl Fn(&str) -> &'static str,
+    ) -> Client {
+        Self::login_as(addr, "iqn.2026-01.test:wire", keys, isid, answer).await
+    }
+
+    /// Log in as initiator `name` with `isid`, as [`Client::login_answering`] does.
+    pub async fn login_as(
+        addr: std::net::SocketAddr,
+        name: &str,
+        keys: &str,
+        isid: [u8; 6],
+        answer: impl Fn(&str) -> &'static str,
+    ) -> Client {
+        let s = TcpStream::connect(addr).await.expect("connect");
+        let mut c = Client {
+            s,
+            cmdsn: 1,
+            itt: 1,
+        };
+        let mut b = [0u8; 48];
+        b[0] = 0x43; // I=1, Login Request
+        b[1] = 0x87; // T=1, CSG=1, NSG=3
+        b[8..14].copy_from_slice(&isid); // ISID
+        b[16..20].copy_from_slice(&0u32.to_be_bytes()); // ITT
+        b[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
+        let text = format!(
+            "InitiatorName={name}\0SessionType=Normal\0TargetName={TARGET}\0{}",
+            keys.replace('|', "\0")
+        );
+        c.send(b, text.as_bytes()).await;
+        for _ in 0..3 {
+            let r = c.recv().await.expect("login response");
+            assert_eq!(r.bhs[0], 0x23, "Login Response");
+            assert_eq!(&r.bhs[36..38], &[0, 0], "status success");
+            if r.bhs[1] == 0x87 {
+                return c; // T=1 CSG=1 NSG=3
+            }
+            assert_eq!(r.bhs[1], 0x04, "T=0 CSG=1: the target offers keys");
+            let text = String::from_utf8(r.data).expect("text");
+            let offered: Vec<&str> = text
+                .split('\0')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, _)| k)
+                .filter(|k| {
+                    matches!(
+                        *k,
+                        "InitialR2T" | "ImmediateData" | "MaxBurstLength" | "FirstBurstLength"
+                    ) && !keys.contains(&format!("{k}="))
+                })
+                .collect();
+            let reply: String = offered
+                .iter()
+                .map(|k| format!("{k}={}\0", answer(k)))
+                .collect();
+            let mut b = b;
+            b[16..20].copy_from_slice(&1u32.to_be_bytes()); // ITT
+            b[8..14].copy_from_slice(&isid);
+            c.send(b, reply.as_bytes()).await;
+        }
+        panic!("the target never agreed to the full feature phase");
+    }
+
+    /// Consume the unit attention a new I_T nexus gets on its first command (SAM-5: power on or
+    /// reset), so the test's own commands see the status they are about: TEST UNIT READY until
+    /// GOOD, at most a few times.
+    pub async fn clear_unit_attention(&mut self) {
+        for _ in 0..4 {
+            let (b, _) = self.command(0x80, 0, &[0x00, 0, 0, 0, 0, 0]); // F, TEST UNIT READY
+            self.send(b, &[]).await;
+            let r = self.recv().await.expect("SCSI Response");
+            assert_eq!(r.bhs[0], 0x21, "SCSI Response");
+            if r.bhs[3] == 0x00 {
+                return; // GOOD
+            }
+        }
+        panic!("TEST UNIT READY never returned GOOD");
+    }
+
+    pub fn next_itt(&mut self) -> u32 {
+        self.itt += 1;
+        self.itt
+    }
+
+    /// A SCSI Command BHS (RFC 7143 11.3).
+    pub fn command(&mut self, flags: u8, edtl: u32, cdb: &[u8]) -> ([u8; 48], u32) {
+        let itt = self.next_itt();
+        let mut b = [0u8; 48];
+        b[0] = 0x01; // SCSI Command
+        b[1] = flags; // F R W ATTR
+        b[16..20].copy_from_slice(&itt.to_be_bytes());
+        b[20..24].copy_from_slice(&edtl.to_be_bytes()); // EDTL
+        b[24..28].copy_from_slice(&self.cmdsn.to_be_bytes());
+        self.cmdsn += 1;
+        b[32..32 + cdb.len()].copy_from_slice(cdb);
+        (b, itt)
+    }
+}
+
+pub fn read10(lba: u32, blocks: u16) -> Vec<u8> {
+    let mut c = vec![0x28, 0];
+    c.extend_from_slice(&lba.to_be_bytes());
+    c.push(0);
+    c.extend_from_slice(&blocks.to_be_bytes());
+    c.push(0);
+    c
+}
+
+pub fn write10(lba: u32, blocks: u16) -> Vec<u8> {
+    let mut c = read10(lba, blocks);
+    c[0] = 0x2a;
+    c
+}
