@@ -10,7 +10,8 @@
 //! - [`out`]: PERSISTENT RESERVE OUT: parameter list parsing and every service action.
 //! - [`input`]: PERSISTENT RESERVE IN: READ KEYS, READ RESERVATION, REPORT CAPABILITIES,
 //!   READ FULL STATUS.
-//! - [`transport_id`]: TransportIDs (SPC-5 7.6.4) for iSCSI (both formats) and SAS.
+//! - [`transport_id`]: iSCSI TransportIDs (SPC-5 7.6.4.6, both formats); vhost-user initiators
+//!   appear as iSCSI format 00b with their configured name.
 //! - [`check`]: which commands conflict with which reservation (SPC-5 5.14.3, table 67 and
 //!   SBC-4 4.17), fed by the opcode table.
 //! - [`spc2`]: RESERVE(6/10) and RELEASE(6/10) and their interplay with persistent
