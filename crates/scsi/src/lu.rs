@@ -25,7 +25,7 @@ use crate::pr::{self, PrState};
 use crate::reservations::{Failure, Reservations};
 use crate::sense::{cond, key, Sense};
 use crate::task::{NexusState, Nexuses, TaskCtl, TaskSet};
-use crate::{Command, Completion, ItNexus, Response, Status};
+use crate::{Command, Completion, ItNexus, Response, Status, TargetPort};
 
 /// Per-LU identity and settings.
 #[derive(Debug, Clone)]
@@ -262,9 +262,16 @@ impl LogicalUnit {
         cdb: (u8, u8, u8),
         param: &[u8],
     ) -> Response {
+        // The target ports this LU is reached through (REGISTER AND MOVE names one).
+        let mut ports: Vec<TargetPort> = Vec::new();
+        self.nexuses.for_each(|n, _| {
+            if !ports.contains(&n.target) {
+                ports.push(n.target.clone());
+            }
+        });
         let eff = match self
             .resv
-            .out(self.backend.reservations(), nexus, cdb, param)
+            .out(self.backend.reservations(), nexus, cdb, param, &ports)
             .await
         {
             Ok(eff) => eff,

@@ -25,7 +25,7 @@ use crate::cdb::OpInfo;
 use crate::pr::out::{Effects, Refusal};
 use crate::pr::spc2::{self, Spc2Outcome};
 use crate::pr::{self, PrState};
-use crate::ItNexus;
+use crate::{ItNexus, TargetPort};
 
 /// What the per-command check reads.
 #[derive(Debug, Default)]
@@ -189,11 +189,13 @@ impl Reservations {
         nexus: &ItNexus,
         cdb: (u8, u8, u8),
         param: &[u8],
+        target_ports: &[TargetPort],
     ) -> Result<Effects, Failure> {
         let (sa, scope, ty) = cdb;
         for _ in 0..CAS_ATTEMPTS {
             let cur = self.snap.load_full();
-            let eff = pr::out::out(&cur.pr, nexus, sa, scope, ty, param).map_err(Failure::Refused)?;
+            let eff = pr::out::out_with_ports(&cur.pr, nexus, sa, scope, ty, param, target_ports)
+                .map_err(Failure::Refused)?;
             if !eff.changed || self.store(store, cur.version, &eff.state).await? {
                 return Ok(eff);
             }

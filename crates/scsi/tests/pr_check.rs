@@ -171,7 +171,6 @@ const PR_OUT: &[(&str, u8, bool, bool)] = &[
     ("PREEMPT AND ABORT", 0x05, A, C),
     ("REGISTER AND IGNORE EXISTING KEY", 0x06, A, A),
     ("REGISTER AND MOVE", 0x07, C, C),
-    ("REPLACE LOST RESERVATION", 0x08, A, C),
 ];
 
 fn pr_out_cdb(sa: u8, ty: PrType) -> [u8; 10] {

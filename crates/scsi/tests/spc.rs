@@ -286,9 +286,15 @@ async fn unknown_opcode_is_invalid_command_operation_code() {
     let (t, n) = ready_mem(64, 512).await;
     let r = run(&t, &n, &[0xC7, 0, 0, 0, 0, 0], vec![]).await;
     assert_sense(&r, 0x05, 0x20, 0x00);
-    // PERSISTENT RESERVE IN: next issue.
+    // PERSISTENT RESERVE IN, READ KEYS (SPC-5 6.16.2): GOOD, PRGENERATION 0 and ADDITIONAL
+    // LENGTH 0 on a fresh LU.
     let r = run(&t, &n, &[0x5E, 0, 0, 0, 0, 0, 0, 0, 8, 0], vec![]).await;
-    assert_sense(&r, 0x05, 0x20, 0x00);
+    assert_eq!(r.status, Status::GOOD);
+    assert_eq!(r.data_in, [0, 0, 0, 0, 0, 0, 0, 0]);
+    // PERSISTENT RESERVE OUT, REPLACE LOST RESERVATION (08h) is not supported: an unsupported
+    // service action is INVALID FIELD IN CDB (SPC-5 6.17.1), not an unknown operation code.
+    let r = run(&t, &n, &[0x5F, 0x08, 0, 0, 0, 0, 0, 0, 24, 0], vec![0; 24]).await;
+    assert_sense(&r, 0x05, 0x24, 0x00);
 }
 
 const MS6_ALL: [u8; 6] = [0x1A, 0, 0x3F, 0, 255, 0];

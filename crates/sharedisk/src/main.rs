@@ -239,6 +239,7 @@ mod tests {
         argv.extend_from_slice(list);
         match Cli::try_parse_from(argv).expect("parses").command {
             Cmd::Serve(a) => a,
+            Cmd::Pr(_) => panic!("parsed as `pr`"),
         }
     }
 
