@@ -54,7 +54,8 @@ run() {
     shift 3
     local dir=$out/$name
     mkdir -p "$dir"
-    rm -f "$work/disk.img" "$work/daemon.out"
+    # The image and its reservation sidecar (APTPL state): every configuration starts fresh.
+    rm -f "$work/disk.img" "$work/disk.img.pr" "$work/daemon.out"
     RUST_LOG=${RUST_LOG:-info} "$bin" serve --file "$work/disk.img" --size 1G \
         --listen 127.0.0.1:0 "$@" >"$work/daemon.out" 2>"$dir/daemon.log" &
     daemon=$!
