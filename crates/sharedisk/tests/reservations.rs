@@ -1,0 +1,268 @@
+//! Persistent reservations against the built daemon: the operator's `sharedisk pr show|clear`
+//! over the control socket, and APTPL state surviving a `kill -9` at any point of a PERSISTENT
+//! RESERVE OUT.
+
+#[path = "../../iscsi/tests/common/mod.rs"]
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::Client;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sharedisk");
+const NODE1: &str = "iqn.2026-01.test:node1";
+const ISID1: [u8; 6] = [0x80, 0, 0, 0, 0, 1];
+
+/// A daemon serving `image` as LUN 0 of `common::TARGET` on an ephemeral loopback port, with
+/// its control socket at `control`; killed (SIGKILL) when dropped.
+struct Daemon {
+    child: Child,
+    portal: std::net::SocketAddr,
+    /// Kept open: the daemon writes a second line after the URL.
+    _stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Daemon {
+    fn start(image: &Path, control: &Path) -> Daemon {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--file"])
+            .arg(image)
+            .args(["--size", "16M", "--listen", "127.0.0.1:0", "--name", common::TARGET])
+            .arg("--control")
+            .arg(control)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn sharedisk");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut url = String::new();
+        let mut stdout = BufReader::new(stdout);
+        stdout
+            .read_line(&mut url)
+            .expect("the daemon prints its URL");
+        let portal = url
+            .trim()
+            .strip_prefix("iscsi://")
+            .and_then(|r| r.split('/').next())
+            .unwrap_or_else(|| panic!("not a URL: {url:?}"))
+            .parse()
+            .expect("ADDR:PORT");
+        Daemon {
+            child,
+            portal,
+            _stdout: stdout,
+        }
+    }
+
+    fn kill9(mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `sharedisk pr ARGS --control CONTROL`: (success, stdout, stderr).
+fn pr(control: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(BIN)
+        .arg("pr")
+        .args(args)
+        .arg("--control")
+        .arg(control)
+        .output()
+        .expect("run sharedisk pr");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn pr_json(control: &Path) -> serde_json::Value {
+    let (ok, out, err) = pr(control, &["show", "--json"]);
+    assert!(ok, "pr show --json: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("JSON ({e}): {out}"))
+}
+
+fn defaults(k: &str) -> &'static str {
+    match k {
+        "InitialR2T" => "Yes",
+        "ImmediateData" => "Yes",
+        "MaxBurstLength" => "262144",
+        "FirstBurstLength" => "65536",
+        _ => "NotUnderstood",
+    }
+}
+
+async fn login(portal: std::net::SocketAddr) -> Client {
+    let mut c = Client::login_as(portal, NODE1, "", ISID1, defaults).await;
+    c.clear_unit_attention().await;
+    c
+}
+
+/// PERSISTENT RESERVE OUT (SPC-5 6.17.1): SERVICE ACTION `sa`, SCOPE 0h (LU_SCOPE) and TYPE
+/// `ty`, PARAMETER LIST LENGTH 24 (18h).
+fn pr_out_cdb(sa: u8, ty: u8) -> [u8; 10] {
+    [0x5F, sa, ty, 0, 0, 0, 0, 0, 0x18, 0]
+}
+
+/// The basic PR OUT parameter list (SPC-5 6.17.3, table 226): RESERVATION KEY (bytes 0..7),
+/// SERVICE ACTION RESERVATION KEY (8..15), obsolete (16..19), byte 20 with APTPL in bit 0.
+fn pr_out_params(rk: u64, sark: u64, aptpl: bool) -> Vec<u8> {
+    let mut p = vec![0u8; 24];
+    p[0..8].copy_from_slice(&rk.to_be_bytes());
+    p[8..16].copy_from_slice(&sark.to_be_bytes());
+    p[20] = u8::from(aptpl);
+    p
+}
+
+/// Send a PERSISTENT RESERVE OUT with its parameter list as immediate data; the ITT.
+async fn send_pr_out(c: &mut Client, sa: u8, ty: u8, params: &[u8]) -> u32 {
+    // F=1, W=1, ATTR=SIMPLE; EDTL 24.
+    let (b, itt) = c.command(0xA1, 24, &pr_out_cdb(sa, ty));
+    c.send(b, params).await;
+    itt
+}
+
+/// The SCSI status of the next SCSI Response.
+async fn status(c: &mut Client) -> u8 {
+    let r = c.recv().await.expect("SCSI Response");
+    assert_eq!(r.bhs[0], 0x21, "SCSI Response");
+    r.bhs[3]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pr_show_and_clear_reach_a_running_daemon() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let control = dir.path().join("control.sock");
+    let d = Daemon::start(&dir.path().join("disk.img"), &control);
+
+    let (ok, out, _) = pr(&control, &["show"]);
+    assert!(ok);
+    assert!(out.contains("generation 0, APTPL off"), "{out}");
+    assert!(out.contains("reservation: none"), "{out}");
+    assert!(out.contains("registrations: none"), "{out}");
+
+    let mut c = login(d.portal).await;
+    // REGISTER AND IGNORE EXISTING KEY (06h), SARK 1111h, APTPL; then RESERVE (01h) type 5h
+    // (Write Exclusive, Registrants Only) with that key.
+    send_pr_out(&mut c, 0x06, 0x00, &pr_out_params(0, 0x1111, true)).await;
+    assert_eq!(status(&mut c).await, 0x00);
+    send_pr_out(&mut c, 0x01, 0x05, &pr_out_params(0x1111, 0, false)).await;
+    assert_eq!(status(&mut c).await, 0x00);
+
+    let (ok, out, _) = pr(&control, &["show"]);
+    assert!(ok);
+    assert!(out.contains("generation 1, APTPL on"), "{out}");
+    assert!(out.contains("reservation: type 5h"), "{out}");
+    assert!(
+        out.contains("key 0x0000000000001111  iqn.2026-01.test:node1,i,0x800000000001 via iqn.2026-01.io.sharedisk:wire,t,0x0001"),
+        "{out}"
+    );
+    // The same LU by its name, by its URL and by its image path.
+    let by_name = pr(&control, &["show", &format!("{}/0", common::TARGET)]);
+    assert!(by_name.0 && by_name.1 == out, "{by_name:?}");
+    let url = format!("iscsi://{}/{}/0", d.portal, common::TARGET);
+    assert_eq!(pr(&control, &["show", &url]).1, out);
+    let image = dir.path().join("disk.img");
+    assert_eq!(pr(&control, &["show", image.to_str().expect("UTF-8")]).1, out);
+    let json = pr_json(&control);
+    assert_eq!(json["generation"], 1);
+    assert_eq!(json["registrations"][0]["key"], 0x1111);
+
+    let (ok, out, _) = pr(&control, &["clear"]);
+    assert!(ok);
+    assert!(out.starts_with("Cleared the persistent reservations"), "{out}");
+    let json = pr_json(&control);
+    assert_eq!(json["generation"], 2, "the clear is a change: {json}");
+    assert!(json["registrations"].as_array().is_some_and(Vec::is_empty));
+    assert!(json["reservation"].is_null());
+    // The registrant is told: UNIT ATTENTION, RESERVATIONS PREEMPTED (2Ah/03h).
+    let (b, _) = c.command(0x80, 0, &[0x00, 0, 0, 0, 0, 0]);
+    c.send(b, &[]).await;
+    let r = c.recv().await.expect("SCSI Response");
+    assert_eq!(r.bhs[3], 0x02, "CHECK CONDITION");
+    // Sense data after the 2-byte SenseLength (RFC 7143 11.4.7.2), fixed format.
+    assert_eq!(r.data[2 + 2] & 0x0f, 0x06, "UNIT ATTENTION");
+    assert_eq!((r.data[2 + 12], r.data[2 + 13]), (0x2A, 0x03));
+
+    // Errors: an unknown LU, and no daemon.
+    let (ok, _, err) = pr(&control, &["show", "iqn.2026-01.io.sharedisk:nope/0"]);
+    assert!(!ok);
+    assert!(err.contains("No logical unit"), "{err}");
+    let (ok, _, err) = pr(&dir.path().join("nobody.sock"), &["show"]);
+    assert!(!ok);
+    assert!(err.contains("No sharedisk daemon answers"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aptpl_state_survives_kill_9_at_any_point_of_a_pr_out() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = dir.path().join("disk.img");
+    let control = dir.path().join("control.sock");
+
+    // Register with APTPL and reserve type 5h.
+    let d = Daemon::start(&image, &control);
+    let mut c = login(d.portal).await;
+    send_pr_out(&mut c, 0x06, 0x00, &pr_out_params(0, 1, true)).await;
+    assert_eq!(status(&mut c).await, 0x00);
+    send_pr_out(&mut c, 0x01, 0x05, &pr_out_params(1, 0, false)).await;
+    assert_eq!(status(&mut c).await, 0x00);
+    drop(c);
+    d.kill9();
+
+    let (mut acknowledged, mut unacknowledged) = (0, 0);
+    for round in 0..24u64 {
+        let d = Daemon::start(&image, &control);
+        let before = pr_json(&control);
+        let key = before["registrations"][0]["key"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("round {round}: the registration survived: {before}"));
+        let generation = before["generation"].as_u64().expect("generation");
+        assert_eq!(before["aptpl"], true);
+        assert!(!before["reservation"].is_null(), "round {round}: {before}");
+
+        // Same initiator name and ISID: the same I_T nexus as before the restart.
+        let mut c = login(d.portal).await;
+        // REGISTER (00h) key → key + 1, APTPL; SIGKILL a varying time after sending it.
+        send_pr_out(&mut c, 0x00, 0x00, &pr_out_params(key, key + 1, true)).await;
+        // 0 to 80 ms: early rounds kill before the state is stored (fsync, rename, fsync of
+        // the folder), late ones after the answer.
+        let wait = Duration::from_micros(round * round * 150);
+        let answered = tokio::time::timeout(wait, c.recv()).await.ok().flatten();
+        let good = answered.is_some_and(|r| r.bhs[0] == 0x21 && r.bhs[3] == 0x00);
+        d.kill9();
+
+        let d = Daemon::start(&image, &control);
+        let after = pr_json(&control);
+        let now = after["registrations"][0]["key"].as_u64();
+        let gen_now = after["generation"].as_u64();
+        let old = (Some(key), Some(generation));
+        let new = (Some(key + 1), Some(generation + 1));
+        assert!(
+            (now, gen_now) == old || (now, gen_now) == new,
+            "round {round}: the state is neither the old nor the new one: {after}"
+        );
+        if good {
+            acknowledged += 1;
+            assert_eq!((now, gen_now), new, "round {round}: an acknowledged change was lost");
+        } else {
+            unacknowledged += 1;
+        }
+        assert_eq!(after["registrations"].as_array().map(Vec::len), Some(1));
+        assert_eq!(after["reservation"]["ty"], "WriteExclusiveRegistrantsOnly", "{after}");
+        drop(d);
+    }
+    eprintln!("kill -9 rounds: {acknowledged} after the answer, {unacknowledged} before it");
+    // The rounds cover both sides of the answer.
+    assert!(acknowledged > 0 && unacknowledged > 0, "{acknowledged} / {unacknowledged}");
+}
