@@ -29,25 +29,8 @@ iqn_tgt=iqn.2026-01.io.sharedisk:bench-tgt
 tgt_port=3270
 tgt_ctl=17
 
-need_install=()
-command -v iscsi-perf >/dev/null || need_install+=(libiscsi-bin)
-command -v tgtd >/dev/null || need_install+=(tgt)
-command -v fio >/dev/null || need_install+=(fio)
-qemu_iscsi() {
-    ls /usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so >/dev/null 2>&1 &&
-        qemu-img --version 2>/dev/null | grep -q "version 7\.2"
-}
-qemu_iscsi || need_install+=(qemu-utils/bookworm qemu-block-extra/bookworm)
-if ((${#need_install[@]})); then
-    echo "bench: installing ${need_install[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q --allow-downgrades --no-install-recommends "${need_install[@]}"
-fi
-qemu_iscsi || {
-    echo "bench: qemu-img has no iSCSI driver" >&2
-    exit 1
-}
+# shellcheck source=bench/install.sh
+source "$root/bench/install.sh"
 
 cargo build --release --locked -p sharedisk --manifest-path "$root/Cargo.toml"
 bin=${CARGO_TARGET_DIR:-$root/target}/release/sharedisk

@@ -153,7 +153,8 @@ pub enum TmfResponse {
 /// Entry points for fuzz targets: run the parsers on arbitrary bytes. None of them may panic.
 pub mod fuzzing {
     /// Parse `data` as a CDB, compute its data-out length, and run the parameter-list parsers
-    /// (MODE SELECT, UNMAP) and MODE SENSE page building on the same bytes.
+    /// (MODE SELECT, UNMAP, PERSISTENT RESERVE OUT, TransportIDs) and MODE SENSE page building
+    /// on the same bytes.
     pub fn cdb(data: &[u8]) {
         let _ = crate::cdb::parse(data);
         let _ = crate::cdb::data_out_len(data, 512);
@@ -181,5 +182,36 @@ pub mod fuzzing {
             },
         );
         let _ = crate::lu::parse_unmap(data, &limits, 1 << 20);
+        // PERSISTENT RESERVE OUT: the bytes as the parameter list (with CDB fields from its
+        // first bytes), against an empty state and against the state it made; and as a
+        // TransportID.
+        let nexus = crate::ItNexus {
+            initiator: crate::InitiatorPort {
+                transport: crate::Transport::Iscsi,
+                name: "iqn.2026-01.io.sharedisk:fuzz".into(),
+                isid: Some([0x80, 0, 0, 0, 0, 1]),
+            },
+            target: crate::TargetPort {
+                name: "iqn.2026-01.io.sharedisk:target".into(),
+                tpgt: 1,
+                relative_id: 1,
+            },
+        };
+        let sa = data.first().copied().unwrap_or(0) & 0x1F;
+        let scope_type = data.get(1).copied().unwrap_or(0);
+        let state = crate::pr::PrState::default();
+        if let Ok(e) =
+            crate::pr::out::out(&state, &nexus, sa, scope_type >> 4, scope_type & 0x0F, data)
+        {
+            let _ = crate::pr::out::out(
+                &e.state,
+                &nexus,
+                sa ^ 1,
+                scope_type >> 4,
+                scope_type & 0x0F,
+                data,
+            );
+        }
+        let _ = crate::pr::transport_id::decode(data, crate::Transport::Iscsi);
     }
 }

@@ -6,7 +6,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Transport {
     Iscsi,
-    /// vhost-user-scsi: reported as SAS (no SCSI transport of its own), as QEMU does.
+    /// vhost-user-scsi: no SCSI transport of its own. Each socket is configured with an
+    /// initiator name, which READ FULL STATUS shows as an iSCSI TransportID of format 00b
+    /// (see [`crate::pr::transport_id`]).
     Vhost,
 }
 

@@ -200,9 +200,9 @@ impl Reservations {
                 return Ok(eff);
             }
         }
-        Err(Failure::Store(BlockError::WriteFailed(std::io::Error::other(
-            "the reservation state kept changing under this command",
-        ))))
+        Err(Failure::Store(BlockError::WriteFailed(
+            std::io::Error::other("the reservation state kept changing under this command"),
+        )))
     }
 
     /// Replace the whole persistent reservation state with `next(old)` (the caller holds
@@ -218,9 +218,9 @@ impl Reservations {
                 return Ok(cur.pr.clone());
             }
         }
-        Err(Failure::Store(BlockError::WriteFailed(std::io::Error::other(
-            "the reservation state kept changing under this command",
-        ))))
+        Err(Failure::Store(BlockError::WriteFailed(
+            std::io::Error::other("the reservation state kept changing under this command"),
+        )))
     }
 
     /// SPC-2 RESERVE(6/10) from `nexus` (the caller holds [`Self::lock`]).

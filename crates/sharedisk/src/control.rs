@@ -210,7 +210,10 @@ pub fn client(path: &Path, clear: bool, lu: Option<String>, json: bool) -> anyho
                 writeln!(out)?;
             } else {
                 if clear {
-                    writeln!(out, "Cleared the persistent reservations of {lu}; they were:")?;
+                    writeln!(
+                        out,
+                        "Cleared the persistent reservations of {lu}; they were:"
+                    )?;
                 }
                 write!(out, "{}", describe(&lu, &image, &state))?;
             }

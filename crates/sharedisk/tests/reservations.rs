@@ -30,7 +30,14 @@ impl Daemon {
         let mut child = Command::new(BIN)
             .args(["serve", "--file"])
             .arg(image)
-            .args(["--size", "16M", "--listen", "127.0.0.1:0", "--name", common::TARGET])
+            .args([
+                "--size",
+                "16M",
+                "--listen",
+                "127.0.0.1:0",
+                "--name",
+                common::TARGET,
+            ])
             .arg("--control")
             .arg(control)
             .stdin(Stdio::null())
@@ -174,14 +181,20 @@ async fn pr_show_and_clear_reach_a_running_daemon() {
     let url = format!("iscsi://{}/{}/0", d.portal, common::TARGET);
     assert_eq!(pr(&control, &["show", &url]).1, out);
     let image = dir.path().join("disk.img");
-    assert_eq!(pr(&control, &["show", image.to_str().expect("UTF-8")]).1, out);
+    assert_eq!(
+        pr(&control, &["show", image.to_str().expect("UTF-8")]).1,
+        out
+    );
     let json = pr_json(&control);
     assert_eq!(json["generation"], 1);
     assert_eq!(json["registrations"][0]["key"], 0x1111);
 
     let (ok, out, _) = pr(&control, &["clear"]);
     assert!(ok);
-    assert!(out.starts_with("Cleared the persistent reservations"), "{out}");
+    assert!(
+        out.starts_with("Cleared the persistent reservations"),
+        "{out}"
+    );
     let json = pr_json(&control);
     assert_eq!(json["generation"], 2, "the clear is a change: {json}");
     assert!(json["registrations"].as_array().is_some_and(Vec::is_empty));
@@ -254,15 +267,25 @@ async fn aptpl_state_survives_kill_9_at_any_point_of_a_pr_out() {
         );
         if good {
             acknowledged += 1;
-            assert_eq!((now, gen_now), new, "round {round}: an acknowledged change was lost");
+            assert_eq!(
+                (now, gen_now),
+                new,
+                "round {round}: an acknowledged change was lost"
+            );
         } else {
             unacknowledged += 1;
         }
         assert_eq!(after["registrations"].as_array().map(Vec::len), Some(1));
-        assert_eq!(after["reservation"]["ty"], "WriteExclusiveRegistrantsOnly", "{after}");
+        assert_eq!(
+            after["reservation"]["ty"], "WriteExclusiveRegistrantsOnly",
+            "{after}"
+        );
         drop(d);
     }
     eprintln!("kill -9 rounds: {acknowledged} after the answer, {unacknowledged} before it");
     // The rounds cover both sides of the answer.
-    assert!(acknowledged > 0 && unacknowledged > 0, "{acknowledged} / {unacknowledged}");
+    assert!(
+        acknowledged > 0 && unacknowledged > 0,
+        "{acknowledged} / {unacknowledged}"
+    );
 }

@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The cost of the per-command reservation check: IOPS of one sharedisk LU with no reservation,
+# and with a persistent reservation that the benchmark's initiator must pass as a registrant.
+#
+#   bench/reservations.sh       # BENCH_SECONDS (default 10) per run, BENCH_ROUNDS (default 3)
+#
+# One daemon, one image (filled with data first), neutral clients: iscsi-perf (random 4 KiB
+# reads, 32 in flight) and qemu-img bench (4 KiB writes, 32 in flight), both logging in as
+# $init. "held": another initiator (the pr_hold example) registers itself and, with
+# SPEC_I_PT, every I_T nexus of $init, then reserves Write Exclusive – Registrants Only; every
+# command of the benchmark then takes the check's registered-nexus path. "none": `sharedisk pr
+# clear` removed all of it. Runs alternate none/held, BENCH_ROUNDS times, and the table shows
+# the mean IOPS of each and held/none. Needs root to install packages when they are missing.
+# Not part of scripts/test.sh.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+secs=${BENCH_SECONDS:-10}
+rounds=${BENCH_ROUNDS:-3}
+size_mib=${BENCH_SIZE_MIB:-1024}
+out=$root/out/bench-reservations
+iqn=iqn.2026-01.io.sharedisk:wire
+init=iqn.2026-01.io.sharedisk:bench
+
+# shellcheck source=bench/install.sh
+source "$root/bench/install.sh"
+
+cargo build --release --locked -p sharedisk --manifest-path "$root/Cargo.toml"
+cargo build --release --locked -p sharedisk --example pr_hold --manifest-path "$root/Cargo.toml"
+bin=${CARGO_TARGET_DIR:-$root/target}/release/sharedisk
+hold=${CARGO_TARGET_DIR:-$root/target}/release/examples/pr_hold
+
+mkdir -p "$out"
+work=$(mktemp -d /var/tmp/sharedisk-bench.XXXXXX)
+image=$work/disk.img
+control=$work/control.sock
+server=""
+holder=""
+cleanup() {
+    [[ -n $holder ]] && kill "$holder" 2>/dev/null || true
+    if [[ -n $server ]]; then
+        kill -TERM "$server" 2>/dev/null || true
+        wait "$server" 2>/dev/null || true
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+fio --name=fill --filename="$image" --rw=write --bs=1M --size="${size_mib}M" \
+    --ioengine=psync --end_fsync=1 >"$out/fill.log"
+
+"$bin" serve --file "$image" --listen 127.0.0.1:0 --name "$iqn" --control "$control" \
+    >"$work/url" 2>"$out/sharedisk.log" &
+server=$!
+url=""
+for _ in $(seq 300); do
+    url=$(head -n 1 "$work/url")
+    [[ $url == iscsi://* ]] && break
+    kill -0 "$server" 2>/dev/null || break
+    sleep 0.1
+done
+[[ $url == iscsi://* ]] || {
+    echo "bench: sharedisk did not start; see $out/sharedisk.log" >&2
+    exit 1
+}
+portal=${url#iscsi://}
+portal=${portal%%/*}
+
+# Each run prints its IOPS.
+perf_read() { # LOG
+    timeout $((secs + 30)) iscsi-perf -i "$init" -t "$secs" -m 32 -b 8 -r "$url" >"$1" 2>&1 || true
+    tr '\r' '\n' <"$1" | sed -n 's/^iops average \([0-9]*\).*/\1/p' | tail -n 1
+}
+count=$((secs * 20000))
+qemu_write() { # LOG
+    local opts="driver=iscsi,transport=tcp,portal=$portal,target=$iqn,lun=0,initiator-name=$init"
+    timeout $((secs * 10 + 60)) qemu-img bench --image-opts "$opts" -c "$count" -d 32 -s 4096 -w \
+        >"$1" 2>&1 || true
+    sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' "$1" |
+        awk -v c="$count" '{ printf "%d\n", c / $1 }'
+}
+
+declare -A sum
+for r in $(seq "$rounds"); do
+    for mode in none held; do
+        if [[ $mode == held ]]; then
+            coproc HOLD { "$hold" "$portal" "$init"; }
+            holder=$HOLD_PID
+            read -r line <&"${HOLD[0]}"
+            [[ $line == held ]] || { echo "bench: pr_hold failed" >&2; exit 1; }
+            "$bin" pr show --control "$control" >"$out/state-$r.txt"
+        fi
+        for row in read write; do
+            log=$out/$mode-$row-$r.log
+            if [[ $row == read ]]; then v=$(perf_read "$log"); else v=$(qemu_write "$log"); fi
+            [[ -n $v ]] || { echo "bench: no result in $log" >&2; exit 1; }
+            echo "bench: round $r $mode $row: $v IOPS"
+            sum[$mode,$row]=$(( ${sum[$mode,$row]:-0} + v ))
+        done
+        if [[ $mode == held ]]; then
+            exec {HOLD[1]}>&-
+            wait "$holder" 2>/dev/null || true
+            holder=""
+            "$bin" pr clear --control "$control" >/dev/null
+        fi
+    done
+done
+
+{
+    echo "sharedisk IOPS with and without a persistent reservation: 4 KiB, QD32, ${secs} s x" \
+        "$rounds rounds, $(nproc) cores"
+    printf '%-28s %10s %10s %10s\n' row none held held/none
+    for row in read write; do
+        n=$(( sum[none,$row] / rounds )); h=$(( sum[held,$row] / rounds ))
+        name=$([[ $row == read ]] && echo "iscsi-perf randread" || echo "qemu-img write")
+        printf '%-28s %10s %10s %10s\n' "$name" "$n" "$h" \
+            "$(awk -v a="$h" -v b="$n" 'BEGIN { printf "%.3f", a / b }')"
+    done
+} | tee "$out/table.txt"
