@@ -71,11 +71,12 @@ perf_read() { # LOG
     timeout $((secs + 30)) iscsi-perf -i "$init" -t "$secs" -m 32 -b 8 -r "$url" >"$1" 2>&1 || true
     tr '\r' '\n' <"$1" | sed -n 's/^iops average \([0-9]*\).*/\1/p' | tail -n 1
 }
-count=$((secs * 20000))
-qemu_write() { # LOG
-    local opts="driver=iscsi,transport=tcp,portal=$portal,target=$iqn,lun=0,initiator-name=$init"
-    timeout $((secs * 10 + 60)) qemu-img bench --image-opts "$opts" -c "$count" -d 32 -s 4096 -w \
-        >"$1" 2>&1 || true
+count=$((secs * 80000))
+qemu_write() { # LOG [INITIATOR [COUNT]]
+    local opts="driver=iscsi,transport=tcp,portal=$portal,target=$iqn,lun=0"
+    opts+=",initiator-name=${2:-$init}"
+    timeout $((secs * 10 + 60)) qemu-img bench --image-opts "$opts" -c "${3:-$count}" -d 32 \
+        -s 4096 -w >"$1" 2>&1 || true
     sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' "$1" |
         awk -v c="$count" '{ printf "%d\n", c / $1 }'
 }
@@ -89,6 +90,11 @@ for r in $(seq "$rounds"); do
             read -r line <&"${HOLD[0]}"
             [[ $line == held ]] || { echo "bench: pr_hold failed" >&2; exit 1; }
             "$bin" pr show --control "$control" >"$out/state-$r.txt"
+            # The reservation is real: an initiator that is not registered cannot write.
+            if [[ -n $(qemu_write "$out/unregistered-$r.log" iqn.2026-01.io.sharedisk:other 64) ]]; then
+                echo "bench: an unregistered initiator could write under the reservation" >&2
+                exit 1
+            fi
         fi
         for row in read write; do
             log=$out/$mode-$row-$r.log
