@@ -198,18 +198,6 @@ impl Reply {
     }
 }
 
-/// RFC 7143 defaults where the target asks (InitialR2T=Yes, ImmediateData=Yes, the default
-/// burst lengths): every data-out here fits in immediate data.
-fn defaults(k: &str) -> &'static str {
-    match k {
-        "InitialR2T" => "Yes",
-        "ImmediateData" => "Yes",
-        "MaxBurstLength" => "262144",
-        "FirstBurstLength" => "65536",
-        _ => "NotUnderstood",
-    }
-}
-
 /// One I_T nexus: a session of `name` with `isid`.
 struct Node {
     c: Client,

@@ -14,16 +14,6 @@ mod common;
 
 use std::io::Read;
 
-fn defaults(k: &str) -> &'static str {
-    match k {
-        "InitialR2T" => "Yes",
-        "ImmediateData" => "Yes",
-        "MaxBurstLength" => "262144",
-        "FirstBurstLength" => "65536",
-        _ => "NotUnderstood",
-    }
-}
-
 /// Send PERSISTENT RESERVE OUT (SPC-5 6.17.1; scope 0h) with `params` as immediate data and
 /// return the SCSI status.
 async fn pr_out(c: &mut common::Client, sa: u8, ty: u8, params: &[u8]) -> u8 {
@@ -50,7 +40,7 @@ async fn main() {
         "iqn.2026-01.io.sharedisk:holder",
         "",
         [0x80, 0, 0, 0, 0, 7],
-        defaults,
+        common::defaults,
     )
     .await;
     c.clear_unit_attention().await;

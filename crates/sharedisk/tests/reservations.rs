@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::Client;
+use common::{defaults, Client};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sharedisk");
 const NODE1: &str = "iqn.2026-01.test:node1";
@@ -98,16 +98,6 @@ fn pr_json(control: &Path) -> serde_json::Value {
     let (ok, out, err) = pr(control, &["show", "--json"]);
     assert!(ok, "pr show --json: {err}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("JSON ({e}): {out}"))
-}
-
-fn defaults(k: &str) -> &'static str {
-    match k {
-        "InitialR2T" => "Yes",
-        "ImmediateData" => "Yes",
-        "MaxBurstLength" => "262144",
-        "FirstBurstLength" => "65536",
-        _ => "NotUnderstood",
-    }
 }
 
 async fn login(portal: std::net::SocketAddr) -> Client {

@@ -79,6 +79,18 @@ impl Pdu {
     }
 }
 
+/// How an initiator content with the RFC 7143 defaults answers the target's offers:
+/// InitialR2T=Yes (OR), ImmediateData=Yes (AND), and the default burst lengths (the minimum).
+pub fn defaults(k: &str) -> &'static str {
+    match k {
+        "InitialR2T" => "Yes",
+        "ImmediateData" => "Yes",
+        "MaxBurstLength" => "262144",
+        "FirstBurstLength" => "65536",
+        _ => "NotUnderstood",
+    }
+}
+
 pub struct Client {
     pub s: TcpStream,
     pub cmdsn: u32,
@@ -118,14 +130,7 @@ impl Client {
     /// the RFC 7143 defaults does: InitialR2T=Yes (OR), ImmediateData=Yes (AND), and the
     /// default burst lengths (the minimum).
     pub async fn login_isid(addr: std::net::SocketAddr, keys: &str, isid: [u8; 6]) -> Client {
-        let answer = |k: &str| match k {
-            "InitialR2T" => "Yes",
-            "ImmediateData" => "Yes",
-            "MaxBurstLength" => "262144",
-            "FirstBurstLength" => "65536",
-            _ => "NotUnderstood",
-        };
-        Self::login_answering(addr, keys, isid, answer).await
+        Self::login_answering(addr, keys, isid, defaults).await
     }
 
     /// Log in with `keys` in one operational-stage request (CSG=1 → NSG=3), then answer each
