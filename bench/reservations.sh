@@ -9,14 +9,14 @@
 # $init. "held": another initiator (the pr_hold example) registers itself and, with
 # SPEC_I_PT, every I_T nexus of $init, then reserves Write Exclusive – Registrants Only; every
 # command of the benchmark then takes the check's registered-nexus path. "none": `sharedisk pr
-# clear` removed all of it. Runs alternate none/held, BENCH_ROUNDS times, and the table shows
-# the mean IOPS of each and held/none. Needs root to install packages when they are missing.
+# clear` removed all of it. Runs alternate none/held, BENCH_ROUNDS times (default 5), and the table shows
+# the median IOPS of each and the median of the rounds' held/none. Needs root to install packages when they are missing.
 # Not part of scripts/test.sh.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 secs=${BENCH_SECONDS:-10}
-rounds=${BENCH_ROUNDS:-3}
+rounds=${BENCH_ROUNDS:-5}
 size_mib=${BENCH_SIZE_MIB:-1024}
 out=$root/out/bench-reservations
 iqn=iqn.2026-01.io.sharedisk:wire
@@ -81,7 +81,8 @@ qemu_write() { # LOG [INITIATOR [COUNT]]
         awk -v c="$count" '{ printf "%d\n", c / $1 }'
 }
 
-declare -A sum
+# vals[MODE,ROW] = the IOPS of each round, space-separated.
+declare -A vals
 for r in $(seq "$rounds"); do
     for mode in none held; do
         if [[ $mode == held ]]; then
@@ -101,7 +102,7 @@ for r in $(seq "$rounds"); do
             if [[ $row == read ]]; then v=$(perf_read "$log"); else v=$(qemu_write "$log"); fi
             [[ -n $v ]] || { echo "bench: no result in $log" >&2; exit 1; }
             echo "bench: round $r $mode $row: $v IOPS"
-            sum[$mode,$row]=$(( ${sum[$mode,$row]:-0} + v ))
+            vals[$mode,$row]+="$v "
         done
         if [[ $mode == held ]]; then
             exec {HOLD[1]}>&-
@@ -112,14 +113,24 @@ for r in $(seq "$rounds"); do
     done
 done
 
+# Each round's none and held runs are back to back, so the ratio of a round is the least
+# disturbed by whatever else the machine does; the table shows the median of those.
 {
     echo "sharedisk IOPS with and without a persistent reservation: 4 KiB, QD32, ${secs} s x" \
         "$rounds rounds, $(nproc) cores"
-    printf '%-28s %10s %10s %10s\n' row none held held/none
+    printf '%-22s %12s %12s %18s\n' row "none (median)" "held (median)" "held/none (median)"
     for row in read write; do
-        n=$(( sum[none,$row] / rounds )); h=$(( sum[held,$row] / rounds ))
         name=$([[ $row == read ]] && echo "iscsi-perf randread" || echo "qemu-img write")
-        printf '%-28s %10s %10s %10s\n' "$name" "$n" "$h" \
-            "$(awk -v a="$h" -v b="$n" 'BEGIN { printf "%.3f", a / b }')"
+        awk -v name="$name" -v none="${vals[none,$row]}" -v held="${vals[held,$row]}" '
+            function median(a, n,   i, j, t) {
+                for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++)
+                    if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+                return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+            }
+            BEGIN {
+                n = split(none, a, " "); split(held, b, " ")
+                for (i = 1; i <= n; i++) { r[i] = b[i] / a[i]; x[i] = a[i]; y[i] = b[i] }
+                printf "%-22s %12d %12d %18.3f\n", name, median(x, n), median(y, n), median(r, n)
+            }'
     done
 } | tee "$out/table.txt"
