@@ -9,9 +9,9 @@
 # $init. "held": another initiator (the pr_hold example) registers itself and, with
 # SPEC_I_PT, every I_T nexus of $init, then reserves Write Exclusive – Registrants Only; every
 # command of the benchmark then takes the check's registered-nexus path. "none": `sharedisk pr
-# clear` removed all of it. Runs alternate none/held, BENCH_ROUNDS times (default 5), and the table shows
-# the median IOPS of each and the median of the rounds' held/none. Needs root to install packages when they are missing.
-# Not part of scripts/test.sh.
+# clear` removed all of it. Runs alternate none/held, BENCH_ROUNDS times (default 5); the table
+# shows the median IOPS of each and the median of the rounds' held/none. Needs root to install
+# packages when they are missing. Not part of scripts/test.sh.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
