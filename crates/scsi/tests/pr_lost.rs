@@ -17,9 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use block::driver::mem::MemDriver;
-use block::{
-    Backend, BlockError, Driver, DriverInfo, Extent, ReservationStore, Stored,
-};
+use block::{Backend, BlockError, Driver, DriverInfo, Extent, ReservationStore, Stored};
 use common::{assert_good, assert_sense, config, nexus_named, run};
 use scsi::cdb::{self, OPS};
 use scsi::pr::check::lost_allows;
@@ -136,8 +134,8 @@ fn after_replace_lost_reservation_read_keys_and_read_reservation_show_the_new_st
     assert_eq!(
         scsi::pr::input::input(&s, 0x01, 100).unwrap(),
         [
-            0, 0, 0, 0, 0, 0, 0, 16, 0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF, 0, 0, 0, 0,
-            0, 0x05, 0, 0
+            0, 0, 0, 0, 0, 0, 0, 16, 0x01, 0x23, 0x45, 0x67, 0x89, 0xAB, 0xCD, 0xEF, 0, 0, 0, 0, 0,
+            0x05, 0, 0
         ]
     );
 }
@@ -291,13 +289,18 @@ struct LostStore {
 
 impl LostStore {
     fn new() -> Self {
+        Self::holding(b"", Some("test: the state was lost"))
+    }
+
+    /// A store at version 1 holding `state`, and saying `lost`.
+    fn holding(state: &[u8], lost: Option<&str>) -> Self {
         let s = Stored {
             version: 1,
-            state: Vec::new(),
+            state: state.to_vec(),
         };
         LostStore {
             current: Mutex::new(s.clone()),
-            lost: Mutex::new(Some("test: the state was lost".into())),
+            lost: Mutex::new(lost.map(String::from)),
             durable: Mutex::new(Vec::new()),
             changes: watch::Sender::new(s),
         }
@@ -374,15 +377,45 @@ impl Driver for LostDriver {
     }
 }
 
-/// A target whose LUN 0 restored a lost reservation state; its store; the LU.
-async fn lost_target() -> (Target, Arc<LostStore>, Arc<LogicalUnit>) {
-    let store = Arc::new(LostStore::new());
+fn lu_over(store: &Arc<LostStore>) -> Arc<LogicalUnit> {
     let driver = Arc::new(LostDriver {
         mem: MemDriver::new(64 * 512),
         store: store.clone(),
     });
     let backend = Backend::new(driver, 512).unwrap();
-    let lu = Arc::new(LogicalUnit::new(backend, config()));
+    Arc::new(LogicalUnit::new(backend, config()))
+}
+
+#[tokio::test]
+async fn a_stored_state_that_does_not_parse_is_lost_but_another_format_is_refused() {
+    // Checksummed by the store, yet cut short: the information is lost.
+    let store = Arc::new(LostStore::holding(
+        br#"{"format": 1, "state": {"generation": 4, "aptpl": tr"#,
+        None,
+    ));
+    let lu = lu_over(&store);
+    lu.restore_reservations()
+        .await
+        .expect("lost is not an error");
+    assert!(lu.persistent_reservations().lost);
+    // Another version's state (format 2) is not loss: the LU does not start on it.
+    let store = Arc::new(LostStore::holding(br#"{"format": 2, "state": {}}"#, None));
+    assert!(lu_over(&store).restore_reservations().await.is_err());
+    // A good state of this format is not lost.
+    let store = Arc::new(LostStore::holding(
+        br#"{"format": 1, "state": {"generation": 4, "aptpl": true, "registrations": [], "reservation": null}}"#,
+        None,
+    ));
+    let lu = lu_over(&store);
+    lu.restore_reservations().await.expect("restores");
+    assert!(!lu.persistent_reservations().lost);
+    assert_eq!(lu.persistent_reservations().generation, 4);
+}
+
+/// A target whose LUN 0 restored a lost reservation state; its store; the LU.
+async fn lost_target() -> (Target, Arc<LostStore>, Arc<LogicalUnit>) {
+    let store = Arc::new(LostStore::new());
+    let lu = lu_over(&store);
     lu.restore_reservations()
         .await
         .expect("a lost state is not an error");
@@ -421,10 +454,16 @@ async fn a_logical_unit_with_lost_information_terminates_commands_until_replace_
         }
     }
     // Task management does not end the condition (only REPLACE LOST RESERVATION does).
-    t.task_management(&n, Tmf::LogicalUnitReset { lun: 0 }).await;
+    t.task_management(&n, Tmf::LogicalUnitReset { lun: 0 })
+        .await;
     take_unit_attention(&t, &n).await;
     take_unit_attention(&t, &other).await;
-    assert_sense(&run(&t, &n, &[0x00, 0, 0, 0, 0, 0], vec![]).await, 0x07, 0x44, 0x01);
+    assert_sense(
+        &run(&t, &n, &[0x00, 0, 0, 0, 0, 0], vec![]).await,
+        0x07,
+        0x44,
+        0x01,
+    );
 
     // A bad REPLACE LOST RESERVATION changes nothing: RESERVATION KEY must be zero.
     let r = run(&t, &n, &RLR_WE, basic(0x77, 0xA1, 0x01)).await;
@@ -471,7 +510,13 @@ async fn replace_lost_reservation_is_never_a_reservation_conflict_while_lost() {
     take_unit_attention(&t, &n).await;
     // Exclusive Access - All Registrants (8h), APTPL off: kept in memory only.
     assert_good(
-        &run(&t, &n, &[0x5F, 0x08, 0x08, 0, 0, 0, 0, 0, 24, 0], basic(0, 5, 0)).await,
+        &run(
+            &t,
+            &n,
+            &[0x5F, 0x08, 0x08, 0, 0, 0, 0, 0, 24, 0],
+            basic(0, 5, 0),
+        )
+        .await,
     );
     assert_eq!(*store.durable.lock().unwrap(), [false]);
     // READ RESERVATION: generation 0, ADDITIONAL LENGTH 16, key zero (All Registrants), TYPE 8h.
@@ -487,7 +532,12 @@ async fn the_operators_clear_ends_the_lost_condition() {
     let (t, _store, lu) = lost_target().await;
     let n = nexus_named("iqn.2026-01.test:a");
     take_unit_attention(&t, &n).await;
-    assert_sense(&run(&t, &n, &[0x00, 0, 0, 0, 0, 0], vec![]).await, 0x07, 0x44, 0x01);
+    assert_sense(
+        &run(&t, &n, &[0x00, 0, 0, 0, 0, 0], vec![]).await,
+        0x07,
+        0x44,
+        0x01,
+    );
     let old = lu.clear_reservations_by_operator().await.unwrap();
     assert!(old.lost);
     assert!(!lu.persistent_reservations().lost);
