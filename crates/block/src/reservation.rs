@@ -64,6 +64,18 @@ pub trait ReservationStore: Send + Sync + std::fmt::Debug {
     /// Resolves when every other holder of this LU has seen `version` and has no command in
     /// flight that it forbids. Trivial (immediate) for single-holder stores.
     async fn barrier(&self, version: u64) -> Result<(), BlockError>;
+
+    /// Whether the state this store kept on stable storage was lost: `Some(why)` when it found
+    /// a state there that it cannot read back (the file driver's sidecar failing its header,
+    /// length or checksum check). [`ReservationStore::load`] then returns version 1 with no
+    /// state, and the SCSI layer enters SPC-5's recoverable lost persistent reservation
+    /// condition (5.13.5.3.2 of the draft at hand) until an application client replaces the
+    /// state. `None` again after the first successful
+    /// [`ReservationStore::compare_and_swap`]. Stores that cannot lose a state keep the
+    /// default, `None`.
+    fn lost(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The next version after `v`.

@@ -55,6 +55,7 @@ fn stored(version: u64, state: &[u8]) -> Stored {
 async fn compare_and_swap_semantics(s: Arc<dyn ReservationStore>) {
     let rx = s.watch();
     assert_eq!(s.load().await.expect("load"), Stored::default());
+    assert_eq!(s.lost(), None);
     assert_eq!(cas(&*s, 0, b"{\"a\":1}", false).await, Ok(1));
     // A stale version is refused with the current state, which is left as it was.
     assert_eq!(
@@ -204,16 +205,15 @@ async fn a_temp_file_left_by_a_crash_is_ignored_and_removed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_damaged_sidecar_fails_the_open_and_is_left_for_the_operator() {
+async fn a_damaged_sidecar_opens_as_lost_state_and_is_left_for_the_operator() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("disk.img");
     let side = sidecar_path(&path);
     {
         let d = open(&path).expect("open");
-        assert_eq!(
-            cas(&*store_of(&d), 0, b"{\"key\":\"0xabc\"}", true).await,
-            Ok(1)
-        );
+        let s = store_of(&d);
+        assert_eq!(s.lost(), None);
+        assert_eq!(cas(&*s, 0, b"{\"key\":\"0xabc\"}", true).await, Ok(1));
     }
     let good = std::fs::read(&side).expect("read");
     let mut flipped = good.clone();
@@ -226,22 +226,81 @@ async fn a_damaged_sidecar_fails_the_open_and_is_left_for_the_operator() {
         Vec::new(),
     ] {
         std::fs::write(&side, &bad).expect("write");
-        match open(&path) {
-            Err(BlockError::Open(e)) => {
-                assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
-                assert!(e.to_string().contains("disk.img.pr"), "{e}");
-            }
-            Err(e) => panic!("{e:?}"),
-            Ok(_) => panic!("a damaged sidecar was accepted: {bad:?}"),
-        }
+        // The image opens; the store says its state was lost (naming the file) and holds
+        // version 1 with no state. Opening does not touch the damaged file.
+        let d = open(&path).unwrap_or_else(|e| panic!("{bad:?}: {e:?}"));
+        let s = store_of(&d);
+        let why = s.lost().unwrap_or_else(|| panic!("not lost: {bad:?}"));
+        assert!(why.contains("disk.img.pr"), "{why}");
+        assert_eq!(s.load().await.expect("load"), stored(1, b""));
+        drop(d);
         assert_eq!(std::fs::read(&side).expect("still there"), bad);
     }
     std::fs::write(&side, &good).expect("write");
     let d = open(&path).expect("open with the sidecar restored");
+    assert_eq!(store_of(&d).lost(), None);
     assert_eq!(
         store_of(&d).load().await.expect("load"),
         stored(1, b"{\"key\":\"0xabc\"}")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compare_and_swap_replaces_lost_state_durably_or_removes_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk.img");
+    let side = sidecar_path(&path);
+
+    // Durable: the new state replaces the damaged file, and is what a reopen finds.
+    std::fs::write(&side, b"damaged").expect("write");
+    {
+        let d = open(&path).expect("open");
+        let s = store_of(&d);
+        assert!(s.lost().is_some());
+        assert_eq!(cas(&*s, 1, b"{\"new\":1}", true).await, Ok(2));
+        assert_eq!(s.lost(), None);
+        assert_eq!(s.load().await.expect("load"), stored(2, b"{\"new\":1}"));
+    }
+    let d = open(&path).expect("reopen");
+    assert_eq!(store_of(&d).lost(), None);
+    assert_eq!(
+        store_of(&d).load().await.expect("load"),
+        stored(1, b"{\"new\":1}")
+    );
+    drop(d);
+
+    // Not durable: the damaged file goes, and a reopen finds nothing stored and nothing lost.
+    std::fs::write(&side, b"damaged").expect("write");
+    {
+        let d = open(&path).expect("open");
+        let s = store_of(&d);
+        assert!(s.lost().is_some());
+        assert_eq!(cas(&*s, 1, b"{\"new\":2}", false).await, Ok(2));
+        assert_eq!(s.lost(), None);
+        assert!(!side.exists());
+    }
+    let d = open(&path).expect("reopen");
+    assert_eq!(store_of(&d).lost(), None);
+    assert_eq!(store_of(&d).load().await.expect("load"), Stored::default());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_over_lost_state_keeps_it_lost_and_the_damaged_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk.img");
+    let side = sidecar_path(&path);
+    let tmp = temp_path(&path);
+    std::fs::write(&side, b"damaged").expect("write");
+    let d = open(&path).expect("open");
+    let s = store_of(&d);
+    // The temp file cannot be created (a directory is in the way; this works as root too).
+    std::fs::create_dir(&tmp).expect("mkdir");
+    let r = s.compare_and_swap(1, b"{\"new\":1}".to_vec(), true).await;
+    assert!(matches!(r, Err(BlockError::WriteFailed(_))), "{r:?}");
+    std::fs::remove_dir(&tmp).expect("rmdir");
+    assert!(s.lost().is_some());
+    assert_eq!(s.load().await.expect("load"), stored(1, b""));
+    assert_eq!(std::fs::read(&side).expect("still there"), b"damaged");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -473,9 +473,16 @@ pub static OPS: &[OpInfo] = &[
         Out,
         PrOut,
     ),
-    // REPLACE LOST RESERVATION (08h) is not supported: the reservation store either loads the
-    // state or the LU does not start, so there is never a lost reservation to replace (RLR_C=0
-    // in REPORT CAPABILITIES; see `pr::out`).
+    op(
+        0x5F,
+        Some(0x08),
+        "PERSISTENT RESERVE OUT",
+        // SPC-5 6.17.1: SERVICE ACTION, SCOPE and TYPE (byte 2), PARAMETER LIST LENGTH (bytes
+        // 5..8); REPLACE LOST RESERVATION.
+        &[0x5F, 0x08, FF, 0, 0, FF, FF, FF, FF, 0],
+        Out,
+        PrOut,
+    ),
     op(
         0x88,
         None,

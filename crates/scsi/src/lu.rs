@@ -6,7 +6,8 @@
 //! 2. report a pending unit attention, except to INQUIRY, REPORT LUNS and REQUEST SENSE;
 //! 3. parse the CDB against the opcode table ([`crate::cdb`]);
 //! 4. check that the data-out the transport received is what the CDB asks for;
-//! 5. the reservation check ([`LogicalUnit::reservation_check`]), fed by the table row;
+//! 5. the reservation check ([`LogicalUnit::reservation_check`]), fed by the table row (and,
+//!    while the persistent reservation information is lost, its own termination: [`crate::pr`]);
 //! 6. start the task (a task aborted before this point never touches the backend);
 //! 7. execute.
 //!
@@ -104,15 +105,30 @@ impl LogicalUnit {
     /// Load the persistent reservation state the block driver's store holds (APTPL state
     /// kept across a restart) and follow changes other holders of the LU store. Call once,
     /// before serving.
+    ///
+    /// A state the store lost (a damaged sidecar) is not an error: the LU serves in the lost
+    /// persistent reservation condition (see [`crate::pr`]), which is logged here.
     pub async fn restore_reservations(&self) -> Result<(), String> {
-        self.resv
+        let lost = self
+            .resv
             .restore(self.backend.reservations())
             .await
             .map_err(|f| match f {
                 Failure::Store(e) => format!("Cannot load the reservation state: {e}"),
                 Failure::Corrupt(e) => format!("The stored reservation state is unreadable: {e}"),
                 Failure::Refused(_) => "Reservation state refused".into(),
-            })
+            })?;
+        if let Some(why) = lost {
+            tracing::error!(
+                serial = %self.config.serial,
+                reason = %why,
+                "Persistent reservation information lost: every command but INQUIRY, REPORT \
+                 LUNS, REQUEST SENSE and START STOP UNIT fails with DATA PROTECT, PERSISTENT \
+                 RESERVATION INFORMATION LOST until an initiator sends PERSISTENT RESERVE OUT \
+                 REPLACE LOST RESERVATION or the operator runs `sharedisk pr clear`"
+            );
+        }
+        Ok(())
     }
 
     /// The persistent reservation state now (operators: `sharedisk pr show`).
@@ -123,7 +139,8 @@ impl LogicalUnit {
     /// An operator's way out of a stale reservation (`sharedisk pr clear`): remove every
     /// registration and the reservation as a CLEAR would, bump the generation, and tell every
     /// registrant (RESERVATIONS PREEMPTED, SPC-5 5.14.11.3's unit attention for CLEAR).
-    /// Returns the state it replaced.
+    /// It also ends a lost persistent reservation condition (the empty state it stores is not
+    /// lost). Returns the state it replaced.
     pub async fn clear_reservations_by_operator(&self) -> Result<Arc<PrState>, String> {
         let _change = self.resv.lock().await;
         let old = self
@@ -143,6 +160,7 @@ impl LogicalUnit {
             generation = old.generation,
             registrations = old.registrations.len(),
             reservation = ?old.reservation,
+            lost = old.lost,
             "Operator cleared the persistent reservations"
         );
         Ok(old)
@@ -348,8 +366,8 @@ impl LogicalUnit {
             }
             _ => None,
         };
-        if !self.resv.allowed(&nexus, info, &cdb) {
-            return Some(conflict());
+        if let Err(r) = self.resv.allowed(&nexus, info, &cdb) {
+            return Some(self.refusal(Err(r)));
         }
         if !ctl.start() {
             return None;

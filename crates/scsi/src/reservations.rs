@@ -14,6 +14,13 @@
 //!   adopted and the command is evaluated again on it.
 //! - SPC-2 RESERVE/RELEASE keep their holder in the snapshot but not in the store: SPC-2
 //!   reservations do not survive a reset, a nexus loss or a restart.
+//! - A state the store lost ([`ReservationStore::lost`]: the file driver's damaged sidecar), or
+//!   a stored state of this format that does not parse, is loaded as [`PrState::lost`]: the
+//!   recoverable lost persistent reservation condition of [`crate::pr`]. The per-command check
+//!   then terminates every command but a few with PERSISTENT RESERVATION INFORMATION LOST, and
+//!   a REPLACE LOST RESERVATION stores its new state over the lost one like any other PR OUT.
+//!   A stored state of another format number (another version of sharedisk) is not loss: the
+//!   LU does not start.
 
 use std::sync::{Arc, Weak};
 
@@ -65,6 +72,12 @@ struct StoredForm {
 
 const FORMAT: u32 = 1;
 
+/// Only the format number of a stored form, to tell a damaged state from another version's.
+#[derive(Deserialize)]
+struct FormatOnly {
+    format: u32,
+}
+
 /// Serialise `state` for the reservation store.
 pub fn encode(state: &PrState) -> Vec<u8> {
     let form = StoredForm {
@@ -99,15 +112,31 @@ impl Reservations {
     }
 
     /// The per-command check: whether `nexus` may run the command `info` describes now.
+    /// `Err(Refusal::Conflict)`: RESERVATION CONFLICT; `Err(Refusal::Check(_))`: PERSISTENT
+    /// RESERVATION INFORMATION LOST while the state is lost.
     #[inline]
-    pub fn allowed(&self, nexus: &ItNexus, info: &OpInfo, cdb: &[u8]) -> bool {
+    pub fn allowed(&self, nexus: &ItNexus, info: &OpInfo, cdb: &[u8]) -> Result<(), Refusal> {
         let s = self.snap.load();
-        if let Some(holder) = &s.spc2 {
-            if !spc2::allowed(holder, nexus, info, cdb) {
-                return false;
+        if s.pr.lost {
+            if !pr::check::lost_allows(info, cdb) {
+                return Err(Refusal::Check(pr::INFORMATION_LOST));
+            }
+            // SPC-5 5.13.5.3.2 a): REPLACE LOST RESERVATION is not terminated with
+            // RESERVATION CONFLICT while the information is lost.
+            if info.opcode == 0x5F {
+                return Ok(());
             }
         }
-        pr::check::allowed(&s.pr, nexus, info, cdb)
+        if let Some(holder) = &s.spc2 {
+            if !spc2::allowed(holder, nexus, info, cdb) {
+                return Err(Refusal::Conflict);
+            }
+        }
+        if pr::check::allowed(&s.pr, nexus, info, cdb) {
+            Ok(())
+        } else {
+            Err(Refusal::Conflict)
+        }
     }
 
     /// Serialise a reservation-changing command against the others on this LU.
@@ -133,13 +162,31 @@ impl Reservations {
         Ok(())
     }
 
-    /// Load the stored state (at startup), and follow changes other holders make.
+    /// Load the stored state (at startup), and follow changes other holders make. `Ok(Some(why))`:
+    /// the stored state was lost, and the snapshot is [`PrState::lost`].
     pub async fn restore(
         self: &Arc<Self>,
         store: &Arc<dyn ReservationStore>,
-    ) -> Result<(), Failure> {
+    ) -> Result<Option<String>, Failure> {
         let stored = store.load().await.map_err(Failure::Store)?;
-        self.adopt(&stored)?;
+        let lost = match store.lost() {
+            Some(why) => Some(why),
+            None => match self.adopt(&stored) {
+                Ok(()) => None,
+                Err(Failure::Corrupt(why)) => {
+                    // Checksummed by the store, yet not a state: lost, unless it is the form of
+                    // another version (which this one must not overwrite).
+                    match serde_json::from_slice::<FormatOnly>(&stored.state) {
+                        Ok(f) if f.format != FORMAT => return Err(Failure::Corrupt(why)),
+                        _ => Some(why),
+                    }
+                }
+                Err(f) => return Err(f),
+            },
+        };
+        if lost.is_some() {
+            self.publish(stored.version, Arc::new(PrState::lost()));
+        }
         let mut changes = store.watch();
         let me: Weak<Self> = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -153,7 +200,7 @@ impl Reservations {
                 }
             }
         });
-        Ok(())
+        Ok(lost)
     }
 
     /// Store `next` as the successor of the snapshot's version and publish it. `Ok(false)`:
@@ -278,6 +325,15 @@ mod tests {
         let text = String::from_utf8(bytes.clone()).expect("JSON is UTF-8");
         assert!(text.contains("\"format\": 1"), "{text}");
         assert_eq!(decode(&bytes), Ok(state));
+    }
+
+    #[test]
+    fn a_state_stored_before_lost_existed_reads_as_not_lost() {
+        let old = br#"{"format": 1, "state": {"generation": 7, "aptpl": true,
+            "registrations": [], "reservation": null}}"#;
+        let state = decode(old).expect("decodes");
+        assert_eq!(state.generation, 7);
+        assert!(!state.lost);
     }
 
     #[test]

@@ -66,6 +66,7 @@ fn state(ty: PrType) -> PrState {
                 Some(Registrant::of(&holder()))
             },
         }),
+        lost: false,
     }
 }
 
@@ -171,6 +172,9 @@ const PR_OUT: &[(&str, u8, bool, bool)] = &[
     ("PREEMPT AND ABORT", 0x05, A, C),
     ("REGISTER AND IGNORE EXISTING KEY", 0x06, A, A),
     ("REGISTER AND MOVE", 0x07, C, C),
+    // Note b: while the information is lost, processed as the lost condition says (see the
+    // lost tests in pr_lost.rs); otherwise as here.
+    ("REPLACE LOST RESERVATION", 0x08, A, C),
 ];
 
 fn pr_out_cdb(sa: u8, ty: PrType) -> [u8; 10] {

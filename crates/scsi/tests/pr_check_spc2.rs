@@ -49,6 +49,7 @@ fn registered(who: &[&ItNexus]) -> PrState {
             })
             .collect(),
         reservation: None,
+        lost: false,
     }
 }
 
@@ -227,6 +228,7 @@ const ROWS: &[(&str, &[u8], bool, bool)] = &[
     ("PERSISTENT RESERVE OUT, PREEMPT AND ABORT", &[0x5F, 0x05, 0x01, 0, 0, 0, 0, 0, 24, 0], C, C),
     ("PERSISTENT RESERVE OUT, REGISTER AND IGNORE EXISTING KEY", &[0x5F, 0x06, 0, 0, 0, 0, 0, 0, 24, 0], C, C),
     ("PERSISTENT RESERVE OUT, REGISTER AND MOVE", &[0x5F, 0x07, 0x01, 0, 0, 0, 0, 0, 24, 0], C, C),
+    ("PERSISTENT RESERVE OUT, REPLACE LOST RESERVATION", &[0x5F, 0x08, 0x01, 0, 0, 0, 0, 0, 24, 0], C, C),
     ("READ(16)", &[0x88, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0], A, C),
     ("COMPARE AND WRITE", &[0x89, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0], A, C),
     ("WRITE(16)", &[0x8A, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0], A, C),

@@ -36,6 +36,7 @@ fn two_registrants(generation: u32) -> PrState {
             },
         ],
         reservation: None,
+        lost: false,
     }
 }
 
@@ -117,17 +118,17 @@ fn read_reservation_of_all_registrants_shows_key_zero() {
 
 #[test]
 fn report_capabilities_bits() {
-    // SPC-5 6.16.4 table 207: LENGTH 0008h; byte 2: RLR_C 0, CRH 1, SIP_C 1, ATP_C 1, PTPL_C 1
-    // = 1Dh; byte 3: TMV 1, ALLOW COMMANDS 001b, PTPL_A = 90h/91h; type mask WR_EX_AR,
+    // SPC-5 6.16.4 table 207: LENGTH 0008h; byte 2: RLR_C 1, CRH 1, SIP_C 1, ATP_C 1, PTPL_C 1
+    // = 9Dh; byte 3: TMV 1, ALLOW COMMANDS 001b, PTPL_A = 90h/91h; type mask WR_EX_AR,
     // EX_AC_RO, WR_EX_RO, EX_AC, WR_EX = EAh and EX_AC_AR = 01h.
     let d = input(&PrState::default(), 0x02, 16384).unwrap();
-    assert_eq!(d, [0x00, 0x08, 0x1D, 0x90, 0xEA, 0x01, 0x00, 0x00]);
+    assert_eq!(d, [0x00, 0x08, 0x9D, 0x90, 0xEA, 0x01, 0x00, 0x00]);
     let s = PrState {
         aptpl: true,
         ..PrState::default()
     };
     assert_eq!(input(&s, 0x02, 16384).unwrap()[3], 0x91);
-    assert_eq!(input(&s, 0x02, 4).unwrap(), [0x00, 0x08, 0x1D, 0x91]);
+    assert_eq!(input(&s, 0x02, 4).unwrap(), [0x00, 0x08, 0x9D, 0x91]);
 }
 
 #[test]
@@ -199,6 +200,7 @@ fn read_full_status_shows_a_vhost_initiator_by_its_configured_name() {
             key: 1,
         }],
         reservation: None,
+        lost: false,
     };
     let d = input(&s, 0x03, 16384).unwrap();
     // iSCSI TransportID format 00b (05h), ADDITIONAL LENGTH 20, the name NUL-padded.

@@ -137,11 +137,15 @@ impl Model {
     fn apply(&mut self, c: &Cmd) -> Outcome {
         use Outcome::*;
         let n = c.nexus;
-        if c.sa > 7 {
+        if c.sa > 8 {
             return INVALID_FIELD_CDB;
         }
-        if matches!(c.sa, 1 | 2 | 4 | 5) && !matches!(c.ty, 1 | 3 | 5 | 6 | 7 | 8) {
+        if matches!(c.sa, 1 | 2 | 4 | 5 | 8) && !matches!(c.ty, 1 | 3 | 5 | 6 | 7 | 8) {
             return INVALID_FIELD_CDB;
+        }
+        if c.sa == 8 {
+            // REPLACE LOST RESERVATION when nothing was lost (never, in these sequences).
+            return INVALID_RELEASE;
         }
         let mine = self.reg_of(n);
         // Every service action but REGISTER AND IGNORE EXISTING KEY and REGISTER from an

@@ -442,12 +442,31 @@ fn register_ignores_type_and_scope() {
 }
 
 #[test]
-fn reserved_service_actions_and_replace_lost_reservation_are_invalid_field_in_cdb() {
-    // SERVICE ACTION: byte 1 bits 4..0: CCh 00h 01h.
-    for sa in [REPLACE_LOST, 0x09, 0x1F] {
+fn reserved_service_actions_are_invalid_field_in_cdb() {
+    // SPC-5 6.17.2 table 213: 09h..1Fh reserved. SERVICE ACTION: byte 1 bits 4..0: CCh 00h 01h.
+    for sa in [0x09, 0x1F] {
         assert_eq!(
             sense(run(&PrState::default(), &a(), sa, WE, &basic(0, 0, 0))),
             fixed(0x05, 0x24, 0x00, [0xCC, 0x00, 0x01])
+        );
+    }
+}
+
+#[test]
+fn replace_lost_reservation_when_nothing_was_lost_is_invalid_release_of_persistent_reservation() {
+    // SPC-5 "Replacing lost reservations": "If the device server has not detected that
+    // persistent reservation information has been lost ... ILLEGAL REQUEST ... INVALID RELEASE
+    // OF PERSISTENT RESERVATION" (26h/04h; no field pointer). Nothing changes.
+    let s0 = registered(&[(&a(), 0x10)]);
+    let s1 = ok(&s0, &a(), RESERVE, WE, &basic(0x10, 0, 0));
+    for s in [PrState::default(), s0, s1] {
+        assert_eq!(
+            sense(run(&s, &a(), REPLACE_LOST, WE, &basic(0, 0x20, 0))),
+            fixed(0x05, 0x26, 0x04, [0, 0, 0])
+        );
+        assert_eq!(
+            sense(run(&s, &b(), REPLACE_LOST, EA_AR, &basic(0, 0x20, 0x01))),
+            fixed(0x05, 0x26, 0x04, [0, 0, 0])
         );
     }
 }

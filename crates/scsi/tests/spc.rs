@@ -291,9 +291,19 @@ async fn unknown_opcode_is_invalid_command_operation_code() {
     let r = run(&t, &n, &[0x5E, 0, 0, 0, 0, 0, 0, 0, 8, 0], vec![]).await;
     assert_eq!(r.status, Status::GOOD);
     assert_eq!(r.data_in, [0, 0, 0, 0, 0, 0, 0, 0]);
-    // PERSISTENT RESERVE OUT, REPLACE LOST RESERVATION (08h) is not supported: an unsupported
-    // service action is INVALID FIELD IN CDB (SPC-5 6.17.1), not an unknown operation code.
-    let r = run(&t, &n, &[0x5F, 0x08, 0, 0, 0, 0, 0, 0, 24, 0], vec![0; 24]).await;
+    // PERSISTENT RESERVE OUT, REPLACE LOST RESERVATION (08h, TYPE 1h) is supported; with
+    // nothing lost it is ILLEGAL REQUEST, INVALID RELEASE OF PERSISTENT RESERVATION (26h/04h;
+    // SPC-5 "Replacing lost reservations"). A reserved service action (09h) is INVALID FIELD
+    // IN CDB (SPC-5 6.17.1), not an unknown operation code.
+    let r = run(
+        &t,
+        &n,
+        &[0x5F, 0x08, 0x01, 0, 0, 0, 0, 0, 24, 0],
+        vec![0; 24],
+    )
+    .await;
+    assert_sense(&r, 0x05, 0x26, 0x04);
+    let r = run(&t, &n, &[0x5F, 0x09, 0, 0, 0, 0, 0, 0, 24, 0], vec![0; 24]).await;
     assert_sense(&r, 0x05, 0x24, 0x00);
 }
 

@@ -251,6 +251,15 @@ pub fn describe(lu: &str, image: &Path, s: &scsi::pr::PrState) -> String {
     use std::fmt::Write;
     let mut o = String::new();
     let _ = writeln!(o, "LU {lu} ({})", image.display());
+    if s.lost {
+        let _ = writeln!(
+            o,
+            "PERSISTENT RESERVATION INFORMATION LOST: the stored (APTPL) state could not be read \
+             back; commands fail with DATA PROTECT, 44h/01h until an initiator sends PERSISTENT \
+             RESERVE OUT REPLACE LOST RESERVATION, or `sharedisk pr clear` (or restoring the \
+             file and restarting)"
+        );
+    }
     let _ = writeln!(
         o,
         "generation {}, APTPL {}",

@@ -279,3 +279,106 @@ async fn aptpl_state_survives_kill_9_at_any_point_of_a_pr_out() {
         "{acknowledged} / {unacknowledged}"
     );
 }
+
+/// The SCSI status, and for CHECK CONDITION the fixed-format sense key, ASC and ASCQ, of the
+/// next SCSI Response.
+async fn outcome(c: &mut Client) -> (u8, u8, u8, u8) {
+    let r = c.recv().await.expect("SCSI Response");
+    assert_eq!(r.bhs[0], 0x21, "SCSI Response");
+    if r.bhs[3] != 0x02 {
+        return (r.bhs[3], 0, 0, 0);
+    }
+    // Sense data after the 2-byte SenseLength (RFC 7143 11.4.7.2), fixed format (SPC-5 4.4.3).
+    (
+        r.bhs[3],
+        r.data[2 + 2] & 0x0f,
+        r.data[2 + 12],
+        r.data[2 + 13],
+    )
+}
+
+/// A command without data, and its outcome.
+async fn no_data(c: &mut Client, cdb: &[u8]) -> (u8, u8, u8, u8) {
+    let (b, _) = c.command(0x81, 0, cdb); // F, ATTR=SIMPLE
+    c.send(b, &[]).await;
+    outcome(c).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_sidecar_is_lost_information_until_replace_lost_reservation() {
+    const TUR: [u8; 6] = [0x00, 0, 0, 0, 0, 0];
+    // CHECK CONDITION, DATA PROTECT (7h), PERSISTENT RESERVATION INFORMATION LOST (44h/01h):
+    // SPC-5 "Recoverable loss of persistent reservation information".
+    const LOST: (u8, u8, u8, u8) = (0x02, 0x07, 0x44, 0x01);
+    const GOOD: (u8, u8, u8, u8) = (0x00, 0, 0, 0);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = dir.path().join("disk.img");
+    let control = dir.path().join("control.sock");
+
+    // An APTPL registration and a Write Exclusive reservation, kept in disk.img.pr.
+    let d = Daemon::start(&image, &control);
+    let mut c = login(d.portal).await;
+    send_pr_out(&mut c, 0x06, 0x00, &pr_out_params(0, 0x1111, true)).await;
+    assert_eq!(status(&mut c).await, 0x00);
+    send_pr_out(&mut c, 0x01, 0x01, &pr_out_params(0x1111, 0, false)).await;
+    assert_eq!(status(&mut c).await, 0x00);
+    drop(c);
+    d.kill9();
+
+    // The sidecar of the stopped daemon is damaged: one bit of its state flips.
+    let side = dir.path().join("disk.img.pr");
+    let mut bytes = std::fs::read(&side).expect("the sidecar exists");
+    *bytes.last_mut().expect("not empty") ^= 0x01;
+    std::fs::write(&side, &bytes).expect("write");
+
+    // The daemon starts, in the lost condition, and says so.
+    let d = Daemon::start(&image, &control);
+    let (ok, out, err) = pr(&control, &["show"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("PERSISTENT RESERVATION INFORMATION LOST"),
+        "{out}"
+    );
+    let json = pr_json(&control);
+    assert_eq!(json["lost"], true, "{json}");
+    assert!(json["registrations"].as_array().is_some_and(Vec::is_empty));
+
+    let mut c = Client::login_as(d.portal, NODE1, "", ISID1, defaults).await;
+    // The new nexus's power-on unit attention comes first (UNIT ATTENTION, 29h).
+    assert_eq!(no_data(&mut c, &TUR).await.1, 0x06);
+    assert_eq!(no_data(&mut c, &TUR).await, LOST);
+    // PERSISTENT RESERVE OUT other than REPLACE LOST RESERVATION: REGISTER AND IGNORE EXISTING
+    // KEY.
+    send_pr_out(&mut c, 0x06, 0x00, &pr_out_params(0, 0x3333, true)).await;
+    assert_eq!(outcome(&mut c).await, LOST);
+    // START STOP UNIT with START 1 and POWER CONDITION 0h is one of the commands that still run.
+    assert_eq!(no_data(&mut c, &[0x1B, 0, 0, 0, 0x01, 0]).await, GOOD);
+    assert_eq!(no_data(&mut c, &[0x1B, 0, 0, 0, 0x00, 0]).await, LOST);
+
+    // REPLACE LOST RESERVATION (08h), TYPE 5h, RESERVATION KEY 0, new key 2222h, APTPL.
+    send_pr_out(&mut c, 0x08, 0x05, &pr_out_params(0, 0x2222, true)).await;
+    assert_eq!(outcome(&mut c).await, GOOD);
+    assert_eq!(no_data(&mut c, &TUR).await, GOOD);
+    let json = pr_json(&control);
+    assert_eq!(json["lost"], false, "{json}");
+    assert_eq!(json["generation"], 0, "{json}");
+    assert_eq!(json["aptpl"], true, "{json}");
+    assert_eq!(json["registrations"][0]["key"], 0x2222, "{json}");
+    assert_eq!(
+        json["reservation"]["ty"], "WriteExclusiveRegistrantsOnly",
+        "{json}"
+    );
+    // Nothing is lost now: INVALID RELEASE OF PERSISTENT RESERVATION (5h, 26h/04h).
+    send_pr_out(&mut c, 0x08, 0x05, &pr_out_params(0, 0x4444, true)).await;
+    assert_eq!(outcome(&mut c).await, (0x02, 0x05, 0x26, 0x04));
+    drop(c);
+    d.kill9();
+
+    // The replaced state was stored whole (APTPL): a restart finds it, not lost.
+    let _d = Daemon::start(&image, &control);
+    let json = pr_json(&control);
+    assert_eq!(json["lost"], false, "{json}");
+    assert_eq!(json["registrations"][0]["key"], 0x2222, "{json}");
+    let (_, out, _) = pr(&control, &["show"]);
+    assert!(!out.contains("LOST"), "{out}");
+}

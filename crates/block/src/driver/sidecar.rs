@@ -25,10 +25,16 @@
 //! compare-and-swap rewrites or removes the sidecar whatever it holds.
 //!
 //! **Opening.** A leftover temp file (a crash during a write) is removed. A sidecar that exists
-//! is loaded as version 1. A sidecar whose header, length or checksum is wrong makes the open of
-//! the image fail (`BlockError::Open`, `InvalidData`, naming the file): the reservations that
-//! fence a cluster are never silently dropped. The operator restores the file, or removes it to
-//! start with no reservations.
+//! is loaded as version 1. A sidecar whose header, length or checksum is wrong is *lost* state
+//! (SPC-5's loss of persistent reservation information, 5.13.5.3 of the draft at hand): the
+//! image opens, [`ReservationStore::lost`] says why, [`ReservationStore::load`] gives version 1
+//! with no state, and an error is logged naming the file. The SCSI layer then fails every
+//! command but a few with PERSISTENT RESERVATION INFORMATION LOST until an application client
+//! sends REPLACE LOST RESERVATION (or the operator clears the state): the reservations that
+//! fence a cluster are never silently dropped. The damaged file is left as it is until the
+//! first successful compare-and-swap replaces or removes it (and is put back, byte for byte,
+//! if that compare-and-swap fails after the rename or unlink). A sidecar that cannot be read
+//! at all (an I/O or permission error) still fails the open.
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
@@ -70,6 +76,9 @@ struct Disk {
     current: bool,
     /// A sidecar may exist (false only once its absence is on stable storage).
     may_exist: bool,
+    /// The sidecar is the damaged file found at open (the current state is lost): its bytes,
+    /// to put back if a compare-and-swap fails after the rename or unlink.
+    damaged: Option<Vec<u8>>,
 }
 
 #[derive(Debug)]
@@ -79,6 +88,9 @@ struct Inner {
     writer: Mutex<Disk>,
     /// The current state; held only to read or replace it. Replaced only under `writer`.
     current: Mutex<Stored>,
+    /// Why the state on disk at open was lost; cleared (under `writer`) by the first successful
+    /// compare-and-swap.
+    lost: Mutex<Option<String>>,
     /// The image, whose `flock` makes this process the only one touching the sidecar.
     _image: Arc<File>,
 }
@@ -128,25 +140,42 @@ impl SidecarStore {
                 "cannot remove a leftover reservation state temp file"
             ),
         }
+        let mut lost = None;
+        let mut damaged = None;
         let (stored, on_disk) = match fs::read(&paths.sidecar) {
-            Ok(bytes) => {
-                let state = decode(&bytes).map_err(|why| {
-                    BlockError::Open(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!(
-                            "Reservation state file {} is corrupt ({why}); restore it, or remove \
-                             it to start with no persistent reservations",
-                            paths.sidecar.display()
-                        ),
-                    ))
-                })?;
-                tracing::info!(
-                    path = %paths.sidecar.display(),
-                    bytes = state.len(),
-                    "loaded persistent reservation state"
-                );
-                (Stored { version: 1, state }, true)
-            }
+            Ok(bytes) => match decode(&bytes) {
+                Ok(state) => {
+                    tracing::info!(
+                        path = %paths.sidecar.display(),
+                        bytes = state.len(),
+                        "loaded persistent reservation state"
+                    );
+                    (Stored { version: 1, state }, true)
+                }
+                Err(why) => {
+                    let why = format!(
+                        "reservation state file {} is damaged ({why})",
+                        paths.sidecar.display()
+                    );
+                    tracing::error!(
+                        path = %paths.sidecar.display(),
+                        reason = %why,
+                        "PERSISTENT RESERVATION INFORMATION LOST: the APTPL reservation state \
+                         cannot be read back; commands fail until an initiator sends REPLACE \
+                         LOST RESERVATION or the operator clears the reservations (or restores \
+                         the file and restarts)"
+                    );
+                    lost = Some(why);
+                    damaged = Some(bytes);
+                    (
+                        Stored {
+                            version: 1,
+                            state: Vec::new(),
+                        },
+                        false,
+                    )
+                }
+            },
             Err(e) if e.kind() == io::ErrorKind::NotFound => (Stored::default(), false),
             Err(e) => {
                 return Err(BlockError::Open(io::Error::new(
@@ -161,9 +190,11 @@ impl SidecarStore {
                 paths,
                 writer: Mutex::new(Disk {
                     current: on_disk,
-                    may_exist: on_disk,
+                    may_exist: on_disk || damaged.is_some(),
+                    damaged,
                 }),
                 current: Mutex::new(stored),
+                lost: Mutex::new(lost),
                 _image: file,
             }),
         })
@@ -202,6 +233,8 @@ impl Inner {
         } else {
             disk.current = false;
         }
+        disk.damaged = None;
+        *self.lost.lock().unwrap_or_else(PoisonError::into_inner) = None;
         *self.current() = Stored { version, state };
         Ok(Ok(version))
     }
@@ -212,7 +245,9 @@ impl Inner {
             Ok(()) => return Ok(()),
             Err(Failed::Before(e)) => e,
             Err(Failed::After(e)) => {
-                let undo = if disk.current {
+                let undo = if let Some(raw) = &disk.damaged {
+                    write_file(&self.paths, &[raw])
+                } else if disk.current {
                     let prev = self.current().state.clone();
                     write_sidecar(&self.paths, &prev)
                 } else {
@@ -243,6 +278,11 @@ impl Inner {
 /// Temp file, fsync, rename over the sidecar, fsync the directory.
 fn write_sidecar(p: &Paths, state: &[u8]) -> Result<(), Failed> {
     let header = format!("{MAGIC} {} {:08x}\n", state.len(), crc32c(state));
+    write_file(p, &[header.as_bytes(), state])
+}
+
+/// Write `parts` as the sidecar: temp file, fsync, rename over the sidecar, fsync the directory.
+fn write_file(p: &Paths, parts: &[&[u8]]) -> Result<(), Failed> {
     let write_temp = || -> io::Result<()> {
         let mut f = OpenOptions::new()
             .write(true)
@@ -250,8 +290,9 @@ fn write_sidecar(p: &Paths, state: &[u8]) -> Result<(), Failed> {
             .truncate(true)
             .mode(0o600)
             .open(&p.temp)?;
-        f.write_all(header.as_bytes())?;
-        f.write_all(state)?;
+        for part in parts {
+            f.write_all(part)?;
+        }
         f.sync_all()
     };
     if let Err(e) = write_temp().and_then(|()| fs::rename(&p.temp, &p.sidecar)) {
@@ -337,6 +378,14 @@ impl ReservationStore for SidecarStore {
 
     async fn barrier(&self, _version: u64) -> Result<(), BlockError> {
         Ok(())
+    }
+
+    fn lost(&self) -> Option<String> {
+        self.inner
+            .lost
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 }
 

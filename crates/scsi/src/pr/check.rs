@@ -21,6 +21,11 @@
 //! Registrations without a reservation restrict nothing here: which PERSISTENT RESERVE OUT
 //! service actions an unregistered I_T nexus may send then is the service action's own rule
 //! ([`super::out`]). SPC-2 reservations are [`super::spc2`]'s.
+//!
+//! While the persistent reservation information is lost ([`PrState::lost`]), [`lost_allows`]
+//! comes first: the few commands SPC-5 lets through run (and REPLACE LOST RESERVATION is never
+//! a RESERVATION CONFLICT then), every other one is CHECK CONDITION with
+//! [`super::INFORMATION_LOST`].
 
 use super::PrState;
 use crate::cdb::{Access, OpInfo};
@@ -56,6 +61,31 @@ pub fn allowed(state: &PrState, nexus: &ItNexus, info: &OpInfo, cdb: &[u8]) -> b
     }
 }
 
+/// While [`PrState::lost`]: whether the command of table row `info` (and CDB `cdb`) still runs.
+/// `false` means CHECK CONDITION, DATA PROTECT, PERSISTENT RESERVATION INFORMATION LOST.
+///
+/// SPC-5 5.13.5.3.2 b) (clause numbers of the SPC-5 draft at hand, "Recoverable loss of
+/// persistent reservation information"): every command is terminated except A) PERSISTENT
+/// RESERVE OUT with REPLACE LOST RESERVATION and B) the commands of 5.13.5.2 ("Nonvolatile
+/// memory considerations"): INQUIRY, LOG SENSE, READ BUFFER, REPORT LUNS, REPORT TARGET PORT
+/// GROUPS, REQUEST SENSE, START STOP UNIT with the START bit one and the POWER CONDITION field
+/// 0h, and WRITE BUFFER. PERSISTENT RESERVE IN and TEST UNIT READY are not among them. (Rows
+/// this logical unit does not have never get here: they fail as unsupported first.)
+pub fn lost_allows(info: &OpInfo, cdb: &[u8]) -> bool {
+    let byte4 = cdb.get(4).copied().unwrap_or(0);
+    match (info.opcode, info.sa) {
+        // REQUEST SENSE, INQUIRY, WRITE BUFFER, READ BUFFER, LOG SENSE, REPORT LUNS.
+        (0x03 | 0x12 | 0x3B | 0x3C | 0x4D | 0xA0, _) => true,
+        // REPORT TARGET PORT GROUPS: MAINTENANCE IN, service action 0Ah.
+        (0xA3, Some(0x0A)) => true,
+        // START STOP UNIT (SBC-4): POWER CONDITION is byte 4 bits 7..4, START bit 0.
+        (0x1B, _) => byte4 & 0xF0 == 0 && byte4 & 0x01 != 0,
+        // PERSISTENT RESERVE OUT, REPLACE LOST RESERVATION.
+        (0x5F, Some(0x08)) => true,
+        _ => false,
+    }
+}
+
 /// SPC-5's table of PERSISTENT RESERVE OUT service actions allowed in the presence of various
 /// reservations, for an I_T nexus that does not hold the reservation (the same for every type).
 fn pr_out_allowed(sa: u8, registered: bool) -> bool {
@@ -64,7 +94,8 @@ fn pr_out_allowed(sa: u8, registered: bool) -> bool {
         0x00 | 0x06 => true,
         // RELEASE (GOOD without effect from a registered non-holder), CLEAR,
         // PREEMPT, PREEMPT AND ABORT, REPLACE LOST RESERVATION: allowed from a registered
-        // I_T nexus, conflict otherwise.
+        // I_T nexus, conflict otherwise. (REPLACE LOST RESERVATION while the information is
+        // lost never gets here: see `lost_allows` and the table's note b.)
         0x02 | 0x03 | 0x04 | 0x05 | 0x08 => registered,
         // RESERVE (another nexus holds the reservation), REGISTER AND MOVE (only the holder
         // may move it): conflict.

@@ -15,11 +15,12 @@ pub mod sa {
     pub const READ_FULL_STATUS: u8 = 0x03;
 }
 
-/// REPORT CAPABILITIES byte 2 (SPC-5 6.16.4): RLR_C (bit 7) 0: REPLACE LOST RESERVATION is not
-/// supported (see [`super::out`]); CRH (bit 4) 1: RESERVE/RELEASE(6/10) follow SPC-5 5.13.3
-/// ([`super::spc2`]); SIP_C (bit 3) 1: SPEC_I_PT; ATP_C (bit 2) 1: ALL_TG_PT; PTPL_C (bit 0) 1:
-/// APTPL (the reservation store keeps APTPL state across restarts).
-const CAPS_BYTE2: u8 = 0x10 | 0x08 | 0x04 | 0x01;
+/// REPORT CAPABILITIES byte 2 (SPC-5 6.16.4): RLR_C (bit 7) 1: REPLACE LOST RESERVATION is
+/// supported, and with it the lost persistent reservation condition (see [`super::out`] and
+/// [`super`]); CRH (bit 4) 1: RESERVE/RELEASE(6/10) follow SPC-5 5.13.3 ([`super::spc2`]);
+/// SIP_C (bit 3) 1: SPEC_I_PT; ATP_C (bit 2) 1: ALL_TG_PT; PTPL_C (bit 0) 1: APTPL (the
+/// reservation store keeps APTPL state across restarts).
+const CAPS_BYTE2: u8 = 0x80 | 0x10 | 0x08 | 0x04 | 0x01;
 
 /// ALLOW COMMANDS (REPORT CAPABILITIES byte 3 bits 6..4; SPC-5 6.16.4, the ALLOW COMMANDS
 /// table): 001b, "the device server allows the TEST UNIT READY command through Write Exclusive

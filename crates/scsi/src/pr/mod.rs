@@ -16,10 +16,29 @@
 //!   SBC-4 4.17), fed by the opcode table.
 //! - [`spc2`]: RESERVE(6/10) and RELEASE(6/10) and their interplay with persistent
 //!   reservations.
+//!
+//! # Lost persistent reservation information
+//! When the state kept through power loss cannot be read back (the file driver's sidecar is
+//! damaged: [`block::ReservationStore::lost`]), the logical unit starts with
+//! [`PrState::lost`] set: SPC-5's recoverable lost persistent reservation condition
+//! (5.13.5.3.2 "Recoverable loss of persistent reservation information", in the clause numbers
+//! of the SPC-5 draft this was written from). Every command but INQUIRY, LOG SENSE, READ BUFFER,
+//! REPORT LUNS, REPORT TARGET PORT GROUPS, REQUEST SENSE, START STOP UNIT with START 1 and
+//! POWER CONDITION 0h, WRITE BUFFER (5.13.5.2) and PERSISTENT RESERVE OUT with REPLACE LOST
+//! RESERVATION then ends in CHECK CONDITION, DATA PROTECT, PERSISTENT RESERVATION INFORMATION
+//! LOST ([`INFORMATION_LOST`], [`check::lost_allows`]). Only a successful REPLACE LOST
+//! RESERVATION ([`out`], 5.13.11.3 "Replacing lost reservations") ends the condition; no reset
+//! or nexus loss does, and no unit attention marks either edge. The operator's `sharedisk pr
+//! clear` replaces the whole state and so ends it too.
 
 use serde::{Deserialize, Serialize};
 
+use crate::sense::{key, Sense};
 use crate::{InitiatorPort, ItNexus, TargetPort};
+
+/// CHECK CONDITION sense for commands terminated while [`PrState::lost`]: DATA PROTECT (7h),
+/// PERSISTENT RESERVATION INFORMATION LOST (44h/01h) (SPC-5 5.13.5.3.2 b)).
+pub const INFORMATION_LOST: Sense = Sense::new(key::DATA_PROTECT, 0x44, 0x01);
 
 pub mod check;
 pub mod input;
@@ -159,6 +178,13 @@ pub struct PrState {
     /// In the order they were made (READ KEYS and READ FULL STATUS list them in this order).
     pub registrations: Vec<Registration>,
     pub reservation: Option<Reservation>,
+    /// The recoverable lost persistent reservation condition (see the module documentation):
+    /// the state kept through power loss could not be read back, so registrations, reservation
+    /// and generation are unknown (empty and zero here) and commands are terminated until
+    /// REPLACE LOST RESERVATION. Set only by the logical unit when it loads a lost state; a
+    /// stored state never has it set. Absent in states stored before it existed (`false`).
+    #[serde(default)]
+    pub lost: bool,
 }
 
 impl PrState {
@@ -179,8 +205,18 @@ impl PrState {
     }
 
     /// Whether there is nothing to enforce (no registration, no reservation): the common case,
-    /// which the per-command check answers first.
+    /// which the per-command check answers first. (A lost state is empty too; the logical unit
+    /// looks at [`PrState::lost`] before anything else.)
     pub fn is_empty(&self) -> bool {
         self.registrations.is_empty() && self.reservation.is_none()
+    }
+
+    /// The state of a logical unit whose persistent reservation information was lost: nothing
+    /// known, [`PrState::lost`] set.
+    pub fn lost() -> Self {
+        PrState {
+            lost: true,
+            ..PrState::default()
+        }
     }
 }

@@ -2,11 +2,13 @@
 //! See the module documentation of [`crate::pr`].
 //!
 //! [`out`] checks, in this order, and stops at the first failure:
-//! 1. the CDB: SERVICE ACTION (09h..1Fh reserved, and 08h REPLACE LOST RESERVATION, which this
-//!    device server does not support: INVALID FIELD IN CDB at byte 1 bit 4), then SCOPE and
-//!    TYPE for the service actions that use them (RESERVE, RELEASE, PREEMPT, PREEMPT AND
-//!    ABORT): INVALID FIELD IN CDB at byte 2 bit 7 (SCOPE other than LU_SCOPE) or bit 3 (a
-//!    reserved or obsolete TYPE);
+//! 0. while the persistent reservation information is lost ([`PrState::lost`]), every service
+//!    action but REPLACE LOST RESERVATION is CHECK CONDITION, DATA PROTECT, PERSISTENT
+//!    RESERVATION INFORMATION LOST (the logical unit's per-command check says so first);
+//! 1. the CDB: SERVICE ACTION (09h..1Fh reserved: INVALID FIELD IN CDB at byte 1 bit 4), then
+//!    SCOPE and TYPE for the service actions that use them (RESERVE, RELEASE, PREEMPT, PREEMPT
+//!    AND ABORT, REPLACE LOST RESERVATION): INVALID FIELD IN CDB at byte 2 bit 7 (SCOPE other
+//!    than LU_SCOPE) or bit 3 (a reserved or obsolete TYPE);
 //! 2. the parameter list: its length (24 bytes unless SPEC_I_PT is one or the service action
 //!    is REGISTER AND MOVE: PARAMETER LIST LENGTH ERROR), SPEC_I_PT on a service action other
 //!    than REGISTER and REGISTER AND IGNORE EXISTING KEY, reserved bits, TransportIDs
@@ -28,13 +30,27 @@
 //! "PRGENERATION field incremented"); not by RESERVE or RELEASE, not by a command that fails,
 //! and not by a REGISTER from an unregistered I_T nexus with SERVICE ACTION RESERVATION KEY
 //! zero, which "does nothing except return GOOD status" (SPC-5 5.14.7, register behaviours).
+//! REPLACE LOST RESERVATION sets it to zero ("e) set the PRgeneration value to zero", SPC-5
+//! "Replacing lost reservations"; table 213's column says "Yes" for it, the clause that
+//! describes the processing is explicit).
 //!
 //! # REPLACE LOST RESERVATION
-//! Not supported (REPORT CAPABILITIES reports RLR_C=0). The state lives behind the block
-//! driver's reservation store, which either returns the stored state or fails the load; there
-//! is no "lost" state in which the device server runs on without it, so there is nothing for
-//! REPLACE LOST RESERVATION to replace. SPC-5 6.17.2 lets a device server that does not
-//! support it refuse it as an unsupported service action: INVALID FIELD IN CDB.
+//! SPC-5 "Replacing lost reservations" (5.13.11.3 in the clause numbers of the SPC-5 draft this
+//! was written from) and the basic parameter list (6.16.3 there, table 216):
+//! - nothing lost ([`PrState::lost`] false): CHECK CONDITION, ILLEGAL REQUEST, INVALID RELEASE
+//!   OF PERSISTENT RESERVATION (26h/04h);
+//! - SPEC_I_PT one: INVALID FIELD IN PARAMETER LIST (byte 20 bit 3), as for every service
+//!   action but REGISTER; ALL_TG_PT one: INVALID FIELD IN PARAMETER LIST (byte 20 bit 2), the
+//!   bit being "invalid" for this service action in table 216;
+//! - RESERVATION KEY "shall contain zero" and the command is never a RESERVATION CONFLICT while
+//!   the information is lost: a key other than zero is INVALID FIELD IN PARAMETER LIST (byte
+//!   0); SERVICE ACTION RESERVATION KEY is the new key to register: zero is INVALID FIELD IN
+//!   PARAMETER LIST (byte 8), as there is no registration with key zero;
+//! - then, as one change: every registration goes (no unit attention), the sending I_T nexus
+//!   is registered with SERVICE ACTION RESERVATION KEY, the reservation (if any was known) is
+//!   released and a new one of SCOPE and TYPE is established for the sending I_T nexus (the
+//!   holder; every registrant for the All Registrants types), PRGENERATION is set to zero,
+//!   APTPL is taken from the parameter list, and the lost condition ends.
 //!
 //! # Unit attentions
 //! [`Effects::unit_attentions`] names registrants; the logical unit queues each sense for every
@@ -137,14 +153,22 @@ pub fn out_with_ports(
     param: &[u8],
     target_ports: &[TargetPort],
 ) -> Result<Effects, Refusal> {
+    // 0. Lost information: only REPLACE LOST RESERVATION runs.
+    if state.lost && sa != sa::REPLACE_LOST_RESERVATION {
+        return Err(check(super::INFORMATION_LOST));
+    }
     // 1. The CDB.
-    if sa > sa::REGISTER_AND_MOVE {
-        // 09h..1Fh reserved; 08h REPLACE LOST RESERVATION not supported (module docs).
+    if sa > sa::REPLACE_LOST_RESERVATION {
+        // 09h..1Fh reserved.
         return Err(check(Sense::invalid_field_in_cdb(1, 4)));
     }
     let uses_type = matches!(
         sa,
-        sa::RESERVE | sa::RELEASE | sa::PREEMPT | sa::PREEMPT_AND_ABORT
+        sa::RESERVE
+            | sa::RELEASE
+            | sa::PREEMPT
+            | sa::PREEMPT_AND_ABORT
+            | sa::REPLACE_LOST_RESERVATION
     );
     let pr_type = if uses_type {
         if scope != LU_SCOPE {
@@ -171,6 +195,7 @@ pub fn out_with_ports(
         (sa::CLEAR, _) => clear(state, nexus, &p),
         (sa::PREEMPT, Some(ty)) => preempt(state, nexus, &p, ty, false),
         (sa::PREEMPT_AND_ABORT, Some(ty)) => preempt(state, nexus, &p, ty, true),
+        (sa::REPLACE_LOST_RESERVATION, Some(ty)) => replace_lost(state, nexus, &p, ty),
         // Every service action that uses TYPE has it parsed above.
         _ => Err(check(Sense::invalid_field_in_cdb(1, 4))),
     }
@@ -638,6 +663,38 @@ fn preempt(
         Vec::new()
     };
     Ok(effects(old, st, ua, aborted))
+}
+
+/// REPLACE LOST RESERVATION (SPC-5 "Replacing lost reservations"; see the module docs).
+fn replace_lost(old: &PrState, nexus: &ItNexus, p: &Basic, ty: PrType) -> Result<Effects, Refusal> {
+    if !old.lost {
+        return Err(check(cond::INVALID_RELEASE_OF_PR));
+    }
+    if p.all_tg_pt {
+        return Err(param_field(20, Some(2)));
+    }
+    if p.rk != 0 {
+        return Err(param_field(0, None));
+    }
+    if p.sark == 0 {
+        return Err(param_field(8, None));
+    }
+    let me = Registrant::of(nexus);
+    let st = PrState {
+        generation: 0,
+        aptpl: p.aptpl,
+        registrations: vec![Registration {
+            who: me.clone(),
+            key: p.sark,
+        }],
+        reservation: Some(Reservation {
+            ty,
+            scope: LU_SCOPE,
+            holder: (!ty.all_registrants()).then_some(me),
+        }),
+        lost: false,
+    };
+    Ok(effects(old, st, Vec::new(), Vec::new()))
 }
 
 /// REGISTER AND MOVE (SPC-5 5.14.8).
