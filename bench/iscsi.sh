@@ -126,7 +126,7 @@ echo "bench: sharedisk"
 server=$!
 url=""
 for _ in $(seq 300); do
-    url=$(head -n 1 "$work/url")
+    url=$(head -n 1 "$work/url" 2>/dev/null || true)
     [[ $url == iscsi://* ]] && break
     kill -0 "$server" 2>/dev/null || break
     sleep 0.1

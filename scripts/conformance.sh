@@ -61,7 +61,8 @@ run() {
     daemon=$!
     local url=""
     for _ in $(seq 300); do
-        url=$(head -n 1 "$work/daemon.out")
+        # The file appears only once the background shell has set up its redirection.
+        url=$(head -n 1 "$work/daemon.out" 2>/dev/null || true)
         [[ $url == iscsi://* ]] && break
         kill -0 "$daemon" 2>/dev/null || break
         sleep 0.1
