@@ -74,10 +74,10 @@ fn vhost_user_sockets_serve_and_accept_again() {
         f.set_owner().expect("SET_OWNER");
         let features = f.get_features().expect("GET_FEATURES");
         // VIRTIO_F_VERSION_1 (32), VIRTIO_RING_F_INDIRECT_DESC (28), VIRTIO_RING_F_EVENT_IDX
-        // (29), VHOST_USER_F_PROTOCOL_FEATURES (30), VIRTIO_SCSI_F_HOTPLUG (1).
+        // (29), VHOST_USER_F_PROTOCOL_FEATURES (30), VIRTIO_SCSI_F_HOTPLUG (1) and _CHANGE (2).
         assert_eq!(
             features,
-            (1 << 32) | (1 << 28) | (1 << 29) | (1 << 30) | (1 << 1)
+            (1 << 32) | (1 << 28) | (1 << 29) | (1 << 30) | (1 << 1) | (1 << 2)
         );
         drop(f);
     }

@@ -612,6 +612,11 @@ impl VhostUserBackend for Device {
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << wire::VIRTIO_SCSI_F_HOTPLUG)
+            // QEMU passes VIRTIO_SCSI_F_CHANGE through to the guest (its `param_change`
+            // property, on by default) and sends what the guest acked; a back end that does
+            // not offer it fails SET_FEATURES. No VIRTIO_SCSI_T_PARAM_CHANGE event is sent:
+            // parameter changes reach the guest as unit attentions on its next command.
+            | (1 << wire::VIRTIO_SCSI_F_CHANGE)
             | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
     }
 

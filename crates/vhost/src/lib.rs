@@ -57,7 +57,10 @@
 //! driver keeps on the event queue; an event that finds no buffer sets
 //! VIRTIO_SCSI_T_EVENTS_MISSED on the next one (Linux then rescans). The daemon does not add or
 //! remove LUs at run time yet (its configuration is read once); the mechanism is here and
-//! tested against mock queues. VIRTIO_SCSI_F_CHANGE (parameter change events) is not offered.
+//! tested against mock queues. VIRTIO_SCSI_F_CHANGE is offered because QEMU hands the guest's
+//! choice through (a back end without it fails SET_FEATURES), but no
+//! VIRTIO_SCSI_T_PARAM_CHANGE event is sent: parameter changes reach the guest as unit
+//! attentions on its next command.
 
 mod device;
 mod sg;
@@ -344,7 +347,12 @@ impl VhostScsi {
             exit(&daemon);
             self.shared.nexus_lost();
             match result {
-                Ok(()) => {
+                // QEMU went away: the usual end of a connection.
+                Ok(())
+                | Err(vhost_user_backend::Error::HandleRequest(
+                    vhost::vhost_user::Error::Disconnected
+                    | vhost::vhost_user::Error::PartialMessage,
+                )) => {
                     tracing::info!(%socket, "vhost-user frontend disconnected; I_T nexus lost")
                 }
                 Err(e) => {

@@ -853,11 +853,11 @@ fn config_space() {
         ]
     );
     assert_eq!(h.dev.get_config(32, 8), Vec::<u8>::new(), "past the end");
-    // Features: VERSION_1 (32), INDIRECT_DESC (28), EVENT_IDX (29), HOTPLUG (1),
+    // Features: VERSION_1 (32), INDIRECT_DESC (28), EVENT_IDX (29), HOTPLUG (1), CHANGE (2),
     // VHOST_USER_F_PROTOCOL_FEATURES (30).
     assert_eq!(
         h.dev.features(),
-        (1 << 32) | (1 << 28) | (1 << 29) | (1 << 1) | (1 << 30)
+        (1 << 32) | (1 << 28) | (1 << 29) | (1 << 1) | (1 << 2) | (1 << 30)
     );
     // Thread 0: queues 0 and 1; thread 1: queue 2.
     assert_eq!(h.dev.queues_per_thread(), vec![0b11, 0b100]);
