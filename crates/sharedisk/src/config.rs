@@ -10,7 +10,15 @@
 //! - a target with a portal outside the loopback network must have an initiator ACL or CHAP,
 //!   so a fresh deployment never exposes a disk to anyone who can reach the port;
 //! - CHAP secrets are at least 12 bytes (RFC 7143 12.1.3 asks for 96 bits), and mutual CHAP
-//!   needs one-way CHAP and a different secret.
+//!   needs one-way CHAP and a different secret;
+//! - vhost-user sockets (`[[vhost]]`) are unique, each has an initiator name (1 to 223
+//!   printable ASCII characters, no spaces), 1 to 62 request queues and at least one LU, with
+//!   (target, LUN) unique per socket. A socket's LU names an image: when an iSCSI target serves
+//!   that image the socket serves the same logical unit (and the `[[vhost.lu]]` entry carries no
+//!   LU settings of its own); otherwise the entry's settings make the LU, and every socket that
+//!   names the image must give the same settings;
+//! - with vhost-user sockets configured, iSCSI TPGTs stay below 0x8000: the sockets' relative
+//!   target port identifiers are 0x8000, 0x8001, … in the order of the sockets.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -38,6 +46,40 @@ pub struct FileConfig {
     pub targets: Vec<TargetConfig>,
     /// The operator's control socket (`sharedisk pr …`); relative to the config file.
     pub control: Option<PathBuf>,
+    /// vhost-user-scsi sockets.
+    #[serde(default, rename = "vhost")]
+    pub vhost: Vec<VhostConfig>,
+}
+
+/// One `[[vhost]]`: a vhost-user-scsi socket, its own I_T nexus.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VhostConfig {
+    /// The socket to create (relative to the config file).
+    pub socket: PathBuf,
+    /// The initiator name of the socket's I_T nexus; `vhost:<socket path>` when absent.
+    pub initiator: Option<String>,
+    /// Request queues offered (QEMU's `num_queues` may be at most this); default 8.
+    pub num_queues: Option<u16>,
+    #[serde(default, rename = "lu")]
+    pub lus: Vec<VhostLuConfig>,
+}
+
+/// One `[[vhost.lu]]`: an image at a virtio-scsi target and LUN.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VhostLuConfig {
+    /// The virtio-scsi target id, default 0.
+    #[serde(default)]
+    pub target: u8,
+    pub lun: u16,
+    pub file: PathBuf,
+    /// LU settings, for an image no iSCSI target serves (see [`LuConfig`]).
+    pub size: Option<SizeValue>,
+    pub block_size: Option<u32>,
+    pub physical_block_size: Option<u32>,
+    pub serial: Option<String>,
+    pub id: Option<IdValue>,
 }
 
 /// One `[[target]]`.
@@ -118,6 +160,36 @@ pub struct Plan {
     pub targets: Vec<TargetPlan>,
     /// The control socket, when one was asked for (otherwise the default, best effort).
     pub control: Option<PathBuf>,
+    /// vhost-user-scsi sockets.
+    pub vhost: Vec<VhostPlan>,
+}
+
+/// Default request queues of a vhost-user socket.
+pub const DEFAULT_VHOST_QUEUES: u16 = 8;
+
+/// The initiator name a vhost-user socket gets when none is configured.
+pub fn default_vhost_initiator(socket: &Path) -> String {
+    format!("vhost:{}", socket.display())
+}
+
+/// One vhost-user socket, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostPlan {
+    pub socket: PathBuf,
+    pub initiator: String,
+    pub num_queues: u16,
+    pub lus: Vec<VhostLuPlan>,
+}
+
+/// One LU behind a vhost-user socket: where the guest sees it, and the LU (its `lun` field is
+/// unused; the image identifies it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VhostLuPlan {
+    pub target: u8,
+    pub lun: u16,
+    pub lu: LuPlan,
+    /// Whether the entry gave LU settings of its own.
+    pub has_settings: bool,
 }
 
 /// One target, validated.
@@ -176,20 +248,8 @@ impl FileConfig {
             let mut lus = Vec::new();
             for lu in t.lus {
                 let lu_what = format!("{what}, LUN {}", lu.lun);
-                let size = match lu.size {
-                    None => None,
-                    Some(SizeValue::Bytes(n)) => Some(n),
-                    Some(SizeValue::Text(s)) => Some(
-                        parse_size(&s)
-                            .map_err(anyhow::Error::msg)
-                            .context(lu_what.clone())?,
-                    ),
-                };
-                let id = match lu.id {
-                    None => None,
-                    Some(IdValue::Number(n)) => Some(n),
-                    Some(IdValue::Text(s)) => Some(parse_id(&s).context(lu_what.clone())?),
-                };
+                let size = size_value(lu.size, &lu_what)?;
+                let id = id_value(lu.id, &lu_what)?;
                 lus.push(LuPlan {
                     lun: lu.lun,
                     file: base.join(&lu.file),
@@ -210,10 +270,47 @@ impl FileConfig {
                 lus,
             });
         }
+        let mut vhost = Vec::new();
+        for v in self.vhost {
+            let socket = base.join(&v.socket);
+            let what = format!("vhost-user socket {}", socket.display());
+            let mut lus = Vec::new();
+            for lu in v.lus {
+                let lu_what = format!("{what}, target {} LUN {}", lu.target, lu.lun);
+                let has_settings = lu.size.is_some()
+                    || lu.block_size.is_some()
+                    || lu.physical_block_size.is_some()
+                    || lu.serial.is_some()
+                    || lu.id.is_some();
+                lus.push(VhostLuPlan {
+                    target: lu.target,
+                    lun: lu.lun,
+                    has_settings,
+                    lu: LuPlan {
+                        lun: u64::from(lu.lun),
+                        file: base.join(&lu.file),
+                        size: size_value(lu.size, &lu_what)?,
+                        block_size: lu.block_size.unwrap_or(512),
+                        physical_block_size: lu.physical_block_size,
+                        serial: lu.serial,
+                        id: id_value(lu.id, &lu_what)?,
+                    },
+                });
+            }
+            vhost.push(VhostPlan {
+                initiator: v
+                    .initiator
+                    .unwrap_or_else(|| default_vhost_initiator(&socket)),
+                socket,
+                num_queues: v.num_queues.unwrap_or(DEFAULT_VHOST_QUEUES),
+                lus,
+            });
+        }
         let plan = Plan {
             discovery_auth: self.discovery_auth.into_auth(),
             targets,
             control: self.control.map(|c| base.join(c)),
+            vhost,
         };
         plan.validate()?;
         Ok(plan)
@@ -231,6 +328,26 @@ impl AuthConfig {
             mutual: self.mutual.map(secret),
         }
     }
+}
+
+fn size_value(v: Option<SizeValue>, what: &str) -> anyhow::Result<Option<u64>> {
+    Ok(match v {
+        None => None,
+        Some(SizeValue::Bytes(n)) => Some(n),
+        Some(SizeValue::Text(s)) => Some(
+            parse_size(&s)
+                .map_err(anyhow::Error::msg)
+                .with_context(|| what.to_string())?,
+        ),
+    })
+}
+
+fn id_value(v: Option<IdValue>, what: &str) -> anyhow::Result<Option<u64>> {
+    Ok(match v {
+        None => None,
+        Some(IdValue::Number(n)) => Some(n),
+        Some(IdValue::Text(s)) => Some(parse_id(&s).with_context(|| what.to_string())?),
+    })
 }
 
 fn parse_id(s: &str) -> anyhow::Result<u64> {
@@ -354,7 +471,7 @@ impl Plan {
     /// Check every rule in the module docs. Touches the file system only to see whether images
     /// exist.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.targets.is_empty() {
+        if self.targets.is_empty() && self.vhost.is_empty() {
             bail!("No target is configured (add a [[target]] with at least one [[target.lu]])");
         }
         check_auth("Discovery", &self.discovery_auth)?;
@@ -399,6 +516,13 @@ impl Plan {
                     outside.join(", ")
                 );
             }
+            if !self.vhost.is_empty() && t.tpgt >= VHOST_FIRST_PORT_ID {
+                bail!(
+                    "{what}: tpgt {} is at or above {VHOST_FIRST_PORT_ID:#x}, where the \
+                     vhost-user sockets' relative target port identifiers start",
+                    t.tpgt
+                );
+            }
             if t.lus.is_empty() {
                 bail!("{what}: no logical unit (add a [[target.lu]])");
             }
@@ -411,63 +535,151 @@ impl Plan {
                 if lu.lun >= 16384 {
                     bail!("{what}: LUNs go from 0 to 16383");
                 }
-                if !matches!(lu.block_size, 512 | 4096) {
-                    bail!("{what}: block size {} is not 512 or 4096", lu.block_size);
-                }
-                if let Some(p) = lu.physical_block_size {
-                    // READ CAPACITY(16) carries it as a 4-bit exponent of logical blocks.
-                    let ok = p >= lu.block_size
-                        && p.is_power_of_two()
-                        && (p / lu.block_size).trailing_zeros() <= 15;
-                    if !ok {
-                        bail!(
-                            "{what}: physical block size {p} is not a power-of-two multiple of \
-                             the {}-byte block size (at most 2^15 blocks)",
-                            lu.block_size
-                        );
-                    }
-                }
-                if let Some(size) = lu.size {
-                    if size % u64::from(lu.block_size) != 0 {
-                        bail!(
-                            "{what}: size {size} is not a whole number of {}-byte blocks",
-                            lu.block_size
-                        );
-                    }
-                }
-                if !lu.file.exists() && lu.size.is_none() {
-                    bail!(
-                        "{what}: image {} does not exist; give a size to create it",
-                        lu.file.display()
-                    );
-                }
-                let canonical = canonical_image_path(&lu.file)
-                    .with_context(|| format!("{what}: bad image path {}", lu.file.display()))?;
+                let canonical = check_lu(&what, lu, &mut serials, &mut ids)?;
                 if !images.insert(canonical.clone()) {
                     bail!("{what}: image {} is served twice", canonical.display());
                 }
-                if let Some(serial) = &lu.serial {
-                    if serial.is_empty()
-                        || serial.len() > 32
-                        || !serial.bytes().all(|b| b.is_ascii_graphic())
-                    {
+            }
+        }
+        self.validate_vhost(&images, &mut serials, &mut ids)
+    }
+
+    /// The `[[vhost]]` rules of the module docs; `iscsi_images` are the images iSCSI targets
+    /// serve.
+    fn validate_vhost(
+        &self,
+        iscsi_images: &HashSet<PathBuf>,
+        serials: &mut HashSet<String>,
+        ids: &mut HashSet<u64>,
+    ) -> anyhow::Result<()> {
+        if self.vhost.len() > usize::from(u16::MAX - VHOST_FIRST_PORT_ID) {
+            bail!("Too many vhost-user sockets");
+        }
+        let mut sockets = HashSet::new();
+        // Images only vhost-user sockets serve, with the settings the first one gave.
+        let mut own: std::collections::HashMap<PathBuf, LuPlan> = Default::default();
+        for v in &self.vhost {
+            let what = format!("vhost-user socket {}", v.socket.display());
+            if !sockets.insert(v.socket.clone()) {
+                bail!("{what} is configured twice");
+            }
+            let name_ok = !v.initiator.is_empty()
+                && v.initiator.len() <= 223
+                && v.initiator.bytes().all(|b| b.is_ascii_graphic());
+            if !name_ok {
+                bail!(
+                    "{what}: initiator {:?} must be 1 to 223 printable ASCII characters \
+                     without spaces",
+                    v.initiator
+                );
+            }
+            if v.num_queues == 0 || v.num_queues > 62 {
+                bail!("{what}: num_queues must be 1 to 62, not {}", v.num_queues);
+            }
+            if v.lus.is_empty() {
+                bail!("{what}: no logical unit (add a [[vhost.lu]])");
+            }
+            let mut addrs = HashSet::new();
+            for l in &v.lus {
+                let what = format!("{what}, target {} LUN {}", l.target, l.lun);
+                if !addrs.insert((l.target, l.lun)) {
+                    bail!("{what} is configured twice");
+                }
+                if l.lun >= 16384 {
+                    bail!("{what}: LUNs go from 0 to 16383");
+                }
+                let canonical = canonical_image_path(&l.lu.file)
+                    .with_context(|| format!("{what}: bad image path {}", l.lu.file.display()))?;
+                if iscsi_images.contains(&canonical) {
+                    if l.has_settings {
                         bail!(
-                            "{what}: serial {serial:?} must be 1 to 32 printable ASCII characters"
+                            "{what}: image {} is an iSCSI target's LU; give its settings there, \
+                             not here",
+                            canonical.display()
                         );
                     }
-                    if !serials.insert(serial.clone()) {
-                        bail!("{what}: serial {serial:?} is used twice");
-                    }
+                    continue;
                 }
-                if let Some(id) = lu.id {
-                    if !ids.insert(id) {
-                        bail!("{what}: id {id:#x} is used twice");
+                match own.get(&canonical) {
+                    Some(first) => {
+                        let same = first.size == l.lu.size
+                            && first.block_size == l.lu.block_size
+                            && first.physical_block_size == l.lu.physical_block_size
+                            && first.serial == l.lu.serial
+                            && first.id == l.lu.id;
+                        if !same {
+                            bail!(
+                                "{what}: image {} is configured with other settings elsewhere",
+                                canonical.display()
+                            );
+                        }
+                    }
+                    None => {
+                        check_lu(&what, &l.lu, serials, ids)?;
+                        own.insert(canonical, l.lu.clone());
                     }
                 }
             }
         }
         Ok(())
     }
+}
+
+/// The first relative target port identifier of the vhost-user sockets.
+pub const VHOST_FIRST_PORT_ID: u16 = 0x8000;
+
+/// Check one LU's settings; returns its canonical image path.
+fn check_lu(
+    what: &str,
+    lu: &LuPlan,
+    serials: &mut HashSet<String>,
+    ids: &mut HashSet<u64>,
+) -> anyhow::Result<PathBuf> {
+    if !matches!(lu.block_size, 512 | 4096) {
+        bail!("{what}: block size {} is not 512 or 4096", lu.block_size);
+    }
+    if let Some(p) = lu.physical_block_size {
+        // READ CAPACITY(16) carries it as a 4-bit exponent of logical blocks.
+        let ok =
+            p >= lu.block_size && p.is_power_of_two() && (p / lu.block_size).trailing_zeros() <= 15;
+        if !ok {
+            bail!(
+                "{what}: physical block size {p} is not a power-of-two multiple of \
+                 the {}-byte block size (at most 2^15 blocks)",
+                lu.block_size
+            );
+        }
+    }
+    if let Some(size) = lu.size {
+        if size % u64::from(lu.block_size) != 0 {
+            bail!(
+                "{what}: size {size} is not a whole number of {}-byte blocks",
+                lu.block_size
+            );
+        }
+    }
+    if !lu.file.exists() && lu.size.is_none() {
+        bail!(
+            "{what}: image {} does not exist; give a size to create it",
+            lu.file.display()
+        );
+    }
+    let canonical = canonical_image_path(&lu.file)
+        .with_context(|| format!("{what}: bad image path {}", lu.file.display()))?;
+    if let Some(serial) = &lu.serial {
+        if serial.is_empty() || serial.len() > 32 || !serial.bytes().all(|b| b.is_ascii_graphic()) {
+            bail!("{what}: serial {serial:?} must be 1 to 32 printable ASCII characters");
+        }
+        if !serials.insert(serial.clone()) {
+            bail!("{what}: serial {serial:?} is used twice");
+        }
+    }
+    if let Some(id) = lu.id {
+        if !ids.insert(id) {
+            bail!("{what}: id {id:#x} is used twice");
+        }
+    }
+    Ok(canonical)
 }
 
 #[cfg(test)]
@@ -496,6 +708,94 @@ mod tests {
         assert_eq!(p.targets[0].lus.len(), 2);
         assert_eq!(p.targets[0].lus[1].block_size, 4096);
         assert!(p.targets[1].auth.mutual.is_some());
+        assert_eq!(p.vhost.len(), 2);
+        assert_eq!(p.vhost[0].initiator, "iqn.2026-01.com.example:vm1");
+        assert_eq!(p.vhost[0].num_queues, 4);
+        assert_eq!(p.vhost[0].lus.len(), 2);
+        assert_eq!((p.vhost[0].lus[1].target, p.vhost[0].lus[1].lun), (0, 1));
+        assert_eq!(p.vhost[1].num_queues, DEFAULT_VHOST_QUEUES);
+        assert!(p.vhost[1].initiator.starts_with("vhost:"));
+        assert!(p.vhost[1].initiator.ends_with("vm2.sock"));
+    }
+
+    const QUORUM: &str = r#"
+[[target]]
+name = "iqn.2026-01.com.example:a"
+[[target.lu]]
+lun = 0
+file = "quorum.img"
+size = "1M"
+"#;
+
+    #[test]
+    fn vhost_only_config_is_valid() {
+        let p = plan(
+            r#"
+[[vhost]]
+socket = "a.sock"
+[[vhost.lu]]
+target = 2
+lun = 300
+file = "x.img"
+size = "1M"
+"#,
+        )
+        .expect("valid");
+        assert!(p.targets.is_empty());
+        assert_eq!((p.vhost[0].lus[0].target, p.vhost[0].lus[0].lun), (2, 300));
+    }
+
+    #[test]
+    fn vhost_lu_of_an_iscsi_image_takes_no_settings() {
+        let e = err(&format!(
+            "{QUORUM}\n[[vhost]]\nsocket = \"a.sock\"\n[[vhost.lu]]\nlun = 0\nfile = \"quorum.img\"\nblock_size = 4096\n"
+        ));
+        assert!(e.contains("give its settings there"), "{e}");
+    }
+
+    #[test]
+    fn vhost_only_image_needs_the_same_settings_everywhere() {
+        let e = err(r#"
+[[vhost]]
+socket = "a.sock"
+[[vhost.lu]]
+lun = 0
+file = "x.img"
+size = "1M"
+[[vhost]]
+socket = "b.sock"
+[[vhost.lu]]
+lun = 0
+file = "x.img"
+size = "2M"
+"#);
+        assert!(e.contains("other settings"), "{e}");
+    }
+
+    #[test]
+    fn vhost_rules() {
+        let one = |body: &str| format!("{QUORUM}\n[[vhost]]\nsocket = \"a.sock\"\n{body}");
+        let lu0 = "[[vhost.lu]]\nlun = 0\nfile = \"quorum.img\"\n";
+        assert!(err(&one("")).contains("no logical unit"));
+        assert!(err(&one(&format!("num_queues = 0\n{lu0}"))).contains("num_queues"));
+        assert!(err(&one(&format!("num_queues = 63\n{lu0}"))).contains("num_queues"));
+        assert!(err(&one(&format!("initiator = \"a b\"\n{lu0}"))).contains("initiator"));
+        assert!(err(&one(&format!("{lu0}{lu0}"))).contains("twice"));
+        assert!(
+            err(&one("[[vhost.lu]]\nlun = 16384\nfile = \"quorum.img\"\n")).contains("0 to 16383")
+        );
+        let twice = format!("{}\n[[vhost]]\nsocket = \"a.sock\"\n{lu0}", one(lu0));
+        assert!(err(&twice).contains("configured twice"));
+        // iSCSI TPGTs stay below the vhost-user relative port identifiers.
+        let high = format!(
+            "{}tpgt = 32768\n[[target.lu]]\nlun = 0\nfile = \"q.img\"\nsize = \"1M\"\n[[vhost]]\nsocket = \"a.sock\"\n{lu0}",
+            "[[target]]\nname = \"iqn.2026-01.com.example:a\"\n"
+        );
+        let high = high.replace("file = \"quorum.img\"", "file = \"q.img\"");
+        assert!(err(&high).contains("tpgt"), "{}", err(&high));
+        // The same image behind two sockets and iSCSI is one LU: accepted.
+        let shared = format!("{}\n[[vhost]]\nsocket = \"b.sock\"\n{lu0}", one(lu0));
+        plan(&shared).expect("valid");
     }
 
     #[test]

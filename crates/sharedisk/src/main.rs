@@ -65,7 +65,7 @@ struct PrArgs {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// A TOML config file (several targets, LUs, portals, ACLs, CHAP).
-    #[arg(long, conflicts_with_all = ["file", "size", "listen", "block_size", "physical_block_size", "name", "allow_initiator", "chap_user", "control"])]
+    #[arg(long, conflicts_with_all = ["file", "size", "listen", "block_size", "physical_block_size", "name", "allow_initiator", "chap_user", "control", "vhost_user", "vhost_initiator", "vhost_queues"])]
     config: Option<PathBuf>,
     /// The image file; created sparse with --size when it does not exist.
     #[arg(long, required_unless_present = "config")]
@@ -95,6 +95,18 @@ struct ServeArgs {
     /// The operator's control socket, for `sharedisk pr` [default: see `sharedisk pr --help`].
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Also serve the image as target 0, LUN 0 of a vhost-user-scsi device on this socket, for
+    /// QEMU's `-device vhost-user-scsi-pci` (repeat for several sockets, each its own I_T
+    /// nexus).
+    #[arg(long = "vhost-user", value_name = "SOCKET")]
+    vhost_user: Vec<PathBuf>,
+    /// The initiator name of the n-th --vhost-user socket's I_T nexus (repeat in the same
+    /// order) [default: vhost:SOCKET].
+    #[arg(long = "vhost-initiator", value_name = "NAME")]
+    vhost_initiator: Vec<String>,
+    /// Request queues each vhost-user socket offers (QEMU's num_queues may be at most this).
+    #[arg(long, default_value_t = config::DEFAULT_VHOST_QUEUES)]
+    vhost_queues: u16,
 }
 
 /// A target name made from an image's file name: lower-case letters, digits and '-'.
@@ -136,9 +148,42 @@ fn quick_start_plan(args: ServeArgs) -> anyhow::Result<Plan> {
                 .context("--chap-user needs the secret in SHAREDISK_CHAP_SECRET")?,
         }),
     };
+    if args.vhost_initiator.len() > args.vhost_user.len() {
+        anyhow::bail!("More --vhost-initiator names than --vhost-user sockets");
+    }
+    let lu = LuPlan {
+        lun: 0,
+        file: file.clone(),
+        size,
+        block_size: args.block_size,
+        physical_block_size: args.physical_block_size,
+        serial: None,
+        id: None,
+    };
+    let vhost = args
+        .vhost_user
+        .iter()
+        .enumerate()
+        .map(|(i, socket)| config::VhostPlan {
+            socket: socket.clone(),
+            initiator: args
+                .vhost_initiator
+                .get(i)
+                .cloned()
+                .unwrap_or_else(|| config::default_vhost_initiator(socket)),
+            num_queues: args.vhost_queues,
+            lus: vec![config::VhostLuPlan {
+                target: 0,
+                lun: 0,
+                lu: lu.clone(),
+                has_settings: false,
+            }],
+        })
+        .collect();
     let plan = Plan {
         discovery_auth: iscsi::Auth::default(),
         control: args.control,
+        vhost,
         targets: vec![TargetPlan {
             name: args.name.unwrap_or_else(|| default_target_name(&file)),
             alias: None,
@@ -149,15 +194,7 @@ fn quick_start_plan(args: ServeArgs) -> anyhow::Result<Plan> {
             allowed_initiators: (!args.allow_initiator.is_empty()).then_some(args.allow_initiator),
             auth: iscsi::Auth { chap, mutual: None },
             tpgt: 1,
-            lus: vec![LuPlan {
-                lun: 0,
-                file,
-                size,
-                block_size: args.block_size,
-                physical_block_size: args.physical_block_size,
-                serial: None,
-                id: None,
-            }],
+            lus: vec![lu],
         }],
     };
     plan.validate()?;

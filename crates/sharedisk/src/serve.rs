@@ -1,7 +1,7 @@
 //! Running a [`Plan`]: open the images, build the SCSI targets, bind the portals, announce the
 //! URLs, serve until SIGINT or SIGTERM, then flush every backend.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 
-use crate::config::{canonical_image_path, LuPlan, Plan};
+use crate::config::{canonical_image_path, LuPlan, Plan, VHOST_FIRST_PORT_ID};
 use crate::control;
 use crate::identity;
 
@@ -89,6 +89,20 @@ fn open_lu(plan: &LuPlan) -> anyhow::Result<Arc<scsi::LogicalUnit>> {
     Ok(Arc::new(lu))
 }
 
+/// The target port name of every vhost-user socket (VPD 0x83); the ports differ by their
+/// relative target port identifier, which is also their TPGT.
+const VHOST_TARGET_NAME: &str = "iqn.2026-01.io.sharedisk:vhost";
+
+async fn open_restored(lu: &LuPlan) -> anyhow::Result<Arc<scsi::LogicalUnit>> {
+    let opened = open_lu(lu)?;
+    opened
+        .restore_reservations()
+        .await
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("Cannot use image {}", lu.file.display()))?;
+    Ok(opened)
+}
+
 /// Serve `plan` until a signal. `hint` is printed after the URLs (one line on how to reach
 /// them).
 pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Result<()> {
@@ -99,19 +113,19 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
     let mut lus = Vec::new();
     let mut served = Vec::new();
     let mut targets = Vec::new();
+    // One logical unit per image, whichever frontends serve it: one task set, one reservation
+    // state, one set of range locks.
+    let mut by_image: HashMap<std::path::PathBuf, Arc<scsi::LogicalUnit>> = HashMap::new();
     for t in &plan.targets {
         let mut target = scsi::Target::new();
         for lu in &t.lus {
-            let opened = open_lu(lu)?;
-            opened
-                .restore_reservations()
-                .await
-                .map_err(anyhow::Error::msg)
-                .with_context(|| format!("Cannot use image {}", lu.file.display()))?;
+            let opened = open_restored(lu).await?;
             lus.push(opened.clone());
+            let image = canonical_image_path(&lu.file).unwrap_or_else(|_| lu.file.clone());
+            by_image.insert(image.clone(), opened.clone());
             served.push(control::ServedLu {
                 name: format!("{}/{}", t.name, lu.lun),
-                image: canonical_image_path(&lu.file).unwrap_or_else(|_| lu.file.clone()),
+                image,
                 lu: opened.clone(),
             });
             target.add_lu(lu.lun, opened);
@@ -158,6 +172,60 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
         servers.spawn(async move { (local, server.serve(listener).await) });
     }
 
+    // vhost-user sockets: images no iSCSI target serves are opened here, once.
+    let mut vhost_servers = Vec::new();
+    let mut vhost_lines = Vec::new();
+    for (i, v) in plan.vhost.iter().enumerate() {
+        let mut luns = Vec::new();
+        for l in &v.lus {
+            let image = canonical_image_path(&l.lu.file).unwrap_or_else(|_| l.lu.file.clone());
+            let lu = match by_image.get(&image) {
+                Some(lu) => lu.clone(),
+                None => {
+                    let opened = open_restored(&l.lu).await?;
+                    lus.push(opened.clone());
+                    by_image.insert(image.clone(), opened.clone());
+                    served.push(control::ServedLu {
+                        name: format!("vhost:{}/{}/{}", v.socket.display(), l.target, l.lun),
+                        image,
+                        lu: opened.clone(),
+                    });
+                    opened
+                }
+            };
+            luns.push(vhost_scsi::LunConfig {
+                target: l.target,
+                lun: l.lun,
+                lu,
+            });
+        }
+        let relative_port_id = VHOST_FIRST_PORT_ID
+            .checked_add(u16::try_from(i).context("Too many vhost-user sockets")?)
+            .context("Too many vhost-user sockets")?;
+        let device = vhost_scsi::VhostScsi::new(
+            vhost_scsi::SocketConfig {
+                path: v.socket.clone(),
+                initiator_name: v.initiator.clone(),
+                target_name: VHOST_TARGET_NAME.into(),
+                relative_port_id,
+                num_queues: v.num_queues,
+                luns,
+            },
+            tokio::runtime::Handle::current(),
+        )
+        .with_context(|| format!("vhost-user socket {}", v.socket.display()))?;
+        let server = device.spawn()?;
+        tracing::info!(
+            socket = %v.socket.display(),
+            initiator = %v.initiator,
+            relative_port_id,
+            num_queues = v.num_queues,
+            "vhost-user-scsi socket ready"
+        );
+        vhost_lines.push(format!("vhost-user:{}", v.socket.display()));
+        vhost_servers.push(server);
+    }
+
     let control = match &plan.control {
         Some(path) => Some(control::Control::bind(path).await?),
         None => {
@@ -186,7 +254,7 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
         }
     }
     let mut out = std::io::stdout().lock();
-    for url in &urls {
+    for url in urls.iter().chain(&vhost_lines) {
         writeln!(out, "{url}").context("Cannot write to stdout")?;
     }
     writeln!(out, "{}", hint(&urls)).context("Cannot write to stdout")?;
@@ -202,7 +270,15 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
             Err(e) => Err(anyhow::Error::new(e).context("A server task failed")),
         },
     };
-    // Stop accepting: dropping the serve futures closes the listeners.
+    // Stop accepting: dropping the serve futures closes the listeners; the vhost-user
+    // connections close (their guests lose their nexus) and the sockets go.
+    tokio::task::spawn_blocking(move || {
+        for s in vhost_servers {
+            s.stop();
+        }
+    })
+    .await
+    .context("Cannot stop the vhost-user sockets")?;
     servers.abort_all();
     while servers.join_next().await.is_some() {}
     if let Some(t) = control_task {

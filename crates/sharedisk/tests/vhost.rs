@@ -1,0 +1,100 @@
+//! `sharedisk serve --vhost-user SOCKET`, against the built binary: each socket is announced
+//! after the iSCSI URL, speaks vhost-user (features as the virtio-scsi device offers them),
+//! accepts a new frontend after one goes, and disappears on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::Frontend;
+use vhost::VhostBackend;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sharedisk");
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Daemon {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn vhost_user_sockets_serve_and_accept_again() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let img = dir.path().join("disk.img");
+    let s1 = dir.path().join("vm1.sock");
+    let s2 = dir.path().join("vm2.sock");
+    let control = dir.path().join("control.sock");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--file"])
+        .arg(&img)
+        .args(["--size", "16M", "--listen", "127.0.0.1:0", "--control"])
+        .arg(&control)
+        .arg("--vhost-user")
+        .arg(&s1)
+        .arg("--vhost-user")
+        .arg(&s2)
+        .args([
+            "--vhost-initiator",
+            "iqn.2026-01.com.example:vm1",
+            "--vhost-queues",
+            "2",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn sharedisk");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut d = Daemon { child, lines };
+    let line = || d.lines.recv_timeout(WAIT).expect("a line in time");
+    assert!(line().starts_with("iscsi://127.0.0.1:"));
+    assert_eq!(line(), format!("vhost-user:{}", s1.display()));
+    assert_eq!(line(), format!("vhost-user:{}", s2.display()));
+    assert!(line().starts_with("Reach it with"));
+
+    for socket in [&s1, &s2, &s1] {
+        let f = Frontend::connect(socket, 4).expect("connect");
+        f.set_owner().expect("SET_OWNER");
+        let features = f.get_features().expect("GET_FEATURES");
+        // VIRTIO_F_VERSION_1 (32), VIRTIO_RING_F_INDIRECT_DESC (28), VIRTIO_RING_F_EVENT_IDX
+        // (29), VHOST_USER_F_PROTOCOL_FEATURES (30), VIRTIO_SCSI_F_HOTPLUG (1) and _CHANGE (2).
+        assert_eq!(
+            features,
+            (1 << 32) | (1 << 28) | (1 << 29) | (1 << 30) | (1 << 1) | (1 << 2)
+        );
+        drop(f);
+    }
+
+    let status = Command::new("kill")
+        .args(["-TERM", &d.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = d.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(!s1.exists() && !s2.exists(), "sockets removed");
+}

@@ -1,0 +1,751 @@
+//! The virtio-scsi device of one vhost-user connection: a [`VhostUserBackend`] with the control
+//! queue (0), the event queue (1) and the request queues (2..).
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::sg::{self, Sg};
+use crate::wire::{self, Address};
+
+pub(crate) type Mem = GuestMemoryMmap<()>;
+pub(crate) type Gm = GuestMemoryAtomic<Mem>;
+pub(crate) type Vring = VringRwLock<Gm>;
+
+/// VHOST_USER_F_PROTOCOL_FEATURES (vhost-user: feature bit 30).
+const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
+/// The largest data-out a request may carry: the 8 MiB data buffer the SCSI layer accepts per
+/// command (VPD 0xB0 MAXIMUM TRANSFER LENGTH), plus room for parameter lists. A request with
+/// more gets VIRTIO_SCSI_S_FAILURE before anything is copied.
+const MAX_DATA_OUT: u64 = 16 << 20;
+/// Largest virtqueue the driver may configure.
+pub(crate) const MAX_QUEUE_SIZE: u16 = 1024;
+/// How long GET_VRING_BASE waits for the queue's commands in flight before it gives up on them
+/// (their completions are then dropped, not written to the stopped ring).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// `max_sectors` in the configuration space, in 512-byte units: 8 MiB, the SCSI layer's
+/// largest data buffer.
+const MAX_SECTORS: u32 = (8 << 20) / 512;
+
+/// What the vhost-user connections of one socket share: the socket's I_T nexus and its LUN
+/// map, which outlive any one connection.
+pub(crate) struct Shared {
+    pub nexus: Arc<scsi::ItNexus>,
+    /// Virtio target id to the SCSI target device behind it (its LUNs).
+    pub targets: ArcSwap<BTreeMap<u8, Arc<scsi::Target>>>,
+    /// Serialises changes of `targets`.
+    pub update: Mutex<()>,
+    pub runtime: tokio::runtime::Handle,
+    /// Request queues.
+    pub num_queues: u16,
+    /// Largest virtio target id (`max_target` in the configuration space).
+    pub max_target: u8,
+    /// The device of the connection now served, for events.
+    pub current: Mutex<Option<Arc<Device>>>,
+}
+
+impl Shared {
+    pub fn target(&self, id: u8) -> Option<Arc<scsi::Target>> {
+        self.targets.load().get(&id).cloned()
+    }
+
+    /// SAM-5 6.3.4 I_T nexus loss on every logical unit behind the socket.
+    pub fn nexus_lost(&self) {
+        for t in self.targets.load().values() {
+            t.nexus_lost(&self.nexus);
+        }
+    }
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Default)]
+struct QueueState {
+    /// Commands popped from the queue and not yet completed.
+    inflight: AtomicUsize,
+    /// Bumped when the queue is stopped: completions from before are dropped.
+    epoch: AtomicU64,
+}
+
+#[derive(Default)]
+struct Events {
+    /// The event queue, once the driver has kicked it.
+    vring: Option<Vring>,
+    /// An event found no buffer: the next one carries VIRTIO_SCSI_T_EVENTS_MISSED.
+    missed: bool,
+}
+
+/// The device one vhost-user connection drives.
+pub struct Device {
+    me: Weak<Device>,
+    shared: Arc<Shared>,
+    mem: Gm,
+    acked: AtomicU64,
+    event_idx: AtomicBool,
+    sense_size: AtomicU32,
+    cdb_size: AtomicU32,
+    /// Bumped by a device reset and on disconnect: completions from before are dropped.
+    epoch: AtomicU64,
+    queues: Vec<QueueState>,
+    events: Mutex<Events>,
+}
+
+/// A command in flight: where its completion goes, if the queue still exists then.
+struct Token {
+    dev: Arc<Device>,
+    queue: usize,
+    epoch: u64,
+    queue_epoch: u64,
+}
+
+impl Token {
+    fn current(&self) -> bool {
+        self.dev.epoch.load(Ordering::SeqCst) == self.epoch
+            && self
+                .dev
+                .queues
+                .get(self.queue)
+                .is_some_and(|q| q.epoch.load(Ordering::SeqCst) == self.queue_epoch)
+    }
+}
+
+impl Drop for Token {
+    fn drop(&mut self) {
+        if let Some(q) = self.dev.queues.get(self.queue) {
+            q.inflight.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+fn status_byte(response: u32) -> u8 {
+    response as u8
+}
+
+impl Device {
+    pub(crate) fn new(shared: Arc<Shared>, mem: Gm) -> Arc<Device> {
+        let queues = (0..2 + usize::from(shared.num_queues))
+            .map(|_| QueueState::default())
+            .collect();
+        Arc::new_cyclic(|me| Device {
+            me: me.clone(),
+            shared,
+            mem,
+            acked: AtomicU64::new(0),
+            event_idx: AtomicBool::new(false),
+            sense_size: AtomicU32::new(wire::SENSE_SIZE),
+            cdb_size: AtomicU32::new(wire::CDB_SIZE),
+            epoch: AtomicU64::new(0),
+            queues,
+            events: Mutex::new(Events::default()),
+        })
+    }
+
+    /// The connection is gone: nothing in flight may touch its rings or memory any more.
+    pub(crate) fn disconnect(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        lock(&self.events).vring = None;
+    }
+
+    fn config(&self) -> wire::Config {
+        let queue_size = u32::from(MAX_QUEUE_SIZE);
+        wire::Config {
+            num_queues: u32::from(self.shared.num_queues),
+            // Two descriptors of a chain carry the request and response headers.
+            seg_max: queue_size - 2,
+            max_sectors: MAX_SECTORS,
+            cmd_per_lun: queue_size,
+            event_info_size: wire::EVENT_SIZE,
+            sense_size: self.sense_size.load(Ordering::Relaxed),
+            cdb_size: self.cdb_size.load(Ordering::Relaxed),
+            max_channel: 0,
+            max_target: u16::from(self.shared.max_target),
+            // Flat space addressing reaches LUN 16383 (SAM-5 4.7.7.4).
+            max_lun: 0x3FFF,
+        }
+    }
+
+    fn token(&self, queue: usize) -> Option<Token> {
+        let dev = self.me.upgrade()?;
+        let q = self.queues.get(queue)?;
+        q.inflight.fetch_add(1, Ordering::SeqCst);
+        Some(Token {
+            queue,
+            epoch: self.epoch.load(Ordering::SeqCst),
+            queue_epoch: q.epoch.load(Ordering::SeqCst),
+            dev,
+        })
+    }
+
+    /// Return a chain to the driver with `len` bytes written, and notify it if it asked.
+    fn used(vring: &Vring, head: u16, len: u32) {
+        let notify = {
+            let mut st = vring.get_mut();
+            if let Err(e) = st.add_used(head, len) {
+                tracing::warn!(error = %e, "Cannot return a buffer to the used ring");
+                return;
+            }
+            st.needs_notification().unwrap_or(true)
+        };
+        if notify {
+            if let Err(e) = vring.signal_used_queue() {
+                tracing::warn!(error = %e, "Cannot notify the driver");
+            }
+        }
+    }
+
+    fn complete(token: &Token, vring: &Vring, head: u16, len: u32) {
+        if token.current() {
+            Self::used(vring, head, len);
+        }
+    }
+
+    /// Pop every available chain of `vring` (queue `queue`) and handle it; with
+    /// VIRTIO_RING_F_EVENT_IDX, loop until no chain arrived while notifications were off.
+    fn drain(&self, queue: usize, vring: &Vring) {
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        loop {
+            if event_idx {
+                let _ = vring.disable_notification();
+            }
+            let mem = self.mem.memory().into_inner();
+            let chains: Vec<DescriptorChain<Arc<Mem>>> = {
+                let mut st = vring.get_mut();
+                let q = st.get_queue_mut();
+                std::iter::from_fn(|| q.pop_descriptor_chain(mem.clone())).collect()
+            };
+            for chain in chains {
+                match queue {
+                    0 => self.control(vring, &mem, chain),
+                    1 => {}
+                    q => self.request(q, vring, &mem, chain),
+                }
+            }
+            if !event_idx || !matches!(vring.enable_notification(), Ok(true)) {
+                break;
+            }
+        }
+    }
+
+    /// One request queue request (virtio 5.6.6.1).
+    fn request(
+        &self,
+        queue: usize,
+        vring: &Vring,
+        mem: &Arc<Mem>,
+        chain: DescriptorChain<Arc<Mem>>,
+    ) {
+        let head = chain.head_index();
+        let (rd, wr) = match sg::split(chain) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(queue, head, error = %e, "Malformed request chain");
+                Self::used(vring, head, 0);
+                return;
+            }
+        };
+        let sense_size = self.sense_size.load(Ordering::Relaxed);
+        let cdb_size = self.cdb_size.load(Ordering::Relaxed);
+        let resp_len = wire::CMD_RESP_FIXED + sense_size;
+        let req_len = wire::CMD_REQ_FIXED + cdb_size;
+        if wr.len() < u64::from(resp_len) {
+            // Nowhere to put a response: the chain goes back unanswered.
+            tracing::warn!(
+                queue,
+                head,
+                writable = wr.len(),
+                "Request without room for its response"
+            );
+            Self::used(vring, head, 0);
+            return;
+        }
+        let fail = |response: u32| {
+            let r = wire::cmd_resp(status_byte(response), 0, 0, &[], sense_size);
+            let len = match wr.write_at(&**mem, 0, &r) {
+                Ok(()) => resp_len,
+                Err(_) => 0,
+            };
+            Self::used(vring, head, len);
+        };
+        let mut hdr = vec![0u8; req_len as usize];
+        if rd.len() < u64::from(req_len) || rd.read_at(&**mem, 0, &mut hdr).is_err() {
+            tracing::warn!(
+                queue,
+                head,
+                readable = rd.len(),
+                "Request header missing or unreadable"
+            );
+            return fail(wire::VIRTIO_SCSI_S_FAILURE);
+        }
+        let req = wire::CmdReq::parse(&hdr);
+        let data_out_len = rd.len() - u64::from(req_len);
+        if data_out_len > MAX_DATA_OUT {
+            tracing::warn!(queue, head, data_out_len, "Request data-out too large");
+            return fail(wire::VIRTIO_SCSI_S_FAILURE);
+        }
+        let data_in_cap = wr.len() - u64::from(resp_len);
+        let (vt, lun) = match wire::decode_lun(req.lun) {
+            Address::BadTarget => return fail(wire::VIRTIO_SCSI_S_BAD_TARGET),
+            // A LUN no logical unit can have: the SCSI target answers LOGICAL UNIT NOT
+            // SUPPORTED (and REPORT LUNS) as for any missing LUN.
+            Address::Lun(t, lun) => (t, lun.unwrap_or(u64::MAX)),
+        };
+        let Some(target) = self.shared.target(vt) else {
+            return fail(wire::VIRTIO_SCSI_S_BAD_TARGET);
+        };
+        // The one copy of data-out, from guest memory into the buffer the SCSI layer takes.
+        let mut data_out = vec![0u8; data_out_len as usize];
+        if rd
+            .read_at(&**mem, u64::from(req_len), &mut data_out)
+            .is_err()
+        {
+            tracing::warn!(queue, head, "Request data-out outside guest memory");
+            return fail(wire::VIRTIO_SCSI_S_FAILURE);
+        }
+        let nexus = self.shared.nexus.clone();
+        let ticket = target.admit(&nexus, lun);
+        let attr = match u32::from(req.task_attr) {
+            wire::VIRTIO_SCSI_S_ORDERED => scsi::TaskAttr::Ordered,
+            wire::VIRTIO_SCSI_S_HEAD => scsi::TaskAttr::HeadOfQueue,
+            wire::VIRTIO_SCSI_S_ACA => scsi::TaskAttr::Aca,
+            _ => scsi::TaskAttr::Simple,
+        };
+        let expected_out = u64::from(target.data_out_len(lun, &req.cdb));
+        let cmd = scsi::Command {
+            nexus,
+            lun,
+            tag: req.tag,
+            attr,
+            cdb: req.cdb,
+            data_out,
+            data_in_len: u32::try_from(data_in_cap).unwrap_or(u32::MAX),
+        };
+        let Some(token) = self.token(queue) else {
+            return;
+        };
+        let vring = vring.clone();
+        let mem = mem.clone();
+        self.shared.runtime.spawn(async move {
+            let done = target.execute_admitted(cmd, ticket).await;
+            if !token.current() {
+                return;
+            }
+            let (resp, data_in) = match &done {
+                scsi::Completion::Aborted => (
+                    wire::cmd_resp(
+                        status_byte(wire::VIRTIO_SCSI_S_ABORTED),
+                        0,
+                        0,
+                        &[],
+                        sense_size,
+                    ),
+                    &[][..],
+                ),
+                scsi::Completion::Done(r) => {
+                    let n = (r.data_in.len() as u64).min(data_in_cap) as usize;
+                    // More data-in than the driver's buffers hold: the transfer is cut to
+                    // them and the driver is told (virtio 5.6.6.1: VIRTIO_SCSI_S_OVERRUN).
+                    let response = if (r.data_in.len() as u64) > data_in_cap {
+                        wire::VIRTIO_SCSI_S_OVERRUN
+                    } else {
+                        wire::VIRTIO_SCSI_S_OK
+                    };
+                    let resid = if data_in_cap > 0 {
+                        data_in_cap - n as u64
+                    } else {
+                        data_out_len.saturating_sub(expected_out)
+                    };
+                    (
+                        wire::cmd_resp(
+                            status_byte(response),
+                            r.status.0,
+                            u32::try_from(resid).unwrap_or(u32::MAX),
+                            &r.sense,
+                            sense_size,
+                        ),
+                        r.data_in.get(..n).unwrap_or(&[]),
+                    )
+                }
+            };
+            let written = wr
+                .write_at(&*mem, u64::from(resp_len), data_in)
+                .and_then(|()| wr.write_at(&*mem, 0, &resp));
+            let len = match written {
+                Ok(()) => resp_len + data_in.len() as u32,
+                Err(e) => {
+                    tracing::warn!(head, error = %e, "Cannot write a response to guest memory");
+                    0
+                }
+            };
+            Self::complete(&token, &vring, head, len);
+        });
+    }
+
+    /// One control queue request (virtio 5.6.6.2).
+    fn control(&self, vring: &Vring, mem: &Arc<Mem>, chain: DescriptorChain<Arc<Mem>>) {
+        let head = chain.head_index();
+        let (rd, wr) = match sg::split(chain) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(head, error = %e, "Malformed control chain");
+                return Self::used(vring, head, 0);
+            }
+        };
+        let mut ty = [0u8; 4];
+        if rd.read_at(&**mem, 0, &mut ty).is_err() {
+            tracing::warn!(head, "Control request without a type");
+            return Self::used(vring, head, 0);
+        }
+        match wire::ctrl_type(&ty) {
+            wire::VIRTIO_SCSI_T_TMF => self.tmf(vring, mem, head, &rd, wr),
+            wire::VIRTIO_SCSI_T_AN_QUERY | wire::VIRTIO_SCSI_T_AN_SUBSCRIBE => {
+                if wr.len() < u64::from(wire::AN_RESP) {
+                    tracing::warn!(
+                        head,
+                        "Asynchronous notification request without room for its response"
+                    );
+                    return Self::used(vring, head, 0);
+                }
+                let mut req = [0u8; wire::AN_REQ as usize];
+                let response = if rd.read_at(&**mem, 0, &mut req).is_err() {
+                    wire::VIRTIO_SCSI_S_FAILURE
+                } else {
+                    match wire::decode_lun(wire::an_lun(&req)) {
+                        Address::Lun(t, _) if self.shared.target(t).is_some() => {
+                            wire::VIRTIO_SCSI_S_OK
+                        }
+                        _ => wire::VIRTIO_SCSI_S_BAD_TARGET,
+                    }
+                };
+                // No asynchronous notification is supported: event_actual 0.
+                let resp = wire::an_resp(0, status_byte(response));
+                let len = match wr.write_at(&**mem, 0, &resp) {
+                    Ok(()) => wire::AN_RESP,
+                    Err(_) => 0,
+                };
+                Self::used(vring, head, len);
+            }
+            other => {
+                tracing::warn!(head, ty = other, "Unknown control request type");
+                Self::used(vring, head, 0);
+            }
+        }
+    }
+
+    /// A task management request. It runs as a task of its own: an ABORT TASK or a reset
+    /// waits for the commands it ends, and neither the control queue nor the request queues
+    /// wait with it.
+    fn tmf(&self, vring: &Vring, mem: &Arc<Mem>, head: u16, rd: &Sg, wr: Sg) {
+        if wr.len() < u64::from(wire::TMF_RESP) {
+            tracing::warn!(
+                head,
+                "Task management request without room for its response"
+            );
+            return Self::used(vring, head, 0);
+        }
+        let answer = |response: u32| {
+            let len = match wr.write_at(&**mem, 0, &[status_byte(response)]) {
+                Ok(()) => wire::TMF_RESP,
+                Err(_) => 0,
+            };
+            Self::used(vring, head, len);
+        };
+        let mut buf = [0u8; wire::TMF_REQ as usize];
+        if rd.read_at(&**mem, 0, &mut buf).is_err() {
+            return answer(wire::VIRTIO_SCSI_S_FAILURE);
+        }
+        let req = wire::TmfReq::parse(&buf);
+        let (vt, lun) = match wire::decode_lun(req.lun) {
+            Address::BadTarget => return answer(wire::VIRTIO_SCSI_S_BAD_TARGET),
+            Address::Lun(t, lun) => (t, lun.unwrap_or(u64::MAX)),
+        };
+        let Some(target) = self.shared.target(vt) else {
+            return answer(wire::VIRTIO_SCSI_S_BAD_TARGET);
+        };
+        let tag = req.tag;
+        let tmf = match req.subtype {
+            wire::VIRTIO_SCSI_T_TMF_ABORT_TASK => scsi::Tmf::AbortTask { lun, tag },
+            wire::VIRTIO_SCSI_T_TMF_ABORT_TASK_SET => scsi::Tmf::AbortTaskSet { lun },
+            wire::VIRTIO_SCSI_T_TMF_CLEAR_ACA => scsi::Tmf::ClearAca { lun },
+            wire::VIRTIO_SCSI_T_TMF_CLEAR_TASK_SET => scsi::Tmf::ClearTaskSet { lun },
+            wire::VIRTIO_SCSI_T_TMF_I_T_NEXUS_RESET => scsi::Tmf::ItNexusReset,
+            wire::VIRTIO_SCSI_T_TMF_LOGICAL_UNIT_RESET => scsi::Tmf::LogicalUnitReset { lun },
+            wire::VIRTIO_SCSI_T_TMF_QUERY_TASK => scsi::Tmf::QueryTask { lun, tag },
+            wire::VIRTIO_SCSI_T_TMF_QUERY_TASK_SET => scsi::Tmf::QueryTaskSet { lun },
+            other => {
+                tracing::warn!(head, subtype = other, "Unknown task management function");
+                return answer(wire::VIRTIO_SCSI_S_FUNCTION_REJECTED);
+            }
+        };
+        let Some(token) = self.token(0) else {
+            return;
+        };
+        let shared = self.shared.clone();
+        let vring = vring.clone();
+        let mem = mem.clone();
+        self.shared.runtime.spawn(async move {
+            let nexus = shared.nexus.clone();
+            let r = if tmf == scsi::Tmf::ItNexusReset {
+                // The I_T nexus is the socket's, across every target behind it.
+                let targets: Vec<_> = shared.targets.load().values().cloned().collect();
+                for t in targets {
+                    t.task_management(&nexus, scsi::Tmf::ItNexusReset).await;
+                }
+                scsi::TmfResponse::FunctionComplete
+            } else {
+                target.task_management(&nexus, tmf).await
+            };
+            tracing::info!(?tmf, response = ?r, "Task management");
+            let response = match r {
+                scsi::TmfResponse::FunctionComplete => wire::VIRTIO_SCSI_S_FUNCTION_COMPLETE,
+                // SAM-5 7.2: ABORT TASK for a task not in the task set completes.
+                scsi::TmfResponse::TaskDoesNotExist => wire::VIRTIO_SCSI_S_FUNCTION_COMPLETE,
+                scsi::TmfResponse::FunctionSucceeded => wire::VIRTIO_SCSI_S_FUNCTION_SUCCEEDED,
+                scsi::TmfResponse::FunctionRejected => wire::VIRTIO_SCSI_S_FUNCTION_REJECTED,
+                scsi::TmfResponse::IncorrectLun => wire::VIRTIO_SCSI_S_INCORRECT_LUN,
+            };
+            if !token.current() {
+                return;
+            }
+            let len = match wr.write_at(&*mem, 0, &[status_byte(response)]) {
+                Ok(()) => wire::TMF_RESP,
+                Err(_) => 0,
+            };
+            Self::complete(&token, &vring, head, len);
+        });
+    }
+
+    /// Queue a `virtio_scsi_event` in the driver's next event buffer (virtio 5.6.6.3), when it
+    /// negotiated VIRTIO_SCSI_F_HOTPLUG. Without a buffer the event is lost and the next one
+    /// says so (VIRTIO_SCSI_T_EVENTS_MISSED), which makes Linux rescan the bus.
+    pub(crate) fn post_event(&self, event: u32, lun: [u8; 8], reason: u32) {
+        if self.acked.load(Ordering::SeqCst) & (1 << wire::VIRTIO_SCSI_F_HOTPLUG) == 0 {
+            return;
+        }
+        let mut ev = lock(&self.events);
+        let Some(vring) = ev.vring.clone() else {
+            ev.missed = true;
+            return;
+        };
+        let mem = self.mem.memory().into_inner();
+        let chain = vring
+            .get_mut()
+            .get_queue_mut()
+            .pop_descriptor_chain(mem.clone());
+        let Some(chain) = chain else {
+            ev.missed = true;
+            return;
+        };
+        let head = chain.head_index();
+        let wr = match sg::split(chain) {
+            Ok((_, wr)) if wr.len() >= u64::from(wire::EVENT_SIZE) => wr,
+            _ => {
+                tracing::warn!(head, "Event buffer too small or malformed");
+                ev.missed = true;
+                return Self::used(&vring, head, 0);
+            }
+        };
+        let flag = if ev.missed {
+            wire::VIRTIO_SCSI_T_EVENTS_MISSED
+        } else {
+            0
+        };
+        let len = match wr.write_at(&*mem, 0, &wire::event(event | flag, lun, reason)) {
+            Ok(()) => {
+                ev.missed = false;
+                wire::EVENT_SIZE
+            }
+            Err(_) => 0,
+        };
+        Self::used(&vring, head, len);
+    }
+
+    fn event_kick(&self, vring: &Vring) {
+        let missed = {
+            let mut ev = lock(&self.events);
+            ev.vring = Some(vring.clone());
+            ev.missed
+        };
+        if missed {
+            self.post_event(wire::VIRTIO_SCSI_T_NO_EVENT, [0; 8], 0);
+        }
+    }
+
+    /// Queue index served by worker thread `thread` for its `device_event`-th vring.
+    fn queue_of(thread: usize, device_event: u16) -> usize {
+        match thread {
+            0 => usize::from(device_event),
+            t => t + 1,
+        }
+    }
+}
+
+impl VhostUserBackend for Device {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        2 + usize::from(self.shared.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(MAX_QUEUE_SIZE)
+    }
+
+    fn features(&self) -> u64 {
+        (1 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | (1 << wire::VIRTIO_SCSI_F_HOTPLUG)
+            // QEMU passes VIRTIO_SCSI_F_CHANGE through to the guest (its `param_change`
+            // property, on by default) and sends what the guest acked; a back end that does
+            // not offer it fails SET_FEATURES. No VIRTIO_SCSI_T_PARAM_CHANGE event is sent:
+            // parameter changes reach the guest as unit attentions on its next command.
+            | (1 << wire::VIRTIO_SCSI_F_CHANGE)
+            | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked.store(features, Ordering::SeqCst);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::RESET_DEVICE
+    }
+
+    fn reset_device(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.sense_size.store(wire::SENSE_SIZE, Ordering::Relaxed);
+        self.cdb_size.store(wire::CDB_SIZE, Ordering::Relaxed);
+        *lock(&self.events) = Events::default();
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let cfg = self.config().to_bytes();
+        let start = offset as usize;
+        let end = start.saturating_add(size as usize);
+        cfg.get(start..end).map(<[u8]>::to_vec).unwrap_or_default()
+    }
+
+    /// The driver may write `sense_size` and `cdb_size` (virtio 5.6.4); nothing else.
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let invalid = || {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "read-only or invalid virtio-scsi config field",
+            )
+        };
+        let field = match (offset as usize, buf) {
+            (wire::CONFIG_SENSE_SIZE, &[a, b, c, d]) => (
+                &self.sense_size,
+                u32::from_le_bytes([a, b, c, d]),
+                wire::MAX_SENSE_SIZE,
+            ),
+            (wire::CONFIG_CDB_SIZE, &[a, b, c, d]) => (
+                &self.cdb_size,
+                u32::from_le_bytes([a, b, c, d]),
+                wire::MAX_CDB_SIZE,
+            ),
+            _ => return Err(invalid()),
+        };
+        let (slot, value, max) = field;
+        if value == 0 || value > max {
+            return Err(invalid());
+        }
+        slot.store(value, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn update_memory(&self, _mem: Gm) -> io::Result<()> {
+        // The handler replaces the mapping inside the `GuestMemoryAtomic` this device holds.
+        Ok(())
+    }
+
+    /// Thread 0 serves the control and event queues; each request queue has a thread of its
+    /// own.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        let mut v = vec![0b11];
+        v.extend((0..u64::from(self.shared.num_queues)).map(|i| 1u64 << (2 + i)));
+        v
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    /// GET_VRING_BASE: the queue stops. Wait (bounded) for its commands in flight, so their
+    /// completions land before the ring is handed back; any later one is dropped.
+    fn stop_vring(&self, index: u32) -> io::Result<()> {
+        if let Some(q) = self.queues.get(index as usize) {
+            let start = Instant::now();
+            while q.inflight.load(Ordering::SeqCst) > 0 && start.elapsed() < DRAIN_TIMEOUT {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let left = q.inflight.load(Ordering::SeqCst);
+            if left > 0 {
+                tracing::warn!(
+                    queue = index,
+                    left,
+                    "Queue stopped with commands in flight; their completions are dropped"
+                );
+            }
+            q.epoch.fetch_add(1, Ordering::SeqCst);
+        }
+        if index == 1 {
+            lock(&self.events).vring = None;
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        // Errors returned here end the worker thread: report problems to the driver instead.
+        if evset != EventSet::IN {
+            tracing::warn!(?evset, "Unexpected vring event");
+            return Ok(());
+        }
+        let local = if thread_id == 0 {
+            usize::from(device_event)
+        } else {
+            0
+        };
+        let Some(vring) = vrings.get(local) else {
+            tracing::warn!(device_event, thread_id, "Event for an unknown vring");
+            return Ok(());
+        };
+        let queue = Self::queue_of(thread_id, device_event);
+        if queue == 1 {
+            self.event_kick(vring);
+        } else {
+            self.drain(queue, vring);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,419 @@
+//! vhost-user-scsi: QEMU guests reach sharedisk's SCSI disks through a virtio-scsi device whose
+//! queues live in this process (virtio 1.2 section 5.6, the vhost-user protocol), built on the
+//! rust-vmm crates (`vhost`, `vhost-user-backend`, `virtio-queue`, `vm-memory`).
+//!
+//! # Model
+//! - A [`VhostScsi`] is one vhost-user socket. It is **one I_T nexus**: initiator port
+//!   [`scsi::Transport::Vhost`] with the configured initiator name and no ISID, target port with
+//!   the configured name and a relative target port identifier. The daemon gives vhost-user
+//!   sockets relative target port identifiers from [`FIRST_RELATIVE_PORT_ID`] (0x8000) up, and
+//!   iSCSI uses its TPGT (1..0x7FFF), so the two ranges never meet on one LU.
+//! - Behind the socket sit logical units addressed as virtio-scsi does: the request's `lun`
+//!   field is `[1, target, LUN (SAM single level, flat or peripheral addressing), 0, 0, 0, 0]`.
+//!   Each virtio target id is a [`scsi::Target`] (so REPORT LUNS lists that target's LUNs).
+//!   The same `Arc<scsi::LogicalUnit>` may sit behind several sockets and iSCSI targets: one
+//!   task set, one reservation state, one set of range locks.
+//! - A missing virtio target (or a `lun` field whose first byte is not 1) is answered with
+//!   VIRTIO_SCSI_S_BAD_TARGET. A missing LUN on a target that exists is answered by the SCSI
+//!   layer (LOGICAL UNIT NOT SUPPORTED; INQUIRY with peripheral qualifier 011b), which is what
+//!   Linux's LUN scan expects; BAD_TARGET there would hide the target's other LUNs.
+//! - When the frontend disconnects (QEMU exits or is killed) the nexus is lost
+//!   ([`scsi::Target::nexus_lost`]: its tasks end, its unit attention state goes, SPC-2
+//!   reservations are released; persistent reservations stay), and the socket accepts the next
+//!   connection without a restart.
+//!
+//! # Queues and threads
+//! Queue 0 is the control queue, 1 the event queue, 2.. the request queues (`num_queues` of
+//! them). vhost-user-backend runs one epoll thread per entry of
+//! `VhostUserBackend::queues_per_thread`: thread 0 serves the control and event queues and each
+//! request queue has a thread of its own, so the queues are popped in parallel and none waits
+//! for another's kick. The thread validates the chain, copies the header and data-out, takes the
+//! task-set ticket ([`scsi::Target::admit`]) and hands the command to the daemon's tokio
+//! runtime, where it runs as one task like an iSCSI command does: the SCSI and block layers are
+//! async (range locks, io_uring completions, `block_in_place` writes), and a queue's thread must
+//! keep popping while its earlier commands wait for the disk, or a guest's queue depth would
+//! collapse to 1. The task writes the response and data-in into guest memory and returns the
+//! chain to the used ring (with the EVENT_IDX suppression the driver asked for). Task management
+//! runs as a task too, so an ABORT TASK or LOGICAL UNIT RESET that waits for running commands
+//! blocks neither the control queue nor the request queues.
+//!
+//! # Data path
+//! The SCSI layer's [`scsi::Command`] takes data-out as a `Vec<u8>` and returns data-in as a
+//! `Vec<u8>`, and the block layer reads into and writes from such buffers; so each direction
+//! costs **one copy** between guest memory and that buffer (data-out in the queue thread,
+//! data-in in the completing task), and no other.
+//!
+//! # A guest that misbehaves
+//! Every guest address goes through vm-memory's checked accessors; descriptor chains come from
+//! virtio-queue's iterator (indirect tables, loops and 4 GiB bound checked there). A chain with
+//! a readable descriptor after a writable one, or without room for the response header, goes
+//! back with length 0; a short or unreadable request header, data-out over 16 MiB or outside
+//! guest memory gets VIRTIO_SCSI_S_FAILURE; a data-in larger than the driver's buffers gets the
+//! part that fits and VIRTIO_SCSI_S_OVERRUN. Nothing a guest sends reaches a panic.
+//!
+//! # Events and run-time LU changes
+//! With VIRTIO_SCSI_F_HOTPLUG negotiated, [`VhostScsi::add_lu`] and [`VhostScsi::remove_lu`]
+//! post VIRTIO_SCSI_T_TRANSPORT_RESET events (reason RESCAN / REMOVED) into the buffers the
+//! driver keeps on the event queue; an event that finds no buffer sets
+//! VIRTIO_SCSI_T_EVENTS_MISSED on the next one (Linux then rescans). The daemon does not add or
+//! remove LUs at run time yet (its configuration is read once); the mechanism is here and
+//! tested against mock queues. VIRTIO_SCSI_F_CHANGE is offered because QEMU hands the guest's
+//! choice through (a back end without it fails SET_FEATURES), but no
+//! VIRTIO_SCSI_T_PARAM_CHANGE event is sent: parameter changes reach the guest as unit
+//! attentions on its next command.
+
+mod device;
+mod sg;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use device::{lock, Device, Shared};
+
+/// The first relative target port identifier the daemon gives a vhost-user socket; iSCSI
+/// target ports use their TPGT, below it.
+pub const FIRST_RELATIVE_PORT_ID: u16 = 0x8000;
+/// The most request queues a socket offers (the queue masks of vhost-user-backend are 64
+/// bits wide, and two queues are the control and event queues).
+pub const MAX_QUEUES: u16 = 62;
+/// The highest LUN flat space addressing reaches (SAM-5 4.7.7.4).
+pub const MAX_LUN: u16 = 0x3FFF;
+
+/// A logical unit behind a socket.
+#[derive(Clone)]
+pub struct LunConfig {
+    /// Virtio target id (byte 1 of the `lun` field).
+    pub target: u8,
+    /// LUN within the target, at most [`MAX_LUN`].
+    pub lun: u16,
+    pub lu: Arc<scsi::LogicalUnit>,
+}
+
+/// One vhost-user-scsi socket.
+#[derive(Clone)]
+pub struct SocketConfig {
+    /// Where the socket is created (an existing socket file is replaced).
+    pub path: PathBuf,
+    /// The initiator name of the socket's I_T nexus (READ FULL STATUS shows it).
+    pub initiator_name: String,
+    /// The target port's name (VPD 0x83 SCSI name strings).
+    pub target_name: String,
+    /// RELATIVE TARGET PORT IDENTIFIER, unique among the target ports of each LU; also the
+    /// port's TPGT in its name string.
+    pub relative_port_id: u16,
+    /// Request queues offered (1..=[`MAX_QUEUES`]); QEMU's `num_queues` may be at most this.
+    pub num_queues: u16,
+    pub luns: Vec<LunConfig>,
+}
+
+/// A socket configuration that cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("num_queues must be 1 to {MAX_QUEUES}, not {0}")]
+    Queues(u16),
+    #[error("LUN {0} is above {MAX_LUN}")]
+    Lun(u16),
+    #[error("target {0} LUN {1} is configured twice")]
+    Duplicate(u8, u16),
+    #[error("target {0} is above the socket's highest target {1} (fixed when it was created)")]
+    Target(u8, u8),
+    #[error("the relative target port identifier must not be 0")]
+    RelativePortId,
+    #[error("the initiator name must not be empty")]
+    InitiatorName,
+}
+
+/// A vhost-user-scsi device served on one socket: its I_T nexus and LUN map, and the
+/// connections that come and go.
+#[derive(Clone)]
+pub struct VhostScsi {
+    shared: Arc<Shared>,
+    path: PathBuf,
+}
+
+impl VhostScsi {
+    /// A device for `config`, whose commands run on `runtime`.
+    pub fn new(
+        config: SocketConfig,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<VhostScsi, ConfigError> {
+        if config.num_queues == 0 || config.num_queues > MAX_QUEUES {
+            return Err(ConfigError::Queues(config.num_queues));
+        }
+        if config.relative_port_id == 0 {
+            return Err(ConfigError::RelativePortId);
+        }
+        if config.initiator_name.is_empty() {
+            return Err(ConfigError::InitiatorName);
+        }
+        let mut targets: BTreeMap<u8, scsi::Target> = BTreeMap::new();
+        for l in &config.luns {
+            if l.lun > MAX_LUN {
+                return Err(ConfigError::Lun(l.lun));
+            }
+            let t = targets.entry(l.target).or_default();
+            if t.lu(u64::from(l.lun)).is_some() {
+                return Err(ConfigError::Duplicate(l.target, l.lun));
+            }
+            t.add_lu(u64::from(l.lun), l.lu.clone());
+        }
+        let max_target = targets.keys().next_back().copied().unwrap_or(0);
+        let nexus = Arc::new(scsi::ItNexus {
+            initiator: scsi::InitiatorPort {
+                transport: scsi::Transport::Vhost,
+                name: config.initiator_name,
+                isid: None,
+            },
+            target: scsi::TargetPort {
+                name: config.target_name,
+                tpgt: config.relative_port_id,
+                relative_id: config.relative_port_id,
+            },
+        });
+        Ok(VhostScsi {
+            shared: Arc::new(Shared {
+                nexus,
+                targets: ArcSwap::from_pointee(
+                    targets.into_iter().map(|(k, t)| (k, Arc::new(t))).collect(),
+                ),
+                update: Mutex::new(()),
+                runtime,
+                num_queues: config.num_queues,
+                max_target,
+                current: Mutex::new(None),
+            }),
+            path: config.path,
+        })
+    }
+
+    /// The socket's I_T nexus.
+    pub fn nexus(&self) -> &Arc<scsi::ItNexus> {
+        &self.shared.nexus
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Put `lu` at `target`/`lun` while the guest runs, and tell the guest (a
+    /// VIRTIO_SCSI_T_TRANSPORT_RESET event, reason RESCAN). `target` may not exceed the highest
+    /// target the socket started with (the guest learnt `max_target` then).
+    pub fn add_lu(
+        &self,
+        target: u8,
+        lun: u16,
+        lu: Arc<scsi::LogicalUnit>,
+    ) -> Result<(), ConfigError> {
+        if lun > MAX_LUN {
+            return Err(ConfigError::Lun(lun));
+        }
+        if target > self.shared.max_target {
+            return Err(ConfigError::Target(target, self.shared.max_target));
+        }
+        {
+            let _g = lock(&self.shared.update);
+            let mut map = (**self.shared.targets.load()).clone();
+            let mut t = copy_target(map.get(&target).map(|t| &**t), None);
+            if t.lu(u64::from(lun)).is_some() {
+                return Err(ConfigError::Duplicate(target, lun));
+            }
+            t.add_lu(u64::from(lun), lu);
+            map.insert(target, Arc::new(t));
+            self.shared.targets.store(Arc::new(map));
+        }
+        tracing::info!(socket = %self.path.display(), target, lun, "Logical unit added");
+        self.event(target, lun, wire::VIRTIO_SCSI_EVT_RESET_RESCAN);
+        Ok(())
+    }
+
+    /// Take the LU at `target`/`lun` away while the guest runs: the socket's nexus loses it
+    /// (its tasks there end), and the guest is told (VIRTIO_SCSI_T_TRANSPORT_RESET, reason
+    /// REMOVED). Returns the LU, or `None` when there was none.
+    pub fn remove_lu(&self, target: u8, lun: u16) -> Option<Arc<scsi::LogicalUnit>> {
+        let removed = {
+            let _g = lock(&self.shared.update);
+            let mut map = (**self.shared.targets.load()).clone();
+            let old = map.get(&target)?.clone();
+            let lu = old.lu(u64::from(lun))?.clone();
+            let t = copy_target(Some(&old), Some(u64::from(lun)));
+            if t.luns().next().is_some() {
+                map.insert(target, Arc::new(t));
+            } else {
+                map.remove(&target);
+            }
+            self.shared.targets.store(Arc::new(map));
+            lu
+        };
+        let mut only = scsi::Target::new();
+        only.add_lu(u64::from(lun), removed.clone());
+        only.nexus_lost(&self.shared.nexus);
+        tracing::info!(socket = %self.path.display(), target, lun, "Logical unit removed");
+        self.event(target, lun, wire::VIRTIO_SCSI_EVT_RESET_REMOVED);
+        Some(removed)
+    }
+
+    fn event(&self, target: u8, lun: u16, reason: u32) {
+        let dev = lock(&self.shared.current).clone();
+        if let Some(dev) = dev {
+            dev.post_event(
+                wire::VIRTIO_SCSI_T_TRANSPORT_RESET,
+                wire::encode_lun(target, lun),
+                reason,
+            );
+        }
+    }
+
+    /// Create the socket and serve connections one after another on a thread of its own,
+    /// until [`Server::stop`].
+    pub fn spawn(self) -> std::io::Result<Server> {
+        let mut listener = Listener::new(&self.path, true).map_err(|e| {
+            std::io::Error::other(format!("Cannot listen on {}: {e}", self.path.display()))
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let conn: Arc<Mutex<Option<ShutdownHandle>>> = Arc::default();
+        let (stop2, conn2, me) = (stop.clone(), conn.clone(), self.clone());
+        let thread = std::thread::Builder::new()
+            .name("vhost-user".into())
+            .spawn(move || me.serve(&mut listener, &stop2, &conn2))?;
+        Ok(Server {
+            device: self,
+            stop,
+            conn,
+            thread: Some(thread),
+        })
+    }
+
+    fn serve(
+        &self,
+        listener: &mut Listener,
+        stop: &AtomicBool,
+        conn: &Mutex<Option<ShutdownHandle>>,
+    ) {
+        let socket = self.path.display().to_string();
+        while !stop.load(Ordering::SeqCst) {
+            let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+            let dev = Device::new(self.shared.clone(), mem.clone());
+            let mut daemon = match VhostUserDaemon::new(socket.clone(), dev.clone(), mem) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(%socket, error = %e, "Cannot set up a vhost-user device");
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let started = daemon.start(listener);
+            let exit = |daemon: &VhostUserDaemon<Arc<Device>>| {
+                for h in daemon.get_epoll_handlers() {
+                    h.send_exit_event();
+                }
+            };
+            if let Err(e) = started {
+                exit(&daemon);
+                if !stop.load(Ordering::SeqCst) {
+                    tracing::error!(%socket, error = %e, "vhost-user accept failed");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                continue;
+            }
+            if stop.load(Ordering::SeqCst) {
+                exit(&daemon);
+                break;
+            }
+            *lock(conn) = daemon.shutdown_handle();
+            if stop.load(Ordering::SeqCst) {
+                daemon.request_shutdown();
+            }
+            *lock(&self.shared.current) = Some(dev.clone());
+            tracing::info!(%socket, initiator = %self.shared.nexus.initiator.name, "vhost-user frontend connected");
+            let result = daemon.wait();
+            *lock(conn) = None;
+            *lock(&self.shared.current) = None;
+            dev.disconnect();
+            exit(&daemon);
+            self.shared.nexus_lost();
+            match result {
+                // QEMU went away: the usual end of a connection.
+                Ok(())
+                | Err(vhost_user_backend::Error::HandleRequest(
+                    vhost::vhost_user::Error::Disconnected
+                    | vhost::vhost_user::Error::PartialMessage,
+                )) => {
+                    tracing::info!(%socket, "vhost-user frontend disconnected; I_T nexus lost")
+                }
+                Err(e) => {
+                    tracing::warn!(%socket, error = %e, "vhost-user connection failed; I_T nexus lost")
+                }
+            }
+        }
+    }
+}
+
+/// A copy of `t`'s LUN map, without `except`.
+fn copy_target(t: Option<&scsi::Target>, except: Option<u64>) -> scsi::Target {
+    let mut n = scsi::Target::new();
+    if let Some(t) = t {
+        for lun in t.luns() {
+            if Some(lun) != except {
+                if let Some(lu) = t.lu(lun) {
+                    n.add_lu(lun, lu.clone());
+                }
+            }
+        }
+    }
+    n
+}
+
+/// A socket being served.
+pub struct Server {
+    device: VhostScsi,
+    stop: Arc<AtomicBool>,
+    conn: Arc<Mutex<Option<ShutdownHandle>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    /// The device served.
+    pub fn device(&self) -> &VhostScsi {
+        &self.device
+    }
+
+    /// Close the connection (its nexus is lost), stop accepting and remove the socket.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = lock(&self.conn).take() {
+            h.shutdown();
+        }
+        // Wake the accept.
+        let _ = UnixStream::connect(&self.device.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.shutdown();
+        }
+    }
+}

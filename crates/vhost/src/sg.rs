@@ -1,0 +1,166 @@
+//! A descriptor chain split into its device-readable and device-writable parts, and checked
+//! copies between those scatter-gather lists and host buffers.
+//!
+//! Every access goes through vm-memory's checked `read_slice` / `write_slice`: an address or
+//! length outside the guest's memory is an error, never an access outside it.
+
+use std::ops::Deref;
+
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+
+/// Why a descriptor chain cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    /// A device-readable descriptor follows a device-writable one (virtio 2.7.4.2).
+    #[error("a device-readable descriptor follows a device-writable one")]
+    ReadableAfterWritable,
+    /// A copy touched an address the guest's memory does not have.
+    #[error("a descriptor points outside guest memory")]
+    OutOfMemory,
+    /// The chain is shorter than the copy.
+    #[error("the descriptors are shorter than needed")]
+    TooShort,
+}
+
+/// A list of guest memory segments, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sg {
+    segs: Vec<(GuestAddress, u32)>,
+    len: u64,
+}
+
+impl Sg {
+    /// Total bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn push(&mut self, addr: GuestAddress, len: u32) {
+        if len > 0 {
+            self.segs.push((addr, len));
+            self.len += u64::from(len);
+        }
+    }
+
+    /// Visit the pieces of `[offset, offset + count)`: `f(address, start in the caller's
+    /// buffer, length)`.
+    fn walk(
+        &self,
+        offset: u64,
+        count: usize,
+        mut f: impl FnMut(GuestAddress, usize, usize) -> Result<(), ChainError>,
+    ) -> Result<(), ChainError> {
+        let end = offset
+            .checked_add(count as u64)
+            .ok_or(ChainError::TooShort)?;
+        if end > self.len {
+            return Err(ChainError::TooShort);
+        }
+        let mut pos = 0u64; // start of the current segment within the list
+        let mut done = 0usize; // bytes of the caller's buffer handled
+        for &(addr, len) in &self.segs {
+            if done == count {
+                break;
+            }
+            let seg_end = pos + u64::from(len);
+            if seg_end > offset + done as u64 {
+                let skip = offset + done as u64 - pos;
+                let n = ((u64::from(len) - skip) as usize).min(count - done);
+                let at = addr.checked_add(skip).ok_or(ChainError::OutOfMemory)?;
+                f(at, done, n)?;
+                done += n;
+            }
+            pos = seg_end;
+        }
+        if done == count {
+            Ok(())
+        } else {
+            Err(ChainError::TooShort)
+        }
+    }
+
+    /// Copy `buf.len()` bytes from `offset` in the list into `buf`.
+    pub fn read_at<M: GuestMemory>(
+        &self,
+        mem: &M,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ChainError> {
+        let count = buf.len();
+        self.walk(offset, count, |addr, start, n| {
+            let dst = buf.get_mut(start..start + n).ok_or(ChainError::TooShort)?;
+            mem.read_slice(dst, addr)
+                .map_err(|_| ChainError::OutOfMemory)
+        })
+    }
+
+    /// Copy `buf` to `offset` in the list.
+    pub fn write_at<M: GuestMemory>(
+        &self,
+        mem: &M,
+        offset: u64,
+        buf: &[u8],
+    ) -> Result<(), ChainError> {
+        self.walk(offset, buf.len(), |addr, start, n| {
+            let src = buf.get(start..start + n).ok_or(ChainError::TooShort)?;
+            mem.write_slice(src, addr)
+                .map_err(|_| ChainError::OutOfMemory)
+        })
+    }
+}
+
+/// Split a chain into its device-readable and device-writable descriptors. The chain
+/// iterator follows indirect tables and stops at a loop, a nested indirect table or a chain
+/// longer than 2^32 bytes (what it yielded so far is used, and the length checks of the
+/// caller then refuse a request that does not fit).
+pub fn split<M>(chain: DescriptorChain<M>) -> Result<(Sg, Sg), ChainError>
+where
+    M: Deref,
+    M::Target: GuestMemory,
+{
+    let mut readable = Sg::default();
+    let mut writable = Sg::default();
+    let mut seen_writable = false;
+    for desc in chain {
+        if desc.is_write_only() {
+            seen_writable = true;
+            writable.push(desc.addr(), desc.len());
+        } else if seen_writable {
+            return Err(ChainError::ReadableAfterWritable);
+        } else {
+            readable.push(desc.addr(), desc.len());
+        }
+    }
+    Ok((readable, writable))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    #[test]
+    fn copies_across_segments_and_refuses_outside_memory() {
+        let mem: GuestMemoryMmap =
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0x1000), 0x1000)]).unwrap_or_default();
+        let mut sg = Sg::default();
+        sg.push(GuestAddress(0x1000), 3);
+        sg.push(GuestAddress(0x1800), 5);
+        assert_eq!(sg.len(), 8);
+        sg.write_at(&mem, 1, &[1, 2, 3, 4]).expect("in memory");
+        let mut b = [0u8; 8];
+        sg.read_at(&mem, 0, &mut b).expect("in memory");
+        assert_eq!(b, [0, 1, 2, 3, 4, 0, 0, 0]);
+        assert_eq!(sg.read_at(&mem, 5, &mut b), Err(ChainError::TooShort));
+        let mut bad = Sg::default();
+        bad.push(GuestAddress(0x1FFE), 4);
+        assert_eq!(bad.write_at(&mem, 0, &[0; 4]), Err(ChainError::OutOfMemory));
+        let mut wrap = Sg::default();
+        wrap.push(GuestAddress(u64::MAX - 1), 4);
+        assert_eq!(
+            wrap.read_at(&mem, 3, &mut [0u8; 1]),
+            Err(ChainError::OutOfMemory)
+        );
+    }
+}

@@ -1,0 +1,936 @@
+//! The device driven through rust-vmm's mock split queues in a `GuestMemoryMmap`, as a guest
+//! driver would: requests, malformed chains, sense truncation, task management, events; and
+//! the socket's connection life cycle with a vhost-user frontend.
+//!
+//! Expected bytes are literals from virtio 1.2 section 5.6 and SPC-5 / SBC-4.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vhost_user_backend::{VhostUserBackend, VringT};
+use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
+use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::device::{Device, Gm, Mem, Vring};
+use crate::{LunConfig, SocketConfig, VhostScsi};
+
+const QSIZE: u16 = 32;
+const CTRL_AT: u64 = 0x0;
+const EVENT_AT: u64 = 0x4000;
+const REQ_AT: u64 = 0x8000;
+/// Response header with the default 96-byte sense buffer (virtio 5.6.6.1).
+const RESP: u32 = 12 + 96;
+/// Request header with the default 32-byte CDB.
+const REQ: u32 = 19 + 32;
+
+fn lu(blocks: u64) -> Arc<scsi::LogicalUnit> {
+    let backend = block::Backend::new(
+        Arc::new(block::driver::mem::MemDriver::new(blocks * 512)),
+        512,
+    )
+    .unwrap();
+    Arc::new(scsi::LogicalUnit::new(
+        backend,
+        scsi::LuConfig {
+            vendor: "SHAREDSK".into(),
+            product: "test".into(),
+            revision: "0001".into(),
+            serial: "vhost-test".into(),
+            id: 0x1234,
+        },
+    ))
+}
+
+struct Queue {
+    desc: u64,
+    avail: u64,
+    used: u64,
+    next_desc: u16,
+    popped: u16,
+    vring: Vring,
+}
+
+struct Harness {
+    rt: tokio::runtime::Runtime,
+    gm: Gm,
+    vs: VhostScsi,
+    dev: Arc<Device>,
+    lu: Arc<scsi::LogicalUnit>,
+    ctrl: Queue,
+    event: Queue,
+    req: Queue,
+    /// Next free data address.
+    heap: u64,
+}
+
+/// Lay out a split queue at `at` with the mock (zeroed rings), and a vring over it.
+fn queue(gm: &Gm, at: u64) -> Queue {
+    let m = gm.memory();
+    let q = MockSplitQueue::create(&*m, GuestAddress(at), QSIZE);
+    let v = Vring::new(gm.clone(), 1024).unwrap();
+    v.set_queue_size(QSIZE);
+    v.set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
+        .unwrap();
+    v.set_queue_ready(true);
+    v.set_enabled(true);
+    Queue {
+        desc: q.desc_table_addr().0,
+        avail: q.avail_addr().0,
+        used: q.used_addr().0,
+        next_desc: 0,
+        popped: 0,
+        vring: v,
+    }
+}
+
+/// A descriptor: device-readable unless `write`.
+#[derive(Clone, Copy)]
+struct D {
+    addr: u64,
+    len: u32,
+    write: bool,
+}
+
+impl Harness {
+    fn new() -> Harness {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let mem: Mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let gm: Gm = GuestMemoryAtomic::new(mem);
+        let lu = lu(64);
+        let vs = VhostScsi::new(
+            SocketConfig {
+                path: "/nonexistent".into(),
+                initiator_name: "vhost:test".into(),
+                target_name: "iqn.2026-01.io.sharedisk:vhost".into(),
+                relative_port_id: crate::FIRST_RELATIVE_PORT_ID,
+                num_queues: 1,
+                luns: vec![LunConfig {
+                    target: 0,
+                    lun: 0,
+                    lu: lu.clone(),
+                }],
+            },
+            rt.handle().clone(),
+        )
+        .unwrap();
+        let dev = Device::new(vs.shared.clone(), gm.clone());
+        dev.acked_features(dev.features());
+        *crate::device::lock(&vs.shared.current) = Some(dev.clone());
+        Harness {
+            ctrl: queue(&gm, CTRL_AT),
+            event: queue(&gm, EVENT_AT),
+            req: queue(&gm, REQ_AT),
+            rt,
+            gm,
+            vs,
+            dev,
+            lu,
+            heap: 0x10_0000,
+        }
+    }
+
+    fn alloc(&mut self, len: u32) -> u64 {
+        let a = self.heap;
+        self.heap += (u64::from(len) + 0xFFF) & !0xFFF;
+        a
+    }
+
+    fn put(&self, addr: u64, bytes: &[u8]) {
+        self.gm
+            .memory()
+            .write_slice(bytes, GuestAddress(addr))
+            .unwrap();
+    }
+
+    fn get(&self, addr: u64, len: u32) -> Vec<u8> {
+        let mut b = vec![0u8; len as usize];
+        self.gm
+            .memory()
+            .read_slice(&mut b, GuestAddress(addr))
+            .unwrap();
+        b
+    }
+
+    fn queue(&mut self, which: usize) -> &mut Queue {
+        match which {
+            0 => &mut self.ctrl,
+            1 => &mut self.event,
+            _ => &mut self.req,
+        }
+    }
+
+    /// Make raw descriptors `raw` (the first is the head) available on `which` (0 control,
+    /// 1 event, 2 request), at descriptor index `base` on: a split queue as a driver fills
+    /// it (virtio 2.7.5 and 2.7.6).
+    fn publish(&mut self, which: usize, base: u16, raw: &[(u64, u32, u16, u16)]) {
+        let gm = self.gm.clone();
+        let m = gm.memory();
+        let q = self.queue(which);
+        for (i, &(addr, len, flags, next)) in raw.iter().enumerate() {
+            let at = q.desc + 16 * u64::from(base + i as u16);
+            let mut d = [0u8; 16];
+            d[0..8].copy_from_slice(&addr.to_le_bytes());
+            d[8..12].copy_from_slice(&len.to_le_bytes());
+            d[12..14].copy_from_slice(&flags.to_le_bytes());
+            d[14..16].copy_from_slice(&next.to_le_bytes());
+            m.write_slice(&d, GuestAddress(at)).unwrap();
+        }
+        let idx: u16 = m.read_obj(GuestAddress(q.avail + 2)).unwrap();
+        m.write_obj(base, GuestAddress(q.avail + 4 + 2 * u64::from(idx % QSIZE)))
+            .unwrap();
+        m.write_obj(idx.wrapping_add(1), GuestAddress(q.avail + 2))
+            .unwrap();
+        q.next_desc = (base + raw.len() as u16) % QSIZE;
+    }
+
+    /// Make `descs` one available chain on `which`.
+    fn add_chain(&mut self, which: usize, descs: &[D]) {
+        let base = self.queue(which).next_desc;
+        let raw: Vec<(u64, u32, u16, u16)> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let last = i + 1 == descs.len();
+                let mut flags = if d.write {
+                    VRING_DESC_F_WRITE as u16
+                } else {
+                    0
+                };
+                if !last {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                let next = if last { 0 } else { base + i as u16 + 1 };
+                (d.addr, d.len, flags, next)
+            })
+            .collect();
+        self.publish(which, base, &raw);
+    }
+
+    fn kick(&self, which: usize) {
+        let r = match which {
+            0 => self.dev.handle_event(
+                0,
+                EventSet::IN,
+                &[self.ctrl.vring.clone(), self.event.vring.clone()],
+                0,
+            ),
+            1 => self.dev.handle_event(
+                1,
+                EventSet::IN,
+                &[self.ctrl.vring.clone(), self.event.vring.clone()],
+                0,
+            ),
+            _ => self
+                .dev
+                .handle_event(0, EventSet::IN, std::slice::from_ref(&self.req.vring), 1),
+        };
+        r.unwrap();
+    }
+
+    /// Wait for the next used element of `which`: (head, len).
+    fn wait_used(&mut self, which: usize) -> (u32, u32) {
+        let gm = self.gm.clone();
+        let q = self.queue(which);
+        let start = Instant::now();
+        while gm
+            .memory()
+            .read_obj::<u16>(GuestAddress(q.used + 2))
+            .unwrap()
+            == q.popped
+        {
+            assert!(start.elapsed() < Duration::from_secs(10), "no completion");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let at = q.used + 4 + 8 * u64::from(q.popped % QSIZE);
+        let m = gm.memory();
+        let id: u32 = m.read_obj(GuestAddress(at)).unwrap();
+        let len: u32 = m.read_obj(GuestAddress(at + 4)).unwrap();
+        q.popped = q.popped.wrapping_add(1);
+        (id, len)
+    }
+
+    fn used_count(&mut self, which: usize) -> u16 {
+        let gm = self.gm.clone();
+        let q = self.queue(which);
+        gm.memory().read_obj(GuestAddress(q.used + 2)).unwrap()
+    }
+
+    /// A request header for `lun` (8 bytes), tag, CDB.
+    fn header(&mut self, lun: [u8; 8], tag: u64, cdb: &[u8]) -> u64 {
+        let mut h = vec![0u8; REQ as usize];
+        h[0..8].copy_from_slice(&lun);
+        h[8..16].copy_from_slice(&tag.to_le_bytes());
+        h[19..19 + cdb.len()].copy_from_slice(cdb);
+        let a = self.alloc(REQ);
+        self.put(a, &h);
+        a
+    }
+
+    /// Run one command: data-out in one descriptor (if any), data-in of `din` bytes in one
+    /// descriptor (if any). Returns (used len, response header, data-in).
+    fn command(
+        &mut self,
+        lun: [u8; 8],
+        cdb: &[u8],
+        dout: &[u8],
+        din: u32,
+    ) -> (u32, Vec<u8>, Vec<u8>) {
+        let h = self.header(lun, 7, cdb);
+        let mut descs = vec![D {
+            addr: h,
+            len: REQ,
+            write: false,
+        }];
+        if !dout.is_empty() {
+            let a = self.alloc(dout.len() as u32);
+            self.put(a, dout);
+            descs.push(D {
+                addr: a,
+                len: dout.len() as u32,
+                write: false,
+            });
+        }
+        let r = self.alloc(RESP);
+        descs.push(D {
+            addr: r,
+            len: RESP,
+            write: true,
+        });
+        let d = self.alloc(din.max(1));
+        if din > 0 {
+            descs.push(D {
+                addr: d,
+                len: din,
+                write: true,
+            });
+        }
+        self.add_chain(2, &descs);
+        self.kick(2);
+        let (_, len) = self.wait_used(2);
+        (len, self.get(r, RESP), self.get(d, din))
+    }
+
+    /// Clear the power-on unit attention of the socket's nexus.
+    fn tur(&mut self) -> (u32, Vec<u8>) {
+        let (len, resp, _) = self.command(LUN0, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+        (len, resp)
+    }
+
+    fn tmf(&mut self, subtype: u32, lun: [u8; 8], tag: u64) -> (u32, u8) {
+        let mut req = [0u8; 24];
+        req[4..8].copy_from_slice(&subtype.to_le_bytes());
+        req[8..16].copy_from_slice(&lun);
+        req[16..24].copy_from_slice(&tag.to_le_bytes());
+        let a = self.alloc(24);
+        self.put(a, &req);
+        let r = self.alloc(1);
+        self.put(r, &[0xEE]);
+        self.add_chain(
+            0,
+            &[
+                D {
+                    addr: a,
+                    len: 24,
+                    write: false,
+                },
+                D {
+                    addr: r,
+                    len: 1,
+                    write: true,
+                },
+            ],
+        );
+        self.kick(0);
+        let (_, len) = self.wait_used(0);
+        (len, self.get(r, 1)[0])
+    }
+}
+
+/// Target 0, LUN 0 as Linux addresses it: flat space addressing (0x40 in byte 2).
+const LUN0: [u8; 8] = [1, 0, 0x40, 0, 0, 0, 0, 0];
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+#[test]
+fn power_on_unit_attention_then_good_with_sense_truncated_to_sense_size() {
+    let mut h = Harness::new();
+    // The driver shrinks the sense buffer to 8 bytes (virtio 5.6.4: sense_size is writable).
+    h.dev.set_config(20, &[8, 0, 0, 0]).unwrap();
+    assert_eq!(h.dev.get_config(20, 4), vec![8, 0, 0, 0]);
+    let h2 = h.header(LUN0, 1, &[0x00, 0, 0, 0, 0, 0]);
+    let r = h.alloc(20);
+    h.add_chain(
+        2,
+        &[
+            D {
+                addr: h2,
+                len: REQ,
+                write: false,
+            },
+            D {
+                addr: r,
+                len: 20,
+                write: true,
+            },
+        ],
+    );
+    h.kick(2);
+    let (_, len) = h.wait_used(2);
+    assert_eq!(len, 20);
+    let resp = h.get(r, 20);
+    // sense_len 8, resid 0, status_qualifier 0, status CHECK CONDITION (02h), response OK.
+    assert_eq!(&resp[0..12], &[8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x02, 0]);
+    // Fixed format sense (SPC-5 4.4.3), cut to 8 bytes: 70h, 0, UNIT ATTENTION (6h), INFORMATION,
+    // ADDITIONAL SENSE LENGTH 0Ah. The ASC (29h POWER ON, RESET) is past the cut.
+    assert_eq!(&resp[12..20], &[0x70, 0, 0x06, 0, 0, 0, 0, 0x0A]);
+    // Back to 96 bytes: the next TEST UNIT READY is GOOD.
+    h.dev.set_config(20, &[96, 0, 0, 0]).unwrap();
+    let (len, resp) = h.tur();
+    assert_eq!(len, RESP);
+    assert_eq!(&resp[0..12], &[0; 12]);
+    // Read-only fields refuse writes.
+    assert!(h.dev.set_config(0, &[4, 0, 0, 0]).is_err());
+    assert!(h.dev.set_config(20, &[0, 1, 0, 0]).is_err());
+}
+
+#[test]
+fn write_and_read_round_trip_with_residuals() {
+    let mut h = Harness::new();
+    h.tur();
+    // WRITE(10) LBA 1, 2 blocks (SBC-4 5.40), data-out over two descriptors.
+    let data: Vec<u8> = (0..1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    let hd = h.header(LUN0, 2, &[0x2A, 0, 0, 0, 0, 1, 0, 0, 2, 0]);
+    let (a, b) = (h.alloc(300), h.alloc(724));
+    h.put(a, &data[..300]);
+    h.put(b, &data[300..]);
+    let r = h.alloc(RESP);
+    h.add_chain(
+        2,
+        &[
+            D {
+                addr: hd,
+                len: REQ,
+                write: false,
+            },
+            D {
+                addr: a,
+                len: 300,
+                write: false,
+            },
+            D {
+                addr: b,
+                len: 724,
+                write: false,
+            },
+            D {
+                addr: r,
+                len: RESP,
+                write: true,
+            },
+        ],
+    );
+    h.kick(2);
+    let (_, len) = h.wait_used(2);
+    assert_eq!(len, RESP);
+    assert_eq!(&h.get(r, 12), &[0; 12]);
+    // The block layer has it.
+    let lu = h.lu.clone();
+    let stored =
+        h.rt.block_on(async move { lu.backend().read(1, 2).await.unwrap() });
+    assert_eq!(stored, data);
+
+    // READ(10) LBA 1, 2 blocks into two data-in descriptors.
+    let hd = h.header(LUN0, 3, &[0x28, 0, 0, 0, 0, 1, 0, 0, 2, 0]);
+    let r = h.alloc(RESP);
+    let (a, b) = (h.alloc(512), h.alloc(512));
+    h.add_chain(
+        2,
+        &[
+            D {
+                addr: hd,
+                len: REQ,
+                write: false,
+            },
+            D {
+                addr: r,
+                len: RESP,
+                write: true,
+            },
+            D {
+                addr: a,
+                len: 512,
+                write: true,
+            },
+            D {
+                addr: b,
+                len: 512,
+                write: true,
+            },
+        ],
+    );
+    h.kick(2);
+    let (_, len) = h.wait_used(2);
+    assert_eq!(len, RESP + 1024, "used length: response header and data-in");
+    assert_eq!(&h.get(r, 12), &[0; 12]);
+    assert_eq!([h.get(a, 512), h.get(b, 512)].concat(), data);
+
+    // READ(10) of 1 block into a 1024-byte buffer: underrun, resid 512.
+    let (len, resp, din) = h.command(LUN0, &[0x28, 0, 0, 0, 0, 1, 0, 0, 1, 0], &[], 1024);
+    assert_eq!(len, RESP + 512);
+    assert_eq!(&resp[0..12], &[0, 0, 0, 0, 0x00, 0x02, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(&din[..512], &data[..512]);
+
+    // READ(10) of 2 blocks into a 512-byte buffer: VIRTIO_SCSI_S_OVERRUN (1), what fits.
+    let (len, resp, din) = h.command(LUN0, &[0x28, 0, 0, 0, 0, 1, 0, 0, 2, 0], &[], 512);
+    assert_eq!(len, RESP + 512);
+    assert_eq!(resp[11], 1);
+    assert_eq!(din, data[..512]);
+
+    // WRITE(10) of 1 block with 1024 bytes of data-out: the first block is written, resid 512.
+    let (len, resp, _) = h.command(LUN0, &[0x2A, 0, 0, 0, 0, 3, 0, 0, 1, 0], &[0xAB; 1024], 0);
+    assert_eq!(len, RESP);
+    assert_eq!(&resp[0..12], &[0, 0, 0, 0, 0x00, 0x02, 0, 0, 0, 0, 0, 0]);
+}
+
+#[test]
+fn malformed_chains_get_failure_or_nothing() {
+    let mut h = Harness::new();
+    h.tur();
+    let hd = h.header(LUN0, 4, &[0x00, 0, 0, 0, 0, 0]);
+    let r = h.alloc(RESP);
+
+    // A readable descriptor after a writable one (virtio 2.7.4.2): returned with length 0,
+    // nothing written.
+    h.put(r, &[0xEE; 12]);
+    h.add_chain(
+        2,
+        &[
+            D {
+                addr: r,
+                len: RESP,
+                write: true,
+            },
+            D {
+                addr: hd,
+                len: REQ,
+                write: false,
+            },
+        ],
+    );
+    h.kick(2);
+    assert_eq!(h.wait_used(2).1, 0);
+    assert_eq!(h.get(r, 12), vec![0xEE; 12]);
+
+    // No room for the response header: length 0.
+    h.add_chain(
+        2,
+        &[
+            D {
+                addr: hd,
+                len: REQ,
+                write: false,
+            },
+            D {
+                addr: r,
+                len: 50,
+                write: true,
+            },
+        ],
+    );
+    h.kick(2);
+    assert_eq!(h.wait_used(2).1, 0);
+
+    // A request header shorter than 19 + cdb_size: VIRTIO_SCSI_S_FAILURE (9).
+    h.add_chain(
+        2,
+        &[
+            D {
+                addr: hd,
+                len: 20,
+                write: false,
+            },
+            D {
+                addr: r,
+                len: RESP,
+                write: true,
+            },
+        ],
+    );
+    h.kick(2);
+    assert_eq!(h.wait_used(2).1, RESP);
+    assert_eq!(h.get(r, 12), vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9]);
+
+    // Data-out outside guest memory: VIRTIO_SCSI_S_FAILURE, the daemon keeps running.
+    let hw = h.header(LUN0, 5, &[0x2A, 0, 0, 0, 0, 1, 0, 0, 1, 0]);
+    h.add_chain(
+        2,
+        &[
+            D {
+                addr: hw,
+                len: REQ,
+                write: false,
+            },
+            D {
+                addr: (4 << 20) - 100,
+                len: 512,
+                write: false,
+            },
+            D {
+                addr: r,
+                len: RESP,
+                write: true,
+            },
+        ],
+    );
+    h.kick(2);
+    assert_eq!(h.wait_used(2).1, RESP);
+    assert_eq!(h.get(r, 12)[11], 9);
+
+    // A response descriptor outside guest memory: nothing can be written; length 0.
+    h.add_chain(
+        2,
+        &[
+            D {
+                addr: hd,
+                len: REQ,
+                write: false,
+            },
+            D {
+                addr: u64::MAX - 10,
+                len: RESP,
+                write: true,
+            },
+        ],
+    );
+    h.kick(2);
+    assert_eq!(h.wait_used(2).1, 0);
+
+    // A chain that loops on itself: the iterator stops after the queue size; readable only,
+    // so there is no response room.
+    let base = h.req.next_desc;
+    h.publish(2, base, &[(hd, REQ, VRING_DESC_F_NEXT as u16, base)]);
+    h.kick(2);
+    assert_eq!(h.wait_used(2).1, 0);
+
+    // Data-out above 16 MiB: FAILURE before any copy.
+    h.add_chain(
+        2,
+        &[
+            D {
+                addr: hw,
+                len: REQ,
+                write: false,
+            },
+            D {
+                addr: 0x20_0000,
+                len: u32::MAX / 2,
+                write: false,
+            },
+            D {
+                addr: r,
+                len: RESP,
+                write: true,
+            },
+        ],
+    );
+    h.kick(2);
+    assert_eq!(h.wait_used(2).1, RESP);
+    assert_eq!(h.get(r, 12)[11], 9);
+
+    // Still serving.
+    let (len, resp) = h.tur();
+    assert_eq!((len, resp[11], resp[10]), (RESP, 0, 0));
+}
+
+#[test]
+fn unknown_target_and_lun() {
+    let mut h = Harness::new();
+    h.tur();
+    // Target 5 does not exist: VIRTIO_SCSI_S_BAD_TARGET (3).
+    let (len, resp, _) = h.command([1, 5, 0x40, 0, 0, 0, 0, 0], &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!((len, resp[11]), (RESP, 3));
+    // Byte 0 other than 1: BAD_TARGET.
+    let (_, resp, _) = h.command([0, 0, 0x40, 0, 0, 0, 0, 0], &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(resp[11], 3);
+    // LUN 7 of target 0: the SCSI layer answers, CHECK CONDITION, ILLEGAL REQUEST, LOGICAL
+    // UNIT NOT SUPPORTED (25h/00h, SPC-5 table 49).
+    let (_, resp, _) = h.command([1, 0, 0x40, 7, 0, 0, 0, 0], &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(resp[10..12], [0x02, 0]);
+    assert_eq!(resp[12 + 2] & 0x0F, 0x05);
+    assert_eq!(resp[12 + 12..12 + 14], [0x25, 0x00]);
+    // REPORT LUNS (SPC-5 6.33) on LUN 0: one LUN, 0.
+    let (len, resp, din) = h.command(LUN0, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0], &[], 16);
+    assert_eq!((len, resp[10], resp[11]), (RESP + 16, 0, 0));
+    assert_eq!(din, [0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+}
+
+#[test]
+fn task_management_and_async_notification() {
+    let mut h = Harness::new();
+    h.tur();
+    // LOGICAL UNIT RESET (subtype 5): VIRTIO_SCSI_S_FUNCTION_COMPLETE (0), one byte used.
+    assert_eq!(h.tmf(5, LUN0, 0), (1, 0));
+    // SAM-5 6.3.5: the next command reports BUS DEVICE RESET FUNCTION OCCURRED (29h/03h).
+    let (_, resp) = h.tur();
+    assert_eq!(resp[10], 0x02);
+    assert_eq!(resp[12 + 12..12 + 14], [0x29, 0x03]);
+    // ABORT TASK (0) of a tag not in the task set: FUNCTION COMPLETE.
+    assert_eq!(h.tmf(0, LUN0, 99), (1, 0));
+    // QUERY TASK (6) of that tag: FUNCTION COMPLETE (not found); QUERY TASK SET (7) likewise.
+    assert_eq!(h.tmf(6, LUN0, 99), (1, 0));
+    assert_eq!(h.tmf(7, LUN0, 0), (1, 0));
+    // CLEAR ACA (2): no ACA, FUNCTION REJECTED (11).
+    assert_eq!(h.tmf(2, LUN0, 0), (1, 11));
+    // A LUN without a logical unit: INCORRECT LUN (12); a target that does not exist: BAD
+    // TARGET (3); an unknown subtype: FUNCTION REJECTED.
+    assert_eq!(h.tmf(5, [1, 0, 0x40, 9, 0, 0, 0, 0], 0), (1, 12));
+    assert_eq!(h.tmf(5, [1, 4, 0x40, 0, 0, 0, 0, 0], 0), (1, 3));
+    assert_eq!(h.tmf(42, LUN0, 0), (1, 11));
+    // I_T NEXUS RESET (4): complete; the nexus then sees I_T NEXUS LOSS OCCURRED (29h/07h).
+    assert_eq!(h.tmf(4, LUN0, 0), (1, 0));
+    let (_, resp) = h.tur();
+    assert_eq!(resp[12 + 12..12 + 14], [0x29, 0x07]);
+
+    // AN_QUERY (type 1): event_actual 0, response OK; 5 bytes used.
+    let mut req = [0u8; 16];
+    req[0] = 1;
+    req[4..12].copy_from_slice(&LUN0);
+    req[12] = 0xFF;
+    let a = h.alloc(16);
+    h.put(a, &req);
+    let r = h.alloc(5);
+    h.put(r, &[0xEE; 5]);
+    h.add_chain(
+        0,
+        &[
+            D {
+                addr: a,
+                len: 16,
+                write: false,
+            },
+            D {
+                addr: r,
+                len: 5,
+                write: true,
+            },
+        ],
+    );
+    h.kick(0);
+    assert_eq!(h.wait_used(0).1, 5);
+    assert_eq!(h.get(r, 5), vec![0, 0, 0, 0, 0]);
+}
+
+#[test]
+fn abort_task_of_a_running_command_does_not_block_the_request_queue() {
+    let mut h = Harness::new();
+    h.tur();
+    // Many commands in flight, then a LOGICAL UNIT RESET while more arrive: every chain comes
+    // back (OK or ABORTED), the reset completes, and the queue keeps serving.
+    let mut sent = 0;
+    for i in 0..8u64 {
+        let hd = h.header(LUN0, 100 + i, &[0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0]);
+        let r = h.alloc(RESP);
+        let d = h.alloc(4096);
+        h.add_chain(
+            2,
+            &[
+                D {
+                    addr: hd,
+                    len: REQ,
+                    write: false,
+                },
+                D {
+                    addr: r,
+                    len: RESP,
+                    write: true,
+                },
+                D {
+                    addr: d,
+                    len: 4096,
+                    write: true,
+                },
+            ],
+        );
+        sent += 1;
+    }
+    h.kick(2);
+    assert_eq!(h.tmf(5, LUN0, 0), (1, 0));
+    for _ in 0..sent {
+        h.wait_used(2);
+    }
+    let (_, resp) = h.tur();
+    assert_eq!(resp[12 + 12..12 + 14], [0x29, 0x03]);
+    let (_, resp) = h.tur();
+    assert_eq!(resp[10..12], [0, 0]);
+}
+
+#[test]
+fn hotplug_events_in_kept_buffers() {
+    let mut h = Harness::new();
+    // The driver gives two event buffers and kicks (virtio 5.6.6.3).
+    let e1 = h.alloc(16);
+    let e2 = h.alloc(16);
+    h.add_chain(
+        1,
+        &[D {
+            addr: e1,
+            len: 16,
+            write: true,
+        }],
+    );
+    h.add_chain(
+        1,
+        &[D {
+            addr: e2,
+            len: 16,
+            write: true,
+        }],
+    );
+    h.kick(1);
+    assert_eq!(h.used_count(1), 0, "buffers are kept until an event");
+
+    h.vs.add_lu(0, 1, lu(8)).unwrap();
+    assert_eq!(h.wait_used(1), (0, 16));
+    // event VIRTIO_SCSI_T_TRANSPORT_RESET (1), lun [1, 0, 40h, 01h, 0...], reason RESCAN (1).
+    assert_eq!(
+        h.get(e1, 16),
+        vec![1, 0, 0, 0, 1, 0, 0x40, 1, 0, 0, 0, 0, 1, 0, 0, 0]
+    );
+    // The new LU answers.
+    let (_, resp, _) = h.command([1, 0, 0x40, 1, 0, 0, 0, 0], &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(resp[11], 0);
+    assert!(h.vs.add_lu(0, 1, lu(8)).is_err(), "occupied");
+    assert!(h.vs.add_lu(3, 0, lu(8)).is_err(), "above max_target");
+
+    assert!(h.vs.remove_lu(0, 1).is_some());
+    assert_eq!(h.wait_used(1), (1, 16));
+    // reason REMOVED (2).
+    assert_eq!(
+        h.get(e2, 16),
+        vec![1, 0, 0, 0, 1, 0, 0x40, 1, 0, 0, 0, 0, 2, 0, 0, 0]
+    );
+    assert!(h.vs.remove_lu(0, 1).is_none());
+
+    // No buffer left: the next event is lost, and the next buffer reports
+    // VIRTIO_SCSI_T_NO_EVENT with VIRTIO_SCSI_T_EVENTS_MISSED (8000_0000h).
+    h.vs.add_lu(0, 2, lu(8)).unwrap();
+    let e3 = h.alloc(16);
+    h.add_chain(
+        1,
+        &[D {
+            addr: e3,
+            len: 16,
+            write: true,
+        }],
+    );
+    h.kick(1);
+    assert_eq!(h.wait_used(1).1, 16);
+    assert_eq!(le32(&h.get(e3, 16), 0), 0x8000_0000);
+}
+
+#[test]
+fn config_space() {
+    let h = Harness::new();
+    let c = h.dev.get_config(0, 36);
+    // num_queues 1, seg_max 1022, max_sectors 16384, cmd_per_lun 1024, event_info_size 16,
+    // sense_size 96, cdb_size 32, max_channel 0, max_target 0, max_lun 16383.
+    assert_eq!(
+        c,
+        vec![
+            1, 0, 0, 0, 0xFE, 0x03, 0, 0, 0, 0x40, 0, 0, 0, 4, 0, 0, 16, 0, 0, 0, 96, 0, 0, 0, 32,
+            0, 0, 0, 0, 0, 0, 0, 0xFF, 0x3F, 0, 0
+        ]
+    );
+    assert_eq!(h.dev.get_config(32, 8), Vec::<u8>::new(), "past the end");
+    // Features: VERSION_1 (32), INDIRECT_DESC (28), EVENT_IDX (29), HOTPLUG (1), CHANGE (2),
+    // VHOST_USER_F_PROTOCOL_FEATURES (30).
+    assert_eq!(
+        h.dev.features(),
+        (1 << 32) | (1 << 28) | (1 << 29) | (1 << 1) | (1 << 2) | (1 << 30)
+    );
+    // Thread 0: queues 0 and 1; thread 1: queue 2.
+    assert_eq!(h.dev.queues_per_thread(), vec![0b11, 0b100]);
+}
+
+#[test]
+fn disconnect_loses_the_nexus_and_the_socket_accepts_again() {
+    use vhost::vhost_user::Frontend;
+    use vhost::VhostBackend;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vhost.sock");
+    let lu = lu(8);
+    let vs = VhostScsi::new(
+        SocketConfig {
+            path: path.clone(),
+            initiator_name: "vhost:test".into(),
+            target_name: "iqn.2026-01.io.sharedisk:vhost".into(),
+            relative_port_id: crate::FIRST_RELATIVE_PORT_ID,
+            num_queues: 2,
+            luns: vec![LunConfig {
+                target: 0,
+                lun: 0,
+                lu: lu.clone(),
+            }],
+        },
+        rt.handle().clone(),
+    )
+    .unwrap();
+    let nexus = vs.nexus().clone();
+    let server = vs.spawn().unwrap();
+    let tur = |lu: &Arc<scsi::LogicalUnit>| {
+        let cmd = scsi::Command {
+            nexus: nexus.clone(),
+            lun: 0,
+            tag: 1,
+            attr: scsi::TaskAttr::Simple,
+            cdb: vec![0; 6],
+            data_out: Vec::new(),
+            data_in_len: 0,
+        };
+        let lu = lu.clone();
+        match rt.block_on(async move { lu.execute(cmd).await }) {
+            scsi::Completion::Done(r) => r,
+            scsi::Completion::Aborted => panic!("aborted"),
+        }
+    };
+    // The socket's nexus has seen its power-on unit attention.
+    assert_eq!(tur(&lu).status, scsi::Status::CHECK_CONDITION);
+    assert_eq!(tur(&lu).status, scsi::Status::GOOD);
+    for _ in 0..2 {
+        let f = Frontend::connect(&path, 4).unwrap();
+        f.set_owner().unwrap();
+        let features = f.get_features().unwrap();
+        assert_ne!(features & (1 << 32), 0);
+        drop(f);
+        // SAM-5 6.3.4: the nexus is lost, so its next command sees POWER ON, RESET again.
+        let start = Instant::now();
+        loop {
+            let r = tur(&lu);
+            if r.status == scsi::Status::CHECK_CONDITION {
+                assert_eq!(r.sense[12..14], [0x29, 0x00]);
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "nexus not lost");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    server.stop();
+    assert!(!path.exists(), "socket removed");
+}
