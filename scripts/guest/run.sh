@@ -16,6 +16,10 @@
 #   --timeout SECONDS   default 300
 #   --mem SIZE          default 512M
 #   --guest DIR         the built guest (default: the output of scripts/guest/build.sh)
+#   --bios FILE         the firmware; default qboot.rom, which boots the kernel at once and
+#                       leaves the disks alone; "seabios" is QEMU's usual firmware, which drives
+#                       virtio-scsi disks itself (INQUIRY, READ of the boot sector) before Linux
+#                       resets the device and takes over, as in a real VM
 #
 # Files in DIR: NAME.console (ttyS0: kernel and script output), NAME.results (ttyS1: the
 # RESULT/VALUE/SYNC/DONE lines, see init), NAME.ctl.in (a FIFO: lines written to it reach the
@@ -26,7 +30,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 dir= name= script= guest= initiator=
-timeout=300 mem=512M
+timeout=300 mem=512M bios=qboot.rom
 disks=() data=() envs=()
 while (($#)); do
     case $1 in
@@ -40,6 +44,7 @@ while (($#)); do
     --timeout) timeout=$2; shift 2 ;;
     --mem) mem=$2; shift 2 ;;
     --guest) guest=$2; shift 2 ;;
+    --bios) bios=$2; shift 2 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -74,6 +79,7 @@ args=(-accel tcg -cpu max -smp 1 -m "$mem" -nodefaults -display none -no-reboot
     -serial "file:$dir/$name.console"
     -chardev "pipe,id=ctl,path=$dir/$name.ctl"
     -serial chardev:ctl)
+[[ $bios == seabios ]] || args+=(-bios "$bios")
 [[ -z $initiator ]] || args+=(-iscsi "initiator-name=$initiator")
 i=0
 for spec in "${disks[@]}"; do
@@ -81,7 +87,7 @@ for spec in "${disks[@]}"; do
     case $kind in
     scsi-hd)
         args+=(-drive "file=$rest,format=raw,if=none,id=d$i,cache=none,aio=threads"
-            -device "virtio-scsi-pci,id=scsi$i" -device "scsi-hd,drive=d$i,bus=scsi$i.0")
+            -device "virtio-scsi-pci,id=scsi$i" -device "scsi-hd,drive=d$i,bus=scsi$i.0,wwn=0x5000c50015ea71a$i")
         ;;
     iscsi)
         args+=(-drive "file=$rest,format=raw,if=none,id=d$i,cache=none"
