@@ -65,8 +65,14 @@ if [[ -f $out/done ]]; then
 fi
 
 log "downloading ${#pkgs[@]} packages"
-(cd "$cache/debs" && apt-get -q -o APT::Sandbox::User=root download "${pkgs[@]}" >&2) ||
-    die "apt-get download failed"
+download() { (cd "$cache/debs" && apt-get -q -o APT::Sandbox::User=root download "${pkgs[@]}" >&2); }
+if ! download; then
+    # Stale package lists name versions the archive no longer has: refresh once.
+    [[ -z ${SHAREDISK_GUEST_REFRESHED:-} ]] || die "apt-get download failed"
+    log "apt-get update, then resolving again"
+    apt-get update -q >&2
+    SHAREDISK_GUEST_REFRESHED=1 exec "$0" "$@"
+fi
 
 work=$(mktemp -d "$cache/build.XXXXXX")
 trap 'rm -rf "$work"' EXIT

@@ -11,7 +11,8 @@
 #              (one guest; LU reset), and sharedisk's iSCSI frontend reached through QEMU's
 #              iSCSI initiator and SCSI passthrough (one guest; the two-guest fence sequence)
 #   sharedisk  sharedisk's vhost-user-scsi frontend (`serve --vhost-user SOCKET`): one guest;
-#              two guests on two sockets (fence); mixed vhost-user + iSCSI (fence); LU reset
+#              one booted through SeaBIOS; two guests on two sockets (fence); mixed vhost-user
+#              + iSCSI (fence); LU reset
 #   peer       the one-guest case against vhost-device-scsi (`cargo install vhost-device-scsi`),
 #              which shows the vhost-user path of the harness; by hand, not in CI
 #
@@ -72,7 +73,11 @@ mkdir -p "$out"
 # --- processes --------------------------------------------------------------------------------
 pids=() # every process this script started; ended on exit
 cleanup() {
-    local p
+    local p f
+    # Guests still running (an interrupted run): run.sh's timeout passes SIGTERM on to QEMU.
+    for f in "$out"/*/*.pid; do
+        [[ -f $f ]] && kill -TERM "$(cat "$f")" 2>/dev/null || true
+    done
     for p in "${pids[@]}"; do
         kill -KILL "$p" 2>/dev/null || true
     done
@@ -94,7 +99,7 @@ daemon_start() {
     daemon_url=
     local i
     for ((i = 0; i < 300; i++)); do
-        daemon_url=$(grep -m1 '^iscsi://' "$dir/daemon.out" || true)
+        daemon_url=$(grep -m1 '^iscsi://' "$dir/daemon.out" 2>/dev/null || true)
         [[ -n $daemon_url ]] && break
         kill -0 "$daemon_pid" 2>/dev/null || break
         sleep 0.1
@@ -401,6 +406,17 @@ sharedisk() {
             daemon_stop
         fi
         case_end vhost-user.one guest
+    fi
+
+    if selected vhost-user/seabios; then
+        # Through QEMU's usual firmware, which uses the disk before Linux resets the device.
+        case_start vhost-user/seabios
+        s1=$case_dir/vhost1.sock
+        if daemon_start "$case_dir" "$case_dir/disk.img" --vhost-user "$s1"; then
+            boot guest smoke.sh --disk "vhost-user:$s1,num_queues=2" --bios seabios
+            daemon_stop
+        fi
+        case_end vhost-user.seabios guest
     fi
 
     if selected vhost-user/fence; then
