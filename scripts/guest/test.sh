@@ -16,7 +16,7 @@
 #   peer       the one-guest case against vhost-device-scsi (`cargo install vhost-device-scsi`),
 #              which shows the vhost-user path of the harness; by hand, not in CI
 #
-# GUEST_CASES=PATTERN runs only the cases whose name (e.g. iscsi/fence) matches the pattern.
+# GUEST_TIMEOUT=SECONDS bounds each guest (default 120). GUEST_CASES=PATTERN runs only the cases whose name (e.g. iscsi/fence) matches the pattern.
 #
 # A case passes when every guest script ran to its end, every check the guests and the host
 # made passed (except those listed with a reason in expected/TARGET.CASE, which must fail: the
@@ -37,6 +37,8 @@ img_size=128M
 # boots, the guest writes XCHECK_OUT (1 MiB each).
 xcheck_in=8388608 xcheck_out=16777216
 initiator_base=iqn.2026-01.io.sharedisk.test
+# Seconds a guest may run (a case takes 10-20 s here); GUEST_TIMEOUT overrides.
+guest_timeout=${GUEST_TIMEOUT:-120}
 
 log() { printf '%s\n' "$*" >&2; }
 
@@ -200,7 +202,7 @@ case_end() {
     for g in "$@"; do
         f=$case_dir/$g.results
         if [[ ! -s $f ]]; then
-            problems+=("$g: no results")
+            problems+=("$g: no results$(grep -m1 "^$g: " "$case_dir/run.log" 2>/dev/null | sed 's/^[^:]*:/ (/; s/$/)/')")
             continue
         fi
         grep -q '^DONE ' "$f" || problems+=("$g: the script did not finish")
@@ -232,7 +234,7 @@ boot() {
     local name=$1 script=$2
     shift 2
     local rc=0
-    "$here/run.sh" --guest "$guest" --dir "$case_dir" --name "$name" \
+    "$here/run.sh" --guest "$guest" --dir "$case_dir" --name "$name" --timeout "$guest_timeout" \
         --script "$here/cases/$script" "$@" 2>>"$case_dir/run.log" || rc=$?
     ((rc != 124)) || host_fail "$name-timeout" "the guest did not finish in time"
     return 0
@@ -249,7 +251,7 @@ boot_together() {
         names+=("$1")
         local n=$1 s=$2
         shift 2
-        "$here/run.sh" --guest "$guest" --dir "$case_dir" --name "$n" \
+        "$here/run.sh" --guest "$guest" --dir "$case_dir" --name "$n" --timeout "$guest_timeout" \
             --script "$here/cases/$s" "$@" 2>>"$case_dir/run.log" &
         bgs+=($!)
         pids+=($!)
