@@ -2,7 +2,8 @@
 # The one test command: installs what the tests need, then runs every check.
 #
 #   format, lints, docs -> unit + integration tests (debug, then release) -> fuzz targets build
-#   -> conformance parser self-test -> libiscsi conformance run against the daemon
+#   -> conformance parser self-test -> Linux guests under QEMU -> libiscsi conformance run
+#   against the daemon
 #
 # Works as root on a fresh Debian 12 machine with the Rust toolchain (CI runs it from .ci/run).
 # Stops at the first failing step. The last line is the conformance run's summary,
@@ -54,6 +55,14 @@ scripts/fuzz-build.sh
 
 step "Conformance parser self-test"
 scripts/conformance/selftest.sh
+
+# --- Linux guests under QEMU (scripts/guest/) ---------------------------------------------
+# Real guests (Debian kernel, sg3_utils, fio) booted under QEMU (TCG) against QEMU's own
+# scsi-hd and against the daemon over vhost-user-scsi and iSCSI. scripts/guest/test.sh installs
+# QEMU through apt when missing and builds the guest from Debian packages (cached under
+# ~/.cache/sharedisk-guest); a missing tool fails the step.
+step "Guest tests (QEMU)"
+scripts/guest/test.sh selftest sharedisk
 
 step "Conformance run (iscsi-test-cu)"
 scripts/conformance.sh

@@ -1,0 +1,484 @@
+#!/usr/bin/env bash
+# Real Linux guests under QEMU (TCG) against SCSI disks: the guest scripts in cases/ run in
+# guests built by build.sh and booted by run.sh; this script starts the targets, boots the
+# guests, releases multi-guest phases (SYNC/GO), does the host's side of the checks and prints
+# one line per case, then "guest: N passed, N failed".
+#
+#   scripts/guest/test.sh [GROUP...]      default: selftest sharedisk
+#
+# Groups:
+#   selftest   the harness itself, against what exists today: QEMU's own virtio-scsi + scsi-hd
+#              (one guest; LU reset), and sharedisk's iSCSI frontend reached through QEMU's
+#              iSCSI initiator and SCSI passthrough (one guest; the two-guest fence sequence)
+#   sharedisk  sharedisk's vhost-user-scsi frontend (`serve --vhost-user SOCKET`): one guest;
+#              one booted through SeaBIOS; two guests on two sockets (fence); mixed vhost-user
+#              + iSCSI (fence); LU reset
+#   peer       the one-guest case against vhost-device-scsi (`cargo install vhost-device-scsi`),
+#              which shows the vhost-user path of the harness; by hand, not in CI
+#
+# GUEST_TIMEOUT=SECONDS bounds each guest (default 120). GUEST_CASES=PATTERN runs only the cases whose name (e.g. iscsi/fence) matches the pattern.
+#
+# A case passes when every guest script ran to its end, every check the guests and the host
+# made passed (except those listed with a reason in expected/TARGET.CASE, which must fail: the
+# lists can only shrink), and values the guests report agree where they must. Each case's
+# files (consoles, results, QEMU command lines, daemon logs) are in out/guest/CASE/.
+#
+# Needs qemu-system-x86, qemu-utils and qemu-block-extra (installed through apt when missing,
+# as root; a missing tool is a failure, never a skip), and cargo for the daemon.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+out=$root/out/guest
+groups=("$@")
+((${#groups[@]})) || groups=(selftest sharedisk)
+img_size=128M
+# Where the one-guest case checks the host's path: the host writes XCHECK_IN before the guest
+# boots, the guest writes XCHECK_OUT (1 MiB each).
+xcheck_in=8388608 xcheck_out=16777216
+initiator_base=iqn.2026-01.io.sharedisk.test
+# Seconds a guest may run (a case takes 10-20 s here); GUEST_TIMEOUT overrides.
+guest_timeout=${GUEST_TIMEOUT:-120}
+
+log() { printf '%s\n' "$*" >&2; }
+
+# --- tools ------------------------------------------------------------------------------------
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v qemu-io >/dev/null && command -v qemu-img >/dev/null || need+=(qemu-utils)
+[[ -e /usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so ]] || need+=(qemu-block-extra)
+if ((${#need[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        log "guest tests: missing ${need[*]}; run as root or install them"
+        exit 1
+    fi
+    log "guest tests: installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q >&2
+    apt-get install -y -q --no-install-recommends "${need[@]}" >&2
+fi
+for g in "${groups[@]}"; do
+    [[ $g == peer ]] || continue
+    if ! command -v vhost-device-scsi >/dev/null; then
+        log "guest tests: installing vhost-device-scsi"
+        cargo install --locked vhost-device-scsi >&2
+    fi
+done
+
+guest=$("$here/build.sh")
+cargo build --release --locked -p sharedisk --bin sharedisk --manifest-path "$root/Cargo.toml" >&2
+bin=${SHAREDISK_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/sharedisk}
+
+rm -rf "$out"
+mkdir -p "$out"
+
+# --- processes --------------------------------------------------------------------------------
+pids=() # every process this script started; ended on exit
+cleanup() {
+    local p f
+    # Guests still running (an interrupted run): run.sh's timeout passes SIGTERM on to QEMU.
+    for f in "$out"/*/*.pid; do
+        [[ -f $f ]] && kill -TERM "$(cat "$f")" 2>/dev/null || true
+    done
+    for p in "${pids[@]}"; do
+        kill -KILL "$p" 2>/dev/null || true
+    done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# daemon_start DIR IMAGE ARGS...: sharedisk serve on a fresh image; sets daemon_pid and
+# daemon_url. Each --vhost-user socket in ARGS must appear.
+daemon_start() {
+    local dir=$1 img=$2
+    shift 2
+    rm -f "$img" "$img.pr"
+    RUST_LOG=${RUST_LOG:-info} "$bin" serve --file "$img" --size "$img_size" \
+        --listen 127.0.0.1:0 --control "$dir/control.sock" "$@" \
+        >"$dir/daemon.out" 2>"$dir/daemon.log" &
+    daemon_pid=$!
+    pids+=("$daemon_pid")
+    daemon_url=
+    local i
+    for ((i = 0; i < 300; i++)); do
+        daemon_url=$(grep -m1 '^iscsi://' "$dir/daemon.out" 2>/dev/null || true)
+        [[ -n $daemon_url ]] && break
+        kill -0 "$daemon_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [[ -z $daemon_url ]]; then
+        host_fail daemon-starts "no URL printed; $(tail -n 3 "$dir/daemon.log" | tr '\n' ' ')"
+        return 1
+    fi
+    local a
+    for a in "$@"; do
+        [[ $a == *.sock && $a != "$dir/control.sock" ]] || continue
+        for ((i = 0; i < 100; i++)); do
+            [[ -S $a ]] && break
+            sleep 0.1
+        done
+        [[ -S $a ]] || { host_fail vhost-user-socket "$a did not appear"; return 1; }
+    done
+}
+
+# daemon_stop: SIGTERM; the daemon must still be there, and exit 0.
+daemon_stop() {
+    if ! kill -0 "$daemon_pid" 2>/dev/null; then
+        host_fail daemon-alive "the daemon is gone"
+        wait "$daemon_pid" 2>/dev/null || true
+        return
+    fi
+    host_pass daemon-alive
+    kill -TERM "$daemon_pid"
+    local rc=0
+    wait "$daemon_pid" || rc=$?
+    ((rc == 0)) && host_pass daemon-stops-cleanly || host_fail daemon-stops-cleanly "exit $rc"
+}
+
+# peer_start DIR IMAGE SOCKET: vhost-device-scsi on IMAGE (one request queue).
+peer_start() {
+    "$(command -v vhost-device-scsi)" --socket-path "$3" "$2" >"$1/peer.log" 2>&1 &
+    daemon_pid=$!
+    pids+=("$daemon_pid")
+    local i
+    for ((i = 0; i < 100; i++)); do
+        [[ -S $3 ]] && return 0
+        sleep 0.1
+    done
+    host_fail peer-socket "$3 did not appear"
+    return 1
+}
+
+# --- host checks and the verdict of a case ----------------------------------------------------
+case_dir= case_host=
+host_pass() { echo "RESULT $1 PASS ${2:-}" >>"$case_host"; }
+host_fail() { echo "RESULT $1 FAIL ${2:-}" >>"$case_host"; log "  host: FAIL $1 ${2:-}"; }
+
+# host_write_iscsi URL OFFSET FILE / host_read_iscsi URL OFFSET LENGTH OUT: the host's own
+# iSCSI path (QEMU's initiator, another I_T nexus than any guest's).
+host_write_iscsi() {
+    qemu-io -f raw -c "write -q -s $3 $2 $(stat -c %s "$3")" "$1" >>"$case_dir/host-io.log" 2>&1
+}
+host_read_iscsi() {
+    # iscsi://PORTAL/TARGET/LUN, read through a raw node limited to the range.
+    local rest=${1#iscsi://}
+    local portal=${rest%%/*} lun=${rest##*/}
+    rest=${rest#*/}
+    local target=${rest%/*}
+    rm -f "$4"
+    qemu-img convert -O raw "json:{\"driver\": \"raw\", \"offset\": $2, \"size\": $3,
+        \"file\": {\"driver\": \"iscsi\", \"transport\": \"tcp\", \"portal\": \"$portal\",
+        \"target\": \"$target\", \"lun\": $lun}}" "$4" >>"$case_dir/host-io.log" 2>&1
+}
+
+# selected NAME: whether the case is to run (GUEST_CASES, a shell pattern; default all).
+selected() {
+    # shellcheck disable=SC2053
+    [[ $1 == ${GUEST_CASES:-*} ]]
+}
+
+case_start() {
+    case_name=$1
+    case_dir=$out/${1//\//-}
+    case_host=$case_dir/host.results
+    mkdir -p "$case_dir"
+    : >"$case_host"
+    case_t0=$(date +%s)
+    log "--- $case_name"
+}
+
+passed=0 failed=0
+# case_end EXPECTED GUEST...: the verdict, from the guests' and the host's results.
+case_end() {
+    local expected=$1
+    shift
+    local problems=() g f name
+    declare -A want=() seen=()
+    if [[ -f $here/expected/$expected ]]; then
+        while read -r name _; do
+            [[ -z $name || $name == \#* ]] || want[$name]=1
+        done <"$here/expected/$expected"
+    fi
+    for g in "$@"; do
+        f=$case_dir/$g.results
+        if [[ ! -s $f ]]; then
+            problems+=("$g: no results$(grep -m1 "^$g: " "$case_dir/run.log" 2>/dev/null | sed 's/^[^:]*:/ (/; s/$/)/')")
+            continue
+        fi
+        grep -q '^DONE ' "$f" || problems+=("$g: the script did not finish")
+    done
+    local files=("$case_host")
+    for g in "$@"; do files+=("$case_dir/$g.results"); done
+    while read -r name; do
+        [[ -n $name ]] || continue
+        seen[$name]=1
+        [[ -n ${want[$name]:-} ]] || problems+=("failed: $name")
+    done < <(cat "${files[@]}" 2>/dev/null |
+        awk '$1 == "RESULT" && $3 == "FAIL" { print $2 }' | sort -u)
+    for name in "${!want[@]}"; do
+        [[ -n ${seen[$name]:-} ]] || problems+=("expected to fail but did not: $name (update expected/$expected)")
+    done
+    local secs=$(($(date +%s) - case_t0))
+    if ((${#problems[@]})); then
+        failed=$((failed + 1))
+        echo "FAIL $case_name (${secs}s): $(IFS=';'; echo "${problems[*]}") [logs: ${case_dir#"$root"/}]"
+    else
+        passed=$((passed + 1))
+        echo "PASS $case_name (${secs}s)"
+    fi
+}
+
+# --- booting guests ---------------------------------------------------------------------------
+# boot NAME SCRIPT RUN-OPTIONS...: one guest, in the foreground.
+boot() {
+    local name=$1 script=$2
+    shift 2
+    local rc=0
+    "$here/run.sh" --guest "$guest" --dir "$case_dir" --name "$name" --timeout "$guest_timeout" \
+        --script "$here/cases/$script" "$@" 2>>"$case_dir/run.log" || rc=$?
+    ((rc != 124)) || host_fail "$name-timeout" "the guest did not finish in time"
+    return 0
+}
+
+# boot_together "NAME SCRIPT RUN-OPTIONS..." ...: guests in parallel, their SYNC points
+# released together: a point is released (GO) once every guest has reached it; a guest that
+# ends while others wait makes the host send them ABORT.
+boot_together() {
+    local specs=("$@") names=() bgs=() spec i
+    for spec in "${specs[@]}"; do
+        # shellcheck disable=SC2086
+        set -- $spec
+        names+=("$1")
+        local n=$1 s=$2
+        shift 2
+        "$here/run.sh" --guest "$guest" --dir "$case_dir" --name "$n" --timeout "$guest_timeout" \
+            --script "$here/cases/$s" "$@" 2>>"$case_dir/run.log" &
+        bgs+=($!)
+        pids+=($!)
+    done
+    declare -A released=()
+    local alive point all g
+    while :; do
+        alive=0
+        for i in "${!bgs[@]}"; do
+            kill -0 "${bgs[$i]}" 2>/dev/null && alive=$((alive + 1))
+        done
+        ((alive)) || break
+        local files=()
+        for g in "${names[@]}"; do files+=("$case_dir/$g.results"); done
+        for point in $(cat "${files[@]}" 2>/dev/null |
+            awk '$1 == "SYNC" { print $2 }' | sort -u); do
+            [[ -z ${released[$point]:-} ]] || continue
+            all=1
+            for g in "${names[@]}"; do
+                grep -qx "SYNC $point" "$case_dir/$g.results" 2>/dev/null || all=0
+            done
+            if ((all)); then
+                released[$point]=1
+                for g in "${names[@]}"; do
+                    printf 'GO %s\n' "$point" 1<>"$case_dir/$g.ctl.in"
+                done
+            else
+                for i in "${!names[@]}"; do
+                    g=${names[$i]}
+                    if grep -q '^DONE ' "$case_dir/$g.results" 2>/dev/null ||
+                        ! kill -0 "${bgs[$i]}" 2>/dev/null; then
+                        released[$point]=aborted
+                        host_fail "sync-$point" "$g ended before reaching it"
+                        local h
+                        for h in "${names[@]}"; do
+                            [[ -p $case_dir/$h.ctl.in ]] && printf 'ABORT\n' 1<>"$case_dir/$h.ctl.in"
+                        done
+                        break
+                    fi
+                done
+            fi
+        done
+        sleep 0.2
+    done
+    for i in "${!bgs[@]}"; do
+        local rc=0
+        wait "${bgs[$i]}" || rc=$?
+        ((rc != 124)) || host_fail "${names[$i]}-timeout" "the guest did not finish in time"
+    done
+}
+
+# same_values A B PREFIX...: each VALUE whose name starts with a PREFIX is the same in guests A
+# and B.
+same_values() {
+    local a=$case_dir/$1.results b=$case_dir/$2.results
+    shift 2
+    local p name va vb
+    for p in "$@"; do
+        for name in $(awk -v p="$p" '$1 == "VALUE" && index($2, p) == 1 { print $2 }' "$a" "$b" | sort -u); do
+            va=$(awk -v n="$name" '$1 == "VALUE" && $2 == n { $1 = ""; $2 = ""; print substr($0, 3) }' "$a")
+            vb=$(awk -v n="$name" '$1 == "VALUE" && $2 == n { $1 = ""; $2 = ""; print substr($0, 3) }' "$b")
+            if [[ -n $va && $va == "$vb" ]]; then
+                host_pass "agree-$name" "$va"
+            else
+                host_fail "agree-$name" "'$va' vs '$vb'"
+            fi
+        done
+    done
+}
+
+# --- cases ------------------------------------------------------------------------------------
+# one_guest TARGET DISK-KIND: the one-guest case against a target that case_start began, the
+# disk given to run.sh as DISK, with the host path for the cross-check being an iSCSI URL or
+# an image file (read and written only while no guest runs).
+one_guest() {
+    local target=$1 disk=$2 hostpath=$3
+    head -c 1048576 /dev/urandom >"$case_dir/from-host.bin"
+    head -c 1048576 /dev/urandom >"$case_dir/to-host.bin"
+    if [[ $hostpath == iscsi://* ]]; then
+        host_write_iscsi "$hostpath" "$xcheck_in" "$case_dir/from-host.bin" ||
+            host_fail host-writes "qemu-io write over iSCSI failed"
+    else
+        dd if="$case_dir/from-host.bin" of="$hostpath" bs=1M seek=$((xcheck_in / 1048576)) \
+            conv=notrunc status=none
+    fi
+    boot guest one.sh --disk "$disk" --initiator "$initiator_base:guest1" \
+        --data from-host="$case_dir/from-host.bin" --data to-host="$case_dir/to-host.bin" \
+        --env XCHECK_IN="$xcheck_in" --env XCHECK_OUT="$xcheck_out"
+    if [[ $hostpath == iscsi://* ]]; then
+        host_read_iscsi "$hostpath" "$xcheck_out" 1048576 "$case_dir/back.bin" ||
+            host_fail host-reads "qemu-img dd over iSCSI failed"
+    else
+        dd if="$hostpath" of="$case_dir/back.bin" bs=1M skip=$((xcheck_out / 1048576)) count=1 status=none
+    fi
+    if cmp -s "$case_dir/back.bin" "$case_dir/to-host.bin"; then
+        host_pass guest-to-host "the host reads what the guest wrote"
+    else
+        host_fail guest-to-host "the host does not read what the guest wrote"
+    fi
+}
+
+# fence NAME1 DISK1 NAME2 DISK2: the two-guest fence sequence, then the agreement of what both
+# saw at each phase.
+fence() {
+    boot_together "$1 pr-fence.sh --disk $2 --initiator $initiator_base:$1 --env ROLE=1" \
+        "$3 pr-fence.sh --disk $4 --initiator $initiator_base:$3 --env ROLE=2"
+    same_values "$1" "$3" registered- reserved- preempted-
+}
+
+selftest() {
+    local img
+    if selected scsi-hd/one; then
+        case_start scsi-hd/one
+        img=$case_dir/disk.img
+        truncate -s "$img_size" "$img"
+        one_guest scsi-hd "scsi-hd:$img" "$img"
+        case_end scsi-hd.one guest
+    fi
+
+    if selected scsi-hd/lu-reset; then
+        case_start scsi-hd/lu-reset
+        img=$case_dir/disk.img
+        truncate -s "$img_size" "$img"
+        boot guest lu-reset.sh --disk "scsi-hd:$img"
+        case_end scsi-hd.lu-reset guest
+    fi
+
+    if selected iscsi/one; then
+        case_start iscsi/one
+        if daemon_start "$case_dir" "$case_dir/disk.img"; then
+            one_guest iscsi "iscsi:$daemon_url" "$daemon_url"
+            daemon_stop
+        fi
+        case_end iscsi.one guest
+    fi
+
+    if selected iscsi/fence; then
+        case_start iscsi/fence
+        if daemon_start "$case_dir" "$case_dir/disk.img"; then
+            fence guest1 "iscsi:$daemon_url" guest2 "iscsi:$daemon_url"
+            daemon_stop
+        fi
+        case_end iscsi.fence guest1 guest2
+    fi
+}
+
+sharedisk() {
+    local s1 s2
+    if selected vhost-user/one; then
+        case_start vhost-user/one
+        s1=$case_dir/vhost1.sock
+        if daemon_start "$case_dir" "$case_dir/disk.img" --vhost-user "$s1"; then
+            one_guest vhost-user "vhost-user:$s1,num_queues=2" "$daemon_url"
+            daemon_stop
+        fi
+        case_end vhost-user.one guest
+    fi
+
+    if selected vhost-user/seabios; then
+        # Through QEMU's usual firmware, which uses the disk before Linux resets the device.
+        case_start vhost-user/seabios
+        s1=$case_dir/vhost1.sock
+        if daemon_start "$case_dir" "$case_dir/disk.img" --vhost-user "$s1"; then
+            boot guest smoke.sh --disk "vhost-user:$s1,num_queues=2" --bios seabios
+            daemon_stop
+        fi
+        case_end vhost-user.seabios guest
+    fi
+
+    if selected vhost-user/fence; then
+        case_start vhost-user/fence
+        s1=$case_dir/vhost1.sock s2=$case_dir/vhost2.sock
+        if daemon_start "$case_dir" "$case_dir/disk.img" --vhost-user "$s1" --vhost-user "$s2"; then
+            fence guest1 "vhost-user:$s1,num_queues=2" guest2 "vhost-user:$s2,num_queues=2"
+            daemon_stop
+        fi
+        case_end vhost-user.fence guest1 guest2
+    fi
+
+    if selected mixed/fence; then
+        case_start mixed/fence
+        s1=$case_dir/vhost1.sock
+        if daemon_start "$case_dir" "$case_dir/disk.img" --vhost-user "$s1"; then
+            fence guest1 "vhost-user:$s1,num_queues=2" guest2 "iscsi:$daemon_url"
+            daemon_stop
+        fi
+        case_end mixed.fence guest1 guest2
+    fi
+
+    if selected vhost-user/lu-reset; then
+        case_start vhost-user/lu-reset
+        s1=$case_dir/vhost1.sock
+        if daemon_start "$case_dir" "$case_dir/disk.img" --vhost-user "$s1"; then
+            boot guest lu-reset.sh --disk "vhost-user:$s1,num_queues=2"
+            # Still serving its other paths after the resets.
+            if qemu-io -f raw -c "read -q 0 4096" "$daemon_url" >>"$case_dir/host-io.log" 2>&1; then
+                host_pass serves-iscsi-after-reset
+            else
+                host_fail serves-iscsi-after-reset "an iSCSI read failed"
+            fi
+            daemon_stop
+        fi
+        case_end vhost-user.lu-reset guest
+    fi
+}
+
+peer() {
+    local s1
+    if selected vhost-device-scsi/one; then
+        case_start vhost-device-scsi/one
+        s1=$case_dir/vhost1.sock
+        truncate -s "$img_size" "$case_dir/disk.img"
+        if peer_start "$case_dir" "$case_dir/disk.img" "$s1"; then
+            # vhost-device-scsi serves one request queue and no parameter changes.
+            one_guest vhost-device-scsi "vhost-user:$s1,num_queues=1,param_change=off" "$case_dir/disk.img"
+            kill -TERM "$daemon_pid" 2>/dev/null || true
+            wait "$daemon_pid" 2>/dev/null || true
+        fi
+        case_end vhost-device-scsi.one guest
+    fi
+}
+
+for g in "${groups[@]}"; do
+    case $g in
+    selftest | sharedisk | peer) "$g" ;;
+    *) log "guest tests: unknown group $g"; exit 2 ;;
+    esac
+done
+echo "guest: $passed passed, $failed failed"
+((failed == 0))
