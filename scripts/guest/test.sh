@@ -45,8 +45,12 @@ log() { printf '%s\n' "$*" >&2; }
 # --- tools ------------------------------------------------------------------------------------
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
-command -v qemu-io >/dev/null && command -v qemu-img >/dev/null || need+=(qemu-utils)
-[[ -e /usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so ]] || need+=(qemu-block-extra)
+# QEMU's iSCSI driver (qemu-block-extra) exists in Debian 12 only for its own QEMU 7.2; a newer
+# qemu-utils (e.g. from backports) is replaced by bookworm's, as bench/install.sh does.
+if ! { [[ -e /usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so ]] && command -v qemu-io >/dev/null &&
+    qemu-img --version 2>/dev/null | grep -q "version 7\.2"; }; then
+    need+=(qemu-utils/bookworm qemu-block-extra/bookworm)
+fi
 if ((${#need[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
         log "guest tests: missing ${need[*]}; run as root or install them"
@@ -55,7 +59,7 @@ if ((${#need[@]})); then
     log "guest tests: installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >&2
-    apt-get install -y -q --no-install-recommends "${need[@]}" >&2
+    apt-get install -y -q --allow-downgrades --no-install-recommends "${need[@]}" >&2
 fi
 for g in "${groups[@]}"; do
     [[ $g == peer ]] || continue
