@@ -9,9 +9,10 @@
 //!   checks the command against the snapshot under the lock.
 //! - A PERSISTENT RESERVE OUT computes the next state with the pure rules of [`crate::pr`],
 //!   stores it through the block driver's [`block::ReservationStore`] (compare-and-swap on the
-//!   version it was computed from; durable when APTPL is set), waits for the store's barrier,
-//!   and only then publishes the snapshot and answers. A state another holder stored first is
-//!   adopted and the command is evaluated again on it.
+//!   version it was computed from; durable when APTPL is set), publishes the snapshot, and
+//!   answers once the store's barrier says every other holder has seen it. A state another
+//!   holder stored first is adopted and the command is evaluated again on it. The snapshot
+//!   only moves forward in version.
 //! - SPC-2 RESERVE/RELEASE keep their holder in the snapshot but not in the store: SPC-2
 //!   reservations do not survive a reset, a nexus loss or a restart.
 //! - A state the store lost ([`ReservationStore::lost`]: the file driver's damaged sidecar), or
@@ -144,11 +145,19 @@ impl Reservations {
         self.change.lock().await
     }
 
+    /// Make `pr` (the store's `version`) the snapshot, unless the snapshot is already newer:
+    /// a change another holder stored (followed from the store's watch) and this LU's own
+    /// PR OUT may publish in either order, and the snapshot never goes back a version.
     fn publish(&self, version: u64, pr: Arc<PrState>) {
-        self.snap.rcu(|s| Snapshot {
-            version,
-            pr: pr.clone(),
-            spc2: s.spc2.clone(),
+        self.snap.rcu(|s| {
+            if s.version > version {
+                return s.clone();
+            }
+            Arc::new(Snapshot {
+                version,
+                pr: pr.clone(),
+                spc2: s.spc2.clone(),
+            })
         });
     }
 
@@ -194,6 +203,7 @@ impl Reservations {
                 let stored = changes.borrow_and_update().clone();
                 let Some(me) = me.upgrade() else { break };
                 if stored.version > me.snap.load().version {
+                    // `adopt` publishes only if still newer when it swaps.
                     if let Err(e) = me.adopt(&stored) {
                         tracing::error!(error = ?e, "Cannot read a reservation state stored elsewhere");
                     }
@@ -217,8 +227,12 @@ impl Reservations {
             .map_err(Failure::Store)?
         {
             Ok(v) => {
-                store.barrier(v).await.map_err(Failure::Store)?;
+                // Stored is in force: publish before the barrier, so a failing barrier cannot
+                // leave this LU checking commands against a state the store has replaced. The
+                // command then fails (the other holders may not all have seen it yet), but the
+                // state stands, as READ KEYS shows.
                 self.publish(v, Arc::new(next.clone()));
+                store.barrier(v).await.map_err(Failure::Store)?;
                 Ok(true)
             }
             Err(now) => {
@@ -334,6 +348,22 @@ mod tests {
         let state = decode(old).expect("decodes");
         assert_eq!(state.generation, 7);
         assert!(!state.lost);
+    }
+
+    #[test]
+    fn the_snapshot_never_goes_back_a_version() {
+        let r = Reservations::default();
+        let newer = PrState {
+            generation: 5,
+            ..PrState::default()
+        };
+        r.publish(5, Arc::new(newer.clone()));
+        // A change followed from the store's watch that arrives after this LU's own newer one.
+        r.publish(3, Arc::new(PrState::default()));
+        let s = r.snapshot();
+        assert_eq!((s.version, &*s.pr), (5, &newer));
+        r.publish(6, Arc::new(PrState::default()));
+        assert_eq!(r.snapshot().version, 6);
     }
 
     #[test]

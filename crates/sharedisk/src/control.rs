@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
@@ -58,6 +59,8 @@ enum Answer {
 pub struct Control {
     listener: UnixListener,
     path: PathBuf,
+    /// The socket's owner: the user the daemon runs as.
+    owner: u32,
 }
 
 impl Drop for Control {
@@ -67,10 +70,20 @@ impl Drop for Control {
 }
 
 impl Control {
-    /// Bind `path`. A socket file nobody answers on is stale and replaced; one a live daemon
-    /// answers on is an error.
+    /// Bind `path`. A socket nobody answers on is stale and replaced; one a live daemon
+    /// answers on is an error, and so is any other kind of file there (never removed).
+    ///
+    /// The socket is bound inside a fresh private (0700) folder next to `path`, made 0600,
+    /// then renamed to `path`, so there is no moment at which another user could connect.
     pub async fn bind(path: &Path) -> anyhow::Result<Control> {
-        if path.exists() {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                bail!(
+                    "{} exists and is not a socket; choose another --control path",
+                    path.display()
+                );
+            }
             if UnixStream::connect(path).await.is_ok() {
                 bail!(
                     "Another sharedisk daemon answers on the control socket {}",
@@ -80,14 +93,29 @@ impl Control {
             std::fs::remove_file(path)
                 .with_context(|| format!("Cannot remove the stale socket {}", path.display()))?;
         }
-        let listener = UnixListener::bind(path)
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let private = tempfile::Builder::new()
+            .prefix(".sharedisk-control.")
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir_in(parent)
             .with_context(|| format!("Cannot create the control socket {}", path.display()))?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        let staged = private.path().join("control.sock");
+        let listener = UnixListener::bind(&staged)
+            .with_context(|| format!("Cannot create the control socket {}", path.display()))?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("Cannot restrict the control socket {}", path.display()))?;
+        std::fs::rename(&staged, path)
+            .with_context(|| format!("Cannot create the control socket {}", path.display()))?;
+        let owner = std::fs::metadata(path)
+            .with_context(|| format!("Cannot read the control socket {}", path.display()))?;
+        use std::os::unix::fs::MetadataExt;
         Ok(Control {
             listener,
             path: path.to_path_buf(),
+            owner: owner.uid(),
         })
     }
 
@@ -96,16 +124,36 @@ impl Control {
         &self.path
     }
 
-    /// Answer requests until the future is dropped.
+    /// Answer requests until the future is dropped. Only root and the daemon's own user are
+    /// answered (checked with the peer's credentials, besides the socket's mode), and a
+    /// request has [`REQUEST_TIME`] to arrive.
     pub async fn serve(self, lus: Arc<Vec<ServedLu>>) {
+        let mut backoff = Duration::from_millis(10);
         loop {
-            let Ok((stream, _)) = self.listener.accept().await else {
-                continue;
+            let stream = match self.listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "Control socket accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
             };
+            backoff = Duration::from_millis(10);
+            match stream.peer_cred() {
+                Ok(c) if c.uid() == 0 || c.uid() == self.owner => {}
+                other => {
+                    tracing::warn!(peer = ?other, "Control request from another user refused");
+                    continue;
+                }
+            }
             let lus = lus.clone();
             tokio::spawn(async move {
-                if let Err(e) = answer(stream, &lus).await {
-                    tracing::warn!(error = %e, "Control request failed");
+                match tokio::time::timeout(REQUEST_TIME, answer(stream, &lus)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "Control request failed"),
+                    Err(_) => tracing::warn!("Control request timed out"),
                 }
             });
         }
@@ -114,6 +162,9 @@ impl Control {
 
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 4096;
+
+/// How long a control connection may take to send its request and read the answer.
+pub const REQUEST_TIME: Duration = Duration::from_secs(10);
 
 async fn answer(stream: UnixStream, lus: &[ServedLu]) -> anyhow::Result<()> {
     let (rd, mut wr) = stream.into_split();

@@ -382,3 +382,41 @@ async fn a_damaged_sidecar_is_lost_information_until_replace_lost_reservation() 
     let (_, out, _) = pr(&control, &["show"]);
     assert!(!out.contains("LOST"), "{out}");
 }
+
+#[test]
+fn a_control_path_that_is_not_a_socket_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let precious = dir.path().join("precious.img");
+    std::fs::write(&precious, b"data").expect("write");
+    let out = Command::new(BIN)
+        .args(["serve", "--file"])
+        .arg(dir.path().join("disk.img"))
+        .args(["--size", "16M", "--listen", "127.0.0.1:0", "--control"])
+        .arg(&precious)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sharedisk");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not a socket"), "{err}");
+    assert_eq!(std::fs::read(&precious).expect("still there"), b"data");
+}
+
+#[test]
+fn the_control_socket_is_for_its_owner_only() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let control = dir.path().join("control.sock");
+    let _d = Daemon::start(&dir.path().join("disk.img"), &control);
+    let meta = std::fs::symlink_metadata(&control).expect("socket");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    // Nothing is left of the private folder it was made in.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("list")
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".sharedisk-control"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
