@@ -31,7 +31,7 @@
 # packages when they are missing. Not part of scripts/test.sh.
 #
 # Knobs: BENCH_SECONDS (20), BENCH_RAMP (3), BENCH_ROUNDS (1), BENCH_VCPUS (2), BENCH_QUEUES
-# (= vCPUs), BENCH_MEM (1G), BENCH_SIZE_MIB (1024), BENCH_IOENGINE (libaio; or io_uring),
+# (= vCPUs), BENCH_MEM (1G), BENCH_SIZE_MIB (1024), BENCH_IOENGINE (io_uring, which the guest kernel has; or libaio),
 # BENCH_SCSI_HD_CACHE (writeback), BENCH_TARGETS (all four: sharedisk scsi-hd-threads
 # scsi-hd-io_uring vhost-device-scsi), SHAREDISK_BIN (default: the release build).
 set -euo pipefail
@@ -44,11 +44,17 @@ vcpus=${BENCH_VCPUS:-2}
 queues=${BENCH_QUEUES:-$vcpus}
 mem=${BENCH_MEM:-1G}
 size_mib=${BENCH_SIZE_MIB:-1024}
-ioengine=${BENCH_IOENGINE:-libaio}
+ioengine=${BENCH_IOENGINE:-io_uring}
 hd_cache=${BENCH_SCSI_HD_CACHE:-writeback}
 read -ra targets <<<"${BENCH_TARGETS:-sharedisk scsi-hd-threads scsi-hd-io_uring vhost-device-scsi}"
 out=$root/out/bench-vhost
 guest_dir=$root/scripts/guest
+for t in "${targets[@]}"; do
+    case $t in
+    sharedisk | scsi-hd-threads | scsi-hd-io_uring | vhost-device-scsi) ;;
+    *) echo "bench: unknown target $t in BENCH_TARGETS" >&2; exit 2 ;;
+    esac
+done
 
 # Rows: NAME:RW:IODEPTH:JOBS (see cases/bench.sh); QD16 is 16 in flight over one job per vCPU.
 qd16_jobs=$vcpus

@@ -7,7 +7,7 @@
 #                    (cpus_allowed split), so each submits on its own request queue
 #   BENCH_SECONDS    measured seconds per row
 #   BENCH_RAMP       seconds per row before measuring
-#   BENCH_IOENGINE   libaio or io_uring
+#   BENCH_IOENGINE   io_uring or libaio
 # The fio JSON of each row goes to the console.
 . /lib.sh
 . /etc/test.env
