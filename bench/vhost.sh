@@ -31,9 +31,10 @@
 # packages when they are missing. Not part of scripts/test.sh.
 #
 # Knobs: BENCH_SECONDS (20), BENCH_RAMP (3), BENCH_ROUNDS (1), BENCH_VCPUS (2), BENCH_QUEUES
-# (= vCPUs), BENCH_MEM (1G), BENCH_SIZE_MIB (1024), BENCH_IOENGINE (io_uring, which the guest kernel has; or libaio),
-# BENCH_SCSI_HD_CACHE (writeback), BENCH_TARGETS (all four: sharedisk scsi-hd-threads
-# scsi-hd-io_uring vhost-device-scsi), SHAREDISK_BIN (default: the release build).
+# (= vCPUs), BENCH_MEM (1G), BENCH_SIZE_MIB (1024), BENCH_IOENGINE (io_uring, which the guest
+# kernel has; or libaio), BENCH_SCSI_HD_CACHE (writeback), BENCH_TARGETS (all four:
+# sharedisk scsi-hd-threads scsi-hd-io_uring vhost-device-scsi), SHAREDISK_BIN (default: the
+# release build).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
