@@ -1,26 +1,48 @@
-# Sourced by the bench scripts: install the clients they need when missing (as root), and
-# check that qemu-img has QEMU's iSCSI driver.
+# Sourced by the bench scripts: install the tools they need when missing (as root). What a
+# bench needs is in bench_needs, set before sourcing:
+#   iscsi (the default)  libiscsi-bin, tgt, fio, and QEMU's iSCSI driver for qemu-img
+#   vhost                fio, qemu-system-x86 and vhost-device-scsi (cargo install)
 #
 # QEMU's iSCSI driver is in qemu-block-extra, which Debian 12 ships only for its own QEMU 7.2:
 # when the installed qemu-img is a newer one without that driver, this installs qemu-utils 7.2
 # from bookworm with it (a downgrade of qemu-img).
 need_install=()
-command -v iscsi-perf >/dev/null || need_install+=(libiscsi-bin)
-command -v tgtd >/dev/null || need_install+=(tgt)
-command -v fio >/dev/null || need_install+=(fio)
 qemu_iscsi() {
     ls /usr/lib/x86_64-linux-gnu/qemu/block-iscsi.so >/dev/null 2>&1 &&
         qemu-img --version 2>/dev/null | grep -q "version 7\.2"
 }
-qemu_iscsi || need_install+=(qemu-utils/bookworm qemu-block-extra/bookworm)
+command -v fio >/dev/null || need_install+=(fio)
+case ${bench_needs:-iscsi} in
+iscsi)
+    command -v iscsi-perf >/dev/null || need_install+=(libiscsi-bin)
+    command -v tgtd >/dev/null || need_install+=(tgt)
+    qemu_iscsi || need_install+=(qemu-utils/bookworm qemu-block-extra/bookworm)
+    ;;
+vhost)
+    command -v qemu-system-x86_64 >/dev/null || need_install+=(qemu-system-x86)
+    ;;
+*)
+    echo "bench: unknown bench_needs ${bench_needs}" >&2
+    exit 2
+    ;;
+esac
 if ((${#need_install[@]})); then
     echo "bench: installing ${need_install[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q
     apt-get install -y -q --allow-downgrades --no-install-recommends "${need_install[@]}"
 fi
-qemu_iscsi || {
-    echo "bench: qemu-img has no iSCSI driver" >&2
-    exit 1
-}
-
+case ${bench_needs:-iscsi} in
+iscsi)
+    qemu_iscsi || {
+        echo "bench: qemu-img has no iSCSI driver" >&2
+        exit 1
+    }
+    ;;
+vhost)
+    if ! command -v vhost-device-scsi >/dev/null; then
+        echo "bench: installing vhost-device-scsi"
+        cargo install --locked vhost-device-scsi
+    fi
+    ;;
+esac

@@ -5,7 +5,11 @@
 #   scripts/guest/run.sh --dir DIR --name NAME --script FILE [options]
 #
 #   --disk SPEC         repeatable; each disk gets its own controller:
-#                         scsi-hd:IMAGE              QEMU's virtio-scsi + scsi-hd on a raw image
+#                         scsi-hd:IMAGE[,PROPS]      QEMU's virtio-scsi + scsi-hd on a raw image;
+#                                                    PROPS: aio=threads|native|io_uring and
+#                                                    cache=none|writeback|... of the drive
+#                                                    (default aio=threads,cache=none),
+#                                                    num_queues=N of the controller
 #                         vhost-user:SOCKET[,PROPS]  vhost-user-scsi-pci on SOCKET; PROPS are added
 #                                                    to the device (e.g. num_queues=2)
 #                         iscsi:URL                  QEMU's virtio-scsi + scsi-block over QEMU's
@@ -15,6 +19,7 @@
 #   --env KEY=VALUE     repeatable; exported to the guest script
 #   --timeout SECONDS   default 300
 #   --mem SIZE          default 512M
+#   --smp N             vCPUs, default 1
 #   --guest DIR         the built guest (default: the output of scripts/guest/build.sh)
 #   --bios FILE         the firmware; default qboot.rom, which boots the kernel at once and
 #                       leaves the disks alone; "seabios" is QEMU's usual firmware, which drives
@@ -30,7 +35,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 dir= name= script= guest= initiator=
-timeout=300 mem=512M bios=qboot.rom
+timeout=300 mem=512M smp=1 bios=qboot.rom
 disks=() data=() envs=()
 while (($#)); do
     case $1 in
@@ -43,6 +48,7 @@ while (($#)); do
     --env) envs+=("$2"); shift 2 ;;
     --timeout) timeout=$2; shift 2 ;;
     --mem) mem=$2; shift 2 ;;
+    --smp) smp=$2; shift 2 ;;
     --guest) guest=$2; shift 2 ;;
     --bios) bios=$2; shift 2 ;;
     *) echo "run.sh: unknown argument $1" >&2; exit 2 ;;
@@ -72,7 +78,7 @@ done
 cat "$guest/base.cpio.gz" "$dir/$name.test.cpio.gz" >"$dir/$name.initrd"
 
 # The machine. Guest memory is a shared memfd so vhost-user back ends can map it.
-args=(-accel tcg -cpu max -smp 1 -m "$mem" -nodefaults -display none -no-reboot
+args=(-accel tcg -cpu max -smp "$smp" -m "$mem" -nodefaults -display none -no-reboot
     -object "memory-backend-memfd,id=mem,size=$mem,share=on" -numa node,memdev=mem
     -kernel "$guest/vmlinuz" -initrd "$dir/$name.initrd"
     -append "console=ttyS0 loglevel=4 panic=-1 quiet"
@@ -86,8 +92,20 @@ for spec in "${disks[@]}"; do
     kind=${spec%%:*} rest=${spec#*:}
     case $kind in
     scsi-hd)
-        args+=(-drive "file=$rest,format=raw,if=none,id=d$i,cache=none,aio=threads"
-            -device "virtio-scsi-pci,id=scsi$i" -device "scsi-hd,drive=d$i,bus=scsi$i.0,wwn=0x5000c50015ea71a$i")
+        img=${rest%%,*} aio=threads cache=none ctl=
+        if [[ $rest == *,* ]]; then
+            IFS=, read -ra props <<<"${rest#*,}"
+            for p in "${props[@]}"; do
+                case $p in
+                aio=*) aio=${p#aio=} ;;
+                cache=*) cache=${p#cache=} ;;
+                num_queues=*) ctl+=,$p ;;
+                *) echo "run.sh: unknown scsi-hd property $p" >&2; exit 2 ;;
+                esac
+            done
+        fi
+        args+=(-drive "file=$img,format=raw,if=none,id=d$i,cache=$cache,aio=$aio"
+            -device "virtio-scsi-pci,id=scsi$i$ctl" -device "scsi-hd,drive=d$i,bus=scsi$i.0,wwn=0x5000c50015ea71a$i")
         ;;
     iscsi)
         args+=(-drive "file=$rest,format=raw,if=none,id=d$i,cache=none"

@@ -1,0 +1,259 @@
+#!/usr/bin/env bash
+# sharedisk's vhost-user-scsi frontend against QEMU's own virtio-scsi + scsi-hd and against
+# vhost-device-scsi, seen from a real Linux guest: the same fio rows run in the same guest
+# (scripts/guest/, QEMU TCG) against each target, one target at a time, on one image.
+#
+#   bench/vhost.sh            # BENCH_SECONDS=20 per row (+ BENCH_RAMP=3); about 8 minutes
+#   BENCH_SECONDS=5 bench/vhost.sh          # a short run, to try it
+#
+# Targets (columns), each a fresh guest booted on the same image, which is filled with data
+# first (no holes):
+#   sharedisk            sharedisk serve --vhost-user SOCK --vhost-queues Q; vhost-user-scsi-pci
+#                        with num_queues=Q
+#   scsi-hd threads      QEMU's virtio-scsi-pci (num_queues=Q) + scsi-hd, aio=threads
+#   scsi-hd io_uring     the same, aio=io_uring
+#   vhost-device-scsi    the rust-vmm peer (cargo install vhost-device-scsi); it serves one
+#                        request queue, so its device has num_queues=1,param_change=off
+# Rows (4 KiB random I/O on the raw /dev/sdX, direct=1, time-based, guest fio):
+#   randread-qd1, randwrite-qd1           one job, iodepth 1
+#   randread-qd16, randwrite-qd16         one job per vCPU (pinned, so each submits on its own
+#                                         request queue), 16 in flight in all
+# Every guest has the same vCPUs and memory; scsi-hd uses the host page cache like the two
+# vhost-user back ends (cache=writeback; BENCH_SCSI_HD_CACHE=none for O_DIRECT).
+#
+# Under TCG the guest's CPU emulation dominates every number: compare the ratios, not the IOPS.
+# Prints a table of IOPS (median of BENCH_ROUNDS rounds) with the ratios sharedisk/scsi-hd
+# (the better of the two aio modes) and sharedisk/vhost-device-scsi, and whether the targets
+# are met (at least scsi-hd on every row, at least 1.5x vhost-device-scsi at QD16). The raw
+# output (guest consoles with fio's JSON, results channels, QEMU command lines, back-end logs,
+# results.tsv with every round's IOPS, table.txt) is kept in out/bench-vhost/. Exits 1 when
+# something failed (a row, a guest, a back end; listed under the table). Needs root to install
+# packages when they are missing. Not part of scripts/test.sh.
+#
+# Knobs: BENCH_SECONDS (20), BENCH_RAMP (3), BENCH_ROUNDS (1), BENCH_VCPUS (2), BENCH_QUEUES
+# (= vCPUs), BENCH_MEM (1G), BENCH_SIZE_MIB (1024), BENCH_IOENGINE (io_uring, which the guest
+# kernel has; or libaio), BENCH_SCSI_HD_CACHE (writeback), BENCH_TARGETS (all four:
+# sharedisk scsi-hd-threads scsi-hd-io_uring vhost-device-scsi), SHAREDISK_BIN (default: the
+# release build).
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+secs=${BENCH_SECONDS:-20}
+ramp=${BENCH_RAMP:-3}
+rounds=${BENCH_ROUNDS:-1}
+vcpus=${BENCH_VCPUS:-2}
+queues=${BENCH_QUEUES:-$vcpus}
+mem=${BENCH_MEM:-1G}
+size_mib=${BENCH_SIZE_MIB:-1024}
+ioengine=${BENCH_IOENGINE:-io_uring}
+hd_cache=${BENCH_SCSI_HD_CACHE:-writeback}
+read -ra targets <<<"${BENCH_TARGETS:-sharedisk scsi-hd-threads scsi-hd-io_uring vhost-device-scsi}"
+out=$root/out/bench-vhost
+guest_dir=$root/scripts/guest
+for t in "${targets[@]}"; do
+    case $t in
+    sharedisk | scsi-hd-threads | scsi-hd-io_uring | vhost-device-scsi) ;;
+    *) echo "bench: unknown target $t in BENCH_TARGETS" >&2; exit 2 ;;
+    esac
+done
+
+# Rows: NAME:RW:IODEPTH:JOBS (see cases/bench.sh); QD16 is 16 in flight over one job per vCPU.
+qd16_jobs=$vcpus
+((16 % qd16_jobs == 0)) || qd16_jobs=1
+qd16_depth=$((16 / qd16_jobs))
+rows=(randread-qd1 randwrite-qd1 randread-qd16 randwrite-qd16)
+row_specs="randread-qd1:randread:1:1 randwrite-qd1:randwrite:1:1"
+row_specs+=" randread-qd16:randread:$qd16_depth:$qd16_jobs randwrite-qd16:randwrite:$qd16_depth:$qd16_jobs"
+# Boot, then each row's ramp and run, with room for TCG's slowness.
+guest_timeout=$((180 + ${#rows[@]} * (secs + ramp) * 2))
+
+bench_needs=vhost
+# shellcheck source=bench/install.sh
+source "$root/bench/install.sh"
+
+if [[ -z ${SHAREDISK_BIN:-} ]]; then
+    cargo build --release --locked -p sharedisk --bin sharedisk --manifest-path "$root/Cargo.toml"
+fi
+bin=${SHAREDISK_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/sharedisk}
+guest=$("$guest_dir/build.sh")
+
+rm -rf "$out"
+mkdir -p "$out"
+printf 'round\ttarget\trow\tiops\n' >"$out/results.tsv"
+work=$(mktemp -d /var/tmp/sharedisk-bench-vhost.XXXXXX)
+image=$work/disk.img
+sock=$work/vhost.sock
+server=""
+cleanup() {
+    local f
+    # A guest still running (an interrupted run): run.sh's timeout passes SIGTERM on to QEMU.
+    for f in "$out"/*.pid; do
+        [[ -f $f ]] && kill -TERM "$(cat "$f")" 2>/dev/null || true
+    done
+    if [[ -n $server ]]; then
+        kill -TERM "$server" 2>/dev/null || true
+        wait "$server" 2>/dev/null || true
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+echo "bench: filling a ${size_mib} MiB image"
+fio --name=fill --filename="$image" --rw=write --bs=1M --size="${size_mib}M" \
+    --ioengine=psync --end_fsync=1 >"$out/fill.log"
+
+# wait_for_socket PID: the back end's socket appears, or the back end is gone.
+wait_for_socket() {
+    local i
+    for ((i = 0; i < 300; i++)); do
+        [[ -S $sock ]] && return 0
+        kill -0 "$1" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+
+# start_backend TARGET LOG: the vhost-user back end of TARGET on $sock (sets server).
+start_backend() {
+    rm -f "$sock"
+    case $1 in
+    sharedisk)
+        "$bin" serve --file "$image" --listen 127.0.0.1:0 --vhost-user "$sock" \
+            --vhost-queues "$queues" --control "$work/control.sock" >"$2.out" 2>"$2" &
+        ;;
+    vhost-device-scsi)
+        vhost-device-scsi --socket-path "$sock" "$image" >"$2" 2>&1 &
+        ;;
+    esac
+    server=$!
+    wait_for_socket "$server"
+}
+
+stop_backend() {
+    [[ -n $server ]] || return 0
+    kill -TERM "$server" 2>/dev/null || true
+    wait "$server" 2>/dev/null || true
+    server=""
+}
+
+# Results: results[ROW,TARGET] = IOPS of each round, space-separated; failures: lines.
+declare -A results
+failures=()
+
+# run_target ROUND TARGET: one guest against TARGET; collects its rows.
+run_target() {
+    local round=$1 target=$2 name=r$1-$2 disk rc=0
+    case $target in
+    sharedisk) disk=vhost-user:$sock,num_queues=$queues ;;
+    scsi-hd-threads) disk=scsi-hd:$image,aio=threads,cache=$hd_cache,num_queues=$queues ;;
+    scsi-hd-io_uring) disk=scsi-hd:$image,aio=io_uring,cache=$hd_cache,num_queues=$queues ;;
+    vhost-device-scsi) disk=vhost-user:$sock,num_queues=1,param_change=off ;;
+    *) echo "bench: unknown target $target" >&2; exit 2 ;;
+    esac
+    echo "bench: round $round, $target"
+    if [[ $target == sharedisk || $target == vhost-device-scsi ]]; then
+        if ! start_backend "$target" "$out/$name.backend.log"; then
+            failures+=("$target (round $round): the back end did not start; see $out/$name.backend.log")
+            stop_backend
+            return
+        fi
+    fi
+    "$guest_dir/run.sh" --guest "$guest" --dir "$out" --name "$name" --timeout "$guest_timeout" \
+        --smp "$vcpus" --mem "$mem" --script "$guest_dir/cases/bench.sh" --disk "$disk" \
+        --env BENCH_ROWS="$row_specs" --env BENCH_SECONDS="$secs" --env BENCH_RAMP="$ramp" \
+        --env BENCH_IOENGINE="$ioengine" 2>>"$out/run.log" || rc=$?
+    # sharedisk keeps serving after the guest goes (vhost-device-scsi exits when its one
+    # front end disconnects, as it is meant to).
+    if [[ $target == sharedisk ]] && ! kill -0 "$server" 2>/dev/null; then
+        failures+=("$target (round $round): the daemon exited during the run; see $out/$name.backend.log")
+    fi
+    stop_backend
+    rm -f "$out/$name.initrd" # the base initramfs and $name.test.cpio.gz, 38 MB
+    ((rc != 124)) || failures+=("$target (round $round): the guest timed out after ${guest_timeout}s")
+    local f=$out/$name.results row v line want=$queues
+    [[ $target != vhost-device-scsi ]] || want=1
+    v=$(awk '$1 == "VALUE" && $2 == "hw-queues" { print $3; exit }' "$f" 2>/dev/null || true)
+    [[ -z $v || $v == "$want" ]] ||
+        failures+=("$target (round $round): the guest has $v request queues, not $want")
+    for row in "${rows[@]}"; do
+        v=$(awk -v n="iops-$row" '$1 == "VALUE" && $2 == n { print $3; exit }' "$f" 2>/dev/null || true)
+        [[ -n $v ]] || continue
+        results[$row,$target]+="$v "
+        printf '%s\t%s\t%s\t%s\n' "$round" "$target" "$row" "$v" >>"$out/results.tsv"
+    done
+    while read -r line; do
+        failures+=("$target (round $round): $line")
+    done < <(awk '$1 == "RESULT" && $3 == "FAIL" { $1 = ""; print substr($0, 2) }' "$f" 2>/dev/null)
+    grep -q '^DONE ' "$f" 2>/dev/null ||
+        failures+=("$target (round $round): the guest script did not finish; see $out/$name.console")
+}
+
+for ((r = 1; r <= rounds; r++)); do
+    for t in "${targets[@]}"; do
+        run_target "$r" "$t"
+    done
+done
+
+median() { # VALUES...: the median (the lower middle one of an even count), or nothing
+    (($#)) || return 0
+    printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
+}
+ratio() {
+    if [[ -n $1 && -n $2 && $2 != 0 ]]; then
+        awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'
+    else
+        echo "-"
+    fi
+}
+# meet VAR RATIO MIN: VAR (yes, "?" or no) becomes no when RATIO < MIN, "?" when there is no
+# RATIO and it was yes.
+meet() {
+    local -n verdict=$1
+    if [[ $2 == - ]]; then
+        [[ $verdict != yes ]] || verdict="?"
+    elif awk -v a="$2" -v m="$3" 'BEGIN { exit !(a < m) }'; then
+        verdict=no
+    fi
+}
+
+declare -A med
+for row in "${rows[@]}"; do
+    for t in sharedisk scsi-hd-threads scsi-hd-io_uring vhost-device-scsi; do
+        # shellcheck disable=SC2086
+        med[$row,$t]=$(median ${results[$row,$t]:-})
+    done
+done
+ok_hd=yes ok_vds=yes
+{
+    echo "sharedisk over vhost-user vs QEMU scsi-hd vs vhost-device-scsi, from a Linux guest:"
+    echo "  fio 4 KiB random, direct=1, $ioengine, ${secs} s (+${ramp} s ramp) per row," \
+        "median of $rounds round(s); ${size_mib} MiB image filled with data"
+    echo "  QEMU $(qemu-system-x86_64 --version | sed -n 's/.*version \([^ ]*\).*/\1/p;q') TCG" \
+        "(-cpu max), $vcpus vCPUs, $mem per guest, host $(nproc) cores;" \
+        "scsi-hd cache=$hd_cache"
+    echo "  request queues: sharedisk $queues, scsi-hd $queues, vhost-device-scsi 1 (it serves one);" \
+        "qd1 rows: 1 job x iodepth 1; qd16 rows: $qd16_jobs job(s) x iodepth $qd16_depth"
+    echo "  TCG: the guest CPU dominates; compare the ratios, not the IOPS"
+    printf '%-16s %10s %10s %10s %10s %9s %9s\n' "" sharedisk "scsi-hd" "scsi-hd" "vhost-dev" \
+        "sd/" "sd/"
+    printf '%-16s %10s %10s %10s %10s %9s %9s\n' row "" threads io_uring "-scsi(1q)" \
+        "scsi-hd" "vds"
+    for row in "${rows[@]}"; do
+        sd=${med[$row,sharedisk]} th=${med[$row,scsi-hd-threads]}
+        iu=${med[$row,scsi-hd-io_uring]} vd=${med[$row,vhost-device-scsi]}
+        # shellcheck disable=SC2086
+        best=$(printf '%s\n' $th $iu | sort -n | tail -n 1)
+        r_hd=$(ratio "$sd" "$best") r_vd=$(ratio "$sd" "$vd")
+        printf '%-16s %10s %10s %10s %10s %9s %9s\n' "$row" "${sd:--}" "${th:--}" "${iu:--}" \
+            "${vd:--}" "$r_hd" "$r_vd"
+        meet ok_hd "$r_hd" 1
+        [[ $row != *-qd16 ]] || meet ok_vds "$r_vd" 1.5
+    done
+    echo "target: sharedisk >= the better scsi-hd on every row: $ok_hd;" \
+        ">= 1.5x vhost-device-scsi at qd16: $ok_vds"
+    if ((${#failures[@]})); then
+        echo "failed:"
+        printf '  %s\n' "${failures[@]}"
+    fi
+} | tee "$out/table.txt"
+((${#failures[@]} == 0))

@@ -1,0 +1,65 @@
+#!/bin/sh
+# Benchmark guest (bench/vhost.sh): fio rows on the raw disk, one after the other, each
+# reported as "VALUE iops-ROW N" (read plus write IOPS, rounded down) and a RESULT line.
+#
+# Environment (/etc/test.env):
+#   BENCH_ROWS       "NAME:RW:IODEPTH:JOBS ..."; JOBS jobs of IODEPTH each, one per vCPU
+#                    (cpus_allowed split), so each submits on its own request queue
+#   BENCH_SECONDS    measured seconds per row
+#   BENCH_RAMP       seconds per row before measuring
+#   BENCH_IOENGINE   io_uring or libaio
+# The fio JSON of each row goes to the console.
+. /lib.sh
+. /etc/test.env
+
+disk=$(wait_disks 1 30 | head -n1)
+[ -n "$disk" ] || { fail disk-appears "no /dev/sd* after 30 s"; finish; }
+dev=/dev/$disk
+pass disk-appears "$dev"
+# The same block-layer settings whatever the target reports: no I/O scheduler, not rotational.
+echo none >"/sys/block/$disk/queue/scheduler" 2>/dev/null
+echo 0 >"/sys/block/$disk/queue/rotational" 2>/dev/null
+value cpus "$(grep -c ^processor /proc/cpuinfo)"
+value hw-queues "$(ls "/sys/block/$disk/mq" | wc -l)"
+value scheduler "$(cat "/sys/block/$disk/queue/scheduler")"
+value size-bytes "$(($(cat "/sys/block/$disk/size") * 512))"
+
+# iops_of FILE SECTION: the "iops" of the read or write section of fio's JSON (one job,
+# group_reporting).
+iops_of() {
+    awk -v sec="$2" '
+        /^ *"(read|write|trim|sync)" : \{/ { cur = $1; gsub(/"/, "", cur) }
+        cur == sec && /^ *"iops" : / { v = $3; sub(/,$/, "", v); print v; exit }
+    ' "$1"
+}
+
+cpus=$(grep -c ^processor /proc/cpuinfo)
+for row in $BENCH_ROWS; do
+    name=${row%%:*} rest=${row#*:}
+    rw=${rest%%:*} rest=${rest#*:}
+    depth=${rest%%:*} jobs=${rest#*:}
+    aff=
+    if [ "$jobs" -gt 1 ] && [ "$jobs" -le "$cpus" ]; then
+        aff="--cpus_allowed=0-$((jobs - 1)) --cpus_allowed_policy=split"
+    fi
+    echo "[guest] fio $name: $rw, $jobs job(s) x iodepth $depth"
+    # shellcheck disable=SC2086
+    timeout $((BENCH_SECONDS + BENCH_RAMP + 60)) fio --name="$name" --filename="$dev" \
+        --direct=1 --ioengine="$BENCH_IOENGINE" --rw="$rw" --bs=4k --iodepth="$depth" \
+        --numjobs="$jobs" $aff --group_reporting --norandommap --randrepeat=0 \
+        --time_based --runtime="$BENCH_SECONDS" --ramp_time="$BENCH_RAMP" \
+        --output-format=json --output=/tmp/fio.json >/tmp/fio.err 2>&1
+    rc=$?
+    cat /tmp/fio.json /tmp/fio.err
+    r=$(iops_of /tmp/fio.json read)
+    w=$(iops_of /tmp/fio.json write)
+    err=$(awk '/^ *"error" : / { v = $3; sub(/,$/, "", v); print v; exit }' /tmp/fio.json)
+    iops=$(awk -v r="${r:-0}" -v w="${w:-0}" 'BEGIN { printf "%d", r + w }')
+    if [ "$rc" -eq 0 ] && [ "${err:-1}" = 0 ] && [ "$iops" -gt 0 ]; then
+        value "iops-$name" "$iops"
+        pass "fio-$name" "$iops IOPS"
+    else
+        fail "fio-$name" "fio exit $rc, error ${err:-none}, $iops IOPS: $(tail -n 3 /tmp/fio.err | tr '\n' ' ')"
+    fi
+done
+finish
