@@ -365,10 +365,14 @@ impl Device {
                     } else {
                         wire::VIRTIO_SCSI_S_OK
                     };
+                    // virtio 5.6.6.1: resid is the part of the transfer that did not
+                    // happen: data-in buffers left unfilled; data-out the guest sent beyond
+                    // what the CDB asks for; or, on a data-out underrun, what the CDB asks
+                    // for beyond what the guest sent (the SCSI layer used only that).
                     let resid = if data_in_cap > 0 {
                         data_in_cap - n as u64
                     } else {
-                        data_out_len.saturating_sub(expected_out)
+                        data_out_len.abs_diff(expected_out)
                     };
                     (
                         wire::cmd_resp(

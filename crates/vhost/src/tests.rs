@@ -501,6 +501,12 @@ fn write_and_read_round_trip_with_residuals() {
     let (len, resp, _) = h.command(LUN0, &[0x2A, 0, 0, 0, 0, 3, 0, 0, 1, 0], &[0xAB; 1024], 0);
     assert_eq!(len, RESP);
     assert_eq!(&resp[0..12], &[0, 0, 0, 0, 0x00, 0x02, 0, 0, 0, 0, 0, 0]);
+
+    // WRITE(10) of 2 blocks with only 512 bytes of data-out: the block received is written
+    // (GOOD), and resid says the other 512 bytes were not transferred.
+    let (len, resp, _) = h.command(LUN0, &[0x2A, 0, 0, 0, 0, 5, 0, 0, 2, 0], &[0xCD; 512], 0);
+    assert_eq!(len, RESP);
+    assert_eq!(&resp[0..12], &[0, 0, 0, 0, 0x00, 0x02, 0, 0, 0, 0, 0, 0]);
 }
 
 #[test]
