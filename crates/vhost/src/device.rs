@@ -85,7 +85,8 @@ struct QueueState {
 
 #[derive(Default)]
 struct Events {
-    /// The event queue, once the driver has kicked it.
+    /// The event queue, once the driver has kicked it; kept across stop/start and device
+    /// resets (vhost-user-backend keeps one vring object per queue for the connection).
     vring: Option<Vring>,
     /// An event found no buffer: the next one carries VIRTIO_SCSI_T_EVENTS_MISSED.
     missed: bool,
@@ -639,7 +640,9 @@ impl VhostUserBackend for Device {
         self.epoch.fetch_add(1, Ordering::SeqCst);
         self.sense_size.store(wire::SENSE_SIZE, Ordering::Relaxed);
         self.cdb_size.store(wire::CDB_SIZE, Ordering::Relaxed);
-        *lock(&self.events) = Events::default();
+        // The driver starts afresh: no event was missed by it. The vring object stays (see
+        // `stop_vring`).
+        lock(&self.events).missed = false;
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -717,9 +720,10 @@ impl VhostUserBackend for Device {
             }
             q.epoch.fetch_add(1, Ordering::SeqCst);
         }
-        if index == 1 {
-            lock(&self.events).vring = None;
-        }
+        // The event queue's vring stays known: it is the same object when the frontend starts
+        // the queue again (a VM stopped and continued), and a driver using VIRTIO_RING_F_EVENT_IDX
+        // may never kick again. While the queue is stopped an event finds no buffer (the
+        // queue is not ready) and the next one reports VIRTIO_SCSI_T_EVENTS_MISSED.
         Ok(())
     }
 

@@ -940,3 +940,30 @@ fn disconnect_loses_the_nexus_and_the_socket_accepts_again() {
     server.stop();
     assert!(!path.exists(), "socket removed");
 }
+
+#[test]
+fn hotplug_events_survive_a_stopped_and_restarted_event_queue() {
+    let mut h = Harness::new();
+    let e1 = h.alloc(16);
+    h.add_chain(
+        1,
+        &[D {
+            addr: e1,
+            len: 16,
+            write: true,
+        }],
+    );
+    h.kick(1);
+    // The VM is stopped and continued: GET_VRING_BASE stops the queue, SET_VRING_BASE and
+    // SET_VRING_KICK start it again (the same vring, ready again). With EVENT_IDX the driver
+    // does not kick: it has already given its buffers.
+    h.dev.stop_vring(1).unwrap();
+    h.event.vring.set_queue_ready(true);
+    h.vs.add_lu(0, 1, lu(8)).unwrap();
+    assert_eq!(h.wait_used(1), (0, 16));
+    // VIRTIO_SCSI_T_TRANSPORT_RESET (1), lun [1, 0, 40h, 01h, 0...], reason RESCAN (1).
+    assert_eq!(
+        h.get(e1, 16),
+        vec![1, 0, 0, 0, 1, 0, 0x40, 1, 0, 0, 0, 0, 1, 0, 0, 0]
+    );
+}
