@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -105,25 +105,46 @@ pub struct Device {
     epoch: AtomicU64,
     queues: Vec<QueueState>,
     events: Mutex<Events>,
+    /// Held for reading by every return of a chain to the driver, from the check of the
+    /// epochs through the guest-memory writes to the used ring entry; for writing by whatever
+    /// bumps an epoch (queue stop, device reset, disconnect). So once the bump is done, no
+    /// completion from before it touches guest memory or the rings.
+    gate: RwLock<()>,
+    #[cfg(test)]
+    pub(crate) hooks: Hooks,
+}
+
+/// A flag to wait on until it is true (tests).
+#[cfg(test)]
+pub(crate) type TestGate = Arc<(Mutex<bool>, std::sync::Condvar)>;
+
+/// Test hooks: hold request completions at chosen points.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Hooks {
+    /// When set, a request's task waits here, before it completes, until the value is true.
+    pub before_complete: Mutex<Option<tokio::sync::watch::Receiver<bool>>>,
+    /// Requests that reached `before_complete`.
+    pub reached: AtomicUsize,
+    /// When set, a request's completion blocks here until the flag is true: with the gate
+    /// held, after its epoch check and before its writes.
+    pub in_complete: Mutex<Option<TestGate>>,
+    /// Completions that reached `in_complete`.
+    pub inside: AtomicUsize,
+}
+
+/// The epochs a chain was popped in: its completion is written only while they are current.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Epochs {
+    device: u64,
+    queue: u64,
 }
 
 /// A command in flight: where its completion goes, if the queue still exists then.
 struct Token {
     dev: Arc<Device>,
     queue: usize,
-    epoch: u64,
-    queue_epoch: u64,
-}
-
-impl Token {
-    fn current(&self) -> bool {
-        self.dev.epoch.load(Ordering::SeqCst) == self.epoch
-            && self
-                .dev
-                .queues
-                .get(self.queue)
-                .is_some_and(|q| q.epoch.load(Ordering::SeqCst) == self.queue_epoch)
-    }
+    epochs: Epochs,
 }
 
 impl Drop for Token {
@@ -154,13 +175,62 @@ impl Device {
             epoch: AtomicU64::new(0),
             queues,
             events: Mutex::new(Events::default()),
+            gate: RwLock::new(()),
+            #[cfg(test)]
+            hooks: Hooks::default(),
         })
     }
 
     /// The connection is gone: nothing in flight may touch its rings or memory any more.
+    /// Returns once no completion is being written.
     pub(crate) fn disconnect(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        {
+            let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+        }
         lock(&self.events).vring = None;
+    }
+
+    fn epochs(&self, queue: usize) -> Epochs {
+        Epochs {
+            device: self.epoch.load(Ordering::SeqCst),
+            queue: self
+                .queues
+                .get(queue)
+                .map_or(u64::MAX, |q| q.epoch.load(Ordering::SeqCst)),
+        }
+    }
+
+    /// Return `head` of `queue` to the driver, if the epochs it was popped in are still
+    /// current: `write` puts the response into guest memory and says how many bytes it wrote
+    /// (the used length). The check, the writes and the used ring entry happen under the
+    /// gate, so a stop, reset or disconnect is either before all of them or after.
+    fn complete(
+        &self,
+        queue: usize,
+        epochs: Epochs,
+        vring: &Vring,
+        head: u16,
+        write: impl FnOnce() -> u32,
+    ) {
+        let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        if self.epochs(queue) != epochs {
+            return;
+        }
+        #[cfg(test)]
+        if queue >= 2 {
+            let hook = lock(&self.hooks.in_complete).clone();
+            if let Some(h) = hook {
+                self.hooks.inside.fetch_add(1, Ordering::SeqCst);
+                let (m, cv) = &*h;
+                let mut open = lock(m);
+                while !*open {
+                    open = cv.wait(open).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+        }
+        let len = write();
+        Self::used(vring, head, len);
     }
 
     fn config(&self) -> wire::Config {
@@ -181,16 +251,11 @@ impl Device {
         }
     }
 
-    fn token(&self, queue: usize) -> Option<Token> {
+    fn token(&self, queue: usize, epochs: Epochs) -> Option<Token> {
         let dev = self.me.upgrade()?;
         let q = self.queues.get(queue)?;
         q.inflight.fetch_add(1, Ordering::SeqCst);
-        Some(Token {
-            queue,
-            epoch: self.epoch.load(Ordering::SeqCst),
-            queue_epoch: q.epoch.load(Ordering::SeqCst),
-            dev,
-        })
+        Some(Token { queue, epochs, dev })
     }
 
     /// Return a chain to the driver with `len` bytes written, and notify it if it asked.
@@ -210,12 +275,6 @@ impl Device {
         }
     }
 
-    fn complete(token: &Token, vring: &Vring, head: u16, len: u32) {
-        if token.current() {
-            Self::used(vring, head, len);
-        }
-    }
-
     /// Pop every available chain of `vring` (queue `queue`) and handle it; with
     /// VIRTIO_RING_F_EVENT_IDX, loop until no chain arrived while notifications were off.
     fn drain(&self, queue: usize, vring: &Vring) {
@@ -225,16 +284,21 @@ impl Device {
                 let _ = vring.disable_notification();
             }
             let mem = self.mem.memory().into_inner();
-            let chains: Vec<DescriptorChain<Arc<Mem>>> = {
-                let mut st = vring.get_mut();
-                let q = st.get_queue_mut();
-                std::iter::from_fn(|| q.pop_descriptor_chain(mem.clone())).collect()
-            };
-            for chain in chains {
+            loop {
+                // Read before the pop: a stop or reset after this point makes the chain's
+                // completion stale, never the other way round.
+                let epochs = self.epochs(queue);
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else {
+                    break;
+                };
                 match queue {
-                    0 => self.control(vring, &mem, chain),
+                    0 => self.control(epochs, vring, &mem, chain),
                     1 => {}
-                    q => self.request(q, vring, &mem, chain),
+                    q => self.request(q, epochs, vring, &mem, chain),
                 }
             }
             if !event_idx || !matches!(vring.enable_notification(), Ok(true)) {
@@ -247,17 +311,18 @@ impl Device {
     fn request(
         &self,
         queue: usize,
+        epochs: Epochs,
         vring: &Vring,
         mem: &Arc<Mem>,
         chain: DescriptorChain<Arc<Mem>>,
     ) {
         let head = chain.head_index();
+        let unanswered = || self.complete(queue, epochs, vring, head, || 0);
         let (rd, wr) = match sg::split(chain) {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(queue, head, error = %e, "Malformed request chain");
-                Self::used(vring, head, 0);
-                return;
+                return unanswered();
             }
         };
         let sense_size = self.sense_size.load(Ordering::Relaxed);
@@ -272,16 +337,16 @@ impl Device {
                 writable = wr.len(),
                 "Request without room for its response"
             );
-            Self::used(vring, head, 0);
-            return;
+            return unanswered();
         }
         let fail = |response: u32| {
             let r = wire::cmd_resp(status_byte(response), 0, 0, &[], sense_size);
-            let len = match wr.write_at(&**mem, 0, &r) {
-                Ok(()) => resp_len,
-                Err(_) => 0,
-            };
-            Self::used(vring, head, len);
+            self.complete(queue, epochs, vring, head, || {
+                match wr.write_at(&**mem, 0, &r) {
+                    Ok(()) => resp_len,
+                    Err(_) => 0,
+                }
+            });
         };
         let mut hdr = vec![0u8; req_len as usize];
         if rd.len() < u64::from(req_len) || rd.read_at(&**mem, 0, &mut hdr).is_err() {
@@ -336,15 +401,20 @@ impl Device {
             data_out,
             data_in_len: u32::try_from(data_in_cap).unwrap_or(u32::MAX),
         };
-        let Some(token) = self.token(queue) else {
+        let Some(token) = self.token(queue, epochs) else {
             return;
         };
         let vring = vring.clone();
         let mem = mem.clone();
         self.shared.runtime.spawn(async move {
             let done = target.execute_admitted(cmd, ticket).await;
-            if !token.current() {
-                return;
+            #[cfg(test)]
+            {
+                let hold = lock(&token.dev.hooks.before_complete).clone();
+                if let Some(mut rx) = hold {
+                    token.dev.hooks.reached.fetch_add(1, Ordering::SeqCst);
+                    let _ = rx.wait_for(|open| *open).await;
+                }
             }
             let (resp, data_in) = match &done {
                 scsi::Completion::Aborted => (
@@ -387,44 +457,54 @@ impl Device {
                     )
                 }
             };
-            let written = wr
-                .write_at(&*mem, u64::from(resp_len), data_in)
-                .and_then(|()| wr.write_at(&*mem, 0, &resp));
-            let len = match written {
-                Ok(()) => resp_len + data_in.len() as u32,
-                Err(e) => {
-                    tracing::warn!(head, error = %e, "Cannot write a response to guest memory");
-                    0
-                }
-            };
-            Self::complete(&token, &vring, head, len);
+            token
+                .dev
+                .complete(token.queue, token.epochs, &vring, head, || {
+                    let written = wr
+                        .write_at(&*mem, u64::from(resp_len), data_in)
+                        .and_then(|()| wr.write_at(&*mem, 0, &resp));
+                    match written {
+                        Ok(()) => resp_len + data_in.len() as u32,
+                        Err(e) => {
+                            tracing::warn!(head, error = %e, "Cannot write a response to guest memory");
+                            0
+                        }
+                    }
+                });
         });
     }
 
     /// One control queue request (virtio 5.6.6.2).
-    fn control(&self, vring: &Vring, mem: &Arc<Mem>, chain: DescriptorChain<Arc<Mem>>) {
+    fn control(
+        &self,
+        epochs: Epochs,
+        vring: &Vring,
+        mem: &Arc<Mem>,
+        chain: DescriptorChain<Arc<Mem>>,
+    ) {
         let head = chain.head_index();
+        let unanswered = || self.complete(0, epochs, vring, head, || 0);
         let (rd, wr) = match sg::split(chain) {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(head, error = %e, "Malformed control chain");
-                return Self::used(vring, head, 0);
+                return unanswered();
             }
         };
         let mut ty = [0u8; 4];
         if rd.read_at(&**mem, 0, &mut ty).is_err() {
             tracing::warn!(head, "Control request without a type");
-            return Self::used(vring, head, 0);
+            return unanswered();
         }
         match wire::ctrl_type(&ty) {
-            wire::VIRTIO_SCSI_T_TMF => self.tmf(vring, mem, head, &rd, wr),
+            wire::VIRTIO_SCSI_T_TMF => self.tmf(epochs, vring, mem, head, &rd, wr),
             wire::VIRTIO_SCSI_T_AN_QUERY | wire::VIRTIO_SCSI_T_AN_SUBSCRIBE => {
                 if wr.len() < u64::from(wire::AN_RESP) {
                     tracing::warn!(
                         head,
                         "Asynchronous notification request without room for its response"
                     );
-                    return Self::used(vring, head, 0);
+                    return unanswered();
                 }
                 let mut req = [0u8; wire::AN_REQ as usize];
                 let response = if rd.read_at(&**mem, 0, &mut req).is_err() {
@@ -439,15 +519,16 @@ impl Device {
                 };
                 // No asynchronous notification is supported: event_actual 0.
                 let resp = wire::an_resp(0, status_byte(response));
-                let len = match wr.write_at(&**mem, 0, &resp) {
-                    Ok(()) => wire::AN_RESP,
-                    Err(_) => 0,
-                };
-                Self::used(vring, head, len);
+                self.complete(0, epochs, vring, head, || {
+                    match wr.write_at(&**mem, 0, &resp) {
+                        Ok(()) => wire::AN_RESP,
+                        Err(_) => 0,
+                    }
+                });
             }
             other => {
                 tracing::warn!(head, ty = other, "Unknown control request type");
-                Self::used(vring, head, 0);
+                unanswered();
             }
         }
     }
@@ -455,20 +536,21 @@ impl Device {
     /// A task management request. It runs as a task of its own: an ABORT TASK or a reset
     /// waits for the commands it ends, and neither the control queue nor the request queues
     /// wait with it.
-    fn tmf(&self, vring: &Vring, mem: &Arc<Mem>, head: u16, rd: &Sg, wr: Sg) {
+    fn tmf(&self, epochs: Epochs, vring: &Vring, mem: &Arc<Mem>, head: u16, rd: &Sg, wr: Sg) {
         if wr.len() < u64::from(wire::TMF_RESP) {
             tracing::warn!(
                 head,
                 "Task management request without room for its response"
             );
-            return Self::used(vring, head, 0);
+            return self.complete(0, epochs, vring, head, || 0);
         }
         let answer = |response: u32| {
-            let len = match wr.write_at(&**mem, 0, &[status_byte(response)]) {
-                Ok(()) => wire::TMF_RESP,
-                Err(_) => 0,
-            };
-            Self::used(vring, head, len);
+            self.complete(0, epochs, vring, head, || {
+                match wr.write_at(&**mem, 0, &[status_byte(response)]) {
+                    Ok(()) => wire::TMF_RESP,
+                    Err(_) => 0,
+                }
+            });
         };
         let mut buf = [0u8; wire::TMF_REQ as usize];
         if rd.read_at(&**mem, 0, &mut buf).is_err() {
@@ -497,7 +579,7 @@ impl Device {
                 return answer(wire::VIRTIO_SCSI_S_FUNCTION_REJECTED);
             }
         };
-        let Some(token) = self.token(0) else {
+        let Some(token) = self.token(0, epochs) else {
             return;
         };
         let shared = self.shared.clone();
@@ -524,14 +606,12 @@ impl Device {
                 scsi::TmfResponse::FunctionRejected => wire::VIRTIO_SCSI_S_FUNCTION_REJECTED,
                 scsi::TmfResponse::IncorrectLun => wire::VIRTIO_SCSI_S_INCORRECT_LUN,
             };
-            if !token.current() {
-                return;
-            }
-            let len = match wr.write_at(&*mem, 0, &[status_byte(response)]) {
-                Ok(()) => wire::TMF_RESP,
-                Err(_) => 0,
-            };
-            Self::complete(&token, &vring, head, len);
+            token.dev.complete(0, token.epochs, &vring, head, || {
+                match wr.write_at(&*mem, 0, &[status_byte(response)]) {
+                    Ok(()) => wire::TMF_RESP,
+                    Err(_) => 0,
+                }
+            });
         });
     }
 
@@ -637,7 +717,10 @@ impl VhostUserBackend for Device {
     }
 
     fn reset_device(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        {
+            let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+        }
         self.sense_size.store(wire::SENSE_SIZE, Ordering::Relaxed);
         self.cdb_size.store(wire::CDB_SIZE, Ordering::Relaxed);
         // The driver starts afresh: no event was missed by it. The vring object stays (see
@@ -718,6 +801,7 @@ impl VhostUserBackend for Device {
                     "Queue stopped with commands in flight; their completions are dropped"
                 );
             }
+            let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
             q.epoch.fetch_add(1, Ordering::SeqCst);
         }
         // The event queue's vring stays known: it is the same object when the frontend starts

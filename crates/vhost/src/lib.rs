@@ -343,8 +343,11 @@ impl VhostScsi {
             let result = daemon.wait();
             *lock(conn) = None;
             *lock(&self.shared.current) = None;
+            // No completion writes to the old rings from here on; then the worker threads
+            // stop (dropping the daemon joins them), so nothing pops either.
             dev.disconnect();
             exit(&daemon);
+            drop(daemon);
             self.shared.nexus_lost();
             match result {
                 // QEMU went away: the usual end of a connection.

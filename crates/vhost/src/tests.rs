@@ -967,3 +967,101 @@ fn hotplug_events_survive_a_stopped_and_restarted_event_queue() {
         vec![1, 0, 0, 0, 1, 0, 0x40, 1, 0, 0, 0, 0, 1, 0, 0, 0]
     );
 }
+
+#[test]
+fn disconnect_waits_for_a_completion_being_written_and_drops_later_ones() {
+    let mut h = Harness::new();
+    h.tur();
+    // A completion held after its epoch check, before its guest writes.
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    *h.dev.hooks.in_complete.lock().unwrap() = Some(gate.clone());
+    // Opened however the test ends, so the runtime can shut down.
+    struct Open(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            self.0 .1.notify_all();
+        }
+    }
+    let _open = Open(gate.clone());
+    let hd = h.header(LUN0, 11, &[0x00, 0, 0, 0, 0, 0]);
+    let r = h.alloc(RESP);
+    h.put(r, &[0xEE; 12]);
+    h.add_chain(
+        2,
+        &[
+            D {
+                addr: hd,
+                len: REQ,
+                write: false,
+            },
+            D {
+                addr: r,
+                len: RESP,
+                write: true,
+            },
+        ],
+    );
+    h.kick(2);
+    let start = Instant::now();
+    while h.dev.hooks.inside.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The disconnect cannot get between that check and the writes: it waits for them.
+    let dev = h.dev.clone();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done2 = done.clone();
+    let t = std::thread::spawn(move || {
+        dev.disconnect();
+        done2.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !done.load(std::sync::atomic::Ordering::SeqCst),
+        "disconnect returned while a completion was being written"
+    );
+    let used_before = h.used_count(2);
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    t.join().unwrap();
+    // The completion that had passed its check landed before the disconnect returned.
+    assert_eq!(h.wait_used(2).1, RESP);
+    assert_eq!(used_before + 1, h.used_count(2));
+    assert_eq!(h.get(r, 12), vec![0; 12]);
+    // A chain popped before a disconnect and completing after it is never answered.
+    *h.dev.hooks.in_complete.lock().unwrap() = None;
+    let (hold, rx) = tokio::sync::watch::channel(false);
+    *h.dev.hooks.before_complete.lock().unwrap() = Some(rx);
+    h.add_chain(
+        2,
+        &[
+            D {
+                addr: hd,
+                len: REQ,
+                write: false,
+            },
+            D {
+                addr: r,
+                len: RESP,
+                write: true,
+            },
+        ],
+    );
+    h.kick(2);
+    let start = Instant::now();
+    while h
+        .dev
+        .hooks
+        .reached
+        .load(std::sync::atomic::Ordering::SeqCst)
+        == 0
+    {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    h.dev.disconnect();
+    hold.send_replace(true);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(h.used_count(2), used_before + 1);
+}
