@@ -1,9 +1,12 @@
 //! The virtio-scsi device of one vhost-user connection: a [`VhostUserBackend`] with the control
 //! queue (0), the event queue (1) and the request queues (2..).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::os::fd::{AsRawFd, RawFd};
+#[cfg(test)]
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -12,12 +15,13 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::sg::{self, Sg};
 use crate::wire::{self, Address};
@@ -32,6 +36,10 @@ const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
 /// command (VPD 0xB0 MAXIMUM TRANSFER LENGTH), plus room for parameter lists. A request with
 /// more gets VIRTIO_SCSI_S_FAILURE before anything is copied.
 const MAX_DATA_OUT: u64 = 16 << 20;
+/// The data-out a connection may hold copied out of guest memory (for commands in flight).
+/// A request that would go above it waits in the ring until completions make room (one
+/// request is always let in when nothing is held).
+const DATA_OUT_BUDGET: u64 = 64 << 20;
 /// Largest virtqueue the driver may configure.
 pub(crate) const MAX_QUEUE_SIZE: u16 = 1024;
 /// How long GET_VRING_BASE waits for the queue's commands in flight before it gives up on them
@@ -77,10 +85,41 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 #[derive(Default)]
 struct QueueState {
-    /// Commands popped from the queue and not yet completed.
-    inflight: AtomicUsize,
     /// Bumped when the queue is stopped: completions from before are dropped.
     epoch: AtomicU64,
+}
+
+/// What a connection has in flight: every chain popped and handed to a task (a request, a
+/// task management function) until its used ring entry is written or dropped.
+#[derive(Default)]
+struct Inflight {
+    next: u64,
+    entries: HashMap<u64, Entry>,
+    queues: Vec<QueueInflight>,
+    /// Data-out held by the entries, in bytes.
+    bytes: u64,
+}
+
+#[derive(Default)]
+struct QueueInflight {
+    count: usize,
+    /// Heads in flight, with the epochs they were popped in (after a reset the driver reuses
+    /// heads whose old completions are dropped).
+    heads: HashSet<(u16, Epochs)>,
+    /// The queue stopped popping for want of room: a completion wakes its thread.
+    waiting: bool,
+}
+
+/// One chain in flight.
+#[allow(dead_code)] // `lu` and `tag` are for task management, which does not wait yet.
+struct Entry {
+    queue: usize,
+    head: u16,
+    epochs: Epochs,
+    /// The logical unit a request addresses (its address, as identity), 0 for none.
+    lu: usize,
+    tag: u64,
+    bytes: u64,
 }
 
 #[derive(Default)]
@@ -110,6 +149,15 @@ pub struct Device {
     /// bumps an epoch (queue stop, device reset, disconnect). So once the bump is done, no
     /// completion from before it touches guest memory or the rings.
     gate: RwLock<()>,
+    inflight: Mutex<Inflight>,
+    /// Notified whenever an entry leaves `inflight`.
+    left: tokio::sync::Notify,
+    /// One per worker thread (see `queues_per_thread`): written when a completion makes room
+    /// on a queue of that thread that had stopped popping; registered with the thread's epoll
+    /// as event [`Device::wake_event`].
+    wakes: Vec<EventFd>,
+    /// [`DATA_OUT_BUDGET`]; lowered by tests.
+    pub(crate) data_out_budget: AtomicU64,
     #[cfg(test)]
     pub(crate) hooks: Hooks,
 }
@@ -134,25 +182,33 @@ pub(crate) struct Hooks {
 }
 
 /// The epochs a chain was popped in: its completion is written only while they are current.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Epochs {
     device: u64,
     queue: u64,
 }
 
-/// A command in flight: where its completion goes, if the queue still exists then.
+/// A chain in flight: where its completion goes, if the queue still exists then. Dropping it
+/// ends the entry in [`Inflight`].
 struct Token {
     dev: Arc<Device>,
+    id: u64,
     queue: usize,
     epochs: Epochs,
 }
 
 impl Drop for Token {
     fn drop(&mut self) {
-        if let Some(q) = self.dev.queues.get(self.queue) {
-            q.inflight.fetch_sub(1, Ordering::SeqCst);
-        }
+        self.dev.leave(self.id);
     }
+}
+
+/// Why a chain cannot go in flight now.
+enum Refused {
+    /// The data-out budget is spent: the chain goes back to the ring until a completion.
+    Full,
+    /// The device is being dropped.
+    Gone,
 }
 
 fn status_byte(response: u32) -> u8 {
@@ -161,8 +217,16 @@ fn status_byte(response: u32) -> u8 {
 
 impl Device {
     pub(crate) fn new(shared: Arc<Shared>, mem: Gm) -> Arc<Device> {
-        let queues = (0..2 + usize::from(shared.num_queues))
-            .map(|_| QueueState::default())
+        let nq = 2 + usize::from(shared.num_queues);
+        let queues = (0..nq).map(|_| QueueState::default()).collect();
+        let inflight = Inflight {
+            queues: (0..nq).map(|_| QueueInflight::default()).collect(),
+            ..Inflight::default()
+        };
+        // Thread 0 and one per request queue; an eventfd that cannot be made leaves its queue
+        // to the driver's kicks.
+        let wakes = (0..1 + usize::from(shared.num_queues))
+            .filter_map(|_| EventFd::new(EFD_NONBLOCK).ok())
             .collect();
         Arc::new_cyclic(|me| Device {
             me: me.clone(),
@@ -176,9 +240,131 @@ impl Device {
             queues,
             events: Mutex::new(Events::default()),
             gate: RwLock::new(()),
+            inflight: Mutex::new(inflight),
+            left: tokio::sync::Notify::new(),
+            wakes,
+            data_out_budget: AtomicU64::new(DATA_OUT_BUDGET),
             #[cfg(test)]
             hooks: Hooks::default(),
         })
+    }
+
+    /// The `handle_event` event number of the wake eventfds: past the queues and the
+    /// vhost-user-backend's own exit event.
+    pub(crate) fn wake_event(&self) -> u16 {
+        2 + self.shared.num_queues + 1
+    }
+
+    /// The wake eventfd of worker thread `thread`.
+    pub(crate) fn wake_fd(&self, thread: usize) -> Option<RawFd> {
+        self.wakes.get(thread).map(AsRawFd::as_raw_fd)
+    }
+
+    /// Whether the wake eventfd of `thread` was written since it was last read (tests).
+    #[cfg(test)]
+    pub(crate) fn wake_pending(&self, thread: usize) -> bool {
+        self.wakes.get(thread).is_some_and(|fd| fd.read().is_ok())
+    }
+
+    /// The worker thread that serves `queue` (see `queues_per_thread`).
+    fn thread_of(queue: usize) -> usize {
+        queue.saturating_sub(1)
+    }
+
+    /// Whether `head` of `queue`, popped in `epochs`, is still in flight.
+    fn head_in_flight(&self, queue: usize, head: u16, epochs: Epochs) -> bool {
+        lock(&self.inflight)
+            .queues
+            .get(queue)
+            .is_some_and(|q| q.heads.contains(&(head, epochs)))
+    }
+
+    /// Whether `queue` may pop another chain with at most `limit` in flight; when not, the
+    /// next completion on it wakes its thread.
+    fn room(&self, queue: usize, limit: usize) -> bool {
+        let mut inf = lock(&self.inflight);
+        let Some(q) = inf.queues.get_mut(queue) else {
+            return false;
+        };
+        if q.count < limit {
+            true
+        } else {
+            q.waiting = true;
+            false
+        }
+    }
+
+    /// Put a chain in flight, holding `bytes` of data-out.
+    fn enter(
+        &self,
+        queue: usize,
+        head: u16,
+        epochs: Epochs,
+        lu: usize,
+        tag: u64,
+        bytes: u64,
+    ) -> Result<Token, Refused> {
+        let dev = self.me.upgrade().ok_or(Refused::Gone)?;
+        let budget = self.data_out_budget.load(Ordering::Relaxed);
+        let mut guard = lock(&self.inflight);
+        let inf = &mut *guard;
+        let Some(q) = inf.queues.get_mut(queue) else {
+            return Err(Refused::Gone);
+        };
+        if bytes > 0 && inf.bytes > 0 && inf.bytes.saturating_add(bytes) > budget {
+            q.waiting = true;
+            return Err(Refused::Full);
+        }
+        q.count += 1;
+        q.heads.insert((head, epochs));
+        inf.bytes += bytes;
+        let id = inf.next;
+        inf.next += 1;
+        inf.entries.insert(
+            id,
+            Entry {
+                queue,
+                head,
+                epochs,
+                lu,
+                tag,
+                bytes,
+            },
+        );
+        Ok(Token {
+            dev,
+            id,
+            queue,
+            epochs,
+        })
+    }
+
+    /// Entry `id` is done: free its room, wake the queues that wait for room, tell waiters.
+    fn leave(&self, id: u64) {
+        let mut wake: Vec<usize> = Vec::new();
+        {
+            let mut guard = lock(&self.inflight);
+            let inf = &mut *guard;
+            if let Some(e) = inf.entries.remove(&id) {
+                inf.bytes -= e.bytes;
+                if let Some(q) = inf.queues.get_mut(e.queue) {
+                    q.count -= 1;
+                    q.heads.remove(&(e.head, e.epochs));
+                }
+            }
+            for (i, q) in inf.queues.iter_mut().enumerate() {
+                if std::mem::take(&mut q.waiting) {
+                    wake.push(Self::thread_of(i));
+                }
+            }
+        }
+        wake.dedup();
+        for t in wake {
+            if let Some(fd) = self.wakes.get(t) {
+                let _ = fd.write(1);
+            }
+        }
+        self.left.notify_waiters();
     }
 
     /// The connection is gone: nothing in flight may touch its rings or memory any more.
@@ -251,13 +437,6 @@ impl Device {
         }
     }
 
-    fn token(&self, queue: usize, epochs: Epochs) -> Option<Token> {
-        let dev = self.me.upgrade()?;
-        let q = self.queues.get(queue)?;
-        q.inflight.fetch_add(1, Ordering::SeqCst);
-        Some(Token { queue, epochs, dev })
-    }
-
     /// Return a chain to the driver with `len` bytes written, and notify it if it asked.
     fn used(vring: &Vring, head: u16, len: u32) {
         let notify = {
@@ -277,14 +456,21 @@ impl Device {
 
     /// Pop every available chain of `vring` (queue `queue`) and handle it; with
     /// VIRTIO_RING_F_EVENT_IDX, loop until no chain arrived while notifications were off.
+    /// At most a queue size of chains is in flight per queue, and the data-out held stays
+    /// within the budget: without room the chain stays in the ring (notifications stay off)
+    /// and the completion that makes room wakes the queue's thread, which drains again.
     fn drain(&self, queue: usize, vring: &Vring) {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let limit = usize::from(vring.get_ref().get_queue().size());
         loop {
             if event_idx {
                 let _ = vring.disable_notification();
             }
             let mem = self.mem.memory().into_inner();
             loop {
+                if !self.room(queue, limit) {
+                    return;
+                }
                 // Read before the pop: a stop or reset after this point makes the chain's
                 // completion stale, never the other way round.
                 let epochs = self.epochs(queue);
@@ -295,10 +481,26 @@ impl Device {
                 let Some(chain) = chain else {
                     break;
                 };
-                match queue {
-                    0 => self.control(epochs, vring, &mem, chain),
-                    1 => {}
+                let head = chain.head_index();
+                if self.head_in_flight(queue, head, epochs) {
+                    // A driver may not make a head available again before it is used
+                    // (virtio 2.7.13); never run it twice.
+                    tracing::warn!(queue, head, "Driver offered a head already in flight");
+                    self.refuse_duplicate(queue, epochs, vring, &mem, chain);
+                    continue;
+                }
+                let handled = match queue {
+                    0 => {
+                        self.control(epochs, vring, &mem, chain);
+                        true
+                    }
+                    1 => true,
                     q => self.request(q, epochs, vring, &mem, chain),
+                };
+                if !handled {
+                    // No room for its data-out: back to the ring, until a completion.
+                    vring.get_mut().get_queue_mut().go_to_previous_position();
+                    return;
                 }
             }
             if !event_idx || !matches!(vring.enable_notification(), Ok(true)) {
@@ -308,7 +510,9 @@ impl Device {
     }
 
     /// One request queue request (virtio 5.6.6.1).
-    fn request(
+    /// A head the driver offered while it is in flight: answered with VIRTIO_SCSI_S_FAILURE
+    /// in the buffers the chain has now (the request in flight keeps the ones it had).
+    fn refuse_duplicate(
         &self,
         queue: usize,
         epochs: Epochs,
@@ -317,7 +521,47 @@ impl Device {
         chain: DescriptorChain<Arc<Mem>>,
     ) {
         let head = chain.head_index();
-        let unanswered = || self.complete(queue, epochs, vring, head, || 0);
+        let wr = sg::split(chain).map(|(_, wr)| wr).unwrap_or_default();
+        let (resp, len) = if queue == 0 {
+            (
+                vec![status_byte(wire::VIRTIO_SCSI_S_FAILURE)],
+                wire::TMF_RESP,
+            )
+        } else {
+            let sense_size = self.sense_size.load(Ordering::Relaxed);
+            let r = wire::cmd_resp(
+                status_byte(wire::VIRTIO_SCSI_S_FAILURE),
+                0,
+                0,
+                &[],
+                sense_size,
+            );
+            (r, wire::CMD_RESP_FIXED + sense_size)
+        };
+        self.complete(queue, epochs, vring, head, || {
+            if wr.len() >= u64::from(len) && wr.write_at(&**mem, 0, &resp).is_ok() {
+                len
+            } else {
+                0
+            }
+        });
+    }
+
+    /// One request queue request (virtio 5.6.6.1). `false` when its data-out does not fit
+    /// the budget now: nothing was done and the chain goes back to the ring.
+    fn request(
+        &self,
+        queue: usize,
+        epochs: Epochs,
+        vring: &Vring,
+        mem: &Arc<Mem>,
+        chain: DescriptorChain<Arc<Mem>>,
+    ) -> bool {
+        let head = chain.head_index();
+        let unanswered = || {
+            self.complete(queue, epochs, vring, head, || 0);
+            true
+        };
         let (rd, wr) = match sg::split(chain) {
             Ok(x) => x,
             Err(e) => {
@@ -347,6 +591,7 @@ impl Device {
                     Err(_) => 0,
                 }
             });
+            true
         };
         let mut hdr = vec![0u8; req_len as usize];
         if rd.len() < u64::from(req_len) || rd.read_at(&**mem, 0, &mut hdr).is_err() {
@@ -374,14 +619,26 @@ impl Device {
         let Some(target) = self.shared.target(vt) else {
             return fail(wire::VIRTIO_SCSI_S_BAD_TARGET);
         };
+        // Only what the CDB asks for is copied: the SCSI layer uses no more, and the rest is
+        // reported as residual.
+        let expected_out = u64::from(target.data_out_len(lun, &req.cdb));
+        let copy = data_out_len.min(expected_out);
+        let lu_id = target.lu(lun).map_or(0, |lu| Arc::as_ptr(lu) as usize);
+        let token = match self.enter(queue, head, epochs, lu_id, req.tag, copy) {
+            Ok(t) => t,
+            Err(Refused::Full) => return false,
+            Err(Refused::Gone) => return true,
+        };
         // The one copy of data-out, from guest memory into the buffer the SCSI layer takes.
-        let mut data_out = vec![0u8; data_out_len as usize];
+        let mut data_out = vec![0u8; copy as usize];
         if rd
             .read_at(&**mem, u64::from(req_len), &mut data_out)
             .is_err()
         {
             tracing::warn!(queue, head, "Request data-out outside guest memory");
-            return fail(wire::VIRTIO_SCSI_S_FAILURE);
+            fail(wire::VIRTIO_SCSI_S_FAILURE);
+            drop(token);
+            return true;
         }
         let nexus = self.shared.nexus.clone();
         let ticket = target.admit(&nexus, lun);
@@ -391,7 +648,6 @@ impl Device {
             wire::VIRTIO_SCSI_S_ACA => scsi::TaskAttr::Aca,
             _ => scsi::TaskAttr::Simple,
         };
-        let expected_out = u64::from(target.data_out_len(lun, &req.cdb));
         let cmd = scsi::Command {
             nexus,
             lun,
@@ -400,9 +656,6 @@ impl Device {
             cdb: req.cdb,
             data_out,
             data_in_len: u32::try_from(data_in_cap).unwrap_or(u32::MAX),
-        };
-        let Some(token) = self.token(queue, epochs) else {
-            return;
         };
         let vring = vring.clone();
         let mem = mem.clone();
@@ -472,6 +725,7 @@ impl Device {
                     }
                 });
         });
+        true
     }
 
     /// One control queue request (virtio 5.6.6.2).
@@ -579,7 +833,7 @@ impl Device {
                 return answer(wire::VIRTIO_SCSI_S_FUNCTION_REJECTED);
             }
         };
-        let Some(token) = self.token(0, epochs) else {
+        let Ok(token) = self.enter(0, head, epochs, 0, tag, 0) else {
             return;
         };
         let shared = self.shared.clone();
@@ -789,11 +1043,17 @@ impl VhostUserBackend for Device {
     /// completions land before the ring is handed back; any later one is dropped.
     fn stop_vring(&self, index: u32) -> io::Result<()> {
         if let Some(q) = self.queues.get(index as usize) {
+            let count = || {
+                lock(&self.inflight)
+                    .queues
+                    .get(index as usize)
+                    .map_or(0, |q| q.count)
+            };
             let start = Instant::now();
-            while q.inflight.load(Ordering::SeqCst) > 0 && start.elapsed() < DRAIN_TIMEOUT {
+            while count() > 0 && start.elapsed() < DRAIN_TIMEOUT {
                 std::thread::sleep(Duration::from_millis(1));
             }
-            let left = q.inflight.load(Ordering::SeqCst);
+            let left = count();
             if left > 0 {
                 tracing::warn!(
                     queue = index,
@@ -821,6 +1081,23 @@ impl VhostUserBackend for Device {
         // Errors returned here end the worker thread: report problems to the driver instead.
         if evset != EventSet::IN {
             tracing::warn!(?evset, "Unexpected vring event");
+            return Ok(());
+        }
+        if device_event == self.wake_event() {
+            // A completion made room on a queue of this thread that had stopped popping.
+            if let Some(fd) = self.wakes.get(thread_id) {
+                let _ = fd.read();
+            }
+            let queue = Self::queue_of(thread_id, 0);
+            if let Some(vring) = vrings.first() {
+                let ready = {
+                    let st = vring.get_ref();
+                    st.get_queue().ready() && st.is_enabled()
+                };
+                if ready {
+                    self.drain(queue, vring);
+                }
+            }
             return Ok(());
         }
         let local = if thread_id == 0 {

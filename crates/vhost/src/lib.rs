@@ -51,6 +51,14 @@
 //! guest memory gets VIRTIO_SCSI_S_FAILURE; a data-in larger than the driver's buffers gets the
 //! part that fits and VIRTIO_SCSI_S_OVERRUN. Nothing a guest sends reaches a panic.
 //!
+//! What a guest can make the daemon hold is bounded: a queue has at most its queue size of
+//! chains in flight; a head the driver offers again while it is in flight is answered with
+//! VIRTIO_SCSI_S_FAILURE and never run (the request in flight keeps its buffers); only the
+//! data-out the CDB asks for is copied (the rest is reported as residual); and a connection
+//! holds at most 64 MiB of copied data-out. A chain that does not fit stays in the ring, and
+//! the completion that makes room wakes the queue's thread (an eventfd registered with its
+//! epoll loop), so a queue never waits for a kick that may not come.
+//!
 //! # Events and run-time LU changes
 //! With VIRTIO_SCSI_F_HOTPLUG negotiated, [`VhostScsi::add_lu`] and [`VhostScsi::remove_lu`]
 //! post VIRTIO_SCSI_T_TRANSPORT_RESET events (reason RESCAN / REMOVED) into the buffers the
@@ -81,6 +89,7 @@ use arc_swap::ArcSwap;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 
 use device::{lock, Device, Shared};
 
@@ -316,6 +325,17 @@ impl VhostScsi {
                     continue;
                 }
             };
+            // The wake eventfds: a completion that makes room on a queue that had stopped
+            // popping (in-flight limit, data-out budget) wakes the queue's thread.
+            for (thread, h) in daemon.get_epoll_handlers().iter().enumerate() {
+                if let Some(fd) = dev.wake_fd(thread) {
+                    if let Err(e) =
+                        h.register_listener(fd, EventSet::IN, u64::from(dev.wake_event()))
+                    {
+                        tracing::warn!(%socket, thread, error = %e, "Cannot register a wake event");
+                    }
+                }
+            }
             let started = daemon.start(listener);
             let exit = |daemon: &VhostUserDaemon<Arc<Device>>| {
                 for h in daemon.get_epoll_handlers() {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost_user_backend::{VhostUserBackend, VringT};
+use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
 use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::mock::MockSplitQueue;
@@ -72,16 +73,20 @@ struct Harness {
 fn queue(gm: &Gm, at: u64) -> Queue {
     let m = gm.memory();
     let q = MockSplitQueue::create(&*m, GuestAddress(at), QSIZE);
+    // The used ring right after the whole avail ring (flags, idx, QSIZE entries, used_event;
+    // virtio 2.7.6), 4-byte aligned (2.7.2): the mock puts it inside the avail ring when
+    // more than half of the avail entries are used.
+    let used = (q.avail_addr().0 + 6 + 2 * u64::from(QSIZE) + 3) & !3;
     let v = Vring::new(gm.clone(), 1024).unwrap();
     v.set_queue_size(QSIZE);
-    v.set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
+    v.set_queue_info(q.desc_table_addr().0, q.avail_addr().0, used)
         .unwrap();
     v.set_queue_ready(true);
     v.set_enabled(true);
     Queue {
         desc: q.desc_table_addr().0,
         avail: q.avail_addr().0,
-        used: q.used_addr().0,
+        used,
         next_desc: 0,
         popped: 0,
         vring: v,
@@ -213,6 +218,78 @@ impl Harness {
             })
             .collect();
         self.publish(which, base, &raw);
+    }
+
+    /// An indirect descriptor table (virtio 2.7.5.3) holding `descs`; returns its address.
+    fn indirect(&mut self, descs: &[D]) -> u64 {
+        let a = self.alloc(16 * descs.len() as u32);
+        for (i, d) in descs.iter().enumerate() {
+            let last = i + 1 == descs.len();
+            let mut flags = if d.write {
+                VRING_DESC_F_WRITE as u16
+            } else {
+                0
+            };
+            if !last {
+                flags |= VRING_DESC_F_NEXT as u16;
+            }
+            let next = if last { 0 } else { i as u16 + 1 };
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&d.len.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..16].copy_from_slice(&next.to_le_bytes());
+            self.put(a + 16 * i as u64, &raw);
+        }
+        a
+    }
+
+    /// Hold every request's completion (after the SCSI layer answered, before the guest is
+    /// written) until the returned sender says `true`.
+    fn hold(&self) -> tokio::sync::watch::Sender<bool> {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        *self.dev.hooks.before_complete.lock().unwrap() = Some(rx);
+        tx
+    }
+
+    /// Wait until `n` requests reached the hold.
+    fn wait_reached(&self, n: usize) {
+        let start = Instant::now();
+        while self
+            .dev
+            .hooks
+            .reached
+            .load(std::sync::atomic::Ordering::SeqCst)
+            < n
+        {
+            assert!(start.elapsed() < Duration::from_secs(10), "not reached");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn reached(&self) -> usize {
+        self.dev
+            .hooks
+            .reached
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Wait for a completion to wake the request queue's thread, then deliver the wake as its
+    /// epoll loop does.
+    fn wake_request_queue(&self) {
+        let start = Instant::now();
+        while !self.dev.wake_pending(1) {
+            assert!(start.elapsed() < Duration::from_secs(10), "no wake");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.dev
+            .handle_event(
+                self.dev.wake_event(),
+                EventSet::IN,
+                std::slice::from_ref(&self.req.vring),
+                1,
+            )
+            .unwrap();
     }
 
     fn kick(&self, which: usize) {
@@ -1064,4 +1141,209 @@ fn disconnect_waits_for_a_completion_being_written_and_drops_later_ones() {
     hold.send_replace(true);
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(h.used_count(2), used_before + 1);
+}
+
+const TUR: [u8; 6] = [0x00, 0, 0, 0, 0, 0];
+
+#[test]
+fn at_most_a_queue_size_in_flight_and_a_completion_resumes_the_queue() {
+    let mut h = Harness::new();
+    h.tur();
+    let hold = h.hold();
+    let popped = h.req.vring.queue_next_avail();
+    // A queue size of requests in flight, each one indirect descriptor (so each head is
+    // distinct), all held before completion.
+    let mut tables = Vec::new();
+    for i in 0..QSIZE {
+        let hd = h.header(LUN0, 1000 + u64::from(i), &TUR);
+        let r = h.alloc(RESP);
+        let t = h.indirect(&[
+            D {
+                addr: hd,
+                len: REQ,
+                write: false,
+            },
+            D {
+                addr: r,
+                len: RESP,
+                write: true,
+            },
+        ]);
+        h.publish(2, i, &[(t, 32, VRING_DESC_F_INDIRECT as u16, 0)]);
+        tables.push(t);
+    }
+    h.kick(2);
+    h.wait_reached(usize::from(QSIZE));
+    // The driver offers head 0 again (a driver may not; the ring lets it): the queue is full,
+    // so it stays in the ring.
+    h.publish(2, 0, &[(tables[0], 32, VRING_DESC_F_INDIRECT as u16, 0)]);
+    h.kick(2);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        h.req.vring.queue_next_avail(),
+        popped.wrapping_add(QSIZE),
+        "popped beyond the queue size"
+    );
+    assert_eq!(h.reached(), usize::from(QSIZE));
+    // The completions make room and wake the queue's thread, which pops head 0 again (now
+    // free) and runs it.
+    hold.send_replace(true);
+    for _ in 0..QSIZE {
+        assert_eq!(h.wait_used(2).1, RESP);
+    }
+    h.wake_request_queue();
+    assert_eq!(h.wait_used(2), (0, RESP));
+    assert_eq!(h.reached(), usize::from(QSIZE) + 1);
+}
+
+#[test]
+fn a_head_offered_again_while_in_flight_gets_failure_and_is_not_run() {
+    let mut h = Harness::new();
+    h.tur();
+    let hold = h.hold();
+    let base = h.req.next_desc;
+    let hd = h.header(LUN0, 21, &TUR);
+    let r = h.alloc(RESP);
+    h.add_chain(
+        2,
+        &[
+            D {
+                addr: hd,
+                len: REQ,
+                write: false,
+            },
+            D {
+                addr: r,
+                len: RESP,
+                write: true,
+            },
+        ],
+    );
+    h.kick(2);
+    h.wait_reached(1);
+    // The same head again, now with other buffers and another tag.
+    let hd2 = h.header(LUN0, 22, &TUR);
+    let r2 = h.alloc(RESP);
+    h.put(r2, &[0xEE; 12]);
+    h.publish(
+        2,
+        base,
+        &[
+            (hd2, REQ, VRING_DESC_F_NEXT as u16, base + 1),
+            (r2, RESP, VRING_DESC_F_WRITE as u16, 0),
+        ],
+    );
+    h.kick(2);
+    // VIRTIO_SCSI_S_FAILURE (9) in the new buffers; the SCSI layer never saw it.
+    assert_eq!(h.wait_used(2), (u32::from(base), RESP));
+    assert_eq!(h.get(r2, 12), vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9]);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(h.reached(), 1);
+    // The request in flight completes into its own buffers: GOOD.
+    h.put(r, &[0xEE; 12]);
+    hold.send_replace(true);
+    assert_eq!(h.wait_used(2), (u32::from(base), RESP));
+    assert_eq!(h.get(r, 12), vec![0; 12]);
+}
+
+#[test]
+fn data_out_budget_holds_requests_in_the_ring_until_completions() {
+    let mut h = Harness::new();
+    h.tur();
+    h.dev
+        .data_out_budget
+        .store(1024, std::sync::atomic::Ordering::Relaxed);
+    let hold = h.hold();
+    let popped = h.req.vring.queue_next_avail();
+    // Three WRITE(10)s of one block (SBC-4 5.40), 512 bytes of data-out each.
+    let mut resps = Vec::new();
+    for i in 0..3u8 {
+        let hd = h.header(
+            LUN0,
+            30 + u64::from(i),
+            &[0x2A, 0, 0, 0, 0, 10 + i, 0, 0, 1, 0],
+        );
+        let d = h.alloc(512);
+        h.put(d, &[0x50 + i; 512]);
+        let r = h.alloc(RESP);
+        h.add_chain(
+            2,
+            &[
+                D {
+                    addr: hd,
+                    len: REQ,
+                    write: false,
+                },
+                D {
+                    addr: d,
+                    len: 512,
+                    write: false,
+                },
+                D {
+                    addr: r,
+                    len: RESP,
+                    write: true,
+                },
+            ],
+        );
+        resps.push(r);
+    }
+    h.kick(2);
+    // Two fit the 1024-byte budget; the third stays in the ring.
+    h.wait_reached(2);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(h.reached(), 2);
+    assert_eq!(h.req.vring.queue_next_avail(), popped.wrapping_add(2));
+    hold.send_replace(true);
+    h.wait_used(2);
+    h.wait_used(2);
+    h.wake_request_queue();
+    assert_eq!(h.wait_used(2).1, RESP);
+    for r in resps {
+        assert_eq!(h.get(r, 12), vec![0; 12]);
+    }
+    let lu = h.lu.clone();
+    let stored =
+        h.rt.block_on(async move { lu.backend().read(12, 1).await.unwrap() });
+    assert_eq!(stored, vec![0x52; 512]);
+}
+
+#[test]
+fn only_the_data_out_the_cdb_asks_for_is_copied() {
+    let mut h = Harness::new();
+    h.tur();
+    // WRITE(10) of one block with 1024 bytes of data-out whose second half is outside guest
+    // memory: only the first 512 bytes are read, GOOD, resid 512.
+    let hd = h.header(LUN0, 40, &[0x2A, 0, 0, 0, 0, 20, 0, 0, 1, 0]);
+    let d = h.alloc(512);
+    h.put(d, &[0x77; 512]);
+    let r = h.alloc(RESP);
+    h.add_chain(
+        2,
+        &[
+            D {
+                addr: hd,
+                len: REQ,
+                write: false,
+            },
+            D {
+                addr: d,
+                len: 512,
+                write: false,
+            },
+            D {
+                addr: 8 << 20,
+                len: 512,
+                write: false,
+            },
+            D {
+                addr: r,
+                len: RESP,
+                write: true,
+            },
+        ],
+    );
+    h.kick(2);
+    assert_eq!(h.wait_used(2).1, RESP);
+    assert_eq!(h.get(r, 12), vec![0, 0, 0, 0, 0x00, 0x02, 0, 0, 0, 0, 0, 0]);
 }
