@@ -111,7 +111,6 @@ struct QueueInflight {
 }
 
 /// One chain in flight.
-#[allow(dead_code)] // `lu` and `tag` are for task management, which does not wait yet.
 struct Entry {
     queue: usize,
     head: u16,
@@ -200,6 +199,31 @@ struct Token {
 impl Drop for Token {
     fn drop(&mut self) {
         self.dev.leave(self.id);
+    }
+}
+
+/// The requests a task management function may end (requests of this connection: the one
+/// I_T nexus).
+#[derive(Debug, Clone, Copy)]
+enum Affects {
+    Nothing,
+    /// ABORT TASK: the request with this tag to this logical unit.
+    Task(usize, u64),
+    /// ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET: every request to the logical unit.
+    Lu(usize),
+    /// I_T NEXUS RESET: every request.
+    All,
+}
+
+impl Affects {
+    fn covers(self, e: &Entry) -> bool {
+        let request = e.queue >= 2 && e.lu != 0;
+        match self {
+            Affects::Nothing => false,
+            Affects::Task(lu, tag) => request && e.lu == lu && e.tag == tag,
+            Affects::Lu(lu) => request && e.lu == lu,
+            Affects::All => e.queue >= 2,
+        }
     }
 }
 
@@ -833,6 +857,17 @@ impl Device {
                 return answer(wire::VIRTIO_SCSI_S_FUNCTION_REJECTED);
             }
         };
+        // The requests whose used ring entries must be written before the response: Linux
+        // (virtscsi_tmf) takes a completed TMF to mean every request it affected is back.
+        let lu_id = target.lu(lun).map_or(0, |lu| Arc::as_ptr(lu) as usize);
+        let affects = match tmf {
+            scsi::Tmf::AbortTask { .. } => Affects::Task(lu_id, tag),
+            scsi::Tmf::AbortTaskSet { .. }
+            | scsi::Tmf::ClearTaskSet { .. }
+            | scsi::Tmf::LogicalUnitReset { .. } => Affects::Lu(lu_id),
+            scsi::Tmf::ItNexusReset => Affects::All,
+            _ => Affects::Nothing,
+        };
         let Ok(token) = self.enter(0, head, epochs, 0, tag, 0) else {
             return;
         };
@@ -851,6 +886,11 @@ impl Device {
             } else {
                 target.task_management(&nexus, tmf).await
             };
+            // Every request of this connection that the function may have ended was in flight
+            // when it returned (popped before; a later one was admitted after the function's
+            // epoch bump and is not affected): wait for their completions to be written.
+            let upto = lock(&token.dev.inflight).next;
+            token.dev.settle(upto, |e| affects.covers(e)).await;
             tracing::info!(?tmf, response = ?r, "Task management");
             let response = match r {
                 scsi::TmfResponse::FunctionComplete => wire::VIRTIO_SCSI_S_FUNCTION_COMPLETE,
@@ -867,6 +907,23 @@ impl Device {
                 }
             });
         });
+    }
+
+    /// Wait until no entry put in flight before `upto` and matching `pred` is left.
+    async fn settle(&self, upto: u64, pred: impl Fn(&Entry) -> bool) {
+        loop {
+            let notified = std::pin::pin!(self.left.notified());
+            let mut notified = notified;
+            notified.as_mut().enable();
+            let pending = lock(&self.inflight)
+                .entries
+                .iter()
+                .any(|(&id, e)| id < upto && pred(e));
+            if !pending {
+                return;
+            }
+            notified.await;
+        }
     }
 
     /// Queue a `virtio_scsi_event` in the driver's next event buffer (virtio 5.6.6.3), when it

@@ -35,7 +35,10 @@
 //! collapse to 1. The task writes the response and data-in into guest memory and returns the
 //! chain to the used ring (with the EVENT_IDX suppression the driver asked for). Task management
 //! runs as a task too, so an ABORT TASK or LOGICAL UNIT RESET that waits for running commands
-//! blocks neither the control queue nor the request queues.
+//! blocks neither the control queue nor the request queues. Its response is written only once
+//! every request of the connection it may have ended (ABORT TASK: that LU and tag; ABORT TASK
+//! SET, CLEAR TASK SET, LOGICAL UNIT RESET: that LU; I_T NEXUS RESET: all) has its used ring
+//! entry written, aborted or not: Linux's driver takes a completed TMF to mean exactly that.
 //!
 //! # Data path
 //! The SCSI layer's [`scsi::Command`] takes data-out as a `Vec<u8>` and returns data-in as a

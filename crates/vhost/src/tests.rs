@@ -1347,3 +1347,85 @@ fn only_the_data_out_the_cdb_asks_for_is_copied() {
     assert_eq!(h.wait_used(2).1, RESP);
     assert_eq!(h.get(r, 12), vec![0, 0, 0, 0, 0x00, 0x02, 0, 0, 0, 0, 0, 0]);
 }
+
+#[test]
+fn task_management_answers_after_the_requests_it_affected_are_returned() {
+    let mut h = Harness::new();
+    h.tur();
+    for (subtype, tag) in [(0u32, 50u64), (1, 51), (5, 52)] {
+        // A READ(10) the SCSI layer has answered, whose completion is not yet written.
+        let hold = h.hold();
+        let reached = h.reached();
+        let hd = h.header(LUN0, tag, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        let r = h.alloc(RESP);
+        let d = h.alloc(512);
+        h.add_chain(
+            2,
+            &[
+                D {
+                    addr: hd,
+                    len: REQ,
+                    write: false,
+                },
+                D {
+                    addr: r,
+                    len: RESP,
+                    write: true,
+                },
+                D {
+                    addr: d,
+                    len: 512,
+                    write: true,
+                },
+            ],
+        );
+        h.kick(2);
+        h.wait_reached(reached + 1);
+        // ABORT TASK (0) of its tag, ABORT TASK SET (1), LOGICAL UNIT RESET (5): the
+        // response waits for the request's used ring entry (virtio 5.6.6.2: the driver takes
+        // the TMF's completion to mean the requests it affected are done).
+        let mut req = [0u8; 24];
+        req[4..8].copy_from_slice(&subtype.to_le_bytes());
+        req[8..16].copy_from_slice(&LUN0);
+        req[16..24].copy_from_slice(&tag.to_le_bytes());
+        let a = h.alloc(24);
+        h.put(a, &req);
+        let tr = h.alloc(1);
+        h.add_chain(
+            0,
+            &[
+                D {
+                    addr: a,
+                    len: 24,
+                    write: false,
+                },
+                D {
+                    addr: tr,
+                    len: 1,
+                    write: true,
+                },
+            ],
+        );
+        let (ctrl0, req0) = (h.used_count(0), h.used_count(2));
+        h.kick(0);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(h.used_count(0), ctrl0, "TMF {subtype} answered first");
+        hold.send_replace(true);
+        let start = Instant::now();
+        while h.used_count(0) == ctrl0 {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            h.used_count(2),
+            req0.wrapping_add(1),
+            "request returned before the TMF"
+        );
+        assert_eq!(h.wait_used(0).1, 1);
+        // FUNCTION COMPLETE (0).
+        assert_eq!(h.get(tr, 1), vec![0]);
+        h.wait_used(2);
+        // A LU reset leaves BUS DEVICE RESET FUNCTION OCCURRED for the next command.
+        h.tur();
+    }
+}
