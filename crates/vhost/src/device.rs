@@ -2,13 +2,14 @@
 //! queue (0), the event queue (1) and the request queues (2..).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 #[cfg(test)]
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -42,9 +43,10 @@ const MAX_DATA_OUT: u64 = 16 << 20;
 const DATA_OUT_BUDGET: u64 = 64 << 20;
 /// Largest virtqueue the driver may configure.
 pub(crate) const MAX_QUEUE_SIZE: u16 = 1024;
-/// How long GET_VRING_BASE waits for the queue's commands in flight before it gives up on them
-/// (their completions are then dropped, not written to the stopped ring).
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long GET_VRING_BASE lets the commands in flight complete normally, and then how long
+/// their abort may take, before it gives up on them (their completions are then dropped, not
+/// written to the stopped ring).
+const STOP_BOUNDS: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(5));
 /// `max_sectors` in the configuration space, in 512-byte units: 8 MiB, the SCSI layer's
 /// largest data buffer.
 const MAX_SECTORS: u32 = (8 << 20) / 512;
@@ -157,6 +159,10 @@ pub struct Device {
     wakes: Vec<EventFd>,
     /// [`DATA_OUT_BUDGET`]; lowered by tests.
     pub(crate) data_out_budget: AtomicU64,
+    /// Entries below this id were waited for (and given up on) by a queue stop already.
+    stopped_upto: AtomicU64,
+    /// [`STOP_BOUNDS`]; shortened by tests.
+    pub(crate) stop_bounds: Mutex<(Duration, Duration)>,
     #[cfg(test)]
     pub(crate) hooks: Hooks,
 }
@@ -268,6 +274,8 @@ impl Device {
             left: tokio::sync::Notify::new(),
             wakes,
             data_out_budget: AtomicU64::new(DATA_OUT_BUDGET),
+            stopped_upto: AtomicU64::new(0),
+            stop_bounds: Mutex::new(STOP_BOUNDS),
             #[cfg(test)]
             hooks: Hooks::default(),
         })
@@ -909,6 +917,82 @@ impl Device {
         });
     }
 
+    /// Run `f` on the runtime from a thread outside it and wait at most `limit` for it;
+    /// `false` when it did not finish in time (it is cancelled).
+    fn run_bounded(&self, f: impl Future<Output = ()> + Send + 'static, limit: Duration) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let task = self.shared.runtime.spawn(async move {
+            f.await;
+            let _ = tx.send(());
+        });
+        let done = rx.recv_timeout(limit).is_ok();
+        if !done {
+            task.abort();
+        }
+        done
+    }
+
+    /// End every task of the socket's I_T nexus, on every logical unit behind it, and wait
+    /// for the running ones (ABORT TASK SET on each: no unit attention, reservations stay).
+    async fn abort_nexus_tasks(&self) {
+        let nexus = self.shared.nexus.clone();
+        let targets: Vec<_> = self.shared.targets.load().values().cloned().collect();
+        for t in targets {
+            let luns: Vec<u64> = t.luns().collect();
+            for lun in luns {
+                t.task_management(&nexus, scsi::Tmf::AbortTaskSet { lun })
+                    .await;
+            }
+        }
+    }
+
+    /// GET_VRING_BASE of any queue: every chain in flight on the connection gets the
+    /// bounded time to come back normally, then the nexus's tasks are aborted (waiting, also
+    /// bounded) so their ABORTED completions are written too. Done once for all queues: the
+    /// frontend stops them one after another, and the later stops find only what was popped
+    /// since. What is still in flight after that is given up: its completion is dropped and
+    /// its head is not returned. The frontend could resubmit such heads only with
+    /// VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, which this device does not implement; the guest's
+    /// command timer then ends them (its abort gets FUNCTION COMPLETE, the task being gone).
+    fn quiesce_for_stop(&self, index: u32) {
+        let (from, upto) = {
+            let inf = lock(&self.inflight);
+            (self.stopped_upto.load(Ordering::SeqCst), inf.next)
+        };
+        let pending = |inf: &Inflight| inf.entries.keys().filter(|&&id| id >= from).count();
+        if pending(&lock(&self.inflight)) == 0 {
+            return;
+        }
+        let Some(dev) = self.me.upgrade() else {
+            return;
+        };
+        let (grace, abort) = *lock(&self.stop_bounds);
+        let d = dev.clone();
+        if !self.run_bounded(async move { d.settle(upto, |_| true).await }, grace) {
+            tracing::warn!(
+                queue = index,
+                "Queue stopped with commands in flight; aborting the nexus's tasks"
+            );
+            let d = dev.clone();
+            let ended = self.run_bounded(
+                async move {
+                    d.abort_nexus_tasks().await;
+                    d.settle(upto, |_| true).await;
+                },
+                abort,
+            );
+            if !ended {
+                let left = pending(&lock(&self.inflight));
+                tracing::warn!(
+                    queue = index,
+                    left,
+                    "Queue stopped with commands still running: their completions are dropped and their heads not returned"
+                );
+            }
+        }
+        self.stopped_upto.fetch_max(upto, Ordering::SeqCst);
+    }
+
     /// Wait until no entry put in flight before `upto` and matching `pred` is left.
     async fn settle(&self, upto: u64, pred: impl Fn(&Entry) -> bool) {
         loop {
@@ -1096,28 +1180,12 @@ impl VhostUserBackend for Device {
         new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
     }
 
-    /// GET_VRING_BASE: the queue stops. Wait (bounded) for its commands in flight, so their
-    /// completions land before the ring is handed back; any later one is dropped.
+    /// GET_VRING_BASE: the queue stops (vhost-user-backend has made it not ready, so nothing
+    /// more is popped from it). The commands in flight come back first (see
+    /// `quiesce_for_stop`: bounded, once for all queues); any later completion is dropped.
     fn stop_vring(&self, index: u32) -> io::Result<()> {
+        self.quiesce_for_stop(index);
         if let Some(q) = self.queues.get(index as usize) {
-            let count = || {
-                lock(&self.inflight)
-                    .queues
-                    .get(index as usize)
-                    .map_or(0, |q| q.count)
-            };
-            let start = Instant::now();
-            while count() > 0 && start.elapsed() < DRAIN_TIMEOUT {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            let left = count();
-            if left > 0 {
-                tracing::warn!(
-                    queue = index,
-                    left,
-                    "Queue stopped with commands in flight; their completions are dropped"
-                );
-            }
             let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
             q.epoch.fetch_add(1, Ordering::SeqCst);
         }

@@ -40,6 +40,13 @@
 //! SET, CLEAR TASK SET, LOGICAL UNIT RESET: that LU; I_T NEXUS RESET: all) has its used ring
 //! entry written, aborted or not: Linux's driver takes a completed TMF to mean exactly that.
 //!
+//! When the frontend stops the queues (GET_VRING_BASE: the VM is stopped, migrated, or its
+//! driver resets the device) the first stop lets every chain in flight on the connection come
+//! back normally for up to 5 s, then aborts the nexus's tasks and waits up to 5 s more; the
+//! later stops find nothing left. A command still running after that is given up: its
+//! completion is dropped and its head not returned, since handing heads back to QEMU needs
+//! VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, which is not implemented.
+//!
 //! # Data path
 //! The SCSI layer's [`scsi::Command`] takes data-out as a `Vec<u8>` and returns data-in as a
 //! `Vec<u8>`, and the block layer reads into and writes from such buffers; so each direction

@@ -1429,3 +1429,84 @@ fn task_management_answers_after_the_requests_it_affected_are_returned() {
         h.tur();
     }
 }
+
+impl Harness {
+    /// A TEST UNIT READY on the request queue, not waited for; returns its response buffer.
+    fn send_tur(&mut self, tag: u64) -> u64 {
+        let hd = self.header(LUN0, tag, &TUR);
+        let r = self.alloc(RESP);
+        self.put(r, &[0xEE; 12]);
+        self.add_chain(
+            2,
+            &[
+                D {
+                    addr: hd,
+                    len: REQ,
+                    write: false,
+                },
+                D {
+                    addr: r,
+                    len: RESP,
+                    write: true,
+                },
+            ],
+        );
+        self.kick(2);
+        r
+    }
+}
+
+/// Run `f` on a thread of its own; the handle says when it returned.
+fn in_thread(f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<Instant> {
+    std::thread::spawn(move || {
+        f();
+        Instant::now()
+    })
+}
+
+#[test]
+fn stopping_the_first_queue_returns_every_queues_commands_once() {
+    let mut h = Harness::new();
+    h.tur();
+    let hold = h.hold();
+    let r = h.send_tur(60);
+    h.wait_reached(1);
+    let used = h.used_count(2);
+    // GET_VRING_BASE of the control queue (QEMU stops the queues in order): the request in
+    // flight on the request queue comes back before it returns.
+    let dev = h.dev.clone();
+    let stop = in_thread(move || dev.stop_vring(0).unwrap());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!stop.is_finished(), "stopped with a request in flight");
+    let released = Instant::now();
+    hold.send_replace(true);
+    let returned = stop.join().unwrap();
+    assert!(returned > released);
+    assert_eq!(h.used_count(2), used.wrapping_add(1));
+    assert_eq!(h.get(r, 12), vec![0; 12]);
+    // The later queues find nothing in flight and stop at once.
+    let start = Instant::now();
+    h.dev.stop_vring(1).unwrap();
+    h.dev.stop_vring(2).unwrap();
+    assert!(start.elapsed() < Duration::from_millis(100));
+}
+
+#[test]
+fn stopping_a_queue_is_bounded_and_drops_later_completions() {
+    let mut h = Harness::new();
+    h.tur();
+    *h.dev.stop_bounds.lock().unwrap() = (Duration::from_millis(100), Duration::from_millis(100));
+    let hold = h.hold();
+    let r = h.send_tur(61);
+    h.wait_reached(1);
+    let used = h.used_count(2);
+    // The completion is held past both bounds: the stop gives up on it.
+    let start = Instant::now();
+    h.dev.stop_vring(2).unwrap();
+    assert!(start.elapsed() < Duration::from_secs(2), "stop not bounded");
+    // Once the queue is stopped, its late completion stays out of guest memory and the ring.
+    hold.send_replace(true);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(h.used_count(2), used);
+    assert_eq!(h.get(r, 12), vec![0xEE; 12]);
+}
