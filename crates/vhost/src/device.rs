@@ -993,6 +993,48 @@ impl Device {
         self.stopped_upto.fetch_max(upto, Ordering::SeqCst);
     }
 
+    /// The connection is gone (after [`Device::disconnect`], its worker threads joined): end
+    /// the nexus's tasks and wait until every chain it had in flight is finished, so that no
+    /// write of this connection lands after one of the next connection's (a restarted VM
+    /// rewriting the same blocks). Not bounded, as a late write would be wrong whenever it
+    /// came: it warns every 10 s, and `give_up` (the socket is being closed) ends the wait.
+    pub(crate) fn drain_after_disconnect(&self, give_up: &AtomicBool) {
+        let Some(dev) = self.me.upgrade() else {
+            return;
+        };
+        let upto = lock(&self.inflight).next;
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.shared.runtime.spawn(async move {
+            dev.abort_nexus_tasks().await;
+            dev.settle(upto, |_| true).await;
+            let _ = tx.send(());
+        });
+        let mut waited = Duration::ZERO;
+        let step = Duration::from_millis(100);
+        loop {
+            match rx.recv_timeout(step) {
+                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    waited += step;
+                    if give_up.load(Ordering::SeqCst) {
+                        tracing::warn!(
+                            "Socket closed with commands of the last connection still running"
+                        );
+                        return;
+                    }
+                    if waited.as_millis().is_multiple_of(10_000) {
+                        let left = lock(&self.inflight).entries.len();
+                        tracing::warn!(
+                            left,
+                            seconds = waited.as_secs(),
+                            "Waiting for the commands of a closed connection before accepting the next"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// Wait until no entry put in flight before `upto` and matching `pred` is left.
     async fn settle(&self, upto: u64, pred: impl Fn(&Entry) -> bool) {
         loop {

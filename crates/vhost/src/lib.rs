@@ -17,10 +17,11 @@
 //!   VIRTIO_SCSI_S_BAD_TARGET. A missing LUN on a target that exists is answered by the SCSI
 //!   layer (LOGICAL UNIT NOT SUPPORTED; INQUIRY with peripheral qualifier 011b), which is what
 //!   Linux's LUN scan expects; BAD_TARGET there would hide the target's other LUNs.
-//! - When the frontend disconnects (QEMU exits or is killed) the nexus is lost
-//!   ([`scsi::Target::nexus_lost`]: its tasks end, its unit attention state goes, SPC-2
-//!   reservations are released; persistent reservations stay), and the socket accepts the next
-//!   connection without a restart.
+//! - When the frontend disconnects (QEMU exits or is killed) the nexus is lost: its tasks are
+//!   aborted and every command the connection had in flight is waited for (so none of its
+//!   writes lands after the next connection's), then [`scsi::Target::nexus_lost`] drops its
+//!   unit attention state and releases its SPC-2 reservations (persistent reservations stay),
+//!   and only then does the socket accept the next connection, without a restart.
 //!
 //! # Queues and threads
 //! Queue 0 is the control queue, 1 the event queue, 2.. the request queues (`num_queues` of
@@ -378,7 +379,7 @@ impl VhostScsi {
             dev.disconnect();
             exit(&daemon);
             drop(daemon);
-            self.shared.nexus_lost();
+            self.end_connection(&dev, stop);
             match result {
                 // QEMU went away: the usual end of a connection.
                 Ok(())
@@ -393,6 +394,16 @@ impl VhostScsi {
                 }
             }
         }
+    }
+}
+
+impl VhostScsi {
+    /// After a connection: its commands end (aborted, and waited for: none of its writes may
+    /// land after the next connection's), then the nexus is lost. `stop` cuts the wait short
+    /// when the socket is being closed.
+    fn end_connection(&self, dev: &Device, stop: &AtomicBool) {
+        dev.drain_after_disconnect(stop);
+        self.shared.nexus_lost();
     }
 }
 

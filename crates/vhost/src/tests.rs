@@ -1510,3 +1510,52 @@ fn stopping_a_queue_is_bounded_and_drops_later_completions() {
     assert_eq!(h.used_count(2), used);
     assert_eq!(h.get(r, 12), vec![0xEE; 12]);
 }
+
+#[test]
+fn a_closed_connection_is_done_before_the_next_is_accepted() {
+    let mut h = Harness::new();
+    h.tur();
+    let hold = h.hold();
+    // A WRITE(10) of one block whose command is still in flight when the frontend goes.
+    let hd = h.header(LUN0, 70, &[0x2A, 0, 0, 0, 0, 30, 0, 0, 1, 0]);
+    let d = h.alloc(512);
+    h.put(d, &[0x11; 512]);
+    let r = h.alloc(RESP);
+    h.add_chain(
+        2,
+        &[
+            D {
+                addr: hd,
+                len: REQ,
+                write: false,
+            },
+            D {
+                addr: d,
+                len: 512,
+                write: false,
+            },
+            D {
+                addr: r,
+                len: RESP,
+                write: true,
+            },
+        ],
+    );
+    h.kick(2);
+    h.wait_reached(1);
+    h.dev.disconnect();
+    let (vs, dev) = (h.vs.clone(), h.dev.clone());
+    let end = in_thread(move || {
+        vs.end_connection(&dev, &std::sync::atomic::AtomicBool::new(false));
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !end.is_finished(),
+        "the next connection could start with a command of the last one in flight"
+    );
+    hold.send_replace(true);
+    end.join().unwrap();
+    // The nexus is lost: its next command sees POWER ON, RESET (29h/00h, SAM-5 6.3.4).
+    let (_, resp) = h.tur();
+    assert_eq!(resp[12 + 12..12 + 14], [0x29, 0x00]);
+}
