@@ -47,6 +47,8 @@ pub(crate) const MAX_QUEUE_SIZE: u16 = 1024;
 /// their abort may take, before it gives up on them (their completions are then dropped, not
 /// written to the stopped ring).
 const STOP_BOUNDS: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(5));
+/// How long a device reset waits for the I_T nexus reset and the commands in flight.
+const RESET_BOUND: Duration = Duration::from_secs(10);
 /// `max_sectors` in the configuration space, in 512-byte units: 8 MiB, the SCSI layer's
 /// largest data buffer.
 const MAX_SECTORS: u32 = (8 << 20) / 512;
@@ -1163,6 +1165,29 @@ impl VhostUserBackend for Device {
         // The driver starts afresh: no event was missed by it. The vring object stays (see
         // `stop_vring`).
         lock(&self.events).missed = false;
+        // The driver has forgotten every request: an I_T nexus reset (SAM-5 6.3.4), as the
+        // I_T NEXUS RESET function does. The nexus's tasks end (waited for: none of the old
+        // session's writes lands after the new session's), its SPC-2 reservations are
+        // released, and its next command reports I_T NEXUS LOSS OCCURRED. Bounded: this runs
+        // on the vhost-user handler thread.
+        let Some(dev) = self.me.upgrade() else {
+            return;
+        };
+        let upto = lock(&self.inflight).next;
+        let done = self.run_bounded(
+            async move {
+                let nexus = dev.shared.nexus.clone();
+                let targets: Vec<_> = dev.shared.targets.load().values().cloned().collect();
+                for t in targets {
+                    t.task_management(&nexus, scsi::Tmf::ItNexusReset).await;
+                }
+                dev.settle(upto, |_| true).await;
+            },
+            RESET_BOUND,
+        );
+        if !done {
+            tracing::warn!("Device reset with commands of the nexus still running");
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {

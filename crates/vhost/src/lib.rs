@@ -22,6 +22,10 @@
 //!   writes lands after the next connection's), then [`scsi::Target::nexus_lost`] drops its
 //!   unit attention state and releases its SPC-2 reservations (persistent reservations stay),
 //!   and only then does the socket accept the next connection, without a restart.
+//! - A virtio device reset (VHOST_USER_RESET_DEVICE: the guest's driver resets the device, the
+//!   VM reboots) is an I_T nexus reset, as the I_T NEXUS RESET function is: the nexus's tasks
+//!   are aborted and waited for (up to 10 s), its SPC-2 reservations released, and its next
+//!   command reports I_T NEXUS LOSS OCCURRED.
 //!
 //! # Queues and threads
 //! Queue 0 is the control queue, 1 the event queue, 2.. the request queues (`num_queues` of

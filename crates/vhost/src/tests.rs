@@ -1559,3 +1559,51 @@ fn a_closed_connection_is_done_before_the_next_is_accepted() {
     let (_, resp) = h.tur();
     assert_eq!(resp[12 + 12..12 + 14], [0x29, 0x00]);
 }
+
+#[test]
+fn a_device_reset_is_an_i_t_nexus_reset() {
+    let mut h = Harness::new();
+    h.tur();
+    // RESERVE(6) (SPC-2 7.21): the socket's nexus holds the logical unit.
+    let (_, resp, _) = h.command(LUN0, &[0x16, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(resp[10..12], [0, 0]);
+    let other = Arc::new(scsi::ItNexus {
+        initiator: scsi::InitiatorPort {
+            transport: scsi::Transport::Iscsi,
+            name: "iqn.2026-01.io.sharedisk:other".into(),
+            isid: Some([0x80, 0, 0, 0, 0, 1]),
+        },
+        target: scsi::TargetPort {
+            name: "iqn.2026-01.io.sharedisk:disk".into(),
+            tpgt: 1,
+            relative_id: 1,
+        },
+    });
+    let tur = |h: &Harness| {
+        let cmd = scsi::Command {
+            nexus: other.clone(),
+            lun: 0,
+            tag: 1,
+            attr: scsi::TaskAttr::Simple,
+            cdb: TUR.to_vec(),
+            data_out: Vec::new(),
+            data_in_len: 0,
+        };
+        let lu = h.lu.clone();
+        match h.rt.block_on(async move { lu.execute(cmd).await }) {
+            scsi::Completion::Done(r) => r.status,
+            scsi::Completion::Aborted => panic!("aborted"),
+        }
+    };
+    // The other nexus: its power-on unit attention, then RESERVATION CONFLICT (SPC-2 5.5.1).
+    assert_eq!(tur(&h), scsi::Status::CHECK_CONDITION);
+    assert_eq!(tur(&h), scsi::Status::RESERVATION_CONFLICT);
+    // The driver resets the device (VHOST_USER_RESET_DEVICE).
+    h.dev.reset_device();
+    // The reservation went with the nexus reset (SPC-2 5.5.1, SAM-5 6.3.4).
+    assert_eq!(tur(&h), scsi::Status::GOOD);
+    // The socket's nexus: I_T NEXUS LOSS OCCURRED (29h/07h, SPC-5 table 49).
+    let (_, resp) = h.tur();
+    assert_eq!(resp[10], 0x02);
+    assert_eq!(resp[12 + 12..12 + 14], [0x29, 0x07]);
+}
