@@ -1,23 +1,28 @@
 //! The virtio-scsi device of one vhost-user connection: a [`VhostUserBackend`] with the control
 //! queue (0), the event queue (1) and the request queues (2..).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant};
+use std::os::fd::{AsRawFd, RawFd};
+#[cfg(test)]
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::sg::{self, Sg};
 use crate::wire::{self, Address};
@@ -32,11 +37,18 @@ const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
 /// command (VPD 0xB0 MAXIMUM TRANSFER LENGTH), plus room for parameter lists. A request with
 /// more gets VIRTIO_SCSI_S_FAILURE before anything is copied.
 const MAX_DATA_OUT: u64 = 16 << 20;
+/// The data-out a connection may hold copied out of guest memory (for commands in flight).
+/// A request that would go above it waits in the ring until completions make room (one
+/// request is always let in when nothing is held).
+const DATA_OUT_BUDGET: u64 = 64 << 20;
 /// Largest virtqueue the driver may configure.
 pub(crate) const MAX_QUEUE_SIZE: u16 = 1024;
-/// How long GET_VRING_BASE waits for the queue's commands in flight before it gives up on them
-/// (their completions are then dropped, not written to the stopped ring).
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long GET_VRING_BASE lets the commands in flight complete normally, and then how long
+/// their abort may take, before it gives up on them (their completions are then dropped, not
+/// written to the stopped ring).
+const STOP_BOUNDS: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(5));
+/// How long a device reset waits for the I_T nexus reset and the commands in flight.
+const RESET_BOUND: Duration = Duration::from_secs(10);
 /// `max_sectors` in the configuration space, in 512-byte units: 8 MiB, the SCSI layer's
 /// largest data buffer.
 const MAX_SECTORS: u32 = (8 << 20) / 512;
@@ -77,15 +89,46 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 #[derive(Default)]
 struct QueueState {
-    /// Commands popped from the queue and not yet completed.
-    inflight: AtomicUsize,
     /// Bumped when the queue is stopped: completions from before are dropped.
     epoch: AtomicU64,
 }
 
+/// What a connection has in flight: every chain popped and handed to a task (a request, a
+/// task management function) until its used ring entry is written or dropped.
+#[derive(Default)]
+struct Inflight {
+    next: u64,
+    entries: HashMap<u64, Entry>,
+    queues: Vec<QueueInflight>,
+    /// Data-out held by the entries, in bytes.
+    bytes: u64,
+}
+
+#[derive(Default)]
+struct QueueInflight {
+    count: usize,
+    /// Heads in flight, with the epochs they were popped in (after a reset the driver reuses
+    /// heads whose old completions are dropped).
+    heads: HashSet<(u16, Epochs)>,
+    /// The queue stopped popping for want of room: a completion wakes its thread.
+    waiting: bool,
+}
+
+/// One chain in flight.
+struct Entry {
+    queue: usize,
+    head: u16,
+    epochs: Epochs,
+    /// The logical unit a request addresses (its address, as identity), 0 for none.
+    lu: usize,
+    tag: u64,
+    bytes: u64,
+}
+
 #[derive(Default)]
 struct Events {
-    /// The event queue, once the driver has kicked it.
+    /// The event queue, once the driver has kicked it; kept across stop/start and device
+    /// resets (vhost-user-backend keeps one vring object per queue for the connection).
     vring: Option<Vring>,
     /// An event found no buffer: the next one carries VIRTIO_SCSI_T_EVENTS_MISSED.
     missed: bool,
@@ -104,33 +147,100 @@ pub struct Device {
     epoch: AtomicU64,
     queues: Vec<QueueState>,
     events: Mutex<Events>,
+    /// Held for reading by every return of a chain to the driver, from the check of the
+    /// epochs through the guest-memory writes to the used ring entry; for writing by whatever
+    /// bumps an epoch (queue stop, device reset, disconnect). So once the bump is done, no
+    /// completion from before it touches guest memory or the rings.
+    gate: RwLock<()>,
+    inflight: Mutex<Inflight>,
+    /// Notified whenever an entry leaves `inflight`.
+    left: tokio::sync::Notify,
+    /// One per worker thread (see `queues_per_thread`): written when a completion makes room
+    /// on a queue of that thread that had stopped popping; registered with the thread's epoll
+    /// as event [`Device::wake_event`].
+    wakes: Vec<EventFd>,
+    /// [`DATA_OUT_BUDGET`]; lowered by tests.
+    pub(crate) data_out_budget: AtomicU64,
+    /// Entries below this id were waited for (and given up on) by a queue stop already.
+    stopped_upto: AtomicU64,
+    /// [`STOP_BOUNDS`]; shortened by tests.
+    pub(crate) stop_bounds: Mutex<(Duration, Duration)>,
+    #[cfg(test)]
+    pub(crate) hooks: Hooks,
 }
 
-/// A command in flight: where its completion goes, if the queue still exists then.
+/// A flag to wait on until it is true (tests).
+#[cfg(test)]
+pub(crate) type TestGate = Arc<(Mutex<bool>, std::sync::Condvar)>;
+
+/// Test hooks: hold request completions at chosen points.
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct Hooks {
+    /// When set, a request's task waits here, before it completes, until the value is true.
+    pub before_complete: Mutex<Option<tokio::sync::watch::Receiver<bool>>>,
+    /// Requests that reached `before_complete`.
+    pub reached: AtomicUsize,
+    /// When set, a request's completion blocks here until the flag is true: with the gate
+    /// held, after its epoch check and before its writes.
+    pub in_complete: Mutex<Option<TestGate>>,
+    /// Completions that reached `in_complete`.
+    pub inside: AtomicUsize,
+}
+
+/// The epochs a chain was popped in: its completion is written only while they are current.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Epochs {
+    device: u64,
+    queue: u64,
+}
+
+/// A chain in flight: where its completion goes, if the queue still exists then. Dropping it
+/// ends the entry in [`Inflight`].
 struct Token {
     dev: Arc<Device>,
+    id: u64,
     queue: usize,
-    epoch: u64,
-    queue_epoch: u64,
-}
-
-impl Token {
-    fn current(&self) -> bool {
-        self.dev.epoch.load(Ordering::SeqCst) == self.epoch
-            && self
-                .dev
-                .queues
-                .get(self.queue)
-                .is_some_and(|q| q.epoch.load(Ordering::SeqCst) == self.queue_epoch)
-    }
+    epochs: Epochs,
 }
 
 impl Drop for Token {
     fn drop(&mut self) {
-        if let Some(q) = self.dev.queues.get(self.queue) {
-            q.inflight.fetch_sub(1, Ordering::SeqCst);
+        self.dev.leave(self.id);
+    }
+}
+
+/// The requests a task management function may end (requests of this connection: the one
+/// I_T nexus).
+#[derive(Debug, Clone, Copy)]
+enum Affects {
+    Nothing,
+    /// ABORT TASK: the request with this tag to this logical unit.
+    Task(usize, u64),
+    /// ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET: every request to the logical unit.
+    Lu(usize),
+    /// I_T NEXUS RESET: every request.
+    All,
+}
+
+impl Affects {
+    fn covers(self, e: &Entry) -> bool {
+        let request = e.queue >= 2 && e.lu != 0;
+        match self {
+            Affects::Nothing => false,
+            Affects::Task(lu, tag) => request && e.lu == lu && e.tag == tag,
+            Affects::Lu(lu) => request && e.lu == lu,
+            Affects::All => e.queue >= 2,
         }
     }
+}
+
+/// Why a chain cannot go in flight now.
+enum Refused {
+    /// The data-out budget is spent: the chain goes back to the ring until a completion.
+    Full,
+    /// The device is being dropped.
+    Gone,
 }
 
 fn status_byte(response: u32) -> u8 {
@@ -139,8 +249,16 @@ fn status_byte(response: u32) -> u8 {
 
 impl Device {
     pub(crate) fn new(shared: Arc<Shared>, mem: Gm) -> Arc<Device> {
-        let queues = (0..2 + usize::from(shared.num_queues))
-            .map(|_| QueueState::default())
+        let nq = 2 + usize::from(shared.num_queues);
+        let queues = (0..nq).map(|_| QueueState::default()).collect();
+        let inflight = Inflight {
+            queues: (0..nq).map(|_| QueueInflight::default()).collect(),
+            ..Inflight::default()
+        };
+        // Thread 0 and one per request queue; an eventfd that cannot be made leaves its queue
+        // to the driver's kicks.
+        let wakes = (0..1 + usize::from(shared.num_queues))
+            .filter_map(|_| EventFd::new(EFD_NONBLOCK).ok())
             .collect();
         Arc::new_cyclic(|me| Device {
             me: me.clone(),
@@ -153,13 +271,186 @@ impl Device {
             epoch: AtomicU64::new(0),
             queues,
             events: Mutex::new(Events::default()),
+            gate: RwLock::new(()),
+            inflight: Mutex::new(inflight),
+            left: tokio::sync::Notify::new(),
+            wakes,
+            data_out_budget: AtomicU64::new(DATA_OUT_BUDGET),
+            stopped_upto: AtomicU64::new(0),
+            stop_bounds: Mutex::new(STOP_BOUNDS),
+            #[cfg(test)]
+            hooks: Hooks::default(),
         })
     }
 
+    /// The `handle_event` event number of the wake eventfds: past the queues and the
+    /// vhost-user-backend's own exit event.
+    pub(crate) fn wake_event(&self) -> u16 {
+        2 + self.shared.num_queues + 1
+    }
+
+    /// The wake eventfd of worker thread `thread`.
+    pub(crate) fn wake_fd(&self, thread: usize) -> Option<RawFd> {
+        self.wakes.get(thread).map(AsRawFd::as_raw_fd)
+    }
+
+    /// Whether the wake eventfd of `thread` was written since it was last read (tests).
+    #[cfg(test)]
+    pub(crate) fn wake_pending(&self, thread: usize) -> bool {
+        self.wakes.get(thread).is_some_and(|fd| fd.read().is_ok())
+    }
+
+    /// The worker thread that serves `queue` (see `queues_per_thread`).
+    fn thread_of(queue: usize) -> usize {
+        queue.saturating_sub(1)
+    }
+
+    /// Whether `head` of `queue`, popped in `epochs`, is still in flight.
+    fn head_in_flight(&self, queue: usize, head: u16, epochs: Epochs) -> bool {
+        lock(&self.inflight)
+            .queues
+            .get(queue)
+            .is_some_and(|q| q.heads.contains(&(head, epochs)))
+    }
+
+    /// Whether `queue` may pop another chain with at most `limit` in flight; when not, the
+    /// next completion on it wakes its thread.
+    fn room(&self, queue: usize, limit: usize) -> bool {
+        let mut inf = lock(&self.inflight);
+        let Some(q) = inf.queues.get_mut(queue) else {
+            return false;
+        };
+        if q.count < limit {
+            true
+        } else {
+            q.waiting = true;
+            false
+        }
+    }
+
+    /// Put a chain in flight, holding `bytes` of data-out.
+    fn enter(
+        &self,
+        queue: usize,
+        head: u16,
+        epochs: Epochs,
+        lu: usize,
+        tag: u64,
+        bytes: u64,
+    ) -> Result<Token, Refused> {
+        let dev = self.me.upgrade().ok_or(Refused::Gone)?;
+        let budget = self.data_out_budget.load(Ordering::Relaxed);
+        let mut guard = lock(&self.inflight);
+        let inf = &mut *guard;
+        let Some(q) = inf.queues.get_mut(queue) else {
+            return Err(Refused::Gone);
+        };
+        if bytes > 0 && inf.bytes > 0 && inf.bytes.saturating_add(bytes) > budget {
+            q.waiting = true;
+            return Err(Refused::Full);
+        }
+        q.count += 1;
+        q.heads.insert((head, epochs));
+        inf.bytes += bytes;
+        let id = inf.next;
+        inf.next += 1;
+        inf.entries.insert(
+            id,
+            Entry {
+                queue,
+                head,
+                epochs,
+                lu,
+                tag,
+                bytes,
+            },
+        );
+        Ok(Token {
+            dev,
+            id,
+            queue,
+            epochs,
+        })
+    }
+
+    /// Entry `id` is done: free its room, wake the queues that wait for room, tell waiters.
+    fn leave(&self, id: u64) {
+        let mut wake: Vec<usize> = Vec::new();
+        {
+            let mut guard = lock(&self.inflight);
+            let inf = &mut *guard;
+            if let Some(e) = inf.entries.remove(&id) {
+                inf.bytes -= e.bytes;
+                if let Some(q) = inf.queues.get_mut(e.queue) {
+                    q.count -= 1;
+                    q.heads.remove(&(e.head, e.epochs));
+                }
+            }
+            for (i, q) in inf.queues.iter_mut().enumerate() {
+                if std::mem::take(&mut q.waiting) {
+                    wake.push(Self::thread_of(i));
+                }
+            }
+        }
+        wake.dedup();
+        for t in wake {
+            if let Some(fd) = self.wakes.get(t) {
+                let _ = fd.write(1);
+            }
+        }
+        self.left.notify_waiters();
+    }
+
     /// The connection is gone: nothing in flight may touch its rings or memory any more.
+    /// Returns once no completion is being written.
     pub(crate) fn disconnect(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        {
+            let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+        }
         lock(&self.events).vring = None;
+    }
+
+    fn epochs(&self, queue: usize) -> Epochs {
+        Epochs {
+            device: self.epoch.load(Ordering::SeqCst),
+            queue: self
+                .queues
+                .get(queue)
+                .map_or(u64::MAX, |q| q.epoch.load(Ordering::SeqCst)),
+        }
+    }
+
+    /// Return `head` of `queue` to the driver, if the epochs it was popped in are still
+    /// current: `write` puts the response into guest memory and says how many bytes it wrote
+    /// (the used length). The check, the writes and the used ring entry happen under the
+    /// gate, so a stop, reset or disconnect is either before all of them or after.
+    fn complete(
+        &self,
+        queue: usize,
+        epochs: Epochs,
+        vring: &Vring,
+        head: u16,
+        write: impl FnOnce() -> u32,
+    ) {
+        let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        if self.epochs(queue) != epochs {
+            return;
+        }
+        #[cfg(test)]
+        if queue >= 2 {
+            let hook = lock(&self.hooks.in_complete).clone();
+            if let Some(h) = hook {
+                self.hooks.inside.fetch_add(1, Ordering::SeqCst);
+                let (m, cv) = &*h;
+                let mut open = lock(m);
+                while !*open {
+                    open = cv.wait(open).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+        }
+        let len = write();
+        Self::used(vring, head, len);
     }
 
     fn config(&self) -> wire::Config {
@@ -180,18 +471,6 @@ impl Device {
         }
     }
 
-    fn token(&self, queue: usize) -> Option<Token> {
-        let dev = self.me.upgrade()?;
-        let q = self.queues.get(queue)?;
-        q.inflight.fetch_add(1, Ordering::SeqCst);
-        Some(Token {
-            queue,
-            epoch: self.epoch.load(Ordering::SeqCst),
-            queue_epoch: q.epoch.load(Ordering::SeqCst),
-            dev,
-        })
-    }
-
     /// Return a chain to the driver with `len` bytes written, and notify it if it asked.
     fn used(vring: &Vring, head: u16, len: u32) {
         let notify = {
@@ -209,31 +488,53 @@ impl Device {
         }
     }
 
-    fn complete(token: &Token, vring: &Vring, head: u16, len: u32) {
-        if token.current() {
-            Self::used(vring, head, len);
-        }
-    }
-
     /// Pop every available chain of `vring` (queue `queue`) and handle it; with
     /// VIRTIO_RING_F_EVENT_IDX, loop until no chain arrived while notifications were off.
+    /// At most a queue size of chains is in flight per queue, and the data-out held stays
+    /// within the budget: without room the chain stays in the ring (notifications stay off)
+    /// and the completion that makes room wakes the queue's thread, which drains again.
     fn drain(&self, queue: usize, vring: &Vring) {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let limit = usize::from(vring.get_ref().get_queue().size());
         loop {
             if event_idx {
                 let _ = vring.disable_notification();
             }
             let mem = self.mem.memory().into_inner();
-            let chains: Vec<DescriptorChain<Arc<Mem>>> = {
-                let mut st = vring.get_mut();
-                let q = st.get_queue_mut();
-                std::iter::from_fn(|| q.pop_descriptor_chain(mem.clone())).collect()
-            };
-            for chain in chains {
-                match queue {
-                    0 => self.control(vring, &mem, chain),
-                    1 => {}
-                    q => self.request(q, vring, &mem, chain),
+            loop {
+                if !self.room(queue, limit) {
+                    return;
+                }
+                // Read before the pop: a stop or reset after this point makes the chain's
+                // completion stale, never the other way round.
+                let epochs = self.epochs(queue);
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else {
+                    break;
+                };
+                let head = chain.head_index();
+                if self.head_in_flight(queue, head, epochs) {
+                    // A driver may not make a head available again before it is used
+                    // (virtio 2.7.13); never run it twice.
+                    tracing::warn!(queue, head, "Driver offered a head already in flight");
+                    self.refuse_duplicate(queue, epochs, vring, &mem, chain);
+                    continue;
+                }
+                let handled = match queue {
+                    0 => {
+                        self.control(epochs, vring, &mem, chain);
+                        true
+                    }
+                    1 => true,
+                    q => self.request(q, epochs, vring, &mem, chain),
+                };
+                if !handled {
+                    // No room for its data-out: back to the ring, until a completion.
+                    vring.get_mut().get_queue_mut().go_to_previous_position();
+                    return;
                 }
             }
             if !event_idx || !matches!(vring.enable_notification(), Ok(true)) {
@@ -243,20 +544,63 @@ impl Device {
     }
 
     /// One request queue request (virtio 5.6.6.1).
-    fn request(
+    /// A head the driver offered while it is in flight: answered with VIRTIO_SCSI_S_FAILURE
+    /// in the buffers the chain has now (the request in flight keeps the ones it had).
+    fn refuse_duplicate(
         &self,
         queue: usize,
+        epochs: Epochs,
         vring: &Vring,
         mem: &Arc<Mem>,
         chain: DescriptorChain<Arc<Mem>>,
     ) {
         let head = chain.head_index();
+        let wr = sg::split(chain).map(|(_, wr)| wr).unwrap_or_default();
+        let (resp, len) = if queue == 0 {
+            (
+                vec![status_byte(wire::VIRTIO_SCSI_S_FAILURE)],
+                wire::TMF_RESP,
+            )
+        } else {
+            let sense_size = self.sense_size.load(Ordering::Relaxed);
+            let r = wire::cmd_resp(
+                status_byte(wire::VIRTIO_SCSI_S_FAILURE),
+                0,
+                0,
+                &[],
+                sense_size,
+            );
+            (r, wire::CMD_RESP_FIXED + sense_size)
+        };
+        self.complete(queue, epochs, vring, head, || {
+            if wr.len() >= u64::from(len) && wr.write_at(&**mem, 0, &resp).is_ok() {
+                len
+            } else {
+                0
+            }
+        });
+    }
+
+    /// One request queue request (virtio 5.6.6.1). `false` when its data-out does not fit
+    /// the budget now: nothing was done and the chain goes back to the ring.
+    fn request(
+        &self,
+        queue: usize,
+        epochs: Epochs,
+        vring: &Vring,
+        mem: &Arc<Mem>,
+        chain: DescriptorChain<Arc<Mem>>,
+    ) -> bool {
+        let head = chain.head_index();
+        let unanswered = || {
+            self.complete(queue, epochs, vring, head, || 0);
+            true
+        };
         let (rd, wr) = match sg::split(chain) {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(queue, head, error = %e, "Malformed request chain");
-                Self::used(vring, head, 0);
-                return;
+                return unanswered();
             }
         };
         let sense_size = self.sense_size.load(Ordering::Relaxed);
@@ -271,16 +615,17 @@ impl Device {
                 writable = wr.len(),
                 "Request without room for its response"
             );
-            Self::used(vring, head, 0);
-            return;
+            return unanswered();
         }
         let fail = |response: u32| {
             let r = wire::cmd_resp(status_byte(response), 0, 0, &[], sense_size);
-            let len = match wr.write_at(&**mem, 0, &r) {
-                Ok(()) => resp_len,
-                Err(_) => 0,
-            };
-            Self::used(vring, head, len);
+            self.complete(queue, epochs, vring, head, || {
+                match wr.write_at(&**mem, 0, &r) {
+                    Ok(()) => resp_len,
+                    Err(_) => 0,
+                }
+            });
+            true
         };
         let mut hdr = vec![0u8; req_len as usize];
         if rd.len() < u64::from(req_len) || rd.read_at(&**mem, 0, &mut hdr).is_err() {
@@ -308,14 +653,26 @@ impl Device {
         let Some(target) = self.shared.target(vt) else {
             return fail(wire::VIRTIO_SCSI_S_BAD_TARGET);
         };
+        // Only what the CDB asks for is copied: the SCSI layer uses no more, and the rest is
+        // reported as residual.
+        let expected_out = u64::from(target.data_out_len(lun, &req.cdb));
+        let copy = data_out_len.min(expected_out);
+        let lu_id = target.lu(lun).map_or(0, |lu| Arc::as_ptr(lu) as usize);
+        let token = match self.enter(queue, head, epochs, lu_id, req.tag, copy) {
+            Ok(t) => t,
+            Err(Refused::Full) => return false,
+            Err(Refused::Gone) => return true,
+        };
         // The one copy of data-out, from guest memory into the buffer the SCSI layer takes.
-        let mut data_out = vec![0u8; data_out_len as usize];
+        let mut data_out = vec![0u8; copy as usize];
         if rd
             .read_at(&**mem, u64::from(req_len), &mut data_out)
             .is_err()
         {
             tracing::warn!(queue, head, "Request data-out outside guest memory");
-            return fail(wire::VIRTIO_SCSI_S_FAILURE);
+            fail(wire::VIRTIO_SCSI_S_FAILURE);
+            drop(token);
+            return true;
         }
         let nexus = self.shared.nexus.clone();
         let ticket = target.admit(&nexus, lun);
@@ -325,7 +682,6 @@ impl Device {
             wire::VIRTIO_SCSI_S_ACA => scsi::TaskAttr::Aca,
             _ => scsi::TaskAttr::Simple,
         };
-        let expected_out = u64::from(target.data_out_len(lun, &req.cdb));
         let cmd = scsi::Command {
             nexus,
             lun,
@@ -335,15 +691,17 @@ impl Device {
             data_out,
             data_in_len: u32::try_from(data_in_cap).unwrap_or(u32::MAX),
         };
-        let Some(token) = self.token(queue) else {
-            return;
-        };
         let vring = vring.clone();
         let mem = mem.clone();
         self.shared.runtime.spawn(async move {
             let done = target.execute_admitted(cmd, ticket).await;
-            if !token.current() {
-                return;
+            #[cfg(test)]
+            {
+                let hold = lock(&token.dev.hooks.before_complete).clone();
+                if let Some(mut rx) = hold {
+                    token.dev.hooks.reached.fetch_add(1, Ordering::SeqCst);
+                    let _ = rx.wait_for(|open| *open).await;
+                }
             }
             let (resp, data_in) = match &done {
                 scsi::Completion::Aborted => (
@@ -365,10 +723,14 @@ impl Device {
                     } else {
                         wire::VIRTIO_SCSI_S_OK
                     };
+                    // virtio 5.6.6.1: resid is the part of the transfer that did not
+                    // happen: data-in buffers left unfilled; data-out the guest sent beyond
+                    // what the CDB asks for; or, on a data-out underrun, what the CDB asks
+                    // for beyond what the guest sent (the SCSI layer used only that).
                     let resid = if data_in_cap > 0 {
                         data_in_cap - n as u64
                     } else {
-                        data_out_len.saturating_sub(expected_out)
+                        data_out_len.abs_diff(expected_out)
                     };
                     (
                         wire::cmd_resp(
@@ -382,44 +744,55 @@ impl Device {
                     )
                 }
             };
-            let written = wr
-                .write_at(&*mem, u64::from(resp_len), data_in)
-                .and_then(|()| wr.write_at(&*mem, 0, &resp));
-            let len = match written {
-                Ok(()) => resp_len + data_in.len() as u32,
-                Err(e) => {
-                    tracing::warn!(head, error = %e, "Cannot write a response to guest memory");
-                    0
-                }
-            };
-            Self::complete(&token, &vring, head, len);
+            token
+                .dev
+                .complete(token.queue, token.epochs, &vring, head, || {
+                    let written = wr
+                        .write_at(&*mem, u64::from(resp_len), data_in)
+                        .and_then(|()| wr.write_at(&*mem, 0, &resp));
+                    match written {
+                        Ok(()) => resp_len + data_in.len() as u32,
+                        Err(e) => {
+                            tracing::warn!(head, error = %e, "Cannot write a response to guest memory");
+                            0
+                        }
+                    }
+                });
         });
+        true
     }
 
     /// One control queue request (virtio 5.6.6.2).
-    fn control(&self, vring: &Vring, mem: &Arc<Mem>, chain: DescriptorChain<Arc<Mem>>) {
+    fn control(
+        &self,
+        epochs: Epochs,
+        vring: &Vring,
+        mem: &Arc<Mem>,
+        chain: DescriptorChain<Arc<Mem>>,
+    ) {
         let head = chain.head_index();
+        let unanswered = || self.complete(0, epochs, vring, head, || 0);
         let (rd, wr) = match sg::split(chain) {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!(head, error = %e, "Malformed control chain");
-                return Self::used(vring, head, 0);
+                return unanswered();
             }
         };
         let mut ty = [0u8; 4];
         if rd.read_at(&**mem, 0, &mut ty).is_err() {
             tracing::warn!(head, "Control request without a type");
-            return Self::used(vring, head, 0);
+            return unanswered();
         }
         match wire::ctrl_type(&ty) {
-            wire::VIRTIO_SCSI_T_TMF => self.tmf(vring, mem, head, &rd, wr),
+            wire::VIRTIO_SCSI_T_TMF => self.tmf(epochs, vring, mem, head, &rd, wr),
             wire::VIRTIO_SCSI_T_AN_QUERY | wire::VIRTIO_SCSI_T_AN_SUBSCRIBE => {
                 if wr.len() < u64::from(wire::AN_RESP) {
                     tracing::warn!(
                         head,
                         "Asynchronous notification request without room for its response"
                     );
-                    return Self::used(vring, head, 0);
+                    return unanswered();
                 }
                 let mut req = [0u8; wire::AN_REQ as usize];
                 let response = if rd.read_at(&**mem, 0, &mut req).is_err() {
@@ -434,15 +807,16 @@ impl Device {
                 };
                 // No asynchronous notification is supported: event_actual 0.
                 let resp = wire::an_resp(0, status_byte(response));
-                let len = match wr.write_at(&**mem, 0, &resp) {
-                    Ok(()) => wire::AN_RESP,
-                    Err(_) => 0,
-                };
-                Self::used(vring, head, len);
+                self.complete(0, epochs, vring, head, || {
+                    match wr.write_at(&**mem, 0, &resp) {
+                        Ok(()) => wire::AN_RESP,
+                        Err(_) => 0,
+                    }
+                });
             }
             other => {
                 tracing::warn!(head, ty = other, "Unknown control request type");
-                Self::used(vring, head, 0);
+                unanswered();
             }
         }
     }
@@ -450,20 +824,21 @@ impl Device {
     /// A task management request. It runs as a task of its own: an ABORT TASK or a reset
     /// waits for the commands it ends, and neither the control queue nor the request queues
     /// wait with it.
-    fn tmf(&self, vring: &Vring, mem: &Arc<Mem>, head: u16, rd: &Sg, wr: Sg) {
+    fn tmf(&self, epochs: Epochs, vring: &Vring, mem: &Arc<Mem>, head: u16, rd: &Sg, wr: Sg) {
         if wr.len() < u64::from(wire::TMF_RESP) {
             tracing::warn!(
                 head,
                 "Task management request without room for its response"
             );
-            return Self::used(vring, head, 0);
+            return self.complete(0, epochs, vring, head, || 0);
         }
         let answer = |response: u32| {
-            let len = match wr.write_at(&**mem, 0, &[status_byte(response)]) {
-                Ok(()) => wire::TMF_RESP,
-                Err(_) => 0,
-            };
-            Self::used(vring, head, len);
+            self.complete(0, epochs, vring, head, || {
+                match wr.write_at(&**mem, 0, &[status_byte(response)]) {
+                    Ok(()) => wire::TMF_RESP,
+                    Err(_) => 0,
+                }
+            });
         };
         let mut buf = [0u8; wire::TMF_REQ as usize];
         if rd.read_at(&**mem, 0, &mut buf).is_err() {
@@ -492,7 +867,18 @@ impl Device {
                 return answer(wire::VIRTIO_SCSI_S_FUNCTION_REJECTED);
             }
         };
-        let Some(token) = self.token(0) else {
+        // The requests whose used ring entries must be written before the response: Linux
+        // (virtscsi_tmf) takes a completed TMF to mean every request it affected is back.
+        let lu_id = target.lu(lun).map_or(0, |lu| Arc::as_ptr(lu) as usize);
+        let affects = match tmf {
+            scsi::Tmf::AbortTask { .. } => Affects::Task(lu_id, tag),
+            scsi::Tmf::AbortTaskSet { .. }
+            | scsi::Tmf::ClearTaskSet { .. }
+            | scsi::Tmf::LogicalUnitReset { .. } => Affects::Lu(lu_id),
+            scsi::Tmf::ItNexusReset => Affects::All,
+            _ => Affects::Nothing,
+        };
+        let Ok(token) = self.enter(0, head, epochs, 0, tag, 0) else {
             return;
         };
         let shared = self.shared.clone();
@@ -510,6 +896,11 @@ impl Device {
             } else {
                 target.task_management(&nexus, tmf).await
             };
+            // Every request of this connection that the function may have ended was in flight
+            // when it returned (popped before; a later one was admitted after the function's
+            // epoch bump and is not affected): wait for their completions to be written.
+            let upto = lock(&token.dev.inflight).next;
+            token.dev.settle(upto, |e| affects.covers(e)).await;
             tracing::info!(?tmf, response = ?r, "Task management");
             let response = match r {
                 scsi::TmfResponse::FunctionComplete => wire::VIRTIO_SCSI_S_FUNCTION_COMPLETE,
@@ -519,15 +910,148 @@ impl Device {
                 scsi::TmfResponse::FunctionRejected => wire::VIRTIO_SCSI_S_FUNCTION_REJECTED,
                 scsi::TmfResponse::IncorrectLun => wire::VIRTIO_SCSI_S_INCORRECT_LUN,
             };
-            if !token.current() {
+            token.dev.complete(0, token.epochs, &vring, head, || {
+                match wr.write_at(&*mem, 0, &[status_byte(response)]) {
+                    Ok(()) => wire::TMF_RESP,
+                    Err(_) => 0,
+                }
+            });
+        });
+    }
+
+    /// Run `f` on the runtime from a thread outside it and wait at most `limit` for it;
+    /// `false` when it did not finish in time (it is cancelled).
+    fn run_bounded(&self, f: impl Future<Output = ()> + Send + 'static, limit: Duration) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let task = self.shared.runtime.spawn(async move {
+            f.await;
+            let _ = tx.send(());
+        });
+        let done = rx.recv_timeout(limit).is_ok();
+        if !done {
+            task.abort();
+        }
+        done
+    }
+
+    /// End every task of the socket's I_T nexus, on every logical unit behind it, and wait
+    /// for the running ones (ABORT TASK SET on each: no unit attention, reservations stay).
+    async fn abort_nexus_tasks(&self) {
+        let nexus = self.shared.nexus.clone();
+        let targets: Vec<_> = self.shared.targets.load().values().cloned().collect();
+        for t in targets {
+            let luns: Vec<u64> = t.luns().collect();
+            for lun in luns {
+                t.task_management(&nexus, scsi::Tmf::AbortTaskSet { lun })
+                    .await;
+            }
+        }
+    }
+
+    /// GET_VRING_BASE of any queue: every chain in flight on the connection gets the
+    /// bounded time to come back normally, then the nexus's tasks are aborted (waiting, also
+    /// bounded) so their ABORTED completions are written too. Done once for all queues: the
+    /// frontend stops them one after another, and the later stops find only what was popped
+    /// since. What is still in flight after that is given up: its completion is dropped and
+    /// its head is not returned. The frontend could resubmit such heads only with
+    /// VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, which this device does not implement; the guest's
+    /// command timer then ends them (its abort gets FUNCTION COMPLETE, the task being gone).
+    fn quiesce_for_stop(&self, index: u32) {
+        let (from, upto) = {
+            let inf = lock(&self.inflight);
+            (self.stopped_upto.load(Ordering::SeqCst), inf.next)
+        };
+        let pending = |inf: &Inflight| inf.entries.keys().filter(|&&id| id >= from).count();
+        if pending(&lock(&self.inflight)) == 0 {
+            return;
+        }
+        let Some(dev) = self.me.upgrade() else {
+            return;
+        };
+        let (grace, abort) = *lock(&self.stop_bounds);
+        let d = dev.clone();
+        if !self.run_bounded(async move { d.settle(upto, |_| true).await }, grace) {
+            tracing::warn!(
+                queue = index,
+                "Queue stopped with commands in flight; aborting the nexus's tasks"
+            );
+            let d = dev.clone();
+            let ended = self.run_bounded(
+                async move {
+                    d.abort_nexus_tasks().await;
+                    d.settle(upto, |_| true).await;
+                },
+                abort,
+            );
+            if !ended {
+                let left = pending(&lock(&self.inflight));
+                tracing::warn!(
+                    queue = index,
+                    left,
+                    "Queue stopped with commands still running: their completions are dropped and their heads not returned"
+                );
+            }
+        }
+        self.stopped_upto.fetch_max(upto, Ordering::SeqCst);
+    }
+
+    /// The connection is gone (after [`Device::disconnect`], its worker threads joined): end
+    /// the nexus's tasks and wait until every chain it had in flight is finished, so that no
+    /// write of this connection lands after one of the next connection's (a restarted VM
+    /// rewriting the same blocks). Not bounded, as a late write would be wrong whenever it
+    /// came: it warns every 10 s, and `give_up` (the socket is being closed) ends the wait.
+    pub(crate) fn drain_after_disconnect(&self, give_up: &AtomicBool) {
+        let Some(dev) = self.me.upgrade() else {
+            return;
+        };
+        let upto = lock(&self.inflight).next;
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.shared.runtime.spawn(async move {
+            dev.abort_nexus_tasks().await;
+            dev.settle(upto, |_| true).await;
+            let _ = tx.send(());
+        });
+        let mut waited = Duration::ZERO;
+        let step = Duration::from_millis(100);
+        loop {
+            match rx.recv_timeout(step) {
+                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    waited += step;
+                    if give_up.load(Ordering::SeqCst) {
+                        tracing::warn!(
+                            "Socket closed with commands of the last connection still running"
+                        );
+                        return;
+                    }
+                    if waited.as_millis().is_multiple_of(10_000) {
+                        let left = lock(&self.inflight).entries.len();
+                        tracing::warn!(
+                            left,
+                            seconds = waited.as_secs(),
+                            "Waiting for the commands of a closed connection before accepting the next"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Wait until no entry put in flight before `upto` and matching `pred` is left.
+    async fn settle(&self, upto: u64, pred: impl Fn(&Entry) -> bool) {
+        loop {
+            let notified = std::pin::pin!(self.left.notified());
+            let mut notified = notified;
+            notified.as_mut().enable();
+            let pending = lock(&self.inflight)
+                .entries
+                .iter()
+                .any(|(&id, e)| id < upto && pred(e));
+            if !pending {
                 return;
             }
-            let len = match wr.write_at(&*mem, 0, &[status_byte(response)]) {
-                Ok(()) => wire::TMF_RESP,
-                Err(_) => 0,
-            };
-            Self::complete(&token, &vring, head, len);
-        });
+            notified.await;
+        }
     }
 
     /// Queue a `virtio_scsi_event` in the driver's next event buffer (virtio 5.6.6.3), when it
@@ -632,10 +1156,38 @@ impl VhostUserBackend for Device {
     }
 
     fn reset_device(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        {
+            let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+        }
         self.sense_size.store(wire::SENSE_SIZE, Ordering::Relaxed);
         self.cdb_size.store(wire::CDB_SIZE, Ordering::Relaxed);
-        *lock(&self.events) = Events::default();
+        // The driver starts afresh: no event was missed by it. The vring object stays (see
+        // `stop_vring`).
+        lock(&self.events).missed = false;
+        // The driver has forgotten every request: an I_T nexus reset (SAM-5 6.3.4), as the
+        // I_T NEXUS RESET function does. The nexus's tasks end (waited for: none of the old
+        // session's writes lands after the new session's), its SPC-2 reservations are
+        // released, and its next command reports I_T NEXUS LOSS OCCURRED. Bounded: this runs
+        // on the vhost-user handler thread.
+        let Some(dev) = self.me.upgrade() else {
+            return;
+        };
+        let upto = lock(&self.inflight).next;
+        let done = self.run_bounded(
+            async move {
+                let nexus = dev.shared.nexus.clone();
+                let targets: Vec<_> = dev.shared.targets.load().values().cloned().collect();
+                for t in targets {
+                    t.task_management(&nexus, scsi::Tmf::ItNexusReset).await;
+                }
+                dev.settle(upto, |_| true).await;
+            },
+            RESET_BOUND,
+        );
+        if !done {
+            tracing::warn!("Device reset with commands of the nexus still running");
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -695,27 +1247,19 @@ impl VhostUserBackend for Device {
         new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
     }
 
-    /// GET_VRING_BASE: the queue stops. Wait (bounded) for its commands in flight, so their
-    /// completions land before the ring is handed back; any later one is dropped.
+    /// GET_VRING_BASE: the queue stops (vhost-user-backend has made it not ready, so nothing
+    /// more is popped from it). The commands in flight come back first (see
+    /// `quiesce_for_stop`: bounded, once for all queues); any later completion is dropped.
     fn stop_vring(&self, index: u32) -> io::Result<()> {
+        self.quiesce_for_stop(index);
         if let Some(q) = self.queues.get(index as usize) {
-            let start = Instant::now();
-            while q.inflight.load(Ordering::SeqCst) > 0 && start.elapsed() < DRAIN_TIMEOUT {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            let left = q.inflight.load(Ordering::SeqCst);
-            if left > 0 {
-                tracing::warn!(
-                    queue = index,
-                    left,
-                    "Queue stopped with commands in flight; their completions are dropped"
-                );
-            }
+            let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
             q.epoch.fetch_add(1, Ordering::SeqCst);
         }
-        if index == 1 {
-            lock(&self.events).vring = None;
-        }
+        // The event queue's vring stays known: it is the same object when the frontend starts
+        // the queue again (a VM stopped and continued), and a driver using VIRTIO_RING_F_EVENT_IDX
+        // may never kick again. While the queue is stopped an event finds no buffer (the
+        // queue is not ready) and the next one reports VIRTIO_SCSI_T_EVENTS_MISSED.
         Ok(())
     }
 
@@ -729,6 +1273,23 @@ impl VhostUserBackend for Device {
         // Errors returned here end the worker thread: report problems to the driver instead.
         if evset != EventSet::IN {
             tracing::warn!(?evset, "Unexpected vring event");
+            return Ok(());
+        }
+        if device_event == self.wake_event() {
+            // A completion made room on a queue of this thread that had stopped popping.
+            if let Some(fd) = self.wakes.get(thread_id) {
+                let _ = fd.read();
+            }
+            let queue = Self::queue_of(thread_id, 0);
+            if let Some(vring) = vrings.first() {
+                let ready = {
+                    let st = vring.get_ref();
+                    st.get_queue().ready() && st.is_enabled()
+                };
+                if ready {
+                    self.drain(queue, vring);
+                }
+            }
             return Ok(());
         }
         let local = if thread_id == 0 {

@@ -17,10 +17,15 @@
 //!   VIRTIO_SCSI_S_BAD_TARGET. A missing LUN on a target that exists is answered by the SCSI
 //!   layer (LOGICAL UNIT NOT SUPPORTED; INQUIRY with peripheral qualifier 011b), which is what
 //!   Linux's LUN scan expects; BAD_TARGET there would hide the target's other LUNs.
-//! - When the frontend disconnects (QEMU exits or is killed) the nexus is lost
-//!   ([`scsi::Target::nexus_lost`]: its tasks end, its unit attention state goes, SPC-2
-//!   reservations are released; persistent reservations stay), and the socket accepts the next
-//!   connection without a restart.
+//! - When the frontend disconnects (QEMU exits or is killed) the nexus is lost: its tasks are
+//!   aborted and every command the connection had in flight is waited for (so none of its
+//!   writes lands after the next connection's), then [`scsi::Target::nexus_lost`] drops its
+//!   unit attention state and releases its SPC-2 reservations (persistent reservations stay),
+//!   and only then does the socket accept the next connection, without a restart.
+//! - A virtio device reset (VHOST_USER_RESET_DEVICE: the guest's driver resets the device, the
+//!   VM reboots) is an I_T nexus reset, as the I_T NEXUS RESET function is: the nexus's tasks
+//!   are aborted and waited for (up to 10 s), its SPC-2 reservations released, and its next
+//!   command reports I_T NEXUS LOSS OCCURRED.
 //!
 //! # Queues and threads
 //! Queue 0 is the control queue, 1 the event queue, 2.. the request queues (`num_queues` of
@@ -35,7 +40,17 @@
 //! collapse to 1. The task writes the response and data-in into guest memory and returns the
 //! chain to the used ring (with the EVENT_IDX suppression the driver asked for). Task management
 //! runs as a task too, so an ABORT TASK or LOGICAL UNIT RESET that waits for running commands
-//! blocks neither the control queue nor the request queues.
+//! blocks neither the control queue nor the request queues. Its response is written only once
+//! every request of the connection it may have ended (ABORT TASK: that LU and tag; ABORT TASK
+//! SET, CLEAR TASK SET, LOGICAL UNIT RESET: that LU; I_T NEXUS RESET: all) has its used ring
+//! entry written, aborted or not: Linux's driver takes a completed TMF to mean exactly that.
+//!
+//! When the frontend stops the queues (GET_VRING_BASE: the VM is stopped, migrated, or its
+//! driver resets the device) the first stop lets every chain in flight on the connection come
+//! back normally for up to 5 s, then aborts the nexus's tasks and waits up to 5 s more; the
+//! later stops find nothing left. A command still running after that is given up: its
+//! completion is dropped and its head not returned, since handing heads back to QEMU needs
+//! VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, which is not implemented.
 //!
 //! # Data path
 //! The SCSI layer's [`scsi::Command`] takes data-out as a `Vec<u8>` and returns data-in as a
@@ -50,6 +65,14 @@
 //! back with length 0; a short or unreadable request header, data-out over 16 MiB or outside
 //! guest memory gets VIRTIO_SCSI_S_FAILURE; a data-in larger than the driver's buffers gets the
 //! part that fits and VIRTIO_SCSI_S_OVERRUN. Nothing a guest sends reaches a panic.
+//!
+//! What a guest can make the daemon hold is bounded: a queue has at most its queue size of
+//! chains in flight; a head the driver offers again while it is in flight is answered with
+//! VIRTIO_SCSI_S_FAILURE and never run (the request in flight keeps its buffers); only the
+//! data-out the CDB asks for is copied (the rest is reported as residual); and a connection
+//! holds at most 64 MiB of copied data-out. A chain that does not fit stays in the ring, and
+//! the completion that makes room wakes the queue's thread (an eventfd registered with its
+//! epoll loop), so a queue never waits for a kick that may not come.
 //!
 //! # Events and run-time LU changes
 //! With VIRTIO_SCSI_F_HOTPLUG negotiated, [`VhostScsi::add_lu`] and [`VhostScsi::remove_lu`]
@@ -81,6 +104,7 @@ use arc_swap::ArcSwap;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
 
 use device::{lock, Device, Shared};
 
@@ -316,6 +340,17 @@ impl VhostScsi {
                     continue;
                 }
             };
+            // The wake eventfds: a completion that makes room on a queue that had stopped
+            // popping (in-flight limit, data-out budget) wakes the queue's thread.
+            for (thread, h) in daemon.get_epoll_handlers().iter().enumerate() {
+                if let Some(fd) = dev.wake_fd(thread) {
+                    if let Err(e) =
+                        h.register_listener(fd, EventSet::IN, u64::from(dev.wake_event()))
+                    {
+                        tracing::warn!(%socket, thread, error = %e, "Cannot register a wake event");
+                    }
+                }
+            }
             let started = daemon.start(listener);
             let exit = |daemon: &VhostUserDaemon<Arc<Device>>| {
                 for h in daemon.get_epoll_handlers() {
@@ -343,9 +378,12 @@ impl VhostScsi {
             let result = daemon.wait();
             *lock(conn) = None;
             *lock(&self.shared.current) = None;
+            // No completion writes to the old rings from here on; then the worker threads
+            // stop (dropping the daemon joins them), so nothing pops either.
             dev.disconnect();
             exit(&daemon);
-            self.shared.nexus_lost();
+            drop(daemon);
+            self.end_connection(&dev, stop);
             match result {
                 // QEMU went away: the usual end of a connection.
                 Ok(())
@@ -360,6 +398,16 @@ impl VhostScsi {
                 }
             }
         }
+    }
+}
+
+impl VhostScsi {
+    /// After a connection: its commands end (aborted, and waited for: none of its writes may
+    /// land after the next connection's), then the nexus is lost. `stop` cuts the wait short
+    /// when the socket is being closed.
+    fn end_connection(&self, dev: &Device, stop: &AtomicBool) {
+        dev.drain_after_disconnect(stop);
+        self.shared.nexus_lost();
     }
 }
 

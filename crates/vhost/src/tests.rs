@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vhost_user_backend::{VhostUserBackend, VringT};
+use virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT;
 use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::mock::MockSplitQueue;
@@ -72,16 +73,20 @@ struct Harness {
 fn queue(gm: &Gm, at: u64) -> Queue {
     let m = gm.memory();
     let q = MockSplitQueue::create(&*m, GuestAddress(at), QSIZE);
+    // The used ring right after the whole avail ring (flags, idx, QSIZE entries, used_event;
+    // virtio 2.7.6), 4-byte aligned (2.7.2): the mock puts it inside the avail ring when
+    // more than half of the avail entries are used.
+    let used = (q.avail_addr().0 + 6 + 2 * u64::from(QSIZE) + 3) & !3;
     let v = Vring::new(gm.clone(), 1024).unwrap();
     v.set_queue_size(QSIZE);
-    v.set_queue_info(q.desc_table_addr().0, q.avail_addr().0, q.used_addr().0)
+    v.set_queue_info(q.desc_table_addr().0, q.avail_addr().0, used)
         .unwrap();
     v.set_queue_ready(true);
     v.set_enabled(true);
     Queue {
         desc: q.desc_table_addr().0,
         avail: q.avail_addr().0,
-        used: q.used_addr().0,
+        used,
         next_desc: 0,
         popped: 0,
         vring: v,
@@ -213,6 +218,78 @@ impl Harness {
             })
             .collect();
         self.publish(which, base, &raw);
+    }
+
+    /// An indirect descriptor table (virtio 2.7.5.3) holding `descs`; returns its address.
+    fn indirect(&mut self, descs: &[D]) -> u64 {
+        let a = self.alloc(16 * descs.len() as u32);
+        for (i, d) in descs.iter().enumerate() {
+            let last = i + 1 == descs.len();
+            let mut flags = if d.write {
+                VRING_DESC_F_WRITE as u16
+            } else {
+                0
+            };
+            if !last {
+                flags |= VRING_DESC_F_NEXT as u16;
+            }
+            let next = if last { 0 } else { i as u16 + 1 };
+            let mut raw = [0u8; 16];
+            raw[0..8].copy_from_slice(&d.addr.to_le_bytes());
+            raw[8..12].copy_from_slice(&d.len.to_le_bytes());
+            raw[12..14].copy_from_slice(&flags.to_le_bytes());
+            raw[14..16].copy_from_slice(&next.to_le_bytes());
+            self.put(a + 16 * i as u64, &raw);
+        }
+        a
+    }
+
+    /// Hold every request's completion (after the SCSI layer answered, before the guest is
+    /// written) until the returned sender says `true`.
+    fn hold(&self) -> tokio::sync::watch::Sender<bool> {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        *self.dev.hooks.before_complete.lock().unwrap() = Some(rx);
+        tx
+    }
+
+    /// Wait until `n` requests reached the hold.
+    fn wait_reached(&self, n: usize) {
+        let start = Instant::now();
+        while self
+            .dev
+            .hooks
+            .reached
+            .load(std::sync::atomic::Ordering::SeqCst)
+            < n
+        {
+            assert!(start.elapsed() < Duration::from_secs(10), "not reached");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn reached(&self) -> usize {
+        self.dev
+            .hooks
+            .reached
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Wait for a completion to wake the request queue's thread, then deliver the wake as its
+    /// epoll loop does.
+    fn wake_request_queue(&self) {
+        let start = Instant::now();
+        while !self.dev.wake_pending(1) {
+            assert!(start.elapsed() < Duration::from_secs(10), "no wake");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.dev
+            .handle_event(
+                self.dev.wake_event(),
+                EventSet::IN,
+                std::slice::from_ref(&self.req.vring),
+                1,
+            )
+            .unwrap();
     }
 
     fn kick(&self, which: usize) {
@@ -499,6 +576,12 @@ fn write_and_read_round_trip_with_residuals() {
 
     // WRITE(10) of 1 block with 1024 bytes of data-out: the first block is written, resid 512.
     let (len, resp, _) = h.command(LUN0, &[0x2A, 0, 0, 0, 0, 3, 0, 0, 1, 0], &[0xAB; 1024], 0);
+    assert_eq!(len, RESP);
+    assert_eq!(&resp[0..12], &[0, 0, 0, 0, 0x00, 0x02, 0, 0, 0, 0, 0, 0]);
+
+    // WRITE(10) of 2 blocks with only 512 bytes of data-out: the block received is written
+    // (GOOD), and resid says the other 512 bytes were not transferred.
+    let (len, resp, _) = h.command(LUN0, &[0x2A, 0, 0, 0, 0, 5, 0, 0, 2, 0], &[0xCD; 512], 0);
     assert_eq!(len, RESP);
     assert_eq!(&resp[0..12], &[0, 0, 0, 0, 0x00, 0x02, 0, 0, 0, 0, 0, 0]);
 }
@@ -933,4 +1016,594 @@ fn disconnect_loses_the_nexus_and_the_socket_accepts_again() {
     }
     server.stop();
     assert!(!path.exists(), "socket removed");
+}
+
+#[test]
+fn hotplug_events_survive_a_stopped_and_restarted_event_queue() {
+    let mut h = Harness::new();
+    let e1 = h.alloc(16);
+    h.add_chain(
+        1,
+        &[D {
+            addr: e1,
+            len: 16,
+            write: true,
+        }],
+    );
+    h.kick(1);
+    // The VM is stopped and continued: GET_VRING_BASE stops the queue, SET_VRING_BASE and
+    // SET_VRING_KICK start it again (the same vring, ready again). With EVENT_IDX the driver
+    // does not kick: it has already given its buffers.
+    h.dev.stop_vring(1).unwrap();
+    h.event.vring.set_queue_ready(true);
+    h.vs.add_lu(0, 1, lu(8)).unwrap();
+    assert_eq!(h.wait_used(1), (0, 16));
+    // VIRTIO_SCSI_T_TRANSPORT_RESET (1), lun [1, 0, 40h, 01h, 0...], reason RESCAN (1).
+    assert_eq!(
+        h.get(e1, 16),
+        vec![1, 0, 0, 0, 1, 0, 0x40, 1, 0, 0, 0, 0, 1, 0, 0, 0]
+    );
+}
+
+#[test]
+fn disconnect_waits_for_a_completion_being_written_and_drops_later_ones() {
+    let mut h = Harness::new();
+    h.tur();
+    // A completion held after its epoch check, before its guest writes.
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    *h.dev.hooks.in_complete.lock().unwrap() = Some(gate.clone());
+    // Opened however the test ends, so the runtime can shut down.
+    struct Open(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            self.0 .1.notify_all();
+        }
+    }
+    let _open = Open(gate.clone());
+    let hd = h.header(LUN0, 11, &[0x00, 0, 0, 0, 0, 0]);
+    let r = h.alloc(RESP);
+    h.put(r, &[0xEE; 12]);
+    h.add_chain(
+        2,
+        &[
+            D {
+                addr: hd,
+                len: REQ,
+                write: false,
+            },
+            D {
+                addr: r,
+                len: RESP,
+                write: true,
+            },
+        ],
+    );
+    h.kick(2);
+    let start = Instant::now();
+    while h.dev.hooks.inside.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The disconnect cannot get between that check and the writes: it waits for them.
+    let dev = h.dev.clone();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done2 = done.clone();
+    let t = std::thread::spawn(move || {
+        dev.disconnect();
+        done2.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !done.load(std::sync::atomic::Ordering::SeqCst),
+        "disconnect returned while a completion was being written"
+    );
+    let used_before = h.used_count(2);
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    t.join().unwrap();
+    // The completion that had passed its check landed before the disconnect returned.
+    assert_eq!(h.wait_used(2).1, RESP);
+    assert_eq!(used_before + 1, h.used_count(2));
+    assert_eq!(h.get(r, 12), vec![0; 12]);
+    // A chain popped before a disconnect and completing after it is never answered.
+    *h.dev.hooks.in_complete.lock().unwrap() = None;
+    let (hold, rx) = tokio::sync::watch::channel(false);
+    *h.dev.hooks.before_complete.lock().unwrap() = Some(rx);
+    h.add_chain(
+        2,
+        &[
+            D {
+                addr: hd,
+                len: REQ,
+                write: false,
+            },
+            D {
+                addr: r,
+                len: RESP,
+                write: true,
+            },
+        ],
+    );
+    h.kick(2);
+    let start = Instant::now();
+    while h
+        .dev
+        .hooks
+        .reached
+        .load(std::sync::atomic::Ordering::SeqCst)
+        == 0
+    {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    h.dev.disconnect();
+    hold.send_replace(true);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(h.used_count(2), used_before + 1);
+}
+
+const TUR: [u8; 6] = [0x00, 0, 0, 0, 0, 0];
+
+#[test]
+fn at_most_a_queue_size_in_flight_and_a_completion_resumes_the_queue() {
+    let mut h = Harness::new();
+    h.tur();
+    let hold = h.hold();
+    let popped = h.req.vring.queue_next_avail();
+    // A queue size of requests in flight, each one indirect descriptor (so each head is
+    // distinct), all held before completion.
+    let mut tables = Vec::new();
+    for i in 0..QSIZE {
+        let hd = h.header(LUN0, 1000 + u64::from(i), &TUR);
+        let r = h.alloc(RESP);
+        let t = h.indirect(&[
+            D {
+                addr: hd,
+                len: REQ,
+                write: false,
+            },
+            D {
+                addr: r,
+                len: RESP,
+                write: true,
+            },
+        ]);
+        h.publish(2, i, &[(t, 32, VRING_DESC_F_INDIRECT as u16, 0)]);
+        tables.push(t);
+    }
+    h.kick(2);
+    h.wait_reached(usize::from(QSIZE));
+    // The driver offers head 0 again (a driver may not; the ring lets it): the queue is full,
+    // so it stays in the ring.
+    h.publish(2, 0, &[(tables[0], 32, VRING_DESC_F_INDIRECT as u16, 0)]);
+    h.kick(2);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        h.req.vring.queue_next_avail(),
+        popped.wrapping_add(QSIZE),
+        "popped beyond the queue size"
+    );
+    assert_eq!(h.reached(), usize::from(QSIZE));
+    // The completions make room and wake the queue's thread, which pops head 0 again (now
+    // free) and runs it.
+    hold.send_replace(true);
+    for _ in 0..QSIZE {
+        assert_eq!(h.wait_used(2).1, RESP);
+    }
+    h.wake_request_queue();
+    assert_eq!(h.wait_used(2), (0, RESP));
+    assert_eq!(h.reached(), usize::from(QSIZE) + 1);
+}
+
+#[test]
+fn a_head_offered_again_while_in_flight_gets_failure_and_is_not_run() {
+    let mut h = Harness::new();
+    h.tur();
+    let hold = h.hold();
+    let base = h.req.next_desc;
+    let hd = h.header(LUN0, 21, &TUR);
+    let r = h.alloc(RESP);
+    h.add_chain(
+        2,
+        &[
+            D {
+                addr: hd,
+                len: REQ,
+                write: false,
+            },
+            D {
+                addr: r,
+                len: RESP,
+                write: true,
+            },
+        ],
+    );
+    h.kick(2);
+    h.wait_reached(1);
+    // The same head again, now with other buffers and another tag.
+    let hd2 = h.header(LUN0, 22, &TUR);
+    let r2 = h.alloc(RESP);
+    h.put(r2, &[0xEE; 12]);
+    h.publish(
+        2,
+        base,
+        &[
+            (hd2, REQ, VRING_DESC_F_NEXT as u16, base + 1),
+            (r2, RESP, VRING_DESC_F_WRITE as u16, 0),
+        ],
+    );
+    h.kick(2);
+    // VIRTIO_SCSI_S_FAILURE (9) in the new buffers; the SCSI layer never saw it.
+    assert_eq!(h.wait_used(2), (u32::from(base), RESP));
+    assert_eq!(h.get(r2, 12), vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9]);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(h.reached(), 1);
+    // The request in flight completes into its own buffers: GOOD.
+    h.put(r, &[0xEE; 12]);
+    hold.send_replace(true);
+    assert_eq!(h.wait_used(2), (u32::from(base), RESP));
+    assert_eq!(h.get(r, 12), vec![0; 12]);
+}
+
+#[test]
+fn data_out_budget_holds_requests_in_the_ring_until_completions() {
+    let mut h = Harness::new();
+    h.tur();
+    h.dev
+        .data_out_budget
+        .store(1024, std::sync::atomic::Ordering::Relaxed);
+    let hold = h.hold();
+    let popped = h.req.vring.queue_next_avail();
+    // Three WRITE(10)s of one block (SBC-4 5.40), 512 bytes of data-out each.
+    let mut resps = Vec::new();
+    for i in 0..3u8 {
+        let hd = h.header(
+            LUN0,
+            30 + u64::from(i),
+            &[0x2A, 0, 0, 0, 0, 10 + i, 0, 0, 1, 0],
+        );
+        let d = h.alloc(512);
+        h.put(d, &[0x50 + i; 512]);
+        let r = h.alloc(RESP);
+        h.add_chain(
+            2,
+            &[
+                D {
+                    addr: hd,
+                    len: REQ,
+                    write: false,
+                },
+                D {
+                    addr: d,
+                    len: 512,
+                    write: false,
+                },
+                D {
+                    addr: r,
+                    len: RESP,
+                    write: true,
+                },
+            ],
+        );
+        resps.push(r);
+    }
+    h.kick(2);
+    // Two fit the 1024-byte budget; the third stays in the ring.
+    h.wait_reached(2);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(h.reached(), 2);
+    assert_eq!(h.req.vring.queue_next_avail(), popped.wrapping_add(2));
+    hold.send_replace(true);
+    h.wait_used(2);
+    h.wait_used(2);
+    h.wake_request_queue();
+    assert_eq!(h.wait_used(2).1, RESP);
+    for r in resps {
+        assert_eq!(h.get(r, 12), vec![0; 12]);
+    }
+    let lu = h.lu.clone();
+    let stored =
+        h.rt.block_on(async move { lu.backend().read(12, 1).await.unwrap() });
+    assert_eq!(stored, vec![0x52; 512]);
+}
+
+#[test]
+fn only_the_data_out_the_cdb_asks_for_is_copied() {
+    let mut h = Harness::new();
+    h.tur();
+    // WRITE(10) of one block with 1024 bytes of data-out whose second half is outside guest
+    // memory: only the first 512 bytes are read, GOOD, resid 512.
+    let hd = h.header(LUN0, 40, &[0x2A, 0, 0, 0, 0, 20, 0, 0, 1, 0]);
+    let d = h.alloc(512);
+    h.put(d, &[0x77; 512]);
+    let r = h.alloc(RESP);
+    h.add_chain(
+        2,
+        &[
+            D {
+                addr: hd,
+                len: REQ,
+                write: false,
+            },
+            D {
+                addr: d,
+                len: 512,
+                write: false,
+            },
+            D {
+                addr: 8 << 20,
+                len: 512,
+                write: false,
+            },
+            D {
+                addr: r,
+                len: RESP,
+                write: true,
+            },
+        ],
+    );
+    h.kick(2);
+    assert_eq!(h.wait_used(2).1, RESP);
+    assert_eq!(h.get(r, 12), vec![0, 0, 0, 0, 0x00, 0x02, 0, 0, 0, 0, 0, 0]);
+}
+
+#[test]
+fn task_management_answers_after_the_requests_it_affected_are_returned() {
+    let mut h = Harness::new();
+    h.tur();
+    for (subtype, tag) in [(0u32, 50u64), (1, 51), (5, 52)] {
+        // A READ(10) the SCSI layer has answered, whose completion is not yet written.
+        let hold = h.hold();
+        let reached = h.reached();
+        let hd = h.header(LUN0, tag, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        let r = h.alloc(RESP);
+        let d = h.alloc(512);
+        h.add_chain(
+            2,
+            &[
+                D {
+                    addr: hd,
+                    len: REQ,
+                    write: false,
+                },
+                D {
+                    addr: r,
+                    len: RESP,
+                    write: true,
+                },
+                D {
+                    addr: d,
+                    len: 512,
+                    write: true,
+                },
+            ],
+        );
+        h.kick(2);
+        h.wait_reached(reached + 1);
+        // ABORT TASK (0) of its tag, ABORT TASK SET (1), LOGICAL UNIT RESET (5): the
+        // response waits for the request's used ring entry (virtio 5.6.6.2: the driver takes
+        // the TMF's completion to mean the requests it affected are done).
+        let mut req = [0u8; 24];
+        req[4..8].copy_from_slice(&subtype.to_le_bytes());
+        req[8..16].copy_from_slice(&LUN0);
+        req[16..24].copy_from_slice(&tag.to_le_bytes());
+        let a = h.alloc(24);
+        h.put(a, &req);
+        let tr = h.alloc(1);
+        h.add_chain(
+            0,
+            &[
+                D {
+                    addr: a,
+                    len: 24,
+                    write: false,
+                },
+                D {
+                    addr: tr,
+                    len: 1,
+                    write: true,
+                },
+            ],
+        );
+        let (ctrl0, req0) = (h.used_count(0), h.used_count(2));
+        h.kick(0);
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(h.used_count(0), ctrl0, "TMF {subtype} answered first");
+        hold.send_replace(true);
+        let start = Instant::now();
+        while h.used_count(0) == ctrl0 {
+            assert!(start.elapsed() < Duration::from_secs(10));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            h.used_count(2),
+            req0.wrapping_add(1),
+            "request returned before the TMF"
+        );
+        assert_eq!(h.wait_used(0).1, 1);
+        // FUNCTION COMPLETE (0).
+        assert_eq!(h.get(tr, 1), vec![0]);
+        h.wait_used(2);
+        // A LU reset leaves BUS DEVICE RESET FUNCTION OCCURRED for the next command.
+        h.tur();
+    }
+}
+
+impl Harness {
+    /// A TEST UNIT READY on the request queue, not waited for; returns its response buffer.
+    fn send_tur(&mut self, tag: u64) -> u64 {
+        let hd = self.header(LUN0, tag, &TUR);
+        let r = self.alloc(RESP);
+        self.put(r, &[0xEE; 12]);
+        self.add_chain(
+            2,
+            &[
+                D {
+                    addr: hd,
+                    len: REQ,
+                    write: false,
+                },
+                D {
+                    addr: r,
+                    len: RESP,
+                    write: true,
+                },
+            ],
+        );
+        self.kick(2);
+        r
+    }
+}
+
+/// Run `f` on a thread of its own; the handle says when it returned.
+fn in_thread(f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<Instant> {
+    std::thread::spawn(move || {
+        f();
+        Instant::now()
+    })
+}
+
+#[test]
+fn stopping_the_first_queue_returns_every_queues_commands_once() {
+    let mut h = Harness::new();
+    h.tur();
+    let hold = h.hold();
+    let r = h.send_tur(60);
+    h.wait_reached(1);
+    let used = h.used_count(2);
+    // GET_VRING_BASE of the control queue (QEMU stops the queues in order): the request in
+    // flight on the request queue comes back before it returns.
+    let dev = h.dev.clone();
+    let stop = in_thread(move || dev.stop_vring(0).unwrap());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!stop.is_finished(), "stopped with a request in flight");
+    let released = Instant::now();
+    hold.send_replace(true);
+    let returned = stop.join().unwrap();
+    assert!(returned > released);
+    assert_eq!(h.used_count(2), used.wrapping_add(1));
+    assert_eq!(h.get(r, 12), vec![0; 12]);
+    // The later queues find nothing in flight and stop at once.
+    let start = Instant::now();
+    h.dev.stop_vring(1).unwrap();
+    h.dev.stop_vring(2).unwrap();
+    assert!(start.elapsed() < Duration::from_millis(100));
+}
+
+#[test]
+fn stopping_a_queue_is_bounded_and_drops_later_completions() {
+    let mut h = Harness::new();
+    h.tur();
+    *h.dev.stop_bounds.lock().unwrap() = (Duration::from_millis(100), Duration::from_millis(100));
+    let hold = h.hold();
+    let r = h.send_tur(61);
+    h.wait_reached(1);
+    let used = h.used_count(2);
+    // The completion is held past both bounds: the stop gives up on it.
+    let start = Instant::now();
+    h.dev.stop_vring(2).unwrap();
+    assert!(start.elapsed() < Duration::from_secs(2), "stop not bounded");
+    // Once the queue is stopped, its late completion stays out of guest memory and the ring.
+    hold.send_replace(true);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(h.used_count(2), used);
+    assert_eq!(h.get(r, 12), vec![0xEE; 12]);
+}
+
+#[test]
+fn a_closed_connection_is_done_before_the_next_is_accepted() {
+    let mut h = Harness::new();
+    h.tur();
+    let hold = h.hold();
+    // A WRITE(10) of one block whose command is still in flight when the frontend goes.
+    let hd = h.header(LUN0, 70, &[0x2A, 0, 0, 0, 0, 30, 0, 0, 1, 0]);
+    let d = h.alloc(512);
+    h.put(d, &[0x11; 512]);
+    let r = h.alloc(RESP);
+    h.add_chain(
+        2,
+        &[
+            D {
+                addr: hd,
+                len: REQ,
+                write: false,
+            },
+            D {
+                addr: d,
+                len: 512,
+                write: false,
+            },
+            D {
+                addr: r,
+                len: RESP,
+                write: true,
+            },
+        ],
+    );
+    h.kick(2);
+    h.wait_reached(1);
+    h.dev.disconnect();
+    let (vs, dev) = (h.vs.clone(), h.dev.clone());
+    let end = in_thread(move || {
+        vs.end_connection(&dev, &std::sync::atomic::AtomicBool::new(false));
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !end.is_finished(),
+        "the next connection could start with a command of the last one in flight"
+    );
+    hold.send_replace(true);
+    end.join().unwrap();
+    // The nexus is lost: its next command sees POWER ON, RESET (29h/00h, SAM-5 6.3.4).
+    let (_, resp) = h.tur();
+    assert_eq!(resp[12 + 12..12 + 14], [0x29, 0x00]);
+}
+
+#[test]
+fn a_device_reset_is_an_i_t_nexus_reset() {
+    let mut h = Harness::new();
+    h.tur();
+    // RESERVE(6) (SPC-2 7.21): the socket's nexus holds the logical unit.
+    let (_, resp, _) = h.command(LUN0, &[0x16, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(resp[10..12], [0, 0]);
+    let other = Arc::new(scsi::ItNexus {
+        initiator: scsi::InitiatorPort {
+            transport: scsi::Transport::Iscsi,
+            name: "iqn.2026-01.io.sharedisk:other".into(),
+            isid: Some([0x80, 0, 0, 0, 0, 1]),
+        },
+        target: scsi::TargetPort {
+            name: "iqn.2026-01.io.sharedisk:disk".into(),
+            tpgt: 1,
+            relative_id: 1,
+        },
+    });
+    let tur = |h: &Harness| {
+        let cmd = scsi::Command {
+            nexus: other.clone(),
+            lun: 0,
+            tag: 1,
+            attr: scsi::TaskAttr::Simple,
+            cdb: TUR.to_vec(),
+            data_out: Vec::new(),
+            data_in_len: 0,
+        };
+        let lu = h.lu.clone();
+        match h.rt.block_on(async move { lu.execute(cmd).await }) {
+            scsi::Completion::Done(r) => r.status,
+            scsi::Completion::Aborted => panic!("aborted"),
+        }
+    };
+    // The other nexus: its power-on unit attention, then RESERVATION CONFLICT (SPC-2 5.5.1).
+    assert_eq!(tur(&h), scsi::Status::CHECK_CONDITION);
+    assert_eq!(tur(&h), scsi::Status::RESERVATION_CONFLICT);
+    // The driver resets the device (VHOST_USER_RESET_DEVICE).
+    h.dev.reset_device();
+    // The reservation went with the nexus reset (SPC-2 5.5.1, SAM-5 6.3.4).
+    assert_eq!(tur(&h), scsi::Status::GOOD);
+    // The socket's nexus: I_T NEXUS LOSS OCCURRED (29h/07h, SPC-5 table 49).
+    let (_, resp) = h.tur();
+    assert_eq!(resp[10], 0x02);
+    assert_eq!(resp[12 + 12..12 + 14], [0x29, 0x07]);
 }
