@@ -25,6 +25,19 @@ use vmm_sys_util::event::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::sg::{self, Sg};
+
+/// The queue this thread is draining (the device's address and the queue index), whose used
+/// entries wait for one interrupt at the end of the drain, and whether one is owed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Draining {
+    device: usize,
+    queue: usize,
+    owed: bool,
+}
+
+thread_local! {
+    static DRAINING: std::cell::Cell<Option<Draining>> = const { std::cell::Cell::new(None) };
+}
 use crate::wire::{self, Address};
 
 pub(crate) type Mem = GuestMemoryMmap<()>;
@@ -450,7 +463,22 @@ impl Device {
             }
         }
         let len = write();
-        Self::used(vring, head, len);
+        // On the thread draining this very queue, the interrupt waits for the end of the
+        // drain, which sends one for all its completions.
+        let me = self as *const Self as usize;
+        let deferred = DRAINING.with(|d| match d.get() {
+            Some(mut dr) if dr.device == me && dr.queue == queue => {
+                dr.owed = true;
+                d.set(Some(dr));
+                true
+            }
+            _ => false,
+        });
+        if deferred {
+            Self::add_used(vring, head, len);
+        } else {
+            Self::used(vring, head, len);
+        }
     }
 
     fn config(&self) -> wire::Config {
@@ -473,14 +501,25 @@ impl Device {
 
     /// Return a chain to the driver with `len` bytes written, and notify it if it asked.
     fn used(vring: &Vring, head: u16, len: u32) {
-        let notify = {
-            let mut st = vring.get_mut();
-            if let Err(e) = st.add_used(head, len) {
+        if Self::add_used(vring, head, len) {
+            Self::notify(vring);
+        }
+    }
+
+    fn add_used(vring: &Vring, head: u16, len: u32) -> bool {
+        match vring.get_mut().add_used(head, len) {
+            Ok(()) => true,
+            Err(e) => {
                 tracing::warn!(error = %e, "Cannot return a buffer to the used ring");
-                return;
+                false
             }
-            st.needs_notification().unwrap_or(true)
-        };
+        }
+    }
+
+    /// Interrupt the driver if it asked to be (with EVENT_IDX: if the used index passed its
+    /// used_event since the last interrupt).
+    fn notify(vring: &Vring) {
+        let notify = vring.get_mut().needs_notification().unwrap_or(true);
         if notify {
             if let Err(e) = vring.signal_used_queue() {
                 tracing::warn!(error = %e, "Cannot notify the driver");
@@ -494,6 +533,23 @@ impl Device {
     /// within the budget: without room the chain stays in the ring (notifications stay off)
     /// and the completion that makes room wakes the queue's thread, which drains again.
     fn drain(&self, queue: usize, vring: &Vring) {
+        // Requests complete on this thread while it drains (see `request`): their used
+        // entries are batched into one interrupt at the end.
+        let me = self as *const Self as usize;
+        DRAINING.with(|d| {
+            d.set(Some(Draining {
+                device: me,
+                queue,
+                owed: false,
+            }))
+        });
+        self.drain_batch(queue, vring);
+        if DRAINING.with(|d| d.take()).is_some_and(|dr| dr.owed) {
+            Self::notify(vring);
+        }
+    }
+
+    fn drain_batch(&self, queue: usize, vring: &Vring) {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
         let limit = usize::from(vring.get_ref().get_queue().size());
         loop {
@@ -693,7 +749,7 @@ impl Device {
         };
         let vring = vring.clone();
         let mem = mem.clone();
-        self.shared.runtime.spawn(async move {
+        let task = async move {
             let done = target.execute_admitted(cmd, ticket).await;
             #[cfg(test)]
             {
@@ -758,7 +814,26 @@ impl Device {
                         }
                     }
                 });
-        });
+        };
+        // Run the command here until it first has to wait: a read the page cache holds, or a
+        // write with no other write in flight, completes on this thread without a task spawn
+        // or a thread hop, and its used entry joins this drain's one interrupt. Only a command
+        // that waits becomes a task; tokio polls a new task at once, so the real waker
+        // replaces the no-op one before anything can be missed. The runtime's context is
+        // entered so the layers below may spawn or ask for its flavour.
+        let _rt = self.shared.runtime.enter();
+        let mut task = Box::pin(task);
+        // Tests that hold a completion inside `complete` (blocking its thread) need it off the
+        // thread that drives the queue.
+        #[cfg(test)]
+        if lock(&self.hooks.in_complete).is_some() {
+            self.shared.runtime.spawn(task);
+            return true;
+        }
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if task.as_mut().poll(&mut cx).is_pending() {
+            self.shared.runtime.spawn(task);
+        }
         true
     }
 
