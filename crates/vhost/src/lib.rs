@@ -33,12 +33,16 @@
 //! `VhostUserBackend::queues_per_thread`: thread 0 serves the control and event queues and each
 //! request queue has a thread of its own, so the queues are popped in parallel and none waits
 //! for another's kick. The thread validates the chain, copies the header and data-out, takes the
-//! task-set ticket ([`scsi::Target::admit`]) and hands the command to the daemon's tokio
-//! runtime, where it runs as one task like an iSCSI command does: the SCSI and block layers are
-//! async (range locks, io_uring completions, `block_in_place` writes), and a queue's thread must
-//! keep popping while its earlier commands wait for the disk, or a guest's queue depth would
-//! collapse to 1. The task writes the response and data-in into guest memory and returns the
-//! chain to the used ring (with the EVENT_IDX suppression the driver asked for). Task management
+//! task-set ticket ([`scsi::Target::admit`]) and runs the command on the spot until it first has
+//! to wait, as the iSCSI frontend does: a read the page cache holds, or a write with no other
+//! write in flight, completes on the queue's thread with no task and no thread hop, and the
+//! used entries of everything that completed during one drain of the queue share one interrupt
+//! (interrupts are what a guest pays most for). A command that waits (io_uring, range locks,
+//! the reservation lock) becomes a task on the daemon's tokio runtime: the SCSI and block
+//! layers are async, and a queue's thread must keep popping while its earlier commands wait for
+//! the disk, or a guest's queue depth would collapse to 1. The task writes the response and
+//! data-in into guest memory and returns the chain to the used ring (with the EVENT_IDX
+//! suppression the driver asked for). Task management
 //! runs as a task too, so an ABORT TASK or LOGICAL UNIT RESET that waits for running commands
 //! blocks neither the control queue nor the request queues. Its response is written only once
 //! every request of the connection it may have ended (ABORT TASK: that LU and tag; ABORT TASK
