@@ -37,7 +37,9 @@
 //! to wait, as the iSCSI frontend does: a read the page cache holds, or a write with no other
 //! write in flight, completes on the queue's thread with no task and no thread hop, and the
 //! used entries of everything that completed during one drain of the queue share one interrupt
-//! (interrupts are what a guest pays most for). A command that waits (io_uring, range locks,
+//! (interrupts are what a guest pays most for). After a drain the thread sends that interrupt
+//! and watches the avail ring for a moment before it turns the guest's notifications back on,
+//! so a busy guest does not pay a kick (an exit) for every request. A command that waits (io_uring, range locks,
 //! the reservation lock) becomes a task on the daemon's tokio runtime: the SCSI and block
 //! layers are async, and a queue's thread must keep popping while its earlier commands wait for
 //! the disk, or a guest's queue depth would collapse to 1. The task writes the response and
