@@ -242,6 +242,31 @@ impl Reservations {
         }
     }
 
+    /// Compute the next state from the snapshot with `step`, store it (when `step` says what to
+    /// store) and publish it; on a state another holder stored first, evaluate `step` again on
+    /// that one. Returns `step`'s result and the state it was computed from.
+    async fn update<T>(
+        &self,
+        store: &Arc<dyn ReservationStore>,
+        step: impl Fn(&PrState) -> Result<T, Failure>,
+        next: impl Fn(&T) -> Option<&PrState>,
+    ) -> Result<(T, Arc<PrState>), Failure> {
+        for _ in 0..CAS_ATTEMPTS {
+            let cur = self.snap.load_full();
+            let done = step(&cur.pr)?;
+            let stored = match next(&done) {
+                None => true,
+                Some(state) => self.store(store, cur.version, state).await?,
+            };
+            if stored {
+                return Ok((done, cur.pr.clone()));
+            }
+        }
+        Err(Failure::Store(BlockError::WriteFailed(
+            std::io::Error::other("the reservation state kept changing under this command"),
+        )))
+    }
+
     /// Run a PERSISTENT RESERVE OUT (the caller holds [`Self::lock`]): compute the next state,
     /// store it and publish it. The caller carries out the effects (unit attentions, aborts).
     pub async fn out(
@@ -253,17 +278,14 @@ impl Reservations {
         target_ports: &[TargetPort],
     ) -> Result<Effects, Failure> {
         let (sa, scope, ty) = cdb;
-        for _ in 0..CAS_ATTEMPTS {
-            let cur = self.snap.load_full();
-            let eff = pr::out::out_with_ports(&cur.pr, nexus, sa, scope, ty, param, target_ports)
-                .map_err(Failure::Refused)?;
-            if !eff.changed || self.store(store, cur.version, &eff.state).await? {
-                return Ok(eff);
-            }
+        let step = |pr: &PrState| {
+            pr::out::out_with_ports(pr, nexus, sa, scope, ty, param, target_ports)
+                .map_err(Failure::Refused)
+        };
+        fn changed(eff: &Effects) -> Option<&PrState> {
+            eff.changed.then_some(&eff.state)
         }
-        Err(Failure::Store(BlockError::WriteFailed(
-            std::io::Error::other("the reservation state kept changing under this command"),
-        )))
+        Ok(self.update(store, step, changed).await?.0)
     }
 
     /// Replace the whole persistent reservation state with `next(old)` (the caller holds
@@ -273,15 +295,11 @@ impl Reservations {
         store: &Arc<dyn ReservationStore>,
         next: impl Fn(&PrState) -> PrState,
     ) -> Result<Arc<PrState>, Failure> {
-        for _ in 0..CAS_ATTEMPTS {
-            let cur = self.snap.load_full();
-            if self.store(store, cur.version, &next(&cur.pr)).await? {
-                return Ok(cur.pr.clone());
-            }
+        fn whole(state: &PrState) -> Option<&PrState> {
+            Some(state)
         }
-        Err(Failure::Store(BlockError::WriteFailed(
-            std::io::Error::other("the reservation state kept changing under this command"),
-        )))
+        let step = |pr: &PrState| Ok(next(pr));
+        Ok(self.update(store, step, whole).await?.1)
     }
 
     /// SPC-2 RESERVE(6/10) from `nexus` (the caller holds [`Self::lock`]).
