@@ -1,5 +1,5 @@
-# Sourced by the bench scripts: install the tools they need when missing (as root). What a
-# bench needs is in bench_needs, set before sourcing:
+# Sourced by the bench scripts: install the tools they need when missing (as root), and
+# start_sharedisk. What a bench needs is in bench_needs, set before sourcing:
 #   iscsi (the default)  libiscsi-bin, tgt, fio, and QEMU's iSCSI driver for qemu-img
 #   vhost                fio, qemu-system-x86 and vhost-device-scsi (cargo install)
 #
@@ -46,3 +46,23 @@ vhost)
     fi
     ;;
 esac
+
+# start_sharedisk [OPTIONS...]: serve $image on an ephemeral loopback port with OPTIONS, in the
+# background; sets server (its pid) and url (its iSCSI URL), logs to $out/sharedisk.log, and
+# exits the bench if it does not start. Uses $bin, $image, $work and $out.
+start_sharedisk() {
+    "$bin" serve --file "$image" --listen 127.0.0.1:0 "$@" >"$work/url" 2>"$out/sharedisk.log" &
+    server=$!
+    url=""
+    for _ in $(seq 300); do
+        # The file appears only once the background shell has set up its redirection.
+        url=$(head -n 1 "$work/url" 2>/dev/null || true)
+        [[ $url == iscsi://* ]] && break
+        kill -0 "$server" 2>/dev/null || break
+        sleep 0.1
+    done
+    [[ $url == iscsi://* ]] || {
+        echo "bench: sharedisk did not start; see $out/sharedisk.log" >&2
+        exit 1
+    }
+}

@@ -122,19 +122,7 @@ echo "bench: fio on the file"
 run_fio
 
 echo "bench: sharedisk"
-"$bin" serve --file "$image" --listen 127.0.0.1:0 >"$work/url" 2>"$out/sharedisk.log" &
-server=$!
-url=""
-for _ in $(seq 300); do
-    url=$(head -n 1 "$work/url" 2>/dev/null || true)
-    [[ $url == iscsi://* ]] && break
-    kill -0 "$server" 2>/dev/null || break
-    sleep 0.1
-done
-[[ $url == iscsi://* ]] || {
-    echo "bench: sharedisk did not start; see $out/sharedisk.log" >&2
-    exit 1
-}
+start_sharedisk
 run_perf sharedisk "$url"
 run_qemu sharedisk "$url"
 kill -TERM "$server" 2>/dev/null || true

@@ -49,20 +49,7 @@ trap cleanup EXIT
 fio --name=fill --filename="$image" --rw=write --bs=1M --size="${size_mib}M" \
     --ioengine=psync --end_fsync=1 >"$out/fill.log"
 
-"$bin" serve --file "$image" --listen 127.0.0.1:0 --name "$iqn" --control "$control" \
-    >"$work/url" 2>"$out/sharedisk.log" &
-server=$!
-url=""
-for _ in $(seq 300); do
-    url=$(head -n 1 "$work/url" 2>/dev/null || true)
-    [[ $url == iscsi://* ]] && break
-    kill -0 "$server" 2>/dev/null || break
-    sleep 0.1
-done
-[[ $url == iscsi://* ]] || {
-    echo "bench: sharedisk did not start; see $out/sharedisk.log" >&2
-    exit 1
-}
+start_sharedisk --name "$iqn" --control "$control"
 portal=${url#iscsi://}
 portal=${portal%%/*}
 
