@@ -230,7 +230,7 @@ fn device_identification(d: &mut Vec<u8>, cfg: &LuConfig, nexus: &ItNexus) {
     d.extend_from_slice(&[(proto << 4) | 0x01, 0x94, 0x00, 0x04, 0, 0, rel[0], rel[1]]);
     // SCSI name string of the target port and of the target device (UTF-8, null terminated,
     // padded to a multiple of 4: SPC-5 7.7.6.11).
-    let port = format!("{},t,0x{:04x}", nexus.target.name, nexus.target.tpgt);
+    let port = nexus.target.port_name();
     name_string(d, proto, 0x98, &port);
     name_string(d, proto, 0xA8, &nexus.target.name);
 }

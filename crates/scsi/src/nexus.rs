@@ -22,6 +22,20 @@ pub struct InitiatorPort {
     pub isid: Option<[u8; 6]>,
 }
 
+impl InitiatorPort {
+    /// The port's name: `<initiator name>,i,0x<ISID>` (RFC 7143 13.8, ISID in lower-case hex),
+    /// or the bare initiator name for transports without an ISID.
+    pub fn port_name(&self) -> String {
+        match self.isid {
+            Some(isid) => {
+                let hex: String = isid.iter().map(|b| format!("{b:02x}")).collect();
+                format!("{},i,0x{hex}", self.name)
+            }
+            None => self.name.clone(),
+        }
+    }
+}
+
 /// A target port.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TargetPort {
@@ -31,6 +45,14 @@ pub struct TargetPort {
     pub tpgt: u16,
     /// RELATIVE TARGET PORT IDENTIFIER (SPC-5 7.7.3.7), unique per target, never 0.
     pub relative_id: u16,
+}
+
+impl TargetPort {
+    /// The iSCSI target port name, `<target name>,t,0x<TPGT>` (RFC 7143 13.8), four hex
+    /// digits.
+    pub fn port_name(&self) -> String {
+        format!("{},t,0x{:04x}", self.name, self.tpgt)
+    }
 }
 
 /// An I_T nexus: the unit that holds unit attentions, SPC-2 reservations and PR registrations.

@@ -273,27 +273,15 @@ pub fn client(path: &Path, clear: bool, lu: Option<String>, json: bool) -> anyho
     }
 }
 
-/// `name,i,0x<ISID>` (RFC 7143 13.8) or the bare name.
-fn initiator(i: &scsi::InitiatorPort) -> String {
-    match i.isid {
-        Some(isid) => {
-            let hex: String = isid.iter().map(|b| format!("{b:02x}")).collect();
-            format!("{},i,0x{hex}", i.name)
-        }
-        None => i.name.clone(),
-    }
-}
-
 fn registrant(r: &scsi::pr::Registrant) -> String {
     match &r.target {
         Some(t) => format!(
-            "{} via {},t,0x{:04x} (relative port {})",
-            initiator(&r.initiator),
-            t.name,
-            t.tpgt,
+            "{} via {} (relative port {})",
+            r.initiator.port_name(),
+            t.port_name(),
             t.relative_id
         ),
-        None => format!("{} via every target port", initiator(&r.initiator)),
+        None => format!("{} via every target port", r.initiator.port_name()),
     }
 }
 

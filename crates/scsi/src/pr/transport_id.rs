@@ -170,17 +170,9 @@ fn parse_isid(hex: &[u8]) -> Option<[u8; 6]> {
 /// format 00b otherwise (an iSCSI initiator device, or a vhost-user initiator: see the module
 /// documentation). NUL-terminated, NUL-padded to a multiple of 4, at least 24 bytes in all.
 pub fn encode(port: &InitiatorPort) -> Vec<u8> {
-    let mut text = port.name.as_bytes().to_vec();
-    let format: u8 = match port.isid {
-        Some(isid) => {
-            text.extend_from_slice(SEPARATOR);
-            for b in isid {
-                text.extend_from_slice(format!("{b:02x}").as_bytes());
-            }
-            1
-        }
-        None => 0,
-    };
+    // Format 01b carries the port name `name,i,0x<ISID>`; format 00b the bare name.
+    let mut text = port.port_name().into_bytes();
+    let format: u8 = if port.isid.is_some() { 1 } else { 0 };
     text.push(0);
     let mut add_len = text.len().max(20);
     add_len = add_len.div_ceil(4) * 4;
