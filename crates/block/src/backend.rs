@@ -22,7 +22,7 @@ use std::sync::Arc;
 use crate::range_lock::{LockMode, RangeLock};
 use crate::reservation::{MemoryStore, ReservationStore};
 use crate::stats::{OpKind, Stats, StatsSnapshot};
-use crate::{BlockError, Driver, DriverInfo, Extent};
+use crate::{BlockError, Driver, DriverInfo, Extent, IoBuf};
 
 /// The largest COMPARE AND WRITE the block layer emulates, in logical blocks. SBC-4 6.6.5: the
 /// MAXIMUM COMPARE AND WRITE LENGTH field of the Block Limits VPD page is one byte.
@@ -181,15 +181,46 @@ impl Backend {
         Ok(data)
     }
 
-    /// Write `data` (a whole number of blocks) at `lba`; `fua` makes it stable before returning.
-    pub async fn write(&self, lba: u64, data: Vec<u8>, fua: bool) -> Result<(), BlockError> {
+    /// Read `buf.len()` bytes (a whole number of blocks) at `lba` straight into `buf`, memory a
+    /// frontend lent (see [`IoBuf`]).
+    pub async fn read_into(&self, lba: u64, buf: IoBuf) -> Result<(), BlockError> {
+        let op = self.stats.start(OpKind::Read);
+        let n = buf.len() as u64;
+        let r = self.do_read_into(lba, buf).await;
+        op.finish(r, n)
+    }
+
+    async fn do_read_into(&self, lba: u64, buf: IoBuf) -> Result<(), BlockError> {
+        let blocks = self.whole_blocks(buf.len())?;
+        let (off, len) = self.range(lba, blocks)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if len > u64::from(MAX_TRANSFER_BYTES) {
+            return Err(BlockError::BadBufferLength {
+                expected: u64::from(MAX_TRANSFER_BYTES),
+                got: len,
+            });
+        }
+        self.driver.read_into(off, buf).await
+    }
+
+    /// Write `data` (a whole number of blocks; a vector, or memory a frontend lent) at `lba`;
+    /// `fua` makes it stable before returning.
+    pub async fn write(
+        &self,
+        lba: u64,
+        data: impl Into<IoBuf>,
+        fua: bool,
+    ) -> Result<(), BlockError> {
+        let data = data.into();
         let op = self.stats.start(OpKind::Write);
         let n = data.len() as u64;
         let r = self.do_write(lba, data, fua).await;
         op.finish(r, n)
     }
 
-    async fn do_write(&self, lba: u64, data: Vec<u8>, fua: bool) -> Result<(), BlockError> {
+    async fn do_write(&self, lba: u64, data: IoBuf, fua: bool) -> Result<(), BlockError> {
         let blocks = self.whole_blocks(data.len())?;
         let (off, len) = self.range(lba, blocks)?;
         if len == 0 {
@@ -201,7 +232,7 @@ impl Backend {
             capacity: self.capacity,
         })?;
         let _g = self.locks.lock(off, end, LockMode::Shared).await;
-        self.driver.write(off, data, fua).await
+        self.driver.write_from(off, data, fua).await
     }
 
     /// Make every completed write stable.

@@ -10,10 +10,13 @@
 //! - [`ReservationStore`]: where a logical unit's persistent reservation state lives, owned by the
 //!   driver ([`Driver::reservation_store`]), a [`MemoryStore`] when the driver has none.
 //! - Request accounting ([`StatsSnapshot`], from [`Backend::stats`]) for the daemon's metrics.
+//! - [`IoBuf`]: the memory of one read or write, the block layer's own or lent by a frontend
+//!   (guest memory), so that data need not be copied on its way to the driver.
 //! - [`BlockError`]: what can go wrong below the SCSI layer. The SCSI layer maps every variant to
 //!   a status and sense data; none of them is ever reported as GOOD.
 
 mod backend;
+mod buf;
 pub mod driver;
 pub mod range_lock;
 pub mod reservation;
@@ -22,6 +25,7 @@ pub mod stats;
 pub use backend::{
     Backend, Capabilities, MAX_COMPARE_AND_WRITE_BLOCKS, MAX_TRANSFER_BYTES, WRITE_SAME_CHUNK,
 };
+pub use buf::IoBuf;
 pub use reservation::{MemoryStore, ReservationStore, Stored};
 pub use stats::{OpKind, StatsSnapshot};
 
@@ -107,6 +111,25 @@ pub trait Driver: Send + Sync + 'static {
     async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, BlockError>;
     /// Write `data` at `offset`; with `fua` the data is on stable storage before this returns.
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), BlockError>;
+    /// Read `buf.len()` bytes at `offset` straight into `buf` (memory a frontend may have lent:
+    /// see [`IoBuf`]). Drivers that can do I/O into a caller's memory override this; the
+    /// default reads into a buffer of its own and copies.
+    async fn read_into(&self, offset: u64, mut buf: IoBuf) -> Result<(), BlockError> {
+        let data = self.read(offset, buf.len()).await?;
+        if data.len() != buf.len() {
+            return Err(BlockError::BadBufferLength {
+                expected: buf.len() as u64,
+                got: data.len() as u64,
+            });
+        }
+        buf.copy_from(0, &data);
+        Ok(())
+    }
+    /// Write `data` (memory a frontend may have lent) at `offset`, as [`Driver::write`] does.
+    /// The default copies it into a vector first.
+    async fn write_from(&self, offset: u64, data: IoBuf, fua: bool) -> Result<(), BlockError> {
+        self.write(offset, data.into_vec(), fua).await
+    }
     /// Make every completed write stable.
     async fn flush(&self) -> Result<(), BlockError>;
     /// Deallocate the range. Only called when [`DriverInfo::discard`] is true.

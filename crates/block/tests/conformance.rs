@@ -12,7 +12,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use block::driver::file::{Engine, EngineChoice, FileDriver, FileOptions};
 use block::driver::mem::MemDriver;
-use block::{Backend, BlockError, Driver, DriverInfo, Extent, OpKind, ReservationStore, Stored};
+use block::{
+    Backend, BlockError, Driver, DriverInfo, Extent, IoBuf, OpKind, ReservationStore, Stored,
+};
 
 /// A device under test, with whatever must outlive it.
 struct Harness {
@@ -46,6 +48,18 @@ impl Driver for Yielding {
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), BlockError> {
         tokio::task::yield_now().await;
         let r = self.0.write(offset, data, fua).await;
+        tokio::task::yield_now().await;
+        r
+    }
+    async fn read_into(&self, offset: u64, buf: IoBuf) -> Result<(), BlockError> {
+        tokio::task::yield_now().await;
+        let r = self.0.read_into(offset, buf).await;
+        tokio::task::yield_now().await;
+        r
+    }
+    async fn write_from(&self, offset: u64, data: IoBuf, fua: bool) -> Result<(), BlockError> {
+        tokio::task::yield_now().await;
+        let r = self.0.write_from(offset, data, fua).await;
         tokio::task::yield_now().await;
         r
     }
@@ -147,6 +161,74 @@ async fn read_write_round_trip(make: Make) {
         b.write(5, data.clone(), false).await.expect("write");
         assert_eq!(b.read(5, 3).await.expect("read"), data);
         assert_eq!(b.read(4, 1).await.expect("read"), vec![0; bs as usize]);
+    }
+}
+
+/// Separate allocations of `sizes` bytes lent as one buffer, twice over the same memory: one
+/// for the I/O, one for the test to look through.
+fn lent(sizes: &[usize]) -> (IoBuf, IoBuf) {
+    let mut parts: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![0xEE; n]).collect();
+    let segs: Vec<(*mut u8, usize)> = parts
+        .iter_mut()
+        .map(|v| (v.as_mut_ptr(), v.len()))
+        .collect();
+    let owner: Arc<dyn std::any::Any + Send + Sync> = Arc::new(std::sync::Mutex::new(parts));
+    // SAFETY: the vectors live, never resized, in `owner`, which both buffers hold; the test
+    // touches them only through the buffers.
+    unsafe {
+        (
+            IoBuf::lent(segs.clone(), owner.clone()),
+            IoBuf::lent(segs, owner),
+        )
+    }
+}
+
+async fn lent_buffers_are_written_from_and_read_into_in_place(make: Make) {
+    for bs in [512usize, 4096] {
+        let h = make(8 * MIB, bs as u32);
+        let b = &h.backend;
+        // Four blocks in segments that cut blocks anywhere.
+        let sizes = [100, bs - 100 + 7, 2 * bs - 7 - 50, bs + 50];
+        let data = pattern(4 * bs, 3);
+        let (mut src, _) = lent(&sizes);
+        assert_eq!(src.copy_from(0, &data), data.len());
+        b.write(9, src, false)
+            .await
+            .expect("write from lent memory");
+        assert_eq!(b.read(9, 4).await.expect("read"), data);
+        if let Some(path) = &h.path {
+            // Drop the last two blocks from the page cache, so that a read finds the first
+            // part cached and the rest not (the fast path then hands the rest to the engine).
+            let f = std::fs::File::open(path).expect("open");
+            use std::os::fd::AsRawFd;
+            // SAFETY: fdatasync and fadvise take a descriptor `f` keeps open, and integers.
+            unsafe {
+                libc::fdatasync(f.as_raw_fd());
+                libc::posix_fadvise(
+                    f.as_raw_fd(),
+                    (11 * bs) as i64,
+                    (2 * bs) as i64,
+                    libc::POSIX_FADV_DONTNEED,
+                );
+            }
+        }
+        let (dst, look) = lent(&sizes);
+        b.read_into(9, dst).await.expect("read into lent memory");
+        let mut got = vec![0u8; 4 * bs];
+        assert_eq!(look.copy_to(0, &mut got), got.len());
+        assert_eq!(got, data);
+        // Bounds and shape are checked as for owned buffers.
+        let (short, _) = lent(&[bs - 1]);
+        assert!(matches!(
+            b.read_into(0, short).await,
+            Err(BlockError::BadBufferLength { .. })
+        ));
+        let (past, _) = lent(&[2 * bs]);
+        let last = 8 * MIB / bs as u64 - 1;
+        assert!(matches!(
+            b.write(last, past, false).await,
+            Err(BlockError::OutOfRange { .. })
+        ));
     }
 }
 
@@ -596,6 +678,7 @@ macro_rules! suites {
         $(
             suite!($driver:
                 read_write_round_trip,
+                lent_buffers_are_written_from_and_read_into_in_place,
                 unwritten_blocks_read_zero,
                 fua_write_is_readable_and_flush_succeeds,
                 zero_length_requests_do_nothing,

@@ -699,8 +699,9 @@ impl Conn {
                 tag: u64::from(itt),
                 attr,
                 cdb,
-                data_out: Vec::new(),
+                data_out: Vec::new().into(),
                 data_in_len: if read { edtl } else { 0 },
+                data_in_buf: None,
             };
             // RFC 7143 11.4.5: the residual compares the data-out the CDB asks for with what
             // was expected (EDTL with the W bit, otherwise none), whatever the W bit says; the
@@ -759,6 +760,7 @@ impl Conn {
                         status: scsi::Status::TASK_SET_FULL,
                         sense: Vec::new(),
                         data_in: Vec::new(),
+                        data_in_placed: 0,
                     },
                     edtl_in: 0,
                     write_residual: None,
@@ -809,8 +811,9 @@ impl Conn {
                     tag: u64::from(itt),
                     attr: t.attr,
                     cdb: t.cdb,
-                    data_out: t.buf,
+                    data_out: t.buf.into(),
                     data_in_len: 0,
+                    data_in_buf: None,
                 };
                 self.execute(target, cmd, t.ticket, t.lun_raw, 0, wr, t.slot);
             }
@@ -1382,6 +1385,7 @@ fn check_condition(key: u8, asc: u8, ascq: u8) -> Response {
             0, 0, 0, 0,
         ],
         data_in: Vec::new(),
+        data_in_placed: 0,
     }
 }
 

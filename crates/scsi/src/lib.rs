@@ -38,6 +38,7 @@ pub mod sense;
 mod target;
 mod task;
 
+pub use block::IoBuf;
 pub use inquiry::Limits;
 pub use lu::{LogicalUnit, LuConfig, PhysicalBlockSizeError, Ticket};
 pub use nexus::{InitiatorPort, ItNexus, TargetPort, Transport};
@@ -71,7 +72,7 @@ pub enum TaskAttr {
 }
 
 /// One SCSI command as a frontend delivers it, with all data-out already received.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Command {
     /// Who sent it.
     pub nexus: Arc<ItNexus>,
@@ -90,9 +91,17 @@ pub struct Command {
     /// shorter one, and complete normally (the transport reports the residual); a partial
     /// block, and every other command (COMPARE AND WRITE, WRITE SAME, UNMAP, MODE SELECT,
     /// VERIFY), fails with INVALID FIELD IN COMMAND INFORMATION UNIT and writes nothing.
-    pub data_out: Vec<u8>,
+    ///
+    /// A vector, or memory the transport lends (vhost-user: the guest's buffers): WRITE and
+    /// WRITE AND VERIFY hand it to the block layer as it is, with no copy; other commands copy
+    /// their parameter list out of it.
+    pub data_out: IoBuf,
     /// The transport's expected data-in length (allocation the initiator provided).
     pub data_in_len: u32,
+    /// Memory the transport lends for data-in (vhost-user: the guest's buffers), or `None`.
+    /// A READ whose whole transfer fits is read straight into it and reported as
+    /// [`Response::data_in_placed`]; every other command answers in [`Response::data_in`].
+    pub data_in_buf: Option<IoBuf>,
 }
 
 /// The result of a command.
@@ -115,6 +124,9 @@ pub struct Response {
     /// The transport sends at most its expected length of it and reports the residual: underflow
     /// when shorter, overflow when longer (RFC 7143 11.4.5).
     pub data_in: Vec<u8>,
+    /// Bytes of data-in the command put straight into [`Command::data_in_buf`] (from its
+    /// start); `data_in` is then empty.
+    pub data_in_placed: usize,
 }
 
 impl Default for Status {

@@ -16,7 +16,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use block::{Backend, BlockError};
+use block::{Backend, BlockError, IoBuf};
 
 use crate::cdb::{self, Cdb, DataDir, OpInfo};
 use crate::inquiry::{self, Limits};
@@ -217,6 +217,7 @@ impl LogicalUnit {
             status: Status::CHECK_CONDITION,
             sense: s.encode(self.descriptor_sense()),
             data_in: Vec::new(),
+            data_in_placed: 0,
         }
     }
 
@@ -332,6 +333,7 @@ impl LogicalUnit {
             tag,
             cdb,
             data_out,
+            mut data_in_buf,
             ..
         } = cmd;
         let opcode = cdb.first().copied().unwrap_or(0);
@@ -381,12 +383,31 @@ impl LogicalUnit {
             }
             Cdb::PersistentReserveOut { sa, scope, ty, .. } => {
                 return Some(
-                    self.persistent_reserve_out(&nexus, tag, (sa, scope, ty), &data_out)
+                    self.persistent_reserve_out(&nexus, tag, (sa, scope, ty), &data_out.into_vec())
                         .await,
                 );
             }
             Cdb::Reserve => return Some(self.refusal(self.resv.reserve(&nexus))),
             Cdb::Release => return Some(self.refusal(self.resv.release(&nexus))),
+            // Straight into the transport's memory when it lent some and the whole transfer
+            // fits; otherwise as every other command, into a buffer of data-in.
+            Cdb::Read { lba, blocks, .. }
+                if blocks > 0
+                    && data_in_buf.as_ref().is_some_and(|b| {
+                        b.len() as u64 >= u64::from(blocks) * u64::from(self.backend.block_size())
+                    }) =>
+            {
+                let buf = data_in_buf.take().unwrap_or_default();
+                return Some(match self.read_lent(lba, blocks, buf).await {
+                    Ok(placed) => Response {
+                        status: Status::GOOD,
+                        sense: Vec::new(),
+                        data_in: Vec::new(),
+                        data_in_placed: placed,
+                    },
+                    Err(s) => self.check(s),
+                });
+            }
             other => self.dispatch(other, &nexus, lun, data_out).await,
         };
         Some(match out {
@@ -394,6 +415,7 @@ impl LogicalUnit {
                 status: Status::GOOD,
                 sense: Vec::new(),
                 data_in,
+                data_in_placed: 0,
             },
             Err(s) => self.check(s),
         })
@@ -405,7 +427,7 @@ impl LogicalUnit {
         info.opcode != 0x42 || self.limits.thin
     }
 
-    async fn dispatch(&self, c: Cdb, nexus: &Arc<ItNexus>, lun: u64, data_out: Vec<u8>) -> Outcome {
+    async fn dispatch(&self, c: Cdb, nexus: &Arc<ItNexus>, lun: u64, data_out: IoBuf) -> Outcome {
         match c {
             Cdb::TestUnitReady | Cdb::StartStopUnit | Cdb::PreventAllow => Ok(Vec::new()),
             Cdb::RequestSense { .. } => Ok(Vec::new()),
@@ -459,7 +481,7 @@ impl LogicalUnit {
             }
             Cdb::ModeSelect { ten, .. } => {
                 let old = self.mode.get();
-                let new = mode::select(ten, &data_out, old, self.backend.block_size())?;
+                let new = mode::select(ten, &data_out.into_vec(), old, self.backend.block_size())?;
                 if new != old {
                     self.mode.set(new);
                     // SPC-5 5.14 / SAM-5: MODE PARAMETERS CHANGED to the other I_T nexuses.
@@ -516,7 +538,7 @@ impl LogicalUnit {
                 lba,
                 blocks,
                 bytchk,
-            } => self.verify(lba, blocks, bytchk, &data_out).await,
+            } => self.verify(lba, blocks, bytchk, &data_out.into_vec()).await,
             Cdb::PreFetch { lba, blocks } => {
                 self.check_range(lba, u64::from(blocks))?;
                 Ok(Vec::new())
@@ -537,12 +559,13 @@ impl LogicalUnit {
                 ndob,
                 ten,
             } => {
-                self.write_same(lba, blocks, unmap, anchor, ndob, ten, data_out)
+                self.write_same(lba, blocks, unmap, anchor, ndob, ten, data_out.into_vec())
                     .await
             }
-            Cdb::Unmap { anchor, .. } => self.unmap(anchor, &data_out).await,
+            Cdb::Unmap { anchor, .. } => self.unmap(anchor, &data_out.into_vec()).await,
             Cdb::CompareAndWrite { lba, blocks, fua } => {
-                self.compare_and_write(lba, blocks, fua, data_out).await
+                self.compare_and_write(lba, blocks, fua, data_out.into_vec())
+                    .await
             }
             Cdb::OrWrite { lba, blocks, fua } => {
                 self.check_write(lba, blocks)?;
@@ -550,7 +573,7 @@ impl LogicalUnit {
                     return Ok(Vec::new());
                 }
                 self.backend
-                    .or_write(lba, data_out, self.fua(fua))
+                    .or_write(lba, data_out.into_vec(), self.fua(fua))
                     .await
                     .map_err(|e| block_error(e, cond::INVALID_OPCODE))?;
                 Ok(Vec::new())
@@ -666,7 +689,7 @@ impl LogicalUnit {
     /// `want` bytes are used) or a whole number of blocks shorter (only those blocks are
     /// written); libiscsi 1.19's residual tests require GOOD there. Everything else, and a
     /// partial block, takes (b).
-    fn fit_data_out(&self, c: &Cdb, data: &mut Vec<u8>, want: u32) -> Result<(), Sense> {
+    fn fit_data_out(&self, c: &Cdb, data: &mut IoBuf, want: u32) -> Result<(), Sense> {
         let want = usize::try_from(want).unwrap_or(usize::MAX);
         if data.len() == want {
             return Ok(());
@@ -689,7 +712,7 @@ impl LogicalUnit {
 
     /// WRITE `blocks` at `lba` as the CDB says; `data` may hold fewer whole blocks when the
     /// transport received less (see [`Self::fit_data_out`]): only those are written.
-    async fn write(&self, lba: u64, blocks: u32, fua: bool, data: Vec<u8>) -> Result<(), Sense> {
+    async fn write(&self, lba: u64, blocks: u32, fua: bool, data: IoBuf) -> Result<(), Sense> {
         self.check_write(lba, blocks)?;
         if blocks == 0 || data.is_empty() {
             return Ok(());
@@ -698,6 +721,21 @@ impl LogicalUnit {
             .write(lba, data, self.fua(fua))
             .await
             .map_err(|e| block_error(e, cond::INVALID_OPCODE))
+    }
+
+    /// READ `blocks` at `lba` straight into `buf` (memory the transport lent, at least as long
+    /// as the transfer); the bytes placed.
+    async fn read_lent(&self, lba: u64, blocks: u32, mut buf: IoBuf) -> Result<usize, Sense> {
+        self.check_transfer(blocks)?;
+        self.check_range(lba, u64::from(blocks))?;
+        let len = u64::from(blocks) * u64::from(self.backend.block_size());
+        let len = usize::try_from(len).map_err(|_| cond::INVALID_FIELD_IN_CDB)?;
+        buf.truncate(len);
+        self.backend
+            .read_into(lba, buf)
+            .await
+            .map_err(|e| block_error(e, cond::INVALID_OPCODE))?;
+        Ok(len)
     }
 
     /// Flush after an operation that has no FUA of its own, when the write cache is off.
@@ -1099,6 +1137,7 @@ pub(crate) fn no_such_lun(cmd: &Command) -> Response {
             status: Status::GOOD,
             sense: Vec::new(),
             data_in: d,
+            data_in_placed: 0,
         };
     }
     if cmd.cdb.first() == Some(&0x12) {
@@ -1112,11 +1151,13 @@ pub(crate) fn no_such_lun(cmd: &Command) -> Response {
             status: Status::GOOD,
             sense: Vec::new(),
             data_in: d,
+            data_in_placed: 0,
         };
     }
     Response {
         status: Status::CHECK_CONDITION,
         sense: cond::LUN_NOT_SUPPORTED.encode(false),
         data_in: Vec::new(),
+        data_in_placed: 0,
     }
 }

@@ -111,11 +111,13 @@ impl Target {
                 status: Status::GOOD,
                 sense: Vec::new(),
                 data_in,
+                data_in_placed: 0,
             },
             Err(s) => Response {
                 status: Status::CHECK_CONDITION,
                 sense: s.encode(descriptor),
                 data_in: Vec::new(),
+                data_in_placed: 0,
             },
         }
     }

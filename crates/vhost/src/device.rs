@@ -763,17 +763,20 @@ impl Device {
             Err(Refused::Full) => return false,
             Err(Refused::Gone) => return true,
         };
-        // The one copy of data-out, from guest memory into the buffer the SCSI layer takes.
-        let mut data_out = vec![0u8; copy as usize];
-        if rd
-            .read_at(&**mem, u64::from(req_len), &mut data_out)
-            .is_err()
-        {
+        // Zero copy: data-out and data-in are the guest's own buffers, lent to the SCSI layer
+        // (a WRITE's data goes from them to the block driver, a READ's from the driver into
+        // them). Data-out outside guest memory fails the request here.
+        let Some(data_out) = rd.lend(mem, u64::from(req_len), copy as usize) else {
             tracing::warn!(queue, head, "Request data-out outside guest memory");
             fail(wire::VIRTIO_SCSI_S_FAILURE);
             drop(token);
             return true;
-        }
+        };
+        // Data-in buffers outside guest memory are met only if data-in is written there (by
+        // the copy at completion, which then fails the chain).
+        let data_in_buf = (data_in_cap > 0)
+            .then(|| wr.lend(mem, u64::from(resp_len), data_in_cap as usize))
+            .flatten();
         let nexus = self.shared.nexus.clone();
         let ticket = target.admit(&nexus, lun);
         let attr = match u32::from(req.task_attr) {
@@ -790,6 +793,7 @@ impl Device {
             cdb: req.cdb,
             data_out,
             data_in_len: u32::try_from(data_in_cap).unwrap_or(u32::MAX),
+            data_in_buf,
         };
         let vring = vring.clone();
         let mem = mem.clone();
@@ -803,7 +807,9 @@ impl Device {
                     let _ = rx.wait_for(|open| *open).await;
                 }
             }
-            let (resp, data_in) = match &done {
+            // `data_in` is what still has to be copied into the guest's buffers; `placed` is
+            // the data-in length counted in the used entry (read straight into them, or copied).
+            let (resp, data_in, placed) = match &done {
                 scsi::Completion::Aborted => (
                     wire::cmd_resp(
                         status_byte(wire::VIRTIO_SCSI_S_ABORTED),
@@ -813,12 +819,16 @@ impl Device {
                         sense_size,
                     ),
                     &[][..],
+                    0,
                 ),
                 scsi::Completion::Done(r) => {
-                    let n = (r.data_in.len() as u64).min(data_in_cap) as usize;
+                    // One of the two is 0: data-in was read into the guest's buffers, or
+                    // produced in a buffer of the SCSI layer's.
+                    let produced = (r.data_in_placed as u64).max(r.data_in.len() as u64);
+                    let n = produced.min(data_in_cap) as usize;
                     // More data-in than the driver's buffers hold: the transfer is cut to
                     // them and the driver is told (virtio 5.6.6.1: VIRTIO_SCSI_S_OVERRUN).
-                    let response = if (r.data_in.len() as u64) > data_in_cap {
+                    let response = if produced > data_in_cap {
                         wire::VIRTIO_SCSI_S_OVERRUN
                     } else {
                         wire::VIRTIO_SCSI_S_OK
@@ -841,6 +851,7 @@ impl Device {
                             sense_size,
                         ),
                         r.data_in.get(..n).unwrap_or(&[]),
+                        n,
                     )
                 }
             };
@@ -851,7 +862,7 @@ impl Device {
                         .write_at(&*mem, u64::from(resp_len), data_in)
                         .and_then(|()| wr.write_at(&*mem, 0, &resp));
                     match written {
-                        Ok(()) => resp_len + data_in.len() as u32,
+                        Ok(()) => resp_len + placed as u32,
                         Err(e) => {
                             tracing::warn!(head, error = %e, "Cannot write a response to guest memory");
                             0

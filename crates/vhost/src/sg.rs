@@ -5,9 +5,10 @@
 //! length outside the guest's memory is an error, never an access outside it.
 
 use std::ops::Deref;
+use std::sync::Arc;
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Why a descriptor chain cannot be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -110,6 +111,44 @@ impl Sg {
     }
 }
 
+impl Sg {
+    /// `[offset, offset + count)` of the list lent to the block layer as it is: pointers into
+    /// the guest's memory as this process maps it, kept mapped by the `Arc` of `mem` the buffer
+    /// holds (see `scsi::IoBuf`). `None` when a piece is not in guest memory; the copying path
+    /// then meets the same range and reports it.
+    pub fn lend(
+        &self,
+        mem: &Arc<GuestMemoryMmap<()>>,
+        offset: u64,
+        count: usize,
+    ) -> Option<scsi::IoBuf> {
+        let mut segs = Vec::with_capacity(self.segs.len());
+        let mut ok = true;
+        let walked = self.walk(offset, count, |addr, _, n| {
+            let mut got = 0usize;
+            for slice in GuestMemoryBackend::get_slices(&**mem, addr, n) {
+                let Ok(slice) = slice else {
+                    ok = false;
+                    break;
+                };
+                got += slice.len();
+                segs.push((slice.ptr_guard_mut().as_ptr(), slice.len()));
+            }
+            ok &= got == n;
+            Ok(())
+        });
+        if walked.is_err() || !ok {
+            return None;
+        }
+        let owner: Arc<dyn std::any::Any + Send + Sync> = mem.clone();
+        // SAFETY: every segment is a range vm-memory checked to lie inside one region of
+        // `mem`'s mappings; those stay mapped while an `Arc` of `mem` lives, and the buffer
+        // holds one. The memory is only accessed through raw pointers (it is shared with the
+        // guest).
+        Some(unsafe { scsi::IoBuf::lent(segs, owner) })
+    }
+}
+
 /// Split a chain into its device-readable and device-writable descriptors. The chain
 /// iterator follows indirect tables and stops at a loop, a nested indirect table or a chain
 /// longer than 2^32 bytes (what it yielded so far is used, and the length checks of the
@@ -156,6 +195,17 @@ mod tests {
         let mut bad = Sg::default();
         bad.push(GuestAddress(0x1FFE), 4);
         assert_eq!(bad.write_at(&mem, 0, &[0; 4]), Err(ChainError::OutOfMemory));
+        // Lent as it is: what the guest's memory holds, no copy.
+        let shared = Arc::new(mem.clone());
+        let lent = sg.lend(&shared, 1, 4).expect("in memory");
+        assert!(lent.is_lent());
+        assert_eq!(lent.into_vec(), [1, 2, 3, 4]);
+        let mut lent = sg.lend(&shared, 0, 8).expect("in memory");
+        lent.copy_from(0, &[9; 8]);
+        sg.read_at(&mem, 0, &mut b).expect("in memory");
+        assert_eq!(b, [9; 8]);
+        assert!(bad.lend(&shared, 0, 4).is_none());
+        assert!(sg.lend(&shared, 5, 4).is_none());
         let mut wrap = Sg::default();
         wrap.push(GuestAddress(u64::MAX - 1), 4);
         assert_eq!(

@@ -103,6 +103,10 @@ struct D {
 
 impl Harness {
     fn new() -> Harness {
+        Harness::with_lu(lu(64))
+    }
+
+    fn with_lu(lu: Arc<scsi::LogicalUnit>) -> Harness {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -110,7 +114,6 @@ impl Harness {
             .unwrap();
         let mem: Mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let gm: Gm = GuestMemoryAtomic::new(mem);
-        let lu = lu(64);
         let vs = VhostScsi::new(
             SocketConfig {
                 path: "/nonexistent".into(),
@@ -984,8 +987,9 @@ fn disconnect_loses_the_nexus_and_the_socket_accepts_again() {
             tag: 1,
             attr: scsi::TaskAttr::Simple,
             cdb: vec![0; 6],
-            data_out: Vec::new(),
+            data_out: Vec::new().into(),
             data_in_len: 0,
+            data_in_buf: None,
         };
         let lu = lu.clone();
         match rt.block_on(async move { lu.execute(cmd).await }) {
@@ -1586,8 +1590,9 @@ fn a_device_reset_is_an_i_t_nexus_reset() {
             tag: 1,
             attr: scsi::TaskAttr::Simple,
             cdb: TUR.to_vec(),
-            data_out: Vec::new(),
+            data_out: Vec::new().into(),
             data_in_len: 0,
+            data_in_buf: None,
         };
         let lu = h.lu.clone();
         match h.rt.block_on(async move { lu.execute(cmd).await }) {
@@ -1606,4 +1611,127 @@ fn a_device_reset_is_an_i_t_nexus_reset() {
     let (_, resp) = h.tur();
     assert_eq!(resp[10], 0x02);
     assert_eq!(resp[12 + 12..12 + 14], [0x29, 0x07]);
+}
+
+/// A memory disk that records how the block layer hands it data: into / from memory lent by
+/// the frontend, or through buffers of the block layer's own.
+struct Recorder {
+    inner: block::driver::mem::MemDriver,
+    lent_reads: std::sync::atomic::AtomicUsize,
+    lent_writes: std::sync::atomic::AtomicUsize,
+    own_buffers: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl block::Driver for Recorder {
+    fn info(&self) -> block::DriverInfo {
+        self.inner.info()
+    }
+    async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, block::BlockError> {
+        self.own_buffers
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), block::BlockError> {
+        self.own_buffers
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.write(offset, data, fua).await
+    }
+    async fn read_into(&self, offset: u64, buf: block::IoBuf) -> Result<(), block::BlockError> {
+        if buf.is_lent() {
+            self.lent_reads
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        } else {
+            self.own_buffers
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.inner.read_into(offset, buf).await
+    }
+    async fn write_from(
+        &self,
+        offset: u64,
+        data: block::IoBuf,
+        fua: bool,
+    ) -> Result<(), block::BlockError> {
+        if data.is_lent() {
+            self.lent_writes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        } else {
+            self.own_buffers
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.inner.write_from(offset, data, fua).await
+    }
+    async fn flush(&self) -> Result<(), block::BlockError> {
+        self.inner.flush().await
+    }
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), block::BlockError> {
+        self.inner.discard(offset, len).await
+    }
+    async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<(), block::BlockError> {
+        self.inner.write_zeroes(offset, len, unmap).await
+    }
+    async fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+    ) -> Result<block::Extent, block::BlockError> {
+        self.inner.block_status(offset, len).await
+    }
+}
+
+#[test]
+fn reads_and_writes_go_between_guest_buffers_and_the_driver_without_a_copy() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let rec = Arc::new(Recorder {
+        inner: block::driver::mem::MemDriver::new(64 * 512),
+        lent_reads: 0.into(),
+        lent_writes: 0.into(),
+        own_buffers: 0.into(),
+    });
+    let backend = block::Backend::new(rec.clone(), 512).unwrap();
+    let lu = Arc::new(scsi::LogicalUnit::new(
+        backend,
+        scsi::LuConfig {
+            vendor: "SHAREDSK".into(),
+            product: "test".into(),
+            revision: "0001".into(),
+            serial: "vhost-zero-copy".into(),
+            id: 0x1235,
+        },
+    ));
+    let mut h = Harness::with_lu(lu);
+    h.tur();
+    // WRITE(10) (SBC-4 5.40) LBA 2, 2 blocks: the driver is handed the guest's buffer.
+    let data: Vec<u8> = (0..1024u32).map(|i| (i * 13 % 241) as u8).collect();
+    let (len, resp, _) = h.command(LUN0, &[0x2A, 0, 0, 0, 0, 2, 0, 0, 2, 0], &data, 0);
+    assert_eq!(len, RESP);
+    assert_eq!(&resp[0..12], &[0; 12]);
+    assert_eq!(rec.lent_writes.load(SeqCst), 1);
+    // READ(16) (SBC-4 5.17) LBA 2, 2 blocks: the driver reads into the guest's buffer; the
+    // used length counts the data-in (virtio 5.6.6.1).
+    let (len, resp, din) = h.command(
+        LUN0,
+        &[0x88, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0],
+        &[],
+        1024,
+    );
+    assert_eq!(len, RESP + 1024);
+    assert_eq!(&resp[0..12], &[0; 12]);
+    assert_eq!(din, data);
+    assert_eq!(rec.lent_reads.load(SeqCst), 1);
+    assert_eq!(rec.own_buffers.load(SeqCst), 0, "no intermediate buffer");
+    // A READ whose transfer does not fit the guest's buffers (2 blocks into 512 bytes) goes
+    // through a buffer of the SCSI layer's: what fits, VIRTIO_SCSI_S_OVERRUN (1).
+    let (len, resp, din) = h.command(LUN0, &[0x28, 0, 0, 0, 0, 2, 0, 0, 2, 0], &[], 512);
+    assert_eq!(len, RESP + 512);
+    assert_eq!(resp[11], 1);
+    assert_eq!(din, data[..512]);
+    assert_eq!(rec.lent_reads.load(SeqCst), 1);
+    assert_eq!(rec.own_buffers.load(SeqCst), 1);
 }

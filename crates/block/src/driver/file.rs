@@ -6,7 +6,10 @@
 //! (DESIGN.md §4). A missing image is created sparse when a size is given. A block device is
 //! sized with `BLKGETSIZE64`.
 //!
-//! **Data path.** Reads, writes and flushes go to an [`Engine`]:
+//! **Data path.** Every read and write is vectored (`preadv2`/`pwritev2`, io_uring
+//! `readv`/`writev`) over an [`IoBuf`]: a buffer of the driver's own, or memory a frontend
+//! lent (a vhost-user guest's buffers), which the kernel then reads into or writes from
+//! directly. Reads, writes and flushes go to an [`Engine`]:
 //! - [`Engine::IoUring`]: a dedicated ring thread with batched submission and reaping (see the
 //!   `uring` module), results delivered to the async caller through oneshot channels;
 //! - [`Engine::ThreadPool`]: `pread`/`pwrite`/`fdatasync` on tokio's blocking thread pool.
@@ -76,7 +79,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -85,7 +88,7 @@ use async_trait::async_trait;
 
 use super::sidecar::SidecarStore;
 use super::uring::Ring;
-use crate::{BlockError, Driver, DriverInfo, Extent, ReservationStore};
+use crate::{BlockError, Driver, DriverInfo, Extent, IoBuf, ReservationStore};
 
 /// Which I/O engine to ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -134,28 +137,47 @@ impl Default for FileOptions {
     }
 }
 
+/// One `preadv2` / `pwritev2` of `buf` from byte `done` on, at `offset + done`; the bytes it
+/// moved.
+fn vectored(
+    file: &File,
+    buf: &mut IoBuf,
+    offset: u64,
+    done: usize,
+    write: bool,
+    flags: libc::c_int,
+) -> io::Result<usize> {
+    let off = offset
+        .checked_add(done as u64)
+        .and_then(|o| libc::off_t::try_from(o).ok())
+        .ok_or(io::ErrorKind::InvalidInput)?;
+    let iov = buf.iovecs(done);
+    let n_iov = iov.len().min(IOV_MAX) as libc::c_int;
+    // SAFETY: `iov` describes the rest of `buf` (a vector it owns, or lent memory that its
+    // owner handle keeps mapped), exclusively borrowed for this synchronous call, and `file`
+    // keeps the descriptor open.
+    let n = unsafe {
+        if write {
+            libc::pwritev2(file.as_raw_fd(), iov.as_ptr(), n_iov, off, flags)
+        } else {
+            libc::preadv2(file.as_raw_fd(), iov.as_ptr(), n_iov, off, flags)
+        }
+    };
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+}
+
+/// The most iovecs one call takes (Linux UIO_MAXIOV); a longer list continues as a short
+/// transfer does.
+const IOV_MAX: usize = 1024;
+
 /// Copy into `buf` what the page cache holds of the file from `offset` on, without waiting for
 /// the device (`preadv2` with `RWF_NOWAIT`). Returns the bytes read from the start of `buf`:
 /// fewer than asked (or 0) when the kernel would have to wait, at the end of the file, or on
 /// any error, which the engine then meets and reports itself.
-fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> usize {
+fn read_cached(file: &File, buf: &mut IoBuf, offset: u64) -> usize {
     let mut done = 0usize;
-    while let Some(rest) = buf.get_mut(done..).filter(|r| !r.is_empty()) {
-        let Some(off) = offset
-            .checked_add(done as u64)
-            .and_then(|o| libc::off_t::try_from(o).ok())
-        else {
-            break;
-        };
-        let iov = libc::iovec {
-            iov_base: rest.as_mut_ptr().cast(),
-            iov_len: rest.len(),
-        };
-        // SAFETY: `iov` describes `rest`, a live, exclusively borrowed slice of exactly
-        // `iov_len` bytes that outlives this synchronous call, and `file` keeps the descriptor
-        // open.
-        let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, off, libc::RWF_NOWAIT) };
-        match usize::try_from(n) {
+    while done < buf.len() {
+        match vectored(file, buf, offset, done, false, libc::RWF_NOWAIT) {
             Ok(n) if n > 0 => done += n,
             _ => break,
         }
@@ -163,10 +185,42 @@ fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> usize {
     done
 }
 
-/// `pwrite` all of `data` at `offset`, then `fdatasync` when `fua`: the synchronous write of
+/// Fill `buf` from byte `done` on with the file's bytes from `offset + done`, continuing
+/// after short reads; the end of the file is `UnexpectedEof`.
+fn read_at(file: &File, buf: &mut IoBuf, offset: u64, mut done: usize) -> io::Result<()> {
+    while done < buf.len() {
+        match vectored(file, buf, offset, done, false, 0) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "Read past the end of the file",
+                ))
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Write all of `data` at `offset`, then `fdatasync` when `fua`: the synchronous write of
 /// the thread pool and of the calling thread.
-fn write_at(file: &File, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-    file.write_all_at(data, offset)?;
+fn write_at(file: &File, data: &mut IoBuf, offset: u64, fua: bool) -> io::Result<()> {
+    let mut done = 0;
+    while done < data.len() {
+        match vectored(file, data, offset, done, true, 0) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "Write transferred nothing",
+                ))
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
     if fua {
         file.sync_data()?;
     }
@@ -253,23 +307,59 @@ impl FileDriver {
         self.sync_failed.store(true, Ordering::Release);
     }
 
-    /// Read through the engine (io_uring or the thread pool).
-    async fn read_engine(&self, offset: u64, len: usize) -> Result<Vec<u8>, BlockError> {
+    /// Fill `buf` from byte `done` on through the engine (io_uring or the thread pool).
+    async fn read_engine(&self, offset: u64, buf: IoBuf, done: usize) -> Result<IoBuf, BlockError> {
         match &self.io {
-            Io::Ring(r) => r.read(offset, len).await,
+            Io::Ring(r) => r.read(offset, buf, done).await,
             Io::Pool => {
                 let file = self.file.clone();
-                blocking(move || {
-                    let mut buf = vec![0; len];
-                    // `read_exact_at` continues after short reads and fails with
-                    // UnexpectedEof at the end of the file.
-                    file.read_exact_at(&mut buf, offset)?;
-                    Ok(buf)
-                })
-                .await
+                let mut buf = buf;
+                blocking(move || read_at(&file, &mut buf, offset, done).map(|()| buf)).await
             }
         }
         .map_err(BlockError::ReadFailed)
+    }
+
+    /// Fill `buf` with the bytes at `offset`: what the page cache holds on the calling thread,
+    /// the rest through the engine.
+    async fn read_buf(&self, offset: u64, mut buf: IoBuf) -> Result<IoBuf, BlockError> {
+        self.check(offset, buf.len() as u64)
+            .map_err(BlockError::ReadFailed)?;
+        let got = if self.fast_paths {
+            read_cached(&self.file, &mut buf, offset)
+        } else {
+            0
+        };
+        if got == buf.len() {
+            return Ok(buf);
+        }
+        self.read_engine(offset, buf, got).await
+    }
+
+    /// Write `data` at `offset`; see the module docs for the path it takes.
+    async fn write_buf(&self, offset: u64, data: IoBuf, fua: bool) -> Result<(), BlockError> {
+        self.check(offset, data.len() as u64)
+            .map_err(BlockError::WriteFailed)?;
+        if fua {
+            self.check_sync()?;
+        }
+        let in_flight = InFlight::enter(&self.writes_in_flight);
+        let alone = self.fast_paths && in_flight.others == 0;
+        let mut data = data;
+        let r = match &self.io {
+            Io::Ring(r) if !alone => r.write(offset, data, fua).await,
+            _ if alone && on_multi_thread_runtime() => {
+                tokio::task::block_in_place(|| write_at(&self.file, &mut data, offset, fua))
+            }
+            Io::Ring(_) | Io::Pool => {
+                let file = self.file.clone();
+                blocking(move || write_at(&file, &mut data, offset, fua)).await
+            }
+        };
+        if fua {
+            self.latch_sync(&r, false);
+        }
+        r.map_err(write_error)
     }
 
     /// Open `path`; when it does not exist and `create_size` is given, create a sparse file of
@@ -534,45 +624,19 @@ impl Driver for FileDriver {
     }
 
     async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, BlockError> {
-        self.check(offset, len as u64)
-            .map_err(BlockError::ReadFailed)?;
-        if !self.fast_paths {
-            return self.read_engine(offset, len).await;
-        }
-        let mut buf = vec![0; len];
-        let got = read_cached(&self.file, &mut buf, offset);
-        if got == len {
-            return Ok(buf);
-        }
-        // The rest from the engine; `got` <= `len`, and `offset + len` was checked above.
-        let rest = self.read_engine(offset + got as u64, len - got).await?;
-        buf.truncate(got);
-        buf.extend_from_slice(&rest);
-        Ok(buf)
+        Ok(self.read_buf(offset, vec![0; len].into()).await?.into_vec())
+    }
+
+    async fn read_into(&self, offset: u64, buf: IoBuf) -> Result<(), BlockError> {
+        self.read_buf(offset, buf).await.map(drop)
     }
 
     async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), BlockError> {
-        self.check(offset, data.len() as u64)
-            .map_err(BlockError::WriteFailed)?;
-        if fua {
-            self.check_sync()?;
-        }
-        let in_flight = InFlight::enter(&self.writes_in_flight);
-        let alone = self.fast_paths && in_flight.others == 0;
-        let r = match &self.io {
-            Io::Ring(r) if !alone => r.write(offset, data, fua).await,
-            _ if alone && on_multi_thread_runtime() => {
-                tokio::task::block_in_place(|| write_at(&self.file, &data, offset, fua))
-            }
-            Io::Ring(_) | Io::Pool => {
-                let file = self.file.clone();
-                blocking(move || write_at(&file, &data, offset, fua)).await
-            }
-        };
-        if fua {
-            self.latch_sync(&r, false);
-        }
-        r.map_err(write_error)
+        self.write_buf(offset, data.into(), fua).await
+    }
+
+    async fn write_from(&self, offset: u64, data: IoBuf, fua: bool) -> Result<(), BlockError> {
+        self.write_buf(offset, data, fua).await
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
@@ -666,6 +730,7 @@ mod tests {
 
     #[test]
     fn a_hole_at_the_end_of_a_file_is_reported_to_the_end() {
+        use std::os::unix::fs::FileExt;
         let f = tempfile::tempfile().expect("tempfile");
         f.set_len(1 << 20).expect("set_len");
         f.write_all_at(&[1; 4096], 0).expect("write");

@@ -14,13 +14,14 @@
 //! sleep (a flag checked after the queue push, with sequentially consistent ordering on both
 //! sides, so a wake-up is never lost).
 //!
-//! Buffer ownership: a request's `Vec<u8>` moves into a slot of a fixed-size slot table owned by
-//! the ring thread, and the SQE points into that `Vec`'s heap buffer. The slot is neither touched
-//! nor freed until the CQE carrying its index has been reaped, and the slot table never grows, so
-//! the buffer stays alive and unmoved for as long as the kernel may access it. A caller that stops
-//! waiting only drops its receiver; the buffer is still freed by the ring thread, after the
-//! completion. On shutdown the thread keeps reaping until nothing is in flight. The file
-//! descriptor is kept open by an `Arc<File>` the thread holds.
+//! Buffer ownership: a request's [`IoBuf`] (a `Vec<u8>` of its own, or memory a frontend lent,
+//! kept mapped by the owner handle inside it) moves into a slot of a fixed-size slot table owned
+//! by the ring thread, together with the iovec array the SQE points at (`readv`/`writev`). The
+//! slot is neither touched nor freed until the CQE carrying its index has been reaped, and the
+//! slot table never grows, so buffer and iovecs stay alive and unmoved for as long as the kernel
+//! may access them. A caller that stops waiting only drops its receiver; the buffer is still
+//! released by the ring thread, after the completion. On shutdown the thread keeps reaping until
+//! nothing is in flight. The file descriptor is kept open by an `Arc<File>` the thread holds.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -33,8 +34,9 @@ use std::thread::JoinHandle;
 use io_uring::{opcode, types, IoUring, Probe};
 use tokio::sync::oneshot;
 
-/// The most bytes one SQE asks for; longer requests continue as short I/O does.
-const MAX_PER_SQE: usize = 1 << 30;
+use crate::IoBuf;
+/// The most iovecs one `readv`/`writev` takes (Linux UIO_MAXIOV).
+const IOV_MAX: usize = 1024;
 /// `user_data` of the eventfd read.
 const WAKE_TOKEN: u64 = u64::MAX;
 
@@ -47,14 +49,18 @@ enum Op {
 struct Request {
     op: Op,
     offset: u64,
-    buf: Vec<u8>,
-    reply: oneshot::Sender<io::Result<Vec<u8>>>,
+    buf: IoBuf,
+    /// Bytes of `buf` already transferred (by the caller) before the request was queued.
+    done: usize,
+    reply: oneshot::Sender<io::Result<IoBuf>>,
 }
 
 struct Slot {
     req: Request,
     /// Bytes already transferred.
     done: usize,
+    /// The iovecs of the part still to transfer, which the SQE in flight points at.
+    iov: Vec<libc::iovec>,
 }
 
 struct Shared {
@@ -92,7 +98,12 @@ impl Ring {
         let ring = IoUring::new(entries)?;
         let mut probe = Probe::new();
         ring.submitter().register_probe(&mut probe)?;
-        for code in [opcode::Read::CODE, opcode::Write::CODE, opcode::Fsync::CODE] {
+        for code in [
+            opcode::Read::CODE,
+            opcode::Readv::CODE,
+            opcode::Writev::CODE,
+            opcode::Fsync::CODE,
+        ] {
             if !probe.is_supported(code) {
                 return Err(io::Error::new(
                     io::ErrorKind::Unsupported,
@@ -137,12 +148,13 @@ impl Ring {
         })
     }
 
-    async fn call(&self, op: Op, offset: u64, buf: Vec<u8>) -> io::Result<Vec<u8>> {
+    async fn call(&self, op: Op, offset: u64, buf: IoBuf, done: usize) -> io::Result<IoBuf> {
         let (reply, rx) = oneshot::channel();
         self.shared.queue().push(Request {
             op,
             offset,
             buf,
+            done,
             reply,
         });
         if self.shared.sleeping.swap(false, Ordering::SeqCst) {
@@ -155,16 +167,20 @@ impl Ring {
             .map_err(|_| io::Error::other("io_uring thread ended"))?
     }
 
-    pub(crate) async fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        self.call(Op::Read, offset, vec![0; len]).await
+    /// Fill `buf` from byte `done` on with the file's bytes from `offset + done`, and give it
+    /// back.
+    pub(crate) async fn read(&self, offset: u64, buf: IoBuf, done: usize) -> io::Result<IoBuf> {
+        self.call(Op::Read, offset, buf, done).await
     }
 
-    pub(crate) async fn write(&self, offset: u64, data: Vec<u8>, dsync: bool) -> io::Result<()> {
-        self.call(Op::Write { dsync }, offset, data).await.map(drop)
+    pub(crate) async fn write(&self, offset: u64, data: IoBuf, dsync: bool) -> io::Result<()> {
+        self.call(Op::Write { dsync }, offset, data, 0)
+            .await
+            .map(drop)
     }
 
     pub(crate) async fn fdatasync(&self) -> io::Result<()> {
-        self.call(Op::Fsync, 0, Vec::new()).await.map(drop)
+        self.call(Op::Fsync, 0, IoBuf::default(), 0).await.map(drop)
     }
 }
 
@@ -284,7 +300,12 @@ impl RingThread {
                 break;
             };
             if let Some(slot) = self.slots.get_mut(idx) {
-                *slot = Some(Slot { req, done: 0 });
+                let done = req.done.min(req.buf.len());
+                *slot = Some(Slot {
+                    req,
+                    done,
+                    iov: Vec::new(),
+                });
             }
             self.in_flight += 1;
             if !self.push_slot(idx) {
@@ -310,19 +331,15 @@ impl RingThread {
             return true;
         };
         let offset = slot.req.offset.saturating_add(slot.done as u64);
-        let total = slot.req.buf.len();
-        let rest = total.saturating_sub(slot.done).min(MAX_PER_SQE) as u32;
-        let done = slot.done.min(total);
+        slot.iov = slot.req.buf.iovecs(slot.done);
+        // At most IOV_MAX iovecs per call; a longer list continues as a short transfer does.
+        let n_iov = slot.iov.len().min(IOV_MAX) as u32;
+        let iov = slot.iov.as_ptr();
         let entry = match slot.req.op {
-            Op::Read => {
-                // `done <= len`, so the pointer stays inside (or one past) the buffer.
-                let ptr = slot.req.buf.as_mut_ptr().wrapping_add(done);
-                opcode::Read::new(fd, ptr, rest).offset(offset).build()
-            }
+            Op::Read => opcode::Readv::new(fd, iov, n_iov).offset(offset).build(),
             Op::Write { dsync } => {
-                let ptr = slot.req.buf.as_ptr().wrapping_add(done);
                 let flags = if dsync { libc::RWF_DSYNC } else { 0 };
-                opcode::Write::new(fd, ptr, rest)
+                opcode::Writev::new(fd, iov, n_iov)
                     .offset(offset)
                     .rw_flags(flags)
                     .build()
@@ -332,10 +349,11 @@ impl RingThread {
                 .build(),
         }
         .user_data(idx as u64);
-        // SAFETY: the entry points at `rest` bytes inside the heap buffer of the `Vec` owned by
-        // `slots[idx]`. That slot is not touched, and the slot table is never resized, until the
-        // CQE with `user_data == idx` is reaped in `reap`; the file descriptor stays open
-        // because this thread holds `self.file`.
+        // SAFETY: the entry points at `slots[idx].iov`, whose iovecs describe the rest of the
+        // buffer owned by `slots[idx].req.buf` (a vector of its own, or lent memory kept
+        // mapped by the owner handle in the buffer). That slot is not touched, and the slot
+        // table is never resized, until the CQE with `user_data == idx` is reaped in `reap`;
+        // the file descriptor stays open because this thread holds `self.file`.
         unsafe { self.ring.submission().push(&entry) }.is_ok()
     }
 

@@ -70,8 +70,9 @@ pub fn cmd(n: &Arc<ItNexus>, tag: u64, cdb: &[u8], data_out: Vec<u8>, data_in_le
         tag,
         attr: TaskAttr::Simple,
         cdb: cdb.to_vec(),
-        data_out,
+        data_out: data_out.into(),
         data_in_len,
+        data_in_buf: None,
     }
 }
 
