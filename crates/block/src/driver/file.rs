@@ -185,11 +185,24 @@ fn read_cached(file: &File, buf: &mut IoBuf, offset: u64) -> usize {
     done
 }
 
-/// Fill `buf` from byte `done` on with the file's bytes from `offset + done`, continuing
-/// after short reads; the end of the file is `UnexpectedEof`.
-fn read_at(file: &File, buf: &mut IoBuf, offset: u64, mut done: usize) -> io::Result<()> {
+/// Move all of `buf` from byte `done` on to (`write`) or from the file at `offset + done`,
+/// continuing after short transfers. A read that reaches the end of the file is
+/// `UnexpectedEof`; a write that moves nothing is `WriteZero`.
+fn transfer(
+    file: &File,
+    buf: &mut IoBuf,
+    offset: u64,
+    mut done: usize,
+    write: bool,
+) -> io::Result<()> {
     while done < buf.len() {
-        match vectored(file, buf, offset, done, false, 0) {
+        match vectored(file, buf, offset, done, write, 0) {
+            Ok(0) if write => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "Write transferred nothing",
+                ))
+            }
             Ok(0) => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -207,20 +220,7 @@ fn read_at(file: &File, buf: &mut IoBuf, offset: u64, mut done: usize) -> io::Re
 /// Write all of `data` at `offset`, then `fdatasync` when `fua`: the synchronous write of
 /// the thread pool and of the calling thread.
 fn write_at(file: &File, data: &mut IoBuf, offset: u64, fua: bool) -> io::Result<()> {
-    let mut done = 0;
-    while done < data.len() {
-        match vectored(file, data, offset, done, true, 0) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "Write transferred nothing",
-                ))
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+    transfer(file, data, offset, 0, true)?;
     if fua {
         file.sync_data()?;
     }
@@ -314,7 +314,7 @@ impl FileDriver {
             Io::Pool => {
                 let file = self.file.clone();
                 let mut buf = buf;
-                blocking(move || read_at(&file, &mut buf, offset, done).map(|()| buf)).await
+                blocking(move || transfer(&file, &mut buf, offset, done, false).map(|()| buf)).await
             }
         }
         .map_err(BlockError::ReadFailed)
