@@ -33,6 +33,23 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+thread_local! {
+    static IO_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Mark the calling thread as a frontend's own I/O thread: one that drives its requests itself
+/// (polling them in place) and would rather a driver did short blocking work on it, such as a
+/// write into the page cache, than hand the work to other threads and wait for it there. The
+/// vhost-user request queue threads are such threads; the runtime's workers are not.
+pub fn mark_io_thread() {
+    IO_THREAD.with(|c| c.set(true));
+}
+
+/// Whether [`mark_io_thread`] was called on this thread.
+pub fn on_io_thread() -> bool {
+    IO_THREAD.with(std::cell::Cell::get)
+}
+
 /// Everything that can fail in the block layer or a driver.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {

@@ -1400,6 +1400,9 @@ impl VhostUserBackend for Device {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
+        // The file driver may write into the page cache on this thread (see
+        // `block::mark_io_thread`) rather than hand the write to others and wait.
+        block::mark_io_thread();
         // Errors returned here end the worker thread: report problems to the driver instead.
         if evset != EventSet::IN {
             tracing::warn!(?evset, "Unexpected vring event");
