@@ -56,7 +56,7 @@ const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
 /// command (VPD 0xB0 MAXIMUM TRANSFER LENGTH), plus room for parameter lists. A request with
 /// more gets VIRTIO_SCSI_S_FAILURE before anything is copied.
 const MAX_DATA_OUT: u64 = 16 << 20;
-/// The data-out a connection may hold copied out of guest memory (for commands in flight).
+/// The data-out a connection may have in flight (guest buffers its commands hold).
 /// A request that would go above it waits in the ring until completions make room (one
 /// request is always let in when nothing is held).
 const DATA_OUT_BUDGET: u64 = 64 << 20;
@@ -64,7 +64,9 @@ const DATA_OUT_BUDGET: u64 = 64 << 20;
 pub(crate) const MAX_QUEUE_SIZE: u16 = 1024;
 /// How long GET_VRING_BASE lets the commands in flight complete normally, and then how long
 /// their abort may take, before it gives up on them (their completions are then dropped, not
-/// written to the stopped ring).
+/// written to the stopped ring). A read given up on may still be filling the guest's buffers
+/// (they are lent to the driver: zero copy), as a late DMA would; the mapping stays valid for
+/// it, as the buffer holds it. Only storage stuck for longer than both bounds gets there.
 const STOP_BOUNDS: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(5));
 /// How long a device reset waits for the I_T nexus reset and the commands in flight.
 const RESET_BOUND: Duration = Duration::from_secs(10);
