@@ -302,7 +302,7 @@ impl VhostScsi {
         if let Some(dev) = dev {
             dev.post_event(
                 wire::VIRTIO_SCSI_T_TRANSPORT_RESET,
-                wire::encode_lun(target, lun),
+                wire::event_lun(target, lun),
                 reason,
             );
         }
