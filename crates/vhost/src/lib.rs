@@ -240,6 +240,17 @@ impl VhostScsi {
         &self.path
     }
 
+    /// The highest virtio target [`VhostScsi::add_lu`] accepts: the highest the socket started
+    /// with (its configuration space's `max_target`).
+    pub fn max_target(&self) -> u8 {
+        self.shared.max_target
+    }
+
+    /// Whether a frontend is connected now (an event reaches its guest only then).
+    pub fn connected(&self) -> bool {
+        lock(&self.shared.current).is_some()
+    }
+
     /// Put `lu` at `target`/`lun` while the guest runs, and tell the guest (a
     /// VIRTIO_SCSI_T_TRANSPORT_RESET event, reason RESCAN). `target` may not exceed the highest
     /// target the socket started with (the guest learnt `max_target` then).
