@@ -500,7 +500,7 @@ impl Registry {
         if *closed {
             return Err("The daemon is shutting down".into());
         }
-        let (closing, message) = {
+        let (lu, image, closing, message) = {
             let mut s = self.state();
             let socket = s.socket(&req.socket, &req.cwd)?;
             let sock = &s.sockets[socket];
@@ -540,10 +540,13 @@ impl Registry {
             } else {
                 "no guest is connected"
             };
+            let lu = s.lus[e].lu.clone();
             if s.lus[e].places.is_empty() {
-                let entry = s.lus.remove(e);
+                s.lus.remove(e);
                 (
-                    Some(entry),
+                    lu,
+                    image.clone(),
+                    true,
                     format!(
                         "Removed {} from target {} LUN {} of {what} ({guest}); nothing else \
                          serves it: flushed and closed",
@@ -556,9 +559,12 @@ impl Registry {
                 let others: Vec<String> =
                     s.lus[e].places.iter().map(|&p| s.place_name(p)).collect();
                 (
-                    None,
+                    lu,
+                    image.clone(),
+                    false,
                     format!(
-                        "Removed {} from target {} LUN {} of {what} ({guest}); still served as {}",
+                        "Removed {} from target {} LUN {} of {what} ({guest}); flushed; still \
+                         served as {}",
                         image.display(),
                         req.target,
                         req.lun,
@@ -567,27 +573,24 @@ impl Registry {
                 )
             }
         };
-        if let Some(entry) = closing {
-            // On a task of its own: the flush completes even if the operator's request
-            // times out.
-            let flushed = tokio::spawn(async move {
-                let r = entry.lu.backend().flush().await;
-                (entry, r)
-            })
-            .await;
-            match flushed {
-                Ok((entry, Ok(()))) => {
-                    tracing::info!(image = %entry.image.display(), "Closed logical unit");
-                }
-                Ok((entry, Err(e))) => {
-                    tracing::error!(image = %entry.image.display(), error = %e, "Flush failed");
-                    return Err(format!(
-                        "Removed, but the flush of {} failed: {e}",
-                        entry.image.display()
-                    ));
-                }
-                Err(e) => return Err(format!("Removed, but the flush did not run: {e}")),
+        // Flushed either way: the guest's own SYNCHRONIZE CACHE as it lets go of the disk comes
+        // after the LU has left the socket. On a task of its own, so the flush completes even
+        // if the operator's request times out; the last reference (the image's lock) goes with
+        // it when nothing else serves the image.
+        let flushed = tokio::spawn(async move { lu.backend().flush().await }).await;
+        match flushed {
+            Ok(Ok(())) if closing => {
+                tracing::info!(image = %image.display(), "Closed logical unit");
             }
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(image = %image.display(), error = %e, "Flush failed");
+                return Err(format!(
+                    "Removed, but the flush of {} failed: {e}",
+                    image.display()
+                ));
+            }
+            Err(e) => return Err(format!("Removed, but the flush did not run: {e}")),
         }
         drop(closed);
         Ok(message)
