@@ -12,7 +12,8 @@
 #              iSCSI initiator and SCSI passthrough (one guest; the two-guest fence sequence)
 #   sharedisk  sharedisk's vhost-user-scsi frontend (`serve --vhost-user SOCKET`): one guest;
 #              one booted through SeaBIOS; two guests on two sockets (fence); mixed vhost-user
-#              + iSCSI (fence); LU reset
+#              + iSCSI (fence); LU reset; an LU added and removed while the guest runs
+#              (`sharedisk lu add|remove`, hotplug)
 #   peer       the one-guest case against vhost-device-scsi (`cargo install vhost-device-scsi`),
 #              which shows the vhost-user path of the harness; by hand, not in CI
 #
@@ -245,8 +246,9 @@ boot() {
 }
 
 # boot_together "NAME SCRIPT RUN-OPTIONS..." ...: guests in parallel, their SYNC points
-# released together: a point is released (GO) once every guest has reached it; a guest that
-# ends while others wait makes the host send them ABORT.
+# released together: a point is released (GO) once every guest has reached it, after the
+# host's own step for it (the function named by $on_sync, when set, called with the point's
+# name); a guest that ends while others wait makes the host send them ABORT.
 boot_together() {
     local specs=("$@") names=() bgs=() spec i
     for spec in "${specs[@]}"; do
@@ -279,6 +281,7 @@ boot_together() {
             done
             if ((all)); then
                 released[$point]=1
+                [[ -z ${on_sync:-} ]] || "$on_sync" "$point"
                 for g in "${names[@]}"; do
                     printf 'GO %s\n' "$point" 1<>"$case_dir/$g.ctl.in"
                 done
@@ -365,6 +368,75 @@ fence() {
     same_values "$1" "$3" registered- reserved- preempted-
 }
 
+# hotplug: the run-time LU case (cases/hotplug.sh) on the daemon that case_start began, with
+# its socket in $s1: LUN 1 is added when the guest has booted and removed once it has read
+# it, with `sharedisk lu`; the image is then closed and holds what the guest wrote.
+lun1_bytes=16777216
+hotplug() {
+    local img=$case_dir/lun1.img
+    rm -f "$img" "$img.pr"
+    truncate -s "$lun1_bytes" "$img"
+    head -c 1048576 /dev/urandom >"$case_dir/pattern.bin"
+    head -c 1048576 /dev/urandom >"$case_dir/to-host.bin"
+    dd if="$case_dir/pattern.bin" of="$img" conv=notrunc status=none
+    on_sync=hotplug_step
+    boot_together "guest hotplug.sh --disk vhost-user:$s1,num_queues=2 \
+        --data pattern=$case_dir/pattern.bin --data to-host=$case_dir/to-host.bin \
+        --env LUN1_BYTES=$lun1_bytes"
+    on_sync=
+    dd if="$img" of="$case_dir/back.bin" bs=1M skip=1 count=1 status=none
+    if cmp -s "$case_dir/back.bin" "$case_dir/to-host.bin"; then
+        host_pass lun1-image-holds-guest-write
+    else
+        host_fail lun1-image-holds-guest-write "the image does not hold what the guest wrote to LUN 1"
+    fi
+}
+
+# lu ARGS...: `sharedisk lu ARGS` on this case's daemon, logged.
+lu() {
+    echo "\$ sharedisk lu $*" >>"$case_dir/lu.log"
+    "$bin" lu "$@" --control "$case_dir/control.sock" >>"$case_dir/lu.log" 2>&1
+}
+
+# hotplug_step POINT: the host's part at each of the hotplug guest's SYNC points.
+hotplug_step() {
+    local img=$case_dir/lun1.img i
+    case $1 in
+    booted)
+        if lu add --vhost-user "$s1" --lun 1 --file "$img"; then
+            host_pass lu-add
+        else
+            host_fail lu-add "$(tail -n 1 "$case_dir/lu.log")"
+        fi
+        lu list || true
+        if grep -q "^  target 0 LUN 1 .*$img" "$case_dir/lu.log"; then
+            host_pass lu-list-shows-lun1
+        else
+            host_fail lu-list-shows-lun1 "lu list does not show LUN 1 (see lu.log)"
+        fi
+        # The daemon holds the image's lock.
+        if flock -n -x "$img" true; then
+            host_fail lun1-locked "the image is not locked while served"
+        else
+            host_pass lun1-locked
+        fi
+        ;;
+    added)
+        if lu remove --vhost-user "$s1" --lun 1; then
+            host_pass lu-remove
+        else
+            host_fail lu-remove "$(tail -n 1 "$case_dir/lu.log")"
+        fi
+        # Nothing else serves it: closed, its lock released.
+        for ((i = 0; i < 50; i++)); do
+            flock -n -x "$img" true && break
+            sleep 0.1
+        done
+        if ((i < 50)); then host_pass lun1-closed; else host_fail lun1-closed "the image is still locked"; fi
+        ;;
+    esac
+}
+
 selftest() {
     local img
     if selected scsi-hd/one; then
@@ -443,6 +515,16 @@ sharedisk() {
             daemon_stop
         fi
         case_end mixed.fence guest1 guest2
+    fi
+
+    if selected vhost-user/hotplug; then
+        case_start vhost-user/hotplug
+        s1=$case_dir/vhost1.sock
+        if daemon_start "$case_dir" "$case_dir/disk.img" --vhost-user "$s1"; then
+            hotplug
+            daemon_stop
+        fi
+        case_end vhost-user.hotplug guest
     fi
 
     if selected vhost-user/lu-reset; then

@@ -628,6 +628,12 @@ impl Plan {
 /// The first relative target port identifier of the vhost-user sockets.
 pub const VHOST_FIRST_PORT_ID: u16 = 0x8000;
 
+/// Check the settings of an LU added while the daemon runs (`sharedisk lu add`), as a
+/// configured one's are; returns its canonical image path.
+pub fn check_lu_plan(what: &str, lu: &LuPlan) -> anyhow::Result<PathBuf> {
+    check_lu(what, lu, &mut HashSet::new(), &mut HashSet::new())
+}
+
 /// Check one LU's settings; returns its canonical image path.
 fn check_lu(
     what: &str,

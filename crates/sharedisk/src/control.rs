@@ -1,5 +1,6 @@
-//! The operator's control socket: `sharedisk pr show|clear` talk to a running daemon over a
-//! Unix socket, one JSON request line and one JSON answer line per connection.
+//! The operator's control socket: `sharedisk pr show|clear` and `sharedisk lu add|remove|list`
+//! talk to a running daemon over a Unix socket, one JSON request line and one JSON answer line
+//! per connection.
 //!
 //! The socket is created mode 0600: whoever can use it can drop a cluster's fencing.
 //!
@@ -18,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
+use crate::registry::{AddLu, Listing, Registry, RemoveLu};
+
 /// The default control socket path.
 pub fn default_path() -> PathBuf {
     if let Some(p) = std::env::var_os("SHAREDISK_CONTROL") {
@@ -31,8 +34,11 @@ pub fn default_path() -> PathBuf {
 
 /// One served LU, as the control socket names it.
 pub struct ServedLu {
-    /// `TARGET-IQN/LUN`.
+    /// `TARGET-IQN/LUN`, or `vhost:SOCKET/TARGET/LUN` for an LU only vhost-user sockets serve:
+    /// its first place.
     pub name: String,
+    /// The names of its other places.
+    pub also: Vec<String>,
     pub image: PathBuf,
     pub lu: Arc<scsi::LogicalUnit>,
 }
@@ -42,6 +48,9 @@ pub struct ServedLu {
 enum Request {
     PrShow { lu: Option<String> },
     PrClear { lu: Option<String> },
+    LuAdd(AddLu),
+    LuRemove(RemoveLu),
+    LuList,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -52,6 +61,9 @@ enum Answer {
         image: PathBuf,
         state: scsi::pr::PrState,
     },
+    /// An LU was added or removed: what to tell the operator.
+    Done(String),
+    Lus(Listing),
     Error(String),
 }
 
@@ -127,7 +139,7 @@ impl Control {
     /// Answer requests until the future is dropped. Only root and the daemon's own user are
     /// answered (checked with the peer's credentials, besides the socket's mode), and a
     /// request has [`REQUEST_TIME`] to arrive.
-    pub async fn serve(self, lus: Arc<Vec<ServedLu>>) {
+    pub async fn serve(self, lus: Arc<Registry>) {
         let mut backoff = Duration::from_millis(10);
         loop {
             let stream = match self.listener.accept().await {
@@ -166,15 +178,25 @@ const MAX_REQUEST: u64 = 4096;
 /// How long a control connection may take to send its request and read the answer.
 pub const REQUEST_TIME: Duration = Duration::from_secs(10);
 
-async fn answer(stream: UnixStream, lus: &[ServedLu]) -> anyhow::Result<()> {
+async fn answer(stream: UnixStream, registry: &Registry) -> anyhow::Result<()> {
     let (rd, mut wr) = stream.into_split();
     let mut line = String::new();
     BufReader::new(tokio::io::AsyncReadExt::take(rd, MAX_REQUEST))
         .read_line(&mut line)
         .await?;
+    let lus = || registry.served();
     let answer = match serde_json::from_str::<Request>(&line) {
         Err(e) => Answer::Error(format!("Bad request: {e}")),
-        Ok(Request::PrShow { lu }) => match find(lus, lu.as_deref()) {
+        Ok(Request::LuAdd(req)) => match registry.add_vhost_lu(req).await {
+            Ok(done) => Answer::Done(done),
+            Err(e) => Answer::Error(e),
+        },
+        Ok(Request::LuRemove(req)) => match registry.remove_vhost_lu(req).await {
+            Ok(done) => Answer::Done(done),
+            Err(e) => Answer::Error(e),
+        },
+        Ok(Request::LuList) => Answer::Lus(registry.list()),
+        Ok(Request::PrShow { lu }) => match find(&lus(), lu.as_deref()) {
             Err(e) => Answer::Error(e),
             Ok(s) => Answer::Ok {
                 lu: s.name.clone(),
@@ -182,7 +204,7 @@ async fn answer(stream: UnixStream, lus: &[ServedLu]) -> anyhow::Result<()> {
                 state: (*s.lu.persistent_reservations()).clone(),
             },
         },
-        Ok(Request::PrClear { lu }) => match find(lus, lu.as_deref()) {
+        Ok(Request::PrClear { lu }) => match find(&lus(), lu.as_deref()) {
             Err(e) => Answer::Error(e),
             Ok(s) => match s.lu.clear_reservations_by_operator().await {
                 Err(e) => Answer::Error(format!("Cannot clear the reservations: {e}")),
@@ -222,7 +244,11 @@ fn find<'a>(lus: &'a [ServedLu], want: Option<&str>) -> Result<&'a ServedLu, Str
         .unwrap_or(want);
     let image = std::fs::canonicalize(want).ok();
     lus.iter()
-        .find(|s| s.name == by_name || image.as_deref() == Some(s.image.as_path()))
+        .find(|s| {
+            s.name == by_name
+                || s.also.iter().any(|n| n == by_name)
+                || image.as_deref() == Some(s.image.as_path())
+        })
         .ok_or_else(|| format!("No logical unit {want} here; served: {}", names(lus)))
 }
 
@@ -233,8 +259,8 @@ fn names(lus: &[ServedLu]) -> String {
         .join(", ")
 }
 
-/// The client side: send one request to the daemon at `path` and print the answer.
-pub fn client(path: &Path, clear: bool, lu: Option<String>, json: bool) -> anyhow::Result<()> {
+/// Send one request to the daemon at `path`; its answer.
+fn request(path: &Path, request: &Request) -> anyhow::Result<Answer> {
     use std::io::{BufRead, Write};
     let mut stream = std::os::unix::net::UnixStream::connect(path).with_context(|| {
         format!(
@@ -242,17 +268,23 @@ pub fn client(path: &Path, clear: bool, lu: Option<String>, json: bool) -> anyho
             path.display()
         )
     })?;
-    let request = if clear {
-        Request::PrClear { lu }
-    } else {
-        Request::PrShow { lu }
-    };
-    let mut line = serde_json::to_vec(&request)?;
+    let mut line = serde_json::to_vec(request)?;
     line.push(b'\n');
     stream.write_all(&line)?;
     let mut answer = String::new();
     std::io::BufReader::new(stream).read_line(&mut answer)?;
-    match serde_json::from_str::<Answer>(&answer).context("The daemon's answer is unreadable")? {
+    serde_json::from_str::<Answer>(&answer).context("The daemon's answer is unreadable")
+}
+
+/// `sharedisk pr show|clear`: send the request to the daemon at `path` and print the answer.
+pub fn pr_client(path: &Path, clear: bool, lu: Option<String>, json: bool) -> anyhow::Result<()> {
+    use std::io::Write;
+    let req = if clear {
+        Request::PrClear { lu }
+    } else {
+        Request::PrShow { lu }
+    };
+    match request(path, &req)? {
         Answer::Error(e) => bail!("{e}"),
         Answer::Ok { lu, image, state } => {
             let mut out = std::io::stdout().lock();
@@ -270,7 +302,91 @@ pub fn client(path: &Path, clear: bool, lu: Option<String>, json: bool) -> anyho
             }
             Ok(())
         }
+        Answer::Done(_) | Answer::Lus(_) => bail!("The daemon's answer does not fit the request"),
     }
+}
+
+/// What `sharedisk lu` asks.
+pub enum LuRequest {
+    Add(AddLu),
+    Remove(RemoveLu),
+    List { json: bool },
+}
+
+/// `sharedisk lu add|remove|list`: send the request to the daemon at `path` and print the
+/// answer.
+pub fn lu_client(path: &Path, lu: LuRequest) -> anyhow::Result<()> {
+    use std::io::Write;
+    let (req, json) = match lu {
+        LuRequest::Add(a) => (Request::LuAdd(a), false),
+        LuRequest::Remove(r) => (Request::LuRemove(r), false),
+        LuRequest::List { json } => (Request::LuList, json),
+    };
+    let mut out = std::io::stdout().lock();
+    match request(path, &req)? {
+        Answer::Error(e) => bail!("{e}"),
+        Answer::Done(text) => writeln!(out, "{text}")?,
+        Answer::Lus(list) if json => {
+            serde_json::to_writer_pretty(&mut out, &list)?;
+            writeln!(out)?;
+        }
+        Answer::Lus(list) => write!(out, "{}", describe_listing(&list))?,
+        Answer::Ok { .. } => bail!("The daemon's answer does not fit the request"),
+    }
+    Ok(())
+}
+
+/// The human-readable `lu list` text.
+fn describe_listing(list: &Listing) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let lu = |o: &mut String, at: &str, l: &crate::registry::LuListing| {
+        let _ = writeln!(
+            o,
+            "  {at:<18} {}  {} blocks of {} bytes, serial {}, pr name {}",
+            l.image.display(),
+            l.blocks,
+            l.block_size,
+            l.serial,
+            l.name
+        );
+    };
+    for s in &list.vhost {
+        let _ = writeln!(
+            o,
+            "vhost-user socket {} (initiator {}, targets 0 to {}, {})",
+            s.socket.display(),
+            s.initiator,
+            s.max_target,
+            if s.connected {
+                "guest connected"
+            } else {
+                "no guest connected"
+            }
+        );
+        if s.lus.is_empty() {
+            let _ = writeln!(o, "  no logical unit");
+        }
+        for l in &s.lus {
+            let at = format!("target {} LUN {}", l.target.unwrap_or(0), l.lun);
+            lu(&mut o, &at, l);
+        }
+    }
+    for t in &list.iscsi {
+        let _ = writeln!(
+            o,
+            "iSCSI target {}{}",
+            t.target,
+            t.portal.map(|p| format!(" on {p}")).unwrap_or_default()
+        );
+        for l in &t.lus {
+            lu(&mut o, &format!("LUN {}", l.lun), l);
+        }
+    }
+    if list.vhost.is_empty() && list.iscsi.is_empty() {
+        let _ = writeln!(o, "Nothing is served");
+    }
+    o
 }
 
 fn registrant(r: &scsi::pr::Registrant) -> String {

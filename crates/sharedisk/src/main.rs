@@ -12,6 +12,7 @@
 mod config;
 mod control;
 mod identity;
+mod registry;
 mod serve;
 mod size;
 
@@ -37,6 +38,65 @@ enum Cmd {
     /// Persistent reservations of a running daemon's logical units.
     #[command(subcommand)]
     Pr(PrCmd),
+    /// Logical units of a running daemon: add them to and remove them from its vhost-user
+    /// sockets while guests run, and list what every socket and iSCSI target serves.
+    #[command(subcommand)]
+    Lu(LuCmd),
+}
+
+#[derive(Subcommand)]
+enum LuCmd {
+    /// Open an image as `serve --file` does (or reuse the LU that already serves it) and put it
+    /// on a vhost-user socket; a connected guest is told and scans the new LUN. Only vhost-user
+    /// sockets take LUs at run time: an iSCSI target serves what its configuration lists.
+    Add(LuAddArgs),
+    /// Take an LU off a vhost-user socket; a connected guest is told and drops the disk. An
+    /// image nothing else serves is then flushed and closed.
+    Remove(LuAtArgs),
+    /// What each vhost-user socket and iSCSI target serves.
+    List(LuListArgs),
+}
+
+#[derive(clap::Args)]
+struct LuAtArgs {
+    /// The vhost-user socket, one the daemon serves.
+    #[arg(long = "vhost-user", value_name = "SOCKET")]
+    vhost_user: String,
+    /// The virtio target id, at most the highest the socket started with.
+    #[arg(long, default_value_t = 0)]
+    target: u8,
+    /// The LUN, 0 to 16383.
+    #[arg(long)]
+    lun: u16,
+    /// The daemon's control socket [default: see `sharedisk pr --help`].
+    #[arg(long)]
+    control: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct LuAddArgs {
+    #[command(flatten)]
+    at: LuAtArgs,
+    /// The image file; created sparse with --size when it does not exist.
+    #[arg(long)]
+    file: PathBuf,
+    /// Size of a new image, e.g. 1G (binary units: K, M, G, T).
+    #[arg(long)]
+    size: Option<String>,
+    /// Logical block size in bytes: 512 or 4096 [default: 512, or that of the LU that already
+    /// serves the image].
+    #[arg(long)]
+    block_size: Option<u32>,
+}
+
+#[derive(clap::Args)]
+struct LuListArgs {
+    /// Print the list as JSON.
+    #[arg(long)]
+    json: bool,
+    /// The daemon's control socket [default: see `sharedisk pr --help`].
+    #[arg(long)]
+    control: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -230,6 +290,45 @@ fn how_to_reach(urls: &[String]) -> String {
     )
 }
 
+/// `sharedisk lu …`: paths are sent as given, with this process's working folder.
+fn lu(cmd: LuCmd) -> anyhow::Result<()> {
+    let cwd = std::env::current_dir().context("Cannot read the working folder")?;
+    let (control, request) = match cmd {
+        LuCmd::Add(a) => {
+            let size = a
+                .size
+                .as_deref()
+                .map(size::parse_size)
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            (
+                a.at.control,
+                control::LuRequest::Add(registry::AddLu {
+                    socket: a.at.vhost_user,
+                    target: a.at.target,
+                    lun: a.at.lun,
+                    file: a.file,
+                    size,
+                    block_size: a.block_size,
+                    cwd,
+                }),
+            )
+        }
+        LuCmd::Remove(a) => (
+            a.control,
+            control::LuRequest::Remove(registry::RemoveLu {
+                socket: a.vhost_user,
+                target: a.target,
+                lun: a.lun,
+                cwd,
+            }),
+        ),
+        LuCmd::List(a) => (a.control, control::LuRequest::List { json: a.json }),
+    };
+    let path = control.unwrap_or_else(control::default_path);
+    control::lu_client(&path, request)
+}
+
 fn main() -> std::process::ExitCode {
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
@@ -255,8 +354,9 @@ fn main() -> std::process::ExitCode {
                 PrCmd::Clear(a) => (true, a),
             };
             let path = args.control.unwrap_or_else(control::default_path);
-            control::client(&path, clear, args.lu, args.json)
+            control::pr_client(&path, clear, args.lu, args.json)
         }
+        Cmd::Lu(cmd) => lu(cmd),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -276,7 +376,7 @@ mod tests {
         argv.extend_from_slice(list);
         match Cli::try_parse_from(argv).expect("parses").command {
             Cmd::Serve(a) => a,
-            Cmd::Pr(_) => panic!("parsed as `pr`"),
+            Cmd::Pr(_) | Cmd::Lu(_) => panic!("parsed as another command"),
         }
     }
 

@@ -1,7 +1,7 @@
 //! Running a [`Plan`]: open the images, build the SCSI targets, bind the portals, announce the
 //! URLs, serve until SIGINT or SIGTERM, then flush every backend.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use crate::config::{canonical_image_path, LuPlan, Plan, VHOST_FIRST_PORT_ID};
 use crate::control;
 use crate::identity;
+use crate::registry;
 
 /// T10 vendor identification in INQUIRY.
 const VENDOR: &str = "SHAREDSK";
@@ -93,7 +94,10 @@ fn open_lu(plan: &LuPlan) -> anyhow::Result<Arc<scsi::LogicalUnit>> {
 /// relative target port identifier, which is also their TPGT.
 const VHOST_TARGET_NAME: &str = "iqn.2026-01.io.sharedisk:vhost";
 
-async fn open_restored(lu: &LuPlan) -> anyhow::Result<Arc<scsi::LogicalUnit>> {
+/// Open `lu`'s image as an LU (exclusive lock, sparse creation with its size, identity) with
+/// its persistent reservations restored: for the images a `Plan` lists, and for those
+/// `sharedisk lu add` names.
+pub(crate) async fn open_restored(lu: &LuPlan) -> anyhow::Result<Arc<scsi::LogicalUnit>> {
     let opened = open_lu(lu)?;
     opened
         .restore_reservations()
@@ -110,24 +114,24 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
     // it reads the URL, and the default action would end the process without a flush.
     let mut term = signal(SignalKind::terminate()).context("Cannot catch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("Cannot catch SIGINT")?;
-    let mut lus = Vec::new();
-    let mut served = Vec::new();
     let mut targets = Vec::new();
     // One logical unit per image, whichever frontends serve it: one task set, one reservation
     // state, one set of range locks.
-    let mut by_image: HashMap<std::path::PathBuf, Arc<scsi::LogicalUnit>> = HashMap::new();
+    let mut served = registry::State::default();
     for t in &plan.targets {
         let mut target = scsi::Target::new();
+        let index = served.add_target(t.name.clone());
         for lu in &t.lus {
             let opened = open_restored(lu).await?;
-            lus.push(opened.clone());
             let image = canonical_image_path(&lu.file).unwrap_or_else(|_| lu.file.clone());
-            by_image.insert(image.clone(), opened.clone());
-            served.push(control::ServedLu {
-                name: format!("{}/{}", t.name, lu.lun),
+            served.serve(
                 image,
-                lu: opened.clone(),
-            });
+                opened.clone(),
+                registry::Place::Iscsi {
+                    target: index,
+                    lun: lu.lun,
+                },
+            );
             target.add_lu(lu.lun, opened);
         }
         targets.push(iscsi::TargetConfig {
@@ -179,20 +183,20 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
         let mut luns = Vec::new();
         for l in &v.lus {
             let image = canonical_image_path(&l.lu.file).unwrap_or_else(|_| l.lu.file.clone());
-            let lu = match by_image.get(&image) {
+            let lu = match served.lu(&image) {
                 Some(lu) => lu.clone(),
-                None => {
-                    let opened = open_restored(&l.lu).await?;
-                    lus.push(opened.clone());
-                    by_image.insert(image.clone(), opened.clone());
-                    served.push(control::ServedLu {
-                        name: format!("vhost:{}/{}/{}", v.socket.display(), l.target, l.lun),
-                        image,
-                        lu: opened.clone(),
-                    });
-                    opened
-                }
+                None => open_restored(&l.lu).await?,
             };
+            // Socket `i` is added as the i-th, below.
+            served.serve(
+                image,
+                lu.clone(),
+                registry::Place::Vhost {
+                    socket: i,
+                    target: l.target,
+                    lun: l.lun,
+                },
+            );
             luns.push(vhost_scsi::LunConfig {
                 target: l.target,
                 lun: l.lun,
@@ -222,6 +226,8 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
             num_queues = v.num_queues,
             "vhost-user-scsi socket ready"
         );
+        let index = served.add_socket(v.socket.clone(), server.device().clone());
+        debug_assert_eq!(index, i);
         vhost_lines.push(format!("vhost-user:{}", v.socket.display()));
         vhost_servers.push(server);
     }
@@ -233,7 +239,7 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
             match control::Control::bind(&path).await {
                 Ok(c) => Some(c),
                 Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "Serving without a control socket (`sharedisk pr` will not reach this daemon)");
+                    tracing::warn!(error = %format!("{e:#}"), "Serving without a control socket (`sharedisk pr` and `sharedisk lu` will not reach this daemon)");
                     None
                 }
             }
@@ -242,17 +248,20 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
     if let Some(c) = &control {
         tracing::info!(path = %c.path().display(), "Control socket");
     }
-    let control_task = control.map(|c| tokio::spawn(c.serve(Arc::new(served))));
 
     let mut urls = Vec::new();
-    for t in &plan.targets {
+    for (index, t) in plan.targets.iter().enumerate() {
         let portal = t.portals.first().and_then(|p| bound.get(p));
         if let Some(portal) = portal {
+            served.set_portal(index, *portal);
             for lu in &t.lus {
                 urls.push(format!("iscsi://{portal}/{}/{}", t.name, lu.lun));
             }
         }
     }
+    let registry = Arc::new(registry::Registry::new(served));
+    let control_task = control.map(|c| tokio::spawn(c.serve(registry.clone())));
+
     let mut out = std::io::stdout().lock();
     for url in urls.iter().chain(&vhost_lines) {
         writeln!(out, "{url}").context("Cannot write to stdout")?;
@@ -270,6 +279,8 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
             Err(e) => Err(anyhow::Error::new(e).context("A server task failed")),
         },
     };
+    // No LU comes or goes from here on.
+    registry.close().await;
     // Stop accepting: dropping the serve futures closes the listeners; the vhost-user
     // connections close (their guests lose their nexus) and the sockets go.
     tokio::task::spawn_blocking(move || {
@@ -287,7 +298,7 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
     }
 
     let mut flushed = Ok(());
-    for lu in &lus {
+    for lu in &registry.lus() {
         if let Err(e) = lu.backend().flush().await {
             tracing::error!(error = %e, serial = %lu.config().serial, "Flush failed");
             flushed = Err(anyhow::Error::new(e).context("Cannot flush a logical unit"));

@@ -84,9 +84,12 @@
 //! With VIRTIO_SCSI_F_HOTPLUG negotiated, [`VhostScsi::add_lu`] and [`VhostScsi::remove_lu`]
 //! post VIRTIO_SCSI_T_TRANSPORT_RESET events (reason RESCAN / REMOVED) into the buffers the
 //! driver keeps on the event queue; an event that finds no buffer sets
-//! VIRTIO_SCSI_T_EVENTS_MISSED on the next one (Linux then rescans). The daemon does not add or
-//! remove LUs at run time yet (its configuration is read once); the mechanism is here and
-//! tested against mock queues. VIRTIO_SCSI_F_CHANGE is offered because QEMU hands the guest's
+//! VIRTIO_SCSI_T_EVENTS_MISSED on the next one (Linux then rescans). An event names the LUN as
+//! REPORT LUNS does ([`wire::event_lun`]): Linux adds or removes the LUN that number gives.
+//! Without a connected frontend the map changes and no event is sent; the next guest finds
+//! the LU when it scans. The daemon calls them for `sharedisk lu add|remove`; tested here
+//! against mock queues and in `scripts/guest` (vhost-user/hotplug) against a Linux guest.
+//! VIRTIO_SCSI_F_CHANGE is offered because QEMU hands the guest's
 //! choice through (a back end without it fails SET_FEATURES), but no
 //! VIRTIO_SCSI_T_PARAM_CHANGE event is sent: parameter changes reach the guest as unit
 //! attentions on its next command.
@@ -240,6 +243,17 @@ impl VhostScsi {
         &self.path
     }
 
+    /// The highest virtio target [`VhostScsi::add_lu`] accepts: the highest the socket started
+    /// with (its configuration space's `max_target`).
+    pub fn max_target(&self) -> u8 {
+        self.shared.max_target
+    }
+
+    /// Whether a frontend is connected now (an event reaches its guest only then).
+    pub fn connected(&self) -> bool {
+        lock(&self.shared.current).is_some()
+    }
+
     /// Put `lu` at `target`/`lun` while the guest runs, and tell the guest (a
     /// VIRTIO_SCSI_T_TRANSPORT_RESET event, reason RESCAN). `target` may not exceed the highest
     /// target the socket started with (the guest learnt `max_target` then).
@@ -302,7 +316,7 @@ impl VhostScsi {
         if let Some(dev) = dev {
             dev.post_event(
                 wire::VIRTIO_SCSI_T_TRANSPORT_RESET,
-                wire::encode_lun(target, lun),
+                wire::event_lun(target, lun),
                 reason,
             );
         }

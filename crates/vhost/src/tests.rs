@@ -888,10 +888,11 @@ fn hotplug_events_in_kept_buffers() {
 
     h.vs.add_lu(0, 1, lu(8)).unwrap();
     assert_eq!(h.wait_used(1), (0, 16));
-    // event VIRTIO_SCSI_T_TRANSPORT_RESET (1), lun [1, 0, 40h, 01h, 0...], reason RESCAN (1).
+    // event VIRTIO_SCSI_T_TRANSPORT_RESET (1), lun [1, 0, 00h, 01h, 0...] (LUN 1 as REPORT
+    // LUNS gives it: peripheral device addressing), reason RESCAN (1).
     assert_eq!(
         h.get(e1, 16),
-        vec![1, 0, 0, 0, 1, 0, 0x40, 1, 0, 0, 0, 0, 1, 0, 0, 0]
+        vec![1, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0]
     );
     // The new LU answers.
     let (_, resp, _) = h.command([1, 0, 0x40, 1, 0, 0, 0, 0], &[0x00, 0, 0, 0, 0, 0], &[], 0);
@@ -904,7 +905,7 @@ fn hotplug_events_in_kept_buffers() {
     // reason REMOVED (2).
     assert_eq!(
         h.get(e2, 16),
-        vec![1, 0, 0, 0, 1, 0, 0x40, 1, 0, 0, 0, 0, 2, 0, 0, 0]
+        vec![1, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 2, 0, 0, 0]
     );
     assert!(h.vs.remove_lu(0, 1).is_none());
 
@@ -1042,10 +1043,10 @@ fn hotplug_events_survive_a_stopped_and_restarted_event_queue() {
     h.event.vring.set_queue_ready(true);
     h.vs.add_lu(0, 1, lu(8)).unwrap();
     assert_eq!(h.wait_used(1), (0, 16));
-    // VIRTIO_SCSI_T_TRANSPORT_RESET (1), lun [1, 0, 40h, 01h, 0...], reason RESCAN (1).
+    // VIRTIO_SCSI_T_TRANSPORT_RESET (1), lun [1, 0, 00h, 01h, 0...], reason RESCAN (1).
     assert_eq!(
         h.get(e1, 16),
-        vec![1, 0, 0, 0, 1, 0, 0x40, 1, 0, 0, 0, 0, 1, 0, 0, 0]
+        vec![1, 0, 0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 1, 0, 0, 0]
     );
 }
 

@@ -126,6 +126,17 @@ pub fn encode_lun(target: u8, lun: u16) -> [u8; 8] {
     [1, target, 0x40 | hi, lo, 0, 0, 0, 0]
 }
 
+/// The `lun` field of an event about target `target`, LUN `lun`: the LUN as REPORT LUNS lists
+/// it (peripheral device addressing below 256, flat space addressing above; SAM-5 4.7.7).
+/// Linux takes `(lun[2] << 8) | lun[3]` as the number of the LUN to add or remove, the
+/// number its REPORT LUNS scan gives the same LUN, so a flat address below 256 would make it
+/// add LUN 1 as LUN 16385 (QEMU and Linux's vhost-scsi encode events this way too).
+pub fn event_lun(target: u8, lun: u16) -> [u8; 8] {
+    let [hi, lo] = (lun & 0x3FFF).to_be_bytes();
+    let b2 = if lun < 256 { 0 } else { 0x40 | hi };
+    [1, target, b2, lo, 0, 0, 0, 0]
+}
+
 fn le32(b: &[u8], at: usize) -> u32 {
     let mut w = [0u8; 4];
     if let Some(s) = b.get(at..at + 4) {
@@ -269,6 +280,24 @@ mod tests {
         );
         assert_eq!(decode_lun([0, 0, 0x40, 0, 0, 0, 0, 0]), Address::BadTarget);
         assert_eq!(encode_lun(2, 0x123), [1, 2, 0x41, 0x23, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn event_lun_is_the_report_luns_address() {
+        // LUN 1: peripheral device addressing, bus 0 (SAM-5 4.7.7.2): 00h 01h.
+        assert_eq!(event_lun(0, 1), [1, 0, 0x00, 0x01, 0, 0, 0, 0]);
+        // LUN 255, the last one peripheral addressing reaches: 00h FFh.
+        assert_eq!(event_lun(3, 255), [1, 3, 0x00, 0xFF, 0, 0, 0, 0]);
+        // LUN 256 and up: flat space addressing (SAM-5 4.7.7.4): 01b in the top bits.
+        assert_eq!(event_lun(0, 256), [1, 0, 0x41, 0x00, 0, 0, 0, 0]);
+        assert_eq!(event_lun(2, 0x3FFF), [1, 2, 0x7F, 0xFF, 0, 0, 0, 0]);
+        // Each decodes to the LUN it names.
+        for lun in [0u16, 1, 255, 256, 0x3FFF] {
+            assert_eq!(
+                decode_lun(event_lun(1, lun)),
+                Address::Lun(1, Some(u64::from(lun)))
+            );
+        }
     }
 
     #[test]
