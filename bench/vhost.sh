@@ -14,6 +14,11 @@
 #   scsi-hd io_uring     the same, aio=io_uring
 #   vhost-device-scsi    the rust-vmm peer (cargo install vhost-device-scsi); it serves one
 #                        request queue, so its device has num_queues=1,param_change=off
+#   scsi-hd-null         not a contender: QEMU's virtio-scsi + scsi-hd over QEMU's null-co
+#                        driver (no storage behind it: reads return zeros, writes are dropped),
+#                        num_queues=Q: what the guest and QEMU's own device reach when storage
+#                        costs nothing. A measure of the guest's limits on this machine, not a
+#                        bound for vhost-user back ends (they take work off QEMU's threads)
 # Rows (4 KiB random I/O on the raw /dev/sdX, direct=1, time-based, guest fio):
 #   randread-qd1, randwrite-qd1           one job, iodepth 1
 #   randread-qd16, randwrite-qd16         one job per vCPU (pinned, so each submits on its own
@@ -32,9 +37,9 @@
 #
 # Knobs: BENCH_SECONDS (20), BENCH_RAMP (3), BENCH_ROUNDS (1), BENCH_VCPUS (2), BENCH_QUEUES
 # (= vCPUs), BENCH_MEM (1G), BENCH_SIZE_MIB (1024), BENCH_IOENGINE (io_uring, which the guest
-# kernel has; or libaio), BENCH_SCSI_HD_CACHE (writeback), BENCH_TARGETS (all four:
-# sharedisk scsi-hd-threads scsi-hd-io_uring vhost-device-scsi), SHAREDISK_BIN (default: the
-# release build).
+# kernel has; or libaio), BENCH_SCSI_HD_CACHE (writeback), BENCH_TARGETS (all five:
+# sharedisk scsi-hd-threads scsi-hd-io_uring vhost-device-scsi scsi-hd-null), SHAREDISK_BIN (default:
+# the release build).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -47,12 +52,12 @@ mem=${BENCH_MEM:-1G}
 size_mib=${BENCH_SIZE_MIB:-1024}
 ioengine=${BENCH_IOENGINE:-io_uring}
 hd_cache=${BENCH_SCSI_HD_CACHE:-writeback}
-read -ra targets <<<"${BENCH_TARGETS:-sharedisk scsi-hd-threads scsi-hd-io_uring vhost-device-scsi}"
+read -ra targets <<<"${BENCH_TARGETS:-sharedisk scsi-hd-threads scsi-hd-io_uring vhost-device-scsi scsi-hd-null}"
 out=$root/out/bench-vhost
 guest_dir=$root/scripts/guest
 for t in "${targets[@]}"; do
     case $t in
-    sharedisk | scsi-hd-threads | scsi-hd-io_uring | vhost-device-scsi) ;;
+    sharedisk | scsi-hd-threads | scsi-hd-io_uring | vhost-device-scsi | scsi-hd-null) ;;
     *) echo "bench: unknown target $t in BENCH_TARGETS" >&2; exit 2 ;;
     esac
 done
@@ -148,6 +153,7 @@ run_target() {
     scsi-hd-threads) disk=scsi-hd:$image,aio=threads,cache=$hd_cache,num_queues=$queues ;;
     scsi-hd-io_uring) disk=scsi-hd:$image,aio=io_uring,cache=$hd_cache,num_queues=$queues ;;
     vhost-device-scsi) disk=vhost-user:$sock,num_queues=1,param_change=off ;;
+    scsi-hd-null) disk=null:$((size_mib << 20)),num_queues=$queues ;;
     *) echo "bench: unknown target $target" >&2; exit 2 ;;
     esac
     echo "bench: round $round, $target"
@@ -218,7 +224,7 @@ meet() {
 
 declare -A med
 for row in "${rows[@]}"; do
-    for t in sharedisk scsi-hd-threads scsi-hd-io_uring vhost-device-scsi; do
+    for t in sharedisk scsi-hd-threads scsi-hd-io_uring vhost-device-scsi scsi-hd-null; do
         # shellcheck disable=SC2086
         med[$row,$t]=$(median ${results[$row,$t]:-})
     done
@@ -234,18 +240,18 @@ ok_hd=yes ok_vds=yes
     echo "  request queues: sharedisk $queues, scsi-hd $queues, vhost-device-scsi 1 (it serves one);" \
         "qd1 rows: 1 job x iodepth 1; qd16 rows: $qd16_jobs job(s) x iodepth $qd16_depth"
     echo "  TCG: the guest CPU dominates; compare the ratios, not the IOPS"
-    printf '%-16s %10s %10s %10s %10s %9s %9s\n' "" sharedisk "scsi-hd" "scsi-hd" "vhost-dev" \
-        "sd/" "sd/"
-    printf '%-16s %10s %10s %10s %10s %9s %9s\n' row "" threads io_uring "-scsi(1q)" \
-        "scsi-hd" "vds"
+    printf '%-16s %10s %10s %10s %10s %9s %9s %10s %9s\n' "" sharedisk "scsi-hd" "scsi-hd" \
+        "vhost-dev" "sd/" "sd/" "scsi-hd" "null/"
+    printf '%-16s %10s %10s %10s %10s %9s %9s %10s %9s\n' row "" threads io_uring "-scsi(1q)" \
+        "scsi-hd" "vds" "null-co" "vds"
     for row in "${rows[@]}"; do
         sd=${med[$row,sharedisk]} th=${med[$row,scsi-hd-threads]}
-        iu=${med[$row,scsi-hd-io_uring]} vd=${med[$row,vhost-device-scsi]}
+        iu=${med[$row,scsi-hd-io_uring]} vd=${med[$row,vhost-device-scsi]} ce=${med[$row,scsi-hd-null]}
         # shellcheck disable=SC2086
         best=$(printf '%s\n' $th $iu | sort -n | tail -n 1)
         r_hd=$(ratio "$sd" "$best") r_vd=$(ratio "$sd" "$vd")
-        printf '%-16s %10s %10s %10s %10s %9s %9s\n' "$row" "${sd:--}" "${th:--}" "${iu:--}" \
-            "${vd:--}" "$r_hd" "$r_vd"
+        printf '%-16s %10s %10s %10s %10s %9s %9s %10s %9s\n' "$row" "${sd:--}" "${th:--}" \
+            "${iu:--}" "${vd:--}" "$r_hd" "$r_vd" "${ce:--}" "$(ratio "$ce" "$vd")"
         meet ok_hd "$r_hd" 1
         [[ $row != *-qd16 ]] || meet ok_vds "$r_vd" 1.5
     done

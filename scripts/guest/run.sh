@@ -14,6 +14,9 @@
 #                                                    to the device (e.g. num_queues=2)
 #                         iscsi:URL                  QEMU's virtio-scsi + scsi-block over QEMU's
 #                                                    own iSCSI initiator (SCSI passthrough)
+#                         null:SIZE[,num_queues=N]   QEMU's virtio-scsi + scsi-hd over QEMU's
+#                                                    null-co driver (no storage: reads return
+#                                                    zeros, writes are dropped), SIZE bytes
 #   --initiator IQN     the iSCSI initiator name of this guest (iscsi: disks)
 #   --data NAME=FILE    repeatable; FILE is /data/NAME in the guest
 #   --env KEY=VALUE     repeatable; exported to the guest script
@@ -110,6 +113,12 @@ for spec in "${disks[@]}"; do
     iscsi)
         args+=(-drive "file=$rest,format=raw,if=none,id=d$i,cache=none"
             -device "virtio-scsi-pci,id=scsi$i" -device "scsi-block,drive=d$i,bus=scsi$i.0")
+        ;;
+    null)
+        size=${rest%%,*} ctl=
+        [[ $rest == *,* ]] && ctl=,${rest#*,}
+        args+=(-blockdev "null-co,node-name=d$i,size=$size,read-zeroes=on"
+            -device "virtio-scsi-pci,id=scsi$i$ctl" -device "scsi-hd,drive=d$i,bus=scsi$i.0,wwn=0x5000c50015ea71a$i")
         ;;
     vhost-user)
         sock=${rest%%,*} props=

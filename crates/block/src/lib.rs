@@ -45,9 +45,33 @@ pub fn mark_io_thread() {
     IO_THREAD.with(|c| c.set(true));
 }
 
-/// Whether [`mark_io_thread`] was called on this thread.
+/// Whether the calling thread is a frontend's I/O thread ([`mark_io_thread`], or inside an
+/// [`IoThreadScope`] that says so).
 pub fn on_io_thread() -> bool {
     IO_THREAD.with(std::cell::Cell::get)
+}
+
+/// For a synchronous stretch of code (a frontend polling a request in place), say whether the
+/// thread should count as an I/O thread ([`mark_io_thread`]); the previous setting comes back
+/// when the scope is dropped. The iSCSI connection reader, a task on the runtime, does so while
+/// it polls a command it has just received: the commands behind it wait for the reader either
+/// way, and a write in place costs less than handing it off.
+pub struct IoThreadScope {
+    before: bool,
+}
+
+impl IoThreadScope {
+    /// Enter the scope; `io_thread` is what [`on_io_thread`] says until it is dropped.
+    pub fn enter(io_thread: bool) -> Self {
+        let before = IO_THREAD.with(|c| c.replace(io_thread));
+        Self { before }
+    }
+}
+
+impl Drop for IoThreadScope {
+    fn drop(&mut self) {
+        IO_THREAD.with(|c| c.set(self.before));
+    }
 }
 
 /// Everything that can fail in the block layer or a driver.

@@ -333,6 +333,8 @@ impl Server {
     ) -> Result<(), session::SessionError> {
         let local = stream.local_addr()?;
         stream.set_nodelay(true)?;
+        // For the reader's busy poll; the descriptor lives as long as the read half does.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let (r, w) = stream.into_split();
         let mut rd = BufReader::with_capacity(256 * 1024, r);
         let mut wr = BufWriter::with_capacity(256 * 1024, w);
@@ -421,7 +423,16 @@ impl Server {
             Kind::Normal(i) => self.config.targets.get(i).map(|t| t.scsi.clone()),
             Kind::Discovery => None,
         };
-        let result = session::run(self.clone(), *est, nexus.clone(), rd, wr, kill, local).await;
+        let result = session::run(
+            self.clone(),
+            *est,
+            nexus.clone(),
+            (rd, Some(fd)),
+            wr,
+            kill,
+            local,
+        )
+        .await;
         self.unregister(id);
         if let (Some(t), Some(n)) = (target, nexus) {
             t.nexus_lost(&n);

@@ -57,10 +57,12 @@
 //!   writes on ext4: io_uring alone 10.0k IOPS at queue depth 1 and 70.5k at 32; the thread pool
 //!   alone 14.5k and 48.6k; the default 132.6k and 82.5k.
 //! - *Every write on a frontend's I/O thread.* A frontend thread that drives its requests
-//!   itself ([`crate::mark_io_thread`]: the vhost-user request queue threads) writes in place
-//!   whatever else is in flight, as QEMU's and vhost-device-scsi's own threads do: a write into
-//!   the page cache costs less there than the three thread hand-offs of the ring, and only
-//!   that queue waits for it. FUA writes, which wait for the device, still go to the engine.
+//!   itself ([`crate::mark_io_thread`]: the vhost-user request queue threads; the iSCSI
+//!   connection reader while it polls a new command, through [`crate::IoThreadScope`]) writes
+//!   in place whatever else is in flight, as QEMU's and vhost-device-scsi's own threads do: a
+//!   write into the page cache costs less there than the hand-offs to another thread, and only
+//!   that queue or connection waits for it. FUA writes, which wait for the device, still go to
+//!   the engine.
 //!
 //! **Durability.** FUA writes are `RWF_DSYNC` writes on io_uring and `pwrite` + `fdatasync` on the
 //! thread pool; flush is `fdatasync`. Either way the data is on stable storage before the call
@@ -760,6 +762,25 @@ mod tests {
         let mut f = std::pin::pin!(f);
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         f.as_mut().poll(&mut cx)
+    }
+
+    #[test]
+    fn an_io_thread_scope_ends_with_its_setting_restored() {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                assert!(!crate::on_io_thread());
+                {
+                    let _outer = crate::IoThreadScope::enter(true);
+                    assert!(crate::on_io_thread());
+                    {
+                        let _inner = crate::IoThreadScope::enter(false);
+                        assert!(!crate::on_io_thread());
+                    }
+                    assert!(crate::on_io_thread());
+                }
+                assert!(!crate::on_io_thread());
+            });
+        });
     }
 
     #[test]
