@@ -333,6 +333,7 @@ where
     let ping_idle = conn.server.nop_interval();
     let pdu_timeout = conn.server.pdu_timeout();
     let mut pace = Pace::default();
+    let mut handled = 0u32;
     let result = loop {
         // Backpressure: stop reading while the writer is far behind.
         if queued.load(Ordering::Acquire) > MAX_QUEUED {
@@ -373,7 +374,8 @@ where
             Ok(Ok(false)) => {}
         }
         if idle {
-            pace.record(free.elapsed());
+            pace.record(handled, free.elapsed());
+            handled = 0;
         }
         // Once a PDU has started, the rest must follow in time: a peer stalling inside a PDU
         // would otherwise hold the connection (and its session) forever.
@@ -387,6 +389,7 @@ where
             Ok(Err(e)) => break Err(e.into()),
             Err(_) => break Err(SessionError::PduTimeout(pdu_timeout)),
         };
+        handled = handled.saturating_add(1);
         match conn.handle(pdu).await {
             Ok(Flow::Continue) => {}
             Ok(Flow::Close) => break Ok(()),
@@ -406,27 +409,37 @@ where
 /// PDU at once, an idle one costs nothing.
 const BUSY_POLL: Duration = Duration::from_micros(50);
 
-/// How long the reader of a connection has recently waited for the next PDU once it was free:
-/// a moving average over the last few waits.
+/// The initiator's recent pace as the reader of its connection sees it: how long the reader
+/// has waited for the next PDU once it was free (a moving average), and for how many waits in
+/// a row it handled a single PDU before it was free again.
 #[derive(Debug, Default)]
 struct Pace {
     avg_ns: u64,
+    singles: u32,
 }
 
 impl Pace {
-    fn record(&mut self, waited: Duration) {
+    /// The reader, free again after handling `pdus` PDUs, waited `waited` for the next.
+    fn record(&mut self, pdus: u32, waited: Duration) {
+        self.singles = if pdus == 1 {
+            self.singles.saturating_add(1)
+        } else {
+            0
+        };
         let ns = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
         // avg += (ns - avg) / 32: slow to move, so that a few long waits in a busy stream
         // do not start a watch that would steal the CPU the initiator needs.
         self.avg_ns = self.avg_ns - self.avg_ns / 32 + ns.min(1_000_000_000) / 32;
     }
 
-    /// Whether watching is likely to pay: the next PDU has lately come a while after the
-    /// reader was free (below 8 µs it comes as fast as a look; the reader hardly sleeps), but
-    /// not so long after that a watch would mostly end empty (a sleeping reader's wait counts
-    /// its wake-up too, hence the margin above [`BUSY_POLL`]).
+    /// Whether watching is likely to pay: the initiator sends one command at a time (a
+    /// pipelining one sends bursts, keeps the CPU busy, and a watch would take CPU it needs),
+    /// and its next PDU has lately come a while after the reader was free (below 20 µs it
+    /// comes about as fast as a look), but not so long after that a watch would mostly end
+    /// empty (a sleeping reader's wait counts its wake-up too, hence the margin above
+    /// [`BUSY_POLL`]).
     fn worth_watching(&self) -> bool {
-        (20_000..=4 * BUSY_POLL.as_nanos() as u64).contains(&self.avg_ns)
+        self.singles >= 8 && (20_000..=4 * BUSY_POLL.as_nanos() as u64).contains(&self.avg_ns)
     }
 }
 
@@ -1651,22 +1664,31 @@ mod tests {
         assert!(!p.worth_watching(), "a new connection");
         // An initiator answering each response 40 µs later: after a while, worth it.
         for _ in 0..200 {
-            p.record(Duration::from_micros(40));
+            p.record(1, Duration::from_micros(40));
         }
         assert!(p.worth_watching());
-        // A pipelined stream (the next PDU 3 µs after the reader is free): not needed.
+        // The same gaps between bursts of several commands: a pipelining initiator.
+        p.record(5, Duration::from_micros(40));
+        assert!(!p.worth_watching());
+        for _ in 0..7 {
+            p.record(1, Duration::from_micros(40));
+        }
+        assert!(!p.worth_watching(), "eight single commands in a row first");
+        p.record(1, Duration::from_micros(40));
+        assert!(p.worth_watching());
+        // A fast stream (the next PDU 3 µs after the reader is free): not needed.
         for _ in 0..200 {
-            p.record(Duration::from_micros(3));
+            p.record(1, Duration::from_micros(3));
         }
         assert!(!p.worth_watching());
         // A few long waits in that stream do not start it.
         for _ in 0..3 {
-            p.record(Duration::from_micros(150));
+            p.record(1, Duration::from_micros(150));
         }
         assert!(!p.worth_watching());
         // An idle connection (seconds between commands): a watch would end empty.
         for _ in 0..200 {
-            p.record(Duration::from_secs(5));
+            p.record(1, Duration::from_secs(5));
         }
         assert!(!p.worth_watching());
     }
