@@ -140,6 +140,8 @@ pub struct Shared {
     /// management function gets no response (RFC 7143 4.2.3.3), whatever the SCSI layer
     /// returns.
     running: Mutex<HashMap<u32, Running>>,
+    /// Told by the writer each time it has written out everything queued (see `busy_poll`).
+    flushed: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
@@ -160,6 +162,7 @@ impl Shared {
             executing: AtomicU32::new(0),
             immediate: AtomicU32::new(0),
             running: Mutex::new(HashMap::new()),
+            flushed: tokio::sync::Notify::new(),
         }
     }
     fn running(&self) -> MutexGuard<'_, HashMap<u32, Running>> {
@@ -353,7 +356,7 @@ where
         let free = std::time::Instant::now();
         let idle = rd.buffer().is_empty();
         if let (true, true, Some(fd)) = (idle, pace.worth_watching(), fd) {
-            busy_poll(fd).await;
+            busy_poll(fd, &queued, &conn.shared.flushed).await;
         }
         // Wait for the next PDU's first byte, pinging an idle initiator (keep-alive).
         let ready = tokio::select! {
@@ -443,11 +446,24 @@ impl Pace {
     }
 }
 
-/// Watch the socket `fd` for received bytes for at most [`BUSY_POLL`]. It yields first, so
-/// that the response just queued goes out before the watch begins, then peeks without
-/// blocking and without the reactor.
-async fn busy_poll(fd: std::os::fd::RawFd) {
-    tokio::task::yield_now().await;
+/// Watch the socket `fd` for received bytes for at most [`BUSY_POLL`]. It first waits for the
+/// writer to have sent what is queued (`queued`, `flushed`), so that the response just queued
+/// goes out before the watch begins, then peeks without blocking and without the reactor.
+/// (Waiting for the writer's word rather than yielding keeps the other workers asleep: a
+/// yielding task makes the runtime wake one, a cross-CPU wake-up per command.)
+async fn busy_poll(fd: std::os::fd::RawFd, queued: &AtomicUsize, flushed: &tokio::sync::Notify) {
+    let sent = flushed.notified();
+    tokio::pin!(sent);
+    sent.as_mut().enable();
+    if queued.load(Ordering::Acquire) > 0 {
+        // Bounded: a writer that has stopped (the connection is closing) never says it.
+        if tokio::time::timeout(Duration::from_millis(10), sent)
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
     let start = std::time::Instant::now();
     let mut byte = [0u8; 1];
     loop {
@@ -1530,6 +1546,7 @@ async fn writer<W: AsyncWrite + Unpin>(
             next = rx.try_recv().ok();
         }
         w.flush().await?;
+        shared.flushed.notify_waiters();
     }
     w.flush().await?;
     let _ = w.shutdown().await;
