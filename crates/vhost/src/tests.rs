@@ -101,6 +101,24 @@ struct D {
     write: bool,
 }
 
+/// A device-readable descriptor.
+fn rd(addr: u64, len: u32) -> D {
+    D {
+        addr,
+        len,
+        write: false,
+    }
+}
+
+/// A device-writable descriptor.
+fn wr(addr: u64, len: u32) -> D {
+    D {
+        addr,
+        len,
+        write: true,
+    }
+}
+
 impl Harness {
     fn new() -> Harness {
         Harness::with_lu(lu(64))
@@ -365,33 +383,17 @@ impl Harness {
         din: u32,
     ) -> (u32, Vec<u8>, Vec<u8>) {
         let h = self.header(lun, 7, cdb);
-        let mut descs = vec![D {
-            addr: h,
-            len: REQ,
-            write: false,
-        }];
+        let mut descs = vec![rd(h, REQ)];
         if !dout.is_empty() {
             let a = self.alloc(dout.len() as u32);
             self.put(a, dout);
-            descs.push(D {
-                addr: a,
-                len: dout.len() as u32,
-                write: false,
-            });
+            descs.push(rd(a, dout.len() as u32));
         }
         let r = self.alloc(RESP);
-        descs.push(D {
-            addr: r,
-            len: RESP,
-            write: true,
-        });
+        descs.push(wr(r, RESP));
         let d = self.alloc(din.max(1));
         if din > 0 {
-            descs.push(D {
-                addr: d,
-                len: din,
-                write: true,
-            });
+            descs.push(wr(d, din));
         }
         self.add_chain(2, &descs);
         self.kick(2);
@@ -414,21 +416,7 @@ impl Harness {
         self.put(a, &req);
         let r = self.alloc(1);
         self.put(r, &[0xEE]);
-        self.add_chain(
-            0,
-            &[
-                D {
-                    addr: a,
-                    len: 24,
-                    write: false,
-                },
-                D {
-                    addr: r,
-                    len: 1,
-                    write: true,
-                },
-            ],
-        );
+        self.add_chain(0, &[rd(a, 24), wr(r, 1)]);
         self.kick(0);
         let (_, len) = self.wait_used(0);
         (len, self.get(r, 1)[0])
@@ -450,21 +438,7 @@ fn power_on_unit_attention_then_good_with_sense_truncated_to_sense_size() {
     assert_eq!(h.dev.get_config(20, 4), vec![8, 0, 0, 0]);
     let h2 = h.header(LUN0, 1, &[0x00, 0, 0, 0, 0, 0]);
     let r = h.alloc(20);
-    h.add_chain(
-        2,
-        &[
-            D {
-                addr: h2,
-                len: REQ,
-                write: false,
-            },
-            D {
-                addr: r,
-                len: 20,
-                write: true,
-            },
-        ],
-    );
+    h.add_chain(2, &[rd(h2, REQ), wr(r, 20)]);
     h.kick(2);
     let (_, len) = h.wait_used(2);
     assert_eq!(len, 20);
@@ -495,31 +469,7 @@ fn write_and_read_round_trip_with_residuals() {
     h.put(a, &data[..300]);
     h.put(b, &data[300..]);
     let r = h.alloc(RESP);
-    h.add_chain(
-        2,
-        &[
-            D {
-                addr: hd,
-                len: REQ,
-                write: false,
-            },
-            D {
-                addr: a,
-                len: 300,
-                write: false,
-            },
-            D {
-                addr: b,
-                len: 724,
-                write: false,
-            },
-            D {
-                addr: r,
-                len: RESP,
-                write: true,
-            },
-        ],
-    );
+    h.add_chain(2, &[rd(hd, REQ), rd(a, 300), rd(b, 724), wr(r, RESP)]);
     h.kick(2);
     let (_, len) = h.wait_used(2);
     assert_eq!(len, RESP);
@@ -534,31 +484,7 @@ fn write_and_read_round_trip_with_residuals() {
     let hd = h.header(LUN0, 3, &[0x28, 0, 0, 0, 0, 1, 0, 0, 2, 0]);
     let r = h.alloc(RESP);
     let (a, b) = (h.alloc(512), h.alloc(512));
-    h.add_chain(
-        2,
-        &[
-            D {
-                addr: hd,
-                len: REQ,
-                write: false,
-            },
-            D {
-                addr: r,
-                len: RESP,
-                write: true,
-            },
-            D {
-                addr: a,
-                len: 512,
-                write: true,
-            },
-            D {
-                addr: b,
-                len: 512,
-                write: true,
-            },
-        ],
-    );
+    h.add_chain(2, &[rd(hd, REQ), wr(r, RESP), wr(a, 512), wr(b, 512)]);
     h.kick(2);
     let (_, len) = h.wait_used(2);
     assert_eq!(len, RESP + 1024, "used length: response header and data-in");
@@ -599,106 +525,31 @@ fn malformed_chains_get_failure_or_nothing() {
     // A readable descriptor after a writable one (virtio 2.7.4.2): returned with length 0,
     // nothing written.
     h.put(r, &[0xEE; 12]);
-    h.add_chain(
-        2,
-        &[
-            D {
-                addr: r,
-                len: RESP,
-                write: true,
-            },
-            D {
-                addr: hd,
-                len: REQ,
-                write: false,
-            },
-        ],
-    );
+    h.add_chain(2, &[wr(r, RESP), rd(hd, REQ)]);
     h.kick(2);
     assert_eq!(h.wait_used(2).1, 0);
     assert_eq!(h.get(r, 12), vec![0xEE; 12]);
 
     // No room for the response header: length 0.
-    h.add_chain(
-        2,
-        &[
-            D {
-                addr: hd,
-                len: REQ,
-                write: false,
-            },
-            D {
-                addr: r,
-                len: 50,
-                write: true,
-            },
-        ],
-    );
+    h.add_chain(2, &[rd(hd, REQ), wr(r, 50)]);
     h.kick(2);
     assert_eq!(h.wait_used(2).1, 0);
 
     // A request header shorter than 19 + cdb_size: VIRTIO_SCSI_S_FAILURE (9).
-    h.add_chain(
-        2,
-        &[
-            D {
-                addr: hd,
-                len: 20,
-                write: false,
-            },
-            D {
-                addr: r,
-                len: RESP,
-                write: true,
-            },
-        ],
-    );
+    h.add_chain(2, &[rd(hd, 20), wr(r, RESP)]);
     h.kick(2);
     assert_eq!(h.wait_used(2).1, RESP);
     assert_eq!(h.get(r, 12), vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9]);
 
     // Data-out outside guest memory: VIRTIO_SCSI_S_FAILURE, the daemon keeps running.
     let hw = h.header(LUN0, 5, &[0x2A, 0, 0, 0, 0, 1, 0, 0, 1, 0]);
-    h.add_chain(
-        2,
-        &[
-            D {
-                addr: hw,
-                len: REQ,
-                write: false,
-            },
-            D {
-                addr: (4 << 20) - 100,
-                len: 512,
-                write: false,
-            },
-            D {
-                addr: r,
-                len: RESP,
-                write: true,
-            },
-        ],
-    );
+    h.add_chain(2, &[rd(hw, REQ), rd((4 << 20) - 100, 512), wr(r, RESP)]);
     h.kick(2);
     assert_eq!(h.wait_used(2).1, RESP);
     assert_eq!(h.get(r, 12)[11], 9);
 
     // A response descriptor outside guest memory: nothing can be written; length 0.
-    h.add_chain(
-        2,
-        &[
-            D {
-                addr: hd,
-                len: REQ,
-                write: false,
-            },
-            D {
-                addr: u64::MAX - 10,
-                len: RESP,
-                write: true,
-            },
-        ],
-    );
+    h.add_chain(2, &[rd(hd, REQ), wr(u64::MAX - 10, RESP)]);
     h.kick(2);
     assert_eq!(h.wait_used(2).1, 0);
 
@@ -710,26 +561,7 @@ fn malformed_chains_get_failure_or_nothing() {
     assert_eq!(h.wait_used(2).1, 0);
 
     // Data-out above 16 MiB: FAILURE before any copy.
-    h.add_chain(
-        2,
-        &[
-            D {
-                addr: hw,
-                len: REQ,
-                write: false,
-            },
-            D {
-                addr: 0x20_0000,
-                len: u32::MAX / 2,
-                write: false,
-            },
-            D {
-                addr: r,
-                len: RESP,
-                write: true,
-            },
-        ],
-    );
+    h.add_chain(2, &[rd(hw, REQ), rd(0x20_0000, u32::MAX / 2), wr(r, RESP)]);
     h.kick(2);
     assert_eq!(h.wait_used(2).1, RESP);
     assert_eq!(h.get(r, 12)[11], 9);
@@ -797,21 +629,7 @@ fn task_management_and_async_notification() {
     h.put(a, &req);
     let r = h.alloc(5);
     h.put(r, &[0xEE; 5]);
-    h.add_chain(
-        0,
-        &[
-            D {
-                addr: a,
-                len: 16,
-                write: false,
-            },
-            D {
-                addr: r,
-                len: 5,
-                write: true,
-            },
-        ],
-    );
+    h.add_chain(0, &[rd(a, 16), wr(r, 5)]);
     h.kick(0);
     assert_eq!(h.wait_used(0).1, 5);
     assert_eq!(h.get(r, 5), vec![0, 0, 0, 0, 0]);
@@ -828,26 +646,7 @@ fn abort_task_of_a_running_command_does_not_block_the_request_queue() {
         let hd = h.header(LUN0, 100 + i, &[0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0]);
         let r = h.alloc(RESP);
         let d = h.alloc(4096);
-        h.add_chain(
-            2,
-            &[
-                D {
-                    addr: hd,
-                    len: REQ,
-                    write: false,
-                },
-                D {
-                    addr: r,
-                    len: RESP,
-                    write: true,
-                },
-                D {
-                    addr: d,
-                    len: 4096,
-                    write: true,
-                },
-            ],
-        );
+        h.add_chain(2, &[rd(hd, REQ), wr(r, RESP), wr(d, 4096)]);
         sent += 1;
     }
     h.kick(2);
@@ -867,22 +666,8 @@ fn hotplug_events_in_kept_buffers() {
     // The driver gives two event buffers and kicks (virtio 5.6.6.3).
     let e1 = h.alloc(16);
     let e2 = h.alloc(16);
-    h.add_chain(
-        1,
-        &[D {
-            addr: e1,
-            len: 16,
-            write: true,
-        }],
-    );
-    h.add_chain(
-        1,
-        &[D {
-            addr: e2,
-            len: 16,
-            write: true,
-        }],
-    );
+    h.add_chain(1, &[wr(e1, 16)]);
+    h.add_chain(1, &[wr(e2, 16)]);
     h.kick(1);
     assert_eq!(h.used_count(1), 0, "buffers are kept until an event");
 
@@ -913,14 +698,7 @@ fn hotplug_events_in_kept_buffers() {
     // VIRTIO_SCSI_T_NO_EVENT with VIRTIO_SCSI_T_EVENTS_MISSED (8000_0000h).
     h.vs.add_lu(0, 2, lu(8)).unwrap();
     let e3 = h.alloc(16);
-    h.add_chain(
-        1,
-        &[D {
-            addr: e3,
-            len: 16,
-            write: true,
-        }],
-    );
+    h.add_chain(1, &[wr(e3, 16)]);
     h.kick(1);
     assert_eq!(h.wait_used(1).1, 16);
     assert_eq!(le32(&h.get(e3, 16), 0), 0x8000_0000);
@@ -1027,14 +805,7 @@ fn disconnect_loses_the_nexus_and_the_socket_accepts_again() {
 fn hotplug_events_survive_a_stopped_and_restarted_event_queue() {
     let mut h = Harness::new();
     let e1 = h.alloc(16);
-    h.add_chain(
-        1,
-        &[D {
-            addr: e1,
-            len: 16,
-            write: true,
-        }],
-    );
+    h.add_chain(1, &[wr(e1, 16)]);
     h.kick(1);
     // The VM is stopped and continued: GET_VRING_BASE stops the queue, SET_VRING_BASE and
     // SET_VRING_KICK start it again (the same vring, ready again). With EVENT_IDX the driver
@@ -1069,21 +840,7 @@ fn disconnect_waits_for_a_completion_being_written_and_drops_later_ones() {
     let hd = h.header(LUN0, 11, &[0x00, 0, 0, 0, 0, 0]);
     let r = h.alloc(RESP);
     h.put(r, &[0xEE; 12]);
-    h.add_chain(
-        2,
-        &[
-            D {
-                addr: hd,
-                len: REQ,
-                write: false,
-            },
-            D {
-                addr: r,
-                len: RESP,
-                write: true,
-            },
-        ],
-    );
+    h.add_chain(2, &[rd(hd, REQ), wr(r, RESP)]);
     h.kick(2);
     let start = Instant::now();
     while h.dev.hooks.inside.load(std::sync::atomic::Ordering::SeqCst) == 0 {
@@ -1115,21 +872,7 @@ fn disconnect_waits_for_a_completion_being_written_and_drops_later_ones() {
     *h.dev.hooks.in_complete.lock().unwrap() = None;
     let (hold, rx) = tokio::sync::watch::channel(false);
     *h.dev.hooks.before_complete.lock().unwrap() = Some(rx);
-    h.add_chain(
-        2,
-        &[
-            D {
-                addr: hd,
-                len: REQ,
-                write: false,
-            },
-            D {
-                addr: r,
-                len: RESP,
-                write: true,
-            },
-        ],
-    );
+    h.add_chain(2, &[rd(hd, REQ), wr(r, RESP)]);
     h.kick(2);
     let start = Instant::now();
     while h
@@ -1162,18 +905,7 @@ fn at_most_a_queue_size_in_flight_and_a_completion_resumes_the_queue() {
     for i in 0..QSIZE {
         let hd = h.header(LUN0, 1000 + u64::from(i), &TUR);
         let r = h.alloc(RESP);
-        let t = h.indirect(&[
-            D {
-                addr: hd,
-                len: REQ,
-                write: false,
-            },
-            D {
-                addr: r,
-                len: RESP,
-                write: true,
-            },
-        ]);
+        let t = h.indirect(&[rd(hd, REQ), wr(r, RESP)]);
         h.publish(2, i, &[(t, 32, VRING_DESC_F_INDIRECT as u16, 0)]);
         tables.push(t);
     }
@@ -1209,21 +941,7 @@ fn a_head_offered_again_while_in_flight_gets_failure_and_is_not_run() {
     let base = h.req.next_desc;
     let hd = h.header(LUN0, 21, &TUR);
     let r = h.alloc(RESP);
-    h.add_chain(
-        2,
-        &[
-            D {
-                addr: hd,
-                len: REQ,
-                write: false,
-            },
-            D {
-                addr: r,
-                len: RESP,
-                write: true,
-            },
-        ],
-    );
+    h.add_chain(2, &[rd(hd, REQ), wr(r, RESP)]);
     h.kick(2);
     h.wait_reached(1);
     // The same head again, now with other buffers and another tag.
@@ -1271,26 +989,7 @@ fn data_out_budget_holds_requests_in_the_ring_until_completions() {
         let d = h.alloc(512);
         h.put(d, &[0x50 + i; 512]);
         let r = h.alloc(RESP);
-        h.add_chain(
-            2,
-            &[
-                D {
-                    addr: hd,
-                    len: REQ,
-                    write: false,
-                },
-                D {
-                    addr: d,
-                    len: 512,
-                    write: false,
-                },
-                D {
-                    addr: r,
-                    len: RESP,
-                    write: true,
-                },
-            ],
-        );
+        h.add_chain(2, &[rd(hd, REQ), rd(d, 512), wr(r, RESP)]);
         resps.push(r);
     }
     h.kick(2);
@@ -1323,31 +1022,7 @@ fn only_the_data_out_the_cdb_asks_for_is_copied() {
     let d = h.alloc(512);
     h.put(d, &[0x77; 512]);
     let r = h.alloc(RESP);
-    h.add_chain(
-        2,
-        &[
-            D {
-                addr: hd,
-                len: REQ,
-                write: false,
-            },
-            D {
-                addr: d,
-                len: 512,
-                write: false,
-            },
-            D {
-                addr: 8 << 20,
-                len: 512,
-                write: false,
-            },
-            D {
-                addr: r,
-                len: RESP,
-                write: true,
-            },
-        ],
-    );
+    h.add_chain(2, &[rd(hd, REQ), rd(d, 512), rd(8 << 20, 512), wr(r, RESP)]);
     h.kick(2);
     assert_eq!(h.wait_used(2).1, RESP);
     assert_eq!(h.get(r, 12), vec![0, 0, 0, 0, 0x00, 0x02, 0, 0, 0, 0, 0, 0]);
@@ -1364,26 +1039,7 @@ fn task_management_answers_after_the_requests_it_affected_are_returned() {
         let hd = h.header(LUN0, tag, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
         let r = h.alloc(RESP);
         let d = h.alloc(512);
-        h.add_chain(
-            2,
-            &[
-                D {
-                    addr: hd,
-                    len: REQ,
-                    write: false,
-                },
-                D {
-                    addr: r,
-                    len: RESP,
-                    write: true,
-                },
-                D {
-                    addr: d,
-                    len: 512,
-                    write: true,
-                },
-            ],
-        );
+        h.add_chain(2, &[rd(hd, REQ), wr(r, RESP), wr(d, 512)]);
         h.kick(2);
         h.wait_reached(reached + 1);
         // ABORT TASK (0) of its tag, ABORT TASK SET (1), LOGICAL UNIT RESET (5): the
@@ -1396,21 +1052,7 @@ fn task_management_answers_after_the_requests_it_affected_are_returned() {
         let a = h.alloc(24);
         h.put(a, &req);
         let tr = h.alloc(1);
-        h.add_chain(
-            0,
-            &[
-                D {
-                    addr: a,
-                    len: 24,
-                    write: false,
-                },
-                D {
-                    addr: tr,
-                    len: 1,
-                    write: true,
-                },
-            ],
-        );
+        h.add_chain(0, &[rd(a, 24), wr(tr, 1)]);
         let (ctrl0, req0) = (h.used_count(0), h.used_count(2));
         h.kick(0);
         std::thread::sleep(Duration::from_millis(200));
@@ -1441,21 +1083,7 @@ impl Harness {
         let hd = self.header(LUN0, tag, &TUR);
         let r = self.alloc(RESP);
         self.put(r, &[0xEE; 12]);
-        self.add_chain(
-            2,
-            &[
-                D {
-                    addr: hd,
-                    len: REQ,
-                    write: false,
-                },
-                D {
-                    addr: r,
-                    len: RESP,
-                    write: true,
-                },
-            ],
-        );
+        self.add_chain(2, &[rd(hd, REQ), wr(r, RESP)]);
         self.kick(2);
         r
     }
@@ -1526,26 +1154,7 @@ fn a_closed_connection_is_done_before_the_next_is_accepted() {
     let d = h.alloc(512);
     h.put(d, &[0x11; 512]);
     let r = h.alloc(RESP);
-    h.add_chain(
-        2,
-        &[
-            D {
-                addr: hd,
-                len: REQ,
-                write: false,
-            },
-            D {
-                addr: d,
-                len: 512,
-                write: false,
-            },
-            D {
-                addr: r,
-                len: RESP,
-                write: true,
-            },
-        ],
-    );
+    h.add_chain(2, &[rd(hd, REQ), rd(d, 512), wr(r, RESP)]);
     h.kick(2);
     h.wait_reached(1);
     h.dev.disconnect();
