@@ -2,6 +2,8 @@
 //! ephemeral port prints the LU's URL first, refuses what it must refuse with a clear error,
 //! and stops cleanly on SIGTERM.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpStream;
 use std::path::Path;
@@ -47,22 +49,11 @@ impl Daemon {
     }
 
     fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(status.success());
+        support::signal(&self.child, sig);
     }
 
     fn wait(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the daemon did not exit in time");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        support::wait_exit(&mut self.child, WAIT)
     }
 }
 

@@ -6,6 +6,7 @@
 
 #[path = "../../iscsi/tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -747,18 +748,7 @@ fn a_connected_frontend_does_not_stop_a_change() {
 
     // SIGTERM after the changes: a clean exit.
     let mut d = d;
-    let status = Command::new("kill")
-        .args(["-TERM", &d.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(s) = d.child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "no exit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    support::signal(&d.child, "-TERM");
+    let status = support::wait_exit(&mut d.child, WAIT);
     assert!(status.success(), "{status:?}");
 }

@@ -2,10 +2,12 @@
 //! after the iSCSI URL, speaks vhost-user (features as the virtio-scsi device offers them),
 //! accepts a new frontend after one goes, and disappears on SIGTERM.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vhost::vhost_user::Frontend;
 use vhost::VhostBackend;
@@ -82,19 +84,8 @@ fn vhost_user_sockets_serve_and_accept_again() {
         drop(f);
     }
 
-    let status = Command::new("kill")
-        .args(["-TERM", &d.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(status.success());
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(s) = d.child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "no exit");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    support::signal(&d.child, "-TERM");
+    let status = support::wait_exit(&mut d.child, WAIT);
     assert!(status.success(), "{status:?}");
     assert!(!s1.exists() && !s2.exists(), "sockets removed");
 }
