@@ -55,6 +55,15 @@ wait_disks() {
     ls /sys/block | grep '^sd' | sort
 }
 
+# first_disk: waits up to 30 s for the first SCSI disk and sets disk (sdX) and dev (/dev/sdX),
+# with the check disk-appears; without one, the script ends there.
+first_disk() {
+    disk=$(wait_disks 1 30 | head -n1)
+    [ -n "$disk" ] || { fail disk-appears "no /dev/sd* after 30 s"; finish; }
+    dev=/dev/$disk
+    pass disk-appears "$dev"
+}
+
 # sg_of DISK: the sg node (/dev/sgN) of a disk (sdX).
 sg_of() { ls "/sys/block/$1/device/scsi_generic" 2>/dev/null | head -n1 | sed 's,^,/dev/,'; }
 

@@ -12,10 +12,7 @@
 . /lib.sh
 . /etc/test.env
 
-disk=$(wait_disks 1 30 | head -n1)
-[ -n "$disk" ] || { fail disk-appears "no /dev/sd* after 30 s"; finish; }
-dev=/dev/$disk
-pass disk-appears "$dev"
+first_disk
 # The same block-layer settings whatever the target reports: no I/O scheduler, not rotational.
 echo none >"/sys/block/$disk/queue/scheduler" 2>/dev/null
 echo 0 >"/sys/block/$disk/queue/rotational" 2>/dev/null

@@ -10,9 +10,7 @@
 . /lib.sh
 . /etc/test.env
 
-disk=$(wait_disks 1 30 | head -n1)
-[ -n "$disk" ] || { fail disk-appears "no /dev/sd* after 30 s"; finish; }
-pass disk-appears "/dev/$disk"
+first_disk
 # H:C:T:L of a disk.
 hctl() { basename "$(readlink -f "/sys/block/$1/device")"; }
 lun0=$(hctl "$disk")

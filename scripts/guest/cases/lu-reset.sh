@@ -5,10 +5,7 @@
 . /lib.sh
 . /etc/test.env
 
-disk=$(wait_disks 1 30 | head -n1)
-[ -n "$disk" ] || { fail disk-appears "no /dev/sd* after 30 s"; finish; }
-dev=/dev/$disk
-pass disk-appears "$dev"
+first_disk
 
 # QD16 mixed load for 10 s; it must be over well before 60 s.
 timeout 60 fio --name=load --filename="$dev" --direct=1 --ioengine=libaio --iodepth=16 \

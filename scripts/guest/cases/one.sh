@@ -9,13 +9,7 @@
 . /lib.sh
 . /etc/test.env
 
-disk=$(wait_disks 1 30 | head -n1)
-if [ -z "$disk" ]; then
-    fail disk-appears "no /dev/sd* after 30 s"
-    finish
-fi
-dev=/dev/$disk
-pass disk-appears "$dev"
+first_disk
 
 # --- identification -----------------------------------------------------------------------
 check inquiry sg_inq "$dev"

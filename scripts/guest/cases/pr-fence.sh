@@ -12,10 +12,7 @@
 k1=0x1001 k2=0x2002
 if [ "$ROLE" = 1 ]; then mine=$k1; else mine=$k2; fi
 
-disk=$(wait_disks 1 30 | head -n1)
-[ -n "$disk" ] || { fail disk-appears "no /dev/sd* after 30 s"; finish; }
-dev=/dev/$disk
-pass disk-appears "$dev"
+first_disk
 bs=$(cat "/sys/block/$disk/queue/logical_block_size")
 dd if=/dev/urandom of=/tmp/blk bs="$bs" count=1 2>/dev/null
 # Each guest writes its own block (guest 1 at 4 MiB, guest 2 one block after).

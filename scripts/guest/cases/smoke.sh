@@ -2,10 +2,7 @@
 # The disk appears and keeps what is written to it. Used to boot through SeaBIOS, which drives
 # the disk before Linux resets the device and takes over.
 . /lib.sh
-disk=$(wait_disks 1 30 | head -n1)
-[ -n "$disk" ] || { fail disk-appears "no /dev/sd* after 30 s"; finish; }
-dev=/dev/$disk
-pass disk-appears "$dev"
+first_disk
 dd if=/dev/urandom of=/tmp/r bs=65536 count=16 2>/dev/null
 expect_rc write 0 dd if=/tmp/r of="$dev" bs=65536 seek=64 oflag=direct conv=notrunc
 expect_rc read 0 dd if="$dev" of=/tmp/back bs=65536 skip=64 count=16 iflag=direct
