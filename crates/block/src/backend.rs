@@ -170,12 +170,7 @@ impl Backend {
         if len == 0 {
             return Ok(Vec::new());
         }
-        if len > MAX_TRANSFER_BYTES as usize {
-            return Err(BlockError::BadBufferLength {
-                expected: u64::from(MAX_TRANSFER_BYTES),
-                got: len as u64,
-            });
-        }
+        check_transfer(len as u64)?;
         let data = self.driver.read(off, len).await?;
         check_read_len(&data, len)?;
         Ok(data)
@@ -196,12 +191,7 @@ impl Backend {
         if len == 0 {
             return Ok(());
         }
-        if len > u64::from(MAX_TRANSFER_BYTES) {
-            return Err(BlockError::BadBufferLength {
-                expected: u64::from(MAX_TRANSFER_BYTES),
-                got: len,
-            });
-        }
+        check_transfer(len)?;
         self.driver.read_into(off, buf).await
     }
 
@@ -373,12 +363,7 @@ impl Backend {
 
     async fn do_or_write(&self, lba: u64, data: Vec<u8>, fua: bool) -> Result<(), BlockError> {
         let blocks = self.whole_blocks(data.len())?;
-        if data.len() > MAX_TRANSFER_BYTES as usize {
-            return Err(BlockError::BadBufferLength {
-                expected: u64::from(MAX_TRANSFER_BYTES),
-                got: data.len() as u64,
-            });
-        }
+        check_transfer(data.len() as u64)?;
         let (off, len) = self.range(lba, blocks)?;
         if len == 0 {
             return Ok(());
@@ -474,6 +459,18 @@ impl Backend {
         }
         Ok((bytes / bs) as u64)
     }
+}
+
+/// A transfer the block layer buffers or hands to the driver in one request may be at most
+/// [`MAX_TRANSFER_BYTES`] long.
+fn check_transfer(len: u64) -> Result<(), BlockError> {
+    if len > u64::from(MAX_TRANSFER_BYTES) {
+        return Err(BlockError::BadBufferLength {
+            expected: u64::from(MAX_TRANSFER_BYTES),
+            got: len,
+        });
+    }
+    Ok(())
 }
 
 /// A driver that returns fewer bytes than asked has failed; never pass short data up.
