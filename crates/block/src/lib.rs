@@ -37,25 +37,19 @@ thread_local! {
     static IO_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Mark the calling thread as a frontend's own I/O thread: one that drives its requests itself
-/// (polling them in place) and would rather a driver did short blocking work on it, such as a
-/// write into the page cache, than hand the work to other threads and wait for it there. The
-/// vhost-user request queue threads are such threads; the runtime's workers are not.
-pub fn mark_io_thread() {
-    IO_THREAD.with(|c| c.set(true));
-}
-
-/// Whether the calling thread is a frontend's I/O thread ([`mark_io_thread`], or inside an
-/// [`IoThreadScope`] that says so).
+/// Whether the calling thread is, for now, a frontend's I/O thread (see [`IoThreadScope`]).
 pub fn on_io_thread() -> bool {
     IO_THREAD.with(std::cell::Cell::get)
 }
 
-/// For a synchronous stretch of code (a frontend polling a request in place), say whether the
-/// thread should count as an I/O thread ([`mark_io_thread`]); the previous setting comes back
-/// when the scope is dropped. The iSCSI connection reader, a task on the runtime, does so while
-/// it polls a command it has just received: the commands behind it wait for the reader either
-/// way, and a write in place costs less than handing it off.
+/// For a synchronous stretch of code, say whether the thread counts as a frontend's own I/O
+/// thread: one that drives its requests itself (polling them in place) and would rather a
+/// driver did short blocking work on it, such as a write into the page cache, than hand the
+/// work to other threads and wait for it there. The previous setting comes back when the scope
+/// is dropped. The vhost-user request queue threads say so while they handle their queues'
+/// events; the iSCSI connection reader, a task on the runtime, while it polls a command it has
+/// just received (the commands behind it wait for the reader either way). The runtime's
+/// workers otherwise are not I/O threads.
 pub struct IoThreadScope {
     before: bool,
 }

@@ -1403,8 +1403,8 @@ impl VhostUserBackend for Device {
         thread_id: usize,
     ) -> io::Result<()> {
         // The file driver may write into the page cache on this thread (see
-        // `block::mark_io_thread`) rather than hand the write to others and wait.
-        block::mark_io_thread();
+        // `block::IoThreadScope`) rather than hand the write to others and wait.
+        let _io_thread = block::IoThreadScope::enter(true);
         // Errors returned here end the worker thread: report problems to the driver instead.
         if evset != EventSet::IN {
             tracing::warn!(?evset, "Unexpected vring event");

@@ -57,12 +57,11 @@
 //!   writes on ext4: io_uring alone 10.0k IOPS at queue depth 1 and 70.5k at 32; the thread pool
 //!   alone 14.5k and 48.6k; the default 132.6k and 82.5k.
 //! - *Every write on a frontend's I/O thread.* A frontend thread that drives its requests
-//!   itself ([`crate::mark_io_thread`]: the vhost-user request queue threads; the iSCSI
-//!   connection reader while it polls a new command, through [`crate::IoThreadScope`]) writes
-//!   in place whatever else is in flight, as QEMU's and vhost-device-scsi's own threads do: a
-//!   write into the page cache costs less there than the hand-offs to another thread, and only
-//!   that queue or connection waits for it. FUA writes, which wait for the device, still go to
-//!   the engine.
+//!   itself ([`crate::IoThreadScope`]: the vhost-user request queue threads; the iSCSI
+//!   connection reader while it polls a new command) writes in place whatever else is in
+//!   flight, as QEMU's and vhost-device-scsi's own threads do: a write into the page cache
+//!   costs less there than the hand-offs to another thread, and only that queue or connection
+//!   waits for it. FUA writes, which wait for the device, still go to the engine.
 //!
 //! **Durability.** FUA writes are `RWF_DSYNC` writes on io_uring and `pwrite` + `fdatasync` on the
 //! thread pool; flush is `fdatasync`. Either way the data is on stable storage before the call
@@ -802,7 +801,7 @@ mod tests {
         // On a frontend's I/O thread it is written at once; a FUA write still goes to the ring.
         std::thread::scope(|s| {
             s.spawn(|| {
-                crate::mark_io_thread();
+                let _io_thread = crate::IoThreadScope::enter(true);
                 assert!(matches!(
                     poll_once(d.write(4096, vec![2; 4096], false)),
                     std::task::Poll::Ready(Ok(()))
