@@ -69,6 +69,16 @@ impl Backend {
                 format!("Logical block size {block_size} is not 512 or 4096"),
             )));
         }
+        let align = driver.io_alignment();
+        if align > 1 && u64::from(block_size) % align != 0 {
+            return Err(BlockError::Open(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "Logical block size {block_size} is not a multiple of the {align} bytes \
+                     the image's I/O must be aligned to (direct I/O on this device)"
+                ),
+            )));
+        }
         let info = driver.info();
         let capacity = info.size / u64::from(block_size);
         let reservations = driver

@@ -218,6 +218,16 @@ impl IoBuf {
         }
     }
 
+    /// Whether every segment starts at a multiple of `start` and is a multiple of `len` long
+    /// (what direct I/O asks of memory).
+    pub(crate) fn segments_aligned(&self, start: usize, len: usize) -> bool {
+        let ok = |ptr: *const u8, n: usize| (ptr as usize) % start == 0 && n % len == 0;
+        match &self.inner {
+            Inner::Owned(v) => ok(v.as_ptr(), v.len()),
+            Inner::Lent { segs, .. } => segs.iter().all(|s| ok(s.ptr, s.len)),
+        }
+    }
+
     /// The buffer from byte `skip` on, as iovecs for a vectored system call or io_uring. The
     /// pointers stay valid while `self` lives and is not truncated or converted.
     pub(crate) fn iovecs(&mut self, skip: usize) -> Vec<libc::iovec> {

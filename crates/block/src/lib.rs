@@ -131,6 +131,11 @@ pub struct Extent {
 pub trait Driver: Send + Sync + 'static {
     /// Static facts about the device.
     fn info(&self) -> DriverInfo;
+    /// The alignment, in bytes, every request's offset and length must have (direct I/O needs
+    /// the device's); [`Backend::new`] refuses a logical block size it does not divide.
+    fn io_alignment(&self) -> u64 {
+        1
+    }
     /// The unit in which the driver allocates and deallocates, in bytes (a discard smaller
     /// than this, or not aligned to it, may leave the range mapped though it reads as zeros);
     /// 0 when unknown. The SCSI layer may advertise it as the OPTIMAL UNMAP GRANULARITY.

@@ -63,6 +63,20 @@
 //!   costs less there than the hand-offs to another thread, and only that queue or connection
 //!   waits for it. FUA writes, which wait for the device, still go to the engine.
 //!
+//! **Direct I/O** ([`FileOptions::direct`]). The image is opened `O_DIRECT`: reads and writes
+//! go to the device past the host's page cache, as QEMU's `cache=none` does. That is what an
+//! image on storage that several hosts see needs (no host serves a stale cached copy), and it
+//! keeps a large image from crowding out the host's memory. The kernel says how requests must
+//! be aligned (`statx` STATX_DIOALIGN): the logical block size must be a multiple of the
+//! offset alignment, which [`crate::Backend::new`] checks through [`Driver::io_alignment`], so
+//! a misaligned request never reaches the device (it would fail, not be served wrong). Memory
+//! that is not aligned (a vector of the SCSI layer's, a guest's buffers split off a page)
+//! goes through an aligned bounce buffer; memory that is, such as a guest's page-aligned
+//! buffers, is handed to the kernel as it is. There are no fast paths: every request goes
+//! to the engine, where io_uring runs direct I/O asynchronously without a worker thread. A
+//! flush is still an `fdatasync` (the device's write cache, and metadata of blocks written for
+//! the first time).
+//!
 //! **Durability.** FUA writes are `RWF_DSYNC` writes on io_uring and `pwrite` + `fdatasync` on the
 //! thread pool; flush is `fdatasync`. Either way the data is on stable storage before the call
 //! returns.
@@ -85,7 +99,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -129,8 +143,11 @@ pub struct FileOptions {
     /// Submission queue entries of the io_uring (the most requests in flight at once).
     pub ring_entries: u32,
     /// Serve page-cache hits and lone writes on the calling thread,
-    /// whatever the engine; see the module docs.
+    /// whatever the engine; see the module docs. Direct I/O has none.
     pub fast_paths: bool,
+    /// Direct I/O (`O_DIRECT`): every read and write goes to the device, past the page cache;
+    /// see the module docs.
+    pub direct: bool,
 }
 
 impl Default for FileOptions {
@@ -139,6 +156,7 @@ impl Default for FileOptions {
             engine: EngineChoice::Auto,
             ring_entries: 256,
             fast_paths: true,
+            direct: false,
         }
     }
 }
@@ -259,6 +277,142 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// What direct I/O needs of a request: file offsets and lengths in multiples of `offset`, and
+/// memory whose segments start at multiples of `memory` and are multiples of `offset` long
+/// (`statx` STATX_DIOALIGN; Linux refuses anything else with EINVAL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DirectAlign {
+    memory: usize,
+    offset: usize,
+}
+
+impl DirectAlign {
+    /// Ask the kernel. Without STATX_DIOALIGN (Linux before 6.1), a block device takes its
+    /// logical block size for both, a file 4096 (which every device's block size divides).
+    fn of(file: &File, block_device: bool) -> io::Result<Self> {
+        // SAFETY: an all-zero statx is a valid value of the plain C struct.
+        let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+        // SAFETY: `file` keeps the descriptor open; the empty path with AT_EMPTY_PATH names
+        // it; `stx` is writable for the call.
+        let r = unsafe {
+            libc::statx(
+                file.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH,
+                libc::STATX_DIOALIGN,
+                &mut stx,
+            )
+        };
+        if r == 0 && stx.stx_mask & libc::STATX_DIOALIGN != 0 {
+            if stx.stx_dio_offset_align == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "the file system does not support direct I/O",
+                ));
+            }
+            return Ok(Self {
+                memory: (stx.stx_dio_mem_align as usize).max(1),
+                offset: stx.stx_dio_offset_align as usize,
+            });
+        }
+        let n = if block_device {
+            logical_block_size(file)?
+        } else {
+            4096
+        };
+        Ok(Self {
+            memory: n,
+            offset: n,
+        })
+    }
+
+    /// An error unless `offset` and `len` are multiples of the alignment.
+    fn check(&self, offset: u64, len: usize) -> io::Result<()> {
+        if offset % self.offset as u64 != 0 || len % self.offset != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "Range {offset}+{len} is not aligned to the {} bytes direct I/O needs",
+                    self.offset
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the kernel takes `buf`'s memory as it is.
+    fn fits(&self, buf: &IoBuf) -> bool {
+        buf.segments_aligned(self.memory, self.offset)
+    }
+}
+
+/// A zeroed heap block aligned for direct I/O: the bounce buffer for memory that is not.
+struct Aligned {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: the block is plain memory owned by this value; it is only accessed through the
+// `IoBuf` lent from it (system calls) or, after that, through `bytes`.
+unsafe impl Send for Aligned {}
+// SAFETY: see `Send`; `&Aligned` gives no access to the memory.
+unsafe impl Sync for Aligned {}
+
+impl Aligned {
+    /// `len` bytes aligned to `align` (at least a page), filled by `fill`, lent as an `IoBuf`,
+    /// with the handle that owns them.
+    fn buffer(len: usize, align: usize, fill: impl FnOnce(&mut [u8])) -> (IoBuf, Arc<Self>) {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), align.max(4096))
+            .expect("a transfer is far below isize::MAX");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let Some(ptr) = std::ptr::NonNull::new(ptr) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        // SAFETY: `alloc_zeroed` gave `len` (or more) initialised bytes, which nothing else
+        // refers to yet.
+        fill(unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), len) });
+        let owner = Arc::new(Self { ptr, layout });
+        // SAFETY: the block is `len` bytes of this process's heap, freed only when the last
+        // handle (the buffer holds one) is dropped.
+        let buf = unsafe { IoBuf::lent([(ptr.as_ptr(), len)], owner.clone()) };
+        (buf, owner)
+    }
+
+    /// The block, once no request uses it any more (the caller has its buffer back).
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the block is `layout.size()` initialised (zeroed) bytes that live as long
+        // as `self`; the caller's only other way in, the lent buffer, is no longer used.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for Aligned {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `buffer` with this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+fn logical_block_size(file: &File) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: BLKSSZGET writes one int through the pointer, which points at `n`.
+    let r = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            libc::BLKSSZGET,
+            &mut n as *mut libc::c_int,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    usize::try_from(n)
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| io::Error::other("BLKSSZGET gave no block size"))
+}
+
 enum Io {
     Ring(Ring),
     Pool,
@@ -269,6 +423,8 @@ pub struct FileDriver {
     file: Arc<File>,
     io: Io,
     fast_paths: bool,
+    /// The alignment direct I/O needs, when the image is open with `O_DIRECT`.
+    direct: Option<DirectAlign>,
     /// Writes in flight, for the choice of path (see the module docs).
     writes_in_flight: AtomicUsize,
     size: u64,
@@ -331,6 +487,18 @@ impl FileDriver {
     async fn read_buf(&self, offset: u64, mut buf: IoBuf) -> Result<IoBuf, BlockError> {
         self.check(offset, buf.len() as u64)
             .map_err(BlockError::ReadFailed)?;
+        if let Some(align) = self.direct {
+            align
+                .check(offset, buf.len())
+                .map_err(BlockError::ReadFailed)?;
+            if align.fits(&buf) {
+                return self.read_engine(offset, buf, 0).await;
+            }
+            let (bounce, mem) = Aligned::buffer(buf.len(), align.memory, |_| {});
+            self.read_engine(offset, bounce, 0).await?;
+            buf.copy_from(0, mem.bytes());
+            return Ok(buf);
+        }
         let got = if self.fast_paths {
             read_cached(&self.file, &mut buf, offset)
         } else {
@@ -349,11 +517,24 @@ impl FileDriver {
         if fua {
             self.check_sync()?;
         }
-        let in_flight = InFlight::enter(&self.writes_in_flight);
-        let alone = self.fast_paths && in_flight.others == 0;
         let mut data = data;
+        if let Some(align) = self.direct {
+            align
+                .check(offset, data.len())
+                .map_err(BlockError::WriteFailed)?;
+            if !align.fits(&data) {
+                let (bounce, _) = Aligned::buffer(data.len(), align.memory, |b| {
+                    data.copy_to(0, b);
+                });
+                data = bounce;
+            }
+        }
+        // Direct writes wait for the device: never on the calling thread.
+        let fast = self.fast_paths && self.direct.is_none();
+        let in_flight = InFlight::enter(&self.writes_in_flight);
+        let alone = fast && in_flight.others == 0;
         let r = match &self.io {
-            _ if self.fast_paths && !fua && crate::on_io_thread() => {
+            _ if fast && !fua && crate::on_io_thread() => {
                 write_at(&self.file, &mut data, offset, false)
             }
             Io::Ring(r) if !alone => r.write(offset, data, fua).await,
@@ -383,7 +564,7 @@ impl FileDriver {
         create_size: Option<u64>,
         opts: &FileOptions,
     ) -> Result<Self, BlockError> {
-        let (file, created) = open_or_create(path, create_size.is_some())?;
+        let (file, created) = open_or_create(path, create_size.is_some(), opts.direct)?;
         lock_exclusive(&file, path)?;
         if created {
             if let Some(size) = create_size {
@@ -401,6 +582,16 @@ impl FileDriver {
                 io::ErrorKind::InvalidInput,
                 format!("{} is not a regular file or a block device", path.display()),
             )));
+        };
+        let direct = if opts.direct {
+            Some(DirectAlign::of(&file, block_device).map_err(|e| {
+                BlockError::Open(io::Error::new(
+                    e.kind(),
+                    format!("{}: no direct I/O: {e}", path.display()),
+                ))
+            })?)
+        } else {
+            None
         };
         let punch = !block_device && probe_punch(&file, size);
         let file = Arc::new(file);
@@ -430,12 +621,14 @@ impl FileDriver {
             size,
             engine = if matches!(io, Io::Ring(_)) { "io_uring" } else { "thread-pool" },
             thin = punch,
+            direct = ?direct.map(|d| d.offset),
             "opened image"
         );
         Ok(Self {
             file,
             io,
             fast_paths: opts.fast_paths,
+            direct,
             writes_in_flight: AtomicUsize::new(0),
             size,
             block_device,
@@ -482,21 +675,40 @@ impl FileDriver {
     }
 }
 
-fn open_or_create(path: &Path, may_create: bool) -> Result<(File, bool), BlockError> {
+fn open_or_create(path: &Path, may_create: bool, direct: bool) -> Result<(File, bool), BlockError> {
     let mut o = OpenOptions::new();
     o.read(true).write(true);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
     match o.open(path) {
         Ok(f) => Ok((f, false)),
         Err(e) if e.kind() == io::ErrorKind::NotFound && may_create => {
             // `create_new`: never truncate a file that appeared in the meantime.
             match o.create_new(true).open(path) {
                 Ok(f) => Ok((f, true)),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => open_or_create(path, false),
-                Err(e) => Err(BlockError::Open(e)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    open_or_create(path, false, direct)
+                }
+                Err(e) => Err(open_error(e, path, direct)),
             }
         }
-        Err(e) => Err(BlockError::Open(e)),
+        Err(e) => Err(open_error(e, path, direct)),
     }
+}
+
+/// An open that failed; EINVAL on an `O_DIRECT` open is a file system without direct I/O.
+fn open_error(e: io::Error, path: &Path, direct: bool) -> BlockError {
+    if direct && e.raw_os_error() == Some(libc::EINVAL) {
+        return BlockError::Open(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!(
+                "{}: the file system does not support direct I/O (O_DIRECT)",
+                path.display()
+            ),
+        ));
+    }
+    BlockError::Open(e)
 }
 
 fn lock_exclusive(file: &File, path: &Path) -> Result<(), BlockError> {
@@ -622,6 +834,10 @@ impl Driver for FileDriver {
 
     fn reservation_store(&self) -> Option<Arc<dyn ReservationStore>> {
         Some(self.reservations.clone())
+    }
+
+    fn io_alignment(&self) -> u64 {
+        self.direct.map_or(1, |d| d.offset as u64)
     }
 
     fn allocation_unit(&self) -> u64 {
