@@ -13,6 +13,8 @@
 #   512e       512-byte blocks, 4 KiB physical blocks (the default): the whole suite
 #   512n       512-byte blocks, 512-byte physical blocks: the whole suite
 #   4kn        4096-byte blocks: the whole suite
+#   direct     the default LU with direct I/O (--direct: O_DIRECT, past the page cache): the
+#              whole suite
 #   multipath  the default LU reached over two sessions: the MultipathIO family (CAW and resets
 #              across paths); on its own fresh image, as its COMPARE AND WRITE test assumes
 set -euo pipefail
@@ -119,6 +121,7 @@ run() {
 run 512e 1 ""
 run 512n 1 "" --physical-block-size 512
 run 4kn 1 "" --block-size 4096
+run direct 1 "" --direct
 run multipath 2 MultipathIO
 
 if ((all_ok)); then

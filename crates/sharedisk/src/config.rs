@@ -80,6 +80,7 @@ pub struct VhostLuConfig {
     pub physical_block_size: Option<u32>,
     pub serial: Option<String>,
     pub id: Option<IdValue>,
+    pub direct: Option<bool>,
 }
 
 /// One `[[target]]`.
@@ -135,6 +136,8 @@ pub struct LuConfig {
     pub serial: Option<String>,
     /// The 64-bit value behind the NAA identifier (VPD 0x83); derived when absent.
     pub id: Option<IdValue>,
+    /// Direct I/O (`O_DIRECT`, past the host's page cache); default false.
+    pub direct: Option<bool>,
 }
 
 /// A size: bytes as a number, or a string with a suffix.
@@ -215,6 +218,8 @@ pub struct LuPlan {
     pub physical_block_size: Option<u32>,
     pub serial: Option<String>,
     pub id: Option<u64>,
+    /// Open the image with direct I/O.
+    pub direct: bool,
 }
 
 impl FileConfig {
@@ -258,6 +263,7 @@ impl FileConfig {
                     physical_block_size: lu.physical_block_size,
                     serial: lu.serial,
                     id,
+                    direct: lu.direct.unwrap_or(false),
                 });
             }
             targets.push(TargetPlan {
@@ -281,7 +287,8 @@ impl FileConfig {
                     || lu.block_size.is_some()
                     || lu.physical_block_size.is_some()
                     || lu.serial.is_some()
-                    || lu.id.is_some();
+                    || lu.id.is_some()
+                    || lu.direct.is_some();
                 lus.push(VhostLuPlan {
                     target: lu.target,
                     lun: lu.lun,
@@ -294,6 +301,7 @@ impl FileConfig {
                         physical_block_size: lu.physical_block_size,
                         serial: lu.serial,
                         id: id_value(lu.id, &lu_what)?,
+                        direct: lu.direct.unwrap_or(false),
                     },
                 });
             }
@@ -606,7 +614,8 @@ impl Plan {
                             && first.block_size == l.lu.block_size
                             && first.physical_block_size == l.lu.physical_block_size
                             && first.serial == l.lu.serial
-                            && first.id == l.lu.id;
+                            && first.id == l.lu.id
+                            && first.direct == l.lu.direct;
                         if !same {
                             bail!(
                                 "{what}: image {} is configured with other settings elsewhere",
@@ -774,6 +783,53 @@ socket = "b.sock"
 lun = 0
 file = "x.img"
 size = "2M"
+"#);
+        assert!(e.contains("other settings"), "{e}");
+    }
+
+    #[test]
+    fn direct_io_is_an_lu_setting_off_by_default() {
+        let p = plan(
+            r#"
+[[target]]
+name = "iqn.2026-01.io.sharedisk:t"
+[[target.lu]]
+lun = 0
+file = "a.img"
+size = "1M"
+direct = true
+[[target.lu]]
+lun = 1
+file = "b.img"
+size = "1M"
+[[vhost]]
+socket = "a.sock"
+[[vhost.lu]]
+lun = 0
+file = "c.img"
+size = "1M"
+direct = true
+"#,
+        )
+        .expect("valid");
+        assert!(p.targets[0].lus[0].direct);
+        assert!(!p.targets[0].lus[1].direct);
+        assert!(p.vhost[0].lus[0].lu.direct);
+        // A vhost-only image served twice must say the same both times.
+        let e = err(r#"
+[[vhost]]
+socket = "a.sock"
+[[vhost.lu]]
+lun = 0
+file = "x.img"
+size = "1M"
+direct = true
+[[vhost]]
+socket = "b.sock"
+[[vhost.lu]]
+lun = 0
+file = "x.img"
+size = "1M"
 "#);
         assert!(e.contains("other settings"), "{e}");
     }

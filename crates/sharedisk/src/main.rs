@@ -125,7 +125,7 @@ struct PrArgs {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// A TOML config file (several targets, LUs, portals, ACLs, CHAP).
-    #[arg(long, conflicts_with_all = ["file", "size", "listen", "block_size", "physical_block_size", "name", "allow_initiator", "chap_user", "control", "vhost_user", "vhost_initiator", "vhost_queues"])]
+    #[arg(long, conflicts_with_all = ["file", "size", "listen", "block_size", "physical_block_size", "name", "allow_initiator", "chap_user", "control", "vhost_user", "vhost_initiator", "vhost_queues", "direct"])]
     config: Option<PathBuf>,
     /// The image file; created sparse with --size when it does not exist.
     #[arg(long, required_unless_present = "config")]
@@ -143,6 +143,10 @@ struct ServeArgs {
     /// larger]; 512 with --block-size 512 makes a "512n" disk.
     #[arg(long)]
     physical_block_size: Option<u32>,
+    /// Direct I/O: read and write the image past the host's page cache (O_DIRECT), as for an
+    /// image on storage other hosts see too.
+    #[arg(long)]
+    direct: bool,
     /// Target name [default: iqn.2026-01.io.sharedisk:IMAGE, IMAGE being the file name].
     #[arg(long)]
     name: Option<String>,
@@ -219,6 +223,7 @@ fn quick_start_plan(args: ServeArgs) -> anyhow::Result<Plan> {
         physical_block_size: args.physical_block_size,
         serial: None,
         id: None,
+        direct: args.direct,
     };
     let vhost = args
         .vhost_user

@@ -440,6 +440,7 @@ impl Registry {
                     size: req.size,
                     block_size: req.block_size.unwrap_or(512),
                     physical_block_size: None,
+                    direct: false,
                     serial: None,
                     id: None,
                 };

@@ -23,22 +23,27 @@ const PRODUCT: &str = "sharedisk";
 
 fn open_lu(plan: &LuPlan) -> anyhow::Result<Arc<scsi::LogicalUnit>> {
     let path = &plan.file;
-    let driver = block::driver::file::FileDriver::open(path, plan.size).map_err(|e| {
-        let busy = matches!(
-            &e,
-            block::BlockError::Open(io) if io.kind() == std::io::ErrorKind::WouldBlock
-        );
-        let e = anyhow::Error::new(e);
-        if busy {
-            e.context(format!(
-                "Image {} is in use: another process holds its lock (is another sharedisk \
+    let opts = block::driver::file::FileOptions {
+        direct: plan.direct,
+        ..Default::default()
+    };
+    let driver =
+        block::driver::file::FileDriver::open_with(path, plan.size, &opts).map_err(|e| {
+            let busy = matches!(
+                &e,
+                block::BlockError::Open(io) if io.kind() == std::io::ErrorKind::WouldBlock
+            );
+            let e = anyhow::Error::new(e);
+            if busy {
+                e.context(format!(
+                    "Image {} is in use: another process holds its lock (is another sharedisk \
                  serving it?)",
-                path.display()
-            ))
-        } else {
-            e.context(format!("Cannot open image {}", path.display()))
-        }
-    })?;
+                    path.display()
+                ))
+            } else {
+                e.context(format!("Cannot open image {}", path.display()))
+            }
+        })?;
     let canonical = canonical_image_path(path)
         .with_context(|| format!("Cannot resolve image path {}", path.display()))?;
     let backend = block::Backend::new(Arc::new(driver), plan.block_size)
@@ -67,6 +72,7 @@ fn open_lu(plan: &LuPlan) -> anyhow::Result<Arc<scsi::LogicalUnit>> {
         lun = plan.lun,
         blocks = backend.capacity(),
         block_size = plan.block_size,
+        direct = plan.direct,
         %serial,
         id = format_args!("{id:#018x}"),
         "Opened logical unit"
