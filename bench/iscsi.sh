@@ -3,13 +3,21 @@
 # file itself is the ceiling.
 #
 #   bench/iscsi.sh            # about 15 s per row; BENCH_SECONDS=20 for longer rows
+#   BENCH_DIRECT=1 bench/iscsi.sh
 #
 # Rows (4 KiB I/O):
 #   iscsi-perf   random reads, 32 in flight              (libiscsi-bin)
 #   qemu-img     reads and writes, 1 and 32 in flight    (qemu-img bench over iscsi://,
 #                                                         QEMU's own iSCSI client)
 # Each row runs against sharedisk, then tgt (tgtd, file-backed LUN on the same image), then
-# fio straight on the file with the same pattern (io_uring; buffered unless FIO_DIRECT=1).
+# fio straight on the file with the same pattern (io_uring), all three with the same cache:
+#   buffered (the default)  through the host's page cache, which is read in full before each
+#                           of the three runs (fio with --invalidate=0: by default fio drops
+#                           the file's cached pages first, and its reads would then measure the
+#                           disk while the targets' reads come from memory)
+#   BENCH_DIRECT=1          direct I/O for all three (sharedisk --direct, tgt --bsoflags
+#                           direct, fio --direct=1): the ceiling is then the device's, which is
+#                           what "fio on the file" means for a target in front of a real disk
 # Everything listens on 127.0.0.1 only, one server at a time, and is stopped on exit.
 # Prints a table of IOPS with the ratios sharedisk/tgt and sharedisk/fio; the raw output is
 # kept in out/bench/. Needs root to install packages when they are missing. Not part of
@@ -23,7 +31,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 secs=${BENCH_SECONDS:-15}
 size_mib=${BENCH_SIZE_MIB:-1024}
-fio_direct=${FIO_DIRECT:-0}
+direct=${BENCH_DIRECT:-0}
 out=$root/out/bench
 iqn_tgt=iqn.2026-01.io.sharedisk:bench-tgt
 tgt_port=3270
@@ -64,6 +72,11 @@ trap cleanup EXIT
 # Real data everywhere, so no row reads holes.
 fio --name=fill --filename="$image" --rw=write --bs=1M --size="${size_mib}M" \
     --ioengine=psync --end_fsync=1 >"$out/fill.log"
+
+# Buffered runs start with the whole image in the page cache (the same for every server).
+warm() {
+    ((direct)) || cat "$image" >/dev/null
+}
 
 # Results: results[ROW,SERVER] = IOPS.
 declare -A results
@@ -109,7 +122,7 @@ run_fio() {
             qemu-*) rw=${row#qemu-} depth=${rw#*-qd} rw=${rw%-qd*} ;;
         esac
         fio --name="$row" --filename="$image" --rw="$rw" --bs=4k --iodepth="$depth" \
-            --ioengine=io_uring --direct="$fio_direct" --size="${size_mib}M" --time_based \
+            --ioengine=io_uring --direct="$direct" --invalidate=0 --size="${size_mib}M" --time_based \
             --runtime="$secs" --output-format=json >"$out/fio-$row.json"
         results[$row,fio]=$(python3 -c '
 import json, sys
@@ -119,10 +132,14 @@ print(int(job["read"]["iops"] + job["write"]["iops"]))' "$out/fio-$row.json")
 }
 
 echo "bench: fio on the file"
+warm
 run_fio
 
 echo "bench: sharedisk"
-start_sharedisk
+sd_opts=()
+((direct)) && sd_opts=(--direct)
+warm
+start_sharedisk "${sd_opts[@]}"
 run_perf sharedisk "$url"
 run_qemu sharedisk "$url"
 kill -TERM "$server" 2>/dev/null || true
@@ -141,7 +158,11 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 tgtadm -C "$tgt_ctl" --lld iscsi --op new --mode target --tid 1 -T "$iqn_tgt"
-tgtadm -C "$tgt_ctl" --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$image"
+tgt_opts=()
+((direct)) && tgt_opts=(--bsoflags direct)
+tgtadm -C "$tgt_ctl" --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$image" \
+    "${tgt_opts[@]}"
+warm
 tgtadm -C "$tgt_ctl" --lld iscsi --op bind --mode target --tid 1 -I ALL
 tgt_url=iscsi://127.0.0.1:$tgt_port/$iqn_tgt/1
 run_perf tgt "$tgt_url"
@@ -156,7 +177,7 @@ ratio() {
 }
 {
     echo "sharedisk vs tgt vs fio on the file: 4 KiB I/O, ${secs} s per row, ${size_mib} MiB image," \
-        "fio direct=$fio_direct, $(nproc) cores"
+        "$( ((direct)) && echo "direct I/O" || echo "page cache warm"), $(nproc) cores"
     printf '%-22s %10s %10s %10s %9s %9s\n' row sharedisk tgt fio sd/tgt sd/fio
     for row in "${rows[@]}"; do
         sd=${results[$row,sharedisk]:-}

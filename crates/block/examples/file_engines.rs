@@ -1,6 +1,7 @@
 //! Compare the file driver's I/O engines, on their own and behind the default fast paths (page-
-//! cache hits and lone writes on the calling thread): 4 KiB random reads and writes at queue depth
-//! 1 and 32, through `Backend` (range locks and accounting included), a few seconds each.
+//! cache hits and lone writes on the calling thread), buffered and with direct I/O: 4 KiB random
+//! reads and writes at queue depth 1 and 32, through `Backend` (range locks and accounting
+//! included), a few seconds each. Direct I/O needs a disk file system (not tmpfs before 6.6).
 //!
 //! ```text
 //! cargo run --release -p block --example file_engines -- [PATH] [SECONDS] [SIZE_MIB]
@@ -42,21 +43,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "engine", "op", "qd", "IOPS", "MiB/s"
     );
     let setups = [
-        (EngineChoice::IoUring, false),
-        (EngineChoice::ThreadPool, false),
-        (EngineChoice::Auto, true),
+        (EngineChoice::IoUring, false, false),
+        (EngineChoice::ThreadPool, false, false),
+        (EngineChoice::Auto, true, false),
+        (EngineChoice::IoUring, false, true),
+        (EngineChoice::ThreadPool, false, true),
+        (EngineChoice::Auto, true, true),
     ];
-    for (engine, fast_paths) in setups {
+    for (engine, fast_paths, direct) in setups {
         let opts = FileOptions {
             engine,
             fast_paths,
+            direct,
             ..FileOptions::default()
         };
         let driver = FileDriver::open_with(&path, Some(size), &opts)?;
-        let name = match (driver.engine(), fast_paths) {
-            (_, true) => "default",
-            (Engine::IoUring, false) => "io_uring",
-            (Engine::ThreadPool, false) => "thread-pool",
+        let name = match (driver.engine(), fast_paths, direct) {
+            (_, true, false) => "default",
+            (Engine::IoUring, false, false) => "io_uring",
+            (Engine::ThreadPool, false, false) => "thread-pool",
+            (_, true, true) => "direct",
+            (Engine::IoUring, false, true) => "direct-uring",
+            (Engine::ThreadPool, false, true) => "direct-pool",
         };
         let backend = Arc::new(Backend::new(Arc::new(driver), BS)?);
         rt.block_on(fill(&backend))?;

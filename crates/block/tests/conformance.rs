@@ -144,15 +144,28 @@ fn file_default(size: u64, bs: u32) -> Harness {
     file_with(size, bs, EngineChoice::Auto, true)
 }
 
-// Direct I/O (O_DIRECT) on either engine. The temporary folder's file system must take direct
-// I/O at 512-byte offsets (ext4 or XFS on a 512-byte-sector disk, as on the project's
-// machines); otherwise the 512-byte cases fail at Backend::new, saying so.
+// Direct I/O (O_DIRECT): each engine on its own, and the default (lone requests on the calling
+// thread in front of io_uring). The temporary folder's file system must take direct I/O at
+// 512-byte offsets (ext4 or XFS on a 512-byte-sector disk, as on the project's machines);
+// otherwise the 512-byte cases fail at Backend::new, saying so.
 fn file_direct(size: u64, bs: u32) -> Harness {
     file_opts(
         size,
         bs,
         FileOptions {
             engine: EngineChoice::IoUring,
+            fast_paths: false,
+            direct: true,
+            ..FileOptions::default()
+        },
+    )
+}
+
+fn file_direct_default(size: u64, bs: u32) -> Harness {
+    file_opts(
+        size,
+        bs,
+        FileOptions {
             direct: true,
             ..FileOptions::default()
         },
@@ -165,6 +178,7 @@ fn file_direct_pool(size: u64, bs: u32) -> Harness {
         bs,
         FileOptions {
             engine: EngineChoice::ThreadPool,
+            fast_paths: false,
             direct: true,
             ..FileOptions::default()
         },
@@ -751,7 +765,8 @@ suites!(
     file_pool,
     file_default,
     file_direct,
-    file_direct_pool
+    file_direct_pool,
+    file_direct_default
 );
 
 // ---- file driver only ------------------------------------------------------------------------

@@ -72,10 +72,16 @@
 //! a misaligned request never reaches the device (it would fail, not be served wrong). Memory
 //! that is not aligned (a vector of the SCSI layer's, a guest's buffers split off a page)
 //! goes through an aligned bounce buffer; memory that is, such as a guest's page-aligned
-//! buffers, is handed to the kernel as it is. There are no fast paths: every request goes
-//! to the engine, where io_uring runs direct I/O asynchronously without a worker thread. A
-//! flush is still an `fdatasync` (the device's write cache, and metadata of blocks written for
-//! the first time).
+//! buffers, is handed to the kernel as it is. No request is served from the page cache; a
+//! request goes to the engine (io_uring runs direct I/O asynchronously, without a worker
+//! thread), except at queue depth 1 with the fast paths on, where it runs on the calling
+//! thread (`DirectPace`: it waits for the device either way, and the two thread hand-offs of
+//! the engine cost as much again). `cargo run --release -p block --example file_engines --
+//! /var/tmp/e.img 3 1024` on this project's 2-core VM (ext4 on virtio), direct 4 KiB random
+//! I/O, IOPS: io_uring alone 14.2k reads and 10.7k writes at depth 1, 63.1k and 30.2k at 32;
+//! the default 19.2k and 16.9k at depth 1, 68.8k and 42.2k at 32; fio (io_uring, direct) on
+//! the same file 20k reads at depth 1 and 82k at 32. A flush is still an `fdatasync` (the
+//! device's write cache, and metadata of blocks written for the first time).
 //!
 //! **Durability.** FUA writes are `RWF_DSYNC` writes on io_uring and `pwrite` + `fdatasync` on the
 //! thread pool; flush is `fdatasync`. Either way the data is on stable storage before the call
@@ -413,6 +419,68 @@ fn logical_block_size(file: &File) -> io::Result<usize> {
         .ok_or_else(|| io::Error::other("BLKSSZGET gave no block size"))
 }
 
+/// Direct requests in a row that run on the calling thread once the engine has seen that the
+/// initiator waits for each request before sending the next.
+const INLINE_RUN: u32 = 16;
+
+/// Whether a direct request runs on the calling thread. At queue depth 1 it should: it waits
+/// for the device either way, and the hand-offs to the engine's thread and back cost as much
+/// again. At any greater depth it must not, or the frontend thread that blocks stops reading
+/// the next requests and the depth collapses to 1. The calling thread never sees what arrives
+/// while it blocks, so the depth is measured on the engine: a request that went there with
+/// nothing else in flight, during whose flight no other request arrived, grants the next
+/// [`INLINE_RUN`] lone requests the calling thread; any request that finds another in flight
+/// ends the run.
+#[derive(Default)]
+struct DirectPace {
+    in_flight: AtomicUsize,
+    arrivals: std::sync::atomic::AtomicU64,
+    inline_left: std::sync::atomic::AtomicU32,
+}
+
+/// One request's turn; counts it in flight while it lives.
+struct Turn<'a> {
+    pace: &'a DirectPace,
+    inline: bool,
+    lone: bool,
+    arrival: u64,
+}
+
+impl DirectPace {
+    fn arrive(&self, allowed: bool) -> Turn<'_> {
+        let arrival = self.arrivals.fetch_add(1, Ordering::AcqRel) + 1;
+        let lone = self.in_flight.fetch_add(1, Ordering::AcqRel) == 0;
+        let inline = allowed
+            && lone
+            && self
+                .inline_left
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok();
+        if !lone {
+            self.inline_left.store(0, Ordering::Release);
+        }
+        Turn {
+            pace: self,
+            inline,
+            lone,
+            arrival,
+        }
+    }
+
+    /// A request that went to the engine is done: grant a run when it was alone throughout.
+    fn engine_done(&self, turn: &Turn<'_>) {
+        if turn.lone && self.arrivals.load(Ordering::Acquire) == turn.arrival {
+            self.inline_left.store(INLINE_RUN, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.pace.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 enum Io {
     Ring(Ring),
     Pool,
@@ -427,6 +495,8 @@ pub struct FileDriver {
     direct: Option<DirectAlign>,
     /// Writes in flight, for the choice of path (see the module docs).
     writes_in_flight: AtomicUsize,
+    /// Whether direct I/O runs on the calling thread.
+    pace: DirectPace,
     size: u64,
     block_device: bool,
     punch: bool,
@@ -482,6 +552,43 @@ impl FileDriver {
         .map_err(BlockError::ReadFailed)
     }
 
+    /// A direct read or write (`write` with `fua`) of all of `buf`: on the calling thread when
+    /// [`DirectPace`] says the initiator waits for each request before the next, through the
+    /// engine otherwise.
+    async fn direct_io(&self, offset: u64, buf: IoBuf, write: Option<bool>) -> io::Result<IoBuf> {
+        let mut buf = buf;
+        let sync = |buf: &mut IoBuf| match write {
+            None => transfer(&self.file, buf, offset, 0, false),
+            Some(fua) => write_at(&self.file, buf, offset, fua),
+        };
+        let turn = self.pace.arrive(self.fast_paths);
+        if turn.inline {
+            if crate::on_io_thread() {
+                return sync(&mut buf).map(|()| buf);
+            }
+            if on_multi_thread_runtime() {
+                return tokio::task::block_in_place(|| sync(&mut buf)).map(|()| buf);
+            }
+        }
+        let r = match (&self.io, write) {
+            (Io::Ring(r), None) => r.read(offset, buf, 0).await,
+            (Io::Ring(r), Some(fua)) => r.write_back(offset, buf, fua).await,
+            (Io::Pool, _) => {
+                let file = self.file.clone();
+                blocking(move || {
+                    match write {
+                        None => transfer(&file, &mut buf, offset, 0, false),
+                        Some(fua) => write_at(&file, &mut buf, offset, fua),
+                    }
+                    .map(|()| buf)
+                })
+                .await
+            }
+        };
+        self.pace.engine_done(&turn);
+        r
+    }
+
     /// Fill `buf` with the bytes at `offset`: what the page cache holds on the calling thread,
     /// the rest through the engine.
     async fn read_buf(&self, offset: u64, mut buf: IoBuf) -> Result<IoBuf, BlockError> {
@@ -492,10 +599,15 @@ impl FileDriver {
                 .check(offset, buf.len())
                 .map_err(BlockError::ReadFailed)?;
             if align.fits(&buf) {
-                return self.read_engine(offset, buf, 0).await;
+                return self
+                    .direct_io(offset, buf, None)
+                    .await
+                    .map_err(BlockError::ReadFailed);
             }
             let (bounce, mem) = Aligned::buffer(buf.len(), align.memory, |_| {});
-            self.read_engine(offset, bounce, 0).await?;
+            self.direct_io(offset, bounce, None)
+                .await
+                .map_err(BlockError::ReadFailed)?;
             buf.copy_from(0, mem.bytes());
             return Ok(buf);
         }
@@ -529,21 +641,23 @@ impl FileDriver {
                 data = bounce;
             }
         }
-        // Direct writes wait for the device: never on the calling thread.
-        let fast = self.fast_paths && self.direct.is_none();
-        let in_flight = InFlight::enter(&self.writes_in_flight);
-        let alone = fast && in_flight.others == 0;
-        let r = match &self.io {
-            _ if fast && !fua && crate::on_io_thread() => {
-                write_at(&self.file, &mut data, offset, false)
-            }
-            Io::Ring(r) if !alone => r.write(offset, data, fua).await,
-            _ if alone && on_multi_thread_runtime() => {
-                tokio::task::block_in_place(|| write_at(&self.file, &mut data, offset, fua))
-            }
-            Io::Ring(_) | Io::Pool => {
-                let file = self.file.clone();
-                blocking(move || write_at(&file, &mut data, offset, fua)).await
+        let r = if self.direct.is_some() {
+            self.direct_io(offset, data, Some(fua)).await.map(drop)
+        } else {
+            let in_flight = InFlight::enter(&self.writes_in_flight);
+            let alone = self.fast_paths && in_flight.others == 0;
+            match &self.io {
+                _ if self.fast_paths && !fua && crate::on_io_thread() => {
+                    write_at(&self.file, &mut data, offset, false)
+                }
+                Io::Ring(r) if !alone => r.write(offset, data, fua).await,
+                _ if alone && on_multi_thread_runtime() => {
+                    tokio::task::block_in_place(|| write_at(&self.file, &mut data, offset, fua))
+                }
+                Io::Ring(_) | Io::Pool => {
+                    let file = self.file.clone();
+                    blocking(move || write_at(&file, &mut data, offset, fua)).await
+                }
             }
         };
         if fua {
@@ -630,6 +744,7 @@ impl FileDriver {
             fast_paths: opts.fast_paths,
             direct,
             writes_in_flight: AtomicUsize::new(0),
+            pace: DirectPace::default(),
             size,
             block_device,
             punch,
@@ -936,6 +1051,54 @@ impl Driver for FileDriver {
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
+
+    #[test]
+    fn direct_requests_run_inline_only_after_the_engine_saw_queue_depth_one() {
+        let pace = DirectPace::default();
+        // Nothing measured yet: the first lone request goes to the engine.
+        let t = pace.arrive(true);
+        assert!(!t.inline);
+        pace.engine_done(&t);
+        drop(t);
+        // It was alone throughout: the next INLINE_RUN lone requests run inline, then the
+        // engine measures again.
+        for _ in 0..INLINE_RUN {
+            assert!(pace.arrive(true).inline);
+        }
+        let probe = pace.arrive(true);
+        assert!(!probe.inline);
+        // Another request arrives while the probe is in flight: queue depth 2. Neither runs
+        // inline, and the probe's completion grants nothing.
+        let second = pace.arrive(true);
+        assert!(!second.inline);
+        pace.engine_done(&probe);
+        drop(probe);
+        pace.engine_done(&second);
+        drop(second);
+        assert!(!pace.arrive(true).inline);
+    }
+
+    #[test]
+    fn a_request_that_finds_another_in_flight_ends_the_inline_run() {
+        let pace = DirectPace::default();
+        let t = pace.arrive(true);
+        pace.engine_done(&t);
+        drop(t);
+        let first = pace.arrive(true);
+        assert!(first.inline);
+        // A second request while the first (inline, on another thread) is still in flight.
+        let second = pace.arrive(true);
+        assert!(!second.inline);
+        drop(first);
+        drop(second);
+        assert!(!pace.arrive(true).inline, "the run ended");
+        // Without the fast paths, never inline.
+        let pace = DirectPace::default();
+        let t = pace.arrive(false);
+        pace.engine_done(&t);
+        drop(t);
+        assert!(!pace.arrive(false).inline);
+    }
 
     #[test]
     fn a_full_file_system_is_no_space_not_a_write_error() {

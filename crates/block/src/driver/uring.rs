@@ -179,6 +179,17 @@ impl Ring {
             .map(drop)
     }
 
+    /// A write that gives the buffer back (for a bounce buffer's owner, or a caller that
+    /// reuses it).
+    pub(crate) async fn write_back(
+        &self,
+        offset: u64,
+        data: IoBuf,
+        dsync: bool,
+    ) -> io::Result<IoBuf> {
+        self.call(Op::Write { dsync }, offset, data, 0).await
+    }
+
     pub(crate) async fn fdatasync(&self) -> io::Result<()> {
         self.call(Op::Fsync, 0, IoBuf::default(), 0).await.map(drop)
     }
