@@ -10,7 +10,8 @@
 #   selftest   the harness itself, against what exists today: QEMU's own virtio-scsi + scsi-hd
 #              (one guest; LU reset), and sharedisk's iSCSI frontend reached through QEMU's
 #              iSCSI initiator and SCSI passthrough (one guest; the two-guest fence sequence)
-#   sharedisk  sharedisk's vhost-user-scsi frontend (`serve --vhost-user SOCKET`): one guest;
+#   sharedisk  sharedisk's vhost-user-scsi frontend (`serve --vhost-user SOCKET`): one guest
+#              (and one on an LU with direct I/O, `--direct`);
 #              one booted through SeaBIOS; two guests on two sockets (fence); mixed vhost-user
 #              + iSCSI (fence); LU reset; an LU added and removed while the guest runs
 #              (`sharedisk lu add|remove`, hotplug)
@@ -484,6 +485,18 @@ sharedisk() {
             daemon_stop
         fi
         case_end vhost-user.one guest
+    fi
+
+    if selected vhost-user/direct; then
+        # The same checks on an LU served with direct I/O: the guest's page-aligned buffers go
+        # to O_DIRECT as they are, others through the driver's aligned bounce buffer.
+        case_start vhost-user/direct
+        s1=$case_dir/vhost1.sock
+        if daemon_start "$case_dir" "$case_dir/disk.img" --vhost-user "$s1" --direct; then
+            one_guest vhost-user "vhost-user:$s1,num_queues=2" "$daemon_url"
+            daemon_stop
+        fi
+        case_end vhost-user.direct guest
     fi
 
     if selected vhost-user/seabios; then
