@@ -343,12 +343,13 @@ fn describe_listing(list: &Listing) -> String {
     let lu = |o: &mut String, at: &str, l: &crate::registry::LuListing| {
         let _ = writeln!(
             o,
-            "  {at:<18} {}  {} blocks of {} bytes, serial {}, pr name {}",
+            "  {at:<18} {}  {} blocks of {} bytes, serial {}, pr name {}{}",
             l.image.display(),
             l.blocks,
             l.block_size,
             l.serial,
-            l.name
+            l.name,
+            if l.direct { ", direct I/O" } else { "" }
         );
     };
     for s in &list.vhost {

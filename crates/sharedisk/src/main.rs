@@ -87,6 +87,10 @@ struct LuAddArgs {
     /// serves the image].
     #[arg(long)]
     block_size: Option<u32>,
+    /// Open the image with direct I/O (O_DIRECT) [default: as the LU that already serves
+    /// the image, else off].
+    #[arg(long)]
+    direct: bool,
 }
 
 #[derive(clap::Args)]
@@ -315,6 +319,7 @@ fn lu(cmd: LuCmd) -> anyhow::Result<()> {
                     file: a.file,
                     size,
                     block_size: a.block_size,
+                    direct: a.direct.then_some(true),
                     cwd,
                 }),
             )

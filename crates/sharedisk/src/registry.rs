@@ -33,6 +33,8 @@ struct Entry {
     /// Canonical image path.
     image: PathBuf,
     lu: Arc<scsi::LogicalUnit>,
+    /// Opened with direct I/O.
+    direct: bool,
     places: Vec<Place>,
 }
 
@@ -69,13 +71,21 @@ impl State {
         self.lus.iter().find(|e| e.image == image)
     }
 
-    /// Record that `lu` (the image `image`, canonical) is served at `place`.
-    pub fn serve(&mut self, image: PathBuf, lu: Arc<scsi::LogicalUnit>, place: Place) {
+    /// Record that `lu` (the image `image`, canonical, opened with direct I/O or not) is
+    /// served at `place`.
+    pub fn serve(
+        &mut self,
+        image: PathBuf,
+        lu: Arc<scsi::LogicalUnit>,
+        direct: bool,
+        place: Place,
+    ) {
         match self.lus.iter_mut().find(|e| e.image == image) {
             Some(e) => e.places.push(place),
             None => self.lus.push(Entry {
                 image,
                 lu,
+                direct,
                 places: vec![place],
             }),
         }
@@ -194,6 +204,7 @@ impl State {
             block_size: backend.block_size(),
             blocks: backend.capacity(),
             serial: e.lu.config().serial.clone(),
+            direct: e.direct,
             name: self.place_name(e.places[0]),
         }
     }
@@ -210,6 +221,9 @@ pub struct LuListing {
     pub block_size: u32,
     pub blocks: u64,
     pub serial: String,
+    /// Served with direct I/O.
+    #[serde(default)]
+    pub direct: bool,
     /// The name `sharedisk pr` knows the LU by.
     pub name: String,
 }
@@ -253,6 +267,9 @@ pub struct AddLu {
     /// Size to create the image with.
     pub size: Option<u64>,
     pub block_size: Option<u32>,
+    /// Direct I/O; `None` when not given.
+    #[serde(default)]
+    pub direct: Option<bool>,
     /// The operator's working folder.
     pub cwd: PathBuf,
 }
@@ -417,6 +434,14 @@ impl Registry {
                             backend.block_size()
                         ));
                     }
+                    if let Some(d) = req.direct.filter(|&d| d != e.direct) {
+                        return Err(format!(
+                            "Image {} is already served (as {name}) {} direct I/O: the same LU \
+                             is reused; leave out --direct",
+                            image.display(),
+                            if d { "without" } else { "with" }
+                        ));
+                    }
                     let bytes = backend.capacity() * u64::from(backend.block_size());
                     if let Some(size) = req.size.filter(|&size| size != bytes) {
                         return Err(format!(
@@ -425,14 +450,14 @@ impl Registry {
                             image.display()
                         ));
                     }
-                    Some((e.lu.clone(), name))
+                    Some((e.lu.clone(), name, e.direct))
                 }
             };
             let what = format!("{what}, target {} LUN {}", req.target, req.lun);
             (socket, image, existing, what)
         };
-        let (lu, reused) = match existing {
-            Some((lu, name)) => (lu, Some(name)),
+        let (lu, reused, direct) = match existing {
+            Some((lu, name, direct)) => (lu, Some(name), direct),
             None => {
                 let plan = LuPlan {
                     lun: u64::from(req.lun),
@@ -440,7 +465,7 @@ impl Registry {
                     size: req.size,
                     block_size: req.block_size.unwrap_or(512),
                     physical_block_size: None,
-                    direct: false,
+                    direct: req.direct.unwrap_or(false),
                     serial: None,
                     id: None,
                 };
@@ -448,7 +473,7 @@ impl Registry {
                 let lu = crate::serve::open_restored(&plan)
                     .await
                     .map_err(|e| format!("{e:#}"))?;
-                (lu, None)
+                (lu, None, plan.direct)
             }
         };
         let backend = lu.backend();
@@ -474,6 +499,7 @@ impl Registry {
         s.serve(
             image.clone(),
             lu,
+            direct,
             Place::Vhost {
                 socket,
                 target: req.target,

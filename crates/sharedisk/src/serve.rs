@@ -133,6 +133,7 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
             served.serve(
                 image,
                 opened.clone(),
+                lu.direct,
                 registry::Place::Iscsi {
                     target: index,
                     lun: lu.lun,
@@ -197,6 +198,7 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
             served.serve(
                 image,
                 lu.clone(),
+                l.lu.direct,
                 registry::Place::Vhost {
                     socket: i,
                     target: l.target,

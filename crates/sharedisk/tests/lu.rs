@@ -330,6 +330,54 @@ fn lus_come_and_go_on_a_vhost_socket_without_a_guest() {
     );
 }
 
+#[test]
+fn an_lu_added_with_direct_io_is_listed_so_and_a_shared_one_keeps_its_mode() {
+    let d = Daemon::start();
+    let vm1 = d.path("vm1.sock");
+    let vm1 = vm1.to_str().expect("UTF-8");
+    let vm2 = d.path("vm2.sock");
+    let vm2 = vm2.to_str().expect("UTF-8");
+    fn add<'a>(sock: &'a str, lun: &'a str, file: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut v = vec![
+            "lu",
+            "add",
+            "--vhost-user",
+            sock,
+            "--lun",
+            lun,
+            "--file",
+            file,
+        ];
+        v.extend_from_slice(extra);
+        v
+    }
+    d.ok(&add(vm1, "5", "d.img", &["--size", "1M", "--direct"]));
+    let listed = |d: &Daemon, file: &str| {
+        let list = d.list();
+        list["vhost"]
+            .as_array()
+            .expect("sockets")
+            .iter()
+            .flat_map(|s| s["lus"].as_array().expect("lus").clone())
+            .find(|l| l["image"].as_str().is_some_and(|i| i.ends_with(file)))
+            .unwrap_or_else(|| panic!("{file} not listed: {list}"))
+    };
+    assert_eq!(listed(&d, "d.img")["direct"], true);
+    assert_eq!(listed(&d, "c.img")["direct"], false);
+    assert!(d
+        .ok(&["lu", "list"])
+        .contains("d.img  2048 blocks of 512 bytes, serial"));
+    assert!(d.ok(&["lu", "list"]).contains(", direct I/O"));
+    // The same image elsewhere is the same LU, opened once: its mode cannot change.
+    d.fails(
+        &add(vm2, "5", "c.img", &["--direct"]),
+        "already served (as vhost:",
+    );
+    d.fails(&add(vm2, "5", "c.img", &["--direct"]), "without direct I/O");
+    d.ok(&add(vm2, "5", "d.img", &["--direct"]));
+    d.ok(&add(vm2, "6", "c.img", &[]));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_already_served_is_the_same_lu() {
     let d = Daemon::start();
