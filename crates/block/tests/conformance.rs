@@ -148,41 +148,29 @@ fn file_default(size: u64, bs: u32) -> Harness {
 // thread in front of io_uring). The temporary folder's file system must take direct I/O at
 // 512-byte offsets (ext4 or XFS on a 512-byte-sector disk, as on the project's machines);
 // otherwise the 512-byte cases fail at Backend::new, saying so.
-fn file_direct(size: u64, bs: u32) -> Harness {
+fn file_direct_with(size: u64, bs: u32, engine: EngineChoice, fast_paths: bool) -> Harness {
     file_opts(
         size,
         bs,
         FileOptions {
-            engine: EngineChoice::IoUring,
-            fast_paths: false,
+            engine,
+            fast_paths,
             direct: true,
             ..FileOptions::default()
         },
     )
 }
 
-fn file_direct_default(size: u64, bs: u32) -> Harness {
-    file_opts(
-        size,
-        bs,
-        FileOptions {
-            direct: true,
-            ..FileOptions::default()
-        },
-    )
+fn file_direct(size: u64, bs: u32) -> Harness {
+    file_direct_with(size, bs, EngineChoice::IoUring, false)
 }
 
 fn file_direct_pool(size: u64, bs: u32) -> Harness {
-    file_opts(
-        size,
-        bs,
-        FileOptions {
-            engine: EngineChoice::ThreadPool,
-            fast_paths: false,
-            direct: true,
-            ..FileOptions::default()
-        },
-    )
+    file_direct_with(size, bs, EngineChoice::ThreadPool, false)
+}
+
+fn file_direct_default(size: u64, bs: u32) -> Harness {
+    file_direct_with(size, bs, EngineChoice::Auto, true)
 }
 
 const MIB: u64 = 1 << 20;
