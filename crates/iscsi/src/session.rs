@@ -446,8 +446,7 @@ impl Pace {
     }
 }
 
-/// Watch the socket `fd` for received bytes for at most [`BUSY_POLL`], and once a PDU has begun
-/// to come, for its whole length ([`PDU_REST_WAIT`] at most). It first waits for the
+/// Watch the socket `fd` for received bytes for at most [`BUSY_POLL`]. It first waits for the
 /// writer to have sent what is queued (`queued`, `flushed`), so that the response just queued
 /// goes out before the watch begins, then peeks without blocking and without the reactor.
 /// (Waiting for the writer's word rather than yielding keeps the other workers asleep: a
@@ -466,47 +465,11 @@ async fn busy_poll(fd: std::os::fd::RawFd, queued: &AtomicUsize, flushed: &tokio
         }
     }
     let start = std::time::Instant::now();
-    // First the PDU's first bytes, then the rest of it: an initiator that writes the header
-    // and the data with two system calls sends two segments, and a reader that found only the
-    // header would sleep in the reactor for the data a few microseconds behind it.
-    let mut first: Option<std::time::Instant> = None;
-    let mut need: Option<usize> = None;
+    let mut byte = [0u8; 1];
     loop {
-        let Some(avail) = readable(fd) else {
-            return; // end of stream or an error: the reader meets it
-        };
-        if avail > 0 {
-            let since = *first.get_or_insert_with(std::time::Instant::now);
-            if need.is_none() && avail >= 48 {
-                need = pdu_length(fd);
-            }
-            if avail >= need.unwrap_or(48) || since.elapsed() >= PDU_REST_WAIT {
-                return;
-            }
-        } else if start.elapsed() >= BUSY_POLL {
-            return;
-        }
-        std::hint::spin_loop();
-    }
-}
-
-/// How long [`busy_poll`] waits for the rest of a PDU whose first bytes have come.
-const PDU_REST_WAIT: Duration = Duration::from_micros(20);
-
-/// Bytes received on socket `fd` and not yet read (FIONREAD); `None` at the end of the stream
-/// or on an error.
-fn readable(fd: std::os::fd::RawFd) -> Option<usize> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: `fd` is the connection's socket, open while its read half lives (the caller
-    // holds it); FIONREAD writes one int through the pointer, which points at `n`.
-    if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) } < 0 {
-        return None;
-    }
-    if n == 0 {
-        // Nothing yet, or the peer closed: a peek tells them apart.
-        let mut byte = [0u8; 1];
-        // SAFETY: as above; `byte` is a live, writable one-byte buffer for this call.
-        let r = unsafe {
+        // SAFETY: `fd` is the connection's socket, open while its read half lives (the caller
+        // holds it); `byte` is a live, writable one-byte buffer for this synchronous call.
+        let n = unsafe {
             libc::recv(
                 fd,
                 byte.as_mut_ptr().cast(),
@@ -514,39 +477,15 @@ fn readable(fd: std::os::fd::RawFd) -> Option<usize> {
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
             )
         };
-        if r == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock {
-            return None;
+        // Data (n > 0), end of stream (0) or an error other than "nothing yet": stop looking.
+        if n >= 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock {
+            return;
         }
+        if start.elapsed() >= BUSY_POLL {
+            return;
+        }
+        std::hint::spin_loop();
     }
-    usize::try_from(n).ok()
-}
-
-/// The length of the PDU whose BHS waits on `fd` (see [`pdu_total`]); `None` when the peek
-/// does not give the whole BHS.
-fn pdu_length(fd: std::os::fd::RawFd) -> Option<usize> {
-    let mut bhs = [0u8; 48];
-    // SAFETY: as in `readable`; `bhs` is a live, writable 48-byte buffer for this call.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            bhs.as_mut_ptr().cast(),
-            bhs.len(),
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    if n != 48 {
-        return None;
-    }
-    Some(pdu_total(&bhs))
-}
-
-/// A PDU's length from its BHS (RFC 7143 11.2.1: TotalAHSLength in 4-byte words at byte 4,
-/// DataSegmentLength at bytes 5-7, the data padded to 4 bytes). Digests, when negotiated, are
-/// not counted: the watch may then end a digest short, and the reader reads the rest itself.
-fn pdu_total(bhs: &[u8; 48]) -> usize {
-    let ahs = usize::from(bhs[4]) * 4;
-    let data = usize::from(bhs[5]) << 16 | usize::from(bhs[6]) << 8 | usize::from(bhs[7]);
-    48 + ahs + data.next_multiple_of(4)
 }
 
 impl Conn {
@@ -1735,46 +1674,6 @@ async fn write_result<W: AsyncWrite + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_pdus_length_comes_from_its_bhs() {
-        // SCSI Command (RFC 7143 11.3): opcode 01h, TotalAHSLength 0, DataSegmentLength
-        // 001000h (4096 bytes of immediate data).
-        let mut bhs = [0u8; 48];
-        bhs[0] = 0x01;
-        bhs[5..8].copy_from_slice(&[0x00, 0x10, 0x00]);
-        assert_eq!(pdu_total(&bhs), 48 + 4096);
-        // TotalAHSLength 2 (words: 8 bytes), DataSegmentLength 5 (padded to 8).
-        bhs[4] = 2;
-        bhs[5..8].copy_from_slice(&[0, 0, 5]);
-        assert_eq!(pdu_total(&bhs), 48 + 8 + 8);
-        // The largest: 255 AHS words and a 16 MiB - 1 data segment.
-        bhs[4] = 0xFF;
-        bhs[5..8].copy_from_slice(&[0xFF, 0xFF, 0xFF]);
-        assert_eq!(pdu_total(&bhs), 48 + 1020 + (1 << 24));
-    }
-
-    #[test]
-    fn the_watch_sees_what_waits_without_taking_it() {
-        use std::io::{Read, Write};
-        use std::os::fd::AsRawFd;
-        let (mut a, mut b) = std::os::unix::net::UnixStream::pair().expect("socket pair");
-        let fd = b.as_raw_fd();
-        assert_eq!(readable(fd), Some(0), "nothing yet");
-        let mut bhs = [0u8; 48];
-        bhs[0] = 0x01;
-        bhs[7] = 10; // DataSegmentLength 10, padded to 12
-        a.write_all(&bhs[..20]).expect("write");
-        assert_eq!(readable(fd), Some(20));
-        a.write_all(&bhs[20..]).expect("write");
-        assert_eq!(pdu_length(fd), Some(48 + 12));
-        // Peeking took nothing.
-        let mut got = [0u8; 48];
-        b.read_exact(&mut got).expect("read");
-        assert_eq!(got, bhs);
-        drop(a);
-        assert_eq!(readable(fd), None, "the peer closed");
-    }
 
     #[test]
     fn the_reader_watches_only_at_a_queue_depth_1_pace() {
