@@ -80,8 +80,8 @@
 //! /var/tmp/e.img 3 1024` on this project's 2-core VM (ext4 on virtio), direct 4 KiB random
 //! I/O, IOPS: io_uring alone 14.2k reads and 10.7k writes at depth 1, 63.1k and 30.2k at 32;
 //! the default 19.2k and 16.9k at depth 1, 68.8k and 42.2k at 32; fio (io_uring, direct) on
-//! the same file 20.9k reads and 15.3k writes at depth 1, 82k reads at 32. A flush is still an `fdatasync` (the
-//! device's write cache, and metadata of blocks written for the first time).
+//! the same file 20.9k reads and 15.3k writes at depth 1, 82k reads at 32. A flush is still an
+//! `fdatasync` (the device's write cache, and metadata of blocks written for the first time).
 //!
 //! **Durability.** FUA writes are `RWF_DSYNC` writes on io_uring and `pwrite` + `fdatasync` on the
 //! thread pool; flush is `fdatasync`. Either way the data is on stable storage before the call
@@ -149,7 +149,8 @@ pub struct FileOptions {
     /// Submission queue entries of the io_uring (the most requests in flight at once).
     pub ring_entries: u32,
     /// Serve page-cache hits and lone writes on the calling thread,
-    /// whatever the engine; see the module docs. Direct I/O has none.
+    /// whatever the engine; with direct I/O, requests at queue depth 1 on the calling thread.
+    /// See the module docs.
     pub fast_paths: bool,
     /// Direct I/O (`O_DIRECT`): every read and write goes to the device, past the page cache;
     /// see the module docs.
