@@ -200,9 +200,10 @@ for ((r = 1; r <= rounds; r++)); do
     done
 done
 
-median() { # VALUES...: the median (the lower middle one of an even count), or nothing
+median() { # VALUES...: the median (the mean of the two middle ones of an even count), or nothing
     (($#)) || return 0
-    printf '%s\n' "$@" | sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'
+    printf '%s\n' "$@" | sort -n |
+        awk '{ v[NR] = $1 } END { m = int((NR + 1) / 2); printf "%d\n", NR % 2 ? v[m] : (v[m] + v[m + 1]) / 2 }'
 }
 ratio() {
     if [[ -n $1 && -n $2 && $2 != 0 ]]; then
