@@ -258,6 +258,15 @@ fn write_at(file: &File, data: &mut IoBuf, offset: u64, fua: bool) -> io::Result
     Ok(())
 }
 
+/// A synchronous direct read (`write` is `None`) or write (with FUA when `Some(true)`) of all
+/// of `buf`: the calling thread's path and the thread pool's.
+fn direct_sync(file: &File, buf: &mut IoBuf, offset: u64, write: Option<bool>) -> io::Result<()> {
+    match write {
+        None => transfer(file, buf, offset, 0, false),
+        Some(fua) => write_at(file, buf, offset, fua),
+    }
+}
+
 /// `tokio::task::block_in_place` panics on a current-thread runtime; there the pool takes a
 /// lone write instead.
 fn on_multi_thread_runtime() -> bool {
@@ -558,17 +567,16 @@ impl FileDriver {
     /// engine otherwise.
     async fn direct_io(&self, offset: u64, buf: IoBuf, write: Option<bool>) -> io::Result<IoBuf> {
         let mut buf = buf;
-        let sync = |buf: &mut IoBuf| match write {
-            None => transfer(&self.file, buf, offset, 0, false),
-            Some(fua) => write_at(&self.file, buf, offset, fua),
-        };
         let turn = self.pace.arrive(self.fast_paths);
         if turn.inline {
             if crate::on_io_thread() {
-                return sync(&mut buf).map(|()| buf);
+                return direct_sync(&self.file, &mut buf, offset, write).map(|()| buf);
             }
             if on_multi_thread_runtime() {
-                return tokio::task::block_in_place(|| sync(&mut buf)).map(|()| buf);
+                return tokio::task::block_in_place(|| {
+                    direct_sync(&self.file, &mut buf, offset, write)
+                })
+                .map(|()| buf);
             }
         }
         let r = match (&self.io, write) {
@@ -576,14 +584,7 @@ impl FileDriver {
             (Io::Ring(r), Some(fua)) => r.write_back(offset, buf, fua).await,
             (Io::Pool, _) => {
                 let file = self.file.clone();
-                blocking(move || {
-                    match write {
-                        None => transfer(&file, &mut buf, offset, 0, false),
-                        Some(fua) => write_at(&file, &mut buf, offset, fua),
-                    }
-                    .map(|()| buf)
-                })
-                .await
+                blocking(move || direct_sync(&file, &mut buf, offset, write).map(|()| buf)).await
             }
         };
         self.pace.engine_done(&turn);
@@ -631,7 +632,7 @@ impl FileDriver {
             self.check_sync()?;
         }
         let mut data = data;
-        if let Some(align) = self.direct {
+        let r = if let Some(align) = self.direct {
             align
                 .check(offset, data.len())
                 .map_err(BlockError::WriteFailed)?;
@@ -641,8 +642,6 @@ impl FileDriver {
                 });
                 data = bounce;
             }
-        }
-        let r = if self.direct.is_some() {
             self.direct_io(offset, data, Some(fua)).await.map(drop)
         } else {
             let in_flight = InFlight::enter(&self.writes_in_flight);

@@ -174,9 +174,7 @@ impl Ring {
     }
 
     pub(crate) async fn write(&self, offset: u64, data: IoBuf, dsync: bool) -> io::Result<()> {
-        self.call(Op::Write { dsync }, offset, data, 0)
-            .await
-            .map(drop)
+        self.write_back(offset, data, dsync).await.map(drop)
     }
 
     /// A write that gives the buffer back (for a bounce buffer's owner, or a caller that
