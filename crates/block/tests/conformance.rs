@@ -96,20 +96,13 @@ fn mem(size: u64, bs: u32) -> Harness {
     harness(Arc::new(MemDriver::new(size)), bs, None)
 }
 
-fn file_with(size: u64, bs: u32, engine: EngineChoice, fast_paths: bool) -> Harness {
-    file_opts(
-        size,
-        bs,
-        FileOptions {
-            engine,
-            fast_paths,
-            ..FileOptions::default()
-        },
-    )
-}
-
-fn file_opts(size: u64, bs: u32, opts: FileOptions) -> Harness {
-    let engine = opts.engine;
+fn file_with(size: u64, bs: u32, engine: EngineChoice, fast_paths: bool, direct: bool) -> Harness {
+    let opts = FileOptions {
+        engine,
+        fast_paths,
+        direct,
+        ..FileOptions::default()
+    };
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("disk.img");
     let d = FileDriver::open_with(&path, Some(size), &opts).expect("open");
@@ -133,44 +126,31 @@ fn file_opts(size: u64, bs: u32, opts: FileOptions) -> Harness {
 // The engines on their own (every request goes through them), and the default: the fast
 // paths (page-cache hits and lone writes on the calling thread) in front of the default engine.
 fn file_uring(size: u64, bs: u32) -> Harness {
-    file_with(size, bs, EngineChoice::IoUring, false)
+    file_with(size, bs, EngineChoice::IoUring, false, false)
 }
 
 fn file_pool(size: u64, bs: u32) -> Harness {
-    file_with(size, bs, EngineChoice::ThreadPool, false)
+    file_with(size, bs, EngineChoice::ThreadPool, false, false)
 }
 
 fn file_default(size: u64, bs: u32) -> Harness {
-    file_with(size, bs, EngineChoice::Auto, true)
+    file_with(size, bs, EngineChoice::Auto, true, false)
 }
 
 // Direct I/O (O_DIRECT): each engine on its own, and the default (lone requests on the calling
 // thread in front of io_uring). The temporary folder's file system must take direct I/O at
 // 512-byte offsets (ext4 or XFS on a 512-byte-sector disk, as on the project's machines);
 // otherwise the 512-byte cases fail at Backend::new, saying so.
-fn file_direct_with(size: u64, bs: u32, engine: EngineChoice, fast_paths: bool) -> Harness {
-    file_opts(
-        size,
-        bs,
-        FileOptions {
-            engine,
-            fast_paths,
-            direct: true,
-            ..FileOptions::default()
-        },
-    )
-}
-
 fn file_direct(size: u64, bs: u32) -> Harness {
-    file_direct_with(size, bs, EngineChoice::IoUring, false)
+    file_with(size, bs, EngineChoice::IoUring, false, true)
 }
 
 fn file_direct_pool(size: u64, bs: u32) -> Harness {
-    file_direct_with(size, bs, EngineChoice::ThreadPool, false)
+    file_with(size, bs, EngineChoice::ThreadPool, false, true)
 }
 
 fn file_direct_default(size: u64, bs: u32) -> Harness {
-    file_direct_with(size, bs, EngineChoice::Auto, true)
+    file_with(size, bs, EngineChoice::Auto, true, true)
 }
 
 const MIB: u64 = 1 << 20;
