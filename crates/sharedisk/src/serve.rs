@@ -37,7 +37,7 @@ fn open_lu(plan: &LuPlan) -> anyhow::Result<Arc<scsi::LogicalUnit>> {
             if busy {
                 e.context(format!(
                     "Image {} is in use: another process holds its lock (is another sharedisk \
-                 serving it?)",
+                     serving it?)",
                     path.display()
                 ))
             } else {
