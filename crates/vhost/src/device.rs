@@ -315,8 +315,8 @@ impl Device {
         self.wakes.get(thread).map(AsRawFd::as_raw_fd)
     }
 
-    /// Whether the wake eventfd of `thread` was written since it was last read (tests).
-    #[cfg(test)]
+    /// Whether the wake eventfd of `thread` was written since it was last read (tests and
+    /// the fuzzing entry point).
     pub(crate) fn wake_pending(&self, thread: usize) -> bool {
         self.wakes.get(thread).is_some_and(|fd| fd.read().is_ok())
     }
@@ -577,6 +577,17 @@ impl Device {
                     .get_queue_mut()
                     .pop_descriptor_chain(mem.clone());
                 let Some(chain) = chain else {
+                    if Self::avail_ahead(vring, &mem).is_none() {
+                        // The avail index is more than a queue size ahead of what was
+                        // popped (virtio 2.7.13.3 forbids it): no pop can ever consume it.
+                        // Stop here rather than spin on it; the queue stays stalled until
+                        // the driver resets the device.
+                        tracing::warn!(
+                            queue,
+                            "Driver's avail index is out of range; queue ignored"
+                        );
+                        return;
+                    }
                     break;
                 };
                 let head = chain.head_index();
@@ -629,20 +640,29 @@ impl Device {
         }
         let start = std::time::Instant::now();
         loop {
-            let waiting = {
-                let st = vring.get_ref();
-                let q = st.get_queue();
-                q.avail_idx(&**mem, std::sync::atomic::Ordering::Acquire)
-                    .is_ok_and(|idx| idx.0 != q.next_avail())
-            };
-            if waiting {
-                return true;
+            match Self::avail_ahead(vring, mem) {
+                Some(0) => {}
+                Some(_) => return true,
+                None => return false,
             }
             if start.elapsed() >= AVAIL_POLL {
                 return false;
             }
             std::thread::yield_now();
         }
+    }
+
+    /// How many chains the driver has made available that were not popped yet; `None` when
+    /// the avail index cannot be read or is more than a queue size ahead, which a pop
+    /// refuses.
+    fn avail_ahead(vring: &Vring, mem: &Mem) -> Option<u16> {
+        let st = vring.get_ref();
+        let q = st.get_queue();
+        let idx = q
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+            .ok()?;
+        let ahead = idx.0.wrapping_sub(q.next_avail());
+        (ahead <= q.size()).then_some(ahead)
     }
 
     /// One request queue request (virtio 5.6.6.1).
