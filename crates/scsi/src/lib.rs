@@ -226,4 +226,124 @@ pub mod fuzzing {
         }
         let _ = crate::pr::transport_id::decode(data, crate::Transport::Iscsi);
     }
+
+    /// Run `data` as a sequence of commands, from two I_T nexuses, against LUs on memory disks
+    /// (64 blocks of 512 bytes and 8 of 4096), through the whole dispatcher: CDB checks,
+    /// reservations, unit attentions, every executor, the block layer. Each command is
+    /// `[flags, cdb_len, cdb.., out_len (2 bytes, big-endian), out.., in_len (2 bytes)]`;
+    /// `flags` bit 0 picks the nexus and bit 1 the LU. A panic, or a CHECK CONDITION without
+    /// sense data, is a failure.
+    pub fn execute(data: &[u8]) {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
+            return;
+        };
+        rt.block_on(execute_on(data));
+    }
+
+    async fn run_one(
+        target: &crate::Target,
+        nexus: &std::sync::Arc<crate::ItNexus>,
+        lun: u64,
+        tag: u64,
+        cdb: Vec<u8>,
+        out: Vec<u8>,
+        in_len: u32,
+    ) {
+        let cmd = crate::Command {
+            nexus: nexus.clone(),
+            lun,
+            tag,
+            attr: crate::TaskAttr::Simple,
+            cdb,
+            data_out: out.into(),
+            data_in_len: in_len,
+            data_in_buf: None,
+        };
+        if let crate::Completion::Done(r) = target.execute(cmd).await {
+            assert!(
+                r.status != crate::Status::CHECK_CONDITION || r.sense.len() >= 8,
+                "CHECK CONDITION without sense data"
+            );
+        }
+    }
+
+    async fn execute_on(data: &[u8]) {
+        let config = |serial: &str| crate::LuConfig {
+            vendor: "SHAREDSK".into(),
+            product: "fuzz".into(),
+            revision: "0001".into(),
+            serial: serial.into(),
+            id: 0x5348_4152_4544_0001,
+        };
+        let mut target = crate::Target::new();
+        for (lun, blocks, bs) in [(0u64, 64u64, 512u32), (1, 8, 4096)] {
+            let driver =
+                std::sync::Arc::new(block::driver::mem::MemDriver::new(blocks * u64::from(bs)));
+            let Ok(backend) = block::Backend::new(driver, bs) else {
+                return;
+            };
+            target.add_lu(
+                lun,
+                std::sync::Arc::new(crate::LogicalUnit::new(backend, config("fuzz"))),
+            );
+        }
+        let nexus = |name: &str, isid: u8| {
+            std::sync::Arc::new(crate::ItNexus {
+                initiator: crate::InitiatorPort {
+                    transport: crate::Transport::Iscsi,
+                    name: name.into(),
+                    isid: Some([0x80, 0, 0, 0, 0, isid]),
+                },
+                target: crate::TargetPort {
+                    name: "iqn.2026-01.io.sharedisk:target".into(),
+                    tpgt: 1,
+                    relative_id: 1,
+                },
+            })
+        };
+        let nexuses = [
+            nexus("iqn.2026-01.io.sharedisk:fuzz-a", 1),
+            nexus("iqn.2026-01.io.sharedisk:fuzz-b", 2),
+        ];
+        // The power-on unit attentions first, so that the input's commands reach their
+        // executors.
+        let mut tag = 0u64;
+        for n in &nexuses {
+            for lun in 0..2 {
+                tag += 1;
+                run_one(&target, n, lun, tag, vec![0; 6], Vec::new(), 0).await;
+            }
+        }
+        let mut rest = data;
+        let mut take = |n: usize| {
+            let (head, tail) = rest.split_at(n.min(rest.len()));
+            rest = tail;
+            head
+        };
+        while let [flags, cdb_len] = take(2) {
+            let (flags, cdb_len) = (*flags, *cdb_len);
+            let cdb = take(usize::from(cdb_len % 33)).to_vec();
+            let out_len = match take(2) {
+                [a, b] => usize::from(u16::from_be_bytes([*a, *b])),
+                _ => 0,
+            };
+            let out = take(out_len).to_vec();
+            let in_len = match take(2) {
+                [a, b] => u32::from(u16::from_be_bytes([*a, *b])),
+                _ => 0,
+            };
+            tag += 1;
+            let n = &nexuses[usize::from(flags & 1)];
+            run_one(
+                &target,
+                n,
+                u64::from((flags >> 1) & 1),
+                tag,
+                cdb,
+                out,
+                in_len,
+            )
+            .await;
+        }
+    }
 }

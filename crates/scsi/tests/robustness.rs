@@ -83,3 +83,24 @@ fn fuzzing_entry_point_accepts_arbitrary_bytes() {
         scsi::fuzzing::cdb(&data);
     }
 }
+
+#[test]
+fn execution_fuzzing_entry_point_accepts_arbitrary_bytes() {
+    let mut rng = XorShift(7);
+    scsi::fuzzing::execute(&[]);
+    // One well-formed command: flags 0 (first nexus, LU 0), a 10-byte WRITE(10) of one
+    // block at LBA 0 (SBC-4 5.36), 512 bytes of data-out, no data-in.
+    let mut input = vec![0x00, 10, 0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0x02, 0x00];
+    input.extend([0xA5; 512]);
+    input.extend([0, 0]);
+    scsi::fuzzing::execute(&input);
+    for _ in 0..2_000 {
+        let len = (rng.next() % 256) as usize;
+        let mut data: Vec<u8> = (0..len).map(|_| rng.byte()).collect();
+        // Mostly supported opcodes, so commands reach their executors.
+        if let Some(b) = data.get_mut(2) {
+            *b = OPCODES[(rng.next() as usize) % OPCODES.len()];
+        }
+        scsi::fuzzing::execute(&data);
+    }
+}

@@ -95,6 +95,7 @@
 //! attentions on its next command.
 
 mod device;
+pub mod fuzzing;
 mod sg;
 pub mod wire;
 
