@@ -6,11 +6,11 @@
 # RUSTC_BOOTSTRAP=1 lets this stable rustc accept those flags. That is the documented escape
 # hatch for using unstable features on a stable compiler; it is set only for this build.
 #
-# To fuzz for real: cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run cdb   (or iscsi_pdu, login_text, scsi_exec, vhost_queues)
+# To fuzz for real: cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run cdb   (or iscsi_pdu, login_text, iscsi_session, scsi_exec, vhost_queues)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-targets=(cdb iscsi_pdu login_text scsi_exec vhost_queues)
+targets=(cdb iscsi_pdu login_text iscsi_session scsi_exec vhost_queues)
 
 if ! command -v cargo-fuzz >/dev/null; then
     cargo install cargo-fuzz --locked

@@ -464,6 +464,130 @@ pub mod fuzzing {
         }
     }
 
+    /// The target every [`session`] input logs in to: LUN 0 on a 64-block memory disk,
+    /// served on loopback by a runtime of its own for the life of the process.
+    fn session_server() -> Option<&'static (tokio::runtime::Runtime, SocketAddr)> {
+        static SERVER: std::sync::OnceLock<Option<(tokio::runtime::Runtime, SocketAddr)>> =
+            std::sync::OnceLock::new();
+        SERVER
+            .get_or_init(|| {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .ok()?;
+                let backend = block::Backend::new(
+                    Arc::new(block::driver::mem::MemDriver::new(64 * 512)),
+                    512,
+                )
+                .ok()?;
+                let mut t = scsi::Target::new();
+                t.add_lu(
+                    0,
+                    Arc::new(scsi::LogicalUnit::new(
+                        backend,
+                        scsi::LuConfig {
+                            vendor: "SHAREDSK".into(),
+                            product: "fuzz".into(),
+                            revision: "0001".into(),
+                            serial: "iscsi-fuzz".into(),
+                            id: 0x5348_4152_4544_0003,
+                        },
+                    )),
+                );
+                let server = Server::new(ServerConfig {
+                    targets: vec![TargetConfig {
+                        name: SESSION_TARGET.into(),
+                        alias: None,
+                        scsi: Arc::new(t),
+                        allowed_initiators: None,
+                        auth: Auth::default(),
+                        tpgt: 1,
+                    }],
+                    discovery_auth: Auth::default(),
+                    portals: Vec::new(),
+                });
+                let listener = rt.block_on(TcpListener::bind("127.0.0.1:0")).ok()?;
+                let addr = listener.local_addr().ok()?;
+                rt.spawn(server.serve(listener));
+                Some((rt, addr))
+            })
+            .as_ref()
+    }
+
+    const SESSION_TARGET: &str = "iqn.2026-01.io.sharedisk:fuzz";
+
+    /// Log in to a normal session (answering whatever the target offers with its own value),
+    /// then send `data` as the rest of the connection's bytes: PDUs of the full feature phase
+    /// (SCSI commands, Data-Out, task management, NOP-Out, text, logout, or garbage), and
+    /// read what comes back until the target closes the connection. A panic anywhere in the
+    /// target (libFuzzer turns one in any thread into a crash) is a failure; so is a
+    /// connection the target never closes after the initiator's end of it closed (the
+    /// fuzzer's timeout). Returns how many bytes the target sent after the login (none when
+    /// the login failed).
+    pub fn session(data: &[u8]) -> usize {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Some((rt, addr)) = session_server() else {
+            return 0;
+        };
+        let addr = *addr;
+        // A client runtime of its own per input: the server's keeps serving.
+        let Ok(client) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return 0;
+        };
+        let _server = rt;
+        client.block_on(async move {
+            let Ok(mut s) = TcpStream::connect(addr).await else {
+                return 0;
+            };
+            let mut keys = format!(
+                "InitiatorName=iqn.2026-01.io.sharedisk:fuzzer\0SessionType=Normal\0\
+                 TargetName={SESSION_TARGET}\0"
+            );
+            for round in 0..4u32 {
+                let mut bhs = [0u8; 48];
+                bhs[0] = 0x43; // I=1, Login Request (RFC 7143 11.12)
+                bhs[1] = 0x87; // T=1, CSG=1 (operational), NSG=3 (full feature)
+                bhs[5..8].copy_from_slice(&(keys.len() as u32).to_be_bytes()[1..]);
+                bhs[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0, 1]); // ISID
+                bhs[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
+                bhs[28..32].copy_from_slice(&round.to_be_bytes()); // ExpStatSN
+                let mut pdu = bhs.to_vec();
+                pdu.extend_from_slice(keys.as_bytes());
+                pdu.resize(pdu.len().div_ceil(4) * 4, 0);
+                if s.write_all(&pdu).await.is_err() {
+                    return 0;
+                }
+                let mut rh = [0u8; 48];
+                if s.read_exact(&mut rh).await.is_err() {
+                    return 0;
+                }
+                let len = usize::from(rh[5]) << 16 | usize::from(rh[6]) << 8 | usize::from(rh[7]);
+                let mut text = vec![0u8; len.div_ceil(4) * 4];
+                if s.read_exact(&mut text).await.is_err() || rh[36] != 0 {
+                    return 0;
+                }
+                if rh[1] & 0x80 != 0 && rh[1] & 0x03 == 3 {
+                    break; // T=1 NSG=3: full feature phase
+                }
+                text.truncate(len);
+                // Accept every value the target offered.
+                keys = String::from_utf8_lossy(&text).into_owned();
+            }
+            let _ = s.write_all(data).await;
+            let _ = s.shutdown().await;
+            let mut sink = vec![0u8; 64 * 1024];
+            let mut got = 0;
+            while let Ok(n @ 1..) = s.read(&mut sink).await {
+                got += n;
+            }
+            got
+        })
+    }
+
     /// Parse `data` as login text, negotiate every key, and run it through the login state
     /// machine as the text of a Login Request.
     pub fn login_text(data: &[u8]) {
@@ -652,5 +776,31 @@ mod tests {
         }
         login.clear();
         pdu.clear();
+    }
+
+    /// The session entry point logs in and reaches the full feature phase: a NOP-Out that
+    /// asks for an answer (RFC 7143 11.18) gets a 48-byte NOP-In, a Logout Request (11.14) a
+    /// 48-byte Logout Response, and garbage after the login ends the connection.
+    #[test]
+    fn fuzz_session_entry_point_reaches_the_full_feature_phase() {
+        let mut nop = [0u8; 48];
+        nop[0] = 0x40; // I=1, NOP-Out
+        nop[1] = 0x80; // F=1
+        nop[16..20].copy_from_slice(&7u32.to_be_bytes()); // ITT
+        nop[20..24].copy_from_slice(&[0xFF; 4]); // TTT 0xFFFFFFFF: not an answer
+        nop[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
+        assert_eq!(super::fuzzing::session(&nop), 48);
+        let mut logout = [0u8; 48];
+        logout[0] = 0x46; // I=1, Logout Request
+        logout[1] = 0x80; // F=1, reason 0: close the session
+        logout[16..20].copy_from_slice(&8u32.to_be_bytes()); // ITT
+        logout[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
+        assert_eq!(super::fuzzing::session(&logout), 48);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7143);
+        for _ in 0..200 {
+            let n = rng.gen_range(0..400);
+            let random: Vec<u8> = (0..n).map(|_| rng.gen()).collect();
+            super::fuzzing::session(&random);
+        }
     }
 }
