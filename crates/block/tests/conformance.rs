@@ -935,6 +935,75 @@ mod file_only {
         }
     }
 
+    /// Ask the kernel to drop the file's clean cached pages in `[offset, offset + len)`
+    /// (POSIX_FADV_DONTNEED keeps dirty pages and pages under writeback).
+    fn drop_clean_pages(path: &std::path::Path, offset: u64, len: u64) {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(path).expect("open");
+        // SAFETY: plain system call on an open descriptor.
+        let r = unsafe {
+            libc::posix_fadvise(
+                f.as_raw_fd(),
+                offset as libc::off_t,
+                len as libc::off_t,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+        assert_eq!(r, 0);
+    }
+
+    /// A FUA write puts its own range on stable storage and leaves the image's other dirty
+    /// pages to writeback (an `fdatasync` would write them all first: a FUA write in a busy
+    /// image could then take as long as writing back everything). Seen through the page
+    /// cache: after the FUA write, the FUA range is clean (dropped on request) and the
+    /// earlier plain write is still dirty (kept). Needs a file system with writeback (not
+    /// tmpfs) under the temporary folder.
+    async fn a_fua_write_syncs_only_its_own_range(engine: EngineChoice, fast_paths: bool) {
+        let opts = FileOptions {
+            engine,
+            fast_paths,
+            ..FileOptions::default()
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk.img");
+        let d = FileDriver::open_with(&path, Some(8 * MIB), &opts).expect("open");
+        d.write(0, pattern(MIB as usize, 3), false)
+            .await
+            .expect("plain write");
+        let fua = pattern(64 * 1024, 4);
+        d.write(4 * MIB, fua.clone(), true)
+            .await
+            .expect("fua write");
+        drop_clean_pages(&path, 4 * MIB, fua.len() as u64);
+        assert_eq!(
+            cached_pages(&path, 4 * MIB as usize, fua.len()),
+            0,
+            "the FUA write's pages are on stable storage, so clean"
+        );
+        drop_clean_pages(&path, 0, MIB);
+        assert!(
+            cached_pages(&path, 0, MIB as usize) > 0,
+            "the earlier plain write was written back by the FUA write"
+        );
+        assert_eq!(d.read(4 * MIB, fua.len()).await.expect("read"), fua);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fua_write_syncs_only_its_own_range_uring() {
+        a_fua_write_syncs_only_its_own_range(EngineChoice::IoUring, false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fua_write_syncs_only_its_own_range_pool() {
+        a_fua_write_syncs_only_its_own_range(EngineChoice::ThreadPool, false).await;
+    }
+
+    /// A lone FUA write runs on the calling thread (`block_in_place`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fua_write_syncs_only_its_own_range_calling_thread() {
+        a_fua_write_syncs_only_its_own_range(EngineChoice::Auto, true).await;
+    }
+
     fn open_direct(path: &std::path::Path, engine: EngineChoice) -> FileDriver {
         let opts = FileOptions {
             engine,

@@ -83,9 +83,10 @@
 //! the same file 20.9k reads and 15.3k writes at depth 1, 82k reads at 32. A flush is still an
 //! `fdatasync` (the device's write cache, and metadata of blocks written for the first time).
 //!
-//! **Durability.** FUA writes are `RWF_DSYNC` writes on io_uring and `pwrite` + `fdatasync` on the
-//! thread pool; flush is `fdatasync`. Either way the data is on stable storage before the call
-//! returns.
+//! **Durability.** FUA writes are `RWF_DSYNC` writes on every path (io_uring, the thread pool,
+//! the calling thread): the write's range reaches stable storage before the call returns,
+//! without first writing back the image's other dirty pages, as an `fdatasync` would. Flush
+//! is `fdatasync`.
 //!
 //! **Reservations.** The persistent reservation state is kept in a sidecar file next to the
 //! image, `<image>.pr`, written crash-safely; see [`super::sidecar`]. For a block device that
@@ -217,17 +218,19 @@ fn read_cached(file: &File, buf: &mut IoBuf, offset: u64) -> usize {
 }
 
 /// Move all of `buf` from byte `done` on to (`write`) or from the file at `offset + done`,
-/// continuing after short transfers. A read that reaches the end of the file is
-/// `UnexpectedEof`; a write that moves nothing is `WriteZero`.
+/// continuing after short transfers, each call with `preadv2`/`pwritev2` `flags`. A read
+/// that reaches the end of the file is `UnexpectedEof`; a write that moves nothing is
+/// `WriteZero`.
 fn transfer(
     file: &File,
     buf: &mut IoBuf,
     offset: u64,
     mut done: usize,
     write: bool,
+    flags: libc::c_int,
 ) -> io::Result<()> {
     while done < buf.len() {
-        match vectored(file, buf, offset, done, write, 0) {
+        match vectored(file, buf, offset, done, write, flags) {
             Ok(0) if write => {
                 return Err(io::Error::new(
                     io::ErrorKind::WriteZero,
@@ -248,21 +251,21 @@ fn transfer(
     Ok(())
 }
 
-/// Write all of `data` at `offset`, then `fdatasync` when `fua`: the synchronous write of
-/// the thread pool and of the calling thread.
+/// Write all of `data` at `offset`: the synchronous write of the thread pool and of the
+/// calling thread. With `fua`, `RWF_DSYNC` (as the io_uring engine does): this write's range
+/// and the metadata to find it reach stable storage before the call returns, and a writeback
+/// error of the file since the last check is reported, but the image's other dirty pages
+/// are left to writeback; an `fdatasync` would write them all first.
 fn write_at(file: &File, data: &mut IoBuf, offset: u64, fua: bool) -> io::Result<()> {
-    transfer(file, data, offset, 0, true)?;
-    if fua {
-        file.sync_data()?;
-    }
-    Ok(())
+    let flags = if fua { libc::RWF_DSYNC } else { 0 };
+    transfer(file, data, offset, 0, true, flags)
 }
 
 /// A synchronous direct read (`write` is `None`) or write (with FUA when `Some(true)`) of all
 /// of `buf`: the calling thread's path and the thread pool's.
 fn direct_sync(file: &File, buf: &mut IoBuf, offset: u64, write: Option<bool>) -> io::Result<()> {
     match write {
-        None => transfer(file, buf, offset, 0, false),
+        None => transfer(file, buf, offset, 0, false, 0),
         Some(fua) => write_at(file, buf, offset, fua),
     }
 }
@@ -514,10 +517,10 @@ pub struct FileDriver {
     alloc_unit: u64,
     /// Cleared once the file system refuses `FALLOC_FL_ZERO_RANGE`.
     zero_range: AtomicBool,
-    /// Set by the first failed `fdatasync` (a flush or a FUA write). Linux reports a writeback
-    /// error to one sync only and may already have dropped the dirty pages, so a later sync
-    /// that succeeds proves nothing: from then on every flush and FUA write fails until the
-    /// image is reopened.
+    /// Set by the first failed sync (a flush's `fdatasync` or a FUA write's `RWF_DSYNC`).
+    /// Linux reports a writeback error to one sync only and may already have dropped the
+    /// dirty pages, so a later sync that succeeds proves nothing: from then on every flush
+    /// and FUA write fails until the image is reopened.
     sync_failed: AtomicBool,
     /// The persistent reservation state, in the sidecar file `<image>.pr`.
     reservations: Arc<SidecarStore>,
@@ -556,7 +559,8 @@ impl FileDriver {
             Io::Pool => {
                 let file = self.file.clone();
                 let mut buf = buf;
-                blocking(move || transfer(&file, &mut buf, offset, done, false).map(|()| buf)).await
+                blocking(move || transfer(&file, &mut buf, offset, done, false, 0).map(|()| buf))
+                    .await
             }
         }
         .map_err(BlockError::ReadFailed)
