@@ -4,12 +4,14 @@
 //! must not touch memory outside the guest's (vm-memory checks every access).
 //!
 //! Layout of the guest's 1 MiB: the control queue's descriptor table, avail and used rings at
-//! 0x0000/0x0100/0x0200, the request queue's at 0x1000/0x1100/0x1200 (queue size 16), and the
-//! input's remaining bytes from 0x2000 on. The input is, per queue (control, then request):
-//! one byte of how many heads to make available (low 5 bits), 16 descriptors of 8 bytes
-//! (address: 3 bytes, so that one in sixteen lies in guest memory; length: 2 bytes, its top
-//! bit making it 2^31 + the rest; flags: 1 byte, as the raw field's low byte; next: 2 bytes),
-//! then the heads (2 bytes each).
+//! 0x0000/0x0100/0x0200, the event queue's at 0x0400/0x0500/0x0600, the request queue's at
+//! 0x1000/0x1100/0x1200 (queue size 16), and the input's remaining bytes from 0x2000 on. The
+//! input is, per queue (control, event, request): one byte of how many heads to make
+//! available (low 5 bits), 16 descriptors of 8 bytes (address: 3 bytes, so that one in
+//! sixteen lies in guest memory; length: 2 bytes, its top bit making it 2^31 + the rest;
+//! flags: 1 byte, as the raw field's low byte; next: 2 bytes), then the heads (2 bytes each);
+//! then one byte of LU changes made after the queues ran (bit 0: add LUN 2, bit 1: remove
+//! LUN 1), each posting an event into the event queue's buffers.
 
 use std::sync::Arc;
 
@@ -86,16 +88,29 @@ pub fn queues(data: &[u8]) {
 
     let mut rest = data;
     let ctrl = guest_queue(&gm, 0x0000, &mut rest);
+    let event = guest_queue(&gm, 0x0400, &mut rest);
     let req = guest_queue(&gm, 0x1000, &mut rest);
-    let (Some(ctrl), Some(req)) = (ctrl, req) else {
+    let (Some(ctrl), Some(event), Some(req)) = (ctrl, event, req) else {
         return;
     };
+    let changes = rest.first().copied().unwrap_or(0);
+    rest = rest.get(1..).unwrap_or_default();
     let m = gm.memory();
     let n = rest.len().min((MEM - DATA_AT) as usize);
     let _ = m.write_slice(&rest[..n], GuestAddress(DATA_AT));
 
-    let _ = dev.handle_event(0, EventSet::IN, &[ctrl.clone(), req.clone()], 0);
+    let ctrl_event = [ctrl, event];
+    let _ = dev.handle_event(0, EventSet::IN, &ctrl_event, 0);
+    let _ = dev.handle_event(1, EventSet::IN, &ctrl_event, 0);
     let _ = dev.handle_event(0, EventSet::IN, std::slice::from_ref(&req), 1);
+    if changes & 1 != 0 {
+        if let Some(l) = lu(8, 512) {
+            let _ = vs.add_lu(0, 2, l);
+        }
+    }
+    if changes & 2 != 0 {
+        let _ = vs.remove_lu(0, 1);
+    }
     // Commands that had to wait run on the runtime; let them finish, then deliver the wake
     // their completions send the queue's thread.
     rt.block_on(async {
@@ -173,6 +188,16 @@ mod tests {
     fn arbitrary_bytes() {
         super::queues(&[]);
         super::queues(&[0xFF; 7]);
+        // One writable 16-byte event buffer at 0x3000 on the event queue, then both LU
+        // changes: two events, the second one missed.
+        let mut input = vec![0u8; 1 + 16 * 8]; // control queue: nothing available
+        input.push(1); // event queue: one head
+        input.extend([0x00, 0x30, 0x00, 16, 0, 2, 0, 0]); // 0x3000, 16 bytes, WRITE
+        input.extend([0u8; 15 * 8]);
+        input.extend([0, 0]); // head 0
+        input.extend([0u8; 1 + 16 * 8]); // request queue: nothing available
+        input.push(3); // add LUN 2, remove LUN 1
+        super::queues(&input);
         let mut x = 0x2545_F491_4F6C_DD1Du64;
         for _ in 0..200 {
             let bytes: Vec<u8> = (0..600)
