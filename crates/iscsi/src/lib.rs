@@ -476,25 +476,8 @@ pub mod fuzzing {
                     .enable_all()
                     .build()
                     .ok()?;
-                let backend = block::Backend::new(
-                    Arc::new(block::driver::mem::MemDriver::new(64 * 512)),
-                    512,
-                )
-                .ok()?;
                 let mut t = scsi::Target::new();
-                t.add_lu(
-                    0,
-                    Arc::new(scsi::LogicalUnit::new(
-                        backend,
-                        scsi::LuConfig {
-                            vendor: "SHAREDSK".into(),
-                            product: "fuzz".into(),
-                            revision: "0001".into(),
-                            serial: "iscsi-fuzz".into(),
-                            id: 0x5348_4152_4544_0003,
-                        },
-                    )),
-                );
+                t.add_lu(0, scsi::fuzzing::memory_lu(64, 512, "iscsi-fuzz")?);
                 let server = Server::new(ServerConfig {
                     targets: vec![TargetConfig {
                         name: SESSION_TARGET.into(),
@@ -527,7 +510,7 @@ pub mod fuzzing {
     /// the login failed).
     pub fn session(data: &[u8]) -> usize {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let Some((rt, addr)) = session_server() else {
+        let Some((_, addr)) = session_server() else {
             return 0;
         };
         let addr = *addr;
@@ -538,7 +521,6 @@ pub mod fuzzing {
         else {
             return 0;
         };
-        let _server = rt;
         client.block_on(async move {
             let Ok(mut s) = TcpStream::connect(addr).await else {
                 return 0;

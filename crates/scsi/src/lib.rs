@@ -162,8 +162,51 @@ pub enum TmfResponse {
     TaskDoesNotExist,
 }
 
-/// Entry points for fuzz targets: run the parsers on arbitrary bytes. None of them may panic.
+/// Entry points for fuzz targets: run the parsers, and whole command sequences, on arbitrary
+/// bytes. None of them may panic.
 pub mod fuzzing {
+    use std::sync::Arc;
+
+    /// An LU on a memory disk of `blocks` blocks of `block_size` bytes, for the fuzzing entry
+    /// points of this crate and of the frontends; `None` for a block size the block layer
+    /// refuses.
+    pub fn memory_lu(
+        blocks: u64,
+        block_size: u32,
+        serial: &str,
+    ) -> Option<Arc<crate::LogicalUnit>> {
+        let driver = Arc::new(block::driver::mem::MemDriver::new(
+            blocks * u64::from(block_size),
+        ));
+        let backend = block::Backend::new(driver, block_size).ok()?;
+        Some(Arc::new(crate::LogicalUnit::new(
+            backend,
+            crate::LuConfig {
+                vendor: "SHAREDSK".into(),
+                product: "fuzz".into(),
+                revision: "0001".into(),
+                serial: serial.into(),
+                id: 0x5348_4152_4544_0001,
+            },
+        )))
+    }
+
+    /// An iSCSI I_T nexus of initiator `name` (ISID ending in `isid`) and the fuzz target.
+    fn nexus(name: &str, isid: u8) -> crate::ItNexus {
+        crate::ItNexus {
+            initiator: crate::InitiatorPort {
+                transport: crate::Transport::Iscsi,
+                name: name.into(),
+                isid: Some([0x80, 0, 0, 0, 0, isid]),
+            },
+            target: crate::TargetPort {
+                name: "iqn.2026-01.io.sharedisk:target".into(),
+                tpgt: 1,
+                relative_id: 1,
+            },
+        }
+    }
+
     /// Parse `data` as a CDB, compute its data-out length, and run the parameter-list parsers
     /// (MODE SELECT, UNMAP, PERSISTENT RESERVE OUT, TransportIDs) and MODE SENSE page building
     /// on the same bytes.
@@ -197,18 +240,7 @@ pub mod fuzzing {
         // PERSISTENT RESERVE OUT: the bytes as the parameter list (with CDB fields from its
         // first bytes), against an empty state and against the state it made; and as a
         // TransportID.
-        let nexus = crate::ItNexus {
-            initiator: crate::InitiatorPort {
-                transport: crate::Transport::Iscsi,
-                name: "iqn.2026-01.io.sharedisk:fuzz".into(),
-                isid: Some([0x80, 0, 0, 0, 0, 1]),
-            },
-            target: crate::TargetPort {
-                name: "iqn.2026-01.io.sharedisk:target".into(),
-                tpgt: 1,
-                relative_id: 1,
-            },
-        };
+        let nexus = nexus("iqn.2026-01.io.sharedisk:fuzz", 1);
         let sa = data.first().copied().unwrap_or(0) & 0x1F;
         let scope_type = data.get(1).copied().unwrap_or(0);
         let state = crate::pr::PrState::default();
@@ -242,7 +274,7 @@ pub mod fuzzing {
 
     async fn run_one(
         target: &crate::Target,
-        nexus: &std::sync::Arc<crate::ItNexus>,
+        nexus: &Arc<crate::ItNexus>,
         lun: u64,
         tag: u64,
         cdb: Vec<u8>,
@@ -268,42 +300,16 @@ pub mod fuzzing {
     }
 
     async fn execute_on(data: &[u8]) {
-        let config = |serial: &str| crate::LuConfig {
-            vendor: "SHAREDSK".into(),
-            product: "fuzz".into(),
-            revision: "0001".into(),
-            serial: serial.into(),
-            id: 0x5348_4152_4544_0001,
-        };
         let mut target = crate::Target::new();
         for (lun, blocks, bs) in [(0u64, 64u64, 512u32), (1, 8, 4096)] {
-            let driver =
-                std::sync::Arc::new(block::driver::mem::MemDriver::new(blocks * u64::from(bs)));
-            let Ok(backend) = block::Backend::new(driver, bs) else {
+            let Some(lu) = memory_lu(blocks, bs, "fuzz") else {
                 return;
             };
-            target.add_lu(
-                lun,
-                std::sync::Arc::new(crate::LogicalUnit::new(backend, config("fuzz"))),
-            );
+            target.add_lu(lun, lu);
         }
-        let nexus = |name: &str, isid: u8| {
-            std::sync::Arc::new(crate::ItNexus {
-                initiator: crate::InitiatorPort {
-                    transport: crate::Transport::Iscsi,
-                    name: name.into(),
-                    isid: Some([0x80, 0, 0, 0, 0, isid]),
-                },
-                target: crate::TargetPort {
-                    name: "iqn.2026-01.io.sharedisk:target".into(),
-                    tpgt: 1,
-                    relative_id: 1,
-                },
-            })
-        };
         let nexuses = [
-            nexus("iqn.2026-01.io.sharedisk:fuzz-a", 1),
-            nexus("iqn.2026-01.io.sharedisk:fuzz-b", 2),
+            Arc::new(nexus("iqn.2026-01.io.sharedisk:fuzz-a", 1)),
+            Arc::new(nexus("iqn.2026-01.io.sharedisk:fuzz-b", 2)),
         ];
         // The power-on unit attentions first, so that the input's commands reach their
         // executors.

@@ -13,10 +13,8 @@
 //! then one byte of LU changes made after the queues ran (bit 0: add LUN 2, bit 1: remove
 //! LUN 1), each posting an event into the event queue's buffers.
 
-use std::sync::Arc;
-
 use vhost_user_backend::{VhostUserBackend, VringT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::device::{lock, Device, Gm, Mem, Vring};
@@ -35,28 +33,13 @@ pub fn queues(data: &[u8]) {
     else {
         return;
     };
-    let lu = |blocks: u64, bs: u32| {
-        let driver = Arc::new(block::driver::mem::MemDriver::new(blocks * u64::from(bs)));
-        block::Backend::new(driver, bs).ok().map(|b| {
-            Arc::new(scsi::LogicalUnit::new(
-                b,
-                scsi::LuConfig {
-                    vendor: "SHAREDSK".into(),
-                    product: "fuzz".into(),
-                    revision: "0001".into(),
-                    serial: "vhost-fuzz".into(),
-                    id: 0x5348_4152_4544_0002,
-                },
-            ))
-        })
-    };
+    let lu = |blocks, bs| scsi::fuzzing::memory_lu(blocks, bs, "vhost-fuzz");
     let (Some(lu0), Some(lu1)) = (lu(64, 512), lu(8, 4096)) else {
         return;
     };
-    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM as usize)]) else {
+    let Ok(mem) = Mem::from_ranges(&[(GuestAddress(0), MEM as usize)]) else {
         return;
     };
-    let mem: Mem = mem;
     let gm: Gm = GuestMemoryAtomic::new(mem);
     let Ok(vs) = VhostScsi::new(
         SocketConfig {
@@ -129,9 +112,6 @@ pub fn queues(data: &[u8]) {
     // The socket's `current` device refers back to the socket's shared state; a disconnect
     // clears it, as here.
     *lock(&vs.shared.current) = None;
-    drop(dev);
-    drop(vs);
-    drop(rt);
 }
 
 /// Lay out one queue at `at` from the input (see the module's documentation); `None` when
