@@ -480,7 +480,9 @@ sharedisk() {
     if selected vhost-user/one; then
         case_start vhost-user/one
         s1=$case_dir/vhost1.sock
-        if daemon_start "$case_dir" "$case_dir/disk.img" --vhost-user "$s1"; then
+        # Both request queues on one thread here, a thread each in vhost-user/direct: both
+        # layouts run whatever the host's cores make the default.
+        if daemon_start "$case_dir" "$case_dir/disk.img" --vhost-user "$s1" --vhost-threads 1; then
             one_guest vhost-user "vhost-user:$s1,num_queues=2" "$daemon_url"
             daemon_stop
         fi
@@ -492,7 +494,8 @@ sharedisk() {
         # to O_DIRECT as they are, others through the driver's aligned bounce buffer.
         case_start vhost-user/direct
         s1=$case_dir/vhost1.sock
-        if daemon_start "$case_dir" "$case_dir/disk.img" --vhost-user "$s1" --direct; then
+        if daemon_start "$case_dir" "$case_dir/disk.img" --vhost-user "$s1" --direct \
+            --vhost-threads 2; then
             one_guest vhost-user "vhost-user:$s1,num_queues=2" "$daemon_url"
             daemon_stop
         fi

@@ -61,6 +61,9 @@ pub struct VhostConfig {
     pub initiator: Option<String>,
     /// Request queues offered (QEMU's `num_queues` may be at most this); default 8.
     pub num_queues: Option<u16>,
+    /// Threads serving the request queues, 1 to `num_queues`; default half the host's
+    /// cores, at most `num_queues` (`vhost_scsi::default_threads`).
+    pub threads: Option<u16>,
     #[serde(default, rename = "lu")]
     pub lus: Vec<VhostLuConfig>,
 }
@@ -181,6 +184,8 @@ pub struct VhostPlan {
     pub socket: PathBuf,
     pub initiator: String,
     pub num_queues: u16,
+    /// Request-queue threads; `None`: the default for `num_queues`.
+    pub threads: Option<u16>,
     pub lus: Vec<VhostLuPlan>,
 }
 
@@ -311,6 +316,7 @@ impl FileConfig {
                     .unwrap_or_else(|| default_vhost_initiator(&socket)),
                 socket,
                 num_queues: v.num_queues.unwrap_or(DEFAULT_VHOST_QUEUES),
+                threads: v.threads,
                 lus,
             });
         }
@@ -584,6 +590,14 @@ impl Plan {
             if v.num_queues == 0 || v.num_queues > 62 {
                 bail!("{what}: num_queues must be 1 to 62, not {}", v.num_queues);
             }
+            if let Some(t) = v.threads {
+                if t == 0 || t > v.num_queues {
+                    bail!(
+                        "{what}: threads must be 1 to num_queues ({}), not {t}",
+                        v.num_queues
+                    );
+                }
+            }
             if v.lus.is_empty() {
                 bail!("{what}: no logical unit (add a [[vhost.lu]])");
             }
@@ -726,6 +740,8 @@ mod tests {
         assert_eq!(p.vhost.len(), 2);
         assert_eq!(p.vhost[0].initiator, "iqn.2026-01.com.example:vm1");
         assert_eq!(p.vhost[0].num_queues, 4);
+        assert_eq!(p.vhost[0].threads, Some(2));
+        assert_eq!(p.vhost[1].threads, None);
         assert_eq!(p.vhost[0].lus.len(), 2);
         assert_eq!((p.vhost[0].lus[1].target, p.vhost[0].lus[1].lun), (0, 1));
         assert_eq!(p.vhost[1].num_queues, DEFAULT_VHOST_QUEUES);
@@ -841,6 +857,16 @@ size = "1M"
         assert!(err(&one("")).contains("no logical unit"));
         assert!(err(&one(&format!("num_queues = 0\n{lu0}"))).contains("num_queues"));
         assert!(err(&one(&format!("num_queues = 63\n{lu0}"))).contains("num_queues"));
+        assert!(err(&one(&format!("threads = 0\n{lu0}"))).contains("threads must be 1 to"));
+        assert!(err(&one(&format!("num_queues = 2\nthreads = 3\n{lu0}"))).contains("threads"));
+        assert!(err(&one(&format!("threads = 9\n{lu0}"))).contains("num_queues (8)"));
+        assert_eq!(
+            plan(&one(&format!("num_queues = 4\nthreads = 2\n{lu0}")))
+                .expect("a valid socket")
+                .vhost[0]
+                .threads,
+            Some(2)
+        );
         assert!(err(&one(&format!("initiator = \"a b\"\n{lu0}"))).contains("initiator"));
         assert!(err(&one(&format!("{lu0}{lu0}"))).contains("twice"));
         assert!(

@@ -129,7 +129,7 @@ struct PrArgs {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// A TOML config file (several targets, LUs, portals, ACLs, CHAP).
-    #[arg(long, conflicts_with_all = ["file", "size", "listen", "block_size", "physical_block_size", "name", "allow_initiator", "chap_user", "control", "vhost_user", "vhost_initiator", "vhost_queues", "direct"])]
+    #[arg(long, conflicts_with_all = ["file", "size", "listen", "block_size", "physical_block_size", "name", "allow_initiator", "chap_user", "control", "vhost_user", "vhost_initiator", "vhost_queues", "vhost_threads", "direct"])]
     config: Option<PathBuf>,
     /// The image file; created sparse with --size when it does not exist.
     #[arg(long, required_unless_present = "config")]
@@ -175,6 +175,10 @@ struct ServeArgs {
     /// Request queues each vhost-user socket offers (QEMU's num_queues may be at most this).
     #[arg(long, default_value_t = config::DEFAULT_VHOST_QUEUES)]
     vhost_queues: u16,
+    /// Threads serving each vhost-user socket's request queues, 1 to --vhost-queues [default:
+    /// half the host's cores, at most --vhost-queues].
+    #[arg(long)]
+    vhost_threads: Option<u16>,
 }
 
 /// A target name made from an image's file name: lower-case letters, digits and '-'.
@@ -241,6 +245,7 @@ fn quick_start_plan(args: ServeArgs) -> anyhow::Result<Plan> {
                 .cloned()
                 .unwrap_or_else(|| config::default_vhost_initiator(socket)),
             num_queues: args.vhost_queues,
+            threads: args.vhost_threads,
             lus: vec![config::VhostLuPlan {
                 target: 0,
                 lun: 0,

@@ -214,6 +214,9 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
         let relative_port_id = VHOST_FIRST_PORT_ID
             .checked_add(u16::try_from(i).context("Too many vhost-user sockets")?)
             .context("Too many vhost-user sockets")?;
+        let threads = v
+            .threads
+            .unwrap_or_else(|| vhost_scsi::default_threads(v.num_queues));
         let device = vhost_scsi::VhostScsi::new(
             vhost_scsi::SocketConfig {
                 path: v.socket.clone(),
@@ -221,6 +224,7 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
                 target_name: VHOST_TARGET_NAME.into(),
                 relative_port_id,
                 num_queues: v.num_queues,
+                threads,
                 luns,
             },
             tokio::runtime::Handle::current(),
@@ -232,6 +236,7 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
             initiator = %v.initiator,
             relative_port_id,
             num_queues = v.num_queues,
+            threads,
             "vhost-user-scsi socket ready"
         );
         let index = served.add_socket(v.socket.clone(), server.device().clone());

@@ -35,6 +35,17 @@ struct Draining {
     owed: bool,
 }
 
+/// How a queue's drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Drained {
+    /// No chain is available: the thread may watch the ring, then ask for a kick.
+    Empty,
+    /// Chains are left that cannot be popped now: no room (the completion that makes room
+    /// wakes the thread) or an avail index out of range (until the driver resets the
+    /// device). The queue's notifications stay off.
+    Held,
+}
+
 /// How long a request queue's thread watches the avail ring after a drain before it asks the
 /// guest for a kick. Measured with bench/vhost.sh (guest fio, TCG): 50 µs lifted 4 KiB random
 /// reads at QD16 by half, 200 µs the QD1 rows and writes as well. The cost is at most this much
@@ -85,6 +96,8 @@ pub(crate) struct Shared {
     pub runtime: tokio::runtime::Handle,
     /// Request queues.
     pub num_queues: u16,
+    /// Threads serving the request queues (1..=`num_queues`).
+    pub threads: u16,
     /// Largest virtio target id (`max_target` in the configuration space).
     pub max_target: u8,
     /// The device of the connection now served, for events.
@@ -179,7 +192,7 @@ pub struct Device {
     /// One per worker thread (see `queues_per_thread`): written when a completion makes room
     /// on a queue of that thread that had stopped popping; registered with the thread's epoll
     /// as event [`Device::wake_event`].
-    wakes: Vec<EventFd>,
+    wakes: Vec<Option<EventFd>>,
     /// [`DATA_OUT_BUDGET`]; lowered by tests.
     pub(crate) data_out_budget: AtomicU64,
     /// Entries below this id were waited for (and given up on) by a queue stop already.
@@ -276,10 +289,10 @@ impl Device {
             queues: (0..nq).map(|_| QueueInflight::default()).collect(),
             ..Inflight::default()
         };
-        // Thread 0 and one per request queue; an eventfd that cannot be made leaves its queue
-        // to the driver's kicks.
-        let wakes = (0..1 + usize::from(shared.num_queues))
-            .filter_map(|_| EventFd::new(EFD_NONBLOCK).ok())
+        // Thread 0 and each request-queue thread; an eventfd that cannot be made leaves its
+        // thread's queues to the driver's kicks.
+        let wakes = (0..1 + usize::from(shared.threads))
+            .map(|_| EventFd::new(EFD_NONBLOCK).ok())
             .collect();
         Arc::new_cyclic(|me| Device {
             me: me.clone(),
@@ -312,18 +325,41 @@ impl Device {
 
     /// The wake eventfd of worker thread `thread`.
     pub(crate) fn wake_fd(&self, thread: usize) -> Option<RawFd> {
-        self.wakes.get(thread).map(AsRawFd::as_raw_fd)
+        self.wake(thread).map(AsRawFd::as_raw_fd)
+    }
+
+    fn wake(&self, thread: usize) -> Option<&EventFd> {
+        self.wakes.get(thread).and_then(Option::as_ref)
     }
 
     /// Whether the wake eventfd of `thread` was written since it was last read (tests and
     /// the fuzzing entry point).
     pub(crate) fn wake_pending(&self, thread: usize) -> bool {
-        self.wakes.get(thread).is_some_and(|fd| fd.read().is_ok())
+        self.wake(thread).is_some_and(|fd| fd.read().is_ok())
     }
 
-    /// The worker thread that serves `queue` (see `queues_per_thread`).
-    fn thread_of(queue: usize) -> usize {
-        queue.saturating_sub(1)
+    /// The worker thread that serves `queue`: thread 0 the control and event queues, and
+    /// request queue `2 + i` thread `1 + i % threads` (see `queues_per_thread`).
+    fn thread_of(&self, queue: usize) -> usize {
+        match queue {
+            0 | 1 => 0,
+            q => 1 + (q - 2) % usize::from(self.shared.threads.max(1)),
+        }
+    }
+
+    /// The queues worker thread `thread` serves, in ascending order: the order of the vrings
+    /// vhost-user-backend hands the thread, whose index in it is the thread's event number
+    /// for the queue.
+    pub(crate) fn thread_queues(&self, thread: usize) -> Vec<usize> {
+        if thread == 0 {
+            return vec![0, 1];
+        }
+        let threads = usize::from(self.shared.threads.max(1));
+        let queues = 2 + usize::from(self.shared.num_queues);
+        if thread > threads {
+            return Vec::new();
+        }
+        (1 + thread..queues).step_by(threads).collect()
     }
 
     /// Whether `head` of `queue`, popped in `epochs`, is still in flight.
@@ -409,13 +445,14 @@ impl Device {
             }
             for (i, q) in inf.queues.iter_mut().enumerate() {
                 if std::mem::take(&mut q.waiting) {
-                    wake.push(Self::thread_of(i));
+                    wake.push(self.thread_of(i));
                 }
             }
         }
+        wake.sort_unstable();
         wake.dedup();
         for t in wake {
-            if let Some(fd) = self.wakes.get(t) {
+            if let Some(fd) = self.wake(t) {
                 let _ = fd.write(1);
             }
         }
@@ -535,14 +572,57 @@ impl Device {
         }
     }
 
-    /// Pop every available chain of `vring` (queue `queue`) and handle it; with
-    /// VIRTIO_RING_F_EVENT_IDX, loop until no chain arrived while notifications were off.
-    /// At most a queue size of chains is in flight per queue, and the data-out held stays
-    /// within the budget: without room the chain stays in the ring (notifications stay off)
-    /// and the completion that makes room wakes the queue's thread, which drains again.
-    fn drain(&self, queue: usize, vring: &Vring) {
-        // Requests complete on this thread while it drains (see `request`): their used
-        // entries are batched into one interrupt at the end.
+    /// Serve `queues` (the ready queues of one worker thread) until no chain is available on
+    /// any: pop and handle each one's chains, then, for request queues, watch their avail
+    /// rings for [`AVAIL_POLL`] (a busy guest usually offers its next request within that,
+    /// and so does not pay a kick, an exit that is dear above all under TCG); with
+    /// VIRTIO_RING_F_EVENT_IDX notifications are off meanwhile, and a chain that arrived
+    /// before they were back on is served too. At most a queue size of chains is in flight
+    /// per queue, and the data-out held stays within the budget: without room the chain stays
+    /// in the ring (that queue's notifications stay off) and the completion that makes room
+    /// wakes the thread, which serves again.
+    fn serve(&self, queues: &[(usize, &Vring)]) {
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        loop {
+            let mut empty: Vec<(usize, &Vring)> = Vec::with_capacity(queues.len());
+            for &(queue, vring) in queues {
+                // Checked on every round: a queue may be stopped while another is served.
+                if !Self::ready(vring) {
+                    continue;
+                }
+                if event_idx {
+                    let _ = vring.disable_notification();
+                }
+                if self.drain(queue, vring) == Drained::Empty {
+                    empty.push((queue, vring));
+                }
+            }
+            if self.poll_avail(&empty) {
+                continue;
+            }
+            if !event_idx {
+                break;
+            }
+            let mut more = false;
+            for &(_, vring) in &empty {
+                more |= matches!(vring.enable_notification(), Ok(true));
+            }
+            if !more {
+                break;
+            }
+        }
+    }
+
+    /// Whether the driver has set `vring` up and enabled it.
+    fn ready(vring: &Vring) -> bool {
+        let st = vring.get_ref();
+        st.get_queue().ready() && st.is_enabled()
+    }
+
+    /// Pop every available chain of `vring` (queue `queue`) and handle it. Requests complete
+    /// on this thread while it drains (see `request`): their used entries are batched into
+    /// one interrupt at the end.
+    fn drain(&self, queue: usize, vring: &Vring) -> Drained {
         let me = self as *const Self as usize;
         DRAINING.with(|d| {
             d.set(Some(Draining {
@@ -551,101 +631,85 @@ impl Device {
                 owed: false,
             }))
         });
-        self.drain_batch(queue, vring);
+        let drained = self.pop_all(queue, vring);
         if DRAINING.with(|d| d.take()).is_some_and(|dr| dr.owed) {
             Self::notify(vring);
         }
+        drained
     }
 
-    fn drain_batch(&self, queue: usize, vring: &Vring) {
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
+    fn pop_all(&self, queue: usize, vring: &Vring) -> Drained {
         let limit = usize::from(vring.get_ref().get_queue().size());
+        let mem = self.mem.memory().into_inner();
         loop {
-            if event_idx {
-                let _ = vring.disable_notification();
+            if !self.room(queue, limit) {
+                return Drained::Held;
             }
-            let mem = self.mem.memory().into_inner();
-            loop {
-                if !self.room(queue, limit) {
-                    return;
+            // Read before the pop: a stop or reset after this point makes the chain's
+            // completion stale, never the other way round.
+            let epochs = self.epochs(queue);
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else {
+                if Self::avail_ahead(vring, &mem).is_none() {
+                    // The avail index is more than a queue size ahead of what was popped
+                    // (virtio 2.7.13.3 forbids it): no pop can ever consume it. Stop here
+                    // rather than spin on it; the queue stays stalled until the driver
+                    // resets the device.
+                    tracing::warn!(queue, "Driver's avail index is out of range; queue ignored");
+                    return Drained::Held;
                 }
-                // Read before the pop: a stop or reset after this point makes the chain's
-                // completion stale, never the other way round.
-                let epochs = self.epochs(queue);
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
-                let Some(chain) = chain else {
-                    if Self::avail_ahead(vring, &mem).is_none() {
-                        // The avail index is more than a queue size ahead of what was
-                        // popped (virtio 2.7.13.3 forbids it): no pop can ever consume it.
-                        // Stop here rather than spin on it; the queue stays stalled until
-                        // the driver resets the device.
-                        tracing::warn!(
-                            queue,
-                            "Driver's avail index is out of range; queue ignored"
-                        );
-                        return;
-                    }
-                    break;
-                };
-                let head = chain.head_index();
-                if self.head_in_flight(queue, head, epochs) {
-                    // A driver may not make a head available again before it is used
-                    // (virtio 2.7.13); never run it twice.
-                    tracing::warn!(queue, head, "Driver offered a head already in flight");
-                    self.refuse_duplicate(queue, epochs, vring, &mem, chain);
-                    continue;
-                }
-                let handled = match queue {
-                    0 => {
-                        self.control(epochs, vring, &mem, chain);
-                        true
-                    }
-                    1 => true,
-                    q => self.request(q, epochs, vring, &mem, chain),
-                };
-                if !handled {
-                    // No room for its data-out: back to the ring, until a completion.
-                    vring.get_mut().get_queue_mut().go_to_previous_position();
-                    return;
-                }
-            }
-            if queue >= 2 && self.poll_avail(queue, vring, &mem) {
+                return Drained::Empty;
+            };
+            let head = chain.head_index();
+            if self.head_in_flight(queue, head, epochs) {
+                // A driver may not make a head available again before it is used (virtio
+                // 2.7.13); never run it twice.
+                tracing::warn!(queue, head, "Driver offered a head already in flight");
+                self.refuse_duplicate(queue, epochs, vring, &mem, chain);
                 continue;
             }
-            if !event_idx || !matches!(vring.enable_notification(), Ok(true)) {
-                break;
+            let handled = match queue {
+                0 => {
+                    self.control(epochs, vring, &mem, chain);
+                    true
+                }
+                1 => true,
+                q => self.request(q, epochs, vring, &mem, chain),
+            };
+            if !handled {
+                // No room for its data-out: back to the ring, until a completion.
+                vring.get_mut().get_queue_mut().go_to_previous_position();
+                return Drained::Held;
             }
         }
     }
 
-    /// Before notifications go back on (the guest's next request then costs it a kick, an
-    /// exit that is dear, above all under TCG): send the interrupt owed for what completed
-    /// here, then watch the avail ring for [`AVAIL_POLL`]; a busy guest usually offers its
-    /// next request within that. `true` when one arrived.
-    fn poll_avail(&self, queue: usize, vring: &Vring, mem: &Arc<Mem>) -> bool {
-        let me = self as *const Self as usize;
-        let owed = DRAINING.with(|d| match d.get() {
-            Some(mut dr) if dr.device == me && dr.queue == queue && dr.owed => {
-                dr.owed = false;
-                d.set(Some(dr));
-                true
-            }
-            _ => false,
-        });
-        if owed {
-            Self::notify(vring);
+    /// Watch the avail rings of the request queues among `queues` for [`AVAIL_POLL`]
+    /// (yielding, not sleeping); `true` as soon as one has a chain available.
+    fn poll_avail(&self, queues: &[(usize, &Vring)]) -> bool {
+        let watched: Vec<&Vring> = queues
+            .iter()
+            .filter(|&&(q, _)| q >= 2)
+            .map(|&(_, v)| v)
+            .collect();
+        if watched.is_empty() {
+            return false;
         }
+        let mem = self.mem.memory().into_inner();
         let start = std::time::Instant::now();
         loop {
-            match Self::avail_ahead(vring, mem) {
-                Some(0) => {}
-                Some(_) => return true,
-                None => return false,
+            let mut valid = false;
+            for vring in &watched {
+                match Self::avail_ahead(vring, &mem) {
+                    Some(0) => valid = true,
+                    Some(_) => return true,
+                    None => {}
+                }
             }
-            if start.elapsed() >= AVAIL_POLL {
+            if !valid || start.elapsed() >= AVAIL_POLL {
                 return false;
             }
             std::thread::yield_now();
@@ -1262,12 +1326,17 @@ impl Device {
         }
     }
 
-    /// Queue index served by worker thread `thread` for its `device_event`-th vring.
-    fn queue_of(thread: usize, device_event: u16) -> usize {
-        match thread {
-            0 => usize::from(device_event),
-            t => t + 1,
-        }
+    /// Serve the queues of worker thread `thread` (`vrings` are its vrings, in the order of
+    /// [`Device::thread_queues`]) after a kick of one of its request queues or a wake: every
+    /// one of its request queues, or on thread 0 the control queue.
+    fn serve_thread(&self, thread: usize, vrings: &[Vring]) {
+        let queues: Vec<(usize, &Vring)> = self
+            .thread_queues(thread)
+            .into_iter()
+            .zip(vrings)
+            .filter(|&(q, _)| q != 1)
+            .collect();
+        self.serve(&queues);
     }
 }
 
@@ -1387,12 +1456,16 @@ impl VhostUserBackend for Device {
         Ok(())
     }
 
-    /// Thread 0 serves the control and event queues; each request queue has a thread of its
-    /// own.
+    /// Thread 0 serves the control and event queues; the request queues are dealt out to
+    /// the request-queue threads in turn (see `Device::thread_queues`).
     fn queues_per_thread(&self) -> Vec<u64> {
-        let mut v = vec![0b11];
-        v.extend((0..u64::from(self.shared.num_queues)).map(|i| 1u64 << (2 + i)));
-        v
+        (0..=usize::from(self.shared.threads))
+            .map(|t| {
+                self.thread_queues(t)
+                    .into_iter()
+                    .fold(0u64, |mask, q| mask | 1u64 << q)
+            })
+            .collect()
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -1432,35 +1505,22 @@ impl VhostUserBackend for Device {
         }
         if device_event == self.wake_event() {
             // A completion made room on a queue of this thread that had stopped popping.
-            if let Some(fd) = self.wakes.get(thread_id) {
+            if let Some(fd) = self.wake(thread_id) {
                 let _ = fd.read();
             }
-            let queue = Self::queue_of(thread_id, 0);
-            if let Some(vring) = vrings.first() {
-                let ready = {
-                    let st = vring.get_ref();
-                    st.get_queue().ready() && st.is_enabled()
-                };
-                if ready {
-                    self.drain(queue, vring);
-                }
-            }
+            self.serve_thread(thread_id, vrings);
             return Ok(());
         }
-        let local = if thread_id == 0 {
-            usize::from(device_event)
-        } else {
-            0
-        };
-        let Some(vring) = vrings.get(local) else {
+        let local = usize::from(device_event);
+        let queue = self.thread_queues(thread_id).get(local).copied();
+        let (Some(queue), Some(vring)) = (queue, vrings.get(local)) else {
             tracing::warn!(device_event, thread_id, "Event for an unknown vring");
             return Ok(());
         };
-        let queue = Self::queue_of(thread_id, device_event);
-        if queue == 1 {
-            self.event_kick(vring);
-        } else {
-            self.drain(queue, vring);
+        match queue {
+            0 => self.serve(&[(0, vring)]),
+            1 => self.event_kick(vring),
+            _ => self.serve_thread(thread_id, vrings),
         }
         Ok(())
     }

@@ -48,6 +48,7 @@ pub fn queues(data: &[u8]) {
             target_name: "iqn.2026-01.io.sharedisk:vhost-fuzz".into(),
             relative_port_id: crate::FIRST_RELATIVE_PORT_ID,
             num_queues: 1,
+            threads: 1,
             luns: vec![
                 LunConfig {
                     target: 0,

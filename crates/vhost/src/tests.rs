@@ -24,6 +24,8 @@ const QSIZE: u16 = 32;
 const CTRL_AT: u64 = 0x0;
 const EVENT_AT: u64 = 0x4000;
 const REQ_AT: u64 = 0x8000;
+/// The second request queue, when the harness has two.
+const REQ2_AT: u64 = 0xC000;
 /// Response header with the default 96-byte sense buffer (virtio 5.6.6.1).
 const RESP: u32 = 12 + 96;
 /// Request header with the default 32-byte CDB.
@@ -47,6 +49,19 @@ fn lu(blocks: u64) -> Arc<scsi::LogicalUnit> {
     ))
 }
 
+/// A socket (never created) with the test nexus and `luns`.
+fn socket_config(num_queues: u16, threads: u16, luns: Vec<LunConfig>) -> SocketConfig {
+    SocketConfig {
+        path: "/nonexistent".into(),
+        initiator_name: "vhost:test".into(),
+        target_name: "iqn.2026-01.io.sharedisk:vhost".into(),
+        relative_port_id: crate::FIRST_RELATIVE_PORT_ID,
+        num_queues,
+        threads,
+        luns,
+    }
+}
+
 struct Queue {
     desc: u64,
     avail: u64,
@@ -65,6 +80,10 @@ struct Harness {
     ctrl: Queue,
     event: Queue,
     req: Queue,
+    /// The second request queue (queue 3), with `num_queues` 2.
+    req2: Option<Queue>,
+    /// Request-queue threads: queue `2 + i` is served by thread `1 + i % threads`.
+    threads: u16,
     /// Next free data address.
     heap: u64,
 }
@@ -125,6 +144,13 @@ impl Harness {
     }
 
     fn with_lu(lu: Arc<scsi::LogicalUnit>) -> Harness {
+        Harness::with_queues(lu, 1, 1)
+    }
+
+    /// A harness whose device has `num_queues` request queues (1 or 2) served by `threads`
+    /// threads.
+    fn with_queues(lu: Arc<scsi::LogicalUnit>, num_queues: u16, threads: u16) -> Harness {
+        assert!(num_queues == 1 || num_queues == 2);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -133,18 +159,15 @@ impl Harness {
         let mem: Mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let gm: Gm = GuestMemoryAtomic::new(mem);
         let vs = VhostScsi::new(
-            SocketConfig {
-                path: "/nonexistent".into(),
-                initiator_name: "vhost:test".into(),
-                target_name: "iqn.2026-01.io.sharedisk:vhost".into(),
-                relative_port_id: crate::FIRST_RELATIVE_PORT_ID,
-                num_queues: 1,
-                luns: vec![LunConfig {
+            socket_config(
+                num_queues,
+                threads,
+                vec![LunConfig {
                     target: 0,
                     lun: 0,
                     lu: lu.clone(),
                 }],
-            },
+            ),
             rt.handle().clone(),
         )
         .unwrap();
@@ -155,6 +178,8 @@ impl Harness {
             ctrl: queue(&gm, CTRL_AT),
             event: queue(&gm, EVENT_AT),
             req: queue(&gm, REQ_AT),
+            req2: (num_queues == 2).then(|| queue(&gm, REQ2_AT)),
+            threads,
             rt,
             gm,
             vs,
@@ -190,8 +215,27 @@ impl Harness {
         match which {
             0 => &mut self.ctrl,
             1 => &mut self.event,
-            _ => &mut self.req,
+            2 => &mut self.req,
+            _ => self.req2.as_mut().expect("a second request queue"),
         }
+    }
+
+    /// The worker thread of request queue `which` (2 or 3) and its index among the thread's
+    /// vrings, as vhost-user-backend deals them out from `queues_per_thread`.
+    fn thread_of(&self, which: usize) -> (usize, u16) {
+        let t = usize::from(self.threads);
+        (1 + (which - 2) % t, ((which - 2) / t) as u16)
+    }
+
+    /// The vrings of request-queue thread `thread`, in queue order.
+    fn thread_vrings(&self, thread: usize) -> Vec<Vring> {
+        let mut v = vec![self.req.vring.clone()];
+        v.extend(self.req2.as_ref().map(|q| q.vring.clone()));
+        (2..2 + v.len())
+            .zip(v)
+            .filter(|&(q, _)| self.thread_of(q).0 == thread)
+            .map(|(_, v)| v)
+            .collect()
     }
 
     /// Make raw descriptors `raw` (the first is the head) available on `which` (0 control,
@@ -298,8 +342,14 @@ impl Harness {
     /// Wait for a completion to wake the request queue's thread, then deliver the wake as its
     /// epoll loop does.
     fn wake_request_queue(&self) {
+        self.wake_thread(1);
+    }
+
+    /// Wait for a completion to wake request-queue thread `thread`, then deliver the wake as
+    /// its epoll loop does.
+    fn wake_thread(&self, thread: usize) {
         let start = Instant::now();
-        while !self.dev.wake_pending(1) {
+        while !self.dev.wake_pending(thread) {
             assert!(start.elapsed() < Duration::from_secs(10), "no wake");
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -307,8 +357,8 @@ impl Harness {
             .handle_event(
                 self.dev.wake_event(),
                 EventSet::IN,
-                std::slice::from_ref(&self.req.vring),
-                1,
+                &self.thread_vrings(thread),
+                thread,
             )
             .unwrap();
     }
@@ -327,9 +377,11 @@ impl Harness {
                 &[self.ctrl.vring.clone(), self.event.vring.clone()],
                 0,
             ),
-            _ => self
-                .dev
-                .handle_event(0, EventSet::IN, std::slice::from_ref(&self.req.vring), 1),
+            q => {
+                let (thread, local) = self.thread_of(q);
+                self.dev
+                    .handle_event(local, EventSet::IN, &self.thread_vrings(thread), thread)
+            }
         };
         r.unwrap();
     }
@@ -779,6 +831,7 @@ fn disconnect_loses_the_nexus_and_the_socket_accepts_again() {
             target_name: "iqn.2026-01.io.sharedisk:vhost".into(),
             relative_port_id: crate::FIRST_RELATIVE_PORT_ID,
             num_queues: 2,
+            threads: 1,
             luns: vec![LunConfig {
                 target: 0,
                 lun: 0,
@@ -926,10 +979,20 @@ const TUR: [u8; 6] = [0x00, 0, 0, 0, 0, 0];
 
 #[test]
 fn at_most_a_queue_size_in_flight_and_a_completion_resumes_the_queue() {
-    let mut h = Harness::new();
+    queue_size_in_flight_then_resumed(Harness::new(), 2);
+}
+
+#[test]
+fn a_completion_resumes_the_second_queue_of_a_thread_serving_two() {
+    queue_size_in_flight_then_resumed(Harness::with_queues(lu(64), 2, 1), 3);
+}
+
+/// A queue size of held requests on request queue `which`; one more chain stays in the ring
+/// until a completion wakes the queue's thread, which then runs it.
+fn queue_size_in_flight_then_resumed(mut h: Harness, which: usize) {
     h.tur();
     let hold = h.hold();
-    let popped = h.req.vring.queue_next_avail();
+    let popped = h.queue(which).vring.queue_next_avail();
     // A queue size of requests in flight, each one indirect descriptor (so each head is
     // distinct), all held before completion.
     let mut tables = Vec::new();
@@ -937,18 +1000,22 @@ fn at_most_a_queue_size_in_flight_and_a_completion_resumes_the_queue() {
         let hd = h.header(LUN0, 1000 + u64::from(i), &TUR);
         let r = h.alloc(RESP);
         let t = h.indirect(&[rd(hd, REQ), wr(r, RESP)]);
-        h.publish(2, i, &[(t, 32, VRING_DESC_F_INDIRECT as u16, 0)]);
+        h.publish(which, i, &[(t, 32, VRING_DESC_F_INDIRECT as u16, 0)]);
         tables.push(t);
     }
-    h.kick(2);
+    h.kick(which);
     h.wait_reached(usize::from(QSIZE));
     // The driver offers head 0 again (a driver may not; the ring lets it): the queue is full,
     // so it stays in the ring.
-    h.publish(2, 0, &[(tables[0], 32, VRING_DESC_F_INDIRECT as u16, 0)]);
-    h.kick(2);
+    h.publish(
+        which,
+        0,
+        &[(tables[0], 32, VRING_DESC_F_INDIRECT as u16, 0)],
+    );
+    h.kick(which);
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(
-        h.req.vring.queue_next_avail(),
+        h.queue(which).vring.queue_next_avail(),
         popped.wrapping_add(QSIZE),
         "popped beyond the queue size"
     );
@@ -957,11 +1024,103 @@ fn at_most_a_queue_size_in_flight_and_a_completion_resumes_the_queue() {
     // free) and runs it.
     hold.send_replace(true);
     for _ in 0..QSIZE {
-        assert_eq!(h.wait_used(2).1, RESP);
+        assert_eq!(h.wait_used(which).1, RESP);
     }
-    h.wake_request_queue();
-    assert_eq!(h.wait_used(2), (0, RESP));
+    h.wake_thread(h.thread_of(which).0);
+    assert_eq!(h.wait_used(which), (0, RESP));
     assert_eq!(h.reached(), usize::from(QSIZE) + 1);
+}
+
+/// A TEST UNIT READY chain on request queue `which`; returns its response buffer.
+fn tur_chain(h: &mut Harness, which: usize, tag: u64) -> u64 {
+    let hd = h.header(LUN0, tag, &TUR);
+    let r = h.alloc(RESP);
+    h.put(r, &[0xEE; 12]);
+    h.add_chain(which, &[rd(hd, REQ), wr(r, RESP)]);
+    r
+}
+
+#[test]
+fn one_thread_serves_both_its_queues_on_a_kick_of_either() {
+    let mut h = Harness::with_queues(lu(64), 2, 1);
+    h.tur();
+    // Thread 0: queues 0 and 1; thread 1: queues 2 and 3, its vrings 0 and 1.
+    assert_eq!(h.dev.queues_per_thread(), vec![0b11, 0b1100]);
+    // A chain on each queue, one kick (queue 2's): both are answered, GOOD (status 0,
+    // response VIRTIO_SCSI_S_OK 0; virtio 5.6.6.1).
+    let r2 = tur_chain(&mut h, 2, 41);
+    let r3 = tur_chain(&mut h, 3, 42);
+    h.kick(2);
+    assert_eq!(h.wait_used(2).1, RESP);
+    assert_eq!(h.wait_used(3).1, RESP);
+    assert_eq!(h.get(r2, 12), vec![0; 12]);
+    assert_eq!(h.get(r3, 12), vec![0; 12]);
+    // The kick of queue 3 (the thread's event 1) serves queue 3.
+    let r3 = tur_chain(&mut h, 3, 43);
+    h.kick(3);
+    assert_eq!(h.wait_used(3).1, RESP);
+    assert_eq!(h.get(r3, 12), vec![0; 12]);
+    assert_eq!(
+        h.used_count(2),
+        2,
+        "queue 2 answered the first TUR and one more"
+    );
+}
+
+#[test]
+fn a_queue_not_ready_is_left_alone_while_its_threads_other_queue_is_served() {
+    let mut h = Harness::with_queues(lu(64), 2, 1);
+    h.tur();
+    let popped = h.queue(3).vring.queue_next_avail();
+    h.queue(3).vring.set_queue_ready(false);
+    let r3 = tur_chain(&mut h, 3, 51);
+    let r2 = tur_chain(&mut h, 2, 52);
+    h.kick(2);
+    assert_eq!(h.wait_used(2).1, RESP);
+    assert_eq!(h.get(r2, 12), vec![0; 12]);
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(
+        h.queue(3).vring.queue_next_avail(),
+        popped,
+        "queue 3 was popped"
+    );
+    assert_eq!(h.used_count(3), 0);
+    // Once the driver has set it up, its kick serves it.
+    h.queue(3).vring.set_queue_ready(true);
+    h.kick(3);
+    assert_eq!(h.wait_used(3).1, RESP);
+    assert_eq!(h.get(r3, 12), vec![0; 12]);
+}
+
+#[test]
+fn request_queues_are_dealt_out_to_the_threads_in_turn() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let config = |num_queues, threads| socket_config(num_queues, threads, Vec::new());
+    let masks = |num_queues, threads| {
+        let vs = VhostScsi::new(config(num_queues, threads), rt.handle().clone()).unwrap();
+        let mem: Mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4096)]).unwrap();
+        Device::new(vs.shared.clone(), GuestMemoryAtomic::new(mem)).queues_per_thread()
+    };
+    // Five request queues (2..=6) on two threads: 2, 4, 6 and 3, 5.
+    assert_eq!(masks(5, 2), vec![0b11, 0b101_0100, 0b010_1000]);
+    // One thread per queue.
+    assert_eq!(masks(3, 3), vec![0b11, 0b100, 0b1000, 0b1_0000]);
+    // All 62 on one thread: bits 2..=63.
+    assert_eq!(masks(62, 1), vec![0b11, !0b11]);
+    for (q, t) in [(2, 0), (2, 3), (1, 2)] {
+        assert!(
+            matches!(
+                VhostScsi::new(config(q, t), rt.handle().clone()),
+                Err(crate::ConfigError::Threads(..))
+            ),
+            "{q} queues, {t} threads"
+        );
+    }
+    let d = crate::default_threads(8);
+    assert!((1..=8).contains(&d), "{d}");
+    assert_eq!(crate::default_threads(1), 1);
 }
 
 #[test]
