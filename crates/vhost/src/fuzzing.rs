@@ -10,10 +10,14 @@
 //! available (low 5 bits), 16 descriptors of 8 bytes (address: 3 bytes, so that one in
 //! sixteen lies in guest memory; length: 2 bytes, its top bit making it 2^31 + the rest;
 //! flags: 1 byte, as the raw field's low byte; next: 2 bytes), then the heads (2 bytes each);
-//! then one byte of LU changes made after the queues ran (bit 0: add LUN 2, bit 1: remove
-//! LUN 1), each posting an event into the event queue's buffers.
+//! then one byte of options and LU changes (bit 2: the device has a second request queue,
+//! served by the first one's thread, laid out from the same bytes as the first at
+//! 0x1800/0x1900/0x1A00, so both queues' chains share the guest's buffers; bit 0: add LUN 2 and
+//! bit 1: remove LUN 1 after the queues ran, each posting an event into the event queue's
+//! buffers).
 
 use vhost_user_backend::{VhostUserBackend, VringT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 
@@ -25,29 +29,51 @@ const MEM: u64 = 1 << 20;
 const DATA_AT: u64 = 0x2000;
 
 /// Run `data` as a guest's queues against a device with two LUs (LUN 0 and 1 of target 0)
-/// on memory disks.
-pub fn queues(data: &[u8]) {
+/// on memory disks. Returns the used index of each request queue afterwards (none when the
+/// input could not be laid out).
+pub fn queues(data: &[u8]) -> Vec<u16> {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     else {
-        return;
+        return Vec::new();
     };
     let lu = |blocks, bs| scsi::fuzzing::memory_lu(blocks, bs, "vhost-fuzz");
     let (Some(lu0), Some(lu1)) = (lu(64, 512), lu(8, 4096)) else {
-        return;
+        return Vec::new();
     };
     let Ok(mem) = Mem::from_ranges(&[(GuestAddress(0), MEM as usize)]) else {
-        return;
+        return Vec::new();
     };
     let gm: Gm = GuestMemoryAtomic::new(mem);
+    let mut rest = data;
+    let ctrl = guest_queue(&gm, 0x0000, &mut rest);
+    let event = guest_queue(&gm, 0x0400, &mut rest);
+    let req_bytes = rest;
+    let req = guest_queue(&gm, 0x1000, &mut rest);
+    let (Some(ctrl), Some(event), Some(req)) = (ctrl, event, req) else {
+        return Vec::new();
+    };
+    let changes = rest.first().copied().unwrap_or(0);
+    rest = rest.get(1..).unwrap_or_default();
+    let mut reqs = vec![req];
+    if changes & 4 != 0 {
+        let Some(req2) = guest_queue(&gm, 0x1800, &mut { req_bytes }) else {
+            return Vec::new();
+        };
+        reqs.push(req2);
+    }
+    let m = gm.memory();
+    let n = rest.len().min((MEM - DATA_AT) as usize);
+    let _ = m.write_slice(&rest[..n], GuestAddress(DATA_AT));
+
     let Ok(vs) = VhostScsi::new(
         SocketConfig {
             path: "/nonexistent".into(),
             initiator_name: "vhost:fuzz".into(),
             target_name: "iqn.2026-01.io.sharedisk:vhost-fuzz".into(),
             relative_port_id: crate::FIRST_RELATIVE_PORT_ID,
-            num_queues: 1,
+            num_queues: reqs.len() as u16,
             threads: 1,
             luns: vec![
                 LunConfig {
@@ -64,29 +90,20 @@ pub fn queues(data: &[u8]) {
         },
         rt.handle().clone(),
     ) else {
-        return;
+        return Vec::new();
     };
     let dev = Device::new(vs.shared.clone(), gm.clone());
     dev.acked_features(dev.features());
     *lock(&vs.shared.current) = Some(dev.clone());
 
-    let mut rest = data;
-    let ctrl = guest_queue(&gm, 0x0000, &mut rest);
-    let event = guest_queue(&gm, 0x0400, &mut rest);
-    let req = guest_queue(&gm, 0x1000, &mut rest);
-    let (Some(ctrl), Some(event), Some(req)) = (ctrl, event, req) else {
-        return;
-    };
-    let changes = rest.first().copied().unwrap_or(0);
-    rest = rest.get(1..).unwrap_or_default();
-    let m = gm.memory();
-    let n = rest.len().min((MEM - DATA_AT) as usize);
-    let _ = m.write_slice(&rest[..n], GuestAddress(DATA_AT));
-
     let ctrl_event = [ctrl, event];
     let _ = dev.handle_event(0, EventSet::IN, &ctrl_event, 0);
     let _ = dev.handle_event(1, EventSet::IN, &ctrl_event, 0);
-    let _ = dev.handle_event(0, EventSet::IN, std::slice::from_ref(&req), 1);
+    // A kick of the first request queue; with two, one of the second as well (the thread
+    // serves both on either).
+    for (i, _) in reqs.iter().enumerate() {
+        let _ = dev.handle_event(i as u16, EventSet::IN, &reqs, 1);
+    }
     if changes & 1 != 0 {
         if let Some(l) = lu(8, 512) {
             let _ = vs.add_lu(0, 2, l);
@@ -103,16 +120,19 @@ pub fn queues(data: &[u8]) {
         }
     });
     if dev.wake_pending(1) {
-        let _ = dev.handle_event(
-            dev.wake_event(),
-            EventSet::IN,
-            std::slice::from_ref(&req),
-            1,
-        );
+        let _ = dev.handle_event(dev.wake_event(), EventSet::IN, &reqs, 1);
     }
     // The socket's `current` device refers back to the socket's shared state; a disconnect
     // clears it, as here.
     *lock(&vs.shared.current) = None;
+    reqs.iter()
+        .map(|v| {
+            v.get_ref()
+                .get_queue()
+                .used_idx(&*m, std::sync::atomic::Ordering::Acquire)
+                .map_or(0, |i| i.0)
+        })
+        .collect()
 }
 
 /// Lay out one queue at `at` from the input (see the module's documentation); `None` when
@@ -179,6 +199,13 @@ mod tests {
         input.extend([0u8; 1 + 16 * 8]); // request queue: nothing available
         input.push(3); // add LUN 2, remove LUN 1
         super::queues(&input);
+        // The WRITE(10) seed's one request is answered; with a second request queue that
+        // copies the first (options bit 2), on each queue.
+        let seeds = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/seeds/vhost_queues");
+        let seed = |name: &str| std::fs::read(format!("{seeds}/{name}")).expect("the seed");
+        assert_eq!(super::queues(&seed("write10")), vec![1]);
+        assert_eq!(super::queues(&seed("two_queues_write10")), vec![1, 1]);
+        assert_eq!(super::queues(&seed("two_queues_two_requests")), vec![2, 2]);
         let mut x = 0x2545_F491_4F6C_DD1Du64;
         for _ in 0..200 {
             let bytes: Vec<u8> = (0..600)
