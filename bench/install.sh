@@ -1,5 +1,6 @@
-# Sourced by the bench scripts: install the tools they need when missing (as root), and
-# start_sharedisk. What a bench needs is in bench_needs, set before sourcing:
+# Sourced by the bench scripts: install the tools they need when missing (as root),
+# start_sharedisk and reset_page_cache. What a bench needs is in bench_needs, set before
+# sourcing:
 #   iscsi (the default)  libiscsi-bin, tgt, fio, and QEMU's iSCSI driver for qemu-img
 #   vhost                fio, qemu-system-x86 and vhost-device-scsi (cargo install)
 #
@@ -65,4 +66,15 @@ start_sharedisk() {
         echo "bench: sharedisk did not start; see $out/sharedisk.log" >&2
         exit 1
     }
+}
+
+# reset_page_cache FILE: the same page-cache state of FILE for every server a bench runs. Its
+# dirty pages are written back and its clean ones dropped (this file only), then it is read
+# once in 1 MiB blocks. Otherwise a server would inherit what the ones before it left, and on
+# kernels that cache files in large folios the folio sizes decide what a 4 KiB buffered write
+# costs (several times over on ext4).
+reset_page_cache() {
+    sync "$1"
+    dd if="$1" iflag=nocache count=0 status=none
+    dd if="$1" of=/dev/null bs=1M status=none
 }

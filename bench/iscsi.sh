@@ -11,8 +11,8 @@
 #                                                         QEMU's own iSCSI client)
 # Each row runs against sharedisk, then tgt (tgtd, file-backed LUN on the same image), then
 # fio straight on the file with the same pattern (io_uring), all three with the same cache:
-#   buffered (the default)  through the host's page cache, which is read in full before each
-#                           of the three runs (fio with --invalidate=0: by default fio drops
+#   buffered (the default)  through the host's page cache, which is reset (written back,
+#                           dropped, read in full) before each of the three runs (fio with --invalidate=0: by default fio drops
 #                           the file's cached pages first, and its reads would then measure the
 #                           disk while the targets' reads come from memory)
 #   BENCH_DIRECT=1          direct I/O for all three (sharedisk --direct, tgt --bsoflags
@@ -73,9 +73,10 @@ trap cleanup EXIT
 fio --name=fill --filename="$image" --rw=write --bs=1M --size="${size_mib}M" \
     --ioengine=psync --end_fsync=1 >"$out/fill.log"
 
-# Buffered runs start with the whole image in the page cache (the same for every server).
+# Buffered runs start with the whole image in the page cache, in the same state for every
+# server (see reset_page_cache).
 warm() {
-    ((direct)) || cat "$image" >/dev/null
+    ((direct)) || reset_page_cache "$image"
 }
 
 # Results: results[ROW,SERVER] = IOPS.

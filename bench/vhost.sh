@@ -119,16 +119,6 @@ wait_for_socket() {
     return 1
 }
 
-# reset_cache: each target starts from the same page-cache state of the image. Its dirty pages
-# are written back and its clean ones dropped (this file only), then it is read once in 1 MiB
-# blocks. Otherwise a target would inherit what the ones before it left (on kernels that cache
-# files in large folios, the folio sizes decide what a 4 KiB buffered write costs).
-reset_cache() {
-    sync "$image"
-    dd if="$image" iflag=nocache count=0 status=none
-    dd if="$image" of=/dev/null bs=1M status=none
-}
-
 # start_backend TARGET LOG: the vhost-user back end of TARGET on $sock (sets server).
 start_backend() {
     rm -f "$sock"
@@ -168,7 +158,7 @@ run_target() {
     *) echo "bench: unknown target $target" >&2; exit 2 ;;
     esac
     echo "bench: round $round, $target"
-    reset_cache
+    reset_page_cache "$image"
     if [[ $target == sharedisk || $target == vhost-device-scsi ]]; then
         if ! start_backend "$target" "$out/$name.backend.log"; then
             failures+=("$target (round $round): the back end did not start; see $out/$name.backend.log")
