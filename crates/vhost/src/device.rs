@@ -350,16 +350,13 @@ impl Device {
     /// The queues worker thread `thread` serves, in ascending order: the order of the vrings
     /// vhost-user-backend hands the thread, whose index in it is the thread's event number
     /// for the queue.
-    pub(crate) fn thread_queues(&self, thread: usize) -> Vec<usize> {
-        if thread == 0 {
-            return vec![0, 1];
-        }
+    fn thread_queues(&self, thread: usize) -> std::iter::StepBy<std::ops::Range<usize>> {
         let threads = usize::from(self.shared.threads.max(1));
-        let queues = 2 + usize::from(self.shared.num_queues);
-        if thread > threads {
-            return Vec::new();
+        match thread {
+            0 => (0..2).step_by(1),
+            t if t <= threads => (1 + t..2 + usize::from(self.shared.num_queues)).step_by(threads),
+            _ => (0..0).step_by(1),
         }
-        (1 + thread..queues).step_by(threads).collect()
     }
 
     /// Whether `head` of `queue`, popped in `epochs`, is still in flight.
@@ -583,8 +580,9 @@ impl Device {
     /// wakes the thread, which serves again.
     fn serve(&self, queues: &[(usize, &Vring)]) {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let mut empty: Vec<(usize, &Vring)> = Vec::with_capacity(queues.len());
         loop {
-            let mut empty: Vec<(usize, &Vring)> = Vec::with_capacity(queues.len());
+            empty.clear();
             for &(queue, vring) in queues {
                 // Checked on every round: a queue may be stopped while another is served.
                 if !Self::ready(vring) {
@@ -690,19 +688,15 @@ impl Device {
     /// Watch the avail rings of the request queues among `queues` for [`AVAIL_POLL`]
     /// (yielding, not sleeping); `true` as soon as one has a chain available.
     fn poll_avail(&self, queues: &[(usize, &Vring)]) -> bool {
-        let watched: Vec<&Vring> = queues
-            .iter()
-            .filter(|&&(q, _)| q >= 2)
-            .map(|&(_, v)| v)
-            .collect();
-        if watched.is_empty() {
+        let watched = || queues.iter().filter(|&&(q, _)| q >= 2).map(|&(_, v)| v);
+        if watched().next().is_none() {
             return false;
         }
         let mem = self.mem.memory().into_inner();
         let start = std::time::Instant::now();
         loop {
             let mut valid = false;
-            for vring in &watched {
+            for vring in watched() {
                 match Self::avail_ahead(vring, &mem) {
                     Some(0) => valid = true,
                     Some(_) => return true,
@@ -1332,7 +1326,6 @@ impl Device {
     fn serve_thread(&self, thread: usize, vrings: &[Vring]) {
         let queues: Vec<(usize, &Vring)> = self
             .thread_queues(thread)
-            .into_iter()
             .zip(vrings)
             .filter(|&(q, _)| q != 1)
             .collect();
@@ -1460,11 +1453,7 @@ impl VhostUserBackend for Device {
     /// the request-queue threads in turn (see `Device::thread_queues`).
     fn queues_per_thread(&self) -> Vec<u64> {
         (0..=usize::from(self.shared.threads))
-            .map(|t| {
-                self.thread_queues(t)
-                    .into_iter()
-                    .fold(0u64, |mask, q| mask | 1u64 << q)
-            })
+            .map(|t| self.thread_queues(t).fold(0u64, |mask, q| mask | 1u64 << q))
             .collect()
     }
 
@@ -1512,7 +1501,7 @@ impl VhostUserBackend for Device {
             return Ok(());
         }
         let local = usize::from(device_event);
-        let queue = self.thread_queues(thread_id).get(local).copied();
+        let queue = self.thread_queues(thread_id).nth(local);
         let (Some(queue), Some(vring)) = (queue, vrings.get(local)) else {
             tracing::warn!(device_event, thread_id, "Event for an unknown vring");
             return Ok(());
