@@ -587,16 +587,8 @@ impl Plan {
                     v.initiator
                 );
             }
-            if v.num_queues == 0 || v.num_queues > 62 {
-                bail!("{what}: num_queues must be 1 to 62, not {}", v.num_queues);
-            }
-            if let Some(t) = v.threads {
-                if t == 0 || t > v.num_queues {
-                    bail!(
-                        "{what}: threads must be 1 to num_queues ({}), not {t}",
-                        v.num_queues
-                    );
-                }
+            if let Err(e) = vhost_scsi::check_queues(v.num_queues, v.threads) {
+                bail!("{what}: {e}");
             }
             if v.lus.is_empty() {
                 bail!("{what}: no logical unit (add a [[vhost.lu]])");

@@ -36,8 +36,8 @@
 //! loop: a kick of any of them, or a completion that makes room on one, drains every one that is
 //! ready, and the thread watches all their avail rings after a drain, so none waits for another's
 //! kick. Fewer threads than queues spare the host's cores for the guest's vCPUs, and spare
-//! writers to one image its inode lock (see [`default_threads`]). The thread validates the chain, copies the header and data-out, takes the
-//! task-set ticket ([`scsi::Target::admit`]) and runs the command on the spot until it first has
+//! writers to one image its inode lock (see [`default_threads`]). The thread validates the
+//! chain, copies the header and data-out, takes the task-set ticket ([`scsi::Target::admit`]) and runs the command on the spot until it first has
 //! to wait, as the iSCSI frontend does: a read the page cache holds, or a write with no other
 //! write in flight, completes on the queue's thread with no task and no thread hop, and the
 //! used entries of everything that completed during one drain of the queue share one interrupt
@@ -174,6 +174,18 @@ pub fn default_threads(num_queues: u16) -> u16 {
     half.min(num_queues).max(1)
 }
 
+/// Whether `num_queues` request queues (and `threads` threads for them, when set) can be
+/// served: the check [`VhostScsi::new`] makes, for a configuration read before sockets exist.
+pub fn check_queues(num_queues: u16, threads: Option<u16>) -> Result<(), ConfigError> {
+    if num_queues == 0 || num_queues > MAX_QUEUES {
+        return Err(ConfigError::Queues(num_queues));
+    }
+    match threads {
+        Some(t) if t == 0 || t > num_queues => Err(ConfigError::Threads(t, num_queues)),
+        _ => Ok(()),
+    }
+}
+
 /// A socket configuration that cannot be served.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
@@ -207,12 +219,7 @@ impl VhostScsi {
         config: SocketConfig,
         runtime: tokio::runtime::Handle,
     ) -> Result<VhostScsi, ConfigError> {
-        if config.num_queues == 0 || config.num_queues > MAX_QUEUES {
-            return Err(ConfigError::Queues(config.num_queues));
-        }
-        if config.threads == 0 || config.threads > config.num_queues {
-            return Err(ConfigError::Threads(config.threads, config.num_queues));
-        }
+        check_queues(config.num_queues, Some(config.threads))?;
         if config.relative_port_id == 0 {
             return Err(ConfigError::RelativePortId);
         }
