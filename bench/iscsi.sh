@@ -12,9 +12,10 @@
 # Each row runs against sharedisk, then tgt (tgtd, file-backed LUN on the same image), then
 # fio straight on the file with the same pattern (io_uring), all three with the same cache:
 #   buffered (the default)  through the host's page cache, which is reset (written back,
-#                           dropped, read in full) before each of the three runs (fio with --invalidate=0: by default fio drops
-#                           the file's cached pages first, and its reads would then measure the
-#                           disk while the targets' reads come from memory)
+#                           dropped, read in full) before each of the three runs (fio with
+#                           --invalidate=0: by default fio drops the file's cached pages
+#                           first, and its reads would then measure the disk while the
+#                           targets' reads come from memory)
 #   BENCH_DIRECT=1          direct I/O for all three (sharedisk --direct, tgt --bsoflags
 #                           direct, fio --direct=1): the ceiling is then the device's, which is
 #                           what "fio on the file" means for a target in front of a real disk

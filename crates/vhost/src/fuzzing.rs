@@ -101,8 +101,8 @@ pub fn queues(data: &[u8]) -> Vec<u16> {
     let _ = dev.handle_event(1, EventSet::IN, &ctrl_event, 0);
     // A kick of the first request queue; with two, one of the second as well (the thread
     // serves both on either).
-    for (i, _) in reqs.iter().enumerate() {
-        let _ = dev.handle_event(i as u16, EventSet::IN, &reqs, 1);
+    for i in 0..reqs.len() as u16 {
+        let _ = dev.handle_event(i, EventSet::IN, &reqs, 1);
     }
     if changes & 1 != 0 {
         if let Some(l) = lu(8, 512) {
