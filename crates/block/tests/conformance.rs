@@ -97,6 +97,20 @@ fn mem(size: u64, bs: u32) -> Harness {
 }
 
 fn file_with(size: u64, bs: u32, engine: EngineChoice, fast_paths: bool, direct: bool) -> Harness {
+    file_opened(size, bs, engine, fast_paths, direct, true)
+}
+
+/// A file driver opened inside the test's runtime (`on_runtime`), as the daemon opens its
+/// images, so that io_uring is reaped by a task; or on a thread outside any runtime, where the
+/// ring gets a thread of its own.
+fn file_opened(
+    size: u64,
+    bs: u32,
+    engine: EngineChoice,
+    fast_paths: bool,
+    direct: bool,
+    on_runtime: bool,
+) -> Harness {
     let opts = FileOptions {
         engine,
         fast_paths,
@@ -105,7 +119,22 @@ fn file_with(size: u64, bs: u32, engine: EngineChoice, fast_paths: bool, direct:
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("disk.img");
-    let d = FileDriver::open_with(&path, Some(size), &opts).expect("open");
+    let d = if on_runtime {
+        FileDriver::open_with(&path, Some(size), &opts).expect("open")
+    } else {
+        let p = path.clone();
+        std::thread::spawn(move || FileDriver::open_with(&p, Some(size), &opts))
+            .join()
+            .expect("open thread")
+            .expect("open")
+    };
+    if d.engine() == Engine::IoUring {
+        assert_eq!(
+            d.uring_thread(),
+            !on_runtime,
+            "io_uring is reaped on the runtime exactly when the image is opened on one"
+        );
+    }
     let want = match engine {
         EngineChoice::ThreadPool => Some(Engine::ThreadPool),
         EngineChoice::IoUring => Some(Engine::IoUring),
@@ -135,6 +164,16 @@ fn file_pool(size: u64, bs: u32) -> Harness {
 
 fn file_default(size: u64, bs: u32) -> Harness {
     file_with(size, bs, EngineChoice::Auto, true, false)
+}
+
+// io_uring reaped by a thread of its own (a driver opened outside a runtime), buffered and
+// direct.
+fn file_uring_thread(size: u64, bs: u32) -> Harness {
+    file_opened(size, bs, EngineChoice::IoUring, false, false, false)
+}
+
+fn file_direct_thread(size: u64, bs: u32) -> Harness {
+    file_opened(size, bs, EngineChoice::IoUring, false, true, false)
 }
 
 // Direct I/O (O_DIRECT): each engine on its own, and the default (lone requests on the calling
@@ -730,9 +769,11 @@ macro_rules! suites {
 suites!(
     mem,
     file_uring,
+    file_uring_thread,
     file_pool,
     file_default,
     file_direct,
+    file_direct_thread,
     file_direct_pool,
     file_direct_default
 );
@@ -843,27 +884,92 @@ mod file_only {
         assert_eq!(u.engine(), Engine::IoUring);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    // One thread: the requests below are queued for submission while the test runs (the
+    // reaping task cannot run in between), so dropping the driver finds them pending.
+    #[tokio::test]
     async fn abandoned_requests_and_dropping_the_driver_are_clean() {
-        for engine in [EngineChoice::IoUring, EngineChoice::ThreadPool] {
+        // (engine, direct I/O, opened on the runtime)
+        let cases = [
+            (EngineChoice::IoUring, false, true),
+            (EngineChoice::IoUring, true, true),
+            (EngineChoice::IoUring, false, false),
+            (EngineChoice::IoUring, true, false),
+            (EngineChoice::ThreadPool, false, true),
+        ];
+        for (engine, direct, on_runtime) in cases {
             let dir = tempfile::tempdir().expect("tempdir");
-            let d = open(&dir.path().join("disk.img"), engine).expect("open");
+            let path = dir.path().join("disk.img");
+            let opts = FileOptions {
+                engine,
+                direct,
+                fast_paths: false,
+                ..FileOptions::default()
+            };
+            let d = if on_runtime {
+                FileDriver::open_with(&path, Some(MIB), &opts).expect("open")
+            } else {
+                let p = path.clone();
+                std::thread::spawn(move || FileDriver::open_with(&p, Some(MIB), &opts))
+                    .join()
+                    .expect("open thread")
+                    .expect("open")
+            };
+            assert_eq!(
+                d.uring_thread(),
+                engine == EngineChoice::IoUring && !on_runtime
+            );
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
             for i in 0..64u64 {
-                // Polled once (so submitted), then dropped: the engine keeps the buffer until
-                // the I/O completes.
-                let _ = tokio::time::timeout(
-                    std::time::Duration::ZERO,
-                    d.write(i * 4096, vec![1; 4096], false),
-                )
-                .await;
-                let _ =
-                    tokio::time::timeout(std::time::Duration::ZERO, d.read(i * 4096, 4096)).await;
+                // Polled once (so submitted, or queued for submission), then dropped, without
+                // yielding to the runtime: the engine keeps the buffer until the I/O completes.
+                let mut w = d.write(i * 4096, vec![1; 4096], false);
+                let _ = w.as_mut().poll(&mut cx);
+                let mut r = d.read(i * 4096, 4096);
+                let _ = r.as_mut().poll(&mut cx);
             }
             drop(d);
-            // The lock went with the driver.
-            let again = open(&dir.path().join("disk.img"), engine).expect("reopen");
+            // Nothing of the dropped driver reaches another file: an image opened now likely
+            // gets the descriptor number the dropped one had, and a request still waiting to be
+            // submitted against that number would write into it.
+            let other_path = dir.path().join("other.img");
+            let other = FileDriver::open_with(&other_path, Some(MIB), &opts).expect("other");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let seen = other.read(0, 64 * 4096).await.expect("read other");
+            assert!(
+                seen.iter().all(|&b| b == 0),
+                "a request of the dropped driver wrote into another image ({engine:?}, direct {direct})"
+            );
+            drop(other);
+            // The lock went with the driver, at once: nothing the kernel held was left open.
+            let again = FileDriver::open_with(&path, Some(MIB), &opts)
+                .unwrap_or_else(|e| panic!("reopen ({engine:?}, direct {direct}): {e}"));
             again.flush().await.expect("flush");
         }
+    }
+
+    #[test]
+    fn a_runtime_without_io_gets_a_ring_thread_that_works() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let opts = FileOptions {
+                engine: EngineChoice::IoUring,
+                fast_paths: false,
+                ..FileOptions::default()
+            };
+            let d = FileDriver::open_with(&dir.path().join("disk.img"), Some(MIB), &opts)
+                .expect("open");
+            assert_eq!(d.engine(), Engine::IoUring);
+            assert!(
+                d.uring_thread(),
+                "no reactor to reap on: the ring has its own thread"
+            );
+            d.write(4096, vec![7; 4096], false).await.expect("write");
+            assert_eq!(d.read(4096, 4096).await.expect("read"), vec![7; 4096]);
+        });
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

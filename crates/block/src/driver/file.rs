@@ -10,8 +10,10 @@
 //! `readv`/`writev`) over an [`IoBuf`]: a buffer of the driver's own, or memory a frontend
 //! lent (a vhost-user guest's buffers), which the kernel then reads into or writes from
 //! directly. Reads, writes and flushes go to an [`Engine`]:
-//! - [`Engine::IoUring`]: a dedicated ring thread with batched submission and reaping (see the
-//!   `uring` module), results delivered to the async caller through oneshot channels;
+//! - [`Engine::IoUring`]: one ring per image with batched submission and reaping, results
+//!   delivered to the async caller through oneshot channels. Opened inside a tokio runtime (as
+//!   the daemon opens its images) the ring is driven by a task on that runtime; opened outside
+//!   one, by a thread of its own (see the `uring` module and [`FileDriver::uring_thread`]);
 //! - [`Engine::ThreadPool`]: `pread`/`pwrite`/`fdatasync` on tokio's blocking thread pool.
 //!
 //! [`EngineChoice::Auto`] (the default) picks the engine the benchmark in
@@ -34,7 +36,7 @@
 //!
 //! At queue depth 32, which is where a SCSI target lives (DESIGN.md §6), io_uring wins every
 //! run, by 1.5x to 4x: one system call carries a whole batch, and page-cache hits are served
-//! inline by the ring thread. At queue depth 1 both engines pay two thread hand-offs per request
+//! inline by the ring (these figures are of the ring on a thread of its own). At queue depth 1 both engines pay two thread hand-offs per request
 //! and the figures are dominated by scheduling noise on the loaded machine; neither wins
 //! consistently. io_uring is therefore the default engine. (These figures are of the engines on
 //! their own; the fast paths below now serve cached reads and lone writes in front of them.)
@@ -133,7 +135,7 @@ pub enum EngineChoice {
 /// The engine a driver ended up with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
-    /// A dedicated io_uring thread.
+    /// io_uring: a ring per image, driven by a task on the runtime or by a thread of its own.
     IoUring,
     /// `pread`/`pwrite` on tokio's blocking pool.
     ThreadPool,
@@ -757,6 +759,13 @@ impl FileDriver {
             sync_failed: AtomicBool::new(false),
             reservations,
         })
+    }
+
+    /// Whether the io_uring engine is reaped by a thread of its own, as it is when the file was
+    /// opened outside a tokio runtime (or on one without I/O); `false` when it is reaped on the
+    /// runtime, and for the thread pool. See the `uring` module.
+    pub fn uring_thread(&self) -> bool {
+        matches!(&self.io, Io::Ring(r) if r.on_thread())
     }
 
     /// The engine in use.

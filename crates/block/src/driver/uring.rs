@@ -1,37 +1,63 @@
-//! The io_uring engine of the file driver: one dedicated ring thread per open file.
+//! The io_uring engine of the file driver: one ring per open file.
 //!
-//! Callers (tokio tasks) append a request to a shared queue and await a oneshot channel. The
-//! ring thread loops:
-//! 1. take every queued request at once and turn each into a submission queue entry (SQE), up to
-//!    the ring's capacity (the rest wait in a backlog);
-//! 2. submit them all and wait for at least one completion with a single `io_uring_enter`;
-//! 3. reap every available completion (CQE), resubmitting the rest of a short read or write and
-//!    answering the finished requests.
+//! Callers (tokio tasks) hand a request to the ring and await a oneshot channel. The ring runs in
+//! one of two ways, chosen when it is made:
+//! - **On the runtime** (when the file is opened inside a tokio runtime, as the daemon does).
+//!   The caller turns its request into a submission queue entry (SQE) itself and, unless a
+//!   caller before it already did, signals an eventfd. A task on the same runtime, woken by
+//!   that eventfd (which the ring also signals on every completion queue entry, CQE, through
+//!   `IORING_REGISTER_EVENTFD`), submits every SQE queued meanwhile with one `io_uring_enter`,
+//!   reaps every CQE and answers the callers, whose tasks then run on the worker that reaped
+//!   them. No thread of the driver's own sits between a request and the device.
+//!   Measured against the ring thread below, on the project's 2-core VM: the example
+//!   `file_engines` (4 KiB random I/O through `Backend`, engines alone, one run) gives 235k
+//!   against 36k buffered reads at queue depth 1 (page-cache hits complete in the submitting
+//!   call), 615k against 414k at depth 32, and 20.0k against 16.4k direct reads at depth 1;
+//!   direct reads at depth 32 are the same (67.9k and 67.7k); writes vary more between runs
+//!   than between the two. Over iSCSI with direct I/O (`qemu-img bench`, 4 KiB, depth 32, six
+//!   alternating runs each) reads averaged 68.2k against 63.0k and writes 56.6k against
+//!   51.4k.
+//! - **On a thread of its own** (a file opened outside a runtime). The ring thread loops:
+//!   1. take every queued request at once and turn each into an SQE, up to the ring's capacity
+//!      (the rest wait in a backlog);
+//!   2. submit them all and wait for at least one completion with a single `io_uring_enter`;
+//!   3. reap every available CQE, resubmitting the rest of a short read or write and answering
+//!      the finished requests.
 //!
-//! So submissions and completions are both batched: at queue depth 32 one system call carries
-//! many requests. To sleep in step 2 and still notice new requests, the thread keeps a read of an
-//! eventfd in the ring; a caller writes the eventfd only when the thread has said it is going to
-//! sleep (a flag checked after the queue push, with sequentially consistent ordering on both
-//! sides, so a wake-up is never lost).
+//!   To sleep in step 2 and still notice new requests, the thread keeps a read of an eventfd
+//!   in the ring; a caller writes the eventfd only when the thread has said it is going to
+//!   sleep (a flag checked after the queue push, with sequentially consistent ordering on both
+//!   sides, so a wake-up is never lost).
+//!
+//! Both share the bookkeeping ([`Table`]): whoever holds the table has sole use of the ring's
+//! submission and completion queues (the ring thread always; on the runtime, callers and the
+//! reaping task take its mutex).
 //!
 //! Buffer ownership: a request's [`IoBuf`] (a `Vec<u8>` of its own, or memory a frontend lent,
-//! kept mapped by the owner handle inside it) moves into a slot of a fixed-size slot table owned
-//! by the ring thread, together with the iovec array the SQE points at (`readv`/`writev`). The
-//! slot is neither touched nor freed until the CQE carrying its index has been reaped, and the
-//! slot table never grows, so buffer and iovecs stay alive and unmoved for as long as the kernel
-//! may access them. A caller that stops waiting only drops its receiver; the buffer is still
-//! released by the ring thread, after the completion. On shutdown the thread keeps reaping until
-//! nothing is in flight. The file descriptor is kept open by an `Arc<File>` the thread holds.
+//! kept mapped by the owner handle inside it) moves into a slot of a fixed-size slot table,
+//! together with the iovec array the SQE points at (`readv`/`writev`). The slot is neither
+//! touched nor freed until the CQE carrying its index has been reaped, and the slot table never
+//! grows, so buffer and iovecs stay alive and unmoved for as long as the kernel may access them.
+//! A caller that stops waiting only drops its receiver; the buffer is still released by the
+//! table, after the completion. When the driver is dropped, the ring is reaped until nothing
+//! is in flight before the drop returns (by the ring thread, or on the runtime by the dropping
+//! thread itself), so the image's descriptor and lock go with the driver and no queued SQE can
+//! name a descriptor number that was closed and reused. A table dropped with requests still in
+//! flight (only if the ring itself failed) leaks their buffers rather than free memory the
+//! kernel may still write. The file descriptor is kept open by an `Arc<File>` the table holds.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
 use io_uring::{opcode, types, IoUring, Probe};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::oneshot;
 
 use crate::IoBuf;
@@ -63,37 +89,26 @@ struct Slot {
     iov: Vec<libc::iovec>,
 }
 
-struct Shared {
-    queue: Mutex<Vec<Request>>,
-    sleeping: AtomicBool,
-    shutdown: AtomicBool,
-    /// Set when the ring thread has ended; requests queued after that are failed by the caller.
-    dead: AtomicBool,
-    wake: File,
-}
+type Reply = oneshot::Sender<io::Result<IoBuf>>;
 
-impl Shared {
-    fn queue(&self) -> MutexGuard<'_, Vec<Request>> {
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn wake(&self) {
-        // An eventfd write of 1 cannot block or fail short of counter overflow, which would
-        // itself mean a wake-up is pending; nothing to do on error.
-        let _ = (&self.wake).write(&1u64.to_ne_bytes());
-    }
-}
-
-/// A ring thread serving one file.
+/// A ring serving one file.
 pub(crate) struct Ring {
-    shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    mode: Mode,
+}
+
+enum Mode {
+    Task(Arc<TaskRing>),
+    Thread {
+        shared: Arc<Shared>,
+        thread: Option<JoinHandle<()>>,
+    },
 }
 
 impl Ring {
-    /// Set up a ring of `entries` SQEs over `file` and start its thread. Fails when the kernel
-    /// has no io_uring (ENOSYS), forbids it (EPERM, `kernel.io_uring_disabled`) or lacks the
-    /// operations the driver needs.
+    /// Set up a ring of `entries` SQEs over `file`: reaped by a task when called inside a tokio
+    /// runtime, by a thread of its own otherwise. Fails when the kernel has no io_uring
+    /// (ENOSYS), forbids it (EPERM, `kernel.io_uring_disabled`) or lacks the operations the
+    /// driver needs.
     pub(crate) fn new(file: Arc<File>, entries: u32) -> io::Result<Self> {
         let ring = IoUring::new(entries)?;
         let mut probe = Probe::new();
@@ -111,60 +126,50 @@ impl Ring {
                 ));
             }
         }
-        // SAFETY: eventfd has no memory-safety preconditions; the result is checked below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
-        let wake = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-        let shared = Arc::new(Shared {
-            queue: Mutex::new(Vec::new()),
-            sleeping: AtomicBool::new(false),
-            shutdown: AtomicBool::new(false),
-            dead: AtomicBool::new(false),
-            wake,
-        });
         let cap = ring.params().sq_entries() as usize;
-        let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("block-uring".into())
-            .spawn(move || {
-                let mut t = RingThread::new(ring, file, s.clone(), cap);
-                let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.run()));
-                if ended.is_err() {
-                    // The kernel may still own buffers in `t`: leak them (and the ring) rather
-                    // than free memory it could write to.
-                    tracing::error!("io_uring thread panicked; the file driver fails all I/O");
-                    std::mem::forget(t);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            match TaskRing::events(&rt, &ring) {
+                Ok(events) => {
+                    return Ok(Self {
+                        mode: Mode::Task(TaskRing::start(&rt, ring, events, file, cap)),
+                    })
                 }
-                s.dead.store(true, Ordering::SeqCst);
-                // Dropping the queued senders fails the waiting callers.
-                drop(std::mem::take(&mut *s.queue()));
-            })?;
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "io_uring cannot be reaped on this runtime; using a ring thread"
+                ),
+            }
+        }
+        let (shared, thread) = RingThread::start(ring, file, cap)?;
         Ok(Self {
-            shared,
-            thread: Some(thread),
+            mode: Mode::Thread {
+                shared,
+                thread: Some(thread),
+            },
         })
+    }
+
+    /// Whether the ring is reaped by a thread of its own (it was made outside a tokio runtime,
+    /// or on one without I/O) rather than by a task on the runtime.
+    pub(crate) fn on_thread(&self) -> bool {
+        matches!(self.mode, Mode::Thread { .. })
     }
 
     async fn call(&self, op: Op, offset: u64, buf: IoBuf, done: usize) -> io::Result<IoBuf> {
         let (reply, rx) = oneshot::channel();
-        self.shared.queue().push(Request {
+        let req = Request {
             op,
             offset,
             buf,
             done,
             reply,
-        });
-        if self.shared.sleeping.swap(false, Ordering::SeqCst) {
-            self.shared.wake();
-        }
-        if self.shared.dead.load(Ordering::SeqCst) {
-            drop(std::mem::take(&mut *self.shared.queue()));
+        };
+        match &self.mode {
+            Mode::Task(t) => t.submit(req),
+            Mode::Thread { shared, .. } => shared.submit(req),
         }
         rx.await
-            .map_err(|_| io::Error::other("io_uring thread ended"))?
+            .map_err(|_| io::Error::other("io_uring ring ended"))?
     }
 
     /// Fill `buf` from byte `done` on with the file's bytes from `offset + done`, and give it
@@ -195,114 +200,90 @@ impl Ring {
 
 impl Drop for Ring {
     fn drop(&mut self) {
-        self.shared.shutdown.store(true, Ordering::SeqCst);
-        self.shared.wake();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        match &mut self.mode {
+            Mode::Task(t) => {
+                t.close();
+                t.shutdown.store(true, Ordering::SeqCst);
+                t.wake();
+            }
+            Mode::Thread { shared, thread } => {
+                shared.shutdown.store(true, Ordering::SeqCst);
+                shared.wake();
+                if let Some(t) = thread.take() {
+                    let _ = t.join();
+                }
+            }
         }
     }
 }
 
-struct RingThread {
-    ring: IoUring,
-    file: Arc<File>,
-    shared: Arc<Shared>,
+/// Write 1 to an eventfd. An eventfd write of 1 cannot block or fail short of counter
+/// overflow, which would itself mean a wake-up is pending; nothing to do on error.
+fn signal(fd: &impl AsRawFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: a write of 8 bytes from a live local buffer to a descriptor the caller keeps open.
+    let _ = unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+}
+
+fn eventfd(flags: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: eventfd has no memory-safety preconditions; the result is checked below.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether an `io_uring_enter` error only means "try again later".
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
+    )
+}
+
+/// The requests of one ring, in flight or waiting for room, and the moves between them. Whoever
+/// holds a `Table` has sole use of its ring's submission and completion queues: the methods
+/// taking a ring rely on it.
+struct Table {
+    /// `None` once the ring is closed (`Ring::drop` on the runtime): nothing more is submitted,
+    /// so the image is closed, and its lock released, when its driver goes. Requests already in
+    /// the kernel hold a file reference of their own.
+    file: Option<Arc<File>>,
     /// Fixed size: never reallocated while buffers in it are in flight.
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     in_flight: usize,
     backlog: VecDeque<Request>,
-    /// Target of the eventfd read; boxed so its address is stable.
-    wake_buf: Box<[u8; 8]>,
-    wake_armed: bool,
     reaped: Vec<(u64, i32)>,
+    /// Answers to send once the table is let go of.
+    replies: Vec<(Reply, io::Result<IoBuf>)>,
+    /// Whether SQEs were pushed since the last submission.
+    pushed: bool,
 }
 
-impl RingThread {
-    fn new(ring: IoUring, file: Arc<File>, shared: Arc<Shared>, cap: usize) -> Self {
-        // One SQ entry is kept for the eventfd read.
-        let slots_n = cap.saturating_sub(1).max(1);
+impl Table {
+    fn new(file: Arc<File>, slots_n: usize, cap: usize) -> Self {
+        let slots_n = slots_n.max(1);
         Self {
-            ring,
-            file,
-            shared,
+            file: Some(file),
             slots: (0..slots_n).map(|_| None).collect(),
             free: (0..slots_n).rev().collect(),
             in_flight: 0,
             backlog: VecDeque::new(),
-            wake_buf: Box::new([0; 8]),
-            wake_armed: false,
             reaped: Vec::with_capacity(cap.saturating_mul(2)),
+            replies: Vec::new(),
+            pushed: false,
         }
     }
 
-    fn run(&mut self) {
-        loop {
-            let batch = std::mem::take(&mut *self.shared.queue());
-            self.backlog.extend(batch);
-            if self.shared.shutdown.load(Ordering::SeqCst)
-                && self.in_flight == 0
-                && self.backlog.is_empty()
-                && !self.wake_armed
-            {
-                break;
-            }
-            if !self.wake_armed && !self.shared.shutdown.load(Ordering::SeqCst) {
-                self.arm_wake();
-            }
-            self.start_backlog();
-
-            self.shared.sleeping.store(true, Ordering::SeqCst);
-            // Without the eventfd read armed (only if the SQ was full) and nothing in flight, a
-            // blocking wait could never end: poll instead.
-            let can_sleep = self.wake_armed || self.in_flight > 0;
-            let want = usize::from(can_sleep && self.shared.queue().is_empty());
-            if want == 0 {
-                self.shared.sleeping.store(false, Ordering::SeqCst);
-                if !can_sleep {
-                    std::thread::yield_now();
-                }
-            }
-            match self.ring.submit_and_wait(want) {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)
-                    ) => {}
-                Err(e) => {
-                    tracing::error!(error = %e, "io_uring submission failed");
-                    self.fail_backlog(&e);
-                }
-            }
-            self.shared.sleeping.store(false, Ordering::SeqCst);
-            self.reap();
-        }
-        if self.wake_armed {
-            // Unreachable by the loop's exit condition; if it ever happened the kernel could
-            // still write to the buffer, so it must outlive the ring.
-            Box::leak(std::mem::replace(&mut self.wake_buf, Box::new([0; 8])));
-        }
-    }
-
-    fn arm_wake(&mut self) {
-        let e = opcode::Read::new(
-            types::Fd(self.shared.wake.as_raw_fd()),
-            self.wake_buf.as_mut_ptr(),
-            8,
-        )
-        .build()
-        .user_data(WAKE_TOKEN);
-        // SAFETY: `wake_buf` is a heap allocation owned by this thread that is neither moved nor
-        // freed while `wake_armed` is true (see the end of `run`), and the eventfd is kept open
-        // by `shared`, which this thread holds.
-        if unsafe { self.ring.submission().push(&e) }.is_ok() {
-            self.wake_armed = true;
-        }
+    fn idle(&self) -> bool {
+        self.in_flight == 0 && self.backlog.is_empty()
     }
 
     /// Turn backlog requests into SQEs while slots and SQ entries last.
-    fn start_backlog(&mut self) {
+    fn start_backlog(&mut self, ring: &IoUring) {
         while let Some(idx) = self.free.pop() {
             let Some(req) = self.backlog.pop_front() else {
                 self.free.push(idx);
@@ -317,10 +298,10 @@ impl RingThread {
                 });
             }
             self.in_flight += 1;
-            if !self.push_slot(idx) {
+            if !self.push_slot(ring, idx) {
                 // SQ full: submit what is there and try once more.
-                let _ = self.ring.submit();
-                if !self.push_slot(idx) {
+                let _ = ring.submit();
+                if !self.push_slot(ring, idx) {
                     // Give the request back; it goes out on the next round.
                     if let Some(Some(slot)) = self.slots.get_mut(idx).map(Option::take) {
                         self.backlog.push_front(slot.req);
@@ -333,9 +314,14 @@ impl RingThread {
         }
     }
 
-    /// Push the SQE for (the rest of) slot `idx`; `false` when the SQ is full.
-    fn push_slot(&mut self, idx: usize) -> bool {
-        let fd = types::Fd(self.file.as_raw_fd());
+    /// Push the SQE for (the rest of) slot `idx`; `false` when the SQ is full. On a closed
+    /// ring the slot's request fails instead.
+    fn push_slot(&mut self, ring: &IoUring, idx: usize) -> bool {
+        let Some(file) = &self.file else {
+            self.finish(idx, Err(io::Error::other("the io_uring ring is closed")));
+            return true;
+        };
+        let fd = types::Fd(file.as_raw_fd());
         let Some(Some(slot)) = self.slots.get_mut(idx) else {
             return true;
         };
@@ -358,30 +344,35 @@ impl RingThread {
                 .build(),
         }
         .user_data(idx as u64);
-        // SAFETY: the entry points at `slots[idx].iov`, whose iovecs describe the rest of the
-        // buffer owned by `slots[idx].req.buf` (a vector of its own, or lent memory kept
-        // mapped by the owner handle in the buffer). That slot is not touched, and the slot
-        // table is never resized, until the CQE with `user_data == idx` is reaped in `reap`;
-        // the file descriptor stays open because this thread holds `self.file`.
-        unsafe { self.ring.submission().push(&entry) }.is_ok()
+        // SAFETY: the holder of the table has sole use of the submission queue (see `Table`).
+        // The entry points at `slots[idx].iov`, whose iovecs describe the rest of the buffer
+        // owned by `slots[idx].req.buf` (a vector of its own, or lent memory kept mapped by the
+        // owner handle in the buffer). That slot is not touched, and the slot table is never
+        // resized, until the CQE with `user_data == idx` is reaped in `reap` (a table dropped
+        // before that leaks the slots); the file descriptor is open because the table holds
+        // `self.file`, and a submitted request holds the file itself.
+        let ok = unsafe { ring.submission_shared().push(&entry) }.is_ok();
+        self.pushed |= ok;
+        ok
     }
 
-    fn reap(&mut self) {
+    /// Reap every available CQE; `on_other` gets the tokens that are not slots.
+    fn reap(&mut self, ring: &IoUring, mut on_other: impl FnMut(u64)) {
         self.reaped.clear();
-        self.reaped
-            .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        // SAFETY: the holder of the table has sole use of the completion queue (see `Table`).
+        let cq = unsafe { ring.completion_shared() };
+        self.reaped.extend(cq.map(|c| (c.user_data(), c.result())));
         let reaped = std::mem::take(&mut self.reaped);
         for &(token, res) in &reaped {
-            if token == WAKE_TOKEN {
-                self.wake_armed = false;
-                continue;
+            match usize::try_from(token) {
+                Ok(idx) if idx < self.slots.len() => self.complete(ring, idx, res),
+                _ => on_other(token),
             }
-            self.complete(token as usize, res);
         }
         self.reaped = reaped;
     }
 
-    fn complete(&mut self, idx: usize, res: i32) {
+    fn complete(&mut self, ring: &IoUring, idx: usize, res: i32) {
         let Some(slot) = self.slots.get_mut(idx).and_then(Option::as_mut) else {
             tracing::error!(idx, "io_uring completion for an empty slot");
             return;
@@ -405,9 +396,9 @@ impl RingThread {
         match outcome {
             None => {
                 // Short transfer: continue with the rest.
-                if !self.push_slot(idx) {
-                    let _ = self.ring.submit();
-                    if !self.push_slot(idx) {
+                if !self.push_slot(ring, idx) {
+                    let _ = ring.submit();
+                    if !self.push_slot(ring, idx) {
                         self.finish(
                             idx,
                             Err(io::Error::other("io_uring queue full on resubmission")),
@@ -423,16 +414,391 @@ impl RingThread {
         if let Some(slot) = self.slots.get_mut(idx).and_then(Option::take) {
             self.in_flight -= 1;
             self.free.push(idx);
-            // The caller may have stopped waiting; then the buffer is simply dropped here.
-            let _ = slot.req.reply.send(r.map(|()| slot.req.buf));
+            self.replies
+                .push((slot.req.reply, r.map(|()| slot.req.buf)));
         }
     }
 
     fn fail_backlog(&mut self, e: &io::Error) {
         for req in self.backlog.drain(..) {
-            let _ = req
-                .reply
-                .send(Err(io::Error::new(e.kind(), format!("io_uring: {e}"))));
+            let err = io::Error::new(e.kind(), format!("io_uring: {e}"));
+            self.replies.push((req.reply, Err(err)));
+        }
+    }
+
+    /// Submit what was pushed. `Err` only for an error that is not transient.
+    fn submit(&mut self, ring: &IoUring) -> io::Result<()> {
+        if !std::mem::take(&mut self.pushed) {
+            return Ok(());
+        }
+        match ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e) if transient(&e) => {
+                // The entries stay in the SQ; the next submission or reap takes them.
+                self.pushed = true;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The answers gathered so far, to send once the table is let go of.
+    fn take_replies(&mut self) -> Vec<(Reply, io::Result<IoBuf>)> {
+        std::mem::take(&mut self.replies)
+    }
+}
+
+/// Send answers; a caller that stopped waiting simply drops its buffer here.
+fn answer(replies: Vec<(Reply, io::Result<IoBuf>)>) {
+    for (reply, r) in replies {
+        let _ = reply.send(r);
+    }
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        if self.in_flight > 0 {
+            // The kernel may still read or write these buffers: never free them.
+            tracing::error!(
+                in_flight = self.in_flight,
+                "io_uring ring dropped with requests in flight; their buffers are leaked"
+            );
+            std::mem::forget(std::mem::take(&mut self.slots));
+        }
+    }
+}
+
+/// A ring reaped by a task on the runtime.
+struct TaskRing {
+    table: Mutex<Table>,
+    /// Closed (in `TaskRing::drop`) only when nothing is in flight; otherwise leaked with the
+    /// table's slots.
+    ring: ManuallyDrop<IoUring>,
+    /// Signalled by the kernel on every CQE (`IORING_REGISTER_EVENTFD`), by callers whose
+    /// SQEs wait to be submitted, and by `Ring::drop`.
+    events: AsyncFd<OwnedFd>,
+    shutdown: AtomicBool,
+    /// Set by the caller that signalled `events` for SQEs to submit, cleared by the reaping
+    /// task before it submits: callers in between need not signal again.
+    kicked: AtomicBool,
+    /// Set when the reaping task has ended; later requests fail at once.
+    dead: AtomicBool,
+}
+
+impl TaskRing {
+    /// Start reaping `ring` on `rt`, woken by `events` (from [`TaskRing::events`]).
+    fn start(
+        rt: &tokio::runtime::Handle,
+        ring: IoUring,
+        events: AsyncFd<OwnedFd>,
+        file: Arc<File>,
+        cap: usize,
+    ) -> Arc<Self> {
+        let this = Arc::new(Self {
+            table: Mutex::new(Table::new(file, cap, cap)),
+            ring: ManuallyDrop::new(ring),
+            events,
+            shutdown: AtomicBool::new(false),
+            kicked: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
+        });
+        rt.spawn(this.clone().reap_loop());
+        this
+    }
+
+    /// An eventfd the ring signals on every CQE, registered with `rt`'s reactor.
+    fn events(rt: &tokio::runtime::Handle, ring: &IoUring) -> io::Result<AsyncFd<OwnedFd>> {
+        let efd = eventfd(libc::EFD_NONBLOCK)?;
+        let _in_rt = rt.enter();
+        // A runtime built without I/O has no reactor, and tokio panics instead of answering an
+        // error: ask it to no harm.
+        let registered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // SAFETY: `efd` is an open eventfd that the `AsyncFd` owns from here on, so it stays
+            // open, and is the same descriptor, for the `AsyncFd`'s whole life.
+            unsafe { AsyncFd::register_with_interest(efd, Interest::READABLE) }
+        }))
+        .map_err(|_| io::Error::other("the runtime has no I/O reactor"))?
+        .map_err(|e| e.into_parts().1)?;
+        ring.submitter()
+            .register_eventfd(registered.get_ref().as_raw_fd())?;
+        Ok(registered)
+    }
+
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wake(&self) {
+        signal(self.events.get_ref());
+    }
+
+    fn submit(&self, req: Request) {
+        let replies = {
+            let mut t = self.table();
+            if self.dead.load(Ordering::SeqCst) {
+                t.backlog.push_back(req);
+                t.fail_backlog(&io::Error::other("the io_uring reaping task has ended"));
+            } else {
+                t.backlog.push_back(req);
+                t.start_backlog(&self.ring);
+            }
+            t.take_replies()
+        };
+        answer(replies);
+        if !self.kicked.swap(true, Ordering::SeqCst) {
+            self.wake();
+        }
+    }
+
+    /// Close the ring, as its driver goes or its reaping task ends: start nothing more (waiting
+    /// requests fail), and wait here for what the kernel holds, so that the image's descriptor,
+    /// and its lock, are gone when the driver is (a request in flight holds a reference to the
+    /// file). The wait needs no task of the runtime: the kernel completes the requests, and this
+    /// thread reaps them.
+    fn close(&self) {
+        let file;
+        let replies = {
+            let mut t = self.table();
+            // Kept open until the drain below: SQEs already pushed name its descriptor, which
+            // must not be closed (and its number reused) before they are submitted.
+            file = t.file.take();
+            t.fail_backlog(&io::Error::other("the io_uring ring is closed"));
+            while t.in_flight > 0 {
+                if let Err(e) = t.submit(&self.ring) {
+                    tracing::error!(error = %e, "io_uring submission failed while closing");
+                    break;
+                }
+                match self.ring.submitter().submit_and_wait(1) {
+                    Ok(_) => {}
+                    Err(e) if transient(&e) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "io_uring wait failed while closing");
+                        break;
+                    }
+                }
+                t.reap(&self.ring, |_| {});
+            }
+            t.take_replies()
+        };
+        answer(replies);
+        drop(file);
+    }
+
+    async fn reap_loop(self: Arc<Self>) {
+        // Marks the ring dead however the task ends, also when the runtime drops it unfinished.
+        struct Stopped<'a>(&'a TaskRing);
+        impl Drop for Stopped<'_> {
+            fn drop(&mut self) {
+                // From here on `submit` fails requests at once; what a caller pushed before is
+                // submitted and waited for by `close`.
+                self.0.dead.store(true, Ordering::SeqCst);
+                self.0.close();
+            }
+        }
+        let _stopped = Stopped(&self);
+        loop {
+            let mut ready = match self.events.readable().await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "io_uring eventfd failed; the ring is stopped");
+                    break;
+                }
+            };
+            // Drain the eventfd before reaping, so a CQE posted after the reap signals it
+            // again; `try_io` clears the readiness only on EAGAIN.
+            let drained = ready.try_io(|fd| {
+                let mut buf = [0u8; 8];
+                // SAFETY: a read of 8 bytes into a live local buffer from an open eventfd.
+                let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            });
+            if drained.is_err() {
+                continue;
+            }
+            self.kicked.store(false, Ordering::SeqCst);
+            let (replies, idle) = {
+                let mut t = self.table();
+                t.reap(&self.ring, |token| {
+                    tracing::error!(token, "io_uring completion for an unknown request")
+                });
+                t.start_backlog(&self.ring);
+                if let Err(e) = t.submit(&self.ring) {
+                    tracing::error!(error = %e, "io_uring submission failed");
+                    t.fail_backlog(&e);
+                }
+                (t.take_replies(), t.idle())
+            };
+            answer(replies);
+            if idle && self.shutdown.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+    }
+}
+
+impl Drop for TaskRing {
+    fn drop(&mut self) {
+        let in_flight = self.table().in_flight;
+        if in_flight == 0 {
+            // SAFETY: dropped once, here; nothing is in flight, so the kernel holds no pointer
+            // into the table's buffers.
+            unsafe { ManuallyDrop::drop(&mut self.ring) };
+        }
+        // Otherwise the ring is leaked with the table's slots (see `Table`'s drop), so that
+        // requests the kernel still holds complete into memory that stays allocated.
+    }
+}
+
+// SAFETY: a slot's iovecs point into its own request's buffer, which is `Send`; they are read
+// only by whoever holds the slot's table (see `Table`), never through a copy on another thread.
+unsafe impl Send for Slot {}
+
+struct Shared {
+    queue: Mutex<Vec<Request>>,
+    sleeping: AtomicBool,
+    shutdown: AtomicBool,
+    /// Set when the ring thread has ended; requests queued after that are failed by the caller.
+    dead: AtomicBool,
+    wake: File,
+}
+
+impl Shared {
+    fn queue(&self) -> MutexGuard<'_, Vec<Request>> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn wake(&self) {
+        // See `signal`.
+        let _ = (&self.wake).write(&1u64.to_ne_bytes());
+    }
+
+    fn submit(&self, req: Request) {
+        self.queue().push(req);
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            self.wake();
+        }
+        if self.dead.load(Ordering::SeqCst) {
+            drop(std::mem::take(&mut *self.queue()));
+        }
+    }
+}
+
+/// A ring reaped by a thread of its own.
+struct RingThread {
+    /// Declared before `ring`, so the slots go (or are leaked) while the ring is still open.
+    table: Table,
+    ring: IoUring,
+    shared: Arc<Shared>,
+    /// Target of the eventfd read; boxed so its address is stable.
+    wake_buf: Box<[u8; 8]>,
+    wake_armed: bool,
+}
+
+impl RingThread {
+    fn start(
+        ring: IoUring,
+        file: Arc<File>,
+        cap: usize,
+    ) -> io::Result<(Arc<Shared>, JoinHandle<()>)> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Vec::new()),
+            sleeping: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+            dead: AtomicBool::new(false),
+            wake: File::from(eventfd(0)?),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("block-uring".into())
+            .spawn(move || {
+                // One SQ entry is kept for the eventfd read.
+                let mut t = RingThread {
+                    table: Table::new(file, cap.saturating_sub(1), cap),
+                    ring,
+                    shared: s.clone(),
+                    wake_buf: Box::new([0; 8]),
+                    wake_armed: false,
+                };
+                let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.run()));
+                if ended.is_err() {
+                    // The kernel may still own buffers in `t`: leak them (and the ring) rather
+                    // than free memory it could write to.
+                    tracing::error!("io_uring thread panicked; the file driver fails all I/O");
+                    std::mem::forget(t);
+                }
+                s.dead.store(true, Ordering::SeqCst);
+                // Dropping the queued senders fails the waiting callers.
+                drop(std::mem::take(&mut *s.queue()));
+            })?;
+        Ok((shared, thread))
+    }
+
+    fn run(&mut self) {
+        loop {
+            let batch = std::mem::take(&mut *self.shared.queue());
+            self.table.backlog.extend(batch);
+            if self.shared.shutdown.load(Ordering::SeqCst) && self.table.idle() && !self.wake_armed
+            {
+                break;
+            }
+            if !self.wake_armed && !self.shared.shutdown.load(Ordering::SeqCst) {
+                self.arm_wake();
+            }
+            self.table.start_backlog(&self.ring);
+
+            self.shared.sleeping.store(true, Ordering::SeqCst);
+            // Without the eventfd read armed (only if the SQ was full) and nothing in flight, a
+            // blocking wait could never end: poll instead.
+            let can_sleep = self.wake_armed || self.table.in_flight > 0;
+            let want = usize::from(can_sleep && self.shared.queue().is_empty());
+            if want == 0 {
+                self.shared.sleeping.store(false, Ordering::SeqCst);
+                if !can_sleep {
+                    std::thread::yield_now();
+                }
+            }
+            self.table.pushed = false;
+            match self.ring.submit_and_wait(want) {
+                Ok(_) => {}
+                Err(e) if transient(&e) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "io_uring submission failed");
+                    self.table.fail_backlog(&e);
+                }
+            }
+            self.shared.sleeping.store(false, Ordering::SeqCst);
+            let mut woken = false;
+            self.table
+                .reap(&self.ring, |token| woken |= token == WAKE_TOKEN);
+            if woken {
+                self.wake_armed = false;
+            }
+            answer(self.table.take_replies());
+        }
+        if self.wake_armed {
+            // Unreachable by the loop's exit condition; if it ever happened the kernel could
+            // still write to the buffer, so it must outlive the ring.
+            Box::leak(std::mem::replace(&mut self.wake_buf, Box::new([0; 8])));
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        let e = opcode::Read::new(
+            types::Fd(self.shared.wake.as_raw_fd()),
+            self.wake_buf.as_mut_ptr(),
+            8,
+        )
+        .build()
+        .user_data(WAKE_TOKEN);
+        // SAFETY: `wake_buf` is a heap allocation owned by this thread that is neither moved nor
+        // freed while `wake_armed` is true (see the end of `run`), and the eventfd is kept open
+        // by `shared`, which this thread holds.
+        if unsafe { self.ring.submission().push(&e) }.is_ok() {
+            self.wake_armed = true;
         }
     }
 }
