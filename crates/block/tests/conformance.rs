@@ -100,6 +100,19 @@ fn file_with(size: u64, bs: u32, engine: EngineChoice, fast_paths: bool, direct:
     file_opened(size, bs, engine, fast_paths, direct, true)
 }
 
+/// Open `path` (created with `size` bytes) inside the calling runtime (`on_runtime`), or on a
+/// thread outside any runtime.
+fn open_file(path: &std::path::Path, size: u64, opts: FileOptions, on_runtime: bool) -> FileDriver {
+    if on_runtime {
+        return FileDriver::open_with(path, Some(size), &opts).expect("open");
+    }
+    let p = path.to_path_buf();
+    std::thread::spawn(move || FileDriver::open_with(&p, Some(size), &opts))
+        .join()
+        .expect("open thread")
+        .expect("open")
+}
+
 /// A file driver opened inside the test's runtime (`on_runtime`), as the daemon opens its
 /// images, so that io_uring is reaped by a task; or on a thread outside any runtime, where the
 /// ring gets a thread of its own.
@@ -118,16 +131,7 @@ fn file_opened(
         ..FileOptions::default()
     };
     let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("disk.img");
-    let d = if on_runtime {
-        FileDriver::open_with(&path, Some(size), &opts).expect("open")
-    } else {
-        let p = path.clone();
-        std::thread::spawn(move || FileDriver::open_with(&p, Some(size), &opts))
-            .join()
-            .expect("open thread")
-            .expect("open")
-    };
+    let d = open_file(&dir.path().join("disk.img"), size, opts, on_runtime);
     if d.engine() == Engine::IoUring {
         assert_eq!(
             d.uring_thread(),
@@ -905,15 +909,7 @@ mod file_only {
                 fast_paths: false,
                 ..FileOptions::default()
             };
-            let d = if on_runtime {
-                FileDriver::open_with(&path, Some(MIB), &opts).expect("open")
-            } else {
-                let p = path.clone();
-                std::thread::spawn(move || FileDriver::open_with(&p, Some(MIB), &opts))
-                    .join()
-                    .expect("open thread")
-                    .expect("open")
-            };
+            let d = open_file(&path, MIB, opts, on_runtime);
             assert_eq!(
                 d.uring_thread(),
                 engine == EngineChoice::IoUring && !on_runtime

@@ -620,7 +620,7 @@ impl TaskRing {
                 continue;
             }
             self.kicked.store(false, Ordering::SeqCst);
-            let (replies, idle) = {
+            let (replies, idle, retry) = {
                 let mut t = self.table();
                 t.reap(&self.ring, |token| {
                     tracing::error!(token, "io_uring completion for an unknown request")
@@ -630,9 +630,14 @@ impl TaskRing {
                     tracing::error!(error = %e, "io_uring submission failed");
                     t.fail_backlog(&e);
                 }
-                (t.take_replies(), t.idle())
+                (t.take_replies(), t.idle(), t.pushed)
             };
             answer(replies);
+            if retry {
+                // The kernel refused the batch for now (EAGAIN, EBUSY): come back for it, since
+                // with nothing in flight no completion would.
+                self.wake();
+            }
             if idle && self.shutdown.load(Ordering::SeqCst) {
                 break;
             }
