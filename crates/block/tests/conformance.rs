@@ -968,6 +968,46 @@ mod file_only {
         });
     }
 
+    /// A driver opened inside a runtime that goes away before the ring's task first ran (a
+    /// tool that opens an image in a short `block_on`): its requests must fail at once on
+    /// another runtime, not wait for a task that no longer exists.
+    #[test]
+    fn a_runtime_gone_before_its_ring_task_ran_fails_requests_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("disk.img");
+        let opts = FileOptions {
+            engine: EngineChoice::IoUring,
+            fast_paths: false,
+            ..FileOptions::default()
+        };
+        let current = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+        };
+        let first = current();
+        // `block_on` returns without yielding: the ring's task is spawned, never polled.
+        let d = first.block_on(async { FileDriver::open_with(&path, Some(MIB), &opts) });
+        let d = d.expect("open");
+        assert_eq!(d.engine(), Engine::IoUring);
+        assert!(
+            !d.uring_thread(),
+            "opened on a runtime with I/O: reaped by a task"
+        );
+        drop(first);
+        let answer = current().block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(10), d.read(0, 4096)).await
+        });
+        assert!(
+            matches!(answer, Ok(Err(_))),
+            "the read must fail at once, got {answer:?}"
+        );
+        drop(d);
+        // The image is closed with its driver: it opens again.
+        FileDriver::open_with(&path, None, &opts).expect("reopen");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_concurrent_requests_complete_on_the_ring() {
         let h = file_uring(8 * MIB, 4096);

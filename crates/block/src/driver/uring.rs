@@ -45,6 +45,14 @@
 //! name a descriptor number that was closed and reused. A table dropped with requests still in
 //! flight (only if the ring itself failed) leaks their buffers rather than free memory the
 //! kernel may still write. The file descriptor is kept open by an `Arc<File>` the table holds.
+//!
+//! Failure: an `io_uring_enter` error that retrying cannot mend (not EINTR, EAGAIN or EBUSY),
+//! or a panic of the ring thread, poisons the ring ([`Table::poison`]): every caller is
+//! answered with an error at once, and the ring is never entered again, so SQEs the kernel had
+//! not taken never go out after their callers were told they failed. Buffers the kernel may
+//! hold and the image's descriptor are leaked, not freed or closed (a request must never reach
+//! another file that reuses the number); the LU needs a restart of the process. A submission
+//! the kernel takes only in part leaves the rest in the SQ for the next round.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -259,8 +267,10 @@ struct Table {
     reaped: Vec<(u64, i32)>,
     /// Answers to send once the table is let go of.
     replies: Vec<(Reply, io::Result<IoBuf>)>,
-    /// Whether SQEs were pushed since the last submission.
+    /// Whether SQEs were pushed since the last submission, or are left in the SQ.
     pushed: bool,
+    /// Set by [`Table::poison`]: the ring is entered no more.
+    poisoned: bool,
 }
 
 impl Table {
@@ -275,6 +285,7 @@ impl Table {
             reaped: Vec::with_capacity(cap.saturating_mul(2)),
             replies: Vec::new(),
             pushed: false,
+            poisoned: false,
         }
     }
 
@@ -284,6 +295,10 @@ impl Table {
 
     /// Turn backlog requests into SQEs while slots and SQ entries last.
     fn start_backlog(&mut self, ring: &IoUring) {
+        if self.poisoned {
+            self.fail_backlog(&io::Error::other("the io_uring ring failed"));
+            return;
+        }
         while let Some(idx) = self.free.pop() {
             let Some(req) = self.backlog.pop_front() else {
                 self.free.push(idx);
@@ -317,9 +332,12 @@ impl Table {
     /// Push the SQE for (the rest of) slot `idx`; `false` when the SQ is full. On a closed
     /// ring the slot's request fails instead.
     fn push_slot(&mut self, ring: &IoUring, idx: usize) -> bool {
-        let Some(file) = &self.file else {
-            self.finish(idx, Err(io::Error::other("the io_uring ring is closed")));
-            return true;
+        let file = match &self.file {
+            Some(file) if !self.poisoned => file,
+            _ => {
+                self.finish(idx, Err(io::Error::other("the io_uring ring is closed")));
+                return true;
+            }
         };
         let fd = types::Fd(file.as_raw_fd());
         let Some(Some(slot)) = self.slots.get_mut(idx) else {
@@ -426,19 +444,54 @@ impl Table {
         }
     }
 
-    /// Submit what was pushed. `Err` only for an error that is not transient.
+    /// Submit what was pushed. `Err` only for an error that is not transient. When the kernel
+    /// takes only part of the SQ (it stops at the first entry it cannot allocate a request for,
+    /// and says EAGAIN only if that was the first), `pushed` stays set for the rest.
     fn submit(&mut self, ring: &IoUring) -> io::Result<()> {
-        if !std::mem::take(&mut self.pushed) {
+        if self.poisoned || !std::mem::take(&mut self.pushed) {
             return Ok(());
         }
         match ring.submit() {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                // SAFETY: the holder of the table has sole use of the submission queue.
+                self.pushed = !unsafe { ring.submission_shared() }.is_empty();
+                Ok(())
+            }
             Err(e) if transient(&e) => {
                 // The entries stay in the SQ; the next submission or reap takes them.
                 self.pushed = true;
                 Ok(())
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// The ring failed in a way that retrying cannot mend (a non-transient `io_uring_enter`
+    /// error, or a panic of the ring thread). Every caller gets an error now, and the ring is
+    /// never entered again: SQEs still in the SQ must not go out later, when their callers have
+    /// been told their I/O failed. What the kernel may still hold is kept: the slots stay
+    /// occupied (and are leaked with the table), and the image's descriptor is leaked open, so
+    /// that no request can ever reach another file that reuses its number. The image's lock
+    /// is leaked with it: the LU needs a restart of the process.
+    fn poison(&mut self, e: &io::Error) {
+        if self.poisoned {
+            return;
+        }
+        self.poisoned = true;
+        tracing::error!(
+            error = %e,
+            in_flight = self.in_flight,
+            "io_uring ring failed: its requests fail, and the image stays open until the process ends"
+        );
+        self.fail_backlog(e);
+        for slot in self.slots.iter_mut().flatten() {
+            let (orphan, _) = oneshot::channel();
+            let reply = std::mem::replace(&mut slot.req.reply, orphan);
+            let err = io::Error::new(e.kind(), format!("io_uring: {e}"));
+            self.replies.push((reply, Err(err)));
+        }
+        if let Some(file) = &self.file {
+            std::mem::forget(Arc::clone(file));
         }
     }
 
@@ -502,7 +555,13 @@ impl TaskRing {
             kicked: AtomicBool::new(false),
             dead: AtomicBool::new(false),
         });
-        rt.spawn(this.clone().reap_loop());
+        // The guard is moved into the task before it is spawned, so it runs however the task
+        // ends: also when the runtime drops it before its first poll.
+        let stopped = Stopped(this.clone());
+        rt.spawn(async move {
+            let stopped = stopped;
+            stopped.0.reap_loop().await;
+        });
         this
     }
 
@@ -563,16 +622,13 @@ impl TaskRing {
             // must not be closed (and its number reused) before they are submitted.
             file = t.file.take();
             t.fail_backlog(&io::Error::other("the io_uring ring is closed"));
-            while t.in_flight > 0 {
-                if let Err(e) = t.submit(&self.ring) {
-                    tracing::error!(error = %e, "io_uring submission failed while closing");
-                    break;
-                }
+            while t.in_flight > 0 && !t.poisoned {
+                // `submit_and_wait` submits the whole SQ, pushed or left over.
                 match self.ring.submitter().submit_and_wait(1) {
                     Ok(_) => {}
                     Err(e) if transient(&e) => {}
                     Err(e) => {
-                        tracing::error!(error = %e, "io_uring wait failed while closing");
+                        t.poison(&e);
                         break;
                     }
                 }
@@ -584,18 +640,7 @@ impl TaskRing {
         drop(file);
     }
 
-    async fn reap_loop(self: Arc<Self>) {
-        // Marks the ring dead however the task ends, also when the runtime drops it unfinished.
-        struct Stopped<'a>(&'a TaskRing);
-        impl Drop for Stopped<'_> {
-            fn drop(&mut self) {
-                // From here on `submit` fails requests at once; what a caller pushed before is
-                // submitted and waited for by `close`.
-                self.0.dead.store(true, Ordering::SeqCst);
-                self.0.close();
-            }
-        }
-        let _stopped = Stopped(&self);
+    async fn reap_loop(&self) {
         loop {
             let mut ready = match self.events.readable().await {
                 Ok(r) => r,
@@ -620,19 +665,21 @@ impl TaskRing {
                 continue;
             }
             self.kicked.store(false, Ordering::SeqCst);
-            let (replies, idle, retry) = {
+            let (replies, idle, retry, poisoned) = {
                 let mut t = self.table();
                 t.reap(&self.ring, |token| {
                     tracing::error!(token, "io_uring completion for an unknown request")
                 });
                 t.start_backlog(&self.ring);
                 if let Err(e) = t.submit(&self.ring) {
-                    tracing::error!(error = %e, "io_uring submission failed");
-                    t.fail_backlog(&e);
+                    t.poison(&e);
                 }
-                (t.take_replies(), t.idle(), t.pushed)
+                (t.take_replies(), t.idle(), t.pushed, t.poisoned)
             };
             answer(replies);
+            if poisoned {
+                break;
+            }
             if retry {
                 // The kernel refused the batch for now (EAGAIN, EBUSY): come back for it, since
                 // with nothing in flight no completion would.
@@ -642,6 +689,18 @@ impl TaskRing {
                 break;
             }
         }
+    }
+}
+
+/// Ends a ring's reaping task however the task ends, also when the runtime drops it unfinished
+/// or unstarted: from then on `submit` fails requests at once, and what callers pushed before is
+/// submitted and waited for by `close`.
+struct Stopped(Arc<TaskRing>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        self.0.dead.store(true, Ordering::SeqCst);
+        self.0.close();
     }
 }
 
@@ -731,8 +790,11 @@ impl RingThread {
                 let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.run()));
                 if ended.is_err() {
                     // The kernel may still own buffers in `t`: leak them (and the ring) rather
-                    // than free memory it could write to.
+                    // than free memory it could write to, but answer every caller.
                     tracing::error!("io_uring thread panicked; the file driver fails all I/O");
+                    t.table
+                        .poison(&io::Error::other("the io_uring thread panicked"));
+                    answer(t.table.take_replies());
                     std::mem::forget(t);
                 }
                 s.dead.store(true, Ordering::SeqCst);
@@ -771,8 +833,10 @@ impl RingThread {
                 Ok(_) => {}
                 Err(e) if transient(&e) => {}
                 Err(e) => {
-                    tracing::error!(error = %e, "io_uring submission failed");
-                    self.table.fail_backlog(&e);
+                    // Ends the thread: its callers fail, later ones at once (`dead`).
+                    self.table.poison(&e);
+                    answer(self.table.take_replies());
+                    break;
                 }
             }
             self.shared.sleeping.store(false, Ordering::SeqCst);
@@ -805,5 +869,92 @@ impl RingThread {
         if unsafe { self.ring.submission().push(&e) }.is_ok() {
             self.wake_armed = true;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use super::*;
+
+    fn write_request(offset: u64, byte: u8) -> (Request, oneshot::Receiver<io::Result<IoBuf>>) {
+        let (reply, rx) = oneshot::channel();
+        let req = Request {
+            op: Op::Write { dsync: false },
+            offset,
+            buf: IoBuf::from(vec![byte; 4096]),
+            done: 0,
+            reply,
+        };
+        (req, rx)
+    }
+
+    /// What a failed `io_uring_enter` leaves (an SQE pushed and not taken by the kernel, a
+    /// request waiting for room) and what poisoning the table does with it.
+    #[test]
+    fn a_poisoned_ring_fails_every_caller_and_never_sends_what_it_held() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("disk.img"))
+            .expect("open");
+        file.set_len(1 << 20).expect("size");
+        let file = Arc::new(file);
+        let fd = file.as_raw_fd();
+        let ring = IoUring::new(4).expect("ring");
+        // One slot: the first request gets its SQE, the second waits in the backlog.
+        let mut t = Table::new(file.clone(), 1, 4);
+        let (first, mut first_rx) = write_request(0, 0xA5);
+        let (second, mut second_rx) = write_request(4096, 0x5A);
+        t.backlog.push_back(first);
+        t.backlog.push_back(second);
+        t.start_backlog(&ring);
+        assert_eq!((t.in_flight, t.backlog.len(), t.pushed), (1, 1, true));
+
+        // EBADR: the kernel dropped completions (one of the errors no retry mends).
+        t.poison(&io::Error::from_raw_os_error(libc::EBADR));
+        answer(t.take_replies());
+        assert!(
+            matches!(first_rx.try_recv(), Ok(Err(_))),
+            "the pushed request fails"
+        );
+        assert!(
+            matches!(second_rx.try_recv(), Ok(Err(_))),
+            "the waiting one too"
+        );
+
+        // Nothing more is entered or pushed: a later request fails at once.
+        t.submit(&ring).expect("submit is a no-op");
+        // SAFETY: this test holds the table, so it has sole use of the SQ.
+        let unsent = || unsafe { ring.submission_shared() }.len();
+        assert_eq!(unsent(), 1, "the SQE stays unsent");
+        let (third, mut third_rx) = write_request(8192, 0x33);
+        t.backlog.push_back(third);
+        t.start_backlog(&ring);
+        answer(t.take_replies());
+        assert!(matches!(third_rx.try_recv(), Ok(Err(_))));
+        assert_eq!(unsent(), 1);
+        assert_eq!(
+            t.in_flight, 1,
+            "the slot the kernel may hold stays occupied"
+        );
+
+        // The image's descriptor outlives every handle on it, so its number is never reused.
+        let check = file.try_clone().expect("clone");
+        drop(t.file.take());
+        drop(file);
+        // SAFETY: F_GETFD only reads the descriptor's flags.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        assert_ne!(flags, -1, "fd {fd} is still open");
+        // The table goes with its slot leaked, the ring with its SQE unsent: nothing was written.
+        drop(t);
+        drop(ring);
+        let mut got = vec![0xFFu8; 3 * 4096];
+        check.read_exact_at(&mut got, 0).expect("read back");
+        assert!(got.iter().all(|&b| b == 0), "a poisoned ring wrote nothing");
     }
 }
