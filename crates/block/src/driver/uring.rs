@@ -613,30 +613,46 @@ impl TaskRing {
     /// requests fail), and wait here for what the kernel holds, so that the image's descriptor,
     /// and its lock, are gone when the driver is (a request in flight holds a reference to the
     /// file). The wait needs no task of the runtime: the kernel completes the requests, and this
-    /// thread reaps them.
+    /// thread reaps them (as does the reaping task meanwhile, if it runs). The table is not held
+    /// while waiting.
     fn close(&self) {
-        let file;
-        let replies = {
+        let file = {
             let mut t = self.table();
+            t.fail_backlog(&io::Error::other("the io_uring ring is closed"));
             // Kept open until the drain below: SQEs already pushed name its descriptor, which
             // must not be closed (and its number reused) before they are submitted.
-            file = t.file.take();
-            t.fail_backlog(&io::Error::other("the io_uring ring is closed"));
-            while t.in_flight > 0 && !t.poisoned {
-                // `submit_and_wait` submits the whole SQ, pushed or left over.
-                match self.ring.submitter().submit_and_wait(1) {
-                    Ok(_) => {}
-                    Err(e) if transient(&e) => {}
-                    Err(e) => {
-                        t.poison(&e);
-                        break;
-                    }
+            t.file.take()
+        };
+        loop {
+            let (replies, drained) = {
+                let mut t = self.table();
+                if let Err(e) = t.submit(&self.ring) {
+                    t.poison(&e);
                 }
                 t.reap(&self.ring, |_| {});
+                (t.take_replies(), t.in_flight == 0 || t.poisoned)
+            };
+            answer(replies);
+            if drained {
+                break;
             }
-            t.take_replies()
-        };
-        answer(replies);
+            // Wait for a completion without holding the table, so that the reaping task (if
+            // it still runs) is not held up, nor the worker it runs on: either of us may reap a
+            // given CQE, and the table's count says when all are in. The task may also take
+            // the eventfd's count first, so the wait is bounded; draining it before the next
+            // reap means a CQE posted after that reap signals it again.
+            let mut pfd = libc::pollfd {
+                fd: self.events.get_ref().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd, a live local, for a descriptor `self.events` keeps open.
+            unsafe { libc::poll(&mut pfd, 1, 10) };
+            let mut buf = [0u8; 8];
+            // SAFETY: a read of 8 bytes into a live local buffer from an open, non-blocking
+            // eventfd (EAGAIN when nothing is pending).
+            let _ = unsafe { libc::read(pfd.fd, buf.as_mut_ptr().cast(), buf.len()) };
+        }
         drop(file);
     }
 
