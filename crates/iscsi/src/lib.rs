@@ -52,8 +52,9 @@ const PDU_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_CONNECTIONS: usize = 1024;
 /// Default idle time before a NOP-In ping, and the time allowed for its answer.
 const NOP_INTERVAL: Duration = Duration::from_secs(15);
-/// Time allowed for a reinstated session to end.
-const REINSTATE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often a login that reinstates a session says it is still waiting for the old one's
+/// commands to finish (the wait itself is not bounded).
+const REINSTATE_WARN: Duration = Duration::from_secs(10);
 
 /// One CHAP identity: the name and the secret (RFC 7143 12.1.3, RFC 1994).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -295,8 +296,22 @@ impl Server {
                 .collect(),
             Err(_) => Vec::new(),
         };
+        // Not bounded: the old session's commands still running in the backend must finish
+        // before this session may write (see `connection`); the initiator's own login timeout
+        // ends the wait if it gives up first.
         for mut d in old {
-            let _ = tokio::time::timeout(REINSTATE_TIMEOUT, d.wait_for(|x| *x)).await;
+            let mut waited = Duration::ZERO;
+            while tokio::time::timeout(REINSTATE_WARN, d.wait_for(|x| *x))
+                .await
+                .is_err()
+            {
+                waited += REINSTATE_WARN;
+                tracing::warn!(
+                    initiator = %info.initiator,
+                    seconds = waited.as_secs(),
+                    "Session reinstatement waits for the old session's commands to finish"
+                );
+            }
         }
         let (kill_tx, kill_rx) = watch::channel(false);
         let (done_tx, done_rx) = watch::channel(false);
@@ -433,10 +448,13 @@ impl Server {
             local,
         )
         .await;
-        self.unregister(id);
+        // A login that reinstates this session waits for `done` (it finds the session in the
+        // registry until then), so that none of this session's commands still running in the
+        // backend lands after the next session's.
         if let (Some(t), Some(n)) = (target, nexus) {
-            t.nexus_lost(&n);
+            t.end_nexus(&n).await;
         }
+        self.unregister(id);
         done.send_replace(true);
         result
     }

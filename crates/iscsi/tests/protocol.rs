@@ -356,6 +356,54 @@ async fn login_with_the_same_isid_reinstates_the_session() {
     assert_eq!(server.sessions().len(), 2);
 }
 
+/// RFC 7143 6.3.5 (session reinstatement) with SAM-5 6.3.4 (I_T nexus loss ends the nexus's
+/// tasks): a login that reinstates a session while one of the old session's writes is still in
+/// the backend completes only after that write has finished, so the old write cannot land on
+/// top of what the new session writes next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reinstatement_waits_for_the_old_sessions_write_in_the_backend() {
+    let driver = Arc::new(GatedDriver {
+        inner: block::driver::mem::MemDriver::new(16 << 20),
+        gate: tokio::sync::Semaphore::new(0),
+        entered: tokio::sync::Notify::new(),
+    });
+    let (addr, _server) = start_with(driver.clone()).await;
+    let mut old = Client::login(addr, "").await;
+    old.clear_unit_attention().await;
+    // WRITE(10) of 0xAA to LBA 0, as immediate data; it stops inside the driver.
+    let (b, _) = old.command(0xa1, 512, &write10(0, 1));
+    let entered = driver.entered.notified();
+    old.send(b, &[0xAA; 512]).await;
+    entered.await;
+    // The connection is lost and the initiator logs in again with the same ISID.
+    drop(old);
+    let login = tokio::spawn(async move { Client::login(addr, "").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !login.is_finished(),
+        "the reinstating login completed while the old session's write was in the backend"
+    );
+    driver.gate.add_permits(16);
+    let mut new = login.await.expect("login task");
+    new.clear_unit_attention().await;
+    // The new session writes 0xBB to the same block and reads it back.
+    let (b, _) = new.command(0xa1, 512, &write10(0, 1));
+    new.send(b, &[0xBB; 512]).await;
+    let r = new.recv().await.expect("SCSI Response");
+    assert_eq!(r.bhs[0], 0x21, "SCSI Response");
+    assert_eq!(r.bhs[3], 0, "GOOD");
+    let data: Vec<u8> = read_data_in(&mut new, 512)
+        .await
+        .iter()
+        .flat_map(|p| p.data.clone())
+        .collect();
+    assert_eq!(
+        data,
+        vec![0xBB; 512],
+        "the new session's data, not the old one's"
+    );
+}
+
 #[tokio::test]
 async fn target_cold_reset_drops_every_connection() {
     let addr = start().await;

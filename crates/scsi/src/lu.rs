@@ -1044,6 +1044,15 @@ impl LogicalUnit {
         self.tasks.abort_now(|n| n == nexus);
         self.nexuses.forget(nexus);
     }
+
+    /// [`Self::nexus_lost`], after the nexus's tasks are aborted and the running ones have
+    /// finished: a command admitted before this and not yet started sees the new abort epoch,
+    /// so none of the nexus's commands reaches the medium after this returns.
+    pub(crate) async fn end_nexus(&self, nexus: &ItNexus) {
+        self.end_nexus_tasks(nexus);
+        self.tasks.abort(|n, _| n == nexus).await;
+        self.nexus_lost(nexus);
+    }
 }
 
 /// RESERVATION CONFLICT status, without sense data (SAM-5 5.3.1).

@@ -213,4 +213,14 @@ impl Target {
             lu.nexus_lost(nexus);
         }
     }
+
+    /// [`Self::nexus_lost`] for a transport that lets the same I_T nexus come back at once
+    /// (iSCSI session reinstatement, RFC 7143 6.3.5): it returns only when no command of the
+    /// lost nexus is running or can still start, so none of its writes lands after one of the
+    /// next session's. Not bounded: a late write would be wrong whenever it came.
+    pub async fn end_nexus(&self, nexus: &Arc<ItNexus>) {
+        for lu in self.luns.values() {
+            lu.end_nexus(nexus).await;
+        }
+    }
 }
