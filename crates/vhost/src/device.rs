@@ -73,14 +73,15 @@ const MAX_DATA_OUT: u64 = 16 << 20;
 const DATA_OUT_BUDGET: u64 = 64 << 20;
 /// Largest virtqueue the driver may configure.
 pub(crate) const MAX_QUEUE_SIZE: u16 = 1024;
-/// How long GET_VRING_BASE lets the commands in flight complete normally, and then how long
-/// their abort may take, before it gives up on them (their completions are then dropped, not
-/// written to the stopped ring). A read given up on may still be filling the guest's buffers
-/// (they are lent to the driver: zero copy), as a late DMA would; the mapping stays valid for
-/// it, as the buffer holds it. Only storage stuck for longer than both bounds gets there.
-const STOP_BOUNDS: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(5));
-/// How long a device reset waits for the I_T nexus reset and the commands in flight.
-const RESET_BOUND: Duration = Duration::from_secs(10);
+/// How long GET_VRING_BASE lets the commands in flight complete normally before it aborts
+/// the nexus's tasks, and how often it then says it is still waiting. It never returns with a
+/// command in flight: the command's buffers are lent to the driver (zero copy), so a read the
+/// kernel finishes late would fill memory the guest has taken back, and a late write would
+/// store whatever the guest put there since. QEMU's own devices drain the same way.
+const STOP_BOUNDS: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(10));
+/// How often a device reset, or a closed connection, says it is still waiting for commands
+/// in flight (neither returns before they end, for the same reason as a stop).
+const STUCK_WARN: Duration = Duration::from_secs(10);
 /// `max_sectors` in the configuration space, in 512-byte units: 8 MiB, the SCSI layer's
 /// largest data buffer.
 const MAX_SECTORS: u32 = (8 << 20) / 512;
@@ -195,7 +196,7 @@ pub struct Device {
     wakes: Vec<Option<EventFd>>,
     /// [`DATA_OUT_BUDGET`]; lowered by tests.
     pub(crate) data_out_budget: AtomicU64,
-    /// Entries below this id were waited for (and given up on) by a queue stop already.
+    /// Entries below this id were waited for by a queue stop already.
     stopped_upto: AtomicU64,
     /// [`STOP_BOUNDS`]; shortened by tests.
     pub(crate) stop_bounds: Mutex<(Duration, Duration)>,
@@ -657,6 +658,15 @@ impl Device {
                     // rather than spin on it; the queue stays stalled until the driver
                     // resets the device.
                     tracing::warn!(queue, "Driver's avail index is out of range; queue ignored");
+                    return Drained::Held;
+                }
+                if Self::ready(vring) && !vring.get_ref().get_queue().is_valid(&*mem) {
+                    // The rings are not (all) in guest memory, so a chain the index offers
+                    // cannot be read: the same, rather than poll an entry no pop can reach.
+                    tracing::warn!(
+                        queue,
+                        "Queue's rings are outside guest memory; queue ignored"
+                    );
                     return Drained::Held;
                 }
                 return Drained::Empty;
@@ -1144,6 +1154,48 @@ impl Device {
         done
     }
 
+    /// Run `f` on the runtime from a thread outside it and wait for it to end, saying every
+    /// `warn_every` that `what` is still waiting, with how many chains are in flight. Only
+    /// `give_up` (the socket is being closed) ends the wait early: `false` then.
+    fn run_to_end(
+        &self,
+        f: impl Future<Output = ()> + Send + 'static,
+        warn_every: Duration,
+        give_up: Option<&AtomicBool>,
+        what: &'static str,
+    ) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.shared.runtime.spawn(async move {
+            f.await;
+            let _ = tx.send(());
+        });
+        let step = Duration::from_millis(100).min(warn_every);
+        let mut waited = Duration::ZERO;
+        let mut warned = Duration::ZERO;
+        loop {
+            match rx.recv_timeout(step) {
+                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return true,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    waited += step;
+                    if give_up.is_some_and(|g| g.load(Ordering::SeqCst)) {
+                        tracing::warn!(what, "Socket closed while commands are still running");
+                        return false;
+                    }
+                    if waited >= warned + warn_every {
+                        warned = waited;
+                        let left = lock(&self.inflight).entries.len();
+                        tracing::warn!(
+                            what,
+                            left,
+                            seconds = waited.as_secs(),
+                            "Still waiting for commands in flight"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// End every task of the socket's I_T nexus, on every logical unit behind it, and wait
     /// for the running ones (ABORT TASK SET on each: no unit attention, reservations stay).
     async fn abort_nexus_tasks(&self) {
@@ -1158,14 +1210,12 @@ impl Device {
         }
     }
 
-    /// GET_VRING_BASE of any queue: every chain in flight on the connection gets the
-    /// bounded time to come back normally, then the nexus's tasks are aborted (waiting, also
-    /// bounded) so their ABORTED completions are written too. Done once for all queues: the
+    /// GET_VRING_BASE of any queue: every chain in flight on the connection gets a grace
+    /// time to come back normally, then the nexus's tasks are aborted so their ABORTED
+    /// completions are written too, and the stop waits for the running ones however long they
+    /// take (see [`STOP_BOUNDS`]), saying so every few seconds. Done once for all queues: the
     /// frontend stops them one after another, and the later stops find only what was popped
-    /// since. What is still in flight after that is given up: its completion is dropped and
-    /// its head is not returned. The frontend could resubmit such heads only with
-    /// VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, which this device does not implement; the guest's
-    /// command timer then ends them (its abort gets FUNCTION COMPLETE, the task being gone).
+    /// since.
     fn quiesce_for_stop(&self, index: u32) {
         let (from, upto) = {
             let inf = lock(&self.inflight);
@@ -1186,21 +1236,15 @@ impl Device {
                 "Queue stopped with commands in flight; aborting the nexus's tasks"
             );
             let d = dev.clone();
-            let ended = self.run_bounded(
+            self.run_to_end(
                 async move {
                     d.abort_nexus_tasks().await;
                     d.settle(upto, |_| true).await;
                 },
                 abort,
+                None,
+                "queue stop",
             );
-            if !ended {
-                let left = pending(&lock(&self.inflight));
-                tracing::warn!(
-                    queue = index,
-                    left,
-                    "Queue stopped with commands still running: their completions are dropped and their heads not returned"
-                );
-            }
         }
         self.stopped_upto.fetch_max(upto, Ordering::SeqCst);
     }
@@ -1215,36 +1259,15 @@ impl Device {
             return;
         };
         let upto = lock(&self.inflight).next;
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.shared.runtime.spawn(async move {
-            dev.abort_nexus_tasks().await;
-            dev.settle(upto, |_| true).await;
-            let _ = tx.send(());
-        });
-        let mut waited = Duration::ZERO;
-        let step = Duration::from_millis(100);
-        loop {
-            match rx.recv_timeout(step) {
-                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    waited += step;
-                    if give_up.load(Ordering::SeqCst) {
-                        tracing::warn!(
-                            "Socket closed with commands of the last connection still running"
-                        );
-                        return;
-                    }
-                    if waited.as_millis().is_multiple_of(10_000) {
-                        let left = lock(&self.inflight).entries.len();
-                        tracing::warn!(
-                            left,
-                            seconds = waited.as_secs(),
-                            "Waiting for the commands of a closed connection before accepting the next"
-                        );
-                    }
-                }
-            }
-        }
+        self.run_to_end(
+            async move {
+                dev.abort_nexus_tasks().await;
+                dev.settle(upto, |_| true).await;
+            },
+            STUCK_WARN,
+            Some(give_up),
+            "closed connection",
+        );
     }
 
     /// Wait until no entry put in flight before `upto` and matching `pred` is left.
@@ -1382,13 +1405,14 @@ impl VhostUserBackend for Device {
         // The driver has forgotten every request: an I_T nexus reset (SAM-5 6.3.4), as the
         // I_T NEXUS RESET function does. The nexus's tasks end (waited for: none of the old
         // session's writes lands after the new session's), its SPC-2 reservations are
-        // released, and its next command reports I_T NEXUS LOSS OCCURRED. Bounded: this runs
-        // on the vhost-user handler thread.
+        // released, and its next command reports I_T NEXUS LOSS OCCURRED. Not bounded, though
+        // this runs on the vhost-user handler thread: the driver reuses the memory of the
+        // requests it forgot, which the commands still running may have lent to the kernel.
         let Some(dev) = self.me.upgrade() else {
             return;
         };
         let upto = lock(&self.inflight).next;
-        let done = self.run_bounded(
+        self.run_to_end(
             async move {
                 let nexus = dev.shared.nexus.clone();
                 let targets: Vec<_> = dev.shared.targets.load().values().cloned().collect();
@@ -1397,11 +1421,10 @@ impl VhostUserBackend for Device {
                 }
                 dev.settle(upto, |_| true).await;
             },
-            RESET_BOUND,
+            STUCK_WARN,
+            None,
+            "device reset",
         );
-        if !done {
-            tracing::warn!("Device reset with commands of the nexus still running");
-        }
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -57,16 +57,18 @@
 //!
 //! When the frontend stops the queues (GET_VRING_BASE: the VM is stopped, migrated, or its
 //! driver resets the device) the first stop lets every chain in flight on the connection come
-//! back normally for up to 5 s, then aborts the nexus's tasks and waits up to 5 s more; the
-//! later stops find nothing left. A command still running after that is given up: its
-//! completion is dropped and its head not returned, since handing heads back to QEMU needs
-//! VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, which is not implemented.
+//! back normally for up to 5 s, then aborts the nexus's tasks and waits for the running ones
+//! however long they take (a warning every 10 s); the later stops find nothing left. It never
+//! returns with a command in flight: its guest buffers are lent to the driver, so a transfer
+//! the kernel finished late would touch memory the guest has taken back. A device reset and a
+//! closed connection wait the same way.
 //!
 //! # Data path
-//! The SCSI layer's [`scsi::Command`] takes data-out as a `Vec<u8>` and returns data-in as a
-//! `Vec<u8>`, and the block layer reads into and writes from such buffers; so each direction
-//! costs **one copy** between guest memory and that buffer (data-out in the queue thread,
-//! data-in in the completing task), and no other.
+//! A READ or WRITE lends the guest's data-in or data-out buffers to the SCSI layer as
+//! `block::IoBuf`s (pointers into the mapped guest memory, checked by vm-memory and kept
+//! mapped by the buffer): the file driver transfers between them and the image with no copy
+//! in between (`sg.rs`). Other commands copy their parameter list out of guest memory and
+//! their data-in into it.
 //!
 //! # A guest that misbehaves
 //! Every guest address goes through vm-memory's checked accessors; descriptor chains come from
