@@ -85,10 +85,13 @@
 //! the same file 20.9k reads and 15.3k writes at depth 1, 82k reads at 32. A flush is still an
 //! `fdatasync` (the device's write cache, and metadata of blocks written for the first time).
 //!
-//! **Durability.** FUA writes are `RWF_DSYNC` writes on every path (io_uring, the thread pool,
-//! the calling thread): the write's range reaches stable storage before the call returns,
-//! without first writing back the image's other dirty pages, as an `fdatasync` would. Flush
-//! is `fdatasync`.
+//! **Durability.** A FUA write is written, then synced: buffered, by writing it again with
+//! `RWF_DSYNC` (its range reaches stable storage before the call returns, without first
+//! writing back the image's other dirty pages, as an `fdatasync` would); direct, by an
+//! `fdatasync`. What fails in the first step (ENOSPC at allocation) fails that write only.
+//! Flush is `fdatasync`. A sync reports the image's writeback errors, from whichever write:
+//! a failed one fails every later flush and FUA write, and one that ran beside it (the kernel
+//! tells one of them only), see [`super::sync_latch`].
 //!
 //! **Reservations.** The persistent reservation state is kept in a sidecar file next to the
 //! image, `<image>.pr`, written crash-safely; see [`super::sidecar`]. For a block device that
@@ -116,6 +119,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::sidecar::SidecarStore;
+use super::sync_latch::SyncLatch;
 use super::uring::Ring;
 use crate::{BlockError, Driver, DriverInfo, Extent, IoBuf, ReservationStore};
 
@@ -519,11 +523,12 @@ pub struct FileDriver {
     alloc_unit: u64,
     /// Cleared once the file system refuses `FALLOC_FL_ZERO_RANGE`.
     zero_range: AtomicBool,
-    /// Set by the first failed sync (a flush's `fdatasync` or a FUA write's `RWF_DSYNC`).
-    /// Linux reports a writeback error to one sync only and may already have dropped the
-    /// dirty pages, so a later sync that succeeds proves nothing: from then on every flush
-    /// and FUA write fails until the image is reopened.
-    sync_failed: AtomicBool,
+    /// The syncs in flight (a flush's `fdatasync`, a FUA write's `RWF_DSYNC`), latched by the
+    /// first that fails. Linux reports a writeback error to one sync only and may already have
+    /// dropped the dirty pages, so neither a sync that ran beside the failed one nor a later one
+    /// proves anything: from then on every flush and FUA write fails until the image is
+    /// reopened. See [`SyncLatch`].
+    syncs: SyncLatch,
     /// The persistent reservation state, in the sidecar file `<image>.pr`.
     reservations: Arc<SidecarStore>,
 }
@@ -531,27 +536,41 @@ pub struct FileDriver {
 const ZERO_CHUNK: u64 = 1 << 20;
 
 impl FileDriver {
-    /// Fail when an earlier sync failed (see `sync_failed`).
-    fn check_sync(&self) -> Result<(), BlockError> {
-        if self.sync_failed.load(Ordering::Acquire) {
-            return Err(BlockError::WriteFailed(io::Error::other(
-                "An earlier flush of this image failed; its data may not be on stable storage",
-            )));
+    /// `fdatasync` of the image, through the engine.
+    async fn datasync(&self) -> io::Result<()> {
+        match &self.io {
+            Io::Ring(r) => r.fdatasync().await,
+            Io::Pool => {
+                let file = self.file.clone();
+                blocking(move || file.sync_data()).await
+            }
         }
-        Ok(())
     }
 
-    /// Latch a failed sync. A FUA write that failed for lack of space failed before writeback
-    /// (allocation), so it does not latch; a failed flush always does.
-    fn latch_sync<T>(&self, r: &io::Result<T>, flush: bool) {
-        let Err(e) = r else {
-            return;
-        };
-        if !flush && matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) {
-            return;
+    /// A buffered write of all of `data` at `offset`, with `RWF_DSYNC` when `dsync`; see the
+    /// module docs for the path it takes. `alone`: no other write of the image is in flight.
+    async fn buffered_write(
+        &self,
+        offset: u64,
+        data: IoBuf,
+        dsync: bool,
+        alone: bool,
+    ) -> io::Result<IoBuf> {
+        let mut data = data;
+        match &self.io {
+            _ if self.fast_paths && !dsync && crate::on_io_thread() => {
+                write_at(&self.file, &mut data, offset, false).map(|()| data)
+            }
+            Io::Ring(r) if !alone => r.write_back(offset, data, dsync).await,
+            _ if alone && on_multi_thread_runtime() => {
+                tokio::task::block_in_place(|| write_at(&self.file, &mut data, offset, dsync))
+                    .map(|()| data)
+            }
+            Io::Ring(_) | Io::Pool => {
+                let file = self.file.clone();
+                blocking(move || write_at(&file, &mut data, offset, dsync).map(|()| data)).await
+            }
         }
-        tracing::error!(error = %e, "flush failed; every later flush of this image fails");
-        self.sync_failed.store(true, Ordering::Release);
     }
 
     /// Fill `buf` from byte `done` on through the engine (io_uring or the thread pool).
@@ -631,14 +650,20 @@ impl FileDriver {
     }
 
     /// Write `data` at `offset`; see the module docs for the path it takes.
+    ///
+    /// A FUA write is written first without a sync, so that what fails there (ENOSPC when a
+    /// block cannot be allocated) fails the write alone; then it is synced, with `RWF_DSYNC`
+    /// (buffered: the same data again, which syncs only its own range) or `fdatasync` (direct
+    /// I/O: no page cache to write back). A failed sync reports the image's writeback errors,
+    /// whichever write they came from, so it is latched ([`SyncLatch`]).
     async fn write_buf(&self, offset: u64, data: IoBuf, fua: bool) -> Result<(), BlockError> {
         self.check(offset, data.len() as u64)
             .map_err(BlockError::WriteFailed)?;
         if fua {
-            self.check_sync()?;
+            self.syncs.check().map_err(BlockError::WriteFailed)?;
         }
         let mut data = data;
-        let r = if let Some(align) = self.direct {
+        if let Some(align) = self.direct {
             align
                 .check(offset, data.len())
                 .map_err(BlockError::WriteFailed)?;
@@ -648,28 +673,28 @@ impl FileDriver {
                 });
                 data = bounce;
             }
-            self.direct_io(offset, data, Some(fua)).await.map(drop)
+            self.direct_io(offset, data, Some(false))
+                .await
+                .map_err(write_error)?;
+            if fua {
+                let sync = self.syncs.begin().map_err(BlockError::WriteFailed)?;
+                let r = self.datasync().await;
+                sync.end(r).await.map_err(write_error)?;
+            }
         } else {
             let in_flight = InFlight::enter(&self.writes_in_flight);
             let alone = self.fast_paths && in_flight.others == 0;
-            match &self.io {
-                _ if self.fast_paths && !fua && crate::on_io_thread() => {
-                    write_at(&self.file, &mut data, offset, false)
-                }
-                Io::Ring(r) if !alone => r.write(offset, data, fua).await,
-                _ if alone && on_multi_thread_runtime() => {
-                    tokio::task::block_in_place(|| write_at(&self.file, &mut data, offset, fua))
-                }
-                Io::Ring(_) | Io::Pool => {
-                    let file = self.file.clone();
-                    blocking(move || write_at(&file, &mut data, offset, fua)).await
-                }
+            let data = self
+                .buffered_write(offset, data, false, alone)
+                .await
+                .map_err(write_error)?;
+            if fua {
+                let sync = self.syncs.begin().map_err(BlockError::WriteFailed)?;
+                let r = self.buffered_write(offset, data, true, alone).await;
+                sync.end(r.map(drop)).await.map_err(write_error)?;
             }
-        };
-        if fua {
-            self.latch_sync(&r, false);
         }
-        r.map_err(write_error)
+        Ok(())
     }
 
     /// Open `path`; when it does not exist and `create_size` is given, create a sparse file of
@@ -756,7 +781,7 @@ impl FileDriver {
             punch,
             alloc_unit: std::os::unix::fs::MetadataExt::blksize(&meta),
             zero_range: AtomicBool::new(!block_device),
-            sync_failed: AtomicBool::new(false),
+            syncs: SyncLatch::default(),
             reservations,
         })
     }
@@ -993,16 +1018,9 @@ impl Driver for FileDriver {
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
-        self.check_sync()?;
-        let r = match &self.io {
-            Io::Ring(r) => r.fdatasync().await,
-            Io::Pool => {
-                let file = self.file.clone();
-                blocking(move || file.sync_data()).await
-            }
-        };
-        self.latch_sync(&r, true);
-        r.map_err(write_error)
+        let sync = self.syncs.begin().map_err(BlockError::WriteFailed)?;
+        let r = self.datasync().await;
+        sync.end(r).await.map_err(write_error)
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
@@ -1210,21 +1228,29 @@ mod tests {
     async fn a_failed_flush_fails_every_later_flush_and_fua_write() {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = FileDriver::open(&dir.path().join("img"), Some(1 << 20)).expect("open");
-        // A FUA write that ran out of space failed at allocation: nothing is latched.
-        d.latch_sync(
-            &Err::<(), _>(io::Error::from_raw_os_error(libc::ENOSPC)),
-            false,
+        d.write(0, vec![1; 4096], true).await.expect("FUA write");
+        d.flush().await.expect("flush");
+        // A flush whose fdatasync failed with EIO: the kernel may have dropped the dirty pages.
+        let sync = d.syncs.begin().expect("begin");
+        let r = sync.end(Err(io::Error::from_raw_os_error(libc::EIO))).await;
+        assert_eq!(
+            r.expect_err("the sync's own error").raw_os_error(),
+            Some(libc::EIO)
         );
-        d.flush().await.expect("flush after ENOSPC on a FUA write");
-        // A flush that failed with EIO: the kernel may have dropped the dirty pages.
-        d.latch_sync(&Err::<(), _>(io::Error::from_raw_os_error(libc::EIO)), true);
         assert!(matches!(d.flush().await, Err(BlockError::WriteFailed(_))));
         assert!(matches!(
-            d.write(0, vec![1; 4096], true).await,
+            d.write(0, vec![2; 4096], true).await,
             Err(BlockError::WriteFailed(_))
         ));
+        let mut got = vec![0; 4096];
+        d.file.read_exact_at(&mut got, 0).expect("read");
+        assert_eq!(
+            got,
+            vec![1; 4096],
+            "a FUA write refused by the latch writes nothing"
+        );
         // Plain writes still reach the page cache; the next flush reports the loss.
-        d.write(0, vec![1; 4096], false).await.expect("plain write");
+        d.write(0, vec![3; 4096], false).await.expect("plain write");
         assert!(matches!(d.flush().await, Err(BlockError::WriteFailed(_))));
     }
 }

@@ -7,4 +7,5 @@
 pub mod file;
 pub mod mem;
 pub mod sidecar;
+mod sync_latch;
 mod uring;

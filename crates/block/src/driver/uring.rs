@@ -186,12 +186,7 @@ impl Ring {
         self.call(Op::Read, offset, buf, done).await
     }
 
-    pub(crate) async fn write(&self, offset: u64, data: IoBuf, dsync: bool) -> io::Result<()> {
-        self.write_back(offset, data, dsync).await.map(drop)
-    }
-
-    /// A write that gives the buffer back (for a bounce buffer's owner, or a caller that
-    /// reuses it).
+    /// Write all of `data` at `offset` (with `RWF_DSYNC` when `dsync`) and give it back.
     pub(crate) async fn write_back(
         &self,
         offset: u64,
