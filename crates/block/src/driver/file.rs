@@ -91,7 +91,7 @@
 //! `fdatasync`. What fails in the first step (ENOSPC at allocation) fails that write only.
 //! Flush is `fdatasync`. A sync reports the image's writeback errors, from whichever write:
 //! a failed one fails every later flush and FUA write, and one that ran beside it (the kernel
-//! tells one of them only), see [`super::sync_latch`].
+//! tells one of them only), see `driver/sync_latch.rs`.
 //!
 //! **Reservations.** The persistent reservation state is kept in a sidecar file next to the
 //! image, `<image>.pr`, written crash-safely; see [`super::sidecar`]. For a block device that
