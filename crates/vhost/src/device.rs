@@ -1156,14 +1156,14 @@ impl Device {
 
     /// Run `f` on the runtime from a thread outside it and wait for it to end, saying every
     /// `warn_every` that `what` is still waiting, with how many chains are in flight. Only
-    /// `give_up` (the socket is being closed) ends the wait early: `false` then.
+    /// `give_up` (the socket is being closed) ends the wait early.
     fn run_to_end(
         &self,
         f: impl Future<Output = ()> + Send + 'static,
         warn_every: Duration,
         give_up: Option<&AtomicBool>,
         what: &'static str,
-    ) -> bool {
+    ) {
         let (tx, rx) = std::sync::mpsc::channel();
         self.shared.runtime.spawn(async move {
             f.await;
@@ -1174,12 +1174,12 @@ impl Device {
         let mut warned = Duration::ZERO;
         loop {
             match rx.recv_timeout(step) {
-                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return true,
+                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     waited += step;
                     if give_up.is_some_and(|g| g.load(Ordering::SeqCst)) {
                         tracing::warn!(what, "Socket closed while commands are still running");
-                        return false;
+                        return;
                     }
                     if waited >= warned + warn_every {
                         warned = waited;

@@ -547,6 +547,17 @@ impl FileDriver {
         }
     }
 
+    /// Run `sync` (an `fdatasync`, or a write with `RWF_DSYNC`) as one of the image's syncs:
+    /// refused when one has failed, latched when it fails ([`SyncLatch`]). Nothing of `sync`
+    /// runs when it is refused.
+    async fn synced(
+        &self,
+        sync: impl std::future::Future<Output = io::Result<()>>,
+    ) -> Result<(), BlockError> {
+        let ticket = self.syncs.begin().map_err(BlockError::WriteFailed)?;
+        ticket.end(sync.await).await.map_err(write_error)
+    }
+
     /// A buffered write of all of `data` at `offset`, with `RWF_DSYNC` when `dsync`; see the
     /// module docs for the path it takes. `alone`: no other write of the image is in flight.
     async fn buffered_write(
@@ -677,9 +688,7 @@ impl FileDriver {
                 .await
                 .map_err(write_error)?;
             if fua {
-                let sync = self.syncs.begin().map_err(BlockError::WriteFailed)?;
-                let r = self.datasync().await;
-                sync.end(r).await.map_err(write_error)?;
+                self.synced(self.datasync()).await?;
             }
         } else {
             let in_flight = InFlight::enter(&self.writes_in_flight);
@@ -689,9 +698,12 @@ impl FileDriver {
                 .await
                 .map_err(write_error)?;
             if fua {
-                let sync = self.syncs.begin().map_err(BlockError::WriteFailed)?;
-                let r = self.buffered_write(offset, data, true, alone).await;
-                sync.end(r.map(drop)).await.map_err(write_error)?;
+                self.synced(async {
+                    self.buffered_write(offset, data, true, alone)
+                        .await
+                        .map(drop)
+                })
+                .await?;
             }
         }
         Ok(())
@@ -1018,9 +1030,7 @@ impl Driver for FileDriver {
     }
 
     async fn flush(&self) -> Result<(), BlockError> {
-        let sync = self.syncs.begin().map_err(BlockError::WriteFailed)?;
-        let r = self.datasync().await;
-        sync.end(r).await.map_err(write_error)
+        self.synced(self.datasync()).await
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
