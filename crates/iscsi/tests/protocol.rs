@@ -194,6 +194,33 @@ impl block::Driver for GatedDriver {
     }
 }
 
+/// A target on a [`GatedDriver`] and a logged-in session whose WRITE(10) of one block of
+/// `byte` to LBA 0, sent with its data as immediate data, has stopped inside the driver; with
+/// the write's ITT.
+async fn a_write_held_in_the_backend(
+    byte: u8,
+) -> (
+    Arc<GatedDriver>,
+    std::net::SocketAddr,
+    Arc<Server>,
+    Client,
+    u32,
+) {
+    let driver = Arc::new(GatedDriver {
+        inner: block::driver::mem::MemDriver::new(16 << 20),
+        gate: tokio::sync::Semaphore::new(0),
+        entered: tokio::sync::Notify::new(),
+    });
+    let (addr, server) = start_with(driver.clone()).await;
+    let mut c = Client::login(addr, "").await;
+    c.clear_unit_attention().await;
+    let (b, itt) = c.command(0xa1, 512, &write10(0, 1));
+    let entered = driver.entered.notified();
+    c.send(b, &[byte; 512]).await;
+    entered.await;
+    (driver, addr, server, c, itt)
+}
+
 fn abort_task(c: &Client, itt: u32, ref_itt: u32, ref_cmdsn: u32) -> [u8; 48] {
     // ABORT TASK (RFC 7143 11.5), immediate.
     let mut t = [0u8; 48];
@@ -208,19 +235,8 @@ fn abort_task(c: &Client, itt: u32, ref_itt: u32, ref_cmdsn: u32) -> [u8; 48] {
 
 #[tokio::test]
 async fn abort_task_of_a_write_inside_the_backend_completes_and_suppresses_its_response() {
-    let driver = Arc::new(GatedDriver {
-        inner: block::driver::mem::MemDriver::new(16 << 20),
-        gate: tokio::sync::Semaphore::new(0),
-        entered: tokio::sync::Notify::new(),
-    });
-    let (addr, _server) = start_with(driver.clone()).await;
-    let mut c = Client::login(addr, "").await;
-    c.clear_unit_attention().await;
     // WRITE(10) of one block with its data as immediate data; it stops inside the driver.
-    let (b, itt) = c.command(0xa1, 512, &write10(0, 1));
-    let entered = driver.entered.notified();
-    c.send(b, &[0x5A; 512]).await;
-    entered.await;
+    let (driver, _addr, _server, mut c, itt) = a_write_held_in_the_backend(0x5A).await;
     let t = abort_task(&c, 100, itt, c.cmdsn - 1);
     c.send(t, &[]).await;
     // The TMF waits for the write it cannot stop; let the write finish.
@@ -362,19 +378,8 @@ async fn login_with_the_same_isid_reinstates_the_session() {
 /// top of what the new session writes next.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reinstatement_waits_for_the_old_sessions_write_in_the_backend() {
-    let driver = Arc::new(GatedDriver {
-        inner: block::driver::mem::MemDriver::new(16 << 20),
-        gate: tokio::sync::Semaphore::new(0),
-        entered: tokio::sync::Notify::new(),
-    });
-    let (addr, _server) = start_with(driver.clone()).await;
-    let mut old = Client::login(addr, "").await;
-    old.clear_unit_attention().await;
     // WRITE(10) of 0xAA to LBA 0, as immediate data; it stops inside the driver.
-    let (b, _) = old.command(0xa1, 512, &write10(0, 1));
-    let entered = driver.entered.notified();
-    old.send(b, &[0xAA; 512]).await;
-    entered.await;
+    let (driver, addr, _server, old, _) = a_write_held_in_the_backend(0xAA).await;
     // The connection is lost and the initiator logs in again with the same ISID.
     drop(old);
     let login = tokio::spawn(async move { Client::login(addr, "").await });

@@ -32,11 +32,12 @@ const RESP: u32 = 12 + 96;
 const REQ: u32 = 19 + 32;
 
 fn lu(blocks: u64) -> Arc<scsi::LogicalUnit> {
-    let backend = block::Backend::new(
-        Arc::new(block::driver::mem::MemDriver::new(blocks * 512)),
-        512,
-    )
-    .unwrap();
+    lu_on(Arc::new(block::driver::mem::MemDriver::new(blocks * 512)))
+}
+
+/// A logical unit of 512-byte blocks on `driver`.
+fn lu_on(driver: Arc<dyn block::Driver>) -> Arc<scsi::LogicalUnit> {
+    let backend = block::Backend::new(driver, 512).unwrap();
     Arc::new(scsi::LogicalUnit::new(
         backend,
         scsi::LuConfig {
@@ -1366,18 +1367,7 @@ fn a_stop_waits_for_a_read_into_guest_memory_however_long_it_takes() {
         gate,
         started: 0.into(),
     });
-    let backend = block::Backend::new(drv.clone(), 512).unwrap();
-    let lu = Arc::new(scsi::LogicalUnit::new(
-        backend,
-        scsi::LuConfig {
-            vendor: "SHAREDSK".into(),
-            product: "test".into(),
-            revision: "0001".into(),
-            serial: "vhost-slow-read".into(),
-            id: 0x1236,
-        },
-    ));
-    let mut h = Harness::with_lu(lu);
+    let mut h = Harness::with_lu(lu_on(drv.clone()));
     h.tur();
     // WRITE(10) (SBC-4 5.40) of 0x5A to LBA 0.
     let (_, resp, _) = h.command(LUN0, &[0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[0x5A; 512], 0);
@@ -1603,18 +1593,7 @@ fn reads_and_writes_go_between_guest_buffers_and_the_driver_without_a_copy() {
         lent_writes: 0.into(),
         own_buffers: 0.into(),
     });
-    let backend = block::Backend::new(rec.clone(), 512).unwrap();
-    let lu = Arc::new(scsi::LogicalUnit::new(
-        backend,
-        scsi::LuConfig {
-            vendor: "SHAREDSK".into(),
-            product: "test".into(),
-            revision: "0001".into(),
-            serial: "vhost-zero-copy".into(),
-            id: 0x1235,
-        },
-    ));
-    let mut h = Harness::with_lu(lu);
+    let mut h = Harness::with_lu(lu_on(rec.clone()));
     h.tur();
     // WRITE(10) (SBC-4 5.40) LBA 2, 2 blocks: the driver is handed the guest's buffer.
     let data: Vec<u8> = (0..1024u32).map(|i| (i * 13 % 241) as u8).collect();
