@@ -115,10 +115,44 @@ struct Entry {
     done: watch::Receiver<bool>,
 }
 
+impl Entry {
+    fn key(&self) -> SessionKey {
+        (self.target, self.info.initiator.clone(), self.info.isid)
+    }
+}
+
+/// What names a session for reinstatement: target, initiator name and ISID.
+type SessionKey = (Option<usize>, String, [u8; 6]);
+
 #[derive(Default)]
 struct Registry {
     next_id: u64,
     sessions: HashMap<u64, Entry>,
+    /// The newest login of each session: the one registered, or the one waiting to reinstate
+    /// it. Only that login may register.
+    claims: HashMap<SessionKey, u64>,
+}
+
+/// A login's claim on its session; dropped unregistered (superseded, timed out), it gives the
+/// claim up.
+struct Claim<'a> {
+    registry: &'a Mutex<Registry>,
+    key: SessionKey,
+    id: u64,
+    registered: bool,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if self.registered {
+            return;
+        }
+        if let Ok(mut r) = self.registry.lock() {
+            if r.claims.get(&self.key) == Some(&self.id) {
+                r.claims.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// An iSCSI target server.
@@ -274,27 +308,38 @@ impl Server {
     }
 
     /// Register a new session, first ending any session with the same initiator name, ISID
-    /// and target (session reinstatement, RFC 7143 6.3.5).
+    /// and target (session reinstatement, RFC 7143 6.3.5). `None` if a newer login of the same
+    /// session took over while this one waited: only the newest may reinstate it, so that two
+    /// sessions never share one I_T nexus.
     async fn register(
         &self,
         info: SessionInfo,
         target: Option<usize>,
-    ) -> (u64, watch::Receiver<bool>, watch::Sender<bool>) {
-        let old: Vec<watch::Receiver<bool>> = match self.registry.lock() {
-            Ok(r) => r
+    ) -> Option<(u64, watch::Receiver<bool>, watch::Sender<bool>)> {
+        let key: SessionKey = (target, info.initiator.clone(), info.isid);
+        let (id, old) = {
+            let mut r = self.registry.lock().ok()?;
+            r.next_id += 1;
+            let id = r.next_id;
+            // The claim and the end of the old session are one step: a login that claims
+            // later supersedes this one, whether or not the old session is gone yet.
+            r.claims.insert(key.clone(), id);
+            let old: Vec<watch::Receiver<bool>> = r
                 .sessions
                 .values()
-                .filter(|e| {
-                    e.target == target
-                        && e.info.initiator == info.initiator
-                        && e.info.isid == info.isid
-                })
+                .filter(|e| e.key() == key)
                 .map(|e| {
                     e.kill.send_replace(true);
                     e.done.clone()
                 })
-                .collect(),
-            Err(_) => Vec::new(),
+                .collect();
+            (id, old)
+        };
+        let mut claim = Claim {
+            registry: &self.registry,
+            key,
+            id,
+            registered: false,
         };
         // Not bounded: the old session's commands still running in the backend must finish
         // before this session may write (see `connection`); the initiator's own login timeout
@@ -315,29 +360,31 @@ impl Server {
         }
         let (kill_tx, kill_rx) = watch::channel(false);
         let (done_tx, done_rx) = watch::channel(false);
-        let id = match self.registry.lock() {
-            Ok(mut r) => {
-                r.next_id += 1;
-                let id = r.next_id;
-                r.sessions.insert(
-                    id,
-                    Entry {
-                        info,
-                        target,
-                        kill: kill_tx,
-                        done: done_rx,
-                    },
-                );
-                id
-            }
-            Err(_) => 0,
-        };
-        (id, kill_rx, done_tx)
+        let mut r = self.registry.lock().ok()?;
+        if r.claims.get(&claim.key) != Some(&id) {
+            return None;
+        }
+        r.sessions.insert(
+            id,
+            Entry {
+                info,
+                target,
+                kill: kill_tx,
+                done: done_rx,
+            },
+        );
+        claim.registered = true;
+        Some((id, kill_rx, done_tx))
     }
 
     fn unregister(&self, id: u64) {
         if let Ok(mut r) = self.registry.lock() {
-            r.sessions.remove(&id);
+            if let Some(e) = r.sessions.remove(&id) {
+                let key = e.key();
+                if r.claims.get(&key) == Some(&id) {
+                    r.claims.remove(&key);
+                }
+            }
         }
     }
 
@@ -401,7 +448,10 @@ impl Server {
                     // Cancelling the wait for an old session registers nothing.
                     let reg = tokio::time::timeout_at(deadline, self.register(info, target))
                         .await
-                        .map_err(timed_out)?;
+                        .map_err(timed_out)?
+                        .ok_or(session::SessionError::Protocol(
+                            "A newer login reinstated the session",
+                        ))?;
                     Some((reg, nexus))
                 }
                 _ => None,

@@ -409,6 +409,47 @@ async fn reinstatement_waits_for_the_old_sessions_write_in_the_backend() {
     );
 }
 
+/// RFC 7143 6.3.5, with an initiator that retries its login while the first attempt still
+/// waits for the old session's write: of the two logins reinstating one session only the newer
+/// gets in. Were the older let in too, two sessions would share one I_T nexus, and the end of
+/// the abandoned one would end the other's commands and reservations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_logins_reinstating_one_session_only_the_newer_gets_in() {
+    let (driver, addr, server, old, _) = a_write_held_in_the_backend(0xAA).await;
+    drop(old);
+    // Both as `Client::login`: the same initiator name and ISID as the old session.
+    let login = || {
+        Client::try_login_as(
+            addr,
+            "iqn.2026-01.test:wire",
+            "",
+            [0x80, 1, 2, 3, 4, 5],
+            defaults,
+        )
+    };
+    let first = tokio::spawn(login());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = tokio::spawn(login());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!first.is_finished() && !second.is_finished());
+    // The old session's write finishes; the gate then holds writes again.
+    driver.gate.add_permits(1);
+    let mut second = second
+        .await
+        .expect("login task")
+        .expect("the newer login gets in");
+    assert!(
+        first.await.expect("login task").is_none(),
+        "the older login is turned away"
+    );
+    assert_eq!(server.sessions().len(), 1);
+    second.clear_unit_attention().await;
+    let (b, _) = second.command(0xa1, 512, &write10(0, 1));
+    second.send(b, &[0xBB; 512]).await;
+    let r = second.recv().await.expect("SCSI Response");
+    assert_eq!((r.bhs[0], r.bhs[3]), (0x21, 0), "SCSI Response, GOOD");
+}
+
 #[tokio::test]
 async fn target_cold_reset_drops_every_connection() {
     let addr = start().await;

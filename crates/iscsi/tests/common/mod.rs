@@ -152,6 +152,20 @@ impl Client {
         isid: [u8; 6],
         answer: impl Fn(&str) -> &'static str,
     ) -> Client {
+        Self::try_login_as(addr, name, keys, isid, answer)
+            .await
+            .expect("login response")
+    }
+
+    /// [`Client::login_as`], but `None` if the target closes the connection (or stays silent)
+    /// instead of answering a login request.
+    pub async fn try_login_as(
+        addr: std::net::SocketAddr,
+        name: &str,
+        keys: &str,
+        isid: [u8; 6],
+        answer: impl Fn(&str) -> &'static str,
+    ) -> Option<Client> {
         let s = TcpStream::connect(addr).await.expect("connect");
         let mut c = Client {
             s,
@@ -170,11 +184,11 @@ impl Client {
         );
         c.send(b, text.as_bytes()).await;
         for _ in 0..3 {
-            let r = c.recv().await.expect("login response");
+            let r = c.recv().await?;
             assert_eq!(r.bhs[0], 0x23, "Login Response");
             assert_eq!(&r.bhs[36..38], &[0, 0], "status success");
             if r.bhs[1] == 0x87 {
-                return c; // T=1 CSG=1 NSG=3
+                return Some(c); // T=1 CSG=1 NSG=3
             }
             assert_eq!(r.bhs[1], 0x04, "T=0 CSG=1: the target offers keys");
             let text = String::from_utf8(r.data).expect("text");
