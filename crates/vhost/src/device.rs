@@ -198,6 +198,10 @@ pub struct Device {
     pub(crate) data_out_budget: AtomicU64,
     /// Entries below this id were waited for by a queue stop already.
     stopped_upto: AtomicU64,
+    /// Set when the socket is being closed (the server's stop flag): every wait for commands
+    /// in flight (queue stop, device reset, closed connection) gives up, so that a command
+    /// stuck in the backend cannot keep the process from exiting.
+    pub(crate) closing: Arc<AtomicBool>,
     /// [`STOP_BOUNDS`]; shortened by tests.
     pub(crate) stop_bounds: Mutex<(Duration, Duration)>,
     #[cfg(test)]
@@ -283,7 +287,7 @@ fn status_byte(response: u32) -> u8 {
 }
 
 impl Device {
-    pub(crate) fn new(shared: Arc<Shared>, mem: Gm) -> Arc<Device> {
+    pub(crate) fn new(shared: Arc<Shared>, mem: Gm, closing: Arc<AtomicBool>) -> Arc<Device> {
         let nq = 2 + usize::from(shared.num_queues);
         let queues = (0..nq).map(|_| QueueState::default()).collect();
         let inflight = Inflight {
@@ -313,6 +317,7 @@ impl Device {
             data_out_budget: AtomicU64::new(DATA_OUT_BUDGET),
             stopped_upto: AtomicU64::new(0),
             stop_bounds: Mutex::new(STOP_BOUNDS),
+            closing,
             #[cfg(test)]
             hooks: Hooks::default(),
         })
@@ -1156,12 +1161,11 @@ impl Device {
 
     /// Run `f` on the runtime from a thread outside it and wait for it to end, saying every
     /// `warn_every` that `what` is still waiting, with how many chains are in flight. Only
-    /// `give_up` (the socket is being closed) ends the wait early.
+    /// the socket being closed (`closing`) ends the wait early.
     fn run_to_end(
         &self,
         f: impl Future<Output = ()> + Send + 'static,
         warn_every: Duration,
-        give_up: Option<&AtomicBool>,
         what: &'static str,
     ) {
         let (tx, rx) = std::sync::mpsc::channel();
@@ -1177,7 +1181,7 @@ impl Device {
                 Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
                     waited += step;
-                    if give_up.is_some_and(|g| g.load(Ordering::SeqCst)) {
+                    if self.closing.load(Ordering::SeqCst) {
                         tracing::warn!(what, "Socket closed while commands are still running");
                         return;
                     }
@@ -1242,7 +1246,6 @@ impl Device {
                     d.settle(upto, |_| true).await;
                 },
                 abort,
-                None,
                 "queue stop",
             );
         }
@@ -1253,8 +1256,8 @@ impl Device {
     /// the nexus's tasks and wait until every chain it had in flight is finished, so that no
     /// write of this connection lands after one of the next connection's (a restarted VM
     /// rewriting the same blocks). Not bounded, as a late write would be wrong whenever it
-    /// came: it warns every 10 s, and `give_up` (the socket is being closed) ends the wait.
-    pub(crate) fn drain_after_disconnect(&self, give_up: &AtomicBool) {
+    /// came: it warns every 10 s, and only the socket being closed (`closing`) ends the wait.
+    pub(crate) fn drain_after_disconnect(&self) {
         let Some(dev) = self.me.upgrade() else {
             return;
         };
@@ -1265,7 +1268,6 @@ impl Device {
                 dev.settle(upto, |_| true).await;
             },
             STUCK_WARN,
-            Some(give_up),
             "closed connection",
         );
     }
@@ -1422,7 +1424,6 @@ impl VhostUserBackend for Device {
                 dev.settle(upto, |_| true).await;
             },
             STUCK_WARN,
-            None,
             "device reset",
         );
     }
@@ -1486,7 +1487,7 @@ impl VhostUserBackend for Device {
 
     /// GET_VRING_BASE: the queue stops (vhost-user-backend has made it not ready, so nothing
     /// more is popped from it). The commands in flight come back first (see
-    /// `quiesce_for_stop`: bounded, once for all queues); any later completion is dropped.
+    /// `quiesce_for_stop`: not bounded, once for all queues); any later completion is dropped.
     fn stop_vring(&self, index: u32) -> io::Result<()> {
         self.quiesce_for_stop(index);
         if let Some(q) = self.queues.get(index as usize) {

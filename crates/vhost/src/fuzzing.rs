@@ -92,7 +92,7 @@ pub fn queues(data: &[u8]) -> Vec<u16> {
     ) else {
         return Vec::new();
     };
-    let dev = Device::new(vs.shared.clone(), gm.clone());
+    let dev = Device::new(vs.shared.clone(), gm.clone(), std::sync::Arc::default());
     dev.acked_features(dev.features());
     *lock(&vs.shared.current) = Some(dev.clone());
 

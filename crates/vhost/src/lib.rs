@@ -61,7 +61,9 @@
 //! however long they take (a warning every 10 s); the later stops find nothing left. It never
 //! returns with a command in flight: its guest buffers are lent to the driver, so a transfer
 //! the kernel finished late would touch memory the guest has taken back. A device reset and a
-//! closed connection wait the same way.
+//! closed connection wait the same way. Only the socket being closed ([`Server::stop`], as
+//! on SIGTERM) ends these waits early, so that a command stuck in the backend cannot keep the
+//! daemon from exiting.
 //!
 //! # Data path
 //! A READ or WRITE lends the guest's data-in or data-out buffers to the SCSI layer as
@@ -369,7 +371,7 @@ impl VhostScsi {
         let (stop2, conn2, me) = (stop.clone(), conn.clone(), self.clone());
         let thread = std::thread::Builder::new()
             .name("vhost-user".into())
-            .spawn(move || me.serve(&mut listener, &stop2, &conn2))?;
+            .spawn(move || me.serve(&mut listener, stop2, &conn2))?;
         Ok(Server {
             device: self,
             stop,
@@ -381,13 +383,14 @@ impl VhostScsi {
     fn serve(
         &self,
         listener: &mut Listener,
-        stop: &AtomicBool,
+        stop: Arc<AtomicBool>,
         conn: &Mutex<Option<ShutdownHandle>>,
     ) {
         let socket = self.path.display().to_string();
         while !stop.load(Ordering::SeqCst) {
             let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
-            let dev = Device::new(self.shared.clone(), mem.clone());
+            // The stop flag also ends the device's waits for stuck commands.
+            let dev = Device::new(self.shared.clone(), mem.clone(), stop.clone());
             let mut daemon = match VhostUserDaemon::new(socket.clone(), dev.clone(), mem) {
                 Ok(d) => d,
                 Err(e) => {
@@ -439,7 +442,7 @@ impl VhostScsi {
             dev.disconnect();
             exit(&daemon);
             drop(daemon);
-            self.end_connection(&dev, stop);
+            self.end_connection(&dev);
             match result {
                 // QEMU went away: the usual end of a connection.
                 Ok(())
@@ -459,10 +462,10 @@ impl VhostScsi {
 
 impl VhostScsi {
     /// After a connection: its commands end (aborted, and waited for: none of its writes may
-    /// land after the next connection's), then the nexus is lost. `stop` cuts the wait short
-    /// when the socket is being closed.
-    fn end_connection(&self, dev: &Device, stop: &AtomicBool) {
-        dev.drain_after_disconnect(stop);
+    /// land after the next connection's), then the nexus is lost. The socket being closed cuts
+    /// the wait short.
+    fn end_connection(&self, dev: &Device) {
+        dev.drain_after_disconnect();
         self.shared.nexus_lost();
     }
 }

@@ -172,7 +172,7 @@ impl Harness {
             rt.handle().clone(),
         )
         .unwrap();
-        let dev = Device::new(vs.shared.clone(), gm.clone());
+        let dev = Device::new(vs.shared.clone(), gm.clone(), Arc::default());
         dev.acked_features(dev.features());
         *crate::device::lock(&vs.shared.current) = Some(dev.clone());
         Harness {
@@ -1102,7 +1102,12 @@ fn request_queues_are_dealt_out_to_the_threads_in_turn() {
     let masks = |num_queues, threads| {
         let vs = VhostScsi::new(config(num_queues, threads), rt.handle().clone()).unwrap();
         let mem: Mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4096)]).unwrap();
-        Device::new(vs.shared.clone(), GuestMemoryAtomic::new(mem)).queues_per_thread()
+        Device::new(
+            vs.shared.clone(),
+            GuestMemoryAtomic::new(mem),
+            Arc::default(),
+        )
+        .queues_per_thread()
     };
     // Five request queues (2..=6) on two threads: 2, 4, 6 and 3, 5.
     assert_eq!(masks(5, 2), vec![0b11, 0b101_0100, 0b010_1000]);
@@ -1449,7 +1454,7 @@ fn a_closed_connection_is_done_before_the_next_is_accepted() {
     h.dev.disconnect();
     let (vs, dev) = (h.vs.clone(), h.dev.clone());
     let end = in_thread(move || {
-        vs.end_connection(&dev, &std::sync::atomic::AtomicBool::new(false));
+        vs.end_connection(&dev);
     });
     std::thread::sleep(Duration::from_millis(200));
     assert!(
@@ -1461,6 +1466,48 @@ fn a_closed_connection_is_done_before_the_next_is_accepted() {
     // The nexus is lost: its next command sees POWER ON, RESET (29h/00h, SAM-5 6.3.4).
     let (_, resp) = h.tur();
     assert_eq!(resp[12 + 12..12 + 14], [0x29, 0x00]);
+}
+
+/// A queue stop and a device reset wait for the commands in flight however long they take,
+/// but not past the socket's closing (the daemon told to stop): a command stuck in the
+/// backend must not keep the process from exiting.
+#[test]
+fn a_stop_and_a_reset_give_up_waiting_when_the_socket_closes() {
+    let mut h = Harness::new();
+    h.tur();
+    *h.dev.stop_bounds.lock().unwrap() = (Duration::from_millis(50), Duration::from_millis(50));
+    let hold = h.hold();
+    h.send_tur(80);
+    h.wait_reached(1);
+    let waits = |f: Box<dyn FnOnce() + Send>| {
+        h.dev
+            .closing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let t = in_thread(f);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!t.is_finished(), "returned with a command in flight");
+        h.dev
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let start = Instant::now();
+        while !t.is_finished() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        t.is_finished()
+    };
+    let dev = h.dev.clone();
+    let stopped = waits(Box::new(move || dev.stop_vring(2).unwrap()));
+    let dev = h.dev.clone();
+    let reset = waits(Box::new(move || dev.reset_device()));
+    hold.send_replace(true); // frees a wait still running, so the test ends either way
+    assert!(
+        stopped,
+        "the queue stop still waits after the socket closed"
+    );
+    assert!(
+        reset,
+        "the device reset still waits after the socket closed"
+    );
 }
 
 #[test]
