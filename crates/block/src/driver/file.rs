@@ -85,10 +85,10 @@
 //! the same file 20.9k reads and 15.3k writes at depth 1, 82k reads at 32. A flush is still an
 //! `fdatasync` (the device's write cache, and metadata of blocks written for the first time).
 //!
-//! **Durability.** A FUA write is written, then synced: buffered, by writing it again with
-//! `RWF_DSYNC` (its range reaches stable storage before the call returns, without first
-//! writing back the image's other dirty pages, as an `fdatasync` would); direct, by an
-//! `fdatasync`. What fails in the first step (ENOSPC at allocation) fails that write only.
+//! **Durability.** A FUA write is written, then its range is synced: an `fdatasync` of that
+//! range through io_uring (what `RWF_DSYNC` does after a write: the range reaches stable
+//! storage without first writing back the image's other dirty pages), of the whole image on
+//! the thread pool. What fails in the first step (ENOSPC at allocation) fails that write only.
 //! Flush is `fdatasync`. A sync reports the image's writeback errors, from whichever write:
 //! a failed one fails every later flush and FUA write, and one that ran beside it (the kernel
 //! tells one of them only), see `driver/sync_latch.rs`.
@@ -258,22 +258,15 @@ fn transfer(
 }
 
 /// Write all of `data` at `offset`: the synchronous write of the thread pool and of the
-/// calling thread. With `fua`, `RWF_DSYNC` (as the io_uring engine does): this write's range
-/// and the metadata to find it reach stable storage before the call returns, and a writeback
-/// error of the file since the last check is reported, but the image's other dirty pages
-/// are left to writeback; an `fdatasync` would write them all first.
-fn write_at(file: &File, data: &mut IoBuf, offset: u64, fua: bool) -> io::Result<()> {
-    let flags = if fua { libc::RWF_DSYNC } else { 0 };
-    transfer(file, data, offset, 0, true, flags)
+/// calling thread.
+fn write_at(file: &File, data: &mut IoBuf, offset: u64) -> io::Result<()> {
+    transfer(file, data, offset, 0, true, 0)
 }
 
-/// A synchronous direct read (`write` is `None`) or write (with FUA when `Some(true)`) of all
-/// of `buf`: the calling thread's path and the thread pool's.
-fn direct_sync(file: &File, buf: &mut IoBuf, offset: u64, write: Option<bool>) -> io::Result<()> {
-    match write {
-        None => transfer(file, buf, offset, 0, false, 0),
-        Some(fua) => write_at(file, buf, offset, fua),
-    }
+/// A synchronous direct read or write of all of `buf`: the calling thread's path and the
+/// thread pool's.
+fn direct_sync(file: &File, buf: &mut IoBuf, offset: u64, write: bool) -> io::Result<()> {
+    transfer(file, buf, offset, 0, write, 0)
 }
 
 /// `tokio::task::block_in_place` panics on a current-thread runtime; there the pool takes a
@@ -523,7 +516,7 @@ pub struct FileDriver {
     alloc_unit: u64,
     /// Cleared once the file system refuses `FALLOC_FL_ZERO_RANGE`.
     zero_range: AtomicBool,
-    /// The syncs in flight (a flush's `fdatasync`, a FUA write's `RWF_DSYNC`), latched by the
+    /// The syncs in flight (a flush's `fdatasync`, a FUA write's of its range), latched by the
     /// first that fails. Linux reports a writeback error to one sync only and may already have
     /// dropped the dirty pages, so neither a sync that ran beside the failed one nor a later one
     /// proves anything: from then on every flush and FUA write fails until the image is
@@ -531,6 +524,9 @@ pub struct FileDriver {
     syncs: SyncLatch,
     /// The persistent reservation state, in the sidecar file `<image>.pr`.
     reservations: Arc<SidecarStore>,
+    /// Run once by the next FUA write between its write and its sync.
+    #[cfg(test)]
+    between_fua_steps: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -547,7 +543,17 @@ impl FileDriver {
         }
     }
 
-    /// Run `sync` (an `fdatasync`, or a write with `RWF_DSYNC`) as one of the image's syncs:
+    /// `fdatasync` of the image's `len` bytes at `offset`: io_uring syncs just that range (the
+    /// sync a write with `RWF_DSYNC` ends with); the thread pool, which has no system call for
+    /// a durable sync of a range, syncs the whole image.
+    async fn datasync_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match &self.io {
+            Io::Ring(r) => r.fdatasync_range(offset, len).await,
+            Io::Pool => self.datasync().await,
+        }
+    }
+
+    /// Run `sync` (an `fdatasync` of the image or of a range) as one of the image's syncs:
     /// refused when one has failed, latched when it fails ([`SyncLatch`]). Nothing of `sync`
     /// runs when it is refused.
     async fn synced(
@@ -558,28 +564,21 @@ impl FileDriver {
         ticket.end(sync.await).await.map_err(write_error)
     }
 
-    /// A buffered write of all of `data` at `offset`, with `RWF_DSYNC` when `dsync`; see the
-    /// module docs for the path it takes. `alone`: no other write of the image is in flight.
-    async fn buffered_write(
-        &self,
-        offset: u64,
-        data: IoBuf,
-        dsync: bool,
-        alone: bool,
-    ) -> io::Result<IoBuf> {
+    /// A buffered write of all of `data` at `offset`; see the module docs for the path it
+    /// takes. `alone`: no other write of the image is in flight.
+    async fn buffered_write(&self, offset: u64, data: IoBuf, alone: bool) -> io::Result<()> {
         let mut data = data;
         match &self.io {
-            _ if self.fast_paths && !dsync && crate::on_io_thread() => {
-                write_at(&self.file, &mut data, offset, false).map(|()| data)
+            _ if self.fast_paths && crate::on_io_thread() => {
+                write_at(&self.file, &mut data, offset)
             }
-            Io::Ring(r) if !alone => r.write_back(offset, data, dsync).await,
+            Io::Ring(r) if !alone => r.write_back(offset, data).await.map(drop),
             _ if alone && on_multi_thread_runtime() => {
-                tokio::task::block_in_place(|| write_at(&self.file, &mut data, offset, dsync))
-                    .map(|()| data)
+                tokio::task::block_in_place(|| write_at(&self.file, &mut data, offset))
             }
             Io::Ring(_) | Io::Pool => {
                 let file = self.file.clone();
-                blocking(move || write_at(&file, &mut data, offset, dsync).map(|()| data)).await
+                blocking(move || write_at(&file, &mut data, offset)).await
             }
         }
     }
@@ -598,10 +597,9 @@ impl FileDriver {
         .map_err(BlockError::ReadFailed)
     }
 
-    /// A direct read or write (`write` with `fua`) of all of `buf`: on the calling thread when
-    /// [`DirectPace`] says the initiator waits for each request before the next, through the
-    /// engine otherwise.
-    async fn direct_io(&self, offset: u64, buf: IoBuf, write: Option<bool>) -> io::Result<IoBuf> {
+    /// A direct read or write of all of `buf`: on the calling thread when [`DirectPace`] says
+    /// the initiator waits for each request before the next, through the engine otherwise.
+    async fn direct_io(&self, offset: u64, buf: IoBuf, write: bool) -> io::Result<IoBuf> {
         let mut buf = buf;
         let turn = self.pace.arrive(self.fast_paths);
         if turn.inline {
@@ -616,8 +614,8 @@ impl FileDriver {
             }
         }
         let r = match (&self.io, write) {
-            (Io::Ring(r), None) => r.read(offset, buf, 0).await,
-            (Io::Ring(r), Some(fua)) => r.write_back(offset, buf, fua).await,
+            (Io::Ring(r), false) => r.read(offset, buf, 0).await,
+            (Io::Ring(r), true) => r.write_back(offset, buf).await,
             (Io::Pool, _) => {
                 let file = self.file.clone();
                 blocking(move || direct_sync(&file, &mut buf, offset, write).map(|()| buf)).await
@@ -638,12 +636,12 @@ impl FileDriver {
                 .map_err(BlockError::ReadFailed)?;
             if align.fits(&buf) {
                 return self
-                    .direct_io(offset, buf, None)
+                    .direct_io(offset, buf, false)
                     .await
                     .map_err(BlockError::ReadFailed);
             }
             let (bounce, mem) = Aligned::buffer(buf.len(), align.memory, |_| {});
-            self.direct_io(offset, bounce, None)
+            self.direct_io(offset, bounce, false)
                 .await
                 .map_err(BlockError::ReadFailed)?;
             buf.copy_from(0, mem.bytes());
@@ -663,13 +661,14 @@ impl FileDriver {
     /// Write `data` at `offset`; see the module docs for the path it takes.
     ///
     /// A FUA write is written first without a sync, so that what fails there (ENOSPC when a
-    /// block cannot be allocated) fails the write alone; then it is synced, with `RWF_DSYNC`
-    /// (buffered: the same data again, which syncs only its own range) or `fdatasync` (direct
-    /// I/O: no page cache to write back). A failed sync reports the image's writeback errors,
-    /// whichever write they came from, so it is latched ([`SyncLatch`]).
+    /// block cannot be allocated) fails the write alone; then its range is synced
+    /// ([`FileDriver::datasync_range`]), not written again: a second write could put this
+    /// write's data back over an overlapping write that completed in between. A failed sync
+    /// reports the image's writeback errors, whichever write they came from, so it is latched
+    /// ([`SyncLatch`]).
     async fn write_buf(&self, offset: u64, data: IoBuf, fua: bool) -> Result<(), BlockError> {
-        self.check(offset, data.len() as u64)
-            .map_err(BlockError::WriteFailed)?;
+        let len = data.len() as u64;
+        self.check(offset, len).map_err(BlockError::WriteFailed)?;
         if fua {
             self.syncs.check().map_err(BlockError::WriteFailed)?;
         }
@@ -684,27 +683,27 @@ impl FileDriver {
                 });
                 data = bounce;
             }
-            self.direct_io(offset, data, Some(false))
+            self.direct_io(offset, data, true)
                 .await
                 .map_err(write_error)?;
-            if fua {
-                self.synced(self.datasync()).await?;
-            }
         } else {
             let in_flight = InFlight::enter(&self.writes_in_flight);
             let alone = self.fast_paths && in_flight.others == 0;
-            let data = self
-                .buffered_write(offset, data, false, alone)
+            self.buffered_write(offset, data, alone)
                 .await
                 .map_err(write_error)?;
-            if fua {
-                self.synced(async {
-                    self.buffered_write(offset, data, true, alone)
-                        .await
-                        .map(drop)
-                })
-                .await?;
+        }
+        if fua {
+            #[cfg(test)]
+            if let Some(between) = self
+                .between_fua_steps
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+            {
+                between();
             }
+            self.synced(self.datasync_range(offset, len)).await?;
         }
         Ok(())
     }
@@ -795,6 +794,8 @@ impl FileDriver {
             zero_range: AtomicBool::new(!block_device),
             syncs: SyncLatch::default(),
             reservations,
+            #[cfg(test)]
+            between_fua_steps: Default::default(),
         })
     }
 
@@ -1232,6 +1233,38 @@ mod tests {
         let mut got = vec![0u8; 4096];
         d.file.read_exact_at(&mut got, 4096).expect("read");
         assert_eq!(got, vec![2; 4096]);
+    }
+
+    /// Whatever lands on a FUA write's range between its write and its sync (another
+    /// initiator's overlapping write, completed in between) is what the range holds after the
+    /// sync: the sync writes no data of its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fua_writes_sync_does_not_write_its_data_again() {
+        for engine in [EngineChoice::IoUring, EngineChoice::ThreadPool] {
+            for fast_paths in [true, false] {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let opts = FileOptions {
+                    engine,
+                    fast_paths,
+                    ..FileOptions::default()
+                };
+                let d = FileDriver::open_with(&dir.path().join("img"), Some(1 << 20), &opts)
+                    .expect("open");
+                let file = d.file.clone();
+                *d.between_fua_steps.lock().expect("hook") = Some(Box::new(move || {
+                    file.write_all_at(&[2; 4096], 4096)
+                        .expect("the other write");
+                }));
+                d.write(4096, vec![1; 4096], true).await.expect("FUA write");
+                let mut got = vec![0u8; 4096];
+                d.file.read_exact_at(&mut got, 4096).expect("read");
+                assert!(
+                    got.iter().all(|&b| b == 2),
+                    "{engine:?}, fast paths {fast_paths}: the range holds {:?}, not the other write's 2s",
+                    &got[..8]
+                );
+            }
+        }
     }
 
     #[tokio::test]

@@ -1,7 +1,7 @@
 //! Which syncs of one image may report success.
 //!
 //! Linux records a failed writeback in the file's mapping and reports it to the next sync
-//! (`fdatasync`, or a write with `RWF_DSYNC`) of each open file description, once; the image has
+//! (`fdatasync` of the file or of a range of it) of each open file description, once; the image has
 //! one. So of two syncs that run at the same time, one may take the error and the other return
 //! 0 although the data it was to cover is lost, and a sync after the error returns 0 as well.
 //! [`SyncLatch`] keeps both from being reported as success: a failed sync latches, every sync

@@ -76,8 +76,12 @@ const WAKE_TOKEN: u64 = u64::MAX;
 
 enum Op {
     Read,
-    Write { dsync: bool },
-    Fsync,
+    Write,
+    /// `fdatasync` of the request's offset and `len` bytes on; of the whole file when `len`
+    /// is 0.
+    Fsync {
+        len: u32,
+    },
 }
 
 struct Request {
@@ -186,18 +190,31 @@ impl Ring {
         self.call(Op::Read, offset, buf, done).await
     }
 
-    /// Write all of `data` at `offset` (with `RWF_DSYNC` when `dsync`) and give it back.
-    pub(crate) async fn write_back(
-        &self,
-        offset: u64,
-        data: IoBuf,
-        dsync: bool,
-    ) -> io::Result<IoBuf> {
-        self.call(Op::Write { dsync }, offset, data, 0).await
+    /// Write all of `data` at `offset` and give it back.
+    pub(crate) async fn write_back(&self, offset: u64, data: IoBuf) -> io::Result<IoBuf> {
+        self.call(Op::Write, offset, data, 0).await
     }
 
+    /// `fdatasync` of the whole file.
     pub(crate) async fn fdatasync(&self) -> io::Result<()> {
-        self.call(Op::Fsync, 0, IoBuf::default(), 0).await.map(drop)
+        self.call(Op::Fsync { len: 0 }, 0, IoBuf::default(), 0)
+            .await
+            .map(drop)
+    }
+
+    /// `fdatasync` of `len` bytes at `offset` (IORING_OP_FSYNC with a range, what a write with
+    /// `RWF_DSYNC` does after writing): that range's dirty pages are written and waited for,
+    /// then what an `fdatasync` does after writeback (the metadata to find the data, the
+    /// device's cache), and the file's writeback errors since the last check are reported.
+    /// The whole file when `len` does not fit the request's 32 bits.
+    pub(crate) async fn fdatasync_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (offset, len) = match u32::try_from(len) {
+            Ok(l) if l > 0 => (offset, l),
+            _ => (0, 0),
+        };
+        self.call(Op::Fsync { len }, offset, IoBuf::default(), 0)
+            .await
+            .map(drop)
     }
 }
 
@@ -345,14 +362,10 @@ impl Table {
         let iov = slot.iov.as_ptr();
         let entry = match slot.req.op {
             Op::Read => opcode::Readv::new(fd, iov, n_iov).offset(offset).build(),
-            Op::Write { dsync } => {
-                let flags = if dsync { libc::RWF_DSYNC } else { 0 };
-                opcode::Writev::new(fd, iov, n_iov)
-                    .offset(offset)
-                    .rw_flags(flags)
-                    .build()
-            }
-            Op::Fsync => opcode::Fsync::new(fd)
+            Op::Write => opcode::Writev::new(fd, iov, n_iov).offset(offset).build(),
+            Op::Fsync { len } => opcode::Fsync::new(fd)
+                .offset(offset)
+                .len(len)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
         }
@@ -392,7 +405,7 @@ impl Table {
         };
         let outcome: Option<io::Result<()>> = if res < 0 {
             Some(Err(io::Error::from_raw_os_error(-res)))
-        } else if matches!(slot.req.op, Op::Fsync) {
+        } else if matches!(slot.req.op, Op::Fsync { .. }) {
             Some(Ok(()))
         } else if res == 0 && slot.done < slot.req.buf.len() {
             Some(Err(match slot.req.op {
@@ -892,7 +905,7 @@ mod tests {
     fn write_request(offset: u64, byte: u8) -> (Request, oneshot::Receiver<io::Result<IoBuf>>) {
         let (reply, rx) = oneshot::channel();
         let req = Request {
-            op: Op::Write { dsync: false },
+            op: Op::Write,
             offset,
             buf: IoBuf::from(vec![byte; 4096]),
             done: 0,
