@@ -1301,6 +1301,15 @@ impl Device {
             ev.missed = true;
             return;
         };
+        // Under the gate from the pop to the used entry, and only while the queue is ready
+        // and enabled: a queue stop (GET_VRING_BASE) and a device reset make the queue not
+        // ready or disabled first and then take the gate, so each is either before the pop
+        // (nothing is popped) or after the used entry (they wait for it).
+        let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        if !Self::ready(&vring) {
+            ev.missed = true;
+            return;
+        }
         let mem = self.mem.memory().into_inner();
         let chain = vring
             .get_mut()

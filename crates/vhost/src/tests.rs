@@ -906,6 +906,24 @@ fn hotplug_events_survive_a_stopped_and_restarted_event_queue() {
     );
 }
 
+/// A device reset disables every queue (vhost-user-backend does, before telling the device):
+/// from then on an event must not be written into the event queue's buffers, which the driver
+/// has forgotten; it is counted as missed instead.
+#[test]
+fn no_event_is_written_into_a_disabled_event_queue() {
+    let mut h = Harness::new();
+    let e1 = h.alloc(16);
+    h.put(e1, &[0xEE; 16]);
+    h.add_chain(1, &[wr(e1, 16)]);
+    h.kick(1);
+    let used = h.used_count(1);
+    h.event.vring.set_enabled(false);
+    h.dev.reset_device();
+    h.vs.add_lu(0, 1, lu(8)).unwrap();
+    assert_eq!(h.used_count(1), used, "no used entry on the disabled queue");
+    assert_eq!(h.get(e1, 16), vec![0xEE; 16], "the buffer is untouched");
+}
+
 #[test]
 fn disconnect_waits_for_a_completion_being_written_and_drops_later_ones() {
     let mut h = Harness::new();
