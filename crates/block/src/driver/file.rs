@@ -814,7 +814,18 @@ impl FileDriver {
         }
     }
 
+    /// The range must lie in the image, and the image must not have failed: once its io_uring
+    /// ring failed, requests the ring held may still reach the file after their callers were
+    /// told they failed, so no request goes anywhere else either (a write on the calling
+    /// thread could land before such a late one and be overwritten by it).
     fn check(&self, offset: u64, len: u64) -> io::Result<u64> {
+        if let Io::Ring(r) = &self.io {
+            if r.failed() {
+                return Err(io::Error::other(
+                    "The image's io_uring ring failed; the image needs a restart of the process",
+                ));
+            }
+        }
         offset
             .checked_add(len)
             .filter(|&end| end <= self.size)
@@ -1265,6 +1276,35 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Once the image's ring failed, requests it held may still land; no other path (a lone
+    /// write on the calling thread, zeroing, a read from the page cache) may serve the image.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_reaches_the_image_after_its_ring_failed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = FileDriver::open(&dir.path().join("img"), Some(1 << 20)).expect("open");
+        let Io::Ring(ring) = &d.io else {
+            panic!("the default engine on this kernel is io_uring");
+        };
+        d.write(0, vec![1; 4096], false).await.expect("write");
+        ring.poison();
+        assert!(
+            d.write(0, vec![2; 4096], false).await.is_err(),
+            "lone write"
+        );
+        assert!(
+            d.write_zeroes(0, 4096, false).await.is_err(),
+            "write zeroes"
+        );
+        assert!(d.read(0, 4096).await.is_err(), "read");
+        let mut got = vec![0u8; 4096];
+        d.file.read_exact_at(&mut got, 0).expect("read");
+        assert!(
+            got.iter().all(|&b| b == 1),
+            "the image holds {:?}",
+            &got[..8]
+        );
     }
 
     #[tokio::test]

@@ -51,7 +51,9 @@
 //! answered with an error at once, and the ring is never entered again, so SQEs the kernel had
 //! not taken never go out after their callers were told they failed. Buffers the kernel may
 //! hold and the image's descriptor are leaked, not freed or closed (a request must never reach
-//! another file that reuses the number); the LU needs a restart of the process. A submission
+//! another file that reuses the number); the LU needs a restart of the process. Since what the
+//! kernel held may still land, [`Ring::failed`] tells the file driver to serve nothing more
+//! on any path. A submission
 //! the kernel takes only in part leaves the rest in the SQ for the next round.
 
 use std::collections::VecDeque;
@@ -106,6 +108,8 @@ type Reply = oneshot::Sender<io::Result<IoBuf>>;
 /// A ring serving one file.
 pub(crate) struct Ring {
     mode: Mode,
+    /// Set when the ring is poisoned ([`Table::poison`]).
+    failed: Arc<AtomicBool>,
 }
 
 enum Mode {
@@ -139,12 +143,15 @@ impl Ring {
             }
         }
         let cap = ring.params().sq_entries() as usize;
+        let failed = Arc::new(AtomicBool::new(false));
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             match TaskRing::events(&rt, &ring) {
                 Ok(events) => {
+                    let table = Table::new(file, cap, cap, failed.clone());
                     return Ok(Self {
-                        mode: Mode::Task(TaskRing::start(&rt, ring, events, file, cap)),
-                    })
+                        mode: Mode::Task(TaskRing::start(&rt, ring, events, table)),
+                        failed,
+                    });
                 }
                 Err(e) => tracing::warn!(
                     error = %e,
@@ -152,13 +159,39 @@ impl Ring {
                 ),
             }
         }
-        let (shared, thread) = RingThread::start(ring, file, cap)?;
+        let table = Table::new(file, cap.saturating_sub(1), cap, failed.clone());
+        let (shared, thread) = RingThread::start(ring, table)?;
         Ok(Self {
             mode: Mode::Thread {
                 shared,
                 thread: Some(thread),
             },
+            failed,
         })
+    }
+
+    /// Poison the ring as a failed `io_uring_enter` does.
+    #[cfg(test)]
+    pub(crate) fn poison(&self) {
+        let e = io::Error::other("poisoned by a test");
+        match &self.mode {
+            Mode::Task(t) => {
+                let replies = {
+                    let mut table = t.table();
+                    table.poison(&e);
+                    table.take_replies()
+                };
+                answer(replies);
+            }
+            // The thread owns its table; what callers see of a poisoned one is the flag.
+            Mode::Thread { .. } => self.failed.store(true, Ordering::SeqCst),
+        }
+    }
+
+    /// Whether the ring failed ([`Table::poison`]): requests it held may still reach the file,
+    /// after their callers were told they failed, so nothing else may write the file either.
+    pub(crate) fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
     }
 
     /// Whether the ring is reaped by a thread of its own (it was made outside a tokio runtime,
@@ -283,10 +316,12 @@ struct Table {
     pushed: bool,
     /// Set by [`Table::poison`]: the ring is entered no more.
     poisoned: bool,
+    /// [`Ring::failed`], set with `poisoned`.
+    failed: Arc<AtomicBool>,
 }
 
 impl Table {
-    fn new(file: Arc<File>, slots_n: usize, cap: usize) -> Self {
+    fn new(file: Arc<File>, slots_n: usize, cap: usize, failed: Arc<AtomicBool>) -> Self {
         let slots_n = slots_n.max(1);
         Self {
             file: Some(file),
@@ -298,6 +333,7 @@ impl Table {
             replies: Vec::new(),
             pushed: false,
             poisoned: false,
+            failed,
         }
     }
 
@@ -486,6 +522,7 @@ impl Table {
             return;
         }
         self.poisoned = true;
+        self.failed.store(true, Ordering::SeqCst);
         tracing::error!(
             error = %e,
             in_flight = self.in_flight,
@@ -552,11 +589,10 @@ impl TaskRing {
         rt: &tokio::runtime::Handle,
         ring: IoUring,
         events: AsyncFd<OwnedFd>,
-        file: Arc<File>,
-        cap: usize,
+        table: Table,
     ) -> Arc<Self> {
         let this = Arc::new(Self {
-            table: Mutex::new(Table::new(file, cap, cap)),
+            table: Mutex::new(table),
             ring: ManuallyDrop::new(ring),
             events,
             shutdown: AtomicBool::new(false),
@@ -787,11 +823,9 @@ struct RingThread {
 }
 
 impl RingThread {
-    fn start(
-        ring: IoUring,
-        file: Arc<File>,
-        cap: usize,
-    ) -> io::Result<(Arc<Shared>, JoinHandle<()>)> {
+    /// `table` has one slot fewer than the ring has SQ entries: one is kept for the eventfd
+    /// read.
+    fn start(ring: IoUring, table: Table) -> io::Result<(Arc<Shared>, JoinHandle<()>)> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Vec::new()),
             sleeping: AtomicBool::new(false),
@@ -803,9 +837,8 @@ impl RingThread {
         let thread = std::thread::Builder::new()
             .name("block-uring".into())
             .spawn(move || {
-                // One SQ entry is kept for the eventfd read.
                 let mut t = RingThread {
-                    table: Table::new(file, cap.saturating_sub(1), cap),
+                    table,
                     ring,
                     shared: s.clone(),
                     wake_buf: Box::new([0; 8]),
@@ -931,7 +964,7 @@ mod tests {
         let fd = file.as_raw_fd();
         let ring = IoUring::new(4).expect("ring");
         // One slot: the first request gets its SQE, the second waits in the backlog.
-        let mut t = Table::new(file.clone(), 1, 4);
+        let mut t = Table::new(file.clone(), 1, 4, Arc::default());
         let (first, mut first_rx) = write_request(0, 0xA5);
         let (second, mut second_rx) = write_request(4096, 0x5A);
         t.backlog.push_back(first);
