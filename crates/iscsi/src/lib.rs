@@ -309,8 +309,8 @@ impl Server {
 
     /// Register a new session, first ending any session with the same initiator name, ISID
     /// and target (session reinstatement, RFC 7143 6.3.5). `None` if a newer login of the same
-    /// session took over while this one waited: only the newest may reinstate it, so that two
-    /// sessions never share one I_T nexus.
+    /// session took over while this one waited (only the newest may reinstate it, so that two
+    /// sessions never share one I_T nexus), or if the server is shutting down.
     async fn register(
         &self,
         info: SessionInfo,
@@ -361,7 +361,9 @@ impl Server {
         let (kill_tx, kill_rx) = watch::channel(false);
         let (done_tx, done_rx) = watch::channel(false);
         let mut r = self.registry.lock().ok()?;
-        if r.claims.get(&claim.key) != Some(&id) {
+        // `shutdown` sets its flag before it ends the registered sessions under this lock, so
+        // a login either registers before that (and is ended) or sees the flag.
+        if r.claims.get(&claim.key) != Some(&id) || *self.shutdown.borrow() {
             return None;
         }
         r.sessions.insert(

@@ -450,6 +450,30 @@ async fn of_two_logins_reinstating_one_session_only_the_newer_gets_in() {
     assert_eq!((r.bhs[0], r.bhs[3]), (0x21, 0), "SCSI Response, GOOD");
 }
 
+/// A login still waiting for the old session when the server shuts down does not get in:
+/// no session outlives `Server::shutdown`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_waiting_to_reinstate_across_shutdown_does_not_get_in() {
+    let (driver, addr, server, old, _) = a_write_held_in_the_backend(0xAA).await;
+    drop(old);
+    let login = tokio::spawn(Client::try_login_as(
+        addr,
+        "iqn.2026-01.test:wire",
+        "",
+        [0x80, 1, 2, 3, 4, 5],
+        defaults,
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!login.is_finished());
+    server.shutdown();
+    driver.gate.add_permits(16);
+    assert!(
+        login.await.expect("login task").is_none(),
+        "a login got in after shutdown"
+    );
+    assert!(server.sessions().is_empty());
+}
+
 #[tokio::test]
 async fn target_cold_reset_drops_every_connection() {
     let addr = start().await;
