@@ -1111,6 +1111,9 @@ mod file_only {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("disk.img");
         let d = FileDriver::open_with(&path, Some(8 * MIB), &opts).expect("open");
+        if ranged {
+            assert_eq!(d.engine(), Engine::IoUring, "a ranged sync needs io_uring");
+        }
         d.write(0, pattern(MIB as usize, 3), false)
             .await
             .expect("plain write");

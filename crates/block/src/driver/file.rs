@@ -63,7 +63,8 @@
 //!   connection reader while it polls a new command) writes in place whatever else is in
 //!   flight, as QEMU's and vhost-device-scsi's own threads do: a write into the page cache
 //!   costs less there than the hand-offs to another thread, and only that queue or connection
-//!   waits for it. FUA writes, which wait for the device, still go to the engine.
+//!   waits for it. The sync step of a FUA write, which waits for the device, still goes to
+//!   the engine.
 //!
 //! **Direct I/O** ([`FileOptions::direct`]). The image is opened `O_DIRECT`: reads and writes
 //! go to the device past the host's page cache, as QEMU's `cache=none` does. That is what an

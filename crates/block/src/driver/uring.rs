@@ -241,8 +241,12 @@ impl Ring {
     /// device's cache), and the file's writeback errors since the last check are reported.
     /// The whole file when `len` does not fit the request's 32 bits.
     pub(crate) async fn fdatasync_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        // The kernel syncs from `offset` to `offset + len` inclusive (`vfs_fsync_range`):
+        // one byte less is exactly the range, except for a 1-byte range, which 0 would turn
+        // into the whole file.
         let (offset, len) = match u32::try_from(len) {
-            Ok(l) if l > 0 => (offset, l),
+            Ok(1) => (offset, 1),
+            Ok(l) if l > 1 => (offset, l - 1),
             _ => (0, 0),
         };
         self.call(Op::Fsync { len }, offset, IoBuf::default(), 0)
