@@ -225,19 +225,18 @@ fn read_cached(file: &File, buf: &mut IoBuf, offset: u64) -> usize {
 }
 
 /// Move all of `buf` from byte `done` on to (`write`) or from the file at `offset + done`,
-/// continuing after short transfers, each call with `preadv2`/`pwritev2` `flags`. A read
-/// that reaches the end of the file is `UnexpectedEof`; a write that moves nothing is
-/// `WriteZero`.
+/// continuing after short transfers: the synchronous path of the thread pool and of the
+/// calling thread. A read that reaches the end of the file is `UnexpectedEof`; a write that
+/// moves nothing is `WriteZero`.
 fn transfer(
     file: &File,
     buf: &mut IoBuf,
     offset: u64,
     mut done: usize,
     write: bool,
-    flags: libc::c_int,
 ) -> io::Result<()> {
     while done < buf.len() {
-        match vectored(file, buf, offset, done, write, flags) {
+        match vectored(file, buf, offset, done, write, 0) {
             Ok(0) if write => {
                 return Err(io::Error::new(
                     io::ErrorKind::WriteZero,
@@ -258,16 +257,9 @@ fn transfer(
     Ok(())
 }
 
-/// Write all of `data` at `offset`: the synchronous write of the thread pool and of the
-/// calling thread.
+/// Write all of `data` at `offset` ([`transfer`]).
 fn write_at(file: &File, data: &mut IoBuf, offset: u64) -> io::Result<()> {
-    transfer(file, data, offset, 0, true, 0)
-}
-
-/// A synchronous direct read or write of all of `buf`: the calling thread's path and the
-/// thread pool's.
-fn direct_sync(file: &File, buf: &mut IoBuf, offset: u64, write: bool) -> io::Result<()> {
-    transfer(file, buf, offset, 0, write, 0)
+    transfer(file, data, offset, 0, true)
 }
 
 /// `tokio::task::block_in_place` panics on a current-thread runtime; there the pool takes a
@@ -591,8 +583,7 @@ impl FileDriver {
             Io::Pool => {
                 let file = self.file.clone();
                 let mut buf = buf;
-                blocking(move || transfer(&file, &mut buf, offset, done, false, 0).map(|()| buf))
-                    .await
+                blocking(move || transfer(&file, &mut buf, offset, done, false).map(|()| buf)).await
             }
         }
         .map_err(BlockError::ReadFailed)
@@ -605,11 +596,11 @@ impl FileDriver {
         let turn = self.pace.arrive(self.fast_paths);
         if turn.inline {
             if crate::on_io_thread() {
-                return direct_sync(&self.file, &mut buf, offset, write).map(|()| buf);
+                return transfer(&self.file, &mut buf, offset, 0, write).map(|()| buf);
             }
             if on_multi_thread_runtime() {
                 return tokio::task::block_in_place(|| {
-                    direct_sync(&self.file, &mut buf, offset, write)
+                    transfer(&self.file, &mut buf, offset, 0, write)
                 })
                 .map(|()| buf);
             }
@@ -619,7 +610,7 @@ impl FileDriver {
             (Io::Ring(r), true) => r.write_back(offset, buf).await,
             (Io::Pool, _) => {
                 let file = self.file.clone();
-                blocking(move || direct_sync(&file, &mut buf, offset, write).map(|()| buf)).await
+                blocking(move || transfer(&file, &mut buf, offset, 0, write).map(|()| buf)).await
             }
         };
         self.pace.engine_done(&turn);

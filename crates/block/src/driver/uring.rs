@@ -53,8 +53,8 @@
 //! hold and the image's descriptor are leaked, not freed or closed (a request must never reach
 //! another file that reuses the number); the LU needs a restart of the process. Since what the
 //! kernel held may still land, [`Ring::failed`] tells the file driver to serve nothing more
-//! on any path. A submission
-//! the kernel takes only in part leaves the rest in the SQ for the next round.
+//! on any path. A submission the kernel takes only in part leaves the rest in the SQ for the next
+//! round.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -170,22 +170,19 @@ impl Ring {
         })
     }
 
-    /// Poison the ring as a failed `io_uring_enter` does.
+    /// Poison a ring reaped by a task as a failed `io_uring_enter` does (a ring thread owns
+    /// its table, out of a test's reach).
     #[cfg(test)]
     pub(crate) fn poison(&self) {
-        let e = io::Error::other("poisoned by a test");
-        match &self.mode {
-            Mode::Task(t) => {
-                let replies = {
-                    let mut table = t.table();
-                    table.poison(&e);
-                    table.take_replies()
-                };
-                answer(replies);
-            }
-            // The thread owns its table; what callers see of a poisoned one is the flag.
-            Mode::Thread { .. } => self.failed.store(true, Ordering::SeqCst),
-        }
+        let Mode::Task(t) = &self.mode else {
+            panic!("only a ring reaped by a task can be poisoned from outside");
+        };
+        let replies = {
+            let mut table = t.table();
+            table.poison(&io::Error::other("poisoned by a test"));
+            table.take_replies()
+        };
+        answer(replies);
     }
 
     /// Whether the ring failed ([`Table::poison`]): requests it held may still reach the file,
@@ -318,9 +315,8 @@ struct Table {
     replies: Vec<(Reply, io::Result<IoBuf>)>,
     /// Whether SQEs were pushed since the last submission, or are left in the SQ.
     pushed: bool,
-    /// Set by [`Table::poison`]: the ring is entered no more.
-    poisoned: bool,
-    /// [`Ring::failed`], set with `poisoned`.
+    /// Set by [`Table::poison`]: the ring is entered no more ([`Table::poisoned`]). Shared with
+    /// the ring's owner as [`Ring::failed`].
     failed: Arc<AtomicBool>,
 }
 
@@ -336,9 +332,12 @@ impl Table {
             reaped: Vec::with_capacity(cap.saturating_mul(2)),
             replies: Vec::new(),
             pushed: false,
-            poisoned: false,
             failed,
         }
+    }
+
+    fn poisoned(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
     }
 
     fn idle(&self) -> bool {
@@ -347,7 +346,7 @@ impl Table {
 
     /// Turn backlog requests into SQEs while slots and SQ entries last.
     fn start_backlog(&mut self, ring: &IoUring) {
-        if self.poisoned {
+        if self.poisoned() {
             self.fail_backlog(&io::Error::other("the io_uring ring failed"));
             return;
         }
@@ -385,7 +384,7 @@ impl Table {
     /// ring the slot's request fails instead.
     fn push_slot(&mut self, ring: &IoUring, idx: usize) -> bool {
         let file = match &self.file {
-            Some(file) if !self.poisoned => file,
+            Some(file) if !self.poisoned() => file,
             _ => {
                 self.finish(idx, Err(io::Error::other("the io_uring ring is closed")));
                 return true;
@@ -496,7 +495,7 @@ impl Table {
     /// takes only part of the SQ (it stops at the first entry it cannot allocate a request for,
     /// and says EAGAIN only if that was the first), `pushed` stays set for the rest.
     fn submit(&mut self, ring: &IoUring) -> io::Result<()> {
-        if self.poisoned || !std::mem::take(&mut self.pushed) {
+        if self.poisoned() || !std::mem::take(&mut self.pushed) {
             return Ok(());
         }
         match ring.submit() {
@@ -522,11 +521,9 @@ impl Table {
     /// that no request can ever reach another file that reuses its number. The image's lock
     /// is leaked with it: the LU needs a restart of the process.
     fn poison(&mut self, e: &io::Error) {
-        if self.poisoned {
+        if self.failed.swap(true, Ordering::SeqCst) {
             return;
         }
-        self.poisoned = true;
-        self.failed.store(true, Ordering::SeqCst);
         tracing::error!(
             error = %e,
             in_flight = self.in_flight,
@@ -678,7 +675,7 @@ impl TaskRing {
                     t.poison(&e);
                 }
                 t.reap(&self.ring, |_| {});
-                (t.take_replies(), t.in_flight == 0 || t.poisoned)
+                (t.take_replies(), t.in_flight == 0 || t.poisoned())
             };
             answer(replies);
             if drained {
@@ -738,7 +735,7 @@ impl TaskRing {
                 if let Err(e) = t.submit(&self.ring) {
                     t.poison(&e);
                 }
-                (t.take_replies(), t.idle(), t.pushed, t.poisoned)
+                (t.take_replies(), t.idle(), t.pushed, t.poisoned())
             };
             answer(replies);
             if poisoned {
