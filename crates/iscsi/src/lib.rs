@@ -133,6 +133,15 @@ struct Registry {
     claims: HashMap<SessionKey, u64>,
 }
 
+impl Registry {
+    /// Forget `key`'s claim if it is still login `id`'s (not a newer login's).
+    fn drop_claim(&mut self, key: &SessionKey, id: u64) {
+        if self.claims.get(key) == Some(&id) {
+            self.claims.remove(key);
+        }
+    }
+}
+
 /// A login's claim on its session; dropped unregistered (superseded, timed out), it gives the
 /// claim up.
 struct Claim<'a> {
@@ -148,9 +157,7 @@ impl Drop for Claim<'_> {
             return;
         }
         if let Ok(mut r) = self.registry.lock() {
-            if r.claims.get(&self.key) == Some(&self.id) {
-                r.claims.remove(&self.key);
-            }
+            r.drop_claim(&self.key, self.id);
         }
     }
 }
@@ -382,10 +389,7 @@ impl Server {
     fn unregister(&self, id: u64) {
         if let Ok(mut r) = self.registry.lock() {
             if let Some(e) = r.sessions.remove(&id) {
-                let key = e.key();
-                if r.claims.get(&key) == Some(&id) {
-                    r.claims.remove(&key);
-                }
+                r.drop_claim(&e.key(), id);
             }
         }
     }
@@ -452,7 +456,7 @@ impl Server {
                         .await
                         .map_err(timed_out)?
                         .ok_or(session::SessionError::Protocol(
-                            "A newer login reinstated the session",
+                            "A newer login took the session over, or the server is shutting down",
                         ))?;
                     Some((reg, nexus))
                 }
