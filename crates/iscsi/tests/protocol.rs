@@ -418,18 +418,9 @@ async fn of_two_logins_reinstating_one_session_only_the_newer_gets_in() {
     let (driver, addr, server, old, _) = a_write_held_in_the_backend(0xAA).await;
     drop(old);
     // Both as `Client::login`: the same initiator name and ISID as the old session.
-    let login = || {
-        Client::try_login_as(
-            addr,
-            "iqn.2026-01.test:wire",
-            "",
-            [0x80, 1, 2, 3, 4, 5],
-            defaults,
-        )
-    };
-    let first = tokio::spawn(login());
+    let first = tokio::spawn(Client::try_login(addr));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let second = tokio::spawn(login());
+    let second = tokio::spawn(Client::try_login(addr));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!first.is_finished() && !second.is_finished());
     // The old session's write finishes; the gate then holds writes again.
@@ -456,13 +447,7 @@ async fn of_two_logins_reinstating_one_session_only_the_newer_gets_in() {
 async fn a_login_waiting_to_reinstate_across_shutdown_does_not_get_in() {
     let (driver, addr, server, old, _) = a_write_held_in_the_backend(0xAA).await;
     drop(old);
-    let login = tokio::spawn(Client::try_login_as(
-        addr,
-        "iqn.2026-01.test:wire",
-        "",
-        [0x80, 1, 2, 3, 4, 5],
-        defaults,
-    ));
+    let login = tokio::spawn(Client::try_login(addr));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!login.is_finished());
     server.shutdown();

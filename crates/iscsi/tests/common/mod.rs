@@ -12,6 +12,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub const TARGET: &str = "iqn.2026-01.io.sharedisk:wire";
+/// The initiator name and ISID [`Client::login`] logs in with.
+pub const INITIATOR: &str = "iqn.2026-01.test:wire";
+pub const ISID: [u8; 6] = [0x80, 1, 2, 3, 4, 5];
 
 pub async fn start() -> std::net::SocketAddr {
     start_server().await.0
@@ -123,7 +126,13 @@ impl Client {
 
     /// Log in to the test target in one operational-stage exchange (CSG=1 → NSG=3).
     pub async fn login(addr: std::net::SocketAddr, keys: &str) -> Client {
-        Self::login_isid(addr, keys, [0x80, 1, 2, 3, 4, 5]).await
+        Self::login_isid(addr, keys, ISID).await
+    }
+
+    /// [`Client::login`] with no keys, but `None` if the target closes the connection instead
+    /// of letting the session in (see [`Client::try_login_as`]).
+    pub async fn try_login(addr: std::net::SocketAddr) -> Option<Client> {
+        Self::try_login_as(addr, INITIATOR, "", ISID, defaults).await
     }
 
     /// Log in, answering the target's own offers (RFC 7143 6.2) as an initiator content with
@@ -141,7 +150,7 @@ impl Client {
         isid: [u8; 6],
         answer: impl Fn(&str) -> &'static str,
     ) -> Client {
-        Self::login_as(addr, "iqn.2026-01.test:wire", keys, isid, answer).await
+        Self::login_as(addr, INITIATOR, keys, isid, answer).await
     }
 
     /// Log in as initiator `name` with `isid`, as [`Client::login_answering`] does.
