@@ -174,6 +174,8 @@ pub struct Server {
     max_connections: AtomicUsize,
     /// Connections being served.
     connections: AtomicUsize,
+    /// Woken when the last connection being served ends (see [`Server::closed`]).
+    idle: tokio::sync::Notify,
 }
 
 /// Counts one served connection until dropped.
@@ -181,7 +183,9 @@ struct ConnectionSlot(Arc<Server>);
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+        if self.0.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 
@@ -201,6 +205,7 @@ impl Server {
             pdu_timeout_ms: AtomicU64::new(millis(PDU_TIMEOUT)),
             max_connections: AtomicUsize::new(MAX_CONNECTIONS),
             connections: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
         })
     }
 
@@ -252,6 +257,23 @@ impl Server {
             for e in r.sessions.values() {
                 e.kill.send_replace(true);
             }
+        }
+    }
+
+    /// Wait until no connection is served any more. After [`Server::shutdown`] that is once every
+    /// session has ended with its commands settled in the backend (a command still running
+    /// there is waited for, however long it takes), and every connection still logging in has
+    /// closed.
+    pub async fn closed(&self) {
+        loop {
+            let woken = self.idle.notified();
+            tokio::pin!(woken);
+            // Registered before the count is read, so a connection ending in between wakes it.
+            woken.as_mut().enable();
+            if self.connections.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            woken.await;
         }
     }
 
@@ -416,11 +438,16 @@ impl Server {
         // one deadline.
         let deadline = tokio::time::Instant::now() + self.login_timeout();
         let timed_out = |_| session::SessionError::Protocol("Login timed out");
+        let mut stop = self.shutdown.subscribe();
         let (est, id, kill, done, nexus) = loop {
-            let pdu = tokio::time::timeout_at(deadline, pdu::read_pdu(&mut rd, framing))
-                .await
-                .map_err(timed_out)??;
-            let (mut bhs, data, outcome) = login.step(&pdu);
+            // A connection still logging in when the server shuts down just closes.
+            let pdu = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+                p = tokio::time::timeout_at(deadline, pdu::read_pdu(&mut rd, framing)) => p,
+            };
+            let pdu = pdu.map_err(timed_out)??;
+            let (mut bhs, mut data, outcome) = login.step(&pdu);
             let reg = match &outcome {
                 Outcome::Done(est) => {
                     let (target, tname, nexus) = match est.kind {
@@ -454,11 +481,13 @@ impl Server {
                     // Cancelling the wait for an old session registers nothing.
                     let reg = tokio::time::timeout_at(deadline, self.register(info, target))
                         .await
-                        .map_err(timed_out)?
-                        .ok_or(session::SessionError::Protocol(
-                            "A newer login took the session over, or the server is shutting down",
-                        ))?;
-                    Some((reg, nexus))
+                        .map_err(timed_out)?;
+                    if reg.is_none() {
+                        // Turned away: a newer login took the session over, or the server is
+                        // shutting down. Either way the initiator may try again later.
+                        (bhs, data, _) = login.fail(login::status::SERVICE_UNAVAILABLE);
+                    }
+                    reg.map(|r| (r, nexus))
                 }
                 _ => None,
             };
@@ -484,6 +513,10 @@ impl Server {
                 }
                 (Outcome::Fail(status), _) => {
                     tracing::info!(%peer, status = format!("{status:#06x}"), "iSCSI login failed");
+                    return Ok(());
+                }
+                (Outcome::Done(est), None) => {
+                    tracing::info!(%peer, initiator = %est.initiator_name, "iSCSI login turned away: a newer login took the session over, or the server is shutting down");
                     return Ok(());
                 }
                 _ => {}

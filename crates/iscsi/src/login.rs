@@ -42,6 +42,8 @@ pub mod status {
     pub const SESSION_TYPE_UNSUPPORTED: u16 = 0x0209;
     pub const SESSION_DOES_NOT_EXIST: u16 = 0x020a;
     pub const INVALID_DURING_LOGIN: u16 = 0x020b;
+    /// "The iSCSI service or target is not currently operational."
+    pub const SERVICE_UNAVAILABLE: u16 = 0x0301;
 }
 
 /// What kind of session is being set up.
@@ -170,7 +172,8 @@ impl<'a> Login<'a> {
         (b, data.to_vec())
     }
 
-    fn fail(&mut self, status: u16) -> (Bhs, Vec<u8>, Outcome) {
+    /// A final Login Response with the non-zero `status`, after which the connection closes.
+    pub fn fail(&mut self, status: u16) -> (Bhs, Vec<u8>, Outcome) {
         let flags = login_flags(false, false, self.stage, 0);
         let (b, d) = self.response(flags, status, &[]);
         (b, d, Outcome::Fail(status))

@@ -429,8 +429,10 @@ async fn of_two_logins_reinstating_one_session_only_the_newer_gets_in() {
         .await
         .expect("login task")
         .expect("the newer login gets in");
-    assert!(
-        first.await.expect("login task").is_none(),
+    // Status-Class 3, Status-Detail 1: Service Unavailable (RFC 7143 11.13.5).
+    assert_eq!(
+        first.await.expect("login task").err(),
+        Some(0x0301),
         "the older login is turned away"
     );
     assert_eq!(server.sessions().len(), 1);
@@ -452,10 +454,50 @@ async fn a_login_waiting_to_reinstate_across_shutdown_does_not_get_in() {
     assert!(!login.is_finished());
     server.shutdown();
     driver.gate.add_permits(16);
-    assert!(
-        login.await.expect("login task").is_none(),
+    // Status-Class 3, Status-Detail 1: Service Unavailable (RFC 7143 11.13.5).
+    assert_eq!(
+        login.await.expect("login task").err(),
+        Some(0x0301),
         "a login got in after shutdown"
     );
+    assert!(server.sessions().is_empty());
+}
+
+/// `Server::shutdown` ends every session and every connection still logging in, and
+/// `Server::closed` returns only once the sessions' commands have settled in the backend: the
+/// daemon flushes its images after that, so no write lands after the final flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_every_connection_and_closed_waits_for_the_backend() {
+    let (driver, addr, server, mut session, _) = a_write_held_in_the_backend(0xAA).await;
+    // A connection in the login phase that has sent nothing yet.
+    let mut logging_in = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    server.shutdown();
+    for (what, stream) in [
+        ("logging in", &mut logging_in),
+        ("of the session", &mut session.s),
+    ] {
+        // The held write's response is suppressed, so nothing arrives before the end.
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte)).await;
+        assert!(
+            matches!(read, Ok(Ok(0))),
+            "the connection {what} is closed: {read:?}"
+        );
+    }
+    let closed = tokio::spawn({
+        let server = server.clone();
+        async move { server.closed().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !closed.is_finished(),
+        "closed returned while a write was still in the backend"
+    );
+    driver.gate.add_permits(16);
+    tokio::time::timeout(Duration::from_secs(10), closed)
+        .await
+        .expect("closed returns once the write has settled")
+        .expect("closed task");
     assert!(server.sessions().is_empty());
 }
 

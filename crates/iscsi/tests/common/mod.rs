@@ -129,9 +129,9 @@ impl Client {
         Self::login_isid(addr, keys, ISID).await
     }
 
-    /// [`Client::login`] with no keys, but `None` if the target closes the connection instead
-    /// of letting the session in (see [`Client::try_login_as`]).
-    pub async fn try_login(addr: std::net::SocketAddr) -> Option<Client> {
+    /// [`Client::login`] with no keys, but the Login Response's status if the target turns the
+    /// login away (see [`Client::try_login_as`]).
+    pub async fn try_login(addr: std::net::SocketAddr) -> Result<Client, u16> {
         Self::try_login_as(addr, INITIATOR, "", ISID, defaults).await
     }
 
@@ -161,20 +161,22 @@ impl Client {
         isid: [u8; 6],
         answer: impl Fn(&str) -> &'static str,
     ) -> Client {
-        Self::try_login_as(addr, name, keys, isid, answer)
-            .await
-            .expect("login response")
+        match Self::try_login_as(addr, name, keys, isid, answer).await {
+            Ok(c) => c,
+            Err(status) => panic!("login failed with status {status:#06x}"),
+        }
     }
 
-    /// [`Client::login_as`], but `None` if the target closes the connection (or stays silent)
-    /// instead of answering a login request.
+    /// [`Client::login_as`], but a Login Response with a non-zero status (RFC 7143 11.13.5)
+    /// is returned as that status. The connection closing (or going silent) without a Login
+    /// Response panics: RFC 7143 6.7 has a target answer a login it refuses.
     pub async fn try_login_as(
         addr: std::net::SocketAddr,
         name: &str,
         keys: &str,
         isid: [u8; 6],
         answer: impl Fn(&str) -> &'static str,
-    ) -> Option<Client> {
+    ) -> Result<Client, u16> {
         let s = TcpStream::connect(addr).await.expect("connect");
         let mut c = Client {
             s,
@@ -193,11 +195,17 @@ impl Client {
         );
         c.send(b, text.as_bytes()).await;
         for _ in 0..3 {
-            let r = c.recv().await?;
+            let r = c
+                .recv()
+                .await
+                .expect("a Login Response before the connection closes");
             assert_eq!(r.bhs[0], 0x23, "Login Response");
-            assert_eq!(&r.bhs[36..38], &[0, 0], "status success");
+            let status = u16::from_be_bytes([r.bhs[36], r.bhs[37]]); // Status-Class, -Detail
+            if status != 0 {
+                return Err(status);
+            }
             if r.bhs[1] == 0x87 {
-                return Some(c); // T=1 CSG=1 NSG=3
+                return Ok(c); // T=1 CSG=1 NSG=3
             }
             assert_eq!(r.bhs[1], 0x04, "T=0 CSG=1: the target offers keys");
             let text = String::from_utf8(r.data).expect("text");
