@@ -159,6 +159,7 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
         }
     }
     let mut servers = JoinSet::new();
+    let mut iscsi_servers = Vec::new();
     let mut bound = BTreeMap::new();
     for (addr, targets) in by_portal {
         let listener = TcpListener::bind(addr)
@@ -180,6 +181,7 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
                 vec![local]
             },
         });
+        iscsi_servers.push(server.clone());
         servers.spawn(async move { (local, server.serve(listener).await) });
     }
 
@@ -292,17 +294,72 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
             Err(e) => Err(anyhow::Error::new(e).context("A server task failed")),
         },
     };
-    // No LU comes or goes from here on.
+    // A second signal ends the process at once: the way out when the orderly stop below
+    // waits for a backend that does not answer.
+    let again = async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    };
+    let stopped = stop(
+        &registry,
+        iscsi_servers,
+        servers,
+        vhost_servers,
+        control_task,
+    );
+    match unless_signalled(stopped, again).await {
+        Ok(stopped) => outcome.and(stopped),
+        Err(signal) => {
+            tracing::error!(
+                signal,
+                "Second signal: exiting without waiting for the sessions to end or flushing the images"
+            );
+            // Not through the runtime's drop, which would wait for the blocking tasks.
+            std::process::exit(1)
+        }
+    }
+}
+
+/// `stop` to its end, or the name of the signal that came first.
+async fn unless_signalled<T>(
+    stop: impl std::future::Future<Output = T>,
+    signal: impl std::future::Future<Output = &'static str>,
+) -> Result<T, &'static str> {
+    tokio::select! {
+        biased;
+        name = signal => Err(name),
+        done = stop => Ok(done),
+    }
+}
+
+/// The orderly stop: no LU comes or goes any more, no frontend serves a command any more and
+/// none is left in the backend, then every image is flushed. The flush is last so that no
+/// write a session acknowledged lands after it.
+async fn stop(
+    registry: &registry::Registry,
+    iscsi_servers: Vec<Arc<iscsi::Server>>,
+    mut servers: JoinSet<(SocketAddr, std::io::Result<()>)>,
+    vhost_servers: Vec<vhost_scsi::Server>,
+    control_task: Option<tokio::task::JoinHandle<()>>,
+) -> anyhow::Result<()> {
     registry.close().await;
-    // Stop accepting: dropping the serve futures closes the listeners; the vhost-user
-    // connections close (their guests lose their nexus) and the sockets go.
-    tokio::task::spawn_blocking(move || {
+    // iSCSI: the listeners close, every session ends (its commands abort or finish in the
+    // backend) and every connection still logging in closes.
+    for s in &iscsi_servers {
+        s.shutdown();
+    }
+    // vhost-user: the connections close (their guests lose their nexus) and the sockets go.
+    let vhost = tokio::task::spawn_blocking(move || {
         for s in vhost_servers {
             s.stop();
         }
-    })
-    .await
-    .context("Cannot stop the vhost-user sockets")?;
+    });
+    for s in &iscsi_servers {
+        s.closed().await;
+    }
+    vhost.await.context("Cannot stop the vhost-user sockets")?;
     servers.abort_all();
     while servers.join_next().await.is_some() {}
     if let Some(t) = control_task {
@@ -317,5 +374,22 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
             flushed = Err(anyhow::Error::new(e).context("Cannot flush a logical unit"));
         }
     }
-    outcome.and(flushed)
+    flushed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_second_signal_ends_a_stop_that_does_not_end() {
+        let r = unless_signalled(std::future::pending::<()>(), async { "SIGTERM" }).await;
+        assert_eq!(r, Err("SIGTERM"));
+    }
+
+    #[tokio::test]
+    async fn a_stop_that_ends_gives_its_outcome() {
+        let r = unless_signalled(async { 7 }, std::future::pending()).await;
+        assert_eq!(r, Ok(7));
+    }
 }

@@ -187,9 +187,19 @@ fn sigterm_stops_the_daemon_with_success() {
     ]);
     let url = d.line();
     let (portal, _, _) = parse_url(&url);
+    // A connection that has not started its login: the daemon closes it instead of waiting
+    // for it (the login phase may last 30 s).
+    let mut idle = TcpStream::connect(&portal).expect("connect");
+    idle.set_read_timeout(Some(WAIT)).expect("read timeout");
 
     d.signal("-TERM");
 
+    assert_eq!(
+        idle.read(&mut [0u8; 1])
+            .expect("the connection is closed, not timed out"),
+        0,
+        "the idle connection is closed"
+    );
     assert!(d.wait().success(), "exit status after SIGTERM");
     assert!(
         TcpStream::connect(&portal).is_err(),
