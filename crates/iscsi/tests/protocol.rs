@@ -791,6 +791,60 @@ async fn out_of_order_data_sn_ends_the_task_with_check_condition() {
     assert_eq!(r.bhs[3], 0x00);
 }
 
+/// A memory driver with a bug: a write whose data starts with 0xEE panics.
+struct BuggyDriver(block::driver::mem::MemDriver);
+
+#[async_trait::async_trait]
+impl block::Driver for BuggyDriver {
+    fn info(&self) -> block::DriverInfo {
+        self.0.info()
+    }
+    async fn read(&self, o: u64, l: usize) -> Result<Vec<u8>, block::BlockError> {
+        self.0.read(o, l).await
+    }
+    async fn write(&self, o: u64, d: Vec<u8>, fua: bool) -> Result<(), block::BlockError> {
+        assert_ne!(d.first(), Some(&0xEE), "the driver's bug");
+        self.0.write(o, d, fua).await
+    }
+    async fn flush(&self) -> Result<(), block::BlockError> {
+        self.0.flush().await
+    }
+    async fn discard(&self, o: u64, l: u64) -> Result<(), block::BlockError> {
+        self.0.discard(o, l).await
+    }
+    async fn write_zeroes(&self, o: u64, l: u64, u: bool) -> Result<(), block::BlockError> {
+        self.0.write_zeroes(o, l, u).await
+    }
+    async fn block_status(&self, o: u64, l: u64) -> Result<block::Extent, block::BlockError> {
+        self.0.block_status(o, l).await
+    }
+}
+
+/// A command that meets a bug (a panic) below the SCSI layer fails alone, with CHECK
+/// CONDITION, instead of ending the session without an answer; the session goes on.
+#[tokio::test]
+async fn a_command_that_panics_fails_alone_with_internal_target_failure() {
+    let (addr, _server) = start_with(Arc::new(BuggyDriver(block::driver::mem::MemDriver::new(
+        16 << 20,
+    ))))
+    .await;
+    let mut c = Client::login(addr, "").await;
+    c.clear_unit_attention().await;
+    let (b, _) = c.command(0xa1, 512, &write10(0, 1));
+    c.send(b, &[0xEE; 512]).await;
+    let r = c.recv().await.expect("SCSI Response");
+    assert_eq!(r.bhs[0], 0x21, "SCSI Response");
+    assert_eq!(r.bhs[3], 0x02, "CHECK CONDITION");
+    // SenseLength, then fixed sense: HARDWARE ERROR (4h), INTERNAL TARGET FAILURE (44h/00h).
+    assert_eq!(r.data[2 + 2] & 0x0f, 0x04);
+    assert_eq!(&r.data[2 + 12..2 + 14], &[0x44, 0x00]);
+    // The session goes on: another write succeeds.
+    let (b, _) = c.command(0xa1, 512, &write10(0, 1));
+    c.send(b, &[0x11; 512]).await;
+    let r = c.recv().await.expect("SCSI Response to the next WRITE");
+    assert_eq!((r.bhs[0], r.bhs[3]), (0x21, 0x00), "SCSI Response, GOOD");
+}
+
 fn chap_auth() -> Auth {
     Auth {
         chap: Some(iscsi::ChapSecret {

@@ -254,7 +254,16 @@ impl LogicalUnit {
                 return Completion::Aborted;
             }
         }
-        let out = self.run(cmd, &ns, &guard.ctl).await;
+        let serial = &self.config.serial;
+        let out = match CatchPanic::new(self.run(cmd, &ns, &guard.ctl)).await {
+            Ok(out) => out,
+            Err(()) => {
+                // A bug met by this command: it fails alone, with an answer, instead of
+                // ending the frontend's connection or task without one.
+                tracing::error!(%serial, "A command panicked; answered INTERNAL TARGET FAILURE");
+                Some(self.check(cond::INTERNAL_TARGET_FAILURE))
+            }
+        };
         let aborted = guard.ctl.finish();
         match out {
             Some(r) if !aborted => Completion::Done(r),
@@ -1052,6 +1061,39 @@ impl LogicalUnit {
         self.end_nexus_tasks(nexus);
         self.tasks.abort(|n, _| n == nexus).await;
         self.nexus_lost(nexus);
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A future whose panic, raised while it is polled, is its output (`Err`) instead of
+    /// unwinding into the caller. Task, range-lock and buffer guards are released by the unwind
+    /// as they are on any early return.
+    struct CatchPanic<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F> CatchPanic<F> {
+    fn new(inner: F) -> Self {
+        Self { inner }
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for CatchPanic<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = self.project().inner;
+        // A future that panicked is never polled again: its output is the `Err`.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(std::task::Poll::Ready(out)) => std::task::Poll::Ready(Ok(out)),
+            Ok(std::task::Poll::Pending) => std::task::Poll::Pending,
+            Err(_) => std::task::Poll::Ready(Err(())),
+        }
     }
 }
 
