@@ -176,6 +176,9 @@ pub struct Server {
     connections: AtomicUsize,
     /// Woken when the last connection being served ends (see [`Server::closed`]).
     idle: tokio::sync::Notify,
+    /// Test hook: a connection's task panics right after its session is registered.
+    #[cfg(test)]
+    panic_in_sessions: std::sync::atomic::AtomicBool,
 }
 
 /// Counts one served connection until dropped.
@@ -206,6 +209,8 @@ impl Server {
             max_connections: AtomicUsize::new(MAX_CONNECTIONS),
             connections: AtomicUsize::new(0),
             idle: tokio::sync::Notify::new(),
+            #[cfg(test)]
+            panic_in_sessions: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -527,25 +532,71 @@ impl Server {
             Kind::Normal(i) => self.config.targets.get(i).map(|t| t.scsi.clone()),
             Kind::Discovery => None,
         };
-        let result = session::run(
-            self.clone(),
-            *est,
-            nexus.clone(),
-            (rd, Some(fd)),
-            wr,
-            kill,
-            local,
-        )
-        .await;
-        // A login that reinstates this session waits for `done` (it finds the session in the
-        // registry until then), so that none of this session's commands still running in the
-        // backend lands after the next session's.
-        if let (Some(t), Some(n)) = (target, nexus) {
-            t.end_nexus(&n).await;
+        let ending = SessionEnd(Some(Ending {
+            server: self.clone(),
+            id,
+            done,
+            nexus: target.zip(nexus.clone()),
+        }));
+        #[cfg(test)]
+        if self.panic_in_sessions.load(Ordering::Relaxed) {
+            panic!("a bug in the session");
         }
-        self.unregister(id);
-        done.send_replace(true);
+        let result = session::run(self.clone(), *est, nexus, (rd, Some(fd)), wr, kill, local).await;
+        ending.finish().await;
         result
+    }
+}
+
+/// What ends a registered session once its connection is over.
+struct Ending {
+    server: Arc<Server>,
+    id: u64,
+    done: watch::Sender<bool>,
+    nexus: Option<(Arc<scsi::Target>, Arc<scsi::ItNexus>)>,
+}
+
+impl Ending {
+    /// End the nexus (its commands aborted or finished in the backend, its SPC-2 reservation
+    /// released), leave the registry, then say so: a login that reinstates this session waits
+    /// for `done` (it finds the session in the registry until then), so that none of this
+    /// session's commands still running in the backend lands after the next session's.
+    async fn run(self) {
+        if let Some((t, n)) = &self.nexus {
+            t.end_nexus(n).await;
+        }
+        self.server.unregister(self.id);
+        self.done.send_replace(true);
+    }
+}
+
+/// Ends a session however its connection's task ends: [`SessionEnd::finish`] when it returns;
+/// when it unwinds (a bug) or is dropped, the ending runs on a task of its own, so that a
+/// session never stays registered with its nexus alive and a reinstating login never goes
+/// ahead of the old session's commands.
+struct SessionEnd(Option<Ending>);
+
+impl SessionEnd {
+    async fn finish(mut self) {
+        if let Some(e) = self.0.take() {
+            e.run().await;
+        }
+    }
+}
+
+impl Drop for SessionEnd {
+    fn drop(&mut self) {
+        let Some(e) = self.0.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(e.run());
+            }
+            // No runtime (it is shutting down): nothing can wait for the backend any more.
+            Err(_) => {
+                e.server.unregister(e.id);
+                e.done.send_replace(true);
+            }
+        }
     }
 }
 
@@ -787,6 +838,69 @@ mod tests {
         })
         .await
         .is_ok()
+    }
+
+    /// A session whose connection's task panics (a bug) still ends: it leaves the registry,
+    /// its nexus ends, and the server counts no connection any more.
+    #[tokio::test]
+    async fn a_session_whose_task_panics_still_ends() {
+        let name = "iqn.2026-01.test:panic";
+        let mut t = scsi::Target::new();
+        t.add_lu(
+            0,
+            scsi::fuzzing::memory_lu(64, 512, "panic").expect("memory LU"),
+        );
+        let server = Server::new(ServerConfig {
+            targets: vec![super::TargetConfig {
+                name: name.into(),
+                alias: None,
+                scsi: std::sync::Arc::new(t),
+                allowed_initiators: None,
+                auth: Auth::default(),
+                tpgt: 1,
+            }],
+            discovery_auth: Auth::default(),
+            portals: Vec::new(),
+        });
+        server
+            .panic_in_sessions
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(server.clone().serve(listener));
+
+        // With the keys the target would otherwise offer, so that one exchange logs in.
+        let text = format!(
+            "InitiatorName=iqn.2026-01.test:lib\0SessionType=Normal\0TargetName={name}\0\
+             InitialR2T=No\0ImmediateData=Yes\0MaxBurstLength=262144\0FirstBurstLength=65536\0"
+        );
+        let mut b = vec![0u8; 48];
+        b[0] = 0x43; // I=1, Login Request
+        b[1] = 0x87; // T=1, CSG=1, NSG=3
+        b[7] = text.len() as u8; // DataSegmentLength
+        b[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0, 9]); // ISID
+        b[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
+        b.extend_from_slice(text.as_bytes());
+        b.resize(b.len().div_ceil(4) * 4, 0); // padding
+        let mut s = TcpStream::connect(addr).await.expect("connect");
+        s.write_all(&b).await.expect("send");
+        let r = login_response(&mut s).await;
+        assert_eq!(&r[36..38], &[0, 0], "logged in");
+        assert_eq!(r[1], 0x87, "T=1, CSG=1, NSG=3: full feature phase");
+        assert!(closed(&mut s, Duration::from_secs(10)).await);
+
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while !server.sessions().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the session leaves the registry");
+        tokio::time::timeout(Duration::from_secs(10), server.closed())
+            .await
+            .expect("no connection is counted");
     }
 
     #[tokio::test]
