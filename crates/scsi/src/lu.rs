@@ -1051,7 +1051,7 @@ impl LogicalUnit {
     pub(crate) fn nexus_lost(&self, nexus: &ItNexus) {
         self.resv.release_spc2_if(|h| h == nexus);
         self.tasks.abort_now(|n| n == nexus);
-        self.nexuses.forget(nexus);
+        self.nexuses.lose(nexus);
     }
 
     /// [`Self::nexus_lost`], after the nexus's tasks are aborted and the running ones have

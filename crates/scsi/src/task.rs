@@ -230,6 +230,8 @@ pub struct NexusState {
     pub abort_epoch: AtomicU64,
     pending: AtomicBool,
     queue: Mutex<VecDeque<Sense>>,
+    /// Set while the nexus is lost and has not come back ([`Nexuses::lose`]).
+    lost: AtomicBool,
 }
 
 /// SAM-5 5.14: a queue of at most this many UAs per nexus; further ones are dropped (the
@@ -244,6 +246,7 @@ impl NexusState {
             abort_epoch: AtomicU64::new(0),
             pending: AtomicBool::new(false),
             queue: Mutex::new(VecDeque::new()),
+            lost: AtomicBool::new(false),
         };
         st.push(s);
         st
@@ -279,43 +282,63 @@ impl NexusState {
     }
 }
 
+/// How many lost nexuses an LU remembers (for their I_T NEXUS LOSS OCCURRED unit attention)
+/// until they come back; beyond that the longest gone is forgotten, and comes back as a new
+/// nexus (POWER ON, RESET, OR BUS DEVICE RESET OCCURRED). Bounds the memory that initiators
+/// logging in with ever new names or ISIDs can take.
+const LOST_MAX: usize = 1024;
+
 /// The nexuses an LU has seen, with their unit attentions.
 #[derive(Default)]
 pub struct Nexuses {
-    map: RwLock<HashMap<ItNexus, Arc<NexusState>>>,
+    inner: RwLock<Seen>,
+}
+
+#[derive(Default)]
+struct Seen {
+    map: HashMap<ItNexus, Arc<NexusState>>,
+    /// Nexuses lost, oldest first, with the id of the state [`Nexuses::lose`] gave them. An
+    /// entry whose nexus came back (or was lost again since) is skipped when it is dropped.
+    lost: VecDeque<(ItNexus, u64)>,
 }
 
 impl Nexuses {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Seen> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Seen> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The state of `nexus`; a nexus seen for the first time starts with POWER ON, RESET, OR
-    /// BUS DEVICE RESET OCCURRED (SAM-5 5.14, 6.3.1).
+    /// BUS DEVICE RESET OCCURRED (SAM-5 5.14, 6.3.1), one that was lost with what
+    /// [`Nexuses::lose`] left it.
     pub fn get(&self, nexus: &ItNexus) -> Arc<NexusState> {
-        if let Some(s) = self
-            .map
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(nexus)
-        {
+        if let Some(s) = self.read().map.get(nexus) {
+            // Under the read lock, so that `lose` never drops a nexus that is back.
+            if s.lost.load(Ordering::Relaxed) {
+                s.lost.store(false, Ordering::Relaxed);
+            }
             return s.clone();
         }
-        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
-        map.entry(nexus.clone())
-            .or_insert_with(|| Arc::new(NexusState::with(crate::sense::cond::POWER_ON_RESET)))
-            .clone()
+        let mut seen = self.write();
+        let s = seen
+            .map
+            .entry(nexus.clone())
+            .or_insert_with(|| Arc::new(NexusState::with(crate::sense::cond::POWER_ON_RESET)));
+        s.lost.store(false, Ordering::Relaxed);
+        s.clone()
     }
 
     /// The state of `nexus` if it has been seen.
     pub fn peek(&self, nexus: &ItNexus) -> Option<Arc<NexusState>> {
-        self.map
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(nexus)
-            .cloned()
+        self.read().map.get(nexus).cloned()
     }
 
     /// Queue `s` for every known nexus for which `pred` holds.
     pub fn broadcast(&self, s: Sense, pred: impl Fn(&ItNexus) -> bool) {
-        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
-        for (n, st) in map.iter() {
+        for (n, st) in self.read().map.iter() {
             if pred(n) {
                 st.push(s);
             }
@@ -324,16 +347,14 @@ impl Nexuses {
 
     /// Run `f` on every known nexus.
     pub fn for_each(&self, mut f: impl FnMut(&ItNexus, &NexusState)) {
-        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
-        for (n, st) in map.iter() {
+        for (n, st) in self.read().map.iter() {
             f(n, st);
         }
     }
 
-    /// Replace every queued UA of the nexuses matching `pred` by `s`.
+    /// Replace every unit attention of the nexuses for which `pred` holds with `s`.
     pub fn reset(&self, s: Sense, pred: impl Fn(&ItNexus) -> bool) {
-        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
-        for (n, st) in map.iter() {
+        for (n, st) in self.read().map.iter() {
             if pred(n) {
                 st.clear();
                 st.push(s);
@@ -341,12 +362,35 @@ impl Nexuses {
         }
     }
 
-    /// Forget `nexus` (I_T nexus loss): its next command starts as a new nexus.
-    pub fn forget(&self, nexus: &ItNexus) {
-        self.map
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(nexus);
+    /// `nexus` is lost (SAM-5 6.3.4): when it comes back, it is a new nexus (a state with a
+    /// new id, so a command admitted before the loss is recognised as ended) whose first
+    /// command reports I_T NEXUS LOSS OCCURRED. Unit attentions raised for it meanwhile are
+    /// queued behind that one.
+    pub fn lose(&self, nexus: &ItNexus) {
+        let st = NexusState::with(crate::sense::cond::IT_NEXUS_LOSS);
+        st.lost.store(true, Ordering::Relaxed);
+        let id = st.id;
+        let mut seen = self.write();
+        seen.map.insert(nexus.clone(), Arc::new(st));
+        seen.lost.push_back((nexus.clone(), id));
+        while seen.lost.len() > LOST_MAX {
+            let Some((n, id)) = seen.lost.pop_front() else {
+                break;
+            };
+            if seen
+                .map
+                .get(&n)
+                .is_some_and(|s| s.id == id && s.lost.load(Ordering::Relaxed))
+            {
+                seen.map.remove(&n);
+            }
+        }
+    }
+
+    /// How many nexuses are remembered.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.read().map.len()
     }
 }
 
@@ -368,6 +412,42 @@ mod tests {
                 relative_id: 1,
             },
         })
+    }
+
+    fn named(name: &str) -> ItNexus {
+        let mut n = (*nexus()).clone();
+        n.initiator.name = name.into();
+        n
+    }
+
+    #[test]
+    fn lost_nexuses_are_remembered_up_to_a_bound_and_one_that_came_back_is_kept() {
+        let set = Nexuses::default();
+        let back = named("back");
+        set.get(&back);
+        set.lose(&back);
+        // Back before the others are lost: its I_T NEXUS LOSS OCCURRED (29h/07h) waits.
+        let st = set.get(&back);
+        for i in 0..LOST_MAX + 100 {
+            let n = named(&format!("gone-{i}"));
+            set.get(&n);
+            set.lose(&n);
+        }
+        assert_eq!(
+            set.len(),
+            LOST_MAX + 1,
+            "the bound, and the nexus that came back"
+        );
+        assert!(
+            Arc::ptr_eq(&set.get(&back), &st),
+            "the returned nexus kept its state"
+        );
+        assert_eq!(st.take(), Some(crate::sense::cond::IT_NEXUS_LOSS));
+        // The most recently lost are remembered; the oldest come back as new nexuses.
+        let newest = set.get(&named(&format!("gone-{}", LOST_MAX + 99)));
+        assert_eq!(newest.take(), Some(crate::sense::cond::IT_NEXUS_LOSS));
+        let oldest = set.get(&named("gone-0"));
+        assert_eq!(oldest.take(), Some(crate::sense::cond::POWER_ON_RESET));
     }
 
     #[test]

@@ -230,11 +230,19 @@ async fn clear_aca_is_rejected() {
     );
 }
 
+/// SAM-5 6.3.4: a nexus that was lost and comes back reports I_T NEXUS LOSS OCCURRED; a nexus
+/// never seen before reports POWER ON, RESET, OR BUS DEVICE RESET OCCURRED.
 #[tokio::test]
-async fn nexus_lost_forgets_the_nexus_state() {
+async fn a_lost_nexus_comes_back_with_i_t_nexus_loss_occurred() {
+    // Both nexuses have been seen, their power-on unit attentions reported.
     let (t, _, a, _) = gated().await;
+    assert_good(&run(&t, &a, &[0x00, 0, 0, 0, 0, 0], vec![]).await);
     t.nexus_lost(&a);
     let r = run(&t, &a, &[0x00, 0, 0, 0, 0, 0], vec![]).await;
+    assert_sense(&r, 0x06, 0x29, 0x07); // I_T NEXUS LOSS OCCURRED
+    assert_good(&run(&t, &a, &[0x00, 0, 0, 0, 0, 0], vec![]).await);
+    let never_seen = nexus_named("iqn.1993-08.org.debian:01:c");
+    let r = run(&t, &never_seen, &[0x00, 0, 0, 0, 0, 0], vec![]).await;
     assert_sense(&r, 0x06, 0x29, 0x00);
 }
 

@@ -870,12 +870,12 @@ fn disconnect_loses_the_nexus_and_the_socket_accepts_again() {
         let features = f.get_features().unwrap();
         assert_ne!(features & (1 << 32), 0);
         drop(f);
-        // SAM-5 6.3.4: the nexus is lost, so its next command sees POWER ON, RESET again.
+        // SAM-5 6.3.4: the nexus is lost, so its next command sees I_T NEXUS LOSS OCCURRED.
         let start = Instant::now();
         loop {
             let r = tur(&lu);
             if r.status == scsi::Status::CHECK_CONDITION {
-                assert_eq!(r.sense[12..14], [0x29, 0x00]);
+                assert_eq!(r.sense[12..14], [0x29, 0x07]);
                 break;
             }
             assert!(start.elapsed() < Duration::from_secs(10), "nexus not lost");
@@ -1481,9 +1481,9 @@ fn a_closed_connection_is_done_before_the_next_is_accepted() {
     );
     hold.send_replace(true);
     end.join().unwrap();
-    // The nexus is lost: its next command sees POWER ON, RESET (29h/00h, SAM-5 6.3.4).
+    // The nexus is lost: its next command sees I_T NEXUS LOSS OCCURRED (29h/07h, SAM-5 6.3.4).
     let (_, resp) = h.tur();
-    assert_eq!(resp[12 + 12..12 + 14], [0x29, 0x00]);
+    assert_eq!(resp[12 + 12..12 + 14], [0x29, 0x07]);
 }
 
 /// A queue stop and a device reset wait for the commands in flight however long they take,
