@@ -184,6 +184,14 @@ pub struct Server {
 /// Counts one served connection until dropped.
 struct ConnectionSlot(Arc<Server>);
 
+impl ConnectionSlot {
+    /// Count one more connection; with the count before it.
+    fn enter(server: &Arc<Server>) -> (Self, usize) {
+        let before = server.connections.fetch_add(1, Ordering::AcqRel);
+        (Self(server.clone()), before)
+    }
+}
+
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         if self.0.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -304,13 +312,14 @@ impl Server {
                 }
             };
             let limit = self.max_connections.load(Ordering::Relaxed);
-            if self.connections.fetch_add(1, Ordering::AcqRel) >= limit {
-                self.connections.fetch_sub(1, Ordering::AcqRel);
+            let (slot, before) = ConnectionSlot::enter(&self);
+            if before >= limit {
+                // Through the slot, whose drop wakes `closed` if this was the last one.
+                drop(slot);
                 tracing::warn!(%peer, limit, "iSCSI connection refused: too many connections");
                 drop(stream);
                 continue;
             }
-            let slot = ConnectionSlot(self.clone());
             let server = self.clone();
             tokio::spawn(async move {
                 let _slot = slot;
@@ -490,7 +499,7 @@ impl Server {
                     if reg.is_none() {
                         // Turned away: a newer login took the session over, or the server is
                         // shutting down. Either way the initiator may try again later.
-                        (bhs, data, _) = login.fail(login::status::SERVICE_UNAVAILABLE);
+                        (bhs, data) = login.refuse(login::status::SERVICE_UNAVAILABLE);
                     }
                     reg.map(|r| (r, nexus))
                 }
@@ -838,6 +847,32 @@ mod tests {
         })
         .await
         .is_ok()
+    }
+
+    /// `closed` is woken by whichever slot is the last to go, whatever the order: a
+    /// connection turned away at the limit is counted and uncounted through a slot too.
+    #[tokio::test]
+    async fn closed_wakes_when_the_last_of_overlapping_slots_goes() {
+        let server = Server::new(ServerConfig {
+            targets: Vec::new(),
+            discovery_auth: Auth::default(),
+            portals: Vec::new(),
+        });
+        let (served, _) = super::ConnectionSlot::enter(&server);
+        let (turned_away, before) = super::ConnectionSlot::enter(&server);
+        assert_eq!(before, 1);
+        let closed = tokio::spawn({
+            let server = server.clone();
+            async move { server.closed().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!closed.is_finished());
+        drop(served);
+        drop(turned_away);
+        tokio::time::timeout(Duration::from_secs(10), closed)
+            .await
+            .expect("closed returns once no slot is left")
+            .expect("closed task");
     }
 
     /// A session whose connection's task panics (a bug) still ends: it leaves the registry,

@@ -120,6 +120,8 @@ pub struct Login<'a> {
     offers_made: bool,
     /// Keys the target offered that the initiator has not answered yet.
     offered: Vec<&'static str>,
+    /// The current stage of the request that completed the login (see [`Login::refuse`]).
+    final_csg: u8,
 }
 
 fn login_flags(t: bool, c: bool, csg: u8, nsg: u8) -> u8 {
@@ -152,6 +154,7 @@ impl<'a> Login<'a> {
             transit: None,
             offers_made: false,
             offered: Vec::new(),
+            final_csg: 0,
         }
     }
 
@@ -177,6 +180,18 @@ impl<'a> Login<'a> {
         let flags = login_flags(false, false, self.stage, 0);
         let (b, d) = self.response(flags, status, &[]);
         (b, d, Outcome::Fail(status))
+    }
+
+    /// Instead of the final response [`Login::step`] built for a completed login (which is not
+    /// sent), a refusal with `status`: the session never came to be, so the response carries
+    /// the request's stage (CSG) and TSIH (0: a login with another fails earlier) and the StatSN
+    /// the success would have carried, not the new session's.
+    pub fn refuse(&mut self, status: u16) -> (Bhs, Vec<u8>) {
+        self.stage = self.final_csg;
+        self.tsih = 0;
+        self.statsn = self.statsn.wrapping_sub(1);
+        let (b, d, _) = self.fail(status);
+        (b, d)
     }
 
     /// Handle one PDU received during login.
@@ -535,6 +550,7 @@ impl<'a> Login<'a> {
         };
         match (transit, self.kind) {
             (Some(3), Some(kind)) => {
+                self.final_csg = csg;
                 self.stage = 3;
                 self.tsih = self.new_tsih;
                 self.params.finish();

@@ -463,6 +463,42 @@ async fn a_login_waiting_to_reinstate_across_shutdown_does_not_get_in() {
     assert!(server.sessions().is_empty());
 }
 
+/// The refusal of a login whose last request completed it (RFC 7143 11.13): the session
+/// never came to be, so the response names the request's stage and no TSIH.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_final_login_response_keeps_the_request_s_stage_and_no_tsih() {
+    let (driver, addr, server, old, _) = a_write_held_in_the_backend(0xAA).await;
+    drop(old);
+    // One request that completes the login (T=1, CSG=1, NSG=3), with every key the target
+    // would otherwise offer, so that its response is the final one.
+    let text = format!(
+        "InitiatorName={INITIATOR}\0SessionType=Normal\0TargetName={TARGET}\0\
+         InitialR2T=Yes\0ImmediateData=Yes\0MaxBurstLength=262144\0FirstBurstLength=65536\0"
+    );
+    let mut b = [0u8; 48];
+    b[0] = 0x43; // I=1, Login Request
+    b[1] = 0x87; // T=1, CSG=1, NSG=3
+    b[8..14].copy_from_slice(&ISID);
+    b[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
+    let mut c = Client {
+        s: TcpStream::connect(addr).await.expect("connect"),
+        cmdsn: 1,
+        itt: 1,
+    };
+    c.send(b, text.as_bytes()).await;
+    // The login waits for the old session, whose write is held; the server then shuts down.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.shutdown();
+    driver.gate.add_permits(16);
+    let r = c.recv().await.expect("Login Response");
+    assert_eq!(r.bhs[0], 0x23, "Login Response");
+    // Status-Class 3, Status-Detail 1: Service Unavailable.
+    assert_eq!(&r.bhs[36..38], &[0x03, 0x01]);
+    // T=0, C=0, CSG=1 (the request's stage), NSG=0.
+    assert_eq!(r.bhs[1], 0x04, "flags");
+    assert_eq!(&r.bhs[14..16], &[0, 0], "TSIH: no session was made");
+}
+
 /// `Server::shutdown` ends every session and every connection still logging in, and
 /// `Server::closed` returns only once the sessions' commands have settled in the backend: the
 /// daemon flushes its images after that, so no write lands after the final flush.
