@@ -334,9 +334,11 @@ async fn unless_signalled<T>(
     }
 }
 
-/// The orderly stop: no LU comes or goes any more, no frontend serves a command any more and
-/// none is left in the backend, then every image is flushed. The flush is last so that no
-/// write a session acknowledged lands after it.
+/// The orderly stop: no LU comes or goes any more, no frontend serves a command any more, then
+/// every image is flushed, last, so that no write a frontend acknowledged lands after it. The
+/// iSCSI sessions end with none of their commands left in the backend; a vhost-user guest's
+/// commands still stuck there when its socket closes are not waited for (the guest was never
+/// told they completed).
 async fn stop(
     registry: &registry::Registry,
     iscsi_servers: Vec<Arc<iscsi::Server>>,
