@@ -819,7 +819,8 @@ impl LogicalUnit {
         }
         self.check_writable()?;
         let cap = self.backend.capacity();
-        if lba > cap {
+        // Also with NUMBER OF LOGICAL BLOCKS zero: LBA `cap` is past the last one.
+        if lba >= cap {
             return Err(cond::LBA_OUT_OF_RANGE);
         }
         // SBC-4 5.50: NUMBER OF LOGICAL BLOCKS zero (WSNZ=0) means through the last LBA.
@@ -836,9 +837,11 @@ impl LogicalUnit {
         if n == 0 {
             return Ok(Vec::new());
         }
-        // SBC-4 5.50 with LBPRZ: UNMAP=1 on a thin LU deallocates the range, which then reads
-        // as zeros whatever the pattern was (as LIO does; libiscsi's WriteSame*UnmapUntilEnd
-        // sends a non-zero pattern with UNMAP and expects zeros back).
+        // SBC-4 5.50, table "ANCHOR bit, UNMAP bit, and ANC_SUP bit relationships": UNMAP=1 with
+        // ANCHOR=0 is an unmap operation on a thin LU (it should deallocate), whatever the
+        // pattern; with LBPRZ the range then reads as zeros (as LIO does; libiscsi's
+        // WriteSame10.UnmapUntilEnd sends a pattern of FFh bytes with UNMAP and expects zeros
+        // back).
         let zero = ndob || (unmap && self.limits.lbprz) || pattern.iter().all(|&b| b == 0);
         let r = if zero {
             self.backend.write_zeroes(lba, n, unmap).await
@@ -873,6 +876,9 @@ impl LogicalUnit {
                 .await
                 .map_err(|e| block_error(e, cond::INVALID_OPCODE))?;
         }
+        // With the write cache off, deallocated blocks stay deallocated across a power loss
+        // once GOOD is sent, as written ones do: otherwise their old data could come back.
+        self.flush_if_write_through().await?;
         Ok(Vec::new())
     }
 

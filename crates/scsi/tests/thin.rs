@@ -190,10 +190,40 @@ async fn write_same10_unmap_is_supported_when_thin() {
 async fn write_same_unmap_with_nonzero_pattern_deallocates_on_an_lbprz_disk() {
     let (t, n, d) = thin_ready().await;
     // WRITE SAME(10): opcode 41h, UNMAP (byte 1 bit 3), LBA 0, NUMBER OF LOGICAL BLOCKS 2,
-    // with a pattern of 05h bytes. With LBPRZ the blocks are deallocated and read as zeros.
+    // with a pattern of 05h bytes. SBC-4 5.50: UNMAP=1, ANCHOR=0 is an unmap operation, so
+    // with LBPRZ the blocks are deallocated and read as zeros.
     assert_good(&run(&t, &n, &[0x41, 0x08, 0, 0, 0, 0, 0, 0, 2, 0], vec![5u8; BS]).await);
     assert_eq!(*d.discards.lock().unwrap(), vec![(0, 2 * 512)]);
     assert_eq!(read_blocks(&t, &n, 0, 2).await, vec![0u8; 2 * BS]);
+}
+
+#[tokio::test]
+async fn write_same_of_zero_blocks_at_the_capacity_is_lba_out_of_range() {
+    let (t, n, _) = thin_ready().await;
+    // WRITE SAME(16): opcode 93h, LBA 64 (the capacity of this 64-block LU, one past the last
+    // LBA), NUMBER OF LOGICAL BLOCKS 0 ("through the last LBA").
+    let mut c = read16(64, 0);
+    c[0] = 0x93;
+    let r = run(&t, &n, &c, vec![0u8; BS]).await;
+    assert_sense(&r, 0x05, 0x21, 0x00); // ILLEGAL REQUEST, LOGICAL BLOCK ADDRESS OUT OF RANGE
+}
+
+#[tokio::test]
+async fn unmap_with_the_write_cache_off_is_flushed_before_good() {
+    let (t, n, d) = thin_ready().await;
+    // MODE SELECT(6), PF: the caching page (08h, length 12h) with WCE 0.
+    let mut p = vec![0, 0, 0, 0, 0x08, 0x12];
+    p.resize(24, 0);
+    assert_good(&run(&t, &n, &[0x15, 0x10, 0, 0, 24, 0], p).await);
+    let before = d.flushes.load(std::sync::atomic::Ordering::Relaxed);
+    let p = unmap_params(&[(8, 8)]);
+    assert_good(&run(&t, &n, &unmap_cdb(p.len() as u16), p).await);
+    assert_eq!(*d.discards.lock().unwrap(), vec![(8 * 512, 8 * 512)]);
+    assert_eq!(
+        d.flushes.load(std::sync::atomic::Ordering::Relaxed),
+        before + 1,
+        "one flush after the deallocation"
+    );
 }
 
 #[tokio::test]

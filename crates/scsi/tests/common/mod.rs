@@ -205,6 +205,7 @@ pub struct ThinDriver {
     mapped: Mutex<Vec<bool>>,
     grain: u64,
     pub discards: Mutex<Vec<(u64, u64)>>,
+    pub flushes: std::sync::atomic::AtomicUsize,
 }
 
 impl ThinDriver {
@@ -214,6 +215,7 @@ impl ThinDriver {
             mapped: Mutex::new(vec![false; (size / grain) as usize]),
             grain,
             discards: Mutex::new(Vec::new()),
+            flushes: Default::default(),
         }
     }
 
@@ -249,6 +251,8 @@ impl Driver for ThinDriver {
         Ok(())
     }
     async fn flush(&self) -> Result<(), BlockError> {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
     async fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
