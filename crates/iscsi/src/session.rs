@@ -342,10 +342,15 @@ where
         if queued.load(Ordering::Acquire) > MAX_QUEUED {
             let start = tokio::time::Instant::now();
             while queued.load(Ordering::Acquire) > MAX_QUEUED / 2 {
-                if start.elapsed() > WRITER_STALL {
+                if start.elapsed() > WRITER_STALL || *kill.borrow() {
                     break;
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            // Told to end (shutdown, reinstatement, TARGET COLD RESET): at once, not after
+            // the stall.
+            if *kill.borrow() {
+                break Ok(());
             }
             if queued.load(Ordering::Acquire) > MAX_QUEUED / 2 {
                 break Err(SessionError::Protocol("Initiator does not read responses"));

@@ -570,22 +570,49 @@ async fn unsupported_tmf_function_is_answered_not_supported() {
     assert_eq!(r.bhs[2], 5, "Task management function not supported");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn initiator_that_never_reads_does_not_stall_others() {
-    let addr = start().await;
-    let mut flood = Client::login(addr, "").await;
-    let flooder = tokio::spawn(async move {
+/// Send 20,000 NOP-Out pings of 4 KiB from `c` without reading a response (each is answered
+/// with its data): the target stops reading `c` once its answers back up (backpressure), which
+/// blocks the task.
+fn flood_with_pings(mut c: Client) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         let payload = vec![0x5au8; 4096];
         for i in 0..20_000u32 {
             let mut n = [0u8; 48];
             n[0] = 0x40; // I=1, NOP-Out
             n[1] = 0x80;
-            n[16..20].copy_from_slice(&i.to_be_bytes());
-            n[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
-            n[24..28].copy_from_slice(&flood.cmdsn.to_be_bytes());
-            flood.send(n, &payload).await;
+            n[16..20].copy_from_slice(&i.to_be_bytes()); // ITT
+            n[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes()); // TTT
+            n[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+            c.send(n, &payload).await;
         }
-    });
+    })
+}
+
+/// A session whose reader waits for an initiator that does not read its responses still ends
+/// at once when told to (here by `Server::shutdown`), not after the writer stall limit (30 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_held_by_backpressure_ends_at_once_on_shutdown() {
+    let (addr, server) = start_server().await;
+    let flood = Client::login(addr, "").await;
+    let flooder = flood_with_pings(flood);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        !flooder.is_finished(),
+        "the target stopped reading the flooder"
+    );
+    server.shutdown();
+    // The writer still gets its 5 s to drain before it is dropped; the stall limit is 30 s.
+    tokio::time::timeout(Duration::from_secs(15), server.closed())
+        .await
+        .expect("the session ends without waiting out the writer stall");
+    flooder.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn initiator_that_never_reads_does_not_stall_others() {
+    let addr = start().await;
+    let flood = Client::login(addr, "").await;
+    let flooder = flood_with_pings(flood);
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The flooder is blocked by backpressure (the target stopped reading it).
     assert!(!flooder.is_finished());
