@@ -297,8 +297,8 @@ pub struct Nexuses {
 #[derive(Default)]
 struct Seen {
     map: HashMap<ItNexus, Arc<NexusState>>,
-    /// Nexuses lost, oldest first, with the id of the state [`Nexuses::lose`] gave them. An
-    /// entry whose nexus came back (or was lost again since) is skipped when it is dropped.
+    /// Nexuses lost, oldest first, with the id of the state [`Nexuses::lose`] gave them. Entries
+    /// whose nexus came back or was lost again since are dropped at the next `lose`.
     lost: VecDeque<(ItNexus, u64)>,
 }
 
@@ -345,10 +345,13 @@ impl Nexuses {
         }
     }
 
-    /// Run `f` on every known nexus.
+    /// Run `f` on every known nexus that is not lost (one that is gone reaches the LU through
+    /// no port until it comes back).
     pub fn for_each(&self, mut f: impl FnMut(&ItNexus, &NexusState)) {
         for (n, st) in self.read().map.iter() {
-            f(n, st);
+            if !st.lost.load(Ordering::Relaxed) {
+                f(n, st);
+            }
         }
     }
 
@@ -365,24 +368,28 @@ impl Nexuses {
     /// `nexus` is lost (SAM-5 6.3.4): when it comes back, it is a new nexus (a state with a
     /// new id, so a command admitted before the loss is recognised as ended) whose first
     /// command reports I_T NEXUS LOSS OCCURRED. Unit attentions raised for it meanwhile are
-    /// queued behind that one.
+    /// queued behind that one. A nexus this LU has never seen stays unseen: it will start with
+    /// POWER ON, RESET, OR BUS DEVICE RESET OCCURRED, which it was never shown.
     pub fn lose(&self, nexus: &ItNexus) {
+        let mut seen = self.write();
+        if !seen.map.contains_key(nexus) {
+            return;
+        }
         let st = NexusState::with(crate::sense::cond::IT_NEXUS_LOSS);
         st.lost.store(true, Ordering::Relaxed);
         let id = st.id;
-        let mut seen = self.write();
         seen.map.insert(nexus.clone(), Arc::new(st));
-        seen.lost.push_back((nexus.clone(), id));
-        while seen.lost.len() > LOST_MAX {
-            let Some((n, id)) = seen.lost.pop_front() else {
-                break;
-            };
-            if seen
-                .map
-                .get(&n)
-                .is_some_and(|s| s.id == id && s.lost.load(Ordering::Relaxed))
-            {
-                seen.map.remove(&n);
+        // Only nexuses still lost count against the bound: drop the entries of those that came
+        // back or were lost again since (this one's included).
+        let Seen { map, lost } = &mut *seen;
+        lost.retain(|(n, id)| {
+            map.get(n)
+                .is_some_and(|s| s.id == *id && s.lost.load(Ordering::Relaxed))
+        });
+        lost.push_back((nexus.clone(), id));
+        while lost.len() > LOST_MAX {
+            if let Some((n, _)) = lost.pop_front() {
+                map.remove(&n);
             }
         }
     }
@@ -448,6 +455,50 @@ mod tests {
         assert_eq!(newest.take(), Some(crate::sense::cond::IT_NEXUS_LOSS));
         let oldest = set.get(&named("gone-0"));
         assert_eq!(oldest.take(), Some(crate::sense::cond::POWER_ON_RESET));
+    }
+
+    #[test]
+    fn a_nexus_lost_and_back_again_and_again_does_not_push_out_another_lost_one() {
+        let set = Nexuses::default();
+        let gone = named("gone");
+        set.get(&gone);
+        set.lose(&gone);
+        let flapping = named("flapping");
+        for _ in 0..2 * LOST_MAX {
+            set.get(&flapping);
+            set.lose(&flapping);
+        }
+        assert_eq!(set.len(), 2);
+        assert_eq!(
+            set.get(&gone).take(),
+            Some(crate::sense::cond::IT_NEXUS_LOSS)
+        );
+    }
+
+    #[test]
+    fn a_nexus_an_lu_never_saw_is_not_remembered_as_lost() {
+        let set = Nexuses::default();
+        let never = named("never");
+        set.lose(&never);
+        assert_eq!(set.len(), 0);
+        assert_eq!(
+            set.get(&never).take(),
+            Some(crate::sense::cond::POWER_ON_RESET)
+        );
+    }
+
+    #[test]
+    fn lost_nexuses_are_not_listed_until_they_come_back() {
+        let set = Nexuses::default();
+        let n = named("n");
+        set.get(&n);
+        set.lose(&n);
+        let mut listed = 0;
+        set.for_each(|_, _| listed += 1);
+        assert_eq!(listed, 0);
+        set.get(&n);
+        set.for_each(|_, _| listed += 1);
+        assert_eq!(listed, 1);
     }
 
     #[test]
