@@ -322,8 +322,7 @@ impl Server {
             }
             let server = self.clone();
             tokio::spawn(async move {
-                let _slot = slot;
-                if let Err(e) = server.connection(stream, peer).await {
+                if let Err(e) = server.connection(stream, peer, slot).await {
                     tracing::debug!(%peer, error = %e, "iSCSI connection ended");
                 }
             });
@@ -430,10 +429,13 @@ impl Server {
         }
     }
 
+    /// Serve one connection, counted by `slot` until it has ended: for a session, until its
+    /// ending ([`Ending::run`]) is over.
     async fn connection(
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
+        slot: ConnectionSlot,
     ) -> Result<(), session::SessionError> {
         let local = stream.local_addr()?;
         stream.set_nodelay(true)?;
@@ -546,6 +548,7 @@ impl Server {
             id,
             done,
             nexus: target.zip(nexus.clone()),
+            _slot: slot,
         }));
         #[cfg(test)]
         if self.panic_in_sessions.load(Ordering::Relaxed) {
@@ -563,6 +566,9 @@ struct Ending {
     id: u64,
     done: watch::Sender<bool>,
     nexus: Option<(Arc<scsi::Target>, Arc<scsi::ItNexus>)>,
+    /// The connection is counted until the ending is over, so that [`Server::closed`] does not
+    /// return while the session's commands may still be running in the backend.
+    _slot: ConnectionSlot,
 }
 
 impl Ending {
@@ -926,16 +932,15 @@ mod tests {
         assert_eq!(r[1], 0x87, "T=1, CSG=1, NSG=3: full feature phase");
         assert!(closed(&mut s, Duration::from_secs(10)).await);
 
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while !server.sessions().is_empty() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .expect("the session leaves the registry");
+        // The connection stays counted until the session has ended: once `closed` returns,
+        // the session has left the registry (and its nexus has ended before that).
         tokio::time::timeout(Duration::from_secs(10), server.closed())
             .await
             .expect("no connection is counted");
+        assert!(
+            server.sessions().is_empty(),
+            "the session left the registry"
+        );
     }
 
     #[tokio::test]
