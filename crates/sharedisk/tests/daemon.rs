@@ -194,12 +194,14 @@ fn sigterm_stops_the_daemon_with_success() {
 
     d.signal("-TERM");
 
-    assert_eq!(
-        idle.read(&mut [0u8; 1])
-            .expect("the connection is closed, not timed out"),
-        0,
-        "the idle connection is closed"
-    );
+    // Closed (or reset, if it was still in the listen backlog), not timed out.
+    let read = idle.read(&mut [0u8; 1]);
+    let closed = match &read {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    };
+    assert!(closed, "the idle connection is closed: {read:?}");
     assert!(d.wait().success(), "exit status after SIGTERM");
     assert!(
         TcpStream::connect(&portal).is_err(),
