@@ -176,9 +176,10 @@ pub struct Server {
     connections: AtomicUsize,
     /// Woken when the last connection being served ends (see [`Server::closed`]).
     idle: tokio::sync::Notify,
-    /// Test hook: a connection's task panics right after its session is registered.
+    /// Test hook: a connection's task panics right after its session is registered (1), or
+    /// once its session has run, before it ends (2).
     #[cfg(test)]
-    panic_in_sessions: std::sync::atomic::AtomicBool,
+    panic_in_sessions: std::sync::atomic::AtomicU8,
 }
 
 /// Counts one served connection until dropped.
@@ -218,7 +219,7 @@ impl Server {
             connections: AtomicUsize::new(0),
             idle: tokio::sync::Notify::new(),
             #[cfg(test)]
-            panic_in_sessions: std::sync::atomic::AtomicBool::new(false),
+            panic_in_sessions: std::sync::atomic::AtomicU8::new(0),
         })
     }
 
@@ -551,10 +552,14 @@ impl Server {
             _slot: slot,
         }));
         #[cfg(test)]
-        if self.panic_in_sessions.load(Ordering::Relaxed) {
+        if self.panic_in_sessions.load(Ordering::Relaxed) == 1 {
             panic!("a bug in the session");
         }
         let result = session::run(self.clone(), *est, nexus, (rd, Some(fd)), wr, kill, local).await;
+        #[cfg(test)]
+        if self.panic_in_sessions.load(Ordering::Relaxed) == 2 {
+            panic!("a bug after the session");
+        }
         ending.finish().await;
         result
     }
@@ -881,16 +886,15 @@ mod tests {
             .expect("closed task");
     }
 
-    /// A session whose connection's task panics (a bug) still ends: it leaves the registry,
-    /// its nexus ends, and the server counts no connection any more.
-    #[tokio::test]
-    async fn a_session_whose_task_panics_still_ends() {
+    /// A server with one target, LUN 0 `lu`, whose connections' tasks panic as the test hook
+    /// `when` says, and a connection logged in to it.
+    async fn panicking_sessions(
+        lu: std::sync::Arc<scsi::LogicalUnit>,
+        when: u8,
+    ) -> (std::sync::Arc<Server>, TcpStream) {
         let name = "iqn.2026-01.test:panic";
         let mut t = scsi::Target::new();
-        t.add_lu(
-            0,
-            scsi::fuzzing::memory_lu(64, 512, "panic").expect("memory LU"),
-        );
+        t.add_lu(0, lu);
         let server = Server::new(ServerConfig {
             targets: vec![super::TargetConfig {
                 name: name.into(),
@@ -905,7 +909,7 @@ mod tests {
         });
         server
             .panic_in_sessions
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+            .store(when, std::sync::atomic::Ordering::Relaxed);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -930,6 +934,15 @@ mod tests {
         let r = login_response(&mut s).await;
         assert_eq!(&r[36..38], &[0, 0], "logged in");
         assert_eq!(r[1], 0x87, "T=1, CSG=1, NSG=3: full feature phase");
+        (server, s)
+    }
+
+    /// A session whose connection's task panics (a bug) still ends: it leaves the registry,
+    /// its nexus ends, and the server counts no connection any more.
+    #[tokio::test]
+    async fn a_session_whose_task_panics_still_ends() {
+        let lu = scsi::fuzzing::memory_lu(64, 512, "panic").expect("memory LU");
+        let (server, mut s) = panicking_sessions(lu, 1).await;
         assert!(closed(&mut s, Duration::from_secs(10)).await);
 
         // The connection stays counted until the session has ended: once `closed` returns,
@@ -941,6 +954,113 @@ mod tests {
             server.sessions().is_empty(),
             "the session left the registry"
         );
+    }
+
+    /// A memory driver whose writes wait for a permit.
+    struct GatedDriver {
+        inner: block::driver::mem::MemDriver,
+        gate: tokio::sync::Semaphore,
+        entered: tokio::sync::Notify,
+    }
+
+    #[async_trait::async_trait]
+    impl block::Driver for GatedDriver {
+        fn info(&self) -> block::DriverInfo {
+            self.inner.info()
+        }
+        async fn read(&self, o: u64, l: usize) -> Result<Vec<u8>, block::BlockError> {
+            self.inner.read(o, l).await
+        }
+        async fn write(&self, o: u64, d: Vec<u8>, fua: bool) -> Result<(), block::BlockError> {
+            self.entered.notify_one();
+            let _permit = self.gate.acquire().await.expect("gate");
+            self.inner.write(o, d, fua).await
+        }
+        async fn flush(&self) -> Result<(), block::BlockError> {
+            self.inner.flush().await
+        }
+        async fn discard(&self, o: u64, l: u64) -> Result<(), block::BlockError> {
+            self.inner.discard(o, l).await
+        }
+        async fn write_zeroes(&self, o: u64, l: u64, u: bool) -> Result<(), block::BlockError> {
+            self.inner.write_zeroes(o, l, u).await
+        }
+        async fn block_status(&self, o: u64, l: u64) -> Result<block::Extent, block::BlockError> {
+            self.inner.block_status(o, l).await
+        }
+    }
+
+    /// When a session's task panics with a command still in the backend, the connection stays
+    /// counted until that command has settled: `Server::closed` (after which the daemon
+    /// flushes) does not return before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_session_that_panics_is_counted_until_its_commands_settle() {
+        let driver = std::sync::Arc::new(GatedDriver {
+            inner: block::driver::mem::MemDriver::new(1 << 20),
+            gate: tokio::sync::Semaphore::new(0),
+            entered: tokio::sync::Notify::new(),
+        });
+        let backend = block::Backend::new(driver.clone(), 512).expect("512-byte blocks");
+        let lu = std::sync::Arc::new(scsi::LogicalUnit::new(
+            backend,
+            scsi::LuConfig {
+                vendor: "SHAREDSK".into(),
+                product: "gated".into(),
+                revision: "0001".into(),
+                serial: "gated".into(),
+                id: 1,
+            },
+        ));
+        let (server, mut s) = panicking_sessions(lu, 2).await;
+        // TEST UNIT READY (CmdSN 1) takes the new nexus's unit attention (29h/00h), which would
+        // otherwise fail the write before it reaches the driver.
+        let mut t = [0u8; 48];
+        t[0] = 0x01; // SCSI Command
+        t[1] = 0x81; // F=1, ATTR simple
+        t[16..20].copy_from_slice(&1u32.to_be_bytes()); // ITT
+        t[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
+        s.write_all(&t).await.expect("send");
+        let mut r = [0u8; 48];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut r))
+            .await
+            .expect("SCSI Response in time")
+            .expect("SCSI Response");
+        let sense = u32::from_be_bytes([0, r[5], r[6], r[7]]) as usize;
+        let mut rest = vec![0u8; sense.div_ceil(4) * 4];
+        s.read_exact(&mut rest).await.expect("sense data");
+        // SCSI Command (RFC 7143 11.3): F=1, W=1, ATTR simple; EDTL 512; WRITE(10) of one block
+        // at LBA 0, its data as immediate data.
+        let mut b = vec![0u8; 48];
+        b[0] = 0x01;
+        b[1] = 0xa1;
+        b[5..8].copy_from_slice(&[0x00, 0x02, 0x00]); // DataSegmentLength 512
+        b[16..20].copy_from_slice(&2u32.to_be_bytes()); // ITT
+        b[20..24].copy_from_slice(&512u32.to_be_bytes()); // Expected Data Transfer Length
+        b[24..28].copy_from_slice(&2u32.to_be_bytes()); // CmdSN
+        b[32..42].copy_from_slice(&[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0]); // WRITE(10), 1 block
+        b.extend_from_slice(&[0xAA; 512]);
+        let entered = driver.entered.notified();
+        s.write_all(&b).await.expect("send");
+        tokio::time::timeout(Duration::from_secs(10), entered)
+            .await
+            .expect("the write reaches the driver");
+        // The connection goes; the session's task then panics with the write in the backend.
+        drop(s);
+        let closed = tokio::spawn({
+            let server = server.clone();
+            async move { server.closed().await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !closed.is_finished(),
+            "closed returned while the session's write was still in the backend"
+        );
+        driver.gate.add_permits(1);
+        tokio::time::timeout(Duration::from_secs(10), closed)
+            .await
+            .expect("closed returns once the write has settled")
+            .expect("closed task");
+        assert!(server.sessions().is_empty());
     }
 
     #[tokio::test]
