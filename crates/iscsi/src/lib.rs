@@ -585,6 +585,11 @@ impl Ending {
         if let Some((t, n)) = &self.nexus {
             t.end_nexus(n).await;
         }
+        self.leave();
+    }
+
+    /// Leave the registry and say the session has ended.
+    fn leave(self) {
         self.server.unregister(self.id);
         self.done.send_replace(true);
     }
@@ -612,10 +617,7 @@ impl Drop for SessionEnd {
                 rt.spawn(e.run());
             }
             // No runtime (it is shutting down): nothing can wait for the backend any more.
-            Err(_) => {
-                e.server.unregister(e.id);
-                e.done.send_replace(true);
-            }
+            Err(_) => e.leave(),
         }
     }
 }
@@ -823,14 +825,21 @@ mod tests {
 
     /// A discovery Login Request (RFC 7143 11.12) with the given flags.
     fn login_request(flags: u8) -> Vec<u8> {
-        let text = b"InitiatorName=iqn.2026-01.test:lib\0SessionType=Discovery\0";
+        login_request_with(
+            flags,
+            "InitiatorName=iqn.2026-01.test:lib\0SessionType=Discovery\0",
+        )
+    }
+
+    /// A Login Request (RFC 7143 11.12) with the given flags and text.
+    fn login_request_with(flags: u8, text: &str) -> Vec<u8> {
         let mut b = vec![0u8; 48];
         b[0] = 0x43; // I=1, Login Request
         b[1] = flags; // T C . . CSG NSG
         b[7] = text.len() as u8; // DataSegmentLength
         b[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0, 9]); // ISID
         b[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
-        b.extend_from_slice(text);
+        b.extend_from_slice(text.as_bytes());
         b.resize(b.len().div_ceil(4) * 4, 0); // padding
         b
     }
@@ -921,16 +930,10 @@ mod tests {
             "InitiatorName=iqn.2026-01.test:lib\0SessionType=Normal\0TargetName={name}\0\
              InitialR2T=No\0ImmediateData=Yes\0MaxBurstLength=262144\0FirstBurstLength=65536\0"
         );
-        let mut b = vec![0u8; 48];
-        b[0] = 0x43; // I=1, Login Request
-        b[1] = 0x87; // T=1, CSG=1, NSG=3
-        b[7] = text.len() as u8; // DataSegmentLength
-        b[8..14].copy_from_slice(&[0x80, 0, 0, 0, 0, 9]); // ISID
-        b[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
-        b.extend_from_slice(text.as_bytes());
-        b.resize(b.len().div_ceil(4) * 4, 0); // padding
         let mut s = TcpStream::connect(addr).await.expect("connect");
-        s.write_all(&b).await.expect("send");
+        s.write_all(&login_request_with(0x87, &text)) // T=1, CSG=1, NSG=3
+            .await
+            .expect("send");
         let r = login_response(&mut s).await;
         assert_eq!(&r[36..38], &[0, 0], "logged in");
         assert_eq!(r[1], 0x87, "T=1, CSG=1, NSG=3: full feature phase");

@@ -341,10 +341,10 @@ where
         // Backpressure: stop reading while the writer is far behind.
         if queued.load(Ordering::Acquire) > MAX_QUEUED {
             let start = tokio::time::Instant::now();
-            while queued.load(Ordering::Acquire) > MAX_QUEUED / 2 {
-                if start.elapsed() > WRITER_STALL || *kill.borrow() {
-                    break;
-                }
+            while queued.load(Ordering::Acquire) > MAX_QUEUED / 2
+                && start.elapsed() <= WRITER_STALL
+                && !*kill.borrow()
+            {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             // Told to end (shutdown, reinstatement, TARGET COLD RESET): at once, not after

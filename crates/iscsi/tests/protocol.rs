@@ -471,21 +471,13 @@ async fn a_refused_final_login_response_keeps_the_request_s_stage_and_no_tsih() 
     drop(old);
     // One request that completes the login (T=1, CSG=1, NSG=3), with every key the target
     // would otherwise offer, so that its response is the final one.
-    let text = format!(
-        "InitiatorName={INITIATOR}\0SessionType=Normal\0TargetName={TARGET}\0\
-         InitialR2T=Yes\0ImmediateData=Yes\0MaxBurstLength=262144\0FirstBurstLength=65536\0"
-    );
-    let mut b = [0u8; 48];
-    b[0] = 0x43; // I=1, Login Request
-    b[1] = 0x87; // T=1, CSG=1, NSG=3
-    b[8..14].copy_from_slice(&ISID);
-    b[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
-    let mut c = Client {
-        s: TcpStream::connect(addr).await.expect("connect"),
-        cmdsn: 1,
-        itt: 1,
-    };
-    c.send(b, text.as_bytes()).await;
+    let (mut c, _) = Client::start_login(
+        addr,
+        INITIATOR,
+        "InitialR2T=Yes|ImmediateData=Yes|MaxBurstLength=262144|FirstBurstLength=65536|",
+        ISID,
+    )
+    .await;
     // The login waits for the old session, whose write is held; the server then shuts down.
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.shutdown();

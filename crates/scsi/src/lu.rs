@@ -254,12 +254,12 @@ impl LogicalUnit {
                 return Completion::Aborted;
             }
         }
-        let serial = &self.config.serial;
         let out = match CatchPanic::new(self.run(cmd, &ns, &guard.ctl)).await {
             Ok(out) => out,
             Err(()) => {
                 // A bug met by this command: it fails alone, with an answer, instead of
                 // ending the frontend's connection or task without one.
+                let serial = &self.config.serial;
                 tracing::error!(%serial, "A command panicked; answered INTERNAL TARGET FAILURE");
                 Some(self.check(cond::INTERNAL_TARGET_FAILURE))
             }

@@ -167,16 +167,15 @@ impl Client {
         }
     }
 
-    /// [`Client::login_as`], but a Login Response with a non-zero status (RFC 7143 11.13.5)
-    /// is returned as that status. The connection closing (or going silent) without a Login
-    /// Response panics: RFC 7143 6.7 has a target answer a login it refuses.
-    pub async fn try_login_as(
+    /// Connect and send the first Login Request of a normal session to the test target, as
+    /// initiator `name` with `isid` and `keys` (`|`-separated): one operational-stage request
+    /// that asks to go to the full feature phase (CSG=1 → NSG=3). Returns the request's BHS.
+    pub async fn start_login(
         addr: std::net::SocketAddr,
         name: &str,
         keys: &str,
         isid: [u8; 6],
-        answer: impl Fn(&str) -> &'static str,
-    ) -> Result<Client, u16> {
+    ) -> (Client, [u8; 48]) {
         let s = TcpStream::connect(addr).await.expect("connect");
         let mut c = Client {
             s,
@@ -194,6 +193,20 @@ impl Client {
             keys.replace('|', "\0")
         );
         c.send(b, text.as_bytes()).await;
+        (c, b)
+    }
+
+    /// [`Client::login_as`], but a Login Response with a non-zero status (RFC 7143 11.13.5)
+    /// is returned as that status. The connection closing (or going silent) without a Login
+    /// Response panics: RFC 7143 6.7 has a target answer a login it refuses.
+    pub async fn try_login_as(
+        addr: std::net::SocketAddr,
+        name: &str,
+        keys: &str,
+        isid: [u8; 6],
+        answer: impl Fn(&str) -> &'static str,
+    ) -> Result<Client, u16> {
+        let (mut c, b) = Self::start_login(addr, name, keys, isid).await;
         for _ in 0..3 {
             let r = c
                 .recv()
