@@ -106,8 +106,11 @@
 //! end of the file (which changes nothing); when the file system supports it, `discard` punches
 //! holes and `discard_zeroes` is reported (holes read as zeros). Write zeroes punches with unmap,
 //! otherwise uses `FALLOC_FL_ZERO_RANGE`, and writes zeros in 1 MiB chunks when the file system
-//! refuses both. Block status comes from `lseek(SEEK_DATA / SEEK_HOLE)`. Block devices are
-//! reported fully mapped and without discard.
+//! refuses both. Block status comes from the file system's extent map (`FS_IOC_FIEMAP`), where
+//! every allocated extent is mapped, including the unwritten ones `FALLOC_FL_ZERO_RANGE` leaves
+//! (zeros written without unmap are written blocks, SBC-4 WRITE SAME); where the file system has
+//! no FIEMAP (tmpfs), from `lseek(SEEK_DATA / SEEK_HOLE)`. Block devices are reported fully
+//! mapped and without discard.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -953,6 +956,125 @@ fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
     u64::try_from(r).map_err(|_| io::ErrorKind::InvalidData.into())
 }
 
+/// `FS_IOC_FIEMAP`: `_IOWR('f', 11, struct fiemap)`, whose header is 32 bytes.
+const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+/// `FIEMAP_EXTENT_LAST`: no extent of the file follows this one.
+const FIEMAP_EXTENT_LAST: u32 = 0x1;
+/// Extents asked for in one `FS_IOC_FIEMAP` call.
+const FIEMAP_BATCH: usize = 32;
+
+/// `struct fiemap_extent` (linux/fiemap.h).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct FiemapExtent {
+    logical: u64,
+    physical: u64,
+    length: u64,
+    reserved64: [u64; 2],
+    flags: u32,
+    reserved: [u32; 3],
+}
+
+/// `struct fiemap` with room for [`FIEMAP_BATCH`] extents.
+#[repr(C)]
+#[derive(Default)]
+struct Fiemap {
+    start: u64,
+    length: u64,
+    flags: u32,
+    mapped_extents: u32,
+    extent_count: u32,
+    reserved: u32,
+    extents: [FiemapExtent; FIEMAP_BATCH],
+}
+
+/// The file's extents that overlap `offset .. offset + len`, in file order, at most
+/// [`FIEMAP_BATCH`] of them; `None` when the file system has no FIEMAP.
+fn fiemap(file: &File, offset: u64, len: u64) -> io::Result<Option<Vec<FiemapExtent>>> {
+    let mut map = Fiemap {
+        start: offset,
+        length: len,
+        extent_count: FIEMAP_BATCH as u32,
+        ..Fiemap::default()
+    };
+    // SAFETY: `map` is a `struct fiemap` with room for `extent_count` extents, writable for
+    // the whole call; the descriptor is kept open by `file`.
+    let r = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP, &mut map as *mut Fiemap) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) => Ok(None),
+            _ => Err(e),
+        };
+    }
+    let n = (map.mapped_extents as usize).min(FIEMAP_BATCH);
+    Ok(Some(map.extents[..n].to_vec()))
+}
+
+/// The extent at `offset`, at most `len` long, from the file system's extent map (FIEMAP).
+/// Every extent counts as mapped, whether its blocks hold data, are allocated but unwritten
+/// (what `FALLOC_FL_ZERO_RANGE` leaves, which SEEK_DATA reports as a hole although the blocks
+/// stay allocated) or are still delayed in the page cache. `None` when the file system has no
+/// FIEMAP.
+fn map_extent(file: &File, offset: u64, len: u64) -> io::Result<Option<Extent>> {
+    let end = offset.saturating_add(len);
+    // `offset .. mapped_to` is known to be mapped.
+    let mut mapped_to = offset;
+    while mapped_to < end {
+        let Some(extents) = fiemap(file, mapped_to, end - mapped_to)? else {
+            return Ok(None);
+        };
+        let full = extents.len() == FIEMAP_BATCH;
+        let before = mapped_to;
+        for e in &extents {
+            let e_end = e.logical.saturating_add(e.length);
+            if e_end <= mapped_to {
+                continue;
+            }
+            if e.logical > mapped_to {
+                // A hole at `mapped_to`.
+                if mapped_to == offset {
+                    return Ok(Some(Extent {
+                        len: (e.logical - offset).min(len),
+                        mapped: false,
+                    }));
+                }
+                return Ok(Some(Extent {
+                    len: mapped_to - offset,
+                    mapped: true,
+                }));
+            }
+            mapped_to = e_end;
+            if e.flags & FIEMAP_EXTENT_LAST != 0 {
+                break;
+            }
+        }
+        let last = extents
+            .last()
+            .is_some_and(|e| e.flags & FIEMAP_EXTENT_LAST != 0);
+        if !full || last || mapped_to == before {
+            break;
+        }
+    }
+    if mapped_to == offset {
+        // No extent at or after `offset` within the range: a hole to its end.
+        return Ok(Some(Extent { len, mapped: false }));
+    }
+    Ok(Some(Extent {
+        len: (mapped_to - offset).min(len),
+        mapped: true,
+    }))
+}
+
+/// The extent at `offset`, at most `len` long: from FIEMAP ([`map_extent`]) where the file
+/// system has it, from SEEK_DATA/SEEK_HOLE ([`seek_extent`]) where it does not.
+fn file_extent(file: &File, offset: u64, len: u64) -> io::Result<Extent> {
+    match map_extent(file, offset, len)? {
+        Some(e) => Ok(e),
+        None => seek_extent(file, offset, len),
+    }
+}
+
 /// The extent at `offset` from SEEK_DATA/SEEK_HOLE, at most `len` long.
 fn seek_extent(file: &File, offset: u64, len: u64) -> io::Result<Extent> {
     match lseek(file, offset, libc::SEEK_DATA) {
@@ -1086,7 +1208,7 @@ impl Driver for FileDriver {
             return Ok(Extent { len, mapped: true });
         }
         let file = self.file.clone();
-        blocking(move || seek_extent(&file, offset, len))
+        blocking(move || file_extent(&file, offset, len))
             .await
             .map_err(BlockError::ReadFailed)
     }
@@ -1160,6 +1282,79 @@ mod tests {
             panic!("{e:?}");
         };
         assert_eq!(io.raw_os_error(), Some(libc::EIO));
+    }
+
+    #[test]
+    fn allocated_extents_in_a_row_are_one_mapped_run() {
+        let f = tempfile::tempfile().expect("tempfile");
+        f.set_len(1 << 20).expect("set_len");
+        // Data, then allocated but unwritten blocks, then data again: three extents on ext4 or
+        // XFS, one run of mapped blocks for GET LBA STATUS; then a hole to the end.
+        f.write_all_at(&[1; 4096], 0).expect("write");
+        if fallocate(&f, ZERO_RANGE, 4096, 8192).is_err() {
+            f.write_all_at(&[0; 8192], 4096).expect("write");
+        }
+        f.write_all_at(&[1; 4096], 12288).expect("write");
+        let e = file_extent(&f, 0, 1 << 20).expect("extent");
+        assert_eq!(
+            e,
+            Extent {
+                len: 16384,
+                mapped: true
+            }
+        );
+        let e = file_extent(&f, 8192, (1 << 20) - 8192).expect("extent");
+        assert_eq!(
+            e,
+            Extent {
+                len: 8192,
+                mapped: true
+            }
+        );
+        let e = file_extent(&f, 16384, (1 << 20) - 16384).expect("extent");
+        assert_eq!(
+            e,
+            Extent {
+                len: (1 << 20) - 16384,
+                mapped: false
+            }
+        );
+        // A range that starts in a hole ends where the next extent starts.
+        f.write_all_at(&[1; 4096], 65536).expect("write");
+        let e = file_extent(&f, 16384, (1 << 20) - 16384).expect("extent");
+        assert_eq!(
+            e,
+            Extent {
+                len: 65536 - 16384,
+                mapped: false
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn zeroes_written_without_unmap_stay_mapped() {
+        // SBC-4 WRITE SAME with UNMAP=0 writes every block, so GET LBA STATUS must then say
+        // mapped, even where the file system keeps the zeros as allocated, unwritten blocks.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = FileDriver::open(&dir.path().join("img"), Some(1 << 20)).expect("open");
+        d.write(0, vec![1; 65536], false).await.expect("write");
+        d.discard(0, 65536).await.expect("discard");
+        let e = d.block_status(0, 1 << 20).await.expect("status");
+        assert!(!e.mapped, "{e:?}");
+        d.write_zeroes(0, 65536, false).await.expect("zeroes");
+        let e = d.block_status(0, 1 << 20).await.expect("status");
+        assert_eq!(
+            e,
+            Extent {
+                len: 65536,
+                mapped: true
+            }
+        );
+        assert_eq!(d.read(0, 65536).await.expect("read"), vec![0; 65536]);
+        // With unmap, the blocks go back to the file system.
+        d.write_zeroes(0, 65536, true).await.expect("zeroes");
+        let e = d.block_status(0, 1 << 20).await.expect("status");
+        assert!(!e.mapped, "{e:?}");
     }
 
     #[test]
