@@ -481,6 +481,25 @@ async fn block_status_tells_holes_from_data(make: Make) {
     assert_eq!(n, b.capacity());
 }
 
+async fn zeros_written_without_unmap_stay_mapped(make: Make) {
+    let h = make(8 * MIB, 512);
+    let b = &h.backend;
+    if !b.capabilities().thin {
+        return;
+    }
+    // 64 KiB of data 64 KiB in, zeroed without unmap: SBC-4 WRITE SAME with UNMAP=0 writes
+    // every block, so the blocks stay mapped; with unmap they are deallocated.
+    b.write(128, vec![1; 128 * 512], false)
+        .await
+        .expect("write");
+    b.write_zeroes(128, 128, false).await.expect("zeroes");
+    assert_eq!(b.block_status(128).await.expect("status"), (128, true));
+    b.write_zeroes(128, 128, true).await.expect("zeroes+unmap");
+    let (n, mapped) = b.block_status(0).await.expect("status");
+    assert!(!mapped);
+    assert_eq!(n, b.capacity());
+}
+
 async fn block_status_of_the_last_block(make: Make) {
     let h = make(MIB, 512);
     let b = &h.backend;
@@ -753,6 +772,7 @@ macro_rules! suites {
                 write_zeroes_reads_zero_with_and_without_unmap,
                 write_zeroes_of_the_whole_device_is_cheap_and_reads_zero,
                 block_status_tells_holes_from_data,
+                zeros_written_without_unmap_stay_mapped,
                 block_status_of_the_last_block,
                 write_same_repeats_the_pattern_beyond_one_chunk,
                 write_same_of_zeros_reads_zero,

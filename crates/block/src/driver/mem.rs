@@ -7,8 +7,9 @@
 //! zeros (`discard_zeroes`), and [`Driver::block_status`] reports present chunks as mapped and
 //! absent ones as deallocated, so the mapping granularity is one chunk.
 //!
-//! Write zeroes without unmap zeroes the chunks that exist and leaves absent ones absent (they
-//! already read as zeros): zeroing a whole large device must not allocate it.
+//! Write zeroes without unmap zeroes the chunks that exist in place, so they stay mapped, and
+//! leaves absent ones absent (they already read as zeros): zeroing a whole large device must not
+//! allocate it.
 //!
 //! Every operation runs under one `RwLock` and completes without awaiting, so each driver call is
 //! atomic by itself; atomicity *across* calls (compare-and-write) is the block layer's business.
@@ -196,9 +197,26 @@ impl Driver for MemDriver {
         Ok(())
     }
 
-    async fn write_zeroes(&self, offset: u64, len: u64, _unmap: bool) -> Result<(), BlockError> {
-        // Absent chunks already read as zeros, so zeroing is discarding here.
-        self.discard(offset, len).await
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BlockError> {
+        if unmap {
+            return self.discard(offset, len).await;
+        }
+        // Chunks that exist are zeroed in place and stay mapped (the blocks were written);
+        // absent ones already read as zeros and stay absent.
+        let end = self.check(offset, len).map_err(BlockError::WriteFailed)?;
+        let mut chunks = self
+            .chunks
+            .write()
+            .map_err(|e| BlockError::WriteFailed(poisoned(e)))?;
+        for (&idx, c) in chunks.range_mut(offset / CHUNK..end.div_ceil(CHUNK)) {
+            let from = (idx * CHUNK).max(offset);
+            let to = ((idx + 1) * CHUNK).min(end);
+            let within = (from - idx * CHUNK) as usize;
+            if let Some(s) = c.get_mut(within..within + (to - from) as usize) {
+                s.fill(0);
+            }
+        }
+        Ok(())
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Extent, BlockError> {
@@ -247,6 +265,30 @@ mod tests {
         let d = MemDriver::new(1 << 50);
         d.write(1 << 40, vec![1; 8192], false).await.expect("write");
         assert_eq!(d.allocated_bytes(), 8192);
+    }
+
+    #[tokio::test]
+    async fn zeroes_without_unmap_keep_written_chunks_mapped() {
+        let d = MemDriver::new(1 << 50);
+        d.write(4096, vec![1; 8192], false).await.expect("write");
+        // Zero a huge range that covers the second chunk whole and the first in part.
+        d.write_zeroes(6144, (1 << 50) - 6144, false)
+            .await
+            .expect("zeroes");
+        assert_eq!(d.allocated_bytes(), 8192);
+        let got = d.read(4096, 8192).await.expect("read");
+        assert!(got[..2048].iter().all(|&b| b == 1));
+        assert!(got[2048..].iter().all(|&b| b == 0));
+        let e = d.block_status(4096, 8192).await.expect("status");
+        assert_eq!(
+            e,
+            Extent {
+                len: 8192,
+                mapped: true
+            }
+        );
+        d.write_zeroes(0, 1 << 50, true).await.expect("unmap");
+        assert_eq!(d.allocated_bytes(), 0);
     }
 
     #[tokio::test]
