@@ -247,9 +247,14 @@ impl Model {
                     }
                     _ => false,
                 };
-                self.regs.retain(|(set, k)| *k != c.sark || *set == me);
+                // Preempting the reservation keeps the sender's registration; only removing
+                // registrations removes it too when the key names it.
+                self.regs
+                    .retain(|(set, k)| *k != c.sark || (preempts && *set == me));
                 if preempts {
                     self.res = Some((c.ty, Self::holder_for(c.ty, &me)));
+                } else if ar && self.regs.is_empty() {
+                    self.res = None;
                 }
                 self.bump();
                 Good

@@ -322,6 +322,18 @@ fn spec_i_pt_from_a_registered_nexus_is_invalid_field_in_parameter_list() {
 }
 
 #[test]
+fn spec_i_pt_with_register_and_ignore_existing_key_is_invalid_field_in_parameter_list() {
+    // SPC-5 6.17.3: SPEC_I_PT set to one for any service action except REGISTER is INVALID
+    // FIELD IN PARAMETER LIST; nobody is registered.
+    let p = spec_i_pt(0x77, &[tid_00b_iqn_d()]);
+    // Field pointer byte 20 bit 3 (SPEC_I_PT): SKSV | BPV | 3 = 8Bh.
+    assert_eq!(
+        sense(run(&PrState::default(), &a(), REGISTER_IGNORE, 0, &p)),
+        fixed(0x05, 0x26, 0x00, [0x8B, 0x00, 0x14])
+    );
+}
+
+#[test]
 fn spec_i_pt_with_reserve_is_invalid_field_in_parameter_list() {
     let s = registered(&[(&a(), 0x10)]);
     let p = basic(0x10, 0, 0x08);
@@ -655,8 +667,8 @@ fn preempt_of_the_holder_takes_the_reservation_with_the_new_type() {
     assert_eq!(r.ty, PrType::ExclusiveAccess);
     assert!(e.state.is_holder(&b()));
     assert_eq!(keys(&e.state), [0x20, 0x30]);
-    // a: REGISTRATIONS PREEMPTED; c (kept its registration, type changed): RESERVATIONS
-    // RELEASED.
+    // a: REGISTRATIONS PREEMPTED; b and c (kept their registrations, type changed):
+    // RESERVATIONS RELEASED, which the logical unit leaves out for the sending nexus itself.
     let uas: Vec<_> = e
         .unit_attentions
         .iter()
@@ -664,7 +676,81 @@ fn preempt_of_the_holder_takes_the_reservation_with_the_new_type() {
         .collect();
     assert_eq!(
         uas,
-        [(Registrant::of(&a()), 0x05), (Registrant::of(&c()), 0x04)]
+        [
+            (Registrant::of(&a()), 0x05),
+            (Registrant::of(&b()), 0x04),
+            (Registrant::of(&c()), 0x04)
+        ]
+    );
+}
+
+#[test]
+fn preempt_that_changes_the_type_tells_the_senders_other_nexuses() {
+    // SPC-5 5.14.11.2.4: RESERVATIONS RELEASED for every I_T nexus whose registration was not
+    // removed "except for the I_T nexus on which the PERSISTENT RESERVE OUT command was
+    // received". a registered with ALL_TG_PT=1 (byte 20 bit 2), so its nexus on target port 2
+    // must be told: the registrant is in the list (the logical unit skips the sending nexus).
+    let s = ok(
+        &PrState::default(),
+        &a(),
+        REGISTER_IGNORE,
+        0,
+        &basic(0, 0xA, 0x04),
+    );
+    let s = ok(&s, &b(), REGISTER_IGNORE, 0, &basic(0, 0xB, 0));
+    let s = ok(&s, &b(), RESERVE, WE, &basic(0xB, 0, 0));
+    let e = run(&s, &a(), PREEMPT, WE_RO, &basic(0xA, 0xB, 0)).unwrap();
+    let me = s.registration(&nexus("iqn.a", 1, 2)).unwrap().who.clone();
+    assert!(
+        e.unit_attentions
+            .iter()
+            .any(|(w, s)| *w == me && (s.key, s.asc, s.ascq) == (0x06, 0x2A, 0x04)),
+        "{:?}",
+        e.unit_attentions
+    );
+}
+
+#[test]
+fn preempt_that_only_removes_registrations_removes_the_senders_own_too() {
+    // SPC-5 "Removing registrations" (no reservation, or the key does not name the holder):
+    // "Remove the registrations for all I_T nexuses specified by the SERVICE ACTION
+    // RESERVATION KEY field", with no exception for the sender (unlike preempting a
+    // reservation). a and b share key 11h; a preempts with 11h.
+    let s = registered(&[(&a(), 0x11), (&b(), 0x11), (&c(), 0x30)]);
+    let e = run(&s, &a(), PREEMPT, WE, &basic(0x11, 0x11, 0)).unwrap();
+    assert_eq!(keys(&e.state), [0x30]);
+    assert_eq!(e.state.reservation, None);
+    assert_eq!(e.state.generation, s.generation.wrapping_add(1));
+    // REGISTRATIONS PREEMPTED to both (the logical unit leaves out the sending nexus).
+    let uas: Vec<_> = e
+        .unit_attentions
+        .iter()
+        .map(|(w, s)| (w.clone(), s.ascq))
+        .collect();
+    assert_eq!(
+        uas,
+        [(Registrant::of(&a()), 0x05), (Registrant::of(&b()), 0x05)]
+    );
+}
+
+#[test]
+fn preempt_removing_the_last_all_registrants_registrations_ends_the_reservation() {
+    // An All Registrants reservation with a non-zero SERVICE ACTION RESERVATION KEY only
+    // removes registrations (SPC-5 5.14.11.2.4); when the key names every registrant, the
+    // sender included, none is left and the reservation goes with the last (5.14.10).
+    let s = registered(&[(&a(), 0x11), (&b(), 0x11)]);
+    let s = ok(&s, &a(), RESERVE, WE_AR, &basic(0x11, 0, 0));
+    let e = run(&s, &a(), PREEMPT, WE_AR, &basic(0x11, 0x11, 0)).unwrap();
+    assert!(keys(&e.state).is_empty());
+    assert_eq!(e.state.reservation, None);
+    // With a registrant left, the reservation stays.
+    let s = registered(&[(&a(), 0x11), (&b(), 0x11), (&c(), 0x30)]);
+    let s = ok(&s, &a(), RESERVE, WE_AR, &basic(0x11, 0, 0));
+    let e = run(&s, &a(), PREEMPT, WE_AR, &basic(0x11, 0x11, 0)).unwrap();
+    assert_eq!(keys(&e.state), [0x30]);
+    assert_eq!(
+        e.state.reservation.unwrap().ty,
+        PrType::WriteExclusiveAllRegistrants
     );
 }
 

@@ -11,8 +11,8 @@
 //!    than LU_SCOPE) or bit 3 (a reserved or obsolete TYPE);
 //! 2. the parameter list: its length (24 bytes unless SPEC_I_PT is one or the service action
 //!    is REGISTER AND MOVE: PARAMETER LIST LENGTH ERROR), SPEC_I_PT on a service action other
-//!    than REGISTER and REGISTER AND IGNORE EXISTING KEY, reserved bits, TransportIDs
-//!    (INVALID FIELD IN PARAMETER LIST with a field pointer);
+//!    than REGISTER, reserved bits, TransportIDs (INVALID FIELD IN PARAMETER LIST with a field
+//!    pointer);
 //! 3. the registration of the sending I_T nexus and its RESERVATION KEY (RESERVATION
 //!    CONFLICT, SPC-5 6.17.3 and the register behaviour tables of 5.14.7);
 //! 4. the service action itself.
@@ -58,10 +58,12 @@
 //! - RESERVATIONS RELEASED (2Ah/04h): RELEASE of a Registrants Only or All Registrants
 //!   reservation (SPC-5 5.14.11.2.2), to every other registrant; the holder of a Registrants
 //!   Only reservation unregistering (SPC-5 5.14.7, registering and unregistering), to every remaining
-//!   registrant; PREEMPT that changes the type or scope, to every registrant not removed.
+//!   registrant; PREEMPT that changes the type or scope, to every registrant not removed (the
+//!   sender's too, for its other nexuses).
 //! - RESERVATIONS PREEMPTED (2Ah/03h): CLEAR, to every registrant (SPC-5 5.14.11.2.6).
 //! - REGISTRATIONS PREEMPTED (2Ah/05h): PREEMPT and PREEMPT AND ABORT, to every registrant
-//!   they remove (SPC-5 5.14.11.2.4).
+//!   they remove (SPC-5 5.14.11.2.4): the sender's own is removed only when the reservation is
+//!   not preempted and SERVICE ACTION RESERVATION KEY names it ("Removing registrations").
 //!
 //! REGISTER AND MOVE queues none: the reservation keeps its type and scope, and SPC-5 5.14.8
 //! names no unit attention for it (the source sent the command, the destination gains).
@@ -255,9 +257,9 @@ fn parse_basic(p: &[u8], sa: u8, nexus: &ItNexus) -> Result<Basic, Refusal> {
     }
     let b20 = byte(p, 20);
     let spec_i_pt = b20 & 0x08 != 0;
-    if spec_i_pt && !matches!(sa, sa::REGISTER | sa::REGISTER_AND_IGNORE_EXISTING_KEY) {
-        // SPC-5 6.17.3: SPEC_I_PT is valid only for REGISTER and REGISTER AND IGNORE
-        // EXISTING KEY.
+    if spec_i_pt && sa != sa::REGISTER {
+        // SPC-5 6.17.3: SPEC_I_PT set to one for any service action except REGISTER is
+        // INVALID FIELD IN PARAMETER LIST (REGISTER AND IGNORE EXISTING KEY included).
         return Err(param_field(20, Some(3)));
     }
     if !spec_i_pt && p.len() != 24 {
@@ -625,11 +627,25 @@ fn preempt(
         (ids, preempts)
     };
 
-    // Remove the identified registrations, except the sender's own.
-    let removed: Vec<Registrant> = identified.iter().filter(|w| **w != me).cloned().collect();
+    // Remove the identified registrations. Preempting the reservation keeps the sender's own
+    // (SPC-5 5.14.11.2.4, preempting: "except the I_T nexus that is being used for the
+    // PERSISTENT RESERVE OUT command"); only removing registrations has no such exception, so
+    // a key that names the sender removes it too ("Removing registrations"). The unit
+    // attentions go to every nexus that lost its registration; the logical unit leaves out
+    // the sending one, not the sender's other nexuses (ALL_TG_PT).
+    let removed: Vec<Registrant> = identified
+        .iter()
+        .filter(|w| !(preempts && **w == me))
+        .cloned()
+        .collect();
     st.registrations.retain(|r| !removed.contains(&r.who));
     for w in &removed {
         ua.push((w.clone(), cond::REGISTRATIONS_PREEMPTED));
+    }
+    if !preempts && all_registrants && st.registrations.is_empty() {
+        // The last registrant of an All Registrants reservation is gone, and with it the
+        // reservation (SPC-5 5.14.10).
+        st.reservation = None;
     }
 
     if preempts {
@@ -643,10 +659,10 @@ fn preempt(
             holder: (!ty.all_registrants()).then(|| me.clone()),
         });
         if old_ty != ty || old_scope != LU_SCOPE {
+            // Every nexus whose registration was not removed but the sending one (which the
+            // logical unit leaves out), so the sender's other nexuses (ALL_TG_PT) too.
             for r in &st.registrations {
-                if r.who != me {
-                    ua.push((r.who.clone(), cond::RESERVATIONS_RELEASED));
-                }
+                ua.push((r.who.clone(), cond::RESERVATIONS_RELEASED));
             }
         }
     }
