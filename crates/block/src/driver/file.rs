@@ -1003,7 +1003,9 @@ fn fiemap(file: &File, offset: u64, len: u64) -> io::Result<Option<Vec<FiemapExt
     if r < 0 {
         let e = io::Error::last_os_error();
         return match e.raw_os_error() {
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOTTY) => Ok(None),
+            // No FIEMAP here (ENOTTY, EOPNOTSUPP; ENOSYS from some FUSE file systems; EINVAL
+            // where the file system refuses the request as such): SEEK_DATA instead.
+            Some(libc::EOPNOTSUPP | libc::ENOTTY | libc::ENOSYS | libc::EINVAL) => Ok(None),
             _ => Err(e),
         };
     }
