@@ -375,7 +375,7 @@ impl<'a> Login<'a> {
             return;
         }
         self.offers_made = true;
-        for (k, v) in text::target_offers() {
+        for (k, v) in text::target_offers(&self.params) {
             if !self.seen.contains(k) {
                 reply.push((k.to_string(), v));
                 self.offered.push(k);

@@ -107,13 +107,18 @@ pub mod ours {
 
 /// Keys the target offers in a normal session's operational stage when the initiator has not
 /// offered them (RFC 7143 6.2: either side may originate a negotiation), so that an initiator
-/// that leaves them out still gets unsolicited and immediate data and large bursts.
-pub fn target_offers() -> [(&'static str, String); 4] {
+/// that leaves them out still gets unsolicited and immediate data and large bursts. The
+/// FirstBurstLength offered never exceeds the MaxBurstLength of `p` (already negotiated, or
+/// its default), as RFC 7143 13.14 requires.
+pub fn target_offers(p: &Params) -> [(&'static str, String); 4] {
     [
         ("InitialR2T", "No".into()),
         ("ImmediateData", "Yes".into()),
         ("MaxBurstLength", ours::MAX_BURST.to_string()),
-        ("FirstBurstLength", ours::FIRST_BURST.to_string()),
+        (
+            "FirstBurstLength",
+            ours::FIRST_BURST.min(p.max_burst).to_string(),
+        ),
     ]
 }
 
@@ -268,7 +273,9 @@ pub fn negotiate(p: &mut Params, key: &str, value: &str, discovery: bool) -> Ans
                     p.max_burst = n.min(ours::MAX_BURST);
                     v(p.max_burst.to_string())
                 } else {
-                    p.first_burst = n.min(ours::FIRST_BURST);
+                    // FirstBurstLength MUST NOT exceed MaxBurstLength (RFC 7143 13.14): the
+                    // one already negotiated, or its default.
+                    p.first_burst = n.min(ours::FIRST_BURST).min(p.max_burst);
                     v(p.first_burst.to_string())
                 }
             }
@@ -440,6 +447,29 @@ mod tests {
         assert_eq!(neg("MaxBurstLength", "16776192").0, val("1048576"));
         assert_eq!(neg("FirstBurstLength", "8192").0, val("8192"));
         assert_eq!(neg("FirstBurstLength", "100").0, val("Reject"));
+    }
+
+    #[test]
+    fn the_first_burst_answered_never_exceeds_the_max_burst_negotiated() {
+        // RFC 7143 13.14: FirstBurstLength MUST NOT exceed MaxBurstLength.
+        let mut p = Params::default();
+        assert_eq!(
+            negotiate(&mut p, "MaxBurstLength", "131072", false),
+            val("131072")
+        );
+        assert_eq!(
+            negotiate(&mut p, "FirstBurstLength", "262144", false),
+            val("131072")
+        );
+        assert_eq!(p.first_burst, 131_072);
+        // Nor the one offered when the initiator left FirstBurstLength out.
+        let offered = target_offers(&p);
+        assert_eq!(offered[3], ("FirstBurstLength", "131072".to_string()));
+        // With MaxBurstLength at its default (262144), the offer is 262144.
+        assert_eq!(
+            target_offers(&Params::default())[3],
+            ("FirstBurstLength", "262144".to_string())
+        );
     }
 
     #[test]

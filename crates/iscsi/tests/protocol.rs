@@ -1248,6 +1248,48 @@ async fn target_offers_initial_r2t_no_and_immediate_data_yes_to_an_initiator_tha
     assert_eq!(rsp.bhs[3], 0x00, "GOOD");
 }
 
+/// RFC 7143 13.14: FirstBurstLength MUST NOT exceed MaxBurstLength, so an initiator that
+/// settles MaxBurstLength at 131072 is offered FirstBurstLength 131072 at most, and a write
+/// of that much immediate data (what both sides agreed) succeeds.
+#[tokio::test]
+async fn the_first_burst_offered_stays_within_the_max_burst_the_initiator_settled() {
+    let addr = start().await;
+    let s = TcpStream::connect(addr).await.expect("connect");
+    let mut c = Client {
+        s,
+        cmdsn: 1,
+        itt: 1,
+    };
+    let mut b = [0u8; 48];
+    b[0] = 0x43; // I=1, Login Request
+    b[1] = 0x87; // T=1, CSG=1, NSG=3
+    b[8..14].copy_from_slice(&[0x80, 7, 7, 7, 7, 7]); // ISID
+    b[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
+    let text = format!(
+        "InitiatorName=iqn.2026-01.test:wire\0TargetName={TARGET}\0MaxBurstLength=131072\0"
+    );
+    c.send(b, text.as_bytes()).await;
+    let r = c.recv().await.expect("Login Response");
+    let text = String::from_utf8(r.data).expect("text");
+    assert!(text.contains("MaxBurstLength=131072\0"), "{text:?}");
+    assert!(text.contains("FirstBurstLength=131072\0"), "{text:?}");
+    // The initiator takes the offer (Minimum with its own 262144).
+    c.send(
+        b,
+        b"InitialR2T=No\0ImmediateData=Yes\0FirstBurstLength=131072\0",
+    )
+    .await;
+    let r = c.recv().await.expect("Login Response");
+    assert_eq!(r.bhs[1], 0x87, "T=1 CSG=1 NSG=3");
+    c.clear_unit_attention().await;
+    // WRITE(10) of 256 blocks, all 131072 bytes as immediate data (F=1: no Data-Out follows).
+    let (b, _) = c.command(0xa1, 131_072, &write10(0, 256));
+    c.send(b, &vec![0x5a; 131_072]).await;
+    let rsp = c.recv().await.expect("SCSI Response");
+    assert_eq!(rsp.bhs[0], 0x21, "SCSI Response, not a Reject");
+    assert_eq!(rsp.bhs[3], 0x00, "GOOD");
+}
+
 #[tokio::test]
 async fn an_initiator_answering_initial_r2t_yes_gets_r2ts() {
     let addr = start().await;
