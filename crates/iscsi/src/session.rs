@@ -89,6 +89,9 @@ pub enum Out {
     },
     /// A command's completion: data-in (when the R bit was set), status, sense, residuals.
     Result(Box<ScsiResult>),
+    /// The initiator declared a new MaxRecvDataSegmentLength in the full feature phase (a
+    /// Text Request, RFC 7143 13.12): every PDU queued after this one respects it.
+    MaxData(u32),
     /// Flush everything queued, then stop.
     Close,
 }
@@ -285,6 +288,9 @@ struct Conn {
     next_ttt: u32,
     ping: Option<u32>,
     text_in: Vec<u8>,
+    /// The TTT of the empty answer to a Text Request with C=1, which the initiator copies
+    /// into the request's next part (RFC 7143 11.10.4).
+    text_in_ttt: Option<u32>,
     text_out: Option<(u32, Vec<u8>)>,
     /// Bytes solicited by R2Ts of tasks still collecting data.
     solicited: u64,
@@ -528,6 +534,7 @@ impl Conn {
             next_ttt: 1,
             ping: None,
             text_in: Vec::new(),
+            text_in_ttt: None,
             text_out: None,
             solicited: 0,
             r2t_wait: VecDeque::new(),
@@ -1359,16 +1366,27 @@ impl Conn {
         let mut b = Bhs::new(op::TEXT_RESP);
         b.set_lun(bhs.lun());
         b.set_u32(16, itt);
-        // Continuing a long response (RFC 7143 11.10.4).
         if ttt != RESERVED_TAG {
+            // Continuing a long response (RFC 7143 11.10.4).
             if let Some((t, rest)) = self.text_out.take() {
                 if t == ttt {
                     self.send_text(b, rest);
                     return;
                 }
             }
-            self.reject(reject::INVALID_FIELD, &bhs);
-            return;
+            // The next part of a request sent with C=1: the initiator copied the TTT of our
+            // empty answer (RFC 7143 11.10.4).
+            if self.text_in_ttt.take() != Some(ttt) {
+                self.text_in.clear();
+                self.reject(reject::INVALID_FIELD, &bhs);
+                return;
+            }
+        } else {
+            // TTT 0xffffffff: a new request; whatever was under way is reset (RFC 7143
+            // 11.10.4).
+            self.text_in.clear();
+            self.text_in_ttt = None;
+            self.text_out = None;
         }
         if self.text_in.len() + pdu.data.len() > MAX_TEXT {
             self.text_in.clear();
@@ -1377,8 +1395,10 @@ impl Conn {
         }
         self.text_in.extend_from_slice(&pdu.data);
         if bhs.flags() & 0x40 != 0 {
-            // C=1: more request text follows; answer empty with F=0 (RFC 7143 11.10.2).
+            // C=1: more request text follows; answer empty with F=0 and a TTT for the
+            // initiator to continue with (RFC 7143 11.10.2, 11.10.4).
             let ttt = self.alloc_ttt();
+            self.text_in_ttt = Some(ttt);
             b.set_u32(20, ttt);
             self.send_pdu(b, Vec::new(), Sn::Status);
             return;
@@ -1392,12 +1412,26 @@ impl Conn {
             }
         };
         let mut reply = Vec::new();
+        let mut max_data = None;
         for (k, v) in &pairs {
-            if k == "SendTargets" {
-                self.send_targets(v, &mut reply);
-            } else {
-                reply.push((k.clone(), "NotUnderstood".to_string()));
+            match k.as_str() {
+                "SendTargets" => self.send_targets(v, &mut reply),
+                // Declarative and allowed in the full feature phase (RFC 7143 13.12): taken
+                // without an answer, or answered Reject when out of range.
+                "MaxRecvDataSegmentLength" => match text::parse_number(v)
+                    .filter(|n| (512..=16_777_215).contains(n))
+                    .and_then(|n| u32::try_from(n).ok())
+                {
+                    Some(n) => max_data = Some(n),
+                    None => reply.push((k.clone(), "Reject".to_string())),
+                },
+                _ => reply.push((k.clone(), "NotUnderstood".to_string())),
             }
+        }
+        // The new limit holds from this response on (PDUs queued before it keep the old one).
+        if let Some(n) = max_data {
+            self.params.max_send_dsl = n;
+            self.send(Out::MaxData(n));
         }
         self.send_text(b, text::encode(&reply));
     }
@@ -1520,7 +1554,8 @@ async fn writer<W: AsyncWrite + Unpin>(
 ) -> Result<(), std::io::Error> {
     // Both are at least 512 by negotiation (RFC 7143 13.12, 13.13); the floor only guards
     // against a zero that would never make progress.
-    let max_data = framing.max_data.max(512);
+    let mut framing = framing;
+    let mut max_data = framing.max_data.max(512);
     let max_burst = max_burst.max(512);
     'outer: while let Some(first) = rx.recv().await {
         let mut next = Some(first);
@@ -1530,6 +1565,10 @@ async fn writer<W: AsyncWrite + Unpin>(
                 Out::Close => {
                     w.flush().await?;
                     break 'outer;
+                }
+                Out::MaxData(n) => {
+                    framing.max_data = n;
+                    max_data = n.max(512);
                 }
                 Out::Pdu { mut bhs, data, sn } => {
                     stamp(&mut bhs, &shared, &mut statsn, sn);

@@ -160,6 +160,96 @@ async fn send_targets_in_a_normal_session() {
     );
 }
 
+/// A Text Request header: I=1, `flags` (F 80h, C 40h), ITT, TTT and the session's CmdSN.
+fn text_bhs(c: &Client, flags: u8, itt: u32, ttt: u32) -> [u8; 48] {
+    let mut b = [0u8; 48];
+    b[0] = 0x44; // I=1, Text Request
+    b[1] = flags;
+    b[16..20].copy_from_slice(&itt.to_be_bytes());
+    b[20..24].copy_from_slice(&ttt.to_be_bytes());
+    b[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+    b
+}
+
+/// RFC 7143 11.10.2, 11.10.4: a Text Request with C=1 is answered empty with F=0 and a TTT
+/// other than FFFFFFFFh; the initiator copies that TTT into the request's next part. A part
+/// with TTT FFFFFFFFh starts a new request instead.
+#[tokio::test]
+async fn a_text_request_in_parts_continues_with_the_copied_ttt() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    c.send(text_bhs(&c, 0x40, 9, 0xffff_ffff), b"SendTar").await;
+    let r = c.recv().await.expect("Text Response");
+    assert_eq!(r.bhs[0], 0x24, "Text Response");
+    assert_eq!(r.bhs[1], 0x00, "F=0 C=0");
+    assert!(r.data.is_empty());
+    let ttt = r.u32(20);
+    assert_ne!(ttt, 0xffff_ffff);
+    c.send(text_bhs(&c, 0x80, 9, ttt), b"gets=\0").await;
+    let r = c.recv().await.expect("Text Response");
+    assert_eq!(r.bhs[0], 0x24, "Text Response, not a Reject");
+    assert_eq!(r.bhs[1], 0x80, "F=1");
+    let text = String::from_utf8(r.data).expect("text");
+    assert_eq!(
+        text,
+        format!("TargetName={TARGET}\0TargetAddress={addr},1\0")
+    );
+    // A first part, then a new request (TTT FFFFFFFFh): the first part is forgotten.
+    c.send(text_bhs(&c, 0x40, 10, 0xffff_ffff), b"Bogus").await;
+    let r = c.recv().await.expect("Text Response");
+    assert_eq!(r.bhs[1], 0x00, "F=0");
+    c.send(text_bhs(&c, 0x80, 11, 0xffff_ffff), b"SendTargets=\0")
+        .await;
+    let r = c.recv().await.expect("Text Response");
+    let text = String::from_utf8(r.data).expect("text");
+    assert!(text.starts_with("TargetName="), "{text:?}");
+    // A TTT the target never gave is a Reject (Invalid PDU Field, 09h).
+    c.send(text_bhs(&c, 0x80, 12, 0x1234_5678), b"SendTargets=\0")
+        .await;
+    let r = c.recv().await.expect("Reject");
+    assert_eq!((r.bhs[0], r.bhs[2]), (0x3f, 0x09));
+}
+
+/// RFC 7143 13.12: MaxRecvDataSegmentLength is declarative and may be sent in the full
+/// feature phase: the target takes it (nothing to answer) and sends no data segment longer
+/// from then on; a value out of range (512 to 2^24-1) is answered Reject.
+#[tokio::test]
+async fn max_recv_data_segment_length_declared_in_the_full_feature_phase_is_honoured() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    c.clear_unit_attention().await;
+    c.send(
+        text_bhs(&c, 0x80, 9, 0xffff_ffff),
+        b"MaxRecvDataSegmentLength=100\0",
+    )
+    .await;
+    let r = c.recv().await.expect("Text Response");
+    assert_eq!(r.bhs[0], 0x24);
+    assert_eq!(r.data, b"MaxRecvDataSegmentLength=Reject\0");
+    c.send(
+        text_bhs(&c, 0x80, 10, 0xffff_ffff),
+        b"MaxRecvDataSegmentLength=1024\0",
+    )
+    .await;
+    let r = c.recv().await.expect("Text Response");
+    assert_eq!(r.bhs[0], 0x24);
+    assert!(
+        r.data.is_empty(),
+        "declarative: no answer, got {:?}",
+        r.data
+    );
+    // READ(10) of 8 blocks: four Data-In PDUs of 1024 bytes.
+    let (b, _) = c.command(0xc1, 4096, &read10(0, 8));
+    c.send(b, &[]).await;
+    let mut got = 0;
+    while got < 4096 {
+        let d = c.recv().await.expect("Data-In");
+        assert_eq!(d.bhs[0], 0x25, "Data-In");
+        assert!(d.data.len() <= 1024, "{} bytes", d.data.len());
+        got += d.data.len();
+    }
+}
+
 /// A memory disk whose writes wait until the test opens the gate.
 struct GatedDriver {
     inner: block::driver::mem::MemDriver,
