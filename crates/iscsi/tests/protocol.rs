@@ -1344,21 +1344,13 @@ async fn target_offers_initial_r2t_no_and_immediate_data_yes_to_an_initiator_tha
 #[tokio::test]
 async fn the_first_burst_offered_stays_within_the_max_burst_the_initiator_settled() {
     let addr = start().await;
-    let s = TcpStream::connect(addr).await.expect("connect");
-    let mut c = Client {
-        s,
-        cmdsn: 1,
-        itt: 1,
-    };
-    let mut b = [0u8; 48];
-    b[0] = 0x43; // I=1, Login Request
-    b[1] = 0x87; // T=1, CSG=1, NSG=3
-    b[8..14].copy_from_slice(&[0x80, 7, 7, 7, 7, 7]); // ISID
-    b[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
-    let text = format!(
-        "InitiatorName=iqn.2026-01.test:wire\0TargetName={TARGET}\0MaxBurstLength=131072\0"
-    );
-    c.send(b, text.as_bytes()).await;
+    let (mut c, b) = Client::start_login(
+        addr,
+        "iqn.2026-01.test:wire",
+        "MaxBurstLength=131072|",
+        [0x80, 7, 7, 7, 7, 7],
+    )
+    .await;
     let r = c.recv().await.expect("Login Response");
     let text = String::from_utf8(r.data).expect("text");
     assert!(text.contains("MaxBurstLength=131072\0"), "{text:?}");
