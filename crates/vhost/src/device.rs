@@ -158,6 +158,10 @@ struct Entry {
     lu: usize,
     tag: u64,
     bytes: u64,
+    /// This connection's own ABORT TASK or ABORT TASK SET covered the request: aborted, it is
+    /// answered VIRTIO_SCSI_S_ABORTED; aborted by anything else (a reset, another initiator's
+    /// task management, PREEMPT AND ABORT, a stop), VIRTIO_SCSI_S_RESET.
+    abort_tmf: bool,
 }
 
 #[derive(Default)]
@@ -423,6 +427,7 @@ impl Device {
                 lu,
                 tag,
                 bytes,
+                abort_tmf: false,
             },
         );
         Ok(Token {
@@ -431,6 +436,32 @@ impl Device {
             queue,
             epochs,
         })
+    }
+
+    /// Mark the requests in flight that this connection's own ABORT TASK or ABORT TASK SET
+    /// covers (see [`Entry::abort_tmf`]).
+    fn mark_abort_tmf(&self, affects: Affects) {
+        for e in lock(&self.inflight).entries.values_mut() {
+            if affects.covers(e) {
+                e.abort_tmf = true;
+            }
+        }
+    }
+
+    /// The response for request `id`, aborted: VIRTIO_SCSI_S_ABORTED when this connection's
+    /// ABORT TASK or ABORT TASK SET ended it, VIRTIO_SCSI_S_RESET otherwise (virtio 1.2
+    /// 5.6.6.1: "cancelled due to a bus or device reset (including a task management
+    /// function)"), which a Linux guest retries where it fails an aborted one.
+    fn aborted_response(&self, id: u64) -> u32 {
+        if lock(&self.inflight)
+            .entries
+            .get(&id)
+            .is_some_and(|e| e.abort_tmf)
+        {
+            wire::VIRTIO_SCSI_S_ABORTED
+        } else {
+            wire::VIRTIO_SCSI_S_RESET
+        }
     }
 
     /// Entry `id` is done: free its room, wake the queues that wait for room, tell waiters.
@@ -907,7 +938,7 @@ impl Device {
             let (resp, data_in, placed) = match &done {
                 scsi::Completion::Aborted => (
                     wire::cmd_resp(
-                        status_byte(wire::VIRTIO_SCSI_S_ABORTED),
+                        status_byte(token.dev.aborted_response(token.id)),
                         0,
                         0,
                         &[],
@@ -953,10 +984,23 @@ impl Device {
             token
                 .dev
                 .complete(token.queue, token.epochs, &vring, head, || {
-                    let written = wr
-                        .write_at(&*mem, u64::from(resp_len), data_in)
-                        .and_then(|()| wr.write_at(&*mem, 0, &resp));
-                    match written {
+                    if let Err(e) = wr.write_at(&*mem, u64::from(resp_len), data_in) {
+                        // The data-in buffers are not all guest memory: the header still tells
+                        // the driver, which reads it whatever the used length says.
+                        tracing::warn!(head, error = %e, "Cannot write data-in to guest memory");
+                        let failed = wire::cmd_resp(
+                            status_byte(wire::VIRTIO_SCSI_S_FAILURE),
+                            0,
+                            0,
+                            &[],
+                            sense_size,
+                        );
+                        return match wr.write_at(&*mem, 0, &failed) {
+                            Ok(()) => resp_len,
+                            Err(_) => 0,
+                        };
+                    }
+                    match wr.write_at(&*mem, 0, &resp) {
                         Ok(()) => resp_len + placed as u32,
                         Err(e) => {
                             tracing::warn!(head, error = %e, "Cannot write a response to guest memory");
@@ -1103,6 +1147,12 @@ impl Device {
             scsi::Tmf::ItNexusReset => Affects::All,
             _ => Affects::Nothing,
         };
+        if matches!(
+            tmf,
+            scsi::Tmf::AbortTask { .. } | scsi::Tmf::AbortTaskSet { .. }
+        ) {
+            self.mark_abort_tmf(affects);
+        }
         let Ok(token) = self.enter(0, head, epochs, 0, tag, 0) else {
             return;
         };
@@ -1338,7 +1388,13 @@ impl Device {
                 ev.missed = false;
                 wire::EVENT_SIZE
             }
-            Err(_) => 0,
+            Err(_) => {
+                // The buffer is outside guest memory: this event is lost, and the next one
+                // says so (virtio 5.6.6.3: bit 31 when events were lost).
+                tracing::warn!(head, "Event buffer outside guest memory");
+                ev.missed = true;
+                0
+            }
         };
         Self::used(&vring, head, len);
     }

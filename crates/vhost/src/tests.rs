@@ -1688,3 +1688,139 @@ fn reads_and_writes_go_between_guest_buffers_and_the_driver_without_a_copy() {
     assert_eq!(rec.lent_reads.load(SeqCst), 1);
     assert_eq!(rec.own_buffers.load(SeqCst), 1);
 }
+
+/// A harness whose LU is on a [`SlowReads`] driver, with a READ(10) of LBA 0 (tag `tag`)
+/// stopped inside the driver; returns the harness, the driver's gate and the address of the
+/// read's response header.
+fn a_read_held_in_the_driver(tag: u64) -> (Harness, tokio::sync::watch::Sender<bool>, u64) {
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let drv = Arc::new(SlowReads {
+        inner: block::driver::mem::MemDriver::new(64 * 512),
+        gate,
+        started: 0.into(),
+    });
+    let mut h = Harness::with_lu(lu_on(drv.clone()));
+    h.tur();
+    // READ(10) (SBC-4 5.15) of LBA 0, one block.
+    let hd = h.header(LUN0, tag, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+    let r = h.alloc(RESP);
+    let d = h.alloc(512);
+    h.add_chain(2, &[rd(hd, REQ), wr(r, RESP), wr(d, 512)]);
+    h.kick(2);
+    let start = Instant::now();
+    while drv.started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the read reached the driver"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    (h, open, r)
+}
+
+/// Send task management function `subtype` for tag `tag` on the control queue without
+/// waiting for its answer; then let the held read go and return the response byte of the
+/// read's header (virtio 5.6.6.1) once both are back.
+fn response_of_a_held_read_after_tmf(subtype: u32, tag: u64) -> u8 {
+    let (mut h, open, r) = a_read_held_in_the_driver(tag);
+    let mut req = [0u8; 24];
+    // Type VIRTIO_SCSI_T_TMF (0) in bytes 0..4.
+    req[4..8].copy_from_slice(&subtype.to_le_bytes());
+    req[8..16].copy_from_slice(&LUN0);
+    req[16..24].copy_from_slice(&tag.to_le_bytes());
+    let a = h.alloc(24);
+    h.put(a, &req);
+    let t = h.alloc(1);
+    h.add_chain(0, &[rd(a, 24), wr(t, 1)]);
+    h.kick(0);
+    // The function reaches the task set while the read is still in the driver.
+    std::thread::sleep(Duration::from_millis(200));
+    open.send_replace(true);
+    assert_eq!(h.wait_used(2).1, RESP);
+    assert_eq!(h.wait_used(0).1, 1);
+    assert_eq!(h.get(t, 1), [0], "VIRTIO_SCSI_S_FUNCTION_COMPLETE");
+    h.get(r, 12)[11]
+}
+
+/// virtio 1.2 5.6.6.1: VIRTIO_SCSI_S_ABORTED (2) is for a request cancelled by ABORT TASK or
+/// ABORT TASK SET; VIRTIO_SCSI_S_RESET (4) for one cancelled "due to a bus or device reset
+/// (including a task management function)". A Linux guest retries the second (DID_RESET)
+/// and fails the first (DID_ABORT) with an I/O error.
+#[test]
+fn a_request_the_guests_own_abort_ends_is_aborted_and_one_a_reset_ends_is_reset() {
+    // ABORT TASK (subtype 0) of the held read's tag.
+    assert_eq!(response_of_a_held_read_after_tmf(0, 81), 2);
+    // ABORT TASK SET (1).
+    assert_eq!(response_of_a_held_read_after_tmf(1, 82), 2);
+    // LOGICAL UNIT RESET (5).
+    assert_eq!(response_of_a_held_read_after_tmf(5, 83), 4);
+    // I_T NEXUS RESET (4).
+    assert_eq!(response_of_a_held_read_after_tmf(4, 84), 4);
+}
+
+/// Another initiator's LOGICAL UNIT RESET on the shared LU (SAM-5: every task of every nexus
+/// ends) cancels the guest's read: VIRTIO_SCSI_S_RESET (4), which the guest retries.
+#[test]
+fn a_request_another_initiators_reset_ends_is_reset() {
+    let (mut h, open, r) = a_read_held_in_the_driver(85);
+    let other = Arc::new(scsi::ItNexus {
+        initiator: scsi::InitiatorPort {
+            transport: scsi::Transport::Iscsi,
+            name: "iqn.2026-01.test:other".into(),
+            isid: Some([0x40, 0, 0, 0, 0, 1]),
+        },
+        target: scsi::TargetPort {
+            name: "iqn.2026-01.io.sharedisk:disk0".into(),
+            tpgt: 1,
+            relative_id: 1,
+        },
+    });
+    let target = h.vs.shared.target(0).expect("target 0");
+    let reset = h.rt.spawn(async move {
+        target
+            .task_management(&other, scsi::Tmf::LogicalUnitReset { lun: 0 })
+            .await
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    open.send_replace(true);
+    assert_eq!(h.wait_used(2).1, RESP);
+    h.rt.block_on(reset).expect("reset");
+    assert_eq!(h.get(r, 12)[11], 4, "VIRTIO_SCSI_S_RESET");
+}
+
+/// virtio 1.2 5.6.6.3: "The device MUST set bit 31 in event if events were lost". An event
+/// put into a buffer outside guest memory is lost, so the next event carries
+/// VIRTIO_SCSI_T_EVENTS_MISSED (80000000h).
+#[test]
+fn an_event_lost_in_a_buffer_outside_guest_memory_is_reported_missed() {
+    let mut h = Harness::new();
+    // One event buffer at 8 MiB, past the end of guest memory.
+    h.add_chain(1, &[wr(8 << 20, 16)]);
+    h.kick(1);
+    h.vs.add_lu(0, 1, lu(8)).unwrap();
+    assert_eq!(h.wait_used(1).1, 0, "nothing written");
+    // The next buffer the driver gives says so at once: VIRTIO_SCSI_T_NO_EVENT (0) with bit
+    // 31 set.
+    let e = h.alloc(16);
+    h.add_chain(1, &[wr(e, 16)]);
+    h.kick(1);
+    assert_eq!(h.wait_used(1).1, 16);
+    assert_eq!(le32(&h.get(e, 16), 0), 0x8000_0000);
+}
+
+/// A data-in buffer the device cannot write (past the end of guest memory) still gets a
+/// response header, VIRTIO_SCSI_S_FAILURE (9): a Linux guest reads the header whatever the
+/// used length says (virtscsi_complete_cmd).
+#[test]
+fn a_data_in_buffer_outside_guest_memory_gets_a_failure_header() {
+    let mut h = Harness::new();
+    h.tur();
+    // READ(10) (SBC-4 5.15) of one block into a buffer that ends past guest memory (4 MiB).
+    let hd = h.header(LUN0, 79, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+    let r = h.alloc(RESP);
+    h.put(r, &[0xEE; 12]);
+    h.add_chain(2, &[rd(hd, REQ), wr(r, RESP), wr((4 << 20) - 256, 512)]);
+    h.kick(2);
+    assert_eq!(h.wait_used(2).1, RESP);
+    assert_eq!(h.get(r, 12)[11], 9, "VIRTIO_SCSI_S_FAILURE");
+}
