@@ -870,6 +870,16 @@ impl Device {
             return fail(wire::VIRTIO_SCSI_S_FAILURE);
         }
         let data_in_cap = wr.len() - u64::from(resp_len);
+        if data_out_len > 0 && data_in_cap > 0 {
+            // Both directions, and VIRTIO_SCSI_F_INOUT is not offered: "immediately returned
+            // with a response equal to VIRTIO_SCSI_S_FAILURE" (virtio 1.2 5.6.6.1).
+            tracing::warn!(
+                queue,
+                head,
+                "Bidirectional request without VIRTIO_SCSI_F_INOUT"
+            );
+            return fail(wire::VIRTIO_SCSI_S_FAILURE);
+        }
         let (vt, lun) = match wire::decode_lun(req.lun) {
             Address::BadTarget => return fail(wire::VIRTIO_SCSI_S_BAD_TARGET),
             // A LUN no logical unit can have: the SCSI target answers LOGICAL UNIT NOT

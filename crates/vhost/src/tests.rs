@@ -1824,3 +1824,21 @@ fn a_data_in_buffer_outside_guest_memory_gets_a_failure_header() {
     assert_eq!(h.wait_used(2).1, RESP);
     assert_eq!(h.get(r, 12)[11], 9, "VIRTIO_SCSI_S_FAILURE");
 }
+
+/// virtio 1.2 5.6.6.1: with both data-out and data-in buffers and VIRTIO_SCSI_F_INOUT not
+/// negotiated (the device does not offer it: feature bit 0), the request is returned at once
+/// with VIRTIO_SCSI_S_FAILURE (9) and not run.
+#[test]
+fn a_bidirectional_request_fails_without_running() {
+    let mut h = Harness::new();
+    h.tur();
+    assert_eq!(h.dev.features() & 1, 0, "VIRTIO_SCSI_F_INOUT not offered");
+    // WRITE(10) (SBC-4 5.40) of LBA 9, one block of 77h, with a 512-byte data-in buffer too.
+    let (len, resp, _) = h.command(LUN0, &[0x2A, 0, 0, 0, 0, 9, 0, 0, 1, 0], &[0x77; 512], 512);
+    assert_eq!(len, RESP);
+    assert_eq!(resp[11], 9, "VIRTIO_SCSI_S_FAILURE");
+    let lu = h.lu.clone();
+    let stored =
+        h.rt.block_on(async move { lu.backend().read(9, 1).await.expect("read") });
+    assert_eq!(stored, vec![0; 512], "not written");
+}
