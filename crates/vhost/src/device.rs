@@ -892,6 +892,20 @@ impl Device {
         // Only what the CDB asks for is copied: the SCSI layer uses no more, and the rest is
         // reported as residual.
         let expected_out = u64::from(target.data_out_len(lun, &req.cdb));
+        if data_out_len < expected_out {
+            // The CDB asks for more data-out than the driver gave: VIRTIO_SCSI_S_OVERRUN
+            // (virtio 1.2 5.6.6.1: "requires more data than is available in the datain and
+            // dataout buffers"), and nothing of it is written (as QEMU does), rather than a
+            // part of the write acknowledged.
+            tracing::warn!(
+                queue,
+                head,
+                data_out_len,
+                expected_out,
+                "Data-out shorter than the CDB"
+            );
+            return fail(wire::VIRTIO_SCSI_S_OVERRUN);
+        }
         let copy = data_out_len.min(expected_out);
         let lu_id = target.lu(lun).map_or(0, |lu| Arc::as_ptr(lu) as usize);
         let token = match self.enter(queue, head, epochs, lu_id, req.tag, copy) {
@@ -970,13 +984,12 @@ impl Device {
                         wire::VIRTIO_SCSI_S_OK
                     };
                     // virtio 5.6.6.1: resid is the part of the transfer that did not
-                    // happen: data-in buffers left unfilled; data-out the guest sent beyond
-                    // what the CDB asks for; or, on a data-out underrun, what the CDB asks
-                    // for beyond what the guest sent (the SCSI layer used only that).
+                    // happen: data-in buffers left unfilled, or data-out the guest sent
+                    // beyond what the CDB asks for (less than it asks for never runs).
                     let resid = if data_in_cap > 0 {
                         data_in_cap - n as u64
                     } else {
-                        data_out_len.abs_diff(expected_out)
+                        data_out_len.saturating_sub(expected_out)
                     };
                     (
                         wire::cmd_resp(

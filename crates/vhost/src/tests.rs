@@ -561,11 +561,16 @@ fn write_and_read_round_trip_with_residuals() {
     assert_eq!(len, RESP);
     assert_eq!(&resp[0..12], &[0, 0, 0, 0, 0x00, 0x02, 0, 0, 0, 0, 0, 0]);
 
-    // WRITE(10) of 2 blocks with only 512 bytes of data-out: the block received is written
-    // (GOOD), and resid says the other 512 bytes were not transferred.
+    // WRITE(10) of 2 blocks with only 512 bytes of data-out: VIRTIO_SCSI_S_OVERRUN (1)
+    // (virtio 5.6.6.1: the CDB requires more data than the buffers hold), and nothing is
+    // written.
     let (len, resp, _) = h.command(LUN0, &[0x2A, 0, 0, 0, 0, 5, 0, 0, 2, 0], &[0xCD; 512], 0);
     assert_eq!(len, RESP);
-    assert_eq!(&resp[0..12], &[0, 0, 0, 0, 0x00, 0x02, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(resp[11], 1, "VIRTIO_SCSI_S_OVERRUN");
+    let lu = h.lu.clone();
+    let stored =
+        h.rt.block_on(async move { lu.backend().read(5, 2).await.expect("read") });
+    assert_eq!(stored, vec![0; 1024], "not written");
 }
 
 #[test]
