@@ -1201,9 +1201,12 @@ impl Conn {
         const SUCCEEDED: u8 = 7;
         let tmf = match func {
             1 => {
-                // ABORT TASK (RFC 7143 11.5.1).
-                if let Some(t) = self.take_task(rtt) {
-                    self.shared.release(t.slot);
+                // ABORT TASK (RFC 7143 11.5.1). A task is named by its logical unit and its
+                // tag (SAM-5 7.2): one still collecting data for another LUN is not this one.
+                if self.tasks.get(&rtt).is_some_and(|t| t.lun == lun) {
+                    if let Some(t) = self.take_task(rtt) {
+                        self.shared.release(t.slot);
+                    }
                     respond(self, b, COMPLETE);
                     return Flow::Continue;
                 }

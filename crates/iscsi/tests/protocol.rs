@@ -373,6 +373,32 @@ async fn abort_task_still_collecting_data() {
     assert!(c.recv().await.is_none());
 }
 
+/// SAM-5 7.2: ABORT TASK names a task by its logical unit and tag; for a task collecting data
+/// for LUN 0, an ABORT TASK with LUN 1 names no task (RFC 7143 11.6.1: Task does not exist,
+/// 1), and the write goes on.
+#[tokio::test]
+async fn abort_task_with_another_lun_does_not_abort_the_task() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "InitialR2T=Yes|ImmediateData=No|").await;
+    c.clear_unit_attention().await;
+    let (b, itt) = c.command(0xa1, 512, &write10(0, 1));
+    c.send(b, &[]).await;
+    let r2t = c.recv().await.expect("R2T");
+    assert_eq!(r2t.bhs[0], 0x31);
+    let mut t = abort_task(&c, 100, itt, c.cmdsn - 1);
+    t[8..16].copy_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]); // LUN 1 (SAM-5 4.7: peripheral)
+    c.send(t, &[]).await;
+    let r = c.recv().await.expect("TMF Response");
+    assert_eq!(r.bhs[0], 0x22);
+    assert_eq!(r.bhs[2], 1, "Task does not exist");
+    // The write is still there: its Data-Out completes it.
+    c.send(data_out(itt, r2t.u32(20), 0, 0, true), &[0x5A; 512])
+        .await;
+    let rsp = c.recv().await.expect("SCSI Response");
+    assert_eq!(rsp.bhs[0], 0x21, "SCSI Response");
+    assert_eq!(rsp.bhs[3], 0x00, "GOOD");
+}
+
 #[tokio::test]
 async fn logout_closes_the_session() {
     let addr = start().await;
