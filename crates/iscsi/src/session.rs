@@ -1211,11 +1211,10 @@ impl Conn {
                     return Flow::Continue;
                 }
                 let refsn = bhs.u32_at(32);
-                if let Some((&sn, _)) = self
-                    .held
-                    .iter()
-                    .find(|(_, h)| matches!(h, Held::Pdu(p, _) if p.bhs.itt() == rtt))
-                {
+                if let Some((&sn, _)) = self.held.iter().find(|(_, h)| {
+                    matches!(h, Held::Pdu(p, _)
+                            if p.bhs.itt() == rtt && pdu::decode_lun(p.bhs.lun()) == lun)
+                }) {
                     self.held.insert(sn, Held::Skip);
                     respond(self, b, COMPLETE);
                     return Flow::Continue;
@@ -2063,6 +2062,24 @@ mod tests {
         // Response 1: Task does not exist (RFC 7143 11.6.1).
         assert!(codes.iter().all(|&r| r == 1), "{codes:?}");
         assert!(c.held.is_empty(), "no CmdSN was settled");
+    }
+
+    #[tokio::test]
+    async fn abort_task_for_another_lun_leaves_a_held_command_alone() {
+        let (mut c, mut rx) = conn(unsolicited_params());
+        // WRITE for LUN 0 with CmdSN 3 while ExpCmdSN is 1: held.
+        c.handle(write_cmd(false, 7, 3, 1, &[0; 512])).await.ok();
+        assert!(matches!(c.held.get(&3), Some(Held::Pdu(..))));
+        // ABORT TASK of ITT 7 on LUN 1 (SAM-5 7.2: a task is its LUN and tag): no such task.
+        let mut t = abort_task(700, 7, 4, 3);
+        t.bhs.0[8..16].copy_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
+        c.handle(t).await.ok();
+        assert_eq!(
+            tmf_responses(&outs(&mut rx)),
+            vec![1],
+            "Task does not exist"
+        );
+        assert!(matches!(c.held.get(&3), Some(Held::Pdu(..))), "still held");
     }
 
     #[tokio::test]
