@@ -361,11 +361,10 @@ impl VhostScsi {
     }
 
     /// Create the socket and serve connections one after another on a thread of its own,
-    /// until [`Server::stop`].
+    /// until [`Server::stop`]. See [`bind`] for what may already be at the path.
     pub fn spawn(self) -> std::io::Result<Server> {
-        let mut listener = Listener::new(&self.path, true).map_err(|e| {
-            std::io::Error::other(format!("Cannot listen on {}: {e}", self.path.display()))
-        })?;
+        let (listener, socket) = bind(&self.path)?;
+        let mut listener = Listener::from(listener);
         let stop = Arc::new(AtomicBool::new(false));
         let conn: Arc<Mutex<Option<ShutdownHandle>>> = Arc::default();
         let (stop2, conn2, me) = (stop.clone(), conn.clone(), self.clone());
@@ -377,6 +376,7 @@ impl VhostScsi {
             stop,
             conn,
             thread: Some(thread),
+            socket,
         })
     }
 
@@ -491,6 +491,66 @@ pub struct Server {
     stop: Arc<AtomicBool>,
     conn: Arc<Mutex<Option<ShutdownHandle>>>,
     thread: Option<JoinHandle<()>>,
+    /// The socket's file identity (device, inode): at the stop the path is removed only if it
+    /// is still this socket, not one another process bound there since.
+    socket: (u64, u64),
+}
+
+/// The mode of a vhost-user socket: its owner and group may connect, nobody else (whoever
+/// connects drives the guest's I_T nexus, its LUs and reservations).
+const SOCKET_MODE: u32 = 0o660;
+
+/// Bind a vhost-user socket at `path`. A socket nobody answers on is stale and replaced; one
+/// that a live process answers on is an error, and so is any other kind of file there (a
+/// mistyped path must never cost a file). The socket is bound inside a fresh private (0700)
+/// folder next to `path`, given [`SOCKET_MODE`], then renamed to `path`, so nobody can
+/// connect before its mode is set. Returns the listener and the socket's (device, inode).
+fn bind(path: &Path) -> std::io::Result<(std::os::unix::net::UnixListener, (u64, u64))> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let err = |what: &str, e: std::io::Error| {
+        std::io::Error::new(
+            e.kind(),
+            format!("{what} the vhost-user socket {}: {e}", path.display()),
+        )
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket; choose another vhost-user socket path",
+                    path.display()
+                ),
+            ));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!(
+                    "Another process answers on the vhost-user socket {}",
+                    path.display()
+                ),
+            ));
+        }
+        std::fs::remove_file(path).map_err(|e| err("Cannot remove the stale socket at", e))?;
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let private = tempfile::Builder::new()
+        .prefix(".sharedisk-vhost.")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(parent)
+        .map_err(|e| err("Cannot create", e))?;
+    let staged = private.path().join("vhost.sock");
+    let listener =
+        std::os::unix::net::UnixListener::bind(&staged).map_err(|e| err("Cannot create", e))?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(SOCKET_MODE))
+        .map_err(|e| err("Cannot set the mode of", e))?;
+    std::fs::rename(&staged, path).map_err(|e| err("Cannot create", e))?;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| err("Cannot read", e))?;
+    Ok((listener, (meta.dev(), meta.ino())))
 }
 
 impl Server {
@@ -513,6 +573,13 @@ impl Server {
         let _ = UnixStream::connect(&self.device.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        // Remove the socket, unless another process has bound its own at the path since.
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::symlink_metadata(&self.device.path)
+            .is_ok_and(|m| (m.dev(), m.ino()) == self.socket)
+        {
+            let _ = std::fs::remove_file(&self.device.path);
         }
     }
 }

@@ -1847,3 +1847,80 @@ fn a_bidirectional_request_fails_without_running() {
         h.rt.block_on(async move { lu.backend().read(9, 1).await.expect("read") });
     assert_eq!(stored, vec![0; 512], "not written");
 }
+
+/// What may already be at a vhost-user socket's path: another kind of file is never removed
+/// (a mistyped path must not cost a file, the served image least of all), a socket a live
+/// process answers on is not taken over, a stale socket is replaced. The new socket is
+/// mode 0660 whatever the umask, and a stop removes the path only while it is still the
+/// server's own socket.
+#[test]
+fn a_socket_path_in_use_or_not_a_socket_is_refused_and_only_our_socket_is_removed() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    // A regular file.
+    let file = dir.path().join("disk.img");
+    std::fs::write(&file, b"data").unwrap();
+    let e = crate::bind(&file).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        b"data",
+        "the file is untouched"
+    );
+    // A live socket.
+    let live = dir.path().join("live.sock");
+    let other = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    let e = crate::bind(&live).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
+    assert!(std::fs::symlink_metadata(&live)
+        .unwrap()
+        .file_type()
+        .is_socket());
+    // A stale socket (its listener gone; the file stays).
+    drop(other);
+    let (_l, _) = crate::bind(&live).expect("a stale socket is replaced");
+    let mode = std::fs::metadata(&live).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with('.')),
+        "no staging folder left behind"
+    );
+
+    // A server's stop leaves alone a socket another process bound at the path since.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let path = dir.path().join("vm.sock");
+    let mut cfg = socket_config(2, 1, Vec::new());
+    cfg.path = path.clone();
+    let server = VhostScsi::new(cfg.clone(), rt.handle().clone())
+        .unwrap()
+        .spawn()
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let newer = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    server.stop();
+    assert!(
+        std::fs::symlink_metadata(&path).is_ok(),
+        "the newer socket stays"
+    );
+    drop(newer);
+    std::fs::remove_file(&path).unwrap();
+    // Its own socket it removes.
+    let server = VhostScsi::new(cfg, rt.handle().clone())
+        .unwrap()
+        .spawn()
+        .unwrap();
+    assert!(std::fs::symlink_metadata(&path).is_ok());
+    server.stop();
+    assert!(
+        std::fs::symlink_metadata(&path).is_err(),
+        "removed at the stop"
+    );
+}
