@@ -4,13 +4,15 @@
 //! Validation happens before anything is opened or bound, so a bad deployment fails with one
 //! clear message and leaves nothing behind. The rules:
 //! - target and initiator names are iSCSI names (RFC 7143 4.2.7.1: `iqn.`, `eui.`, `naa.`);
-//! - target names are unique, LUNs are unique within a target, images are unique overall;
+//! - target names are unique, LUNs and portals are unique within a target, images are unique
+//!   overall;
 //! - a logical block is 512 or 4096 bytes, and a new image's size is a whole number of blocks;
 //! - an image that does not exist needs a size to be created with;
 //! - a target with a portal outside the loopback network must have an initiator ACL or CHAP,
 //!   so a fresh deployment never exposes a disk to anyone who can reach the port;
 //! - CHAP secrets are at least 12 bytes (RFC 7143 12.1.3 asks for 96 bits), and mutual CHAP
-//!   needs one-way CHAP and a different secret;
+//!   needs one-way CHAP and a different secret; no secret that authenticates initiators (a
+//!   target's or discovery's `chap`) is any target's `mutual` secret (RFC 7143 9.2.1);
 //! - vhost-user sockets (`[[vhost]]`) are unique, each has an initiator name (1 to 223
 //!   printable ASCII characters, no spaces), 1 to 62 request queues and at least one LU, with
 //!   (target, LUN) unique per socket. A socket's LU names an image: when an iSCSI target serves
@@ -502,6 +504,10 @@ impl Plan {
             if t.portals.is_empty() {
                 bail!("{what}: no portal to listen on");
             }
+            let mut portals = HashSet::new();
+            if let Some(p) = t.portals.iter().find(|p| !portals.insert(*p)) {
+                bail!("{what}: portal {p} is listed twice");
+            }
             if let Some(list) = &t.allowed_initiators {
                 if list.is_empty() {
                     bail!(
@@ -555,7 +561,32 @@ impl Plan {
                 }
             }
         }
+        self.check_secret_directions()?;
         self.validate_vhost(&images, &mut serials, &mut ids)
+    }
+
+    /// RFC 7143 9.2.1: "Any CHAP secret used for initiator authentication MUST NOT be
+    /// configured for authentication of any target, and vice versa": no one-way secret (the
+    /// initiators', discovery's included) may be any target's mutual secret.
+    fn check_secret_directions(&self) -> anyhow::Result<()> {
+        let auths = || {
+            std::iter::once(("Discovery".to_string(), &self.discovery_auth)).chain(
+                self.targets
+                    .iter()
+                    .map(|t| (format!("Target {}", t.name), &t.auth)),
+            )
+        };
+        for (target_side, auth) in auths() {
+            let Some(m) = &auth.mutual else { continue };
+            for (initiator_side, other) in auths() {
+                if other.chap.as_ref().is_some_and(|c| c.secret == m.secret) {
+                    bail!(
+                        "{target_side}: its mutual CHAP secret is also the initiators' CHAP                          secret of {initiator_side}; a secret must serve one direction only                          (RFC 7143 9.2.1)"
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The `[[vhost]]` rules of the module docs; `iscsi_images` are the images iSCSI targets
@@ -1106,6 +1137,44 @@ size = "1M"
             size = "1M"
             "#);
         assert!(e.contains("mutual CHAP needs one-way CHAP"), "{e}");
+    }
+
+    #[test]
+    fn a_secret_used_in_both_directions_is_refused() {
+        // RFC 7143 9.2.1: a secret for initiator authentication MUST NOT also authenticate a
+        // target. Here one target's mutual (target) secret is another's initiator secret.
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:a"
+            auth.chap = { user = "alice", secret = "alice-secret-1" }
+            auth.mutual = { user = "target", secret = "shared-secret-2" }
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            [[target]]
+            name = "iqn.2026-01.com.example:b"
+            auth.chap = { user = "bob", secret = "shared-secret-2" }
+            [[target.lu]]
+            lun = 0
+            file = "b.img"
+            size = "1M"
+            "#);
+        assert!(e.contains("one direction only"), "{e}");
+    }
+
+    #[test]
+    fn the_same_portal_twice_in_a_target_is_refused() {
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            portals = ["127.0.0.1:3260", "127.0.0.1:3260"]
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            "#);
+        assert!(e.contains("listed twice"), "{e}");
     }
 
     #[test]
