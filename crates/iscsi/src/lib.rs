@@ -56,11 +56,21 @@ const NOP_INTERVAL: Duration = Duration::from_secs(15);
 /// commands to finish (the wait itself is not bounded).
 const REINSTATE_WARN: Duration = Duration::from_secs(10);
 
-/// One CHAP identity: the name and the secret (RFC 7143 12.1.3, RFC 1994).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One CHAP identity: the name and the secret (RFC 7143 12.1.3, RFC 1994). Its `Debug`
+/// shows the name only, so no log or error message carries the secret.
+#[derive(Clone, PartialEq, Eq)]
 pub struct ChapSecret {
     pub user: String,
     pub secret: String,
+}
+
+impl std::fmt::Debug for ChapSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChapSecret")
+            .field("user", &self.user)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Authentication required by a target (or by discovery).
@@ -805,7 +815,21 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
-    use super::{Auth, Server, ServerConfig};
+    use super::{Auth, ChapSecret, Server, ServerConfig};
+
+    #[test]
+    fn a_chap_secret_never_shows_in_debug_output() {
+        let auth = Auth {
+            chap: Some(ChapSecret {
+                user: "alice".into(),
+                secret: "very-secret-1".into(),
+            }),
+            mutual: None,
+        };
+        let shown = format!("{auth:?}");
+        assert!(shown.contains("alice"), "{shown}");
+        assert!(!shown.contains("very-secret-1"), "{shown}");
+    }
 
     /// A server for discovery sessions only, with the given limits.
     async fn start(login: Duration, pdu: Duration, connections: usize) -> SocketAddr {

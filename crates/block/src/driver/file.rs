@@ -856,8 +856,9 @@ fn open_or_create(path: &Path, may_create: bool, direct: bool) -> Result<(File, 
     match o.open(path) {
         Ok(f) => Ok((f, false)),
         Err(e) if e.kind() == io::ErrorKind::NotFound && may_create => {
-            // `create_new`: never truncate a file that appeared in the meantime.
-            match o.create_new(true).open(path) {
+            // `create_new`: never truncate a file that appeared in the meantime. Mode 0600:
+            // the disk's data is for the daemon, not for every local user.
+            match o.create_new(true).mode(0o600).open(path) {
                 Ok(f) => Ok((f, true)),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                     open_or_create(path, false, direct)
@@ -1357,6 +1358,16 @@ mod tests {
         d.write_zeroes(0, 65536, true).await.expect("zeroes");
         let e = d.block_status(0, 1 << 20).await.expect("status");
         assert!(!e.mapped, "{e:?}");
+    }
+
+    #[test]
+    fn a_created_image_is_for_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("img");
+        let _d = FileDriver::open(&path, Some(1 << 20)).expect("open");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 
     #[test]
