@@ -116,12 +116,21 @@ pub struct AuthConfig {
     pub mutual: Option<ChapConfig>,
 }
 
-/// One CHAP identity.
-#[derive(Debug, Deserialize)]
+/// One CHAP identity. Its `Debug` shows the name only.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChapConfig {
     pub user: String,
     pub secret: String,
+}
+
+impl std::fmt::Debug for ChapConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChapConfig")
+            .field("user", &self.user)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
 }
 
 /// One `[[target.lu]]`.
@@ -235,11 +244,30 @@ impl FileConfig {
         Ok(toml::from_str(text)?)
     }
 
-    /// Read and parse a config file.
+    /// Read and parse a config file. A file holding CHAP secrets that users other than its
+    /// owner may read is loaded, with a warning.
     pub fn load(path: &Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("Cannot read config file {}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("Bad config file {}", path.display()))
+        let config =
+            Self::parse(&text).with_context(|| format!("Bad config file {}", path.display()))?;
+        if let Ok(meta) = std::fs::metadata(path) {
+            if config.has_secrets() && secrets_exposed(meta.permissions().mode()) {
+                tracing::warn!(
+                    config = %path.display(),
+                    mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                    "The config file holds CHAP secrets and users other than its owner may read                      it; make it mode 0600"
+                );
+            }
+        }
+        Ok(config)
+    }
+
+    /// Whether any CHAP secret is configured.
+    fn has_secrets(&self) -> bool {
+        let set = |a: &AuthConfig| a.chap.is_some() || a.mutual.is_some();
+        set(&self.discovery_auth) || self.targets.iter().any(|t| set(&t.auth))
     }
 
     /// Turn into a plan; relative image paths are taken from `base` (the config file's folder).
@@ -460,6 +488,11 @@ fn check_auth(what: &str, auth: &iscsi::Auth) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether a file of `mode` may be read by users other than its owner (its group or others).
+fn secrets_exposed(mode: u32) -> bool {
+    mode & 0o077 != 0
+}
+
 /// The path an image will have once it exists: canonical when it does, its canonical folder
 /// plus its name when it does not.
 pub fn canonical_image_path(path: &Path) -> std::io::Result<PathBuf> {
@@ -563,6 +596,24 @@ impl Plan {
         }
         self.check_secret_directions()?;
         self.validate_vhost(&images, &mut serials, &mut ids)
+    }
+
+    /// What the plan allows that is legal but weak, one sentence each, for the log: a target
+    /// outside the loopback network with an initiator ACL and no CHAP admits whoever claims a
+    /// listed name (an InitiatorName is not proof of identity).
+    pub fn warnings(&self) -> Vec<String> {
+        self.targets
+            .iter()
+            .filter(|t| {
+                !t.loopback_only() && t.allowed_initiators.is_some() && t.auth.chap.is_none()
+            })
+            .map(|t| {
+                format!(
+                    "Target {} listens outside the loopback network with an initiator ACL but                      no CHAP: anyone who reaches the port can claim a listed initiator name;                      configure auth.chap",
+                    t.name
+                )
+            })
+            .collect()
     }
 
     /// RFC 7143 9.2.1: "Any CHAP secret used for initiator authentication MUST NOT be
@@ -1161,6 +1212,68 @@ size = "1M"
             size = "1M"
             "#);
         assert!(e.contains("one direction only"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_exposed_to_anyone_but_the_owner() {
+        assert!(!super::secrets_exposed(0o100600));
+        assert!(!super::secrets_exposed(0o100400));
+        assert!(super::secrets_exposed(0o100640));
+        assert!(super::secrets_exposed(0o100604));
+        let c = FileConfig::parse(
+            r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            auth.chap = { user = "alice", secret = "alice-secret-1" }
+            "#,
+        )
+        .expect("parse");
+        assert!(c.has_secrets());
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("alice-secret-1"), "{shown}");
+        let c = FileConfig::parse(
+            r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            "#,
+        )
+        .expect("parse");
+        assert!(!c.has_secrets());
+    }
+
+    #[test]
+    fn an_acl_without_chap_outside_loopback_is_warned_about() {
+        let p = plan(
+            r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            portals = ["192.0.2.1:3260"]
+            allowed_initiators = ["iqn.2026-01.com.example:host1"]
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            "#,
+        )
+        .expect("valid");
+        let w = p.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("no CHAP"), "{w:?}");
+        // With CHAP, or on loopback, nothing to say.
+        let p = plan(
+            r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            portals = ["127.0.0.1:3260"]
+            allowed_initiators = ["iqn.2026-01.com.example:host1"]
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            "#,
+        )
+        .expect("valid");
+        assert!(p.warnings().is_empty());
     }
 
     #[test]

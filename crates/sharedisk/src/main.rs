@@ -357,6 +357,9 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Serve(args) => plan(args).and_then(|plan| {
+            for w in plan.warnings() {
+                tracing::warn!("{w}");
+            }
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
