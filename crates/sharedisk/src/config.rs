@@ -405,21 +405,24 @@ fn parse_id(s: &str) -> anyhow::Result<u64> {
 
 /// Check an iSCSI name (RFC 7143 4.2.7.1, RFC 3720 3.2.6.3): `iqn.YYYY-MM.reversed.domain[:x]`,
 /// `eui.` + 16 hex digits, or `naa.` + 16 or 32 hex digits; at most 223 bytes, made of lower-case
-/// letters, digits, `-`, `.` and `:`.
+/// letters, digits, `-`, `.` and `:` (names are compared in lower case, RFC 3722 2).
 pub fn check_iscsi_name(name: &str) -> Result<(), String> {
     let bad = |why: &str| Err(format!("{name:?} is not a valid iSCSI name: {why}"));
     if name.is_empty() || name.len() > 223 {
         return bad("it must be 1 to 223 bytes long");
     }
+    // iSCSI names are compared in their normalised, lower-case form (RFC 3722 2, RFC 7143
+    // 4.2.7.1), which is what initiators send: an upper-case name here would never match.
+    let hex_digit = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
     if let Some(hex) = name.strip_prefix("eui.") {
-        if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return bad("eui. must be followed by 16 hex digits");
+        if hex.len() != 16 || !hex.bytes().all(hex_digit) {
+            return bad("eui. must be followed by 16 lower-case hex digits");
         }
         return Ok(());
     }
     if let Some(hex) = name.strip_prefix("naa.") {
-        if !(hex.len() == 16 || hex.len() == 32) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return bad("naa. must be followed by 16 or 32 hex digits");
+        if !(hex.len() == 16 || hex.len() == 32) || !hex.bytes().all(hex_digit) {
+            return bad("naa. must be followed by 16 or 32 lower-case hex digits");
         }
         return Ok(());
     }
@@ -1396,8 +1399,10 @@ size = "1M"
             "iqn.1993-08.org.debian:01:abcdef0123",
             "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test-2",
             "iqn.2026-01.io.sharedisk",
-            "eui.02004567A425678D",
-            "naa.52004567BA64678D",
+            // RFC 3720 3.2.6.3.2's examples, in the lower case names are compared in
+            // (RFC 3722 2: normalised by stringprep).
+            "eui.02004567a425678d",
+            "naa.52004567ba64678d",
         ] {
             assert_eq!(check_iscsi_name(good), Ok(()), "{good}");
         }
@@ -1412,6 +1417,9 @@ size = "1M"
             "iqn.2026-01.com.example:a b",
             "eui.1234",
             "naa.xyz",
+            // Upper case would never match the lower-case name an initiator sends.
+            "eui.02004567A425678D",
+            "naa.52004567BA64678D",
         ] {
             assert!(check_iscsi_name(bad).is_err(), "{bad:?} was accepted");
         }
