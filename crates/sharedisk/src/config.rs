@@ -1246,37 +1246,27 @@ size = "1M"
 
     #[test]
     fn an_acl_without_chap_outside_loopback_is_warned_about() {
-        let p = plan(
-            r#"
-            [[target]]
-            name = "iqn.2026-01.com.example:db"
-            portals = ["192.0.2.1:3260"]
-            allowed_initiators = ["iqn.2026-01.com.example:host1"]
-            [[target.lu]]
-            lun = 0
-            file = "a.img"
-            size = "1M"
-            "#,
-        )
-        .expect("valid");
-        let w = p.warnings();
+        let acl_only_on = |portal: &str| {
+            plan(&format!(
+                r#"
+                [[target]]
+                name = "iqn.2026-01.com.example:db"
+                portals = ["{portal}"]
+                allowed_initiators = ["iqn.2026-01.com.example:host1"]
+                [[target.lu]]
+                lun = 0
+                file = "a.img"
+                size = "1M"
+                "#
+            ))
+            .expect("valid")
+            .warnings()
+        };
+        let w = acl_only_on("192.0.2.1:3260");
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].contains("no CHAP"), "{w:?}");
-        // With CHAP, or on loopback, nothing to say.
-        let p = plan(
-            r#"
-            [[target]]
-            name = "iqn.2026-01.com.example:db"
-            portals = ["127.0.0.1:3260"]
-            allowed_initiators = ["iqn.2026-01.com.example:host1"]
-            [[target.lu]]
-            lun = 0
-            file = "a.img"
-            size = "1M"
-            "#,
-        )
-        .expect("valid");
-        assert!(p.warnings().is_empty());
+        // On loopback, nothing to say.
+        assert!(acl_only_on("127.0.0.1:3260").is_empty());
     }
 
     #[test]

@@ -454,6 +454,13 @@ impl Harness {
         (len, self.get(r, RESP), self.get(d, din))
     }
 
+    /// What the LU's block layer holds at `lba`, `blocks` long.
+    fn stored(&self, lba: u64, blocks: u32) -> Vec<u8> {
+        let lu = self.lu.clone();
+        self.rt
+            .block_on(async move { lu.backend().read(lba, blocks).await.expect("read") })
+    }
+
     /// Clear the power-on unit attention of the socket's nexus.
     fn tur(&mut self) -> (u32, Vec<u8>) {
         let (len, resp, _) = self.command(LUN0, &[0x00, 0, 0, 0, 0, 0], &[], 0);
@@ -528,9 +535,7 @@ fn write_and_read_round_trip_with_residuals() {
     assert_eq!(len, RESP);
     assert_eq!(&h.get(r, 12), &[0; 12]);
     // The block layer has it.
-    let lu = h.lu.clone();
-    let stored =
-        h.rt.block_on(async move { lu.backend().read(1, 2).await.unwrap() });
+    let stored = h.stored(1, 2);
     assert_eq!(stored, data);
 
     // READ(10) LBA 1, 2 blocks into two data-in descriptors.
@@ -567,9 +572,7 @@ fn write_and_read_round_trip_with_residuals() {
     let (len, resp, _) = h.command(LUN0, &[0x2A, 0, 0, 0, 0, 5, 0, 0, 2, 0], &[0xCD; 512], 0);
     assert_eq!(len, RESP);
     assert_eq!(resp[11], 1, "VIRTIO_SCSI_S_OVERRUN");
-    let lu = h.lu.clone();
-    let stored =
-        h.rt.block_on(async move { lu.backend().read(5, 2).await.expect("read") });
+    let stored = h.stored(5, 2);
     assert_eq!(stored, vec![0; 1024], "not written");
 }
 
@@ -1225,9 +1228,7 @@ fn data_out_budget_holds_requests_in_the_ring_until_completions() {
     for r in resps {
         assert_eq!(h.get(r, 12), vec![0; 12]);
     }
-    let lu = h.lu.clone();
-    let stored =
-        h.rt.block_on(async move { lu.backend().read(12, 1).await.unwrap() });
+    let stored = h.stored(12, 1);
     assert_eq!(stored, vec![0x52; 512]);
 }
 
@@ -1842,9 +1843,7 @@ fn a_bidirectional_request_fails_without_running() {
     let (len, resp, _) = h.command(LUN0, &[0x2A, 0, 0, 0, 0, 9, 0, 0, 1, 0], &[0x77; 512], 512);
     assert_eq!(len, RESP);
     assert_eq!(resp[11], 9, "VIRTIO_SCSI_S_FAILURE");
-    let lu = h.lu.clone();
-    let stored =
-        h.rt.block_on(async move { lu.backend().read(9, 1).await.expect("read") });
+    let stored = h.stored(9, 1);
     assert_eq!(stored, vec![0; 512], "not written");
 }
 
