@@ -361,7 +361,9 @@ impl VhostScsi {
     }
 
     /// Create the socket and serve connections one after another on a thread of its own,
-    /// until [`Server::stop`]. See [`bind`] for what may already be at the path.
+    /// until [`Server::stop`]. What may already be at the path: a stale socket is replaced;
+    /// a socket a live process answers on, or any other kind of file, is an error (never
+    /// removed). The socket is created mode 0660.
     pub fn spawn(self) -> std::io::Result<Server> {
         let (listener, socket) = bind(&self.path)?;
         let mut listener = Listener::from(listener);
