@@ -20,7 +20,8 @@ cd "$root/fuzz"
 export RUSTC_BOOTSTRAP=1
 cargo fuzz build
 
-bin_dir=$root/fuzz/target/x86_64-unknown-linux-gnu/release
+# Where cargo put them: CARGO_TARGET_DIR when it is set (as for every other build here).
+bin_dir=${CARGO_TARGET_DIR:-$root/fuzz/target}/x86_64-unknown-linux-gnu/release
 artifacts=$root/out/fuzz
 mkdir -p "$artifacts"
 corpus=$(mktemp -d)
