@@ -1418,21 +1418,20 @@ impl Conn {
         for (k, v) in &pairs {
             match k.as_str() {
                 "SendTargets" => self.send_targets(v, &mut reply),
-                // Declarative and allowed in the full feature phase (RFC 7143 13.12): taken
-                // without an answer, or answered Reject when out of range.
-                "MaxRecvDataSegmentLength" => match text::parse_number(v)
-                    .filter(|n| (512..=16_777_215).contains(n))
-                    .and_then(|n| u32::try_from(n).ok())
-                {
-                    Some(n) => max_data = Some(n),
-                    None => reply.push((k.clone(), "Reject".to_string())),
-                },
+                // Declarative and allowed in the full feature phase (RFC 7143 13.12): taken as
+                // at login, without an answer, or answered Reject when out of range.
+                "MaxRecvDataSegmentLength" => {
+                    match text::negotiate(&mut self.params, k, v, false) {
+                        text::Answer::Silent => max_data = Some(self.params.max_send_dsl),
+                        text::Answer::Value(a) => reply.push((k.clone(), a)),
+                        text::Answer::NotOperational => {}
+                    }
+                }
                 _ => reply.push((k.clone(), "NotUnderstood".to_string())),
             }
         }
         // The new limit holds from this response on (PDUs queued before it keep the old one).
         if let Some(n) = max_data {
-            self.params.max_send_dsl = n;
             self.send(Out::MaxData(n));
         }
         self.send_text(b, text::encode(&reply));

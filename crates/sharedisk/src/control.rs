@@ -88,42 +88,15 @@ impl Control {
     /// The socket is bound inside a fresh private (0700) folder next to `path`, made 0600,
     /// then renamed to `path`, so there is no moment at which another user could connect.
     pub async fn bind(path: &Path) -> anyhow::Result<Control> {
-        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if !meta.file_type().is_socket() {
-                bail!(
-                    "{} exists and is not a socket; choose another --control path",
-                    path.display()
-                );
-            }
-            if UnixStream::connect(path).await.is_ok() {
-                bail!(
-                    "Another sharedisk daemon answers on the control socket {}",
-                    path.display()
-                );
-            }
-            std::fs::remove_file(path)
-                .with_context(|| format!("Cannot remove the stale socket {}", path.display()))?;
-        }
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let private = tempfile::Builder::new()
-            .prefix(".sharedisk-control.")
-            .permissions(std::fs::Permissions::from_mode(0o700))
-            .tempdir_in(parent)
-            .with_context(|| format!("Cannot create the control socket {}", path.display()))?;
-        let staged = private.path().join("control.sock");
-        let listener = UnixListener::bind(&staged)
-            .with_context(|| format!("Cannot create the control socket {}", path.display()))?;
-        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("Cannot restrict the control socket {}", path.display()))?;
-        std::fs::rename(&staged, path)
-            .with_context(|| format!("Cannot create the control socket {}", path.display()))?;
+        use std::os::unix::fs::MetadataExt;
+        let (listener, _) = vhost_scsi::bind_socket(path, 0o600, "control socket")?;
+        listener
+            .set_nonblocking(true)
+            .with_context(|| format!("Cannot use the control socket {}", path.display()))?;
+        let listener = UnixListener::from_std(listener)
+            .with_context(|| format!("Cannot use the control socket {}", path.display()))?;
         let owner = std::fs::metadata(path)
             .with_context(|| format!("Cannot read the control socket {}", path.display()))?;
-        use std::os::unix::fs::MetadataExt;
         Ok(Control {
             listener,
             path: path.to_path_buf(),

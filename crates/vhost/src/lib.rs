@@ -361,11 +361,10 @@ impl VhostScsi {
     }
 
     /// Create the socket and serve connections one after another on a thread of its own,
-    /// until [`Server::stop`]. What may already be at the path: a stale socket is replaced;
-    /// a socket a live process answers on, or any other kind of file, is an error (never
-    /// removed). The socket is created mode 0660.
+    /// until [`Server::stop`]. What may already be at the path: see [`bind_socket`]; the
+    /// socket is created mode 0660.
     pub fn spawn(self) -> std::io::Result<Server> {
-        let (listener, socket) = bind(&self.path)?;
+        let (listener, socket) = bind_socket(&self.path, SOCKET_MODE, "vhost-user socket")?;
         let mut listener = Listener::from(listener);
         let stop = Arc::new(AtomicBool::new(false));
         let conn: Arc<Mutex<Option<ShutdownHandle>>> = Arc::default();
@@ -502,17 +501,22 @@ pub struct Server {
 /// connects drives the guest's I_T nexus, its LUs and reservations).
 const SOCKET_MODE: u32 = 0o660;
 
-/// Bind a vhost-user socket at `path`. A socket nobody answers on is stale and replaced; one
-/// that a live process answers on is an error, and so is any other kind of file there (a
-/// mistyped path must never cost a file). The socket is bound inside a fresh private (0700)
-/// folder next to `path`, given [`SOCKET_MODE`], then renamed to `path`, so nobody can
-/// connect before its mode is set. Returns the listener and the socket's (device, inode).
-fn bind(path: &Path) -> std::io::Result<(std::os::unix::net::UnixListener, (u64, u64))> {
+/// Bind a Unix socket at `path` (`what` names it in errors: "vhost-user socket", "control
+/// socket"). A socket nobody answers on is stale and replaced; one that a live process answers
+/// on is an error, and so is any other kind of file there (a mistyped path must never cost a
+/// file). The socket is bound inside a fresh private (0700) folder next to `path`, given
+/// `mode`, then renamed to `path`, so nobody can connect before its mode is set. Returns the
+/// listener and the socket's (device, inode).
+pub fn bind_socket(
+    path: &Path,
+    mode: u32,
+    what: &str,
+) -> std::io::Result<(std::os::unix::net::UnixListener, (u64, u64))> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-    let err = |what: &str, e: std::io::Error| {
+    let err = |doing: &str, e: std::io::Error| {
         std::io::Error::new(
             e.kind(),
-            format!("{what} the vhost-user socket {}: {e}", path.display()),
+            format!("{doing} the {what} {}: {e}", path.display()),
         )
     };
     if let Ok(meta) = std::fs::symlink_metadata(path) {
@@ -520,7 +524,7 @@ fn bind(path: &Path) -> std::io::Result<(std::os::unix::net::UnixListener, (u64,
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AlreadyExists,
                 format!(
-                    "{} exists and is not a socket; choose another vhost-user socket path",
+                    "{} exists and is not a socket; choose another {what} path",
                     path.display()
                 ),
             ));
@@ -528,27 +532,24 @@ fn bind(path: &Path) -> std::io::Result<(std::os::unix::net::UnixListener, (u64,
         if UnixStream::connect(path).is_ok() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::AddrInUse,
-                format!(
-                    "Another process answers on the vhost-user socket {}",
-                    path.display()
-                ),
+                format!("Another process answers on the {what} {}", path.display()),
             ));
         }
-        std::fs::remove_file(path).map_err(|e| err("Cannot remove the stale socket at", e))?;
+        std::fs::remove_file(path).map_err(|e| err("Cannot remove the stale", e))?;
     }
     let parent = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
     let private = tempfile::Builder::new()
-        .prefix(".sharedisk-vhost.")
+        .prefix(".sharedisk-socket.")
         .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir_in(parent)
         .map_err(|e| err("Cannot create", e))?;
-    let staged = private.path().join("vhost.sock");
+    let staged = private.path().join("socket");
     let listener =
         std::os::unix::net::UnixListener::bind(&staged).map_err(|e| err("Cannot create", e))?;
-    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(SOCKET_MODE))
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
         .map_err(|e| err("Cannot set the mode of", e))?;
     std::fs::rename(&staged, path).map_err(|e| err("Cannot create", e))?;
     let meta = std::fs::symlink_metadata(path).map_err(|e| err("Cannot read", e))?;

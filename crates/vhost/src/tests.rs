@@ -1855,11 +1855,13 @@ fn a_bidirectional_request_fails_without_running() {
 #[test]
 fn a_socket_path_in_use_or_not_a_socket_is_refused_and_only_our_socket_is_removed() {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let bind =
+        |path: &std::path::Path| crate::bind_socket(path, crate::SOCKET_MODE, "vhost-user socket");
     let dir = tempfile::tempdir().unwrap();
     // A regular file.
     let file = dir.path().join("disk.img");
     std::fs::write(&file, b"data").unwrap();
-    let e = crate::bind(&file).unwrap_err();
+    let e = bind(&file).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
     assert_eq!(
         std::fs::read(&file).unwrap(),
@@ -1869,7 +1871,7 @@ fn a_socket_path_in_use_or_not_a_socket_is_refused_and_only_our_socket_is_remove
     // A live socket.
     let live = dir.path().join("live.sock");
     let other = std::os::unix::net::UnixListener::bind(&live).unwrap();
-    let e = crate::bind(&live).unwrap_err();
+    let e = bind(&live).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
     assert!(std::fs::symlink_metadata(&live)
         .unwrap()
@@ -1877,7 +1879,7 @@ fn a_socket_path_in_use_or_not_a_socket_is_refused_and_only_our_socket_is_remove
         .is_socket());
     // A stale socket (its listener gone; the file stays).
     drop(other);
-    let (_l, _) = crate::bind(&live).expect("a stale socket is replaced");
+    let (_l, _) = bind(&live).expect("a stale socket is replaced");
     let mode = std::fs::metadata(&live).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o660);
     assert!(

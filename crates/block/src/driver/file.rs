@@ -1048,9 +1048,6 @@ fn map_extent(file: &File, offset: u64, len: u64) -> io::Result<Option<Extent>> 
                 }));
             }
             mapped_to = e_end;
-            if e.flags & FIEMAP_EXTENT_LAST != 0 {
-                break;
-            }
         }
         let last = extents
             .last()
