@@ -73,11 +73,13 @@ pub struct Control {
     path: PathBuf,
     /// The socket's owner: the user the daemon runs as.
     owner: u32,
+    /// The socket's (device, inode): on drop the path is removed only if it is still this one.
+    socket: (u64, u64),
 }
 
 impl Drop for Control {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        vhost_scsi::remove_socket(&self.path, self.socket);
     }
 }
 
@@ -89,7 +91,7 @@ impl Control {
     /// then renamed to `path`, so there is no moment at which another user could connect.
     pub async fn bind(path: &Path) -> anyhow::Result<Control> {
         use std::os::unix::fs::MetadataExt;
-        let (listener, _) = vhost_scsi::bind_socket(path, 0o600, "control socket")?;
+        let (listener, socket) = vhost_scsi::bind_socket(path, 0o600, "control socket")?;
         listener
             .set_nonblocking(true)
             .with_context(|| format!("Cannot use the control socket {}", path.display()))?;
@@ -101,6 +103,7 @@ impl Control {
             listener,
             path: path.to_path_buf(),
             owner: owner.uid(),
+            socket,
         })
     }
 

@@ -4,6 +4,7 @@
 
 #[path = "../../iscsi/tests/common/mod.rs"]
 mod common;
+mod support;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -416,7 +417,28 @@ fn the_control_socket_is_for_its_owner_only() {
         .expect("list")
         .filter_map(Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(".sharedisk-control"))
+        .filter(|n| n.starts_with(".sharedisk-socket."))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_daemon_that_stops_leaves_a_control_socket_another_has_bound_since() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let control = dir.path().join("control.sock");
+    let mut first = Daemon::start(&dir.path().join("one.img"), &control);
+    // The operator removes the first daemon's socket and starts a second on the same path.
+    std::fs::remove_file(&control).expect("remove the socket");
+    let _second = Daemon::start(&dir.path().join("two.img"), &control);
+    let (ok, out, err) = pr(&control, &["show"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("two.img"), "{out}");
+
+    // The first stops cleanly (SIGTERM) and must not take the second's socket with it.
+    support::signal(&first.child, "-TERM");
+    let status = support::wait_exit(&mut first.child, Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+    let (ok, out, err) = pr(&control, &["show"]);
+    assert!(ok, "the second daemon's socket is gone: {out}{err}");
+    assert!(out.contains("two.img"), "{out}");
 }

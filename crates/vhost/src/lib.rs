@@ -556,6 +556,15 @@ pub fn bind_socket(
     Ok((listener, (meta.dev(), meta.ino())))
 }
 
+/// Remove the socket [`bind_socket`] bound at `path`, whose (device, inode) it returned as
+/// `socket`, unless another process has bound its own at the path since: that one is left.
+pub fn remove_socket(path: &Path, socket: (u64, u64)) {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == socket) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 impl Server {
     /// The device served.
     pub fn device(&self) -> &VhostScsi {
@@ -577,13 +586,7 @@ impl Server {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        // Remove the socket, unless another process has bound its own at the path since.
-        use std::os::unix::fs::MetadataExt;
-        if std::fs::symlink_metadata(&self.device.path)
-            .is_ok_and(|m| (m.dev(), m.ino()) == self.socket)
-        {
-            let _ = std::fs::remove_file(&self.device.path);
-        }
+        remove_socket(&self.device.path, self.socket);
     }
 }
 
