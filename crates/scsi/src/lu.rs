@@ -78,7 +78,7 @@ const CHUNK_BYTES: u32 = 1 << 20;
 
 /// A physical block size that is not a power-of-two multiple of the logical block size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("Physical block size {bytes} is not a power-of-two multiple (at most 2^15) of the {logical}-byte logical block")]
+#[error("Physical block size {bytes} is not a power-of-two multiple (at most 2^15, and at most 8 MiB) of the {logical}-byte logical block")]
 pub struct PhysicalBlockSizeError {
     pub bytes: u32,
     pub logical: u32,
@@ -176,19 +176,23 @@ impl LogicalUnit {
 
     /// Advertise `bytes`-sized physical blocks (READ CAPACITY(16) LOGICAL BLOCKS PER PHYSICAL
     /// BLOCK EXPONENT, VPD 0xB0 OPTIMAL TRANSFER LENGTH GRANULARITY): a power of two, at least
-    /// the logical block size and at most 2^15 logical blocks. The default is 4096 bytes (or
-    /// the logical block size, when larger).
+    /// the logical block size, at most 2^15 logical blocks and at most the MAXIMUM TRANSFER
+    /// LENGTH (a transfer of one physical block must be possible). The OPTIMAL TRANSFER
+    /// LENGTH grows to one physical block when it was shorter, so it stays a multiple of the
+    /// granularity (SBC-4 6.6.4). The default is 4096 bytes (or the logical block size, when
+    /// larger).
     pub fn with_physical_block_size(mut self, bytes: u32) -> Result<Self, PhysicalBlockSizeError> {
         let bs = self.backend.block_size();
         let err = PhysicalBlockSizeError { bytes, logical: bs };
         if bytes < bs || !bytes.is_power_of_two() {
             return Err(err);
         }
-        let exp = (bytes / bs).trailing_zeros();
-        if exp > 15 {
+        let blocks = bytes / bs;
+        if blocks > 1 << 15 || blocks > self.limits.max_transfer {
             return Err(err);
         }
-        self.limits.lbppbe = exp as u8;
+        self.limits.lbppbe = blocks.trailing_zeros() as u8;
+        self.limits.opt_transfer = self.limits.opt_transfer.max(blocks);
         Ok(self)
     }
 
@@ -208,7 +212,7 @@ impl LogicalUnit {
             .broadcast(cond::CAPACITY_DATA_CHANGED, |_| true);
     }
 
-    fn descriptor_sense(&self) -> bool {
+    pub(crate) fn descriptor_sense(&self) -> bool {
         self.mode.get() & mode::D_SENSE != 0
     }
 
@@ -489,10 +493,12 @@ impl LogicalUnit {
                 Ok(d)
             }
             Cdb::ModeSelect { ten, .. } => {
-                let old = self.mode.get();
-                let new = mode::select(ten, &data_out.into_vec(), old, self.backend.block_size())?;
+                let data = data_out.into_vec();
+                let block_size = self.backend.block_size();
+                let (old, new) = self
+                    .mode
+                    .update(|old| mode::select(ten, &data, old, block_size))?;
                 if new != old {
-                    self.mode.set(new);
                     // SPC-5 5.14 / SAM-5: MODE PARAMETERS CHANGED to the other I_T nexuses.
                     self.nexuses
                         .broadcast(cond::MODE_PARAMETERS_CHANGED, |n| n != &**nexus);
@@ -1198,7 +1204,13 @@ pub(crate) fn no_such_lun(cmd: &Command) -> Response {
         };
     }
     if cmd.cdb.first() == Some(&0x12) {
-        let mut d = inquiry::no_lun();
+        let evpd = cmd.cdb.get(1).is_some_and(|b| b & 0x01 != 0);
+        let mut d = if evpd {
+            // The header of the page asked for, with nothing in it.
+            vec![0x7F, cmd.cdb.get(2).copied().unwrap_or(0), 0, 0]
+        } else {
+            inquiry::no_lun()
+        };
         let alloc = match cmd.cdb.get(3..5) {
             Some(&[a, b]) => usize::from(u16::from_be_bytes([a, b])),
             _ => 0,

@@ -48,6 +48,22 @@ impl ModeState {
     pub fn set(&self, v: u8) {
         self.0.store(v, Ordering::Release);
     }
+    /// Replace the state with `f(current)` as one step: if another MODE SELECT changed it
+    /// between the read and the write, `f` runs again on what that one left, so neither
+    /// change is lost. Returns (old, new).
+    pub fn update(&self, mut f: impl FnMut(u8) -> Result<u8, Sense>) -> Result<(u8, u8), Sense> {
+        let mut old = self.get();
+        loop {
+            let new = f(old)?;
+            match self
+                .0
+                .compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok((old, new)),
+                Err(now) => old = now,
+            }
+        }
+    }
     pub fn reset(&self) {
         self.set(DEFAULT);
     }
@@ -126,9 +142,11 @@ pub fn sense_data(
     }
     let codes: &[u8] = match (req.page, req.subpage) {
         (ALL_PAGES, 0x00 | 0xFF) => &[CACHING, CONTROL, INFO_EXCEPTIONS],
-        (CACHING, 0) => &[CACHING],
-        (CONTROL, 0) => &[CONTROL],
-        (INFO_EXCEPTIONS, 0) => &[INFO_EXCEPTIONS],
+        // SPC-5 table "Mode page code usage": subpage FFh asks for every subpage of the
+        // page; these pages have only subpage 00h.
+        (CACHING, 0x00 | 0xFF) => &[CACHING],
+        (CONTROL, 0x00 | 0xFF) => &[CONTROL],
+        (INFO_EXCEPTIONS, 0x00 | 0xFF) => &[INFO_EXCEPTIONS],
         (CACHING | CONTROL | INFO_EXCEPTIONS | ALL_PAGES, _) => {
             return Err(Sense::invalid_field_in_cdb(3, 7))
         }
@@ -270,5 +288,38 @@ fn set_bit(flags: u8, bit: u8, on: bool) -> u8 {
         flags | bit
     } else {
         flags & !bit
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_update_raced_by_another_keeps_both_changes() {
+        let state = ModeState(AtomicU8::new(WCE));
+        let mut calls = 0;
+        // This MODE SELECT sets D_SENSE; on its first attempt another one clears WCE between
+        // the read and the write.
+        let (old, new) = state
+            .update(|old| {
+                calls += 1;
+                if calls == 1 {
+                    state.set(old & !WCE);
+                }
+                Ok(old | D_SENSE)
+            })
+            .expect("no error");
+        assert_eq!(calls, 2, "the raced attempt is redone");
+        assert_eq!((old, new), (0, D_SENSE));
+        assert_eq!(state.get(), D_SENSE, "WCE stays cleared, D_SENSE set");
+    }
+
+    #[test]
+    fn a_refused_update_changes_nothing() {
+        let state = ModeState(AtomicU8::new(WCE));
+        let e = state.update(|_| Err(cond::PARAM_LIST_LENGTH_ERROR));
+        assert!(e.is_err());
+        assert_eq!(state.get(), WCE);
     }
 }

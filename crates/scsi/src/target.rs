@@ -31,7 +31,9 @@ pub(crate) fn report_luns(
         return Err(Sense::invalid_field_in_cdb(6, 7));
     }
     let mut data = vec![0u8; 8];
-    if select != 0x01 {
+    // 01h asks for well known LUs and 10h-12h for administrative LUs and their subsidiaries
+    // (conglomerates): this target has neither.
+    if matches!(select, 0x00 | 0x02) {
         for lun in luns {
             let mut entry = [0u8; 8];
             if lun < 256 {
@@ -100,7 +102,10 @@ impl Target {
 
     fn report_luns(&self, cmd: &Command) -> Response {
         // Sense format follows the addressed LU's control page when it exists.
-        let descriptor = false;
+        let descriptor = self
+            .luns
+            .get(&cmd.lun)
+            .is_some_and(|lu| lu.descriptor_sense());
         let out = match cdb::parse(&cmd.cdb) {
             Ok((_, Cdb::ReportLuns { select, alloc })) => report_luns(select, alloc, self.luns()),
             Ok(_) => Err(cond::INVALID_OPCODE),

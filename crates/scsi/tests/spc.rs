@@ -224,6 +224,21 @@ async fn inquiry_to_missing_lun_reports_qualifier_3() {
 }
 
 #[tokio::test]
+async fn inquiry_for_a_vpd_page_of_a_missing_lun_answers_that_pages_header() {
+    let t = mem_target(64, 512);
+    let n = nexus();
+    // EVPD=1, page 83h.
+    let mut c = cmd(&n, 1, &[0x12, 0x01, 0x83, 0, 255, 0], vec![], 255);
+    c.lun = 5;
+    let Completion::Done(r) = t.execute(c).await else {
+        panic!()
+    };
+    assert_good(&r);
+    // SPC-5 4.5.3, 7.7.1: qualifier 011b, type 1Fh; the page code asked for; no page data.
+    assert_eq!(r.data_in, vec![0x7F, 0x83, 0x00, 0x00]);
+}
+
+#[tokio::test]
 async fn read_capacity10_reports_last_lba_and_block_length() {
     let (t, n) = ready_mem(64, 512).await;
     let r = run(&t, &n, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], vec![]).await;
@@ -354,6 +369,23 @@ async fn mode_sense_unknown_page_is_invalid_field() {
     let r = run(&t, &n, &[0x1A, 0, 0x19, 0, 255, 0], vec![]).await;
     assert_sense(&r, 0x05, 0x24, 0x00);
     assert_eq!(&r.sense[15..18], &[0xCD, 0x00, 0x02]);
+}
+
+#[tokio::test]
+async fn mode_sense_of_a_page_with_subpage_ffh_returns_that_page() {
+    let (t, n) = ready_mem(64, 512).await;
+    // SPC-5 mode page code usage: page 08h, subpage FFh = every subpage of the caching page,
+    // which has only subpage 00h. DBD=1.
+    let r = run(&t, &n, &[0x1A, 0x08, 0x08, 0xFF, 255, 0], vec![]).await;
+    assert_good(&r);
+    let mut want = vec![23, 0, 0x10, 0]; // header: 23 more bytes, DPOFUA, no block descriptor
+    want.extend_from_slice(&[0x08, 0x12, 0x04]); // caching page, WCE
+    want.resize(want.len() + 17, 0);
+    assert_eq!(r.data_in, want);
+    // Subpage 01h of the caching page does not exist: INVALID FIELD IN CDB, byte 3.
+    let r = run(&t, &n, &[0x1A, 0x08, 0x08, 0x01, 255, 0], vec![]).await;
+    assert_sense(&r, 0x05, 0x24, 0x00);
+    assert_eq!(&r.sense[15..18], &[0xCF, 0x00, 0x03]); // SKSV, C/D, BPV, bit 7; byte 3
 }
 
 #[tokio::test]
@@ -563,6 +595,44 @@ async fn report_luns_lists_lun_0() {
         r.data_in,
         vec![0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
     );
+}
+
+#[tokio::test]
+async fn report_luns_of_administrative_lus_is_empty() {
+    let (t, n) = ready_mem(64, 512).await;
+    // SPC-5 6.33 SELECT REPORT 10h, 11h, 12h: administrative LUs and their subsidiaries
+    // (conglomerates). There are none: LUN LIST LENGTH 0.
+    for select in [0x10, 0x11, 0x12] {
+        let r = run(
+            &t,
+            &n,
+            &[0xA0, 0, select, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+            vec![],
+        )
+        .await;
+        assert_good(&r);
+        assert_eq!(
+            r.data_in,
+            vec![0, 0, 0, 0, 0, 0, 0, 0],
+            "SELECT REPORT {select:#x}"
+        );
+    }
+    // 02h: every LU the nexus can reach, LUN 0.
+    let r = run(&t, &n, &[0xA0, 0, 0x02, 0, 0, 0, 0, 0, 1, 0, 0, 0], vec![]).await;
+    assert_eq!(
+        r.data_in,
+        vec![0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+    );
+}
+
+#[tokio::test]
+async fn report_luns_sense_follows_the_addressed_lus_d_sense() {
+    let (t, n) = ready_mem(64, 512).await;
+    let p = control_page(true, false);
+    assert_good(&run(&t, &n, &[0x15, 0x10, 0, 0, p.len() as u8, 0], p).await);
+    // ALLOCATION LENGTH 4 (below 16): INVALID FIELD IN CDB, in descriptor format (72h).
+    let r = run(&t, &n, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0], vec![]).await;
+    assert_eq!(r.sense[..4], [0x72, 0x05, 0x24, 0x00]);
 }
 
 #[tokio::test]
@@ -842,4 +912,27 @@ fn physical_block_size_must_be_a_power_of_two_multiple_of_the_logical_block() {
     assert!(lu().with_physical_block_size(12288).is_err()); // not a power of two
     assert!(lu().with_physical_block_size(4096 << 16).is_err()); // exponent above 15
     assert!(lu().with_physical_block_size(16384).is_ok());
+    // 2^11 logical blocks, but 8 MiB is the MAXIMUM TRANSFER LENGTH (2048 blocks of 4096).
+    assert!(lu().with_physical_block_size(8 << 20).is_ok());
+    assert!(lu().with_physical_block_size(16 << 20).is_err());
+}
+
+#[tokio::test]
+async fn a_large_physical_block_keeps_the_optimal_transfer_a_multiple_of_it() {
+    let backend = block::Backend::new(Arc::new(block::driver::mem::MemDriver::new(64 * 512)), 512)
+        .expect("valid block size");
+    let lu = scsi::LogicalUnit::new(backend, config())
+        .with_physical_block_size(1 << 20)
+        .expect("1 MiB is a valid physical block size");
+    let mut t = scsi::Target::new();
+    t.add_lu(0, Arc::new(lu));
+    let n = nexus();
+    ready(&t, &n).await;
+    // VPD B0h (SBC-4 6.6.4): OPTIMAL TRANSFER LENGTH GRANULARITY (bytes 6-7) 2048 blocks
+    // (1 MiB of 512-byte blocks); MAXIMUM TRANSFER LENGTH (8-11) 16384 blocks (8 MiB);
+    // OPTIMAL TRANSFER LENGTH (12-15) one physical block, 2048, not less.
+    let r = run(&t, &n, &[0x12, 0x01, 0xB0, 0, 255, 0], vec![]).await;
+    assert_eq!(&r.data_in[6..8], &[0x08, 0x00]);
+    assert_eq!(&r.data_in[8..12], &[0x00, 0x00, 0x40, 0x00]);
+    assert_eq!(&r.data_in[12..16], &[0x00, 0x00, 0x08, 0x00]);
 }

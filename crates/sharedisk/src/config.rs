@@ -745,13 +745,16 @@ fn check_lu(
         bail!("{what}: block size {} is not 512 or 4096", lu.block_size);
     }
     if let Some(p) = lu.physical_block_size {
-        // READ CAPACITY(16) carries it as a 4-bit exponent of logical blocks.
-        let ok =
-            p >= lu.block_size && p.is_power_of_two() && (p / lu.block_size).trailing_zeros() <= 15;
+        // READ CAPACITY(16) carries it as a 4-bit exponent of logical blocks, and one
+        // physical block must fit in the MAXIMUM TRANSFER LENGTH (8 MiB).
+        let ok = p >= lu.block_size
+            && p.is_power_of_two()
+            && (p / lu.block_size).trailing_zeros() <= 15
+            && p <= 8 << 20;
         if !ok {
             bail!(
                 "{what}: physical block size {p} is not a power-of-two multiple of \
-                 the {}-byte block size (at most 2^15 blocks)",
+                 the {}-byte block size (at most 2^15 blocks and 8 MiB)",
                 lu.block_size
             );
         }
@@ -1149,6 +1152,17 @@ size = "1M"
             physical_block_size = 1536
             "#);
         assert!(e.contains("physical block size 1536 is not"), "{e}");
+        // 2^15 blocks of 512 bytes, but 16 MiB: more than one 8 MiB transfer.
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            physical_block_size = 16777216
+            "#);
+        assert!(e.contains("physical block size 16777216 is not"), "{e}");
     }
 
     #[test]
