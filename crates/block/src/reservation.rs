@@ -9,8 +9,10 @@
 //!
 //! - [`MemoryStore`]: process memory only. Nothing survives a restart, with or without APTPL,
 //!   which is true of the memory driver's data too.
-//! - The file driver's store (`driver::sidecar`): APTPL state in a sidecar file next to the
-//!   image, written crash-safely; state without APTPL in memory.
+//! - The file driver's store (`driver::sidecar`): APTPL state in a state file (by default a
+//!   sidecar next to the image), written crash-safely; state without APTPL in memory. A block
+//!   device has no default place for it: without a configured state file its store is a
+//!   [`MemoryStore::without_aptpl`], and APTPL is refused.
 //! - The RBD driver (DESIGN.md §5) will keep it in a RADOS object shared by many hosts; that is
 //!   what [`ReservationStore::watch`] and [`ReservationStore::barrier`] are for. Both stores here
 //!   serve a single holder: they never report changes and their barrier is immediate.
@@ -76,6 +78,13 @@ pub trait ReservationStore: Send + Sync + std::fmt::Debug {
     fn lost(&self) -> Option<String> {
         None
     }
+
+    /// Whether this store keeps a durable state across restarts as well as the LU's data
+    /// (SPC-5 PTPL_C). `false`: the SCSI layer refuses APTPL (INVALID FIELD IN PARAMETER
+    /// LIST) rather than accept a state it would lose while the data stays.
+    fn keeps_aptpl(&self) -> bool {
+        true
+    }
 }
 
 /// The next version after `v`.
@@ -89,21 +98,34 @@ pub(crate) fn next_version(v: u64) -> Result<u64, BlockError> {
 
 /// A reservation store in process memory, for drivers that have nowhere better.
 ///
-/// `durable` is accepted and has no stable storage to go to: a memory store's state never
-/// survives a restart (the memory driver's data does not either). It has a single holder, so
+/// [`MemoryStore::new`] accepts `durable` with no stable storage to go to: its state never
+/// survives a restart, and neither does the data of a driver that keeps its data in memory
+/// (the memory driver). [`MemoryStore::without_aptpl`] is for a driver whose data does
+/// survive: it refuses a durable compare-and-swap ([`ReservationStore::keeps_aptpl`] is
+/// false), so APTPL is refused rather than silently lost. It has a single holder, so
 /// [`ReservationStore::watch`] never changes and [`ReservationStore::barrier`] is immediate.
 #[derive(Debug)]
 pub struct MemoryStore {
     current: Mutex<Stored>,
     changes: watch::Sender<Stored>,
+    aptpl: bool,
 }
 
 impl MemoryStore {
-    /// An empty store (version 0, no state).
+    /// An empty store (version 0, no state) that lives as long as the memory driver's data.
     pub fn new() -> Self {
         Self {
             current: Mutex::new(Stored::default()),
             changes: watch::Sender::new(Stored::default()),
+            aptpl: true,
+        }
+    }
+
+    /// An empty store for a driver whose data outlives the process: state without APTPL only.
+    pub fn without_aptpl() -> Self {
+        Self {
+            aptpl: false,
+            ..Self::new()
         }
     }
 }
@@ -128,8 +150,11 @@ impl ReservationStore for MemoryStore {
         &self,
         expected: u64,
         state: Vec<u8>,
-        _durable: bool,
+        durable: bool,
     ) -> Result<Result<u64, Stored>, BlockError> {
+        if durable && !self.aptpl {
+            return Err(BlockError::Unsupported);
+        }
         let mut cur = self.current.lock().unwrap_or_else(PoisonError::into_inner);
         if cur.version != expected {
             return Ok(Err(cur.clone()));
@@ -145,5 +170,9 @@ impl ReservationStore for MemoryStore {
 
     async fn barrier(&self, _version: u64) -> Result<(), BlockError> {
         Ok(())
+    }
+
+    fn keeps_aptpl(&self) -> bool {
+        self.aptpl
     }
 }

@@ -929,7 +929,7 @@ mod file_only {
                 fast_paths: false,
                 ..FileOptions::default()
             };
-            let d = open_file(&path, MIB, opts, on_runtime);
+            let d = open_file(&path, MIB, opts.clone(), on_runtime);
             assert_eq!(
                 d.uring_thread(),
                 engine == EngineChoice::IoUring && !on_runtime

@@ -354,3 +354,99 @@ async fn an_abandoned_compare_and_swap_completes_and_memory_agrees_with_disk() {
         stored(1, b"{\"abandoned\":1}")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_follows_the_image_not_the_path_it_was_opened_by() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let real = dir.path().join("real.img");
+    let link = dir.path().join("link.img");
+    std::fs::write(&real, vec![0u8; MIB as usize]).expect("image");
+    std::os::unix::fs::symlink(&real, &link).expect("symlink");
+    {
+        let d = open(&link).expect("open by the link");
+        assert_eq!(cas(&*store_of(&d), 0, b"state", true).await, Ok(1));
+    }
+    // Kept beside the image itself, not beside the link.
+    assert!(sidecar_path(&real).exists());
+    assert!(!sidecar_path(&link).exists());
+    let d = open(&real).expect("open by the real path");
+    assert_eq!(
+        store_of(&d).load().await.expect("load"),
+        stored(1, b"state")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_where_the_state_is_not_kept_fails_the_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let real = dir.path().join("real.img");
+    let link = dir.path().join("link.img");
+    std::fs::write(&real, vec![0u8; MIB as usize]).expect("image");
+    std::os::unix::fs::symlink(&real, &link).expect("symlink");
+    // A state file beside the link (where the state of an image opened by that path was once
+    // kept) would be ignored: the open refuses, naming it and where it belongs.
+    std::fs::write(sidecar_path(&link), b"kept reservations").expect("stray");
+    let Err(BlockError::Open(e)) = open(&link) else {
+        panic!("opened despite a state file beside the link")
+    };
+    let e = e.to_string();
+    assert!(e.contains("link.img.pr"), "{e}");
+    assert!(e.contains("real.img.pr"), "{e}");
+    assert_eq!(
+        std::fs::read(sidecar_path(&link)).expect("left alone"),
+        b"kept reservations"
+    );
+    // So does the default sidecar when another state file is configured.
+    std::fs::remove_file(sidecar_path(&link)).expect("remove");
+    std::fs::write(sidecar_path(&real), b"kept reservations").expect("stray");
+    let opts = FileOptions {
+        engine: EngineChoice::ThreadPool,
+        reservation_state: Some(dir.path().join("elsewhere.pr")),
+        ..FileOptions::default()
+    };
+    let Err(BlockError::Open(e)) = FileDriver::open_with(&real, None, &opts) else {
+        panic!("opened despite a state file beside the image")
+    };
+    let e = e.to_string();
+    assert!(e.contains("real.img.pr"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_state_file_is_where_the_state_is_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("disk.img");
+    let state_dir = dir.path().join("state");
+    std::fs::create_dir(&state_dir).expect("state dir");
+    let state = state_dir.join("disk.pr");
+    let opts = FileOptions {
+        engine: EngineChoice::ThreadPool,
+        reservation_state: Some(state.clone()),
+        ..FileOptions::default()
+    };
+    {
+        let d = FileDriver::open_with(&path, Some(MIB), &opts).expect("open");
+        let s = store_of(&d);
+        assert!(s.keeps_aptpl());
+        assert_eq!(cas(&*s, 0, b"state", true).await, Ok(1));
+    }
+    assert!(state.exists());
+    assert!(!sidecar_path(&path).exists());
+    let d = FileDriver::open_with(&path, None, &opts).expect("reopen");
+    assert_eq!(
+        store_of(&d).load().await.expect("load"),
+        stored(1, b"state")
+    );
+}
+
+#[tokio::test]
+async fn a_memory_store_without_aptpl_refuses_a_durable_state() {
+    let s = MemoryStore::without_aptpl();
+    assert!(!s.keeps_aptpl());
+    assert!(matches!(
+        s.compare_and_swap(0, b"x".to_vec(), true).await,
+        Err(BlockError::Unsupported)
+    ));
+    assert_eq!(s.load().await.expect("load"), Stored::default());
+    assert_eq!(cas(&s, 0, b"x", false).await, Ok(1));
+    assert!(MemoryStore::new().keeps_aptpl());
+}

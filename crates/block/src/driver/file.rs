@@ -94,9 +94,14 @@
 //! a failed one fails every later flush and FUA write, and one that ran beside it (the kernel
 //! tells one of them only), see `driver/sync_latch.rs`.
 //!
-//! **Reservations.** The persistent reservation state is kept in a sidecar file next to the
-//! image, `<image>.pr`, written crash-safely; see [`super::sidecar`]. For a block device that
-//! puts it under `/dev`, which does not survive a reboot.
+//! **Reservations.** The persistent reservation state (APTPL) is kept in a state file,
+//! written crash-safely (see [`super::sidecar`]): the one [`FileOptions::reservation_state`]
+//! names, else the sidecar `<image>.pr` beside a regular file, named after the image's
+//! canonical path (a symlink or another spelling of the path finds the same state). A block
+//! device has no default: `/dev` does not survive a reboot, and two device nodes of one disk
+//! would keep two states. Without a configured state file it refuses APTPL (PTPL_C is 0).
+//! A state file where the state is not kept (beside the path as given, or beside a block
+//! device) fails the open rather than be ignored.
 //!
 //! **Errors.** Short reads and writes continue with the rest. A read that reaches the end of the
 //! file (an image truncated underneath) is `ReadFailed`; every I/O error is `ReadFailed` or
@@ -112,17 +117,17 @@
 //! no FIEMAP (tmpfs), from `lseek(SEEK_DATA / SEEK_HOLE)`. Block devices are reported fully
 //! mapped and without discard.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use super::sidecar::SidecarStore;
+use super::sidecar::{sidecar_path, SidecarStore};
 use super::sync_latch::SyncLatch;
 use super::uring::Ring;
 use crate::{BlockError, Driver, DriverInfo, Extent, IoBuf, ReservationStore};
@@ -153,7 +158,7 @@ pub enum Engine {
 pub const DEFAULT_ENGINE: Engine = Engine::IoUring;
 
 /// Options for [`FileDriver::open_with`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileOptions {
     /// The I/O engine.
     pub engine: EngineChoice,
@@ -166,6 +171,10 @@ pub struct FileOptions {
     /// Direct I/O (`O_DIRECT`): every read and write goes to the device, past the page cache;
     /// see the module docs.
     pub direct: bool,
+    /// Where to keep the persistent reservation state (APTPL). `None`: beside a regular file
+    /// (`<image>.pr`, named after the image's canonical path); a block device then has no
+    /// state file and refuses APTPL. See the module docs.
+    pub reservation_state: Option<PathBuf>,
 }
 
 impl Default for FileOptions {
@@ -175,6 +184,7 @@ impl Default for FileOptions {
             ring_entries: 256,
             fast_paths: true,
             direct: false,
+            reservation_state: None,
         }
     }
 }
@@ -518,8 +528,9 @@ pub struct FileDriver {
     /// proves anything: from then on every flush and FUA write fails until the image is
     /// reopened. See [`SyncLatch`].
     syncs: SyncLatch,
-    /// The persistent reservation state, in the sidecar file `<image>.pr`.
-    reservations: Arc<SidecarStore>,
+    /// The persistent reservation state: a [`SidecarStore`], or a memory store without APTPL
+    /// for a block device with no state file.
+    reservations: Arc<dyn ReservationStore>,
     /// Run once by the next FUA write between its write and its sync.
     #[cfg(test)]
     between_fua_steps: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
@@ -746,7 +757,7 @@ impl FileDriver {
         };
         let punch = !block_device && probe_punch(&file, size);
         let file = Arc::new(file);
-        let reservations = Arc::new(SidecarStore::open(path, file.clone())?);
+        let reservations = reservation_store(path, block_device, opts, &file)?;
         let want_ring = match opts.engine {
             EngineChoice::Auto => DEFAULT_ENGINE == Engine::IoUring,
             EngineChoice::IoUring => true,
@@ -955,6 +966,61 @@ fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     u64::try_from(r).map_err(|_| io::ErrorKind::InvalidData.into())
+}
+
+/// The reservation store of the image opened at `path` (see the module docs): the state file
+/// `opts` names, else the sidecar of a regular file's canonical path; a block device without
+/// a state file gets a memory store that refuses APTPL. A state file found where an earlier
+/// version kept it, or beside a block device, is an error: serving without it would
+/// silently drop the reservations it holds.
+fn reservation_store(
+    path: &Path,
+    block_device: bool,
+    opts: &FileOptions,
+    file: &Arc<File>,
+) -> Result<Arc<dyn ReservationStore>, BlockError> {
+    let open_err = |e: io::Error| {
+        BlockError::Open(io::Error::new(
+            e.kind(),
+            format!("Cannot resolve the image path {}: {e}", path.display()),
+        ))
+    };
+    let canonical = fs::canonicalize(path).map_err(open_err)?;
+    let chosen = match &opts.reservation_state {
+        Some(p) => Some(p.clone()),
+        None if block_device => None,
+        None => Some(sidecar_path(&canonical)),
+    };
+    for stray in [sidecar_path(path), sidecar_path(&canonical)] {
+        if Some(&stray) == chosen.as_ref() || fs::symlink_metadata(&stray).is_err() {
+            continue;
+        }
+        let fix = match &chosen {
+            Some(c) => format!("move it to {}", c.display()),
+            None => "configure a reservation state file on persistent storage and move it there"
+                .to_string(),
+        };
+        return Err(BlockError::Open(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{} holds persistent reservation state for {}, but the state is not kept \
+                 there: {fix}, or remove it if its reservations are no longer wanted",
+                stray.display(),
+                path.display()
+            ),
+        )));
+    }
+    Ok(match chosen {
+        Some(state) => Arc::new(SidecarStore::open(state, file.clone())?),
+        None => {
+            tracing::warn!(
+                path = %path.display(),
+                "Block device without a reservation state file: APTPL (persist through power \
+                 loss) is refused; configure a state file on persistent storage to allow it"
+            );
+            Arc::new(crate::reservation::MemoryStore::without_aptpl())
+        }
+    })
 }
 
 /// `FS_IOC_FIEMAP`: `_IOWR('f', 11, struct fiemap)`, whose header is 32 bytes.

@@ -112,13 +112,13 @@ enum Failed {
 }
 
 impl SidecarStore {
-    /// Open the store of the image at `image`, whose descriptor `file` holds the image's
-    /// exclusive lock. Removes a leftover temp file and loads the sidecar if there is one.
-    pub(crate) fn open(image: &Path, file: Arc<File>) -> Result<Self, BlockError> {
-        let sidecar = sidecar_path(image);
+    /// Open the store whose state file is `sidecar`, for the image whose descriptor `file`
+    /// holds the image's exclusive lock. Removes a leftover temp file and loads the state file
+    /// if there is one.
+    pub(crate) fn open(sidecar: PathBuf, file: Arc<File>) -> Result<Self, BlockError> {
         let mut temp = OsString::from(sidecar.as_os_str());
         temp.push(".tmp");
-        let dir = match image.parent() {
+        let dir = match sidecar.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
