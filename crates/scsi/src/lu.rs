@@ -445,7 +445,8 @@ impl LogicalUnit {
             Cdb::TestUnitReady | Cdb::StartStopUnit | Cdb::PreventAllow => Ok(Vec::new()),
             Cdb::RequestSense { .. } => Ok(Vec::new()),
             Cdb::PersistentReserveIn { sa, alloc } => {
-                pr::input::input(&self.resv.snapshot().pr, sa, alloc)
+                let ptpl_c = self.backend.reservations().keeps_aptpl();
+                pr::input::input_with(&self.resv.snapshot().pr, sa, alloc, ptpl_c)
             }
             // Answered in `run`, which can return RESERVATION CONFLICT.
             Cdb::PersistentReserveOut { .. } | Cdb::Reserve | Cdb::Release => {

@@ -278,9 +278,14 @@ impl Reservations {
         target_ports: &[TargetPort],
     ) -> Result<Effects, Failure> {
         let (sa, scope, ty) = cdb;
+        let keeps_aptpl = store.keeps_aptpl();
         let step = |pr: &PrState| {
-            pr::out::out_with_ports(pr, nexus, sa, scope, ty, param, target_ports)
-                .map_err(Failure::Refused)
+            let eff = pr::out::out_with_ports(pr, nexus, sa, scope, ty, param, target_ports)
+                .map_err(Failure::Refused)?;
+            match pr::out::unsupported_aptpl(sa, param) {
+                Some(r) if !keeps_aptpl => Err(Failure::Refused(r)),
+                _ => Ok(eff),
+            }
         };
         fn changed(eff: &Effects) -> Option<&PrState> {
             eff.changed.then_some(&eff.state)

@@ -18,9 +18,9 @@ pub mod sa {
 /// REPORT CAPABILITIES byte 2 (SPC-5 6.16.4): RLR_C (bit 7) 1: REPLACE LOST RESERVATION is
 /// supported, and with it the lost persistent reservation condition (see [`super::out`] and
 /// [`super`]); CRH (bit 4) 1: RESERVE/RELEASE(6/10) follow SPC-5 5.13.3 ([`super::spc2`]);
-/// SIP_C (bit 3) 1: SPEC_I_PT; ATP_C (bit 2) 1: ALL_TG_PT; PTPL_C (bit 0) 1: APTPL (the
-/// reservation store keeps APTPL state across restarts).
-const CAPS_BYTE2: u8 = 0x80 | 0x10 | 0x08 | 0x04 | 0x01;
+/// SIP_C (bit 3) 1: SPEC_I_PT; ATP_C (bit 2) 1: ALL_TG_PT. PTPL_C (bit 0) is added when the
+/// reservation store keeps APTPL state across restarts.
+const CAPS_BYTE2: u8 = 0x80 | 0x10 | 0x08 | 0x04;
 
 /// ALLOW COMMANDS (REPORT CAPABILITIES byte 3 bits 6..4; SPC-5 6.16.4, the ALLOW COMMANDS
 /// table): 001b, "the device server allows the TEST UNIT READY command through Write Exclusive
@@ -38,10 +38,17 @@ pub const ALLOW_COMMANDS: u8 = 0b001;
 /// bytes. An unknown service action is INVALID FIELD IN CDB pointing at the SERVICE ACTION
 /// field (byte 1 bit 4).
 pub fn input(state: &PrState, sa: u8, alloc: u16) -> Result<Vec<u8>, Sense> {
+    input_with(state, sa, alloc, true)
+}
+
+/// [`input`] for a device server that can (`ptpl_c`) or cannot persist through power loss:
+/// REPORT CAPABILITIES' PTPL_C bit (the reservation store's
+/// [`block::ReservationStore::keeps_aptpl`]).
+pub fn input_with(state: &PrState, sa: u8, alloc: u16, ptpl_c: bool) -> Result<Vec<u8>, Sense> {
     let mut data = match sa {
         sa::READ_KEYS => read_keys(state),
         sa::READ_RESERVATION => read_reservation(state),
-        sa::REPORT_CAPABILITIES => report_capabilities(state),
+        sa::REPORT_CAPABILITIES => report_capabilities(state, ptpl_c),
         sa::READ_FULL_STATUS => read_full_status(state),
         _ => return Err(Sense::invalid_field_in_cdb(1, 4)),
     };
@@ -98,11 +105,11 @@ fn read_reservation(state: &PrState) -> Vec<u8> {
 }
 
 /// REPORT CAPABILITIES (SPC-5 6.16.4): LENGTH 8.
-fn report_capabilities(state: &PrState) -> Vec<u8> {
+fn report_capabilities(state: &PrState, ptpl_c: bool) -> Vec<u8> {
     vec![
         0x00,
         0x08, // LENGTH
-        CAPS_BYTE2,
+        CAPS_BYTE2 | u8::from(ptpl_c),
         0x80 | (ALLOW_COMMANDS << 4) | u8::from(state.aptpl), // TMV, ALLOW COMMANDS, PTPL_A
         // PERSISTENT RESERVATION TYPE MASK: WR_EX_AR, EX_AC_RO, WR_EX_RO, EX_AC, WR_EX ...
         0x80 | 0x40 | 0x20 | 0x08 | 0x02,

@@ -211,6 +211,21 @@ const fn length_error() -> Refusal {
     Refusal::Check(cond::PARAM_LIST_LENGTH_ERROR)
 }
 
+/// For a device server that cannot persist through power loss (REPORT CAPABILITIES PTPL_C
+/// 0): the refusal of a parameter list whose APTPL bit is one (SPC-5 6.17.3: INVALID FIELD IN
+/// PARAMETER LIST, pointing at the bit), or `None` when the service action has no APTPL bit
+/// or it is zero. REGISTER, REGISTER AND IGNORE EXISTING KEY and REPLACE LOST RESERVATION
+/// carry it in byte 20 of the basic parameter list, REGISTER AND MOVE in byte 17 of its own;
+/// the other service actions ignore it. Checked after [`out`]'s own checks.
+pub fn unsupported_aptpl(sa: u8, param: &[u8]) -> Option<Refusal> {
+    let at = match sa {
+        sa::REGISTER | sa::REGISTER_AND_IGNORE_EXISTING_KEY | sa::REPLACE_LOST_RESERVATION => 20,
+        sa::REGISTER_AND_MOVE => 17,
+        _ => return None,
+    };
+    (param.get(at)? & 0x01 != 0).then(|| param_field(at, Some(0)))
+}
+
 const fn param_field(byte: usize, bit: Option<u8>) -> Refusal {
     // Parameter lists of PERSISTENT RESERVE OUT are bounded by the 32-bit PARAMETER LIST
     // LENGTH; a field pointer has 16 bits, so a pointer past 65535 saturates.
