@@ -86,6 +86,7 @@ pub struct VhostLuConfig {
     pub serial: Option<String>,
     pub id: Option<IdValue>,
     pub direct: Option<bool>,
+    pub reservation_state: Option<PathBuf>,
 }
 
 /// One `[[target]]`.
@@ -152,6 +153,10 @@ pub struct LuConfig {
     pub id: Option<IdValue>,
     /// Direct I/O (`O_DIRECT`, past the host's page cache); default false.
     pub direct: Option<bool>,
+    /// The file that keeps the LU's persistent reservation state (APTPL), relative to the
+    /// config file; default `<image>.pr` beside a regular file. A block device has no default:
+    /// without one it refuses APTPL.
+    pub reservation_state: Option<PathBuf>,
 }
 
 /// A size: bytes as a number, or a string with a suffix.
@@ -236,6 +241,9 @@ pub struct LuPlan {
     pub id: Option<u64>,
     /// Open the image with direct I/O.
     pub direct: bool,
+    /// The reservation state file; `None`: the driver's default (see
+    /// `block::driver::file::FileOptions::reservation_state`).
+    pub reservation_state: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -299,6 +307,7 @@ impl FileConfig {
                     serial: lu.serial,
                     id,
                     direct: lu.direct.unwrap_or(false),
+                    reservation_state: lu.reservation_state.map(|p| base.join(p)),
                 });
             }
             targets.push(TargetPlan {
@@ -323,7 +332,8 @@ impl FileConfig {
                     || lu.physical_block_size.is_some()
                     || lu.serial.is_some()
                     || lu.id.is_some()
-                    || lu.direct.is_some();
+                    || lu.direct.is_some()
+                    || lu.reservation_state.is_some();
                 lus.push(VhostLuPlan {
                     target: lu.target,
                     lun: lu.lun,
@@ -337,6 +347,7 @@ impl FileConfig {
                         serial: lu.serial,
                         id: id_value(lu.id, &lu_what)?,
                         direct: lu.direct.unwrap_or(false),
+                        reservation_state: lu.reservation_state.map(|p| base.join(p)),
                     },
                 });
             }
@@ -598,7 +609,48 @@ impl Plan {
             }
         }
         self.check_secret_directions()?;
-        self.validate_vhost(&images, &mut serials, &mut ids)
+        self.validate_vhost(&images, &mut serials, &mut ids)?;
+        self.check_state_files()
+    }
+
+    /// Reservation state files are unique, and none is an image.
+    fn check_state_files(&self) -> anyhow::Result<()> {
+        let lus = self
+            .targets
+            .iter()
+            .flat_map(|t| &t.lus)
+            .chain(self.vhost.iter().flat_map(|v| v.lus.iter().map(|l| &l.lu)));
+        let mut images = HashSet::new();
+        let mut states: std::collections::HashMap<PathBuf, PathBuf> = Default::default();
+        for lu in lus.clone() {
+            images.insert(canonical_image_path(&lu.file)?);
+        }
+        for lu in lus {
+            let Some(state) = &lu.reservation_state else {
+                continue;
+            };
+            let image = canonical_image_path(&lu.file)?;
+            let canonical = canonical_image_path(state)
+                .with_context(|| format!("Bad reservation state path {}", state.display()))?;
+            if images.contains(&canonical) {
+                bail!(
+                    "Reservation state file {} of image {} is an image",
+                    state.display(),
+                    image.display()
+                );
+            }
+            match states.insert(canonical, image.clone()) {
+                // The same image named by several sockets gives the same settings.
+                Some(other) if other != image => bail!(
+                    "Reservation state file {} is given to images {} and {}",
+                    state.display(),
+                    other.display(),
+                    image.display()
+                ),
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// What the plan allows that is legal but weak, one sentence each, for the log: a target
@@ -612,7 +664,9 @@ impl Plan {
             })
             .map(|t| {
                 format!(
-                    "Target {} listens outside the loopback network with an initiator ACL but                      no CHAP: anyone who reaches the port can claim a listed initiator name;                      configure auth.chap",
+                    "Target {} listens outside the loopback network with an initiator ACL but \
+                     no CHAP: anyone who reaches the port can claim a listed initiator name; \
+                     configure auth.chap",
                     t.name
                 )
             })
@@ -706,7 +760,8 @@ impl Plan {
                             && first.physical_block_size == l.lu.physical_block_size
                             && first.serial == l.lu.serial
                             && first.id == l.lu.id
-                            && first.direct == l.lu.direct;
+                            && first.direct == l.lu.direct
+                            && first.reservation_state == l.lu.reservation_state;
                         if !same {
                             bail!(
                                 "{what}: image {} is configured with other settings elsewhere",
@@ -808,6 +863,66 @@ mod tests {
     }
 
     const CHAP: &str = r#"chap = { user = "alice", secret = "twelve-bytes-or-more" }"#;
+
+    #[test]
+    fn reservation_state_files_are_relative_to_the_config_unique_and_not_images() {
+        let p = plan(
+            r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            reservation_state = "a.pr"
+            "#,
+        )
+        .expect("valid");
+        let state = p.targets[0].lus[0].reservation_state.as_ref().expect("set");
+        assert!(state.is_absolute() && state.ends_with("a.pr"), "{state:?}");
+        // Its folder must exist: a missing one is found at start, not at the first APTPL.
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            reservation_state = "no-such-folder/a.pr"
+            "#);
+        assert!(e.contains("Bad reservation state path"), "{e}");
+        assert!(e.contains("no-such-folder/a.pr"), "{e}");
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            reservation_state = "one.pr"
+            [[target.lu]]
+            lun = 1
+            file = "b.img"
+            size = "1M"
+            reservation_state = "one.pr"
+            "#);
+        assert!(e.contains("one.pr is given to images"), "{e}");
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            reservation_state = "b.img"
+            [[target.lu]]
+            lun = 1
+            file = "b.img"
+            size = "1M"
+            "#);
+        assert!(e.contains("b.img of image"), "{e}");
+        assert!(e.contains("is an image"), "{e}");
+    }
 
     #[test]
     fn example_config_is_valid() {

@@ -91,6 +91,10 @@ struct LuAddArgs {
     /// the image, else off].
     #[arg(long)]
     direct: bool,
+    /// The file that keeps the LU's persistent reservation state (APTPL) [default:
+    /// IMAGE.pr beside a regular file; a block device without one refuses APTPL].
+    #[arg(long, value_name = "PATH")]
+    reservation_state: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -129,7 +133,7 @@ struct PrArgs {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// A TOML config file (several targets, LUs, portals, ACLs, CHAP).
-    #[arg(long, conflicts_with_all = ["file", "size", "listen", "block_size", "physical_block_size", "name", "allow_initiator", "chap_user", "control", "vhost_user", "vhost_initiator", "vhost_queues", "vhost_threads", "direct"])]
+    #[arg(long, conflicts_with_all = ["file", "size", "listen", "block_size", "physical_block_size", "name", "allow_initiator", "chap_user", "control", "vhost_user", "vhost_initiator", "vhost_queues", "vhost_threads", "direct", "reservation_state"])]
     config: Option<PathBuf>,
     /// The image file; created sparse with --size when it does not exist.
     #[arg(long, required_unless_present = "config")]
@@ -151,6 +155,10 @@ struct ServeArgs {
     /// image on storage other hosts see too.
     #[arg(long)]
     direct: bool,
+    /// The file that keeps the persistent reservation state (APTPL) [default: FILE.pr beside
+    /// a regular file; a block device without one refuses APTPL].
+    #[arg(long, value_name = "PATH")]
+    reservation_state: Option<PathBuf>,
     /// Target name [default: iqn.2026-01.io.sharedisk:IMAGE, IMAGE being the file name].
     #[arg(long)]
     name: Option<String>,
@@ -232,6 +240,7 @@ fn quick_start_plan(args: ServeArgs) -> anyhow::Result<Plan> {
         serial: None,
         id: None,
         direct: args.direct,
+        reservation_state: args.reservation_state,
     };
     let vhost = args
         .vhost_user
@@ -325,6 +334,7 @@ fn lu(cmd: LuCmd) -> anyhow::Result<()> {
                     size,
                     block_size: a.block_size,
                     direct: a.direct.then_some(true),
+                    reservation_state: a.reservation_state,
                     cwd,
                 }),
             )

@@ -270,6 +270,9 @@ pub struct AddLu {
     /// Direct I/O; `None` when not given.
     #[serde(default)]
     pub direct: Option<bool>,
+    /// The reservation state file (relative to `cwd`); `None` when not given.
+    #[serde(default)]
+    pub reservation_state: Option<PathBuf>,
     /// The operator's working folder.
     pub cwd: PathBuf,
 }
@@ -442,6 +445,14 @@ impl Registry {
                             if d { "without" } else { "with" }
                         ));
                     }
+                    if req.reservation_state.is_some() {
+                        return Err(format!(
+                            "Image {} is already served (as {name}) and keeps its reservation \
+                             state where it was opened with: the same LU is reused; leave out \
+                             --reservation-state",
+                            image.display()
+                        ));
+                    }
                     let bytes = backend.capacity() * u64::from(backend.block_size());
                     if let Some(size) = req.size.filter(|&size| size != bytes) {
                         return Err(format!(
@@ -468,6 +479,7 @@ impl Registry {
                     direct: req.direct.unwrap_or(false),
                     serial: None,
                     id: None,
+                    reservation_state: req.reservation_state.as_ref().map(|p| req.cwd.join(p)),
                 };
                 config::check_lu_plan(&what, &plan).map_err(|e| format!("{e:#}"))?;
                 let lu = crate::serve::open_restored(&plan)

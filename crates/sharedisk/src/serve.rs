@@ -25,6 +25,7 @@ fn open_lu(plan: &LuPlan) -> anyhow::Result<Arc<scsi::LogicalUnit>> {
     let path = &plan.file;
     let opts = block::driver::file::FileOptions {
         direct: plan.direct,
+        reservation_state: plan.reservation_state.clone(),
         ..Default::default()
     };
     let driver =

@@ -28,6 +28,11 @@ struct Daemon {
 
 impl Daemon {
     fn start(image: &Path, control: &Path) -> Daemon {
+        Self::start_with(image, control, &[])
+    }
+
+    /// [`Daemon::start`] with more `serve` arguments.
+    fn start_with(image: &Path, control: &Path, more: &[&std::ffi::OsStr]) -> Daemon {
         let mut child = Command::new(BIN)
             .args(["serve", "--file"])
             .arg(image)
@@ -41,6 +46,7 @@ impl Daemon {
             ])
             .arg("--control")
             .arg(control)
+            .args(more)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -441,4 +447,33 @@ fn a_daemon_that_stops_leaves_a_control_socket_another_has_bound_since() {
     let (ok, out, err) = pr(&control, &["show"]);
     assert!(ok, "the second daemon's socket is gone: {out}{err}");
     assert!(out.contains("two.img"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_reservation_state_file_keeps_the_aptpl_state() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let control = dir.path().join("control.sock");
+    let image = dir.path().join("disk.img");
+    std::fs::create_dir(dir.path().join("state")).expect("mkdir");
+    let state = dir.path().join("state/disk.pr");
+    let args = [
+        std::ffi::OsStr::new("--reservation-state"),
+        state.as_os_str(),
+    ];
+    let d = Daemon::start_with(&image, &control, &args);
+    let mut c = login(d.portal).await;
+    // REGISTER AND IGNORE EXISTING KEY (06h), SARK 1111h, APTPL.
+    send_pr_out(&mut c, 0x06, 0x00, &pr_out_params(0, 0x1111, true)).await;
+    assert_eq!(status(&mut c).await, 0x00);
+    drop(c);
+    d.kill9();
+    // Kept in the configured file, not beside the image.
+    let kept = std::fs::read_to_string(&state).expect("the state file");
+    assert!(kept.starts_with("sharedisk-pr-v1 "), "{kept}");
+    assert!(!dir.path().join("disk.img.pr").exists());
+    // A restart with the same file finds the registration.
+    let _d = Daemon::start_with(&image, &control, &args);
+    let json = pr_json(&control);
+    assert_eq!(json["registrations"][0]["key"], 0x1111, "{json}");
+    assert_eq!(json["aptpl"], true, "{json}");
 }
