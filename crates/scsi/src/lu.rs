@@ -141,7 +141,19 @@ impl LogicalUnit {
     /// registrant (RESERVATIONS PREEMPTED, SPC-5 5.14.11.3's unit attention for CLEAR).
     /// It also ends a lost persistent reservation condition (the empty state it stores is not
     /// lost). Returns the state it replaced.
-    pub async fn clear_reservations_by_operator(&self) -> Result<Arc<PrState>, String> {
+    ///
+    /// The clear runs in a task of its own, so dropping this future (the control socket's
+    /// time limit, the operator's client going away) never stops it between storing the new
+    /// state and making it the one commands are checked against, or before the registrants
+    /// are told.
+    pub async fn clear_reservations_by_operator(self: &Arc<Self>) -> Result<Arc<PrState>, String> {
+        let lu = self.clone();
+        tokio::spawn(async move { lu.clear_now().await })
+            .await
+            .unwrap_or_else(|e| Err(format!("the clear did not finish: {e}")))
+    }
+
+    async fn clear_now(&self) -> Result<Arc<PrState>, String> {
         let _change = self.resv.lock().await;
         let old = self
             .resv

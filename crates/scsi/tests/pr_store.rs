@@ -1,0 +1,200 @@
+//! A logical unit over reservation stores that behave in particular ways:
+//! - one that cannot persist through power loss (a block device with no reservation state
+//!   file): REPORT CAPABILITIES says PTPL_C 0, and a PERSISTENT RESERVE OUT with APTPL set to
+//!   one is refused, never accepted and then lost. SPC-5 6.16.4 (REPORT CAPABILITIES byte 2),
+//!   6.17.3 and table 216 (the basic parameter list: byte 20 bit 0 APTPL);
+//! - one whose write goes on after its caller stops waiting (as the file driver's sidecar
+//!   write does on a blocking thread): an operator's clear whose caller gives up still ends
+//!   with the state in memory and in the store agreeing.
+//!
+//! CDBs, parameter lists and sense bytes are literals.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use block::driver::mem::MemDriver;
+use block::{
+    Backend, BlockError, Driver, DriverInfo, Extent, MemoryStore, ReservationStore, Stored,
+};
+use common::{assert_good, config, nexus, ready, run};
+use scsi::{LogicalUnit, Target};
+use tokio::sync::watch;
+
+/// The memory driver's data with the given reservation store.
+struct WithStore(MemDriver, Arc<dyn ReservationStore>);
+
+#[async_trait]
+impl Driver for WithStore {
+    fn info(&self) -> DriverInfo {
+        self.0.info()
+    }
+    fn reservation_store(&self) -> Option<Arc<dyn ReservationStore>> {
+        Some(self.1.clone())
+    }
+    async fn read(&self, o: u64, l: usize) -> Result<Vec<u8>, BlockError> {
+        self.0.read(o, l).await
+    }
+    async fn write(&self, o: u64, d: Vec<u8>, fua: bool) -> Result<(), BlockError> {
+        self.0.write(o, d, fua).await
+    }
+    async fn flush(&self) -> Result<(), BlockError> {
+        self.0.flush().await
+    }
+    async fn discard(&self, o: u64, l: u64) -> Result<(), BlockError> {
+        self.0.discard(o, l).await
+    }
+    async fn write_zeroes(&self, o: u64, l: u64, unmap: bool) -> Result<(), BlockError> {
+        self.0.write_zeroes(o, l, unmap).await
+    }
+    async fn block_status(&self, o: u64, l: u64) -> Result<Extent, BlockError> {
+        self.0.block_status(o, l).await
+    }
+}
+
+fn lu_over(store: Arc<dyn ReservationStore>) -> Arc<LogicalUnit> {
+    let driver = WithStore(MemDriver::new(64 * 512), store);
+    let backend = Backend::new(Arc::new(driver), 512).expect("backend");
+    Arc::new(LogicalUnit::new(backend, config()))
+}
+
+fn target_over(lu: Arc<LogicalUnit>) -> Target {
+    let mut t = Target::new();
+    t.add_lu(0, lu);
+    t
+}
+
+/// PERSISTENT RESERVE OUT (10): SERVICE ACTION, scope/type 0, PARAMETER LIST LENGTH 24.
+fn pr_out(sa: u8) -> [u8; 10] {
+    [0x5F, sa, 0x00, 0, 0, 0, 0, 0, 24, 0]
+}
+
+/// The basic parameter list: RESERVATION KEY 0, SERVICE ACTION RESERVATION KEY `sark`,
+/// byte 20 as given.
+fn basic(sark: u64, byte20: u8) -> Vec<u8> {
+    let mut p = vec![0u8; 8];
+    p.extend_from_slice(&sark.to_be_bytes());
+    p.extend_from_slice(&[0, 0, 0, 0, byte20, 0, 0, 0]);
+    p
+}
+
+#[tokio::test]
+async fn without_ptpl_c_aptpl_is_refused_and_nothing_is_registered() {
+    let t = target_over(lu_over(Arc::new(MemoryStore::without_aptpl())));
+    let n = nexus();
+    ready(&t, &n).await;
+    // REPORT CAPABILITIES: byte 2 RLR_C, CRH, SIP_C, ATP_C; PTPL_C (bit 0) 0.
+    let r = run(&t, &n, &[0x5E, 0x02, 0, 0, 0, 0, 0, 0, 8, 0], vec![]).await;
+    assert_good(&r);
+    assert_eq!(r.data_in[2], 0x9C);
+    // REGISTER with APTPL=1: CHECK CONDITION, ILLEGAL REQUEST, INVALID FIELD IN PARAMETER LIST
+    // (26h/00h), SKSV, C/D 0, BPV, bit 0; FIELD POINTER 20.
+    for sa in [0x00, 0x06] {
+        let r = run(&t, &n, &pr_out(sa), basic(0xAB, 0x01)).await;
+        assert_eq!(r.status, scsi::Status::CHECK_CONDITION, "sa {sa:#x}");
+        assert_eq!(
+            r.sense,
+            vec![0x70, 0, 0x05, 0, 0, 0, 0, 0x0A, 0, 0, 0, 0, 0x26, 0x00, 0, 0x88, 0x00, 0x14],
+            "sa {sa:#x}"
+        );
+    }
+    // READ KEYS: PRGENERATION 0, ADDITIONAL LENGTH 0.
+    let r = run(&t, &n, &[0x5E, 0x00, 0, 0, 0, 0, 0, 0, 16, 0], vec![]).await;
+    assert_eq!(r.data_in, vec![0, 0, 0, 0, 0, 0, 0, 0]);
+    // The same REGISTER without APTPL registers.
+    assert_good(&run(&t, &n, &pr_out(0x00), basic(0xAB, 0x00)).await);
+    let r = run(&t, &n, &[0x5E, 0x00, 0, 0, 0, 0, 0, 0, 16, 0], vec![]).await;
+    assert_eq!(
+        r.data_in,
+        vec![0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0xAB]
+    );
+    // RESERVE ignores byte 20 (APTPL is a field of the register service actions only).
+    let mut reserve = pr_out(0x01);
+    reserve[2] = 0x01; // LU_SCOPE, type 1 (Write Exclusive)
+    let mut p = basic(0, 0x01);
+    p[..8].copy_from_slice(&0xABu64.to_be_bytes());
+    assert_good(&run(&t, &n, &reserve, p).await);
+}
+
+/// A memory store whose compare-and-swap waits for a permit in a task of its own, which goes
+/// on when the caller stops waiting.
+#[derive(Debug)]
+struct DetachedStore {
+    inner: Arc<MemoryStore>,
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait]
+impl ReservationStore for DetachedStore {
+    async fn load(&self) -> Result<Stored, BlockError> {
+        self.inner.load().await
+    }
+    async fn compare_and_swap(
+        &self,
+        expected: u64,
+        state: Vec<u8>,
+        durable: bool,
+    ) -> Result<Result<u64, Stored>, BlockError> {
+        let (inner, gate) = (self.inner.clone(), self.gate.clone());
+        tokio::spawn(async move {
+            gate.acquire().await.expect("gate").forget();
+            inner.compare_and_swap(expected, state, durable).await
+        })
+        .await
+        .expect("store task")
+    }
+    fn watch(&self) -> watch::Receiver<Stored> {
+        self.inner.watch()
+    }
+    async fn barrier(&self, version: u64) -> Result<(), BlockError> {
+        self.inner.barrier(version).await
+    }
+}
+
+#[tokio::test]
+async fn an_operators_clear_whose_caller_gives_up_still_finishes() {
+    let store = Arc::new(DetachedStore {
+        inner: Arc::new(MemoryStore::new()),
+        gate: Arc::new(tokio::sync::Semaphore::new(1)),
+    });
+    let lu = lu_over(store.clone());
+    let t = target_over(lu.clone());
+    let n = nexus();
+    ready(&t, &n).await;
+    // REGISTER key ABh (uses the one permit).
+    assert_good(&run(&t, &n, &pr_out(0x00), basic(0xAB, 0x00)).await);
+    assert_eq!(lu.persistent_reservations().registrations.len(), 1);
+
+    // The clear reaches the store, whose write waits; its caller gives up (as the control
+    // socket's time limit does) and drops it.
+    let clear = lu.clear_reservations_by_operator();
+    let gave_up = tokio::time::timeout(std::time::Duration::from_millis(100), clear).await;
+    assert!(
+        gave_up.is_err(),
+        "the clear cannot finish while the store waits"
+    );
+    // The write then goes through.
+    store.gate.add_permits(1);
+    // Hang guard only: the clear settles in the background.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !lu.persistent_reservations().registrations.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the store holds the cleared state, the LU still checks commands against the old"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // Memory and store agree: generation 2 (REGISTER, then the clear), no registrations.
+    let mem = lu.persistent_reservations();
+    assert_eq!(mem.generation, 2);
+    assert_eq!(store.inner.load().await.expect("load").version, 2);
+    // The registrant was told: UNIT ATTENTION, RESERVATIONS PREEMPTED (2Ah/03h).
+    let r = run(&t, &n, &[0x00, 0, 0, 0, 0, 0], vec![]).await;
+    assert_eq!(r.sense[2] & 0x0F, 0x06);
+    assert_eq!(r.sense[12..14], [0x2A, 0x03]);
+    // READ KEYS: PRGENERATION 2, ADDITIONAL LENGTH 0.
+    let r = run(&t, &n, &[0x5E, 0x00, 0, 0, 0, 0, 0, 0, 16, 0], vec![]).await;
+    assert_eq!(r.data_in, vec![0, 0, 0, 2, 0, 0, 0, 0]);
+}
