@@ -46,8 +46,17 @@ pub struct ServedLu {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "kebab-case")]
 enum Request {
-    PrShow { lu: Option<String> },
-    PrClear { lu: Option<String> },
+    /// `cwd`: the operator's working folder, which an image path `lu` is relative to.
+    PrShow {
+        lu: Option<String>,
+        #[serde(default)]
+        cwd: Option<PathBuf>,
+    },
+    PrClear {
+        lu: Option<String>,
+        #[serde(default)]
+        cwd: Option<PathBuf>,
+    },
     LuAdd(AddLu),
     LuRemove(RemoveLu),
     LuList,
@@ -172,7 +181,7 @@ async fn answer(stream: UnixStream, registry: &Registry) -> anyhow::Result<()> {
             Err(e) => Answer::Error(e),
         },
         Ok(Request::LuList) => Answer::Lus(registry.list()),
-        Ok(Request::PrShow { lu }) => match find(&lus(), lu.as_deref()) {
+        Ok(Request::PrShow { lu, cwd }) => match find(&lus(), lu.as_deref(), cwd.as_deref()) {
             Err(e) => Answer::Error(e),
             Ok(s) => Answer::Ok {
                 lu: s.name.clone(),
@@ -180,7 +189,7 @@ async fn answer(stream: UnixStream, registry: &Registry) -> anyhow::Result<()> {
                 state: (*s.lu.persistent_reservations()).clone(),
             },
         },
-        Ok(Request::PrClear { lu }) => match find(&lus(), lu.as_deref()) {
+        Ok(Request::PrClear { lu, cwd }) => match find(&lus(), lu.as_deref(), cwd.as_deref()) {
             Err(e) => Answer::Error(e),
             Ok(s) => match s.lu.clear_reservations_by_operator().await {
                 Err(e) => Answer::Error(format!("Cannot clear the reservations: {e}")),
@@ -202,8 +211,13 @@ async fn answer(stream: UnixStream, registry: &Registry) -> anyhow::Result<()> {
 }
 
 /// The LU an operator means: `TARGET-IQN/LUN`, its URL `iscsi://ADDR:PORT/TARGET-IQN/LUN`, or
-/// its image path; may be left out when the daemon serves one LU.
-fn find<'a>(lus: &'a [ServedLu], want: Option<&str>) -> Result<&'a ServedLu, String> {
+/// its image path (relative to the operator's working folder `cwd`, when the client sent it);
+/// may be left out when the daemon serves one LU.
+fn find<'a>(
+    lus: &'a [ServedLu],
+    want: Option<&str>,
+    cwd: Option<&Path>,
+) -> Result<&'a ServedLu, String> {
     let Some(want) = want else {
         return match lus {
             [one] => Ok(one),
@@ -218,7 +232,10 @@ fn find<'a>(lus: &'a [ServedLu], want: Option<&str>) -> Result<&'a ServedLu, Str
         .strip_prefix("iscsi://")
         .and_then(|rest| rest.split_once('/').map(|(_, path)| path))
         .unwrap_or(want);
-    let image = std::fs::canonicalize(want).ok();
+    let image = match cwd {
+        Some(cwd) => std::fs::canonicalize(cwd.join(want)).ok(),
+        None => std::fs::canonicalize(want).ok(),
+    };
     lus.iter()
         .find(|s| {
             s.name == by_name
@@ -255,10 +272,11 @@ fn request(path: &Path, request: &Request) -> anyhow::Result<Answer> {
 /// `sharedisk pr show|clear`: send the request to the daemon at `path` and print the answer.
 pub fn pr_client(path: &Path, clear: bool, lu: Option<String>, json: bool) -> anyhow::Result<()> {
     use std::io::Write;
+    let cwd = Some(std::env::current_dir().context("Cannot read the working folder")?);
     let req = if clear {
-        Request::PrClear { lu }
+        Request::PrClear { lu, cwd }
     } else {
-        Request::PrShow { lu }
+        Request::PrShow { lu, cwd }
     };
     match request(path, &req)? {
         Answer::Error(e) => bail!("{e}"),

@@ -33,8 +33,8 @@ impl Daemon {
 
     /// [`Daemon::start`] with more `serve` arguments.
     fn start_with(image: &Path, control: &Path, more: &[&std::ffi::OsStr]) -> Daemon {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--file"])
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--file"])
             .arg(image)
             .args([
                 "--size",
@@ -46,7 +46,13 @@ impl Daemon {
             ])
             .arg("--control")
             .arg(control)
-            .args(more)
+            .args(more);
+        Self::run(cmd)
+    }
+
+    /// Start `cmd` (a `sharedisk serve`); the portal of the first URL it prints.
+    fn run(mut cmd: Command) -> Daemon {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -476,4 +482,54 @@ async fn a_configured_reservation_state_file_keeps_the_aptpl_state() {
     let json = pr_json(&control);
     assert_eq!(json["registrations"][0]["key"], 0x1111, "{json}");
     assert_eq!(json["aptpl"], true, "{json}");
+}
+
+#[test]
+fn pr_show_and_clear_find_an_image_path_from_the_operators_folder() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir(&a).expect("mkdir a");
+    std::fs::create_dir(&b).expect("mkdir b");
+    let control = dir.path().join("control.sock");
+    let config = dir.path().join("sharedisk.toml");
+    std::fs::write(
+        &config,
+        r#"control = "control.sock"
+[[target]]
+name = "iqn.2026-01.test:a"
+portals = ["127.0.0.1:0"]
+[[target.lu]]
+lun = 0
+file = "a/disk.img"
+size = "1M"
+[[target]]
+name = "iqn.2026-01.test:b"
+portals = ["127.0.0.1:0"]
+[[target.lu]]
+lun = 0
+file = "b/disk.img"
+size = "1M"
+"#,
+    )
+    .expect("config");
+    // The daemon runs in folder a; the operator in folder b names b's image.
+    let mut cmd = Command::new(BIN);
+    cmd.args(["serve", "--config"]).arg(&config).current_dir(&a);
+    let _d = Daemon::run(cmd);
+    for verb in ["show", "clear"] {
+        let out = Command::new(BIN)
+            .args(["pr", verb, "disk.img", "--control"])
+            .arg(&control)
+            .current_dir(&b)
+            .output()
+            .expect("run sharedisk pr");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("iqn.2026-01.test:b/0"), "pr {verb}: {text}");
+        assert!(!text.contains("iqn.2026-01.test:a/0"), "pr {verb}: {text}");
+    }
 }
