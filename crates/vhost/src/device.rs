@@ -229,6 +229,8 @@ pub(crate) struct Hooks {
     pub in_complete: Mutex<Option<TestGate>>,
     /// Completions that reached `in_complete`.
     pub inside: AtomicUsize,
+    /// Run once by the next request between its target lookup and its ticket.
+    pub before_admit: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 /// The epochs a chain was popped in: its completion is written only while they are current.
@@ -928,7 +930,25 @@ impl Device {
             .then(|| wr.lend(mem, u64::from(resp_len), data_in_cap as usize))
             .flatten();
         let nexus = self.shared.nexus.clone();
+        #[cfg(test)]
+        if let Some(f) = lock(&self.hooks.before_admit).take() {
+            f();
+        }
         let ticket = target.admit(&nexus, lun);
+        // `remove_lu` swaps the LUN map before it ends the nexus's tasks on the LU. A ticket
+        // taken before that end is void, so the command is aborted; one taken after it would
+        // be valid on the removed LU, but then the swap is seen here: the command goes to
+        // the target as it is now (LOGICAL UNIT NOT SUPPORTED, or the LU added since).
+        let now = self.shared.target(vt);
+        let same_lu = |t: &scsi::Target| t.lu(lun).map(Arc::as_ptr);
+        let (target, ticket) = match now {
+            Some(now) if same_lu(&now) == same_lu(&target) => (target, ticket),
+            Some(now) => {
+                let ticket = now.admit(&nexus, lun);
+                (now, ticket)
+            }
+            None => (Arc::new(scsi::Target::new()), None),
+        };
         let attr = match u32::from(req.task_attr) {
             wire::VIRTIO_SCSI_S_ORDERED => scsi::TaskAttr::Ordered,
             wire::VIRTIO_SCSI_S_HEAD => scsi::TaskAttr::HeadOfQueue,

@@ -797,6 +797,54 @@ fn hotplug_events_in_kept_buffers() {
 }
 
 #[test]
+fn a_command_that_meets_the_removal_of_its_lu_does_not_run_on_it() {
+    let mut h = Harness::new();
+    let added = lu(8);
+    h.vs.add_lu(0, 1, added.clone()).unwrap();
+    // The LU goes between the request's target lookup and its ticket; the unit attention
+    // its removal leaves for the nexus there (I_T NEXUS LOSS) is then taken by another
+    // command, so nothing but the LU's removal can stop the request.
+    let vs = h.vs.clone();
+    let rt = h.rt.handle().clone();
+    let gone = added.clone();
+    *h.dev.hooks.before_admit.lock().unwrap() = Some(Box::new(move || {
+        assert!(vs.remove_lu(0, 1).is_some());
+        let tur = scsi::Command {
+            nexus: vs.shared.nexus.clone(),
+            lun: 1,
+            tag: 99,
+            attr: scsi::TaskAttr::Simple,
+            cdb: vec![0; 6],
+            data_out: Vec::new().into(),
+            data_in_len: 0,
+            data_in_buf: None,
+        };
+        rt.block_on(gone.execute(tur));
+    }));
+    // WRITE(10) of LBA 0, 1 block, to target 0 LUN 1.
+    let (_, resp, _) = h.command(
+        [1, 0, 0x40, 1, 0, 0, 0, 0],
+        &[0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+        &[0xEE; 512],
+        0,
+    );
+    assert!(
+        h.dev.hooks.before_admit.lock().unwrap().is_none(),
+        "the hook ran"
+    );
+    // VIRTIO_SCSI_S_OK with CHECK CONDITION: ILLEGAL REQUEST, LOGICAL UNIT NOT SUPPORTED
+    // (25h/00h), fixed format at byte 12.
+    assert_eq!(resp[11], 0, "VIRTIO_SCSI_S_OK");
+    assert_eq!(resp[10], 0x02, "CHECK CONDITION");
+    assert_eq!(resp[12 + 2] & 0x0F, 0x05);
+    assert_eq!(resp[12 + 12..12 + 14], [0x25, 0x00]);
+    // Nothing reached the removed LU.
+    let stored =
+        h.rt.block_on(async move { added.backend().read(0, 1).await.expect("read") });
+    assert_eq!(stored, vec![0; 512]);
+}
+
+#[test]
 fn config_space() {
     let h = Harness::new();
     let c = h.dev.get_config(0, 36);
