@@ -218,6 +218,13 @@ impl LogicalUnit {
         cdb::data_out_len(cdb, self.backend.block_size())
     }
 
+    /// Tell `nexus` that the LUN inventory of a target it reaches this LU through changed
+    /// (SPC-5: REPORTED LUNS DATA HAS CHANGED, 3Fh/0Eh), on its next command to this LU.
+    pub fn reported_luns_changed(&self, nexus: &ItNexus) {
+        self.nexuses
+            .broadcast(cond::REPORTED_LUNS_CHANGED, |n| n == nexus);
+    }
+
     /// Tell every nexus that the capacity changed (SBC-4 4.9: CAPACITY DATA HAS CHANGED).
     pub fn capacity_changed(&self) {
         self.nexuses

@@ -95,7 +95,11 @@
 //! VIRTIO_SCSI_T_EVENTS_MISSED on the next one (Linux then rescans). An event names the LUN as
 //! REPORT LUNS does ([`wire::event_lun`]): Linux adds or removes the LUN that number gives.
 //! Without a connected frontend the map changes and no event is sent; the next guest finds
-//! the LU when it scans. The daemon calls them for `sharedisk lu add|remove`; tested here
+//! the LU when it scans. Either way the socket's nexus gets REPORTED LUNS DATA HAS CHANGED
+//! (3Fh/0Eh) on its next command to each other LU of the target (SPC-5), the way a guest
+//! without hotplug learns of the change. A request that looked its target up before a removal
+//! checks the map again once it holds its ticket, so it never runs on the removed LU.
+//! The daemon calls them for `sharedisk lu add|remove`; tested here
 //! against mock queues and in `scripts/guest` (vhost-user/hotplug) against a Linux guest.
 //! VIRTIO_SCSI_F_CHANGE is offered because QEMU hands the guest's
 //! choice through (a back end without it fails SET_FEATURES), but no
@@ -319,6 +323,7 @@ impl VhostScsi {
             self.shared.targets.store(Arc::new(map));
         }
         tracing::info!(socket = %self.path.display(), target, lun, "Logical unit added");
+        self.luns_changed(target, lun);
         self.event(target, lun, wire::VIRTIO_SCSI_EVT_RESET_RESCAN);
         Ok(())
     }
@@ -345,8 +350,23 @@ impl VhostScsi {
         only.add_lu(u64::from(lun), removed.clone());
         only.nexus_lost(&self.shared.nexus);
         tracing::info!(socket = %self.path.display(), target, lun, "Logical unit removed");
+        self.luns_changed(target, lun);
         self.event(target, lun, wire::VIRTIO_SCSI_EVT_RESET_REMOVED);
         Some(removed)
+    }
+
+    /// The LUN inventory of `target` changed at `lun`: the socket's nexus gets REPORTED LUNS
+    /// DATA HAS CHANGED on the target's other LUs (SPC-5), for a guest that did not
+    /// negotiate VIRTIO_SCSI_F_HOTPLUG and so gets no event.
+    fn luns_changed(&self, target: u8, lun: u16) {
+        let Some(t) = self.shared.target(target) else {
+            return;
+        };
+        for other in t.luns().filter(|&l| l != u64::from(lun)) {
+            if let Some(lu) = t.lu(other) {
+                lu.reported_luns_changed(&self.shared.nexus);
+            }
+        }
     }
 
     fn event(&self, target: u8, lun: u16, reason: u32) {

@@ -797,6 +797,31 @@ fn hotplug_events_in_kept_buffers() {
 }
 
 #[test]
+fn adding_or_removing_an_lu_is_a_reported_luns_change_on_the_others() {
+    let mut h = Harness::new();
+    // Take what is pending on LUN 0 (the nexus's power on).
+    for _ in 0..4 {
+        if h.tur().1[10] == 0 {
+            break;
+        }
+    }
+    assert_eq!(h.tur().1[10], 0, "LUN 0 has nothing pending");
+    for change in ["add", "remove"] {
+        if change == "add" {
+            h.vs.add_lu(0, 1, lu(8)).unwrap();
+        } else {
+            assert!(h.vs.remove_lu(0, 1).is_some());
+        }
+        // LUN 0: CHECK CONDITION, UNIT ATTENTION, REPORTED LUNS DATA HAS CHANGED (3Fh/0Eh).
+        let (_, resp) = h.tur();
+        assert_eq!(resp[10], 0x02, "{change}: CHECK CONDITION");
+        assert_eq!(resp[12 + 2] & 0x0F, 0x06, "{change}: UNIT ATTENTION");
+        assert_eq!(resp[12 + 12..12 + 14], [0x3F, 0x0E], "{change}");
+        assert_eq!(h.tur().1[10], 0, "{change}: reported once");
+    }
+}
+
+#[test]
 fn a_command_that_meets_the_removal_of_its_lu_does_not_run_on_it() {
     let mut h = Harness::new();
     let added = lu(8);
