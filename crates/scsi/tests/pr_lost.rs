@@ -16,9 +16,8 @@ mod common;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
-use block::driver::mem::MemDriver;
-use block::{Backend, BlockError, Driver, DriverInfo, Extent, ReservationStore, Stored};
-use common::{assert_good, assert_sense, config, nexus_named, run};
+use block::{BlockError, ReservationStore, Stored};
+use common::{assert_good, assert_sense, nexus_named, run};
 use scsi::cdb::{self, OPS};
 use scsi::pr::check::lost_allows;
 use scsi::pr::out::{out, Effects, Refusal};
@@ -344,46 +343,8 @@ impl ReservationStore for LostStore {
     }
 }
 
-struct LostDriver {
-    mem: MemDriver,
-    store: Arc<LostStore>,
-}
-
-#[async_trait]
-impl Driver for LostDriver {
-    fn info(&self) -> DriverInfo {
-        self.mem.info()
-    }
-    fn reservation_store(&self) -> Option<Arc<dyn ReservationStore>> {
-        Some(self.store.clone())
-    }
-    async fn read(&self, o: u64, l: usize) -> Result<Vec<u8>, BlockError> {
-        self.mem.read(o, l).await
-    }
-    async fn write(&self, o: u64, d: Vec<u8>, fua: bool) -> Result<(), BlockError> {
-        self.mem.write(o, d, fua).await
-    }
-    async fn flush(&self) -> Result<(), BlockError> {
-        self.mem.flush().await
-    }
-    async fn discard(&self, o: u64, l: u64) -> Result<(), BlockError> {
-        self.mem.discard(o, l).await
-    }
-    async fn write_zeroes(&self, o: u64, l: u64, unmap: bool) -> Result<(), BlockError> {
-        self.mem.write_zeroes(o, l, unmap).await
-    }
-    async fn block_status(&self, o: u64, l: u64) -> Result<Extent, BlockError> {
-        self.mem.block_status(o, l).await
-    }
-}
-
 fn lu_over(store: &Arc<LostStore>) -> Arc<LogicalUnit> {
-    let driver = Arc::new(LostDriver {
-        mem: MemDriver::new(64 * 512),
-        store: store.clone(),
-    });
-    let backend = Backend::new(driver, 512).unwrap();
-    Arc::new(LogicalUnit::new(backend, config()))
+    common::lu_over_store(store.clone())
 }
 
 #[tokio::test]

@@ -15,50 +15,10 @@ mod common;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use block::driver::mem::MemDriver;
-use block::{
-    Backend, BlockError, Driver, DriverInfo, Extent, MemoryStore, ReservationStore, Stored,
-};
-use common::{assert_good, config, nexus, ready, run};
+use block::{BlockError, MemoryStore, ReservationStore, Stored};
+use common::{assert_good, lu_over_store, nexus, ready, run};
 use scsi::{LogicalUnit, Target};
 use tokio::sync::watch;
-
-/// The memory driver's data with the given reservation store.
-struct WithStore(MemDriver, Arc<dyn ReservationStore>);
-
-#[async_trait]
-impl Driver for WithStore {
-    fn info(&self) -> DriverInfo {
-        self.0.info()
-    }
-    fn reservation_store(&self) -> Option<Arc<dyn ReservationStore>> {
-        Some(self.1.clone())
-    }
-    async fn read(&self, o: u64, l: usize) -> Result<Vec<u8>, BlockError> {
-        self.0.read(o, l).await
-    }
-    async fn write(&self, o: u64, d: Vec<u8>, fua: bool) -> Result<(), BlockError> {
-        self.0.write(o, d, fua).await
-    }
-    async fn flush(&self) -> Result<(), BlockError> {
-        self.0.flush().await
-    }
-    async fn discard(&self, o: u64, l: u64) -> Result<(), BlockError> {
-        self.0.discard(o, l).await
-    }
-    async fn write_zeroes(&self, o: u64, l: u64, unmap: bool) -> Result<(), BlockError> {
-        self.0.write_zeroes(o, l, unmap).await
-    }
-    async fn block_status(&self, o: u64, l: u64) -> Result<Extent, BlockError> {
-        self.0.block_status(o, l).await
-    }
-}
-
-fn lu_over(store: Arc<dyn ReservationStore>) -> Arc<LogicalUnit> {
-    let driver = WithStore(MemDriver::new(64 * 512), store);
-    let backend = Backend::new(Arc::new(driver), 512).expect("backend");
-    Arc::new(LogicalUnit::new(backend, config()))
-}
 
 fn target_over(lu: Arc<LogicalUnit>) -> Target {
     let mut t = Target::new();
@@ -82,7 +42,7 @@ fn basic(sark: u64, byte20: u8) -> Vec<u8> {
 
 #[tokio::test]
 async fn without_ptpl_c_aptpl_is_refused_and_nothing_is_registered() {
-    let t = target_over(lu_over(Arc::new(MemoryStore::without_aptpl())));
+    let t = target_over(lu_over_store(Arc::new(MemoryStore::without_aptpl())));
     let n = nexus();
     ready(&t, &n).await;
     // REPORT CAPABILITIES: byte 2 RLR_C, CRH, SIP_C, ATP_C; PTPL_C (bit 0) 0.
@@ -159,7 +119,7 @@ async fn an_operators_clear_whose_caller_gives_up_still_finishes() {
         inner: Arc::new(MemoryStore::new()),
         gate: Arc::new(tokio::sync::Semaphore::new(1)),
     });
-    let lu = lu_over(store.clone());
+    let lu = lu_over_store(store.clone());
     let t = target_over(lu.clone());
     let n = nexus();
     ready(&t, &n).await;

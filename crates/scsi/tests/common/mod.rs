@@ -1,5 +1,6 @@
 //! Shared helpers for the command tests: LUs over the memory driver and over small test drivers
-//! (thin provisioning, failing I/O, gated writes), and a one-call way to run a CDB.
+//! (thin provisioning, failing I/O, gated writes, a given reservation store), and a one-call
+//! way to run a CDB.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -7,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use block::driver::mem::MemDriver;
-use block::{Backend, BlockError, Driver, DriverInfo, Extent};
+use block::{Backend, BlockError, Driver, DriverInfo, Extent, ReservationStore};
 use scsi::{
     Command, Completion, InitiatorPort, ItNexus, LogicalUnit, LuConfig, Response, Status, Target,
     TargetPort, TaskAttr, Transport,
@@ -136,6 +137,44 @@ impl Driver for ThickDriver {
             mapped: true,
         })
     }
+}
+
+/// The memory driver's data with the given reservation store.
+pub struct WithStore(pub MemDriver, pub Arc<dyn ReservationStore>);
+
+#[async_trait]
+impl Driver for WithStore {
+    fn info(&self) -> DriverInfo {
+        self.0.info()
+    }
+    fn reservation_store(&self) -> Option<Arc<dyn ReservationStore>> {
+        Some(self.1.clone())
+    }
+    async fn read(&self, o: u64, l: usize) -> Result<Vec<u8>, BlockError> {
+        self.0.read(o, l).await
+    }
+    async fn write(&self, o: u64, d: Vec<u8>, fua: bool) -> Result<(), BlockError> {
+        self.0.write(o, d, fua).await
+    }
+    async fn flush(&self) -> Result<(), BlockError> {
+        self.0.flush().await
+    }
+    async fn discard(&self, o: u64, l: u64) -> Result<(), BlockError> {
+        self.0.discard(o, l).await
+    }
+    async fn write_zeroes(&self, o: u64, l: u64, unmap: bool) -> Result<(), BlockError> {
+        self.0.write_zeroes(o, l, unmap).await
+    }
+    async fn block_status(&self, o: u64, l: u64) -> Result<Extent, BlockError> {
+        self.0.block_status(o, l).await
+    }
+}
+
+/// A logical unit of 64 512-byte blocks in memory whose reservations live in `store`.
+pub fn lu_over_store(store: Arc<dyn ReservationStore>) -> Arc<LogicalUnit> {
+    let driver = WithStore(MemDriver::new(64 * 512), store);
+    let backend = Backend::new(Arc::new(driver), 512).unwrap();
+    Arc::new(LogicalUnit::new(backend, config()))
 }
 
 pub async fn ready_mem(blocks: u64, block_size: u32) -> (Target, Arc<ItNexus>) {
