@@ -450,3 +450,27 @@ async fn a_memory_store_without_aptpl_refuses_a_durable_state() {
     assert_eq!(cas(&s, 0, b"x", false).await, Ok(1));
     assert!(MemoryStore::new().keeps_aptpl());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_images_cannot_share_a_state_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = FileOptions {
+        engine: EngineChoice::ThreadPool,
+        reservation_state: Some(dir.path().join("shared.pr")),
+        ..FileOptions::default()
+    };
+    let first = FileDriver::open_with(&dir.path().join("a.img"), Some(MIB), &opts).expect("a");
+    let Err(BlockError::Open(e)) =
+        FileDriver::open_with(&dir.path().join("b.img"), Some(MIB), &opts)
+    else {
+        panic!("a second image opened with the first one's state file")
+    };
+    assert!(
+        e.to_string()
+            .contains("already keeps the reservation state"),
+        "{e}"
+    );
+    // Released with the first.
+    drop(first);
+    FileDriver::open_with(&dir.path().join("b.img"), Some(MIB), &opts).expect("b, once a is gone");
+}

@@ -93,6 +93,46 @@ struct Inner {
     lost: Mutex<Option<String>>,
     /// The image, whose `flock` makes this process the only one touching the sidecar.
     _image: Arc<File>,
+    /// This store's hold on its state file among the stores of this process.
+    _claim: Claim,
+}
+
+/// The state files the stores of this process keep, by canonical path: two LUs given the same
+/// state file (a daemon's `lu add` naming another LU's) would overwrite each other's state.
+static CLAIMED: Mutex<std::collections::BTreeSet<PathBuf>> =
+    Mutex::new(std::collections::BTreeSet::new());
+
+/// One store's hold on its state file; released when dropped.
+#[derive(Debug)]
+struct Claim(PathBuf);
+
+impl Claim {
+    fn take(dir: &Path, state: &Path) -> Result<Claim, BlockError> {
+        let key = match (fs::canonicalize(dir), state.file_name()) {
+            (Ok(d), Some(name)) => d.join(name),
+            _ => state.to_path_buf(),
+        };
+        let mut claimed = CLAIMED.lock().unwrap_or_else(PoisonError::into_inner);
+        if !claimed.insert(key.clone()) {
+            return Err(BlockError::Open(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} already keeps the reservation state of another image served here",
+                    state.display()
+                ),
+            )));
+        }
+        Ok(Claim(key))
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        CLAIMED
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.0);
+    }
 }
 
 /// The file driver's [`ReservationStore`] (see the module docs). A single holder: its
@@ -122,6 +162,7 @@ impl SidecarStore {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
+        let claim = Claim::take(&dir, &sidecar)?;
         let paths = Paths {
             sidecar,
             temp: PathBuf::from(temp),
@@ -196,6 +237,7 @@ impl SidecarStore {
                 current: Mutex::new(stored),
                 lost: Mutex::new(lost),
                 _image: file,
+                _claim: claim,
             }),
         })
     }
