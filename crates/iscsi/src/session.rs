@@ -17,6 +17,11 @@
 //! FirstBurstLength per command, and the data solicited by R2Ts of one connection at most
 //! [`MAX_SOLICITED`] (an R2T waits until earlier writes have left; one is always allowed when
 //! none is outstanding, so writes always progress). Each write is at most [`MAX_WRITE`].
+//! Answers queued for the writer are bounded too: the reader stops taking PDUs while more than
+//! [`MAX_QUEUED`] messages or [`MAX_QUEUED_BYTES`] of data wait to be sent (an initiator that
+//! sends READs and does not read the answers), and gives up on the connection when the writer
+//! makes no room for [`WRITER_STALL`]. What one connection holds is then at most that, the
+//! data-out above, and the data-in of the commands the window lets run at once.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -40,6 +45,10 @@ pub const MAX_WRITE: u32 = 32 * 1024 * 1024;
 /// Messages queued for the writer beyond which the reader stops reading PDUs (an initiator
 /// that sends but does not read cannot make the target buffer without limit).
 const MAX_QUEUED: usize = 1024;
+/// Data bytes (data-in, PDU data segments) queued for the writer beyond which the reader stops
+/// reading PDUs: without it, [`MAX_QUEUED`] reads of 8 MiB would be 8 GiB held for one
+/// initiator that does not read.
+const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
 /// How long the reader waits for the writer to drain before giving up on the connection.
 const WRITER_STALL: Duration = Duration::from_secs(30);
 /// Data-out bytes one connection solicits with R2Ts at once; a write's first R2T waits until
@@ -108,19 +117,56 @@ pub struct ScsiResult {
     pub write_residual: Option<(bool, u32)>,
 }
 
+/// What is queued for the writer: messages, and the data bytes they carry.
+#[derive(Debug, Default)]
+struct Backlog {
+    msgs: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl Backlog {
+    /// Whether more than `1 / 2^shift` of either limit is queued.
+    fn over(&self, shift: u32) -> bool {
+        self.msgs.load(Ordering::Acquire) > MAX_QUEUED >> shift
+            || self.bytes.load(Ordering::Acquire) > MAX_QUEUED_BYTES >> shift
+    }
+
+    fn add(&self, bytes: usize) {
+        self.msgs.fetch_add(1, Ordering::AcqRel);
+        self.bytes.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    fn sub(&self, bytes: usize) {
+        self.msgs.fetch_sub(1, Ordering::AcqRel);
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+impl Out {
+    /// The data bytes this message holds.
+    fn bytes(&self) -> usize {
+        match self {
+            Out::Pdu { data, .. } => data.len(),
+            Out::Result(r) => r.resp.data_in.len() + r.resp.sense.len(),
+            Out::MaxData(_) | Out::Close => 0,
+        }
+    }
+}
+
 /// The sending side of the writer's queue, counting what is queued.
 #[derive(Clone)]
 struct Sender {
     tx: mpsc::UnboundedSender<Out>,
-    queued: Arc<AtomicUsize>,
+    queued: Arc<Backlog>,
 }
 
 impl Sender {
     fn send(&self, out: Out) {
-        self.queued.fetch_add(1, Ordering::AcqRel);
+        let bytes = out.bytes();
+        self.queued.add(bytes);
         // The writer only goes away when the connection is closing.
         if self.tx.send(out).is_err() {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
+            self.queued.sub(bytes);
         }
     }
 }
@@ -345,12 +391,9 @@ where
     let mut handled = 0u32;
     let result = loop {
         // Backpressure: stop reading while the writer is far behind.
-        if queued.load(Ordering::Acquire) > MAX_QUEUED {
+        if queued.over(0) {
             let start = tokio::time::Instant::now();
-            while queued.load(Ordering::Acquire) > MAX_QUEUED / 2
-                && start.elapsed() <= WRITER_STALL
-                && !*kill.borrow()
-            {
+            while queued.over(1) && start.elapsed() <= WRITER_STALL && !*kill.borrow() {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
             // Told to end (shutdown, reinstatement, TARGET COLD RESET): at once, not after
@@ -358,7 +401,7 @@ where
             if *kill.borrow() {
                 break Ok(());
             }
-            if queued.load(Ordering::Acquire) > MAX_QUEUED / 2 {
+            if queued.over(1) {
                 break Err(SessionError::Protocol("Initiator does not read responses"));
             }
         }
@@ -462,11 +505,11 @@ impl Pace {
 /// goes out before the watch begins, then peeks without blocking and without the reactor.
 /// (Waiting for the writer's word rather than yielding keeps the other workers asleep: a
 /// yielding task makes the runtime wake one, a cross-CPU wake-up per command.)
-async fn busy_poll(fd: std::os::fd::RawFd, queued: &AtomicUsize, flushed: &tokio::sync::Notify) {
+async fn busy_poll(fd: std::os::fd::RawFd, queued: &Backlog, flushed: &tokio::sync::Notify) {
     let sent = flushed.notified();
     tokio::pin!(sent);
     sent.as_mut().enable();
-    if queued.load(Ordering::Acquire) > 0 {
+    if queued.msgs.load(Ordering::Acquire) > 0 {
         // Bounded: a writer that has stopped (the connection is closing) never says it.
         if tokio::time::timeout(Duration::from_millis(10), sent)
             .await
@@ -511,7 +554,7 @@ impl Conn {
         let (tx, rx) = mpsc::unbounded_channel();
         let tx = Sender {
             tx,
-            queued: Arc::new(AtomicUsize::new(0)),
+            queued: Arc::new(Backlog::default()),
         };
         let target = match est.kind {
             Kind::Normal(i) => server.config.targets.get(i).map(|t| t.scsi.clone()),
@@ -1547,7 +1590,7 @@ fn check_condition(key: u8, asc: u8, ascq: u8) -> Response {
 async fn writer<W: AsyncWrite + Unpin>(
     mut w: BufWriter<W>,
     mut rx: mpsc::UnboundedReceiver<Out>,
-    queued: Arc<AtomicUsize>,
+    queued: Arc<Backlog>,
     shared: Arc<Shared>,
     framing: Framing,
     max_burst: u32,
@@ -1561,7 +1604,7 @@ async fn writer<W: AsyncWrite + Unpin>(
     'outer: while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         while let Some(msg) = next.take() {
-            queued.fetch_sub(1, Ordering::AcqRel);
+            queued.sub(msg.bytes());
             match msg {
                 Out::Close => {
                     w.flush().await?;
