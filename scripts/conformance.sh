@@ -2,11 +2,12 @@
 # libiscsi's conformance suite against the daemon, over a matrix of LU configurations.
 #
 # For each configuration below: build nothing new, serve a fresh 1 GiB sparse image with the
-# configuration's options on a loopback port, run `iscsi-test-cu --dataloss` (both of its
+# configuration's options on a loopback port, run `iscsi-test-cu -V --dataloss` (both of its
 # initiator names; on loopback the daemon admits every initiator), stop the daemon with SIGTERM
 # (it must exit 0), and check the per-test verdicts against tests/conformance/NAME.expected
 # (scripts/conformance/check.sh says how). Writes out/conformance/NAME/: results.txt (per-test
-# verdicts), the raw iscsi-test-cu output and the daemon's log. The last line is the total over
+# verdicts), the raw iscsi-test-cu output (-V: every command sent and its outcome, so
+# gzip-compressed: iscsi-test-cu.log.gz) and the daemon's log. The last line is the total over
 # all configurations, "N passed, N failed, N skipped".
 #
 # Configurations:
@@ -77,7 +78,8 @@ run() {
     echo "conformance[$name]: testing $url (options: ${*:-none})"
     local urls=() status=0
     for _ in $(seq "$paths"); do urls+=("$url"); done
-    timeout --kill-after=10 "$suite_timeout" iscsi-test-cu --dataloss -t "ALL${suite:+.$suite}" \
+    # -V: some tests log their "[SKIPPED]" only at the verbose level (parse.awk).
+    timeout --kill-after=10 "$suite_timeout" iscsi-test-cu -V --dataloss -t "ALL${suite:+.$suite}" \
         -i "$init1" -I "$init2" "${urls[@]}" >"$dir/iscsi-test-cu.log" \
         2>"$dir/iscsi-test-cu.stderr.log" || status=$?
     # iscsi-test-cu exits non-zero when a test fails; only a time-out is an error of its own.
@@ -108,6 +110,7 @@ run() {
 
     awk -v only="$suite" -f "$root/scripts/conformance/parse.awk" "$out/test-list.txt" \
         "$dir/iscsi-test-cu.log" >"$dir/results.txt"
+    gzip -9 "$dir/iscsi-test-cu.log"
     local check=0
     "$root/scripts/conformance/check.sh" "$dir/results.txt" \
         "$root/tests/conformance/$name.expected" >"$dir/check.txt" || check=$?

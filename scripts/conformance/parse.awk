@@ -2,8 +2,10 @@
 #
 # Usage: awk [-v only=SUITE] -f parse.awk LIST OUTPUT
 #   LIST    the output of `iscsi-test-cu -l` (lines ALL.Suite.Test name the tests of `-t ALL`)
-#   OUTPUT  the stdout of `iscsi-test-cu -t ALL` (or `-t ALL.SUITE` with only=SUITE) in its
-#           default (verbose) mode
+#   OUTPUT  the stdout of `iscsi-test-cu -V -t ALL` (or `-t ALL.SUITE` with only=SUITE), in
+#           CUnit's default (verbose) mode. -V (iscsi-test-cu's verbose log level) matters: some
+#           tests (NoMedia.NoMediaSBC, StartStopUnit.NoLoej and .PwrCnd in libiscsi 1.19) log
+#           their "[SKIPPED]" only at that level, and would otherwise read as passed.
 # Prints "Suite.Test verdict" for every test in LIST, in LIST's order; verdict is pass, fail or
 # skip.
 #
