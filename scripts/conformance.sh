@@ -10,6 +10,10 @@
 # gzip-compressed: iscsi-test-cu.log.gz) and the daemon's log. The last line is the total over
 # all configurations, "N passed, N failed, N skipped".
 #
+# What runs: the tests of `-t ALL` (or of the configuration's family), but not through `-t ALL`
+# itself: scripts/conformance/select.awk writes the list (tests.txt) and says why. The tests in
+# $isolated run after it, each in an iscsi-test-cu of its own (iscsi-test-cu.TEST.log.gz).
+#
 # Configurations:
 #   512e       512-byte blocks, 4 KiB physical blocks (the default): the whole suite
 #   512n       512-byte blocks, 512-byte physical blocks: the whole suite
@@ -25,6 +29,8 @@ out=$root/out/conformance
 init1=iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test
 init2=iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test-2
 suite_timeout=1800
+# Tests that run each in an iscsi-test-cu process of its own (scripts/conformance/select.awk).
+isolated="iSCSITMF.LUNResetSimpleAsync"
 
 command -v iscsi-test-cu >/dev/null || {
     echo "conformance: iscsi-test-cu not found (Debian package libiscsi-bin)" >&2
@@ -49,6 +55,21 @@ trap cleanup EXIT
 iscsi-test-cu -l >"$out/test-list.txt"
 
 total_pass=0 total_fail=0 total_skip=0 all_ok=1
+
+# test_cu NAME TESTS LOG URL...: one iscsi-test-cu run of TESTS (a -t argument) into LOG.log
+# and LOG.stderr.log.
+test_cu() {
+    local name=$1 tests=$2 log=$3 status=0
+    shift 3
+    # -V: some tests log their "[SKIPPED]" only at the verbose level (parse.awk).
+    timeout --kill-after=10 "$suite_timeout" iscsi-test-cu -V --dataloss -t "$tests" \
+        -i "$init1" -I "$init2" "$@" >"$log.log" 2>"$log.stderr.log" || status=$?
+    # iscsi-test-cu exits non-zero when a test fails; only a time-out is an error of its own.
+    if ((status == 124 || status == 137)); then
+        echo "conformance[$name]: iscsi-test-cu -t $tests did not finish in ${suite_timeout}s" >&2
+        all_ok=0
+    fi
+}
 
 # run NAME PATHS SUITE SERVE-OPTIONS...: one configuration. PATHS is how many sessions to the
 # LU iscsi-test-cu opens; SUITE is "" for the whole suite or one family.
@@ -76,17 +97,17 @@ run() {
         exit 1
     fi
     echo "conformance[$name]: testing $url (options: ${*:-none})"
-    local urls=() status=0
+    local urls=() logs=() test
     for _ in $(seq "$paths"); do urls+=("$url"); done
-    # -V: some tests log their "[SKIPPED]" only at the verbose level (parse.awk).
-    timeout --kill-after=10 "$suite_timeout" iscsi-test-cu -V --dataloss -t "ALL${suite:+.$suite}" \
-        -i "$init1" -I "$init2" "${urls[@]}" >"$dir/iscsi-test-cu.log" \
-        2>"$dir/iscsi-test-cu.stderr.log" || status=$?
-    # iscsi-test-cu exits non-zero when a test fails; only a time-out is an error of its own.
-    if ((status == 124 || status == 137)); then
-        echo "conformance[$name]: iscsi-test-cu did not finish in ${suite_timeout}s" >&2
-        all_ok=0
-    fi
+    awk -v only="$suite" -v isolated="$isolated" -f "$root/scripts/conformance/select.awk" \
+        "$out/test-list.txt" >"$dir/tests.txt"
+    test_cu "$name" "$dir/tests.txt" "$dir/iscsi-test-cu" "${urls[@]}"
+    logs+=("$dir/iscsi-test-cu.log")
+    for test in $isolated; do
+        [[ -z $suite || ${test%%.*} == "$suite" ]] || continue
+        test_cu "$name" "ALL.$test" "$dir/iscsi-test-cu.$test" "${urls[@]}"
+        logs+=("$dir/iscsi-test-cu.$test.log")
+    done
 
     if kill -TERM "$daemon" 2>/dev/null; then
         for _ in $(seq 300); do
@@ -109,8 +130,8 @@ run() {
     daemon=""
 
     awk -v only="$suite" -f "$root/scripts/conformance/parse.awk" "$out/test-list.txt" \
-        "$dir/iscsi-test-cu.log" >"$dir/results.txt"
-    gzip -9 "$dir/iscsi-test-cu.log"
+        "${logs[@]}" >"$dir/results.txt"
+    gzip -9 "${logs[@]}"
     local check=0
     "$root/scripts/conformance/check.sh" "$dir/results.txt" \
         "$root/tests/conformance/$name.expected" >"$dir/check.txt" || check=$?

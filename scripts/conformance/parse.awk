@@ -1,11 +1,12 @@
 # Per-test verdicts of an iscsi-test-cu run.
 #
-# Usage: awk [-v only=SUITE] -f parse.awk LIST OUTPUT
+# Usage: awk [-v only=SUITE] -f parse.awk LIST OUTPUT...
 #   LIST    the output of `iscsi-test-cu -l` (lines ALL.Suite.Test name the tests of `-t ALL`)
-#   OUTPUT  the stdout of `iscsi-test-cu -V -t ALL` (or `-t ALL.SUITE` with only=SUITE), in
-#           CUnit's default (verbose) mode. -V (iscsi-test-cu's verbose log level) matters: some
-#           tests (NoMedia.NoMediaSBC, StartStopUnit.NoLoej and .PwrCnd in libiscsi 1.19) log
-#           their "[SKIPPED]" only at that level, and would otherwise read as passed.
+#   OUTPUT  the stdout of `iscsi-test-cu -V` runs that together ran the tests of `-t ALL` (or of
+#           `-t ALL.SUITE` with only=SUITE), in CUnit's default (verbose) mode; each file is one
+#           run. -V (iscsi-test-cu's verbose log level) matters: some tests (NoMedia.NoMediaSBC,
+#           StartStopUnit.NoLoej and .PwrCnd in libiscsi 1.19) log their "[SKIPPED]" only at that
+#           level, and would otherwise read as passed.
 # Prints "Suite.Test verdict" for every test in LIST, in LIST's order; verdict is pass, fail or
 # skip.
 #
@@ -34,6 +35,11 @@ function verdict(text) {
     if (index(text, "[SKIPPED]") > 0) {
         skipped = 1
     }
+}
+
+FNR == 1 {
+    # A new run: whatever test the previous one left without a verdict got none.
+    current = ""
 }
 
 /^Suite: / {

@@ -58,4 +58,27 @@ fi
 grep -qx "REGRESSION: PrinReadKeys.Simple skipped in a required family" "$tmp/out" ||
     fail "check.sh: did not name the PrinReadKeys skip"
 
+# select.awk: one line per suite of ALL, in order; a suite holding an isolated test is split into
+# its other tests, and the isolated test is left out (conformance.sh runs it on its own).
+printf '%s\n' ALL ALL.A ALL.A.X ALL.iSCSITMF ALL.iSCSITMF.AbortTaskSimpleAsync \
+    ALL.iSCSITMF.LUNResetSimpleAsync ALL.B ALL.B.Y SCSI SCSI.A SCSI.A.X >"$tmp/list"
+awk -v isolated="iSCSITMF.LUNResetSimpleAsync" -f "$here/select.awk" "$tmp/list" >"$tmp/selected"
+printf '%s\n' ALL.A ALL.iSCSITMF.AbortTaskSimpleAsync ALL.B | diff -u - "$tmp/selected" ||
+    fail "select.awk: wrong test list"
+awk -v only=B -v isolated="iSCSITMF.LUNResetSimpleAsync" -f "$here/select.awk" "$tmp/list" \
+    >"$tmp/selected"
+[[ $(cat "$tmp/selected") == ALL.B ]] || fail "select.awk: wrong test list for one family"
+
+# parse.awk over several runs: each file is a run of its own, so a run that died before a
+# test's verdict leaves that test without one (fail, not run), whatever the next run prints.
+printf 'Suite: A\n  Test: X ...    [SKIPPED] LUN is not removable. Skipping test.\npassed\n' \
+    >"$tmp/run1"
+printf '  Test: Y ...    WRITE10 queued\n' >>"$tmp/run1"
+printf 'preamble\npassed\nSuite: iSCSITMF\n  Test: LUNResetSimpleAsync ...FAILED\n' >"$tmp/run2"
+printf '%s\n' ALL ALL.A ALL.A.X ALL.A.Y ALL.iSCSITMF ALL.iSCSITMF.LUNResetSimpleAsync >"$tmp/list2"
+awk -f "$here/parse.awk" "$tmp/list2" "$tmp/run1" "$tmp/run2" >"$tmp/results3" 2>"$tmp/err"
+printf '%s\n' "A.X skip" "A.Y fail" "iSCSITMF.LUNResetSimpleAsync fail" |
+    diff -u - "$tmp/results3" || fail "parse.awk: wrong verdicts over two runs"
+grep -qx "not run: A.Y" "$tmp/err" || fail "parse.awk: did not report A.Y as not run"
+
 echo "conformance selftest: ok"
