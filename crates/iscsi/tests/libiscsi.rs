@@ -240,46 +240,169 @@ async fn mutual_chap_authenticates_both_sides() {
     assert!(!o.status.success());
 }
 
-/// Runs `iscsi-test-cu` on the families that exercise the transport and returns
-/// (test name, verdict) pairs.
-async fn test_cu(addr: SocketAddr, tests: &str) -> Vec<(String, bool)> {
+/// What `iscsi-test-cu` reported for one test.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Verdict {
+    Passed,
+    /// Reported as passed by iscsi-test-cu, after logging "[SKIPPED]": the test did not run.
+    Skipped,
+    /// The failed assertions CUnit listed under the FAILED.
+    Failed(Vec<String>),
+}
+
+/// Runs `iscsi-test-cu -V` on `tests` (its `-t` argument) and returns (test name, verdict)
+/// pairs, and its output. -V: some tests log their "[SKIPPED]" only at the verbose level.
+async fn test_cu(addr: SocketAddr, tests: &str) -> (Vec<(String, Verdict)>, String) {
     let url = format!("iscsi://{addr}/{OPEN}/0");
     let o = run(
         "iscsi-test-cu",
-        vec!["--dataloss".into(), "-t".into(), tests.into(), url],
+        vec![
+            "-V".into(),
+            "--dataloss".into(),
+            "-t".into(),
+            tests.into(),
+            url,
+        ],
         vec![],
     )
     .await;
-    let out = text(&o);
-    let mut verdicts = Vec::new();
-    let mut current: Option<String> = None;
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    eprintln!("{out}{}", String::from_utf8_lossy(&o.stderr));
+    (verdicts(&out), out)
+}
+
+/// The verdicts in CUnit's output: "  Test: NAME ..." then the test's log lines (iscsi-test-cu
+/// indents them by four spaces; the first one follows the "..." on the same line), then
+/// "passed" or "FAILED" at the start of a line (or right after the "..."), then for a FAILED
+/// the failed assertions, numbered. libiscsi reports a skipped test as passed after logging
+/// "[SKIPPED]".
+fn verdicts(out: &str) -> Vec<(String, Verdict)> {
+    let mut verdicts: Vec<(String, Verdict)> = Vec::new();
+    // The test awaiting its verdict, and whether it logged "[SKIPPED]".
+    let mut current: Option<(String, bool)> = None;
+    // Whether the last verdict was FAILED: its assertion lines follow.
+    let mut assertions = false;
     for line in out.lines() {
-        if let Some(rest) = line.trim_start().strip_prefix("Test: ") {
-            current = rest.split(" ...").next().map(str::to_string);
-        }
-        if let Some(name) = &current {
-            // The verdict follows the name, possibly after other output.
-            if line.contains("passed") || line.trim_end().ends_with("FAILED") {
-                verdicts.push((name.clone(), line.contains("passed")));
+        let text = if let Some(rest) = line.strip_prefix("  Test: ") {
+            let Some((name, text)) = rest.split_once(" ...") else {
+                continue;
+            };
+            current = Some((name.to_string(), false));
+            assertions = false;
+            text
+        } else {
+            line
+        };
+        if let Some((name, skipped)) = &mut current {
+            if text.starts_with("passed") {
+                let verdict = if *skipped {
+                    Verdict::Skipped
+                } else {
+                    Verdict::Passed
+                };
+                verdicts.push((name.clone(), verdict));
                 current = None;
+            } else if text.starts_with("FAILED") {
+                verdicts.push((name.clone(), Verdict::Failed(Vec::new())));
+                current = None;
+                assertions = true;
+            } else if text.contains("[SKIPPED]") {
+                *skipped = true;
+            }
+        } else if assertions {
+            // "    1. FILE:LINE  - ASSERTION"
+            let t = line.trim_start();
+            match t.split_once(". ") {
+                Some((n, a)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+                    if let Some((_, Verdict::Failed(list))) = verdicts.last_mut() {
+                        list.push(a.trim().to_string());
+                    }
+                }
+                _ => assertions = false,
             }
         }
     }
-    eprintln!("{out}");
     verdicts
+}
+
+#[test]
+fn the_verdict_parser_sees_skips_and_failures() {
+    let out = "Suite: S\n  Test: A ...passed\n  Test: B ...    [SKIPPED] LUN is not removable.\n\
+               passed\n  Test: C ...    Send X\n    [FAILED] X\nFAILED\n    1. c.c:12  - \
+               CU_ASSERT_EQUAL(a,1)\n    2. c.c:13  - CU_FAIL(\"x\")\n  Test: D ...    \
+               log line\npassed\n\nRun Summary: ...\n";
+    assert_eq!(
+        verdicts(out),
+        [
+            ("A".to_string(), Verdict::Passed),
+            ("B".to_string(), Verdict::Skipped),
+            (
+                "C".to_string(),
+                Verdict::Failed(vec![
+                    "c.c:12  - CU_ASSERT_EQUAL(a,1)".to_string(),
+                    "c.c:13  - CU_FAIL(\"x\")".to_string()
+                ])
+            ),
+            ("D".to_string(), Verdict::Passed),
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conformance_cmdsn_datasn_tmf_and_read_residuals() {
     require("iscsi-test-cu");
     let addr = start().await;
-    let got = test_cu(
+    // Not "iSCSI.iSCSITMF": its first test ends by dropping the session
+    // (test_async_abort_simple.c: `sd->iscsi_ctx = NULL`), and LUNResetSimpleAsync, finding
+    // none, would report CU_PASS("[SKIPPED] Non-iSCSI"), silently. It runs below on its own.
+    let (got, _) = test_cu(
         addr,
-        "iSCSI.iSCSIcmdsn,iSCSI.iSCSIdatasn,iSCSI.iSCSITMF,iSCSI.iSCSIResiduals.Read10Invalid,\
-         iSCSI.iSCSIResiduals.Read10Residuals,iSCSI.iSCSIResiduals.Read16Residuals",
+        "iSCSI.iSCSIcmdsn,iSCSI.iSCSIdatasn,iSCSI.iSCSITMF.AbortTaskSimpleAsync,\
+         iSCSI.iSCSIResiduals.Read10Invalid,iSCSI.iSCSIResiduals.Read10Residuals,\
+         iSCSI.iSCSIResiduals.Read16Residuals",
     )
     .await;
-    assert_eq!(got.len(), 8, "{got:?}");
-    let failed: Vec<_> = got.iter().filter(|(_, ok)| !ok).collect();
-    assert!(failed.is_empty(), "failed: {failed:?}");
+    let mut names: Vec<&str> = got.iter().map(|(name, _)| name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "AbortTaskSimpleAsync",
+            "Read10Invalid",
+            "Read10Residuals",
+            "Read16Residuals",
+            "iSCSICmdSnTooHigh",
+            "iSCSICmdSnTooLow",
+            "iSCSIDataSnInvalid",
+        ],
+        "{got:?}"
+    );
+    let not_passed: Vec<_> = got.iter().filter(|(_, v)| *v != Verdict::Passed).collect();
+    assert!(not_passed.is_empty(), "failed or skipped: {not_passed:?}");
+}
+
+/// iSCSITMF.LUNResetSimpleAsync, in an iscsi-test-cu of its own (a fresh session). It must
+/// run, not skip. libiscsi 1.19's version of it cannot pass against any target: right after
+/// queueing the LOGICAL UNIT RESET it asserts `reconnect_succeeded == 1`
+/// (test_async_lu_reset_simple.c:157), a flag only the TMF's callback sets, which has not run
+/// yet; the failed assertion ends the test there. libiscsi 1.20.0 moved that assertion into the
+/// callback (commit 5553d6b). So the test passes, or fails on that one assertion and nothing
+/// else. A test that returns early on CU_PASS("[SKIPPED] ...") prints nothing, so its having
+/// run shows in its log: "WRITE10 queued" comes after every early return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_lun_reset_async_runs() {
+    require("iscsi-test-cu");
+    let addr = start().await;
+    let (got, out) = test_cu(addr, "iSCSI.iSCSITMF.LUNResetSimpleAsync").await;
+    assert!(out.contains("WRITE10 queued"), "the test did not run");
+    let libiscsi_1_19 = Verdict::Failed(vec![
+        "test_async_lu_reset_simple.c:157  - CU_ASSERT_EQUAL(reconnect_succeeded,1)".into(),
+    ]);
+    match got.as_slice() {
+        [(name, v)] if name == "LUNResetSimpleAsync" => assert!(
+            *v == Verdict::Passed || *v == libiscsi_1_19,
+            "LUNResetSimpleAsync: {v:?}"
+        ),
+        _ => panic!("expected one verdict, for LUNResetSimpleAsync: {got:?}"),
+    }
 }
