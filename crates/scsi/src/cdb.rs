@@ -1119,31 +1119,57 @@ mod tests {
         );
     }
 
+    /// The fixed format sense data (SPC-5 4.4.3) that `parse` rejects `cdb` with.
+    fn sense_of(cdb: &[u8]) -> Vec<u8> {
+        match parse(cdb) {
+            Ok((info, _)) => panic!("{cdb:02x?} parsed as {}", info.name),
+            Err(sense) => sense.encode(false),
+        }
+    }
+
+    /// Fixed format sense data (SPC-5 4.4.3), 18 bytes: byte 0 RESPONSE CODE 70h
+    /// (current, VALID 0), byte 2 SENSE KEY 5h (ILLEGAL REQUEST), byte 7 ADDITIONAL SENSE
+    /// LENGTH 0Ah, bytes 12..13 ASC/ASCQ, bytes 15..17 SENSE KEY SPECIFIC. For a field pointer
+    /// (SPC-5 4.4.2.4.2) byte 15 is SKSV (80h) | C/D (40h, the error is in the CDB)
+    /// | BPV (08h) | BIT POINTER (bits 2..0), bytes 16..17 the FIELD POINTER (the CDB byte).
+    fn illegal_request(asc: u8, ascq: u8, sks: [u8; 3]) -> Vec<u8> {
+        let [s0, s1, s2] = sks;
+        vec![
+            0x70, 0x00, 0x05, 0x00, 0x00, 0x00, 0x00, 0x0A, 0x00, 0x00, 0x00, 0x00, asc, ascq,
+            0x00, s0, s1, s2,
+        ]
+    }
+
     #[test]
     fn persistent_reserve_in_service_actions_04h_and_up_are_invalid_field_in_cdb() {
-        // SPC-5 4.2.5.1: an unsupported service action; field pointer byte 1, bit 4.
+        // SPC-5 4.2.5.1: an unsupported service action is INVALID FIELD IN CDB (24h/00h);
+        // field pointer byte 1, bit 4 (the service action's top bit): CCh = SKSV|C/D|BPV|4.
         for sa in 0x04..=0x1F {
             assert_eq!(
-                parse(&[0x5E, sa, 0, 0, 0, 0, 0, 0, 0x10, 0]).err(),
-                Some(Sense::field_pointer(0x24, 0x00, true, 1, Some(4)))
+                sense_of(&[0x5E, sa, 0, 0, 0, 0, 0, 0, 0x10, 0]),
+                illegal_request(0x24, 0x00, [0xCC, 0x00, 0x01]),
+                "service action {sa:02x}"
             );
         }
     }
 
     #[test]
     fn persistent_reserve_in_reserved_bits_have_field_pointers() {
-        // Byte 1 bit 5 (reserved above the service action), byte 2 bit 0, byte 6 bit 7.
+        // INVALID FIELD IN CDB (24h/00h) at byte 1 bit 5 (reserved above the service action):
+        // CDh = SKSV|C/D|BPV|5.
         assert_eq!(
-            parse(&[0x5E, 0x20, 0, 0, 0, 0, 0, 0, 0x10, 0]).err(),
-            Some(Sense::invalid_field_in_cdb(1, 5))
+            sense_of(&[0x5E, 0x20, 0, 0, 0, 0, 0, 0, 0x10, 0]),
+            illegal_request(0x24, 0x00, [0xCD, 0x00, 0x01])
         );
+        // Byte 2 bit 0: C8h = SKSV|C/D|BPV|0.
         assert_eq!(
-            parse(&[0x5E, 0x00, 0x01, 0, 0, 0, 0, 0, 0x10, 0]).err(),
-            Some(Sense::invalid_field_in_cdb(2, 0))
+            sense_of(&[0x5E, 0x00, 0x01, 0, 0, 0, 0, 0, 0x10, 0]),
+            illegal_request(0x24, 0x00, [0xC8, 0x00, 0x02])
         );
+        // Byte 6 bit 7: CFh = SKSV|C/D|BPV|7.
         assert_eq!(
-            parse(&[0x5E, 0x00, 0, 0, 0, 0, 0x80, 0, 0x10, 0]).err(),
-            Some(Sense::invalid_field_in_cdb(6, 7))
+            sense_of(&[0x5E, 0x00, 0, 0, 0, 0, 0x80, 0, 0x10, 0]),
+            illegal_request(0x24, 0x00, [0xCF, 0x00, 0x06])
         );
     }
 
@@ -1185,18 +1211,20 @@ mod tests {
 
     #[test]
     fn persistent_reserve_out_service_actions_09h_and_up_and_reserved_bytes() {
+        // SPC-5 6.17.1: service action 09h is unsupported: INVALID FIELD IN CDB (24h/00h),
+        // byte 1 bit 4 (CCh = SKSV|C/D|BPV|4).
         assert_eq!(
-            parse(&[0x5F, 0x09, 0, 0, 0, 0, 0, 0, 0x18, 0]).err(),
-            Some(Sense::invalid_field_in_cdb(1, 4))
+            sense_of(&[0x5F, 0x09, 0, 0, 0, 0, 0, 0, 0x18, 0]),
+            illegal_request(0x24, 0x00, [0xCC, 0x00, 0x01])
         );
-        // Bytes 3..4 are reserved.
+        // Bytes 3..4 are reserved: byte 3 bit 2 (CAh), byte 4 bit 0 (C8h).
         assert_eq!(
-            parse(&[0x5F, 0x00, 0, 0x04, 0, 0, 0, 0, 0x18, 0]).err(),
-            Some(Sense::invalid_field_in_cdb(3, 2))
+            sense_of(&[0x5F, 0x00, 0, 0x04, 0, 0, 0, 0, 0x18, 0]),
+            illegal_request(0x24, 0x00, [0xCA, 0x00, 0x03])
         );
         assert_eq!(
-            parse(&[0x5F, 0x00, 0, 0, 0x01, 0, 0, 0, 0x18, 0]).err(),
-            Some(Sense::invalid_field_in_cdb(4, 0))
+            sense_of(&[0x5F, 0x00, 0, 0, 0x01, 0, 0, 0, 0x18, 0]),
+            illegal_request(0x24, 0x00, [0xC8, 0x00, 0x04])
         );
     }
 
@@ -1204,33 +1232,36 @@ mod tests {
     fn reserve_and_release_6() {
         assert_eq!(parse(&[0x16, 0, 0, 0, 0, 0]).unwrap().1, Cdb::Reserve);
         assert_eq!(parse(&[0x17, 0, 0, 0, 0, 0]).unwrap().1, Cdb::Release);
-        // SPC-2 RESERVE(6): byte 1 is obsolete (SCSI-2's 3RDPTY at bit 4, EXTENT at bit 0).
+        // SPC-2 RESERVE(6): byte 1 is obsolete (SCSI-2's 3RDPTY at bit 4, EXTENT at bit 0):
+        // INVALID FIELD IN CDB (24h/00h), byte 1 bit 4 (CCh = SKSV|C/D|BPV|4) and bit 0 (C8h).
         assert_eq!(
-            parse(&[0x16, 0x10, 0, 0, 0, 0]).err(),
-            Some(Sense::invalid_field_in_cdb(1, 4))
+            sense_of(&[0x16, 0x10, 0, 0, 0, 0]),
+            illegal_request(0x24, 0x00, [0xCC, 0x00, 0x01])
         );
         assert_eq!(
-            parse(&[0x17, 0x01, 0, 0, 0, 0]).err(),
-            Some(Sense::invalid_field_in_cdb(1, 0))
+            sense_of(&[0x17, 0x01, 0, 0, 0, 0]),
+            illegal_request(0x24, 0x00, [0xC8, 0x00, 0x01])
         );
         assert_eq!(data_out_len(&[0x16, 0, 0, 0, 0, 0], 512), 0);
     }
 
     #[test]
     fn reserve_and_release_10_third_party_is_invalid_field_in_cdb() {
-        // SPC-2 RESERVE(10) / RELEASE(10): 3RDPTY is byte 1 bit 4.
+        // SPC-2 RESERVE(10) / RELEASE(10): 3RDPTY is byte 1 bit 4: INVALID FIELD IN CDB
+        // (24h/00h), CCh = SKSV|C/D|BPV|4, field pointer 0001h.
         assert_eq!(
-            parse(&[0x56, 0x10, 0, 0x07, 0, 0, 0, 0, 0, 0]).err(),
-            Some(Sense::invalid_field_in_cdb(1, 4))
+            sense_of(&[0x56, 0x10, 0, 0x07, 0, 0, 0, 0, 0, 0]),
+            illegal_request(0x24, 0x00, [0xCC, 0x00, 0x01])
         );
         assert_eq!(
-            parse(&[0x57, 0x10, 0, 0x07, 0, 0, 0, 0, 0, 0]).err(),
-            Some(Sense::invalid_field_in_cdb(1, 4))
+            sense_of(&[0x57, 0x10, 0, 0x07, 0, 0, 0, 0, 0, 0]),
+            illegal_request(0x24, 0x00, [0xCC, 0x00, 0x01])
         );
-        // THIRD-PARTY DEVICE ID (byte 3) belongs to the third-party form.
+        // THIRD-PARTY DEVICE ID (byte 3) belongs to the third-party form: 07h's highest set
+        // bit, byte 3 bit 2 (CAh).
         assert_eq!(
-            parse(&[0x56, 0, 0, 0x07, 0, 0, 0, 0, 0, 0]).err(),
-            Some(Sense::invalid_field_in_cdb(3, 2))
+            sense_of(&[0x56, 0, 0, 0x07, 0, 0, 0, 0, 0, 0]),
+            illegal_request(0x24, 0x00, [0xCA, 0x00, 0x03])
         );
     }
 
@@ -1246,10 +1277,15 @@ mod tests {
 
     #[test]
     fn short_cdb_is_invalid_field_in_cdb() {
+        // READ(10) cut to 3 bytes: INVALID FIELD IN CDB (24h/00h), no field pointer (SKSV 0).
         assert_eq!(
-            classify(&[0x28, 0, 0]).err(),
-            Some(cond::INVALID_FIELD_IN_CDB)
+            classify(&[0x28, 0, 0]).err().map(|s| s.encode(false)),
+            Some(illegal_request(0x24, 0x00, [0x00, 0x00, 0x00]))
         );
-        assert_eq!(classify(&[]).err(), Some(cond::INVALID_OPCODE));
+        // No CDB at all: INVALID COMMAND OPERATION CODE (20h/00h).
+        assert_eq!(
+            classify(&[]).err().map(|s| s.encode(false)),
+            Some(illegal_request(0x20, 0x00, [0x00, 0x00, 0x00]))
+        );
     }
 }
