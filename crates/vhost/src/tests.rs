@@ -1410,11 +1410,33 @@ fn stopping_the_first_queue_returns_every_queues_commands_once() {
     assert!(returned > released);
     assert_eq!(h.used_count(2), used.wrapping_add(1));
     assert_eq!(h.get(r, 12), vec![0; 12]);
-    // The later queues find nothing in flight and stop at once.
+    // The later queues find nothing in flight and stop without waiting: with the hold closed
+    // again, no command could complete, yet their stops return; and none returns the request
+    // a second time.
+    let hold = h.hold();
+    let reached = h.reached();
+    let dev = h.dev.clone();
+    let later = std::thread::spawn(move || {
+        dev.stop_vring(1).unwrap();
+        dev.stop_vring(2).unwrap();
+    });
     let start = Instant::now();
-    h.dev.stop_vring(1).unwrap();
-    h.dev.stop_vring(2).unwrap();
-    assert!(start.elapsed() < Duration::from_millis(100));
+    while !later.is_finished() {
+        // A guard against a hang only: the hold stays closed whatever the stops wait for.
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "a later queue's stop waited with nothing in flight"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    later.join().unwrap();
+    assert_eq!(h.reached(), reached, "a command reached the hold");
+    assert_eq!(
+        h.used_count(2),
+        used.wrapping_add(1),
+        "a request returned twice"
+    );
+    hold.send_replace(true);
 }
 
 /// A driver whose reads wait until the test opens the gate: storage slower than the stop's
