@@ -375,6 +375,64 @@ async fn reads_longer_than_the_maximum_transfer_are_rejected(make: Make) {
     ));
 }
 
+/// Whether the file system holding `dir` punches holes, found without the driver's code: a
+/// scratch file of 64 KiB of data, a 4 KiB hole punched in its middle (`fallocate` with
+/// PUNCH_HOLE | KEEP_SIZE), which must then read zero. A file system that cannot says
+/// EOPNOTSUPP; any other error fails the test.
+fn file_system_punches_holes(dir: &std::path::Path) -> bool {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    let path = dir.join("punch-probe");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .expect("create the probe file");
+    f.write_all(&[0xA5; 65536]).expect("write the probe file");
+    f.sync_all().expect("sync the probe file");
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: fallocate takes a descriptor, kept open by `f`, and plain integers.
+    let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, 16384, 4096) };
+    let punched = if r == 0 {
+        let mut back = vec![0xFFu8; 65536];
+        f.seek(std::io::SeekFrom::Start(0)).expect("seek");
+        f.read_exact(&mut back).expect("read the probe file back");
+        assert!(
+            back[16384..20480].iter().all(|&b| b == 0),
+            "the hole reads zero"
+        );
+        assert!(back[..16384]
+            .iter()
+            .chain(&back[20480..])
+            .all(|&b| b == 0xA5));
+        true
+    } else {
+        let e = std::io::Error::last_os_error();
+        assert_eq!(e.raw_os_error(), Some(libc::EOPNOTSUPP), "fallocate: {e}");
+        false
+    };
+    std::fs::remove_file(&path).expect("remove the probe file");
+    punched
+}
+
+/// A file image is thin exactly when its file system punches holes (on the project's machines,
+/// ext4 or XFS: always), so that the thin-provisioning tests below, which branch on the
+/// capability, do run. The memory driver frees what is discarded: thin.
+async fn thin_exactly_where_the_file_system_punches_holes(make: Make) {
+    let h = make(MIB, 512);
+    let thin = h.backend.capabilities().thin;
+    match h.path.as_deref().and_then(|p| p.parent()) {
+        Some(dir) => assert_eq!(
+            thin,
+            file_system_punches_holes(dir),
+            "thin provisioning of a file image in {}",
+            dir.display()
+        ),
+        None => assert!(thin, "the memory driver is thin"),
+    }
+}
+
 async fn thin_devices_report_an_unmap_granularity(make: Make) {
     let h = make(MIB, 512);
     let g = h.backend.unmap_granularity_blocks();
@@ -767,6 +825,7 @@ macro_rules! suites {
                 requests_beyond_the_end_are_out_of_range,
                 partial_block_buffers_are_rejected,
                 reads_longer_than_the_maximum_transfer_are_rejected,
+                thin_exactly_where_the_file_system_punches_holes,
                 thin_devices_report_an_unmap_granularity,
                 discard_reads_zero,
                 write_zeroes_reads_zero_with_and_without_unmap,
