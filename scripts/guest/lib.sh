@@ -1,6 +1,8 @@
 # Helpers for guest test scripts (busybox sh), sourced as /lib.sh. See init for the results
-# channel (fd 3). Every check prints one RESULT line; a script's exit status is the number of
-# failed checks (capped), so a crash before the end also shows.
+# channel (fd 3); besides the lines init lists, `finish` writes "FINISH N" on it. Every check
+# prints one RESULT line; a script ends with `finish`, which reports FINISH N and exits with N,
+# the number of failed checks (capped): the host requires DONE N to follow, so a script that
+# ends any other way (an early exit, a crash) fails its case.
 
 failures=0
 
@@ -67,8 +69,10 @@ first_disk() {
 # sg_of DISK: the sg node (/dev/sgN) of a disk (sdX).
 sg_of() { ls "/sys/block/$1/device/scsi_generic" 2>/dev/null | head -n1 | sed 's,^,/dev/,'; }
 
-# finish: ends the script with the number of failed checks as its status.
+# finish: ends the script with the number of failed checks as its status, after reporting it
+# (FINISH N) on the results channel.
 finish() {
     [ "$failures" -gt 100 ] && failures=100
+    echo "FINISH $failures" >&3
     exit "$failures"
 }

@@ -32,8 +32,9 @@
 # Files in DIR: NAME.console (ttyS0: kernel and script output), NAME.results (ttyS1: the
 # RESULT/VALUE/SYNC/DONE lines, see init), NAME.ctl.in (a FIFO: lines written to it reach the
 # guest's ttyS1, e.g. "GO NAME" after a SYNC), NAME.pid (QEMU's pid while it runs).
-# Exit status: 0 when the script ended with "DONE 0" and no check failed, 124 on timeout,
-# 1 otherwise.
+# Exit status: 0 when the script ended with "DONE 0" and no check failed; 1 when a check failed
+# or the script ended with another status (the caller judges the results); 124 on timeout; 3
+# when QEMU failed (exited with a status other than 0); 2 on a usage error.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -164,7 +165,7 @@ fi
 if ((rc != 0)); then
     echo "$name: QEMU exited with status $rc (see $dir/$name.qemu.log)" >&2
     tail -n 5 "$dir/$name.qemu.log" >&2 || true
-    exit 1
+    exit 3
 fi
 done_line=$(grep '^DONE ' "$results" | tail -n1 || true)
 nfail=$(grep -c '^RESULT [^ ]* FAIL' "$results" || true)

@@ -20,8 +20,9 @@
 #
 # GUEST_TIMEOUT=SECONDS bounds each guest (default 120). GUEST_CASES=PATTERN runs only the cases whose name (e.g. iscsi/fence) matches the pattern.
 #
-# A case passes when every guest script ran to its end, every check the guests and the host
-# made passed (except those listed with a reason in expected/TARGET.CASE, which must fail: the
+# A case passes when every guest script ran to its end (it reported FINISH N through lib.sh's
+# finish and then exited with status N: DONE N; DONE 0 when all its checks passed), every
+# guest's QEMU exited cleanly, every check the guests and the host made passed (except those listed with a reason in expected/TARGET.CASE, which must fail: the
 # lists can only shrink), and values the guests report agree where they must. Each case's
 # files (consoles, results, QEMU command lines, daemon logs) are in out/guest/CASE/.
 #
@@ -211,7 +212,19 @@ case_end() {
             problems+=("$g: no results$(grep -m1 "^$g: " "$case_dir/run.log" 2>/dev/null | sed 's/^[^:]*:/ (/; s/$/)/')")
             continue
         fi
-        grep -q '^DONE ' "$f" || problems+=("$g: the script did not finish")
+        # The script ran to its end: finish reported FINISH N, and the script then exited
+        # with N (DONE N). Anything else (no FINISH: it exited early or crashed; another
+        # status) fails the case, whatever its checks said.
+        local fin done_rc
+        fin=$(awk '$1 == "FINISH" { n = $2 } END { print n }' "$f")
+        done_rc=$(awk '$1 == "DONE" { n = $2 } END { print n }' "$f")
+        if [[ -z $done_rc ]]; then
+            problems+=("$g: the script did not finish")
+        elif [[ -z $fin ]]; then
+            problems+=("$g: the script exited (status $done_rc) before its end")
+        elif [[ $done_rc != "$fin" ]]; then
+            problems+=("$g: the script ended with status $done_rc, not the $fin of its failed checks")
+        fi
     done
     local files=("$case_host")
     for g in "$@"; do files+=("$case_dir/$g.results"); done
@@ -235,6 +248,18 @@ case_end() {
 }
 
 # --- booting guests ---------------------------------------------------------------------------
+# run_status NAME RC: the host's check of run.sh's exit status for guest NAME. 0 and 1 (a check
+# failed, or the script ended with another status: case_end judges that from the results)
+# leave it to the results; a time-out, QEMU failing or anything else fails the case here.
+run_status() {
+    case $2 in
+    0 | 1) ;;
+    124) host_fail "$1-timeout" "the guest did not finish in time" ;;
+    3) host_fail "$1-qemu" "QEMU failed (see $1.qemu.log)" ;;
+    *) host_fail "$1-run" "run.sh exited with status $2 (see run.log)" ;;
+    esac
+}
+
 # boot NAME SCRIPT RUN-OPTIONS...: one guest, in the foreground.
 boot() {
     local name=$1 script=$2
@@ -242,7 +267,7 @@ boot() {
     local rc=0
     "$here/run.sh" --guest "$guest" --dir "$case_dir" --name "$name" --timeout "$guest_timeout" \
         --script "$here/cases/$script" "$@" 2>>"$case_dir/run.log" || rc=$?
-    ((rc != 124)) || host_fail "$name-timeout" "the guest did not finish in time"
+    run_status "$name" "$rc"
     return 0
 }
 
@@ -307,7 +332,7 @@ boot_together() {
     for i in "${!bgs[@]}"; do
         local rc=0
         wait "${bgs[$i]}" || rc=$?
-        ((rc != 124)) || host_fail "${names[$i]}-timeout" "the guest did not finish in time"
+        run_status "${names[$i]}" "$rc"
     done
 }
 
