@@ -358,9 +358,13 @@ same_values() {
 # --- cases ------------------------------------------------------------------------------------
 # one_guest TARGET DISK-KIND: the one-guest case against a target that case_start began, the
 # disk given to run.sh as DISK, with the host path for the cross-check being an iSCSI URL or
-# an image file (read and written only while no guest runs).
+# an image file (read and written only while no guest runs). sharedisk (TARGET iscsi or
+# vhost-user) serves its image, in out/guest on a file system that punches holes (ext4, XFS),
+# thin with LBPRZ=1: the guest must see that (WANT_LBPRZ), not merely skip the unmap-zeros
+# check when it does not.
 one_guest() {
-    local target=$1 disk=$2 hostpath=$3
+    local target=$1 disk=$2 hostpath=$3 want=()
+    [[ $target != iscsi && $target != vhost-user ]] || want=(--env WANT_LBPRZ=1)
     head -c 1048576 /dev/urandom >"$case_dir/from-host.bin"
     head -c 1048576 /dev/urandom >"$case_dir/to-host.bin"
     if [[ $hostpath == iscsi://* ]]; then
@@ -372,7 +376,7 @@ one_guest() {
     fi
     boot guest one.sh --disk "$disk" --initiator "$initiator_base:guest1" \
         --data from-host="$case_dir/from-host.bin" --data to-host="$case_dir/to-host.bin" \
-        --env XCHECK_IN="$xcheck_in" --env XCHECK_OUT="$xcheck_out"
+        --env XCHECK_IN="$xcheck_in" --env XCHECK_OUT="$xcheck_out" "${want[@]}"
     if [[ $hostpath == iscsi://* ]]; then
         host_read_iscsi "$hostpath" "$xcheck_out" 1048576 "$case_dir/back.bin" ||
             host_fail host-reads "qemu-img dd over iSCSI failed"

@@ -6,6 +6,10 @@
 #
 # Layout on the disk (bytes, so any block size works): 1 MiB compare and write, 2 MiB write
 # same, 3 MiB unmap, 8 MiB host -> guest, 16 MiB guest -> host, 32-40 MiB fio.
+#
+# WANT_LBPRZ (from the host, for targets whose LBPRZ it knows): the LBPRZ bit VPD 0xB2 must
+# report; then unmapped blocks must read zero. Without it (other targets) they are checked
+# only when the target reports LBPRZ=1.
 . /lib.sh
 . /etc/test.env
 
@@ -33,6 +37,10 @@ lbpu=$(field /tmp/b2 '(LBPU)')
 lbpws=$(field /tmp/b2 '(LBPWS)')
 lbprz=$(field /tmp/b2 '(LBPRZ)')
 value lbp "lbpu=$lbpu lbpws=$lbpws lbprz=$lbprz"
+if [ -n "${WANT_LBPRZ:-}" ]; then
+    [ "$lbprz" = "$WANT_LBPRZ" ] && pass lbprz "LBPRZ=$lbprz" ||
+        fail lbprz "VPD 0xB2 says LBPRZ='$lbprz', want $WANT_LBPRZ"
+fi
 value max-caw "$(field /tmp/b0 'Maximum compare and write length')"
 value max-unmap "$(field /tmp/b0 'Maximum unmap LBA count')"
 
@@ -104,10 +112,10 @@ st=$(sg_get_lba_status -bb --lba="$um" "$dev" 2>/dev/null)
 [ "$st" = 0 ] && pass lba-status-written-mapped "written LBA is mapped" ||
     fail lba-status-written-mapped "status '$st', want 0 (mapped)"
 expect_rc unmap 0 sg_unmap --force --lba="$um" --num="$n" "$dev"
-if [ "$lbprz" = 1 ]; then
+if [ "$lbprz" = 1 ] || [ "${WANT_LBPRZ:-}" = 1 ]; then
     readblocks "$um" "$n" /tmp/now
     cmp -s /tmp/now /tmp/zeros && pass unmap-zeros "LBPRZ=1 and reads zeros" ||
-        fail unmap-zeros "LBPRZ=1 but unmapped blocks do not read zeros"
+        fail unmap-zeros "LBPRZ=1 (or wanted) but unmapped blocks do not read zeros"
 fi
 st=$(sg_get_lba_status -bb --lba="$um" "$dev" 2>/dev/null)
 case $st in
