@@ -52,7 +52,12 @@ esac
 # background; sets server (its pid) and url (its iSCSI URL), logs to $out/sharedisk.log, and
 # exits the bench if it does not start. Uses $bin, $image, $work and $out.
 start_sharedisk() {
-    "$bin" serve --file "$image" --listen 127.0.0.1:0 "$@" >"$work/url" 2>"$out/sharedisk.log" &
+    # A control socket of its own unless OPTIONS name one: the default is shared by every
+    # daemon on the machine.
+    local control=(--control "$work/control.sock")
+    [[ " $* " == *" --control "* ]] && control=()
+    "$bin" serve --file "$image" --listen 127.0.0.1:0 "${control[@]}" "$@" \
+        >"$work/url" 2>"$out/sharedisk.log" &
     server=$!
     url=""
     for _ in $(seq 300); do

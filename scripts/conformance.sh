@@ -80,8 +80,10 @@ run() {
     mkdir -p "$dir"
     # The image and its reservation sidecar (APTPL state): every configuration starts fresh.
     rm -f "$work/disk.img" "$work/disk.img.pr" "$work/daemon.out"
+    # A control socket of its own: the default one is shared by every daemon on the machine.
     RUST_LOG=${RUST_LOG:-info} "$bin" serve --file "$work/disk.img" --size 1G \
-        --listen 127.0.0.1:0 "$@" >"$work/daemon.out" 2>"$dir/daemon.log" &
+        --listen 127.0.0.1:0 --control "$work/control.sock" "$@" \
+        >"$work/daemon.out" 2>"$dir/daemon.log" &
     daemon=$!
     local url=""
     for _ in $(seq 300); do
