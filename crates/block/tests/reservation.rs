@@ -474,3 +474,20 @@ async fn two_images_cannot_share_a_state_file() {
     drop(first);
     FileDriver::open_with(&dir.path().join("b.img"), Some(MIB), &opts).expect("b, once a is gone");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_opened_by_a_relative_path_finds_its_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let real = dir.path().join("disk.img");
+    {
+        let d = open(&real).expect("open");
+        assert_eq!(cas(&*store_of(&d), 0, b"state", true).await, Ok(1));
+    }
+    // `disk.img` from its own folder: `disk.img.pr` and the canonical sidecar are one file.
+    std::env::set_current_dir(dir.path()).expect("cd");
+    let d = open(Path::new("disk.img")).expect("open by a relative path");
+    assert_eq!(
+        store_of(&d).load().await.expect("load"),
+        stored(1, b"state")
+    );
+}

@@ -991,8 +991,16 @@ fn reservation_store(
         None if block_device => None,
         None => Some(sidecar_path(&canonical)),
     };
+    // The same file under two spellings (a relative path, a symlinked folder) is no stray:
+    // files are compared by identity.
+    let identity = |p: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        fs::symlink_metadata(p).ok().map(|m| (m.dev(), m.ino()))
+    };
+    let kept = chosen.as_deref().and_then(identity);
     for stray in [sidecar_path(path), sidecar_path(&canonical)] {
-        if Some(&stray) == chosen.as_ref() || fs::symlink_metadata(&stray).is_err() {
+        let Some(id) = identity(&stray) else { continue };
+        if Some(id) == kept {
             continue;
         }
         let fix = match &chosen {
