@@ -533,3 +533,30 @@ size = "1M"
         assert!(!text.contains("iqn.2026-01.test:a/0"), "pr {verb}: {text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quick_start_by_a_relative_path_keeps_aptpl_state_across_a_restart() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let control = dir.path().join("control.sock");
+    // `serve --file disk.img` from the image's folder, as the README's quick start does.
+    let start = || {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--file", "disk.img", "--size", "16M"])
+            .args(["--listen", "127.0.0.1:0", "--name", common::TARGET])
+            .arg("--control")
+            .arg(&control)
+            .current_dir(dir.path());
+        Daemon::run(cmd)
+    };
+    let d = start();
+    let mut c = login(d.portal).await;
+    // REGISTER AND IGNORE EXISTING KEY (06h), SARK 2222h, APTPL.
+    send_pr_out(&mut c, 0x06, 0x00, &pr_out_params(0, 0x2222, true)).await;
+    assert_eq!(status(&mut c).await, 0x00);
+    drop(c);
+    d.kill9();
+    assert!(dir.path().join("disk.img.pr").exists());
+    let _d = start();
+    let json = pr_json(&control);
+    assert_eq!(json["registrations"][0]["key"], 0x2222, "{json}");
+}
