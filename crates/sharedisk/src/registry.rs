@@ -539,6 +539,7 @@ impl Registry {
         if *closed {
             return Err("The daemon is shutting down".into());
         }
+        let device;
         let (lu, image, closing, message) = {
             let mut s = self.state();
             let socket = s.socket(&req.socket, &req.cwd)?;
@@ -562,6 +563,7 @@ impl Registry {
                 ));
             };
             let connected = sock.device.connected();
+            device = sock.device.clone();
             if sock.device.remove_lu(req.target, req.lun).is_none() {
                 // The registry and the device's map change together, under `changes`.
                 tracing::error!(socket = %sock.path.display(), target = req.target, lun = req.lun, "The device had no LU where the registry had one");
@@ -613,10 +615,15 @@ impl Registry {
             }
         };
         // Flushed either way: the guest's own SYNCHRONIZE CACHE as it lets go of the disk comes
-        // after the LU has left the socket. On a task of its own, so the flush completes even
-        // if the operator's request times out; the last reference (the image's lock) goes with
-        // it when nothing else serves the image.
-        let flushed = tokio::spawn(async move { lu.backend().flush().await }).await;
+        // after the LU has left the socket. First the socket's commands still running on the
+        // LU finish, so none of their writes lands after the flush. On a task of its own, so
+        // the flush completes even if the operator's request times out; the last reference
+        // (the image's lock) goes with it when nothing else serves the image.
+        let flushed = tokio::spawn(async move {
+            device.settle_removed(&lu).await;
+            lu.backend().flush().await
+        })
+        .await;
         match flushed {
             Ok(Ok(())) if closing => {
                 tracing::info!(image = %image.display(), "Closed logical unit");

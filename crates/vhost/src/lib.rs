@@ -355,6 +355,16 @@ impl VhostScsi {
         Some(removed)
     }
 
+    /// Wait until none of the socket's commands runs on `lu`, an LU [`Self::remove_lu`] took
+    /// away. The removal ended its tasks there, but one already running finishes (a write in
+    /// the driver, say); after this none reaches the medium, so a flush that follows covers
+    /// every write the guest was answered for. Not bounded: a stuck I/O holds it.
+    pub async fn settle_removed(&self, lu: &Arc<scsi::LogicalUnit>) {
+        let mut only = scsi::Target::new();
+        only.add_lu(0, lu.clone());
+        only.end_nexus(&self.shared.nexus).await;
+    }
+
     /// The LUN inventory of `target` changed at `lun`: the socket's nexus gets REPORTED LUNS
     /// DATA HAS CHANGED on the target's other LUs (SPC-5), for a guest that did not
     /// negotiate VIRTIO_SCSI_F_HOTPLUG and so gets no event.

@@ -1528,6 +1528,54 @@ fn a_stop_waits_for_a_read_into_guest_memory_however_long_it_takes() {
     assert_eq!(h.used_count(2), used.wrapping_add(1));
 }
 
+/// `lu remove`: the removal ends the socket's tasks on the LU, but one already in the driver
+/// finishes; `settle_removed` returns only after it has, so the daemon's flush that follows
+/// covers it.
+#[test]
+fn settling_a_removed_lu_waits_for_the_command_still_in_its_driver() {
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let drv = Arc::new(SlowReads {
+        inner: block::driver::mem::MemDriver::new(64 * 512),
+        gate,
+        started: 0.into(),
+    });
+    let mut h = Harness::new();
+    h.vs.add_lu(0, 1, lu_on(drv.clone())).unwrap();
+    const LUN1: [u8; 8] = [1, 0, 0x40, 1, 0, 0, 0, 0];
+    // Take the new LU's unit attention (power on) for this nexus.
+    let (_, resp, _) = h.command(LUN1, &[0x00, 0, 0, 0, 0, 0], &[], 0);
+    assert_eq!(resp[12 + 2] & 0x0F, 0x06, "UNIT ATTENTION first");
+    // READ(10) of LBA 0 to target 0 LUN 1; it stops in the driver.
+    let hd = h.header(
+        [1, 0, 0x40, 1, 0, 0, 0, 0],
+        91,
+        &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+    );
+    let r = h.alloc(RESP);
+    let d = h.alloc(512);
+    h.add_chain(2, &[rd(hd, REQ), wr(r, RESP), wr(d, 512)]);
+    h.kick(2);
+    let start = Instant::now();
+    while drv.started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the read reached the driver"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let removed = h.vs.remove_lu(0, 1).expect("the LU was there");
+    let (vs, rt) = (h.vs.clone(), h.rt.handle().clone());
+    let settle = in_thread(move || rt.block_on(vs.settle_removed(&removed)));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !settle.is_finished(),
+        "settled with the LU's command still in the driver"
+    );
+    let released = Instant::now();
+    open.send_replace(true);
+    assert!(settle.join().unwrap() > released);
+}
+
 /// A frontend may place a request queue's avail ring so that its index is in guest memory and
 /// its entries are not (vhost-user-backend does not check). No pop can read such an entry: the
 /// queue is ignored, not polled for ever by the thread that serves it.
