@@ -620,16 +620,15 @@ impl Plan {
             .iter()
             .flat_map(|t| &t.lus)
             .chain(self.vhost.iter().flat_map(|v| v.lus.iter().map(|l| &l.lu)));
-        let mut images = HashSet::new();
-        let mut states: std::collections::HashMap<PathBuf, PathBuf> = Default::default();
-        for lu in lus.clone() {
-            images.insert(canonical_image_path(&lu.file)?);
-        }
-        for lu in lus {
+        let resolved = lus
+            .map(|lu| Ok((lu, canonical_image_path(&lu.file)?)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let images: HashSet<&PathBuf> = resolved.iter().map(|(_, image)| image).collect();
+        let mut states: std::collections::HashMap<PathBuf, &PathBuf> = Default::default();
+        for (lu, image) in &resolved {
             let Some(state) = &lu.reservation_state else {
                 continue;
             };
-            let image = canonical_image_path(&lu.file)?;
             let canonical = canonical_image_path(state)
                 .with_context(|| format!("Bad reservation state path {}", state.display()))?;
             if images.contains(&canonical) {
@@ -639,7 +638,7 @@ impl Plan {
                     image.display()
                 );
             }
-            match states.insert(canonical, image.clone()) {
+            match states.insert(canonical, image) {
                 // The same image named by several sockets gives the same settings.
                 Some(other) if other != image => bail!(
                     "Reservation state file {} is given to images {} and {}",

@@ -1447,6 +1447,20 @@ struct SlowReads {
     started: std::sync::atomic::AtomicUsize,
 }
 
+impl SlowReads {
+    /// Wait until a read has reached the driver (10 s as a guard against a hang only).
+    fn wait_started(&self) {
+        let start = Instant::now();
+        while self.started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the read reached the driver"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl block::Driver for SlowReads {
     fn info(&self) -> block::DriverInfo {
@@ -1505,14 +1519,7 @@ fn a_stop_waits_for_a_read_into_guest_memory_however_long_it_takes() {
     h.add_chain(2, &[rd(hd, REQ), wr(r, RESP), wr(d, 512)]);
     let used = h.used_count(2);
     h.kick(2);
-    let start = Instant::now();
-    while drv.started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the read reached the driver"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    drv.wait_started();
     let dev = h.dev.clone();
     let stop = in_thread(move || dev.stop_vring(2).unwrap());
     std::thread::sleep(Duration::from_millis(500));
@@ -1555,14 +1562,7 @@ fn settling_a_removed_lu_waits_for_the_command_still_in_its_driver() {
     let d = h.alloc(512);
     h.add_chain(2, &[rd(hd, REQ), wr(r, RESP), wr(d, 512)]);
     h.kick(2);
-    let start = Instant::now();
-    while drv.started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the read reached the driver"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    drv.wait_started();
     let removed = h.vs.remove_lu(0, 1).expect("the LU was there");
     let (vs, rt) = (h.vs.clone(), h.rt.handle().clone());
     let settle = in_thread(move || rt.block_on(vs.settle_removed(&removed)));
@@ -1856,14 +1856,7 @@ fn a_read_held_in_the_driver(tag: u64) -> (Harness, tokio::sync::watch::Sender<b
     let d = h.alloc(512);
     h.add_chain(2, &[rd(hd, REQ), wr(r, RESP), wr(d, 512)]);
     h.kick(2);
-    let start = Instant::now();
-    while drv.started.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the read reached the driver"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    drv.wait_started();
     (h, open, r)
 }
 
