@@ -83,7 +83,7 @@ impl Backend {
         let capacity = info.size / u64::from(block_size);
         let reservations = driver
             .reservation_store()
-            .unwrap_or_else(|| Arc::new(MemoryStore::new()));
+            .unwrap_or_else(|| Arc::new(MemoryStore::without_aptpl()));
         Ok(Self {
             driver,
             info,

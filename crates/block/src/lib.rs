@@ -143,7 +143,9 @@ pub trait Driver: Send + Sync + 'static {
         0
     }
     /// Where this device keeps its persistent reservation state; `None` (the default) when it
-    /// has nowhere better than process memory, and [`Backend`] uses a fresh [`MemoryStore`].
+    /// has nowhere to keep it, and [`Backend`] uses a fresh [`MemoryStore`] that refuses APTPL
+    /// ([`MemoryStore::without_aptpl`]): a device whose data outlives the process must not
+    /// accept reservations meant to persist through power loss that it then forgets.
     fn reservation_store(&self) -> Option<Arc<dyn ReservationStore>> {
         None
     }

@@ -14,6 +14,9 @@ use block::{Backend, BlockError, Driver, MemoryStore, ReservationStore, Stored};
 
 const MIB: u64 = 1 << 20;
 
+/// A state file whose header names the format (so a store wrote it) but whose rest is damaged.
+const DAMAGED: &[u8] = b"sharedisk-pr-v1 damaged";
+
 fn open(path: &Path) -> Result<FileDriver, BlockError> {
     let opts = FileOptions {
         engine: EngineChoice::ThreadPool,
@@ -91,19 +94,69 @@ async fn file_store_compare_and_swap() {
     compare_and_swap_semantics(store_of(&d)).await;
 }
 
+/// A driver with no store of its own: its data may outlive the process (a device whose store
+/// is not written yet), so the backend's memory store refuses APTPL rather than accept a
+/// reservation meant to persist and forget it at restart.
+struct NoStore(MemDriver);
+
+#[async_trait::async_trait]
+impl Driver for NoStore {
+    fn info(&self) -> block::DriverInfo {
+        self.0.info()
+    }
+    async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, BlockError> {
+        self.0.read(offset, len).await
+    }
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<(), BlockError> {
+        self.0.write(offset, data, fua).await
+    }
+    async fn flush(&self) -> Result<(), BlockError> {
+        self.0.flush().await
+    }
+    async fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        self.0.discard(offset, len).await
+    }
+    async fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> Result<(), BlockError> {
+        self.0.write_zeroes(offset, len, unmap).await
+    }
+    async fn block_status(&self, offset: u64, len: u64) -> Result<block::Extent, BlockError> {
+        self.0.block_status(offset, len).await
+    }
+}
+
 #[tokio::test]
-async fn a_driver_without_a_store_gets_a_fresh_memory_store_from_the_backend() {
-    let d = MemDriver::new(MIB);
+async fn a_driver_without_a_store_gets_a_memory_store_that_refuses_aptpl() {
+    let d = NoStore(MemDriver::new(MIB));
     assert!(d.reservation_store().is_none());
     let a = Backend::new(Arc::new(d), 512).expect("backend");
-    let b = Backend::new(Arc::new(MemDriver::new(MIB)), 512).expect("backend");
+    let b = Backend::new(Arc::new(NoStore(MemDriver::new(MIB))), 512).expect("backend");
     assert!(format!("{:?}", a.reservations()).starts_with("MemoryStore"));
-    compare_and_swap_semantics(a.reservations().clone()).await;
+    assert!(!a.reservations().keeps_aptpl());
+    assert!(matches!(
+        a.reservations()
+            .compare_and_swap(0, b"{}".to_vec(), true)
+            .await,
+        Err(BlockError::Unsupported)
+    ));
+    assert_eq!(cas(&**a.reservations(), 0, b"{}", false).await, Ok(1));
     // Each backend has its own.
     assert_eq!(
         b.reservations().load().await.expect("load"),
         Stored::default()
     );
+}
+
+/// The memory driver's state lives as long as its data, so its store keeps APTPL.
+#[tokio::test]
+async fn the_memory_driver_keeps_aptpl_as_long_as_its_data() {
+    let d = MemDriver::new(MIB);
+    let s = d
+        .reservation_store()
+        .expect("the memory driver has a store");
+    assert!(s.keeps_aptpl());
+    let b = Backend::new(Arc::new(d), 512).expect("backend");
+    assert!(Arc::ptr_eq(b.reservations(), &s));
+    compare_and_swap_semantics(s).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,10 +272,13 @@ async fn a_damaged_sidecar_opens_as_lost_state_and_is_left_for_the_operator() {
     let mut flipped = good.clone();
     *flipped.last_mut().expect("not empty") ^= 0x01;
     let truncated = good.get(..good.len() - 3).expect("long enough").to_vec();
+    // A header of this format with a wrong length or checksum after it, a header and nothing
+    // else, or an empty file (nothing in it to lose).
     for bad in [
         flipped,
         truncated,
-        b"{\"key\":\"0xabc\"}".to_vec(),
+        b"sharedisk-pr-v1 \n".to_vec(),
+        b"sharedisk-pr-v1 15 0\n{\"key\":\"0xabc\"}".to_vec(),
         Vec::new(),
     ] {
         std::fs::write(&side, &bad).expect("write");
@@ -252,7 +308,7 @@ async fn a_compare_and_swap_replaces_lost_state_durably_or_removes_it() {
     let side = sidecar_path(&path);
 
     // Durable: the new state replaces the damaged file, and is what a reopen finds.
-    std::fs::write(&side, b"damaged").expect("write");
+    std::fs::write(&side, DAMAGED).expect("write");
     {
         let d = open(&path).expect("open");
         let s = store_of(&d);
@@ -270,7 +326,7 @@ async fn a_compare_and_swap_replaces_lost_state_durably_or_removes_it() {
     drop(d);
 
     // Not durable: the damaged file goes, and a reopen finds nothing stored and nothing lost.
-    std::fs::write(&side, b"damaged").expect("write");
+    std::fs::write(&side, DAMAGED).expect("write");
     {
         let d = open(&path).expect("open");
         let s = store_of(&d);
@@ -290,7 +346,7 @@ async fn a_failed_write_over_lost_state_keeps_it_lost_and_the_damaged_file() {
     let path = dir.path().join("disk.img");
     let side = sidecar_path(&path);
     let tmp = temp_path(&path);
-    std::fs::write(&side, b"damaged").expect("write");
+    std::fs::write(&side, DAMAGED).expect("write");
     let d = open(&path).expect("open");
     let s = store_of(&d);
     // The temp file cannot be created (a directory is in the way; this works as root too).
@@ -300,7 +356,7 @@ async fn a_failed_write_over_lost_state_keeps_it_lost_and_the_damaged_file() {
     std::fs::remove_dir(&tmp).expect("rmdir");
     assert!(s.lost().is_some());
     assert_eq!(s.load().await.expect("load"), stored(1, b""));
-    assert_eq!(std::fs::read(&side).expect("still there"), b"damaged");
+    assert_eq!(std::fs::read(&side).expect("still there"), DAMAGED);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -490,4 +546,133 @@ async fn an_image_opened_by_a_relative_path_finds_its_state() {
         store_of(&d).load().await.expect("load"),
         stored(1, b"state")
     );
+}
+
+fn open_with_state(image: &Path, state: &Path) -> Result<FileDriver, BlockError> {
+    let opts = FileOptions {
+        engine: EngineChoice::ThreadPool,
+        reservation_state: Some(state.to_path_buf()),
+        ..FileOptions::default()
+    };
+    FileDriver::open_with(image, Some(MIB), &opts)
+}
+
+/// A state file named by mistake (another image the daemon serves, any other file) would be
+/// taken for damaged state, and the first update (REPLACE LOST RESERVATION, `pr clear`) would
+/// remove or replace it. Only a file a store could have written is used; anything else fails
+/// the open and is left byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_is_not_a_state_file_fails_the_open_and_is_left_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = dir.path().join("a.img");
+    let b = dir.path().join("b.img");
+    let image_bytes = vec![0xA5u8; MIB as usize];
+    std::fs::write(&a, &image_bytes).expect("a");
+    let served_a = open(&a).expect("serve a");
+    let not_state = dir.path().join("notes.pr");
+    let newer = dir.path().join("newer.pr");
+    // The header of a later format (v2): this version must not read it, nor overwrite it.
+    std::fs::write(&newer, b"sharedisk-pr-v2 2 00000000\n{}").expect("newer");
+    for (state, bytes, why) in [
+        (
+            &a,
+            image_bytes.clone(),
+            "not a sharedisk reservation state file",
+        ),
+        (
+            &not_state,
+            b"{\"key\":\"0xabc\"}".to_vec(),
+            "not a sharedisk reservation state file",
+        ),
+        (
+            &newer,
+            b"sharedisk-pr-v2 2 00000000\n{}".to_vec(),
+            "format v2",
+        ),
+    ] {
+        if state == &not_state {
+            std::fs::write(state, &bytes).expect("write");
+        }
+        let Err(BlockError::Open(e)) = open_with_state(&b, state) else {
+            panic!("b opened with {} as its state file", state.display())
+        };
+        assert!(e.to_string().contains(why), "{e}");
+        assert_eq!(std::fs::read(state).expect("still there"), bytes);
+    }
+    // Not a regular file, or larger than any state: refused too.
+    let folder = dir.path().join("folder.pr");
+    std::fs::create_dir(&folder).expect("mkdir");
+    let huge = dir.path().join("huge.pr");
+    let f = std::fs::File::create(&huge).expect("huge");
+    std::io::Write::write_all(&mut &f, b"sharedisk-pr-v1 0 00000000\n").expect("header");
+    f.set_len(17 << 20).expect("set_len");
+    for (state, why) in [
+        (&folder, "not a regular file"),
+        (&huge, "more than any state"),
+    ] {
+        let Err(BlockError::Open(e)) = open_with_state(&b, state) else {
+            panic!("b opened with {} as its state file", state.display())
+        };
+        assert!(e.to_string().contains(why), "{e}");
+    }
+    assert_eq!(std::fs::metadata(&huge).expect("huge").len(), 17 << 20);
+    drop(served_a);
+    assert_eq!(std::fs::read(&a).expect("a"), image_bytes);
+}
+
+/// A state file configured as a symlink (to a folder on persistent storage) is followed: the
+/// state is written where the link points and read back from there, and the link stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_symlinked_state_file_is_followed_not_replaced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.img");
+    let persistent = dir.path().join("persistent");
+    std::fs::create_dir(&persistent).expect("dir");
+    let target = persistent.join("disk.pr");
+    let link = dir.path().join("disk-state.pr");
+    // A relative link: relative to the link's folder.
+    std::os::unix::fs::symlink("persistent/disk.pr", &link).expect("symlink");
+    {
+        let d = open_with_state(&img, &link).expect("open");
+        assert_eq!(cas(&*store_of(&d), 0, b"{\"x\":1}", true).await, Ok(1));
+    }
+    let meta = std::fs::symlink_metadata(&link).expect("link");
+    assert!(meta.file_type().is_symlink(), "the link was replaced");
+    assert!(target.exists(), "the state is not where the link points");
+    let d = open_with_state(&img, &link).expect("reopen");
+    assert_eq!(
+        store_of(&d).load().await.expect("load"),
+        stored(1, b"{\"x\":1}")
+    );
+    // The state file by its real name is the same file: a second image cannot have it.
+    drop(d);
+    let first = open_with_state(&img, &link).expect("open");
+    let Err(BlockError::Open(e)) = open_with_state(&dir.path().join("other.img"), &target) else {
+        panic!("a second image opened with the first one's state file by its real name")
+    };
+    assert!(e.to_string().contains("already keeps"), "{e}");
+    drop(first);
+}
+
+/// Another process that keeps its state in the same file holds `<state file>.lock`: the open
+/// fails instead of both replacing each other's state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_file_another_process_keeps_fails_the_open() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("shared.pr");
+    let lock = dir.path().join("shared.pr.lock");
+    // What another process's store holds: its own open of the lock file, flock'ed.
+    let other = std::fs::File::create(&lock).expect("lock file");
+    // SAFETY: flock only takes a descriptor, which `other` keeps open for the call.
+    let r = unsafe { libc::flock(other.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(r, 0);
+    let Err(BlockError::Open(e)) = open_with_state(&dir.path().join("a.img"), &state) else {
+        panic!("opened with a state file another process holds")
+    };
+    assert!(e.to_string().contains("another process"), "{e}");
+    drop(other);
+    let d = open_with_state(&dir.path().join("a.img"), &state).expect("open once it is free");
+    assert_eq!(cas(&*store_of(&d), 0, b"{}", true).await, Ok(1));
+    assert!(lock.exists());
 }

@@ -742,6 +742,11 @@ impl block::Driver for HoldDriver {
     fn info(&self) -> block::DriverInfo {
         self.inner.info()
     }
+    // The memory disk's store, which keeps APTPL as long as its data (the fence_scsi
+    // sequence registers with APTPL set).
+    fn reservation_store(&self) -> Option<std::sync::Arc<dyn block::ReservationStore>> {
+        self.inner.reservation_store()
+    }
     async fn read(&self, o: u64, l: usize) -> Result<Vec<u8>, block::BlockError> {
         self.inner.read(o, l).await
     }

@@ -15,11 +15,11 @@
 //! atomic by itself; atomicity *across* calls (compare-and-write) is the block layer's business.
 
 use std::collections::BTreeMap;
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use async_trait::async_trait;
 
-use crate::{BlockError, Driver, DriverInfo, Extent};
+use crate::{BlockError, Driver, DriverInfo, Extent, MemoryStore, ReservationStore};
 
 /// Bytes per allocation chunk: the granularity of allocation, discard and block status.
 pub const CHUNK: u64 = 4096;
@@ -31,6 +31,8 @@ type Chunk = Box<[u8; CHUNK_USIZE]>;
 pub struct MemDriver {
     size: u64,
     chunks: RwLock<BTreeMap<u64, Chunk>>,
+    /// Its reservation state lives as long as its data: APTPL is kept, in memory.
+    reservations: Arc<MemoryStore>,
 }
 
 impl MemDriver {
@@ -40,6 +42,7 @@ impl MemDriver {
         Self {
             size,
             chunks: RwLock::new(BTreeMap::new()),
+            reservations: Arc::new(MemoryStore::new()),
         }
     }
 
@@ -105,6 +108,9 @@ fn poisoned<T>(_: PoisonError<T>) -> std::io::Error {
 
 #[async_trait]
 impl Driver for MemDriver {
+    fn reservation_store(&self) -> Option<Arc<dyn ReservationStore>> {
+        Some(self.reservations.clone())
+    }
     fn info(&self) -> DriverInfo {
         DriverInfo {
             size: self.size,

@@ -1,9 +1,12 @@
-//! The file driver's reservation store: APTPL state in a sidecar file next to the image.
+//! The file driver's reservation store: APTPL state in a file beside the image, or where the
+//! operator configured it.
 //!
-//! **Where.** The image `disk.img` has its state in `disk.img.pr` in the same directory (see
-//! [`sidecar_path`]), and a write in progress in `disk.img.pr.tmp`. Only the process holding the
-//! image's exclusive `flock` touches them: the store keeps the image's descriptor, and so the
-//! lock, for as long as it lives.
+//! **Where.** By default the image `disk.img` has its state in `disk.img.pr` in the same
+//! directory (see [`sidecar_path`]); a configured state file (`FileOptions::reservation_state`)
+//! replaces it, and a symlink there is followed to the file it names. A write in progress goes
+//! to `<state file>.tmp`. Only one store touches a state file: an exclusive `flock` on
+//! `<state file>.lock` (created beside it, never removed) keeps out other processes, and a
+//! registry keeps out the other stores of this one, whatever the image.
 //!
 //! **Format.** One header line, then the state bytes exactly as the SCSI layer gave them (JSON),
 //! so `tail -n +2 disk.img.pr` shows the state:
@@ -24,17 +27,22 @@
 //! or removed if there was none). If even that fails, the error is logged, and the next
 //! compare-and-swap rewrites or removes the sidecar whatever it holds.
 //!
-//! **Opening.** A leftover temp file (a crash during a write) is removed. A sidecar that exists
-//! is loaded as version 1. A sidecar whose header, length or checksum is wrong is *lost* state
-//! (SPC-5's loss of persistent reservation information, 5.13.5.3 of the draft at hand): the
-//! image opens, [`ReservationStore::lost`] says why, [`ReservationStore::load`] gives version 1
-//! with no state, and an error is logged naming the file. The SCSI layer then fails every
-//! command but a few with PERSISTENT RESERVATION INFORMATION LOST until an application client
-//! sends REPLACE LOST RESERVATION (or the operator clears the state): the reservations that
-//! fence a cluster are never silently dropped. The damaged file is left as it is until the
-//! first successful compare-and-swap replaces or removes it (and is put back, byte for byte,
-//! if that compare-and-swap fails after the rename or unlink). A sidecar that cannot be read
-//! at all (an I/O or permission error) still fails the open.
+//! **Opening.** A leftover temp file (a crash during a write) is removed, and the directory is
+//! synced, so what this process acts on (the state file or its absence) is on stable storage.
+//! Only a file a store could have written is taken as a state file: an empty one, or one whose
+//! header line starts with this format's magic. Anything else at that path (another image named
+//! by mistake, a format of another version, a device or a folder, a file larger than any state
+//! could be) fails the open and is never replaced or removed. A state file whose header, length
+//! or checksum is wrong is *lost* state (SPC-5's loss of persistent reservation information,
+//! 5.13.5.3 of the draft at hand): the image opens, [`ReservationStore::lost`] says why,
+//! [`ReservationStore::load`] gives version 1 with no state, and an error is logged naming the
+//! file. The SCSI layer then fails every command but a few with PERSISTENT RESERVATION
+//! INFORMATION LOST until an application client sends REPLACE LOST RESERVATION (or the operator
+//! clears the state): the reservations that fence a cluster are never silently dropped. The
+//! damaged file is left as it is until the first successful compare-and-swap replaces or
+//! removes it (and is put back, byte for byte, if that compare-and-swap fails after the rename
+//! or unlink). A state file that cannot be read at all (an I/O or permission error) fails the
+//! open.
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
@@ -95,6 +103,8 @@ struct Inner {
     _image: Arc<File>,
     /// This store's hold on its state file among the stores of this process.
     _claim: Claim,
+    /// This store's hold on its state file among processes.
+    _lock: StateLock,
 }
 
 /// The state files the stores of this process keep, by canonical path: two LUs given the same
@@ -135,6 +145,173 @@ impl Drop for Claim {
     }
 }
 
+/// A state file's hold among processes: an exclusive `flock` on `<state file>.lock`, which is
+/// never removed (a lock file removed while another process waits on it would let two hold
+/// it). The image's own lock does not cover a configured state file: two daemons serving
+/// different images could be given the same one, and would replace each other's state.
+#[derive(Debug)]
+struct StateLock {
+    /// The lock file, open (and so locked) for as long as the store lives.
+    _file: Option<File>,
+}
+
+impl StateLock {
+    fn take(lock: PathBuf, state: &Path) -> Result<StateLock, BlockError> {
+        use std::os::fd::AsRawFd;
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock)
+        {
+            Ok(f) => f,
+            // A folder this process cannot write: it cannot write a state file there either
+            // (an APTPL update fails and says so), so there is nothing to guard.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EACCES | libc::EPERM | libc::EROFS)
+                ) =>
+            {
+                tracing::warn!(
+                    path = %lock.display(),
+                    error = %e,
+                    "cannot create the reservation state lock; updates of the state file \
+                     will fail too"
+                );
+                return Ok(StateLock { _file: None });
+            }
+            Err(e) => {
+                return Err(BlockError::Open(io::Error::new(
+                    e.kind(),
+                    format!("Cannot open {}: {e}", lock.display()),
+                )))
+            }
+        };
+        // SAFETY: flock only takes a descriptor, which `file` keeps open for the call.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            return Err(BlockError::Open(if e.kind() == io::ErrorKind::WouldBlock {
+                io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!(
+                        "{} already keeps the reservation state of an image another process \
+                         serves (it holds {}); give each image its own state file",
+                        state.display(),
+                        lock.display()
+                    ),
+                )
+            } else {
+                io::Error::new(e.kind(), format!("Cannot lock {}: {e}", lock.display()))
+            }));
+        }
+        Ok(StateLock { _file: Some(file) })
+    }
+}
+
+/// Follow `path` through symlinks (at most 40, as the kernel does) to the file it names, which
+/// need not exist yet. A relative link is relative to the folder of the link.
+fn resolve_links(path: &Path) -> io::Result<PathBuf> {
+    let mut p = path.to_path_buf();
+    for _ in 0..40 {
+        match fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = fs::read_link(&p)?;
+                p = match p.parent() {
+                    Some(dir) => dir.join(target),
+                    None => target,
+                };
+            }
+            _ => return Ok(p),
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::ELOOP))
+}
+
+/// The most a state file can hold: 2048 registrations (the SCSI layer's limit) of a few hundred
+/// bytes of JSON each fit many times over. A larger file was not written by a store.
+const MAX_STATE_FILE: u64 = 16 << 20;
+
+/// The prefix of every format's header line.
+const MAGIC_PREFIX: &str = "sharedisk-pr-v";
+
+/// The bytes of the state file at `path`, `None` when there is none. Only a file a store could
+/// have written is read, and so may later be replaced: an empty file, or one whose header names
+/// this format. Anything else (another image, a typo, a format of another version, something
+/// that is not a regular file, a file larger than any state) fails the open and is left alone.
+fn read_state_file(path: &Path) -> Result<Option<Vec<u8>>, BlockError> {
+    use std::io::Read;
+    let refuse = |why: String| {
+        Err(BlockError::Open(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} is not a sharedisk reservation state file ({why}); it is left as it is: \
+                 name another file, or move this one away",
+                path.display()
+            ),
+        )))
+    };
+    let cannot_read = |e: io::Error| {
+        BlockError::Open(io::Error::new(
+            e.kind(),
+            format!("Cannot read {}: {e}", path.display()),
+        ))
+    };
+    let mut f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(cannot_read(e)),
+    };
+    let meta = f.metadata().map_err(cannot_read)?;
+    if !meta.file_type().is_file() {
+        return refuse("not a regular file".into());
+    }
+    if meta.len() > MAX_STATE_FILE {
+        return refuse(format!(
+            "{} bytes, more than any state ({MAX_STATE_FILE})",
+            meta.len()
+        ));
+    }
+    let mut bytes = Vec::new();
+    Read::by_ref(&mut f)
+        .take(MAX_STATE_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot_read)?;
+    if bytes.len() as u64 > MAX_STATE_FILE {
+        return refuse(format!("more than {MAX_STATE_FILE} bytes"));
+    }
+    // An empty file holds nothing to lose; a header of this format, however damaged the rest,
+    // is a state file.
+    if bytes.is_empty() || bytes.starts_with(format!("{MAGIC} ").as_bytes()) {
+        return Ok(Some(bytes));
+    }
+    if let Some(rest) = bytes.strip_prefix(MAGIC_PREFIX.as_bytes()) {
+        let version: String = rest
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .map(|&b| char::from(b))
+            .collect();
+        if !version.is_empty() && rest.get(version.len()) == Some(&b' ') {
+            return Err(BlockError::Open(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} holds reservation state in format v{version}, which this version of \
+                     sharedisk (format {MAGIC}) does not read; it is left as it is",
+                    path.display()
+                ),
+            )));
+        }
+    }
+    refuse(format!("it does not start with \"{MAGIC} \""))
+}
+
 /// The file driver's [`ReservationStore`] (see the module docs). A single holder: its
 /// [`ReservationStore::watch`] never changes and its barrier is immediate.
 #[derive(Debug)]
@@ -156,13 +333,22 @@ impl SidecarStore {
     /// holds the image's exclusive lock. Removes a leftover temp file and loads the state file
     /// if there is one.
     pub(crate) fn open(sidecar: PathBuf, file: Arc<File>) -> Result<Self, BlockError> {
+        let open_err = |path: &Path, e: io::Error| {
+            BlockError::Open(io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+        };
+        // A state file that is a symlink (to a folder on persistent storage) is followed: the
+        // writes go where the reads come from, not over the link.
+        let sidecar = resolve_links(&sidecar).map_err(|e| open_err(&sidecar, e))?;
         let mut temp = OsString::from(sidecar.as_os_str());
         temp.push(".tmp");
+        let mut lock = OsString::from(sidecar.as_os_str());
+        lock.push(".lock");
         let dir = match sidecar.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
         let claim = Claim::take(&dir, &sidecar)?;
+        let lock = StateLock::take(PathBuf::from(lock), &sidecar)?;
         let paths = Paths {
             sidecar,
             temp: PathBuf::from(temp),
@@ -181,10 +367,16 @@ impl SidecarStore {
                 "cannot remove a leftover reservation state temp file"
             ),
         }
+        // What the folder shows now (the state file, or its absence) may be a rename or unlink
+        // the previous process made and had not yet synced when it died. This process acts on
+        // it (and, with no file, stores the next APTPL-off state with no I/O at all), so it
+        // must be on stable storage first, or a power loss could bring back an older file.
+        sync_dir(&paths.dir).map_err(|e| open_err(&paths.dir, e))?;
         let mut lost = None;
         let mut damaged = None;
-        let (stored, on_disk) = match fs::read(&paths.sidecar) {
-            Ok(bytes) => match decode(&bytes) {
+        let (stored, on_disk) = match read_state_file(&paths.sidecar)? {
+            None => (Stored::default(), false),
+            Some(bytes) => match decode(&bytes) {
                 Ok(state) => {
                     tracing::info!(
                         path = %paths.sidecar.display(),
@@ -217,13 +409,6 @@ impl SidecarStore {
                     )
                 }
             },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => (Stored::default(), false),
-            Err(e) => {
-                return Err(BlockError::Open(io::Error::new(
-                    e.kind(),
-                    format!("Cannot read {}: {e}", paths.sidecar.display()),
-                )))
-            }
         };
         Ok(Self {
             changes: watch::Sender::new(stored.clone()),
@@ -238,6 +423,7 @@ impl SidecarStore {
                 lost: Mutex::new(lost),
                 _image: file,
                 _claim: claim,
+                _lock: lock,
             }),
         })
     }
