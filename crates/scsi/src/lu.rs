@@ -122,8 +122,9 @@ impl LogicalUnit {
             tracing::error!(
                 serial = %self.config.serial,
                 reason = %why,
-                "Persistent reservation information lost: every command but INQUIRY, REPORT \
-                 LUNS, REQUEST SENSE and START STOP UNIT fails with DATA PROTECT, PERSISTENT \
+                "Persistent reservation information lost: every command but INQUIRY, LOG \
+                 SENSE, READ BUFFER, REPORT LUNS, REPORT TARGET PORT GROUPS, REQUEST SENSE, \
+                 START STOP UNIT and WRITE BUFFER fails with DATA PROTECT, PERSISTENT \
                  RESERVATION INFORMATION LOST until an initiator sends PERSISTENT RESERVE OUT \
                  REPLACE LOST RESERVATION or the operator runs `sharedisk pr clear`"
             );
@@ -139,8 +140,10 @@ impl LogicalUnit {
     /// An operator's way out of a stale reservation (`sharedisk pr clear`): remove every
     /// registration and the reservation as a CLEAR would, bump the generation, and tell every
     /// registrant (RESERVATIONS PREEMPTED, SPC-5 5.14.11.3's unit attention for CLEAR).
-    /// It also ends a lost persistent reservation condition (the empty state it stores is not
-    /// lost). Returns the state it replaced.
+    /// Unlike a CLEAR it also turns APTPL off: with nothing left to keep, the state file is
+    /// removed (PTPL_A 0), and the next REGISTER with APTPL set keeps state again. It also
+    /// ends a lost persistent reservation condition (the empty state it stores is not lost).
+    /// Returns the state it replaced.
     ///
     /// The clear runs in a task of its own, so dropping this future (the control socket's
     /// time limit, the operator's client going away) never stops it between storing the new

@@ -14,6 +14,7 @@ pub enum Transport {
 
 /// An initiator port. For iSCSI its name is `<initiator name>,i,0x<ISID>` (RFC 7143 13.8).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct InitiatorPort {
     pub transport: Transport,
     /// The initiator (device) name, e.g. `iqn.1993-08.org.debian:01:abc`.
@@ -38,6 +39,7 @@ impl InitiatorPort {
 
 /// A target port.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TargetPort {
     /// The target name, e.g. `iqn.2026-01.io.sharedisk:disk0`.
     pub name: String,

@@ -66,6 +66,7 @@ pub(crate) enum Failure {
 /// The stored form: a format number and the state, as JSON, so an operator can read the
 /// file driver's sidecar.
 #[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct StoredForm {
     format: u32,
     state: PrState,
@@ -99,6 +100,9 @@ pub fn decode(bytes: &[u8]) -> Result<PrState, String> {
             form.format
         ));
     }
+    form.state
+        .check_consistent()
+        .map_err(|why| format!("not a state the rules could make: {why}"))?;
     Ok(form.state)
 }
 
@@ -161,12 +165,20 @@ impl Reservations {
         });
     }
 
-    fn adopt(&self, stored: &Stored) -> Result<(), Failure> {
-        let pr = if stored.state.is_empty() {
+    /// Make a stored state the snapshot. `power_on`: the state kept through power loss, read
+    /// back as the device server starts: its PRGENERATION starts again at zero (SPC-5 6.16.2,
+    /// READ KEYS: "Regardless of the APTPL bit value the PRgeneration value shall be set to
+    /// zero by a power on"); registrations and reservation are kept as stored. The store is
+    /// not rewritten for that: the next change stores its own generation.
+    fn adopt(&self, stored: &Stored, power_on: bool) -> Result<(), Failure> {
+        let mut pr = if stored.state.is_empty() {
             PrState::default()
         } else {
             decode(&stored.state).map_err(Failure::Corrupt)?
         };
+        if power_on {
+            pr.generation = 0;
+        }
         self.publish(stored.version, Arc::new(pr));
         Ok(())
     }
@@ -180,7 +192,7 @@ impl Reservations {
         let stored = store.load().await.map_err(Failure::Store)?;
         let lost = match store.lost() {
             Some(why) => Some(why),
-            None => match self.adopt(&stored) {
+            None => match self.adopt(&stored, true) {
                 Ok(()) => None,
                 Err(Failure::Corrupt(why)) => {
                     // Checksummed by the store, yet not a state: lost, unless it is the form of
@@ -204,7 +216,7 @@ impl Reservations {
                 let Some(me) = me.upgrade() else { break };
                 if stored.version > me.snap.load().version {
                     // `adopt` publishes only if still newer when it swaps.
-                    if let Err(e) = me.adopt(&stored) {
+                    if let Err(e) = me.adopt(&stored, false) {
                         tracing::error!(error = ?e, "Cannot read a reservation state stored elsewhere");
                     }
                 }
@@ -236,7 +248,7 @@ impl Reservations {
                 Ok(true)
             }
             Err(now) => {
-                self.adopt(&now)?;
+                self.adopt(&now, false)?;
                 Ok(false)
             }
         }

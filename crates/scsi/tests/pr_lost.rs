@@ -370,7 +370,119 @@ async fn a_stored_state_that_does_not_parse_is_lost_but_another_format_is_refuse
     let lu = lu_over(&store);
     lu.restore_reservations().await.expect("restores");
     assert!(!lu.persistent_reservations().lost);
-    assert_eq!(lu.persistent_reservations().generation, 4);
+}
+
+/// A registration as the store keeps it (JSON), for initiator `name` with ISID 1, through the
+/// iSCSI target port `iqn.2026-01.test:t,t,0x0001`.
+fn stored_registration(name: &str, key: u64) -> String {
+    format!(
+        r#"{{"who": {{"initiator": {{"transport": "Iscsi", "name": "{name}", "isid": [0,0,0,0,0,1]}},
+            "target": {{"name": "iqn.2026-01.test:t", "tpgt": 1, "relative_id": 1}}}}, "key": {key}}}"#
+    )
+}
+
+fn stored_state(registrations: &[String], reservation: &str) -> Vec<u8> {
+    format!(
+        r#"{{"format": 1, "state": {{"generation": 9, "aptpl": true,
+            "registrations": [{}], "reservation": {reservation}}}}}"#,
+        registrations.join(",")
+    )
+    .into_bytes()
+}
+
+/// SPC-5 6.16.2 (READ KEYS): "Regardless of the APTPL bit value the PRgeneration value shall be
+/// set to zero by a power on". The registrations and the reservation kept through power loss
+/// stay; the generation read back starts again at zero, and the next change makes it 1.
+#[tokio::test]
+async fn a_state_kept_through_power_loss_starts_with_generation_zero() {
+    let holder = r#"{"initiator": {"transport": "Iscsi", "name": "iqn.2026-01.test:a", "isid": [0,0,0,0,0,1]},
+        "target": {"name": "iqn.2026-01.test:t", "tpgt": 1, "relative_id": 1}}"#;
+    let store = Arc::new(LostStore::holding(
+        &stored_state(
+            &[stored_registration("iqn.2026-01.test:a", 0xAB)],
+            &format!(r#"{{"ty": "WriteExclusive", "scope": 0, "holder": {holder}}}"#),
+        ),
+        None,
+    ));
+    let lu = lu_over(&store);
+    lu.restore_reservations().await.expect("restores");
+    let pr = lu.persistent_reservations();
+    assert!(!pr.lost);
+    assert_eq!(pr.generation, 0);
+    assert_eq!(pr.registrations.len(), 1);
+    assert_eq!(pr.registrations[0].key, 0xAB);
+    assert!(pr.reservation.is_some());
+}
+
+/// A state of this format that the rules could not have made (edited by hand, written by a
+/// bug) is not run on: it is lost, as a damaged one is.
+#[tokio::test]
+async fn a_stored_state_the_rules_could_not_make_is_lost() {
+    let a = stored_registration("iqn.2026-01.test:a", 1);
+    let b_holder = r#"{"initiator": {"transport": "Iscsi", "name": "iqn.2026-01.test:b", "isid": [0,0,0,0,0,1]},
+        "target": {"name": "iqn.2026-01.test:t", "tpgt": 1, "relative_id": 1}}"#;
+    let good = stored_state(std::slice::from_ref(&a), "null");
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        // The holder is not registered.
+        (
+            "holder not registered",
+            stored_state(
+                std::slice::from_ref(&a),
+                &format!(r#"{{"ty": "WriteExclusive", "scope": 0, "holder": {b_holder}}}"#),
+            ),
+        ),
+        // The same I_T nexus registered twice.
+        (
+            "registered twice",
+            stored_state(
+                &[a.clone(), stored_registration("iqn.2026-01.test:a", 2)],
+                "null",
+            ),
+        ),
+        // A scope other than LU_SCOPE (0h).
+        (
+            "scope",
+            stored_state(
+                std::slice::from_ref(&a),
+                r#"{"ty": "WriteExclusiveAllRegistrants", "scope": 2, "holder": null}"#,
+            ),
+        ),
+        // All Registrants with nobody registered.
+        (
+            "no registrant",
+            stored_state(
+                &[],
+                r#"{"ty": "WriteExclusiveAllRegistrants", "scope": 0, "holder": null}"#,
+            ),
+        ),
+        // A field this version does not know: a newer version's state of the same format
+        // number would otherwise lose it silently at the next change.
+        (
+            "unknown field",
+            String::from_utf8(good.clone())
+                .expect("utf-8")
+                .replacen(r#""aptpl": true"#, r#""aptpl": true, "epoch": 3"#, 1)
+                .into_bytes(),
+        ),
+        // Marked lost: a stored state never is.
+        (
+            "lost",
+            String::from_utf8(good.clone())
+                .expect("utf-8")
+                .replacen(r#""aptpl": true"#, r#""aptpl": true, "lost": true"#, 1)
+                .into_bytes(),
+        ),
+    ];
+    for (name, bytes) in cases {
+        let lu = lu_over(&Arc::new(LostStore::holding(&bytes, None)));
+        lu.restore_reservations()
+            .await
+            .unwrap_or_else(|e| panic!("{name}: lost is not an error: {e}"));
+        assert!(lu.persistent_reservations().lost, "{name}: not lost");
+    }
+    let lu = lu_over(&Arc::new(LostStore::holding(&good, None)));
+    lu.restore_reservations().await.expect("restores");
+    assert!(!lu.persistent_reservations().lost);
 }
 
 /// A target whose LUN 0 restored a lost reservation state; its store; the LU.

@@ -120,6 +120,7 @@ impl PrType {
 /// SPEC_I_PT TransportID of format 00b names the initiator device, not one port); `target ==
 /// None` means every target port (ALL_TG_PT).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Registrant {
     pub initiator: InitiatorPort,
     pub target: Option<TargetPort>,
@@ -147,6 +148,7 @@ impl Registrant {
 
 /// One registration: a registrant and its reservation key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Registration {
     pub who: Registrant,
     pub key: u64,
@@ -154,6 +156,7 @@ pub struct Registration {
 
 /// The persistent reservation, when there is one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Reservation {
     pub ty: PrType,
     /// Always 0h (LU_SCOPE) today; kept for READ RESERVATION.
@@ -168,6 +171,7 @@ pub struct Reservation {
 /// agree on. A plain value: the logical unit stores it (serialised) through the block driver's
 /// reservation store, and the rules in this module map one state to the next.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PrState {
     /// PRGENERATION (SPC-5 6.16.2): bumped by every PR OUT that changes registrations, not by
     /// RESERVE, RELEASE or a failed command.
@@ -209,6 +213,49 @@ impl PrState {
     /// looks at [`PrState::lost`] before anything else.)
     pub fn is_empty(&self) -> bool {
         self.registrations.is_empty() && self.reservation.is_none()
+    }
+
+    /// Whether a state read back from the reservation store is one the rules could have made:
+    /// not lost, at most [`out::MAX_REGISTRATIONS`] registrations, no registrant twice, and a
+    /// reservation of LU scope whose holder (for the types that have one) is registered, or
+    /// with registrants (All Registrants). A state that is not (edited by hand, written by a
+    /// bug) would make commands misbehave in ways no initiator can repair, so it is treated as
+    /// lost.
+    pub fn check_consistent(&self) -> Result<(), String> {
+        if self.lost {
+            return Err("a stored state is never marked lost".into());
+        }
+        if self.registrations.len() > out::MAX_REGISTRATIONS {
+            return Err(format!(
+                "{} registrations, more than the {} allowed",
+                self.registrations.len(),
+                out::MAX_REGISTRATIONS
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(twice) = self.registrations.iter().find(|r| !seen.insert(&r.who)) {
+            return Err(format!(
+                "{} is registered twice",
+                twice.who.initiator.port_name()
+            ));
+        }
+        let Some(r) = &self.reservation else {
+            return Ok(());
+        };
+        if r.scope != 0 {
+            return Err(format!("reservation scope {:#x}, not LU_SCOPE", r.scope));
+        }
+        match (&r.holder, r.ty.all_registrants()) {
+            (None, true) if !self.registrations.is_empty() => Ok(()),
+            (None, true) => Err("an All Registrants reservation with no registrant".into()),
+            (Some(h), false) if self.registrations.iter().any(|g| g.who == *h) => Ok(()),
+            (Some(h), false) => Err(format!(
+                "the reservation holder {} is not registered",
+                h.initiator.port_name()
+            )),
+            (Some(_), true) => Err("an All Registrants reservation with one holder".into()),
+            (None, false) => Err("a reservation of a type that has a holder, without one".into()),
+        }
     }
 
     /// The state of a logical unit whose persistent reservation information was lost: nothing
