@@ -90,6 +90,7 @@ impl LogicalUnit {
             unmap_granularity: backend.unmap_granularity_blocks(),
             ..Limits::new(backend.block_size(), backend.capabilities())
         };
+        let resv = Arc::new(Reservations::new(config.id));
         Self {
             backend,
             config,
@@ -98,7 +99,7 @@ impl LogicalUnit {
             tasks: TaskSet::default(),
             nexuses: Nexuses::default(),
             reset_epoch: AtomicU64::new(0),
-            resv: Arc::default(),
+            resv,
         }
     }
 

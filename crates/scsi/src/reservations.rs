@@ -50,6 +50,8 @@ pub(crate) struct Snapshot {
 pub(crate) struct Reservations {
     snap: ArcSwap<Snapshot>,
     change: tokio::sync::Mutex<()>,
+    /// The LU's id (the value behind its NAA identifier): the owner the stored form names.
+    lu: u64,
 }
 
 /// Why a reservation-changing command failed.
@@ -63,13 +65,23 @@ pub(crate) enum Failure {
     Corrupt(String),
 }
 
-/// The stored form: a format number and the state, as JSON, so an operator can read the
-/// file driver's sidecar.
+/// The stored form: a format number, the logical unit it belongs to and the state, as JSON,
+/// so an operator can read the file driver's sidecar.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StoredForm {
     format: u32,
+    /// The 64-bit value behind the NAA identifier (VPD 0x83) of the logical unit that stored
+    /// it, as `0x` and 16 hex digits. Absent in states stored before it was written (those
+    /// are read as this LU's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lu: Option<String>,
     state: PrState,
+}
+
+/// How the stored form names the logical unit `id`.
+fn lu_name(id: u64) -> String {
+    format!("{id:#018x}")
 }
 
 const FORMAT: u32 = 1;
@@ -80,24 +92,36 @@ struct FormatOnly {
     format: u32,
 }
 
-/// Serialise `state` for the reservation store.
-pub fn encode(state: &PrState) -> Vec<u8> {
+/// Serialise `state` of the logical unit `lu` (its NAA identifier's value) for the reservation
+/// store.
+pub fn encode(state: &PrState, lu: u64) -> Vec<u8> {
     let form = StoredForm {
         format: FORMAT,
+        lu: Some(lu_name(lu)),
         state: state.clone(),
     };
     // Serialising plain structs of strings, integers and enums to JSON cannot fail.
     serde_json::to_vec_pretty(&form).unwrap_or_default()
 }
 
-/// Read a state the reservation store holds.
-pub fn decode(bytes: &[u8]) -> Result<PrState, String> {
+/// Read a state the reservation store holds for the logical unit `lu`. A state another LU
+/// stored (a state file moved to another LU in the configuration, an image whose derived
+/// identifier changed with its path) is refused: the registrations of one disk must never
+/// fence another.
+pub fn decode(bytes: &[u8], lu: u64) -> Result<PrState, String> {
     let form: StoredForm =
         serde_json::from_slice(bytes).map_err(|e| format!("not a reservation state: {e}"))?;
     if form.format != FORMAT {
         return Err(format!(
             "reservation state format {} (this version reads {FORMAT})",
             form.format
+        ));
+    }
+    if let Some(owner) = form.lu.filter(|o| *o != lu_name(lu)) {
+        return Err(format!(
+            "the state belongs to the logical unit with id {owner}, not to this one ({}); if it \
+             is the same disk under a new path, configure its id as {owner} to keep it",
+            lu_name(lu)
         ));
     }
     form.state
@@ -111,6 +135,14 @@ pub fn decode(bytes: &[u8]) -> Result<PrState, String> {
 const CAS_ATTEMPTS: usize = 8;
 
 impl Reservations {
+    /// The reservations of the logical unit whose NAA identifier's value is `lu`.
+    pub fn new(lu: u64) -> Self {
+        Reservations {
+            lu,
+            ..Reservations::default()
+        }
+    }
+
     /// The current snapshot.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snap.load_full()
@@ -174,7 +206,7 @@ impl Reservations {
         let mut pr = if stored.state.is_empty() {
             PrState::default()
         } else {
-            decode(&stored.state).map_err(Failure::Corrupt)?
+            decode(&stored.state, self.lu).map_err(Failure::Corrupt)?
         };
         if power_on {
             pr.generation = 0;
@@ -234,7 +266,7 @@ impl Reservations {
         next: &PrState,
     ) -> Result<bool, Failure> {
         match store
-            .compare_and_swap(version, encode(next), next.aptpl)
+            .compare_and_swap(version, encode(next, self.lu), next.aptpl)
             .await
             .map_err(Failure::Store)?
         {
@@ -370,17 +402,21 @@ mod tests {
             aptpl: true,
             ..PrState::default()
         };
-        let bytes = encode(&state);
+        let bytes = encode(&state, 0x5200_4567_ba64_678d);
         let text = String::from_utf8(bytes.clone()).expect("JSON is UTF-8");
         assert!(text.contains("\"format\": 1"), "{text}");
-        assert_eq!(decode(&bytes), Ok(state));
+        assert!(text.contains("\"lu\": \"0x52004567ba64678d\""), "{text}");
+        assert_eq!(decode(&bytes, 0x5200_4567_ba64_678d), Ok(state));
+        // Another LU's state is not this one's.
+        let other = decode(&bytes, 0x5200_4567_ba64_678e).expect_err("another LU's");
+        assert!(other.contains("0x52004567ba64678d"), "{other}");
     }
 
     #[test]
     fn a_state_stored_before_lost_existed_reads_as_not_lost() {
         let old = br#"{"format": 1, "state": {"generation": 7, "aptpl": true,
             "registrations": [], "reservation": null}}"#;
-        let state = decode(old).expect("decodes");
+        let state = decode(old, 1).expect("decodes");
         assert_eq!(state.generation, 7);
         assert!(!state.lost);
     }
@@ -403,8 +439,8 @@ mod tests {
 
     #[test]
     fn a_damaged_or_foreign_state_is_an_error_not_an_empty_state() {
-        assert!(decode(b"{\"format\": 1, \"state\": {\"generation\"").is_err());
-        assert!(decode(b"{\"format\": 2, \"state\": {}}").is_err());
-        assert!(decode(b"").is_err());
+        assert!(decode(b"{\"format\": 1, \"state\": {\"generation\"", 1).is_err());
+        assert!(decode(b"{\"format\": 2, \"state\": {}}", 1).is_err());
+        assert!(decode(b"", 1).is_err());
     }
 }

@@ -618,3 +618,35 @@ async fn the_operators_clear_ends_the_lost_condition() {
     let r = run(&t, &n, &RLR_WE, basic(0, 1, 0)).await;
     assert_sense(&r, 0x05, 0x26, 0x04);
 }
+
+/// A state stored by another logical unit (a state file moved to another LU in the
+/// configuration) names that LU's id: it is lost here, not run on, and the log names the id
+/// that would keep it. The same state naming this LU (id 0x0123456789abcdef in
+/// `common::config`) restores.
+#[tokio::test]
+async fn a_state_another_logical_unit_stored_is_lost() {
+    let state = |lu: &str| {
+        format!(
+            r#"{{"format": 1, "lu": "{lu}", "state": {{"generation": 1, "aptpl": true,
+                "registrations": [{}], "reservation": null}}}}"#,
+            stored_registration("iqn.2026-01.test:a", 7)
+        )
+        .into_bytes()
+    };
+    let lu = lu_over(&Arc::new(LostStore::holding(
+        &state("0x0123456789abcdee"),
+        None,
+    )));
+    lu.restore_reservations()
+        .await
+        .expect("lost is not an error");
+    assert!(lu.persistent_reservations().lost);
+    assert!(lu.persistent_reservations().registrations.is_empty());
+    let lu = lu_over(&Arc::new(LostStore::holding(
+        &state("0x0123456789abcdef"),
+        None,
+    )));
+    lu.restore_reservations().await.expect("restores");
+    assert!(!lu.persistent_reservations().lost);
+    assert_eq!(lu.persistent_reservations().registrations.len(), 1);
+}
