@@ -782,6 +782,21 @@ impl Plan {
 /// The first relative target port identifier of the vhost-user sockets.
 pub const VHOST_FIRST_PORT_ID: u16 = 0x8000;
 
+impl Plan {
+    /// The relative target port identifier of each vhost-user socket, in the order of
+    /// [`Plan::vhost`].
+    pub fn vhost_port_ids(&self) -> anyhow::Result<Vec<u16>> {
+        (0..self.vhost.len())
+            .map(|i| {
+                u16::try_from(i)
+                    .ok()
+                    .and_then(|i| VHOST_FIRST_PORT_ID.checked_add(i))
+                    .context("Too many vhost-user sockets")
+            })
+            .collect()
+    }
+}
+
 /// Check the settings of an LU added while the daemon runs (`sharedisk lu add`), as a
 /// configured one's are; returns its canonical image path.
 pub fn check_lu_plan(what: &str, lu: &LuPlan) -> anyhow::Result<PathBuf> {

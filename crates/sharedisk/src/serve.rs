@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 
-use crate::config::{canonical_image_path, LuPlan, Plan, VHOST_FIRST_PORT_ID};
+use crate::config::{canonical_image_path, LuPlan, Plan};
 use crate::control;
 use crate::identity;
 use crate::registry;
@@ -189,7 +189,8 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
     // vhost-user sockets: images no iSCSI target serves are opened here, once.
     let mut vhost_servers = Vec::new();
     let mut vhost_lines = Vec::new();
-    for (i, v) in plan.vhost.iter().enumerate() {
+    let port_ids = plan.vhost_port_ids()?;
+    for ((i, v), relative_port_id) in plan.vhost.iter().enumerate().zip(port_ids) {
         let mut luns = Vec::new();
         for l in &v.lus {
             let image = canonical_image_path(&l.lu.file).unwrap_or_else(|_| l.lu.file.clone());
@@ -214,9 +215,6 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
                 lu,
             });
         }
-        let relative_port_id = VHOST_FIRST_PORT_ID
-            .checked_add(u16::try_from(i).context("Too many vhost-user sockets")?)
-            .context("Too many vhost-user sockets")?;
         let threads = v
             .threads
             .unwrap_or_else(|| vhost_scsi::default_threads(v.num_queues));
