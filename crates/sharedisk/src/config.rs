@@ -19,8 +19,14 @@
 //!   that image the socket serves the same logical unit (and the `[[vhost.lu]]` entry carries no
 //!   LU settings of its own); otherwise the entry's settings make the LU, and every socket that
 //!   names the image must give the same settings;
-//! - with vhost-user sockets configured, iSCSI TPGTs stay below 0x8000: the sockets' relative
-//!   target port identifiers are 0x8000, 0x8001, … in the order of the sockets.
+//! - with vhost-user sockets configured, iSCSI TPGTs stay below 0x8000: an iSCSI target's port
+//!   is its TPGT, and the sockets' relative target port identifiers are in 0x8000..=0xFFFF;
+//! - a socket's relative target port identifier is its `relative_port_id` (quick start:
+//!   `--vhost-relative-port-id`), which must be in 0x8000..=0xFFFF, or else is derived from its
+//!   resolved path ([`canonical_socket_path`], [`crate::identity::vhost_port_id`]). Either way
+//!   it does not depend on the order of the sockets, so registrations an APTPL state file keeps
+//!   for a socket's I_T nexus still match it after the sockets are reordered, added or removed
+//!   (SPC-5 5.14.5); no two sockets have the same one.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -66,6 +72,10 @@ pub struct VhostConfig {
     /// Threads serving the request queues, 1 to `num_queues`; default half the host's
     /// cores, at most `num_queues` (`vhost_scsi::default_threads`).
     pub threads: Option<u16>,
+    /// The socket's relative target port identifier, 0x8000 to 0xFFFF; derived from the
+    /// socket's path when absent. Read wider than a `u16`, so that a value out of range gets
+    /// the config's own message.
+    pub relative_port_id: Option<i64>,
     #[serde(default, rename = "lu")]
     pub lus: Vec<VhostLuConfig>,
 }
@@ -202,6 +212,9 @@ pub struct VhostPlan {
     pub num_queues: u16,
     /// Request-queue threads; `None`: the default for `num_queues`.
     pub threads: Option<u16>,
+    /// The configured relative target port identifier; `None`: derived from the socket's path
+    /// (see [`VhostPlan::port_id`]).
+    pub relative_port_id: Option<u16>,
     pub lus: Vec<VhostLuPlan>,
 }
 
@@ -351,7 +364,13 @@ impl FileConfig {
                     },
                 });
             }
+            let relative_port_id = v
+                .relative_port_id
+                .map(check_port_id)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
             vhost.push(VhostPlan {
+                relative_port_id,
                 initiator: v
                     .initiator
                     .unwrap_or_else(|| default_vhost_initiator(&socket)),
@@ -704,16 +723,35 @@ impl Plan {
         serials: &mut HashSet<String>,
         ids: &mut HashSet<u64>,
     ) -> anyhow::Result<()> {
-        if self.vhost.len() > usize::from(u16::MAX - VHOST_FIRST_PORT_ID) {
-            bail!("Too many vhost-user sockets");
-        }
         let mut sockets = HashSet::new();
+        // Relative target port identifiers taken, and by which socket.
+        let mut port_ids: std::collections::HashMap<u16, &VhostPlan> = Default::default();
         // Images only vhost-user sockets serve, with the settings the first one gave.
         let mut own: std::collections::HashMap<PathBuf, LuPlan> = Default::default();
         for v in &self.vhost {
             let what = format!("vhost-user socket {}", v.socket.display());
             if !sockets.insert(v.socket.clone()) {
                 bail!("{what} is configured twice");
+            }
+            if let Some(id) = v.relative_port_id {
+                check_port_id(i64::from(id)).map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+            }
+            let id = v.port_id()?;
+            if let Some(other) = port_ids.insert(id, v) {
+                let how = |v: &VhostPlan| match v.relative_port_id {
+                    Some(_) => "configured",
+                    None => "derived from its path",
+                };
+                bail!(
+                    "vhost-user sockets {} ({}) and {} ({}) have the same relative target port \
+                     identifier {id:#06x}; set relative_port_id (quick start: \
+                     --vhost-relative-port-id) on one of them to a value from 0x8000 to 0xFFFF \
+                     that no other socket has",
+                    other.socket.display(),
+                    how(other),
+                    v.socket.display(),
+                    how(v)
+                );
             }
             let name_ok = !v.initiator.is_empty()
                 && v.initiator.len() <= 223
@@ -779,21 +817,54 @@ impl Plan {
     }
 }
 
-/// The first relative target port identifier of the vhost-user sockets.
+/// The lowest relative target port identifier of a vhost-user socket; they go up to 0xFFFF.
 pub const VHOST_FIRST_PORT_ID: u16 = 0x8000;
+
+/// A configured relative target port identifier of a vhost-user socket, if it is one: from
+/// 0x8000 to 0xFFFF.
+pub fn check_port_id(id: i64) -> Result<u16, String> {
+    match u16::try_from(id) {
+        Ok(id) if id >= VHOST_FIRST_PORT_ID => Ok(id),
+        _ => Err(format!(
+            "relative_port_id {id} is not from 0x8000 to 0xFFFF (32768 to 65535): \
+             vhost-user sockets' relative target port identifiers are kept at or above 0x8000, \
+             so that none is an iSCSI target's port, whose identifier is its TPGT, below 0x8000"
+        )),
+    }
+}
+
+/// The path a vhost-user socket is bound at, resolved: its canonical folder plus its name, as
+/// for an image that does not exist yet (a stale socket left at the path does not change it;
+/// the daemon refuses a symlink there). A socket's derived relative target port identifier
+/// comes from this path, so it is the same however the path is spelled (relative to another
+/// folder, through a symlinked folder) and whether or not a stale socket is there.
+pub fn canonical_socket_path(path: &Path) -> std::io::Result<PathBuf> {
+    canonical_image_path(path)
+}
+
+impl VhostPlan {
+    /// The socket's relative target port identifier: the configured one, or the one derived
+    /// from its resolved path ([`crate::identity::vhost_port_id`]). Never its place in the
+    /// config: registrations an APTPL state file keeps are matched against it at restart.
+    pub fn port_id(&self) -> anyhow::Result<u16> {
+        if let Some(id) = self.relative_port_id {
+            return Ok(id);
+        }
+        let resolved = canonical_socket_path(&self.socket).with_context(|| {
+            format!(
+                "vhost-user socket {}: bad socket path (its folder must exist)",
+                self.socket.display()
+            )
+        })?;
+        Ok(crate::identity::vhost_port_id(&resolved))
+    }
+}
 
 impl Plan {
     /// The relative target port identifier of each vhost-user socket, in the order of
-    /// [`Plan::vhost`].
+    /// [`Plan::vhost`] (see [`VhostPlan::port_id`]).
     pub fn vhost_port_ids(&self) -> anyhow::Result<Vec<u16>> {
-        (0..self.vhost.len())
-            .map(|i| {
-                u16::try_from(i)
-                    .ok()
-                    .and_then(|i| VHOST_FIRST_PORT_ID.checked_add(i))
-                    .context("Too many vhost-user sockets")
-            })
-            .collect()
+        self.vhost.iter().map(VhostPlan::port_id).collect()
     }
 }
 
@@ -1093,6 +1164,156 @@ size = "1M"
         // The same image behind two sockets and iSCSI is one LU: accepted.
         let shared = format!("{}\n[[vhost]]\nsocket = \"b.sock\"\n{lu0}", one(lu0));
         plan(&shared).expect("valid");
+    }
+
+    /// A `[[vhost]]` at `socket` with `extra` settings, serving `x.img` (the same LU on every
+    /// socket).
+    fn socket(socket: &str, extra: &str) -> String {
+        format!(
+            "[[vhost]]\nsocket = \"{socket}\"\n{extra}[[vhost.lu]]\nlun = 0\nfile = \"x.img\"\nsize = \"1M\"\n"
+        )
+    }
+
+    /// Each socket of `text`, read from `dir`, with its relative target port identifier.
+    fn port_ids(dir: &Path, text: &str) -> Vec<(PathBuf, u16)> {
+        let p = FileConfig::parse(text)
+            .and_then(|c| c.into_plan(dir))
+            .expect("valid");
+        let ids = p.vhost_port_ids().expect("port ids");
+        p.vhost.iter().map(|v| v.socket.clone()).zip(ids).collect()
+    }
+
+    // FNV-1a 64 of the 9 bytes of "/vm1.sock", worked apart from this code (Python:
+    // h = 0xcbf29ce484222325; for b in p: h = ((h ^ b) * 0x100000001b3) % 2**64, which gives
+    // identity.rs's reference vectors for "", "a" and "foobar") is 0xf5ba_a4a2_95d1_fb8c. Its low
+    // 15 bits are 0x7b8c, so the socket's relative target port identifier is
+    // 0x8000 | 0x7b8c = 0xfb8c. "/vm2.sock" hashes to 0xbbf4_f827_11ea_8bbb: 0x8bbb. And
+    // "/vm540.sock" hashes to 0x05ed_51c1_3bfd_7b8c, whose low 15 bits are 0x7b8c too: it
+    // collides with "/vm1.sock" (the first such /vmN.sock).
+    const VM1_PORT_ID: u16 = 0xfb8c;
+    const VM2_PORT_ID: u16 = 0x8bbb;
+
+    #[test]
+    fn a_socket_keeps_its_relative_port_id_whatever_the_order_of_the_sockets() {
+        let vm1 = socket("/vm1.sock", "");
+        let vm2 = socket("/vm2.sock", "");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let want = [
+            (PathBuf::from("/vm1.sock"), VM1_PORT_ID),
+            (PathBuf::from("/vm2.sock"), VM2_PORT_ID),
+        ];
+        let in_order = port_ids(dir.path(), &format!("{vm1}{vm2}"));
+        let mut swapped = port_ids(dir.path(), &format!("{vm2}{vm1}"));
+        swapped.reverse();
+        assert_eq!(swapped, in_order);
+        assert_eq!(in_order, want);
+        // A socket added before them, or one of them removed, changes neither.
+        let vm3 = socket("/vm3.sock", "");
+        assert_eq!(port_ids(dir.path(), &format!("{vm3}{vm1}{vm2}"))[1..], want);
+        assert_eq!(port_ids(dir.path(), &vm2), want[1..]);
+
+        // Relative to the config's folder: the same for the path spelled otherwise, and with a
+        // stale socket left at it (a daemon killed with SIGKILL leaves one).
+        let (a, b) = (socket("a.sock", ""), socket("b.sock", ""));
+        let ab = port_ids(dir.path(), &format!("{a}{b}"));
+        let mut ba = port_ids(dir.path(), &format!("{b}{a}"));
+        ba.reverse();
+        assert_eq!(ab, ba);
+        assert_ne!(ab[0].1, ab[1].1);
+        let absolute = dir.path().join("a.sock");
+        let a_again = socket(absolute.to_str().expect("utf-8"), "");
+        assert_eq!(port_ids(dir.path(), &a_again)[0].1, ab[0].1);
+        std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
+        assert_eq!(
+            port_ids(dir.path(), &socket("sub/../a.sock", ""))[0].1,
+            ab[0].1
+        );
+        drop(std::os::unix::net::UnixListener::bind(&absolute).expect("bind"));
+        assert!(absolute.exists(), "the stale socket stays");
+        assert_eq!(port_ids(dir.path(), &format!("{b}{a}"))[1], ab[0]);
+    }
+
+    #[test]
+    fn a_configured_relative_port_id_is_used() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let text = format!(
+            "{}{}{}",
+            socket("/vm1.sock", ""),
+            socket("/vm2.sock", "relative_port_id = 0x8001\n"),
+            socket("/vm3.sock", "relative_port_id = 65535\n"),
+        );
+        let ids: Vec<u16> = port_ids(dir.path(), &text)
+            .into_iter()
+            .map(|s| s.1)
+            .collect();
+        assert_eq!(ids, [VM1_PORT_ID, 0x8001, 0xFFFF]);
+    }
+
+    #[test]
+    fn a_relative_port_id_out_of_range_is_refused() {
+        for bad in ["0x7fff", "0", "1", "-1", "0x10000"] {
+            let e = err(&socket("/vm1.sock", &format!("relative_port_id = {bad}\n")));
+            assert!(e.contains("vhost-user socket /vm1.sock"), "{bad}: {e}");
+            assert!(e.contains("is not from 0x8000 to 0xFFFF"), "{bad}: {e}");
+            assert!(e.contains("iSCSI target's port"), "{bad}: {e}");
+            assert!(e.contains("below 0x8000"), "{bad}: {e}");
+        }
+        let e = err(&socket("/vm1.sock", "relative_port_id = 0x7fff\n"));
+        assert!(e.contains("relative_port_id 32767 is not"), "{e}");
+    }
+
+    #[test]
+    fn two_sockets_with_one_relative_port_id_are_refused() {
+        let both = |a: &str, b: &str| {
+            err(&format!(
+                "{}{}",
+                socket("/vm1.sock", a),
+                socket("/vm2.sock", b)
+            ))
+        };
+        let e = both("relative_port_id = 0x8123\n", "relative_port_id = 0x8123\n");
+        assert!(
+            e.contains(
+                "vhost-user sockets /vm1.sock (configured) and /vm2.sock (configured) have the \
+                 same relative target port identifier 0x8123"
+            ),
+            "{e}"
+        );
+        assert!(e.contains("set relative_port_id"), "{e}");
+        assert!(e.contains("--vhost-relative-port-id"), "{e}");
+        // A configured identifier that is another socket's derived one.
+        let e = both("", "relative_port_id = 0xfb8c\n");
+        assert!(
+            e.contains("/vm1.sock (derived from its path) and /vm2.sock (configured)"),
+            "{e}"
+        );
+        assert!(e.contains("0xfb8c"), "{e}");
+        // Two derived identifiers that collide: "/vm1.sock" and "/vm540.sock" (see above).
+        let e = err(&format!(
+            "{}{}",
+            socket("/vm1.sock", ""),
+            socket("/vm540.sock", "")
+        ));
+        assert!(
+            e.contains(
+                "/vm1.sock (derived from its path) and /vm540.sock (derived from its path) have \
+                 the same relative target port identifier 0xfb8c"
+            ),
+            "{e}"
+        );
+        assert!(e.contains("set relative_port_id"), "{e}");
+        // Setting one resolves it.
+        let fixed = format!(
+            "{}{}",
+            socket("/vm1.sock", ""),
+            socket("/vm540.sock", "relative_port_id = 0x8540\n")
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ids: Vec<u16> = port_ids(dir.path(), &fixed)
+            .into_iter()
+            .map(|s| s.1)
+            .collect();
+        assert_eq!(ids, [VM1_PORT_ID, 0x8540]);
     }
 
     #[test]

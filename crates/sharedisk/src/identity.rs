@@ -1,12 +1,20 @@
 //! Stable identity of a logical unit: the unit serial number (VPD 0x80) and the 64-bit value
-//! behind its NAA identifier (VPD 0x83).
+//! behind its NAA identifier (VPD 0x83); and of a vhost-user socket's target port: its relative
+//! target port identifier.
 //!
 //! Initiators and cluster software (multipath, Windows failover clustering) recognise a disk by
 //! these, so they must not change across restarts and must differ between LUs. Configured values
 //! win; otherwise they are derived with FNV-1a (stable across builds, unlike `std`'s hasher)
 //! from the configured serial, or else from the image's canonical path.
+//!
+//! Persistent reservation registrations are kept with their I_T nexus, target port included
+//! (SPC-5 5.14.5: APTPL keeps them across power loss), so a socket's relative target port
+//! identifier must not change across restarts either, whatever the order of the sockets: when
+//! not configured it is derived with FNV-1a from the socket's resolved path.
 
 use std::path::Path;
+
+use crate::config::VHOST_FIRST_PORT_ID;
 
 /// 64-bit FNV-1a.
 fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -27,6 +35,17 @@ pub fn derive(canonical_image: &Path, serial: Option<&str>, id: Option<u64>) -> 
     });
     let serial = serial.map_or_else(|| format!("{id:016x}"), str::to_owned);
     (serial, id)
+}
+
+/// The relative target port identifier of a vhost-user socket at `resolved_socket` (its path
+/// as [`crate::config::canonical_socket_path`] resolves it): the low 15 bits of the path's
+/// FNV-1a, above [`VHOST_FIRST_PORT_ID`], so in 0x8000..=0xFFFF. Two paths of the same length
+/// that differ in one byte never get the same identifier (each FNV-1a step is a bijection of
+/// the low bits of its state); other paths may, and the config refuses that.
+pub fn vhost_port_id(resolved_socket: &Path) -> u16 {
+    use std::os::unix::ffi::OsStrExt;
+    let low = fnv1a64(resolved_socket.as_os_str().as_bytes()) & 0x7FFF;
+    VHOST_FIRST_PORT_ID | u16::try_from(low).expect("15 bits fit in a u16")
 }
 
 #[cfg(test)]

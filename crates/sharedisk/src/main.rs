@@ -133,7 +133,7 @@ struct PrArgs {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// A TOML config file (several targets, LUs, portals, ACLs, CHAP).
-    #[arg(long, conflicts_with_all = ["file", "size", "listen", "block_size", "physical_block_size", "name", "allow_initiator", "chap_user", "control", "vhost_user", "vhost_initiator", "vhost_queues", "vhost_threads", "direct", "reservation_state"])]
+    #[arg(long, conflicts_with_all = ["file", "size", "listen", "block_size", "physical_block_size", "name", "allow_initiator", "chap_user", "control", "vhost_user", "vhost_initiator", "vhost_relative_port_id", "vhost_queues", "vhost_threads", "direct", "reservation_state"])]
     config: Option<PathBuf>,
     /// The image file; created sparse with --size when it does not exist.
     #[arg(long, required_unless_present = "config")]
@@ -180,6 +180,10 @@ struct ServeArgs {
     /// order) [default: vhost:SOCKET].
     #[arg(long = "vhost-initiator", value_name = "NAME")]
     vhost_initiator: Vec<String>,
+    /// The relative target port identifier of the n-th --vhost-user socket, 0x8000 to 0xFFFF
+    /// (repeat in the same order) [default: derived from the socket's path].
+    #[arg(long = "vhost-relative-port-id", value_name = "ID", value_parser = parse_port_id)]
+    vhost_relative_port_id: Vec<u16>,
     /// Request queues each vhost-user socket offers (QEMU's num_queues may be at most this).
     #[arg(long, default_value_t = config::DEFAULT_VHOST_QUEUES)]
     vhost_queues: u16,
@@ -204,6 +208,17 @@ fn default_target_name(file: &Path) -> String {
         name = "disk".into();
     }
     format!("{DEFAULT_IQN_PREFIX}{name}")
+}
+
+/// A relative target port identifier on the command line: decimal or 0x hex, 0x8000 to 0xFFFF.
+fn parse_port_id(s: &str) -> Result<u16, String> {
+    let t = s.trim();
+    let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => i64::from_str_radix(hex, 16),
+        None => t.parse(),
+    };
+    let id = parsed.map_err(|_| format!("{s:?} is not a number (decimal or 0x hex)"))?;
+    config::check_port_id(id)
 }
 
 fn quick_start_plan(args: ServeArgs) -> anyhow::Result<Plan> {
@@ -231,6 +246,9 @@ fn quick_start_plan(args: ServeArgs) -> anyhow::Result<Plan> {
     if args.vhost_initiator.len() > args.vhost_user.len() {
         anyhow::bail!("More --vhost-initiator names than --vhost-user sockets");
     }
+    if args.vhost_relative_port_id.len() > args.vhost_user.len() {
+        anyhow::bail!("More --vhost-relative-port-id values than --vhost-user sockets");
+    }
     let lu = LuPlan {
         lun: 0,
         file: file.clone(),
@@ -255,6 +273,7 @@ fn quick_start_plan(args: ServeArgs) -> anyhow::Result<Plan> {
                 .unwrap_or_else(|| config::default_vhost_initiator(socket)),
             num_queues: args.vhost_queues,
             threads: args.vhost_threads,
+            relative_port_id: args.vhost_relative_port_id.get(i).copied(),
             lus: vec![config::VhostLuPlan {
                 target: 0,
                 lun: 0,
@@ -475,6 +494,96 @@ mod tests {
             "iqn.1993-08.org.debian:01:node1",
         ]))
         .expect("an ACL is enough");
+    }
+
+    #[test]
+    fn quick_start_sockets_keep_their_relative_port_ids_whatever_the_order() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("disk.img");
+        let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+        let s = |p: &Path| p.to_str().expect("utf-8").to_string();
+        let ids = |extra: &[&str]| {
+            let mut list = vec!["--file".to_string(), s(&file), "--size".into(), "1M".into()];
+            list.extend(extra.iter().map(ToString::to_string));
+            let list: Vec<&str> = list.iter().map(String::as_str).collect();
+            let plan = quick_start_plan(args(&list))?;
+            let ids = plan.vhost_port_ids()?;
+            anyhow::Ok(
+                plan.vhost
+                    .into_iter()
+                    .map(|v| v.socket)
+                    .zip(ids)
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let ab = ids(&["--vhost-user", &s(&a), "--vhost-user", &s(&b)]).expect("valid");
+        let mut ba = ids(&["--vhost-user", &s(&b), "--vhost-user", &s(&a)]).expect("valid");
+        ba.reverse();
+        assert_eq!(ab, ba);
+        assert_ne!(ab[0].1, ab[1].1);
+        assert!(ab.iter().all(|(_, id)| *id >= 0x8000), "{ab:?}");
+        // FNV-1a 64 of "/vm1.sock" is 0xf5ba_a4a2_95d1_fb8c (worked apart from this code, as in
+        // config.rs's tests): low 15 bits 0x7b8c, so 0x8000 | 0x7b8c.
+        let vm1 = ids(&["--vhost-user", "/vm1.sock"]).expect("valid");
+        assert_eq!(vm1, [(PathBuf::from("/vm1.sock"), 0xfb8c)]);
+
+        // Configured, in the order of the sockets, in decimal or hex.
+        let set = ids(&[
+            "--vhost-user",
+            &s(&a),
+            "--vhost-user",
+            &s(&b),
+            "--vhost-relative-port-id",
+            "0x8001",
+            "--vhost-relative-port-id",
+            "32770",
+        ])
+        .expect("valid");
+        assert_eq!(set, [(a.clone(), 0x8001), (b.clone(), 0x8002)]);
+        let e = ids(&[
+            "--vhost-user",
+            &s(&a),
+            "--vhost-user",
+            &s(&b),
+            "--vhost-relative-port-id",
+            "0x8001",
+            "--vhost-relative-port-id",
+            "0x8001",
+        ])
+        .expect_err("one id twice");
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("have the same relative target port identifier 0x8001"),
+            "{e}"
+        );
+        assert!(e.contains(&s(&a)) && e.contains(&s(&b)), "{e}");
+        assert!(e.contains("--vhost-relative-port-id"), "{e}");
+        let e = ids(&[
+            "--vhost-user",
+            "/vm1.sock",
+            "--vhost-relative-port-id",
+            "0x8001",
+            "--vhost-relative-port-id",
+            "0x8002",
+        ])
+        .expect_err("more ids than sockets");
+        assert!(
+            format!("{e:#}").contains("More --vhost-relative-port-id"),
+            "{e:#}"
+        );
+        for bad in ["0x7fff", "65536", "-1", "0"] {
+            let flag = format!("--vhost-relative-port-id={bad}");
+            let e = Cli::try_parse_from(["sharedisk", "serve", &flag])
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(e.contains("is not from 0x8000 to 0xFFFF"), "{bad}: {e}");
+        }
+        let e = Cli::try_parse_from(["sharedisk", "serve", "--vhost-relative-port-id=x"])
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("\"x\" is not a number"), "{e}");
     }
 
     #[test]
