@@ -130,8 +130,8 @@ use vmm_sys_util::epoll::EventSet;
 
 use device::{lock, Device, Shared};
 
-/// The first relative target port identifier the daemon gives a vhost-user socket; iSCSI
-/// target ports use their TPGT, below it.
+/// The lowest relative target port identifier the daemon gives a vhost-user socket (it gives
+/// them 0x8000 to 0xFFFF); iSCSI target ports use their TPGT, below it.
 pub const FIRST_RELATIVE_PORT_ID: u16 = 0x8000;
 /// The most request queues a socket offers (the queue masks of vhost-user-backend are 64
 /// bits wide, and two queues are the control and event queues).
