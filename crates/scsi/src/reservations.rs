@@ -16,7 +16,8 @@
 //! - SPC-2 RESERVE/RELEASE keep their holder in the snapshot but not in the store: SPC-2
 //!   reservations do not survive a reset, a nexus loss or a restart.
 //! - A state the store lost ([`ReservationStore::lost`]: the file driver's damaged sidecar), or
-//!   a stored state of this format that does not parse, is loaded as [`PrState::lost`]: the
+//!   a stored state of this format that does not parse or is not one the rules could make
+//!   ([`PrState::check_consistent`]), is loaded as [`PrState::lost`]: the
 //!   recoverable lost persistent reservation condition of [`crate::pr`]. The per-command check
 //!   then terminates every command but a few with PERSISTENT RESERVATION INFORMATION LOST, and
 //!   a REPLACE LOST RESERVATION stores its new state over the lost one like any other PR OUT.
@@ -104,10 +105,15 @@ pub fn encode(state: &PrState, lu: u64) -> Vec<u8> {
     serde_json::to_vec_pretty(&form).unwrap_or_default()
 }
 
-/// Read a state the reservation store holds for the logical unit `lu`. A state another LU
-/// stored (a state file moved to another LU in the configuration, an image whose derived
-/// identifier changed with its path) is refused: the registrations of one disk must never
-/// fence another.
+/// Read a state the reservation store holds for the logical unit `lu`.
+///
+/// A state that names another LU is read all the same, with a warning naming both ids. It is
+/// either a state file a configuration edit moved to another LU, or this LU's own under an id
+/// that changed: a derived id follows the image's canonical path, which for a block device
+/// can change at a reboot (`/dev/sdb` becoming `/dev/sdc` behind a stable `/dev/disk/by-id`
+/// link). Refusing it (or calling it lost) would stop every initiator's I/O in the second,
+/// common case; the cross-process lock and the in-process claim on state files already keep
+/// two LUs from sharing one at the same time.
 pub fn decode(bytes: &[u8], lu: u64) -> Result<PrState, String> {
     let form: StoredForm =
         serde_json::from_slice(bytes).map_err(|e| format!("not a reservation state: {e}"))?;
@@ -118,11 +124,15 @@ pub fn decode(bytes: &[u8], lu: u64) -> Result<PrState, String> {
         ));
     }
     if let Some(owner) = form.lu.filter(|o| *o != lu_name(lu)) {
-        return Err(format!(
-            "the state belongs to the logical unit with id {owner}, not to this one ({}); if it \
-             is the same disk under a new path, configure its id as {owner} to keep it",
-            lu_name(lu)
-        ));
+        tracing::warn!(
+            stored_by = %owner,
+            this_lu = %lu_name(lu),
+            "The persistent reservation state was stored by the logical unit with another id; \
+             it is used as this one's. If the state file belongs to another disk, stop the \
+             daemon and name the right file; if this is the same disk and its id changed (a \
+             derived id follows the image's path), configure id = {owner} to keep the identity \
+             initiators know it by"
+        );
     }
     form.state
         .check_consistent()
@@ -406,10 +416,9 @@ mod tests {
         let text = String::from_utf8(bytes.clone()).expect("JSON is UTF-8");
         assert!(text.contains("\"format\": 1"), "{text}");
         assert!(text.contains("\"lu\": \"0x52004567ba64678d\""), "{text}");
-        assert_eq!(decode(&bytes, 0x5200_4567_ba64_678d), Ok(state));
-        // Another LU's state is not this one's.
-        let other = decode(&bytes, 0x5200_4567_ba64_678e).expect_err("another LU's");
-        assert!(other.contains("0x52004567ba64678d"), "{other}");
+        assert_eq!(decode(&bytes, 0x5200_4567_ba64_678d), Ok(state.clone()));
+        // Another LU's id: read all the same (and warned about).
+        assert_eq!(decode(&bytes, 0x5200_4567_ba64_678e), Ok(state));
     }
 
     #[test]

@@ -392,7 +392,7 @@ fn stored_state(registrations: &[String], reservation: &str) -> Vec<u8> {
 
 /// SPC-5 6.16.2 (READ KEYS): "Regardless of the APTPL bit value the PRgeneration value shall be
 /// set to zero by a power on". The registrations and the reservation kept through power loss
-/// stay; the generation read back starts again at zero, and the next change makes it 1.
+/// stay; the generation read back starts again at zero.
 #[tokio::test]
 async fn a_state_kept_through_power_loss_starts_with_generation_zero() {
     let holder = r#"{"initiator": {"transport": "Iscsi", "name": "iqn.2026-01.test:a", "isid": [0,0,0,0,0,1]},
@@ -480,9 +480,34 @@ async fn a_stored_state_the_rules_could_not_make_is_lost() {
             .unwrap_or_else(|e| panic!("{name}: lost is not an error: {e}"));
         assert!(lu.persistent_reservations().lost, "{name}: not lost");
     }
-    let lu = lu_over(&Arc::new(LostStore::holding(&good, None)));
-    lu.restore_reservations().await.expect("restores");
-    assert!(!lu.persistent_reservations().lost);
+    // States the rules do make: one registration and no reservation; All Registrants with one
+    // registrant; a holder that is registered.
+    let a_holder = r#"{"initiator": {"transport": "Iscsi", "name": "iqn.2026-01.test:a", "isid": [0,0,0,0,0,1]},
+        "target": {"name": "iqn.2026-01.test:t", "tpgt": 1, "relative_id": 1}}"#;
+    for (name, bytes) in [
+        ("no reservation", good),
+        (
+            "All Registrants",
+            stored_state(
+                std::slice::from_ref(&a),
+                r#"{"ty": "ExclusiveAccessAllRegistrants", "scope": 0, "holder": null}"#,
+            ),
+        ),
+        (
+            "registered holder",
+            stored_state(
+                std::slice::from_ref(&a),
+                &format!(
+                    r#"{{"ty": "WriteExclusiveRegistrantsOnly", "scope": 0, "holder": {a_holder}}}"#
+                ),
+            ),
+        ),
+    ] {
+        let lu = lu_over(&Arc::new(LostStore::holding(&bytes, None)));
+        lu.restore_reservations().await.expect("restores");
+        assert!(!lu.persistent_reservations().lost, "{name}");
+        assert!(lu.persistent_reservations().reservation.is_some() || name == "no reservation");
+    }
 }
 
 /// A target whose LUN 0 restored a lost reservation state; its store; the LU.
@@ -619,12 +644,12 @@ async fn the_operators_clear_ends_the_lost_condition() {
     assert_sense(&r, 0x05, 0x26, 0x04);
 }
 
-/// A state stored by another logical unit (a state file moved to another LU in the
-/// configuration) names that LU's id: it is lost here, not run on, and the log names the id
-/// that would keep it. The same state naming this LU (id 0x0123456789abcdef in
-/// `common::config`) restores.
+/// A state names the logical unit that stored it (`"lu"`, the id behind its NAA identifier).
+/// One that names another id is still this LU's state: a derived id follows the image's path,
+/// which can change under the same disk (a block device renamed at a reboot), and calling the
+/// state lost would stop every initiator's I/O. It is restored, with a warning.
 #[tokio::test]
-async fn a_state_another_logical_unit_stored_is_lost() {
+async fn a_state_that_names_another_id_is_restored_not_lost() {
     let state = |lu: &str| {
         format!(
             r#"{{"format": 1, "lu": "{lu}", "state": {{"generation": 1, "aptpl": true,
@@ -633,20 +658,13 @@ async fn a_state_another_logical_unit_stored_is_lost() {
         )
         .into_bytes()
     };
-    let lu = lu_over(&Arc::new(LostStore::holding(
-        &state("0x0123456789abcdee"),
-        None,
-    )));
-    lu.restore_reservations()
-        .await
-        .expect("lost is not an error");
-    assert!(lu.persistent_reservations().lost);
-    assert!(lu.persistent_reservations().registrations.is_empty());
-    let lu = lu_over(&Arc::new(LostStore::holding(
-        &state("0x0123456789abcdef"),
-        None,
-    )));
-    lu.restore_reservations().await.expect("restores");
-    assert!(!lu.persistent_reservations().lost);
-    assert_eq!(lu.persistent_reservations().registrations.len(), 1);
+    // This LU's id is 0x0123456789abcdef (`common::config`); the first names another.
+    for lu_id in ["0x0123456789abcdee", "0x0123456789abcdef"] {
+        let lu = lu_over(&Arc::new(LostStore::holding(&state(lu_id), None)));
+        lu.restore_reservations().await.expect("restores");
+        let pr = lu.persistent_reservations();
+        assert!(!pr.lost, "{lu_id}");
+        assert_eq!(pr.registrations.len(), 1, "{lu_id}");
+        assert_eq!(pr.registrations[0].key, 7, "{lu_id}");
+    }
 }

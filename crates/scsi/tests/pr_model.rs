@@ -416,6 +416,8 @@ fn invariants(s: &PrState) {
             None => assert!(r.ty.all_registrants()),
         }
     }
+    // Every state the rules make is one a restart reads back as a state, not as lost.
+    assert_eq!(s.check_consistent(), Ok(()));
 }
 
 proptest! {
