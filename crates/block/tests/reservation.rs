@@ -247,8 +247,8 @@ async fn a_temp_file_left_by_a_crash_is_ignored_and_removed() {
         assert_eq!(s.load().await.expect("load"), Stored::default());
         assert_eq!(cas(&*s, 0, b"{\"kept\":1}", true).await, Ok(1));
     }
-    // Beside a sidecar.
-    std::fs::write(&tmp, b"garbage").expect("write");
+    // Beside a sidecar: a write cut short in its header.
+    std::fs::write(&tmp, b"sharedisk-pr-v1 9").expect("write");
     let d = open(&path).expect("open");
     assert!(!tmp.exists());
     assert_eq!(
@@ -618,6 +618,60 @@ async fn a_file_that_is_not_a_state_file_fails_the_open_and_is_left_alone() {
     assert_eq!(std::fs::metadata(&huge).expect("huge").len(), 17 << 20);
     drop(served_a);
     assert_eq!(std::fs::read(&a).expect("a"), image_bytes);
+    // Nothing was made beside the refused files (no lock file beside the image).
+    assert!(!dir.path().join("a.img.lock").exists());
+    assert!(!dir.path().join("notes.pr.lock").exists());
+}
+
+/// Around a state file the store creates its lock (`.lock`) and its temp file (`.tmp`): a state
+/// file named like one is refused, and a file at the temp file's name that a store did not
+/// write (beside an image named by mistake, another program's) is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_names_beside_a_state_file_are_not_taken_from_others() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.img");
+    for name in ["other.pr.lock", "other.pr.tmp"] {
+        let Err(BlockError::Open(e)) = open_with_state(&img, &dir.path().join(name)) else {
+            panic!("{name} taken as a state file")
+        };
+        assert!(
+            e.to_string().contains("must not end in .lock or .tmp"),
+            "{e}"
+        );
+    }
+    let state = dir.path().join("disk.pr");
+    let temp = dir.path().join("disk.pr.tmp");
+    std::fs::write(&temp, b"another program's data").expect("write");
+    drop(open_with_state(&img, &state).expect("open"));
+    assert_eq!(
+        std::fs::read(&temp).expect("left alone"),
+        b"another program's data"
+    );
+    // What a store's write leaves when a crash cuts it short is removed.
+    for cut in [&b""[..], b"sharedisk-pr", b"sharedisk-pr-v1 12 0000"] {
+        std::fs::write(&temp, cut).expect("write");
+        drop(open_with_state(&img, &state).expect("open"));
+        assert!(!temp.exists(), "{cut:?} left behind");
+    }
+}
+
+/// A configured state file that is a link to the image's own default state file is that file,
+/// not a stray beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_link_to_the_default_state_file_is_no_stray() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.img");
+    {
+        let d = open(&img).expect("open");
+        assert_eq!(cas(&*store_of(&d), 0, b"{\"kept\":1}", true).await, Ok(1));
+    }
+    let link = dir.path().join("state-link.pr");
+    std::os::unix::fs::symlink(sidecar_path(&img), &link).expect("symlink");
+    let d = open_with_state(&img, &link).expect("open through the link");
+    assert_eq!(
+        store_of(&d).load().await.expect("load"),
+        stored(1, b"{\"kept\":1}")
+    );
 }
 
 /// A state file configured as a symlink (to a folder on persistent storage) is followed: the

@@ -991,11 +991,11 @@ fn reservation_store(
         None if block_device => None,
         None => Some(sidecar_path(&canonical)),
     };
-    // The same file under two spellings (a relative path, a symlinked folder) is no stray:
-    // files are compared by identity.
+    // The same file under two spellings (a relative path, a symlinked folder, a symlink the
+    // store follows) is no stray: files are compared by identity, through links.
     let identity = |p: &Path| {
         use std::os::unix::fs::MetadataExt;
-        fs::symlink_metadata(p).ok().map(|m| (m.dev(), m.ino()))
+        fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
     };
     let kept = chosen.as_deref().and_then(identity);
     for stray in [sidecar_path(path), sidecar_path(&canonical)] {

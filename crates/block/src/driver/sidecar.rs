@@ -5,8 +5,10 @@
 //! directory (see [`sidecar_path`]); a configured state file (`FileOptions::reservation_state`)
 //! replaces it, and a symlink there is followed to the file it names. A write in progress goes
 //! to `<state file>.tmp`. Only one store touches a state file: an exclusive `flock` on
-//! `<state file>.lock` (created beside it, never removed) keeps out other processes, and a
-//! registry keeps out the other stores of this one, whatever the image.
+//! `<state file>.lock` (created beside it, never removed; only where this process cannot write
+//! the folder, and so cannot write a state file either, does it go without one) keeps out other
+//! processes, and a registry keeps out the other stores of this one, whatever the image. A
+//! state file's name must not end in `.lock` or `.tmp`.
 //!
 //! **Format.** One header line, then the state bytes exactly as the SCSI layer gave them (JSON),
 //! so `tail -n +2 disk.img.pr` shows the state:
@@ -27,12 +29,14 @@
 //! or removed if there was none). If even that fails, the error is logged, and the next
 //! compare-and-swap rewrites or removes the sidecar whatever it holds.
 //!
-//! **Opening.** A leftover temp file (a crash during a write) is removed, and the directory is
-//! synced, so what this process acts on (the state file or its absence) is on stable storage.
-//! Only a file a store could have written is taken as a state file: an empty one, or one whose
-//! header line starts with this format's magic. Anything else at that path (another image named
-//! by mistake, a format of another version, a device or a folder, a file larger than any state
-//! could be) fails the open and is never replaced or removed. A state file whose header, length
+//! **Opening.** Only a file a store could have written is taken as a state file: an empty one
+//! (read as lost state, below: it holds nothing, yet a state file is never empty), or one
+//! whose header line starts with this format's magic. Anything else at that path (another
+//! image named by mistake, a format of another version, a device or a folder, a file larger
+//! than any state could be) fails the open before anything beside it is touched, and is never
+//! replaced or removed. Then a leftover temp file (a crash during a write: empty, or beginning
+//! as a state file does) is removed, and the directory is synced, so what this process acts on
+//! (the state file or its absence) is on stable storage. A state file whose header, length
 //! or checksum is wrong is *lost* state (SPC-5's loss of persistent reservation information,
 //! 5.13.5.3 of the draft at hand): the image opens, [`ReservationStore::lost`] says why,
 //! [`ReservationStore::load`] gives version 1 with no state, and an error is logged naming the
@@ -99,7 +103,7 @@ struct Inner {
     /// Why the state on disk at open was lost; cleared (under `writer`) by the first successful
     /// compare-and-swap.
     lost: Mutex<Option<String>>,
-    /// The image, whose `flock` makes this process the only one touching the sidecar.
+    /// The image, open (and so locked) for as long as its state is kept here.
     _image: Arc<File>,
     /// This store's hold on its state file among the stores of this process.
     _claim: Claim,
@@ -167,21 +171,40 @@ impl StateLock {
             .open(&lock)
         {
             Ok(f) => f,
-            // A folder this process cannot write: it cannot write a state file there either
-            // (an APTPL update fails and says so), so there is nothing to guard.
             Err(e)
                 if matches!(
                     e.raw_os_error(),
                     Some(libc::EACCES | libc::EPERM | libc::EROFS)
                 ) =>
             {
-                tracing::warn!(
-                    path = %lock.display(),
-                    error = %e,
-                    "cannot create the reservation state lock; updates of the state file \
-                     will fail too"
-                );
-                return Ok(StateLock { _file: None });
+                // flock needs no write access: a lock file this process may only read (another
+                // user made it) locks as well.
+                match File::open(&lock) {
+                    Ok(f) => f,
+                    // A folder this process can write (so it could replace the state file)
+                    // but a lock it cannot take: refused, not run unguarded.
+                    Err(e2) if folder_writable(&lock) => {
+                        return Err(BlockError::Open(io::Error::new(
+                            e2.kind(),
+                            format!(
+                                "Cannot open the reservation state lock {}: {e2}",
+                                lock.display()
+                            ),
+                        )))
+                    }
+                    // No lock file, and none can be made: the folder is not writable by this
+                    // process, which then cannot write a state file there either (an APTPL
+                    // update fails and says so), so there is nothing to guard.
+                    Err(_) => {
+                        tracing::warn!(
+                            path = %lock.display(),
+                            error = %e,
+                            "cannot create the reservation state lock; updates of the state \
+                             file will fail too"
+                        );
+                        return Ok(StateLock { _file: None });
+                    }
+                }
             }
             Err(e) => {
                 return Err(BlockError::Open(io::Error::new(
@@ -209,6 +232,57 @@ impl StateLock {
             }));
         }
         Ok(StateLock { _file: Some(file) })
+    }
+}
+
+/// Whether this process may create files in the folder of `path` (`access(2)`, `W_OK`).
+fn folder_writable(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a live NUL-terminated path for the call.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+}
+
+/// Remove the temp file a crash left during a write, if it is one: a regular file, empty or
+/// beginning as a state file does (a write stops anywhere). Anything else of that name (another
+/// program's file beside an image named by mistake) is left alone; a durable compare-and-swap
+/// then fails to create its temp file and says so.
+fn remove_leftover_temp(temp: &Path) {
+    use std::io::Read;
+    let Ok(meta) = fs::symlink_metadata(temp) else {
+        return;
+    };
+    let mut head = Vec::new();
+    let ours = meta.file_type().is_file()
+        && File::open(temp)
+            .and_then(|f| f.take(MAGIC.len() as u64 + 1).read_to_end(&mut head))
+            .is_ok()
+        && format!("{MAGIC} ").as_bytes().starts_with(&head);
+    if !ours {
+        tracing::warn!(
+            path = %temp.display(),
+            "a file that is not a reservation state write has the name of one; left alone"
+        );
+        return;
+    }
+    match fs::remove_file(temp) {
+        Ok(()) => tracing::info!(
+            path = %temp.display(),
+            "removed a reservation state write left over from a crash"
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        // Not fatal: a durable compare-and-swap will report it.
+        Err(e) => tracing::warn!(
+            path = %temp.display(),
+            error = %e,
+            "cannot remove a leftover reservation state temp file"
+        ),
     }
 }
 
@@ -347,6 +421,27 @@ impl SidecarStore {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
+        // The name of another store's lock or temp file is no state file: this store would
+        // replace it, and with it that store's guard.
+        let name = sidecar
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        if name
+            .as_deref()
+            .is_some_and(|n| n.ends_with(".lock") || n.ends_with(".tmp"))
+        {
+            return Err(open_err(
+                &sidecar,
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a reservation state file's name must not end in .lock or .tmp (the names \
+                     of a state file's lock and of a write in progress)",
+                ),
+            ));
+        }
+        // A file that is not a state file is refused before anything beside it is created or
+        // removed (read again below, under the lock).
+        read_state_file(&sidecar)?;
         let claim = Claim::take(&dir, &sidecar)?;
         let lock = StateLock::take(PathBuf::from(lock), &sidecar)?;
         let paths = Paths {
@@ -354,24 +449,31 @@ impl SidecarStore {
             temp: PathBuf::from(temp),
             dir,
         };
-        match fs::remove_file(&paths.temp) {
-            Ok(()) => tracing::info!(
-                path = %paths.temp.display(),
-                "removed a reservation state write left over from a crash"
-            ),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            // Not fatal: a durable compare-and-swap will report it.
-            Err(e) => tracing::warn!(
-                path = %paths.temp.display(),
-                error = %e,
-                "cannot remove a leftover reservation state temp file"
-            ),
-        }
+        remove_leftover_temp(&paths.temp);
         // What the folder shows now (the state file, or its absence) may be a rename or unlink
         // the previous process made and had not yet synced when it died. This process acts on
         // it (and, with no file, stores the next APTPL-off state with no I/O at all), so it
         // must be on stable storage first, or a power loss could bring back an older file.
-        sync_dir(&paths.dir).map_err(|e| open_err(&paths.dir, e))?;
+        // A folder that cannot be synced (not readable by this process, a file system that
+        // does not sync folders) is not fatal: the state file may then still be there as far
+        // as stable storage knows, so the next APTPL-off change removes it and syncs again.
+        let unsynced = match sync_dir(&paths.dir) {
+            Ok(()) => false,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EACCES | libc::EPERM | libc::EROFS | libc::EINVAL)
+                ) =>
+            {
+                tracing::warn!(
+                    path = %paths.dir.display(),
+                    error = %e,
+                    "cannot sync the reservation state file's folder at open"
+                );
+                true
+            }
+            Err(e) => return Err(open_err(&paths.dir, e)),
+        };
         let mut lost = None;
         let mut damaged = None;
         let (stored, on_disk) = match read_state_file(&paths.sidecar)? {
@@ -416,7 +518,7 @@ impl SidecarStore {
                 paths,
                 writer: Mutex::new(Disk {
                     current: on_disk,
-                    may_exist: on_disk || damaged.is_some(),
+                    may_exist: on_disk || damaged.is_some() || unsynced,
                     damaged,
                 }),
                 current: Mutex::new(stored),
