@@ -101,6 +101,66 @@ fn open_lu(plan: &LuPlan) -> anyhow::Result<Arc<scsi::LogicalUnit>> {
 /// relative target port identifier, which is also their TPGT.
 const VHOST_TARGET_NAME: &str = "iqn.2026-01.io.sharedisk:vhost";
 
+/// The target ports this daemon serves: each iSCSI target's (its TPGT, which is also its
+/// relative target port identifier, 1 for TPGT 0) and each vhost-user socket's.
+fn served_ports(plan: &Plan) -> anyhow::Result<Vec<scsi::TargetPort>> {
+    let iscsi = plan.targets.iter().map(|t| scsi::TargetPort {
+        name: t.name.clone(),
+        tpgt: t.tpgt,
+        relative_id: t.tpgt.max(1),
+    });
+    let vhost = plan
+        .vhost_port_ids()?
+        .into_iter()
+        .map(|id| scsi::TargetPort {
+            name: VHOST_TARGET_NAME.into(),
+            tpgt: id,
+            relative_id: id,
+        });
+    Ok(iscsi.chain(vhost).collect())
+}
+
+/// A line for each registration of `pr` (restored from the state file) made through a target
+/// port that is not among `ports`: its initiator cannot reach it, so under a Registrants Only
+/// or All Registrants reservation it gets RESERVATION CONFLICT, and a reservation it holds
+/// stays until preempted. The usual cause is a vhost-user socket whose relative target port
+/// identifier changed (its path, or an upgrade from numbering by position).
+fn unreachable_registrations(pr: &scsi::pr::PrState, ports: &[scsi::TargetPort]) -> Vec<String> {
+    pr.registrations
+        .iter()
+        .filter_map(|r| {
+            let port = r.who.target.as_ref()?;
+            if ports.contains(port) {
+                return None;
+            }
+            let hint = if port.name == VHOST_TARGET_NAME {
+                format!(
+                    "; if it was a vhost-user socket's, set relative_port_id = {:#06x} on that \
+                     socket",
+                    port.relative_id
+                )
+            } else {
+                String::new()
+            };
+            Some(format!(
+                "Restored registration (key {:#x}) of {} was made through target port {} \
+                 (relative port id {:#06x}), which this daemon does not serve: that initiator \
+                 cannot use it{}{hint}",
+                r.key,
+                r.who.initiator.port_name(),
+                port.port_name(),
+                port.relative_id,
+                match &pr.reservation {
+                    Some(res) if res.holder.as_ref() == Some(&r.who) => {
+                        ", and the reservation it holds stays until preempted or cleared"
+                    }
+                    _ => "",
+                },
+            ))
+        })
+        .collect()
+}
+
 /// Open `lu`'s image as an LU (exclusive lock, sparse creation with its size, identity) with
 /// its persistent reservations restored: for the images a `Plan` lists, and for those
 /// `sharedisk lu add` names.
@@ -274,6 +334,12 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
         }
     }
     let registry = Arc::new(registry::Registry::new(served));
+    let ports = served_ports(&plan)?;
+    for lu in registry.served() {
+        for line in unreachable_registrations(&lu.lu.persistent_reservations(), &ports) {
+            tracing::warn!(lu = %lu.name, image = %lu.image.display(), "{line}");
+        }
+    }
     let control_task = control.map(|c| tokio::spawn(c.serve(registry.clone())));
 
     let mut out = std::io::stdout().lock();
@@ -392,5 +458,64 @@ mod tests {
     async fn a_stop_that_ends_gives_its_outcome() {
         let r = unless_signalled(async { 7 }, std::future::pending()).await;
         assert_eq!(r, Ok(7));
+    }
+
+    fn registrant(name: &str, port: Option<scsi::TargetPort>) -> scsi::pr::Registrant {
+        scsi::pr::Registrant {
+            initiator: scsi::InitiatorPort {
+                transport: scsi::Transport::Vhost,
+                name: name.into(),
+                isid: None,
+            },
+            target: port,
+        }
+    }
+
+    fn vhost_port(id: u16) -> scsi::TargetPort {
+        scsi::TargetPort {
+            name: "iqn.2026-01.io.sharedisk:vhost".into(),
+            tpgt: id,
+            relative_id: id,
+        }
+    }
+
+    /// Registrations restored through a port the daemon no longer serves (a vhost-user socket
+    /// whose id changed) are named, with the setting that would bring the port back; those
+    /// through a served port, and ALL_TG_PT ones, are not.
+    #[test]
+    fn restored_registrations_through_a_port_not_served_are_named() {
+        let gone = registrant("vhost:/run/vm1.sock", Some(vhost_port(0x8000)));
+        let pr = scsi::pr::PrState {
+            registrations: vec![
+                scsi::pr::Registration {
+                    who: gone.clone(),
+                    key: 0xab,
+                },
+                scsi::pr::Registration {
+                    who: registrant("vhost:/run/vm2.sock", Some(vhost_port(0xfb8c))),
+                    key: 0xcd,
+                },
+                scsi::pr::Registration {
+                    who: registrant("iqn.2026-01.test:all-ports", None),
+                    key: 0xef,
+                },
+            ],
+            reservation: Some(scsi::pr::Reservation {
+                ty: scsi::pr::PrType::WriteExclusive,
+                scope: 0,
+                holder: Some(gone),
+            }),
+            ..scsi::pr::PrState::default()
+        };
+        let lines = unreachable_registrations(&pr, &[vhost_port(0xfb8c)]);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let l = &lines[0];
+        assert!(l.contains("key 0xab"), "{l}");
+        assert!(l.contains("vhost:/run/vm1.sock"), "{l}");
+        assert!(l.contains("relative_port_id = 0x8000"), "{l}");
+        assert!(l.contains("the reservation it holds"), "{l}");
+        assert!(
+            unreachable_registrations(&pr, &[vhost_port(0xfb8c), vhost_port(0x8000)]).is_empty()
+        );
     }
 }
