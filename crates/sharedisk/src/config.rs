@@ -550,8 +550,9 @@ impl TargetPlan {
 }
 
 impl Plan {
-    /// Check every rule in the module docs. Touches the file system only to see whether images
-    /// exist.
+    /// Check every rule in the module docs. Touches the file system only to read: whether
+    /// images exist, and the folders of vhost-user sockets (resolved for their derived port
+    /// identifiers).
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.targets.is_empty() && self.vhost.is_empty() {
             bail!("No target is configured (add a [[target]] with at least one [[target.lu]])");

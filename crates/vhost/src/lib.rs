@@ -5,9 +5,10 @@
 //! # Model
 //! - A [`VhostScsi`] is one vhost-user socket. It is **one I_T nexus**: initiator port
 //!   [`scsi::Transport::Vhost`] with the configured initiator name and no ISID, target port with
-//!   the configured name and a relative target port identifier. The daemon gives vhost-user
-//!   sockets relative target port identifiers from [`FIRST_RELATIVE_PORT_ID`] (0x8000) up, and
-//!   iSCSI uses its TPGT (1..0x7FFF), so the two ranges never meet on one LU.
+//!   the configured name and a relative target port identifier. The daemon gives each
+//!   vhost-user socket one in [`FIRST_RELATIVE_PORT_ID`] (0x8000) to 0xFFFF (configured, or
+//!   derived from the socket's path), and an iSCSI target's is its TPGT (1 for TPGT 0; below
+//!   0x8000), so the two ranges never meet on one LU.
 //! - Behind the socket sit logical units addressed as virtio-scsi does: the request's `lun`
 //!   field is `[1, target, LUN (SAM single level, flat or peripheral addressing), 0, 0, 0, 0]`.
 //!   Each virtio target id is a [`scsi::Target`] (so REPORT LUNS lists that target's LUNs).
