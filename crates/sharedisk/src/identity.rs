@@ -5,7 +5,9 @@
 //! Initiators and cluster software (multipath, Windows failover clustering) recognise a disk by
 //! these, so they must not change across restarts and must differ between LUs. Configured values
 //! win; otherwise they are derived with FNV-1a (stable across builds, unlike `std`'s hasher)
-//! from the configured serial, or else from the image's canonical path.
+//! from the configured serial, or else from the image's canonical path (for a block device, the
+//! path it was configured by, made absolute: a `/dev/disk/by-id` link stays with the disk
+//! across reboots, the `/dev/sdX` it resolves to may not).
 //!
 //! Persistent reservation registrations are kept with their I_T nexus, target port included
 //! (SPC-5 5.14.5: APTPL keeps them across power loss), so a socket's relative target port

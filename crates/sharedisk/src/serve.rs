@@ -67,7 +67,11 @@ fn open_lu(plan: &LuPlan) -> anyhow::Result<Arc<scsi::LogicalUnit>> {
             );
         }
     }
-    let (serial, id) = identity::derive(&canonical, plan.serial.as_deref(), plan.id);
+    let (serial, id) = identity::derive(
+        &identity_path(path, &canonical),
+        plan.serial.as_deref(),
+        plan.id,
+    );
     tracing::info!(
         image = %canonical.display(),
         lun = plan.lun,
@@ -100,6 +104,18 @@ fn open_lu(plan: &LuPlan) -> anyhow::Result<Arc<scsi::LogicalUnit>> {
 /// The target port name of every vhost-user socket (VPD 0x83); the ports differ by their
 /// relative target port identifier, which is also their TPGT.
 const VHOST_TARGET_NAME: &str = "iqn.2026-01.io.sharedisk:vhost";
+
+/// The path an LU's derived identity comes from: the image's canonical path, except for a
+/// block device, whose canonical name (`/dev/sdb`) may be another disk's after a reboot while
+/// the path it was configured by (`/dev/disk/by-id/…`, made absolute) stays with the disk.
+fn identity_path(given: &std::path::Path, canonical: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::FileTypeExt;
+    let block = std::fs::metadata(canonical).is_ok_and(|m| m.file_type().is_block_device());
+    match (block, std::path::absolute(given)) {
+        (true, Ok(p)) => p,
+        _ => canonical.to_path_buf(),
+    }
+}
 
 /// The target ports this daemon serves: each iSCSI target's (its TPGT, which is also its
 /// relative target port identifier, 1 for TPGT 0) and each vhost-user socket's.

@@ -1,0 +1,110 @@
+//! A block device served by the daemon: its derived identity (the NAA identifier's value,
+//! VPD 0x83) comes from the path it is configured by, so a `/dev/disk/by-id`-style link keeps
+//! it when the device behind the link gets another name (as `/dev/sdb` may become `/dev/sdc`
+//! at a reboot). Needs root and loop devices, as CI has. In a test binary of its own:
+//! `losetup` runs as a child process, and a child holds the parent's descriptors between its
+//! fork and exec.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sharedisk");
+
+/// A loop device over `backing`, detached when dropped.
+struct Loop(PathBuf);
+
+impl Loop {
+    fn attach(backing: &Path) -> Loop {
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(backing)
+            .output()
+            .expect("run losetup (util-linux)");
+        assert!(
+            out.status.success(),
+            "losetup failed (a block device test needs root and loop devices): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(PathBuf::from(
+            String::from_utf8(out.stdout).expect("path").trim(),
+        ))
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// Serve `file` until the LU is opened; the `id=` its log line gives.
+fn served_id(file: &Path, control: &Path) -> String {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--file"])
+        .arg(file)
+        .arg("--control")
+        .arg(control)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sharedisk");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let mut id = None;
+    for line in BufReader::new(stderr).lines() {
+        let line = line.expect("log line");
+        if line.contains("Opened logical unit") {
+            id = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("id="))
+                .map(str::to_owned);
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    id.expect("the daemon logged the LU it opened, with its id")
+}
+
+/// 64-bit FNV-1a, written out here from its definition (offset basis 0xcbf29ce484222325,
+/// prime 0x100000001b3) rather than taken from the daemon's code.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[test]
+fn a_block_device_keeps_its_identity_when_its_name_behind_a_link_changes() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backing = dir.path().join("backing.img");
+    std::fs::write(&backing, vec![0u8; 1 << 20]).expect("backing");
+    let spare = dir.path().join("spare.img");
+    std::fs::write(&spare, vec![0u8; 1 << 20]).expect("spare");
+    let link = dir.path().join("by-id-disk");
+    let control = dir.path().join("control.sock");
+
+    let first = Loop::attach(&backing);
+    std::os::unix::fs::symlink(&first.0, &link).expect("symlink");
+    let before = served_id(&link, &control);
+    // The id comes from the link's path, not from the device it resolves to.
+    assert_eq!(
+        before,
+        format!("{:#018x}", fnv1a64(link.as_os_str().as_bytes())),
+        "{}",
+        first.0.display()
+    );
+
+    // "Reboot": the same disk comes back under another device name.
+    let old_name = first.0.clone();
+    drop(first);
+    let _taken = Loop::attach(&spare);
+    let second = Loop::attach(&backing);
+    assert_ne!(second.0, old_name, "the disk got the same device name");
+    std::fs::remove_file(&link).expect("rm link");
+    std::os::unix::fs::symlink(&second.0, &link).expect("symlink");
+    assert_eq!(served_id(&link, &control), before);
+}
