@@ -1459,3 +1459,110 @@ async fn lu_reset_from_another_session_ends_a_write_still_collecting_data() {
     assert_eq!(d.bhs[0], 0x25, "Data-In");
     assert_eq!(d.data, vec![0u8; 512]);
 }
+
+// RFC 7143 11.5.1 function codes not covered above.
+const ABORT_TASK_SET: u8 = 2;
+const CLEAR_TASK_SET: u8 = 4;
+const TARGET_WARM_RESET: u8 = 6;
+
+/// A WRITE(10) of one block at LBA 0 on `c`, waiting for its data (the R2T has come): its
+/// ITT and the R2T's Target Transfer Tag.
+async fn write_waiting_for_data(c: &mut Client) -> (u32, u32) {
+    let (b, itt) = c.command(0xa1, 512, &write10(0, 1)); // F, W
+    c.send(b, &[]).await;
+    let r2t = c.recv().await.expect("R2T");
+    assert_eq!(r2t.bhs[0], 0x31, "R2T");
+    (itt, r2t.u32(20))
+}
+
+/// The write `w` of `c` was ended by another nexus's task management: its data, sent now, is
+/// not written and gets no response (SAM-5: TAS 0).
+async fn ended_by_another(c: &mut Client, w: (u32, u32)) {
+    c.send(data_out(w.0, w.1, 0, 0, true), &[0xEE; 512]).await;
+    assert!(c.recv().await.is_none(), "no response for the ended write");
+}
+
+/// Block 0 read on `c`.
+async fn block0(c: &mut Client) -> Vec<u8> {
+    let (rd, _) = c.command(0xc1, 512, &read10(0, 1)); // F, R
+    c.send(rd, &[]).await;
+    let d = c.recv().await.expect("Data-In");
+    assert_eq!(d.bhs[0], 0x25, "Data-In");
+    d.data
+}
+
+/// TEST UNIT READY on `c`: the SCSI Response's status and, for CHECK CONDITION, the sense key,
+/// ASC and ASCQ of its fixed-format sense data (after the 2-byte SenseLength, RFC 7143 11.4.7).
+async fn test_unit_ready(c: &mut Client) -> (u8, Option<(u8, u8, u8)>) {
+    let (b, _) = c.command(0x80, 0, &[0x00, 0, 0, 0, 0, 0]); // F, TEST UNIT READY
+    c.send(b, &[]).await;
+    let r = c.recv().await.expect("SCSI Response");
+    assert_eq!(r.bhs[0], 0x21, "SCSI Response");
+    let sense = (r.bhs[3] == 0x02).then(|| (r.data[2 + 2] & 0x0f, r.data[2 + 12], r.data[2 + 13]));
+    (r.bhs[3], sense)
+}
+
+/// ABORT TASK SET (2) ends the requester's tasks only, CLEAR TASK SET (4) every nexus's, and
+/// TARGET WARM RESET (6) every task and leaves every nexus POWER ON, RESET, OR BUS DEVICE
+/// RESET OCCURRED (SAM-5 6.3.3: 06h/29h/00h): each function code reaches its own function.
+#[tokio::test]
+async fn abort_task_set_clear_task_set_and_target_warm_reset_each_do_their_own() {
+    let addr = start().await;
+    let keys = "InitialR2T=Yes|ImmediateData=No|";
+    let mut a = Client::login(addr, keys).await;
+    let mut b = Client::login_isid(addr, keys, [0x80, 9, 9, 9, 9, 9]).await;
+    a.clear_unit_attention().await;
+    b.clear_unit_attention().await;
+
+    // ABORT TASK SET from A: A's write ends, B's stays and completes.
+    let wa = write_waiting_for_data(&mut a).await;
+    let wb = write_waiting_for_data(&mut b).await;
+    assert_eq!(
+        tmf_response(&mut a, ABORT_TASK_SET, 400, 0xffff_ffff).await,
+        FUNCTION_COMPLETE
+    );
+    assert_eq!(
+        tmf_response(&mut a, QUERY_TASK, 401, wa.0).await,
+        FUNCTION_COMPLETE,
+        "A's write is gone"
+    );
+    assert_eq!(
+        test_unit_ready(&mut a).await,
+        (0x00, None),
+        "no unit attention for A"
+    );
+    b.send(data_out(wb.0, wb.1, 0, 0, true), &[0x11; 512]).await;
+    let rsp = b.recv().await.expect("SCSI Response");
+    assert_eq!((rsp.bhs[0], rsp.bhs[3]), (0x21, 0x00), "B's write: GOOD");
+
+    // CLEAR TASK SET from A: B's write ends too.
+    let wb = write_waiting_for_data(&mut b).await;
+    assert_eq!(
+        tmf_response(&mut a, CLEAR_TASK_SET, 402, 0xffff_ffff).await,
+        FUNCTION_COMPLETE
+    );
+    assert_eq!(
+        test_unit_ready(&mut a).await,
+        (0x00, None),
+        "no unit attention for A"
+    );
+    ended_by_another(&mut b, wb).await;
+    assert_eq!(block0(&mut a).await, vec![0x11; 512]);
+
+    // TARGET WARM RESET from A: every task ends, and both nexuses get 06h/29h/00h.
+    let wb = write_waiting_for_data(&mut b).await;
+    assert_eq!(
+        tmf_response(&mut a, TARGET_WARM_RESET, 403, 0xffff_ffff).await,
+        FUNCTION_COMPLETE
+    );
+    assert_eq!(
+        test_unit_ready(&mut a).await,
+        (0x02, Some((0x06, 0x29, 0x00)))
+    );
+    ended_by_another(&mut b, wb).await;
+    assert_eq!(
+        test_unit_ready(&mut b).await,
+        (0x02, Some((0x06, 0x29, 0x00)))
+    );
+    assert_eq!(block0(&mut a).await, vec![0x11; 512]);
+}
