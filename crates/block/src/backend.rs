@@ -17,6 +17,7 @@
 //! 4. **Accounting** (see [`crate::stats`]): operations, bytes, errors, miscompares and requests in
 //!    flight, per backend, readable with [`Backend::stats`].
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::range_lock::{LockMode, RangeLock};
@@ -53,7 +54,8 @@ pub struct Backend {
     driver: Arc<dyn Driver>,
     info: DriverInfo,
     block_size: u32,
-    capacity: u64,
+    /// Logical blocks: at open, then as [`Backend::refresh_capacity`] finds the device grown.
+    capacity: AtomicU64,
     locks: RangeLock,
     stats: Stats,
     reservations: Arc<dyn ReservationStore>,
@@ -88,7 +90,7 @@ impl Backend {
             driver,
             info,
             block_size,
-            capacity,
+            capacity: AtomicU64::new(capacity),
             locks: RangeLock::new(),
             stats: Stats::default(),
             reservations,
@@ -102,7 +104,23 @@ impl Backend {
 
     /// Number of logical blocks.
     pub fn capacity(&self) -> u64 {
-        self.capacity
+        self.capacity.load(Ordering::Acquire)
+    }
+
+    /// Ask the driver for the device's size again (it was grown underneath: a resized image
+    /// file or block device) and serve the new number of logical blocks from now on. Returns the
+    /// capacity before and after; a device that shrank is an error and changes nothing.
+    pub async fn refresh_capacity(&self) -> Result<(u64, u64), BlockError> {
+        let size = self.driver.refresh_size().await?;
+        let now = size / u64::from(self.block_size);
+        let before = self.capacity.fetch_max(now, Ordering::AcqRel);
+        if now < before {
+            return Err(BlockError::Open(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("the device shrank from {before} to {now} blocks; only growing is served"),
+            )));
+        }
+        Ok((before, now))
     }
 
     /// What the driver reported at open time.
@@ -150,10 +168,10 @@ impl Backend {
         let out = || BlockError::OutOfRange {
             lba,
             blocks,
-            capacity: self.capacity,
+            capacity: self.capacity(),
         };
         let end = lba.checked_add(blocks).ok_or_else(out)?;
-        if end > self.capacity {
+        if end > self.capacity() {
             return Err(out());
         }
         let bs = u64::from(self.block_size);
@@ -175,7 +193,7 @@ impl Backend {
         let len = usize::try_from(len).map_err(|_| BlockError::OutOfRange {
             lba,
             blocks: u64::from(blocks),
-            capacity: self.capacity,
+            capacity: self.capacity(),
         })?;
         if len == 0 {
             return Ok(Vec::new());
@@ -229,7 +247,7 @@ impl Backend {
         let end = off.checked_add(len).ok_or(BlockError::OutOfRange {
             lba,
             blocks,
-            capacity: self.capacity,
+            capacity: self.capacity(),
         })?;
         let _g = self.locks.lock(off, end, LockMode::Shared).await;
         self.driver.write_from(off, data, fua).await
@@ -438,12 +456,12 @@ impl Backend {
     }
 
     async fn do_block_status(&self, lba: u64) -> Result<(u64, bool), BlockError> {
-        let remaining = self.capacity.saturating_sub(lba);
+        let remaining = self.capacity().saturating_sub(lba);
         if remaining == 0 {
             return Err(BlockError::OutOfRange {
                 lba,
                 blocks: 1,
-                capacity: self.capacity,
+                capacity: self.capacity(),
             });
         }
         let (off, len) = self.range(lba, remaining)?;

@@ -149,6 +149,11 @@ pub trait Driver: Send + Sync + 'static {
     fn reservation_store(&self) -> Option<Arc<dyn ReservationStore>> {
         None
     }
+    /// Look at the device's size again, after it was grown underneath: the size in bytes now,
+    /// which [`Driver::info`] reports from then on. The default: the size never changes.
+    async fn refresh_size(&self) -> Result<u64, BlockError> {
+        Ok(self.info().size)
+    }
     /// Read `len` bytes at `offset`.
     async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, BlockError>;
     /// Write `data` at `offset`; with `fua` the data is on stable storage before this returns.

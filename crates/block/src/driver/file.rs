@@ -122,7 +122,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -515,7 +515,8 @@ pub struct FileDriver {
     writes_in_flight: AtomicUsize,
     /// Whether direct I/O runs on the calling thread.
     pace: DirectPace,
-    size: u64,
+    /// The image's size in bytes: at open, then as [`Driver::refresh_size`] finds it grown.
+    size: AtomicU64,
     block_device: bool,
     punch: bool,
     /// The file system's block size (`st_blksize`).
@@ -793,7 +794,7 @@ impl FileDriver {
             direct,
             writes_in_flight: AtomicUsize::new(0),
             pace: DirectPace::default(),
-            size,
+            size: AtomicU64::new(size),
             block_device,
             punch,
             alloc_unit: std::os::unix::fs::MetadataExt::blksize(&meta),
@@ -832,16 +833,14 @@ impl FileDriver {
                 ));
             }
         }
+        let size = self.size.load(Ordering::Acquire);
         offset
             .checked_add(len)
-            .filter(|&end| end <= self.size)
+            .filter(|&end| end <= size)
             .ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::InvalidInput,
-                    format!(
-                        "Range {offset}+{len} is beyond the end of the {} byte image",
-                        self.size
-                    ),
+                    format!("Range {offset}+{len} is beyond the end of the {size} byte image"),
                 )
             })
     }
@@ -1188,9 +1187,30 @@ async fn blocking<T: Send + 'static>(
 
 #[async_trait]
 impl Driver for FileDriver {
+    /// Look at the image's size again: a regular file's length, a block device's size. A grown
+    /// image is served to its new end from now on; one that shrank is refused (blocks an
+    /// initiator was told of would vanish under it) and the size stays.
+    async fn refresh_size(&self) -> Result<u64, BlockError> {
+        let now = if self.block_device {
+            block_device_size(&self.file)
+        } else {
+            self.file.metadata().map(|m| m.len())
+        }
+        .map_err(BlockError::Open)?;
+        let before = self.size.load(Ordering::Acquire);
+        if now < before {
+            return Err(BlockError::Open(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the image shrank from {before} to {now} bytes; only growing is served"),
+            )));
+        }
+        self.size.store(now, Ordering::Release);
+        Ok(now)
+    }
+
     fn info(&self) -> DriverInfo {
         DriverInfo {
-            size: self.size,
+            size: self.size.load(Ordering::Acquire),
             discard: self.punch,
             discard_zeroes: self.punch,
             native_compare_and_write: 0,
