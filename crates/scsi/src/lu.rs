@@ -229,6 +229,32 @@ impl LogicalUnit {
             .broadcast(cond::REPORTED_LUNS_CHANGED, |n| n == nexus);
     }
 
+    /// Look at the image's size again after it was grown underneath (`sharedisk lu rescan`):
+    /// the LU serves its new end from now on, and when the number of logical blocks changed,
+    /// every nexus is told on its next command (SBC-4 4.9: CAPACITY DATA HAS CHANGED, 2Ah/09h),
+    /// so that it reads the capacity again. Returns the capacity in logical blocks before and
+    /// after. A smaller image is refused, and nothing changes.
+    pub async fn refresh_capacity(&self) -> Result<(u64, u64), String> {
+        let (before, now) = self.backend.refresh_capacity().await.map_err(|e| {
+            format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            )
+        })?;
+        if now != before {
+            self.capacity_changed();
+            tracing::info!(
+                serial = %self.config.serial,
+                before,
+                now,
+                "Capacity changed; initiators are told (CAPACITY DATA HAS CHANGED)"
+            );
+        }
+        Ok((before, now))
+    }
+
     /// Tell every nexus that the capacity changed (SBC-4 4.9: CAPACITY DATA HAS CHANGED).
     pub fn capacity_changed(&self) {
         self.nexuses
