@@ -60,6 +60,10 @@ enum Request {
     LuAdd(AddLu),
     LuRemove(RemoveLu),
     LuList,
+    LuRescan {
+        lu: Option<String>,
+        cwd: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -181,6 +185,22 @@ async fn answer(stream: UnixStream, registry: &Registry) -> anyhow::Result<()> {
             Err(e) => Answer::Error(e),
         },
         Ok(Request::LuList) => Answer::Lus(registry.list()),
+        Ok(Request::LuRescan { lu, cwd }) => match find(&lus(), lu.as_deref(), cwd.as_deref()) {
+            Err(e) => Answer::Error(e),
+            Ok(s) => match s.lu.refresh_capacity().await {
+                Err(e) => Answer::Error(format!("Cannot rescan {}: {e}", s.image.display())),
+                Ok((before, now)) if before == now => {
+                    Answer::Done(format!("{}: {now} blocks, unchanged", s.name))
+                }
+                Ok((before, now)) => {
+                    tracing::warn!(lu = %s.name, before, now, "Capacity grown by the operator");
+                    Answer::Done(format!(
+                        "{}: {now} blocks (was {before}); initiators are told the capacity changed",
+                        s.name
+                    ))
+                }
+            },
+        },
         Ok(Request::PrShow { lu, cwd }) => match find(&lus(), lu.as_deref(), cwd.as_deref()) {
             Err(e) => Answer::Error(e),
             Ok(s) => Answer::Ok {
@@ -304,7 +324,14 @@ pub fn pr_client(path: &Path, clear: bool, lu: Option<String>, json: bool) -> an
 pub enum LuRequest {
     Add(AddLu),
     Remove(RemoveLu),
-    List { json: bool },
+    List {
+        json: bool,
+    },
+    /// The LU (as `pr` names it) and the operator's working folder.
+    Rescan {
+        lu: Option<String>,
+        cwd: PathBuf,
+    },
 }
 
 /// `sharedisk lu add|remove|list`: send the request to the daemon at `path` and print the
@@ -315,6 +342,7 @@ pub fn lu_client(path: &Path, lu: LuRequest) -> anyhow::Result<()> {
         LuRequest::Add(a) => (Request::LuAdd(a), false),
         LuRequest::Remove(r) => (Request::LuRemove(r), false),
         LuRequest::List { json } => (Request::LuList, json),
+        LuRequest::Rescan { lu, cwd } => (Request::LuRescan { lu, cwd: Some(cwd) }, false),
     };
     let mut out = std::io::stdout().lock();
     match request(path, &req)? {

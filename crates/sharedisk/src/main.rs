@@ -55,6 +55,20 @@ enum LuCmd {
     Remove(LuAtArgs),
     /// What each vhost-user socket and iSCSI target serves.
     List(LuListArgs),
+    /// Look at an LU's image size again after growing the image (`truncate -s`, `qemu-img
+    /// resize`, a grown block device): the LU serves to its new end, and every initiator is told
+    /// (CAPACITY DATA HAS CHANGED) and reads the capacity again. A smaller image is refused.
+    Rescan(LuRescanArgs),
+}
+
+#[derive(clap::Args)]
+struct LuRescanArgs {
+    /// The LU: TARGET-IQN/LUN, its iscsi:// URL, or its image path; may be left out when the
+    /// daemon serves one LU.
+    lu: Option<String>,
+    /// The daemon's control socket [default: see `sharedisk pr --help`].
+    #[arg(long)]
+    control: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -368,6 +382,7 @@ fn lu(cmd: LuCmd) -> anyhow::Result<()> {
             }),
         ),
         LuCmd::List(a) => (a.control, control::LuRequest::List { json: a.json }),
+        LuCmd::Rescan(a) => (a.control, control::LuRequest::Rescan { lu: a.lu, cwd }),
     };
     let path = control.unwrap_or_else(control::default_path);
     control::lu_client(&path, request)

@@ -800,3 +800,52 @@ fn a_connected_frontend_does_not_stop_a_change() {
     let status = support::wait_exit(&mut d.child, WAIT);
     assert!(status.success(), "{status:?}");
 }
+
+/// `sharedisk lu rescan` after the operator grows an image: the LU serves the new size, an
+/// initiator logged in over iSCSI gets CAPACITY DATA HAS CHANGED (SBC-4 4.9: 06h/2Ah/09h) on
+/// its next command, and READ CAPACITY shows the new last LBA. A shrunk image is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grown_image_is_rescanned_and_initiators_are_told() {
+    let d = Daemon::start();
+    let mut c = common::Client::login(d.portal, "").await;
+    c.clear_unit_attention().await;
+    // a.img is 16 MiB: 32768 blocks of 512 bytes.
+    let out = d.ok(&["lu", "rescan", "a.img"]);
+    assert!(out.contains("32768 blocks, unchanged"), "{out}");
+
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.path("a.img"))
+        .expect("open a.img")
+        .set_len(32 << 20)
+        .expect("grow a.img");
+    let out = d.ok(&["lu", "rescan", "a.img"]);
+    assert!(out.contains("65536 blocks (was 32768)"), "{out}");
+
+    // TEST UNIT READY: CHECK CONDITION, UNIT ATTENTION, CAPACITY DATA HAS CHANGED.
+    let (b, _) = c.command(0x80, 0, &[0x00, 0, 0, 0, 0, 0]);
+    c.send(b, &[]).await;
+    let r = c.recv().await.expect("SCSI Response");
+    assert_eq!((r.bhs[0], r.bhs[3]), (0x21, 0x02), "CHECK CONDITION");
+    // Sense data after the 2-byte SenseLength: fixed format, key at 2, ASC/ASCQ at 12/13.
+    assert_eq!(
+        (r.data[2 + 2] & 0x0f, r.data[2 + 12], r.data[2 + 13]),
+        (0x06, 0x2A, 0x09)
+    );
+    // READ CAPACITY(10): last LBA 65535 (0xFFFF), 512-byte blocks.
+    let (b, _) = c.command(0xC0, 8, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    c.send(b, &[]).await;
+    let r = c.recv().await.expect("Data-In");
+    assert_eq!(r.bhs[0], 0x25, "Data-In");
+    assert_eq!(r.data, [0, 0, 0xFF, 0xFF, 0, 0, 0x02, 0x00]);
+
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.path("a.img"))
+        .expect("open a.img")
+        .set_len(8 << 20)
+        .expect("shrink a.img");
+    let (ok, _, err) = d.run(&["lu", "rescan", "a.img"]);
+    assert!(!ok);
+    assert!(err.contains("shrank"), "{err}");
+}
