@@ -1898,6 +1898,10 @@ fn a_request_the_guests_own_abort_ends_is_aborted_and_one_a_reset_ends_is_reset(
     assert_eq!(response_of_a_held_read_after_tmf(5, 83), 4);
     // I_T NEXUS RESET (4).
     assert_eq!(response_of_a_held_read_after_tmf(4, 84), 4);
+    // CLEAR TASK SET (3): neither ABORT TASK nor ABORT TASK SET, so a task management
+    // function that resets (every nexus's tasks end): VIRTIO_SCSI_S_RESET, which the guest
+    // retries.
+    assert_eq!(response_of_a_held_read_after_tmf(3, 86), 4);
 }
 
 /// Another initiator's LOGICAL UNIT RESET on the shared LU (SAM-5: every task of every nexus
