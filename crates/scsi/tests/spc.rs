@@ -853,6 +853,32 @@ async fn start_stop_and_prevent_allow_are_good() {
     assert_good(&run(&t, &n, &[0x1E, 0, 0, 0, 0x01, 0], vec![]).await);
 }
 
+/// Reserved bits of START STOP UNIT (SBC-4 5.25: byte 1 bits 7-1, byte 2) and PREVENT ALLOW
+/// MEDIUM REMOVAL (SPC-5 6.15: byte 4 bits 7-2) set: ILLEGAL REQUEST, INVALID FIELD IN CDB,
+/// with the sense-key-specific field pointer (SPC-5 4.4.2.4.2) at the bit.
+#[tokio::test]
+async fn start_stop_and_prevent_allow_refuse_reserved_bits_with_a_field_pointer() {
+    let (t, n) = ready_mem(64, 512).await;
+    for (cdb, sks) in [
+        // START STOP UNIT, byte 1 bit 1: SKSV | C/D | BPV | bit 1 = C9h, byte 0001h.
+        ([0x1B, 0x02, 0, 0, 0x01, 0], [0xC9, 0x00, 0x01]),
+        // START STOP UNIT, byte 2 bit 0: C8h, byte 0002h.
+        ([0x1B, 0, 0x01, 0, 0x01, 0], [0xC8, 0x00, 0x02]),
+        // PREVENT ALLOW MEDIUM REMOVAL, byte 4 bit 2: CAh, byte 0004h.
+        ([0x1E, 0, 0, 0, 0x04, 0], [0xCA, 0x00, 0x04]),
+    ] {
+        let r = run(&t, &n, &cdb, vec![]).await;
+        assert_eq!(r.status, Status::CHECK_CONDITION, "{cdb:02x?}");
+        // Fixed format (70h), ILLEGAL REQUEST (5h), additional length 0Ah, ASC/ASCQ 24h/00h,
+        // then the three sense-key-specific bytes.
+        assert_eq!(
+            r.sense,
+            [0x70, 0, 0x05, 0, 0, 0, 0, 0x0A, 0, 0, 0, 0, 0x24, 0x00, 0, sks[0], sks[1], sks[2]],
+            "{cdb:02x?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn overlapped_tag_is_aborted_command() {
     let d = Arc::new(GatedDriver::new(64 * 512, false));
