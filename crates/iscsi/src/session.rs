@@ -1180,6 +1180,18 @@ impl Conn {
         }
     }
 
+    /// Whether task management has ended the task whose ticket is `ticket` (one without a
+    /// ticket never ends that way).
+    fn ticket_ended(
+        &self,
+        target: &scsi::Target,
+        nexus: &Arc<ItNexus>,
+        lun: u64,
+        ticket: Option<&scsi::Ticket>,
+    ) -> bool {
+        ticket.is_some_and(|t| target.ticket_ended(nexus, lun, t))
+    }
+
     /// Drop transport-side tasks still collecting data that `pred` selects.
     fn drop_tasks(&mut self, pred: impl Fn(u64) -> bool) {
         let shared = self.shared.clone();
@@ -1308,8 +1320,15 @@ impl Conn {
             // RFC 7144: function codes 9-12 carry the SAM-4/5 functions.
             9 => {
                 // QUERY TASK: a task still collecting data (or held for its CmdSN) exists as
-                // far as the initiator knows, though the SCSI layer has not seen it yet.
-                if self.tasks.contains_key(&rtt) || self.held_command(|p| p.bhs.itt() == rtt) {
+                // far as the initiator knows, though the SCSI layer has not seen it yet,
+                // unless task management has ended it since it arrived (another nexus's
+                // CLEAR TASK SET or LOGICAL UNIT RESET): then it will be dropped when its data
+                // is complete, and does not exist.
+                let collecting = self
+                    .tasks
+                    .get(&rtt)
+                    .is_some_and(|t| !self.ticket_ended(&target, &nexus, t.lun, t.ticket.as_ref()));
+                if collecting || self.held_command(|p| p.bhs.itt() == rtt) {
                     respond(self, b, SUCCEEDED);
                     return Flow::Continue;
                 }
@@ -1321,8 +1340,9 @@ impl Conn {
             10 => {
                 // QUERY TASK SET: likewise for any task of the LU.
                 let raw = bhs.lun();
-                if self.tasks.values().any(|t| t.lun == lun)
-                    || self.held_command(|p| p.bhs.lun() == raw)
+                if self.tasks.values().any(|t| {
+                    t.lun == lun && !self.ticket_ended(&target, &nexus, t.lun, t.ticket.as_ref())
+                }) || self.held_command(|p| p.bhs.lun() == raw)
                 {
                     respond(self, b, SUCCEEDED);
                     return Flow::Continue;

@@ -1531,6 +1531,11 @@ async fn abort_task_set_clear_task_set_and_target_warm_reset_each_do_their_own()
         (0x00, None),
         "no unit attention for A"
     );
+    assert_eq!(
+        tmf_response(&mut b, QUERY_TASK, 409, wb.0).await,
+        FUNCTION_SUCCEEDED,
+        "B's write stays"
+    );
     b.send(data_out(wb.0, wb.1, 0, 0, true), &[0x11; 512]).await;
     let rsp = b.recv().await.expect("SCSI Response");
     assert_eq!((rsp.bhs[0], rsp.bhs[3]), (0x21, 0x00), "B's write: GOOD");
@@ -1545,6 +1550,18 @@ async fn abort_task_set_clear_task_set_and_target_warm_reset_each_do_their_own()
         test_unit_ready(&mut a).await,
         (0x00, None),
         "no unit attention for A"
+    );
+    // B's write, still waiting for its data, no longer exists for QUERY TASK or QUERY TASK
+    // SET.
+    assert_eq!(
+        tmf_response(&mut b, QUERY_TASK, 410, wb.0).await,
+        FUNCTION_COMPLETE,
+        "B's write is gone"
+    );
+    assert_eq!(
+        tmf_response(&mut b, QUERY_TASK_SET, 411, 0xffff_ffff).await,
+        FUNCTION_COMPLETE,
+        "B has no task"
     );
     ended_by_another(&mut b, wb).await;
     assert_eq!(block0(&mut a).await, vec![0x11; 512]);

@@ -284,6 +284,17 @@ impl LogicalUnit {
         }
     }
 
+    /// Whether task management has ended the command of `nexus` that the transport took
+    /// `ticket` for (a reset of the LU, or an abort of the nexus's tasks: ABORT TASK SET,
+    /// CLEAR TASK SET from any nexus), before the command reached the task set: a transport
+    /// still collecting its data can answer QUERY TASK truthfully.
+    pub fn ticket_ended(&self, nexus: &Arc<ItNexus>, ticket: &Ticket) -> bool {
+        let ns = self.nexuses.get(nexus);
+        self.reset_epoch.load(Ordering::SeqCst) != ticket.reset_epoch
+            || ns.id != ticket.nexus_id
+            || ns.abort_epoch.load(Ordering::SeqCst) != ticket.abort_epoch
+    }
+
     /// Execute one command addressed to this LU, as received now.
     pub async fn execute(&self, cmd: Command) -> Completion {
         self.execute_admitted(cmd, None).await

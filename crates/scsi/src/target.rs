@@ -82,6 +82,14 @@ impl Target {
         self.luns.get(&lun).map(|lu| lu.admit(nexus))
     }
 
+    /// Whether task management has ended the command of `nexus` for `lun` that the transport
+    /// took `ticket` for with [`Self::admit`] (see [`LogicalUnit::ticket_ended`]).
+    pub fn ticket_ended(&self, nexus: &Arc<ItNexus>, lun: u64, ticket: &crate::Ticket) -> bool {
+        self.luns
+            .get(&lun)
+            .is_some_and(|lu| lu.ticket_ended(nexus, ticket))
+    }
+
     /// Execute a command received earlier, when the transport took `ticket` with
     /// [`Self::admit`]: task management that ended it in between makes it
     /// [`Completion::Aborted`].
