@@ -97,6 +97,18 @@ pub struct TargetConfig {
     pub tpgt: u16,
 }
 
+impl TargetConfig {
+    /// The target port its sessions are I_T nexuses through: `<name>,t,0x<TPGT>`, whose
+    /// RELATIVE TARGET PORT IDENTIFIER is the TPGT (1 for TPGT 0, as 0 is reserved).
+    pub fn port(&self) -> scsi::TargetPort {
+        scsi::TargetPort {
+            name: self.name.clone(),
+            tpgt: self.tpgt,
+            relative_id: self.tpgt.max(1),
+        }
+    }
+}
+
 /// The server's configuration.
 #[derive(Clone)]
 pub struct ServerConfig {
@@ -217,6 +229,14 @@ fn millis(d: Duration) -> u64 {
 
 impl Server {
     pub fn new(config: ServerConfig) -> Arc<Self> {
+        // Each LU learns the target ports it is served through.
+        for t in &config.targets {
+            for lun in t.scsi.luns() {
+                if let Some(lu) = t.scsi.lu(lun) {
+                    lu.add_target_port(t.port());
+                }
+            }
+        }
         Arc::new(Self {
             config,
             registry: Mutex::new(Registry::default()),
@@ -487,11 +507,7 @@ impl Server {
                                         name: est.initiator_name.clone(),
                                         isid: Some(est.isid),
                                     },
-                                    target: scsi::TargetPort {
-                                        name: t.name.clone(),
-                                        tpgt: t.tpgt,
-                                        relative_id: t.tpgt.max(1),
-                                    },
+                                    target: t.port(),
                                 })
                             });
                             (Some(i), t.map(|t| t.name.clone()), nexus)

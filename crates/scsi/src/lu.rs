@@ -56,6 +56,10 @@ pub struct LogicalUnit {
     reset_epoch: AtomicU64,
     /// Persistent and SPC-2 reservations: the snapshot every command is checked against.
     resv: Arc<Reservations>,
+    /// The target ports the frontends serve this LU through ([`LogicalUnit::add_target_port`]):
+    /// what REGISTER AND MOVE's RELATIVE TARGET PORT IDENTIFIER may name, even before an
+    /// initiator has logged in through the port.
+    ports: std::sync::Mutex<Vec<TargetPort>>,
 }
 
 /// Proof of when a transport received a command, for SAM-5's rule that task management ends
@@ -100,6 +104,7 @@ impl LogicalUnit {
             nexuses: Nexuses::default(),
             reset_epoch: AtomicU64::new(0),
             resv,
+            ports: std::sync::Mutex::new(Vec::new()),
         }
     }
 
@@ -274,6 +279,26 @@ impl LogicalUnit {
         }
     }
 
+    /// Record that a frontend serves this LU through target port `port` (an iSCSI target's
+    /// portal group, a vhost-user socket). Once is enough; a port is never taken back.
+    pub fn add_target_port(&self, port: TargetPort) {
+        let mut ports = self
+            .ports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+
+    /// The target ports the frontends serve this LU through ([`Self::add_target_port`]).
+    pub fn target_ports(&self) -> Vec<TargetPort> {
+        self.ports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// A ticket for a command of `nexus` that the transport has just received (see [`Ticket`]).
     pub fn admit(&self, nexus: &Arc<ItNexus>) -> Ticket {
         let ns = self.nexuses.get(nexus);
@@ -354,8 +379,9 @@ impl LogicalUnit {
         cdb: (u8, u8, u8),
         param: &[u8],
     ) -> Response {
-        // The target ports this LU is reached through (REGISTER AND MOVE names one).
-        let mut ports: Vec<TargetPort> = Vec::new();
+        // The target ports this LU is reached through (REGISTER AND MOVE names one): those
+        // the frontends serve it through, and any a nexus has used.
+        let mut ports = self.target_ports();
         self.nexuses.for_each(|n, _| {
             if !ports.contains(&n.target) {
                 ports.push(n.target.clone());

@@ -158,3 +158,56 @@ async fn an_operators_clear_whose_caller_gives_up_still_finishes() {
     let r = run(&t, &n, &[0x5E, 0x00, 0, 0, 0, 0, 0, 0, 16, 0], vec![]).await;
     assert_eq!(r.data_in, vec![0, 0, 0, 2, 0, 0, 0, 0]);
 }
+
+/// REGISTER AND MOVE (SPC-5 5.14.8) may name any target port the LU is served through, as a
+/// frontend recorded it (`LogicalUnit::add_target_port`), not only one a nexus has used since
+/// the LU started: after a restart the destination has usually not logged in yet.
+#[tokio::test]
+async fn register_and_move_names_a_port_the_lu_is_served_through_before_anyone_used_it() {
+    let lu = common::lu_over_store(Arc::new(block::MemoryStore::new()));
+    // A second port of the target: relative target port identifier 2.
+    let second = scsi::TargetPort {
+        name: "iqn.2026-01.io.sharedisk:disk0".into(),
+        tpgt: 2,
+        relative_id: 2,
+    };
+    lu.add_target_port(second.clone());
+    let t = target_over(lu.clone());
+    let a = common::nexus_named("iqn.2026-01.test:a");
+    common::ready(&t, &a).await;
+    // REGISTER (00h) SARK 10h; RESERVE (01h) type 6h (Exclusive Access, Registrants Only).
+    common::assert_good(&common::run(&t, &a, &pr_out(0x00), basic(0x10, 0)).await);
+    let mut reserve = pr_out(0x01);
+    reserve[2] = 0x06;
+    let mut rk = basic(0, 0);
+    rk[..8].copy_from_slice(&0x10u64.to_be_bytes()); // RESERVATION KEY 10h
+    common::assert_good(&common::run(&t, &a, &reserve, rk).await);
+    // REGISTER AND MOVE (07h), type 6h: RESERVATION KEY 10h, SERVICE ACTION RESERVATION KEY
+    // 20h, RELATIVE TARGET PORT IDENTIFIER 2, TransportID (SPC-5 7.6.4.6, format 01b:
+    // 45h, additional length 0018h) "iqn.2026-01.test:b,i,0x400000000001" padded to 4 bytes.
+    let name = b"iqn.2026-01.test:b,i,0x400000000001";
+    let mut tid = vec![0x45, 0x00];
+    let padded = (name.len() + 1).div_ceil(4) * 4;
+    tid.extend_from_slice(&(padded as u16).to_be_bytes());
+    tid.extend_from_slice(name);
+    tid.resize(4 + padded, 0);
+    let mut p = Vec::new();
+    p.extend_from_slice(&0x10u64.to_be_bytes());
+    p.extend_from_slice(&0x20u64.to_be_bytes());
+    p.extend_from_slice(&[0, 0]); // reserved, UNREG 0 APTPL 0
+    p.extend_from_slice(&2u16.to_be_bytes());
+    p.extend_from_slice(&(tid.len() as u32).to_be_bytes());
+    p.extend_from_slice(&tid);
+    let mut cdb = pr_out(0x07);
+    cdb[2] = 0x06;
+    cdb[5..9].copy_from_slice(&(p.len() as u32).to_be_bytes());
+    common::assert_good(&common::run(&t, &a, &cdb, p).await);
+    let pr = lu.persistent_reservations();
+    let holder = pr
+        .reservation
+        .as_ref()
+        .and_then(|r| r.holder.as_ref())
+        .expect("a holder");
+    assert_eq!(holder.initiator.name, "iqn.2026-01.test:b");
+    assert_eq!(holder.target.as_ref(), Some(&second));
+}

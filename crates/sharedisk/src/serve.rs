@@ -117,27 +117,8 @@ fn identity_path(given: &std::path::Path, canonical: &std::path::Path) -> std::p
     }
 }
 
-/// The target ports this daemon serves: each iSCSI target's (its TPGT, which is also its
-/// relative target port identifier, 1 for TPGT 0) and each vhost-user socket's.
-fn served_ports(plan: &Plan) -> anyhow::Result<Vec<scsi::TargetPort>> {
-    let iscsi = plan.targets.iter().map(|t| scsi::TargetPort {
-        name: t.name.clone(),
-        tpgt: t.tpgt,
-        relative_id: t.tpgt.max(1),
-    });
-    let vhost = plan
-        .vhost_port_ids()?
-        .into_iter()
-        .map(|id| scsi::TargetPort {
-            name: VHOST_TARGET_NAME.into(),
-            tpgt: id,
-            relative_id: id,
-        });
-    Ok(iscsi.chain(vhost).collect())
-}
-
 /// A line for each registration of `pr` (restored from the state file) made through a target
-/// port that is not among `ports`: its initiator cannot reach it, so under a Registrants Only
+/// port that is not among `ports` (those the LU is served through): its initiator cannot reach it, so under a Registrants Only
 /// or All Registrants reservation it gets RESERVATION CONFLICT, and a reservation it holds
 /// stays until preempted. The usual cause is a vhost-user socket whose relative target port
 /// identifier changed (its path, or an upgrade from numbering by position).
@@ -350,8 +331,8 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
         }
     }
     let registry = Arc::new(registry::Registry::new(served));
-    let ports = served_ports(&plan)?;
     for lu in registry.served() {
+        let ports = lu.lu.target_ports();
         for line in unreachable_registrations(&lu.lu.persistent_reservations(), &ports) {
             tracing::warn!(lu = %lu.name, image = %lu.image.display(), "{line}");
         }

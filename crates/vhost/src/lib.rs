@@ -246,6 +246,14 @@ impl VhostScsi {
             }
             t.add_lu(u64::from(l.lun), l.lu.clone());
         }
+        let port = scsi::TargetPort {
+            name: config.target_name.clone(),
+            tpgt: config.relative_port_id,
+            relative_id: config.relative_port_id,
+        };
+        for l in &config.luns {
+            l.lu.add_target_port(port.clone());
+        }
         let max_target = targets.keys().next_back().copied().unwrap_or(0);
         let nexus = Arc::new(scsi::ItNexus {
             initiator: scsi::InitiatorPort {
@@ -253,11 +261,7 @@ impl VhostScsi {
                 name: config.initiator_name,
                 isid: None,
             },
-            target: scsi::TargetPort {
-                name: config.target_name,
-                tpgt: config.relative_port_id,
-                relative_id: config.relative_port_id,
-            },
+            target: port,
         });
         Ok(VhostScsi {
             shared: Arc::new(Shared {
@@ -319,6 +323,7 @@ impl VhostScsi {
             if t.lu(u64::from(lun)).is_some() {
                 return Err(ConfigError::Duplicate(target, lun));
             }
+            lu.add_target_port(self.shared.nexus.target.clone());
             t.add_lu(u64::from(lun), lu);
             map.insert(target, Arc::new(t));
             self.shared.targets.store(Arc::new(map));
