@@ -894,7 +894,9 @@ fn open_error(e: io::Error, path: &Path, direct: bool) -> BlockError {
     BlockError::Open(e)
 }
 
-fn lock_exclusive(file: &File, path: &Path) -> Result<(), BlockError> {
+/// Take an exclusive `flock` on `file` (at `path`) without waiting: an `Open` error of kind
+/// `WouldBlock` when another open file description holds it.
+pub(crate) fn lock_exclusive(file: &File, path: &Path) -> Result<(), BlockError> {
     // SAFETY: flock only takes a descriptor, which `file` keeps open for the call.
     let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if r == 0 {

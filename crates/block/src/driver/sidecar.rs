@@ -58,7 +58,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use async_trait::async_trait;
 use tokio::sync::watch;
 
-use super::file::write_error;
+use super::file::{lock_exclusive, write_error};
 use crate::reservation::{next_version, ReservationStore, Stored};
 use crate::BlockError;
 
@@ -161,7 +161,6 @@ struct StateLock {
 
 impl StateLock {
     fn take(lock: PathBuf, state: &Path) -> Result<StateLock, BlockError> {
-        use std::os::fd::AsRawFd;
         let file = match OpenOptions::new()
             .read(true)
             .write(true)
@@ -213,12 +212,9 @@ impl StateLock {
                 )))
             }
         };
-        // SAFETY: flock only takes a descriptor, which `file` keeps open for the call.
-        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if r != 0 {
-            let e = io::Error::last_os_error();
-            return Err(BlockError::Open(if e.kind() == io::ErrorKind::WouldBlock {
-                io::Error::new(
+        match lock_exclusive(&file, &lock) {
+            Err(BlockError::Open(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                Err(BlockError::Open(io::Error::new(
                     io::ErrorKind::AlreadyExists,
                     format!(
                         "{} already keeps the reservation state of an image another process \
@@ -226,12 +222,11 @@ impl StateLock {
                         state.display(),
                         lock.display()
                     ),
-                )
-            } else {
-                io::Error::new(e.kind(), format!("Cannot lock {}: {e}", lock.display()))
-            }));
+                )))
+            }
+            Err(e) => Err(e),
+            Ok(()) => Ok(StateLock { _file: Some(file) }),
         }
-        Ok(StateLock { _file: Some(file) })
     }
 }
 
