@@ -314,7 +314,12 @@ impl LogicalUnit {
     /// CLEAR TASK SET from any nexus), before the command reached the task set: a transport
     /// still collecting its data can answer QUERY TASK truthfully.
     pub fn ticket_ended(&self, nexus: &Arc<ItNexus>, ticket: &Ticket) -> bool {
-        let ns = self.nexuses.get(nexus);
+        self.ended(&self.nexuses.get(nexus), ticket)
+    }
+
+    /// Whether a reset of the LU, or an abort of the tasks of the nexus whose state is `ns`,
+    /// came after `ticket` was taken (or the nexus is another one now).
+    fn ended(&self, ns: &NexusState, ticket: &Ticket) -> bool {
         self.reset_epoch.load(Ordering::SeqCst) != ticket.reset_epoch
             || ns.id != ticket.nexus_id
             || ns.abort_epoch.load(Ordering::SeqCst) != ticket.abort_epoch
@@ -335,10 +340,7 @@ impl LogicalUnit {
         // Checked after entering the task set, while task management bumps the epoch before
         // it scans the set: either the scan sees this task, or this sees the new epoch.
         if let Some(t) = ticket {
-            let ended = self.reset_epoch.load(Ordering::SeqCst) != t.reset_epoch
-                || ns.id != t.nexus_id
-                || ns.abort_epoch.load(Ordering::SeqCst) != t.abort_epoch;
-            if ended {
+            if self.ended(&ns, &t) {
                 guard.ctl.finish();
                 return Completion::Aborted;
             }
