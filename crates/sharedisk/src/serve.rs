@@ -162,7 +162,14 @@ fn unreachable_registrations(pr: &scsi::pr::PrState, ports: &[scsi::TargetPort])
 /// its persistent reservations restored: for the images a `Plan` lists, and for those
 /// `sharedisk lu add` names.
 pub(crate) async fn open_restored(lu: &LuPlan) -> anyhow::Result<Arc<scsi::LogicalUnit>> {
-    let opened = open_lu(lu)?;
+    // Opening may create the image, locks it and its reservation state, reads that state and
+    // syncs folders: file system calls that can take long (a slow or remote file system), so
+    // they run on the blocking pool, not on a runtime worker whose other tasks would wait
+    // (`sharedisk lu add` opens images while the daemon serves).
+    let plan = lu.clone();
+    let opened = tokio::task::spawn_blocking(move || open_lu(&plan))
+        .await
+        .context("The thread that opened the image failed")??;
     opened
         .restore_reservations()
         .await
