@@ -315,6 +315,9 @@ struct WriteTask {
     /// Taken when the command arrived: task management from any session that ends it while
     /// its data is still arriving makes it complete as aborted (SAM-5 7.x).
     ticket: Option<scsi::Ticket>,
+    /// Its place in the LU's arrival order, taken in CmdSN order: the commands after it
+    /// keep their task attributes' order with it while its data arrives (SAM-5 8.6).
+    arrival: Option<scsi::Arrival>,
 }
 
 struct Conn {
@@ -859,6 +862,7 @@ impl Conn {
                 data_out: Vec::new().into(),
                 data_in_len: if read { edtl } else { 0 },
                 data_in_buf: None,
+                arrival: None,
             };
             // RFC 7143 11.4.5: the residual compares the data-out the CDB asks for with what
             // was expected (EDTL with the W bit, otherwise none), whatever the W bit says; the
@@ -943,6 +947,7 @@ impl Conn {
             r2tsn: 0,
             solicited: 0,
             ticket,
+            arrival: target.arrive(lun, attr),
         };
         self.tasks.insert(itt, task);
         self.advance_write(itt);
@@ -971,6 +976,7 @@ impl Conn {
                     data_out: t.buf.into(),
                     data_in_len: 0,
                     data_in_buf: None,
+                    arrival: t.arrival,
                 };
                 self.execute(target, cmd, t.ticket, t.lun_raw, 0, wr, t.slot);
             }

@@ -1583,3 +1583,44 @@ async fn abort_task_set_clear_task_set_and_target_warm_reset_each_do_their_own()
     );
     assert_eq!(block0(&mut a).await, vec![0x11; 512]);
 }
+
+/// SAM-5 8.6.3 with RFC 7143 3.2.2.1: a write arrives at the LU in CmdSN order, while its
+/// Data-Out is still to come, so an ORDERED READ sent after it waits for it and reads its
+/// data; a HEAD OF QUEUE command waits for neither (ATTR, byte 1 bits 2-0: 2h ORDERED, 3h HEAD
+/// OF QUEUE).
+#[tokio::test]
+async fn an_ordered_read_waits_for_an_older_write_still_collecting_data() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "InitialR2T=Yes|ImmediateData=No|").await;
+    c.clear_unit_attention().await;
+    let w = write_waiting_for_data(&mut c).await;
+    let (rd, rd_itt) = c.command(0xc2, 512, &read10(0, 1)); // F, R, ORDERED
+    c.send(rd, &[]).await;
+    let (tur, tur_itt) = c.command(0x83, 0, &[0x00, 0, 0, 0, 0, 0]); // F, HEAD OF QUEUE
+    c.send(tur, &[]).await;
+    let r = c
+        .recv()
+        .await
+        .expect("the HEAD OF QUEUE command's response");
+    assert_eq!(r.bhs[0], 0x21, "SCSI Response");
+    assert_eq!(
+        r.u32(16),
+        tur_itt,
+        "the HEAD OF QUEUE command answered first"
+    );
+    assert_eq!(r.bhs[3], 0x00, "GOOD");
+    c.send(data_out(w.0, w.1, 0, 0, true), &[0x5A; 512]).await;
+    let r = c.recv().await.expect("the write's response");
+    assert_eq!(
+        (r.bhs[0], r.u32(16), r.bhs[3]),
+        (0x21, w.0, 0x00),
+        "the write, GOOD"
+    );
+    let d = c.recv().await.expect("the ORDERED read's Data-In");
+    assert_eq!((d.bhs[0], d.u32(16)), (0x25, rd_itt), "Data-In of the read");
+    assert_eq!(
+        d.data,
+        vec![0x5A; 512],
+        "the ORDERED read ran after the write"
+    );
+}

@@ -160,7 +160,7 @@ pub fn vpd(
         0x86 => {
             // SPC-5 7.7.7 Extended INQUIRY Data, page length 3Ch.
             let mut p = [0u8; 60];
-            p[1] = 0x01; // SIMPSUP
+            p[1] = 0x07; // HEADSUP, ORDSUP, SIMPSUP: every task attribute but ACA (order.rs)
             p[2] = 0x01; // V_SUP: volatile cache, flushed by SYNCHRONIZE CACHE
             p[3] = 0x01; // LUICLR
             d.extend_from_slice(&p);

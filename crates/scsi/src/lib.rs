@@ -32,6 +32,7 @@ mod inquiry;
 mod lu;
 mod mode;
 mod nexus;
+mod order;
 pub mod pr;
 mod reservations;
 pub mod sense;
@@ -42,6 +43,7 @@ pub use block::IoBuf;
 pub use inquiry::Limits;
 pub use lu::{LogicalUnit, LuConfig, PhysicalBlockSizeError, Ticket};
 pub use nexus::{InitiatorPort, ItNexus, TargetPort, Transport};
+pub use order::Arrival;
 pub use target::Target;
 
 use std::sync::Arc;
@@ -102,6 +104,10 @@ pub struct Command {
     /// A READ whose whole transfer fits is read straight into it and reported as
     /// [`Response::data_in_placed`]; every other command answers in [`Response::data_in`].
     pub data_in_buf: Option<IoBuf>,
+    /// When the command arrived at its LU, if the transport held it before executing it
+    /// ([`Target::arrive`]: an iSCSI write collecting Data-Out, in CmdSN order); `None`: it
+    /// arrives when executed. Its task attribute then comes from here, not from `attr`.
+    pub arrival: Option<Arrival>,
 }
 
 /// The result of a command.
@@ -290,6 +296,7 @@ pub mod fuzzing {
             data_out: out.into(),
             data_in_len: in_len,
             data_in_buf: None,
+            arrival: None,
         };
         if let crate::Completion::Done(r) = target.execute(cmd).await {
             assert!(

@@ -309,6 +309,14 @@ impl LogicalUnit {
         }
     }
 
+    /// A command with task attribute `attr` that the transport holds before executing it
+    /// (an iSCSI write collecting Data-Out) arrives now: pass it in [`Command::arrival`], so
+    /// that the commands received after it are ordered after it (SAM-5 8.6). Commands
+    /// executed as they are received need none.
+    pub fn arrive(&self, attr: crate::TaskAttr) -> crate::Arrival {
+        self.tasks.order.arrive(attr)
+    }
+
     /// Whether task management has ended the command of `nexus` that the transport took
     /// `ticket` for (a reset of the LU, or an abort of the nexus's tasks: ABORT TASK SET,
     /// CLEAR TASK SET from any nexus), before the command reached the task set: a transport
@@ -332,7 +340,15 @@ impl LogicalUnit {
 
     /// Execute a command the transport received earlier, when it took `ticket`: a command
     /// that task management ended in the meantime completes as [`Completion::Aborted`].
-    pub async fn execute_admitted(&self, cmd: Command, ticket: Option<Ticket>) -> Completion {
+    pub async fn execute_admitted(&self, mut cmd: Command, ticket: Option<Ticket>) -> Completion {
+        // Arrival first, before anything awaits: a transport that polls this once as it
+        // receives the command (iSCSI) makes commands arrive in the order it received them.
+        // Dropped last, once the command is over: then the commands its attribute holds back
+        // may start.
+        let arrival = match cmd.arrival.take() {
+            Some(a) if a.of(&self.tasks.order) => a,
+            _ => self.tasks.order.arrive(cmd.attr),
+        };
         let ns = self.nexuses.get(&cmd.nexus);
         let Some(guard) = self.tasks.enter(&cmd.nexus, ns.id, cmd.tag) else {
             return Completion::Done(self.check(cond::OVERLAPPED_COMMANDS));
@@ -344,6 +360,14 @@ impl LogicalUnit {
                 guard.ctl.finish();
                 return Completion::Aborted;
             }
+        }
+        // SAM-5 8.6: wait for the turn the task attribute gives (at once for the usual SIMPLE
+        // command). Task management may end the task meanwhile; it has not started, so it
+        // ends before it touches anything, its nexus's unit attentions included.
+        arrival.turn(|| guard.ctl.aborted()).await;
+        if guard.ctl.aborted() {
+            guard.ctl.finish();
+            return Completion::Aborted;
         }
         let out = match CatchPanic::new(self.run(cmd, &ns, &guard.ctl)).await {
             Ok(out) => out,

@@ -82,6 +82,13 @@ impl Target {
         self.luns.get(&lun).map(|lu| lu.admit(nexus))
     }
 
+    /// A command to `lun` with task attribute `attr` that the transport holds before
+    /// executing it arrives now (see [`LogicalUnit::arrive`]); `None` for a LUN that does not
+    /// exist.
+    pub fn arrive(&self, lun: u64, attr: crate::TaskAttr) -> Option<crate::Arrival> {
+        self.luns.get(&lun).map(|lu| lu.arrive(attr))
+    }
+
     /// Whether task management has ended the command of `nexus` for `lun` that the transport
     /// took `ticket` for with [`Self::admit`] (see [`LogicalUnit::ticket_ended`]).
     pub fn ticket_ended(&self, nexus: &Arc<ItNexus>, lun: u64, ticket: &crate::Ticket) -> bool {

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::Notify;
 
+use crate::order::Order;
 use crate::sense::Sense;
 use crate::ItNexus;
 
@@ -69,6 +70,11 @@ impl TaskCtl {
         }
     }
 
+    /// Whether task management has aborted the task.
+    pub fn aborted(&self) -> bool {
+        self.flags.load(Ordering::SeqCst) & ABORT != 0
+    }
+
     /// Decide the outcome and wake waiters; returns whether the task was aborted. Idempotent.
     pub fn finish(&self) -> bool {
         let prior = self.flags.fetch_or(FINISHED, Ordering::SeqCst);
@@ -108,6 +114,8 @@ type Shard = Mutex<HashMap<(u64, u64), Arc<TaskCtl>>>;
 pub struct TaskSet {
     shards: [Shard; SHARDS],
     hasher: RandomState,
+    /// The order its commands arrived in, for their task attributes.
+    pub(crate) order: Arc<Order>,
 }
 
 impl Default for TaskSet {
@@ -115,6 +123,7 @@ impl Default for TaskSet {
         TaskSet {
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             hasher: RandomState::new(),
+            order: Arc::default(),
         }
     }
 }
@@ -206,6 +215,8 @@ impl TaskSet {
                 owners.push(t.nexus.clone());
             }
         }
+        // Those waiting for their turn (task attributes) have not started: they end now.
+        self.order.kick();
         for t in wait {
             t.wait_done().await;
         }
@@ -217,6 +228,7 @@ impl TaskSet {
         for t in self.matching(|c| pred(&c.nexus)) {
             t.abort();
         }
+        self.order.kick();
     }
 }
 

@@ -174,7 +174,9 @@ async fn vpd_logical_block_provisioning_full_and_thin() {
 async fn vpd_extended_inquiry_page_length_is_60() {
     let (t, n) = ready_mem(64, 512).await;
     let r = run(&t, &n, &[0x12, 0x01, 0x86, 0, 255, 0], vec![]).await;
-    assert_eq!(&r.data_in[..8], &[0, 0x86, 0, 0x3C, 0, 0x01, 0x01, 0x01]);
+    // SPC-5 7.7.7: byte 5 HEADSUP (bit 2), ORDSUP (bit 1), SIMPSUP (bit 0): all three task
+    // attributes; byte 6 V_SUP; byte 7 LUICLR.
+    assert_eq!(&r.data_in[..8], &[0, 0x86, 0, 0x3C, 0, 0x07, 0x01, 0x01]);
     assert_eq!(r.data_in.len(), 64);
 }
 

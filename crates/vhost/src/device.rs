@@ -964,6 +964,7 @@ impl Device {
             data_out,
             data_in_len: u32::try_from(data_in_cap).unwrap_or(u32::MAX),
             data_in_buf,
+            arrival: None,
         };
         let vring = vring.clone();
         let mem = mem.clone();

@@ -843,6 +843,7 @@ fn a_command_that_meets_the_removal_of_its_lu_does_not_run_on_it() {
             data_out: Vec::new().into(),
             data_in_len: 0,
             data_in_buf: None,
+            arrival: None,
         };
         rt.block_on(gone.execute(tur));
     }));
@@ -935,6 +936,7 @@ fn disconnect_loses_the_nexus_and_the_socket_accepts_again() {
             data_out: Vec::new().into(),
             data_in_len: 0,
             data_in_buf: None,
+            arrival: None,
         };
         let lu = lu.clone();
         match rt.block_on(async move { lu.execute(cmd).await }) {
@@ -1706,6 +1708,7 @@ fn a_device_reset_is_an_i_t_nexus_reset() {
             data_out: Vec::new().into(),
             data_in_len: 0,
             data_in_buf: None,
+            arrival: None,
         };
         let lu = h.lu.clone();
         match h.rt.block_on(async move { lu.execute(cmd).await }) {

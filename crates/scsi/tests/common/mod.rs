@@ -74,6 +74,7 @@ pub fn cmd(n: &Arc<ItNexus>, tag: u64, cdb: &[u8], data_out: Vec<u8>, data_in_le
         data_out: data_out.into(),
         data_in_len,
         data_in_buf: None,
+        arrival: None,
     }
 }
 

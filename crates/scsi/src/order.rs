@@ -1,0 +1,232 @@
+//! Task attributes (SAM-5 8.6): when a command of an LU's task set may start.
+//!
+//! - SIMPLE: once every HEAD OF QUEUE command, and every ORDERED command that arrived before
+//!   it, has completed (8.6.2).
+//! - ORDERED: once every HEAD OF QUEUE command, and every command that arrived before it, has
+//!   completed; so the commands after it wait for it in turn (8.6.3).
+//! - HEAD OF QUEUE: at once (8.6.4).
+//!
+//! The task set is one for all I_T nexuses (the control mode page's TST is 000b), so "before"
+//! is the order in which commands arrive at the LU, whichever nexus sends them. A command
+//! arrives when the LU is handed it ([`crate::LogicalUnit::execute_admitted`]), or earlier,
+//! when a transport holds it before it can execute (an iSCSI write collecting Data-Out
+//! arrives in CmdSN order, [`crate::LogicalUnit::arrive`]); it leaves when it completes or is
+//! dropped ([`Arrival`] is a guard). SIMPLE commands with no ORDERED or HEAD OF QUEUE command
+//! around, the usual traffic, never wait: one short lock on arrival, one on leaving.
+//!
+//! A command waiting for its turn has not started, so task management ends it without waiting
+//! for it ([`Order::kick`] wakes it to find that out).
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+
+use crate::TaskAttr;
+
+/// The arrival order of one LU's task set.
+#[derive(Debug, Default)]
+pub(crate) struct Order {
+    inner: Mutex<Inner>,
+    changed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// The number the next command to arrive gets.
+    next: u64,
+    /// Commands that have arrived and not left, by arrival number.
+    live: BTreeSet<u64>,
+    /// The ORDERED ones among them.
+    ordered: BTreeSet<u64>,
+    /// How many of them are HEAD OF QUEUE.
+    heads: usize,
+}
+
+impl Inner {
+    fn may_start(&self, seq: u64, attr: TaskAttr) -> bool {
+        match attr {
+            TaskAttr::HeadOfQueue => true,
+            TaskAttr::Ordered => self.heads == 0 && self.live.first() == Some(&seq),
+            // ACA is refused before it would start (the LU has no ACA); until then it waits
+            // as a SIMPLE command would.
+            TaskAttr::Simple | TaskAttr::Aca => {
+                self.heads == 0 && self.ordered.first().is_none_or(|&o| o > seq)
+            }
+        }
+    }
+}
+
+/// A command's place in its LU's arrival order, held from arrival until the command completes
+/// or is dropped.
+#[derive(Debug)]
+pub struct Arrival {
+    order: Arc<Order>,
+    seq: u64,
+    attr: TaskAttr,
+}
+
+impl Order {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A command with attribute `attr` arrives now.
+    pub(crate) fn arrive(self: &Arc<Self>, attr: TaskAttr) -> Arrival {
+        let mut inner = self.lock();
+        let seq = inner.next;
+        inner.next += 1;
+        inner.live.insert(seq);
+        match attr {
+            TaskAttr::Ordered => {
+                inner.ordered.insert(seq);
+            }
+            TaskAttr::HeadOfQueue => inner.heads += 1,
+            TaskAttr::Simple | TaskAttr::Aca => {}
+        }
+        Arrival {
+            order: self.clone(),
+            seq,
+            attr,
+        }
+    }
+
+    /// Wake every command waiting for its turn, so that those task management ended find out.
+    pub(crate) fn kick(&self) {
+        self.changed.notify_waiters();
+    }
+}
+
+impl Arrival {
+    /// Wait until the rules above let this command start, or `ended` says task management
+    /// ended it (checked each time a command leaves or [`Order::kick`] is called).
+    pub(crate) async fn turn(&self, ended: impl Fn() -> bool) {
+        loop {
+            let changed = self.order.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.order.lock().may_start(self.seq, self.attr) || ended() {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Whether this is a place in `order`.
+    pub(crate) fn of(&self, order: &Arc<Order>) -> bool {
+        Arc::ptr_eq(&self.order, order)
+    }
+
+    /// The task attribute the command arrived with.
+    pub fn attr(&self) -> TaskAttr {
+        self.attr
+    }
+}
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        let wake = {
+            let mut inner = self.order.lock();
+            inner.live.remove(&self.seq);
+            match self.attr {
+                TaskAttr::Ordered => {
+                    inner.ordered.remove(&self.seq);
+                }
+                TaskAttr::HeadOfQueue => inner.heads -= 1,
+                TaskAttr::Simple | TaskAttr::Aca => {}
+            }
+            // Someone may be waiting only while an ORDERED or HEAD OF QUEUE command is live, or
+            // this one was the last of them.
+            !inner.ordered.is_empty() || inner.heads > 0 || self.attr != TaskAttr::Simple
+        };
+        if wake {
+            self.order.kick();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn starts(a: &Arrival) -> bool {
+        a.order.lock().may_start(a.seq, a.attr)
+    }
+
+    #[test]
+    fn simple_commands_never_wait_for_each_other() {
+        let o = Arc::new(Order::default());
+        let a = o.arrive(TaskAttr::Simple);
+        let b = o.arrive(TaskAttr::Simple);
+        assert!(starts(&a) && starts(&b));
+    }
+
+    #[test]
+    fn ordered_waits_for_every_older_command_and_the_younger_wait_for_it() {
+        let o = Arc::new(Order::default());
+        let s1 = o.arrive(TaskAttr::Simple);
+        let ord = o.arrive(TaskAttr::Ordered);
+        let s2 = o.arrive(TaskAttr::Simple);
+        assert!(starts(&s1));
+        assert!(!starts(&ord), "an older SIMPLE command is live");
+        assert!(!starts(&s2), "an older ORDERED command is live");
+        drop(s1);
+        assert!(starts(&ord));
+        assert!(!starts(&s2));
+        drop(ord);
+        assert!(starts(&s2));
+    }
+
+    #[test]
+    fn head_of_queue_starts_at_once_and_holds_the_others() {
+        let o = Arc::new(Order::default());
+        let s1 = o.arrive(TaskAttr::Simple);
+        let h = o.arrive(TaskAttr::HeadOfQueue);
+        let s2 = o.arrive(TaskAttr::Simple);
+        let ord = o.arrive(TaskAttr::Ordered);
+        assert!(starts(&h), "HEAD OF QUEUE waits for nothing");
+        // s1 was already able to start before h arrived; one that had not started waits.
+        assert!(!starts(&s2));
+        drop(h);
+        assert!(starts(&s2));
+        assert!(!starts(&ord));
+        drop(s1);
+        drop(s2);
+        assert!(starts(&ord));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_command_wakes_when_its_elders_leave() {
+        let o = Arc::new(Order::default());
+        let s1 = o.arrive(TaskAttr::Simple);
+        let ord = o.arrive(TaskAttr::Ordered);
+        let waiter = tokio::spawn(async move { ord.turn(|| false).await });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        drop(s1);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("the ORDERED command was not woken")
+            .expect("the waiter panicked");
+    }
+
+    #[tokio::test]
+    async fn a_kick_ends_the_wait_of_an_ended_command() {
+        let o = Arc::new(Order::default());
+        let _s1 = o.arrive(TaskAttr::Simple);
+        let ord = o.arrive(TaskAttr::Ordered);
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let e = ended.clone();
+        let waiter = tokio::spawn(async move {
+            ord.turn(|| e.load(std::sync::atomic::Ordering::SeqCst))
+                .await
+        });
+        tokio::task::yield_now().await;
+        ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        o.kick();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("the ended command still waits")
+            .expect("the waiter panicked");
+    }
+}

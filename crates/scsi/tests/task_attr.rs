@@ -1,0 +1,163 @@
+#![allow(clippy::unwrap_used)]
+
+//! Task attributes (SAM-5 8.6) in the task set all I_T nexuses share (TST 000b): an ORDERED
+//! command starts once every older command has completed, the commands after it wait for it,
+//! and a HEAD OF QUEUE command starts at once.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use scsi::{Completion, ItNexus, Target, TaskAttr, Tmf, TmfResponse};
+
+const BS: usize = 512;
+
+async fn gated() -> (Arc<Target>, Arc<GatedDriver>, Arc<ItNexus>, Arc<ItNexus>) {
+    let d = Arc::new(GatedDriver::new(64 * 512, false));
+    let t = Arc::new(target_with(d.clone(), 512));
+    let a = nexus();
+    let b = nexus_named("iqn.1993-08.org.debian:01:b");
+    ready(&t, &a).await;
+    ready(&t, &b).await;
+    (t, d, a, b)
+}
+
+/// Start a command with attribute `attr`; it arrives at the LU before this returns.
+fn start(
+    t: &Arc<Target>,
+    n: &Arc<ItNexus>,
+    tag: u64,
+    attr: TaskAttr,
+    cdb: Vec<u8>,
+    data_out: Vec<u8>,
+) -> tokio::task::JoinHandle<Completion> {
+    let mut c = cmd(n, tag, &cdb, data_out, 1 << 16);
+    c.attr = attr;
+    let t = t.clone();
+    let mut h = Box::pin(async move { t.execute(c).await });
+    // Polled once here, as a transport does on receipt: the command arrives now, in order.
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(
+        std::future::Future::poll(h.as_mut(), &mut cx).is_pending(),
+        "the command completed at once"
+    );
+    tokio::spawn(h)
+}
+
+async fn done(h: tokio::task::JoinHandle<Completion>) -> scsi::Response {
+    match tokio::time::timeout(Duration::from_secs(10), h).await {
+        Ok(Ok(Completion::Done(r))) => r,
+        other => panic!("the command did not complete: {other:?}"),
+    }
+}
+
+/// Not completed by the time every other task has had its turn (a command that could run
+/// would have: the memory driver's reads never wait).
+async fn waits(h: &tokio::task::JoinHandle<Completion>) -> bool {
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    !h.is_finished()
+}
+
+#[tokio::test]
+async fn an_ordered_read_waits_for_an_older_write_of_another_nexus_and_sees_its_data() {
+    let (t, d, a, b) = gated().await;
+    let w = start(&t, &a, 1, TaskAttr::Simple, write16(0, 1), vec![0x5A; BS]);
+    d.entered.notified().await;
+    let ord = start(&t, &b, 2, TaskAttr::Ordered, read16(0, 1), Vec::new());
+    let later = start(&t, &a, 3, TaskAttr::Simple, read16(0, 1), Vec::new());
+    assert!(waits(&ord).await, "ORDERED ran beside an older command");
+    assert!(waits(&later).await, "SIMPLE ran before an older ORDERED");
+    d.gate.add_permits(1);
+    assert_good(&done(w).await);
+    let r = done(ord).await;
+    assert_good(&r);
+    assert_eq!(
+        r.data_in,
+        vec![0x5A; BS],
+        "the ORDERED read ran after the write"
+    );
+    assert_good(&done(later).await);
+}
+
+#[tokio::test]
+async fn a_simple_read_after_an_ordered_write_waits_for_it_and_sees_its_data() {
+    let (t, d, a, b) = gated().await;
+    let w = start(&t, &a, 1, TaskAttr::Simple, write16(0, 1), vec![0x11; BS]);
+    d.entered.notified().await;
+    let ord = start(&t, &b, 2, TaskAttr::Ordered, write16(1, 1), vec![0x22; BS]);
+    let later = start(&t, &a, 3, TaskAttr::Simple, read16(1, 1), Vec::new());
+    assert!(waits(&later).await, "SIMPLE ran before an older ORDERED");
+    d.gate.add_permits(2);
+    assert_good(&done(w).await);
+    assert_good(&done(ord).await);
+    let r = done(later).await;
+    assert_eq!(
+        r.data_in,
+        vec![0x22; BS],
+        "the SIMPLE read ran after the ORDERED write"
+    );
+    let order: Vec<u64> = d.writes.lock().unwrap().iter().map(|w| w.0).collect();
+    assert_eq!(order, vec![0, 512], "the writes landed in arrival order");
+}
+
+#[tokio::test]
+async fn head_of_queue_starts_at_once_and_the_simple_ones_after_it_wait_for_it() {
+    let (t, d, a, b) = gated().await;
+    let w = start(&t, &a, 1, TaskAttr::Simple, write16(0, 1), vec![0x11; BS]);
+    d.entered.notified().await;
+    let ord = start(&t, &a, 2, TaskAttr::Ordered, read16(0, 1), Vec::new());
+    // HEAD OF QUEUE passes both the running write and the waiting ORDERED read.
+    let head = start(
+        &t,
+        &b,
+        3,
+        TaskAttr::HeadOfQueue,
+        write16(5, 1),
+        vec![0x55; BS],
+    );
+    d.entered.notified().await;
+    let after = start(&t, &b, 4, TaskAttr::Simple, read16(5, 1), Vec::new());
+    assert!(
+        waits(&after).await,
+        "SIMPLE ran beside a HEAD OF QUEUE command"
+    );
+    d.gate.add_permits(2);
+    assert_good(&done(w).await);
+    assert_good(&done(head).await);
+    let r = done(after).await;
+    assert_eq!(
+        r.data_in,
+        vec![0x55; BS],
+        "it ran after the HEAD OF QUEUE write"
+    );
+    assert_good(&done(ord).await);
+}
+
+#[tokio::test]
+async fn abort_task_ends_a_command_waiting_for_its_turn_at_once() {
+    let (t, d, a, b) = gated().await;
+    let w = start(&t, &a, 1, TaskAttr::Simple, write16(0, 1), vec![0x11; BS]);
+    d.entered.notified().await;
+    let ord = start(&t, &b, 2, TaskAttr::Ordered, write16(1, 1), vec![0x22; BS]);
+    let later = start(&t, &a, 3, TaskAttr::Simple, read16(1, 1), Vec::new());
+    // Not started: the abort does not wait for it, and it ends without waiting for the write.
+    let resp = t
+        .task_management(&b, Tmf::AbortTask { lun: 0, tag: 2 })
+        .await;
+    assert_eq!(resp, TmfResponse::FunctionComplete);
+    match tokio::time::timeout(Duration::from_secs(10), ord).await {
+        Ok(Ok(Completion::Aborted)) => {}
+        other => panic!("the aborted ORDERED command: {other:?}"),
+    }
+    assert!(!d.writes.lock().unwrap().iter().any(|w| w.0 == 512));
+    // With the ORDERED command gone, the SIMPLE read after it runs beside the write.
+    let r = done(later).await;
+    assert_eq!(r.data_in, vec![0; BS], "the aborted write never landed");
+    d.gate.add_permits(1);
+    assert_good(&done(w).await);
+}
