@@ -642,11 +642,40 @@ async fn the_names_beside_a_state_file_are_not_taken_from_others() {
     let state = dir.path().join("disk.pr");
     let temp = dir.path().join("disk.pr.tmp");
     std::fs::write(&temp, b"another program's data").expect("write");
-    drop(open_with_state(&img, &state).expect("open"));
+    let d = open_with_state(&img, &state).expect("open");
     assert_eq!(
         std::fs::read(&temp).expect("left alone"),
         b"another program's data"
     );
+    // Nor does a write take it: it fails, and the file stays as it was.
+    let store = store_of(&d);
+    assert!(
+        store
+            .compare_and_swap(0, b"{}".to_vec(), true)
+            .await
+            .is_err(),
+        "a durable write went through another program's file"
+    );
+    assert_eq!(
+        std::fs::read(&temp).expect("still there"),
+        b"another program's data"
+    );
+    drop(store);
+    drop(d);
+    // A link at that name: what it points to is not written through it.
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"victim's data").expect("write");
+    std::fs::remove_file(&temp).expect("remove");
+    std::os::unix::fs::symlink(&victim, &temp).expect("symlink");
+    let d = open_with_state(&img, &state).expect("open");
+    assert!(store_of(&d)
+        .compare_and_swap(0, b"{}".to_vec(), true)
+        .await
+        .is_err());
+    assert_eq!(std::fs::read(&victim).expect("victim"), b"victim's data");
+    assert!(std::fs::symlink_metadata(&temp).expect("link").is_symlink());
+    drop(d);
+    std::fs::remove_file(&temp).expect("remove");
     // What a store's write leaves when a crash cuts it short is removed.
     for cut in [&b""[..], b"sharedisk-pr", b"sharedisk-pr-v1 12 0000"] {
         std::fs::write(&temp, cut).expect("write");

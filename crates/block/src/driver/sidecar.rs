@@ -246,8 +246,8 @@ fn folder_writable(path: &Path) -> bool {
 
 /// Remove the temp file a crash left during a write, if it is one: a regular file, empty or
 /// beginning as a state file does (a write stops anywhere). Anything else of that name (another
-/// program's file beside an image named by mistake) is left alone; a durable compare-and-swap
-/// then fails to create its temp file and says so.
+/// program's file beside an image named by mistake, or a link) is left alone; a durable
+/// compare-and-swap then fails to create its temp file and says so (see `write_file`).
 fn remove_leftover_temp(temp: &Path) {
     use std::io::Read;
     let Ok(meta) = fs::symlink_metadata(temp) else {
@@ -607,21 +607,28 @@ fn write_sidecar(p: &Paths, state: &[u8]) -> Result<(), Failed> {
 }
 
 /// Write `parts` as the sidecar: temp file, fsync, rename over the sidecar, fsync the directory.
+///
+/// The temp file is created new (`O_EXCL`, which also refuses a link at its name): whatever
+/// else is there (another program's file, a link to one, which the open left alone) is neither
+/// written through nor removed, and the write fails.
 fn write_file(p: &Paths, parts: &[&[u8]]) -> Result<(), Failed> {
-    let write_temp = || -> io::Result<()> {
+    let mut created = false;
+    let mut write_temp = || -> io::Result<()> {
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
             .open(&p.temp)?;
+        created = true;
         for part in parts {
             f.write_all(part)?;
         }
         f.sync_all()
     };
     if let Err(e) = write_temp().and_then(|()| fs::rename(&p.temp, &p.sidecar)) {
-        let _ = fs::remove_file(&p.temp);
+        if created {
+            let _ = fs::remove_file(&p.temp);
+        }
         return Err(Failed::Before(e));
     }
     sync_dir(&p.dir).map_err(Failed::After)
