@@ -233,7 +233,7 @@ impl Server {
         for t in &config.targets {
             for lun in t.scsi.luns() {
                 if let Some(lu) = t.scsi.lu(lun) {
-                    lu.add_target_port(t.port());
+                    lu.add_target_port(t.port(), scsi::Transport::Iscsi);
                 }
             }
         }

@@ -42,7 +42,7 @@ mod task;
 pub use block::IoBuf;
 pub use inquiry::Limits;
 pub use lu::{LogicalUnit, LuConfig, PhysicalBlockSizeError, Ticket};
-pub use nexus::{InitiatorPort, ItNexus, TargetPort, Transport};
+pub use nexus::{InitiatorPort, ItNexus, ServedPort, TargetPort, Transport};
 pub use order::Arrival;
 pub use target::Target;
 

@@ -26,7 +26,7 @@ use crate::pr::{self, PrState};
 use crate::reservations::{Failure, Reservations};
 use crate::sense::{cond, key, Sense};
 use crate::task::{NexusState, Nexuses, TaskCtl, TaskSet};
-use crate::{Command, Completion, ItNexus, Response, Status, TargetPort};
+use crate::{Command, Completion, ItNexus, Response, ServedPort, Status, TargetPort};
 
 /// Per-LU identity and settings.
 #[derive(Debug, Clone)]
@@ -59,7 +59,7 @@ pub struct LogicalUnit {
     /// The target ports the frontends serve this LU through ([`LogicalUnit::add_target_port`]):
     /// what REGISTER AND MOVE's RELATIVE TARGET PORT IDENTIFIER may name, even before an
     /// initiator has logged in through the port.
-    ports: std::sync::Mutex<Vec<TargetPort>>,
+    ports: std::sync::Mutex<Vec<ServedPort>>,
 }
 
 /// Proof of when a transport received a command, for SAM-5's rule that task management ends
@@ -279,24 +279,30 @@ impl LogicalUnit {
         }
     }
 
-    /// Record that a frontend serves this LU through target port `port` (an iSCSI target's
-    /// portal group, a vhost-user socket). Once is enough; a port is never taken back.
-    pub fn add_target_port(&self, port: TargetPort) {
-        let mut ports = self
-            .ports
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !ports.contains(&port) {
-            ports.push(port);
+    /// Record that a frontend of `transport` serves this LU through target port `port` (an
+    /// iSCSI target's portal group, a vhost-user socket). Once is enough.
+    pub fn add_target_port(&self, port: TargetPort, transport: crate::Transport) {
+        let mut ports = self.served_ports();
+        if !ports.iter().any(|p| p.port == port) {
+            ports.push(ServedPort { port, transport });
         }
     }
 
+    /// Record that no frontend serves this LU through `port` any more (the LU was taken off
+    /// a vhost-user socket): REGISTER AND MOVE can no longer name it.
+    pub fn remove_target_port(&self, port: &TargetPort) {
+        self.served_ports().retain(|p| p.port != *port);
+    }
+
     /// The target ports the frontends serve this LU through ([`Self::add_target_port`]).
-    pub fn target_ports(&self) -> Vec<TargetPort> {
+    pub fn target_ports(&self) -> Vec<ServedPort> {
+        self.served_ports().clone()
+    }
+
+    fn served_ports(&self) -> std::sync::MutexGuard<'_, Vec<ServedPort>> {
         self.ports
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
     }
 
     /// A ticket for a command of `nexus` that the transport has just received (see [`Ticket`]).
@@ -409,8 +415,11 @@ impl LogicalUnit {
         // the frontends serve it through, and any a nexus has used.
         let mut ports = self.target_ports();
         self.nexuses.for_each(|n, _| {
-            if !ports.contains(&n.target) {
-                ports.push(n.target.clone());
+            if !ports.iter().any(|p| p.port == n.target) {
+                ports.push(ServedPort {
+                    port: n.target.clone(),
+                    transport: n.initiator.transport,
+                });
             }
         });
         let eff = match self

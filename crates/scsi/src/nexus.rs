@@ -49,6 +49,14 @@ pub struct TargetPort {
     pub relative_id: u16,
 }
 
+/// A target port an LU is served through, with the transport that serves it: REGISTER AND
+/// MOVE's format-00b TransportID names an initiator of that transport (SPC-5 6.17.5).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedPort {
+    pub port: TargetPort,
+    pub transport: Transport,
+}
+
 impl TargetPort {
     /// The iSCSI target port name, `<target name>,t,0x<TPGT>` (RFC 7143 13.8), four hex
     /// digits.

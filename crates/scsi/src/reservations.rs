@@ -34,7 +34,7 @@ use crate::cdb::OpInfo;
 use crate::pr::out::{Effects, Refusal};
 use crate::pr::spc2::{self, Spc2Outcome};
 use crate::pr::{self, PrState};
-use crate::{ItNexus, TargetPort};
+use crate::ItNexus;
 
 /// What the per-command check reads.
 #[derive(Debug, Default)]
@@ -329,7 +329,7 @@ impl Reservations {
         nexus: &ItNexus,
         cdb: (u8, u8, u8),
         param: &[u8],
-        target_ports: &[TargetPort],
+        target_ports: &[crate::ServedPort],
     ) -> Result<Effects, Failure> {
         let (sa, scope, ty) = cdb;
         let keeps_aptpl = store.keeps_aptpl();

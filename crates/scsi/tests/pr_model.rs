@@ -425,7 +425,7 @@ proptest! {
 
     #[test]
     fn pr_out_sequences_agree_with_the_model(cmds in prop::collection::vec(cmd(), 1..40)) {
-        let ports = [tport(1), tport(2)];
+        let ports = [tport(1), tport(2)].map(|port| scsi::ServedPort { port, transport: scsi::Transport::Iscsi });
         let mut state = PrState::default();
         let mut model = Model::default();
         for c in &cmds {

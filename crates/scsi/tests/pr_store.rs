@@ -171,7 +171,7 @@ async fn register_and_move_names_a_port_the_lu_is_served_through_before_anyone_u
         tpgt: 2,
         relative_id: 2,
     };
-    lu.add_target_port(second.clone());
+    lu.add_target_port(second.clone(), scsi::Transport::Iscsi);
     let t = target_over(lu.clone());
     let a = common::nexus_named("iqn.2026-01.test:a");
     common::ready(&t, &a).await;
@@ -210,4 +210,105 @@ async fn register_and_move_names_a_port_the_lu_is_served_through_before_anyone_u
         .expect("a holder");
     assert_eq!(holder.initiator.name, "iqn.2026-01.test:b");
     assert_eq!(holder.target.as_ref(), Some(&second));
+}
+
+/// REGISTER AND MOVE from `a` to the initiator named `name` by a format-00b TransportID
+/// (SPC-5 7.6.4.6: 05h, additional length a multiple of 4, the NUL-terminated iSCSI name) at
+/// RELATIVE TARGET PORT IDENTIFIER `rtpi`, RESERVATION KEY 10h, SERVICE ACTION RESERVATION KEY
+/// 20h, reservation type `ty`.
+async fn register_and_move(
+    t: &Target,
+    a: &Arc<scsi::ItNexus>,
+    ty: u8,
+    rtpi: u16,
+    name: &[u8],
+) -> scsi::Response {
+    let mut tid = vec![0x05, 0x00];
+    let padded = (name.len() + 1).div_ceil(4).max(5) * 4;
+    tid.extend_from_slice(&(padded as u16).to_be_bytes());
+    tid.extend_from_slice(name);
+    tid.resize(4 + padded, 0);
+    let mut p = Vec::new();
+    p.extend_from_slice(&0x10u64.to_be_bytes());
+    p.extend_from_slice(&0x20u64.to_be_bytes());
+    p.extend_from_slice(&[0, 0x02]); // reserved, UNREG 1 APTPL 0
+    p.extend_from_slice(&rtpi.to_be_bytes());
+    p.extend_from_slice(&(tid.len() as u32).to_be_bytes());
+    p.extend_from_slice(&tid);
+    let mut cdb = pr_out(0x07);
+    cdb[2] = ty;
+    cdb[5..9].copy_from_slice(&(p.len() as u32).to_be_bytes());
+    common::run(t, a, &cdb, p).await
+}
+
+/// `a` registers with key 10h and reserves with type `ty`.
+async fn register_and_reserve(t: &Target, a: &Arc<scsi::ItNexus>, ty: u8) {
+    common::assert_good(&common::run(t, a, &pr_out(0x00), basic(0x10, 0)).await);
+    let mut reserve = pr_out(0x01);
+    reserve[2] = ty;
+    let mut rk = basic(0, 0);
+    rk[..8].copy_from_slice(&0x10u64.to_be_bytes());
+    common::assert_good(&common::run(t, a, &reserve, rk).await);
+}
+
+fn vhost_port() -> scsi::TargetPort {
+    scsi::TargetPort {
+        name: "iqn.2026-01.io.sharedisk:vhost".into(),
+        tpgt: 0x8000,
+        relative_id: 0x8000,
+    }
+}
+
+/// A reservation an iSCSI initiator moves to a vhost-user socket's port goes to that socket's
+/// guest: the format-00b TransportID names an initiator of the destination port's transport,
+/// not of the sender's (SPC-5 5.14.9: the reservation moves to the named I_T nexus).
+#[tokio::test]
+async fn register_and_move_from_iscsi_to_a_vhost_port_hands_the_guest_the_reservation() {
+    let lu = common::lu_over_store(Arc::new(block::MemoryStore::new()));
+    lu.add_target_port(vhost_port(), scsi::Transport::Vhost);
+    let t = target_over(lu.clone());
+    let a = common::nexus_named("iqn.2026-01.test:a");
+    let guest = Arc::new(scsi::ItNexus {
+        initiator: scsi::InitiatorPort {
+            transport: scsi::Transport::Vhost,
+            name: "iqn.2026-01.test:guest".into(),
+            isid: None,
+        },
+        target: vhost_port(),
+    });
+    common::ready(&t, &a).await;
+    common::ready(&t, &guest).await;
+    register_and_reserve(&t, &a, 0x01).await; // Write Exclusive
+    common::assert_good(&register_and_move(&t, &a, 0x01, 0x8000, b"iqn.2026-01.test:guest").await);
+    // The guest holds it: its WRITE(10) of one block is GOOD; the mover's conflicts.
+    let write = [0x2A, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    common::assert_good(&common::run(&t, &guest, &write, vec![0; 512]).await);
+    let r = common::run(&t, &a, &write, vec![0; 512]).await;
+    assert_eq!(r.status, scsi::Status::RESERVATION_CONFLICT);
+}
+
+/// A port the LU was taken off (`LogicalUnit::remove_target_port`) can no longer be named:
+/// ILLEGAL REQUEST, INVALID FIELD IN PARAMETER LIST (05h/26h/00h) pointing at RELATIVE TARGET
+/// PORT IDENTIFIER (byte 18), and the reservation stays where it was.
+#[tokio::test]
+async fn register_and_move_to_a_port_the_lu_left_is_refused() {
+    let lu = common::lu_over_store(Arc::new(block::MemoryStore::new()));
+    lu.add_target_port(vhost_port(), scsi::Transport::Vhost);
+    lu.remove_target_port(&vhost_port());
+    let t = target_over(lu.clone());
+    let a = common::nexus_named("iqn.2026-01.test:a");
+    common::ready(&t, &a).await;
+    register_and_reserve(&t, &a, 0x01).await;
+    let r = register_and_move(&t, &a, 0x01, 0x8000, b"iqn.2026-01.test:guest").await;
+    common::assert_sense(&r, 0x05, 0x26, 0x00);
+    // Sense-key specific: SKSV, C/D 0 (parameter list), FIELD POINTER 18 (SPC-5 4.4.2.4.2).
+    assert_eq!(&r.sense[15..18], &[0x80, 0x00, 18]);
+    let pr = lu.persistent_reservations();
+    assert_eq!(
+        pr.reservation
+            .as_ref()
+            .and_then(|r| r.holder.as_ref())
+            .map(|h| h.initiator.name.as_str()),
+        Some("iqn.2026-01.test:a")
+    );
 }

@@ -122,12 +122,12 @@ fn identity_path(given: &std::path::Path, canonical: &std::path::Path) -> std::p
 /// or All Registrants reservation it gets RESERVATION CONFLICT, and a reservation it holds
 /// stays until preempted. The usual cause is a vhost-user socket whose relative target port
 /// identifier changed (its path, or an upgrade from numbering by position).
-fn unreachable_registrations(pr: &scsi::pr::PrState, ports: &[scsi::TargetPort]) -> Vec<String> {
+fn unreachable_registrations(pr: &scsi::pr::PrState, ports: &[scsi::ServedPort]) -> Vec<String> {
     pr.registrations
         .iter()
         .filter_map(|r| {
             let port = r.who.target.as_ref()?;
-            if ports.contains(port) {
+            if ports.iter().any(|p| p.port == *port) {
                 return None;
             }
             let hint = if port.name == VHOST_TARGET_NAME {
@@ -511,15 +511,17 @@ mod tests {
             }),
             ..scsi::pr::PrState::default()
         };
-        let lines = unreachable_registrations(&pr, &[vhost_port(0xfb8c)]);
+        let served = |id| scsi::ServedPort {
+            port: vhost_port(id),
+            transport: scsi::Transport::Vhost,
+        };
+        let lines = unreachable_registrations(&pr, &[served(0xfb8c)]);
         assert_eq!(lines.len(), 1, "{lines:?}");
         let l = &lines[0];
         assert!(l.contains("key 0xab"), "{l}");
         assert!(l.contains("vhost:/run/vm1.sock"), "{l}");
         assert!(l.contains("relative_port_id = 0x8000"), "{l}");
         assert!(l.contains("the reservation it holds"), "{l}");
-        assert!(
-            unreachable_registrations(&pr, &[vhost_port(0xfb8c), vhost_port(0x8000)]).is_empty()
-        );
+        assert!(unreachable_registrations(&pr, &[served(0xfb8c), served(0x8000)]).is_empty());
     }
 }

@@ -252,7 +252,7 @@ impl VhostScsi {
             relative_id: config.relative_port_id,
         };
         for l in &config.luns {
-            l.lu.add_target_port(port.clone());
+            l.lu.add_target_port(port.clone(), scsi::Transport::Vhost);
         }
         let max_target = targets.keys().next_back().copied().unwrap_or(0);
         let nexus = Arc::new(scsi::ItNexus {
@@ -323,7 +323,7 @@ impl VhostScsi {
             if t.lu(u64::from(lun)).is_some() {
                 return Err(ConfigError::Duplicate(target, lun));
             }
-            lu.add_target_port(self.shared.nexus.target.clone());
+            lu.add_target_port(self.shared.nexus.target.clone(), scsi::Transport::Vhost);
             t.add_lu(u64::from(lun), lu);
             map.insert(target, Arc::new(t));
             self.shared.targets.store(Arc::new(map));
@@ -352,6 +352,9 @@ impl VhostScsi {
             self.shared.targets.store(Arc::new(map));
             lu
         };
+        // The socket serves an image at one place at most, so the LU is no longer reached
+        // through this socket's port: REGISTER AND MOVE may not name it.
+        removed.remove_target_port(&self.shared.nexus.target);
         let mut only = scsi::Target::new();
         only.add_lu(u64::from(lun), removed.clone());
         only.nexus_lost(&self.shared.nexus);

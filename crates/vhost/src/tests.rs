@@ -763,8 +763,16 @@ fn hotplug_events_in_kept_buffers() {
     h.kick(1);
     assert_eq!(h.used_count(1), 0, "buffers are kept until an event");
 
-    h.vs.add_lu(0, 1, lu(8)).unwrap();
+    let added = lu(8);
+    h.vs.add_lu(0, 1, added.clone()).unwrap();
     assert_eq!(h.wait_used(1), (0, 16));
+    // REGISTER AND MOVE may name the socket's port while the LU is there, and not after.
+    let through_socket = |l: &Arc<scsi::LogicalUnit>| {
+        l.target_ports()
+            .iter()
+            .any(|p| p.transport == scsi::Transport::Vhost)
+    };
+    assert!(through_socket(&added));
     // event VIRTIO_SCSI_T_TRANSPORT_RESET (1), lun [1, 0, 00h, 01h, 0...] (LUN 1 as REPORT
     // LUNS gives it: peripheral device addressing), reason RESCAN (1).
     assert_eq!(
@@ -778,6 +786,7 @@ fn hotplug_events_in_kept_buffers() {
     assert!(h.vs.add_lu(3, 0, lu(8)).is_err(), "above max_target");
 
     assert!(h.vs.remove_lu(0, 1).is_some());
+    assert!(!through_socket(&added));
     assert_eq!(h.wait_used(1), (1, 16));
     // reason REMOVED (2).
     assert_eq!(
@@ -980,8 +989,16 @@ fn hotplug_events_survive_a_stopped_and_restarted_event_queue() {
     // does not kick: it has already given its buffers.
     h.dev.stop_vring(1).unwrap();
     h.event.vring.set_queue_ready(true);
-    h.vs.add_lu(0, 1, lu(8)).unwrap();
+    let added = lu(8);
+    h.vs.add_lu(0, 1, added.clone()).unwrap();
     assert_eq!(h.wait_used(1), (0, 16));
+    // REGISTER AND MOVE may name the socket's port while the LU is there, and not after.
+    let through_socket = |l: &Arc<scsi::LogicalUnit>| {
+        l.target_ports()
+            .iter()
+            .any(|p| p.transport == scsi::Transport::Vhost)
+    };
+    assert!(through_socket(&added));
     // VIRTIO_SCSI_T_TRANSPORT_RESET (1), lun [1, 0, 00h, 01h, 0...], reason RESCAN (1).
     assert_eq!(
         h.get(e1, 16),

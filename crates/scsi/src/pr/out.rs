@@ -71,7 +71,7 @@
 use super::transport_id::{self, TidError};
 use super::{PrState, PrType, Registrant, Registration, Reservation};
 use crate::sense::{cond, Sense};
-use crate::{InitiatorPort, ItNexus, TargetPort};
+use crate::{InitiatorPort, ItNexus, ServedPort, TargetPort};
 
 /// PERSISTENT RESERVE OUT service action codes (SPC-5 6.17.2, table 213).
 pub mod sa {
@@ -133,11 +133,17 @@ pub fn out(
     ty: u8,
     param: &[u8],
 ) -> Result<Effects, Refusal> {
-    let mut ports = vec![nexus.target.clone()];
+    let mut ports = vec![ServedPort {
+        port: nexus.target.clone(),
+        transport: nexus.initiator.transport,
+    }];
     for r in &state.registrations {
         if let Some(t) = &r.who.target {
-            if !ports.contains(t) {
-                ports.push(t.clone());
+            if !ports.iter().any(|p| p.port == *t) {
+                ports.push(ServedPort {
+                    port: t.clone(),
+                    transport: r.who.initiator.transport,
+                });
             }
         }
     }
@@ -153,7 +159,7 @@ pub fn out_with_ports(
     scope: u8,
     ty: u8,
     param: &[u8],
-    target_ports: &[TargetPort],
+    target_ports: &[ServedPort],
 ) -> Result<Effects, Refusal> {
     // 0. Lost information: only REPLACE LOST RESERVATION runs.
     if state.lost && sa != sa::REPLACE_LOST_RESERVATION {
@@ -733,7 +739,7 @@ fn register_and_move(
     old: &PrState,
     nexus: &ItNexus,
     p: &Move,
-    target_ports: &[TargetPort],
+    target_ports: &[ServedPort],
 ) -> Result<Effects, Refusal> {
     let src = registered(old, nexus, p.rk)?;
     let src = old
@@ -751,13 +757,22 @@ fn register_and_move(
     if p.sark == 0 {
         return Err(param_field(8, None));
     }
-    let target = target_ports
+    let served = target_ports
         .iter()
-        .find(|t| t.relative_id == p.rtpi)
+        .find(|t| t.port.relative_id == p.rtpi)
         .ok_or(param_field(18, None))?;
+    // The TransportID names an initiator reached through that port: a format-00b one (no
+    // ISID) an initiator of the port's transport, whichever transport sent the command; a
+    // format-01b one an iSCSI initiator port, which only an iSCSI port reaches.
+    let mut initiator = p.dest.clone();
+    if initiator.isid.is_none() {
+        initiator.transport = served.transport;
+    } else if served.transport != initiator.transport {
+        return Err(param_field(24, None));
+    }
     let dest = Registrant {
-        initiator: p.dest.clone(),
-        target: Some(target.clone()),
+        initiator,
+        target: Some(served.port.clone()),
     };
     // The destination may not be (or share a registration with) the source I_T nexus.
     if overlaps(&src, &dest) {
