@@ -196,6 +196,9 @@ pub struct Shared {
 #[derive(Debug)]
 struct Running {
     lun: u64,
+    /// Unique for the life of the process: a TMF marks the tasks that were running when it
+    /// arrived, not a later task that reuses one's ITT.
+    id: u64,
     aborted: bool,
     /// A TMF response that must follow this task's own response: ABORT TASK found the task
     /// already completed in the SCSI layer ("task does not exist") before its response was
@@ -458,6 +461,23 @@ where
     };
     conn.finish().await;
     result
+}
+
+/// Poll `task` once on the reader, as the PDU that starts it is handled, and spawn it only if
+/// it has to wait: what it does before its first wait happens before the next PDU is read.
+/// tokio polls a new task at once, so the real waker replaces the no-op one before anything
+/// can be missed. `io_thread`: the block layer may write in place
+/// ([`block::IoThreadScope`]).
+fn run_here_first(task: impl std::future::Future<Output = ()> + Send + 'static, io_thread: bool) {
+    let mut task = Box::pin(task);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let pending = {
+        let _scope = block::IoThreadScope::enter(io_thread);
+        std::future::Future::poll(task.as_mut(), &mut cx).is_pending()
+    };
+    if pending {
+        tokio::spawn(task);
+    }
 }
 
 /// How long a connection's reader watches for the next PDU after handling one before it
@@ -1128,10 +1148,12 @@ impl Conn {
         let shared = self.shared.clone();
         let itt = cmd.tag as u32;
         shared.executing.fetch_add(1, Ordering::AcqRel);
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         shared.running().insert(
             itt,
             Running {
                 lun: cmd.lun,
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 aborted: false,
                 then: None,
             },
@@ -1175,15 +1197,7 @@ impl Conn {
         // iSCSI): 82k IOPS handed off, 190k in place. A write that blocks (dirty-page
         // throttling) holds this connection's reader, which is backpressure on its
         // initiator, and this worker, whose queued tasks the other workers take over.
-        let mut task = Box::pin(task);
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        let pending = {
-            let _scope = block::IoThreadScope::enter(true);
-            std::future::Future::poll(task.as_mut(), &mut cx).is_pending()
-        };
-        if pending {
-            tokio::spawn(task);
-        }
+        run_here_first(task, true);
     }
 
     /// Whether task management has ended the task whose ticket is `ticket` (one without a
@@ -1367,11 +1381,32 @@ impl Conn {
                 return Flow::Continue;
             }
         };
+        // The tasks a function ends are those received before it (RFC 7143 11.5.1: a lower
+        // CmdSN), so they are chosen now, before the next PDU is read: the running ones
+        // here, and in the SCSI layer by the first poll below, which marks them there.
+        let ends = {
+            let running = self.shared.running();
+            running
+                .iter()
+                .filter(|(itt, r)| match tmf {
+                    Tmf::AbortTask { tag, .. } => u64::from(**itt) == tag,
+                    Tmf::AbortTaskSet { lun }
+                    | Tmf::ClearTaskSet { lun }
+                    | Tmf::LogicalUnitReset { lun } => r.lun == lun,
+                    Tmf::TargetWarmReset | Tmf::TargetColdReset | Tmf::ItNexusReset => true,
+                    Tmf::ClearAca { .. }
+                    | Tmf::QueryTask { .. }
+                    | Tmf::QueryTaskSet { .. }
+                    | Tmf::QueryAsyncEvent { .. } => false,
+                })
+                .map(|(_, r)| r.id)
+                .collect::<Vec<u64>>()
+        };
         let tx = self.tx.clone();
         let shared = self.shared.clone();
         let server = self.server.clone();
         let kind = self.kind;
-        tokio::spawn(async move {
+        let task = async move {
             let r = target.task_management(&nexus, tmf).await;
             let code = match r {
                 TmfResponse::FunctionComplete => COMPLETE,
@@ -1398,20 +1433,9 @@ impl Conn {
                     }
                 }
                 if code == 0 {
-                    for (itt, r) in running.iter_mut() {
-                        // Only functions that end tasks mark them; the queries change nothing.
-                        let hit = match tmf {
-                            Tmf::AbortTask { tag, .. } => u64::from(*itt) == tag,
-                            Tmf::AbortTaskSet { lun }
-                            | Tmf::ClearTaskSet { lun }
-                            | Tmf::LogicalUnitReset { lun } => r.lun == lun,
-                            Tmf::TargetWarmReset | Tmf::TargetColdReset | Tmf::ItNexusReset => true,
-                            Tmf::ClearAca { .. }
-                            | Tmf::QueryTask { .. }
-                            | Tmf::QueryTaskSet { .. }
-                            | Tmf::QueryAsyncEvent { .. } => false,
-                        };
-                        r.aborted |= hit;
+                    // Only functions that end tasks chose any; the queries change nothing.
+                    for r in running.values_mut() {
+                        r.aborted |= ends.contains(&r.id);
                     }
                 }
                 tx.send(Out::Pdu {
@@ -1426,7 +1450,8 @@ impl Conn {
                     server.kill_target_sessions(i);
                 }
             }
-        });
+        };
+        run_here_first(task, false);
         Flow::Continue
     }
 

@@ -1624,3 +1624,41 @@ async fn an_ordered_read_waits_for_an_older_write_still_collecting_data() {
         "the ORDERED read ran after the write"
     );
 }
+
+/// RFC 7143 11.5.1: task management ends the tasks received before it (a lower CmdSN), not
+/// those after it. An immediate ABORT TASK SET carries the CmdSN the next command takes, so a
+/// WRITE sent right behind it, and running by the time the function runs, is not ended: it gets
+/// its GOOD, and only the write before the function is aborted.
+#[tokio::test]
+async fn abort_task_set_leaves_a_command_sent_after_it_alone() {
+    let (driver, _addr, _server, mut c, _a) = a_write_held_in_the_backend(0x11).await;
+    // ABORT TASK SET (function 2), immediate (RFC 7143 11.5): CmdSN is that of the next command.
+    let mut t = [0u8; 48];
+    t[0] = 0x42; // I=1, Task Management Function Request
+    t[1] = 0x82; // F=1, function 2
+    t[16..20].copy_from_slice(&100u32.to_be_bytes());
+    t[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes()); // Referenced Task Tag: reserved
+    t[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+    c.send(t, &[]).await;
+    let (w, b_itt) = c.command(0xa1, 512, &write10(1, 1)); // F, W; immediate data
+    let entered = driver.entered.notified();
+    c.send(w, &[0x22; 512]).await;
+    // Both writes wait in the backend, the function for the first; give it time to run, then
+    // let them through.
+    entered.await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    driver.gate.add_permits(2);
+    let mut got = Vec::new();
+    while let Some(p) = c.recv().await {
+        got.push((p.bhs[0], p.u32(16), p.bhs[2], p.bhs[3]));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (0x21, b_itt, 0x00, 0x00), // SCSI Response, the later write: GOOD
+            (0x22, 100, 0x00, 0x00),   // TMF Response: Function complete
+        ],
+        "the write before the function gets no response, the one after it its GOOD"
+    );
+}

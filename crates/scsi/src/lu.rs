@@ -1153,21 +1153,34 @@ impl LogicalUnit {
     }
 
     /// LOGICAL UNIT RESET (SAM-5 7.7, 6.3.5): abort every task, reset the mode pages, and
-    /// queue `ua` (BUS DEVICE RESET FUNCTION OCCURRED) for every nexus.
-    pub(crate) async fn reset(&self, ua: Sense) {
+    /// queue `ua` (BUS DEVICE RESET FUNCTION OCCURRED) for every nexus. The tasks are ended
+    /// when this is called; the future waits for the running ones (a target reset ends the
+    /// tasks of every LU before it waits for any: see [`TaskSet::abort`]).
+    pub(crate) fn reset(&self, ua: Sense) -> impl std::future::Future<Output = ()> + Send + '_ {
         self.reset_epoch.fetch_add(1, Ordering::SeqCst);
         // SPC-2 reservations end with a reset; persistent reservations do not (SPC-5 5.14.1).
         self.resv.release_spc2_if(|_| true);
-        self.tasks.abort(|_, _| true).await;
-        self.mode.reset();
-        self.nexuses.reset(ua, |_| true);
+        let aborted = self.tasks.abort(|_, _| true);
+        async move {
+            aborted.await;
+            self.mode.reset();
+            self.nexuses.reset(ua, |_| true);
+        }
     }
 
-    pub(crate) async fn nexus_reset(&self, nexus: &ItNexus) {
+    /// I_T NEXUS RESET on this LU: like [`Self::reset`], the nexus's tasks end when this is
+    /// called.
+    pub(crate) fn nexus_reset<'a>(
+        &'a self,
+        nexus: &'a ItNexus,
+    ) -> impl std::future::Future<Output = ()> + Send + 'a {
         self.resv.release_spc2_if(|h| h == nexus);
         self.end_nexus_tasks(nexus);
-        self.tasks.abort(|n, _| n == nexus).await;
-        self.nexuses.reset(cond::IT_NEXUS_LOSS, |n| n == nexus);
+        let aborted = self.tasks.abort(move |n, _| n == nexus);
+        async move {
+            aborted.await;
+            self.nexuses.reset(cond::IT_NEXUS_LOSS, |n| n == nexus);
+        }
     }
 
     pub(crate) fn query_task(&self, nexus: &ItNexus, tag: u64) -> bool {

@@ -196,14 +196,21 @@ impl Target {
             Tmf::TargetWarmReset | Tmf::TargetColdReset => {
                 // SAM-5 6.3.3/6.3.4: every LU is reset; every nexus gets POWER ON, RESET, OR
                 // BUS DEVICE RESET OCCURRED.
-                for lu in self.luns.values() {
-                    lu.reset(cond::POWER_ON_RESET).await;
+                // Every LU's tasks end before the wait for any of them.
+                let resets: Vec<_> = self
+                    .luns
+                    .values()
+                    .map(|lu| lu.reset(cond::POWER_ON_RESET))
+                    .collect();
+                for r in resets {
+                    r.await;
                 }
                 TmfResponse::FunctionComplete
             }
             Tmf::ItNexusReset => {
-                for lu in self.luns.values() {
-                    lu.nexus_reset(nexus).await;
+                let resets: Vec<_> = self.luns.values().map(|lu| lu.nexus_reset(nexus)).collect();
+                for r in resets {
+                    r.await;
                 }
                 TmfResponse::FunctionComplete
             }

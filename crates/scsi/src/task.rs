@@ -199,9 +199,18 @@ impl TaskSet {
         !self.matching(|c| *c.nexus == *nexus).is_empty()
     }
 
-    /// Abort every task matching `pred` and wait for the running ones to finish. Returns the
-    /// nexuses whose tasks were aborted (tasks that had already finished do not count).
-    pub async fn abort(&self, pred: impl Fn(&ItNexus, u64) -> bool) -> Vec<Arc<ItNexus>> {
+    /// Abort every task matching `pred` now, then (the future) wait for the running ones to
+    /// finish. Returns the nexuses whose tasks were aborted (tasks that had already finished
+    /// do not count).
+    ///
+    /// The tasks are chosen and marked when this is called, not when the future is first
+    /// polled: task management that ends tasks on several LUs marks them all before it waits
+    /// for any, so a command that enters a task set after the function was received is never
+    /// its business.
+    pub fn abort(
+        &self,
+        pred: impl Fn(&ItNexus, u64) -> bool,
+    ) -> impl std::future::Future<Output = Vec<Arc<ItNexus>>> + Send + '_ {
         let tasks = self.matching(|c| pred(&c.nexus, c.tag));
         let mut wait = Vec::new();
         let mut owners: Vec<Arc<ItNexus>> = Vec::new();
@@ -217,10 +226,12 @@ impl TaskSet {
         }
         // Those waiting for their turn (task attributes) have not started: they end now.
         self.order.kick();
-        for t in wait {
-            t.wait_done().await;
+        async move {
+            for t in wait {
+                t.wait_done().await;
+            }
+            owners
         }
-        owners
     }
 
     /// Abort every task matching `pred` without waiting (the nexus is gone).
