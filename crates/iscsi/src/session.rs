@@ -21,7 +21,9 @@
 //! [`MAX_QUEUED`] messages or [`MAX_QUEUED_BYTES`] of data wait to be sent (an initiator that
 //! sends READs and does not read the answers), and gives up on the connection when the writer
 //! makes no room for [`WRITER_STALL`]. What one connection holds is then at most that, the
-//! data-out above, and the data-in of the commands the window lets run at once.
+//! data-out above, and the data-in of the commands the window lets run at once. Task management
+//! functions waiting for the tasks they end are at most [`MAX_TMF`]; the reader waits for one
+//! to end before it takes the next.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -63,6 +65,11 @@ const MAX_IMMEDIATE: u32 = 16;
 const MAX_COLLECTING: usize = QUEUE_DEPTH as usize + MAX_IMMEDIATE as usize;
 /// Longest text (SendTargets) request or response kept.
 const MAX_TEXT: usize = 64 * 1024;
+/// Task management functions of one connection still waiting for the tasks they end. The
+/// reader takes the next one only when one of them is done: immediate requests bypass the
+/// CmdSN window, and without this an initiator could pile up one waiting function per PDU
+/// while a slow command runs.
+const MAX_TMF: usize = 16;
 
 /// Errors that end a connection.
 #[derive(Debug, thiserror::Error)]
@@ -348,6 +355,8 @@ struct Conn {
     solicited: u64,
     /// Tasks waiting to send their next R2T, oldest first.
     r2t_wait: VecDeque<u32>,
+    /// One permit per task management function under way (see [`MAX_TMF`]).
+    tmf_slots: Arc<tokio::sync::Semaphore>,
 }
 
 enum Flow {
@@ -604,6 +613,7 @@ impl Conn {
             text_out: None,
             solicited: 0,
             r2t_wait: VecDeque::new(),
+            tmf_slots: Arc::new(tokio::sync::Semaphore::new(MAX_TMF)),
         };
         (conn, rx)
     }
@@ -765,7 +775,13 @@ impl Conn {
                 self.scsi_command(pdu, immediate, ticket);
                 Ok(Flow::Continue)
             }
-            op::TMF_REQ => Ok(self.tmf(&pdu)),
+            op::TMF_REQ => {
+                // Never closed, so acquiring only waits.
+                let Ok(slot) = self.tmf_slots.clone().acquire_owned().await else {
+                    return Ok(Flow::Close);
+                };
+                Ok(self.tmf(&pdu, slot))
+            }
             op::TEXT_REQ => {
                 self.text(&pdu);
                 Ok(Flow::Continue)
@@ -1251,7 +1267,7 @@ impl Conn {
             .any(|h| matches!(h, Held::Pdu(p, _) if p.bhs.opcode() == op::SCSI_CMD && pred(p)))
     }
 
-    fn tmf(&mut self, pdu: &Pdu) -> Flow {
+    fn tmf(&mut self, pdu: &Pdu, slot: tokio::sync::OwnedSemaphorePermit) -> Flow {
         let bhs = pdu.bhs;
         let func = bhs.flags() & 0x7f;
         let lun = pdu::decode_lun(bhs.lun());
@@ -1407,6 +1423,7 @@ impl Conn {
         let server = self.server.clone();
         let kind = self.kind;
         let task = async move {
+            let _slot = slot;
             let r = target.task_management(&nexus, tmf).await;
             let code = match r {
                 TmfResponse::FunctionComplete => COMPLETE,

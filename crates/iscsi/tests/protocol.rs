@@ -1632,14 +1632,7 @@ async fn an_ordered_read_waits_for_an_older_write_still_collecting_data() {
 #[tokio::test]
 async fn abort_task_set_leaves_a_command_sent_after_it_alone() {
     let (driver, _addr, _server, mut c, _a) = a_write_held_in_the_backend(0x11).await;
-    // ABORT TASK SET (function 2), immediate (RFC 7143 11.5): CmdSN is that of the next command.
-    let mut t = [0u8; 48];
-    t[0] = 0x42; // I=1, Task Management Function Request
-    t[1] = 0x82; // F=1, function 2
-    t[16..20].copy_from_slice(&100u32.to_be_bytes());
-    t[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes()); // Referenced Task Tag: reserved
-    t[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
-    c.send(t, &[]).await;
+    c.send(abort_task_set(&c, 100), &[]).await;
     let (w, b_itt) = c.command(0xa1, 512, &write10(1, 1)); // F, W; immediate data
     let entered = driver.entered.notified();
     c.send(w, &[0x22; 512]).await;
@@ -1661,4 +1654,51 @@ async fn abort_task_set_leaves_a_command_sent_after_it_alone() {
         ],
         "the write before the function gets no response, the one after it its GOOD"
     );
+}
+
+/// ABORT TASK SET (RFC 7143 11.5, function 2), immediate: its CmdSN is that of the next
+/// command.
+fn abort_task_set(c: &Client, itt: u32) -> [u8; 48] {
+    let mut t = [0u8; 48];
+    t[0] = 0x42; // I=1, Task Management Function Request
+    t[1] = 0x82; // F=1, function 2
+    t[16..20].copy_from_slice(&itt.to_be_bytes());
+    t[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes()); // Referenced Task Tag: reserved
+    t[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+    t
+}
+
+/// Task management functions waiting for a command are bounded per connection: with 16 of
+/// them waiting for a write held in the backend, the reader takes nothing more (a NOP-Out
+/// ping behind a 17th is not answered) until the write ends; then every function is answered,
+/// and the ping.
+#[tokio::test]
+async fn waiting_task_management_functions_are_bounded_per_connection() {
+    let (driver, _addr, _server, mut c, _w) = a_write_held_in_the_backend(0x11).await;
+    for i in 0..17 {
+        c.send(abort_task_set(&c, 100 + i), &[]).await;
+    }
+    // NOP-Out ping (RFC 7143 11.18), immediate, ITT 77.
+    let mut n = [0u8; 48];
+    n[0] = 0x40;
+    n[1] = 0x80;
+    n[16..20].copy_from_slice(&77u32.to_be_bytes());
+    n[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
+    n[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+    c.send(n, &[]).await;
+    assert!(
+        c.recv().await.is_none(),
+        "the reader took PDUs past 16 waiting functions"
+    );
+    driver.gate.add_permits(1);
+    let mut tmf = 0;
+    let mut nop = 0;
+    while let Some(p) = c.recv().await {
+        match p.bhs[0] {
+            0x22 => tmf += 1,
+            0x20 => nop += 1,
+            other => panic!("unexpected PDU {other:#x}"),
+        }
+    }
+    assert_eq!((tmf, nop), (17, 1));
 }
