@@ -399,8 +399,8 @@ fence() {
 }
 
 # hotplug: the run-time LU case (cases/hotplug.sh) on the daemon that case_start began, with
-# its socket in $s1: LUN 1 is added when the guest has booted and removed once it has read
-# it, with `sharedisk lu`; the image is then closed and holds what the guest wrote.
+# its socket in $s1: LUN 1 is added when the guest has booted, grown, and removed once it has
+# read it, with `sharedisk lu`; the image is then closed and holds what the guest wrote.
 lun1_bytes=16777216
 hotplug() {
     local img=$case_dir/lun1.img
@@ -463,6 +463,14 @@ hotplug_step() {
             sleep 0.1
         done
         if ((i < 50)); then host_pass lun1-closed; else host_fail lun1-closed "the image is still locked"; fi
+        ;;
+    grow)
+        truncate -s $((lun1_bytes * 2)) "$img"
+        if lu rescan "$img"; then
+            host_pass lu-rescan
+        else
+            host_fail lu-rescan "$(tail -n 1 "$case_dir/lu.log")"
+        fi
         ;;
     esac
 }

@@ -193,6 +193,7 @@ async fn answer(stream: UnixStream, registry: &Registry) -> anyhow::Result<()> {
                     Answer::Done(format!("{}: {now} blocks, unchanged", s.name))
                 }
                 Ok((before, now)) => {
+                    registry.capacity_changed(&s.lu);
                     tracing::warn!(lu = %s.name, before, now, "Capacity grown by the operator");
                     Answer::Done(format!(
                         "{}: {now} blocks (was {before}); initiators are told the capacity changed",

@@ -320,6 +320,27 @@ impl Registry {
             .collect()
     }
 
+    /// `lu`'s capacity changed (`sharedisk lu rescan`): the guests of the vhost-user sockets
+    /// that serve it get a parameter change event, CAPACITY DATA HAS CHANGED (2Ah/09h), on
+    /// which Linux rescans the device. iSCSI initiators learn it from the unit attention.
+    pub fn capacity_changed(&self, lu: &Arc<scsi::LogicalUnit>) {
+        let s = self.state();
+        for e in s.lus.iter().filter(|e| Arc::ptr_eq(&e.lu, lu)) {
+            for place in &e.places {
+                if let Place::Vhost {
+                    socket,
+                    target,
+                    lun,
+                } = *place
+                {
+                    s.sockets[socket]
+                        .device
+                        .param_change(target, lun, 0x2A, 0x09);
+                }
+            }
+        }
+    }
+
     /// Every LU served now.
     pub fn lus(&self) -> Vec<Arc<scsi::LogicalUnit>> {
         self.state().lus.iter().map(|e| e.lu.clone()).collect()

@@ -1384,10 +1384,17 @@ impl Device {
     }
 
     /// Queue a `virtio_scsi_event` in the driver's next event buffer (virtio 5.6.6.3), when it
-    /// negotiated VIRTIO_SCSI_F_HOTPLUG. Without a buffer the event is lost and the next one
-    /// says so (VIRTIO_SCSI_T_EVENTS_MISSED), which makes Linux rescan the bus.
+    /// negotiated the feature the event belongs to: VIRTIO_SCSI_F_HOTPLUG for transport
+    /// resets, VIRTIO_SCSI_F_CHANGE for parameter changes. Without a buffer the event is lost
+    /// and the next one says so (VIRTIO_SCSI_T_EVENTS_MISSED), which makes Linux rescan the
+    /// bus.
     pub(crate) fn post_event(&self, event: u32, lun: [u8; 8], reason: u32) {
-        if self.acked.load(Ordering::SeqCst) & (1 << wire::VIRTIO_SCSI_F_HOTPLUG) == 0 {
+        let needs = match event {
+            wire::VIRTIO_SCSI_T_TRANSPORT_RESET => 1 << wire::VIRTIO_SCSI_F_HOTPLUG,
+            wire::VIRTIO_SCSI_T_PARAM_CHANGE => 1 << wire::VIRTIO_SCSI_F_CHANGE,
+            _ => (1 << wire::VIRTIO_SCSI_F_HOTPLUG) | (1 << wire::VIRTIO_SCSI_F_CHANGE),
+        };
+        if self.acked.load(Ordering::SeqCst) & needs == 0 {
             return;
         }
         let mut ev = lock(&self.events);
@@ -1484,10 +1491,8 @@ impl VhostUserBackend for Device {
             | (1 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1 << VIRTIO_RING_F_EVENT_IDX)
             | (1 << wire::VIRTIO_SCSI_F_HOTPLUG)
-            // QEMU passes VIRTIO_SCSI_F_CHANGE through to the guest (its `param_change`
-            // property, on by default) and sends what the guest acked; a back end that does
-            // not offer it fails SET_FEATURES. No VIRTIO_SCSI_T_PARAM_CHANGE event is sent:
-            // parameter changes reach the guest as unit attentions on its next command.
+            // VIRTIO_SCSI_T_PARAM_CHANGE events (`VhostScsi::param_change`). QEMU passes the
+            // bit through to the guest (its `param_change` property, on by default).
             | (1 << wire::VIRTIO_SCSI_F_CHANGE)
             | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
     }

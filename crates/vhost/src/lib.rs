@@ -102,10 +102,11 @@
 //! checks the map again once it holds its ticket, so it never runs on the removed LU.
 //! The daemon calls them for `sharedisk lu add|remove`; tested here
 //! against mock queues and in `scripts/guest` (vhost-user/hotplug) against a Linux guest.
-//! VIRTIO_SCSI_F_CHANGE is offered because QEMU hands the guest's
-//! choice through (a back end without it fails SET_FEATURES), but no
-//! VIRTIO_SCSI_T_PARAM_CHANGE event is sent: parameter changes reach the guest as unit
-//! attentions on its next command.
+//! With VIRTIO_SCSI_F_CHANGE negotiated, [`VhostScsi::param_change`] posts a
+//! VIRTIO_SCSI_T_PARAM_CHANGE event with the unit attention's ASC and ASCQ; the daemon sends
+//! CAPACITY DATA HAS CHANGED (2Ah/09h) for `sharedisk lu rescan`, on which Linux rescans the
+//! device and takes its new size. The unit attention is queued as well, for a driver without
+//! the feature.
 
 mod device;
 pub mod fuzzing;
@@ -385,6 +386,21 @@ impl VhostScsi {
             if let Some(lu) = t.lu(other) {
                 lu.reported_luns_changed(&self.shared.nexus);
             }
+        }
+    }
+
+    /// Tell the connected guest that a parameter of the LU at `target`/`lun` changed, as the
+    /// unit attention `asc`/`ascq` says (virtio 5.6.6.3.3: a VIRTIO_SCSI_T_PARAM_CHANGE event,
+    /// reason ASC | ASCQ << 8), when it negotiated VIRTIO_SCSI_F_CHANGE. The unit attention
+    /// itself is the LU's to queue.
+    pub fn param_change(&self, target: u8, lun: u16, asc: u8, ascq: u8) {
+        let dev = lock(&self.shared.current).clone();
+        if let Some(dev) = dev {
+            dev.post_event(
+                wire::VIRTIO_SCSI_T_PARAM_CHANGE,
+                wire::event_lun(target, lun),
+                u32::from(asc) | u32::from(ascq) << 8,
+            );
         }
     }
 

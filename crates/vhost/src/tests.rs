@@ -752,6 +752,23 @@ fn abort_task_of_a_running_command_does_not_block_the_request_queue() {
     assert_eq!(resp[10..12], [0, 0]);
 }
 
+/// virtio 5.6.6.3.3: a parameter change is an event VIRTIO_SCSI_T_PARAM_CHANGE (3) naming the
+/// LUN, with the unit attention's ASC in bits 7..0 of the reason and its ASCQ in bits 15..8.
+#[test]
+fn a_parameter_change_is_posted_with_its_asc_and_ascq() {
+    let mut h = Harness::new();
+    let e = h.alloc(16);
+    h.add_chain(1, &[wr(e, 16)]);
+    h.kick(1);
+    h.vs.param_change(0, 0, 0x2A, 0x09);
+    assert_eq!(h.wait_used(1), (0, 16));
+    // event 3; lun [1, target 0, 00h, 00h, 0...]; reason 092Ah, little-endian.
+    assert_eq!(
+        h.get(e, 16),
+        vec![3, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0x2A, 0x09, 0, 0]
+    );
+}
+
 #[test]
 fn hotplug_events_in_kept_buffers() {
     let mut h = Harness::new();

@@ -2,9 +2,12 @@
 # Run-time LU changes over vhost-user-scsi. The guest boots with LUN 0. At SYNC "booted" the
 # host runs `sharedisk lu add` for LUN 1 (an image it filled with /data/pattern at 0): the
 # guest must see a new disk, at H:C:T:L ...:0:1 (the LUN the event names, as REPORT LUNS names
-# it), within 30 s, read the pattern from it and write /data/to-host at 1 MiB. At SYNC "added"
-# the host runs `sharedisk lu remove` for it: the disk must go within 30 s, and LUN 0 keep
-# serving. The host then reads what the guest wrote from the image.
+# it), within 30 s, read the pattern from it and write /data/to-host at 1 MiB. At SYNC "grow"
+# the host doubles LUN 1's image and runs `sharedisk lu rescan`: the disk must take the new
+# size within 30 s with nothing asked here (a VIRTIO_SCSI_T_PARAM_CHANGE event, CAPACITY DATA
+# HAS CHANGED, makes Linux rescan it; the unit attention alone does not resize a disk). At SYNC
+# "added" the host runs `sharedisk lu remove` for it: the disk must go within 30 s, and LUN 0
+# keep serving. The host then reads what the guest wrote from the image.
 #
 # Environment: LUN1_BYTES (the size of LUN 1's image).
 . /lib.sh
@@ -61,6 +64,21 @@ expect_rc lun1-write 0 dd if=/data/to-host of="/dev/$new" bs=65536 seek=16 oflag
     conv=notrunc
 # LUN 0 is untouched.
 expect_rc lun0-reads 0 dd if="/dev/$disk" of=/dev/null bs=65536 count=16 iflag=direct
+
+sync_point grow
+want=$((LUN1_BYTES * 2))
+i=0
+while [ "$(($(cat "/sys/block/$new/size") * 512))" != "$want" ] && [ "$i" -lt 300 ]; do
+    usleep 100000
+    i=$((i + 1))
+done
+dmesg | tail -n 4
+bytes=$(($(cat "/sys/block/$new/size") * 512))
+[ "$bytes" = "$want" ] && pass lun1-grows "$bytes bytes after $((i / 10)).$((i % 10)) s" ||
+    fail lun1-grows "$bytes bytes 30 s after lu rescan, want $want"
+# The new end reads (zeros: the image grew sparse).
+expect_rc lun1-reads-new-end 0 dd if="/dev/$new" of=/dev/null bs=65536 \
+    skip=$((want / 65536 - 1)) count=1 iflag=direct
 
 sync_point added
 # The host has removed LUN 1: its disk goes.
