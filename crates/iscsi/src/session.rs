@@ -1261,10 +1261,19 @@ impl Conn {
     }
 
     /// Whether a SCSI command held for its CmdSN matches `pred`.
-    fn held_command(&self, pred: impl Fn(&Pdu) -> bool) -> bool {
-        self.held
-            .values()
-            .any(|h| matches!(h, Held::Pdu(p, _) if p.bhs.opcode() == op::SCSI_CMD && pred(p)))
+    /// Whether a SCSI command held for its CmdSN matches `pred` and is still alive: task
+    /// management has not ended it since it arrived (see [`scsi::Ticket`]).
+    fn held_command(
+        &self,
+        target: &scsi::Target,
+        nexus: &Arc<ItNexus>,
+        pred: impl Fn(&Pdu) -> bool,
+    ) -> bool {
+        self.held.values().any(|h| {
+            matches!(h, Held::Pdu(p, ticket) if p.bhs.opcode() == op::SCSI_CMD
+                && pred(p)
+                && !self.ticket_ended(target, nexus, pdu::decode_lun(p.bhs.lun()), ticket.as_ref()))
+        })
     }
 
     fn tmf(&mut self, pdu: &Pdu, slot: tokio::sync::OwnedSemaphorePermit) -> Flow {
@@ -1360,11 +1369,15 @@ impl Conn {
                 // unless task management has ended it since it arrived (another nexus's
                 // CLEAR TASK SET or LOGICAL UNIT RESET): then it will be dropped when its data
                 // is complete, and does not exist.
-                let collecting = self
-                    .tasks
-                    .get(&rtt)
-                    .is_some_and(|t| !self.ticket_ended(&target, &nexus, t.lun, t.ticket.as_ref()));
-                if collecting || self.held_command(|p| p.bhs.itt() == rtt) {
+                // A task is named by its LUN and its tag (SAM-5 7.2), as for ABORT TASK.
+                let collecting = self.tasks.get(&rtt).is_some_and(|t| {
+                    t.lun == lun && !self.ticket_ended(&target, &nexus, t.lun, t.ticket.as_ref())
+                });
+                if collecting
+                    || self.held_command(&target, &nexus, |p| {
+                        p.bhs.itt() == rtt && pdu::decode_lun(p.bhs.lun()) == lun
+                    })
+                {
                     respond(self, b, SUCCEEDED);
                     return Flow::Continue;
                 }
@@ -1378,7 +1391,7 @@ impl Conn {
                 let raw = bhs.lun();
                 if self.tasks.values().any(|t| {
                     t.lun == lun && !self.ticket_ended(&target, &nexus, t.lun, t.ticket.as_ref())
-                }) || self.held_command(|p| p.bhs.lun() == raw)
+                }) || self.held_command(&target, &nexus, |p| p.bhs.lun() == raw)
                 {
                     respond(self, b, SUCCEEDED);
                     return Flow::Continue;

@@ -1632,7 +1632,9 @@ async fn an_ordered_read_waits_for_an_older_write_still_collecting_data() {
 #[tokio::test]
 async fn abort_task_set_leaves_a_command_sent_after_it_alone() {
     let (driver, _addr, _server, mut c, _a) = a_write_held_in_the_backend(0x11).await;
-    c.send(abort_task_set(&c, 100), &[]).await;
+    // ABORT TASK SET, immediate: its CmdSN is that of the next command.
+    c.send(tmf_request(&c, ABORT_TASK_SET, 100, 0xffff_ffff), &[])
+        .await;
     let (w, b_itt) = c.command(0xa1, 512, &write10(1, 1)); // F, W; immediate data
     let entered = driver.entered.notified();
     c.send(w, &[0x22; 512]).await;
@@ -1656,18 +1658,6 @@ async fn abort_task_set_leaves_a_command_sent_after_it_alone() {
     );
 }
 
-/// ABORT TASK SET (RFC 7143 11.5, function 2), immediate: its CmdSN is that of the next
-/// command.
-fn abort_task_set(c: &Client, itt: u32) -> [u8; 48] {
-    let mut t = [0u8; 48];
-    t[0] = 0x42; // I=1, Task Management Function Request
-    t[1] = 0x82; // F=1, function 2
-    t[16..20].copy_from_slice(&itt.to_be_bytes());
-    t[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes()); // Referenced Task Tag: reserved
-    t[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
-    t
-}
-
 /// Task management functions waiting for a command are bounded per connection: with 16 of
 /// them waiting for a write held in the backend, the reader takes nothing more (a NOP-Out
 /// ping behind a 17th is not answered) until the write ends; then every function is answered,
@@ -1676,7 +1666,8 @@ fn abort_task_set(c: &Client, itt: u32) -> [u8; 48] {
 async fn waiting_task_management_functions_are_bounded_per_connection() {
     let (driver, _addr, _server, mut c, _w) = a_write_held_in_the_backend(0x11).await;
     for i in 0..17 {
-        c.send(abort_task_set(&c, 100 + i), &[]).await;
+        c.send(tmf_request(&c, ABORT_TASK_SET, 100 + i, 0xffff_ffff), &[])
+            .await;
     }
     // NOP-Out ping (RFC 7143 11.18), immediate, ITT 77.
     let mut n = [0u8; 48];
@@ -1701,4 +1692,48 @@ async fn waiting_task_management_functions_are_bounded_per_connection() {
         }
     }
     assert_eq!((tmf, nop), (17, 1));
+}
+
+/// SAM-5 7.9 and 7.10: a command held for a CmdSN gap that another nexus's CLEAR TASK SET
+/// ended does not exist for QUERY TASK or QUERY TASK SET (FUNCTION COMPLETE); before that,
+/// QUERY TASK finds it only under its own LUN (a task is named by LUN and tag, SAM-5 7.2).
+#[tokio::test]
+async fn query_task_does_not_report_a_held_command_that_task_management_ended() {
+    let addr = start().await;
+    let mut a = Client::login_isid(addr, "", [0x80, 1, 2, 3, 4, 5]).await;
+    a.clear_unit_attention().await;
+    let mut b = Client::login_isid(addr, "", [0x80, 9, 9, 9, 9, 9]).await;
+    b.clear_unit_attention().await;
+    // A: TEST UNIT READY one CmdSN ahead of the next expected: held for the gap.
+    a.cmdsn += 1;
+    let (tur, itt) = a.command(0x80, 0, &[0x00, 0, 0, 0, 0, 0]);
+    a.send(tur, &[]).await;
+    a.cmdsn -= 2; // the TMFs below are immediate, at the gap's CmdSN
+    assert_eq!(
+        tmf_response(&mut a, QUERY_TASK, 300, itt).await,
+        FUNCTION_SUCCEEDED
+    );
+    // Under another LUN (1, which this target does not have: RFC 7143 11.6.1 code 2).
+    let mut q = tmf_request(&a, QUERY_TASK, 301, itt);
+    q[8..16].copy_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
+    a.send(q, &[]).await;
+    let r = a.recv().await.expect("TMF Response");
+    assert_eq!(
+        (r.bhs[0], r.bhs[2]),
+        (0x22, 2),
+        "LUN does not exist, not SUCCEEDED"
+    );
+    // B: CLEAR TASK SET of LUN 0 ends every nexus's tasks, the held one included.
+    assert_eq!(
+        tmf_response(&mut b, CLEAR_TASK_SET, 77, 0xffff_ffff).await,
+        FUNCTION_COMPLETE
+    );
+    assert_eq!(
+        tmf_response(&mut a, QUERY_TASK, 302, itt).await,
+        FUNCTION_COMPLETE
+    );
+    assert_eq!(
+        tmf_response(&mut a, QUERY_TASK_SET, 303, 0xffff_ffff).await,
+        FUNCTION_COMPLETE
+    );
 }
