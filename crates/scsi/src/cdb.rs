@@ -1076,6 +1076,19 @@ pub fn data_out_len(cdb: &[u8], block_size: u32) -> u32 {
     }
 }
 
+/// The number of bytes of medium data a READ (6/10/12/16) `cdb` asks for, computed from the
+/// raw fields (no validation), so a transport can refuse one its buffers cannot hold before
+/// anything is read. 0 for every other command.
+pub fn read_len(cdb: &[u8], block_size: u32) -> u64 {
+    let r = Raw::new(cdb);
+    let blocks = match cdb.first() {
+        Some(0x08) => six_len(r.b(4)),
+        Some(&opcode @ (0x28 | 0xA8 | 0x88)) => lba_len(&r, opcode).1,
+        _ => 0,
+    };
+    u64::from(blocks) * u64::from(block_size)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

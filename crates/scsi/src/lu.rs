@@ -227,6 +227,11 @@ impl LogicalUnit {
         cdb::data_out_len(cdb, self.backend.block_size())
     }
 
+    /// See [`crate::Target::read_len`].
+    pub fn read_len(&self, cdb: &[u8]) -> u64 {
+        cdb::read_len(cdb, self.backend.block_size())
+    }
+
     /// Tell `nexus` that the LUN inventory of a target it reaches this LU through changed
     /// (SPC-5: REPORTED LUNS DATA HAS CHANGED, 3Fh/0Eh), on its next command to this LU.
     pub fn reported_luns_changed(&self, nexus: &ItNexus) {

@@ -149,6 +149,12 @@ impl Target {
         self.luns.get(&lun).map_or(0, |lu| lu.data_out_len(cdb))
     }
 
+    /// The number of bytes of medium data a READ (6/10/12/16) asks for; 0 for other commands,
+    /// unknown LUNs and CDBs too short to say.
+    pub fn read_len(&self, lun: u64, cdb: &[u8]) -> u64 {
+        self.luns.get(&lun).map_or(0, |lu| lu.read_len(cdb))
+    }
+
     /// Run a task management function for `nexus` (SAM-5 7). Functions that abort tasks return
     /// only once every aborted task that had started is finished, so nothing an aborted command
     /// wrote lands after the response.

@@ -908,6 +908,20 @@ impl Device {
             );
             return fail(wire::VIRTIO_SCSI_S_OVERRUN);
         }
+        // Likewise a READ whose data-in buffers cannot hold what it reads: refused before
+        // anything is read (as QEMU does), so that no request makes the daemon hold data the
+        // guest has no room for (a READ into the guest's buffers needs no buffer of its own).
+        let read = target.read_len(lun, &req.cdb);
+        if read > data_in_cap {
+            tracing::warn!(
+                queue,
+                head,
+                read,
+                data_in_cap,
+                "Data-in buffers shorter than the READ"
+            );
+            return fail(wire::VIRTIO_SCSI_S_OVERRUN);
+        }
         let copy = data_out_len.min(expected_out);
         let lu_id = target.lu(lun).map_or(0, |lu| Arc::as_ptr(lu) as usize);
         let token = match self.enter(queue, head, epochs, lu_id, req.tag, copy) {

@@ -78,13 +78,17 @@
 //! virtio-queue's iterator (indirect tables, loops and 4 GiB bound checked there). A chain with
 //! a readable descriptor after a writable one, or without room for the response header, goes
 //! back with length 0; a short or unreadable request header, data-out over 16 MiB or outside
-//! guest memory gets VIRTIO_SCSI_S_FAILURE; a data-in larger than the driver's buffers gets the
-//! part that fits and VIRTIO_SCSI_S_OVERRUN. Nothing a guest sends reaches a panic.
+//! guest memory gets VIRTIO_SCSI_S_FAILURE; a READ (or WRITE) whose CDB asks for more data
+//! than the driver's buffers hold gets VIRTIO_SCSI_S_OVERRUN before anything is read (or
+//! written), as with QEMU; any other command's data-in larger than the buffers gets the part
+//! that fits and VIRTIO_SCSI_S_OVERRUN. Nothing a guest sends reaches a panic.
 //!
 //! What a guest can make the daemon hold is bounded: a queue has at most its queue size of
 //! chains in flight; a head the driver offers again while it is in flight is answered with
 //! VIRTIO_SCSI_S_FAILURE and never run (the request in flight keeps its buffers); only the
-//! data-out the CDB asks for is copied (the rest is reported as residual); and a connection
+//! data-out the CDB asks for is copied (the rest is reported as residual); a READ reads into
+//! the guest's own buffers, never into one of the daemon's for data the guest has no room
+//! for; and a connection
 //! holds at most 64 MiB of copied data-out. A chain that does not fit stays in the ring, and
 //! the completion that makes room wakes the queue's thread (an eventfd registered with its
 //! epoll loop), so a queue never waits for a kick that may not come.
