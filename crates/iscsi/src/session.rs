@@ -967,6 +967,7 @@ impl Conn {
         }
         // The immediate data is all that has arrived; the buffer grows with the data-out.
         let buf = data;
+        let arrival = target.arrive(&nexus, lun, ticket.as_ref(), attr);
         let task = WriteTask {
             lun,
             lun_raw,
@@ -983,7 +984,7 @@ impl Conn {
             r2tsn: 0,
             solicited: 0,
             ticket,
-            arrival: target.arrive(lun, attr),
+            arrival,
         };
         self.tasks.insert(itt, task);
         self.advance_write(itt);

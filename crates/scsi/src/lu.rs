@@ -324,8 +324,20 @@ impl LogicalUnit {
     /// (an iSCSI write collecting Data-Out) arrives now: pass it in [`Command::arrival`], so
     /// that the commands received after it are ordered after it (SAM-5 8.6). Commands
     /// executed as they are received need none.
-    pub fn arrive(&self, attr: crate::TaskAttr) -> crate::Arrival {
-        self.tasks.order.arrive(attr)
+    ///
+    /// `ticket` is the one the transport took for it on receipt: task management that ends
+    /// the command while the transport holds it also takes it out of the order, so the
+    /// commands after it do not wait for data its initiator may never send.
+    pub fn arrive(
+        &self,
+        nexus: &Arc<ItNexus>,
+        ticket: Option<&Ticket>,
+        attr: crate::TaskAttr,
+    ) -> crate::Arrival {
+        let ns = self.nexuses.get(nexus);
+        self.tasks
+            .order
+            .arrive_held(attr, ns.id, || ticket.is_some_and(|t| self.ended(&ns, t)))
     }
 
     /// Whether task management has ended the command of `nexus` that the transport took
@@ -356,8 +368,10 @@ impl LogicalUnit {
         // receives the command (iSCSI) makes commands arrive in the order it received them.
         // Dropped last, once the command is over: then the commands its attribute holds back
         // may start.
+        // One the transport held has kept its place, unless task management ended it (its
+        // ticket then ends it below, and the place it takes now holds no one back).
         let arrival = match cmd.arrival.take() {
-            Some(a) if a.of(&self.tasks.order) => a,
+            Some(a) if a.of(&self.tasks.order) && a.enter_task_set() => a,
             _ => self.tasks.order.arrive(cmd.attr),
         };
         let ns = self.nexuses.get(&cmd.nexus);
@@ -447,11 +461,14 @@ impl LogicalUnit {
             let preempted = |n: &ItNexus| eff.abort.iter().any(|r| r.matches(n));
             // Commands the transport holds for the other preempted nexuses end too (see
             // Ticket); the issuer's later commands are ordered after this one.
+            let mut ended = Vec::new();
             self.nexuses.for_each(|n, st| {
                 if n != &**nexus && preempted(n) {
                     st.abort_epoch.fetch_add(1, Ordering::SeqCst);
+                    ended.push(st.id);
                 }
             });
+            self.tasks.order.retire(|id| ended.contains(&id));
             let owners = self
                 .tasks
                 .abort(|n, t| preempted(n) && !(n == &**nexus && t == tag))
@@ -1143,13 +1160,21 @@ impl LogicalUnit {
     fn end_nexus_tasks(&self, nexus: &ItNexus) {
         if let Some(ns) = self.nexuses.peek(nexus) {
             ns.abort_epoch.fetch_add(1, Ordering::SeqCst);
+            self.tasks.order.retire(|id| id == ns.id);
         }
+    }
+
+    /// Every command received and not yet executing is ended (see [`Ticket`]): a reset of the
+    /// task set.
+    fn end_all_tasks(&self) {
+        self.reset_epoch.fetch_add(1, Ordering::SeqCst);
+        self.tasks.order.retire(|_| true);
     }
 
     /// CLEAR TASK SET with TST=000b: every task of every nexus; the others are told with
     /// COMMANDS CLEARED BY ANOTHER INITIATOR (SAM-5 7.4).
     pub(crate) async fn clear_task_set(&self, nexus: &ItNexus) {
-        self.reset_epoch.fetch_add(1, Ordering::SeqCst);
+        self.end_all_tasks();
         let owners = self.tasks.abort(|_, _| true).await;
         self.nexuses
             .broadcast(cond::COMMANDS_CLEARED_BY_ANOTHER, |n| {
@@ -1162,7 +1187,7 @@ impl LogicalUnit {
     /// when this is called; the future waits for the running ones (a target reset ends the
     /// tasks of every LU before it waits for any: see [`TaskSet::abort`]).
     pub(crate) fn reset(&self, ua: Sense) -> impl std::future::Future<Output = ()> + Send + '_ {
-        self.reset_epoch.fetch_add(1, Ordering::SeqCst);
+        self.end_all_tasks();
         // SPC-2 reservations end with a reset; persistent reservations do not (SPC-5 5.14.1).
         self.resv.release_spc2_if(|_| true);
         let aborted = self.tasks.abort(|_, _| true);

@@ -12,12 +12,16 @@
 //! when a transport holds it before it can execute (an iSCSI write collecting Data-Out
 //! arrives in CmdSN order, [`crate::LogicalUnit::arrive`]); it leaves when it completes or is
 //! dropped ([`Arrival`] is a guard). SIMPLE commands with no ORDERED or HEAD OF QUEUE command
-//! around, the usual traffic, never wait: one short lock on arrival, one on leaving.
+//! around, the usual traffic, never wait: a short lock on arrival, one to see it is their turn,
+//! one on leaving.
 //!
 //! A command waiting for its turn has not started, so task management ends it without waiting
-//! for it ([`Order::kick`] wakes it to find that out).
+//! for it ([`Order::kick`] wakes it to find that out). A command a transport still holds (its
+//! data has not all come) is ended by task management through its ticket, and leaves the
+//! order at once ([`Order::retire`]): its initiator may never send the rest, and the commands
+//! after it must not wait for it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
@@ -36,18 +40,53 @@ struct Inner {
     /// The number the next command to arrive gets.
     next: u64,
     /// Commands that have arrived and not left, by arrival number.
-    live: BTreeSet<u64>,
+    live: BTreeMap<u64, Live>,
     /// The ORDERED ones among them.
     ordered: BTreeSet<u64>,
     /// How many of them are HEAD OF QUEUE.
     heads: usize,
 }
 
+#[derive(Debug)]
+struct Live {
+    attr: TaskAttr,
+    /// Still held by its transport (not yet in the task set), with the id of its nexus's
+    /// state on the LU ([`crate::task::NexusState::id`]): task management that ends it
+    /// retires it.
+    held: Option<u64>,
+}
+
 impl Inner {
+    fn insert(&mut self, seq: u64, attr: TaskAttr, held: Option<u64>) {
+        self.live.insert(seq, Live { attr, held });
+        match attr {
+            TaskAttr::Ordered => {
+                self.ordered.insert(seq);
+            }
+            TaskAttr::HeadOfQueue => self.heads += 1,
+            TaskAttr::Simple | TaskAttr::Aca => {}
+        }
+    }
+
+    /// Take `seq` out; `None` when it had already left (retired).
+    fn remove(&mut self, seq: u64) -> Option<Live> {
+        let live = self.live.remove(&seq)?;
+        match live.attr {
+            TaskAttr::Ordered => {
+                self.ordered.remove(&seq);
+            }
+            TaskAttr::HeadOfQueue => self.heads -= 1,
+            TaskAttr::Simple | TaskAttr::Aca => {}
+        }
+        Some(live)
+    }
+
     fn may_start(&self, seq: u64, attr: TaskAttr) -> bool {
         match attr {
             TaskAttr::HeadOfQueue => true,
-            TaskAttr::Ordered => self.heads == 0 && self.live.first() == Some(&seq),
+            TaskAttr::Ordered => {
+                self.heads == 0 && self.live.first_key_value().map(|(&s, _)| s) == Some(seq)
+            }
             // ACA is refused before it would start (the LU has no ACA); until then it waits
             // as a SIMPLE command would.
             TaskAttr::Simple | TaskAttr::Aca => {
@@ -71,24 +110,59 @@ impl Order {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A command with attribute `attr` arrives now.
+    /// A command with attribute `attr` arrives now, as it enters the task set.
     pub(crate) fn arrive(self: &Arc<Self>, attr: TaskAttr) -> Arrival {
         let mut inner = self.lock();
         let seq = inner.next;
         inner.next += 1;
-        inner.live.insert(seq);
-        match attr {
-            TaskAttr::Ordered => {
-                inner.ordered.insert(seq);
-            }
-            TaskAttr::HeadOfQueue => inner.heads += 1,
-            TaskAttr::Simple | TaskAttr::Aca => {}
+        inner.insert(seq, attr, None);
+        Arrival {
+            order: self.clone(),
+            seq,
+            attr,
+        }
+    }
+
+    /// A command of the nexus whose state id is `nexus` arrives now and stays with its
+    /// transport until it can execute. `ended` (read under this order's lock, so that it is
+    /// either seen here or retired by [`Self::retire`]) says task management has ended it
+    /// already: it then takes no place at all.
+    pub(crate) fn arrive_held(
+        self: &Arc<Self>,
+        attr: TaskAttr,
+        nexus: u64,
+        ended: impl FnOnce() -> bool,
+    ) -> Arrival {
+        let mut inner = self.lock();
+        let seq = inner.next;
+        inner.next += 1;
+        if !ended() {
+            inner.insert(seq, attr, Some(nexus));
         }
         Arrival {
             order: self.clone(),
             seq,
             attr,
         }
+    }
+
+    /// Task management has ended the commands of the nexuses `nexus` selects (by state id)
+    /// that their transports still hold: they leave the order now. Call after the epoch that
+    /// ends their tickets has moved.
+    pub(crate) fn retire(&self, nexus: impl Fn(u64) -> bool) {
+        {
+            let mut inner = self.lock();
+            let gone: Vec<u64> = inner
+                .live
+                .iter()
+                .filter(|(_, l)| l.held.is_some_and(&nexus))
+                .map(|(&s, _)| s)
+                .collect();
+            for s in gone {
+                inner.remove(s);
+            }
+        }
+        self.kick();
     }
 
     /// Wake every command waiting for its turn, so that those task management ended find out.
@@ -98,9 +172,25 @@ impl Order {
 }
 
 impl Arrival {
+    /// The transport's command enters the task set: it is no longer held. `false` when it
+    /// has no place (task management ended it while it was held).
+    pub(crate) fn enter_task_set(&self) -> bool {
+        let mut inner = self.order.lock();
+        match inner.live.get_mut(&self.seq) {
+            Some(l) => {
+                l.held = None;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Wait until the rules above let this command start, or `ended` says task management
     /// ended it (checked each time a command leaves or [`Order::kick`] is called).
     pub(crate) async fn turn(&self, ended: impl Fn() -> bool) {
+        if self.order.lock().may_start(self.seq, self.attr) {
+            return;
+        }
         loop {
             let changed = self.order.changed.notified();
             tokio::pin!(changed);
@@ -127,17 +217,10 @@ impl Drop for Arrival {
     fn drop(&mut self) {
         let wake = {
             let mut inner = self.order.lock();
-            inner.live.remove(&self.seq);
-            match self.attr {
-                TaskAttr::Ordered => {
-                    inner.ordered.remove(&self.seq);
-                }
-                TaskAttr::HeadOfQueue => inner.heads -= 1,
-                TaskAttr::Simple | TaskAttr::Aca => {}
-            }
             // Someone may be waiting only while an ORDERED or HEAD OF QUEUE command is live, or
-            // this one was the last of them.
-            !inner.ordered.is_empty() || inner.heads > 0 || self.attr != TaskAttr::Simple
+            // this one was the last of them. A retired one has left already.
+            inner.remove(self.seq).is_some()
+                && (!inner.ordered.is_empty() || inner.heads > 0 || self.attr != TaskAttr::Simple)
         };
         if wake {
             self.order.kick();
@@ -193,6 +276,36 @@ mod tests {
         drop(s1);
         drop(s2);
         assert!(starts(&ord));
+    }
+
+    #[test]
+    fn a_retired_held_command_holds_no_one_back_and_takes_no_place() {
+        let o = Arc::new(Order::default());
+        let held = o.arrive_held(TaskAttr::Ordered, 7, || false);
+        let other = o.arrive_held(TaskAttr::Simple, 8, || false);
+        let later = o.arrive(TaskAttr::Simple);
+        assert!(!starts(&later));
+        o.retire(|n| n == 7);
+        assert!(
+            starts(&later),
+            "the retired ORDERED command still holds it back"
+        );
+        assert!(
+            !held.enter_task_set(),
+            "the retired command has no place left"
+        );
+        assert!(
+            other.enter_task_set(),
+            "another nexus's command keeps its place"
+        );
+        // Ended already when it arrives: no place at all.
+        let dead = o.arrive_held(TaskAttr::Ordered, 7, || true);
+        assert!(starts(&later) && !dead.enter_task_set());
+        // Once in the task set, a command is no longer the transport's to retire.
+        let ord = o.arrive_held(TaskAttr::Ordered, 9, || false);
+        assert!(ord.enter_task_set());
+        o.retire(|_| true);
+        assert!(ord.enter_task_set(), "retired from the task set");
     }
 
     #[tokio::test]

@@ -85,8 +85,14 @@ impl Target {
     /// A command to `lun` with task attribute `attr` that the transport holds before
     /// executing it arrives now (see [`LogicalUnit::arrive`]); `None` for a LUN that does not
     /// exist.
-    pub fn arrive(&self, lun: u64, attr: crate::TaskAttr) -> Option<crate::Arrival> {
-        self.luns.get(&lun).map(|lu| lu.arrive(attr))
+    pub fn arrive(
+        &self,
+        nexus: &Arc<ItNexus>,
+        lun: u64,
+        ticket: Option<&crate::Ticket>,
+        attr: crate::TaskAttr,
+    ) -> Option<crate::Arrival> {
+        self.luns.get(&lun).map(|lu| lu.arrive(nexus, ticket, attr))
     }
 
     /// Whether task management has ended the command of `nexus` for `lun` that the transport

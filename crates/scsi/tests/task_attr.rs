@@ -161,3 +161,52 @@ async fn abort_task_ends_a_command_waiting_for_its_turn_at_once() {
     d.gate.add_permits(1);
     assert_good(&done(w).await);
 }
+
+/// A command its transport still holds (an iSCSI write whose data has not all come) that task
+/// management ends leaves the arrival order at once: the commands after it do not wait for
+/// data its initiator may never send, and when it does execute it ends as aborted.
+#[tokio::test]
+async fn a_held_command_task_management_ended_holds_no_one_back() {
+    let (t, _d, a, b) = gated().await;
+    for tmf in [
+        Tmf::LogicalUnitReset { lun: 0 },
+        Tmf::ClearTaskSet { lun: 0 },
+        Tmf::AbortTaskSet { lun: 0 },
+    ] {
+        // The ABORT TASK SET comes from the holder's own nexus; the others from b.
+        let by = if matches!(tmf, Tmf::AbortTaskSet { .. }) {
+            &a
+        } else {
+            &b
+        };
+        let ticket = t.admit(&a, 0);
+        let held = t.arrive(&a, 0, ticket.as_ref(), TaskAttr::Ordered).unwrap();
+        assert_eq!(
+            t.task_management(by, tmf).await,
+            TmfResponse::FunctionComplete
+        );
+        // Clearing the unit attentions the function left: commands after the ended one.
+        tokio::time::timeout(Duration::from_secs(10), async {
+            ready(&t, &a).await;
+            ready(&t, &b).await;
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the command {tmf:?} ended still holds the others back"));
+        let later = tokio::spawn({
+            let t = t.clone();
+            let b = b.clone();
+            async move {
+                t.execute(cmd(&b, 7, &read16(0, 1), Vec::new(), 1 << 16))
+                    .await
+            }
+        });
+        assert_good(&done(later).await);
+        let mut c = cmd(&a, 8, &write16(0, 1), vec![0x77; BS], 0);
+        c.attr = TaskAttr::Ordered;
+        c.arrival = Some(held);
+        match tokio::time::timeout(Duration::from_secs(10), t.execute_admitted(c, ticket)).await {
+            Ok(Completion::Aborted) => {}
+            other => panic!("the ended command after {tmf:?}: {other:?}"),
+        }
+    }
+}
