@@ -354,12 +354,19 @@ impl VhostScsi {
             } else {
                 map.remove(&target);
             }
+            // Served at no other place of this socket (a config file may put one image at
+            // two), the LU is no longer reached through the socket's port: REGISTER AND MOVE
+            // may not name it.
+            let elsewhere = map.values().any(|t| {
+                t.luns()
+                    .any(|l| t.lu(l).is_some_and(|other| Arc::ptr_eq(other, &lu)))
+            });
+            if !elsewhere {
+                lu.remove_target_port(&self.shared.nexus.target);
+            }
             self.shared.targets.store(Arc::new(map));
             lu
         };
-        // The socket serves an image at one place at most, so the LU is no longer reached
-        // through this socket's port: REGISTER AND MOVE may not name it.
-        removed.remove_target_port(&self.shared.nexus.target);
         let mut only = scsi::Target::new();
         only.add_lu(u64::from(lun), removed.clone());
         only.nexus_lost(&self.shared.nexus);

@@ -773,6 +773,24 @@ fn a_parameter_change_is_posted_with_its_asc_and_ascq() {
     );
 }
 
+/// An LU served at two places of one socket (a config file may do that) is still reached
+/// through the socket's port when one of them is removed, and no longer when both are.
+#[test]
+fn the_socket_port_stays_with_an_lu_until_its_last_place_goes() {
+    let l = lu(8);
+    let h = Harness::with_lu(l.clone());
+    let through_socket = |l: &Arc<scsi::LogicalUnit>| {
+        l.target_ports()
+            .iter()
+            .any(|p| p.transport == scsi::Transport::Vhost)
+    };
+    h.vs.add_lu(0, 1, l.clone()).unwrap();
+    assert!(h.vs.remove_lu(0, 1).is_some());
+    assert!(through_socket(&l), "still served at target 0 LUN 0");
+    assert!(h.vs.remove_lu(0, 0).is_some());
+    assert!(!through_socket(&l));
+}
+
 #[test]
 fn hotplug_events_in_kept_buffers() {
     let mut h = Harness::new();
