@@ -56,6 +56,8 @@ pub struct Backend {
     block_size: u32,
     /// Logical blocks: at open, then as [`Backend::refresh_capacity`] finds the device grown.
     capacity: AtomicU64,
+    /// Held by a rescan ([`Backend::refresh_capacity`]) throughout.
+    rescan: tokio::sync::Mutex<()>,
     locks: RangeLock,
     stats: Stats,
     reservations: Arc<dyn ReservationStore>,
@@ -91,6 +93,7 @@ impl Backend {
             info,
             block_size,
             capacity: AtomicU64::new(capacity),
+            rescan: tokio::sync::Mutex::new(()),
             locks: RangeLock::new(),
             stats: Stats::default(),
             reservations,
@@ -111,6 +114,9 @@ impl Backend {
     /// file or block device) and serve the new number of logical blocks from now on. Returns the
     /// capacity before and after; a device that shrank is an error and changes nothing.
     pub async fn refresh_capacity(&self) -> Result<(u64, u64), BlockError> {
+        // One at a time, from the driver's look to the new capacity: two at once could
+        // otherwise see the older look lose to the newer and call it a shrink.
+        let _one_at_a_time = self.rescan.lock().await;
         let size = self.driver.refresh_size().await?;
         let now = size / u64::from(self.block_size);
         let before = self.capacity.fetch_max(now, Ordering::AcqRel);
