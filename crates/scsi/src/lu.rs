@@ -468,16 +468,13 @@ impl LogicalUnit {
                     ended.push(st.id);
                 }
             });
-            self.tasks.order.retire(|id| ended.contains(&id));
+            let held = self.tasks.order.retire(|id| ended.contains(&id));
             let owners = self
                 .tasks
                 .abort(|n, t| preempted(n) && !(n == &**nexus && t == tag))
                 .await;
             // SAM-5 5.6 with TAS=0: the other nexuses whose tasks were aborted are told.
-            self.nexuses
-                .broadcast(cond::COMMANDS_CLEARED_BY_ANOTHER, |n| {
-                    n != &**nexus && owners.iter().any(|o| **o == *n)
-                });
+            self.tell_cleared(nexus, &owners, &held);
         }
         Response::default()
     }
@@ -1166,20 +1163,35 @@ impl LogicalUnit {
 
     /// Every command received and not yet executing is ended (see [`Ticket`]): a reset of the
     /// task set.
-    fn end_all_tasks(&self) {
+    /// Returns the state ids of the nexuses whose held commands (an iSCSI write collecting
+    /// data) it ended.
+    fn end_all_tasks(&self) -> Vec<u64> {
         self.reset_epoch.fetch_add(1, Ordering::SeqCst);
-        self.tasks.order.retire(|_| true);
+        self.tasks.order.retire(|_| true)
+    }
+
+    /// COMMANDS CLEARED BY ANOTHER INITIATOR to every nexus but `by` whose commands were
+    /// aborted: those in the task set (`owners`), and those their transport held (`held`, by
+    /// nexus state id), whose initiators would otherwise wait for them in vain.
+    fn tell_cleared(&self, by: &ItNexus, owners: &[Arc<ItNexus>], held: &[u64]) {
+        let mut tell: Vec<ItNexus> = owners.iter().map(|o| (**o).clone()).collect();
+        self.nexuses.for_each(|n, st| {
+            if held.contains(&st.id) {
+                tell.push(n.clone());
+            }
+        });
+        self.nexuses
+            .broadcast(cond::COMMANDS_CLEARED_BY_ANOTHER, |n| {
+                n != by && tell.contains(n)
+            });
     }
 
     /// CLEAR TASK SET with TST=000b: every task of every nexus; the others are told with
     /// COMMANDS CLEARED BY ANOTHER INITIATOR (SAM-5 7.4).
     pub(crate) async fn clear_task_set(&self, nexus: &ItNexus) {
-        self.end_all_tasks();
+        let held = self.end_all_tasks();
         let owners = self.tasks.abort(|_, _| true).await;
-        self.nexuses
-            .broadcast(cond::COMMANDS_CLEARED_BY_ANOTHER, |n| {
-                n != nexus && owners.iter().any(|o| **o == *n)
-            });
+        self.tell_cleared(nexus, &owners, &held);
     }
 
     /// LOGICAL UNIT RESET (SAM-5 7.7, 6.3.5): abort every task, reset the mode pages, and

@@ -148,21 +148,26 @@ impl Order {
 
     /// Task management has ended the commands of the nexuses `nexus` selects (by state id)
     /// that their transports still hold: they leave the order now. Call after the epoch that
-    /// ends their tickets has moved.
-    pub(crate) fn retire(&self, nexus: impl Fn(u64) -> bool) {
+    /// ends their tickets has moved. Returns the nexus state ids that had such commands (once
+    /// each): they are told their commands were cleared, as those of commands in the task set.
+    pub(crate) fn retire(&self, nexus: impl Fn(u64) -> bool) -> Vec<u64> {
+        let mut owners = Vec::new();
         {
             let mut inner = self.lock();
-            let gone: Vec<u64> = inner
+            let gone: Vec<(u64, u64)> = inner
                 .live
                 .iter()
-                .filter(|(_, l)| l.held.is_some_and(&nexus))
-                .map(|(&s, _)| s)
+                .filter_map(|(&s, l)| l.held.filter(|&n| nexus(n)).map(|n| (s, n)))
                 .collect();
-            for s in gone {
+            for (s, n) in gone {
                 inner.remove(s);
+                if !owners.contains(&n) {
+                    owners.push(n);
+                }
             }
         }
         self.kick();
+        owners
     }
 
     /// Wake every command waiting for its turn, so that those task management ended find out.
@@ -285,7 +290,11 @@ mod tests {
         let other = o.arrive_held(TaskAttr::Simple, 8, || false);
         let later = o.arrive(TaskAttr::Simple);
         assert!(!starts(&later));
-        o.retire(|n| n == 7);
+        assert_eq!(
+            o.retire(|n| n == 7),
+            vec![7],
+            "the nexus whose command it ended"
+        );
         assert!(
             starts(&later),
             "the retired ORDERED command still holds it back"
@@ -304,7 +313,11 @@ mod tests {
         // Once in the task set, a command is no longer the transport's to retire.
         let ord = o.arrive_held(TaskAttr::Ordered, 9, || false);
         assert!(ord.enter_task_set());
-        o.retire(|_| true);
+        assert_eq!(
+            o.retire(|_| true),
+            Vec::<u64>::new(),
+            "nothing held is left"
+        );
         assert!(ord.enter_task_set(), "retired from the task set");
     }
 

@@ -210,3 +210,23 @@ async fn a_held_command_task_management_ended_holds_no_one_back() {
         }
     }
 }
+
+/// SAM-5 5.6 (TAS=0): CLEAR TASK SET from another nexus tells a nexus whose only command was
+/// still held by its transport (collecting data) that its commands were cleared: UNIT
+/// ATTENTION, COMMANDS CLEARED BY ANOTHER INITIATOR (ASC 2Fh, ASCQ 00h). Without it, its
+/// initiator would wait for that command in vain.
+#[tokio::test]
+async fn clear_task_set_tells_a_nexus_whose_only_command_was_held() {
+    let (t, _d, a, b) = gated().await;
+    let ticket = t.admit(&a, 0);
+    let _held = t.arrive(&a, 0, ticket.as_ref(), TaskAttr::Simple).unwrap();
+    assert_eq!(
+        t.task_management(&b, Tmf::ClearTaskSet { lun: 0 }).await,
+        TmfResponse::FunctionComplete
+    );
+    // TEST UNIT READY (opcode 00h).
+    let r = run(&t, &a, &[0x00, 0, 0, 0, 0, 0], Vec::new()).await;
+    assert_sense(&r, 0x06, 0x2F, 0x00);
+    // The issuer is not told (its own function).
+    assert_good(&run(&t, &b, &[0x00, 0, 0, 0, 0, 0], Vec::new()).await);
+}
