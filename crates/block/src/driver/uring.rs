@@ -21,8 +21,9 @@
 //!   1. take every queued request at once and turn each into an SQE, up to the ring's capacity
 //!      (the rest wait in a backlog);
 //!   2. submit them all and wait for at least one completion with a single `io_uring_enter`;
-//!   3. reap every available CQE, resubmitting the rest of a short read or write and answering
-//!      the finished requests.
+//!   3. reap every available CQE, resubmitting the rest of a short read or write (or one the
+//!      kernel ended with EAGAIN or EINTR, a bounded number of times) and answering the
+//!      finished requests.
 //!
 //!   To sleep in step 2 and still notice new requests, the thread keeps a read of an eventfd
 //!   in the ring; a caller writes the eventfd only when the thread has said it is going to
@@ -101,7 +102,15 @@ struct Slot {
     done: usize,
     /// The iovecs of the part still to transfer, which the SQE in flight points at.
     iov: Vec<libc::iovec>,
+    /// Completions that said "try again" (EAGAIN, EINTR) so far.
+    retries: u32,
 }
+
+/// Completions saying "try again" (EAGAIN, EINTR: nothing was transferred) a request is
+/// resubmitted for before its error is passed on. The kernel retries buffered I/O itself; a
+/// device under pressure (a full request queue for direct I/O) or a signal can still end one
+/// so, and neither is an I/O error of the medium to report to an initiator.
+const MAX_RETRIES: u32 = 16;
 
 type Reply = oneshot::Sender<io::Result<IoBuf>>;
 
@@ -361,6 +370,7 @@ impl Table {
                     req,
                     done,
                     iov: Vec::new(),
+                    retries: 0,
                 });
             }
             self.in_flight += 1;
@@ -442,25 +452,29 @@ impl Table {
             tracing::error!(idx, "io_uring completion for an empty slot");
             return;
         };
-        let outcome: Option<io::Result<()>> = if res < 0 {
-            Some(Err(io::Error::from_raw_os_error(-res)))
-        } else if matches!(slot.req.op, Op::Fsync { .. }) {
-            Some(Ok(()))
-        } else if res == 0 && slot.done < slot.req.buf.len() {
-            Some(Err(match slot.req.op {
-                Op::Read => io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "Read past the end of the file",
-                ),
-                _ => io::Error::new(io::ErrorKind::WriteZero, "Write transferred nothing"),
-            }))
-        } else {
-            slot.done = slot.done.saturating_add(res as usize);
-            (slot.done >= slot.req.buf.len()).then_some(Ok(()))
-        };
+        let outcome: Option<io::Result<()>> =
+            if (res == -libc::EAGAIN || res == -libc::EINTR) && slot.retries < MAX_RETRIES {
+                slot.retries += 1;
+                None
+            } else if res < 0 {
+                Some(Err(io::Error::from_raw_os_error(-res)))
+            } else if matches!(slot.req.op, Op::Fsync { .. }) {
+                Some(Ok(()))
+            } else if res == 0 && slot.done < slot.req.buf.len() {
+                Some(Err(match slot.req.op {
+                    Op::Read => io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "Read past the end of the file",
+                    ),
+                    _ => io::Error::new(io::ErrorKind::WriteZero, "Write transferred nothing"),
+                }))
+            } else {
+                slot.done = slot.done.saturating_add(res as usize);
+                (slot.done >= slot.req.buf.len()).then_some(Ok(()))
+            };
         match outcome {
             None => {
-                // Short transfer: continue with the rest.
+                // Short transfer, or try again: continue with the rest.
                 if !self.push_slot(ring, idx) {
                     let _ = ring.submit();
                     if !self.push_slot(ring, idx) {
@@ -1014,5 +1028,73 @@ mod tests {
         let mut got = vec![0xFFu8; 3 * 4096];
         check.read_exact_at(&mut got, 0).expect("read back");
         assert!(got.iter().all(|&b| b == 0), "a poisoned ring wrote nothing");
+    }
+
+    /// A completion saying "try again" (EAGAIN, EINTR) resubmits the request rather than fail
+    /// it, up to [`MAX_RETRIES`] times; after that the error is passed on.
+    #[test]
+    fn a_try_again_completion_resubmits_a_bounded_number_of_times() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("disk.img"))
+            .expect("open");
+        file.set_len(1 << 20).expect("size");
+        let file = Arc::new(file);
+        let ring = IoUring::new(4).expect("ring");
+        let mut t = Table::new(file.clone(), 1, 4, Arc::default());
+        // The kernel takes the SQE and completes it; its real CQE is discarded and this test
+        // answers for the kernel instead.
+        let go = |t: &mut Table| {
+            t.submit(&ring).expect("submit");
+            ring.submit_and_wait(1).expect("wait");
+            // SAFETY: this test holds the table, so it has sole use of the CQ.
+            unsafe { ring.completion_shared() }.for_each(drop);
+        };
+        let (req, mut rx) = write_request(0, 0xA5);
+        t.backlog.push_back(req);
+        t.start_backlog(&ring);
+        for errno in [libc::EAGAIN, libc::EINTR] {
+            go(&mut t);
+            t.complete(&ring, 0, -errno);
+            answer(t.take_replies());
+            assert!(
+                rx.try_recv().is_err(),
+                "errno {errno}: answered, not retried"
+            );
+            assert_eq!(t.in_flight, 1, "errno {errno}: the request left its slot");
+        }
+        // The resubmission goes out and completes for real.
+        t.submit(&ring).expect("submit");
+        ring.submit_and_wait(1).expect("wait");
+        t.reap(&ring, |_| {});
+        answer(t.take_replies());
+        assert!(
+            matches!(rx.try_recv(), Ok(Ok(_))),
+            "the retried write succeeds"
+        );
+        let mut got = vec![0u8; 4096];
+        file.read_exact_at(&mut got, 0).expect("read back");
+        assert!(got.iter().all(|&b| b == 0xA5));
+
+        // A request the kernel keeps refusing gets its error in the end.
+        let (req, mut rx) = write_request(4096, 0x5A);
+        t.backlog.push_back(req);
+        t.start_backlog(&ring);
+        for _ in 0..MAX_RETRIES {
+            go(&mut t);
+            t.complete(&ring, 0, -libc::EAGAIN);
+        }
+        go(&mut t);
+        t.complete(&ring, 0, -libc::EAGAIN);
+        answer(t.take_replies());
+        match rx.try_recv() {
+            Ok(Err(e)) => assert_eq!(e.raw_os_error(), Some(libc::EAGAIN)),
+            other => panic!("still retried after {MAX_RETRIES}: {other:?}"),
+        }
+        assert_eq!(t.in_flight, 0);
     }
 }
