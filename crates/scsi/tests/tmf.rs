@@ -13,16 +13,6 @@ use scsi::{Completion, ItNexus, Status, Target, Tmf, TmfResponse};
 
 const BS: usize = 512;
 
-async fn gated() -> (Arc<Target>, Arc<GatedDriver>, Arc<ItNexus>, Arc<ItNexus>) {
-    let d = Arc::new(GatedDriver::new(64 * 512, false));
-    let t = Arc::new(target_with(d.clone(), 512));
-    let a = nexus();
-    let b = nexus_named("iqn.1993-08.org.debian:01:b");
-    ready(&t, &a).await;
-    ready(&t, &b).await;
-    (t, d, a, b)
-}
-
 /// Start a WRITE(16) of one block of `fill` at `lba` and wait until it reaches the driver.
 async fn start_write(
     t: &Arc<Target>,

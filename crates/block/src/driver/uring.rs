@@ -962,10 +962,8 @@ mod tests {
         (req, rx)
     }
 
-    /// What a failed `io_uring_enter` leaves (an SQE pushed and not taken by the kernel, a
-    /// request waiting for room) and what poisoning the table does with it.
-    #[test]
-    fn a_poisoned_ring_fails_every_caller_and_never_sends_what_it_held() {
+    /// A 1 MiB image of zeros in a folder of its own (kept while the folder handle lives).
+    fn image() -> (tempfile::TempDir, Arc<File>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = File::options()
             .read(true)
@@ -975,7 +973,14 @@ mod tests {
             .open(dir.path().join("disk.img"))
             .expect("open");
         file.set_len(1 << 20).expect("size");
-        let file = Arc::new(file);
+        (dir, Arc::new(file))
+    }
+
+    /// What a failed `io_uring_enter` leaves (an SQE pushed and not taken by the kernel, a
+    /// request waiting for room) and what poisoning the table does with it.
+    #[test]
+    fn a_poisoned_ring_fails_every_caller_and_never_sends_what_it_held() {
+        let (_dir, file) = image();
         let fd = file.as_raw_fd();
         let ring = IoUring::new(4).expect("ring");
         // One slot: the first request gets its SQE, the second waits in the backlog.
@@ -1034,16 +1039,7 @@ mod tests {
     /// it, up to [`MAX_RETRIES`] times; after that the error is passed on.
     #[test]
     fn a_try_again_completion_resubmits_a_bounded_number_of_times() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("disk.img"))
-            .expect("open");
-        file.set_len(1 << 20).expect("size");
-        let file = Arc::new(file);
+        let (_dir, file) = image();
         let ring = IoUring::new(4).expect("ring");
         let mut t = Table::new(file.clone(), 1, 4, Arc::default());
         // The kernel takes the SQE and completes it; its real CQE is discarded and this test

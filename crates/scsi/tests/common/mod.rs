@@ -409,3 +409,15 @@ impl Driver for GatedDriver {
         self.inner.block_status(o, l).await
     }
 }
+
+/// A target over a [`GatedDriver`] of 64 blocks of 512 bytes, with two nexuses whose power-on
+/// unit attentions are cleared.
+pub async fn gated() -> (Arc<Target>, Arc<GatedDriver>, Arc<ItNexus>, Arc<ItNexus>) {
+    let d = Arc::new(GatedDriver::new(64 * 512, false));
+    let t = Arc::new(target_with(d.clone(), 512));
+    let a = nexus();
+    let b = nexus_named("iqn.1993-08.org.debian:01:b");
+    ready(&t, &a).await;
+    ready(&t, &b).await;
+    (t, d, a, b)
+}
