@@ -1035,24 +1035,29 @@ mod tests {
         assert!(got.iter().all(|&b| b == 0), "a poisoned ring wrote nothing");
     }
 
-    /// A completion saying "try again" (EAGAIN, EINTR) resubmits the request rather than fail
-    /// it, up to [`MAX_RETRIES`] times; after that the error is passed on.
+    /// A completion saying "try again" (EAGAIN, EINTR) resubmits the rest of the request (from
+    /// what a short transfer already moved) rather than fail it, up to [`MAX_RETRIES`] times;
+    /// after that the error is passed on.
     #[test]
     fn a_try_again_completion_resubmits_a_bounded_number_of_times() {
         let (_dir, file) = image();
         let ring = IoUring::new(4).expect("ring");
         let mut t = Table::new(file.clone(), 1, 4, Arc::default());
-        // The kernel takes the SQE and completes it; its real CQE is discarded and this test
-        // answers for the kernel instead.
+        // The kernel takes the SQE and completes it; its real CQE is discarded, what it wrote
+        // is wiped, and this test answers for the kernel instead.
         let go = |t: &mut Table| {
             t.submit(&ring).expect("submit");
             ring.submit_and_wait(1).expect("wait");
             // SAFETY: this test holds the table, so it has sole use of the CQ.
             unsafe { ring.completion_shared() }.for_each(drop);
+            file.write_all_at(&[0u8; 8192], 0).expect("wipe");
         };
         let (req, mut rx) = write_request(0, 0xA5);
         t.backlog.push_back(req);
         t.start_backlog(&ring);
+        // A short transfer of the first half: the rest goes out from byte 2048.
+        go(&mut t);
+        t.complete(&ring, 0, 2048);
         for errno in [libc::EAGAIN, libc::EINTR] {
             go(&mut t);
             t.complete(&ring, 0, -errno);
@@ -1074,7 +1079,10 @@ mod tests {
         );
         let mut got = vec![0u8; 4096];
         file.read_exact_at(&mut got, 0).expect("read back");
-        assert!(got.iter().all(|&b| b == 0xA5));
+        assert!(
+            got[..2048].iter().all(|&b| b == 0) && got[2048..].iter().all(|&b| b == 0xA5),
+            "the retry wrote exactly the half the short transfer had not"
+        );
 
         // A request the kernel keeps refusing gets its error in the end.
         let (req, mut rx) = write_request(4096, 0x5A);
