@@ -334,10 +334,14 @@ impl LogicalUnit {
         ticket: Option<&Ticket>,
         attr: crate::TaskAttr,
     ) -> crate::Arrival {
+        // Without a ticket nothing would end it, so nothing may retire it either.
+        let Some(ticket) = ticket else {
+            return self.tasks.order.arrive(attr);
+        };
         let ns = self.nexuses.get(nexus);
         self.tasks
             .order
-            .arrive_held(attr, ns.id, || ticket.is_some_and(|t| self.ended(&ns, t)))
+            .arrive_held(attr, ns.id, || self.ended(&ns, ticket))
     }
 
     /// Whether task management has ended the command of `nexus` that the transport took
@@ -461,14 +465,16 @@ impl LogicalUnit {
             let preempted = |n: &ItNexus| eff.abort.iter().any(|r| r.matches(n));
             // Commands the transport holds for the other preempted nexuses end too (see
             // Ticket); the issuer's later commands are ordered after this one.
-            let mut ended = Vec::new();
-            self.nexuses.for_each(|n, st| {
-                if n != &**nexus && preempted(n) {
-                    st.abort_epoch.fetch_add(1, Ordering::SeqCst);
-                    ended.push(st.id);
-                }
+            let held = self.tasks.order.retire(|| {
+                let mut ended = Vec::new();
+                self.nexuses.for_each(|n, st| {
+                    if n != &**nexus && preempted(n) {
+                        st.abort_epoch.fetch_add(1, Ordering::SeqCst);
+                        ended.push(st.id);
+                    }
+                });
+                move |id| ended.contains(&id)
             });
-            let held = self.tasks.order.retire(|id| ended.contains(&id));
             let owners = self
                 .tasks
                 .abort(|n, t| preempted(n) && !(n == &**nexus && t == tag))
@@ -1156,8 +1162,10 @@ impl LogicalUnit {
     /// Commands of `nexus` received but not yet executing are ended too (see [`Ticket`]).
     fn end_nexus_tasks(&self, nexus: &ItNexus) {
         if let Some(ns) = self.nexuses.peek(nexus) {
-            ns.abort_epoch.fetch_add(1, Ordering::SeqCst);
-            self.tasks.order.retire(|id| id == ns.id);
+            self.tasks.order.retire(|| {
+                ns.abort_epoch.fetch_add(1, Ordering::SeqCst);
+                |id| id == ns.id
+            });
         }
     }
 
@@ -1166,13 +1174,17 @@ impl LogicalUnit {
     /// Returns the state ids of the nexuses whose held commands (an iSCSI write collecting
     /// data) it ended.
     fn end_all_tasks(&self) -> Vec<u64> {
-        self.reset_epoch.fetch_add(1, Ordering::SeqCst);
-        self.tasks.order.retire(|_| true)
+        self.tasks.order.retire(|| {
+            self.reset_epoch.fetch_add(1, Ordering::SeqCst);
+            |_| true
+        })
     }
 
     /// COMMANDS CLEARED BY ANOTHER INITIATOR to every nexus but `by` whose commands were
     /// aborted: those in the task set (`owners`), and those their transport held (`held`, by
-    /// nexus state id), whose initiators would otherwise wait for them in vain.
+    /// nexus state id), whose initiators would otherwise wait for them in vain. Not told: a
+    /// nexus whose only ended command had no place in the order yet (one waiting for a CmdSN
+    /// gap, or one received just as the function ended it): that takes counting every ticket.
     fn tell_cleared(&self, by: &ItNexus, owners: &[Arc<ItNexus>], held: &[u64]) {
         let mut tell: Vec<ItNexus> = owners.iter().map(|o| (**o).clone()).collect();
         self.nexuses.for_each(|n, st| {

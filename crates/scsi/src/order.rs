@@ -146,14 +146,19 @@ impl Order {
         }
     }
 
-    /// Task management has ended the commands of the nexuses `nexus` selects (by state id)
-    /// that their transports still hold: they leave the order now. Call after the epoch that
-    /// ends their tickets has moved. Returns the nexus state ids that had such commands (once
-    /// each): they are told their commands were cleared, as those of commands in the task set.
-    pub(crate) fn retire(&self, nexus: impl Fn(u64) -> bool) -> Vec<u64> {
+    /// Task management ends commands: `end` moves the epochs that end their tickets and
+    /// returns which nexuses (by state id) it ended the commands of; those their transports
+    /// still hold leave the order now. `end` runs under this order's lock, so a command
+    /// arriving at the same time ([`Self::arrive_held`]) either took its ticket before it and
+    /// is retired here or finds itself ended, or took it after it and keeps its place: a
+    /// command task management did not end never loses its place. Returns the state ids of
+    /// the nexuses that had such commands (once each): they are told their commands were
+    /// cleared, as those of commands in the task set.
+    pub(crate) fn retire<P: Fn(u64) -> bool>(&self, end: impl FnOnce() -> P) -> Vec<u64> {
         let mut owners = Vec::new();
         {
             let mut inner = self.lock();
+            let nexus = end();
             let gone: Vec<(u64, u64)> = inner
                 .live
                 .iter()
@@ -291,7 +296,7 @@ mod tests {
         let later = o.arrive(TaskAttr::Simple);
         assert!(!starts(&later));
         assert_eq!(
-            o.retire(|n| n == 7),
+            o.retire(|| |n| n == 7),
             vec![7],
             "the nexus whose command it ended"
         );
@@ -314,7 +319,7 @@ mod tests {
         let ord = o.arrive_held(TaskAttr::Ordered, 9, || false);
         assert!(ord.enter_task_set());
         assert_eq!(
-            o.retire(|_| true),
+            o.retire(|| |_| true),
             Vec::<u64>::new(),
             "nothing held is left"
         );

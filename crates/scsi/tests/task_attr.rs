@@ -220,3 +220,23 @@ async fn clear_task_set_tells_a_nexus_whose_only_command_was_held() {
     // The issuer is not told (its own function).
     assert_good(&run(&t, &b, &[0x00, 0, 0, 0, 0, 0], Vec::new()).await);
 }
+
+/// A command its transport holds without a ticket is one task management cannot end before it
+/// executes, so it cannot take it out of the order either: the commands after it keep waiting
+/// for it.
+#[tokio::test]
+async fn a_held_command_without_a_ticket_keeps_its_place() {
+    let (t, _d, a, b) = gated().await;
+    let held = t.arrive(&a, 0, None, TaskAttr::Ordered).unwrap();
+    assert_eq!(
+        t.task_management(&b, Tmf::ClearTaskSet { lun: 0 }).await,
+        TmfResponse::FunctionComplete
+    );
+    let later = start(&t, &b, 7, TaskAttr::Simple, read16(0, 1), Vec::new());
+    assert!(
+        waits(&later).await,
+        "it no longer waits for the ORDERED one"
+    );
+    drop(held);
+    assert_good(&done(later).await);
+}
