@@ -19,7 +19,8 @@
 //!
 //! Limits: at most 1024 connections at once (`MAX_CONNECTIONS`; more are closed as accepted);
 //! the login phase must finish within 30 s (`LOGIN_TIMEOUT`); in the full feature phase a PDU
-//! whose first byte has arrived must be complete within 30 s (`PDU_TIMEOUT`), and an idle
+//! whose first byte has arrived must be complete within 30 s (`PDU_TIMEOUT`), a write's data
+//! must come within 30 s of being asked for (see [`Server::set_data_out_timeout`]), and an idle
 //! initiator is pinged (see [`Server::set_nop_interval`]).
 
 mod chap;
@@ -47,6 +48,8 @@ const LOGIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time allowed to receive the rest of a PDU once its first byte has arrived in the full
 /// feature phase; a connection that stalls inside a PDU is dropped.
 const PDU_TIMEOUT: Duration = Duration::from_secs(30);
+/// See [`Server::set_data_out_timeout`].
+const DATA_OUT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections one server serves at once (in login or full feature phase); one accepted
 /// beyond it is closed at once, with a log line.
 const MAX_CONNECTIONS: usize = 1024;
@@ -193,6 +196,7 @@ pub struct Server {
     nop_interval_ms: AtomicU64,
     login_timeout_ms: AtomicU64,
     pdu_timeout_ms: AtomicU64,
+    data_out_timeout_ms: AtomicU64,
     max_connections: AtomicUsize,
     /// Connections being served.
     connections: AtomicUsize,
@@ -245,6 +249,7 @@ impl Server {
             nop_interval_ms: AtomicU64::new(millis(NOP_INTERVAL)),
             login_timeout_ms: AtomicU64::new(millis(LOGIN_TIMEOUT)),
             pdu_timeout_ms: AtomicU64::new(millis(PDU_TIMEOUT)),
+            data_out_timeout_ms: AtomicU64::new(millis(DATA_OUT_TIMEOUT)),
             max_connections: AtomicUsize::new(MAX_CONNECTIONS),
             connections: AtomicUsize::new(0),
             idle: tokio::sync::Notify::new(),
@@ -276,6 +281,22 @@ impl Server {
     pub fn set_nop_interval(&self, interval: Duration) {
         self.nop_interval_ms
             .store(millis(interval), Ordering::Relaxed);
+    }
+
+    /// A write whose data the initiator was asked for (an R2T, or the unsolicited data its
+    /// command announced) and has not sent within `timeout` ends its connection (RFC 7143
+    /// 6.1.4.1 leaves the timeout to the target; at ErrorRecoveryLevel 0 the recovery is the
+    /// connection's). Without it an initiator that answers pings but never sends the data
+    /// would hold the write, its buffer and its place in the LU's order (an ORDERED write holds
+    /// every later command back) until task management or the connection ended it. Applies to
+    /// sessions that start afterwards. Default 30 s.
+    pub fn set_data_out_timeout(&self, timeout: Duration) {
+        self.data_out_timeout_ms
+            .store(millis(timeout), Ordering::Relaxed);
+    }
+
+    pub(crate) fn data_out_timeout(&self) -> Duration {
+        Duration::from_millis(self.data_out_timeout_ms.load(Ordering::Relaxed))
     }
 
     fn nop_interval(&self) -> Duration {

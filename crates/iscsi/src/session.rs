@@ -84,6 +84,8 @@ pub enum SessionError {
     PingTimeout,
     #[error("PDU not completed within {0:?}")]
     PduTimeout(Duration),
+    #[error("Data-Out asked for not sent within {0:?}")]
+    DataOutTimeout(Duration),
 }
 
 /// Sequence-number handling of an outgoing PDU.
@@ -328,6 +330,9 @@ struct WriteTask {
     /// Its place in the LU's arrival order, taken in CmdSN order: the commands after it
     /// keep their task attributes' order with it while its data arrives (SAM-5 8.6).
     arrival: Option<scsi::Arrival>,
+    /// When the initiator was last asked for data (the command's arrival, each R2T): see
+    /// [`crate::Server::set_data_out_timeout`].
+    asked: std::time::Instant,
 }
 
 struct Conn {
@@ -402,6 +407,11 @@ where
     )));
     let ping_idle = conn.server.nop_interval();
     let pdu_timeout = conn.server.pdu_timeout();
+    let data_out_timeout = conn.server.data_out_timeout();
+    // Writes are looked at for overdue data at most this often (a scan of the tasks
+    // collecting data), and at least once per ping interval of an idle connection.
+    let data_out_every = (data_out_timeout / 4).min(Duration::from_secs(1));
+    let mut data_out_check = std::time::Instant::now() + data_out_every;
     let mut pace = Pace::default();
     let mut handled = 0u32;
     let result = loop {
@@ -423,6 +433,12 @@ where
         // A command has just been handled: watch for the next one for a moment before
         // sleeping in the reactor (see BUSY_POLL).
         let free = std::time::Instant::now();
+        if free >= data_out_check {
+            data_out_check = free + data_out_every;
+            if conn.data_out_overdue(free, data_out_timeout) {
+                break Err(SessionError::DataOutTimeout(data_out_timeout));
+            }
+        }
         let idle = rd.buffer().is_empty();
         if let (true, true, Some(fd)) = (idle, pace.worth_watching(), fd) {
             busy_poll(fd, &queued, &conn.shared.flushed).await;
@@ -985,6 +1001,7 @@ impl Conn {
             solicited: 0,
             ticket,
             arrival,
+            asked: std::time::Instant::now(),
         };
         self.tasks.insert(itt, task);
         self.advance_write(itt);
@@ -1046,6 +1063,7 @@ impl Conn {
             t
         };
         task.unsolicited = false;
+        task.asked = std::time::Instant::now();
         task.ttt = ttt;
         task.seq_end = got + len;
         task.datasn = 0;
@@ -1060,6 +1078,14 @@ impl Conn {
         b.set_u32(40, got);
         b.set_u32(44, len);
         self.send_pdu(b, Vec::new(), Sn::Peek);
+    }
+
+    /// Whether a write has waited longer than `limit` for data it asked for (one waiting for
+    /// budget, in `r2t_wait`, waits for this target, not for its initiator).
+    fn data_out_overdue(&self, now: std::time::Instant, limit: Duration) -> bool {
+        self.tasks.iter().any(|(itt, t)| {
+            now.saturating_duration_since(t.asked) > limit && !self.r2t_wait.contains(itt)
+        })
     }
 
     /// Remove a task collecting data, returning what it solicited to the budget.

@@ -477,6 +477,46 @@ async fn answered_ping_keeps_the_session() {
     assert_eq!(server.sessions().len(), 1);
 }
 
+/// A write whose data the target asked for with an R2T and never got ends the connection once
+/// the data-out timeout passes, even while the initiator answers every ping: otherwise the
+/// write, its place in the LU's order and its buffer would be held for as long as the
+/// initiator liked.
+#[tokio::test]
+async fn a_write_whose_data_never_comes_ends_the_connection() {
+    let (addr, server) = start_server().await;
+    server.set_nop_interval(Duration::from_millis(200));
+    server.set_data_out_timeout(Duration::from_millis(600));
+    let mut c = Client::login(addr, "").await;
+    c.clear_unit_attention().await;
+    // WRITE(10) of one block, F and W set, no immediate data: InitialR2T=Yes, so the target
+    // asks for the data with an R2T (opcode 0x31).
+    let (w, _) = c.command(0xa1, 512, &write10(0, 1));
+    c.send(w, &[]).await;
+    let mut r2t = false;
+    for _ in 0..50 {
+        let Some(p) = c.recv().await else { break };
+        match p.bhs[0] & 0x3f {
+            0x31 => r2t = true,
+            0x20 => {
+                // Answer the ping: NOP-Out, immediate, ITT 0xffffffff, TTT copied.
+                let mut n = [0u8; 48];
+                n[0] = 0x40;
+                n[1] = 0x80;
+                n[16..20].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
+                n[20..24].copy_from_slice(&p.bhs[20..24]);
+                n[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
+                c.send(n, &[]).await;
+            }
+            other => panic!("unexpected PDU {other:#x}"),
+        }
+    }
+    assert!(r2t, "no R2T");
+    assert!(
+        closed(&mut c).await,
+        "the connection outlived the data-out timeout"
+    );
+}
+
 #[tokio::test]
 async fn login_with_the_same_isid_reinstates_the_session() {
     let (addr, server) = start_server().await;
