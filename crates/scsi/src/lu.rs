@@ -1170,8 +1170,7 @@ impl LogicalUnit {
     }
 
     /// Every command received and not yet executing is ended (see [`Ticket`]): a reset of the
-    /// task set.
-    /// Returns the state ids of the nexuses whose held commands (an iSCSI write collecting
+    /// task set. Returns the state ids of the nexuses whose held commands (an iSCSI write collecting
     /// data) it ended.
     fn end_all_tasks(&self) -> Vec<u64> {
         self.tasks.order.retire(|| {
