@@ -106,13 +106,7 @@ async fn command_beyond_max_cmdsn_is_ignored_and_nop_is_answered() {
     c.cmdsn -= 1;
     c.send(b, &[]).await;
     // NOP-Out ping with data (RFC 7143 11.18), immediate.
-    let mut n = [0u8; 48];
-    n[0] = 0x40; // I=1, NOP-Out
-    n[1] = 0x80;
-    n[16..20].copy_from_slice(&77u32.to_be_bytes()); // ITT
-    n[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes()); // TTT
-    n[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
-    c.send(n, b"ping").await;
+    c.send(c.nop_out(77, 0xffff_ffff), b"ping").await;
     let r = c.recv().await.expect("NOP-In");
     assert_eq!(
         r.bhs[0], 0x20,
@@ -466,13 +460,7 @@ async fn answered_ping_keeps_the_session() {
     for _ in 0..3 {
         let ping = c.recv().await.expect("NOP-In ping");
         // NOP-Out answer: immediate, ITT 0xffffffff, TTT copied (RFC 7143 11.18).
-        let mut n = [0u8; 48];
-        n[0] = 0x40;
-        n[1] = 0x80;
-        n[16..20].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
-        n[20..24].copy_from_slice(&ping.bhs[20..24]);
-        n[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
-        c.send(n, &[]).await;
+        c.send(c.nop_out(0xffff_ffff, ping.u32(20)), &[]).await;
     }
     assert_eq!(server.sessions().len(), 1);
 }
@@ -498,14 +486,8 @@ async fn a_write_whose_data_never_comes_ends_the_connection() {
         match p.bhs[0] & 0x3f {
             0x31 => r2t = true,
             0x20 => {
-                // Answer the ping: NOP-Out, immediate, ITT 0xffffffff, TTT copied.
-                let mut n = [0u8; 48];
-                n[0] = 0x40;
-                n[1] = 0x80;
-                n[16..20].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
-                n[20..24].copy_from_slice(&p.bhs[20..24]);
-                n[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
-                c.send(n, &[]).await;
+                // Answer the ping: ITT 0xffffffff, its TTT.
+                c.send(c.nop_out(0xffff_ffff, p.u32(20)), &[]).await;
             }
             other => panic!("unexpected PDU {other:#x}"),
         }
@@ -728,13 +710,7 @@ fn flood_with_pings(mut c: Client) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let payload = vec![0x5au8; 4096];
         for i in 0..20_000u32 {
-            let mut n = [0u8; 48];
-            n[0] = 0x40; // I=1, NOP-Out
-            n[1] = 0x80;
-            n[16..20].copy_from_slice(&i.to_be_bytes()); // ITT
-            n[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes()); // TTT
-            n[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
-            c.send(n, &payload).await;
+            c.send(c.nop_out(i, 0xffff_ffff), &payload).await;
         }
     })
 }
@@ -768,13 +744,7 @@ async fn initiator_that_never_reads_does_not_stall_others() {
     // The flooder is blocked by backpressure (the target stopped reading it).
     assert!(!flooder.is_finished());
     let mut c = Client::login_isid(addr, "", [0x80, 3, 3, 3, 3, 3]).await;
-    let mut n = [0u8; 48];
-    n[0] = 0x40;
-    n[1] = 0x80;
-    n[16..20].copy_from_slice(&1u32.to_be_bytes());
-    n[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
-    n[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
-    c.send(n, b"hi").await;
+    c.send(c.nop_out(1, 0xffff_ffff), b"hi").await;
     let r = c.recv().await.expect("NOP-In");
     assert_eq!(r.data, b"hi");
     flooder.abort();
@@ -1710,13 +1680,7 @@ async fn waiting_task_management_functions_are_bounded_per_connection() {
             .await;
     }
     // NOP-Out ping (RFC 7143 11.18), immediate, ITT 77.
-    let mut n = [0u8; 48];
-    n[0] = 0x40;
-    n[1] = 0x80;
-    n[16..20].copy_from_slice(&77u32.to_be_bytes());
-    n[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
-    n[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
-    c.send(n, &[]).await;
+    c.send(c.nop_out(77, 0xffff_ffff), &[]).await;
     assert!(
         c.recv().await.is_none(),
         "the reader took PDUs past 16 waiting functions"

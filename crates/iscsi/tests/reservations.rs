@@ -285,12 +285,7 @@ impl Node {
                     // NOP-In ping: answer it (RFC 7143 11.19).
                     let ttt = p.u32(20);
                     if ttt != 0xffff_ffff {
-                        let mut n = [0u8; 48];
-                        n[0] = 0x40; // I=1, NOP-Out
-                        n[1] = 0x80;
-                        n[16..20].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
-                        n[20..24].copy_from_slice(&ttt.to_be_bytes());
-                        n[24..28].copy_from_slice(&self.c.cmdsn.to_be_bytes());
+                        let n = self.c.nop_out(0xffff_ffff, ttt);
                         self.c.send(n, &[]).await;
                     }
                 }

@@ -111,6 +111,18 @@ impl Client {
         self.s.write_all(&[0u8; 3][..pad]).await.expect("send pad");
     }
 
+    /// A NOP-Out (RFC 7143 11.18), immediate, at the current CmdSN: a ping of ours (an ITT,
+    /// TTT 0xffffffff) or the answer to the target's (ITT 0xffffffff, the ping's TTT).
+    pub fn nop_out(&self, itt: u32, ttt: u32) -> [u8; 48] {
+        let mut n = [0u8; 48];
+        n[0] = 0x40; // I=1, NOP-Out
+        n[1] = 0x80; // F=1
+        n[16..20].copy_from_slice(&itt.to_be_bytes());
+        n[20..24].copy_from_slice(&ttt.to_be_bytes());
+        n[24..28].copy_from_slice(&self.cmdsn.to_be_bytes());
+        n
+    }
+
     pub async fn recv(&mut self) -> Option<Pdu> {
         let mut bhs = [0u8; 48];
         tokio::time::timeout(Duration::from_secs(2), self.s.read_exact(&mut bhs))
