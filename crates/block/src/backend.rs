@@ -115,7 +115,8 @@ impl Backend {
     /// capacity before and after; a device that shrank is an error and changes nothing.
     pub async fn refresh_capacity(&self) -> Result<(u64, u64), BlockError> {
         // One at a time, from the driver's look to the new capacity: two at once could
-        // otherwise see the older look lose to the newer and call it a shrink.
+        // otherwise see the older look lose to the newer and call it a shrink, in the driver
+        // (which stores its size) or here. The drivers rely on it (see Driver::refresh_size).
         let _one_at_a_time = self.rescan.lock().await;
         let size = self.driver.refresh_size().await?;
         let now = size / u64::from(self.block_size);

@@ -151,6 +151,8 @@ pub trait Driver: Send + Sync + 'static {
     }
     /// Look at the device's size again, after it was grown underneath: the size in bytes now,
     /// which [`Driver::info`] reports from then on. The default: the size never changes.
+    /// [`Backend::refresh_capacity`] calls it one call at a time, so a driver need not guard
+    /// against an older look being stored over a newer one.
     async fn refresh_size(&self) -> Result<u64, BlockError> {
         Ok(self.info().size)
     }

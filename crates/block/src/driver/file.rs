@@ -517,9 +517,6 @@ pub struct FileDriver {
     pace: DirectPace,
     /// The image's size in bytes: at open, then as [`Driver::refresh_size`] finds it grown.
     size: AtomicU64,
-    /// Held by a rescan from its look at the image to its update of `size`, so that two at
-    /// once cannot store an older look over a newer one.
-    rescan: std::sync::Mutex<()>,
     block_device: bool,
     punch: bool,
     /// The file system's block size (`st_blksize`).
@@ -798,7 +795,6 @@ impl FileDriver {
             writes_in_flight: AtomicUsize::new(0),
             pace: DirectPace::default(),
             size: AtomicU64::new(size),
-            rescan: std::sync::Mutex::new(()),
             block_device,
             punch,
             alloc_unit: std::os::unix::fs::MetadataExt::blksize(&meta),
@@ -1197,7 +1193,6 @@ impl Driver for FileDriver {
     /// image is served to its new end from now on; one that shrank is refused (blocks an
     /// initiator was told of would vanish under it) and the size stays.
     async fn refresh_size(&self) -> Result<u64, BlockError> {
-        let _one_at_a_time = self.rescan.lock().unwrap_or_else(|e| e.into_inner());
         let now = if self.block_device {
             block_device_size(&self.file)
         } else {
