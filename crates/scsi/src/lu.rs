@@ -287,10 +287,7 @@ impl LogicalUnit {
     /// Record that a frontend of `transport` serves this LU through target port `port` (an
     /// iSCSI target's portal group, a vhost-user socket). Once is enough.
     pub fn add_target_port(&self, port: TargetPort, transport: crate::Transport) {
-        let mut ports = self.served_ports();
-        if !ports.iter().any(|p| p.port == port) {
-            ports.push(ServedPort { port, transport });
-        }
+        ServedPort::add(&mut self.served_ports(), &port, transport);
     }
 
     /// Record that no frontend serves this LU through `port` any more (the LU was taken off
@@ -438,12 +435,7 @@ impl LogicalUnit {
         // the frontends serve it through, and any a nexus has used.
         let mut ports = self.target_ports();
         self.nexuses.for_each(|n, _| {
-            if !ports.iter().any(|p| p.port == n.target) {
-                ports.push(ServedPort {
-                    port: n.target.clone(),
-                    transport: n.initiator.transport,
-                });
-            }
+            ServedPort::add(&mut ports, &n.target, n.initiator.transport);
         });
         let eff = match self
             .resv
@@ -1170,8 +1162,8 @@ impl LogicalUnit {
     }
 
     /// Every command received and not yet executing is ended (see [`Ticket`]): a reset of the
-    /// task set. Returns the state ids of the nexuses whose held commands (an iSCSI write collecting
-    /// data) it ended.
+    /// task set. Returns the state ids of the nexuses whose held commands (an iSCSI write
+    /// collecting data) it ended.
     fn end_all_tasks(&self) -> Vec<u64> {
         self.tasks.order.retire(|| {
             self.reset_epoch.fetch_add(1, Ordering::SeqCst);

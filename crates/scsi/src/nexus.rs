@@ -57,6 +57,19 @@ pub struct ServedPort {
     pub transport: Transport,
 }
 
+impl ServedPort {
+    /// Add `port`, served by `transport`, to `ports` unless it is there already (a port is
+    /// known by its identity, whatever transport was recorded with it first).
+    pub(crate) fn add(ports: &mut Vec<ServedPort>, port: &TargetPort, transport: Transport) {
+        if !ports.iter().any(|p| p.port == *port) {
+            ports.push(ServedPort {
+                port: port.clone(),
+                transport,
+            });
+        }
+    }
+}
+
 impl TargetPort {
     /// The iSCSI target port name, `<target name>,t,0x<TPGT>` (RFC 7143 13.8), four hex
     /// digits.

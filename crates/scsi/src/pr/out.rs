@@ -139,12 +139,7 @@ pub fn out(
     }];
     for r in &state.registrations {
         if let Some(t) = &r.who.target {
-            if !ports.iter().any(|p| p.port == *t) {
-                ports.push(ServedPort {
-                    port: t.clone(),
-                    transport: r.who.initiator.transport,
-                });
-            }
+            ServedPort::add(&mut ports, t, r.who.initiator.transport);
         }
     }
     out_with_ports(state, nexus, sa, scope, ty, param, &ports)
