@@ -112,15 +112,7 @@ impl Order {
 
     /// A command with attribute `attr` arrives now, as it enters the task set.
     pub(crate) fn arrive(self: &Arc<Self>, attr: TaskAttr) -> Arrival {
-        let mut inner = self.lock();
-        let seq = inner.next;
-        inner.next += 1;
-        inner.insert(seq, attr, None);
-        Arrival {
-            order: self.clone(),
-            seq,
-            attr,
-        }
+        self.take_place(attr, None, || false)
     }
 
     /// A command of the nexus whose state id is `nexus` arrives now and stays with its
@@ -133,11 +125,21 @@ impl Order {
         nexus: u64,
         ended: impl FnOnce() -> bool,
     ) -> Arrival {
+        self.take_place(attr, Some(nexus), ended)
+    }
+
+    /// The next arrival number, and a place under it unless `ended`.
+    fn take_place(
+        self: &Arc<Self>,
+        attr: TaskAttr,
+        held: Option<u64>,
+        ended: impl FnOnce() -> bool,
+    ) -> Arrival {
         let mut inner = self.lock();
         let seq = inner.next;
         inner.next += 1;
         if !ended() {
-            inner.insert(seq, attr, Some(nexus));
+            inner.insert(seq, attr, held);
         }
         Arrival {
             order: self.clone(),
