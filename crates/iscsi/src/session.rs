@@ -20,8 +20,10 @@
 //! Answers queued for the writer are bounded too: the reader stops taking PDUs while more than
 //! [`MAX_QUEUED`] messages or [`MAX_QUEUED_BYTES`] of data wait to be sent (an initiator that
 //! sends READs and does not read the answers), and gives up on the connection when the writer
-//! makes no room for [`WRITER_STALL`]. What one connection holds is then at most that, the
-//! data-out above, and the data-in of the commands the window lets run at once. Task management
+//! makes no room for [`WRITER_STALL`]. The data-in of READs, from before each runs until its
+//! data is written out, is at most [`MAX_READING`]: a READ waits for its share. What one
+//! connection holds is then at most that, the data-out above, and the small data-in of the
+//! other commands the window lets run at once. Task management
 //! functions waiting for the tasks they end are at most [`MAX_TMF`]; the reader waits for one
 //! to end before it takes the next.
 
@@ -56,6 +58,12 @@ const WRITER_STALL: Duration = Duration::from_secs(30);
 /// Data-out bytes one connection solicits with R2Ts at once; a write's first R2T waits until
 /// earlier writes have left.
 pub const MAX_SOLICITED: u64 = 64 * 1024 * 1024;
+/// Data-in bytes the READs of one connection hold at once, from before each runs until its
+/// data is written out. Without it the CmdSN window ([`QUEUE_DEPTH`]) lets 128 READs of the
+/// largest transfer (8 MiB, the Block Limits VPD page) hold 1 GiB for one initiator that does
+/// not read its answers. A READ waits for its share in arrival order; one of at most this
+/// size always fits once the READs before it are out, so reads always progress.
+pub const MAX_READING: u64 = 64 * 1024 * 1024;
 /// Immediate SCSI commands admitted at once, from admission (collecting data or executing)
 /// until answered; more are rejected (RFC 7143 11.17.1, reason 0x06).
 const MAX_IMMEDIATE: u32 = 16;
@@ -124,6 +132,23 @@ pub struct ScsiResult {
     pub edtl_in: u32,
     /// For writes: (overflow, count) from EDTL against the CDB's data-out length.
     pub write_residual: Option<(bool, u32)>,
+    /// A READ's share of its connection's [`MAX_READING`], given back once the writer has
+    /// written its data out.
+    pub reading: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl ScsiResult {
+    /// The answer to a command the transport ends before the SCSI layer sees it.
+    fn early(itt: u32, lun: [u8; 8], resp: Response) -> Out {
+        Out::Result(Box::new(Self {
+            itt,
+            lun,
+            resp,
+            edtl_in: 0,
+            write_residual: None,
+            reading: None,
+        }))
+    }
 }
 
 /// What is queued for the writer: messages, and the data bytes they carry.
@@ -200,6 +225,9 @@ pub struct Shared {
     running: Mutex<HashMap<u32, Running>>,
     /// Told by the writer each time it has written out everything queued (see `busy_poll`).
     flushed: tokio::sync::Notify,
+    /// Data-in bytes of READs, from before a READ runs until the writer has written its data
+    /// (see [`MAX_READING`]).
+    reading: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Debug)]
@@ -224,6 +252,7 @@ impl Shared {
             immediate: AtomicU32::new(0),
             running: Mutex::new(HashMap::new()),
             flushed: tokio::sync::Notify::new(),
+            reading: Arc::new(tokio::sync::Semaphore::new(MAX_READING as usize)),
         }
     }
     fn running(&self) -> MutexGuard<'_, HashMap<u32, Running>> {
@@ -945,13 +974,7 @@ impl Conn {
             self.shared.release(slot);
             // ILLEGAL REQUEST, INVALID FIELD IN CDB (24h/00h).
             let resp = check_condition(0x05, 0x24, 0x00);
-            self.send(Out::Result(Box::new(ScsiResult {
-                itt,
-                lun: lun_raw,
-                resp,
-                edtl_in: 0,
-                write_residual: None,
-            })));
+            self.send(ScsiResult::early(itt, lun_raw, resp));
             return;
         }
         let spdtl = target.data_out_len(lun, &cdb);
@@ -966,18 +989,16 @@ impl Conn {
             match slot {
                 Slot::Immediate => self.reject(reject::IMMEDIATE_REJECT, &bhs),
                 // SAM-5 5.3: TASK SET FULL when resources for a new command are lacking.
-                Slot::Window => self.send(Out::Result(Box::new(ScsiResult {
+                Slot::Window => self.send(ScsiResult::early(
                     itt,
-                    lun: lun_raw,
-                    resp: Response {
+                    lun_raw,
+                    Response {
                         status: scsi::Status::TASK_SET_FULL,
                         sense: Vec::new(),
                         data_in: Vec::new(),
                         data_in_placed: 0,
                     },
-                    edtl_in: 0,
-                    write_residual: None,
-                }))),
+                )),
             }
             return;
         }
@@ -1167,13 +1188,11 @@ impl Conn {
             return;
         };
         self.shared.release(t.slot);
-        self.send(Out::Result(Box::new(ScsiResult {
+        self.send(ScsiResult::early(
             itt,
-            lun: t.lun_raw,
-            resp: check_condition(0x0b, asc, ascq),
-            edtl_in: 0,
-            write_residual: None,
-        })));
+            t.lun_raw,
+            check_condition(0x0b, asc, ascq),
+        ));
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1201,7 +1220,16 @@ impl Conn {
                 then: None,
             },
         );
+        // A READ first waits for its share of the connection's data-in budget, in arrival
+        // order (the semaphore is fair and this runs on the reader before the next PDU), so
+        // whoever holds the budget is older, runs, and gives it back once its data is out.
+        let want = target.read_len(cmd.lun, &cmd.cdb).min(MAX_READING) as u32;
+        let budget = (want > 0).then(|| shared.reading.clone());
         let task = async move {
+            let reading = match budget {
+                Some(b) => b.acquire_many_owned(want).await.ok(),
+                None => None,
+            };
             let done = target.execute_admitted(cmd, ticket).await;
             shared.release(slot);
             {
@@ -1216,6 +1244,7 @@ impl Conn {
                         resp,
                         edtl_in,
                         write_residual,
+                        reading,
                     })));
                 }
                 if let Some(bhs) = entry.and_then(|r| r.then) {
@@ -1841,6 +1870,8 @@ async fn write_result<W: AsyncWrite + Unpin>(
         datasn = datasn.wrapping_add(1);
         offset = end;
     }
+    // The data is in the socket or the writer's buffer: the READ's budget goes back.
+    drop(r.reading);
     if status_in_data {
         return Ok(());
     }

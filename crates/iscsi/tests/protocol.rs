@@ -244,11 +244,26 @@ async fn max_recv_data_segment_length_declared_in_the_full_feature_phase_is_hono
     }
 }
 
-/// A memory disk whose writes wait until the test opens the gate.
+/// A memory disk whose writes wait until the test opens the gate, and whose reads, with a
+/// read gate, wait (counted) until that one opens.
 struct GatedDriver {
     inner: block::driver::mem::MemDriver,
     gate: tokio::sync::Semaphore,
     entered: tokio::sync::Notify,
+    read_gate: Option<tokio::sync::watch::Receiver<bool>>,
+    reads_entered: std::sync::atomic::AtomicUsize,
+}
+
+impl GatedDriver {
+    fn new(read_gate: Option<tokio::sync::watch::Receiver<bool>>) -> Self {
+        Self {
+            inner: block::driver::mem::MemDriver::new(16 << 20),
+            gate: tokio::sync::Semaphore::new(0),
+            entered: tokio::sync::Notify::new(),
+            read_gate,
+            reads_entered: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -257,6 +272,11 @@ impl block::Driver for GatedDriver {
         self.inner.info()
     }
     async fn read(&self, o: u64, l: usize) -> Result<Vec<u8>, block::BlockError> {
+        if let Some(mut gate) = self.read_gate.clone() {
+            self.reads_entered
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            gate.wait_for(|open| *open).await.expect("read gate");
+        }
         self.inner.read(o, l).await
     }
     async fn write(&self, o: u64, d: Vec<u8>, fua: bool) -> Result<(), block::BlockError> {
@@ -290,11 +310,7 @@ async fn a_write_held_in_the_backend(
     Client,
     u32,
 ) {
-    let driver = Arc::new(GatedDriver {
-        inner: block::driver::mem::MemDriver::new(16 << 20),
-        gate: tokio::sync::Semaphore::new(0),
-        entered: tokio::sync::Notify::new(),
-    });
+    let driver = Arc::new(GatedDriver::new(None));
     let (addr, server) = start_with(driver.clone()).await;
     let mut c = Client::login(addr, "").await;
     c.clear_unit_attention().await;
@@ -303,6 +319,68 @@ async fn a_write_held_in_the_backend(
     c.send(b, &[byte; 512]).await;
     entered.await;
     (driver, addr, server, c, itt)
+}
+
+#[tokio::test]
+async fn reads_of_one_connection_hold_at_most_their_data_in_budget_and_all_complete() {
+    // 40 READ(10)s of 16384 blocks (8 MiB, the largest transfer the Block Limits VPD page
+    // allows at 512-byte blocks) are in the CmdSN window at once, and the disk holds them.
+    // Each would hold 8 MiB of data-in until the initiator reads it: 320 MiB. The budget is
+    // 64 MiB per connection, so at most 8 may reach the disk before their data is read.
+    const READS: u32 = 40;
+    const LEN: u32 = 8 << 20;
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let driver = Arc::new(GatedDriver::new(Some(gate)));
+    let (addr, _server) = start_with(driver.clone()).await;
+    let mut c = Client::login(addr, "").await;
+    c.clear_unit_attention().await;
+    let mut itts = Vec::new();
+    for _ in 0..READS {
+        // F=1, R=1, ATTR=SIMPLE; EDTL 8 MiB; READ(10) of LBA 0, 16384 blocks.
+        let (b, itt) = c.command(0xC1, LEN, &read10(0, 16384));
+        c.send(b, &[]).await;
+        itts.push(itt);
+    }
+    let entered = || {
+        driver
+            .reads_entered
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    // Give the target time to take every command in (all 40 enter without the budget).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while entered() < 8 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        entered(),
+        8,
+        "READs inside the disk before any data was read"
+    );
+    // Open the disk; still nothing is read here, so the budget stays with those 8.
+    open.send(true).expect("open the read gate");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(entered(), 8, "READs let in before the first 8 were read");
+    // Reading the answers gives the budget back: every READ completes, GOOD, with all its data.
+    let mut got = std::collections::HashMap::new();
+    let mut finished = Vec::new();
+    while finished.len() < READS as usize {
+        let p = c.recv().await.expect("Data-In");
+        assert_eq!(p.bhs[0], 0x25, "Data-In");
+        let itt = p.u32(16);
+        let n = got.entry(itt).or_insert(0usize);
+        *n += p.data.len();
+        if p.bhs[1] & 0x01 != 0 {
+            // S: the status is in this last Data-In PDU (RFC 7143 11.7.1).
+            assert_eq!(p.bhs[3], 0, "GOOD");
+            assert_eq!(*n, LEN as usize, "data of ITT {itt:#x}");
+            finished.push(itt);
+        }
+    }
+    finished.sort_unstable();
+    itts.sort_unstable();
+    assert_eq!(finished, itts, "one answer per READ");
+    assert_eq!(entered(), READS as usize);
 }
 
 fn abort_task(c: &Client, itt: u32, ref_itt: u32, ref_cmdsn: u32) -> [u8; 48] {
