@@ -73,6 +73,7 @@ pub struct Ticket {
     reset_epoch: u64,
     nexus_id: u64,
     abort_epoch: u64,
+    cleared: u64,
 }
 
 type Outcome = Result<Vec<u8>, Sense>;
@@ -314,6 +315,7 @@ impl LogicalUnit {
             reset_epoch: self.reset_epoch.load(Ordering::SeqCst),
             nexus_id: ns.id,
             abort_epoch: ns.abort_epoch.load(Ordering::SeqCst),
+            cleared: ns.cleared.load(Ordering::SeqCst),
         }
     }
 
@@ -384,6 +386,12 @@ impl LogicalUnit {
         if let Some(t) = ticket {
             if self.ended(&ns, &t) {
                 guard.ctl.finish();
+                // Ended before it had a place in the task set or the order (held for a
+                // CmdSN gap, waiting for its transport, or received as the function ran): if
+                // another initiator cleared it, its initiator learns it here.
+                if ns.cleared.load(Ordering::SeqCst) != t.cleared {
+                    ns.tell_cleared_once();
+                }
                 return Completion::Aborted;
             }
         }
@@ -461,6 +469,7 @@ impl LogicalUnit {
                 let mut ended = Vec::new();
                 self.nexuses.for_each(|n, st| {
                     if n != &**nexus && preempted(n) {
+                        st.cleared.fetch_add(1, Ordering::SeqCst);
                         st.abort_epoch.fetch_add(1, Ordering::SeqCst);
                         ended.push(st.id);
                     }
@@ -1173,25 +1182,27 @@ impl LogicalUnit {
 
     /// COMMANDS CLEARED BY ANOTHER INITIATOR to every nexus but `by` whose commands were
     /// aborted: those in the task set (`owners`), and those their transport held (`held`, by
-    /// nexus state id), whose initiators would otherwise wait for them in vain. Not told: a
-    /// nexus whose only ended command had no place in the order yet (one waiting for a CmdSN
-    /// gap, or one received just as the function ended it): that takes counting every ticket.
+    /// nexus state id), whose initiators would otherwise wait for them in vain. A nexus whose
+    /// only ended command had no place in the order yet (one waiting for a CmdSN gap, or one
+    /// received just as the function ended it) is told when that command comes to execute
+    /// (`execute_admitted`).
     fn tell_cleared(&self, by: &ItNexus, owners: &[Arc<ItNexus>], held: &[u64]) {
-        let mut tell: Vec<ItNexus> = owners.iter().map(|o| (**o).clone()).collect();
         self.nexuses.for_each(|n, st| {
-            if held.contains(&st.id) {
-                tell.push(n.clone());
+            if n != by && (held.contains(&st.id) || owners.iter().any(|o| &**o == n)) {
+                st.tell_cleared();
             }
         });
-        self.nexuses
-            .broadcast(cond::COMMANDS_CLEARED_BY_ANOTHER, |n| {
-                n != by && tell.contains(n)
-            });
     }
 
     /// CLEAR TASK SET with TST=000b: every task of every nexus; the others are told with
     /// COMMANDS CLEARED BY ANOTHER INITIATOR (SAM-5 7.4).
     pub(crate) async fn clear_task_set(&self, nexus: &ItNexus) {
+        // Before the reset epoch moves: a command that sees its ticket ended by it sees this.
+        self.nexuses.for_each(|n, st| {
+            if n != nexus {
+                st.cleared.fetch_add(1, Ordering::SeqCst);
+            }
+        });
         let held = self.end_all_tasks();
         let owners = self.tasks.abort(|_, _| true).await;
         self.tell_cleared(nexus, &owners, &held);

@@ -251,6 +251,13 @@ pub struct NexusState {
     /// Bumped by task management that ends this nexus's tasks on the LU (ABORT TASK SET,
     /// I_T NEXUS RESET), before it aborts the task set: see [`crate::Ticket`].
     pub abort_epoch: AtomicU64,
+    /// Bumped when another nexus's CLEAR TASK SET or PREEMPT AND ABORT ends this nexus's
+    /// tasks, before the epochs that end them: a command whose ticket is older was cleared
+    /// by another initiator ([`crate::Ticket`]).
+    pub cleared: AtomicU64,
+    /// `cleared` as of the last COMMANDS CLEARED BY ANOTHER INITIATOR established here, so
+    /// one clearing is told once however many of the nexus's commands it ended.
+    told: AtomicU64,
     pending: AtomicBool,
     queue: Mutex<VecDeque<Sense>>,
     /// Set while the nexus is lost and has not come back ([`Nexuses::lose`]).
@@ -267,6 +274,8 @@ impl NexusState {
         let st = NexusState {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             abort_epoch: AtomicU64::new(0),
+            cleared: AtomicU64::new(0),
+            told: AtomicU64::new(0),
             pending: AtomicBool::new(false),
             queue: Mutex::new(VecDeque::new()),
             lost: AtomicBool::new(false),
@@ -281,6 +290,23 @@ impl NexusState {
             q.push_back(s);
         }
         self.pending.store(true, Ordering::Release);
+    }
+
+    /// COMMANDS CLEARED BY ANOTHER INITIATOR (SAM-5 5.6, TAS=0): another nexus's task
+    /// management has just ended tasks of this one.
+    pub fn tell_cleared(&self) {
+        self.told
+            .store(self.cleared.load(Ordering::SeqCst), Ordering::SeqCst);
+        self.push(crate::sense::cond::COMMANDS_CLEARED_BY_ANOTHER);
+    }
+
+    /// [`NexusState::tell_cleared`] for a command found ended after the function that ended
+    /// it, unless that clearing was told already.
+    pub fn tell_cleared_once(&self) {
+        let now = self.cleared.load(Ordering::SeqCst);
+        if self.told.swap(now, Ordering::SeqCst) != now {
+            self.push(crate::sense::cond::COMMANDS_CLEARED_BY_ANOTHER);
+        }
     }
 
     /// Take the oldest unit attention, if any.

@@ -125,6 +125,85 @@ async fn clear_task_set_aborts_all_and_tells_the_other_nexus() {
     assert_good(&run(&t, &a, &[0x00, 0, 0, 0, 0, 0], vec![]).await);
 }
 
+const TUR: [u8; 6] = [0x00, 0, 0, 0, 0, 0]; // TEST UNIT READY
+
+/// Run, with `ticket`, a TEST UNIT READY of `n` that its transport received before task
+/// management ended it and held without a place in the order (an iSCSI command waiting for a
+/// CmdSN gap): it ends as aborted.
+async fn ended_before_it_ran(t: &Target, n: &Arc<ItNexus>, ticket: Option<scsi::Ticket>) {
+    let c = cmd(n, 9, &TUR, vec![], 0);
+    match tokio::time::timeout(Duration::from_secs(10), t.execute_admitted(c, ticket)).await {
+        Ok(Completion::Aborted) => {}
+        other => panic!("the command task management ended: {other:?}"),
+    }
+}
+
+/// SAM-5 5.6 (TAS=0): a nexus whose only command another nexus's CLEAR TASK SET ended had no
+/// place in the task set or the order yet (received, held for a CmdSN gap). Its initiator
+/// gets no answer for it, so it must be told: COMMANDS CLEARED BY ANOTHER INITIATOR (2Fh/00h),
+/// once, when the command comes to execute.
+#[tokio::test]
+async fn clear_task_set_tells_a_nexus_whose_only_command_was_received_but_not_placed() {
+    let (t, _d, a, b) = gated().await;
+    let ticket = t.admit(&b, 0);
+    assert_eq!(
+        t.task_management(&a, Tmf::ClearTaskSet { lun: 0 }).await,
+        TmfResponse::FunctionComplete
+    );
+    ended_before_it_ran(&t, &b, ticket).await;
+    assert_sense(&run(&t, &b, &TUR, vec![]).await, 0x06, 0x2F, 0x00);
+    assert_good(&run(&t, &b, &TUR, vec![]).await);
+    // The issuer is not told: it cleared the task set itself.
+    assert_good(&run(&t, &a, &TUR, vec![]).await);
+}
+
+/// One clearing is told once: a nexus told because its running write was aborted is not told
+/// again when its other command, ended by the same CLEAR TASK SET, comes to execute later.
+#[tokio::test]
+async fn a_clearing_already_told_is_not_told_again_by_a_command_ended_with_it() {
+    let (t, d, a, b) = gated().await;
+    let wb = start_write(&t, &d, &b, 1, 0, 1).await;
+    let ticket = t.admit(&b, 0);
+    let (t2, a2) = (t.clone(), a.clone());
+    let tmf =
+        tokio::spawn(async move { t2.task_management(&a2, Tmf::ClearTaskSet { lun: 0 }).await });
+    d.gate.add_permits(1);
+    assert_eq!(tmf.await.unwrap(), TmfResponse::FunctionComplete);
+    assert_eq!(wb.await.unwrap(), Completion::Aborted);
+    assert_sense(&run(&t, &b, &TUR, vec![]).await, 0x06, 0x2F, 0x00);
+    ended_before_it_ran(&t, &b, ticket).await;
+    assert_good(&run(&t, &b, &TUR, vec![]).await);
+}
+
+/// PREEMPT AND ABORT (SPC-5 5.14.11.2.5) ends the preempted nexus's commands like CLEAR TASK
+/// SET: one received but not yet placed tells its nexus too.
+#[tokio::test]
+async fn preempt_and_abort_tells_a_nexus_whose_only_command_was_received_but_not_placed() {
+    let (t, _d, a, b) = gated().await;
+    // PERSISTENT RESERVE OUT parameter list (SPC-5 6.17.3): RESERVATION KEY (bytes 0-7),
+    // SERVICE ACTION RESERVATION KEY (bytes 8-15), 24 bytes in all.
+    let param = |key: u8, sa_key: u8| {
+        let mut p = vec![0u8; 24];
+        p[7] = key;
+        p[15] = sa_key;
+        p
+    };
+    // REGISTER (service action 00h): a with key 0xA, b with key 0xB.
+    let register = [0x5F, 0x00, 0, 0, 0, 0, 0, 0, 24, 0];
+    assert_good(&run(&t, &a, &register, param(0, 0xA)).await);
+    assert_good(&run(&t, &b, &register, param(0, 0xB)).await);
+    // b's command is received; a preempts b's key and aborts its tasks: PREEMPT AND ABORT
+    // (service action 05h), type 1h (Write Exclusive) in byte 2.
+    let ticket = t.admit(&b, 0);
+    let preempt_and_abort = [0x5F, 0x05, 0x01, 0, 0, 0, 0, 0, 24, 0];
+    assert_good(&run(&t, &a, &preempt_and_abort, param(0xA, 0xB)).await);
+    ended_before_it_ran(&t, &b, ticket).await;
+    // First the preemption's REGISTRATIONS PREEMPTED (2Ah/05h), then the clearing.
+    assert_sense(&run(&t, &b, &TUR, vec![]).await, 0x06, 0x2A, 0x05);
+    assert_sense(&run(&t, &b, &TUR, vec![]).await, 0x06, 0x2F, 0x00);
+    assert_good(&run(&t, &b, &TUR, vec![]).await);
+}
+
 #[tokio::test]
 async fn logical_unit_reset_resets_mode_pages_and_raises_ua_on_every_nexus() {
     let (t, d, a, b) = gated().await;
