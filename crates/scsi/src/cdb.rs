@@ -814,6 +814,19 @@ impl Raw {
     }
 }
 
+/// Bits of CDB byte `i` of `opcode` that are accepted and ignored: FUA_NV (byte 1 bit 1) of
+/// READ and WRITE (10/12/16) and COMPARE AND WRITE, and SYNC_NV (byte 1 bit 2) of SYNCHRONIZE
+/// CACHE (10/16). SBC-3 made both obsolete; initiators written to older revisions still set
+/// them, and a write cache that is never non-volatile has nothing for them to select. Their
+/// CDB USAGE DATA bits stay zero, as SPC-5 6.36.3 asks for a bit the device server ignores.
+fn ignored(opcode: u8, i: usize) -> u8 {
+    match (opcode, i) {
+        (0x28 | 0x2A | 0xA8 | 0xAA | 0x88 | 0x8A | 0x89, 1) => 0x02,
+        (0x35 | 0x91, 1) => 0x04,
+        _ => 0,
+    }
+}
+
 /// Find the table row for `cdb` and check its length and reserved bits.
 pub fn classify(cdb: &[u8]) -> Result<&'static OpInfo, Sense> {
     let Some(&opcode) = cdb.first() else {
@@ -834,7 +847,7 @@ pub fn classify(cdb: &[u8]) -> Result<&'static OpInfo, Sense> {
         let allowed = if i == 1 && info.sa.is_some() {
             usage | 0x1F
         } else {
-            usage
+            usage | ignored(info.opcode, i)
         };
         let bad = byte & !allowed;
         if bad != 0 {

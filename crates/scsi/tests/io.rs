@@ -652,3 +652,51 @@ async fn verify_without_bytchk_longer_than_maximum_transfer_length_is_invalid_fi
     ];
     assert_good(&run(&t, &n, &ok, vec![]).await);
 }
+
+/// SBC-3 (revision 35d) made FUA_NV (byte 1 bit 1 of READ and WRITE (10/12/16) and COMPARE
+/// AND WRITE) and SYNC_NV (byte 1 bit 2 of SYNCHRONIZE CACHE (10/16)) obsolete. Initiators
+/// written to older revisions still set them: the commands complete normally. The reserved bit
+/// beside FUA_NV is still refused, and REPORT SUPPORTED OPERATION CODES reports FUA_NV as a bit
+/// the device server ignores (zero in the CDB USAGE DATA, SPC-5 6.36.3).
+#[tokio::test]
+async fn obsolete_fua_nv_and_sync_nv_bits_are_accepted_and_ignored() {
+    let (t, n) = ready_mem(64, 512).await;
+    let data = vec![0x3Cu8; BS];
+    // WRITE(10) / READ(10), FUA_NV=1 (byte 1 = 02h), LBA 1, TRANSFER LENGTH 1.
+    assert_good(&run(&t, &n, &[0x2A, 0x02, 0, 0, 0, 1, 0, 0, 1, 0], data.clone()).await);
+    let r = run(&t, &n, &[0x28, 0x02, 0, 0, 0, 1, 0, 0, 1, 0], vec![]).await;
+    assert_good(&r);
+    assert_eq!(r.data_in, data);
+    // WRITE(12) / READ(12) (AAh / A8h), FUA=1 and FUA_NV=1 (0Ah), LBA 1, TRANSFER LENGTH 1.
+    let cdb12 = |op: u8| [op, 0x0A, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0];
+    assert_good(&run(&t, &n, &cdb12(0xAA), data.clone()).await);
+    assert_good(&run(&t, &n, &cdb12(0xA8), vec![]).await);
+    // WRITE(16) / READ(16) (8Ah / 88h), FUA_NV=1, LBA 1, TRANSFER LENGTH 1.
+    let cdb16 = |op: u8| [op, 0x02, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0];
+    assert_good(&run(&t, &n, &cdb16(0x8A), data.clone()).await);
+    assert_good(&run(&t, &n, &cdb16(0x88), vec![]).await);
+    // COMPARE AND WRITE (89h), FUA_NV=1, LBA 1, NUMBER OF LOGICAL BLOCKS 1 (byte 13): the
+    // block holds 3Ch, so it compares equal and C3h is written.
+    let mut caw = data.clone();
+    caw.extend_from_slice(&[0xC3; BS]);
+    let cdb = [0x89, 0x02, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0];
+    assert_good(&run(&t, &n, &cdb, caw).await);
+    assert_eq!(read_blocks(&t, &n, 1, 1).await, vec![0xC3; BS]);
+    // SYNCHRONIZE CACHE(10) (35h) and (16) (91h), SYNC_NV=1 (byte 1 = 04h).
+    assert_good(&run(&t, &n, &[0x35, 0x04, 0, 0, 0, 0, 0, 0, 0, 0], vec![]).await);
+    let sync16 = [0x91, 0x04, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    assert_good(&run(&t, &n, &sync16, vec![]).await);
+    // READ(10) with byte 1 bit 2 (reserved) set: ILLEGAL REQUEST, INVALID FIELD IN CDB
+    // (24h/00h), SENSE KEY SPECIFIC: SKSV=1, C/D=1, BPV=1, BIT POINTER 2 (CAh), byte 1.
+    let r = run(&t, &n, &[0x28, 0x04, 0, 0, 0, 1, 0, 0, 1, 0], vec![]).await;
+    assert_sense(&r, 0x05, 0x24, 0x00);
+    assert_eq!(&r.sense[15..18], &[0xCA, 0x00, 0x01]);
+    // REPORT SUPPORTED OPERATION CODES (A3h/0Ch), REPORTING OPTIONS 001b, READ(10): the one
+    // command descriptor is a 4-byte header and the CDB USAGE DATA; its byte 1 shows DPO and
+    // FUA (18h), not FUA_NV.
+    let rsoc = [0xA3, 0x0C, 0x01, 0x28, 0, 0, 0, 0, 0, 64, 0, 0];
+    let r = run(&t, &n, &rsoc, vec![]).await;
+    assert_good(&r);
+    assert_eq!(&r.data_in[2..4], &[0x00, 0x0A], "CDB SIZE 10");
+    assert_eq!(&r.data_in[4..6], &[0x28, 0x18]);
+}
