@@ -395,6 +395,13 @@ impl LogicalUnit {
                 return Completion::Aborted;
             }
         }
+        // The LU never establishes an ACA condition (standard INQUIRY NormACA=0), so a command
+        // with the ACA task attribute has none to run in: it is refused before it runs, with
+        // nothing of its nexus's state (unit attentions) touched.
+        if cmd.attr == crate::TaskAttr::Aca {
+            guard.ctl.finish();
+            return Completion::Done(self.check(cond::INVALID_MESSAGE_ERROR));
+        }
         // SAM-5 8.6: wait for the turn the task attribute gives (at once for the usual SIMPLE
         // command). Task management may end the task meanwhile; it has not started, so it
         // ends before it touches anything, its nexus's unit attentions included.

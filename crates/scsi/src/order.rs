@@ -87,8 +87,8 @@ impl Inner {
             TaskAttr::Ordered => {
                 self.heads == 0 && self.live.first_key_value().map(|(&s, _)| s) == Some(seq)
             }
-            // ACA is refused before it would start (the LU has no ACA); until then it waits
-            // as a SIMPLE command would.
+            // ACA is refused before it waits for a turn (the LU has no ACA: lu.rs); it would
+            // be a SIMPLE one here.
             TaskAttr::Simple | TaskAttr::Aca => {
                 self.heads == 0 && self.ordered.first().is_none_or(|&o| o > seq)
             }

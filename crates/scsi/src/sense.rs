@@ -126,6 +126,8 @@ pub mod cond {
     pub const PARAM_LIST_LENGTH_ERROR: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x1A, 0x00);
     pub const INVALID_FIELD_IN_PARAM: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x26, 0x00);
     pub const SAVING_NOT_SUPPORTED: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x39, 0x00);
+    /// A command with the ACA task attribute while no ACA condition exists.
+    pub const INVALID_MESSAGE_ERROR: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x49, 0x00);
     pub const INVALID_FIELD_IN_CMD_IU: Sense = Sense::new(key::ILLEGAL_REQUEST, 0x0E, 0x03);
     pub const WRITE_PROTECTED: Sense = Sense::new(key::DATA_PROTECT, 0x27, 0x00);
     pub const SPACE_ALLOC_FAILED: Sense = Sense::new(key::DATA_PROTECT, 0x27, 0x07);

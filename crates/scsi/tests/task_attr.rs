@@ -240,3 +240,22 @@ async fn a_held_command_without_a_ticket_keeps_its_place() {
     drop(held);
     assert_good(&done(later).await);
 }
+
+/// The LU has no ACA (standard INQUIRY byte 3 bit 5, NormACA, is zero), so it never holds an
+/// ACA condition for a command with the ACA task attribute to run in. Such a command is
+/// refused without running: CHECK CONDITION, ILLEGAL REQUEST, INVALID MESSAGE ERROR (49h/00h),
+/// and a WRITE so refused writes nothing.
+#[tokio::test]
+async fn a_command_with_the_aca_attribute_is_refused_and_writes_nothing() {
+    let (t, _d, a, _b) = gated().await;
+    let mut c = cmd(&a, 1, &write16(3, 1), vec![0xEE; BS], 0);
+    c.attr = TaskAttr::Aca;
+    match tokio::time::timeout(Duration::from_secs(10), t.execute(c)).await {
+        Ok(Completion::Done(r)) => assert_sense(&r, 0x05, 0x49, 0x00),
+        other => panic!("an ACA command: {other:?}"),
+    }
+    assert_eq!(read_blocks(&t, &a, 3, 1).await, vec![0; BS]);
+    // Standard INQUIRY: NormACA (byte 3 bit 5) is zero.
+    let r = run(&t, &a, &[0x12, 0, 0, 0, 36, 0], Vec::new()).await;
+    assert_eq!(r.data_in[3] & 0x20, 0);
+}
