@@ -73,6 +73,8 @@ const MAX_DATA_OUT: u64 = 16 << 20;
 const DATA_OUT_BUDGET: u64 = 64 << 20;
 /// Largest virtqueue the driver may configure.
 pub(crate) const MAX_QUEUE_SIZE: u16 = 1024;
+// A chain as long as the largest queue: seg_max (below) counts on it.
+const _: () = assert!(MAX_QUEUE_SIZE as usize == sg::MAX_DESCRIPTORS);
 /// How long GET_VRING_BASE lets the commands in flight complete normally before it aborts
 /// the nexus's tasks, and how often it then says it is still waiting. It never returns with a
 /// command in flight: the command's buffers are lent to the driver (zero copy), so a read the

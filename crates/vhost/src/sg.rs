@@ -22,7 +22,17 @@ pub enum ChainError {
     /// The chain is shorter than the copy.
     #[error("the descriptors are shorter than needed")]
     TooShort,
+    /// The chain has more than [`MAX_DESCRIPTORS`] descriptors.
+    #[error("the chain has more descriptors than seg_max allows")]
+    TooManyDescriptors,
 }
+
+/// Most descriptors a chain may have: the request and response headers and the `seg_max`
+/// data segments the device's configuration announces (`seg_max` = this - 2), as QEMU's own
+/// limit (VIRTQUEUE_MAX_SIZE). An indirect table may hold 65,535 entries (virtio 2.7.5.3);
+/// without a limit, one small table shared by every chain would make each request cost
+/// megabytes of segment lists.
+pub const MAX_DESCRIPTORS: usize = 1024;
 
 /// A list of guest memory segments, in order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -152,7 +162,8 @@ impl Sg {
 /// Split a chain into its device-readable and device-writable descriptors. The chain
 /// iterator follows indirect tables and stops at a loop, a nested indirect table or a chain
 /// longer than 2^32 bytes (what it yielded so far is used, and the length checks of the
-/// caller then refuse a request that does not fit).
+/// caller then refuse a request that does not fit). A chain of more than
+/// [`MAX_DESCRIPTORS`] is refused.
 pub fn split<M>(chain: DescriptorChain<M>) -> Result<(Sg, Sg), ChainError>
 where
     M: Deref,
@@ -161,7 +172,10 @@ where
     let mut readable = Sg::default();
     let mut writable = Sg::default();
     let mut seen_writable = false;
-    for desc in chain {
+    for (i, desc) in chain.enumerate() {
+        if i == MAX_DESCRIPTORS {
+            return Err(ChainError::TooManyDescriptors);
+        }
         if desc.is_write_only() {
             seen_writable = true;
             writable.push(desc.addr(), desc.len());

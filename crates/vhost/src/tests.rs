@@ -2123,3 +2123,36 @@ fn a_socket_path_in_use_or_not_a_socket_is_refused_and_only_our_socket_is_remove
         "removed at the stop"
     );
 }
+
+/// A chain may have at most seg_max + 2 descriptors (the configuration says seg_max 1022): a
+/// READ(10) of one block whose chain, in an indirect table, has 1024 descriptors (request,
+/// response, 1022 one-byte data-in segments) is served; one with 1025 is returned unanswered
+/// (used length 0) with its response buffer untouched, so no table of up to 65,535 entries
+/// costs the daemon more than that.
+#[test]
+fn a_chain_with_more_descriptors_than_seg_max_allows_is_refused() {
+    let mut h = Harness::new();
+    h.tur();
+    for (n, served) in [(1024usize, true), (1025, false)] {
+        let hd = h.header(LUN0, n as u64, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
+        let r = h.alloc(RESP);
+        h.put(r, &[0xEE; 12]);
+        let data = h.alloc((n - 2) as u32);
+        let mut descs = vec![rd(hd, REQ), wr(r, RESP)];
+        descs.extend((0..n - 2).map(|i| wr(data + i as u64, 1)));
+        let t = h.indirect(&descs);
+        let base = h.queue(2).next_desc;
+        let table_len = 16 * n as u32;
+        h.publish(2, base, &[(t, table_len, VRING_DESC_F_INDIRECT as u16, 0)]);
+        h.kick(2);
+        let (_, len) = h.wait_used(2);
+        if served {
+            // GOOD, response VIRTIO_SCSI_S_OK, residual 1022 - 512 = 510 (bytes 4..8).
+            assert_eq!(len, RESP + 512, "{n} descriptors");
+            assert_eq!(&h.get(r, 12), &[0, 0, 0, 0, 0xFE, 0x01, 0, 0, 0, 0, 0, 0]);
+        } else {
+            assert_eq!(len, 0, "{n} descriptors");
+            assert_eq!(h.get(r, 12), vec![0xEE; 12]);
+        }
+    }
+}
