@@ -709,6 +709,15 @@ impl Device {
                     );
                     return Drained::Held;
                 }
+                if vring.get_ref().get_queue().avail_ring() == 0
+                    && Self::avail_ahead(vring, &mem).is_some_and(|n| n > 0)
+                {
+                    // Guest address 0 is memory a driver may use, but the queue library
+                    // takes an avail ring there for one not set up and pops nothing from
+                    // it: the same again.
+                    tracing::warn!(queue, "Queue's avail ring is at address 0; queue ignored");
+                    return Drained::Held;
+                }
                 return Drained::Empty;
             };
             let head = chain.head_index();

@@ -2156,3 +2156,32 @@ fn a_chain_with_more_descriptors_than_seg_max_allows_is_refused() {
         }
     }
 }
+
+/// A driver may put a ring at guest address 0, but the queue library takes an avail ring
+/// there for one not set up and pops nothing from it. With chains announced in it (avail
+/// idx 1), the queue is set aside with a warning, and the kick returns: the queue's thread
+/// does not spin on an entry no pop can reach (which also kept it from ever seeing the
+/// socket's end).
+#[test]
+fn a_queue_whose_avail_ring_is_at_address_0_is_set_aside_not_spun_on() {
+    use virtio_queue::QueueT as _;
+    let h = Harness::new();
+    let (desc, used) = {
+        let st = h.req.vring.get_ref();
+        (st.get_queue().desc_table(), st.get_queue().used_ring())
+    };
+    h.req.vring.set_queue_info(desc, 0, used).unwrap();
+    // The avail ring's idx (bytes 2..4 of the ring, virtio 2.7.6) says one chain is there.
+    h.put(2, &1u16.to_le_bytes());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let kicked = std::thread::spawn(move || {
+        h.kick(2);
+        let _ = tx.send(());
+        h
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "the queue's thread is still spinning"
+    );
+    drop(kicked.join());
+}
