@@ -1437,10 +1437,20 @@ impl Device {
             return;
         }
         let mem = self.mem.memory().into_inner();
-        let chain = vring
-            .get_mut()
-            .get_queue_mut()
-            .pop_descriptor_chain(mem.clone());
+        let pop = || {
+            vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone())
+        };
+        // With no buffer, ask the driver to kick when it adds one: with EVENT_IDX it kicks
+        // only when the device's avail_event says so (virtio 2.7.10), and the kick is what
+        // reports the lost event. A buffer added meanwhile is taken at once.
+        let chain = pop().or_else(|| {
+            matches!(vring.enable_notification(), Ok(true))
+                .then(pop)
+                .flatten()
+        });
         let Some(chain) = chain else {
             ev.missed = true;
             return;

@@ -2185,3 +2185,40 @@ fn a_queue_whose_avail_ring_is_at_address_0_is_set_aside_not_spun_on() {
     );
     drop(kicked.join());
 }
+
+/// With VIRTIO_RING_F_EVENT_IDX the driver kicks after adding a buffer only when the device's
+/// avail_event (after the used ring, virtio 2.7.10) says so. An event that finds no buffer
+/// asks for that kick, so the buffer the driver adds next reports the lost event at once
+/// (VIRTIO_SCSI_T_EVENTS_MISSED, virtio 5.6.6.3) instead of waiting for another event.
+#[test]
+fn an_event_without_a_buffer_asks_the_driver_to_kick_for_the_next_one() {
+    let mut h = Harness::new();
+    h.event.vring.set_queue_event_idx(true);
+    let e1 = h.alloc(16);
+    h.add_chain(1, &[wr(e1, 16)]);
+    h.kick(1);
+    // Two LUs added: the first event takes the buffer, the second finds none.
+    h.vs.add_lu(0, 1, lu(8)).unwrap();
+    assert_eq!(h.wait_used(1).1, 16);
+    h.vs.add_lu(0, 2, lu(8)).unwrap();
+    // The driver adds a buffer (avail idx 1 -> 2) and kicks only if vring_need_event
+    // (virtio 2.7.10.1): (new - avail_event - 1) < (new - old), in u16 arithmetic.
+    let e2 = h.alloc(16);
+    h.add_chain(1, &[wr(e2, 16)]);
+    let used = h.event.used;
+    let avail_event = u16::from_le_bytes(
+        h.get(used + 4 + 8 * u64::from(QSIZE), 2)
+            .try_into()
+            .unwrap(),
+    );
+    let (new, old) = (2u16, 1u16);
+    let kicks = new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old);
+    assert!(
+        kicks,
+        "avail_event {avail_event}: the driver would not kick"
+    );
+    h.kick(1);
+    assert_eq!(h.wait_used(1).1, 16);
+    // VIRTIO_SCSI_T_NO_EVENT (0) with bit 31: events were lost.
+    assert_eq!(le32(&h.get(e2, 16), 0), 0x8000_0000);
+}
