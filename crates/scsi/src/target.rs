@@ -26,10 +26,8 @@ pub(crate) fn report_luns(
     if !matches!(select, 0x00 | 0x01 | 0x02 | 0x10 | 0x11 | 0x12) {
         return Err(Sense::invalid_field_in_cdb(2, 7));
     }
-    // SPC-5 6.33: an ALLOCATION LENGTH below 16 is an invalid field.
-    if alloc < 16 {
-        return Err(Sense::invalid_field_in_cdb(6, 7));
-    }
+    // SPC-5 6.33: the allocation length "should be at least 16"; a shorter one gets the
+    // report truncated (4.2.5.6), its LUN LIST LENGTH unchanged. (SPC-3 refused it.)
     let mut data = vec![0u8; 8];
     // 01h asks for well known LUs and 10h-12h for administrative LUs and their subsidiaries
     // (conglomerates): this target has neither.

@@ -632,16 +632,25 @@ async fn report_luns_sense_follows_the_addressed_lus_d_sense() {
     let (t, n) = ready_mem(64, 512).await;
     let p = control_page(true, false);
     assert_good(&run(&t, &n, &[0x15, 0x10, 0, 0, p.len() as u8, 0], p).await);
-    // ALLOCATION LENGTH 4 (below 16): INVALID FIELD IN CDB, in descriptor format (72h).
-    let r = run(&t, &n, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0], vec![]).await;
+    // SELECT REPORT 03h (reserved): INVALID FIELD IN CDB, in descriptor format (72h).
+    let r = run(&t, &n, &[0xA0, 0, 0x03, 0, 0, 0, 0, 0, 0, 16, 0, 0], vec![]).await;
     assert_eq!(r.sense[..4], [0x72, 0x05, 0x24, 0x00]);
 }
 
+/// SPC-5 6.33: the allocation length "should be at least 16" (SPC-3 made a shorter one an
+/// invalid field); a shorter one gets the report truncated to it (SPC-5 4.2.5.6), with the
+/// LUN LIST LENGTH still that of the whole list.
 #[tokio::test]
-async fn report_luns_allocation_below_16_is_invalid_field() {
+async fn report_luns_allocation_below_16_truncates_the_report() {
     let (t, n) = ready_mem(64, 512).await;
-    let r = run(&t, &n, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 15, 0, 0], vec![]).await;
-    assert_sense(&r, 0x05, 0x24, 0x00);
+    // ALLOCATION LENGTH 8: the header alone, LUN LIST LENGTH 8 (one LUN, LUN 0).
+    let r = run(&t, &n, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0], vec![]).await;
+    assert_good(&r);
+    assert_eq!(r.data_in, vec![0, 0, 0, 8, 0, 0, 0, 0]);
+    // ALLOCATION LENGTH 4: the LUN LIST LENGTH field alone.
+    let r = run(&t, &n, &[0xA0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0], vec![]).await;
+    assert_good(&r);
+    assert_eq!(r.data_in, vec![0, 0, 0, 8]);
 }
 
 fn rsoc(options: u8, rctd: bool, opcode: u8, sa: u16) -> Vec<u8> {
