@@ -183,9 +183,13 @@ pub fn vpd(
             d.extend_from_slice(&p);
         }
         0xB1 => {
-            // SBC-4 6.6.2 Block Device Characteristics: MEDIUM ROTATION RATE 1 = non-rotating.
+            // SBC-4 6.6.2 Block Device Characteristics: MEDIUM ROTATION RATE 1 = non-rotating;
+            // VBULS (byte 8 bit 0): VERIFY with a byte check compares an unmapped LBA as the
+            // zeros it reads as (LBPRZ), rather than failing with MISCOMPARE VERIFY OF
+            // UNMAPPED LBA, which VBULS=0 would require.
             let mut p = [0u8; 60];
             p[1] = 0x01;
+            p[4] = 0x01;
             d.extend_from_slice(&p);
         }
         0xB2 => {

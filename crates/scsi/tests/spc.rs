@@ -153,7 +153,9 @@ async fn vpd_block_limits_advertises_unmap_when_thin() {
 async fn vpd_block_device_characteristics_is_non_rotating() {
     let (t, n) = ready_mem(64, 512).await;
     let r = run(&t, &n, &[0x12, 0x01, 0xB1, 0, 255, 0], vec![]).await;
-    let mut want = vec![0, 0xB1, 0x00, 0x3C, 0x00, 0x01];
+    // SBC-4 6.6.2: PAGE LENGTH 3Ch; MEDIUM ROTATION RATE 0001h (non-rotating, bytes 4-5);
+    // byte 8 bit 0 VBULS=1 (VERIFY byte checks of unmapped LBAs are supported).
+    let mut want = vec![0, 0xB1, 0x00, 0x3C, 0x00, 0x01, 0, 0, 0x01];
     want.resize(64, 0);
     assert_eq!(r.data_in, want);
 }

@@ -235,3 +235,25 @@ async fn write_same16_unmap_ndob_deallocates_without_data_out() {
     assert_good(&run(&t, &n, &c, vec![]).await);
     assert_eq!(*d.discards.lock().unwrap(), vec![(4 * 512, 4 * 512)]);
 }
+
+/// The Block Device Characteristics VPD page says VBULS=1 (SBC-4 6.6.2), so VERIFY with a
+/// byte check (BYTCHK 01b) of unmapped LBAs compares the zeros they read as (LBPRZ): equal
+/// data is GOOD, other data MISCOMPARE DURING VERIFY OPERATION (1Dh/00h) with the offset of
+/// the first differing byte in INFORMATION, never MISCOMPARE VERIFY OF UNMAPPED LBA (1Dh/01h).
+#[tokio::test]
+async fn verify_with_byte_check_compares_unmapped_lbas_as_zeros() {
+    let (t, n, _) = thin_ready().await;
+    write_blocks(&t, &n, 0, vec![0xAB; 4 * BS], BS).await;
+    let p = unmap_params(&[(0, 4)]);
+    assert_good(&run(&t, &n, &unmap_cdb(p.len() as u16), p).await);
+    // VERIFY(10), BYTCHK 01b (byte 1 = 02h), LBA 1, VERIFICATION LENGTH 2.
+    let verify = [0x2F, 0x02, 0, 0, 0, 1, 0, 0, 2, 0];
+    assert_good(&run(&t, &n, &verify, vec![0; 2 * BS]).await);
+    let mut data = vec![0u8; 2 * BS];
+    data[600] = 0x01;
+    let r = run(&t, &n, &verify, data).await;
+    assert_sense(&r, 0x0E, 0x1D, 0x00);
+    // Fixed format: VALID (byte 0 bit 7) and INFORMATION (bytes 3-6) = 600.
+    assert_eq!(r.sense[0] & 0x80, 0x80);
+    assert_eq!(&r.sense[3..7], &600u32.to_be_bytes());
+}
