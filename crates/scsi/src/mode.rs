@@ -217,8 +217,10 @@ pub fn select(ten: bool, data: &[u8], flags: u8, block_size: u32) -> Result<u8, 
     let bds = data
         .get(hdr_len..bd_end)
         .ok_or(cond::PARAM_LIST_LENGTH_ERROR)?;
-    // Block descriptors: only the current logical block length is accepted.
-    let (bd_size, bl_off) = if long { (16, 12) } else { (8, 4) };
+    // Block descriptors: only the current logical block length is accepted. SBC-4 6.5.2:
+    // the short descriptor's LOGICAL BLOCK LENGTH is bytes 5-7 after a reserved byte 4; the
+    // long one's is bytes 12-15.
+    let (bd_size, bl_off) = if long { (16, 12) } else { (8, 5) };
     if bds.len() % bd_size != 0 {
         return Err(Sense::invalid_field_in_param(
             if ten { 6 } else { 3 } as u16,
@@ -226,6 +228,16 @@ pub fn select(ten: bool, data: &[u8], flags: u8, block_size: u32) -> Result<u8, 
         ));
     }
     for (i, bd) in bds.chunks(bd_size).enumerate() {
+        let reserved = if long {
+            0
+        } else {
+            bd.get(4).copied().unwrap_or(0)
+        };
+        if reserved != 0 {
+            let at = hdr_len + i * bd_size + 4;
+            let bit = 7 - reserved.leading_zeros() as u8;
+            return Err(Sense::invalid_field_in_param(at as u16, Some(bit)));
+        }
         let bl = bd.get(bl_off..bd_size).unwrap_or(&[]);
         let mut v = 0u32;
         for &b in bl {
@@ -239,6 +251,10 @@ pub fn select(ten: bool, data: &[u8], flags: u8, block_size: u32) -> Result<u8, 
     let mut new = flags;
     let mut off = bd_end;
     while off < data.len() {
+        if off + 2 > data.len() {
+            // SPC-5 6.11: a page cut short of its PAGE LENGTH byte is a truncated page.
+            return Err(cond::PARAM_LIST_LENGTH_ERROR);
+        }
         let code_byte = data.get(off).copied().unwrap_or(0);
         if code_byte & 0x40 != 0 {
             // SPF: no subpages are implemented.

@@ -975,3 +975,32 @@ async fn a_large_physical_block_keeps_the_optimal_transfer_a_multiple_of_it() {
     assert_eq!(&r.data_in[8..12], &[0x00, 0x00, 0x40, 0x00]);
     assert_eq!(&r.data_in[12..16], &[0x00, 0x00, 0x08, 0x00]);
 }
+
+/// MODE SELECT(6) with a short LBA mode parameter block descriptor (SBC-4 6.5.2: NUMBER OF
+/// LOGICAL BLOCKS bytes 0-3, reserved byte 4, LOGICAL BLOCK LENGTH bytes 5-7) whose length
+/// is not the LU's: INVALID FIELD IN PARAMETER LIST (26h/00h), the field pointer on the
+/// field's first byte, 5, plus the 4-byte header = parameter list byte 9 (SPC-5 4.4.2.4.2).
+/// A non-zero reserved byte 4 is pointed at itself (byte 8). A page cut off after its page
+/// code is a truncated parameter list: PARAMETER LIST LENGTH ERROR (1Ah/00h).
+#[tokio::test]
+async fn mode_select6_block_descriptor_and_truncated_page_errors_point_right() {
+    let (t, n) = ready_mem(64, 512).await;
+    // Header: MODE DATA LENGTH 0, MEDIUM TYPE 0, DEVICE-SPECIFIC 0, BLOCK DESCRIPTOR LENGTH 8.
+    // Descriptor: 0 blocks, LOGICAL BLOCK LENGTH 001000h (4096).
+    let p = vec![0, 0, 0, 8, 0, 0, 0, 0, 0, 0x00, 0x10, 0x00];
+    let r = run(&t, &n, &[0x15, 0x10, 0, 0, 12, 0], p).await;
+    assert_sense(&r, 0x05, 0x26, 0x00);
+    // SENSE KEY SPECIFIC: SKSV=1, C/D=0 (parameter list), BPV=1, bit 7; FIELD POINTER 9.
+    assert_eq!(&r.sense[15..18], &[0x8F, 0x00, 0x09]);
+    // LOGICAL BLOCK LENGTH 512 (000200h), reserved byte 4 = 01h: pointer byte 8, bit 0.
+    let p = vec![0, 0, 0, 8, 0, 0, 0, 0, 0x01, 0x00, 0x02, 0x00];
+    let r = run(&t, &n, &[0x15, 0x10, 0, 0, 12, 0], p).await;
+    assert_sense(&r, 0x05, 0x26, 0x00);
+    assert_eq!(&r.sense[15..18], &[0x88, 0x00, 0x08]);
+    // The same descriptor with the reserved byte zero is accepted.
+    let p = vec![0, 0, 0, 8, 0, 0, 0, 0, 0, 0x00, 0x02, 0x00];
+    assert_good(&run(&t, &n, &[0x15, 0x10, 0, 0, 12, 0], p).await);
+    // No descriptor, then one byte of a page (08h, the caching page's code) and no more.
+    let r = run(&t, &n, &[0x15, 0x10, 0, 0, 5, 0], vec![0, 0, 0, 0, 0x08]).await;
+    assert_sense(&r, 0x05, 0x1A, 0x00);
+}
