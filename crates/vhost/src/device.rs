@@ -128,6 +128,11 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct QueueState {
     /// Bumped when the queue is stopped: completions from before are dropped.
     epoch: AtomicU64,
+    /// Held by the queue's thread from each pop until the chain is answered or in flight
+    /// (`enter`), and by a queue stop or device reset while it takes the count of what is in
+    /// flight: a chain popped just before the queue was stopped is waited for, never run
+    /// after GET_VRING_BASE has returned with it counted as consumed.
+    pop: Mutex<()>,
 }
 
 /// What a connection has in flight: every chain popped and handed to a task (a request, a
@@ -233,6 +238,9 @@ pub(crate) struct Hooks {
     pub inside: AtomicUsize,
     /// Run once by the next request between its target lookup and its ticket.
     pub before_admit: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// When set, the next chain popped from a request queue waits here, once, until the
+    /// flag is true.
+    pub after_pop: Mutex<Option<TestGate>>,
 }
 
 /// The epochs a chain was popped in: its completion is written only while they are current.
@@ -684,6 +692,15 @@ impl Device {
             if !self.room(queue, limit) {
                 return Drained::Held;
             }
+            let Some(state) = self.queues.get(queue) else {
+                return Drained::Held;
+            };
+            let _popping = lock(&state.pop);
+            // Checked under the lock, before each pop: a ring disabled (SET_VRING_ENABLE 0, a
+            // device reset) or stopped meanwhile passes no more chains.
+            if !Self::ready(vring) {
+                return Drained::Held;
+            }
             // Read before the pop: a stop or reset after this point makes the chain's
             // completion stale, never the other way round.
             let epochs = self.epochs(queue);
@@ -691,6 +708,17 @@ impl Device {
                 .get_mut()
                 .get_queue_mut()
                 .pop_descriptor_chain(mem.clone());
+            #[cfg(test)]
+            if chain.is_some() && queue >= 2 {
+                let hook = lock(&self.hooks.after_pop).take();
+                if let Some(h) = hook {
+                    let (m, cv) = &*h;
+                    let mut open = lock(m);
+                    while !*open {
+                        open = cv.wait(open).unwrap_or_else(|e| e.into_inner());
+                    }
+                }
+            }
             let Some(chain) = chain else {
                 if Self::avail_ahead(vring, &mem).is_none() {
                     // The avail index is more than a queue size ahead of what was popped
@@ -1341,6 +1369,8 @@ impl Device {
     /// since.
     fn quiesce_for_stop(&self, index: u32) {
         let (from, upto) = {
+            // After the chain the queue's thread may be handling (see `QueueState::pop`).
+            let _popping = self.queues.get(index as usize).map(|q| lock(&q.pop));
             let inf = lock(&self.inflight);
             (self.stopped_upto.load(Ordering::SeqCst), inf.next)
         };
@@ -1544,10 +1574,14 @@ impl VhostUserBackend for Device {
     }
 
     fn reset_device(&self) {
-        {
+        let upto = {
+            // After the chains the queues' threads may be handling (see `QueueState::pop`);
+            // the rings are disabled by now, so none is popped after.
+            let _popping: Vec<_> = self.queues.iter().map(|q| lock(&q.pop)).collect();
             let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
             self.epoch.fetch_add(1, Ordering::SeqCst);
-        }
+            lock(&self.inflight).next
+        };
         self.sense_size.store(wire::SENSE_SIZE, Ordering::Relaxed);
         self.cdb_size.store(wire::CDB_SIZE, Ordering::Relaxed);
         // The driver starts afresh: no event was missed by it. The vring object stays (see
@@ -1562,7 +1596,6 @@ impl VhostUserBackend for Device {
         let Some(dev) = self.me.upgrade() else {
             return;
         };
-        let upto = lock(&self.inflight).next;
         self.run_to_end(
             async move {
                 let nexus = dev.shared.nexus.clone();

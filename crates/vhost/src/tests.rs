@@ -2222,3 +2222,51 @@ fn an_event_without_a_buffer_asks_the_driver_to_kick_for_the_next_one() {
     // VIRTIO_SCSI_T_NO_EVENT (0) with bit 31: events were lost.
     assert_eq!(le32(&h.get(e2, 16), 0), 0x8000_0000);
 }
+
+/// GET_VRING_BASE while the queue's thread has popped a chain and not yet put it in flight:
+/// vhost-user-backend marks the ring not ready, calls `stop_vring`, then reports next_avail,
+/// which counts the chain as consumed. The stop waits for that chain, so it is answered before
+/// the stop returns, rather than run afterwards (into buffers the driver has taken back) with
+/// its answer dropped and the driver waiting for it in vain.
+#[test]
+fn a_queue_stop_waits_for_a_chain_popped_just_before_it() {
+    let mut h = Harness::new();
+    h.tur();
+    let gate: crate::device::TestGate = Arc::default();
+    *h.dev.hooks.after_pop.lock().unwrap() = Some(gate.clone());
+    let popped = h.req.vring.queue_next_avail();
+    let used = h.used_count(2);
+    let r = tur_chain(&mut h, 2, 5);
+    // The queue's thread pops the chain and stops right after (the hook).
+    let (thread, local) = h.thread_of(2);
+    let (dev, vrings) = (h.dev.clone(), h.thread_vrings(thread));
+    let kicked = std::thread::spawn(move || {
+        dev.handle_event(local, EventSet::IN, &vrings, thread)
+            .unwrap();
+    });
+    let start = Instant::now();
+    while h.req.vring.queue_next_avail() == popped {
+        assert!(start.elapsed() < Duration::from_secs(10), "not popped");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // GET_VRING_BASE of the queue.
+    h.req.vring.set_queue_ready(false);
+    let dev = h.dev.clone();
+    let stop = std::thread::spawn(move || dev.stop_vring(2).unwrap());
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        !stop.is_finished(),
+        "the stop did not wait for the popped chain"
+    );
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    kicked.join().unwrap();
+    stop.join().unwrap();
+    assert_eq!(
+        h.used_count(2),
+        used.wrapping_add(1),
+        "the chain was answered"
+    );
+    // VIRTIO_SCSI_S_OK, GOOD: the response header's status (byte 10) and response (11).
+    assert_eq!(h.get(r, 12)[10..12], [0, 0]);
+}
