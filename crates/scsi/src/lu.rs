@@ -240,6 +240,14 @@ impl LogicalUnit {
             .broadcast(cond::REPORTED_LUNS_CHANGED, |n| n == nexus);
     }
 
+    /// REPORTED LUNS DATA HAS CHANGED was reported to `nexus` through another LU of a target
+    /// this one is in: it is no longer pending here (LUICLR=1).
+    pub(crate) fn clear_reported_luns_changed(&self, nexus: &ItNexus) {
+        if let Some(ns) = self.nexuses.peek(nexus) {
+            ns.remove(cond::REPORTED_LUNS_CHANGED);
+        }
+    }
+
     /// Look at the image's size again after it was grown underneath (`sharedisk lu rescan`):
     /// the LU serves its new end from now on, and when the number of logical blocks changed,
     /// every nexus is told on its next command (SBC-4 4.9: CAPACITY DATA HAS CHANGED, 2Ah/09h),

@@ -79,6 +79,17 @@ impl Sense {
     }
 
     /// Encode as fixed (`descriptor == false`) or descriptor format sense data.
+    /// The sense key, ASC and ASCQ of encoded sense data, fixed (70h/71h) or descriptor
+    /// (72h/73h) format (SPC-5 4.4).
+    pub(crate) fn code_of(sense: &[u8]) -> Option<(u8, u8, u8)> {
+        let b = |i: usize| sense.get(i).copied();
+        match b(0)? & 0x7F {
+            0x70 | 0x71 => Some((b(2)? & 0x0F, b(12)?, b(13)?)),
+            0x72 | 0x73 => Some((b(1)? & 0x0F, b(2)?, b(3)?)),
+            _ => None,
+        }
+    }
+
     pub fn encode(&self, descriptor: bool) -> Vec<u8> {
         if descriptor {
             let mut s = vec![0x72, self.key & 0x0F, self.asc, self.ascq, 0, 0, 0, 0];

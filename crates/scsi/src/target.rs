@@ -113,10 +113,24 @@ impl Target {
         if cmd.cdb.first() == Some(&REPORT_LUNS) {
             return Completion::Done(self.report_luns(&cmd));
         }
-        match self.luns.get(&cmd.lun) {
-            Some(lu) => lu.execute_admitted(cmd, ticket).await,
-            None => Completion::Done(lu::no_such_lun(&cmd)),
+        let Some(lu) = self.luns.get(&cmd.lun) else {
+            return Completion::Done(lu::no_such_lun(&cmd));
+        };
+        let (nexus, lun) = (cmd.nexus.clone(), cmd.lun);
+        let done = lu.execute_admitted(cmd, ticket).await;
+        // SPC-5 7.7.7, LUICLR=1 (Extended INQUIRY Data page): REPORTED LUNS DATA HAS CHANGED
+        // reported through one LU of the target is cleared on its other LUs for the nexus.
+        if let Completion::Done(r) = &done {
+            let changed = &cond::REPORTED_LUNS_CHANGED;
+            if r.status == Status::CHECK_CONDITION
+                && Sense::code_of(&r.sense) == Some((changed.key, changed.asc, changed.ascq))
+            {
+                for (_, other) in self.luns.iter().filter(|(&l, _)| l != lun) {
+                    other.clear_reported_luns_changed(&nexus);
+                }
+            }
         }
+        done
     }
 
     fn report_luns(&self, cmd: &Command) -> Response {

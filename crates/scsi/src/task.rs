@@ -309,6 +309,13 @@ impl NexusState {
         }
     }
 
+    /// Drop the pending unit attention `s`, if queued.
+    pub fn remove(&self, s: Sense) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.retain(|&x| x != s);
+        self.pending.store(!q.is_empty(), Ordering::Release);
+    }
+
     /// Take the oldest unit attention, if any.
     pub fn take(&self) -> Option<Sense> {
         if !self.pending.load(Ordering::Acquire) {

@@ -1004,3 +1004,47 @@ async fn mode_select6_block_descriptor_and_truncated_page_errors_point_right() {
     let r = run(&t, &n, &[0x15, 0x10, 0, 0, 5, 0], vec![0, 0, 0, 0, 0x08]).await;
     assert_sense(&r, 0x05, 0x1A, 0x00);
 }
+
+/// The Extended INQUIRY Data page says LUICLR=1 (byte 7 bit 0): REPORTED LUNS DATA HAS
+/// CHANGED (3Fh/0Eh), once reported to a nexus through one LU of the target, is cleared for
+/// that nexus on the target's other LUs (SPC-5 7.7.7), so a guest is not told once per LU.
+/// Another nexus still has its own.
+#[tokio::test]
+async fn reported_luns_data_has_changed_is_cleared_on_every_lu_once_reported() {
+    let lu = || {
+        let driver = Arc::new(block::driver::mem::MemDriver::new(64 * 512));
+        let backend = block::Backend::new(driver, 512).expect("valid block size");
+        Arc::new(scsi::LogicalUnit::new(backend, config()))
+    };
+    let mut t = scsi::Target::new();
+    let (lu0, lu1, lu2) = (lu(), lu(), lu());
+    t.add_lu(0, lu0.clone());
+    t.add_lu(1, lu1.clone());
+    t.add_lu(2, lu2.clone());
+    let (a, b) = (nexus(), nexus_named("iqn.1993-08.org.debian:01:b"));
+    let tur = |n: &Arc<scsi::ItNexus>, lun: u64| {
+        let mut c = cmd(n, 1, &[0x00, 0, 0, 0, 0, 0], Vec::new(), 0);
+        c.lun = lun;
+        let t = &t;
+        async move {
+            match t.execute(c).await {
+                scsi::Completion::Done(r) => r,
+                scsi::Completion::Aborted => panic!("aborted"),
+            }
+        }
+    };
+    for n in [&a, &b] {
+        for lun in 0..3 {
+            tur(n, lun).await; // POWER ON, RESET
+        }
+    }
+    // The inventory changed (LUN 2 is new, say): both nexuses are told on LUs 0 and 1.
+    for lu in [&lu0, &lu1] {
+        lu.reported_luns_changed(&a);
+        lu.reported_luns_changed(&b);
+    }
+    assert_sense(&tur(&a, 0).await, 0x06, 0x3F, 0x0E);
+    assert_good(&tur(&a, 1).await);
+    assert_sense(&tur(&b, 1).await, 0x06, 0x3F, 0x0E);
+    assert_good(&tur(&b, 0).await);
+}
