@@ -21,7 +21,8 @@
 //! [`MAX_QUEUED`] messages or [`MAX_QUEUED_BYTES`] of data wait to be sent (an initiator that
 //! sends READs and does not read the answers), and gives up on the connection when the writer
 //! makes no room for [`WRITER_STALL`]. The data-in of READs, from before each runs until its
-//! data is written out, is at most [`MAX_READING`]: a READ waits for its share. What one
+//! data is written out, is at most [`MAX_READING`]: a READ beyond it is answered TASK SET
+//! FULL. What one
 //! connection holds is then at most that, the data-out above, and the small data-in of the
 //! other commands the window lets run at once. Task management
 //! functions waiting for the tasks they end are at most [`MAX_TMF`]; the reader waits for one
@@ -61,8 +62,8 @@ pub const MAX_SOLICITED: u64 = 64 * 1024 * 1024;
 /// Data-in bytes the READs of one connection hold at once, from before each runs until its
 /// data is written out. Without it the CmdSN window ([`QUEUE_DEPTH`]) lets 128 READs of the
 /// largest transfer (8 MiB, the Block Limits VPD page) hold 1 GiB for one initiator that does
-/// not read its answers. A READ waits for its share in arrival order; one of at most this
-/// size always fits once the READs before it are out, so reads always progress.
+/// not read its answers. A READ that does not fit is answered TASK SET FULL without running;
+/// one always fits when no READ holds any (the largest transfer is below this).
 pub const MAX_READING: u64 = 64 * 1024 * 1024;
 /// Immediate SCSI commands admitted at once, from admission (collecting data or executing)
 /// until answered; more are rejected (RFC 7143 11.17.1, reason 0x06).
@@ -135,6 +136,16 @@ pub struct ScsiResult {
     /// A READ's share of its connection's [`MAX_READING`], given back once the writer has
     /// written its data out.
     pub reading: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// SAM-5 5.3: TASK SET FULL, for a command the transport lacks the resources to take.
+fn task_set_full() -> Response {
+    Response {
+        status: scsi::Status::TASK_SET_FULL,
+        sense: Vec::new(),
+        data_in: Vec::new(),
+        data_in_placed: 0,
+    }
 }
 
 impl ScsiResult {
@@ -989,16 +1000,7 @@ impl Conn {
             match slot {
                 Slot::Immediate => self.reject(reject::IMMEDIATE_REJECT, &bhs),
                 // SAM-5 5.3: TASK SET FULL when resources for a new command are lacking.
-                Slot::Window => self.send(ScsiResult::early(
-                    itt,
-                    lun_raw,
-                    Response {
-                        status: scsi::Status::TASK_SET_FULL,
-                        sense: Vec::new(),
-                        data_in: Vec::new(),
-                        data_in_placed: 0,
-                    },
-                )),
+                Slot::Window => self.send(ScsiResult::early(itt, lun_raw, task_set_full())),
             }
             return;
         }
@@ -1206,6 +1208,23 @@ impl Conn {
         write_residual: Option<(bool, u32)>,
         slot: Slot,
     ) {
+        // A READ takes its share of the connection's data-in budget first, or is answered
+        // TASK SET FULL without running (SAM-5 5.3: the resources for it are lacking), as SCST
+        // does. Never waited for: a command waiting here would have no place in the task set
+        // or the arrival order that task attributes and task management go by.
+        let want = target.read_len(cmd.lun, &cmd.cdb).min(MAX_READING) as u32;
+        let reading = if want > 0 {
+            match self.shared.reading.clone().try_acquire_many_owned(want) {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    self.shared.release(slot);
+                    self.send(ScsiResult::early(cmd.tag as u32, lun, task_set_full()));
+                    return;
+                }
+            }
+        } else {
+            None
+        };
         let tx = self.tx.clone();
         let shared = self.shared.clone();
         let itt = cmd.tag as u32;
@@ -1220,16 +1239,7 @@ impl Conn {
                 then: None,
             },
         );
-        // A READ first waits for its share of the connection's data-in budget, in arrival
-        // order (the semaphore is fair and this runs on the reader before the next PDU), so
-        // whoever holds the budget is older, runs, and gives it back once its data is out.
-        let want = target.read_len(cmd.lun, &cmd.cdb).min(MAX_READING) as u32;
-        let budget = (want > 0).then(|| shared.reading.clone());
         let task = async move {
-            let reading = match budget {
-                Some(b) => b.acquire_many_owned(want).await.ok(),
-                None => None,
-            };
             let done = target.execute_admitted(cmd, ticket).await;
             shared.release(slot);
             {

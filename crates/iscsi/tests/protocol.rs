@@ -322,11 +322,12 @@ async fn a_write_held_in_the_backend(
 }
 
 #[tokio::test]
-async fn reads_of_one_connection_hold_at_most_their_data_in_budget_and_all_complete() {
+async fn reads_beyond_the_data_in_budget_of_a_connection_get_task_set_full() {
     // 40 READ(10)s of 16384 blocks (8 MiB, the largest transfer the Block Limits VPD page
     // allows at 512-byte blocks) are in the CmdSN window at once, and the disk holds them.
     // Each would hold 8 MiB of data-in until the initiator reads it: 320 MiB. The budget is
-    // 64 MiB per connection, so at most 8 may reach the disk before their data is read.
+    // 64 MiB per connection: 8 run, the other 32 are answered TASK SET FULL (SAM-5 5.3) at
+    // once, without reaching the disk.
     const READS: u32 = 40;
     const LEN: u32 = 8 << 20;
     let (open, gate) = tokio::sync::watch::channel(false);
@@ -334,10 +335,13 @@ async fn reads_of_one_connection_hold_at_most_their_data_in_budget_and_all_compl
     let (addr, _server) = start_with(driver.clone()).await;
     let mut c = Client::login(addr, "").await;
     c.clear_unit_attention().await;
+    let read = |c: &mut Client| {
+        // F=1, R=1, ATTR=SIMPLE; EDTL 8 MiB; READ(10) of LBA 0, 16384 blocks.
+        c.command(0xC1, LEN, &read10(0, 16384))
+    };
     let mut itts = Vec::new();
     for _ in 0..READS {
-        // F=1, R=1, ATTR=SIMPLE; EDTL 8 MiB; READ(10) of LBA 0, 16384 blocks.
-        let (b, itt) = c.command(0xC1, LEN, &read10(0, 16384));
+        let (b, itt) = read(&mut c);
         c.send(b, &[]).await;
         itts.push(itt);
     }
@@ -346,25 +350,20 @@ async fn reads_of_one_connection_hold_at_most_their_data_in_budget_and_all_compl
             .reads_entered
             .load(std::sync::atomic::Ordering::SeqCst)
     };
-    // Give the target time to take every command in (all 40 enter without the budget).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while entered() < 8 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    // The 32 refused ones are answered while the 8 wait in the disk: SCSI Response (21h),
+    // status TASK SET FULL (28h), no data.
+    let mut full = Vec::new();
+    while full.len() < (READS - 8) as usize {
+        let p = c.recv().await.expect("SCSI Response");
+        assert_eq!((p.bhs[0], p.bhs[3]), (0x21, 0x28), "TASK SET FULL");
+        full.push(p.u32(16));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        entered(),
-        8,
-        "READs inside the disk before any data was read"
-    );
-    // Open the disk; still nothing is read here, so the budget stays with those 8.
+    assert_eq!(entered(), 8, "READs inside the disk");
+    // Open the disk: the 8 complete, GOOD, with all their data, and no other READ ran.
     open.send(true).expect("open the read gate");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(entered(), 8, "READs let in before the first 8 were read");
-    // Reading the answers gives the budget back: every READ completes, GOOD, with all its data.
     let mut got = std::collections::HashMap::new();
-    let mut finished = Vec::new();
-    while finished.len() < READS as usize {
+    let mut good = Vec::new();
+    while good.len() < 8 {
         let p = c.recv().await.expect("Data-In");
         assert_eq!(p.bhs[0], 0x25, "Data-In");
         let itt = p.u32(16);
@@ -374,13 +373,28 @@ async fn reads_of_one_connection_hold_at_most_their_data_in_budget_and_all_compl
             // S: the status is in this last Data-In PDU (RFC 7143 11.7.1).
             assert_eq!(p.bhs[3], 0, "GOOD");
             assert_eq!(*n, LEN as usize, "data of ITT {itt:#x}");
-            finished.push(itt);
+            good.push(itt);
         }
     }
-    finished.sort_unstable();
+    let mut answered: Vec<u32> = full.iter().chain(&good).copied().collect();
+    answered.sort_unstable();
     itts.sort_unstable();
-    assert_eq!(finished, itts, "one answer per READ");
-    assert_eq!(entered(), READS as usize);
+    assert_eq!(answered, itts, "one answer per READ");
+    assert_eq!(entered(), 8);
+    // Their data out, the budget is back: the next READ runs.
+    let (b, _) = read(&mut c);
+    c.send(b, &[]).await;
+    let mut n = 0;
+    loop {
+        let p = c.recv().await.expect("Data-In");
+        assert_eq!(p.bhs[0], 0x25, "Data-In");
+        n += p.data.len();
+        if p.bhs[1] & 0x01 != 0 {
+            assert_eq!((p.bhs[3], n), (0, LEN as usize));
+            break;
+        }
+    }
+    assert_eq!(entered(), 9);
 }
 
 fn abort_task(c: &Client, itt: u32, ref_itt: u32, ref_cmdsn: u32) -> [u8; 48] {
