@@ -128,10 +128,11 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct QueueState {
     /// Bumped when the queue is stopped: completions from before are dropped.
     epoch: AtomicU64,
-    /// Held by the queue's thread from each pop until the chain is answered or in flight
-    /// (`enter`), and by a queue stop or device reset while it takes the count of what is in
-    /// flight: a chain popped just before the queue was stopped is waited for, never run
-    /// after GET_VRING_BASE has returned with it counted as consumed.
+    /// Held by the queue's thread through each drain of the queue (every pop until its chain
+    /// is answered or in flight (`enter`), and the interrupt at the end), and by a queue stop
+    /// or device reset while it takes the count of what is in flight: a chain popped just
+    /// before the queue was stopped is waited for, never run after GET_VRING_BASE has
+    /// returned with it counted as consumed.
     pop: Mutex<()>,
 }
 
@@ -670,6 +671,13 @@ impl Device {
     /// on this thread while it drains (see `request`): their used entries are batched into
     /// one interrupt at the end.
     fn drain(&self, queue: usize, vring: &Vring) -> Drained {
+        // Held through the pops and the interrupt for what completed meanwhile: a queue stop
+        // waiting for the lock returns (and the frontend drops the call fd) only once the
+        // driver has been told of the chains answered here.
+        let Some(state) = self.queues.get(queue) else {
+            return Drained::Held;
+        };
+        let _popping = lock(&state.pop);
         let me = self as *const Self as usize;
         DRAINING.with(|d| {
             d.set(Some(Draining {
@@ -692,12 +700,8 @@ impl Device {
             if !self.room(queue, limit) {
                 return Drained::Held;
             }
-            let Some(state) = self.queues.get(queue) else {
-                return Drained::Held;
-            };
-            let _popping = lock(&state.pop);
-            // Checked under the lock, before each pop: a ring disabled (SET_VRING_ENABLE 0, a
-            // device reset) or stopped meanwhile passes no more chains.
+            // Checked under the pop lock (see `drain`), before each pop: a ring disabled
+            // (SET_VRING_ENABLE 0, a device reset) or stopped meanwhile passes no more chains.
             if !Self::ready(vring) {
                 return Drained::Held;
             }

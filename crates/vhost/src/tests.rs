@@ -2236,6 +2236,12 @@ fn a_queue_stop_waits_for_a_chain_popped_just_before_it() {
     *h.dev.hooks.after_pop.lock().unwrap() = Some(gate.clone());
     let popped = h.req.vring.queue_next_avail();
     let used = h.used_count(2);
+    // The queue's call eventfd, as the frontend gives it (SET_VRING_CALL).
+    let call = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(call.try_clone().unwrap());
+    // SAFETY: `fd` is a descriptor of its own (a duplicate), owned by the File from here on.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    h.req.vring.set_call(Some(file));
     let r = tur_chain(&mut h, 2, 5);
     // The queue's thread pops the chain and stops right after (the hook).
     let (thread, local) = h.thread_of(2);
@@ -2249,10 +2255,13 @@ fn a_queue_stop_waits_for_a_chain_popped_just_before_it() {
         assert!(start.elapsed() < Duration::from_secs(10), "not popped");
         std::thread::sleep(Duration::from_millis(1));
     }
-    // GET_VRING_BASE of the queue.
+    // GET_VRING_BASE of the queue: not ready, stop_vring, then the call fd is dropped.
     h.req.vring.set_queue_ready(false);
-    let dev = h.dev.clone();
-    let stop = std::thread::spawn(move || dev.stop_vring(2).unwrap());
+    let (dev, vring) = (h.dev.clone(), h.req.vring.clone());
+    let stop = std::thread::spawn(move || {
+        dev.stop_vring(2).unwrap();
+        vring.set_call(None);
+    });
     std::thread::sleep(Duration::from_millis(100));
     assert!(
         !stop.is_finished(),
@@ -2267,6 +2276,8 @@ fn a_queue_stop_waits_for_a_chain_popped_just_before_it() {
         used.wrapping_add(1),
         "the chain was answered"
     );
+    // The interrupt for it went out on the call fd before the stop returned: its counter is 1.
+    assert_eq!(call.read().ok(), Some(1), "the driver was told");
     // VIRTIO_SCSI_S_OK, GOOD: the response header's status (byte 10) and response (11).
     assert_eq!(h.get(r, 12)[10..12], [0, 0]);
 }
