@@ -398,7 +398,7 @@ impl LogicalUnit {
                 // CmdSN gap, waiting for its transport, or received as the function ran): if
                 // another initiator cleared it, its initiator learns it here.
                 if ns.cleared.load(Ordering::SeqCst) != t.cleared {
-                    ns.tell_cleared_once();
+                    ns.tell_cleared();
                 }
                 return Completion::Aborted;
             }

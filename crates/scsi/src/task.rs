@@ -292,19 +292,13 @@ impl NexusState {
         self.pending.store(true, Ordering::Release);
     }
 
-    /// COMMANDS CLEARED BY ANOTHER INITIATOR (SAM-5 5.6, TAS=0): another nexus's task
-    /// management has just ended tasks of this one.
+    /// COMMANDS CLEARED BY ANOTHER INITIATOR (SAM-5 5.6, TAS=0) for the clearings of this
+    /// nexus's tasks by others so far (`cleared`), unless they were told already: the
+    /// function that ended its tasks and a command of it found ended later may both tell,
+    /// and one clearing is told once, by whichever comes first.
     pub fn tell_cleared(&self) {
-        self.told
-            .store(self.cleared.load(Ordering::SeqCst), Ordering::SeqCst);
-        self.push(crate::sense::cond::COMMANDS_CLEARED_BY_ANOTHER);
-    }
-
-    /// [`NexusState::tell_cleared`] for a command found ended after the function that ended
-    /// it, unless that clearing was told already.
-    pub fn tell_cleared_once(&self) {
         let now = self.cleared.load(Ordering::SeqCst);
-        if self.told.swap(now, Ordering::SeqCst) != now {
+        if self.told.fetch_max(now, Ordering::SeqCst) < now {
             self.push(crate::sense::cond::COMMANDS_CLEARED_BY_ANOTHER);
         }
     }

@@ -175,6 +175,33 @@ async fn a_clearing_already_told_is_not_told_again_by_a_command_ended_with_it() 
     assert_good(&run(&t, &b, &TUR, vec![]).await);
 }
 
+/// The same clearing told first by a command of the nexus that it ended before the command
+/// had a place (while the function still waits for the nexus's running write), then by the
+/// function itself once that write is done: the nexus is told once.
+#[tokio::test]
+async fn a_clearing_told_by_an_ended_command_is_not_told_again_by_the_function() {
+    let (t, d, a, b) = gated().await;
+    // Tag 2: `run` below sends its TEST UNIT READYs as tag 1.
+    let wb = start_write(&t, &d, &b, 2, 0, 1).await;
+    let ticket = t.admit(&b, 0);
+    let (t2, a2) = (t.clone(), a.clone());
+    let tmf =
+        tokio::spawn(async move { t2.task_management(&a2, Tmf::ClearTaskSet { lun: 0 }).await });
+    // The function has ended b's received command (and waits for the write in the disk).
+    let ended = || ticket.as_ref().is_some_and(|tk| t.ticket_ended(&b, 0, tk));
+    let start = std::time::Instant::now();
+    while !ended() {
+        assert!(start.elapsed() < Duration::from_secs(10), "not ended");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    ended_before_it_ran(&t, &b, ticket).await;
+    assert_sense(&run(&t, &b, &TUR, vec![]).await, 0x06, 0x2F, 0x00);
+    d.gate.add_permits(1);
+    assert_eq!(tmf.await.unwrap(), TmfResponse::FunctionComplete);
+    assert_eq!(wb.await.unwrap(), Completion::Aborted);
+    assert_good(&run(&t, &b, &TUR, vec![]).await);
+}
+
 /// PREEMPT AND ABORT (SPC-5 5.14.11.2.5) ends the preempted nexus's commands like CLEAR TASK
 /// SET: one received but not yet placed tells its nexus too.
 #[tokio::test]
