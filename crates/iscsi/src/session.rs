@@ -22,11 +22,10 @@
 //! sends READs and does not read the answers), and gives up on the connection when the writer
 //! makes no room for [`WRITER_STALL`]. The data-in of READs, from before each runs until its
 //! data is written out, is at most [`MAX_READING`]: a READ beyond it is answered TASK SET
-//! FULL. What one
-//! connection holds is then at most that, the data-out above, and the small data-in of the
-//! other commands the window lets run at once. Task management
-//! functions waiting for the tasks they end are at most [`MAX_TMF`]; the reader waits for one
-//! to end before it takes the next.
+//! FULL. What one connection holds is then at most that, the data-out above, and the small
+//! data-in of the other commands the window lets run at once. Task management functions
+//! waiting for the tasks they end are at most [`MAX_TMF`]; the reader waits for one to end
+//! before it takes the next.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;

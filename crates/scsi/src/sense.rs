@@ -78,7 +78,6 @@ impl Sense {
         self
     }
 
-    /// Encode as fixed (`descriptor == false`) or descriptor format sense data.
     /// The sense key, ASC and ASCQ of encoded sense data, fixed (70h/71h) or descriptor
     /// (72h/73h) format (SPC-5 4.4).
     pub(crate) fn code_of(sense: &[u8]) -> Option<(u8, u8, u8)> {
@@ -90,6 +89,7 @@ impl Sense {
         }
     }
 
+    /// Encode as fixed (`descriptor == false`) or descriptor format sense data.
     pub fn encode(&self, descriptor: bool) -> Vec<u8> {
         if descriptor {
             let mut s = vec![0x72, self.key & 0x0F, self.asc, self.ascq, 0, 0, 0, 0];

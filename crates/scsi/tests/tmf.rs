@@ -32,6 +32,13 @@ async fn start_write(
     h
 }
 
+/// Run task management function `tmf` of `n` as a task of its own (it waits for the tasks it
+/// ends).
+fn spawn_tmf(t: &Arc<Target>, n: &Arc<ItNexus>, tmf: Tmf) -> tokio::task::JoinHandle<TmfResponse> {
+    let (t, n) = (t.clone(), n.clone());
+    tokio::spawn(async move { t.task_management(&n, tmf).await })
+}
+
 async fn is_pending<T>(h: &mut tokio::task::JoinHandle<T>) -> bool {
     tokio::time::timeout(Duration::from_millis(30), h)
         .await
@@ -99,9 +106,7 @@ async fn abort_task_set_aborts_only_this_nexus_tasks() {
     let (t, d, a, b) = gated().await;
     let wa = start_write(&t, &d, &a, 1, 0, 1).await;
     let wb = start_write(&t, &d, &b, 1, 1, 2).await;
-    let (t2, a2) = (t.clone(), a.clone());
-    let tmf =
-        tokio::spawn(async move { t2.task_management(&a2, Tmf::AbortTaskSet { lun: 0 }).await });
+    let tmf = spawn_tmf(&t, &a, Tmf::AbortTaskSet { lun: 0 });
     d.gate.add_permits(2);
     assert_eq!(tmf.await.unwrap(), TmfResponse::FunctionComplete);
     assert_eq!(wa.await.unwrap(), Completion::Aborted);
@@ -113,9 +118,7 @@ async fn clear_task_set_aborts_all_and_tells_the_other_nexus() {
     let (t, d, a, b) = gated().await;
     let wa = start_write(&t, &d, &a, 1, 0, 1).await;
     let wb = start_write(&t, &d, &b, 1, 1, 2).await;
-    let (t2, a2) = (t.clone(), a.clone());
-    let tmf =
-        tokio::spawn(async move { t2.task_management(&a2, Tmf::ClearTaskSet { lun: 0 }).await });
+    let tmf = spawn_tmf(&t, &a, Tmf::ClearTaskSet { lun: 0 });
     d.gate.add_permits(2);
     assert_eq!(tmf.await.unwrap(), TmfResponse::FunctionComplete);
     assert_eq!(wa.await.unwrap(), Completion::Aborted);
@@ -164,9 +167,7 @@ async fn a_clearing_already_told_is_not_told_again_by_a_command_ended_with_it() 
     let (t, d, a, b) = gated().await;
     let wb = start_write(&t, &d, &b, 1, 0, 1).await;
     let ticket = t.admit(&b, 0);
-    let (t2, a2) = (t.clone(), a.clone());
-    let tmf =
-        tokio::spawn(async move { t2.task_management(&a2, Tmf::ClearTaskSet { lun: 0 }).await });
+    let tmf = spawn_tmf(&t, &a, Tmf::ClearTaskSet { lun: 0 });
     d.gate.add_permits(1);
     assert_eq!(tmf.await.unwrap(), TmfResponse::FunctionComplete);
     assert_eq!(wb.await.unwrap(), Completion::Aborted);
@@ -184,9 +185,7 @@ async fn a_clearing_told_by_an_ended_command_is_not_told_again_by_the_function()
     // Tag 2: `run` below sends its TEST UNIT READYs as tag 1.
     let wb = start_write(&t, &d, &b, 2, 0, 1).await;
     let ticket = t.admit(&b, 0);
-    let (t2, a2) = (t.clone(), a.clone());
-    let tmf =
-        tokio::spawn(async move { t2.task_management(&a2, Tmf::ClearTaskSet { lun: 0 }).await });
+    let tmf = spawn_tmf(&t, &a, Tmf::ClearTaskSet { lun: 0 });
     // The function has ended b's received command (and waits for the write in the disk).
     let ended = || ticket.as_ref().is_some_and(|tk| t.ticket_ended(&b, 0, tk));
     let start = std::time::Instant::now();

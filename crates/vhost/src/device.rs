@@ -224,6 +224,16 @@ pub struct Device {
 #[cfg(test)]
 pub(crate) type TestGate = Arc<(Mutex<bool>, std::sync::Condvar)>;
 
+/// Block until `gate` is true.
+#[cfg(test)]
+fn wait_open(gate: &TestGate) {
+    let (m, cv) = &**gate;
+    let mut open = lock(m);
+    while !*open {
+        open = cv.wait(open).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
 /// Test hooks: hold request completions at chosen points.
 #[cfg(test)]
 #[derive(Default)]
@@ -547,11 +557,7 @@ impl Device {
             let hook = lock(&self.hooks.in_complete).clone();
             if let Some(h) = hook {
                 self.hooks.inside.fetch_add(1, Ordering::SeqCst);
-                let (m, cv) = &*h;
-                let mut open = lock(m);
-                while !*open {
-                    open = cv.wait(open).unwrap_or_else(|e| e.into_inner());
-                }
+                wait_open(&h);
             }
         }
         let len = write();
@@ -716,15 +722,12 @@ impl Device {
             if chain.is_some() && queue >= 2 {
                 let hook = lock(&self.hooks.after_pop).take();
                 if let Some(h) = hook {
-                    let (m, cv) = &*h;
-                    let mut open = lock(m);
-                    while !*open {
-                        open = cv.wait(open).unwrap_or_else(|e| e.into_inner());
-                    }
+                    wait_open(&h);
                 }
             }
             let Some(chain) = chain else {
-                if Self::avail_ahead(vring, &mem).is_none() {
+                let ahead = Self::avail_ahead(vring, &mem);
+                if ahead.is_none() {
                     // The avail index is more than a queue size ahead of what was popped
                     // (virtio 2.7.13.3 forbids it): no pop can ever consume it. Stop here
                     // rather than spin on it; the queue stays stalled until the driver
@@ -741,9 +744,7 @@ impl Device {
                     );
                     return Drained::Held;
                 }
-                if vring.get_ref().get_queue().avail_ring() == 0
-                    && Self::avail_ahead(vring, &mem).is_some_and(|n| n > 0)
-                {
+                if vring.get_ref().get_queue().avail_ring() == 0 && ahead.is_some_and(|n| n > 0) {
                     // Guest address 0 is memory a driver may use, but the queue library
                     // takes an avail ring there for one not set up and pops nothing from
                     // it: the same again.
