@@ -14,7 +14,7 @@
 //! Block layer errors map to sense data in [`block_error`], an exhaustive match.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 
 use block::{Backend, BlockError, IoBuf};
 
@@ -54,6 +54,16 @@ pub struct LogicalUnit {
     /// Bumped by task management that ends every nexus's tasks (LOGICAL UNIT RESET, target
     /// resets, CLEAR TASK SET), before it aborts the task set: see [`Ticket`].
     reset_epoch: AtomicU64,
+    /// Held for writing by task management that moves more than one of the counters a
+    /// [`Ticket`] reads (the `cleared` of other nexuses, then the epoch that ends their
+    /// commands), and for reading by [`LogicalUnit::admit`] as it reads them: a ticket sees
+    /// all of one function's moves or none. Without it, a command received between the two
+    /// moves would be ended by the function without its initiator being told, and a nexus
+    /// seen for the first time as the function counted the others likewise.
+    epochs: std::sync::RwLock<()>,
+    /// Run while `clear_task_set` holds `epochs` for writing, between its moves.
+    #[cfg(test)]
+    between_moves: std::sync::Mutex<Option<Box<dyn Fn() + Send>>>,
     /// Persistent and SPC-2 reservations: the snapshot every command is checked against.
     resv: Arc<Reservations>,
     /// The target ports the frontends serve this LU through ([`LogicalUnit::add_target_port`]):
@@ -104,6 +114,9 @@ impl LogicalUnit {
             tasks: TaskSet::default(),
             nexuses: Nexuses::default(),
             reset_epoch: AtomicU64::new(0),
+            epochs: std::sync::RwLock::new(()),
+            #[cfg(test)]
+            between_moves: std::sync::Mutex::new(None),
             resv,
             ports: std::sync::Mutex::new(Vec::new()),
         }
@@ -318,7 +331,10 @@ impl LogicalUnit {
 
     /// A ticket for a command of `nexus` that the transport has just received (see [`Ticket`]).
     pub fn admit(&self, nexus: &Arc<ItNexus>) -> Ticket {
+        // The nexus's state exists before the counters are read: a function that moves them
+        // after this counts it.
         let ns = self.nexuses.get(nexus);
+        let _moves = self.epochs.read().unwrap_or_else(PoisonError::into_inner);
         Ticket {
             reset_epoch: self.reset_epoch.load(Ordering::SeqCst),
             nexus_id: ns.id,
@@ -480,17 +496,20 @@ impl LogicalUnit {
             let preempted = |n: &ItNexus| eff.abort.iter().any(|r| r.matches(n));
             // Commands the transport holds for the other preempted nexuses end too (see
             // Ticket); the issuer's later commands are ordered after this one.
-            let held = self.tasks.order.retire(|| {
-                let mut ended = Vec::new();
-                self.nexuses.for_each(|n, st| {
-                    if n != &**nexus && preempted(n) {
-                        st.cleared.fetch_add(1, Ordering::SeqCst);
-                        st.abort_epoch.fetch_add(1, Ordering::SeqCst);
-                        ended.push(st.id);
-                    }
-                });
-                move |id| ended.contains(&id)
-            });
+            let held = {
+                let _moves = self.epochs.write().unwrap_or_else(PoisonError::into_inner);
+                self.tasks.order.retire(|| {
+                    let mut ended = Vec::new();
+                    self.nexuses.for_each(|n, st| {
+                        if n != &**nexus && preempted(n) {
+                            st.cleared.fetch_add(1, Ordering::SeqCst);
+                            st.abort_epoch.fetch_add(1, Ordering::SeqCst);
+                            ended.push(st.id);
+                        }
+                    });
+                    move |id| ended.contains(&id)
+                })
+            };
             let owners = self
                 .tasks
                 .abort(|n, t| preempted(n) && !(n == &**nexus && t == tag))
@@ -1212,13 +1231,25 @@ impl LogicalUnit {
     /// CLEAR TASK SET with TST=000b: every task of every nexus; the others are told with
     /// COMMANDS CLEARED BY ANOTHER INITIATOR (SAM-5 7.4).
     pub(crate) async fn clear_task_set(&self, nexus: &ItNexus) {
-        // Before the reset epoch moves: a command that sees its ticket ended by it sees this.
-        self.nexuses.for_each(|n, st| {
-            if n != nexus {
-                st.cleared.fetch_add(1, Ordering::SeqCst);
+        let held = {
+            let _moves = self.epochs.write().unwrap_or_else(PoisonError::into_inner);
+            // Before the reset epoch moves: a command that sees its ticket ended by it sees
+            // this.
+            self.nexuses.for_each(|n, st| {
+                if n != nexus {
+                    st.cleared.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+            #[cfg(test)]
+            if let Some(f) = &*self
+                .between_moves
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+            {
+                f();
             }
-        });
-        let held = self.end_all_tasks();
+            self.end_all_tasks()
+        };
         let owners = self.tasks.abort(|_, _| true).await;
         self.tell_cleared(nexus, &owners, &held);
     }
@@ -1434,5 +1465,132 @@ pub(crate) fn no_such_lun(cmd: &Command) -> Response {
         sense: cond::LUN_NOT_SUPPORTED.encode(false),
         data_in: Vec::new(),
         data_in_placed: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use block::driver::mem::MemDriver;
+
+    use super::*;
+    use crate::{InitiatorPort, TaskAttr, Transport};
+
+    fn nexus(name: &str) -> Arc<ItNexus> {
+        Arc::new(ItNexus {
+            initiator: InitiatorPort {
+                transport: Transport::Iscsi,
+                name: name.into(),
+                isid: None,
+            },
+            target: TargetPort {
+                name: "iqn.2024-01.test:t".into(),
+                tpgt: 1,
+                relative_id: 1,
+            },
+        })
+    }
+
+    const TUR: [u8; 6] = [0x00, 0, 0, 0, 0, 0]; // TEST UNIT READY
+
+    fn tur(n: &Arc<ItNexus>) -> Command {
+        Command {
+            nexus: n.clone(),
+            lun: 0,
+            tag: 1,
+            attr: TaskAttr::Simple,
+            cdb: TUR.to_vec(),
+            data_out: IoBuf::default(),
+            data_in_len: 0,
+            data_in_buf: None,
+            arrival: None,
+        }
+    }
+
+    /// Run TEST UNIT READY until no unit attention is left; its last answer is GOOD.
+    async fn ready(lu: &LogicalUnit, n: &Arc<ItNexus>) {
+        for _ in 0..8 {
+            if let Completion::Done(r) = lu.execute(tur(n)).await {
+                if r.status == Status::GOOD {
+                    return;
+                }
+            }
+        }
+        panic!("unit attentions do not clear");
+    }
+
+    /// The state a command received while another nexus's CLEAR TASK SET runs must be in
+    /// afterwards (SAM-5 5.6 with TAS=0): it either runs (it came after the function), or it
+    /// is ended and its nexus's next command reports COMMANDS CLEARED BY ANOTHER INITIATOR
+    /// (UNIT ATTENTION, 2Fh/00h). Ended without that, its initiator waits for it in vain.
+    ///
+    /// The command is received (`admit`) while the function is paused between its moves of
+    /// `cleared` and the reset epoch. `known` says whether the receiving nexus had been seen
+    /// before the function started.
+    async fn received_during_clear_task_set(known: bool) {
+        let lu = Arc::new(LogicalUnit::new(
+            Backend::new(Arc::new(MemDriver::new(64 * 512)), 512).unwrap(),
+            LuConfig {
+                vendor: "SHAREDSK".into(),
+                product: "sharedisk".into(),
+                revision: "0001".into(),
+                serial: "SD0001".into(),
+                id: 1,
+            },
+        ));
+        let (a, b) = (nexus("iqn.2024-01.test:a"), nexus("iqn.2024-01.test:b"));
+        ready(&lu, &a).await;
+        if known {
+            ready(&lu, &b).await;
+        }
+        let (paused, pause) = std::sync::mpsc::channel();
+        *lu.between_moves.lock().unwrap() = Some(Box::new(move || {
+            paused.send(()).unwrap();
+            // Long enough for the other thread's `admit` to finish, were it not held.
+            std::thread::sleep(Duration::from_millis(300));
+        }));
+        let clearing = {
+            let (lu, a) = (lu.clone(), a.clone());
+            std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap()
+                    .block_on(lu.clear_task_set(&a));
+            })
+        };
+        pause.recv_timeout(Duration::from_secs(10)).unwrap();
+        let ticket = lu.admit(&b);
+        clearing.join().unwrap();
+        match lu.execute_admitted(tur(&b), Some(ticket)).await {
+            // Received after the function: it ran (a nexus seen for the first time reports
+            // POWER ON first, 29h/00h).
+            Completion::Done(r) if known => assert_eq!(r.status, Status::GOOD, "{r:02x?}"),
+            Completion::Done(r) => assert_eq!(r.sense.get(12..14), Some(&[0x29, 0x00][..])),
+            Completion::Aborted => {
+                let Completion::Done(r) = lu.execute(tur(&b)).await else {
+                    panic!("the next command was aborted");
+                };
+                // Fixed format sense: key at byte 2, ASC and ASCQ at bytes 12 and 13.
+                assert_eq!(
+                    (r.sense.get(2).map(|k| k & 0x0F), r.sense.get(12..14)),
+                    (Some(0x06), Some(&[0x2F, 0x00][..])),
+                    "a command ended by another's CLEAR TASK SET whose nexus is not told: {r:02x?}"
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_command_received_while_clear_task_set_runs_runs_or_is_told_cleared() {
+        received_during_clear_task_set(true).await;
+    }
+
+    #[tokio::test]
+    async fn a_first_command_of_a_new_nexus_received_while_clear_task_set_runs_runs_or_is_told_cleared(
+    ) {
+        received_during_clear_task_set(false).await;
     }
 }
