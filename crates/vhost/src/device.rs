@@ -1375,7 +1375,13 @@ impl Device {
     fn quiesce_for_stop(&self, index: u32) {
         let (from, upto) = {
             // After the chain the queue's thread may be handling (see `QueueState::pop`).
-            let _popping = self.queues.get(index as usize).map(|q| lock(&q.pop));
+            let popping = self
+                .queues
+                .get(index as usize)
+                .map(|q| self.wait_pop(q, "queue stop"));
+            if matches!(popping, Some(None)) {
+                return;
+            }
             let inf = lock(&self.inflight);
             (self.stopped_upto.load(Ordering::SeqCst), inf.next)
         };
@@ -1404,6 +1410,40 @@ impl Device {
             );
         }
         self.stopped_upto.fetch_max(upto, Ordering::SeqCst);
+    }
+
+    /// Queue `q`'s pop lock (see [`QueueState::pop`]), for `what`: waited for as long as the
+    /// queue's thread holds it (a chain it handles in place may wait for the disk), saying so
+    /// every [`STUCK_WARN`]. `None` when the socket is closing (the daemon told to stop): a
+    /// stuck queue thread must not keep the process from exiting.
+    fn wait_pop<'q>(&self, q: &'q QueueState, what: &'static str) -> Option<MutexGuard<'q, ()>> {
+        let start = std::time::Instant::now();
+        let mut warned = Duration::ZERO;
+        loop {
+            match q.pop.try_lock() {
+                Ok(g) => return Some(g),
+                Err(std::sync::TryLockError::Poisoned(e)) => return Some(e.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            if self.closing.load(Ordering::SeqCst) {
+                tracing::warn!(
+                    what,
+                    "Socket closed while a queue's thread is still handling a request"
+                );
+                return None;
+            }
+            let waited = start.elapsed();
+            if waited >= warned + STUCK_WARN {
+                warned = waited;
+                tracing::warn!(
+                    what,
+                    seconds = waited.as_secs(),
+                    "Still waiting for a queue's thread to finish handling a request"
+                );
+            }
+            // Rare (a stop or reset) and short (one pop) unless the disk is stuck.
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// The connection is gone (after [`Device::disconnect`], its worker threads joined): end
@@ -1582,7 +1622,13 @@ impl VhostUserBackend for Device {
         let upto = {
             // After the chains the queues' threads may be handling (see `QueueState::pop`);
             // the rings are disabled by now, so none is popped after.
-            let _popping: Vec<_> = self.queues.iter().map(|q| lock(&q.pop)).collect();
+            let mut popping = Vec::with_capacity(self.queues.len());
+            for q in &self.queues {
+                match self.wait_pop(q, "device reset") {
+                    Some(g) => popping.push(g),
+                    None => return,
+                }
+            }
             let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
             self.epoch.fetch_add(1, Ordering::SeqCst);
             lock(&self.inflight).next

@@ -2281,3 +2281,64 @@ fn a_queue_stop_waits_for_a_chain_popped_just_before_it() {
     // VIRTIO_SCSI_S_OK, GOOD: the response header's status (byte 10) and response (11).
     assert_eq!(h.get(r, 12)[10..12], [0, 0]);
 }
+
+/// A queue stop and a device reset wait for the queue's thread to finish the chain it popped
+/// (see `a_queue_stop_waits_for_a_chain_popped_just_before_it`), but not past the socket's
+/// closing: a thread stuck in one chain (a write in place waiting for the disk) must not keep
+/// the process from exiting.
+#[test]
+fn a_stop_and_a_reset_waiting_for_a_queue_thread_give_up_when_the_socket_closes() {
+    let mut h = Harness::new();
+    h.tur();
+    let gate: crate::device::TestGate = Arc::default();
+    *h.dev.hooks.after_pop.lock().unwrap() = Some(gate.clone());
+    let popped = h.req.vring.queue_next_avail();
+    tur_chain(&mut h, 2, 5);
+    // The queue's thread pops the chain and stops right after (the hook), holding its lock.
+    let (thread, local) = h.thread_of(2);
+    let (dev, vrings) = (h.dev.clone(), h.thread_vrings(thread));
+    let kicked = std::thread::spawn(move || {
+        dev.handle_event(local, EventSet::IN, &vrings, thread)
+            .unwrap();
+    });
+    let start = Instant::now();
+    while h.req.vring.queue_next_avail() == popped {
+        assert!(start.elapsed() < Duration::from_secs(10), "not popped");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let waits = |f: Box<dyn FnOnce() + Send>| {
+        h.dev
+            .closing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let t = in_thread(f);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            !t.is_finished(),
+            "returned while the queue's thread held a chain"
+        );
+        h.dev
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let start = Instant::now();
+        while !t.is_finished() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        t.is_finished()
+    };
+    let dev = h.dev.clone();
+    let stopped = waits(Box::new(move || dev.stop_vring(2).unwrap()));
+    let dev = h.dev.clone();
+    let reset = waits(Box::new(move || dev.reset_device()));
+    // Frees the queue's thread (and a wait still running), so the test ends either way.
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    kicked.join().unwrap();
+    assert!(
+        stopped,
+        "the queue stop still waits after the socket closed"
+    );
+    assert!(
+        reset,
+        "the device reset still waits after the socket closed"
+    );
+}
