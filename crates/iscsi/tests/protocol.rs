@@ -359,6 +359,24 @@ async fn reads_beyond_the_data_in_budget_of_a_connection_get_task_set_full() {
         full.push(p.u32(16));
     }
     assert_eq!(entered(), 8, "READs inside the disk");
+    // With the budget spent, a READ beyond MAXIMUM TRANSFER LENGTH (16384 blocks here) is
+    // still refused for what it is (SBC-4 6.6.4), not TASK SET FULL, which invites a retry:
+    // READ(10) of 16385 blocks.
+    let (b, too_long) = c.command(0xC1, LEN, &read10(0, 16385));
+    c.send(b, &[]).await;
+    let p = c.recv().await.expect("SCSI Response");
+    assert_eq!(
+        (p.bhs[0], p.bhs[3], p.u32(16)),
+        (0x21, 0x02, too_long),
+        "CHECK CONDITION"
+    );
+    // SenseLength (2 bytes), then fixed format sense: ILLEGAL REQUEST (byte 2), INVALID
+    // FIELD IN CDB 24h/00h (12, 13), field pointer C=1 BPV=1 bit 7 at CDB byte 7 (15-17).
+    let sense = p.data.get(2..).unwrap_or_default();
+    assert_eq!(
+        (sense[2] & 0x0F, sense[12], sense[13], &sense[15..18]),
+        (0x05, 0x24, 0x00, &[0xCF, 0x00, 0x07][..])
+    );
     // Open the disk: the 8 complete, GOOD, with all their data, and no other READ ran.
     open.send(true).expect("open the read gate");
     let mut got = std::collections::HashMap::new();

@@ -243,7 +243,12 @@ impl LogicalUnit {
 
     /// See [`crate::Target::read_len`].
     pub fn read_len(&self, cdb: &[u8]) -> u64 {
-        cdb::read_len(cdb, self.backend.block_size())
+        let bs = self.backend.block_size();
+        let len = cdb::read_len(cdb, bs);
+        if len > u64::from(self.limits.max_transfer) * u64::from(bs) {
+            return 0;
+        }
+        len
     }
 
     /// Tell `nexus` that the LUN inventory of a target it reaches this LU through changed

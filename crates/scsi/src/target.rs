@@ -168,7 +168,8 @@ impl Target {
     }
 
     /// The number of bytes of medium data a READ (6/10/12/16) asks for; 0 for other commands,
-    /// unknown LUNs and CDBs too short to say.
+    /// unknown LUNs, CDBs too short to say, and READs beyond the LU's MAXIMUM TRANSFER LENGTH
+    /// (refused before they read anything: SBC-4 6.6.4).
     pub fn read_len(&self, lun: u64, cdb: &[u8]) -> u64 {
         self.luns.get(&lun).map_or(0, |lu| lu.read_len(cdb))
     }
