@@ -63,9 +63,9 @@ pub(crate) type Vring = VringRwLock<Gm>;
 
 /// VHOST_USER_F_PROTOCOL_FEATURES (vhost-user: feature bit 30).
 const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
-/// The largest data-out a request may carry: the 8 MiB data buffer the SCSI layer accepts per
-/// command (VPD 0xB0 MAXIMUM TRANSFER LENGTH), plus room for parameter lists. A request with
-/// more gets VIRTIO_SCSI_S_FAILURE before anything is copied.
+/// The largest data-out a request hands the SCSI layer: the 8 MiB data buffer it accepts per
+/// command (VPD 0xB0 MAXIMUM TRANSFER LENGTH), plus room for parameter lists. Of a request
+/// whose CDB asks for more, nothing is copied: the SCSI layer refuses it by its CDB.
 const MAX_DATA_OUT: u64 = 16 << 20;
 /// The data-out a connection may have in flight (guest buffers its commands hold).
 /// A request that would go above it waits in the ring until completions make room (one
@@ -911,10 +911,6 @@ impl Device {
         }
         let req = wire::CmdReq::parse(&hdr);
         let data_out_len = rd.len() - u64::from(req_len);
-        if data_out_len > MAX_DATA_OUT {
-            tracing::warn!(queue, head, data_out_len, "Request data-out too large");
-            return fail(wire::VIRTIO_SCSI_S_FAILURE);
-        }
         let data_in_cap = wr.len() - u64::from(resp_len);
         if data_out_len > 0 && data_in_cap > 0 {
             // Both directions, and VIRTIO_SCSI_F_INOUT is not offered: "immediately returned
@@ -966,7 +962,16 @@ impl Device {
             );
             return fail(wire::VIRTIO_SCSI_S_OVERRUN);
         }
-        let copy = data_out_len.min(expected_out);
+        let mut copy = data_out_len.min(expected_out);
+        if copy > MAX_DATA_OUT {
+            // More than any command takes: a WRITE beyond MAXIMUM TRANSFER LENGTH (QEMU shows
+            // the guest its own config space, whose max_sectors allows 32 MiB), or a parameter
+            // list longer than any. Nothing is copied, and the SCSI layer refuses the command
+            // by its CDB (INVALID FIELD IN CDB), which the guest reports as an error of that
+            // command rather than of the transport.
+            tracing::debug!(queue, head, data_out_len, "Request data-out too large");
+            copy = 0;
+        }
         let lu_id = target.lu(lun).map_or(0, |lu| Arc::as_ptr(lu) as usize);
         let token = match self.enter(queue, head, epochs, lu_id, req.tag, copy) {
             Ok(t) => t,

@@ -625,11 +625,16 @@ fn malformed_chains_get_failure_or_nothing() {
     h.kick(2);
     assert_eq!(h.wait_used(2).1, 0);
 
-    // Data-out above 16 MiB: FAILURE before any copy.
+    // A WRITE(10) of 1 block with 2 GiB of data-out, most of it outside guest memory: only
+    // the block the CDB asks for is taken (from inside memory) and written; the rest is the
+    // residual (0x7FFF_FFFF - 512, little-endian at bytes 4..8), S_OK, GOOD.
     h.add_chain(2, &[rd(hw, REQ), rd(0x20_0000, u32::MAX / 2), wr(r, RESP)]);
     h.kick(2);
     assert_eq!(h.wait_used(2).1, RESP);
-    assert_eq!(h.get(r, 12)[11], 9);
+    assert_eq!(
+        h.get(r, 12),
+        vec![0, 0, 0, 0, 0xFF, 0xFD, 0xFF, 0x7F, 0, 0, 0, 0]
+    );
 
     // Still serving.
     let (len, resp) = h.tur();
@@ -2341,4 +2346,40 @@ fn a_stop_and_a_reset_waiting_for_a_queue_thread_give_up_when_the_socket_closes(
         reset,
         "the device reset still waits after the socket closed"
     );
+}
+
+/// A WRITE beyond MAXIMUM TRANSFER LENGTH (8 MiB) is refused by its CDB, whatever its size:
+/// QEMU gives the guest its own config space (max_sectors 0xFFFF, 32 MiB), so a guest may
+/// send one. It gets CHECK CONDITION, ILLEGAL REQUEST, INVALID FIELD IN CDB (SBC-4 6.6.4),
+/// not a transport failure, and nothing is written.
+#[test]
+fn a_write_beyond_the_maximum_transfer_length_is_an_invalid_field_whatever_its_size() {
+    let mut h = Harness::with_lu(lu(40_000));
+    h.tur();
+    // WRITE(16), LBA 0, TRANSFER LENGTH 9000h blocks (18 MiB of 512-byte blocks).
+    let cdb = [
+        0x8A, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x00, 0x90, 0x00, 0, 0,
+    ];
+    let hdr = h.header(LUN0, 7, &cdb);
+    // 18 data-out descriptors of 1 MiB over the same guest buffer, full of 0xAB.
+    let buf = h.alloc(1 << 20);
+    h.put(buf, &vec![0xAB; 1 << 20]);
+    let mut descs = vec![rd(hdr, REQ)];
+    descs.extend((0..18).map(|_| rd(buf, 1 << 20)));
+    let r = h.alloc(RESP);
+    descs.push(wr(r, RESP));
+    h.add_chain(2, &descs);
+    h.kick(2);
+    h.wait_used(2);
+    let resp = h.get(r, RESP);
+    // virtio_scsi_cmd_resp: sense_len (0..4), resid (4..8), status_qualifier (8..10), status
+    // (10), response (11: VIRTIO_SCSI_S_OK), sense from byte 12.
+    assert_eq!((resp[10], resp[11]), (0x02, 0), "CHECK CONDITION, S_OK");
+    let sense = &resp[12..];
+    // Fixed format: ILLEGAL REQUEST, 24h/00h, field pointer C=1 BPV=1 bit 7 of CDB byte 10.
+    assert_eq!(
+        (sense[2] & 0x0F, sense[12], sense[13], &sense[15..18]),
+        (0x05, 0x24, 0x00, &[0xCF, 0x00, 0x0A][..])
+    );
+    assert_eq!(h.stored(0, 8), vec![0; 8 * 512], "nothing written");
 }
