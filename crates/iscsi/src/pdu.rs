@@ -302,8 +302,13 @@ pub async fn write_pdu<W: AsyncWrite + Unpin>(
 
 /// Decode a SAM-5 LUN structure (RFC 7143 11.2.1.4 carries it as is) into a plain LUN:
 /// peripheral device addressing (method 00b) and flat space addressing (01b) of the first
-/// level. Other methods yield a value no LU has, which the SCSI layer reports as such.
+/// level, with no second level (bytes 2-7 zero). Other methods, and LUNs of more levels
+/// (SAM-5 4.7.5: another logical unit, which no LU of a target here is), yield a value no LU
+/// has, which the SCSI layer reports as such.
 pub fn decode_lun(l: [u8; 8]) -> u64 {
+    if l[2..] != [0; 6] {
+        return u64::MAX;
+    }
     match l[0] >> 6 {
         0 if l[0] == 0 => u64::from(l[1]),
         1 => (u64::from(l[0] & 0x3f) << 8) | u64::from(l[1]),
@@ -388,5 +393,10 @@ mod tests {
         assert_eq!(decode_lun([0x00, 0x05, 0, 0, 0, 0, 0, 0]), 5); // peripheral
         assert_eq!(decode_lun([0x41, 0x02, 0, 0, 0, 0, 0, 0]), 0x102); // flat space
         assert_eq!(decode_lun([0x80, 0x01, 0, 0, 0, 0, 0, 0]), u64::MAX); // LUN addressing
+                                                                          // A second level (bytes 2-3) or any later byte set: a different logical unit
+                                                                          // (SAM-5 4.7.5), not LUN 1 or 0.
+        assert_eq!(decode_lun([0x00, 0x01, 0x00, 0x02, 0, 0, 0, 0]), u64::MAX);
+        assert_eq!(decode_lun([0x00, 0x00, 0, 0, 0, 0, 0, 0x01]), u64::MAX);
+        assert_eq!(decode_lun([0x40, 0x00, 0x40, 0x01, 0, 0, 0, 0]), u64::MAX);
     }
 }

@@ -1851,3 +1851,30 @@ async fn query_task_does_not_report_a_held_command_that_task_management_ended() 
         FUNCTION_COMPLETE
     );
 }
+
+/// A LUN with a second level (SAM-5 4.7.5) addresses another logical unit than its first
+/// level does; the target has none there. TEST UNIT READY to LUN 00 00 00 01 00 00 00 00 (LUN
+/// 0, then 1) with LUN 0 present: CHECK CONDITION, ILLEGAL REQUEST, LOGICAL UNIT NOT
+/// SUPPORTED (25h/00h); INQUIRY there: peripheral qualifier 011b, device type 1Fh (7Fh,
+/// SPC-5 6.7.2).
+#[tokio::test]
+async fn a_lun_with_a_second_level_reaches_no_logical_unit() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    c.clear_unit_attention().await;
+    let two_levels = [0x00, 0x00, 0x00, 0x01, 0, 0, 0, 0];
+    let (mut b, _) = c.command(0x80, 0, &[0x00, 0, 0, 0, 0, 0]);
+    b[8..16].copy_from_slice(&two_levels);
+    c.send(b, &[]).await;
+    let p = c.recv().await.expect("SCSI Response");
+    assert_eq!((p.bhs[0], p.bhs[3]), (0x21, 0x02), "CHECK CONDITION");
+    let sense = p.data.get(2..).unwrap_or_default();
+    assert_eq!((sense[2] & 0x0F, sense[12], sense[13]), (0x05, 0x25, 0x00));
+    // INQUIRY, allocation length 36.
+    let (mut b, _) = c.command(0xC0, 36, &[0x12, 0, 0, 0, 36, 0]);
+    b[8..16].copy_from_slice(&two_levels);
+    c.send(b, &[]).await;
+    let p = c.recv().await.expect("Data-In");
+    assert_eq!(p.bhs[0], 0x25, "Data-In");
+    assert_eq!(p.data.first(), Some(&0x7F));
+}
