@@ -1147,7 +1147,14 @@ impl Conn {
             task.ttt
         };
         if ttt != expected_ttt {
-            self.reject(reject::INVALID_FIELD, &bhs);
+            if ttt == RESERVED_TAG {
+                // Unsolicited data where none is allowed (InitialR2T=Yes, or after the first
+                // burst ended): the task ends with UNEXPECTED UNSOLICITED DATA (0Ch/0Ch, RFC
+                // 7143 11.4.7.2).
+                self.fail_task(itt, 0x0c, 0x0c);
+            } else {
+                self.reject(reject::INVALID_FIELD, &bhs);
+            }
             return Ok(Flow::Continue);
         }
         // RFC 7143 7.9: a DataSN out of order means an earlier Data-Out was lost to a digest
@@ -1161,9 +1168,17 @@ impl Conn {
         let len = pdu.data.len() as u32;
         let got = task.buf.len() as u32;
         // DataPDUInOrder=Yes: each PDU continues where the last ended, within the sequence;
-        // otherwise the task ends with INCORRECT AMOUNT OF DATA (0Ch/0Dh, RFC 7143 11.4.7.2).
+        // otherwise the task ends with INCORRECT AMOUNT OF DATA (0Ch/0Dh, RFC 7143 11.4.7.2),
+        // or for unsolicited data beyond the first burst UNEXPECTED UNSOLICITED DATA
+        // (0Ch/0Ch).
         if offset != got || got.checked_add(len).is_none_or(|end| end > task.seq_end) {
-            self.fail_task(itt, 0x0c, 0x0d);
+            let within_edtl = got.checked_add(len).is_some_and(|end| end <= task.edtl);
+            let ascq = if task.unsolicited && offset == got && within_edtl {
+                0x0c
+            } else {
+                0x0d
+            };
+            self.fail_task(itt, 0x0c, ascq);
             return Ok(Flow::Continue);
         }
         if task.buf.capacity() < task.seq_end as usize {

@@ -1878,3 +1878,63 @@ async fn a_lun_with_a_second_level_reaches_no_logical_unit() {
     assert_eq!(p.bhs[0], 0x25, "Data-In");
     assert_eq!(p.data.first(), Some(&0x7F));
 }
+
+/// The SCSI Response that ends a write whose data-out broke the rules: CHECK CONDITION,
+/// ABORTED COMMAND (0Bh) with `asc`/`ascq` (RFC 7143 11.4.7.2), in fixed format after the
+/// 2-byte SenseLength.
+async fn expect_data_out_error(c: &mut Client, itt: u32, asc: u8, ascq: u8) {
+    let r = c.recv().await.expect("SCSI Response");
+    assert_eq!(
+        (r.bhs[0], r.bhs[3], r.u32(16)),
+        (0x21, 0x02, itt),
+        "CHECK CONDITION"
+    );
+    let sense = r.data.get(2..).unwrap_or_default();
+    assert_eq!((sense[2] & 0x0F, sense[12], sense[13]), (0x0B, asc, ascq));
+}
+
+/// Unsolicited Data-Out (TTT 0xffffffff) where none is allowed: with InitialR2T=Yes, after the
+/// target sent its R2T; and beyond FirstBurstLength with InitialR2T=No. The task ends with
+/// UNEXPECTED UNSOLICITED DATA (0Ch/0Ch); data past the end of an R2T's sequence is
+/// INCORRECT AMOUNT OF DATA (0Ch/0Dh).
+#[tokio::test]
+async fn unsolicited_data_where_none_is_allowed_is_unexpected_unsolicited_data() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "InitialR2T=Yes|ImmediateData=No|").await;
+    c.clear_unit_attention().await;
+    // WRITE(10) of 8 blocks, F=1 W=1: the target asks for the data.
+    let (b, itt) = c.command(0xa1, 4096, &write10(0, 8));
+    c.send(b, &[]).await;
+    let r2t = c.recv().await.expect("R2T");
+    assert_eq!(r2t.bhs[0], 0x31, "R2T");
+    c.send(data_out(itt, 0xffff_ffff, 0, 0, true), &[0x5A; 4096])
+        .await;
+    expect_data_out_error(&mut c, itt, 0x0c, 0x0c).await;
+    // The same with its R2T's TTT, but 512 bytes more than the R2T asked for.
+    let (b, itt) = c.command(0xa1, 4096, &write10(0, 8));
+    c.send(b, &[]).await;
+    let r2t = c.recv().await.expect("R2T");
+    assert_eq!((r2t.bhs[0], r2t.u32(44)), (0x31, 4096), "R2T for 4096");
+    c.send(data_out(itt, r2t.u32(20), 0, 0, true), &[0x5A; 4608])
+        .await;
+    expect_data_out_error(&mut c, itt, 0x0c, 0x0d).await;
+
+    let mut c = Client::login(
+        addr,
+        "InitialR2T=No|ImmediateData=Yes|FirstBurstLength=4096|",
+    )
+    .await;
+    c.clear_unit_attention().await;
+    // WRITE(10) of 16 blocks (8192 bytes), F=0: 512 bytes immediate, then unsolicited
+    // Data-Out of 4096 bytes, which ends at 4608, past the first burst of 4096.
+    let (b, itt) = c.command(0x21, 8192, &write10(0, 16));
+    c.send(b, &[0x5A; 512]).await;
+    c.send(data_out(itt, 0xffff_ffff, 0, 512, true), &[0x5A; 4096])
+        .await;
+    expect_data_out_error(&mut c, itt, 0x0c, 0x0c).await;
+    // Nothing of them was written.
+    let (b, _) = c.command(0xc1, 512, &read10(0, 1));
+    c.send(b, &[]).await;
+    let d = c.recv().await.expect("Data-In");
+    assert_eq!(d.data, vec![0; 512]);
+}
