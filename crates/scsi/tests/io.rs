@@ -700,3 +700,23 @@ async fn obsolete_fua_nv_and_sync_nv_bits_are_accepted_and_ignored() {
     assert_eq!(&r.data_in[2..4], &[0x00, 0x0A], "CDB SIZE 10");
     assert_eq!(&r.data_in[4..6], &[0x28, 0x18]);
 }
+
+/// MAXIMUM TRANSFER LENGTH (16384 blocks of 512 bytes) bounds every command that transfers
+/// medium data (SBC-4 6.6.4), writes as well as reads: WRITE(16), WRITE AND VERIFY(16) and
+/// ORWRITE(16) of 16385 blocks, with all their data, are INVALID FIELD IN CDB with the
+/// field pointer at TRANSFER LENGTH (byte 10, bit 7), and write nothing.
+#[tokio::test]
+async fn writes_above_maximum_transfer_length_are_invalid_field_and_write_nothing() {
+    let (t, n) = ready_mem(40000, 512).await;
+    // LBA 0, TRANSFER LENGTH 00004001h.
+    for opcode in [0x8A, 0x8E, 0x8B] {
+        let cdb = [
+            opcode, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x00, 0x00, 0x40, 0x01, 0, 0,
+        ];
+        let r = run(&t, &n, &cdb, vec![0xA5; 16385 * BS]).await;
+        assert_sense(&r, 0x05, 0x24, 0x00);
+        assert_eq!(&r.sense[15..18], &[0xCF, 0x00, 0x0A], "opcode {opcode:02x}");
+    }
+    assert_eq!(read_blocks(&t, &n, 0, 1).await, vec![0; BS]);
+    assert_eq!(read_blocks(&t, &n, 16384, 1).await, vec![0; BS]);
+}

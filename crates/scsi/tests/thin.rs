@@ -257,3 +257,24 @@ async fn verify_with_byte_check_compares_unmapped_lbas_as_zeros() {
     assert_eq!(r.sense[0] & 0x80, 0x80);
     assert_eq!(&r.sense[3..7], &600u32.to_be_bytes());
 }
+
+/// MAXIMUM UNMAP LBA COUNT (VPD B0h bytes 20-23) is 1,048,576 (100000h) blocks: SBC-4 5.32
+/// refuses a parameter list whose descriptors together ask for more with INVALID FIELD IN
+/// PARAMETER LIST (26h/00h); the field pointer names the NUMBER OF LOGICAL BLOCKS of the
+/// descriptor that goes over (byte 16 for the first descriptor, 32 for the second), bit 7.
+/// Exactly the limit is GOOD.
+#[tokio::test]
+async fn unmap_of_more_blocks_than_advertised_is_invalid_field_in_parameter_list() {
+    let (t, n) = ready_mem(1 << 21, 512).await;
+    let check = |r: &scsi::Response, byte: u8| {
+        assert_sense(r, 0x05, 0x26, 0x00);
+        // SKSV=1, C/D=0 (parameter list), BPV=1, bit 7; FIELD POINTER.
+        assert_eq!(&r.sense[15..18], &[0x8F, 0x00, byte]);
+    };
+    let p = unmap_params(&[(0, 0x10_0001)]);
+    check(&run(&t, &n, &unmap_cdb(p.len() as u16), p).await, 16);
+    let p = unmap_params(&[(0, 0x8_0000), (0x8_0000, 0x8_0001)]);
+    check(&run(&t, &n, &unmap_cdb(p.len() as u16), p).await, 32);
+    let p = unmap_params(&[(0, 0x10_0000)]);
+    assert_good(&run(&t, &n, &unmap_cdb(p.len() as u16), p).await);
+}
