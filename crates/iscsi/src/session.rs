@@ -943,7 +943,11 @@ impl Conn {
             self.reject(reject::INVALID_FIELD, &bhs);
             return;
         }
-        if !write || edtl == 0 {
+        // A write the SCSI layer refuses by its CDB (a transfer beyond MAXIMUM TRANSFER
+        // LENGTH, an invalid field, no such LU) runs without its data-out, as LIO does: none
+        // is solicited, immediate data is dropped, and unsolicited Data-Out that follows finds
+        // no task and is discarded (RFC 7143 4.2.3.3).
+        if !write || edtl == 0 || target.refuses_cdb(lun, &cdb) {
             let cmd = Command {
                 nexus,
                 lun,
@@ -957,9 +961,10 @@ impl Conn {
             };
             // RFC 7143 11.4.5: the residual compares the data-out the CDB asks for with what
             // was expected (EDTL with the W bit, otherwise none), whatever the W bit says; the
-            // SCSI layer gets what was received (nothing) and writes only whole blocks of it.
+            // SCSI layer gets what was collected (nothing) and writes only whole blocks of it.
             let spdtl = target.data_out_len(lun, &cmd.cdb);
-            let wr = (write || spdtl > 0).then_some((spdtl > 0, spdtl));
+            let expected = if write { edtl } else { 0 };
+            let wr = (write || spdtl > 0).then_some((spdtl > expected, spdtl.abs_diff(expected)));
             self.execute(
                 target,
                 cmd,

@@ -1938,3 +1938,49 @@ async fn unsolicited_data_where_none_is_allowed_is_unexpected_unsolicited_data()
     let d = c.recv().await.expect("Data-In");
     assert_eq!(d.data, vec![0; 512]);
 }
+
+/// A write the SCSI layer refuses by its CDB is answered without its data-out being asked
+/// for: WRITE(10) of 16385 blocks (beyond MAXIMUM TRANSFER LENGTH, 16384 blocks of 512 bytes)
+/// gets CHECK CONDITION, ILLEGAL REQUEST, INVALID FIELD IN CDB with the field pointer at
+/// TRANSFER LENGTH (byte 7, bit 7) at once, not an R2T for 8 MiB. With immediate and
+/// unsolicited data (InitialR2T=No), the data that follows the answer is discarded and the
+/// session goes on.
+#[tokio::test]
+async fn a_write_refused_by_its_cdb_is_answered_without_its_data() {
+    const LEN: u32 = 16385 * 512;
+    let check = |r: &Pdu, itt: u32| {
+        assert_eq!(
+            (r.bhs[0], r.bhs[3], r.u32(16)),
+            (0x21, 0x02, itt),
+            "SCSI Response, CHECK CONDITION, not an R2T"
+        );
+        let sense = r.data.get(2..).unwrap_or_default();
+        assert_eq!(
+            (sense[2] & 0x0F, sense[12], sense[13], &sense[15..18]),
+            (0x05, 0x24, 0x00, &[0xCF, 0x00, 0x07][..])
+        );
+    };
+    let addr = start().await;
+    let mut c = Client::login(addr, "InitialR2T=Yes|ImmediateData=No|").await;
+    c.clear_unit_attention().await;
+    let (b, itt) = c.command(0xa1, LEN, &write10(0, 16385)); // F=1 W=1
+    c.send(b, &[]).await;
+    check(&c.recv().await.expect("SCSI Response"), itt);
+
+    let mut c = Client::login(
+        addr,
+        "InitialR2T=No|ImmediateData=Yes|FirstBurstLength=65536|",
+    )
+    .await;
+    c.clear_unit_attention().await;
+    let (b, itt) = c.command(0x21, LEN, &write10(0, 16385)); // F=0 W=1
+    c.send(b, &[0x5A; 8192]).await;
+    c.send(data_out(itt, 0xffff_ffff, 0, 8192, true), &[0x5A; 8192])
+        .await;
+    check(&c.recv().await.expect("SCSI Response"), itt);
+    // Nothing was written, and the session still serves.
+    let (b, _) = c.command(0xc1, 512, &read10(0, 1));
+    c.send(b, &[]).await;
+    let d = c.recv().await.expect("Data-In");
+    assert_eq!((d.bhs[0], d.data.clone()), (0x25, vec![0; 512]));
+}

@@ -251,6 +251,18 @@ impl LogicalUnit {
         len
     }
 
+    /// Whether this LU refuses `cdb` by the CDB alone, before it uses any data-out: an
+    /// unknown or unsupported operation code, an invalid field, a transfer length beyond its
+    /// limits (what [`Self::execute`] checks before the data-out). A transport need not
+    /// collect the data-out of such a command before it executes it.
+    pub fn refuses_cdb(&self, cdb: &[u8]) -> bool {
+        let Ok((info, parsed)) = cdb::parse(cdb) else {
+            return true;
+        };
+        let want = cdb::data_out_len(cdb, self.backend.block_size()) as usize;
+        !self.supported(info) || self.check_transfer_field(info, &parsed, want).is_err()
+    }
+
     /// Tell `nexus` that the LUN inventory of a target it reaches this LU through changed
     /// (SPC-5: REPORTED LUNS DATA HAS CHANGED, 3Fh/0Eh), on its next command to this LU.
     pub fn reported_luns_changed(&self, nexus: &ItNexus) {

@@ -174,6 +174,13 @@ impl Target {
         self.luns.get(&lun).map_or(0, |lu| lu.read_len(cdb))
     }
 
+    /// Whether the command `cdb` for `lun` is refused by its CDB alone, before any data-out
+    /// is used (see [`LogicalUnit::refuses_cdb`]); also for a LUN with no LU, which answers
+    /// LOGICAL UNIT NOT SUPPORTED. A transport need not collect its data-out.
+    pub fn refuses_cdb(&self, lun: u64, cdb: &[u8]) -> bool {
+        self.luns.get(&lun).is_none_or(|lu| lu.refuses_cdb(cdb))
+    }
+
     /// Run a task management function for `nexus` (SAM-5 7). Functions that abort tasks return
     /// only once every aborted task that had started is finished, so nothing an aborted command
     /// wrote lands after the response.
