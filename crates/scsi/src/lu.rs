@@ -845,6 +845,13 @@ impl LogicalUnit {
             }
             return Ok(());
         }
+        if let Cdb::PersistentReserveOut { param_len, .. } = *c {
+            // No list this LU could use is longer: refused before its data is taken.
+            if param_len > pr::out::MAX_PARAM_LIST {
+                return Err(cond::PARAM_LIST_LENGTH_ERROR);
+            }
+            return Ok(());
+        }
         let blocks = match *c {
             Cdb::Read { blocks, .. }
             | Cdb::Write { blocks, .. }

@@ -1048,3 +1048,19 @@ async fn reported_luns_data_has_changed_is_cleared_on_every_lu_once_reported() {
     assert_sense(&tur(&b, 1).await, 0x06, 0x3F, 0x0E);
     assert_good(&tur(&b, 0).await);
 }
+
+/// PERSISTENT RESERVE OUT (SPC-5 6.17.1) with a PARAMETER LIST LENGTH longer than any list
+/// the LU can use (1 MiB + 1: more than the header and 2048 TransportIDs of 508 bytes) is
+/// PARAMETER LIST LENGTH ERROR (1Ah/00h) whatever data-out came with it, so a transport need
+/// not take the data. REGISTER (service action 00h), length 00100001h in bytes 5-8.
+#[tokio::test]
+async fn persistent_reserve_out_with_an_overlong_parameter_list_is_a_length_error() {
+    let (t, n) = ready_mem(64, 512).await;
+    let cdb = [0x5F, 0x00, 0x00, 0, 0, 0x00, 0x10, 0x00, 0x01, 0];
+    assert!(t.refuses_cdb(0, &cdb), "refused by the CDB alone");
+    let r = run(&t, &n, &cdb, vec![]).await;
+    assert_sense(&r, 0x05, 0x1A, 0x00);
+    // At 1 MiB the CDB is fine: the list itself decides.
+    let cdb = [0x5F, 0x00, 0x00, 0, 0, 0x00, 0x10, 0x00, 0x00, 0];
+    assert!(!t.refuses_cdb(0, &cdb));
+}

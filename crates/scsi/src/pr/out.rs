@@ -94,6 +94,13 @@ pub const LU_SCOPE: u8 = 0x0;
 /// READ FULL STATUS data.
 pub const MAX_REGISTRATIONS: usize = 2048;
 
+/// The longest PERSISTENT RESERVE OUT parameter list accepted (SPC-5 6.17.1 PARAMETER LIST
+/// LENGTH): room for the 28-byte header and [`MAX_REGISTRATIONS`] TransportIDs of up to
+/// 508 bytes each (the longest iSCSI TransportID, a 223-byte name with ",i,0x" and an ISID,
+/// is 248). A longer list cannot be used, and is refused (PARAMETER LIST LENGTH ERROR) before
+/// its data is taken.
+pub const MAX_PARAM_LIST: u32 = 1 << 20;
+
 /// What a PERSISTENT RESERVE OUT did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Effects {
