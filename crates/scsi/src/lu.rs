@@ -61,7 +61,8 @@ pub struct LogicalUnit {
     /// moves would be ended by the function without its initiator being told, and a nexus
     /// seen for the first time as the function counted the others likewise.
     epochs: std::sync::RwLock<()>,
-    /// Run while `clear_task_set` holds `epochs` for writing, between its moves.
+    /// Run while CLEAR TASK SET or PREEMPT AND ABORT holds `epochs` for writing, between its
+    /// moves.
     #[cfg(test)]
     between_moves: std::sync::Mutex<Option<Box<dyn Fn() + Send>>>,
     /// Persistent and SPC-2 reservations: the snapshot every command is checked against.
@@ -520,8 +521,13 @@ impl LogicalUnit {
                     self.nexuses.for_each(|n, st| {
                         if n != &**nexus && preempted(n) {
                             st.cleared.fetch_add(1, Ordering::SeqCst);
-                            st.abort_epoch.fetch_add(1, Ordering::SeqCst);
                             ended.push(st.id);
+                        }
+                    });
+                    self.between_moves();
+                    self.nexuses.for_each(|_, st| {
+                        if ended.contains(&st.id) {
+                            st.abort_epoch.fetch_add(1, Ordering::SeqCst);
                         }
                     });
                     move |id| ended.contains(&id)
@@ -1252,6 +1258,18 @@ impl LogicalUnit {
         });
     }
 
+    /// Between the moves of a function holding `epochs` for writing: a test's pause there.
+    fn between_moves(&self) {
+        #[cfg(test)]
+        if let Some(f) = &*self
+            .between_moves
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+        {
+            f();
+        }
+    }
+
     /// CLEAR TASK SET with TST=000b: every task of every nexus; the others are told with
     /// COMMANDS CLEARED BY ANOTHER INITIATOR (SAM-5 7.4).
     pub(crate) async fn clear_task_set(&self, nexus: &ItNexus) {
@@ -1264,14 +1282,7 @@ impl LogicalUnit {
                     st.cleared.fetch_add(1, Ordering::SeqCst);
                 }
             });
-            #[cfg(test)]
-            if let Some(f) = &*self
-                .between_moves
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-            {
-                f();
-            }
+            self.between_moves();
             self.end_all_tasks()
         };
         let owners = self.tasks.abort(|_, _| true).await;
@@ -1546,15 +1557,42 @@ mod tests {
         panic!("unit attentions do not clear");
     }
 
-    /// The state a command received while another nexus's CLEAR TASK SET runs must be in
-    /// afterwards (SAM-5 5.6 with TAS=0): it either runs (it came after the function), or it
-    /// is ended and its nexus's next command reports COMMANDS CLEARED BY ANOTHER INITIATOR
-    /// (UNIT ATTENTION, 2Fh/00h). Ended without that, its initiator waits for it in vain.
+    /// What ends `b`'s commands in [`received_during`]: `a`'s CLEAR TASK SET, or `a`'s
+    /// PREEMPT AND ABORT of `b`'s registration.
+    #[derive(Clone, Copy)]
+    enum Clearing {
+        ClearTaskSet,
+        PreemptAndAbort,
+    }
+
+    /// Run PERSISTENT RESERVE OUT service action `sa` (byte 1) with TYPE `ty` (byte 2) and
+    /// the 24-byte parameter list (SPC-5 6.17.3): RESERVATION KEY `key`, SERVICE ACTION
+    /// RESERVATION KEY `sa_key`; GOOD expected.
+    async fn pr_out(lu: &LogicalUnit, n: &Arc<ItNexus>, sa: u8, ty: u8, key: u8, sa_key: u8) {
+        let mut param = vec![0u8; 24];
+        param[7] = key;
+        param[15] = sa_key;
+        let cmd = Command {
+            cdb: vec![0x5F, sa, ty, 0, 0, 0, 0, 0, 24, 0],
+            data_out: param.into(),
+            ..tur(n)
+        };
+        match lu.execute(cmd).await {
+            Completion::Done(r) => assert_eq!(r.status, Status::GOOD, "{r:02x?}"),
+            Completion::Aborted => panic!("PERSISTENT RESERVE OUT aborted"),
+        }
+    }
+
+    /// The state a command received while another nexus's CLEAR TASK SET or PREEMPT AND
+    /// ABORT runs must be in afterwards (SAM-5 5.6 with TAS=0): it either runs (it came after
+    /// the function), or it is ended and its nexus is told COMMANDS CLEARED BY ANOTHER
+    /// INITIATOR (UNIT ATTENTION, 2Fh/00h) before it reports GOOD again. Ended without that,
+    /// its initiator waits for it in vain.
     ///
     /// The command is received (`admit`) while the function is paused between its moves of
-    /// `cleared` and the reset epoch. `known` says whether the receiving nexus had been seen
-    /// before the function started.
-    async fn received_during_clear_task_set(known: bool) {
+    /// `cleared` and the epoch that ends the command. `known` says whether the receiving
+    /// nexus had been seen before the function started.
+    async fn received_during(how: Clearing, known: bool) {
         let lu = Arc::new(LogicalUnit::new(
             Backend::new(Arc::new(MemDriver::new(64 * 512)), 512).unwrap(),
             LuConfig {
@@ -1570,6 +1608,11 @@ mod tests {
         if known {
             ready(&lu, &b).await;
         }
+        if let Clearing::PreemptAndAbort = how {
+            // REGISTER (service action 00h): a with key 0Ah, b with key 0Bh.
+            pr_out(&lu, &a, 0x00, 0x00, 0, 0x0A).await;
+            pr_out(&lu, &b, 0x00, 0x00, 0, 0x0B).await;
+        }
         let (paused, pause) = std::sync::mpsc::channel();
         *lu.between_moves.lock().unwrap() = Some(Box::new(move || {
             paused.send(()).unwrap();
@@ -1582,39 +1625,56 @@ mod tests {
                 tokio::runtime::Builder::new_current_thread()
                     .build()
                     .unwrap()
-                    .block_on(lu.clear_task_set(&a));
+                    .block_on(async {
+                        match how {
+                            Clearing::ClearTaskSet => lu.clear_task_set(&a).await,
+                            // PREEMPT AND ABORT (05h), TYPE 1h (Write Exclusive), of key 0Bh.
+                            Clearing::PreemptAndAbort => {
+                                pr_out(&lu, &a, 0x05, 0x01, 0x0A, 0x0B).await
+                            }
+                        }
+                    });
             })
         };
         pause.recv_timeout(Duration::from_secs(10)).unwrap();
         let ticket = lu.admit(&b);
         clearing.join().unwrap();
-        match lu.execute_admitted(tur(&b), Some(ticket)).await {
-            // Received after the function: it ran (a nexus seen for the first time reports
-            // POWER ON first, 29h/00h).
-            Completion::Done(r) if known => assert_eq!(r.status, Status::GOOD, "{r:02x?}"),
-            Completion::Done(r) => assert_eq!(r.sense.get(12..14), Some(&[0x29, 0x00][..])),
-            Completion::Aborted => {
-                let Completion::Done(r) = lu.execute(tur(&b)).await else {
-                    panic!("the next command was aborted");
-                };
-                // Fixed format sense: key at byte 2, ASC and ASCQ at bytes 12 and 13.
-                assert_eq!(
-                    (r.sense.get(2).map(|k| k & 0x0F), r.sense.get(12..14)),
-                    (Some(0x06), Some(&[0x2F, 0x00][..])),
-                    "a command ended by another's CLEAR TASK SET whose nexus is not told: {r:02x?}"
-                );
+        *lu.between_moves.lock().unwrap() = None;
+        let ran = match lu.execute_admitted(tur(&b), Some(ticket)).await {
+            Completion::Done(_) => true,
+            Completion::Aborted => false,
+        };
+        // b's unit attentions, in order, until TEST UNIT READY is GOOD (fixed format sense:
+        // ASC and ASCQ at bytes 12 and 13).
+        let mut told = Vec::new();
+        for _ in 0..8 {
+            let Completion::Done(r) = lu.execute(tur(&b)).await else {
+                panic!("a later command was aborted");
+            };
+            if r.status == Status::GOOD {
+                break;
             }
+            told.extend(r.sense.get(12..14).map(|s| (s[0], s[1])));
         }
+        assert!(
+            ran || told.contains(&(0x2F, 0x00)),
+            "a command ended by another's clearing whose nexus is not told: {told:02x?}"
+        );
     }
 
     #[tokio::test]
     async fn a_command_received_while_clear_task_set_runs_runs_or_is_told_cleared() {
-        received_during_clear_task_set(true).await;
+        received_during(Clearing::ClearTaskSet, true).await;
     }
 
     #[tokio::test]
     async fn a_first_command_of_a_new_nexus_received_while_clear_task_set_runs_runs_or_is_told_cleared(
     ) {
-        received_during_clear_task_set(false).await;
+        received_during(Clearing::ClearTaskSet, false).await;
+    }
+
+    #[tokio::test]
+    async fn a_command_received_while_preempt_and_abort_runs_runs_or_is_told_cleared() {
+        received_during(Clearing::PreemptAndAbort, true).await;
     }
 }
