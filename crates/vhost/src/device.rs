@@ -965,10 +965,11 @@ impl Device {
         let mut copy = data_out_len.min(expected_out);
         if copy > MAX_DATA_OUT {
             // More than any command takes: a WRITE beyond MAXIMUM TRANSFER LENGTH (QEMU shows
-            // the guest its own config space, whose max_sectors allows 32 MiB), or a parameter
-            // list longer than any. Nothing is copied, and the SCSI layer refuses the command
-            // by its CDB (INVALID FIELD IN CDB), which the guest reports as an error of that
-            // command rather than of the transport.
+            // the guest its own config space, whose max_sectors allows 32 MiB; INVALID FIELD
+            // IN CDB), or a PERSISTENT RESERVE OUT list longer than any (PARAMETER LIST LENGTH
+            // ERROR); every other command's data-out is far smaller. Nothing is copied, and
+            // the SCSI layer refuses the command by its CDB, which the guest reports as an
+            // error of that command rather than of the transport.
             tracing::debug!(queue, head, data_out_len, "Request data-out too large");
             copy = 0;
         }
@@ -1419,8 +1420,10 @@ impl Device {
 
     /// Queue `q`'s pop lock (see [`QueueState::pop`]), for `what`: waited for as long as the
     /// queue's thread holds it (a chain it handles in place may wait for the disk), saying so
-    /// every [`STUCK_WARN`]. `None` when the socket is closing (the daemon told to stop): a
-    /// stuck queue thread must not keep the process from exiting.
+    /// every [`STUCK_WARN`]. `None` when the socket is closing (the daemon told to stop): the
+    /// vhost-user handler thread is then free to end the connection. The daemon's exit still
+    /// waits for the queue's thread when it joins it, so that a write the thread is making
+    /// lands before the final flush.
     fn wait_pop<'q>(&self, q: &'q QueueState, what: &'static str) -> Option<MutexGuard<'q, ()>> {
         let start = std::time::Instant::now();
         let mut warned = Duration::ZERO;

@@ -2290,7 +2290,7 @@ fn a_queue_stop_waits_for_a_chain_popped_just_before_it() {
 /// A queue stop and a device reset wait for the queue's thread to finish the chain it popped
 /// (see `a_queue_stop_waits_for_a_chain_popped_just_before_it`), but not past the socket's
 /// closing: a thread stuck in one chain (a write in place waiting for the disk) must not keep
-/// the process from exiting.
+/// the vhost-user handler thread from ending the connection.
 #[test]
 fn a_stop_and_a_reset_waiting_for_a_queue_thread_give_up_when_the_socket_closes() {
     let mut h = Harness::new();
