@@ -1918,6 +1918,17 @@ async fn unsolicited_data_where_none_is_allowed_is_unexpected_unsolicited_data()
     c.send(data_out(itt, r2t.u32(20), 0, 0, true), &[0x5A; 4608])
         .await;
     expect_data_out_error(&mut c, itt, 0x0c, 0x0d).await;
+    // Past its R2T's sequence but within EDTL: with MaxBurstLength 2048 the first R2T of a
+    // 4096-byte write asks for 2048; 2560 bytes answer it.
+    let mut c = Client::login(addr, "InitialR2T=Yes|ImmediateData=No|MaxBurstLength=2048|").await;
+    c.clear_unit_attention().await;
+    let (b, itt) = c.command(0xa1, 4096, &write10(0, 8));
+    c.send(b, &[]).await;
+    let r2t = c.recv().await.expect("R2T");
+    assert_eq!((r2t.bhs[0], r2t.u32(44)), (0x31, 2048), "R2T for 2048");
+    c.send(data_out(itt, r2t.u32(20), 0, 0, true), &[0x5A; 2560])
+        .await;
+    expect_data_out_error(&mut c, itt, 0x0c, 0x0d).await;
 
     let mut c = Client::login(
         addr,
