@@ -1453,6 +1453,32 @@ fn in_thread(f: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<Insta
     })
 }
 
+/// A queue stop, then a device reset, each run by [`waits_until_closing`]: whether each ended.
+fn stop_and_reset_until_closing(dev: &Arc<Device>, why: &str) -> (bool, bool) {
+    let d = dev.clone();
+    let stopped = waits_until_closing(dev, Box::new(move || d.stop_vring(2).unwrap()), why);
+    let d = dev.clone();
+    let reset = waits_until_closing(dev, Box::new(move || d.reset_device()), why);
+    (stopped, reset)
+}
+
+/// Run `f` (a queue stop or a device reset of `dev`) in a thread of its own: it must still be
+/// waiting after 300 ms (`why` says for what), and is given 10 s to end once the socket is
+/// closing. Returns whether it ended.
+fn waits_until_closing(dev: &Arc<Device>, f: Box<dyn FnOnce() + Send>, why: &str) -> bool {
+    dev.closing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let t = in_thread(f);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!t.is_finished(), "returned {why}");
+    dev.closing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let start = Instant::now();
+    while !t.is_finished() && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    t.is_finished()
+}
+
 #[test]
 fn stopping_the_first_queue_returns_every_queues_commands_once() {
     let mut h = Harness::new();
@@ -1709,34 +1735,12 @@ fn a_stop_and_a_reset_give_up_waiting_when_the_socket_closes() {
     let hold = h.hold();
     h.send_tur(80);
     h.wait_reached(1);
-    let waits = |f: Box<dyn FnOnce() + Send>| {
-        h.dev
-            .closing
-            .store(false, std::sync::atomic::Ordering::SeqCst);
-        let t = in_thread(f);
-        std::thread::sleep(Duration::from_millis(300));
-        assert!(!t.is_finished(), "returned with a command in flight");
-        h.dev
-            .closing
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let start = Instant::now();
-        while !t.is_finished() && start.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        t.is_finished()
-    };
-    let dev = h.dev.clone();
-    let stopped = waits(Box::new(move || dev.stop_vring(2).unwrap()));
-    let dev = h.dev.clone();
-    let reset = waits(Box::new(move || dev.reset_device()));
+    let gave_up = stop_and_reset_until_closing(&h.dev, "with a command in flight");
     hold.send_replace(true); // frees a wait still running, so the test ends either way
-    assert!(
-        stopped,
-        "the queue stop still waits after the socket closed"
-    );
-    assert!(
-        reset,
-        "the device reset still waits after the socket closed"
+    assert_eq!(
+        gave_up,
+        (true, true),
+        "(queue stop, device reset) ended after the socket closed"
     );
 }
 
@@ -2228,27 +2232,17 @@ fn an_event_without_a_buffer_asks_the_driver_to_kick_for_the_next_one() {
     assert_eq!(le32(&h.get(e2, 16), 0), 0x8000_0000);
 }
 
-/// GET_VRING_BASE while the queue's thread has popped a chain and not yet put it in flight:
-/// vhost-user-backend marks the ring not ready, calls `stop_vring`, then reports next_avail,
-/// which counts the chain as consumed. The stop waits for that chain, so it is answered before
-/// the stop returns, rather than run afterwards (into buffers the driver has taken back) with
-/// its answer dropped and the driver waiting for it in vain.
-#[test]
-fn a_queue_stop_waits_for_a_chain_popped_just_before_it() {
-    let mut h = Harness::new();
-    h.tur();
+/// Put a TEST UNIT READY chain (tag 5) on request queue 2 and kick it: the queue's thread pops
+/// it and stops right after (the `after_pop` hook), holding the queue's pop lock until the
+/// returned gate opens. Returns the gate, the chain's response address, and the thread
+/// handling the kick.
+fn hold_a_popped_chain(
+    h: &mut Harness,
+) -> (crate::device::TestGate, u64, std::thread::JoinHandle<()>) {
     let gate: crate::device::TestGate = Arc::default();
     *h.dev.hooks.after_pop.lock().unwrap() = Some(gate.clone());
     let popped = h.req.vring.queue_next_avail();
-    let used = h.used_count(2);
-    // The queue's call eventfd, as the frontend gives it (SET_VRING_CALL).
-    let call = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
-    let fd = std::os::fd::IntoRawFd::into_raw_fd(call.try_clone().unwrap());
-    // SAFETY: `fd` is a descriptor of its own (a duplicate), owned by the File from here on.
-    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    h.req.vring.set_call(Some(file));
-    let r = tur_chain(&mut h, 2, 5);
-    // The queue's thread pops the chain and stops right after (the hook).
+    let r = tur_chain(h, 2, 5);
     let (thread, local) = h.thread_of(2);
     let (dev, vrings) = (h.dev.clone(), h.thread_vrings(thread));
     let kicked = std::thread::spawn(move || {
@@ -2260,6 +2254,26 @@ fn a_queue_stop_waits_for_a_chain_popped_just_before_it() {
         assert!(start.elapsed() < Duration::from_secs(10), "not popped");
         std::thread::sleep(Duration::from_millis(1));
     }
+    (gate, r, kicked)
+}
+
+/// GET_VRING_BASE while the queue's thread has popped a chain and not yet put it in flight:
+/// vhost-user-backend marks the ring not ready, calls `stop_vring`, then reports next_avail,
+/// which counts the chain as consumed. The stop waits for that chain, so it is answered before
+/// the stop returns, rather than run afterwards (into buffers the driver has taken back) with
+/// its answer dropped and the driver waiting for it in vain.
+#[test]
+fn a_queue_stop_waits_for_a_chain_popped_just_before_it() {
+    let mut h = Harness::new();
+    h.tur();
+    let used = h.used_count(2);
+    // The queue's call eventfd, as the frontend gives it (SET_VRING_CALL).
+    let call = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(call.try_clone().unwrap());
+    // SAFETY: `fd` is a descriptor of its own (a duplicate), owned by the File from here on.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    h.req.vring.set_call(Some(file));
+    let (gate, r, kicked) = hold_a_popped_chain(&mut h);
     // GET_VRING_BASE of the queue: not ready, stop_vring, then the call fd is dropped.
     h.req.vring.set_queue_ready(false);
     let (dev, vring) = (h.dev.clone(), h.req.vring.clone());
@@ -2295,56 +2309,16 @@ fn a_queue_stop_waits_for_a_chain_popped_just_before_it() {
 fn a_stop_and_a_reset_waiting_for_a_queue_thread_give_up_when_the_socket_closes() {
     let mut h = Harness::new();
     h.tur();
-    let gate: crate::device::TestGate = Arc::default();
-    *h.dev.hooks.after_pop.lock().unwrap() = Some(gate.clone());
-    let popped = h.req.vring.queue_next_avail();
-    tur_chain(&mut h, 2, 5);
-    // The queue's thread pops the chain and stops right after (the hook), holding its lock.
-    let (thread, local) = h.thread_of(2);
-    let (dev, vrings) = (h.dev.clone(), h.thread_vrings(thread));
-    let kicked = std::thread::spawn(move || {
-        dev.handle_event(local, EventSet::IN, &vrings, thread)
-            .unwrap();
-    });
-    let start = Instant::now();
-    while h.req.vring.queue_next_avail() == popped {
-        assert!(start.elapsed() < Duration::from_secs(10), "not popped");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let waits = |f: Box<dyn FnOnce() + Send>| {
-        h.dev
-            .closing
-            .store(false, std::sync::atomic::Ordering::SeqCst);
-        let t = in_thread(f);
-        std::thread::sleep(Duration::from_millis(200));
-        assert!(
-            !t.is_finished(),
-            "returned while the queue's thread held a chain"
-        );
-        h.dev
-            .closing
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        let start = Instant::now();
-        while !t.is_finished() && start.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        t.is_finished()
-    };
-    let dev = h.dev.clone();
-    let stopped = waits(Box::new(move || dev.stop_vring(2).unwrap()));
-    let dev = h.dev.clone();
-    let reset = waits(Box::new(move || dev.reset_device()));
+    let (gate, _, kicked) = hold_a_popped_chain(&mut h);
+    let gave_up = stop_and_reset_until_closing(&h.dev, "while the queue's thread held a chain");
     // Frees the queue's thread (and a wait still running), so the test ends either way.
     *gate.0.lock().unwrap() = true;
     gate.1.notify_all();
     kicked.join().unwrap();
-    assert!(
-        stopped,
-        "the queue stop still waits after the socket closed"
-    );
-    assert!(
-        reset,
-        "the device reset still waits after the socket closed"
+    assert_eq!(
+        gave_up,
+        (true, true),
+        "(queue stop, device reset) ended after the socket closed"
     );
 }
 
