@@ -257,11 +257,19 @@ impl LogicalUnit {
     /// limits (what [`Self::execute`] checks before the data-out). A transport need not
     /// collect the data-out of such a command before it executes it.
     pub fn refuses_cdb(&self, cdb: &[u8]) -> bool {
-        let Ok((info, parsed)) = cdb::parse(cdb) else {
-            return true;
-        };
         let want = cdb::data_out_len(cdb, self.backend.block_size()) as usize;
-        !self.supported(info) || self.check_transfer_field(info, &parsed, want).is_err()
+        self.check_cdb(cdb, want).is_err()
+    }
+
+    /// What the CDB alone decides, with `data_out_len` bytes of data-out: it parses, its
+    /// operation code is supported here, and its transfer fields are within this LU's limits.
+    fn check_cdb(&self, cdb: &[u8], data_out_len: usize) -> Result<(&'static OpInfo, Cdb), Sense> {
+        let (info, parsed) = cdb::parse(cdb)?;
+        if !self.supported(info) {
+            return Err(cond::INVALID_OPCODE);
+        }
+        self.check_transfer_field(info, &parsed, data_out_len)?;
+        Ok((info, parsed))
     }
 
     /// Tell `nexus` that the LUN inventory of a target it reaches this LU through changed
@@ -521,13 +529,9 @@ impl LogicalUnit {
                     self.nexuses.for_each(|n, st| {
                         if n != &**nexus && preempted(n) {
                             st.cleared.fetch_add(1, Ordering::SeqCst);
-                            ended.push(st.id);
-                        }
-                    });
-                    self.between_moves();
-                    self.nexuses.for_each(|_, st| {
-                        if ended.contains(&st.id) {
+                            self.between_moves();
                             st.abort_epoch.fetch_add(1, Ordering::SeqCst);
+                            ended.push(st.id);
                         }
                     });
                     move |id| ended.contains(&id)
@@ -560,16 +564,10 @@ impl LogicalUnit {
                 return Some(self.check(ua));
             }
         }
-        let (info, parsed) = match cdb::parse(&cdb) {
+        let (info, parsed) = match self.check_cdb(&cdb, data_out.len()) {
             Ok(p) => p,
             Err(s) => return Some(self.check(s)),
         };
-        if !self.supported(info) {
-            return Some(self.check(cond::INVALID_OPCODE));
-        }
-        if let Err(s) = self.check_transfer_field(info, &parsed, data_out.len()) {
-            return Some(self.check(s));
-        }
         let mut data_out = data_out;
         if info.dir == DataDir::Out {
             let want = cdb::data_out_len(&cdb, self.backend.block_size());
