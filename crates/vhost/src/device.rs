@@ -1332,28 +1332,49 @@ impl Device {
             let _ = tx.send(());
         });
         let step = Duration::from_millis(100).min(warn_every);
-        let mut waited = Duration::ZERO;
+        self.wait_unless_closing(
+            || match rx.recv_timeout(step) {
+                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Some(()),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+            },
+            warn_every,
+            |waited| {
+                let left = lock(&self.inflight).entries.len();
+                tracing::warn!(
+                    what,
+                    left,
+                    seconds = waited.as_secs(),
+                    "Still waiting for commands in flight"
+                );
+            },
+            || tracing::warn!(what, "Socket closed while commands are still running"),
+        );
+    }
+
+    /// Call `attempt` (which waits a little when it gives nothing) until it gives a value, or
+    /// until the socket is closing (the daemon told to stop), when `closed` is called and
+    /// `None` returned. `still(waited)` is called every `warn_every` meanwhile.
+    fn wait_unless_closing<T>(
+        &self,
+        mut attempt: impl FnMut() -> Option<T>,
+        warn_every: Duration,
+        still: impl Fn(Duration),
+        closed: impl FnOnce(),
+    ) -> Option<T> {
+        let start = std::time::Instant::now();
         let mut warned = Duration::ZERO;
         loop {
-            match rx.recv_timeout(step) {
-                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    waited += step;
-                    if self.closing.load(Ordering::SeqCst) {
-                        tracing::warn!(what, "Socket closed while commands are still running");
-                        return;
-                    }
-                    if waited >= warned + warn_every {
-                        warned = waited;
-                        let left = lock(&self.inflight).entries.len();
-                        tracing::warn!(
-                            what,
-                            left,
-                            seconds = waited.as_secs(),
-                            "Still waiting for commands in flight"
-                        );
-                    }
-                }
+            if let Some(v) = attempt() {
+                return Some(v);
+            }
+            if self.closing.load(Ordering::SeqCst) {
+                closed();
+                return None;
+            }
+            let waited = start.elapsed();
+            if waited >= warned + warn_every {
+                warned = waited;
+                still(waited);
             }
         }
     }
@@ -1425,33 +1446,31 @@ impl Device {
     /// waits for the queue's thread when it joins it, so that a write the thread is making
     /// lands before the final flush.
     fn wait_pop<'q>(&self, q: &'q QueueState, what: &'static str) -> Option<MutexGuard<'q, ()>> {
-        let start = std::time::Instant::now();
-        let mut warned = Duration::ZERO;
-        loop {
-            match q.pop.try_lock() {
-                Ok(g) => return Some(g),
-                Err(std::sync::TryLockError::Poisoned(e)) => return Some(e.into_inner()),
-                Err(std::sync::TryLockError::WouldBlock) => {}
-            }
-            if self.closing.load(Ordering::SeqCst) {
-                tracing::warn!(
-                    what,
-                    "Socket closed while a queue's thread is still handling a request"
-                );
-                return None;
-            }
-            let waited = start.elapsed();
-            if waited >= warned + STUCK_WARN {
-                warned = waited;
+        self.wait_unless_closing(
+            || match q.pop.try_lock() {
+                Ok(g) => Some(g),
+                Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    // Rare (a stop or reset) and short (one pop) unless the disk is stuck.
+                    std::thread::sleep(Duration::from_millis(1));
+                    None
+                }
+            },
+            STUCK_WARN,
+            |waited| {
                 tracing::warn!(
                     what,
                     seconds = waited.as_secs(),
                     "Still waiting for a queue's thread to finish handling a request"
                 );
-            }
-            // Rare (a stop or reset) and short (one pop) unless the disk is stuck.
-            std::thread::sleep(Duration::from_millis(1));
-        }
+            },
+            || {
+                tracing::warn!(
+                    what,
+                    "Socket closed while a queue's thread is still handling a request"
+                )
+            },
+        )
     }
 
     /// The connection is gone (after [`Device::disconnect`], its worker threads joined): end
@@ -1630,13 +1649,14 @@ impl VhostUserBackend for Device {
         let upto = {
             // After the chains the queues' threads may be handling (see `QueueState::pop`);
             // the rings are disabled by now, so none is popped after.
-            let mut popping = Vec::with_capacity(self.queues.len());
-            for q in &self.queues {
-                match self.wait_pop(q, "device reset") {
-                    Some(g) => popping.push(g),
-                    None => return,
-                }
-            }
+            let popping: Option<Vec<_>> = self
+                .queues
+                .iter()
+                .map(|q| self.wait_pop(q, "device reset"))
+                .collect();
+            let Some(_popping) = popping else {
+                return;
+            };
             let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
             self.epoch.fetch_add(1, Ordering::SeqCst);
             lock(&self.inflight).next
