@@ -393,8 +393,9 @@ mod tests {
         assert_eq!(decode_lun([0x00, 0x05, 0, 0, 0, 0, 0, 0]), 5); // peripheral
         assert_eq!(decode_lun([0x41, 0x02, 0, 0, 0, 0, 0, 0]), 0x102); // flat space
         assert_eq!(decode_lun([0x80, 0x01, 0, 0, 0, 0, 0, 0]), u64::MAX); // LUN addressing
-                                                                          // A second level (bytes 2-3) or any later byte set: a different logical unit
-                                                                          // (SAM-5 4.7.5), not LUN 1 or 0.
+
+        // A second level (bytes 2-3) or any later byte set: a different logical unit (SAM-5
+        // 4.7.5), not LUN 1 or 0.
         assert_eq!(decode_lun([0x00, 0x01, 0x00, 0x02, 0, 0, 0, 0]), u64::MAX);
         assert_eq!(decode_lun([0x00, 0x00, 0, 0, 0, 0, 0, 0x01]), u64::MAX);
         assert_eq!(decode_lun([0x40, 0x00, 0x40, 0x01, 0, 0, 0, 0]), u64::MAX);

@@ -365,14 +365,9 @@ async fn reads_beyond_the_data_in_budget_of_a_connection_get_task_set_full() {
     let (b, too_long) = c.command(0xC1, LEN, &read10(0, 16385));
     c.send(b, &[]).await;
     let p = c.recv().await.expect("SCSI Response");
-    assert_eq!(
-        (p.bhs[0], p.bhs[3], p.u32(16)),
-        (0x21, 0x02, too_long),
-        "CHECK CONDITION"
-    );
-    // SenseLength (2 bytes), then fixed format sense: ILLEGAL REQUEST (byte 2), INVALID
-    // FIELD IN CDB 24h/00h (12, 13), field pointer C=1 BPV=1 bit 7 at CDB byte 7 (15-17).
-    let sense = p.data.get(2..).unwrap_or_default();
+    // ILLEGAL REQUEST (byte 2), INVALID FIELD IN CDB 24h/00h (12, 13), field pointer C=1
+    // BPV=1 bit 7 at CDB byte 7 (15-17).
+    let sense = check_condition_sense(&p, too_long);
     assert_eq!(
         (sense[2] & 0x0F, sense[12], sense[13], &sense[15..18]),
         (0x05, 0x24, 0x00, &[0xCF, 0x00, 0x07][..])
@@ -1863,12 +1858,11 @@ async fn a_lun_with_a_second_level_reaches_no_logical_unit() {
     let mut c = Client::login(addr, "").await;
     c.clear_unit_attention().await;
     let two_levels = [0x00, 0x00, 0x00, 0x01, 0, 0, 0, 0];
-    let (mut b, _) = c.command(0x80, 0, &[0x00, 0, 0, 0, 0, 0]);
+    let (mut b, itt) = c.command(0x80, 0, &[0x00, 0, 0, 0, 0, 0]);
     b[8..16].copy_from_slice(&two_levels);
     c.send(b, &[]).await;
     let p = c.recv().await.expect("SCSI Response");
-    assert_eq!((p.bhs[0], p.bhs[3]), (0x21, 0x02), "CHECK CONDITION");
-    let sense = p.data.get(2..).unwrap_or_default();
+    let sense = check_condition_sense(&p, itt);
     assert_eq!((sense[2] & 0x0F, sense[12], sense[13]), (0x05, 0x25, 0x00));
     // INQUIRY, allocation length 36.
     let (mut b, _) = c.command(0xC0, 36, &[0x12, 0, 0, 0, 36, 0]);
@@ -1884,13 +1878,19 @@ async fn a_lun_with_a_second_level_reaches_no_logical_unit() {
 /// 2-byte SenseLength.
 async fn expect_data_out_error(c: &mut Client, itt: u32, asc: u8, ascq: u8) {
     let r = c.recv().await.expect("SCSI Response");
+    let sense = check_condition_sense(&r, itt);
+    assert_eq!((sense[2] & 0x0F, sense[12], sense[13]), (0x0B, asc, ascq));
+}
+
+/// The sense data of `r`, which must be the SCSI Response (21h) to `itt` with status CHECK
+/// CONDITION (02h): its data segment after the 2-byte SenseLength (RFC 7143 11.4.7).
+fn check_condition_sense(r: &Pdu, itt: u32) -> &[u8] {
     assert_eq!(
         (r.bhs[0], r.bhs[3], r.u32(16)),
         (0x21, 0x02, itt),
-        "CHECK CONDITION"
+        "SCSI Response, CHECK CONDITION"
     );
-    let sense = r.data.get(2..).unwrap_or_default();
-    assert_eq!((sense[2] & 0x0F, sense[12], sense[13]), (0x0B, asc, ascq));
+    r.data.get(2..).unwrap_or_default()
 }
 
 /// Unsolicited Data-Out (TTT 0xffffffff) where none is allowed: with InitialR2T=Yes, after the
@@ -1960,12 +1960,8 @@ async fn unsolicited_data_where_none_is_allowed_is_unexpected_unsolicited_data()
 async fn a_write_refused_by_its_cdb_is_answered_without_its_data() {
     const LEN: u32 = 16385 * 512;
     let check = |r: &Pdu, itt: u32| {
-        assert_eq!(
-            (r.bhs[0], r.bhs[3], r.u32(16)),
-            (0x21, 0x02, itt),
-            "SCSI Response, CHECK CONDITION, not an R2T"
-        );
-        let sense = r.data.get(2..).unwrap_or_default();
+        // Not an R2T (31h): the answer.
+        let sense = check_condition_sense(r, itt);
         assert_eq!(
             (sense[2] & 0x0F, sense[12], sense[13], &sense[15..18]),
             (0x05, 0x24, 0x00, &[0xCF, 0x00, 0x07][..])
