@@ -29,7 +29,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -233,8 +233,12 @@ pub struct Shared {
     /// management function gets no response (RFC 7143 4.2.3.3), whatever the SCSI layer
     /// returns.
     running: Mutex<HashMap<u32, Running>>,
-    /// Told by the writer each time it has written out everything queued (see `busy_poll`).
-    flushed: tokio::sync::Notify,
+    /// Told by the writer each time it can do no more at once: it has written out everything
+    /// queued, the socket cannot take more for now ([`Watched`]), or it has ended
+    /// (`writer_ended`). A reader waiting in [`busy_poll`] waits for this, and for nothing else.
+    writer_waits: tokio::sync::Notify,
+    /// Set by the writer as it ends (for any reason), before it says so on `writer_waits`.
+    writer_ended: AtomicBool,
     /// Data-in bytes of READs, from before a READ runs until the writer has written its data
     /// (see [`MAX_READING`]).
     reading: Arc<tokio::sync::Semaphore>,
@@ -261,7 +265,8 @@ impl Shared {
             executing: AtomicU32::new(0),
             immediate: AtomicU32::new(0),
             running: Mutex::new(HashMap::new()),
-            flushed: tokio::sync::Notify::new(),
+            writer_waits: tokio::sync::Notify::new(),
+            writer_ended: AtomicBool::new(false),
             reading: Arc::new(tokio::sync::Semaphore::new(MAX_READING as usize)),
         }
     }
@@ -480,7 +485,7 @@ where
         }
         let idle = rd.buffer().is_empty();
         if let (true, true, Some(fd)) = (idle, pace.worth_watching(), fd) {
-            busy_poll(fd, &queued, &conn.shared.flushed).await;
+            busy_poll(fd, &queued, &conn.shared).await;
         }
         // Wait for the next PDU's first byte, pinging an idle initiator (keep-alive).
         let ready = tokio::select! {
@@ -587,23 +592,24 @@ impl Pace {
     }
 }
 
-/// Watch the socket `fd` for received bytes for at most [`BUSY_POLL`]. It first waits for the
-/// writer to have sent what is queued (`queued`, `flushed`), so that the response just queued
-/// goes out before the watch begins, then peeks without blocking and without the reactor.
-/// (Waiting for the writer's word rather than yielding keeps the other workers asleep: a
-/// yielding task makes the runtime wake one, a cross-CPU wake-up per command.)
-async fn busy_poll(fd: std::os::fd::RawFd, queued: &Backlog, flushed: &tokio::sync::Notify) {
-    let sent = flushed.notified();
-    tokio::pin!(sent);
-    sent.as_mut().enable();
-    if queued.msgs.load(Ordering::Acquire) > 0 {
-        // Bounded: a writer that has stopped (the connection is closing) never says it.
-        if tokio::time::timeout(Duration::from_millis(10), sent)
-            .await
-            .is_err()
-        {
-            return;
-        }
+/// Watch the socket `fd` for received bytes for at most [`BUSY_POLL`]. It first waits until
+/// the writer can do no more at once (`queued`, [`Shared::writer_waits`]), so that the
+/// response just queued goes out before the watch begins, then peeks without blocking and
+/// without the reactor.
+///
+/// The wait has no timer of its own: the writer says so each time it has written out what is
+/// queued, each time the socket cannot take more (an initiator that does not read now is not
+/// waited for: the reader reads on), and when it ends. A timer would cost more than the watch
+/// saves: registering one earlier than the runtime's next deadline wakes a parked worker, a
+/// cross-CPU wake-up per command; so would yielding instead of waiting for the writer's word.
+async fn busy_poll(fd: std::os::fd::RawFd, queued: &Backlog, shared: &Shared) {
+    let paused = shared.writer_waits.notified();
+    tokio::pin!(paused);
+    paused.as_mut().enable();
+    // The writer sets `writer_ended` before it notifies, and `Notify` orders both against
+    // `enable`: either the flag is seen here or the notification reaches this waiter.
+    if queued.msgs.load(Ordering::Acquire) > 0 && !shared.writer_ended.load(Ordering::Acquire) {
+        paused.await;
     }
     let start = std::time::Instant::now();
     let mut byte = [0u8; 1];
@@ -1754,7 +1760,7 @@ fn check_condition(key: u8, asc: u8, ascq: u8) -> Response {
 
 /// The writer task: serialise [`Out`] messages, flushing when the queue runs dry.
 async fn writer<W: AsyncWrite + Unpin>(
-    mut w: BufWriter<W>,
+    w: BufWriter<W>,
     mut rx: mpsc::UnboundedReceiver<Out>,
     queued: Arc<Backlog>,
     shared: Arc<Shared>,
@@ -1762,6 +1768,11 @@ async fn writer<W: AsyncWrite + Unpin>(
     max_burst: u32,
     mut statsn: u32,
 ) -> Result<(), std::io::Error> {
+    let _ended = WriterEnded(shared.clone());
+    let mut w = Watched {
+        inner: w,
+        shared: shared.clone(),
+    };
     // Both are at least 512 by negotiation (RFC 7143 13.12, 13.13); the floor only guards
     // against a zero that would never make progress.
     let mut framing = framing;
@@ -1800,11 +1811,80 @@ async fn writer<W: AsyncWrite + Unpin>(
             next = rx.try_recv().ok();
         }
         w.flush().await?;
-        shared.flushed.notify_waiters();
+        shared.writer_waits.notify_waiters();
     }
     w.flush().await?;
     let _ = w.shutdown().await;
     Ok(())
+}
+
+/// Marks the writer ended and says so to a reader waiting for it ([`busy_poll`]), however
+/// the writer ends: done, failed, or dropped with its task.
+struct WriterEnded(Arc<Shared>);
+
+impl Drop for WriterEnded {
+    fn drop(&mut self) {
+        self.0.writer_ended.store(true, Ordering::Release);
+        self.0.writer_waits.notify_waiters();
+    }
+}
+
+/// The writer's output, which tells a reader waiting for the writer ([`busy_poll`]) each time
+/// the socket cannot take more for now: the writer then waits for the initiator, and the
+/// reader must not wait for the writer (an initiator blocked sending to a reader that does
+/// not read would never read what the writer sends).
+struct Watched<W> {
+    inner: W,
+    shared: Arc<Shared>,
+}
+
+impl<W> Watched<W> {
+    fn pending<T>(&self, p: std::task::Poll<T>) -> std::task::Poll<T> {
+        if p.is_pending() {
+            self.shared.writer_waits.notify_waiters();
+        }
+        p
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Watched<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let p = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.pending(p)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let p = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.pending(p)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let p = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.pending(p)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let p = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.pending(p)
+    }
 }
 
 fn stamp(bhs: &mut Bhs, shared: &Shared, statsn: &mut u32, sn: Sn) {
@@ -1818,7 +1898,7 @@ fn stamp(bhs: &mut Bhs, shared: &Shared, statsn: &mut u32, sn: Sn) {
 
 /// Data-In PDUs and/or a SCSI Response for one command (RFC 7143 11.4, 11.7).
 async fn write_result<W: AsyncWrite + Unpin>(
-    w: &mut BufWriter<W>,
+    w: &mut W,
     r: ScsiResult,
     shared: &Shared,
     statsn: &mut u32,
@@ -2328,5 +2408,81 @@ mod tests {
         assert!(outs(&mut rx).is_empty());
         // Room for the unsolicited sequence (FirstBurstLength), not the whole write.
         assert_eq!(buffered(&c), 65_536);
+    }
+
+    /// Poll `f` once, as the runtime would, without a waker.
+    fn poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+        f.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+    }
+
+    #[test]
+    fn the_reader_does_not_wait_for_a_writer_that_has_ended() {
+        use std::os::fd::AsRawFd;
+        let shared = Arc::new(Shared::new(0));
+        let queued = Backlog::default();
+        queued.add(0); // queued for the writer, never taken
+        let (watched, _peer) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        let fd = watched.as_raw_fd();
+
+        // While the writer lives, the reader waits for its word.
+        let ended = WriterEnded(shared.clone());
+        let wait = busy_poll(fd, &queued, &shared);
+        tokio::pin!(wait);
+        assert!(poll_once(wait.as_mut()).is_pending());
+        // It ends (a write failed, or its task was dropped): the reader goes on.
+        drop(ended);
+        assert!(poll_once(wait.as_mut()).is_ready());
+
+        // A writer that ended before the reader looks is not waited for either.
+        let late = busy_poll(fd, &queued, &shared);
+        tokio::pin!(late);
+        assert!(poll_once(late.as_mut()).is_ready());
+    }
+
+    #[tokio::test]
+    async fn the_reader_does_not_wait_for_a_writer_the_initiator_does_not_read() {
+        use std::os::fd::AsRawFd;
+        let shared = Arc::new(Shared::new(0));
+        let queued = Arc::new(Backlog::default());
+        // The initiator's end of the connection, never read: 64 MiB of responses fill it.
+        let (ours, _initiator) = tokio::net::UnixStream::pair().expect("socket pair");
+        let (tx, rx) = mpsc::unbounded_channel();
+        for _ in 0..64 {
+            let data = vec![0u8; 1 << 20];
+            queued.add(data.len());
+            tx.send(Out::Pdu {
+                bhs: Bhs::new(op::NOP_IN),
+                data,
+                sn: Sn::Peek,
+            })
+            .expect("writer's queue");
+        }
+        let framing = Framing {
+            header_digest: false,
+            data_digest: false,
+            max_data: 1 << 24,
+        };
+        let writer = tokio::spawn(writer(
+            BufWriter::new(ours),
+            rx,
+            queued.clone(),
+            shared.clone(),
+            framing,
+            1 << 24,
+            0,
+        ));
+        let (watched, _peer) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        // The writer runs once the reader waits, and is held up by the full socket: the
+        // reader must stop waiting (the bound only ends a hang of this test).
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            busy_poll(watched.as_raw_fd(), &queued, &shared),
+        )
+        .await
+        .expect("the reader waited for a writer the initiator holds up");
+        assert!(!writer.is_finished(), "the writer is still held up");
+        assert!(queued.msgs.load(Ordering::Acquire) > 0);
+        drop(tx);
+        writer.abort();
     }
 }
