@@ -264,15 +264,19 @@ impl Model {
                     return Conflict;
                 }
                 let src = self.regs[mine.unwrap()].0.clone();
+                // Nothing to move: INVALID FIELD IN CDB (SPC-5 5.14.8).
                 let ty = match &self.res {
+                    None => return INVALID_FIELD_CDB,
                     Some((ty, Holder::One(_))) if self.is_holder(n) => *ty,
                     _ => return Conflict,
                 };
                 if c.sark == 0 {
                     return INVALID_FIELD_PARAM;
                 }
+                // Not a nexus of the source registration, nor the sender's own initiator port
+                // through another target port.
                 let d = c.dest;
-                if src.contains(&d) {
+                if src.contains(&d) || (SPEC[d].0 == SPEC[n].0 && SPEC[d].1 == SPEC[n].1) {
                     return INVALID_FIELD_PARAM;
                 }
                 let holder = match self.reg_of(d) {

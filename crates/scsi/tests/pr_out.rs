@@ -796,7 +796,17 @@ fn preempt_with_zero_key_under_all_registrants_removes_everyone_else() {
     let r = e.state.reservation.clone().unwrap();
     assert_eq!(r.ty, PrType::WriteExclusiveRegistrantsOnly);
     assert_eq!(r.holder, Some(Registrant::of(&a())));
-    assert_eq!(e.abort, [Registrant::of(&b()), Registrant::of(&c())]);
+    // SPC-5 5.14.11.2.6: "If the SERVICE ACTION RESERVATION KEY field is set to zero and an
+    // all registrants persistent reservation is present, the device server shall abort all
+    // commands for all registered I_T nexuses": the sender's too (the LU keeps this one).
+    assert_eq!(
+        e.abort,
+        [
+            Registrant::of(&a()),
+            Registrant::of(&b()),
+            Registrant::of(&c())
+        ]
+    );
 }
 
 #[test]
@@ -908,15 +918,26 @@ fn register_and_move_with_unreg_drops_the_source() {
 }
 
 #[test]
-fn register_and_move_by_a_non_holder_conflicts() {
+fn register_and_move_with_no_reservation_is_invalid_field_in_cdb() {
+    // SPC-5 5.14.8: "If a PERSISTENT RESERVE OUT command with a REGISTER AND MOVE service
+    // action is received and there is no persistent reservation established, the device server
+    // shall terminate the command with CHECK CONDITION status, with the sense key set to
+    // ILLEGAL REQUEST and the additional sense code set to INVALID FIELD IN CDB."
+    // 24h/00h; SKSV | C/D | bit 4 = CCh, byte 0001h (SERVICE ACTION).
     let s = registered(&[(&a(), 0x10), (&c(), 0x30)]);
-    conflict(run(
+    let r = run(
         &s,
         &a(),
         REGISTER_AND_MOVE,
         0,
         &moving(0x10, 0x20, 0, 1, &tid_b()),
-    ));
+    );
+    assert_eq!(sense(r), fixed(0x05, 0x24, 0x00, [0xCC, 0x00, 0x01]));
+}
+
+#[test]
+fn register_and_move_by_a_non_holder_conflicts() {
+    let s = registered(&[(&a(), 0x10), (&c(), 0x30)]);
     let s = ok(&s, &c(), RESERVE, WE, &basic(0x30, 0, 0));
     conflict(run(
         &s,
@@ -954,6 +975,29 @@ fn register_and_move_to_itself_is_invalid_field_in_parameter_list() {
             REGISTER_AND_MOVE,
             0,
             &moving(0x10, 0x20, 0, 1, &tid)
+        )),
+        fixed(0x05, 0x26, 0x00, [0x80, 0x00, 0x18])
+    );
+}
+
+#[test]
+fn register_and_move_to_the_sender_through_another_target_port_is_invalid_field_in_parameter_list()
+{
+    // The TransportID names the sender's own initiator port (iqn.a, ISID 800000000001); the
+    // RELATIVE TARGET PORT IDENTIFIER names port 2, which c() registered through. Still the
+    // sender's initiator port: 26h/00h at the TransportID, byte 24 (18h).
+    let s = registered(&[(&a(), 0x10), (&c(), 0x30)]);
+    let s = ok(&s, &a(), RESERVE, WE, &basic(0x10, 0, 0));
+    let mut tid = vec![0x45, 0x00, 0x00, 0x18];
+    tid.extend_from_slice(b"iqn.a,i,0x800000000001");
+    tid.resize(28, 0);
+    assert_eq!(
+        sense(run(
+            &s,
+            &a(),
+            REGISTER_AND_MOVE,
+            0,
+            &moving(0x10, 0x20, 0, 2, &tid)
         )),
         fixed(0x05, 0x26, 0x00, [0x80, 0x00, 0x18])
     );

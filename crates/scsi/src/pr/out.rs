@@ -691,10 +691,11 @@ fn preempt(
     }
     bump(&mut st);
     let aborted = if abort {
-        // The sender's own tasks are aborted too when the key names it (except this command,
-        // which the logical unit keeps); All Registrants with key zero names the others.
+        // The sender's own tasks are aborted too when the key names it, and with key zero
+        // under an All Registrants reservation, whose commands end "for all registered I_T
+        // nexuses" (SPC-5 5.14.11.2.6); the logical unit keeps this command itself.
         if all_registrants && p.sark == 0 {
-            removed
+            old.registrations.iter().map(|r| r.who.clone()).collect()
         } else {
             identified
         }
@@ -749,9 +750,11 @@ fn register_and_move(
         .get(src)
         .map(|r| r.who.clone())
         .ok_or(Refusal::Conflict)?;
-    // Only the holder of a reservation that is not All Registrants may move it.
+    // With no reservation there is nothing to move: INVALID FIELD IN CDB (SPC-5 5.14.8),
+    // pointing at the SERVICE ACTION. Only the holder of a reservation that is not All
+    // Registrants may move one.
     let Some(res) = &old.reservation else {
-        return Err(Refusal::Conflict);
+        return Err(check(Sense::invalid_field_in_cdb(1, 4)));
     };
     if res.ty.all_registrants() || !old.is_holder(nexus) {
         return Err(Refusal::Conflict);
@@ -776,8 +779,14 @@ fn register_and_move(
         initiator,
         target: Some(served.port.clone()),
     };
-    // The destination may not be (or share a registration with) the source I_T nexus.
-    if overlaps(&src, &dest) {
+    // The destination may not share a registration with the source, nor be the initiator port
+    // the command came from, through whichever target port (SPC-5 5.14.8: the TransportID
+    // names the initiator port of the I_T nexus that received the command).
+    let sender_anywhere = Registrant {
+        initiator: nexus.initiator.clone(),
+        target: None,
+    };
+    if overlaps(&src, &dest) || overlaps(&sender_anywhere, &dest) {
         return Err(param_field(24, None));
     }
     let mut st = old.clone();
