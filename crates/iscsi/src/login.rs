@@ -30,6 +30,9 @@ const MAX_LOGIN_TEXT: usize = 64 * 1024;
 /// MaxRecvDataSegmentLength applies only from the full feature phase on).
 pub const LOGIN_MAX_DATA: u32 = 8192;
 
+/// The longest iSCSI name, in bytes (RFC 7143 4.2.7.1).
+const MAX_NAME: usize = 223;
+
 /// Login status class and detail (RFC 7143 11.13.5).
 pub mod status {
     pub const SUCCESS: u16 = 0x0000;
@@ -426,6 +429,11 @@ impl<'a> Login<'a> {
         let Some(name) = initiator_name else {
             return Err(status::MISSING_PARAMETER);
         };
+        // An iSCSI name is 1 to 223 bytes (RFC 7143 4.2.7.1); it becomes the I_T nexus's
+        // identity and the TransportID that persistent reservations store.
+        if name.is_empty() || name.len() > MAX_NAME {
+            return Err(status::INITIATOR_ERROR);
+        }
         match session_type.unwrap_or("Normal") {
             "Discovery" => {
                 self.kind = Some(Kind::Discovery);
@@ -692,6 +700,32 @@ mod tests {
         let mut l = Login::new(&cfg, 1);
         let (_, _, o) = l.step(&req(0x87, "InitiatorName=iqn.i|TargetName=iqn.nope|"));
         assert!(matches!(o, Outcome::Fail(0x0203)));
+    }
+
+    #[test]
+    fn initiator_names_longer_than_223_bytes_or_empty_are_initiator_errors() {
+        // RFC 7143 4.2.7.1: an iSCSI name is at most 223 bytes. Status 0200h: Status-Class 2
+        // (initiator error), Status-Detail 0 (miscellaneous).
+        let cfg = config(Auth::default(), None);
+        let longest = format!("iqn.2026-01.test:{}", "x".repeat(223 - 17));
+        assert_eq!(longest.len(), 223);
+        for (name, fails) in [
+            (String::new(), true),
+            (format!("{longest}x"), true),
+            (longest.clone(), false),
+        ] {
+            let mut l = Login::new(&cfg, 1);
+            let (b, _, o) = l.step(&req(
+                0x87,
+                &format!("InitiatorName={name}|TargetName={TARGET}|"),
+            ));
+            if fails {
+                assert!(matches!(o, Outcome::Fail(0x0200)), "{} bytes", name.len());
+                assert_eq!((b.0[36], b.0[37]), (0x02, 0x00));
+            } else {
+                assert!(!matches!(o, Outcome::Fail(_)), "223 bytes is a name");
+            }
+        }
     }
 
     #[test]
