@@ -229,9 +229,9 @@ pub struct Shared {
     /// Immediate SCSI commands admitted and not yet answered (see [`MAX_IMMEDIATE`]).
     immediate: AtomicU32,
     /// Commands handed to the SCSI layer, by ITT. Locked once when a command starts and once
-    /// when it ends; only this connection's tasks use it. A task marked aborted by a task
-    /// management function gets no response (RFC 7143 4.2.3.3), whatever the SCSI layer
-    /// returns.
+    /// when it ends; only this connection's tasks use it. A task a task management function
+    /// ended leaves it with the function's response (its ITT is free again) and gets no
+    /// response of its own (RFC 7143 4.2.3.3), whatever the SCSI layer returns.
     running: Mutex<HashMap<u32, Running>>,
     /// Told by the writer each time it can do no more at once: it has written out everything
     /// queued, the socket cannot take more for now ([`Watched`]), or it has ended
@@ -250,7 +250,6 @@ struct Running {
     /// Unique for the life of the process: a TMF marks the tasks that were running when it
     /// arrived, not a later task that reuses one's ITT.
     id: u64,
-    aborted: bool,
     /// A TMF response that must follow this task's own response: ABORT TASK found the task
     /// already completed in the SCSI layer ("task does not exist") before its response was
     /// queued. Sending the TMF response first would tell the initiator the task is gone while
@@ -782,12 +781,15 @@ impl Conn {
                 Ok(Flow::Continue)
             }
             Window::Later | Window::Now => {
-                // A CmdSN an ABORT TASK already settled stays settled (RFC 7143 11.5.1).
-                if !matches!(self.held.get(&bhs.cmdsn()), Some(Held::Skip)) {
-                    let ticket = self.admit(&pdu);
-                    self.held
-                        .insert(bhs.cmdsn(), Held::Pdu(Box::new(pdu), ticket));
+                // A CmdSN already held is a duplicate, ignored (RFC 7143 3.2.2.1), and one an
+                // ABORT TASK already settled stays settled (11.5.1).
+                if self.held.contains_key(&bhs.cmdsn()) {
+                    tracing::debug!(cmdsn = bhs.cmdsn(), "Duplicate CmdSN: ignored");
+                    return Ok(Flow::Continue);
                 }
+                let ticket = self.admit(&pdu);
+                self.held
+                    .insert(bhs.cmdsn(), Held::Pdu(Box::new(pdu), ticket));
                 self.drain().await
             }
         }
@@ -943,8 +945,12 @@ impl Conn {
         let edtl = bhs.field20();
         let lun_raw = bhs.lun();
         let lun = pdu::decode_lun(lun_raw);
-        if self.tasks.contains_key(&itt) || self.shared.running().contains_key(&itt) {
-            // RFC 7143 11.2.1.8: ITTs are unique among outstanding tasks.
+        if itt == RESERVED_TAG
+            || self.tasks.contains_key(&itt)
+            || self.shared.running().contains_key(&itt)
+        {
+            // RFC 7143 11.2.1.8: ITTs are unique among outstanding tasks, and 0xffffffff is
+            // reserved.
             self.shared.release(slot);
             self.reject(reject::INVALID_FIELD, &bhs);
             return;
@@ -1255,12 +1261,12 @@ impl Conn {
         let itt = cmd.tag as u32;
         shared.executing.fetch_add(1, Ordering::AcqRel);
         static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         shared.running().insert(
             itt,
             Running {
                 lun: cmd.lun,
-                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-                aborted: false,
+                id,
                 then: None,
             },
         );
@@ -1270,9 +1276,13 @@ impl Conn {
             {
                 // Send under the lock, so a TMF response can never overtake it unnoticed.
                 let mut running = shared.running();
-                let entry = running.remove(&itt);
-                let aborted = entry.as_ref().is_some_and(|r| r.aborted);
-                if let (Completion::Done(resp), false) = (done, aborted) {
+                // Gone (or another task's, reusing the ITT): a task management function ended
+                // this task and answered for it.
+                let entry = match running.get(&itt) {
+                    Some(r) if r.id == id => running.remove(&itt),
+                    _ => None,
+                };
+                if let (Completion::Done(resp), true) = (done, entry.is_some()) {
                     tx.send(Out::Result(Box::new(ScsiResult {
                         itt,
                         lun,
@@ -1402,9 +1412,13 @@ impl Conn {
                     return Flow::Continue;
                 }
                 let refsn = bhs.u32_at(32);
+                // Only a SCSI command is a task: a held task management request or Logout
+                // with that ITT is not this one's to end.
                 if let Some((&sn, _)) = self.held.iter().find(|(_, h)| {
                     matches!(h, Held::Pdu(p, _)
-                            if p.bhs.itt() == rtt && pdu::decode_lun(p.bhs.lun()) == lun)
+                            if p.bhs.opcode() == op::SCSI_CMD
+                                && p.bhs.itt() == rtt
+                                && pdu::decode_lun(p.bhs.lun()) == lun)
                 }) {
                     self.held.insert(sn, Held::Skip);
                     respond(self, b, COMPLETE);
@@ -1555,9 +1569,9 @@ impl Conn {
                 }
                 if code == 0 {
                     // Only functions that end tasks chose any; the queries change nothing.
-                    for r in running.values_mut() {
-                        r.aborted |= ends.contains(&r.id);
-                    }
+                    // The tasks it ended are over as the initiator sees it, their ITTs free
+                    // again (RFC 7143 11.2.1.8): they leave `running`, and get no response.
+                    running.retain(|_, r| !ends.contains(&r.id));
                 }
                 tx.send(Out::Pdu {
                     bhs: b,

@@ -1231,6 +1231,84 @@ async fn abort_task_with_a_ref_cmdsn_outside_the_window_does_not_exist() {
     assert_eq!(r.bhs[2], 1, "Task does not exist");
 }
 
+/// RFC 7143 3.2.2.1: a non-immediate command whose CmdSN duplicates one held in the window is
+/// ignored, not put in the held one's place. With ExpCmdSN = N: TEST UNIT READY (ITT a) at
+/// N+1 is held; a second one (ITT b) at N+1 is a duplicate; then N arrives and both held
+/// CmdSNs run. a and N are answered, b never.
+#[tokio::test]
+async fn a_duplicate_cmdsn_in_the_window_is_ignored() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    c.clear_unit_attention().await;
+    let tur = [0x00, 0, 0, 0, 0, 0];
+    let n = c.cmdsn;
+    c.cmdsn = n + 1;
+    let (a, a_itt) = c.command(0x80, 0, &tur); // F, TEST UNIT READY, CmdSN N+1
+    c.send(a, &[]).await;
+    c.cmdsn = n + 1;
+    let (b, b_itt) = c.command(0x80, 0, &tur); // the same CmdSN again
+    c.send(b, &[]).await;
+    c.cmdsn = n;
+    let (first, first_itt) = c.command(0x80, 0, &tur); // CmdSN N
+    c.send(first, &[]).await;
+    let mut got = Vec::new();
+    while let Some(p) = c.recv().await {
+        got.push((p.bhs[0], p.u32(16), p.bhs[3]));
+    }
+    got.sort();
+    let mut want = vec![(0x21, first_itt, 0x00), (0x21, a_itt, 0x00)];
+    want.sort();
+    assert_eq!(got, want, "no answer for ITT {b_itt:#x}, the duplicate");
+}
+
+/// ABORT TASK names a task, a SCSI command: a LOGICAL UNIT RESET held for its CmdSN (behind a
+/// gap) with the Referenced Task Tag's ITT is not ended by it. It runs once the gap fills.
+#[tokio::test]
+async fn abort_task_does_not_end_a_held_task_management_request() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    c.clear_unit_attention().await;
+    let n = c.cmdsn;
+    // LOGICAL UNIT RESET (function 5), non-immediate, ITT 7, CmdSN N+1: held.
+    let mut reset = tmf_request(&c, 5, 7, 0xffff_ffff);
+    reset[0] = 0x02; // I=0
+    reset[24..28].copy_from_slice(&(n + 1).to_be_bytes());
+    c.send(reset, &[]).await;
+    // ABORT TASK for ITT 7, immediate.
+    c.send(abort_task(&c, 100, 7, n + 1), &[]).await;
+    let r = c.recv().await.expect("TMF Response to ABORT TASK");
+    assert_eq!(r.u32(16), 100);
+    assert_eq!(r.bhs[2], 1, "Task does not exist: a reset is not a task");
+    // Fill the gap: a TEST UNIT READY at N; the reset then runs.
+    let (tur, tur_itt) = c.command(0x80, 0, &[0x00, 0, 0, 0, 0, 0]);
+    c.send(tur, &[]).await;
+    let mut got = Vec::new();
+    while let Some(p) = c.recv().await {
+        got.push((p.bhs[0], p.u32(16), p.bhs[2]));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec![(0x21, tur_itt, 0x00), (0x22, 7, 0x00)],
+        "the TEST UNIT READY answered, and the reset: Function complete"
+    );
+}
+
+/// RFC 7143 11.2.1.8: the Initiator Task Tag 0xffffffff is reserved: a SCSI Command carrying
+/// it is rejected (Reject, reason 09h: Invalid PDU field).
+#[tokio::test]
+async fn a_scsi_command_with_the_reserved_itt_is_rejected() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    c.clear_unit_attention().await;
+    let (mut b, _) = c.command(0x80, 0, &[0x00, 0, 0, 0, 0, 0]);
+    b[16..20].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
+    c.send(b, &[]).await;
+    let r = c.recv().await.expect("Reject");
+    assert_eq!(r.bhs[0], 0x3f, "Reject");
+    assert_eq!(r.bhs[2], 0x09, "Invalid PDU field");
+}
+
 #[tokio::test]
 async fn write_cdb_without_the_w_bit_reports_the_overflow() {
     let addr = start().await;
@@ -1737,6 +1815,43 @@ async fn an_ordered_read_waits_for_an_older_write_still_collecting_data() {
         d.data,
         vec![0x5A; 512],
         "the ORDERED read ran after the write"
+    );
+}
+
+/// RFC 7143 11.2.1.8: an ITT is free again once its task has ended, and ABORT TASK's
+/// "Function complete" says it has. A READ waiting its turn (behind an ORDERED command that
+/// waits for a write held in the backend) is aborted; a command that reuses its ITT right
+/// after the response is taken, though the aborted task has not yet run to its end.
+#[tokio::test]
+async fn an_itt_is_free_again_once_abort_task_says_function_complete() {
+    let (driver, _addr, _server, mut c, w) = a_write_held_in_the_backend(0x11).await;
+    let (o, o_itt) = c.command(0x82, 0, &[0x00, 0, 0, 0, 0, 0]); // F, ORDERED TEST UNIT READY
+    c.send(o, &[]).await;
+    let (r, x) = c.command(0xc0, 512, &read10(0, 1)); // F, R, SIMPLE READ(10)
+    c.send(r, &[]).await;
+    c.send(abort_task(&c, 100, x, c.cmdsn - 1), &[]).await;
+    let t = c.recv().await.expect("TMF Response");
+    assert_eq!(
+        (t.bhs[0], t.u32(16), t.bhs[2]),
+        (0x22, 100, 0),
+        "Task Management Function Response, Function complete"
+    );
+    // The same ITT again, for a READ that waits like the first.
+    let (mut again, _) = c.command(0xc0, 512, &read10(0, 1));
+    again[16..20].copy_from_slice(&x.to_be_bytes());
+    c.send(again, &[]).await;
+    driver.gate.add_permits(1);
+    let mut got = Vec::new();
+    while let Some(p) = c.recv().await {
+        // SCSI Response (21h) or Data-In with status (25h, S bit): ITT and status.
+        got.push((p.bhs[0], p.u32(16), p.bhs[3]));
+    }
+    got.sort();
+    let mut want = vec![(0x21, w, 0x00), (0x21, o_itt, 0x00), (0x25, x, 0x00)];
+    want.sort();
+    assert_eq!(
+        got, want,
+        "the write, the TEST UNIT READY and the second READ answered GOOD; no Reject (3Fh)"
     );
 }
 
