@@ -239,6 +239,9 @@ pub struct Shared {
     writer_waits: tokio::sync::Notify,
     /// Set by the writer as it ends (for any reason), before it says so on `writer_waits`.
     writer_ended: AtomicBool,
+    /// Whether the writer's last write or flush found the socket full ([`Watched`]): set
+    /// before it says so on `writer_waits`, cleared when the socket takes bytes again.
+    writer_blocked: AtomicBool,
     /// Data-in bytes of READs, from before a READ runs until the writer has written its data
     /// (see [`MAX_READING`]).
     reading: Arc<tokio::sync::Semaphore>,
@@ -266,6 +269,7 @@ impl Shared {
             running: Mutex::new(HashMap::new()),
             writer_waits: tokio::sync::Notify::new(),
             writer_ended: AtomicBool::new(false),
+            writer_blocked: AtomicBool::new(false),
             reading: Arc::new(tokio::sync::Semaphore::new(MAX_READING as usize)),
         }
     }
@@ -604,10 +608,15 @@ impl Pace {
 async fn busy_poll(fd: std::os::fd::RawFd, queued: &Backlog, shared: &Shared) {
     let paused = shared.writer_waits.notified();
     tokio::pin!(paused);
-    paused.as_mut().enable();
-    // The writer sets `writer_ended` before it notifies, and `Notify` orders both against
-    // `enable`: either the flag is seen here or the notification reaches this waiter.
-    if queued.msgs.load(Ordering::Acquire) > 0 && !shared.writer_ended.load(Ordering::Acquire) {
+    // A `Notified` receives every `notify_waiters` made after its creation, and the writer
+    // sets `writer_ended` or `writer_blocked` before it notifies: either the flag is seen
+    // below or the notification completes `paused`. A writer that found the socket full
+    // before this wait began is not waited for: nothing would tell of it until the
+    // initiator reads again, which an initiator that has stopped reading never does.
+    if queued.msgs.load(Ordering::Acquire) > 0
+        && !shared.writer_ended.load(Ordering::Acquire)
+        && !shared.writer_blocked.load(Ordering::Acquire)
+    {
         paused.await;
     }
     let start = std::time::Instant::now();
@@ -1571,7 +1580,21 @@ impl Conn {
                     // Only functions that end tasks chose any; the queries change nothing.
                     // The tasks it ended are over as the initiator sees it, their ITTs free
                     // again (RFC 7143 11.2.1.8): they leave `running`, and get no response.
-                    running.retain(|_, r| !ends.contains(&r.id));
+                    // An ABORT TASK response waiting for one of them (`Running::then`) goes
+                    // out now, before this one.
+                    running.retain(|_, r| {
+                        if !ends.contains(&r.id) {
+                            return true;
+                        }
+                        if let Some(bhs) = r.then.take() {
+                            tx.send(Out::Pdu {
+                                bhs,
+                                data: Vec::new(),
+                                sn: Sn::Status,
+                            });
+                        }
+                        false
+                    });
                 }
                 tx.send(Out::Pdu {
                     bhs: b,
@@ -1854,7 +1877,9 @@ struct Watched<W> {
 
 impl<W> Watched<W> {
     fn pending<T>(&self, p: std::task::Poll<T>) -> std::task::Poll<T> {
-        if p.is_pending() {
+        let blocked = p.is_pending();
+        self.shared.writer_blocked.store(blocked, Ordering::Release);
+        if blocked {
             self.shared.writer_waits.notify_waiters();
         }
         p
@@ -2487,7 +2512,7 @@ mod tests {
         ));
         let (watched, _peer) = std::os::unix::net::UnixStream::pair().expect("socket pair");
         // The writer runs once the reader waits, and is held up by the full socket: the
-        // reader must stop waiting (the bound only ends a hang of this test).
+        // reader must stop waiting (the bounds only end a hang of this test).
         tokio::time::timeout(
             Duration::from_secs(60),
             busy_poll(watched.as_raw_fd(), &queued, &shared),
@@ -2496,6 +2521,15 @@ mod tests {
         .expect("the reader waited for a writer the initiator holds up");
         assert!(!writer.is_finished(), "the writer is still held up");
         assert!(queued.msgs.load(Ordering::Acquire) > 0);
+        // A later wait, with the writer held up since before it began (no word will come
+        // until the initiator reads): not waited for either.
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            busy_poll(watched.as_raw_fd(), &queued, &shared),
+        )
+        .await
+        .expect("the reader waited for a writer held up before the wait began");
+        assert!(!writer.is_finished(), "the writer is still held up");
         drop(tx);
         writer.abort();
     }

@@ -1821,7 +1821,8 @@ async fn an_ordered_read_waits_for_an_older_write_still_collecting_data() {
 /// RFC 7143 11.2.1.8: an ITT is free again once its task has ended, and ABORT TASK's
 /// "Function complete" says it has. A READ waiting its turn (behind an ORDERED command that
 /// waits for a write held in the backend) is aborted; a command that reuses its ITT right
-/// after the response is taken, though the aborted task has not yet run to its end.
+/// after the response is taken and answered. (Here the aborted task has ended by the time
+/// the response is out; the connection no longer relies on that.)
 #[tokio::test]
 async fn an_itt_is_free_again_once_abort_task_says_function_complete() {
     let (driver, _addr, _server, mut c, w) = a_write_held_in_the_backend(0x11).await;
