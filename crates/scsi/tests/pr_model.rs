@@ -140,7 +140,8 @@ impl Model {
         if c.sa > 8 {
             return INVALID_FIELD_CDB;
         }
-        if matches!(c.sa, 1 | 2 | 4 | 5 | 8) && !matches!(c.ty, 1 | 3 | 5 | 6 | 7 | 8) {
+        // RELEASE (2) compares TYPE with the reservation it releases, whatever its value.
+        if matches!(c.sa, 1 | 4 | 5 | 8) && !matches!(c.ty, 1 | 3 | 5 | 6 | 7 | 8) {
             return INVALID_FIELD_CDB;
         }
         if c.sa == 8 {

@@ -581,6 +581,35 @@ fn release_without_a_reservation_is_good() {
 }
 
 #[test]
+fn release_with_a_reserved_type_is_good_from_a_non_holder_and_invalid_release_from_the_holder() {
+    // SPC-5 5.14.11.2.2: a registered nexus that holds no reservation releases nothing and
+    // gets GOOD, whatever SCOPE and TYPE say; the holder's SCOPE and TYPE must match its
+    // reservation, else INVALID RELEASE OF PERSISTENT RESERVATION (26h/04h). TYPE 0 is
+    // reserved (SPC-5 table 212).
+    let s = registered(&[(&a(), 0x10), (&b(), 0x20)]);
+    assert!(
+        !run(&s, &a(), RELEASE, 0, &basic(0x10, 0, 0))
+            .unwrap()
+            .changed
+    );
+    let s = ok(&s, &a(), RESERVE, EA, &basic(0x10, 0, 0));
+    assert!(
+        !run(&s, &b(), RELEASE, 0, &basic(0x20, 0, 0))
+            .unwrap()
+            .changed
+    );
+    assert_eq!(
+        sense(run(&s, &a(), RELEASE, 0, &basic(0x10, 0, 0))),
+        vec![0x70, 0, 0x05, 0, 0, 0, 0, 0x0A, 0, 0, 0, 0, 0x26, 0x04, 0, 0, 0, 0]
+    );
+    // SCOPE other than LU_SCOPE (0h) from the holder: the same.
+    assert_eq!(
+        sense(out(&s, &a(), RELEASE, 0x1, EA, &basic(0x10, 0, 0))),
+        vec![0x70, 0, 0x05, 0, 0, 0, 0, 0x0A, 0, 0, 0, 0, 0x26, 0x04, 0, 0, 0, 0]
+    );
+}
+
+#[test]
 fn release_from_an_unregistered_nexus_conflicts() {
     let s = registered(&[(&a(), 0x10)]);
     conflict(run(&s, &b(), RELEASE, EA, &basic(0, 0, 0)));

@@ -6,9 +6,10 @@
 //!    action but REPLACE LOST RESERVATION is CHECK CONDITION, DATA PROTECT, PERSISTENT
 //!    RESERVATION INFORMATION LOST (the logical unit's per-command check says so first);
 //! 1. the CDB: SERVICE ACTION (09h..1Fh reserved: INVALID FIELD IN CDB at byte 1 bit 4), then
-//!    SCOPE and TYPE for the service actions that use them (RESERVE, RELEASE, PREEMPT, PREEMPT
-//!    AND ABORT, REPLACE LOST RESERVATION): INVALID FIELD IN CDB at byte 2 bit 7 (SCOPE other
-//!    than LU_SCOPE) or bit 3 (a reserved or obsolete TYPE);
+//!    SCOPE and TYPE for the service actions that create or preempt a reservation (RESERVE,
+//!    PREEMPT, PREEMPT AND ABORT, REPLACE LOST RESERVATION): INVALID FIELD IN CDB at byte 2
+//!    bit 7 (SCOPE other than LU_SCOPE) or bit 3 (a reserved or obsolete TYPE). RELEASE only
+//!    compares them with the holder's reservation (step 4);
 //! 2. the parameter list: its length (24 bytes unless SPEC_I_PT is one or the service action
 //!    is REGISTER AND MOVE: PARAMETER LIST LENGTH ERROR), SPEC_I_PT on a service action other
 //!    than REGISTER, reserved bits, TransportIDs (INVALID FIELD IN PARAMETER LIST with a field
@@ -172,13 +173,13 @@ pub fn out_with_ports(
         // 09h..1Fh reserved.
         return Err(check(Sense::invalid_field_in_cdb(1, 4)));
     }
+    // RELEASE uses SCOPE and TYPE too, but only to compare them with the reservation its
+    // holder releases (SPC-5 5.14.11.2.2): from a nexus that holds none they are not looked
+    // at, and from the holder any value that differs, a reserved one included, is INVALID
+    // RELEASE OF PERSISTENT RESERVATION. (`sg_persist --release` sends TYPE 0 unless told.)
     let uses_type = matches!(
         sa,
-        sa::RESERVE
-            | sa::RELEASE
-            | sa::PREEMPT
-            | sa::PREEMPT_AND_ABORT
-            | sa::REPLACE_LOST_RESERVATION
+        sa::RESERVE | sa::PREEMPT | sa::PREEMPT_AND_ABORT | sa::REPLACE_LOST_RESERVATION
     );
     let pr_type = if uses_type {
         if scope != LU_SCOPE {
@@ -201,7 +202,7 @@ pub fn out_with_ports(
         (sa::REGISTER, _) => register(state, nexus, &p, false),
         (sa::REGISTER_AND_IGNORE_EXISTING_KEY, _) => register(state, nexus, &p, true),
         (sa::RESERVE, Some(ty)) => reserve(state, nexus, &p, ty),
-        (sa::RELEASE, Some(ty)) => release(state, nexus, &p, ty),
+        (sa::RELEASE, _) => release(state, nexus, &p, scope, ty),
         (sa::CLEAR, _) => clear(state, nexus, &p),
         (sa::PREEMPT, Some(ty)) => preempt(state, nexus, &p, ty, false),
         (sa::PREEMPT_AND_ABORT, Some(ty)) => preempt(state, nexus, &p, ty, true),
@@ -553,7 +554,13 @@ fn reserve(old: &PrState, nexus: &ItNexus, p: &Basic, ty: PrType) -> Result<Effe
 }
 
 /// RELEASE (SPC-5 5.14.11.2.2): no effect on PRGENERATION.
-fn release(old: &PrState, nexus: &ItNexus, p: &Basic, ty: PrType) -> Result<Effects, Refusal> {
+fn release(
+    old: &PrState,
+    nexus: &ItNexus,
+    p: &Basic,
+    scope: u8,
+    ty: u8,
+) -> Result<Effects, Refusal> {
     registered(old, nexus, p.rk)?;
     let Some(r) = &old.reservation else {
         return Ok(unchanged(old));
@@ -562,7 +569,7 @@ fn release(old: &PrState, nexus: &ItNexus, p: &Basic, ty: PrType) -> Result<Effe
         // Not an error: nothing is released.
         return Ok(unchanged(old));
     }
-    if r.ty != ty || r.scope != LU_SCOPE {
+    if r.ty.code() != ty || r.scope != scope {
         return Err(check(cond::INVALID_RELEASE_OF_PR));
     }
     let mut st = old.clone();
