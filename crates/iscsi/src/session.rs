@@ -2511,25 +2511,20 @@ mod tests {
             0,
         ));
         let (watched, _peer) = std::os::unix::net::UnixStream::pair().expect("socket pair");
-        // The writer runs once the reader waits, and is held up by the full socket: the
-        // reader must stop waiting (the bounds only end a hang of this test).
-        tokio::time::timeout(
-            Duration::from_secs(60),
-            busy_poll(watched.as_raw_fd(), &queued, &shared),
-        )
-        .await
-        .expect("the reader waited for a writer the initiator holds up");
-        assert!(!writer.is_finished(), "the writer is still held up");
-        assert!(queued.msgs.load(Ordering::Acquire) > 0);
-        // A later wait, with the writer held up since before it began (no word will come
-        // until the initiator reads): not waited for either.
-        tokio::time::timeout(
-            Duration::from_secs(60),
-            busy_poll(watched.as_raw_fd(), &queued, &shared),
-        )
-        .await
-        .expect("the reader waited for a writer held up before the wait began");
-        assert!(!writer.is_finished(), "the writer is still held up");
+        // First the writer runs once the reader waits, and is held up by the full socket;
+        // then a later wait begins with the writer held up already (no word will come until
+        // the initiator reads). The reader must stop waiting both times (the bound only ends
+        // a hang of this test).
+        for when in ["during the wait", "before the wait"] {
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                busy_poll(watched.as_raw_fd(), &queued, &shared),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("the reader waited for a writer held up {when}"));
+            assert!(!writer.is_finished(), "the writer is still held up");
+            assert!(queued.msgs.load(Ordering::Acquire) > 0);
+        }
         drop(tx);
         writer.abort();
     }

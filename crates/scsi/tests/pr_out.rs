@@ -906,6 +906,16 @@ fn tid_b() -> Vec<u8> {
     t
 }
 
+/// iSCSI TransportID format 01b for iqn.a ISID 800000000001 (nexus a()): 45h (PROTOCOL
+/// IDENTIFIER 5h, FORMAT CODE 01b), reserved, ADDITIONAL LENGTH 0018h, then the name, ",i,0x"
+/// and the ISID, NUL-padded to 24 bytes (SPC-5 7.6.4.6).
+fn tid_a() -> Vec<u8> {
+    let mut t = vec![0x45, 0x00, 0x00, 0x18];
+    t.extend_from_slice(b"iqn.a,i,0x800000000001");
+    t.resize(28, 0);
+    t
+}
+
 #[test]
 fn register_and_move_gives_the_reservation_to_a_new_registrant() {
     let s = registered(&[(&a(), 0x10)]);
@@ -994,16 +1004,13 @@ fn register_and_move_of_an_all_registrants_reservation_conflicts() {
 fn register_and_move_to_itself_is_invalid_field_in_parameter_list() {
     let s = registered(&[(&a(), 0x10)]);
     let s = ok(&s, &a(), RESERVE, WE, &basic(0x10, 0, 0));
-    let mut tid = vec![0x45, 0x00, 0x00, 0x18];
-    tid.extend_from_slice(b"iqn.a,i,0x800000000001");
-    tid.resize(28, 0);
     assert_eq!(
         sense(run(
             &s,
             &a(),
             REGISTER_AND_MOVE,
             0,
-            &moving(0x10, 0x20, 0, 1, &tid)
+            &moving(0x10, 0x20, 0, 1, &tid_a())
         )),
         fixed(0x05, 0x26, 0x00, [0x80, 0x00, 0x18])
     );
@@ -1017,16 +1024,13 @@ fn register_and_move_to_the_sender_through_another_target_port_is_invalid_field_
     // sender's initiator port: 26h/00h at the TransportID, byte 24 (18h).
     let s = registered(&[(&a(), 0x10), (&c(), 0x30)]);
     let s = ok(&s, &a(), RESERVE, WE, &basic(0x10, 0, 0));
-    let mut tid = vec![0x45, 0x00, 0x00, 0x18];
-    tid.extend_from_slice(b"iqn.a,i,0x800000000001");
-    tid.resize(28, 0);
     assert_eq!(
         sense(run(
             &s,
             &a(),
             REGISTER_AND_MOVE,
             0,
-            &moving(0x10, 0x20, 0, 2, &tid)
+            &moving(0x10, 0x20, 0, 2, &tid_a())
         )),
         fixed(0x05, 0x26, 0x00, [0x80, 0x00, 0x18])
     );
