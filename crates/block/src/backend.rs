@@ -50,6 +50,12 @@ pub struct Capabilities {
 }
 
 /// A block device as the SCSI layer sees it: a driver plus the I/O path.
+///
+/// A caller runs each operation's future to its end. A write-type operation dropped midway
+/// would release its range lock while its driver I/O (an io_uring slot, a job on the
+/// blocking pool) carries on, and could land after an overlapping COMPARE AND WRITE had
+/// compared. The SCSI layer never drops one: task management waits for running tasks, and a
+/// panic is caught around a future that is kept until the command ends.
 pub struct Backend {
     driver: Arc<dyn Driver>,
     info: DriverInfo,

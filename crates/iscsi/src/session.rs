@@ -1569,8 +1569,12 @@ impl Conn {
                 b.0[2] = code;
                 if let Tmf::AbortTask { tag, .. } = tmf {
                     // Completed in the SCSI layer, response not yet queued: the TMF response
-                    // goes out right after it (see `Running::then`).
-                    let pending = u32::try_from(tag).ok().and_then(|t| running.get_mut(&t));
+                    // goes out right after it (see `Running::then`). The task it names, not a
+                    // later one that has taken its ITT since.
+                    let pending = u32::try_from(tag)
+                        .ok()
+                        .and_then(|t| running.get_mut(&t))
+                        .filter(|r| ends.contains(&r.id));
                     if let (1, Some(r)) = (code, pending) {
                         r.then = Some(b);
                         return;

@@ -52,10 +52,12 @@
 //! answered with an error at once, and the ring is never entered again, so SQEs the kernel had
 //! not taken never go out after their callers were told they failed. Buffers the kernel may
 //! hold and the image's descriptor are leaked, not freed or closed (a request must never reach
-//! another file that reuses the number); the LU needs a restart of the process. Since what the
-//! kernel held may still land, [`Ring::failed`] tells the file driver to serve nothing more
-//! on any path. A submission the kernel takes only in part leaves the rest in the SQ for the next
-//! round.
+//! another file that reuses the number); the LU needs a restart of the process. A ring that
+//! fails while it is being closed still closes the descriptor: none of its SQEs is submitted
+//! after that, and requests the kernel took hold the open file, and with it the image's
+//! lock, themselves. Since what the kernel held may still land, [`Ring::failed`] tells the
+//! file driver to serve nothing more on any path. A submission the kernel takes only in part
+//! leaves the rest in the SQ for the next round.
 
 use std::collections::VecDeque;
 use std::fs::File;
