@@ -205,6 +205,10 @@ struct Sender {
 }
 
 impl Sender {
+    fn send_pdu(&self, bhs: Bhs, data: Vec<u8>, sn: Sn) {
+        self.send(Out::Pdu { bhs, data, sn });
+    }
+
     fn send(&self, out: Out) {
         let bytes = out.bytes();
         self.queued.add(bytes);
@@ -234,14 +238,13 @@ pub struct Shared {
     /// response of its own (RFC 7143 4.2.3.3), whatever the SCSI layer returns.
     running: Mutex<HashMap<u32, Running>>,
     /// Told by the writer each time it can do no more at once: it has written out everything
-    /// queued, the socket cannot take more for now ([`Watched`]), or it has ended
-    /// (`writer_ended`). A reader waiting in [`busy_poll`] waits for this, and for nothing else.
+    /// queued, the socket cannot take more for now, or it has ended (`writer_stalled`). A
+    /// reader waiting in [`busy_poll`] waits for this, and for nothing else.
     writer_waits: tokio::sync::Notify,
-    /// Set by the writer as it ends (for any reason), before it says so on `writer_waits`.
-    writer_ended: AtomicBool,
-    /// Whether the writer's last write or flush found the socket full ([`Watched`]): set
-    /// before it says so on `writer_waits`, cleared when the socket takes bytes again.
-    writer_blocked: AtomicBool,
+    /// Whether the writer can send nothing more until the initiator reads, or ever: its last
+    /// write or flush found the socket full ([`Watched`]; cleared when the socket takes bytes
+    /// again), or it has ended ([`WriterEnded`]). Set before it says so on `writer_waits`.
+    writer_stalled: AtomicBool,
     /// Data-in bytes of READs, from before a READ runs until the writer has written its data
     /// (see [`MAX_READING`]).
     reading: Arc<tokio::sync::Semaphore>,
@@ -268,8 +271,7 @@ impl Shared {
             immediate: AtomicU32::new(0),
             running: Mutex::new(HashMap::new()),
             writer_waits: tokio::sync::Notify::new(),
-            writer_ended: AtomicBool::new(false),
-            writer_blocked: AtomicBool::new(false),
+            writer_stalled: AtomicBool::new(false),
             reading: Arc::new(tokio::sync::Semaphore::new(MAX_READING as usize)),
         }
     }
@@ -609,14 +611,11 @@ async fn busy_poll(fd: std::os::fd::RawFd, queued: &Backlog, shared: &Shared) {
     let paused = shared.writer_waits.notified();
     tokio::pin!(paused);
     // A `Notified` receives every `notify_waiters` made after its creation, and the writer
-    // sets `writer_ended` or `writer_blocked` before it notifies: either the flag is seen
-    // below or the notification completes `paused`. A writer that found the socket full
-    // before this wait began is not waited for: nothing would tell of it until the
-    // initiator reads again, which an initiator that has stopped reading never does.
-    if queued.msgs.load(Ordering::Acquire) > 0
-        && !shared.writer_ended.load(Ordering::Acquire)
-        && !shared.writer_blocked.load(Ordering::Acquire)
-    {
+    // sets `writer_stalled` before it notifies: either the flag is seen below or the
+    // notification completes `paused`. A writer that found the socket full before this wait
+    // began is not waited for: nothing would tell of it until the initiator reads again,
+    // which an initiator that has stopped reading never does.
+    if queued.msgs.load(Ordering::Acquire) > 0 && !shared.writer_stalled.load(Ordering::Acquire) {
         paused.await;
     }
     let start = std::time::Instant::now();
@@ -693,7 +692,7 @@ impl Conn {
     }
 
     fn send_pdu(&self, bhs: Bhs, data: Vec<u8>, sn: Sn) {
-        self.send(Out::Pdu { bhs, data, sn });
+        self.tx.send_pdu(bhs, data, sn);
     }
 
     fn reject(&self, reason: u8, bhs: &Bhs) {
@@ -1302,11 +1301,7 @@ impl Conn {
                     })));
                 }
                 if let Some(bhs) = entry.and_then(|r| r.then) {
-                    tx.send(Out::Pdu {
-                        bhs,
-                        data: Vec::new(),
-                        sn: Sn::Status,
-                    });
+                    tx.send_pdu(bhs, Vec::new(), Sn::Status);
                 }
             }
             shared.executing.fetch_sub(1, Ordering::AcqRel);
@@ -1591,20 +1586,12 @@ impl Conn {
                             return true;
                         }
                         if let Some(bhs) = r.then.take() {
-                            tx.send(Out::Pdu {
-                                bhs,
-                                data: Vec::new(),
-                                sn: Sn::Status,
-                            });
+                            tx.send_pdu(bhs, Vec::new(), Sn::Status);
                         }
                         false
                     });
                 }
-                tx.send(Out::Pdu {
-                    bhs: b,
-                    data: Vec::new(),
-                    sn: Sn::Status,
-                });
+                tx.send_pdu(b, Vec::new(), Sn::Status);
             }
             // RFC 7143 11.5.1: after TARGET COLD RESET the target drops all its connections.
             if tmf == Tmf::TargetColdReset {
@@ -1865,7 +1852,7 @@ struct WriterEnded(Arc<Shared>);
 
 impl Drop for WriterEnded {
     fn drop(&mut self) {
-        self.0.writer_ended.store(true, Ordering::Release);
+        self.0.writer_stalled.store(true, Ordering::Release);
         self.0.writer_waits.notify_waiters();
     }
 }
@@ -1882,7 +1869,7 @@ struct Watched<W> {
 impl<W> Watched<W> {
     fn pending<T>(&self, p: std::task::Poll<T>) -> std::task::Poll<T> {
         let blocked = p.is_pending();
-        self.shared.writer_blocked.store(blocked, Ordering::Release);
+        self.shared.writer_stalled.store(blocked, Ordering::Release);
         if blocked {
             self.shared.writer_waits.notify_waiters();
         }
