@@ -2009,6 +2009,24 @@ fn check_condition_sense(r: &Pdu, itt: u32) -> &[u8] {
     r.data.get(2..).unwrap_or_default()
 }
 
+/// WRITE(10) of 8 blocks (4096 bytes, F=1 W=1), whose R2T (31h) must ask for `asked` bytes;
+/// one Data-Out with F=1 answers it with `sent` bytes and TTT `ttt`, or the R2T's own TTT.
+/// Gives the write's ITT.
+async fn answer_an_r2t(c: &mut Client, asked: u32, ttt: Option<u32>, sent: usize) -> u32 {
+    let (b, itt) = c.command(0xa1, 4096, &write10(0, 8));
+    c.send(b, &[]).await;
+    let r2t = c.recv().await.expect("R2T");
+    assert_eq!(
+        (r2t.bhs[0], r2t.u32(44)),
+        (0x31, asked),
+        "R2T, Desired Data Transfer Length"
+    );
+    let ttt = ttt.unwrap_or(r2t.u32(20));
+    c.send(data_out(itt, ttt, 0, 0, true), &vec![0x5A; sent])
+        .await;
+    itt
+}
+
 /// Unsolicited Data-Out (TTT 0xffffffff) where none is allowed: with InitialR2T=Yes, after the
 /// target sent its R2T; and beyond FirstBurstLength with InitialR2T=No. The task ends with
 /// UNEXPECTED UNSOLICITED DATA (0Ch/0Ch); data past the end of an R2T's sequence is
@@ -2018,32 +2036,18 @@ async fn unsolicited_data_where_none_is_allowed_is_unexpected_unsolicited_data()
     let addr = start().await;
     let mut c = Client::login(addr, "InitialR2T=Yes|ImmediateData=No|").await;
     c.clear_unit_attention().await;
-    // WRITE(10) of 8 blocks, F=1 W=1: the target asks for the data.
-    let (b, itt) = c.command(0xa1, 4096, &write10(0, 8));
-    c.send(b, &[]).await;
-    let r2t = c.recv().await.expect("R2T");
-    assert_eq!(r2t.bhs[0], 0x31, "R2T");
-    c.send(data_out(itt, 0xffff_ffff, 0, 0, true), &[0x5A; 4096])
-        .await;
+    // WRITE(10) of 8 blocks, F=1 W=1: the target asks for the data; unsolicited Data-Out
+    // answers.
+    let itt = answer_an_r2t(&mut c, 4096, Some(0xffff_ffff), 4096).await;
     expect_data_out_error(&mut c, itt, 0x0c, 0x0c).await;
     // The same with its R2T's TTT, but 512 bytes more than the R2T asked for.
-    let (b, itt) = c.command(0xa1, 4096, &write10(0, 8));
-    c.send(b, &[]).await;
-    let r2t = c.recv().await.expect("R2T");
-    assert_eq!((r2t.bhs[0], r2t.u32(44)), (0x31, 4096), "R2T for 4096");
-    c.send(data_out(itt, r2t.u32(20), 0, 0, true), &[0x5A; 4608])
-        .await;
+    let itt = answer_an_r2t(&mut c, 4096, None, 4608).await;
     expect_data_out_error(&mut c, itt, 0x0c, 0x0d).await;
     // Past its R2T's sequence but within EDTL: with MaxBurstLength 2048 the first R2T of a
     // 4096-byte write asks for 2048; 2560 bytes answer it.
     let mut c = Client::login(addr, "InitialR2T=Yes|ImmediateData=No|MaxBurstLength=2048|").await;
     c.clear_unit_attention().await;
-    let (b, itt) = c.command(0xa1, 4096, &write10(0, 8));
-    c.send(b, &[]).await;
-    let r2t = c.recv().await.expect("R2T");
-    assert_eq!((r2t.bhs[0], r2t.u32(44)), (0x31, 2048), "R2T for 2048");
-    c.send(data_out(itt, r2t.u32(20), 0, 0, true), &[0x5A; 2560])
-        .await;
+    let itt = answer_an_r2t(&mut c, 2048, None, 2560).await;
     expect_data_out_error(&mut c, itt, 0x0c, 0x0d).await;
 
     let mut c = Client::login(
