@@ -435,7 +435,7 @@ impl LogicalUnit {
         // it scans the set: either the scan sees this task, or this sees the new epoch.
         if let Some(t) = ticket {
             if self.ended(&ns, &t) {
-                guard.ctl.finish();
+                guard.finish();
                 // Ended before it had a place in the task set or the order (held for a
                 // CmdSN gap, waiting for its transport, or received as the function ran): if
                 // another initiator cleared it, its initiator learns it here.
@@ -449,7 +449,7 @@ impl LogicalUnit {
         // with the ACA task attribute has none to run in: it is refused before it runs, with
         // nothing of its nexus's state (unit attentions) touched.
         if cmd.attr == crate::TaskAttr::Aca {
-            guard.ctl.finish();
+            guard.finish();
             return Completion::Done(self.check(cond::INVALID_MESSAGE_ERROR));
         }
         // SAM-5 8.6: wait for the turn the task attribute gives (at once for the usual SIMPLE
@@ -457,7 +457,7 @@ impl LogicalUnit {
         // ends before it touches anything, its nexus's unit attentions included.
         arrival.turn(|| guard.ctl.aborted()).await;
         if guard.ctl.aborted() {
-            guard.ctl.finish();
+            guard.finish();
             return Completion::Aborted;
         }
         let out = match CatchPanic::new(self.run(cmd, &ns, &guard.ctl)).await {
@@ -470,7 +470,7 @@ impl LogicalUnit {
                 Some(self.check(cond::INTERNAL_TARGET_FAILURE))
             }
         };
-        let aborted = guard.ctl.finish();
+        let aborted = guard.finish();
         match out {
             Some(r) if !aborted => Completion::Done(r),
             _ => Completion::Aborted,
@@ -520,15 +520,20 @@ impl LogicalUnit {
         }
         if !eff.abort.is_empty() {
             let preempted = |n: &ItNexus| eff.abort.iter().any(|r| r.matches(n));
-            // Commands the transport holds for the other preempted nexuses end too (see
-            // Ticket); the issuer's later commands are ordered after this one.
+            // Commands the transport holds for the preempted nexuses end too (see Ticket),
+            // the issuer's own when it is one of them (a key of zero under an All
+            // Registrants reservation): those it received before this command, and those
+            // after it that the task set would have let run beside it. Only the others were
+            // cleared by another initiator.
             let held = {
                 let _moves = self.epochs.write().unwrap_or_else(PoisonError::into_inner);
                 self.tasks.order.retire(|| {
                     let mut ended = Vec::new();
                     self.nexuses.for_each(|n, st| {
-                        if n != &**nexus && preempted(n) {
-                            st.cleared.fetch_add(1, Ordering::SeqCst);
+                        if preempted(n) {
+                            if n != &**nexus {
+                                st.cleared.fetch_add(1, Ordering::SeqCst);
+                            }
                             self.between_moves();
                             st.abort_epoch.fetch_add(1, Ordering::SeqCst);
                             ended.push(st.id);

@@ -134,6 +134,16 @@ pub struct TaskGuard<'a> {
     pub ctl: Arc<TaskCtl>,
 }
 
+impl TaskGuard<'_> {
+    /// Decide the task's outcome ([`TaskCtl::finish`]), leaving the set first: whoever the
+    /// outcome wakes (task management answering, the command's own response) may be followed
+    /// at once by a new command with the same tag, which must not find this one still there.
+    pub fn finish(&self) -> bool {
+        self.set.remove(&self.ctl);
+        self.ctl.finish()
+    }
+}
+
 impl Drop for TaskGuard<'_> {
     fn drop(&mut self) {
         self.set.remove(&self.ctl);
@@ -218,7 +228,10 @@ impl TaskSet {
             match t.abort() {
                 AbortOutcome::TooLate => continue,
                 AbortOutcome::Running => wait.push(t.clone()),
-                AbortOutcome::NotStarted => {}
+                // It never touches the backend: it leaves the set now, not when its future
+                // next runs, so its tag is free as soon as the function is answered. (One
+                // running stays until it finishes: a later function must wait for it too.)
+                AbortOutcome::NotStarted => self.remove(t),
             }
             if !owners.iter().any(|n| **n == *t.nexus) {
                 owners.push(t.nexus.clone());
@@ -237,7 +250,9 @@ impl TaskSet {
     /// Abort every task matching `pred` without waiting (the nexus is gone).
     pub fn abort_now(&self, pred: impl Fn(&ItNexus) -> bool) {
         for t in self.matching(|c| pred(&c.nexus)) {
-            t.abort();
+            if t.abort() == AbortOutcome::NotStarted {
+                self.remove(&t);
+            }
         }
         self.order.kick();
     }

@@ -259,3 +259,56 @@ async fn a_command_with_the_aca_attribute_is_refused_and_writes_nothing() {
     let r = run(&t, &a, &[0x12, 0, 0, 0, 36, 0], Vec::new()).await;
     assert_eq!(r.data_in[3] & 0x20, 0);
 }
+
+/// The first poll of a command, as a transport makes it on receipt: what it answered if it
+/// completed at once.
+fn poll_once(
+    t: &Arc<Target>,
+    n: &Arc<ItNexus>,
+    tag: u64,
+    cdb: Vec<u8>,
+) -> (
+    std::pin::Pin<Box<dyn std::future::Future<Output = Completion> + Send>>,
+    Option<Completion>,
+) {
+    let c = cmd(n, tag, &cdb, Vec::new(), 1 << 16);
+    let t = t.clone();
+    let mut h: std::pin::Pin<Box<dyn std::future::Future<Output = Completion> + Send>> =
+        Box::pin(async move { t.execute(c).await });
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let now = match std::future::Future::poll(h.as_mut(), &mut cx) {
+        std::task::Poll::Ready(c) => Some(c),
+        std::task::Poll::Pending => None,
+    };
+    (h, now)
+}
+
+#[tokio::test]
+async fn the_tag_of_a_waiting_command_that_was_aborted_is_free_once_the_abort_is_answered() {
+    let (t, d, a, _) = gated().await;
+    let w = start(&t, &a, 1, TaskAttr::Simple, write16(0, 1), vec![0x11; BS]);
+    d.entered.notified().await;
+    // Waits for the write: aborted before it started.
+    let ord = start(&t, &a, 2, TaskAttr::Ordered, read16(0, 1), Vec::new());
+    let r = t
+        .task_management(&a, Tmf::AbortTask { lun: 0, tag: 2 })
+        .await;
+    assert_eq!(r, TmfResponse::FunctionComplete);
+    // The initiator has the answer and uses tag 2 again before the aborted command's own
+    // future has run again: not an overlapped command (ABORTED COMMAND, 4Eh/00h).
+    let (again, now) = poll_once(&t, &a, 2, read16(0, 1));
+    assert_eq!(now, None, "tag 2 was refused at once");
+    d.gate.add_permits(1);
+    assert_good(&done(w).await);
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(10), ord)
+            .await
+            .unwrap()
+            .unwrap(),
+        Completion::Aborted
+    );
+    match tokio::time::timeout(Duration::from_secs(10), again).await {
+        Ok(Completion::Done(r)) => assert_eq!(r.data_in, vec![0x11; BS]),
+        other => panic!("the new command with tag 2 did not complete: {other:?}"),
+    }
+}

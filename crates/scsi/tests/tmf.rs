@@ -230,6 +230,50 @@ async fn preempt_and_abort_tells_a_nexus_whose_only_command_was_received_but_not
     assert_good(&run(&t, &b, &TUR, vec![]).await);
 }
 
+/// PREEMPT AND ABORT that names the sender's own key (SPC-5 5.14.11.2.5: the preempted
+/// registrations' nexuses lose their tasks, the PERSISTENT RESERVE OUT itself excepted) also
+/// ends the sender's command received before it and still held by the transport (collecting
+/// its data): it does not run after GOOD. The sender is not told that another initiator
+/// cleared it.
+#[tokio::test]
+async fn preempt_and_abort_of_the_senders_own_key_ends_its_command_received_before_it() {
+    let (t, _d, a, _b) = gated().await;
+    // PERSISTENT RESERVE OUT parameter list (SPC-5 6.17.3): RESERVATION KEY (bytes 0-7),
+    // SERVICE ACTION RESERVATION KEY (bytes 8-15), 24 bytes in all.
+    let param = |key: u8, sa_key: u8| {
+        let mut p = vec![0u8; 24];
+        p[7] = key;
+        p[15] = sa_key;
+        p
+    };
+    // REGISTER (00h) with key 0xA, RESERVE (01h) type 1h (Write Exclusive).
+    assert_good(
+        &run(
+            &t,
+            &a,
+            &[0x5F, 0x00, 0, 0, 0, 0, 0, 0, 24, 0],
+            param(0, 0xA),
+        )
+        .await,
+    );
+    assert_good(
+        &run(
+            &t,
+            &a,
+            &[0x5F, 0x01, 0x01, 0, 0, 0, 0, 0, 24, 0],
+            param(0xA, 0),
+        )
+        .await,
+    );
+    let ticket = t.admit(&a, 0);
+    // PREEMPT AND ABORT (05h), type 1h, of key 0xA by its holder.
+    let preempt_and_abort = [0x5F, 0x05, 0x01, 0, 0, 0, 0, 0, 24, 0];
+    assert_good(&run(&t, &a, &preempt_and_abort, param(0xA, 0xA)).await);
+    ended_before_it_ran(&t, &a, ticket).await;
+    // Not COMMANDS CLEARED BY ANOTHER INITIATOR (2Fh/00h): its own command cleared it.
+    assert_good(&run(&t, &a, &TUR, vec![]).await);
+}
+
 #[tokio::test]
 async fn logical_unit_reset_resets_mode_pages_and_raises_ua_on_every_nexus() {
     let (t, d, a, b) = gated().await;
