@@ -706,6 +706,15 @@ impl LogicalUnit {
                 let (old, new) = self
                     .mode
                     .update(|old| mode::select(ten, &data, old, block_size))?;
+                if old & mode::WCE != 0 && new & mode::WCE == 0 {
+                    // Write-through from now on: what was written into the cache before goes
+                    // to stable storage before GOOD, since an initiator that believes the cache
+                    // off sends no SYNCHRONIZE CACHE for it.
+                    self.backend
+                        .flush()
+                        .await
+                        .map_err(|e| block_error(e, cond::INVALID_OPCODE))?;
+                }
                 if new != old {
                     // SPC-5 5.14 / SAM-5: MODE PARAMETERS CHANGED to the other I_T nexuses.
                     self.nexuses
@@ -986,6 +995,15 @@ impl LogicalUnit {
     async fn verify(&self, lba: u64, blocks: u32, bytchk: u8, data: &[u8]) -> Outcome {
         self.check_range(lba, u64::from(blocks))?;
         self.check_transfer(blocks)?;
+        // SBC-4 VERIFY (10): a logical unit with a cache "shall write referenced cached logical blocks
+        // to the medium", as SYNCHRONIZE CACHE would, before it verifies them. With the write
+        // cache off, every write already reached stable storage before its GOOD.
+        if blocks != 0 && self.mode.get() & mode::WCE != 0 {
+            self.backend
+                .flush()
+                .await
+                .map_err(|e| block_error(e, cond::INVALID_OPCODE))?;
+        }
         let bs = u64::from(self.backend.block_size());
         let chunk = self.chunk_blocks();
         let mut done = 0u64;

@@ -278,3 +278,51 @@ async fn unmap_of_more_blocks_than_advertised_is_invalid_field_in_parameter_list
     let p = unmap_params(&[(0, 0x10_0000)]);
     assert_good(&run(&t, &n, &unmap_cdb(p.len() as u16), p).await);
 }
+
+/// MODE SELECT(6), PF, with the caching page (08h, length 12h) whose WCE (byte 2 bit 2) is
+/// `wce`.
+async fn select_wce(t: &scsi::Target, n: &std::sync::Arc<scsi::ItNexus>, wce: bool) {
+    let mut p = vec![0, 0, 0, 0, 0x08, 0x12, if wce { 0x04 } else { 0 }];
+    p.resize(24, 0);
+    assert_good(&run(t, n, &[0x15, 0x10, 0, 0, 24, 0], p).await);
+}
+
+fn flushes(d: &ThinDriver) -> usize {
+    d.flushes.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Turning the write cache off makes every later write reach stable storage before GOOD, and
+/// the initiator then sends no SYNCHRONIZE CACHE: what the cache held before goes to stable
+/// storage before the MODE SELECT's GOOD. Selecting it off again has nothing to flush.
+#[tokio::test]
+async fn mode_select_turning_the_write_cache_off_flushes_it_before_good() {
+    let (t, n, d) = thin_ready().await;
+    write_blocks(&t, &n, 0, vec![0x5A; BS], BS).await;
+    let before = flushes(&d);
+    select_wce(&t, &n, false).await;
+    assert_eq!(flushes(&d), before + 1, "one flush as the cache goes off");
+    select_wce(&t, &n, false).await;
+    select_wce(&t, &n, true).await;
+    assert_eq!(
+        flushes(&d),
+        before + 1,
+        "no flush when the cache stays off or goes on"
+    );
+}
+
+/// SBC-4 VERIFY (10): a logical unit with a cache writes the cached blocks the command names
+/// to the medium before it verifies them; with the cache off they are there already.
+#[tokio::test]
+async fn verify_writes_the_cache_to_the_medium_first_when_the_write_cache_is_on() {
+    let (t, n, d) = thin_ready().await;
+    write_blocks(&t, &n, 0, vec![0x5A; BS], BS).await;
+    // VERIFY(10): opcode 2Fh, BYTCHK 00b (no data-out), LBA 0, VERIFICATION LENGTH 1.
+    let verify = [0x2F, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    let before = flushes(&d);
+    assert_good(&run(&t, &n, &verify, vec![]).await);
+    assert_eq!(flushes(&d), before + 1, "the cache went to the medium");
+    select_wce(&t, &n, false).await;
+    let before = flushes(&d);
+    assert_good(&run(&t, &n, &verify, vec![]).await);
+    assert_eq!(flushes(&d), before, "nothing cached to write with WCE off");
+}
