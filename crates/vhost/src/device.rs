@@ -988,11 +988,19 @@ impl Device {
             drop(token);
             return true;
         };
-        // Data-in buffers outside guest memory are met only if data-in is written there (by
-        // the copy at completion, which then fails the chain).
-        let data_in_buf = (data_in_cap > 0)
-            .then(|| wr.lend(mem, u64::from(resp_len), data_in_cap as usize))
-            .flatten();
+        // Likewise data-in buffers outside guest memory: the command does not run, so that
+        // no READ the guest cannot receive reads into a buffer of the daemon's instead.
+        let data_in_buf = if data_in_cap > 0 {
+            let Some(buf) = wr.lend(mem, u64::from(resp_len), data_in_cap as usize) else {
+                tracing::warn!(queue, head, "Request data-in outside guest memory");
+                fail(wire::VIRTIO_SCSI_S_FAILURE);
+                drop(token);
+                return true;
+            };
+            Some(buf)
+        } else {
+            None
+        };
         let nexus = self.shared.nexus.clone();
         #[cfg(test)]
         if let Some(f) = lock(&self.hooks.before_admit).take() {

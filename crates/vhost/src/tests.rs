@@ -2023,10 +2023,18 @@ fn an_event_lost_in_a_buffer_outside_guest_memory_is_reported_missed() {
 
 /// A data-in buffer the device cannot write (past the end of guest memory) still gets a
 /// response header, VIRTIO_SCSI_S_FAILURE (9): a Linux guest reads the header whatever the
-/// used length says (virtscsi_complete_cmd).
+/// used length says (virtscsi_complete_cmd). The READ does not run: it would read into a
+/// buffer of the daemon's, which such requests could fill the daemon's memory with.
 #[test]
 fn a_data_in_buffer_outside_guest_memory_gets_a_failure_header() {
-    let mut h = Harness::new();
+    use std::sync::atomic::Ordering::SeqCst;
+    let rec = Arc::new(Recorder {
+        inner: block::driver::mem::MemDriver::new(64 * 512),
+        lent_reads: 0.into(),
+        lent_writes: 0.into(),
+        own_buffers: 0.into(),
+    });
+    let mut h = Harness::with_lu(lu_on(rec.clone()));
     h.tur();
     // READ(10) (SBC-4 5.15) of one block into a buffer that ends past guest memory (4 MiB).
     let hd = h.header(LUN0, 79, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
@@ -2036,6 +2044,12 @@ fn a_data_in_buffer_outside_guest_memory_gets_a_failure_header() {
     h.kick(2);
     assert_eq!(h.wait_used(2).1, RESP);
     assert_eq!(h.get(r, 12)[11], 9, "VIRTIO_SCSI_S_FAILURE");
+    assert_eq!(
+        rec.own_buffers.load(SeqCst),
+        0,
+        "read into the daemon's memory"
+    );
+    assert_eq!(rec.lent_reads.load(SeqCst), 0);
 }
 
 /// virtio 1.2 5.6.6.1: with both data-out and data-in buffers and VIRTIO_SCSI_F_INOUT not
