@@ -134,6 +134,18 @@ struct QueueState {
     /// before the queue was stopped is waited for, never run after GET_VRING_BASE has
     /// returned with it counted as consumed.
     pop: Mutex<()>,
+    /// The queue's vring, kept by its thread when it first serves it: task management reads
+    /// how far the driver has filled the avail ring ([`Device::unpopped`]).
+    vring: std::sync::OnceLock<Vring>,
+    /// How far the queue's thread has taken the avail ring in, [`taken`]: every chain
+    /// before that position is in flight (`enter`) or answered. Written under `pop`, before
+    /// each pop.
+    taken: AtomicU64,
+}
+
+/// The value of [`QueueState::taken`]: the queue's epoch and the position in its avail ring.
+fn taken(queue_epoch: u64, next_avail: u16) -> u64 {
+    (queue_epoch << 16) | u64::from(next_avail)
 }
 
 /// What a connection has in flight: every chain popped and handed to a task (a request, a
@@ -658,8 +670,18 @@ impl Device {
                 break;
             }
             let mut more = false;
-            for &(_, vring) in &empty {
-                more |= matches!(vring.enable_notification(), Ok(true));
+            for &(queue, vring) in &empty {
+                // Under the pop lock, and only while the queue is ready: enabling writes the
+                // used ring's avail_event, which must not happen once a queue stop (which
+                // makes the queue not ready, then takes this lock) or a device reset has
+                // given the rings back to the driver.
+                let Some(state) = self.queues.get(queue) else {
+                    continue;
+                };
+                let _popping = lock(&state.pop);
+                if Self::ready(vring) {
+                    more |= matches!(vring.enable_notification(), Ok(true));
+                }
             }
             if !more {
                 break;
@@ -703,6 +725,12 @@ impl Device {
         let limit = usize::from(vring.get_ref().get_queue().size());
         let mem = self.mem.memory().into_inner();
         loop {
+            // Every chain before this position is in flight or answered.
+            if let Some(state) = self.queues.get(queue) {
+                let next = vring.get_ref().get_queue().next_avail();
+                let epoch = state.epoch.load(Ordering::SeqCst);
+                state.taken.store(taken(epoch, next), Ordering::SeqCst);
+            }
             if !self.room(queue, limit) {
                 return Drained::Held;
             }
@@ -1269,6 +1297,15 @@ impl Device {
         ) {
             self.mark_abort_tmf(affects);
         }
+        // Requests the driver made available before this function, which their queues'
+        // threads have not taken in yet (a thread busy with a write it runs itself, a popped
+        // chain not yet in flight, the data-out budget full): the function waits until they
+        // are in flight, then ends them like the rest, so none runs after its response.
+        let unpopped = if matches!(affects, Affects::Nothing) {
+            Vec::new()
+        } else {
+            self.unpopped(mem)
+        };
         let Ok(token) = self.enter(0, head, epochs, 0, tag, 0) else {
             return;
         };
@@ -1276,6 +1313,7 @@ impl Device {
         let vring = vring.clone();
         let mem = mem.clone();
         self.shared.runtime.spawn(async move {
+            token.dev.taken_in(&unpopped).await;
             let nexus = shared.nexus.clone();
             let r = if tmf == scsi::Tmf::ItNexusReset {
                 // The I_T nexus is the socket's, across every target behind it.
@@ -1308,6 +1346,55 @@ impl Device {
                 }
             });
         });
+    }
+
+    /// For each request queue with chains available that its thread has not taken in: the
+    /// queue, its epochs now, and the avail index to take in up to.
+    fn unpopped(&self, mem: &Mem) -> Vec<(usize, Epochs, u16)> {
+        let mut out = Vec::new();
+        for (queue, state) in self.queues.iter().enumerate().skip(2) {
+            let Some(vring) = state.vring.get() else {
+                continue;
+            };
+            let epochs = self.epochs(queue);
+            if !Self::ready(vring) {
+                continue;
+            }
+            let st = vring.get_ref();
+            let q = st.get_queue();
+            let Ok(idx) = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) else {
+                continue;
+            };
+            let ahead = idx.0.wrapping_sub(q.next_avail());
+            if ahead != 0 && ahead <= q.size() {
+                out.push((queue, epochs, idx.0));
+            }
+        }
+        out
+    }
+
+    /// Wait until the queues' threads have taken in the chains `unpopped` lists (or the queue
+    /// was stopped or the device reset since, or the socket is closing).
+    async fn taken_in(&self, unpopped: &[(usize, Epochs, u16)]) {
+        for &(queue, epochs, upto) in unpopped {
+            let Some(state) = self.queues.get(queue) else {
+                continue;
+            };
+            loop {
+                let t = state.taken.load(Ordering::SeqCst);
+                let pos = (t & 0xffff) as u16;
+                let caught_up =
+                    t >> 16 == epochs.queue & ((1 << 48) - 1) && pos.wrapping_sub(upto) < 0x8000;
+                if caught_up
+                    || self.epochs(queue) != epochs
+                    || self.closing.load(Ordering::SeqCst)
+                    || !state.vring.get().is_some_and(Self::ready)
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
     }
 
     /// Run `f` on the runtime from a thread outside it and wait at most `limit` for it;
@@ -1615,6 +1702,11 @@ impl Device {
             .zip(vrings)
             .filter(|&(q, _)| q != 1)
             .collect();
+        for &(q, vring) in &queues {
+            if let Some(state) = self.queues.get(q) {
+                state.vring.get_or_init(|| vring.clone());
+            }
+        }
         self.serve(&queues);
     }
 }

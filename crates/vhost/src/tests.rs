@@ -1368,6 +1368,73 @@ fn data_out_budget_holds_requests_in_the_ring_until_completions() {
     assert_eq!(stored, vec![0x52; 512]);
 }
 
+/// virtio 1.2 5.6.6.2: "the device MUST complete the selected commands ... upon receiving an
+/// 'abort task' ... TMF. Such effects MUST take place before the TMF itself is successfully
+/// completed". A request the driver made available before the function, which the device
+/// had not taken in (its data-out did not fit the budget), is no exception: the response
+/// waits until it is taken in and returned, so it never runs after the driver has been told
+/// it was aborted.
+#[test]
+fn task_management_waits_for_the_requests_still_in_the_avail_ring() {
+    let mut h = Harness::new();
+    h.tur();
+    h.dev
+        .data_out_budget
+        .store(1024, std::sync::atomic::Ordering::Relaxed);
+    let hold = h.hold();
+    // Three WRITE(10)s of one block (SBC-4 5.40), tags 30-32, 512 bytes of data-out each.
+    for i in 0..3u8 {
+        let hd = h.header(
+            LUN0,
+            30 + u64::from(i),
+            &[0x2A, 0, 0, 0, 0, 10 + i, 0, 0, 1, 0],
+        );
+        let d = h.alloc(512);
+        h.put(d, &[0x50 + i; 512]);
+        let r = h.alloc(RESP);
+        h.add_chain(2, &[rd(hd, REQ), rd(d, 512), wr(r, RESP)]);
+    }
+    let req0 = h.used_count(2);
+    h.kick(2);
+    // Two fit the 1024-byte budget; tag 32 stays in the ring.
+    h.wait_reached(2);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(h.reached(), 2);
+    // ABORT TASK (subtype 0) of tag 32.
+    let mut req = [0u8; 24];
+    req[8..16].copy_from_slice(&LUN0);
+    req[16..24].copy_from_slice(&32u64.to_le_bytes());
+    let a = h.alloc(24);
+    h.put(a, &req);
+    let tr = h.alloc(1);
+    h.put(tr, &[0xEE]);
+    h.add_chain(0, &[rd(a, 24), wr(tr, 1)]);
+    let ctrl0 = h.used_count(0);
+    h.kick(0);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        h.used_count(0),
+        ctrl0,
+        "ABORT TASK answered while its task was still in the avail ring"
+    );
+    hold.send_replace(true);
+    h.wait_used(2);
+    h.wait_used(2);
+    h.wake_request_queue();
+    let start = Instant::now();
+    while h.used_count(0) == ctrl0 {
+        assert!(start.elapsed() < Duration::from_secs(10), "no TMF response");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        h.used_count(2),
+        req0.wrapping_add(3),
+        "tag 32 not returned before the TMF response"
+    );
+    // FUNCTION COMPLETE (0).
+    assert_eq!(h.get(tr, 1), vec![0]);
+}
+
 #[test]
 fn only_the_data_out_the_cdb_asks_for_is_copied() {
     let mut h = Harness::new();
