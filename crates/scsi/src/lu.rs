@@ -706,19 +706,20 @@ impl LogicalUnit {
                 let (old, new) = self
                     .mode
                     .update(|old| mode::select(ten, &data, old, block_size))?;
-                if old & mode::WCE != 0 && new & mode::WCE == 0 {
-                    // Write-through from now on: what was written into the cache before goes
-                    // to stable storage before GOOD, since an initiator that believes the cache
-                    // off sends no SYNCHRONIZE CACHE for it.
-                    self.backend
-                        .flush()
-                        .await
-                        .map_err(|e| block_error(e, cond::INVALID_OPCODE))?;
-                }
                 if new != old {
                     // SPC-5 5.14 / SAM-5: MODE PARAMETERS CHANGED to the other I_T nexuses.
                     self.nexuses
                         .broadcast(cond::MODE_PARAMETERS_CHANGED, |n| n != &**nexus);
+                }
+                if old & mode::WCE != 0 && new & mode::WCE == 0 {
+                    // Write-through from now on: what was written into the cache before goes
+                    // to stable storage before GOOD, since an initiator that believes the cache
+                    // off sends no SYNCHRONIZE CACHE for it. (The new parameters stand even if
+                    // this fails, and the others were told of them above.)
+                    self.backend
+                        .flush()
+                        .await
+                        .map_err(|e| block_error(e, cond::INVALID_OPCODE))?;
                 }
                 Ok(Vec::new())
             }

@@ -143,9 +143,21 @@ struct QueueState {
     taken: AtomicU64,
 }
 
-/// The value of [`QueueState::taken`]: the queue's epoch and the position in its avail ring.
-fn taken(queue_epoch: u64, next_avail: u16) -> u64 {
-    (queue_epoch << 16) | u64::from(next_avail)
+/// The value of [`QueueState::taken`]: the epochs it was written in (their low 24 bits
+/// each), and the position in the avail ring.
+fn taken(epochs: Epochs, next_avail: u16) -> u64 {
+    (taken_epochs(epochs) << 16) | u64::from(next_avail)
+}
+
+/// The epochs part of a [`taken`] value, unshifted.
+fn taken_epochs(epochs: Epochs) -> u64 {
+    const MASK: u64 = (1 << 24) - 1;
+    ((epochs.device & MASK) << 24) | (epochs.queue & MASK)
+}
+
+/// The position in a [`taken`] value, if it was written in `epochs`.
+fn taken_at(t: u64, epochs: Epochs) -> Option<u16> {
+    (t >> 16 == taken_epochs(epochs)).then_some((t & 0xffff) as u16)
 }
 
 /// What a connection has in flight: every chain popped and handed to a task (a request, a
@@ -222,6 +234,9 @@ pub struct Device {
     pub(crate) data_out_budget: AtomicU64,
     /// Entries below this id were waited for by a queue stop already.
     stopped_upto: AtomicU64,
+    /// Bumped when a queue stop begins: task management waiting for chains to be taken in
+    /// ([`Device::taken_in`]) waits no more, so the stop never waits for it in turn.
+    stops: AtomicU64,
     /// Set when the socket is being closed (the server's stop flag): every wait for commands
     /// in flight (queue stop, device reset, closed connection) gives up, so that a command
     /// stuck in the backend cannot keep the process from exiting.
@@ -355,6 +370,7 @@ impl Device {
             wakes,
             data_out_budget: AtomicU64::new(DATA_OUT_BUDGET),
             stopped_upto: AtomicU64::new(0),
+            stops: AtomicU64::new(0),
             stop_bounds: Mutex::new(STOP_BOUNDS),
             closing,
             #[cfg(test)]
@@ -728,8 +744,8 @@ impl Device {
             // Every chain before this position is in flight or answered.
             if let Some(state) = self.queues.get(queue) {
                 let next = vring.get_ref().get_queue().next_avail();
-                let epoch = state.epoch.load(Ordering::SeqCst);
-                state.taken.store(taken(epoch, next), Ordering::SeqCst);
+                let now = taken(self.epochs(queue), next);
+                state.taken.store(now, Ordering::SeqCst);
             }
             if !self.room(queue, limit) {
                 return Drained::Held;
@@ -1300,12 +1316,10 @@ impl Device {
         // Requests the driver made available before this function, which their queues'
         // threads have not taken in yet (a thread busy with a write it runs itself, a popped
         // chain not yet in flight, the data-out budget full): the function waits until they
-        // are in flight, then ends them like the rest, so none runs after its response.
-        let unpopped = if matches!(affects, Affects::Nothing) {
-            Vec::new()
-        } else {
-            self.unpopped(mem)
-        };
+        // are in flight, then ends (or queries) them like the rest, so none runs after its
+        // response.
+        let stops = self.stops.load(Ordering::SeqCst);
+        let unpopped = self.unpopped(mem);
         let Ok(token) = self.enter(0, head, epochs, 0, tag, 0) else {
             return;
         };
@@ -1313,7 +1327,16 @@ impl Device {
         let vring = vring.clone();
         let mem = mem.clone();
         self.shared.runtime.spawn(async move {
-            token.dev.taken_in(&unpopped).await;
+            if !unpopped.is_empty() {
+                token.dev.taken_in(&unpopped, stops).await;
+                if matches!(
+                    tmf,
+                    scsi::Tmf::AbortTask { .. } | scsi::Tmf::AbortTaskSet { .. }
+                ) {
+                    // Those taken in meanwhile too.
+                    token.dev.mark_abort_tmf(affects);
+                }
+            }
             let nexus = shared.nexus.clone();
             let r = if tmf == scsi::Tmf::ItNexusReset {
                 // The I_T nexus is the socket's, across every target behind it.
@@ -1365,28 +1388,33 @@ impl Device {
             let Ok(idx) = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) else {
                 continue;
             };
-            let ahead = idx.0.wrapping_sub(q.next_avail());
-            if ahead != 0 && ahead <= q.size() {
+            // From where the thread has taken chains in, not from where it popped: a chain
+            // popped and not yet in flight counts as not taken in.
+            let from = taken_at(state.taken.load(Ordering::SeqCst), epochs)
+                .unwrap_or_else(|| q.next_avail());
+            let ahead = idx.0.wrapping_sub(from);
+            if ahead != 0 && ahead < 0x8000 {
                 out.push((queue, epochs, idx.0));
             }
         }
         out
     }
 
-    /// Wait until the queues' threads have taken in the chains `unpopped` lists (or the queue
-    /// was stopped or the device reset since, or the socket is closing).
-    async fn taken_in(&self, unpopped: &[(usize, Epochs, u16)]) {
+    /// Wait until the queues' threads have taken in the chains `unpopped` lists, unless the
+    /// queue is stopped, disabled or reset, a queue stop has begun since `stops` was read,
+    /// or the socket is closing. (A driver that never kicks a queue with chains in it, or
+    /// moves its index out of range, keeps its own function waiting until one of these.)
+    async fn taken_in(&self, unpopped: &[(usize, Epochs, u16)], stops: u64) {
         for &(queue, epochs, upto) in unpopped {
             let Some(state) = self.queues.get(queue) else {
                 continue;
             };
             loop {
-                let t = state.taken.load(Ordering::SeqCst);
-                let pos = (t & 0xffff) as u16;
-                let caught_up =
-                    t >> 16 == epochs.queue & ((1 << 48) - 1) && pos.wrapping_sub(upto) < 0x8000;
+                let caught_up = taken_at(state.taken.load(Ordering::SeqCst), epochs)
+                    .is_some_and(|pos| pos.wrapping_sub(upto) < 0x8000);
                 if caught_up
                     || self.epochs(queue) != epochs
+                    || self.stops.load(Ordering::SeqCst) != stops
                     || self.closing.load(Ordering::SeqCst)
                     || !state.vring.get().is_some_and(Self::ready)
                 {
@@ -1495,6 +1523,7 @@ impl Device {
     /// frontend stops them one after another, and the later stops find only what was popped
     /// since.
     fn quiesce_for_stop(&self, index: u32) {
+        self.stops.fetch_add(1, Ordering::SeqCst);
         let (from, upto) = {
             // After the chain the queue's thread may be handling (see `QueueState::pop`).
             let popping = self

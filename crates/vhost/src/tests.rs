@@ -2338,6 +2338,49 @@ fn hold_a_popped_chain(
     (gate, r, kicked)
 }
 
+/// ABORT TASK of a request the queue's thread has popped but not yet put in flight: the
+/// function waits for it to be taken in, so it is returned before the function's response,
+/// never run after it.
+#[test]
+fn task_management_waits_for_a_chain_popped_but_not_yet_in_flight() {
+    let mut h = Harness::new();
+    h.tur();
+    let used = h.used_count(2);
+    let (gate, _r, kicked) = hold_a_popped_chain(&mut h);
+    // ABORT TASK (subtype 0) of tag 5, the popped TEST UNIT READY.
+    let mut req = [0u8; 24];
+    req[8..16].copy_from_slice(&LUN0);
+    req[16..24].copy_from_slice(&5u64.to_le_bytes());
+    let a = h.alloc(24);
+    h.put(a, &req);
+    let tr = h.alloc(1);
+    h.put(tr, &[0xEE]);
+    h.add_chain(0, &[rd(a, 24), wr(tr, 1)]);
+    let ctrl0 = h.used_count(0);
+    h.kick(0);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        h.used_count(0),
+        ctrl0,
+        "ABORT TASK answered while its task was popped but not in flight"
+    );
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    kicked.join().unwrap();
+    let start = Instant::now();
+    while h.used_count(0) == ctrl0 {
+        assert!(start.elapsed() < Duration::from_secs(10), "no TMF response");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        h.used_count(2),
+        used.wrapping_add(1),
+        "tag 5 not returned before the TMF response"
+    );
+    // FUNCTION COMPLETE (0).
+    assert_eq!(h.get(tr, 1), vec![0]);
+}
+
 /// GET_VRING_BASE while the queue's thread has popped a chain and not yet put it in flight:
 /// vhost-user-backend marks the ring not ready, calls `stop_vring`, then reports next_avail,
 /// which counts the chain as consumed. The stop waits for that chain, so it is answered before
