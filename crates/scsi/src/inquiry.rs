@@ -135,9 +135,16 @@ pub fn no_lun() -> Vec<u8> {
     d
 }
 
-/// The NAA designator made from the LU id: NAA 3h, locally assigned (SPC-5 7.7.6.6.4).
+/// The NAA designator made from the LU id: NAA 3h, locally assigned (SPC-5 7.7.6.6.4). It
+/// holds the id's low 60 bits ([`naa_bits`]).
 pub fn naa(id: u64) -> [u8; 8] {
-    ((0x3u64 << 60) | (id & 0x0FFF_FFFF_FFFF_FFFF)).to_be_bytes()
+    ((0x3u64 << 60) | naa_bits(id)).to_be_bytes()
+}
+
+/// The part of an LU id its NAA designator holds: two ids that agree in it name the same LU
+/// to every initiator.
+pub fn naa_bits(id: u64) -> u64 {
+    id & 0x0FFF_FFFF_FFFF_FFFF
 }
 
 /// A VPD page, or INVALID FIELD IN CDB for a page this device does not have.

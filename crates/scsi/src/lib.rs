@@ -40,7 +40,7 @@ mod target;
 mod task;
 
 pub use block::IoBuf;
-pub use inquiry::Limits;
+pub use inquiry::{naa_bits, Limits};
 pub use lu::{LogicalUnit, LuConfig, PhysicalBlockSizeError, Ticket};
 pub use nexus::{InitiatorPort, ItNexus, ServedPort, TargetPort, Transport};
 pub use order::Arrival;

@@ -925,8 +925,12 @@ fn check_lu(
         }
     }
     if let Some(id) = lu.id {
-        if !ids.insert(id) {
-            bail!("{what}: id {id:#x} is used twice");
+        // Compared as the NAA identifier holds them: ids that differ only in their top four
+        // bits would show initiators (multipath above all) one disk where there are two.
+        if !ids.insert(scsi::naa_bits(id)) {
+            bail!(
+                "{what}: id {id:#x} is used twice (the NAA identifier holds an id's low 60 bits, so ids that differ only in the top hex digit are the same)"
+            );
         }
     }
     Ok(canonical)
@@ -1376,6 +1380,27 @@ size = "1M"
         assert_eq!(lu.size, Some(1 << 20));
         assert_eq!(lu.id, Some(0xFEDC_BA98_7654_3210));
         assert_eq!(lu.serial.as_deref(), Some("DB0003"));
+    }
+
+    #[test]
+    fn ids_that_give_the_same_naa_identifier_are_refused() {
+        // The NAA 3h designator (SPC-5 7.7.6.6.4) has room for 60 bits of the id: these two
+        // differ only above them.
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = 1048576
+            id = "0x1000000000000001"
+            [[target.lu]]
+            lun = 1
+            file = "b.img"
+            size = 1048576
+            id = "0x2000000000000001"
+            "#);
+        assert!(e.contains("is used twice"), "{e}");
     }
 
     #[test]
