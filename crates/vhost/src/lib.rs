@@ -595,11 +595,25 @@ pub fn bind_socket(
                 ),
             ));
         }
-        if UnixStream::connect(path).is_ok() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                format!("Another process answers on the {what} {}", path.display()),
-            ));
+        match UnixStream::connect(path) {
+            Ok(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("Another process answers on the {what} {}", path.display()),
+                ));
+            }
+            // Stale only when nothing listens on it: a socket this process may not connect
+            // to (EACCES) may well be another daemon's, live.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            Err(e) => {
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "Cannot tell whether the {what} {} is in use ({e}); remove it if it is stale",
+                        path.display()
+                    ),
+                ));
+            }
         }
         std::fs::remove_file(path).map_err(|e| err("Cannot remove the stale", e))?;
     }
