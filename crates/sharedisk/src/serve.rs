@@ -430,7 +430,9 @@ async fn stop(
     for s in &iscsi_servers {
         s.closed().await;
     }
-    vhost.await.context("Cannot stop the vhost-user sockets")?;
+    // A failure here still ends in the flush below: it never hurts, and what was
+    // acknowledged must reach the disk.
+    let stopped = vhost.await.context("Cannot stop the vhost-user sockets");
     servers.abort_all();
     while servers.join_next().await.is_some() {}
     if let Some(t) = control_task {
@@ -438,11 +440,13 @@ async fn stop(
         let _ = t.await;
     }
 
-    let mut flushed = Ok(());
+    let mut flushed = stopped;
     for lu in &registry.lus() {
         if let Err(e) = lu.backend().flush().await {
             tracing::error!(error = %e, serial = %lu.config().serial, "Flush failed");
-            flushed = Err(anyhow::Error::new(e).context("Cannot flush a logical unit"));
+            if flushed.is_ok() {
+                flushed = Err(anyhow::Error::new(e).context("Cannot flush a logical unit"));
+            }
         }
     }
     flushed
