@@ -65,7 +65,7 @@ pub struct FileConfig {
 pub struct VhostConfig {
     /// The socket to create (relative to the config file).
     pub socket: PathBuf,
-    /// The initiator name of the socket's I_T nexus; `vhost:<socket path>` when absent.
+    /// The initiator name of the socket's I_T nexus; `vhost:<absolute socket path>` when absent.
     pub initiator: Option<String>,
     /// Request queues offered (QEMU's `num_queues` may be at most this); default 8.
     pub num_queues: Option<u16>,
@@ -199,9 +199,13 @@ pub struct Plan {
 /// Default request queues of a vhost-user socket.
 pub const DEFAULT_VHOST_QUEUES: u16 = 8;
 
-/// The initiator name a vhost-user socket gets when none is configured.
+/// The initiator name a vhost-user socket gets when none is configured: `vhost:` and the
+/// socket's resolved path ([`canonical_socket_path`]), so that it stays the same however the
+/// path is spelled from one start to the next (registrations a state file keeps are matched
+/// against it). The path as given when its folder does not exist (binding then fails).
 pub fn default_vhost_initiator(socket: &Path) -> String {
-    format!("vhost:{}", socket.display())
+    let resolved = canonical_socket_path(socket).unwrap_or_else(|_| socket.to_path_buf());
+    format!("vhost:{}", resolved.display())
 }
 
 /// One vhost-user socket, validated.
@@ -1032,6 +1036,24 @@ mod tests {
         assert_eq!(p.vhost[1].num_queues, DEFAULT_VHOST_QUEUES);
         assert!(p.vhost[1].initiator.starts_with("vhost:"));
         assert!(p.vhost[1].initiator.ends_with("vm2.sock"));
+    }
+
+    #[test]
+    fn the_default_vhost_initiator_is_the_same_however_the_path_is_spelled() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(dir.path().join("sub")).expect("folder");
+        let plain = dir.path().join("vm1.sock");
+        let roundabout = dir.path().join("sub").join("..").join("vm1.sock");
+        assert_eq!(
+            default_vhost_initiator(&plain),
+            default_vhost_initiator(&roundabout)
+        );
+        let resolved = canonical_socket_path(&plain).expect("resolved");
+        assert_eq!(
+            default_vhost_initiator(&plain),
+            format!("vhost:{}", resolved.display())
+        );
+        assert!(resolved.is_absolute());
     }
 
     const QUORUM: &str = r#"

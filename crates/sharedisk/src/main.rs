@@ -191,7 +191,7 @@ struct ServeArgs {
     #[arg(long = "vhost-user", value_name = "SOCKET")]
     vhost_user: Vec<PathBuf>,
     /// The initiator name of the n-th --vhost-user socket's I_T nexus (repeat in the same
-    /// order) [default: vhost:SOCKET].
+    /// order) [default: vhost: and the absolute SOCKET path].
     #[arg(long = "vhost-initiator", value_name = "NAME")]
     vhost_initiator: Vec<String>,
     /// The relative target port identifier of the n-th --vhost-user socket, 0x8000 to 0xFFFF
