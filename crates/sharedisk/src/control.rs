@@ -151,10 +151,8 @@ impl Control {
             }
             let lus = lus.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(REQUEST_TIME, answer(stream, &lus)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::warn!(error = %e, "Control request failed"),
-                    Err(_) => tracing::warn!("Control request timed out"),
+                if let Err(e) = answer(stream, &lus).await {
+                    tracing::warn!(error = %format!("{e:#}"), "Control request failed");
                 }
             });
         }
@@ -164,15 +162,19 @@ impl Control {
 /// Longest request line accepted.
 const MAX_REQUEST: u64 = 4096;
 
-/// How long a control connection may take to send its request and read the answer.
+/// How long a control connection may take to send its request, and to read the answer.
+/// What the request asks for is not bounded: a removal waits for the LU's commands and its
+/// flush, and cut short it would leave the operator without an answer and the daemon's stop
+/// without that flush to wait for.
 pub const REQUEST_TIME: Duration = Duration::from_secs(10);
 
 async fn answer(stream: UnixStream, registry: &Registry) -> anyhow::Result<()> {
     let (rd, mut wr) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(tokio::io::AsyncReadExt::take(rd, MAX_REQUEST))
-        .read_line(&mut line)
-        .await?;
+    let mut rd = BufReader::new(tokio::io::AsyncReadExt::take(rd, MAX_REQUEST));
+    tokio::time::timeout(REQUEST_TIME, rd.read_line(&mut line))
+        .await
+        .context("The request did not arrive in time")??;
     let lus = || registry.served();
     let answer = match serde_json::from_str::<Request>(&line) {
         Err(e) => Answer::Error(format!("Bad request: {e}")),
@@ -227,7 +229,9 @@ async fn answer(stream: UnixStream, registry: &Registry) -> anyhow::Result<()> {
     };
     let mut out = serde_json::to_vec(&answer)?;
     out.push(b'\n');
-    wr.write_all(&out).await?;
+    tokio::time::timeout(REQUEST_TIME, wr.write_all(&out))
+        .await
+        .context("The answer was not read in time")??;
     Ok(())
 }
 
