@@ -905,6 +905,9 @@ fn check_lu(
         }
     }
     if let Some(size) = lu.size {
+        if size == 0 {
+            bail!("{what}: size 0 holds no block");
+        }
         if size % u64::from(lu.block_size) != 0 {
             bail!(
                 "{what}: size {size} is not a whole number of {}-byte blocks",
@@ -1402,6 +1405,23 @@ size = "1M"
         assert_eq!(lu.size, Some(1 << 20));
         assert_eq!(lu.id, Some(0xFEDC_BA98_7654_3210));
         assert_eq!(lu.serial.as_deref(), Some("DB0003"));
+    }
+
+    #[test]
+    fn a_size_of_zero_is_refused_however_it_is_written() {
+        for size in ["0", "\"0\""] {
+            let e = err(&format!(
+                r#"
+                [[target]]
+                name = "iqn.2026-01.com.example:db"
+                [[target.lu]]
+                lun = 0
+                file = "zero.img"
+                size = {size}
+                "#
+            ));
+            assert!(e.contains("size"), "{e}");
+        }
     }
 
     #[test]
