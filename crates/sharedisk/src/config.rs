@@ -735,7 +735,9 @@ impl Plan {
         let mut own: std::collections::HashMap<PathBuf, LuPlan> = Default::default();
         for v in &self.vhost {
             let what = format!("vhost-user socket {}", v.socket.display());
-            if !sockets.insert(v.socket.clone()) {
+            // The same socket however its path is spelled.
+            let resolved = canonical_socket_path(&v.socket).unwrap_or_else(|_| v.socket.clone());
+            if !sockets.insert(resolved) {
                 bail!("{what} is configured twice");
             }
             if let Some(id) = v.relative_port_id {
@@ -1202,6 +1204,22 @@ size = "1M"
         format!(
             "[[vhost]]\nsocket = \"{socket}\"\n{extra}[[vhost.lu]]\nlun = 0\nfile = \"x.img\"\nsize = \"1M\"\n"
         )
+    }
+
+    #[test]
+    fn the_same_socket_under_two_spellings_is_configured_twice() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(dir.path().join("sub")).expect("folder");
+        let text = format!(
+            "{}{}",
+            socket("vm1.sock", ""),
+            socket("sub/../vm1.sock", "")
+        );
+        let e = FileConfig::parse(&text)
+            .and_then(|c| c.into_plan(dir.path()))
+            .map(|p| format!("accepted: {p:?}"))
+            .unwrap_or_else(|e| format!("{e:#}"));
+        assert!(e.contains("is configured twice"), "{e}");
     }
 
     /// Each socket of `text`, read from `dir`, with its relative target port identifier.
