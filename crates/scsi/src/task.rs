@@ -340,11 +340,32 @@ impl NexusState {
         self.pending.load(Ordering::Acquire)
     }
 
-    fn clear(&self) {
+    /// A reset of the nexus or the LU (SAM-5 6.3): `s` (POWER ON, RESET, OR BUS DEVICE RESET
+    /// OCCURRED family, 29h) is reported first. The conditions it subsumes go: an earlier
+    /// reset's, and COMMANDS CLEARED BY ANOTHER INITIATOR (the reset ended every task). The
+    /// others stay queued behind it: an initiator that never learned that the capacity
+    /// changed, or that its registration was preempted, would not learn it from the reset.
+    fn reset_to(&self, s: Sense) {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        q.clear();
-        self.pending.store(false, Ordering::Release);
+        q.retain(|x| !subsumed_by_reset(x));
+        q.push_front(s);
+        q.truncate(UA_QUEUE_MAX);
+        self.pending.store(true, Ordering::Release);
     }
+
+    /// The pending unit attentions a reset does not subsume, oldest first.
+    fn survivors(&self) -> Vec<Sense> {
+        let q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.iter()
+            .filter(|x| !subsumed_by_reset(x))
+            .copied()
+            .collect()
+    }
+}
+
+/// Whether a reset's unit attention replaces the pending condition `s` ([`NexusState::reset_to`]).
+fn subsumed_by_reset(s: &Sense) -> bool {
+    s.asc == 0x29 || *s == crate::sense::cond::COMMANDS_CLEARED_BY_ANOTHER
 }
 
 /// How many lost nexuses an LU remembers (for their I_T NEXUS LOSS OCCURRED unit attention)
@@ -420,12 +441,12 @@ impl Nexuses {
         }
     }
 
-    /// Replace every unit attention of the nexuses for which `pred` holds with `s`.
+    /// Establish the reset's unit attention `s` on the nexuses for which `pred` holds, first
+    /// in their queues ([`NexusState::reset_to`]).
     pub fn reset(&self, s: Sense, pred: impl Fn(&ItNexus) -> bool) {
         for (n, st) in self.read().map.iter() {
             if pred(n) {
-                st.clear();
-                st.push(s);
+                st.reset_to(s);
             }
         }
     }
@@ -442,6 +463,12 @@ impl Nexuses {
         }
         let st = NexusState::with(crate::sense::cond::IT_NEXUS_LOSS);
         st.lost.store(true, Ordering::Relaxed);
+        // What the nexus had not been told yet, behind the loss (see `NexusState::reset_to`).
+        if let Some(old) = seen.map.get(nexus) {
+            for s in old.survivors() {
+                st.push(s);
+            }
+        }
         let id = st.id;
         seen.map.insert(nexus.clone(), Arc::new(st));
         // Only nexuses still lost count against the bound: drop the entries of those that came

@@ -296,6 +296,35 @@ async fn logical_unit_reset_resets_mode_pages_and_raises_ua_on_every_nexus() {
     assert_good(&run(&t, &a, &write16(0, 1), vec![0; BS]).await);
 }
 
+/// A reset, or the loss of the nexus, reports its own unit attention first, but does not
+/// make the initiator miss a condition it had not been told yet: here MODE PARAMETERS
+/// CHANGED (2Ah/01h), which another nexus's MODE SELECT raised, comes next (LIO and SCST
+/// keep such conditions too).
+#[tokio::test]
+async fn a_reset_or_nexus_loss_reports_first_and_keeps_the_conditions_not_yet_told() {
+    let (t, _d, a, b) = gated().await;
+    // MODE SELECT(6), PF, by a: the control page (0Ah, length 0Ah) with SWP (byte 4 bit 3)
+    // set, as in the test above.
+    let p = vec![
+        0, 0, 0, 0, 0x0A, 0x0A, 0, 0x10, 0x08, 0, 0, 0, 0xFF, 0xFF, 0, 0,
+    ];
+    assert_good(&run(&t, &a, &[0x15, 0x10, 0, 0, 16, 0], p.clone()).await);
+    let r = t
+        .task_management(&a, Tmf::LogicalUnitReset { lun: 0 })
+        .await;
+    assert_eq!(r, TmfResponse::FunctionComplete);
+    assert_sense(&run(&t, &b, &TUR, vec![]).await, 0x06, 0x29, 0x03);
+    assert_sense(&run(&t, &b, &TUR, vec![]).await, 0x06, 0x2A, 0x01);
+    assert_good(&run(&t, &b, &TUR, vec![]).await);
+    // Again (a first takes its own reset condition), then b's nexus is lost and comes back.
+    assert_sense(&run(&t, &a, &TUR, vec![]).await, 0x06, 0x29, 0x03);
+    assert_good(&run(&t, &a, &[0x15, 0x10, 0, 0, 16, 0], p).await);
+    t.nexus_lost(&b);
+    assert_sense(&run(&t, &b, &TUR, vec![]).await, 0x06, 0x29, 0x07);
+    assert_sense(&run(&t, &b, &TUR, vec![]).await, 0x06, 0x2A, 0x01);
+    assert_good(&run(&t, &b, &TUR, vec![]).await);
+}
+
 #[tokio::test]
 async fn target_reset_raises_power_on_reset_on_every_nexus() {
     let (t, _, a, b) = gated().await;
