@@ -116,15 +116,22 @@ impl Target {
         let Some(lu) = self.luns.get(&cmd.lun) else {
             return Completion::Done(lu::no_such_lun(&cmd));
         };
+        const REQUEST_SENSE: u8 = 0x03;
         let (nexus, lun) = (cmd.nexus.clone(), cmd.lun);
+        let opcode = cmd.cdb.first().copied();
+        let opcode = opcode.unwrap_or(0);
         let done = lu.execute_admitted(cmd, ticket).await;
         // SPC-5 7.7.7, LUICLR=1 (Extended INQUIRY Data page): REPORTED LUNS DATA HAS CHANGED
         // reported through one LU of the target is cleared on its other LUs for the nexus.
+        // Reported with CHECK CONDITION, or by REQUEST SENSE in its data (status GOOD).
         if let Completion::Done(r) = &done {
             let changed = &cond::REPORTED_LUNS_CHANGED;
-            if r.status == Status::CHECK_CONDITION
-                && Sense::code_of(&r.sense) == Some((changed.key, changed.asc, changed.ascq))
-            {
+            let reported = match r.status {
+                Status::CHECK_CONDITION => Some(&r.sense[..]),
+                Status::GOOD if opcode == REQUEST_SENSE => Some(&r.data_in[..]),
+                _ => None,
+            };
+            if reported.and_then(Sense::code_of) == Some((changed.key, changed.asc, changed.ascq)) {
                 for (_, other) in self.luns.iter().filter(|(&l, _)| l != lun) {
                     other.clear_reported_luns_changed(&nexus);
                 }
