@@ -1184,6 +1184,11 @@ impl LogicalUnit {
                     }
                     d[2..4].copy_from_slice(&(info.usage.len() as u16).to_be_bytes());
                     d.extend_from_slice(info.usage);
+                    if matches!(info.opcode, 0x41 | 0x93) && !self.limits.thin {
+                        // WRITE SAME's UNMAP bit (byte 1 bit 3) is refused, as a reserved bit
+                        // is, on an LU without thin provisioning: not a bit it uses.
+                        d[5] &= !0x08;
+                    }
                     if rctd {
                         d.extend_from_slice(&TIMEOUTS);
                     }
