@@ -880,14 +880,21 @@ pub fn parse(cdb: &[u8]) -> Result<(&'static OpInfo, Cdb), Sense> {
                 alloc: u32::from(r.be16(3)),
             }
         }
-        (0x15, _) => Cdb::ModeSelect {
-            ten: false,
-            len: u32::from(r.b(4)),
-        },
-        (0x55, _) => Cdb::ModeSelect {
-            ten: true,
-            len: u32::from(r.be16(7)),
-        },
+        (0x15 | 0x55, _) => {
+            let ten = info.opcode == 0x55;
+            let len = if ten {
+                u32::from(r.be16(7))
+            } else {
+                u32::from(r.b(4))
+            };
+            // SPC-5 6.11: with PF zero the pages after the header are vendor specific; this
+            // device has none, so a list in that format is refused (as LIO does) rather than
+            // read as the standard pages.
+            if !r.bit(1, 0x10) && len != 0 {
+                return Err(Sense::invalid_field_in_cdb(1, 4));
+            }
+            Cdb::ModeSelect { ten, len }
+        }
         (0x1A, _) => Cdb::ModeSense {
             ten: false,
             dbd: r.bit(1, 0x08),

@@ -455,6 +455,21 @@ async fn mode_select_swp_write_protects_the_medium() {
     assert_good(&r);
 }
 
+/// SPC-5 6.11: with PF (byte 1 bit 4) zero the pages are in a vendor-specific format, which
+/// this device does not have: a list sent that way is INVALID FIELD IN CDB pointing at PF,
+/// and changes nothing. An empty list with PF zero is fine.
+#[tokio::test]
+async fn mode_select_without_pf_is_refused_and_changes_nothing() {
+    let (t, n) = ready_mem(64, 512).await;
+    let p = control_page(false, true);
+    let r = run(&t, &n, &[0x15, 0x00, 0, 0, p.len() as u8, 0], p).await;
+    assert_sense(&r, 0x05, 0x24, 0x00);
+    // SKSV, C/D (CDB), BPV, BIT POINTER 4; FIELD POINTER byte 1.
+    assert_eq!(&r.sense[15..18], &[0xCC, 0x00, 0x01]);
+    assert_good(&run(&t, &n, &write16(0, 1), vec![0u8; BS]).await);
+    assert_good(&run(&t, &n, &[0x15, 0x00, 0, 0, 0, 0], vec![]).await);
+}
+
 #[tokio::test]
 async fn mode_select_d_sense_switches_to_descriptor_sense() {
     let (t, n) = ready_mem(64, 512).await;
@@ -723,6 +738,28 @@ async fn usage_data(opcode: u8) -> Vec<u8> {
     let r = run(&t, &n, &rsoc(1, false, opcode, 0), vec![]).await;
     assert_good(&r);
     r.data_in
+}
+
+/// On an LU without thin provisioning WRITE SAME refuses UNMAP=1 as a reserved bit (INVALID
+/// FIELD IN CDB), so its usage data has a zero there (SPC-5 6.36.3: a one only for a bit the
+/// device server evaluates); NDOB stays.
+#[tokio::test]
+async fn rsoc_write_same_usage_data_has_no_unmap_bit_without_thin_provisioning() {
+    let (t, n) = ready_thick(1024, 512).await;
+    for (opcode, byte1) in [(0x93u8, 0x01u8), (0x41, 0x00)] {
+        let r = run(&t, &n, &rsoc(1, false, opcode, 0), vec![]).await;
+        assert_good(&r);
+        // One-command format: 4 header bytes, then the CDB USAGE DATA from its opcode.
+        assert_eq!(r.data_in[4], opcode);
+        assert_eq!(
+            r.data_in[5], byte1,
+            "WRITE SAME byte 1 usage of {opcode:#04x}"
+        );
+    }
+    // And UNMAP=1 is refused: WRITE SAME(16), UNMAP (byte 1 bit 3), LBA 0, one block.
+    let cdb = [0x93, 0x08, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0];
+    let r = run(&t, &n, &cdb, vec![0; 512]).await;
+    assert_sense(&r, 0x05, 0x24, 0x00);
 }
 
 #[tokio::test]
@@ -1047,6 +1084,24 @@ async fn reported_luns_data_has_changed_is_cleared_on_every_lu_once_reported() {
     assert_good(&tur(&a, 1).await);
     assert_sense(&tur(&b, 1).await, 0x06, 0x3F, 0x0E);
     assert_good(&tur(&b, 0).await);
+    // Reported by REQUEST SENSE (status GOOD, the sense data in its data-in) counts too.
+    for lu in [&lu0, &lu1] {
+        lu.reported_luns_changed(&a);
+    }
+    // REQUEST SENSE (SPC-5 6.39), DESC 0, ALLOCATION LENGTH 252.
+    let mut c = cmd(&a, 1, &[0x03, 0, 0, 0, 252, 0], Vec::new(), 252);
+    c.lun = 0;
+    let r = match t.execute(c).await {
+        scsi::Completion::Done(r) => r,
+        scsi::Completion::Aborted => panic!("aborted"),
+    };
+    assert_good(&r);
+    // Fixed format (70h): SENSE KEY in byte 2, ASC and ASCQ in bytes 12 and 13.
+    assert_eq!(
+        (r.data_in[0], r.data_in[2], r.data_in[12], r.data_in[13]),
+        (0x70, 0x06, 0x3F, 0x0E)
+    );
+    assert_good(&tur(&a, 1).await);
 }
 
 /// PERSISTENT RESERVE OUT (SPC-5 6.17.1) with a PARAMETER LIST LENGTH longer than any list
