@@ -467,6 +467,33 @@ impl Harness {
         (len, resp)
     }
 
+    /// Put task management function `subtype` for LUN 0's `tag` on the control queue and kick
+    /// it, without waiting: the response byte's address and the control queue's used index
+    /// before it.
+    fn send_tmf(&mut self, subtype: u32, tag: u64) -> (u64, u16) {
+        let mut req = [0u8; 24];
+        req[4..8].copy_from_slice(&subtype.to_le_bytes());
+        req[8..16].copy_from_slice(&LUN0);
+        req[16..24].copy_from_slice(&tag.to_le_bytes());
+        let a = self.alloc(24);
+        self.put(a, &req);
+        let tr = self.alloc(1);
+        self.put(tr, &[0xEE]);
+        self.add_chain(0, &[rd(a, 24), wr(tr, 1)]);
+        let ctrl0 = self.used_count(0);
+        self.kick(0);
+        (tr, ctrl0)
+    }
+
+    /// Wait until the control queue's used index moves past `ctrl0`.
+    fn wait_control_used(&mut self, ctrl0: u16) {
+        let start = Instant::now();
+        while self.used_count(0) == ctrl0 {
+            assert!(start.elapsed() < Duration::from_secs(10), "no TMF response");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     fn tmf(&mut self, subtype: u32, lun: [u8; 8], tag: u64) -> (u32, u8) {
         let mut req = [0u8; 24];
         req[4..8].copy_from_slice(&subtype.to_le_bytes());
@@ -1401,16 +1428,7 @@ fn task_management_waits_for_the_requests_still_in_the_avail_ring() {
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(h.reached(), 2);
     // ABORT TASK (subtype 0) of tag 32.
-    let mut req = [0u8; 24];
-    req[8..16].copy_from_slice(&LUN0);
-    req[16..24].copy_from_slice(&32u64.to_le_bytes());
-    let a = h.alloc(24);
-    h.put(a, &req);
-    let tr = h.alloc(1);
-    h.put(tr, &[0xEE]);
-    h.add_chain(0, &[rd(a, 24), wr(tr, 1)]);
-    let ctrl0 = h.used_count(0);
-    h.kick(0);
+    let (tr, ctrl0) = h.send_tmf(0, 32);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         h.used_count(0),
@@ -1421,11 +1439,7 @@ fn task_management_waits_for_the_requests_still_in_the_avail_ring() {
     h.wait_used(2);
     h.wait_used(2);
     h.wake_request_queue();
-    let start = Instant::now();
-    while h.used_count(0) == ctrl0 {
-        assert!(start.elapsed() < Duration::from_secs(10), "no TMF response");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    h.wait_control_used(ctrl0);
     assert_eq!(
         h.used_count(2),
         req0.wrapping_add(3),
@@ -1468,24 +1482,12 @@ fn task_management_answers_after_the_requests_it_affected_are_returned() {
         // ABORT TASK (0) of its tag, ABORT TASK SET (1), LOGICAL UNIT RESET (5): the
         // response waits for the request's used ring entry (virtio 5.6.6.2: the driver takes
         // the TMF's completion to mean the requests it affected are done).
-        let mut req = [0u8; 24];
-        req[4..8].copy_from_slice(&subtype.to_le_bytes());
-        req[8..16].copy_from_slice(&LUN0);
-        req[16..24].copy_from_slice(&tag.to_le_bytes());
-        let a = h.alloc(24);
-        h.put(a, &req);
-        let tr = h.alloc(1);
-        h.add_chain(0, &[rd(a, 24), wr(tr, 1)]);
-        let (ctrl0, req0) = (h.used_count(0), h.used_count(2));
-        h.kick(0);
+        let req0 = h.used_count(2);
+        let (tr, ctrl0) = h.send_tmf(subtype, tag);
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(h.used_count(0), ctrl0, "TMF {subtype} answered first");
         hold.send_replace(true);
-        let start = Instant::now();
-        while h.used_count(0) == ctrl0 {
-            assert!(start.elapsed() < Duration::from_secs(10));
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        h.wait_control_used(ctrl0);
         assert_eq!(
             h.used_count(2),
             req0.wrapping_add(1),
@@ -2348,16 +2350,7 @@ fn task_management_waits_for_a_chain_popped_but_not_yet_in_flight() {
     let used = h.used_count(2);
     let (gate, _r, kicked) = hold_a_popped_chain(&mut h);
     // ABORT TASK (subtype 0) of tag 5, the popped TEST UNIT READY.
-    let mut req = [0u8; 24];
-    req[8..16].copy_from_slice(&LUN0);
-    req[16..24].copy_from_slice(&5u64.to_le_bytes());
-    let a = h.alloc(24);
-    h.put(a, &req);
-    let tr = h.alloc(1);
-    h.put(tr, &[0xEE]);
-    h.add_chain(0, &[rd(a, 24), wr(tr, 1)]);
-    let ctrl0 = h.used_count(0);
-    h.kick(0);
+    let (tr, ctrl0) = h.send_tmf(0, 5);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         h.used_count(0),
@@ -2367,11 +2360,7 @@ fn task_management_waits_for_a_chain_popped_but_not_yet_in_flight() {
     *gate.0.lock().unwrap() = true;
     gate.1.notify_all();
     kicked.join().unwrap();
-    let start = Instant::now();
-    while h.used_count(0) == ctrl0 {
-        assert!(start.elapsed() < Duration::from_secs(10), "no TMF response");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    h.wait_control_used(ctrl0);
     assert_eq!(
         h.used_count(2),
         used.wrapping_add(1),
