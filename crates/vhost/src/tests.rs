@@ -1354,16 +1354,17 @@ fn a_head_offered_again_while_in_flight_gets_failure_and_is_not_run() {
     assert_eq!(h.get(r, 12), vec![0; 12]);
 }
 
-#[test]
-fn data_out_budget_holds_requests_in_the_ring_until_completions() {
-    let mut h = Harness::new();
-    h.tur();
+/// With a data-out budget of 1024 bytes and completions held: three WRITE(10)s of one block
+/// (SBC-4 5.40), tags 30-32 at LBAs 10-12, 512 bytes of data-out each, on request queue 2.
+/// Two fit the budget and reach the hold; the third stays in the ring. Returns the hold and
+/// the response addresses.
+fn three_writes_over_a_budget_of_two(
+    h: &mut Harness,
+) -> (tokio::sync::watch::Sender<bool>, Vec<u64>) {
     h.dev
         .data_out_budget
         .store(1024, std::sync::atomic::Ordering::Relaxed);
     let hold = h.hold();
-    let popped = h.req.vring.queue_next_avail();
-    // Three WRITE(10)s of one block (SBC-4 5.40), 512 bytes of data-out each.
     let mut resps = Vec::new();
     for i in 0..3u8 {
         let hd = h.header(
@@ -1378,10 +1379,18 @@ fn data_out_budget_holds_requests_in_the_ring_until_completions() {
         resps.push(r);
     }
     h.kick(2);
-    // Two fit the 1024-byte budget; the third stays in the ring.
     h.wait_reached(2);
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(h.reached(), 2);
+    (hold, resps)
+}
+
+#[test]
+fn data_out_budget_holds_requests_in_the_ring_until_completions() {
+    let mut h = Harness::new();
+    h.tur();
+    let popped = h.req.vring.queue_next_avail();
+    let (hold, resps) = three_writes_over_a_budget_of_two(&mut h);
     assert_eq!(h.req.vring.queue_next_avail(), popped.wrapping_add(2));
     hold.send_replace(true);
     h.wait_used(2);
@@ -1405,28 +1414,9 @@ fn data_out_budget_holds_requests_in_the_ring_until_completions() {
 fn task_management_waits_for_the_requests_still_in_the_avail_ring() {
     let mut h = Harness::new();
     h.tur();
-    h.dev
-        .data_out_budget
-        .store(1024, std::sync::atomic::Ordering::Relaxed);
-    let hold = h.hold();
-    // Three WRITE(10)s of one block (SBC-4 5.40), tags 30-32, 512 bytes of data-out each.
-    for i in 0..3u8 {
-        let hd = h.header(
-            LUN0,
-            30 + u64::from(i),
-            &[0x2A, 0, 0, 0, 0, 10 + i, 0, 0, 1, 0],
-        );
-        let d = h.alloc(512);
-        h.put(d, &[0x50 + i; 512]);
-        let r = h.alloc(RESP);
-        h.add_chain(2, &[rd(hd, REQ), rd(d, 512), wr(r, RESP)]);
-    }
     let req0 = h.used_count(2);
-    h.kick(2);
-    // Two fit the 1024-byte budget; tag 32 stays in the ring.
-    h.wait_reached(2);
-    std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(h.reached(), 2);
+    // Tag 32 stays in the ring.
+    let (hold, _) = three_writes_over_a_budget_of_two(&mut h);
     // ABORT TASK (subtype 0) of tag 32.
     let (tr, ctrl0) = h.send_tmf(0, 32);
     std::thread::sleep(Duration::from_millis(200));
