@@ -164,8 +164,8 @@ const MAX_REQUEST: u64 = 4096;
 
 /// How long a control connection may take to send its request, and to read the answer.
 /// What the request asks for is not bounded: a removal waits for the LU's commands and its
-/// flush, and cut short it would leave the operator without an answer and the daemon's stop
-/// without that flush to wait for.
+/// flush, and cut short it would leave the operator without an answer (the daemon's stop
+/// waits for it a bounded time: `Registry::close`).
 pub const REQUEST_TIME: Duration = Duration::from_secs(10);
 
 async fn answer(stream: UnixStream, registry: &Registry) -> anyhow::Result<()> {

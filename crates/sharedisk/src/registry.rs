@@ -292,13 +292,21 @@ pub struct Registry {
     /// Held through an add or a remove, so they run one at a time; `true` once the daemon
     /// shuts down (no change after that).
     changes: tokio::sync::Mutex<bool>,
+    /// Set as the daemon starts to shut down, before it waits for `changes`: an add or
+    /// remove that has not begun will not.
+    closing: std::sync::atomic::AtomicBool,
 }
+
+/// How long the daemon's stop waits for an add or remove under way (a removal waits for the
+/// LU's commands and its flush, unbounded) before it goes on without it.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Registry {
     pub fn new(state: State) -> Registry {
         Registry {
             state: Mutex::new(state),
             changes: tokio::sync::Mutex::new(false),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -346,9 +354,24 @@ impl Registry {
         self.state().lus.iter().map(|e| e.lu.clone()).collect()
     }
 
-    /// No change from now on (the daemon is shutting down); waits for one under way.
+    /// No change from now on (the daemon is shutting down); waits for one under way, at
+    /// most [`CLOSE_WAIT`]: a removal stuck on a backend that does not answer must not keep
+    /// every other LU from its final flush.
     pub async fn close(&self) {
-        *self.changes.lock().await = true;
+        self.closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        match tokio::time::timeout(CLOSE_WAIT, self.changes.lock()).await {
+            Ok(mut closed) => *closed = true,
+            Err(_) => tracing::warn!(
+                seconds = CLOSE_WAIT.as_secs(),
+                "A logical unit's addition or removal is still under way; stopping without it"
+            ),
+        }
+    }
+
+    /// Whether the daemon is shutting down, for an add or remove holding `changes`.
+    fn closed(&self, changes: &bool) -> bool {
+        *changes || self.closing.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// `sharedisk lu list`.
@@ -400,7 +423,7 @@ impl Registry {
     /// `sharedisk lu add`: returns what to tell the operator.
     pub async fn add_vhost_lu(&self, req: AddLu) -> Result<String, String> {
         let closed = self.changes.lock().await;
-        if *closed {
+        if self.closed(&closed) {
             return Err("The daemon is shutting down".into());
         }
         // Everything is checked before the image is opened (opening may create it).
@@ -557,7 +580,7 @@ impl Registry {
     /// `sharedisk lu remove`: returns what to tell the operator.
     pub async fn remove_vhost_lu(&self, req: RemoveLu) -> Result<String, String> {
         let closed = self.changes.lock().await;
-        if *closed {
+        if self.closed(&closed) {
             return Err("The daemon is shutting down".into());
         }
         let device;
