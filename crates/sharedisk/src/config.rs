@@ -202,10 +202,11 @@ pub const DEFAULT_VHOST_QUEUES: u16 = 8;
 /// The initiator name a vhost-user socket gets when none is configured: `vhost:` and the
 /// socket's resolved path ([`canonical_socket_path`]), so that it stays the same however the
 /// path is spelled from one start to the next (registrations a state file keeps are matched
-/// against it). The path as given when its folder does not exist (binding then fails).
+/// against it), made a valid name ([`crate::identity::vhost_initiator`]). The path as given
+/// when its folder does not exist (binding then fails).
 pub fn default_vhost_initiator(socket: &Path) -> String {
     let resolved = canonical_socket_path(socket).unwrap_or_else(|_| socket.to_path_buf());
-    format!("vhost:{}", resolved.display())
+    crate::identity::vhost_initiator(&resolved)
 }
 
 /// One vhost-user socket, validated.

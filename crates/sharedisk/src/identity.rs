@@ -50,9 +50,52 @@ pub fn vhost_port_id(resolved_socket: &Path) -> u16 {
     VHOST_FIRST_PORT_ID | u16::try_from(low).expect("15 bits fit in a u16")
 }
 
+/// The initiator name of a vhost-user socket at `resolved_socket` that has none configured:
+/// `vhost:` and the path, each byte that is not printable ASCII (a space, say) or is `%`
+/// written as `%XX`. A path that would make the name longer than the 223 bytes every
+/// initiator name is held to is named by its FNV-1a instead, `vhost:fnv:` and 16 hex digits.
+pub fn vhost_initiator(resolved_socket: &Path) -> String {
+    use std::fmt::Write;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = resolved_socket.as_os_str().as_bytes();
+    let mut name = String::from("vhost:");
+    for &b in bytes {
+        if b.is_ascii_graphic() && b != b'%' {
+            name.push(char::from(b));
+        } else {
+            let _ = write!(name, "%{b:02X}");
+        }
+    }
+    if name.len() > 223 {
+        return format!("vhost:fnv:{:016x}", fnv1a64(bytes));
+    }
+    name
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vhost_initiator_name_is_always_a_valid_one() {
+        assert_eq!(
+            vhost_initiator(Path::new("/run/vm1.sock")),
+            "vhost:/run/vm1.sock"
+        );
+        // A space (20h) and a percent sign (25h) are written as %XX.
+        assert_eq!(
+            vhost_initiator(Path::new("/run/my vm/50%.sock")),
+            "vhost:/run/my%20vm/50%25.sock"
+        );
+        // 218 bytes of path make 224 with "vhost:": too long, named by the path's FNV-1a.
+        let long = format!("/{}", "a".repeat(217));
+        let name = vhost_initiator(Path::new(&long));
+        assert!(name.starts_with("vhost:fnv:"), "{name}");
+        assert_eq!(name.len(), "vhost:fnv:".len() + 16);
+        // 217 bytes make 223: kept.
+        let fits = format!("/{}", "a".repeat(216));
+        assert_eq!(vhost_initiator(Path::new(&fits)), format!("vhost:{fits}"));
+    }
 
     #[test]
     fn fnv1a_matches_the_reference_vectors() {

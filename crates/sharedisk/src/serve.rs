@@ -158,6 +158,38 @@ fn unreachable_registrations(pr: &scsi::pr::PrState, ports: &[scsi::ServedPort])
         .collect()
 }
 
+/// A line for each registration of `pr` (restored from the state file) made through the
+/// target port of one of `sockets` (vhost-user sockets: relative target port identifier,
+/// initiator name, path) by an initiator name other than the one that socket's nexus has
+/// now: the guest on that socket is no longer that registrant. The usual cause is a changed
+/// `initiator`, or a default name made from the path as written (before it came from the
+/// resolved path).
+fn renamed_vhost_registrations(
+    pr: &scsi::pr::PrState,
+    sockets: &[(u16, &str, &std::path::Path)],
+) -> Vec<String> {
+    pr.registrations
+        .iter()
+        .filter_map(|r| {
+            let port = r.who.target.as_ref()?;
+            if port.name != VHOST_TARGET_NAME {
+                return None;
+            }
+            let &(id, now, path) = sockets.iter().find(|s| s.0 == port.relative_id)?;
+            if r.who.initiator.name == now {
+                return None;
+            }
+            Some(format!(
+                "Restored registration (key {:#x}) of {} was made through vhost-user socket {}                  (relative port id {id:#06x}), whose initiator is now named {now}: that guest                  is no longer the registrant; set initiator = {:?} on that socket to keep it",
+                r.key,
+                r.who.initiator.name,
+                path.display(),
+                r.who.initiator.name,
+            ))
+        })
+        .collect()
+}
+
 /// Open `lu`'s image as an LU (exclusive lock, sparse creation with its size, identity) with
 /// its persistent reservations restored: for the images a `Plan` lists, and for those
 /// `sharedisk lu add` names.
@@ -338,9 +370,19 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
         }
     }
     let registry = Arc::new(registry::Registry::new(served));
+    let sockets: Vec<(u16, &str, &std::path::Path)> = plan
+        .vhost
+        .iter()
+        .zip(plan.vhost_port_ids()?)
+        .map(|(v, id)| (id, v.initiator.as_str(), v.socket.as_path()))
+        .collect();
     for lu in registry.served() {
         let ports = lu.lu.target_ports();
-        for line in unreachable_registrations(&lu.lu.persistent_reservations(), &ports) {
+        let pr = lu.lu.persistent_reservations();
+        let lines = unreachable_registrations(&pr, &ports)
+            .into_iter()
+            .chain(renamed_vhost_registrations(&pr, &sockets));
+        for line in lines {
             tracing::warn!(lu = %lu.name, image = %lu.image.display(), "{line}");
         }
     }
@@ -485,6 +527,41 @@ mod tests {
             tpgt: id,
             relative_id: id,
         }
+    }
+
+    /// A registration restored through a vhost-user socket's port under another initiator
+    /// name than the socket's nexus has now is named, with the setting that keeps it; one
+    /// under the same name, and those through other ports, are not.
+    #[test]
+    fn restored_registrations_of_a_renamed_vhost_initiator_are_named() {
+        let pr = scsi::pr::PrState {
+            registrations: vec![
+                scsi::pr::Registration {
+                    who: registrant("vhost:./vm1.sock", Some(vhost_port(0xfb8c))),
+                    key: 0xab,
+                },
+                scsi::pr::Registration {
+                    who: registrant("vhost:/run/vm2.sock", Some(vhost_port(0x8bbb))),
+                    key: 0xcd,
+                },
+                scsi::pr::Registration {
+                    who: registrant("vhost:/run/vm3.sock", Some(vhost_port(0x8000))),
+                    key: 0xef,
+                },
+            ],
+            ..scsi::pr::PrState::default()
+        };
+        let vm1 = std::path::Path::new("/run/vm1.sock");
+        let vm2 = std::path::Path::new("/run/vm2.sock");
+        let sockets = [
+            (0xfb8c, "vhost:/run/vm1.sock", vm1),
+            (0x8bbb, "vhost:/run/vm2.sock", vm2),
+        ];
+        let lines = renamed_vhost_registrations(&pr, &sockets);
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let l = &lines[0];
+        assert!(l.contains("key 0xab"), "{l}");
+        assert!(l.contains(r#"set initiator = "vhost:./vm1.sock""#), "{l}");
     }
 
     /// Registrations restored through a port the daemon no longer serves (a vhost-user socket
