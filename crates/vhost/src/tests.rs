@@ -467,13 +467,13 @@ impl Harness {
         (len, resp)
     }
 
-    /// Put task management function `subtype` for LUN 0's `tag` on the control queue and kick
+    /// Put task management function `subtype` for `lun`'s `tag` on the control queue and kick
     /// it, without waiting: the response byte's address and the control queue's used index
     /// before it.
-    fn send_tmf(&mut self, subtype: u32, tag: u64) -> (u64, u16) {
+    fn send_tmf(&mut self, subtype: u32, lun: [u8; 8], tag: u64) -> (u64, u16) {
         let mut req = [0u8; 24];
         req[4..8].copy_from_slice(&subtype.to_le_bytes());
-        req[8..16].copy_from_slice(&LUN0);
+        req[8..16].copy_from_slice(&lun);
         req[16..24].copy_from_slice(&tag.to_le_bytes());
         let a = self.alloc(24);
         self.put(a, &req);
@@ -495,16 +495,7 @@ impl Harness {
     }
 
     fn tmf(&mut self, subtype: u32, lun: [u8; 8], tag: u64) -> (u32, u8) {
-        let mut req = [0u8; 24];
-        req[4..8].copy_from_slice(&subtype.to_le_bytes());
-        req[8..16].copy_from_slice(&lun);
-        req[16..24].copy_from_slice(&tag.to_le_bytes());
-        let a = self.alloc(24);
-        self.put(a, &req);
-        let r = self.alloc(1);
-        self.put(r, &[0xEE]);
-        self.add_chain(0, &[rd(a, 24), wr(r, 1)]);
-        self.kick(0);
+        let (r, _) = self.send_tmf(subtype, lun, tag);
         let (_, len) = self.wait_used(0);
         (len, self.get(r, 1)[0])
     }
@@ -1418,7 +1409,7 @@ fn task_management_waits_for_the_requests_still_in_the_avail_ring() {
     // Tag 32 stays in the ring.
     let (hold, _) = three_writes_over_a_budget_of_two(&mut h);
     // ABORT TASK (subtype 0) of tag 32.
-    let (tr, ctrl0) = h.send_tmf(0, 32);
+    let (tr, ctrl0) = h.send_tmf(0, LUN0, 32);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         h.used_count(0),
@@ -1473,7 +1464,7 @@ fn task_management_answers_after_the_requests_it_affected_are_returned() {
         // response waits for the request's used ring entry (virtio 5.6.6.2: the driver takes
         // the TMF's completion to mean the requests it affected are done).
         let req0 = h.used_count(2);
-        let (tr, ctrl0) = h.send_tmf(subtype, tag);
+        let (tr, ctrl0) = h.send_tmf(subtype, LUN0, tag);
         std::thread::sleep(Duration::from_millis(200));
         assert_eq!(h.used_count(0), ctrl0, "TMF {subtype} answered first");
         hold.send_replace(true);
@@ -2340,7 +2331,7 @@ fn task_management_waits_for_a_chain_popped_but_not_yet_in_flight() {
     let used = h.used_count(2);
     let (gate, _r, kicked) = hold_a_popped_chain(&mut h);
     // ABORT TASK (subtype 0) of tag 5, the popped TEST UNIT READY.
-    let (tr, ctrl0) = h.send_tmf(0, 5);
+    let (tr, ctrl0) = h.send_tmf(0, LUN0, 5);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(
         h.used_count(0),
