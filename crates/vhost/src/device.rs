@@ -741,11 +741,13 @@ impl Device {
         let limit = usize::from(vring.get_ref().get_queue().size());
         let mem = self.mem.memory().into_inner();
         loop {
+            // Read before the pop: a stop or reset after this point makes the chain's
+            // completion stale, never the other way round.
+            let epochs = self.epochs(queue);
             // Every chain before this position is in flight or answered.
             if let Some(state) = self.queues.get(queue) {
                 let next = vring.get_ref().get_queue().next_avail();
-                let now = taken(self.epochs(queue), next);
-                state.taken.store(now, Ordering::SeqCst);
+                state.taken.store(taken(epochs, next), Ordering::SeqCst);
             }
             if !self.room(queue, limit) {
                 return Drained::Held;
@@ -755,9 +757,6 @@ impl Device {
             if !Self::ready(vring) {
                 return Drained::Held;
             }
-            // Read before the pop: a stop or reset after this point makes the chain's
-            // completion stale, never the other way round.
-            let epochs = self.epochs(queue);
             let chain = vring
                 .get_mut()
                 .get_queue_mut()
@@ -1307,12 +1306,6 @@ impl Device {
             scsi::Tmf::ItNexusReset => Affects::All,
             _ => Affects::Nothing,
         };
-        if matches!(
-            tmf,
-            scsi::Tmf::AbortTask { .. } | scsi::Tmf::AbortTaskSet { .. }
-        ) {
-            self.mark_abort_tmf(affects);
-        }
         // Requests the driver made available before this function, which their queues'
         // threads have not taken in yet (a thread busy with a write it runs itself, a popped
         // chain not yet in flight, the data-out budget full): the function waits until they
@@ -1327,15 +1320,13 @@ impl Device {
         let vring = vring.clone();
         let mem = mem.clone();
         self.shared.runtime.spawn(async move {
-            if !unpopped.is_empty() {
-                token.dev.taken_in(&unpopped, stops).await;
-                if matches!(
-                    tmf,
-                    scsi::Tmf::AbortTask { .. } | scsi::Tmf::AbortTaskSet { .. }
-                ) {
-                    // Those taken in meanwhile too.
-                    token.dev.mark_abort_tmf(affects);
-                }
+            token.dev.taken_in(&unpopped, stops).await;
+            // Once every request it may end is in flight, before it ends any.
+            if matches!(
+                tmf,
+                scsi::Tmf::AbortTask { .. } | scsi::Tmf::AbortTaskSet { .. }
+            ) {
+                token.dev.mark_abort_tmf(affects);
             }
             let nexus = shared.nexus.clone();
             let r = if tmf == scsi::Tmf::ItNexusReset {
