@@ -110,16 +110,15 @@ impl Target {
         ticket: Option<crate::Ticket>,
     ) -> Completion {
         const REPORT_LUNS: u8 = 0xA0;
-        if cmd.cdb.first() == Some(&REPORT_LUNS) {
+        const REQUEST_SENSE: u8 = 0x03;
+        let opcode = cmd.cdb.first().copied();
+        if opcode == Some(REPORT_LUNS) {
             return Completion::Done(self.report_luns(&cmd));
         }
         let Some(lu) = self.luns.get(&cmd.lun) else {
             return Completion::Done(lu::no_such_lun(&cmd));
         };
-        const REQUEST_SENSE: u8 = 0x03;
         let (nexus, lun) = (cmd.nexus.clone(), cmd.lun);
-        let opcode = cmd.cdb.first().copied();
-        let opcode = opcode.unwrap_or(0);
         let done = lu.execute_admitted(cmd, ticket).await;
         // SPC-5 7.7.7, LUICLR=1 (Extended INQUIRY Data page): REPORTED LUNS DATA HAS CHANGED
         // reported through one LU of the target is cleared on its other LUs for the nexus.
@@ -128,7 +127,7 @@ impl Target {
             let changed = &cond::REPORTED_LUNS_CHANGED;
             let reported = match r.status {
                 Status::CHECK_CONDITION => Some(&r.sense[..]),
-                Status::GOOD if opcode == REQUEST_SENSE => Some(&r.data_in[..]),
+                Status::GOOD if opcode == Some(REQUEST_SENSE) => Some(&r.data_in[..]),
                 _ => None,
             };
             if reported.and_then(Sense::code_of) == Some((changed.key, changed.asc, changed.ascq)) {
