@@ -286,7 +286,7 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
     let mut vhost_servers = Vec::new();
     let mut vhost_lines = Vec::new();
     let port_ids = plan.vhost_port_ids()?;
-    for ((i, v), relative_port_id) in plan.vhost.iter().enumerate().zip(port_ids) {
+    for ((i, v), &relative_port_id) in plan.vhost.iter().enumerate().zip(&port_ids) {
         let mut luns = Vec::new();
         for l in &v.lus {
             let image = canonical_image_path(&l.lu.file).unwrap_or_else(|_| l.lu.file.clone());
@@ -373,8 +373,8 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
     let sockets: Vec<(u16, &str, &std::path::Path)> = plan
         .vhost
         .iter()
-        .zip(plan.vhost_port_ids()?)
-        .map(|(v, id)| (id, v.initiator.as_str(), v.socket.as_path()))
+        .zip(&port_ids)
+        .map(|(v, &id)| (id, v.initiator.as_str(), v.socket.as_path()))
         .collect();
     for lu in registry.served() {
         let ports = lu.lu.target_ports();
