@@ -716,10 +716,7 @@ impl LogicalUnit {
                     // to stable storage before GOOD, since an initiator that believes the cache
                     // off sends no SYNCHRONIZE CACHE for it. (The new parameters stand even if
                     // this fails, and the others were told of them above.)
-                    self.backend
-                        .flush()
-                        .await
-                        .map_err(|e| block_error(e, cond::INVALID_OPCODE))?;
+                    self.flush_cache().await?;
                 }
                 Ok(Vec::new())
             }
@@ -778,10 +775,7 @@ impl LogicalUnit {
             }
             Cdb::SyncCache { lba, blocks } => {
                 self.check_range(lba, u64::from(blocks))?;
-                self.backend
-                    .flush()
-                    .await
-                    .map_err(|e| block_error(e, cond::INVALID_OPCODE))?;
+                self.flush_cache().await?;
                 Ok(Vec::new())
             }
             Cdb::WriteSame {
@@ -978,13 +972,18 @@ impl LogicalUnit {
         Ok(len)
     }
 
+    /// Write the LU's cache to stable storage (SYNCHRONIZE CACHE's work).
+    async fn flush_cache(&self) -> Result<(), Sense> {
+        self.backend
+            .flush()
+            .await
+            .map_err(|e| block_error(e, cond::INVALID_OPCODE))
+    }
+
     /// Flush after an operation that has no FUA of its own, when the write cache is off.
     async fn flush_if_write_through(&self) -> Result<(), Sense> {
         if self.mode.get() & mode::WCE == 0 {
-            self.backend
-                .flush()
-                .await
-                .map_err(|e| block_error(e, cond::INVALID_OPCODE))?;
+            self.flush_cache().await?;
         }
         Ok(())
     }
@@ -1000,10 +999,7 @@ impl LogicalUnit {
         // to the medium", as SYNCHRONIZE CACHE would, before it verifies them. With the write
         // cache off, every write already reached stable storage before its GOOD.
         if blocks != 0 && self.mode.get() & mode::WCE != 0 {
-            self.backend
-                .flush()
-                .await
-                .map_err(|e| block_error(e, cond::INVALID_OPCODE))?;
+            self.flush_cache().await?;
         }
         let bs = u64::from(self.backend.block_size());
         let chunk = self.chunk_blocks();
