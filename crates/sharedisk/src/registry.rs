@@ -289,11 +289,10 @@ pub struct RemoveLu {
 /// The daemon's served LUs, shared by the control socket's requests.
 pub struct Registry {
     state: Mutex<State>,
-    /// Held through an add or a remove, so they run one at a time; `true` once the daemon
-    /// shuts down (no change after that).
-    changes: tokio::sync::Mutex<bool>,
+    /// Held through an add or a remove, so they run one at a time.
+    changes: tokio::sync::Mutex<()>,
     /// Set as the daemon starts to shut down, before it waits for `changes`: an add or
-    /// remove that has not begun will not.
+    /// remove that has not begun will not (no change after that).
     closing: std::sync::atomic::AtomicBool,
 }
 
@@ -305,7 +304,7 @@ impl Registry {
     pub fn new(state: State) -> Registry {
         Registry {
             state: Mutex::new(state),
-            changes: tokio::sync::Mutex::new(false),
+            changes: tokio::sync::Mutex::new(()),
             closing: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -360,18 +359,20 @@ impl Registry {
     pub async fn close(&self) {
         self.closing
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        match tokio::time::timeout(CLOSE_WAIT, self.changes.lock()).await {
-            Ok(mut closed) => *closed = true,
-            Err(_) => tracing::warn!(
+        if tokio::time::timeout(CLOSE_WAIT, self.changes.lock())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
                 seconds = CLOSE_WAIT.as_secs(),
                 "A logical unit's addition or removal is still under way; stopping without it"
-            ),
+            );
         }
     }
 
     /// Whether the daemon is shutting down, for an add or remove holding `changes`.
-    fn closed(&self, changes: &bool) -> bool {
-        *changes || self.closing.load(std::sync::atomic::Ordering::SeqCst)
+    fn closed(&self) -> bool {
+        self.closing.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// `sharedisk lu list`.
@@ -422,8 +423,8 @@ impl Registry {
 
     /// `sharedisk lu add`: returns what to tell the operator.
     pub async fn add_vhost_lu(&self, req: AddLu) -> Result<String, String> {
-        let closed = self.changes.lock().await;
-        if self.closed(&closed) {
+        let _changing = self.changes.lock().await;
+        if self.closed() {
             return Err("The daemon is shutting down".into());
         }
         // Everything is checked before the image is opened (opening may create it).
@@ -579,8 +580,8 @@ impl Registry {
 
     /// `sharedisk lu remove`: returns what to tell the operator.
     pub async fn remove_vhost_lu(&self, req: RemoveLu) -> Result<String, String> {
-        let closed = self.changes.lock().await;
-        if self.closed(&closed) {
+        let changing = self.changes.lock().await;
+        if self.closed() {
             return Err("The daemon is shutting down".into());
         }
         let device;
@@ -682,7 +683,7 @@ impl Registry {
             }
             Err(e) => return Err(format!("Removed, but the flush did not run: {e}")),
         }
-        drop(closed);
+        drop(changing);
         Ok(message)
     }
 }
