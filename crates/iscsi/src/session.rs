@@ -1450,9 +1450,9 @@ impl Conn {
             // The writes they end stop collecting data now, and Data-Out that still comes
             // for them is discarded (`data_out`). "Task Management Actions on Task Sets" (RFC
             // 3720 10.6.2, kept in RFC 7143) has the target wait for the Data-Out of every
-            // outstanding R2T first, but the Linux initiator stops sending
-            // that Data-Out once it has sent the function (iscsi_check_tmf_restrictions):
-            // waiting for it would hold the function until the initiator gave up.
+            // outstanding R2T first, but the Linux initiator stops sending that Data-Out once
+            // it has sent the function (iscsi_check_tmf_restrictions): waiting for it would
+            // hold the function until the initiator gave up.
             2 => {
                 self.drop_tasks(|l| l == lun);
                 Tmf::AbortTaskSet { lun }
