@@ -201,28 +201,29 @@ async fn a_clearing_told_by_an_ended_command_is_not_told_again_by_the_function()
     assert_good(&run(&t, &b, &TUR, vec![]).await);
 }
 
+/// A PERSISTENT RESERVE OUT parameter list (SPC-5 6.17.3): RESERVATION KEY (bytes 0-7),
+/// SERVICE ACTION RESERVATION KEY (bytes 8-15), 24 bytes in all.
+fn pr_param(key: u8, sa_key: u8) -> Vec<u8> {
+    let mut p = vec![0u8; 24];
+    p[7] = key;
+    p[15] = sa_key;
+    p
+}
+
 /// PREEMPT AND ABORT (SPC-5 5.14.11.2.5) ends the preempted nexus's commands like CLEAR TASK
 /// SET: one received but not yet placed tells its nexus too.
 #[tokio::test]
 async fn preempt_and_abort_tells_a_nexus_whose_only_command_was_received_but_not_placed() {
     let (t, _d, a, b) = gated().await;
-    // PERSISTENT RESERVE OUT parameter list (SPC-5 6.17.3): RESERVATION KEY (bytes 0-7),
-    // SERVICE ACTION RESERVATION KEY (bytes 8-15), 24 bytes in all.
-    let param = |key: u8, sa_key: u8| {
-        let mut p = vec![0u8; 24];
-        p[7] = key;
-        p[15] = sa_key;
-        p
-    };
     // REGISTER (service action 00h): a with key 0xA, b with key 0xB.
     let register = [0x5F, 0x00, 0, 0, 0, 0, 0, 0, 24, 0];
-    assert_good(&run(&t, &a, &register, param(0, 0xA)).await);
-    assert_good(&run(&t, &b, &register, param(0, 0xB)).await);
+    assert_good(&run(&t, &a, &register, pr_param(0, 0xA)).await);
+    assert_good(&run(&t, &b, &register, pr_param(0, 0xB)).await);
     // b's command is received; a preempts b's key and aborts its tasks: PREEMPT AND ABORT
     // (service action 05h), type 1h (Write Exclusive) in byte 2.
     let ticket = t.admit(&b, 0);
     let preempt_and_abort = [0x5F, 0x05, 0x01, 0, 0, 0, 0, 0, 24, 0];
-    assert_good(&run(&t, &a, &preempt_and_abort, param(0xA, 0xB)).await);
+    assert_good(&run(&t, &a, &preempt_and_abort, pr_param(0xA, 0xB)).await);
     ended_before_it_ran(&t, &b, ticket).await;
     // First the preemption's REGISTRATIONS PREEMPTED (2Ah/05h), then the clearing.
     assert_sense(&run(&t, &b, &TUR, vec![]).await, 0x06, 0x2A, 0x05);
@@ -238,21 +239,13 @@ async fn preempt_and_abort_tells_a_nexus_whose_only_command_was_received_but_not
 #[tokio::test]
 async fn preempt_and_abort_of_the_senders_own_key_ends_its_command_received_before_it() {
     let (t, _d, a, _b) = gated().await;
-    // PERSISTENT RESERVE OUT parameter list (SPC-5 6.17.3): RESERVATION KEY (bytes 0-7),
-    // SERVICE ACTION RESERVATION KEY (bytes 8-15), 24 bytes in all.
-    let param = |key: u8, sa_key: u8| {
-        let mut p = vec![0u8; 24];
-        p[7] = key;
-        p[15] = sa_key;
-        p
-    };
     // REGISTER (00h) with key 0xA, RESERVE (01h) type 1h (Write Exclusive).
     assert_good(
         &run(
             &t,
             &a,
             &[0x5F, 0x00, 0, 0, 0, 0, 0, 0, 24, 0],
-            param(0, 0xA),
+            pr_param(0, 0xA),
         )
         .await,
     );
@@ -261,14 +254,14 @@ async fn preempt_and_abort_of_the_senders_own_key_ends_its_command_received_befo
             &t,
             &a,
             &[0x5F, 0x01, 0x01, 0, 0, 0, 0, 0, 24, 0],
-            param(0xA, 0),
+            pr_param(0xA, 0),
         )
         .await,
     );
     let ticket = t.admit(&a, 0);
     // PREEMPT AND ABORT (05h), type 1h, of key 0xA by its holder.
     let preempt_and_abort = [0x5F, 0x05, 0x01, 0, 0, 0, 0, 0, 24, 0];
-    assert_good(&run(&t, &a, &preempt_and_abort, param(0xA, 0xA)).await);
+    assert_good(&run(&t, &a, &preempt_and_abort, pr_param(0xA, 0xA)).await);
     ended_before_it_ran(&t, &a, ticket).await;
     // Not COMMANDS CLEARED BY ANOTHER INITIATOR (2Fh/00h): its own command cleared it.
     assert_good(&run(&t, &a, &TUR, vec![]).await);
