@@ -14,6 +14,31 @@ use scsi::{Completion, ItNexus, Target, TaskAttr, Tmf, TmfResponse};
 
 const BS: usize = 512;
 
+/// A command's future.
+type Running = std::pin::Pin<Box<dyn std::future::Future<Output = Completion> + Send>>;
+
+/// Poll a command with attribute `attr` once, as a transport does on receipt (the command
+/// arrives now, in order): its future, and what it answered if it completed at once.
+fn poll_once(
+    t: &Arc<Target>,
+    n: &Arc<ItNexus>,
+    tag: u64,
+    attr: TaskAttr,
+    cdb: Vec<u8>,
+    data_out: Vec<u8>,
+) -> (Running, Option<Completion>) {
+    let mut c = cmd(n, tag, &cdb, data_out, 1 << 16);
+    c.attr = attr;
+    let t = t.clone();
+    let mut h: Running = Box::pin(async move { t.execute(c).await });
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let now = match std::future::Future::poll(h.as_mut(), &mut cx) {
+        std::task::Poll::Ready(c) => Some(c),
+        std::task::Poll::Pending => None,
+    };
+    (h, now)
+}
+
 /// Start a command with attribute `attr`; it arrives at the LU before this returns.
 fn start(
     t: &Arc<Target>,
@@ -23,16 +48,8 @@ fn start(
     cdb: Vec<u8>,
     data_out: Vec<u8>,
 ) -> tokio::task::JoinHandle<Completion> {
-    let mut c = cmd(n, tag, &cdb, data_out, 1 << 16);
-    c.attr = attr;
-    let t = t.clone();
-    let mut h = Box::pin(async move { t.execute(c).await });
-    // Polled once here, as a transport does on receipt: the command arrives now, in order.
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    assert!(
-        std::future::Future::poll(h.as_mut(), &mut cx).is_pending(),
-        "the command completed at once"
-    );
+    let (h, now) = poll_once(t, n, tag, attr, cdb, data_out);
+    assert!(now.is_none(), "the command completed at once: {now:?}");
     tokio::spawn(h)
 }
 
@@ -260,29 +277,6 @@ async fn a_command_with_the_aca_attribute_is_refused_and_writes_nothing() {
     assert_eq!(r.data_in[3] & 0x20, 0);
 }
 
-/// The first poll of a command, as a transport makes it on receipt: what it answered if it
-/// completed at once.
-fn poll_once(
-    t: &Arc<Target>,
-    n: &Arc<ItNexus>,
-    tag: u64,
-    cdb: Vec<u8>,
-) -> (
-    std::pin::Pin<Box<dyn std::future::Future<Output = Completion> + Send>>,
-    Option<Completion>,
-) {
-    let c = cmd(n, tag, &cdb, Vec::new(), 1 << 16);
-    let t = t.clone();
-    let mut h: std::pin::Pin<Box<dyn std::future::Future<Output = Completion> + Send>> =
-        Box::pin(async move { t.execute(c).await });
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    let now = match std::future::Future::poll(h.as_mut(), &mut cx) {
-        std::task::Poll::Ready(c) => Some(c),
-        std::task::Poll::Pending => None,
-    };
-    (h, now)
-}
-
 #[tokio::test]
 async fn the_tag_of_a_waiting_command_that_was_aborted_is_free_once_the_abort_is_answered() {
     let (t, d, a, _) = gated().await;
@@ -296,7 +290,7 @@ async fn the_tag_of_a_waiting_command_that_was_aborted_is_free_once_the_abort_is
     assert_eq!(r, TmfResponse::FunctionComplete);
     // The initiator has the answer and uses tag 2 again before the aborted command's own
     // future has run again: not an overlapped command (ABORTED COMMAND, 4Eh/00h).
-    let (again, now) = poll_once(&t, &a, 2, read16(0, 1));
+    let (again, now) = poll_once(&t, &a, 2, TaskAttr::Simple, read16(0, 1), Vec::new());
     assert_eq!(now, None, "tag 2 was refused at once");
     d.gate.add_permits(1);
     assert_good(&done(w).await);
