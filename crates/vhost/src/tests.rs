@@ -1853,6 +1853,18 @@ struct Recorder {
     own_buffers: std::sync::atomic::AtomicUsize,
 }
 
+/// A harness whose LU is a 64-block [`Recorder`], and the recorder.
+fn recorded() -> (Arc<Recorder>, Harness) {
+    let rec = Arc::new(Recorder {
+        inner: block::driver::mem::MemDriver::new(64 * 512),
+        lent_reads: 0.into(),
+        lent_writes: 0.into(),
+        own_buffers: 0.into(),
+    });
+    let h = Harness::with_lu(lu_on(rec.clone()));
+    (rec, h)
+}
+
 #[async_trait::async_trait]
 impl block::Driver for Recorder {
     fn info(&self) -> block::DriverInfo {
@@ -1919,13 +1931,7 @@ impl block::Driver for Recorder {
 #[test]
 fn reads_and_writes_go_between_guest_buffers_and_the_driver_without_a_copy() {
     use std::sync::atomic::Ordering::SeqCst;
-    let rec = Arc::new(Recorder {
-        inner: block::driver::mem::MemDriver::new(64 * 512),
-        lent_reads: 0.into(),
-        lent_writes: 0.into(),
-        own_buffers: 0.into(),
-    });
-    let mut h = Harness::with_lu(lu_on(rec.clone()));
+    let (rec, mut h) = recorded();
     h.tur();
     // WRITE(10) (SBC-4 5.40) LBA 2, 2 blocks: the driver is handed the guest's buffer.
     let data: Vec<u8> = (0..1024u32).map(|i| (i * 13 % 241) as u8).collect();
@@ -2078,13 +2084,7 @@ fn an_event_lost_in_a_buffer_outside_guest_memory_is_reported_missed() {
 #[test]
 fn a_data_in_buffer_outside_guest_memory_gets_a_failure_header() {
     use std::sync::atomic::Ordering::SeqCst;
-    let rec = Arc::new(Recorder {
-        inner: block::driver::mem::MemDriver::new(64 * 512),
-        lent_reads: 0.into(),
-        lent_writes: 0.into(),
-        own_buffers: 0.into(),
-    });
-    let mut h = Harness::with_lu(lu_on(rec.clone()));
+    let (rec, mut h) = recorded();
     h.tur();
     // READ(10) (SBC-4 5.15) of one block into a buffer that ends past guest memory (4 MiB).
     let hd = h.header(LUN0, 79, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
