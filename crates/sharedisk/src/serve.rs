@@ -255,7 +255,9 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
             by_portal.entry(*p).or_default().push(config.clone());
         }
     }
-    let mut servers = JoinSet::new();
+    // Everything that can fail is bound or opened before anything is served: a start that
+    // fails has served no command, so it needs no orderly stop.
+    let mut listeners = Vec::new();
     let mut iscsi_servers = Vec::new();
     let mut bound = BTreeMap::new();
     for (addr, targets) in by_portal {
@@ -265,8 +267,8 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
         let local = listener
             .local_addr()
             .with_context(|| format!("Cannot read the address bound for {addr}"))?;
-        tracing::info!(portal = %local, targets = targets.len(), "Listening");
         bound.insert(addr, local);
+        let count = targets.len();
         let server = iscsi::Server::new(iscsi::ServerConfig {
             targets,
             discovery_auth: plan.discovery_auth.clone(),
@@ -279,11 +281,11 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
             },
         });
         iscsi_servers.push(server.clone());
-        servers.spawn(async move { (local, server.serve(listener).await) });
+        listeners.push((local, count, listener, server));
     }
 
     // vhost-user sockets: images no iSCSI target serves are opened here, once.
-    let mut vhost_servers = Vec::new();
+    let mut vhost_bound = Vec::new();
     let mut vhost_lines = Vec::new();
     let port_ids = plan.vhost_port_ids()?;
     for ((i, v), &relative_port_id) in plan.vhost.iter().enumerate().zip(&port_ids) {
@@ -327,19 +329,11 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
             tokio::runtime::Handle::current(),
         )
         .with_context(|| format!("vhost-user socket {}", v.socket.display()))?;
-        let server = device.spawn()?;
-        tracing::info!(
-            socket = %v.socket.display(),
-            initiator = %v.initiator,
-            relative_port_id,
-            num_queues = v.num_queues,
-            threads,
-            "vhost-user-scsi socket ready"
-        );
-        let index = served.add_socket(v.socket.clone(), server.device().clone());
+        let device = device.bind()?;
+        let index = served.add_socket(v.socket.clone(), device.device().clone());
         debug_assert_eq!(index, i);
         vhost_lines.push(format!("vhost-user:{}", v.socket.display()));
-        vhost_servers.push(server);
+        vhost_bound.push((device, threads));
     }
 
     let control = match &plan.control {
@@ -386,23 +380,53 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
             tracing::warn!(lu = %lu.name, image = %lu.image.display(), "{line}");
         }
     }
-    let control_task = control.map(|c| tokio::spawn(c.serve(registry.clone())));
 
-    let mut out = std::io::stdout().lock();
-    for url in urls.iter().chain(&vhost_lines) {
-        writeln!(out, "{url}").context("Cannot write to stdout")?;
+    // Serve. From here on a failure ends in the orderly stop, like a signal.
+    let mut servers = JoinSet::new();
+    for (local, targets, listener, server) in listeners {
+        tracing::info!(portal = %local, targets, "Listening");
+        servers.spawn(async move { (local, server.serve(listener).await) });
     }
-    writeln!(out, "{}", hint(&urls)).context("Cannot write to stdout")?;
-    out.flush().context("Cannot write to stdout")?;
-    drop(out);
+    let mut vhost_servers = Vec::new();
+    let mut started = Ok(());
+    for ((device, threads), (v, &relative_port_id)) in vhost_bound
+        .into_iter()
+        .zip(plan.vhost.iter().zip(&port_ids))
+    {
+        match device.start() {
+            Ok(server) => {
+                tracing::info!(
+                    socket = %v.socket.display(),
+                    initiator = %v.initiator,
+                    relative_port_id,
+                    num_queues = v.num_queues,
+                    threads,
+                    "vhost-user-scsi socket ready"
+                );
+                vhost_servers.push(server);
+            }
+            Err(e) => {
+                started = Err(anyhow::Error::new(e).context(format!(
+                    "Cannot serve the vhost-user socket {}",
+                    v.socket.display()
+                )));
+                break;
+            }
+        }
+    }
+    let control_task = control.map(|c| tokio::spawn(c.serve(registry.clone())));
+    let started = started.and_then(|()| announce(&urls, &vhost_lines, &hint(&urls)));
 
-    let outcome = tokio::select! {
-        _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(()) }
-        _ = int.recv() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
-        Some(done) = servers.join_next() => match done {
-            Ok((addr, Ok(()))) => Err(anyhow::anyhow!("The server on {addr} stopped")),
-            Ok((addr, Err(e))) => Err(anyhow::Error::new(e).context(format!("The server on {addr} failed"))),
-            Err(e) => Err(anyhow::Error::new(e).context("A server task failed")),
+    let outcome = match started {
+        Err(e) => Err(e),
+        Ok(()) => tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); Ok(()) }
+            _ = int.recv() => { tracing::info!("SIGINT: shutting down"); Ok(()) }
+            Some(done) = servers.join_next() => match done {
+                Ok((addr, Ok(()))) => Err(anyhow::anyhow!("The server on {addr} stopped")),
+                Ok((addr, Err(e))) => Err(anyhow::Error::new(e).context(format!("The server on {addr} failed"))),
+                Err(e) => Err(anyhow::Error::new(e).context("A server task failed")),
+            },
         },
     };
     // A second signal ends the process at once: the way out when the orderly stop below
@@ -431,6 +455,16 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
             std::process::exit(1)
         }
     }
+}
+
+/// Print the URLs, then the line on how to reach them.
+fn announce(urls: &[String], vhost_lines: &[String], hint: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    for url in urls.iter().chain(vhost_lines) {
+        writeln!(out, "{url}").context("Cannot write to stdout")?;
+    }
+    writeln!(out, "{hint}").context("Cannot write to stdout")?;
+    out.flush().context("Cannot write to stdout")
 }
 
 /// `stop` to its end, or the name of the signal that came first.

@@ -402,6 +402,7 @@ fn a_control_path_that_is_not_a_socket_is_refused_and_left_alone() {
         .arg(dir.path().join("disk.img"))
         .args(["--size", "16M", "--listen", "127.0.0.1:0", "--control"])
         .arg(&precious)
+        .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .output()
         .expect("run sharedisk");
@@ -409,6 +410,9 @@ fn a_control_path_that_is_not_a_socket_is_refused_and_left_alone() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is not a socket"), "{err}");
     assert_eq!(std::fs::read(&precious).expect("still there"), b"data");
+    // The control socket is bound before any portal serves: a start that fails has
+    // served nothing ("Listening" is logged as a portal starts serving).
+    assert!(!err.contains("Listening"), "{err}");
 }
 
 #[test]

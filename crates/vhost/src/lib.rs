@@ -426,25 +426,20 @@ impl VhostScsi {
         }
     }
 
-    /// Create the socket and serve connections one after another on a thread of its own,
-    /// until [`Server::stop`]. What may already be at the path: see [`bind_socket`]; the
-    /// socket is created mode 0660.
-    pub fn spawn(self) -> std::io::Result<Server> {
+    /// Create the socket, mode 0660, without serving it yet: a guest that connects waits
+    /// until [`Bound::start`]. What may already be at the path: see [`bind_socket`].
+    pub fn bind(self) -> std::io::Result<Bound> {
         let (listener, socket) = bind_socket(&self.path, SOCKET_MODE, "vhost-user socket")?;
-        let mut listener = Listener::from(listener);
-        let stop = Arc::new(AtomicBool::new(false));
-        let conn: Arc<Mutex<Option<ShutdownHandle>>> = Arc::default();
-        let (stop2, conn2, me) = (stop.clone(), conn.clone(), self.clone());
-        let thread = std::thread::Builder::new()
-            .name("vhost-user".into())
-            .spawn(move || me.serve(&mut listener, stop2, &conn2))?;
-        Ok(Server {
+        Ok(Bound {
             device: self,
-            stop,
-            conn,
-            thread: Some(thread),
+            listener: Some(Listener::from(listener)),
             socket,
         })
+    }
+
+    /// [`VhostScsi::bind`] then [`Bound::start`].
+    pub fn spawn(self) -> std::io::Result<Server> {
+        self.bind()?.start()
     }
 
     fn serve(
@@ -561,6 +556,54 @@ pub struct Server {
     /// The socket's file identity (device, inode): at the stop the path is removed only if it
     /// is still this socket, not one another process bound there since.
     socket: (u64, u64),
+}
+
+/// A device whose socket exists but is not served yet ([`VhostScsi::bind`]); dropped, it
+/// removes its socket.
+pub struct Bound {
+    device: VhostScsi,
+    listener: Option<Listener>,
+    socket: (u64, u64),
+}
+
+impl Bound {
+    /// The device to be served.
+    pub fn device(&self) -> &VhostScsi {
+        &self.device
+    }
+
+    /// Serve connections one after another on a thread of its own, until [`Server::stop`].
+    pub fn start(mut self) -> std::io::Result<Server> {
+        let mut listener = self.listener.take().expect("a Bound is started once");
+        let stop = Arc::new(AtomicBool::new(false));
+        let conn: Arc<Mutex<Option<ShutdownHandle>>> = Arc::default();
+        let (stop2, conn2, me) = (stop.clone(), conn.clone(), self.device.clone());
+        let thread = std::thread::Builder::new()
+            .name("vhost-user".into())
+            .spawn(move || me.serve(&mut listener, stop2, &conn2));
+        let thread = match thread {
+            Ok(t) => t,
+            Err(e) => {
+                remove_socket(&self.device.path, self.socket);
+                return Err(e);
+            }
+        };
+        Ok(Server {
+            device: self.device.clone(),
+            stop,
+            conn,
+            thread: Some(thread),
+            socket: self.socket,
+        })
+    }
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        if self.listener.is_some() {
+            remove_socket(&self.device.path, self.socket);
+        }
+    }
 }
 
 /// The mode of a vhost-user socket: its owner and group may connect, nobody else (whoever
