@@ -357,11 +357,12 @@ impl<'a> Login<'a> {
                 return self.finish_step(reply, false, csg, nsg);
             }
         }
-        // Declare MaxRecvDataSegmentLength once the operational stage is reached (or skipped).
-        if csg == 1 || t {
-            self.declare(&mut reply);
-        }
+        // Declare MaxRecvDataSegmentLength in the operational stage only: it is an
+        // operational key, and RFC 7143 13 allows only the Any-Stage keys in the security
+        // stage (open-iscsi fails a login whose security-stage answer carries another). A
+        // login that skips the operational stage keeps the 8192-byte default on both sides.
         if csg == 1 {
+            self.declare(&mut reply);
             self.offer(&mut reply);
         }
         // RFC 7143 6.2, 6.3: a negotiation ends with its answer, so the full feature phase
@@ -646,6 +647,29 @@ mod tests {
             .map(|(_, v)| v.as_str())
     }
 
+    /// RFC 7143 13: in the security stage only the Any-Stage keys (TargetAlias,
+    /// TargetAddress, TargetPortalGroupTag; InitiatorName and friends are the initiator's)
+    /// and the authentication keys (AuthMethod, CHAP_A/I/C/N/R) may appear.
+    fn assert_security_stage_keys_only(pairs: &[(String, String)]) {
+        for (k, _) in pairs {
+            assert!(
+                matches!(
+                    k.as_str(),
+                    "TargetAlias"
+                        | "TargetAddress"
+                        | "TargetPortalGroupTag"
+                        | "AuthMethod"
+                        | "CHAP_A"
+                        | "CHAP_I"
+                        | "CHAP_C"
+                        | "CHAP_N"
+                        | "CHAP_R"
+                ),
+                "{k} in a security-stage answer: {pairs:?}"
+            );
+        }
+    }
+
     #[test]
     fn security_then_operational_then_full_feature() {
         let cfg = config(Auth::default(), None);
@@ -662,8 +686,10 @@ mod tests {
         let r = reply_text(&d);
         assert_eq!(get(&r, "AuthMethod"), Some("None"));
         assert_eq!(get(&r, "TargetPortalGroupTag"), Some("1"));
-        // Declared on the way into the operational stage.
-        assert_eq!(get(&r, "MaxRecvDataSegmentLength"), Some("262144"));
+        // RFC 7143 13: only Any-Stage keys (TargetAlias, TargetAddress,
+        // TargetPortalGroupTag) and the security keys may appear in the security stage, so
+        // the operational key MaxRecvDataSegmentLength waits for the operational stage.
+        assert_eq!(get(&r, "MaxRecvDataSegmentLength"), None);
         // T=1 CSG=1 NSG=3
         let (b, d, o) = l.step(&req(
             0x87,
@@ -676,6 +702,8 @@ mod tests {
         let r = reply_text(&d);
         assert_eq!(get(&r, "Foo"), Some("NotUnderstood"));
         assert_eq!(get(&r, "InitialR2T"), Some("No"));
+        // Declared in the operational stage: the target's receive limit.
+        assert_eq!(get(&r, "MaxRecvDataSegmentLength"), Some("262144"));
         let Outcome::Done(est) = o else {
             panic!("login should complete")
         };
@@ -826,10 +854,12 @@ mod tests {
             0x01,
             &format!("InitiatorName=iqn.i|TargetName={TARGET}|AuthMethod=CHAP,None|"),
         ));
+        assert_security_stage_keys_only(&reply_text(&d));
         assert_eq!(get(&reply_text(&d), "AuthMethod"), Some("CHAP"));
         let (b, d, _) = l.step(&req(0x01, "CHAP_A=7,5|"));
         assert_eq!(b.0[1] & 0x80, 0);
         let r = reply_text(&d);
+        assert_security_stage_keys_only(&r);
         assert_eq!(get(&r, "CHAP_A"), Some("5"));
         let id: u8 = get(&r, "CHAP_I")
             .and_then(|v| v.parse().ok())
@@ -844,9 +874,19 @@ mod tests {
         let mut l = Login::new(&cfg, 1);
         let (id, c) = chap_challenge(&mut l);
         let r = chap::to_hex(&chap::response(id, b"secretsecret", &c));
-        let (b, _, o) = l.step(&req(0x81, &format!("CHAP_N=user|CHAP_R={r}|")));
+        let (b, d, o) = l.step(&req(0x81, &format!("CHAP_N=user|CHAP_R={r}|")));
         assert!(matches!(o, Outcome::Continue));
         assert_eq!(b.0[1], 0x81); // transit to the operational stage
+        assert_security_stage_keys_only(&reply_text(&d));
+        // T=1 CSG=1 NSG=3: the operational stage's answer declares the target's limit (and
+        // makes the target's offers, so the login goes on).
+        let (b, d, o) = l.step(&req(0x87, "HeaderDigest=None|"));
+        assert!(matches!(o, Outcome::Continue), "{o:?}");
+        assert_eq!(b.0[1] & 0x0C, 0x04, "CSG=1");
+        assert_eq!(
+            get(&reply_text(&d), "MaxRecvDataSegmentLength"),
+            Some("262144")
+        );
     }
 
     #[test]
@@ -871,6 +911,7 @@ mod tests {
         ));
         assert!(matches!(o, Outcome::Continue));
         let rr = reply_text(&d);
+        assert_security_stage_keys_only(&rr);
         assert_eq!(get(&rr, "CHAP_N"), Some("target"));
         let want = chap::to_hex(&chap::response(9, b"targetsecret", &[0, 1, 2, 3]));
         assert_eq!(get(&rr, "CHAP_R"), Some(want.as_str()));
@@ -1063,9 +1104,15 @@ mod tests {
         let (id, c) = chap_challenge(&mut l);
         let r = chap::to_hex(&chap::response(id, b"secretsecret", &c));
         // T=1 CSG=0 NSG=3 with the right response.
-        let (b, _, o) = l.step(&req(0x83, &format!("CHAP_N=user|CHAP_R={r}|")));
+        let (b, d, o) = l.step(&req(0x83, &format!("CHAP_N=user|CHAP_R={r}|")));
         assert!(matches!(o, Outcome::Done(_)), "{o:?}");
         assert_eq!(b.0[1], 0x83);
+        // No operational stage: both sides keep MaxRecvDataSegmentLength's default.
+        assert_security_stage_keys_only(&reply_text(&d));
+        let Outcome::Done(est) = o else {
+            unreachable!()
+        };
+        assert_eq!(est.params.max_send_dsl, 8192);
     }
 
     #[test]
