@@ -1702,8 +1702,9 @@ impl Conn {
     }
 
     /// SendTargets (RFC 7143 Appendix C): `All` lists every target this initiator may log in
-    /// to; a name lists that target; empty (normal sessions) the session's target. Anything
-    /// else is answered `Reject`.
+    /// to, in a discovery session only ("MUST NOT be supported on an operational session");
+    /// a name lists that target; empty (normal sessions) the session's target. Anything else
+    /// is answered `Reject`.
     fn send_targets(&self, v: &str, reply: &mut Vec<(String, String)>) {
         let targets = &self.server.config.targets;
         let visible = |t: &crate::TargetConfig| {
@@ -1712,7 +1713,8 @@ impl Conn {
                 .is_none_or(|a| a.iter().any(|n| n == &self.initiator))
         };
         let chosen: Vec<&crate::TargetConfig> = match (v, self.kind) {
-            ("All", _) => targets.iter().filter(|t| visible(t)).collect(),
+            ("All", Kind::Discovery) => targets.iter().filter(|t| visible(t)).collect(),
+            ("All", Kind::Normal(_)) => Vec::new(),
             ("", Kind::Normal(i)) => targets.get(i).into_iter().collect(),
             (name, _) => targets
                 .iter()
