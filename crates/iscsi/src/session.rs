@@ -15,8 +15,8 @@
 //! A write's buffer holds what has arrived, grown once per sequence to that sequence's end, so
 //! a command that announces data and sends none holds nothing: unsolicited data is at most
 //! FirstBurstLength per command, and the data solicited by R2Ts of one connection at most
-//! [`MAX_SOLICITED`] (an R2T waits until earlier writes have left; one is always allowed when
-//! none is outstanding, so writes always progress). Each write is at most [`MAX_WRITE`].
+//! [`MAX_SOLICITED`] from the first R2T until the write is answered, beyond it by at most
+//! one write (see [`MAX_SOLICITED`]). Each write is at most [`MAX_WRITE`].
 //! Answers queued for the writer are bounded too: the reader stops taking PDUs while more than
 //! [`MAX_QUEUED`] messages or [`MAX_QUEUED_BYTES`] of data wait to be sent (an initiator that
 //! sends READs and does not read the answers), and gives up on the connection when the writer
@@ -55,8 +55,11 @@ const MAX_QUEUED: usize = 1024;
 const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
 /// How long the reader waits for the writer to drain before giving up on the connection.
 const WRITER_STALL: Duration = Duration::from_secs(30);
-/// Data-out bytes one connection solicits with R2Ts at once; a write's first R2T waits until
-/// earlier writes have left.
+/// Data-out bytes one connection's writes hold from their first R2T until they are answered
+/// (collecting, then waiting for their turn or running). A write's first R2T waits for
+/// budget unless the write is the connection's oldest still collecting data: the writes
+/// holding budget wait at most for older commands, so that one always progresses and the
+/// wait can never close into a cycle. A connection then holds at most this plus one write.
 pub const MAX_SOLICITED: u64 = 64 * 1024 * 1024;
 /// Data-in bytes the READs of one connection hold at once, from before each runs until its
 /// data is written out. Without it the CmdSN window ([`QUEUE_DEPTH`]) lets 128 READs of the
@@ -248,6 +251,11 @@ pub struct Shared {
     /// Data-in bytes of READs, from before a READ runs until the writer has written its data
     /// (see [`MAX_READING`]).
     reading: Arc<tokio::sync::Semaphore>,
+    /// Data-out bytes held by this connection's writes (see [`MAX_SOLICITED`]).
+    solicited: AtomicU64,
+    /// Told when a write answered gives its budget back: the reader then sends the R2Ts
+    /// that waited for it.
+    budget_freed: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
@@ -273,6 +281,15 @@ impl Shared {
             writer_waits: tokio::sync::Notify::new(),
             writer_stalled: AtomicBool::new(false),
             reading: Arc::new(tokio::sync::Semaphore::new(MAX_READING as usize)),
+            solicited: AtomicU64::new(0),
+            budget_freed: tokio::sync::Notify::new(),
+        }
+    }
+    /// Give back `bytes` of [`MAX_SOLICITED`].
+    fn unsolicit(&self, bytes: u64) {
+        if bytes > 0 {
+            self.solicited.fetch_sub(bytes, Ordering::AcqRel);
+            self.budget_freed.notify_one();
         }
     }
     fn running(&self) -> MutexGuard<'_, HashMap<u32, Running>> {
@@ -371,8 +388,11 @@ struct WriteTask {
     ttt: u32,
     datasn: u32,
     r2tsn: u32,
-    /// Bytes this task has asked for with R2Ts and still holds (see [`MAX_SOLICITED`]).
+    /// Bytes this task has asked for with R2Ts and holds until it is answered (see
+    /// [`MAX_SOLICITED`]).
     solicited: u64,
+    /// Its rank among the connection's writes, in the order they arrived.
+    seq: u64,
     /// Taken when the command arrived: task management from any session that ends it while
     /// its data is still arriving makes it complete as aborted (SAM-5 7.x).
     ticket: Option<scsi::Ticket>,
@@ -405,8 +425,8 @@ struct Conn {
     /// into the request's next part (RFC 7143 11.10.4).
     text_in_ttt: Option<u32>,
     text_out: Option<(u32, Vec<u8>)>,
-    /// Bytes solicited by R2Ts of tasks still collecting data.
-    solicited: u64,
+    /// The next [`WriteTask::seq`].
+    next_seq: u64,
     /// Tasks waiting to send their next R2T, oldest first.
     r2t_wait: VecDeque<u32>,
     /// One permit per task management function under way (see [`MAX_TMF`]).
@@ -492,10 +512,16 @@ where
         if let (true, true, Some(fd)) = (idle, pace.worth_watching(), fd) {
             busy_poll(fd, &queued, &conn.shared).await;
         }
-        // Wait for the next PDU's first byte, pinging an idle initiator (keep-alive).
+        // Wait for the next PDU's first byte, pinging an idle initiator (keep-alive), or
+        // for an answered write's budget when R2Ts wait for it.
+        let shared = conn.shared.clone();
         let ready = tokio::select! {
             biased;
             _ = kill.changed() => break Ok(()),
+            _ = shared.budget_freed.notified(), if !conn.r2t_wait.is_empty() => {
+                conn.pump_r2t();
+                continue;
+            }
             r = tokio::time::timeout(ping_idle, async { rd.fill_buf().await.map(|b| b.is_empty()) }) => r,
         };
         match ready {
@@ -679,7 +705,7 @@ impl Conn {
             text_in: Vec::new(),
             text_in_ttt: None,
             text_out: None,
-            solicited: 0,
+            next_seq: 0,
             r2t_wait: VecDeque::new(),
             tmf_slots: Arc::new(tokio::sync::Semaphore::new(MAX_TMF)),
         };
@@ -993,6 +1019,7 @@ impl Conn {
                 if read { edtl } else { 0 },
                 wr,
                 slot,
+                0,
             );
             return;
         }
@@ -1046,10 +1073,12 @@ impl Conn {
             datasn: 0,
             r2tsn: 0,
             solicited: 0,
+            seq: self.next_seq,
             ticket,
             arrival,
             asked: std::time::Instant::now(),
         };
+        self.next_seq += 1;
         self.tasks.insert(itt, task);
         self.advance_write(itt);
     }
@@ -1058,16 +1087,19 @@ impl Conn {
     /// once the current sequence is done.
     fn advance_write(&mut self, itt: u32) {
         let max_burst = self.params.max_burst;
-        let Some(task) = self.tasks.get_mut(&itt) else {
+        let Some(task) = self.tasks.get(&itt) else {
             return;
         };
         let got = task.buf.len() as u32;
-        if got >= task.edtl {
-            if let Some(t) = self.take_task(itt) {
+        let (edtl, seq_end, solicited, seq) = (task.edtl, task.seq_end, task.solicited, task.seq);
+        if got >= edtl {
+            // Its budget stays held until it is answered.
+            if let Some(t) = self.tasks.remove(&itt) {
                 let (Some(target), Some(nexus)) = (self.target.clone(), self.nexus.clone()) else {
                     return;
                 };
                 let wr = Some((t.spdtl > t.edtl, t.spdtl.abs_diff(t.edtl)));
+                let held = t.solicited;
                 let cmd = Command {
                     nexus,
                     lun: t.lun,
@@ -1079,28 +1111,36 @@ impl Conn {
                     data_in_buf: None,
                     arrival: t.arrival,
                 };
-                self.execute(target, cmd, t.ticket, t.lun_raw, 0, wr, t.slot);
+                self.execute(target, cmd, t.ticket, t.lun_raw, 0, wr, t.slot, held);
             }
             return;
         }
-        if got < task.seq_end {
+        if got < seq_end {
             return; // the current sequence is still arriving
         }
         // RFC 7143 11.8: one R2T at a time (MaxOutstandingR2T=1), at most MaxBurstLength.
-        let len = (task.edtl - got).min(max_burst);
-        if task.solicited == 0 {
+        let len = (edtl - got).min(max_burst);
+        if solicited == 0 {
             // The first R2T reserves everything the task still needs, so a started write
-            // never waits for budget (and always finishes, freeing it).
-            let need = u64::from(task.edtl - got);
-            if self.solicited > 0 && self.solicited + need > MAX_SOLICITED {
+            // never waits for budget again.
+            let need = u64::from(edtl - got);
+            let held = self.shared.solicited.load(Ordering::Acquire);
+            let oldest = self.tasks.values().all(|t| t.seq >= seq);
+            if held + need > MAX_SOLICITED && !oldest {
                 if !self.r2t_wait.contains(&itt) {
                     self.r2t_wait.push_back(itt);
                 }
                 return;
             }
+            self.shared.solicited.fetch_add(need, Ordering::AcqRel);
+            let Some(task) = self.tasks.get_mut(&itt) else {
+                return;
+            };
             task.solicited = need;
-            self.solicited += need;
         }
+        let Some(task) = self.tasks.get_mut(&itt) else {
+            return;
+        };
         let ttt = {
             let t = self.next_ttt;
             self.next_ttt = self.next_ttt.wrapping_add(1);
@@ -1135,10 +1175,11 @@ impl Conn {
         })
     }
 
-    /// Remove a task collecting data, returning what it solicited to the budget.
+    /// Remove a task collecting data that ends without running, returning what it solicited
+    /// to the budget.
     fn take_task(&mut self, itt: u32) -> Option<WriteTask> {
         let t = self.tasks.remove(&itt)?;
-        self.solicited = self.solicited.saturating_sub(t.solicited);
+        self.shared.unsolicit(t.solicited);
         Some(t)
     }
 
@@ -1246,6 +1287,7 @@ impl Conn {
         edtl_in: u32,
         write_residual: Option<(bool, u32)>,
         slot: Slot,
+        solicited: u64,
     ) {
         // A READ takes its share of the connection's data-in budget first, or is answered
         // TASK SET FULL without running (SAM-5 5.3: the resources for it are lacking), as SCST
@@ -1257,6 +1299,7 @@ impl Conn {
                 Ok(permit) => Some(permit),
                 Err(_) => {
                     self.shared.release(slot);
+                    self.shared.unsolicit(solicited);
                     self.send(ScsiResult::early(cmd.tag as u32, lun, task_set_full()));
                     return;
                 }
@@ -1281,6 +1324,7 @@ impl Conn {
         let task = async move {
             let done = target.execute_admitted(cmd, ticket).await;
             shared.release(slot);
+            shared.unsolicit(solicited);
             {
                 // Send under the lock, so a TMF response can never overtake it unnoticed.
                 let mut running = shared.running();
@@ -1336,16 +1380,14 @@ impl Conn {
     /// Drop transport-side tasks still collecting data that `pred` selects.
     fn drop_tasks(&mut self, pred: impl Fn(u64) -> bool) {
         let shared = self.shared.clone();
-        let mut released = 0;
         self.tasks.retain(|_, t| {
             let keep = !pred(t.lun);
             if !keep {
-                released += t.solicited;
+                shared.unsolicit(t.solicited);
                 shared.release(t.slot);
             }
             keep
         });
-        self.solicited = self.solicited.saturating_sub(released);
     }
 
     /// Whether `refsn` is a CmdSN inside the window [ExpCmdSN, MaxCmdSN] that has not
@@ -2408,6 +2450,132 @@ mod tests {
             "Task does not exist"
         );
         assert!(matches!(c.held.get(&3), Some(Held::Pdu(..))), "still held");
+    }
+
+    /// A WRITE(10) of `blocks` 512-byte blocks at LBA 0, non-immediate, with task attribute
+    /// `attr` (RFC 7143 11.3.1.1: 1 SIMPLE, 2 ORDERED) and no immediate data; `last` sets F
+    /// (no unsolicited Data-Out follows).
+    fn write_attr(itt: u32, cmdsn: u32, blocks: u16, attr: u8, last: bool) -> Pdu {
+        let mut p = write_cmd(false, itt, cmdsn, blocks, &[]);
+        p.bhs.0[1] = if last { 0x80 } else { 0 } | 0x20 | attr; // F, W=1, ATTR
+        p
+    }
+
+    /// The R2Ts sent (RFC 7143 11.8): (ITT, TTT, Buffer Offset, Desired Data Transfer Length).
+    fn r2ts(outs: &[Out]) -> Vec<(u32, u32, u32, u32)> {
+        outs.iter()
+            .filter_map(|o| match o {
+                Out::Pdu { bhs, .. } if bhs.opcode() == 0x31 => Some((
+                    bhs.u32_at(16),
+                    bhs.u32_at(20),
+                    bhs.u32_at(40),
+                    bhs.u32_at(44),
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A Data-Out (RFC 7143 11.7) with F=1 and DataSN 0 carrying `len` bytes at `offset`.
+    fn data_out_pdu(itt: u32, ttt: u32, offset: u32, len: u32) -> Pdu {
+        let mut b = Bhs::default();
+        b.0[0] = 0x05; // Data-Out
+        b.0[1] = 0x80; // F=1
+        b.0[16..20].copy_from_slice(&itt.to_be_bytes());
+        b.0[20..24].copy_from_slice(&ttt.to_be_bytes());
+        b.0[40..44].copy_from_slice(&offset.to_be_bytes());
+        Pdu {
+            bhs: b,
+            ahs: Vec::new(),
+            data: vec![0x5a; len as usize],
+            data_digest_bad: false,
+        }
+    }
+
+    /// The ITTs of the SCSI Responses queued, with their status.
+    fn answered(outs: &[Out]) -> Vec<(u32, u8)> {
+        outs.iter()
+            .filter_map(|o| match o {
+                Out::Result(r) => Some((r.itt, r.resp.status.0)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_write_holds_its_budget_until_answered_and_the_oldest_still_gets_its_r2t() {
+        let mut params = unsolicited_params();
+        params.max_burst = 8 << 20; // one R2T per 8 MiB write
+        let (mut c, mut rx) = conn(params);
+        const BIG: u16 = 16384; // 8 MiB of 512-byte blocks
+        let fill = (MAX_SOLICITED / (8 << 20)) as u32;
+        // A TEST UNIT READY (CDB all zero, F=1, no data) takes the new nexus's unit
+        // attention.
+        let mut tur = write_cmd(false, 99, 1, 0, &[]);
+        tur.bhs.0[1] = 0x81;
+        tur.bhs.0[32..48].fill(0);
+        c.handle(tur).await.ok();
+        assert_eq!(
+            answered(&outs(&mut rx)),
+            vec![(99, 2)],
+            "CHECK CONDITION, 29h"
+        );
+        // An ORDERED write that sends its unsolicited first burst later: no R2T yet.
+        c.handle(write_attr(100, 2, BIG, 2, false)).await.ok();
+        assert!(r2ts(&outs(&mut rx)).is_empty());
+        // SIMPLE writes that fill the budget, whose data all arrives: they wait for their
+        // turn behind the ORDERED one, holding their buffers.
+        for i in 0..fill {
+            c.handle(write_attr(i, 3 + i, BIG, 1, true)).await.ok();
+            let r = r2ts(&outs(&mut rx));
+            assert_eq!(r.len(), 1, "write {i}: {r:?}");
+            let (itt, ttt, offset, len) = r[0];
+            assert_eq!((itt, offset, len), (i, 0, 8 << 20));
+            c.handle(data_out_pdu(itt, ttt, 0, len)).await.ok();
+        }
+        tokio::task::yield_now().await;
+        assert!(
+            answered(&outs(&mut rx)).is_empty(),
+            "behind the ORDERED write"
+        );
+        // Two more writes: no R2T while the waiting writes hold the budget.
+        c.handle(write_attr(50, 3 + fill, 1, 1, true)).await.ok();
+        c.handle(write_attr(51, 4 + fill, 1, 1, true)).await.ok();
+        assert!(r2ts(&outs(&mut rx)).is_empty(), "over budget");
+        // The ORDERED write's first burst (FirstBurstLength 64 KiB, unsolicited, TTT
+        // FFFFFFFFh): it is the oldest still collecting, so it gets its R2T over the budget;
+        // the writes holding it wait for it.
+        c.handle(data_out_pdu(100, 0xffff_ffff, 0, 65_536))
+            .await
+            .ok();
+        let r = r2ts(&outs(&mut rx));
+        assert_eq!(r.len(), 1, "{r:?}");
+        let (itt, ttt, offset, len) = r[0];
+        assert_eq!((itt, offset, len), (100, 65_536, (8 << 20) - 65_536));
+        c.handle(data_out_pdu(100, ttt, offset, len)).await.ok();
+        // Once the ORDERED write has its data, write 50 is the oldest collecting and gets
+        // its R2T over the budget; write 51 waits until the waiting writes are answered GOOD
+        // and their budget comes back, and the reader is told.
+        let mut done = Vec::new();
+        let mut asked: Vec<u32> = Vec::new();
+        while done.len() < fill as usize + 1 {
+            let o = outs(&mut rx);
+            done.extend(answered(&o));
+            asked.extend(r2ts(&o).iter().map(|r| r.0));
+            if done.len() == fill as usize + 1 {
+                break;
+            }
+            tokio::time::timeout(Duration::from_secs(10), c.shared.budget_freed.notified())
+                .await
+                .expect("an answered write gives its budget back");
+            tokio::task::yield_now().await;
+        }
+        assert!(done.iter().all(|&(_, status)| status == 0), "{done:?}");
+        assert_eq!(asked, vec![50], "write 51 still waits for the reader");
+        c.pump_r2t();
+        let r = r2ts(&outs(&mut rx));
+        assert_eq!(r.iter().map(|r| r.0).collect::<Vec<_>>(), vec![51]);
+        assert_eq!(c.shared.solicited.load(Ordering::Acquire), 1024);
     }
 
     #[tokio::test]
