@@ -393,6 +393,10 @@ struct WriteTask {
     solicited: u64,
     /// Its rank among the connection's writes, in the order they arrived.
     seq: u64,
+    /// Its immediate data failed its data digest: once its unsolicited data is in, it ends
+    /// with CHECK CONDITION, ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR (RFC 7143 11.17.1:
+    /// the response waits for the data still to come).
+    crc_error: bool,
     /// Taken when the command arrived: task management from any session that ends it while
     /// its data is still arriving makes it complete as aborted (SAM-5 7.x).
     ticket: Option<scsi::Ticket>,
@@ -773,14 +777,23 @@ impl Conn {
 
     async fn handle_pdu(&mut self, pdu: Pdu) -> Result<Flow, SessionError> {
         if pdu.data_digest_bad {
-            // RFC 7143 7.8 / 11.17.1: Reject with "data digest error" and discard the PDU. At
-            // ERL 0 a Data-Out cannot be asked for again, so its task ends with CHECK
-            // CONDITION, PROTOCOL SERVICE CRC ERROR.
+            // RFC 7143 7.8 / 11.17.1: Reject with "data digest error" and discard the data.
             self.reject(reject::DATA_DIGEST, &pdu.bhs);
-            if pdu.bhs.opcode() == op::DATA_OUT {
-                self.fail_task(pdu.bhs.itt(), 0x47, 0x05);
+            match pdu.bhs.opcode() {
+                // At ERL 0 a Data-Out cannot be asked for again, so its task ends with CHECK
+                // CONDITION, PROTOCOL SERVICE CRC ERROR.
+                op::DATA_OUT => {
+                    self.fail_task(pdu.bhs.itt(), 0x47, 0x05);
+                    return Ok(Flow::Continue);
+                }
+                // The header is sound (its own digest held): the request was received and
+                // takes its CmdSN, or the gap would hold every later command until the
+                // initiator gave up on this one. A SCSI command ends with PROTOCOL SERVICE
+                // CRC ERROR once its unsolicited data is in (11.17.1); any other request
+                // is dropped (`process`).
+                op::NOP_OUT | op::SCSI_CMD | op::TMF_REQ | op::TEXT_REQ | op::LOGOUT_REQ => {}
+                _ => return Ok(Flow::Continue),
             }
-            return Ok(Flow::Continue);
         }
         match pdu.bhs.opcode() {
             op::NOP_OUT | op::SCSI_CMD | op::TMF_REQ | op::TEXT_REQ | op::LOGOUT_REQ => {
@@ -861,6 +874,10 @@ impl Conn {
         immediate: bool,
         ticket: Option<scsi::Ticket>,
     ) -> Result<Flow, SessionError> {
+        if pdu.data_digest_bad && pdu.bhs.opcode() != op::SCSI_CMD {
+            // Rejected as it arrived (`handle_pdu`); its CmdSN is now used up.
+            return Ok(Flow::Continue);
+        }
         match pdu.bhs.opcode() {
             op::NOP_OUT => {
                 self.nop_out(&pdu);
@@ -993,7 +1010,15 @@ impl Conn {
         // LENGTH, an invalid field, no such LU) runs without its data-out, as LIO does: none
         // is solicited, immediate data is dropped, and unsolicited Data-Out that follows finds
         // no task and is discarded (RFC 7143 4.2.3.3).
+        let crc_error = pdu.data_digest_bad;
         if !write || edtl == 0 || target.refuses_cdb(lun, &cdb) {
+            if crc_error {
+                // Data it does not take, damaged: it ends as one with damaged data does.
+                self.shared.release(slot);
+                let resp = check_condition(0x0b, 0x47, 0x05);
+                self.send(ScsiResult::early(itt, lun_raw, resp));
+                return;
+            }
             let cmd = Command {
                 nexus,
                 lun,
@@ -1074,6 +1099,7 @@ impl Conn {
             r2tsn: 0,
             solicited: 0,
             seq: self.next_seq,
+            crc_error,
             ticket,
             arrival,
             asked: std::time::Instant::now(),
@@ -1092,6 +1118,12 @@ impl Conn {
         };
         let got = task.buf.len() as u32;
         let (edtl, seq_end, solicited, seq) = (task.edtl, task.seq_end, task.solicited, task.seq);
+        if task.crc_error {
+            if got >= seq_end {
+                self.fail_task(itt, 0x47, 0x05);
+            }
+            return;
+        }
         if got >= edtl {
             // Its budget stays held until it is answered.
             if let Some(t) = self.tasks.remove(&itt) {
@@ -2576,6 +2608,94 @@ mod tests {
         let r = r2ts(&outs(&mut rx));
         assert_eq!(r.iter().map(|r| r.0).collect::<Vec<_>>(), vec![51]);
         assert_eq!(c.shared.solicited.load(Ordering::Acquire), 1024);
+    }
+
+    /// The Rejects sent (RFC 7143 11.17): (reason, ITT of the rejected header).
+    fn rejects(outs: &[Out]) -> Vec<(u8, u32)> {
+        outs.iter()
+            .filter_map(|o| match o {
+                Out::Pdu { bhs, data, .. } if bhs.opcode() == 0x3f => {
+                    Some((bhs.0[2], u32::from_be_bytes(data[16..20].try_into().ok()?)))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// RFC 7143 11.17.1: immediate data that fails its data digest is rejected (reason 02h,
+    /// data digest error) and the task ends with a CRC error status (11.4.7.2: CHECK
+    /// CONDITION, ABORTED COMMAND 0Bh, PROTOCOL SERVICE CRC ERROR 47h/05h) once the data
+    /// still to come is in. The command was received: its CmdSN is used up, and the commands
+    /// after it run.
+    #[tokio::test]
+    async fn a_write_whose_immediate_data_fails_its_digest_ends_with_a_crc_error() {
+        let (mut c, mut rx) = conn(unsolicited_params());
+        // F=0, 2 blocks, one of them immediate: one block of unsolicited data follows.
+        let mut w = write_cmd(false, 7, 1, 2, &[0xa5; 512]);
+        w.data_digest_bad = true;
+        c.handle(w).await.ok();
+        let o = outs(&mut rx);
+        assert_eq!(rejects(&o), vec![(0x02, 7)]);
+        assert!(
+            answered(&o).is_empty(),
+            "not before the unsolicited data is in"
+        );
+        c.handle(data_out_pdu(7, 0xffff_ffff, 512, 512)).await.ok();
+        let o = outs(&mut rx);
+        let r: Vec<_> = o
+            .iter()
+            .filter_map(|o| match o {
+                Out::Result(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(r.len(), 1);
+        assert_eq!((r[0].itt, r[0].resp.status.0), (7, 0x02));
+        // Fixed format sense: key at byte 2, ASC/ASCQ at bytes 12 and 13.
+        let sense = &r[0].resp.sense;
+        assert_eq!((sense[2] & 0x0f, sense[12], sense[13]), (0x0b, 0x47, 0x05));
+        assert!(c.tasks.is_empty());
+        // CmdSN 2, F=1, all immediate with a bad digest: ended at once.
+        let mut w = write_cmd(false, 8, 2, 1, &[0xa5; 512]);
+        w.bhs.0[1] |= 0x80;
+        w.data_digest_bad = true;
+        c.handle(w).await.ok();
+        let o = outs(&mut rx);
+        assert_eq!(rejects(&o), vec![(0x02, 8)]);
+        assert_eq!(answered(&o), vec![(8, 0x02)]);
+        // CmdSN 3 is not held behind a gap: it runs (and takes the unit attention).
+        let mut tur = write_cmd(false, 9, 3, 0, &[]);
+        tur.bhs.0[1] = 0x81;
+        tur.bhs.0[32..48].fill(0);
+        c.handle(tur).await.ok();
+        assert_eq!(answered(&outs(&mut rx)), vec![(9, 0x02)]);
+        assert!(c.held.is_empty());
+        assert_eq!(c.shared.exp(), 4);
+    }
+
+    /// The same for a NOP-Out that takes a CmdSN (I=0): rejected, its CmdSN used up, no
+    /// NOP-In.
+    #[tokio::test]
+    async fn a_nop_out_whose_data_fails_its_digest_uses_up_its_cmdsn() {
+        let (mut c, mut rx) = conn(unsolicited_params());
+        let mut b = Bhs::default();
+        b.0[0] = 0x00; // NOP-Out, I=0
+        b.0[1] = 0x80;
+        b.0[16..20].copy_from_slice(&5u32.to_be_bytes()); // ITT
+        b.0[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes()); // TTT
+        b.0[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
+        let nop = Pdu {
+            bhs: b,
+            ahs: Vec::new(),
+            data: vec![1, 2, 3, 4],
+            data_digest_bad: true,
+        };
+        c.handle(nop).await.ok();
+        let o = outs(&mut rx);
+        assert_eq!(rejects(&o), vec![(0x02, 5)]);
+        assert_eq!(o.len(), 1, "no NOP-In");
+        assert_eq!(c.shared.exp(), 2);
+        assert!(c.held.is_empty());
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! Data digests (RFC 7143 13.1, DataDigest=CRC32C) on the wire, with the test initiator: a data
 //! segment the initiator sends is checked, one the target sends carries the right digest, and
-//! a data segment whose digest is wrong is rejected (11.17.1, reason 02h) and not written.
+//! a data segment whose digest is wrong is rejected (11.17.1, reason 02h), its command ends
+//! with a CRC error and nothing is written.
 //! (libiscsi 1.19, which the conformance run uses, ignores the `data_digest` URL key.)
 
 mod common;
@@ -111,7 +112,8 @@ async fn data_digests_are_sent_checked_and_a_bad_one_is_rejected() {
     assert_eq!(read_block(&mut c).await, block);
 
     // The same write of other data with a wrong digest: Reject, reason 02h (data digest
-    // error), the rejected BHS as its data; nothing written.
+    // error), the rejected BHS as its data; then the task ends with CHECK CONDITION, ABORTED
+    // COMMAND, PROTOCOL SERVICE CRC ERROR (11.4.7.2: 0Bh, 47h/05h); nothing written.
     let other = vec![0x5Au8; 512];
     let (b, itt) = c.command(0xA0, 512, &write10(7, 1));
     send(&mut c, b, &other, false).await;
@@ -120,7 +122,20 @@ async fn data_digests_are_sent_checked_and_a_bad_one_is_rejected() {
     assert_eq!(r[2], 0x02, "reason: data digest error");
     assert_eq!(data.len(), 48, "the rejected header");
     assert_eq!(data[16..20], itt.to_be_bytes());
-    // The rejected command was discarded: its CmdSN is used again.
-    c.cmdsn -= 1;
+    let (r, sense) = recv(&mut c).await;
+    assert_eq!(
+        (r[0] & 0x3f, r[3]),
+        (0x21, 0x02),
+        "SCSI Response, CHECK CONDITION"
+    );
+    assert_eq!(r[16..20], itt.to_be_bytes());
+    // The data segment is SenseLength (2 bytes) then fixed format sense data: key at byte
+    // 2, ASC/ASCQ at bytes 12 and 13.
+    assert_eq!(
+        (sense[2 + 2] & 0x0f, sense[2 + 12], sense[2 + 13]),
+        (0x0b, 0x47, 0x05)
+    );
+    // The command was received (its header is sound): its CmdSN is used up, and the next
+    // command runs.
     assert_eq!(read_block(&mut c).await, block);
 }
