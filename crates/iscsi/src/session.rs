@@ -135,6 +135,8 @@ pub struct ScsiResult {
     pub edtl_in: u32,
     /// For writes: (overflow, count) from EDTL against the CDB's data-out length.
     pub write_residual: Option<(bool, u32)>,
+    /// R2Ts sent for the command (counted in the SCSI Response's ExpDataSN).
+    pub r2ts: u32,
     /// A READ's share of its connection's [`MAX_READING`], given back once the writer has
     /// written its data out.
     pub reading: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -153,14 +155,20 @@ fn task_set_full() -> Response {
 impl ScsiResult {
     /// The answer to a command the transport ends before the SCSI layer sees it.
     fn early(itt: u32, lun: [u8; 8], resp: Response) -> Out {
-        Out::Result(Box::new(Self {
+        Out::Result(Box::new(Self::fields(itt, lun, resp)))
+    }
+
+    /// `resp` for `itt`, with no data-in, residual or R2T.
+    fn fields(itt: u32, lun: [u8; 8], resp: Response) -> Self {
+        Self {
             itt,
             lun,
             resp,
             edtl_in: 0,
             write_residual: None,
+            r2ts: 0,
             reading: None,
-        }))
+        }
     }
 }
 
@@ -1045,6 +1053,7 @@ impl Conn {
                 wr,
                 slot,
                 0,
+                0,
             );
             return;
         }
@@ -1143,7 +1152,9 @@ impl Conn {
                     data_in_buf: None,
                     arrival: t.arrival,
                 };
-                self.execute(target, cmd, t.ticket, t.lun_raw, 0, wr, t.slot, held);
+                self.execute(
+                    target, cmd, t.ticket, t.lun_raw, 0, wr, t.slot, held, t.r2tsn,
+                );
             }
             return;
         }
@@ -1302,11 +1313,10 @@ impl Conn {
             return;
         };
         self.shared.release(t.slot);
-        self.send(ScsiResult::early(
-            itt,
-            t.lun_raw,
-            check_condition(0x0b, asc, ascq),
-        ));
+        self.send(Out::Result(Box::new(ScsiResult {
+            r2ts: t.r2tsn,
+            ..ScsiResult::fields(itt, t.lun_raw, check_condition(0x0b, asc, ascq))
+        })));
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1320,6 +1330,7 @@ impl Conn {
         write_residual: Option<(bool, u32)>,
         slot: Slot,
         solicited: u64,
+        r2ts: u32,
     ) {
         // A READ takes its share of the connection's data-in budget first, or is answered
         // TASK SET FULL without running (SAM-5 5.3: the resources for it are lacking), as SCST
@@ -1373,6 +1384,7 @@ impl Conn {
                         resp,
                         edtl_in,
                         write_residual,
+                        r2ts,
                         reading,
                     })));
                 }
@@ -2101,7 +2113,8 @@ async fn write_result<W: AsyncWrite + Unpin>(
     b.0[2] = 0x00; // Response: command completed at target
     b.0[3] = r.resp.status.0;
     b.set_u32(16, r.itt);
-    b.set_u32(36, datasn); // ExpDataSN: Data-In PDUs sent
+    // ExpDataSN: the R2T and Data-In PDUs sent for the command (RFC 7143 11.4.8).
+    b.set_u32(36, datasn.wrapping_add(r.r2ts));
     b.set_u32(44, residual);
     let mut seg = Vec::new();
     if !r.resp.sense.is_empty() {

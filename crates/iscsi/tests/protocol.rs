@@ -54,6 +54,9 @@ async fn write_with_r2t_then_read_split_at_max_recv_data_segment_length() {
     assert_eq!(rsp.bhs[0], 0x21, "SCSI Response");
     assert_eq!(rsp.bhs[3], 0x00, "GOOD");
     assert_eq!(rsp.bhs[1] & 0x06, 0, "no residual");
+    // RFC 7143 11.4.8: ExpDataSN is "the number of R2T and Data-In (read) PDUs the target
+    // has sent for the command": the two R2Ts.
+    assert_eq!(rsp.u32(36), 2, "ExpDataSN");
 
     // READ(10) of the same 8 blocks, F=1 R=1.
     let (b, itt) = c.command(0xc1, 4096, &read10(10, 8));
