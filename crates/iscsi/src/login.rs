@@ -121,8 +121,9 @@ pub struct Login<'a> {
     transit: Option<u8>,
     /// Whether the target has made its own offers (once, in the operational stage).
     offers_made: bool,
-    /// Keys the target offered that the initiator has not answered yet.
-    offered: Vec<&'static str>,
+    /// Keys the target offered that the initiator has not answered yet, with the values
+    /// offered.
+    offered: Vec<(&'static str, String)>,
     /// The current stage of the request that completed the login (see [`Login::refuse`]).
     final_csg: u8,
 }
@@ -317,10 +318,11 @@ impl<'a> Login<'a> {
                 "TargetAlias" | "TargetAddress" | "TargetPortalGroupTag" | "SendTargets" => {
                     reply.push((k.clone(), "Irrelevant".into()))
                 }
-                _ if self.offered.contains(&k.as_str()) => {
+                _ if self.offered.iter().any(|(o, _)| o == k) => {
                     // The initiator's answer to our offer: the result, not answered again.
-                    self.offered.retain(|o| o != k);
-                    if text::apply_answer(&mut self.params, k, v).is_err() {
+                    let at = self.offered.iter().position(|(o, _)| o == k);
+                    let (_, ours) = self.offered.remove(at.unwrap_or_default());
+                    if text::apply_answer(&mut self.params, k, v, &ours).is_err() {
                         return self.fail(status::INITIATOR_ERROR);
                     }
                 }
@@ -381,8 +383,8 @@ impl<'a> Login<'a> {
         self.offers_made = true;
         for (k, v) in text::target_offers(&self.params) {
             if !self.seen.contains(k) {
-                reply.push((k.to_string(), v));
-                self.offered.push(k);
+                reply.push((k.to_string(), v.clone()));
+                self.offered.push((k, v));
             }
         }
     }

@@ -132,15 +132,22 @@ pub enum AnswerError {
 /// Take the initiator's answer to one of [`target_offers`]. The answer is the negotiation's
 /// result (RFC 7143 6.2), so it must be one the result function can produce from our offer:
 /// InitialR2T is OR with our No (any Yes/No), ImmediateData AND with our Yes (any Yes/No), the
-/// burst lengths the minimum (at most what we offered). `Reject`, `NotUnderstood` and
-/// `Irrelevant` leave the key at its default (6.2.1).
-pub fn apply_answer(p: &mut Params, key: &str, value: &str) -> Result<(), AnswerError> {
+/// burst lengths the minimum (at most `offered`, the value we offered: 13 "the selected value
+/// cannot exceed the offered value"). `Reject`, `NotUnderstood` and `Irrelevant` leave the key
+/// at its default (6.2.1).
+pub fn apply_answer(
+    p: &mut Params,
+    key: &str,
+    value: &str,
+    offered: &str,
+) -> Result<(), AnswerError> {
     if matches!(value, "Reject" | "NotUnderstood" | "Irrelevant") {
         return Ok(());
     }
-    let burst = |ours: u32, k: &'static str| {
+    let burst = |k: &'static str| {
+        let ours = parse_number(offered).unwrap_or(0);
         parse_number(value)
-            .filter(|n| (512..=u64::from(ours)).contains(n))
+            .filter(|n| (512..=ours).contains(n))
             .and_then(|n| u32::try_from(n).ok())
             .ok_or(AnswerError::Invalid(k))
     };
@@ -151,8 +158,8 @@ pub fn apply_answer(p: &mut Params, key: &str, value: &str) -> Result<(), Answer
         "ImmediateData" => {
             p.immediate_data = parse_bool(value).ok_or(AnswerError::Invalid("ImmediateData"))?
         }
-        "MaxBurstLength" => p.max_burst = burst(ours::MAX_BURST, "MaxBurstLength")?,
-        "FirstBurstLength" => p.first_burst = burst(ours::FIRST_BURST, "FirstBurstLength")?,
+        "MaxBurstLength" => p.max_burst = burst("MaxBurstLength")?,
+        "FirstBurstLength" => p.first_burst = burst("FirstBurstLength")?,
         _ => return Err(AnswerError::Invalid("an unoffered key")),
     }
     Ok(())
@@ -350,13 +357,13 @@ pub fn negotiate(p: &mut Params, key: &str, value: &str, discovery: bool) -> Ans
             }
             None => v(REJECT.into()),
         },
-        // Markers were removed by RFC 7143 (the keys are obsolete); answer as a target without
-        // marker support does under RFC 3720: No, and the intervals Irrelevant.
+        // Markers are obsolete (RFC 7143 13.26): IFMarker and OFMarker are answered No (which
+        // it allows instead of Reject), the intervals "MUST" be answered Reject.
         "IFMarker" | "OFMarker" => match parse_bool(value) {
             Some(_) => v("No".into()),
             None => v(REJECT.into()),
         },
-        "IFMarkInt" | "OFMarkInt" => v("Irrelevant".into()),
+        "IFMarkInt" | "OFMarkInt" => v(REJECT.into()),
         // RFC 7144: the level both support.
         "iSCSIProtocolLevel" => match num(0, 31) {
             Some(n) => v(n.min(1).to_string()),
@@ -530,6 +537,17 @@ mod tests {
         assert_eq!(neg("X-com.example.Foo", "1").0, Answer::NotOperational);
     }
 
+    /// RFC 7143 13.26: "When an IFMarkInt or OFMarkInt key is received, a compliant iSCSI
+    /// implementation MUST respond with the constant 'Reject' value"; IFMarker and OFMarker
+    /// SHOULD get Reject and MAY get No, never NotUnderstood.
+    #[test]
+    fn obsolete_marker_keys() {
+        assert_eq!(neg("IFMarkInt", "2048").0, val("Reject"));
+        assert_eq!(neg("OFMarkInt", "1~65535").0, val("Reject"));
+        assert_eq!(neg("IFMarker", "No").0, val("No"));
+        assert_eq!(neg("OFMarker", "Yes").0, val("No"));
+    }
+
     #[test]
     fn encode_round_trips() {
         let pairs = vec![("A".to_string(), "1".to_string())];
@@ -540,10 +558,10 @@ mod tests {
     #[test]
     fn answers_to_target_offers_set_the_result() {
         let mut p = Params::default();
-        apply_answer(&mut p, "InitialR2T", "No").expect("valid");
-        apply_answer(&mut p, "ImmediateData", "No").expect("valid");
-        apply_answer(&mut p, "MaxBurstLength", "65536").expect("valid");
-        apply_answer(&mut p, "FirstBurstLength", "Reject").expect("valid");
+        apply_answer(&mut p, "InitialR2T", "No", "No").expect("valid");
+        apply_answer(&mut p, "ImmediateData", "No", "Yes").expect("valid");
+        apply_answer(&mut p, "MaxBurstLength", "65536", "1048576").expect("valid");
+        apply_answer(&mut p, "FirstBurstLength", "Reject", "262144").expect("valid");
         assert!(!p.initial_r2t);
         assert!(!p.immediate_data);
         assert_eq!(p.max_burst, 65536);
@@ -554,9 +572,12 @@ mod tests {
     fn answers_a_result_function_cannot_give_are_errors() {
         let mut p = Params::default();
         // Above what was offered: the minimum cannot exceed our offer.
-        assert!(apply_answer(&mut p, "MaxBurstLength", "1048577").is_err());
-        assert!(apply_answer(&mut p, "FirstBurstLength", "511").is_err());
-        assert!(apply_answer(&mut p, "InitialR2T", "maybe").is_err());
-        assert!(apply_answer(&mut p, "HeaderDigest", "None").is_err());
+        assert!(apply_answer(&mut p, "MaxBurstLength", "1048577", "1048576").is_err());
+        assert!(apply_answer(&mut p, "FirstBurstLength", "65537", "65536").is_err());
+        apply_answer(&mut p, "FirstBurstLength", "65536", "65536").expect("at the offer");
+        // Below the least legal value (512, RFC 7143 13.13, 13.14).
+        assert!(apply_answer(&mut p, "FirstBurstLength", "511", "262144").is_err());
+        assert!(apply_answer(&mut p, "InitialR2T", "maybe", "No").is_err());
+        assert!(apply_answer(&mut p, "HeaderDigest", "None", "None").is_err());
     }
 }

@@ -234,20 +234,28 @@ impl Client {
             }
             assert_eq!(r.bhs[1], 0x04, "T=0 CSG=1: the target offers keys");
             let text = String::from_utf8(r.data).expect("text");
-            let offered: Vec<&str> = text
+            let offered: Vec<(&str, &str)> = text
                 .split('\0')
                 .filter_map(|kv| kv.split_once('='))
-                .map(|(k, _)| k)
-                .filter(|k| {
+                .filter(|(k, _)| {
                     matches!(
                         *k,
                         "InitialR2T" | "ImmediateData" | "MaxBurstLength" | "FirstBurstLength"
                     ) && !keys.contains(&format!("{k}="))
                 })
                 .collect();
+            // The burst lengths' result function is the minimum (RFC 7143 13.13, 13.14): a
+            // number answered is never above the one offered.
             let reply: String = offered
                 .iter()
-                .map(|k| format!("{k}={}\0", answer(k)))
+                .map(|&(k, ours)| {
+                    let mine = answer(k);
+                    let v = match (mine.parse::<u32>(), ours.parse::<u32>()) {
+                        (Ok(a), Ok(b)) => a.min(b).to_string(),
+                        _ => mine.to_string(),
+                    };
+                    format!("{k}={v}\0")
+                })
                 .collect();
             let mut b = b;
             b[16..20].copy_from_slice(&1u32.to_be_bytes()); // ITT
