@@ -729,8 +729,12 @@ impl FileDriver {
     ) -> Result<Self, BlockError> {
         let (file, created) = open_or_create(path, create_size.is_some(), opts.direct)?;
         lock_exclusive(&file, path)?;
-        if created {
-            if let Some(size) = create_size {
+        if let Some(size) = create_size {
+            // Created here, or empty: created by an open that could not size it (it ended
+            // between the two steps, or its `set_len` failed), which every later open would
+            // otherwise find too small to serve. Sized under the lock.
+            let empty = file.metadata().is_ok_and(|m| m.is_file() && m.len() == 0);
+            if created || empty {
                 file.set_len(size).map_err(BlockError::Open)?;
             }
         }
@@ -1451,6 +1455,19 @@ mod tests {
         d.write_zeroes(0, 65536, true).await.expect("zeroes");
         let e = d.block_status(0, 1 << 20).await.expect("status");
         assert!(!e.mapped, "{e:?}");
+    }
+
+    #[test]
+    fn an_empty_image_left_by_an_open_that_did_not_size_it_is_sized() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("img");
+        std::fs::File::create(&path).expect("create empty");
+        let d = FileDriver::open(&path, Some(1 << 20)).expect("open");
+        assert_eq!(d.info().size, 1 << 20);
+        drop(d);
+        // One that holds data is served as it is, whatever size is asked.
+        let d = FileDriver::open(&path, Some(2 << 20)).expect("open");
+        assert_eq!(d.info().size, 1 << 20);
     }
 
     #[test]
