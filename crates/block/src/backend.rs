@@ -443,13 +443,15 @@ impl Backend {
         if len == 0 {
             return Ok(());
         }
+        // Exclusive for a native one too: OR WRITE is emulated here, read then write under
+        // the same lock, and must not interleave with it.
+        let _g = self.locks.lock(off, off + len, LockMode::Exclusive).await;
         if self.info.native_compare_and_write != 0 {
             return self
                 .driver
                 .compare_and_write(off, compare, write, fua)
                 .await;
         }
-        let _g = self.locks.lock(off, off + len, LockMode::Exclusive).await;
         let current = self.driver.read(off, compare.len()).await?;
         check_read_len(&current, compare.len())?;
         if let Some(i) = current.iter().zip(&compare).position(|(a, b)| a != b) {
