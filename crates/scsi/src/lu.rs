@@ -460,7 +460,10 @@ impl LogicalUnit {
             guard.finish();
             return Completion::Aborted;
         }
-        let out = match CatchPanic::new(self.run(cmd, &ns, &guard.ctl)).await {
+        // The unit attention the command reports, if it takes one: put back if the command
+        // ends aborted (its report never reaches the initiator).
+        let mut reported = None;
+        let out = match CatchPanic::new(self.run(cmd, &ns, &guard.ctl, &mut reported)).await {
             Ok(out) => out,
             Err(()) => {
                 // A bug met by this command: it fails alone, with an answer, instead of
@@ -473,7 +476,12 @@ impl LogicalUnit {
         let aborted = guard.finish();
         match out {
             Some(r) if !aborted => Completion::Done(r),
-            _ => Completion::Aborted,
+            _ => {
+                if let Some(ua) = reported {
+                    ns.put_back(ua);
+                }
+                Completion::Aborted
+            }
         }
     }
 
@@ -552,7 +560,13 @@ impl LogicalUnit {
         Response::default()
     }
 
-    async fn run(&self, cmd: Command, ns: &NexusState, ctl: &TaskCtl) -> Option<Response> {
+    async fn run(
+        &self,
+        cmd: Command,
+        ns: &NexusState,
+        ctl: &TaskCtl,
+        reported: &mut Option<Sense>,
+    ) -> Option<Response> {
         let Command {
             nexus,
             lun,
@@ -566,6 +580,7 @@ impl LogicalUnit {
         // SAM-5 5.14: INQUIRY, REPORT LUNS and REQUEST SENSE are not terminated by a UA.
         if !matches!(opcode, 0x12 | 0xA0 | 0x03) {
             if let Some(ua) = ns.take() {
+                *reported = Some(ua);
                 return Some(self.check(ua));
             }
         }
@@ -596,7 +611,8 @@ impl LogicalUnit {
         }
         let out = match parsed {
             Cdb::RequestSense { desc, alloc } => {
-                let s = ns.take().unwrap_or(Sense::new(key::NO_SENSE, 0x00, 0x00));
+                *reported = ns.take();
+                let s = reported.unwrap_or(Sense::new(key::NO_SENSE, 0x00, 0x00));
                 let mut d = s.encode(desc);
                 d.truncate(alloc as usize);
                 Ok(d)

@@ -318,6 +318,24 @@ impl NexusState {
         }
     }
 
+    /// Put back `s`, which a command took and then could not report (it was aborted: its
+    /// CHECK CONDITION never reaches the initiator, so the condition is not cleared, SAM-5
+    /// 5.14). It is reported first again, unless a reset since subsumes it; after the
+    /// reset's own condition otherwise.
+    pub fn put_back(&self, s: Sense) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        if q.contains(&s) {
+            return;
+        }
+        let after_reset = q.front().is_some_and(|f| f.asc == 0x29);
+        if after_reset && subsumed_by_reset(&s) {
+            return;
+        }
+        q.insert(usize::from(after_reset), s);
+        q.truncate(UA_QUEUE_MAX);
+        self.pending.store(true, Ordering::Release);
+    }
+
     /// Drop the pending unit attention `s`, if queued.
     pub fn remove(&self, s: Sense) {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -517,6 +535,41 @@ mod tests {
         let mut n = (*nexus()).clone();
         n.initiator.name = name.into();
         n
+    }
+
+    /// A unit attention put back by an aborted command is reported next, after a reset's
+    /// condition that came meanwhile, and not at all when that reset subsumes it. Senses as
+    /// SAM-5/SPC-5 give them: 6h with 29h/00h (power on), 29h/03h (bus device reset), 2Ah/09h
+    /// (capacity data has changed).
+    #[test]
+    fn a_unit_attention_put_back_is_reported_next() {
+        let ua = |asc, ascq| Sense::new(0x06, asc, ascq);
+        let st = NexusState::with(ua(0x29, 0x00));
+        st.push(ua(0x2A, 0x09));
+        let s = st.take().expect("power on");
+        st.put_back(s);
+        assert_eq!(st.take(), Some(ua(0x29, 0x00)));
+        let s = st.take().expect("capacity changed");
+        st.push(ua(0x2A, 0x01));
+        st.put_back(s);
+        assert_eq!(st.take(), Some(ua(0x2A, 0x09)), "before the later one");
+        assert_eq!(st.take(), Some(ua(0x2A, 0x01)));
+        assert_eq!(st.take(), None);
+        // A reset in between: its condition first, then the one put back.
+        st.push(ua(0x2A, 0x09));
+        let s = st.take().expect("capacity changed");
+        st.reset_to(ua(0x29, 0x03));
+        st.put_back(s);
+        assert_eq!(st.take(), Some(ua(0x29, 0x03)));
+        assert_eq!(st.take(), Some(ua(0x2A, 0x09)));
+        // The reset subsumes an earlier power on: that one goes.
+        let st = NexusState::with(ua(0x29, 0x00));
+        let s = st.take().expect("power on");
+        st.reset_to(ua(0x29, 0x03));
+        st.put_back(s);
+        assert_eq!(st.take(), Some(ua(0x29, 0x03)));
+        assert_eq!(st.take(), None);
+        assert!(!st.has_pending());
     }
 
     #[test]

@@ -463,3 +463,70 @@ async fn abort_task_set_ends_only_this_nexus_commands_received_but_not_yet_execu
     };
     assert_good(&r);
 }
+
+/// SAM-5 5.14: a unit attention is cleared when it is reported. A command that took one and
+/// was then aborted reported nothing (its CHECK CONDITION never reaches the initiator), so
+/// the condition must still be pending for the next command. The window is between two
+/// statements on two threads, so this races them many times: the count of losses it sees
+/// is only ever nonzero when one is lost.
+#[test]
+fn a_unit_attention_taken_by_a_command_aborted_as_it_took_it_is_reported_again() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let t = Arc::new(mem_target(64, 512));
+    let tur = [0x00, 0, 0, 0, 0, 0];
+    let mut aborted = 0;
+    let mut lost = 0;
+    // Until enough commands were aborted (about one in 1,500 is, here), with a cap.
+    for i in 0..400_000u32 {
+        if aborted >= 10 {
+            break;
+        }
+        // A nexus the LU has not seen: its first command reports POWER ON, RESET, OR BUS
+        // DEVICE RESET OCCURRED (6h, 29h/00h).
+        let n = common::nexus_named(&format!("iqn.2026-01.com.example:race{i}"));
+        let go = Arc::new(std::sync::Barrier::new(2));
+        let (t1, n1, go1) = (t.clone(), n.clone(), go.clone());
+        // Start the two apart by up to a few microseconds, either first.
+        let d = i % 512;
+        let (wait1, wait2) = if d < 256 {
+            (d * 4, 0)
+        } else {
+            (0, (d - 256) * 4)
+        };
+        let first = rt.spawn(async move {
+            go1.wait();
+            for _ in 0..wait1 {
+                std::hint::spin_loop();
+            }
+            t1.execute(cmd(&n1, 7, &tur, vec![], 0)).await
+        });
+        let (t2, n2) = (t.clone(), n.clone());
+        let abort = rt.spawn(async move {
+            go.wait();
+            for _ in 0..wait2 {
+                std::hint::spin_loop();
+            }
+            t2.task_management(&n2, Tmf::AbortTask { lun: 0, tag: 7 })
+                .await
+        });
+        let first = rt.block_on(first).unwrap();
+        rt.block_on(abort).unwrap();
+        match first {
+            // Reported: the next command runs.
+            Completion::Done(r) => assert_sense(&r, 0x06, 0x29, 0x00),
+            Completion::Aborted => {
+                aborted += 1;
+                let r = rt.block_on(run(&t, &n, &tur, vec![]));
+                if r.status == Status::GOOD {
+                    lost += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(lost, 0, "unit attentions lost ({aborted} commands aborted)");
+    // The race was run (some commands were aborted), or this test proves nothing.
+    assert!(aborted > 0, "no command was aborted");
+}
