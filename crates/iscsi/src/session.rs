@@ -1352,6 +1352,7 @@ impl Conn {
         };
         let tx = self.tx.clone();
         let shared = self.shared.clone();
+        let tmfs = self.tmf_slots.clone();
         let itt = cmd.tag as u32;
         shared.executing.fetch_add(1, Ordering::AcqRel);
         static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -1377,18 +1378,41 @@ impl Conn {
                     Some(r) if r.id == id => running.remove(&itt),
                     _ => None,
                 };
-                if let (Completion::Done(resp), true) = (done, entry.is_some()) {
-                    tx.send(Out::Result(Box::new(ScsiResult {
-                        itt,
-                        lun,
-                        resp,
-                        edtl_in,
-                        write_residual,
-                        r2ts,
-                        reading,
-                    })));
+                let ours = entry.is_some();
+                let then = entry.and_then(|r| r.then);
+                match done {
+                    Completion::Done(resp) if ours => {
+                        tx.send(Out::Result(Box::new(ScsiResult {
+                            itt,
+                            lun,
+                            resp,
+                            edtl_in,
+                            write_residual,
+                            r2ts,
+                            reading,
+                        })));
+                    }
+                    // Ended by task management of another nexus (a reset, PREEMPT AND
+                    // ABORT, CLEAR TASK SET): no response, and, with no function of this
+                    // connection under way (whose response would), nothing of this
+                    // connection's may be on its way to carry the MaxCmdSN its slot just
+                    // opened. RFC 7143 11.4.11 then wants a NOP-In: ITT and TTT FFFFFFFFh,
+                    // none wanted back (11.19.1), StatSN not advanced.
+                    Completion::Aborted
+                        if ours
+                            && then.is_none()
+                            && slot == Slot::Window
+                            && tmfs.available_permits() == MAX_TMF =>
+                    {
+                        let mut b = Bhs::new(op::NOP_IN);
+                        b.0[1] = 0x80;
+                        b.set_u32(16, RESERVED_TAG);
+                        b.set_u32(20, RESERVED_TAG);
+                        tx.send_pdu(b, Vec::new(), Sn::Peek);
+                    }
+                    _ => {}
                 }
-                if let Some(bhs) = entry.and_then(|r| r.then) {
+                if let Some(bhs) = then {
                     tx.send_pdu(bhs, Vec::new(), Sn::Status);
                 }
             }
@@ -2709,6 +2733,71 @@ mod tests {
         assert_eq!(o.len(), 1, "no NOP-In");
         assert_eq!(c.shared.exp(), 2);
         assert!(c.held.is_empty());
+    }
+
+    /// RFC 7143 11.4.11: "When MaxCmdSN changes at the target while the target has no
+    /// pending PDUs to convey this information to the initiator, it MUST generate a NOP-In
+    /// to carry the new MaxCmdSN." A command another nexus's LOGICAL UNIT RESET ends gets no
+    /// response, so its window slot reopens with a NOP-In (11.19.1: ITT and TTT FFFFFFFFh).
+    #[tokio::test]
+    async fn a_window_slot_reopened_by_another_nexus_s_reset_is_told_with_a_nop_in() {
+        let (mut c, mut rx) = conn(unsolicited_params());
+        let mut tur = write_cmd(false, 99, 1, 0, &[]);
+        tur.bhs.0[1] = 0x81;
+        tur.bhs.0[32..48].fill(0);
+        c.handle(tur).await.ok();
+        assert_eq!(
+            answered(&outs(&mut rx)),
+            vec![(99, 2)],
+            "the unit attention"
+        );
+        // An ORDERED write still waiting for its unsolicited data, and a TEST UNIT READY
+        // behind it.
+        c.handle(write_attr(100, 2, 1, 2, false)).await.ok();
+        let mut tur = write_cmd(false, 5, 3, 0, &[]);
+        tur.bhs.0[1] = 0x81;
+        tur.bhs.0[32..48].fill(0);
+        c.handle(tur).await.ok();
+        tokio::task::yield_now().await;
+        assert!(outs(&mut rx).is_empty(), "the TEST UNIT READY waits");
+        let max = c.shared.max();
+        let other = Arc::new(ItNexus {
+            initiator: scsi::InitiatorPort {
+                transport: scsi::Transport::Iscsi,
+                name: "iqn.2026-01.test:other".into(),
+                isid: Some([0x80, 0, 0, 0, 0, 2]),
+            },
+            target: scsi::TargetPort {
+                name: "iqn.2026-01.io.sharedisk:unit".into(),
+                tpgt: 1,
+                relative_id: 1,
+            },
+        });
+        let target = c.target.clone().expect("normal session");
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            target.task_management(&other, Tmf::LogicalUnitReset { lun: 0 }),
+        )
+        .await
+        .expect("the reset ends");
+        assert_eq!(r, TmfResponse::FunctionComplete);
+        tokio::task::yield_now().await;
+        let o = outs(&mut rx);
+        assert!(
+            answered(&o).is_empty(),
+            "no response for the aborted command"
+        );
+        let nops: Vec<_> = o
+            .iter()
+            .filter_map(|o| match o {
+                Out::Pdu { bhs, sn, .. } if bhs.opcode() == 0x20 => {
+                    Some((bhs.u32_at(16), bhs.u32_at(20), *sn))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(nops, vec![(0xffff_ffff, 0xffff_ffff, Sn::Peek)]);
+        assert_eq!(c.shared.max(), max.wrapping_add(1), "the slot reopened");
     }
 
     #[tokio::test]

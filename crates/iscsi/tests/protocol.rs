@@ -1655,7 +1655,7 @@ async fn lu_reset_from_another_session_ends_a_write_still_collecting_data() {
     assert_eq!(r.bhs[2], 0, "Function complete");
     // A's data arrives after the reset: the write must not land and gets no response.
     a.send(data_out(itt, ttt, 0, 0, true), &[0xEE; 512]).await;
-    assert!(a.recv().await.is_none(), "no response for the ended write");
+    no_response_but_the_window(&mut a).await;
     // B (past its reset unit attention) reads block 7: still zeros.
     b.clear_unit_attention().await;
     let (rd, _) = b.command(0xc1, 512, &read10(7, 1));
@@ -1684,6 +1684,16 @@ async fn write_waiting_for_data(c: &mut Client) -> (u32, u32) {
 /// not written and gets no response (SAM-5: TAS 0).
 async fn ended_by_another(c: &mut Client, w: (u32, u32)) {
     c.send(data_out(w.0, w.1, 0, 0, true), &[0xEE; 512]).await;
+    no_response_but_the_window(c).await;
+}
+
+/// A command of `c` ended by another nexus's task management gets no response; the window
+/// place it frees is told with a NOP-In that wants no answer (RFC 7143 11.4.11; 11.19.1:
+/// ITT and TTT FFFFFFFFh).
+async fn no_response_but_the_window(c: &mut Client) {
+    let nop = c.recv().await.expect("NOP-In");
+    assert_eq!(nop.bhs[0], 0x20, "NOP-In, not a response");
+    assert_eq!((nop.u32(16), nop.u32(20)), (0xffff_ffff, 0xffff_ffff));
     assert!(c.recv().await.is_none(), "no response for the ended write");
 }
 
