@@ -354,6 +354,11 @@ impl<'a> Login<'a> {
             if csg != 0 {
                 return self.fail(status::AUTH_FAILURE);
             }
+            // Asking to leave without ever proposing an AuthMethod while the target requires
+            // one: refused now, not left to repeat until the login times out.
+            if t && matches!(self.auth_state, AuthState::Start) && self.kind.is_some() {
+                return self.fail(status::AUTH_FAILURE);
+            }
             if t {
                 // Still negotiating: stay in the security stage (T=0 in the answer).
                 return self.finish_step(reply, false, csg, nsg);
@@ -989,6 +994,29 @@ mod tests {
                 assert!(d.is_empty());
             }
         }
+    }
+
+    /// A CHAP target's security stage left (T=1) without an AuthMethod ever proposed: 0201h
+    /// (Status-Class 2 initiator error, Status-Detail 1 authentication failure) at once.
+    #[test]
+    fn leaving_a_chap_target_s_security_stage_without_an_auth_method_fails() {
+        let cfg = chap_config(false);
+        for flags in [0x81, 0x83] {
+            let mut l = Login::new(&cfg, 1);
+            let (b, _, o) = l.step(&req(
+                flags,
+                &format!("InitiatorName=iqn.i|TargetName={TARGET}|"),
+            ));
+            assert!(matches!(o, Outcome::Fail(0x0201)), "{o:?}");
+            assert_eq!((b.0[36], b.0[37]), (0x02, 0x01));
+        }
+        // Without T, the target waits for the negotiation to start.
+        let mut l = Login::new(&cfg, 1);
+        let (_, _, o) = l.step(&req(
+            0x01,
+            &format!("InitiatorName=iqn.i|TargetName={TARGET}|"),
+        ));
+        assert!(matches!(o, Outcome::Continue), "{o:?}");
     }
 
     #[test]
