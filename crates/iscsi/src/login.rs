@@ -569,6 +569,11 @@ impl<'a> Login<'a> {
                 self.final_csg = csg;
                 self.stage = 3;
                 self.tsih = self.new_tsih;
+                if !self.declared {
+                    // The operational stage was skipped: the initiator holds the target to
+                    // the default (RFC 7143 13.12), and so does the target itself.
+                    self.params.max_recv_dsl = 8192;
+                }
                 self.params.finish();
                 let (b, d) = self.response(login_flags(true, false, csg, 3), 0, &chunk);
                 let est = Established {
@@ -1143,6 +1148,7 @@ mod tests {
             unreachable!()
         };
         assert_eq!(est.params.max_send_dsl, 8192);
+        assert_eq!(est.params.max_recv_dsl, 8192);
     }
 
     #[test]
