@@ -57,9 +57,11 @@ const MAX_QUEUED_BYTES: usize = 64 * 1024 * 1024;
 const WRITER_STALL: Duration = Duration::from_secs(30);
 /// Data-out bytes one connection's writes hold from their first R2T until they are answered
 /// (collecting, then waiting for their turn or running). A write's first R2T waits for
-/// budget unless the write is the connection's oldest still collecting data: the writes
-/// holding budget wait at most for older commands, so that one always progresses and the
-/// wait can never close into a cycle. A connection then holds at most this plus one write.
+/// budget unless the write is older than every write that holds budget or still collects
+/// data: the writes holding budget wait at most for older commands, so the oldest write not
+/// yet answered either holds budget or may take it, and the wait can never close into a
+/// cycle. Only one write is over budget at a time (the writes after it are younger), so a
+/// connection holds at most this plus one write.
 pub const MAX_SOLICITED: u64 = 64 * 1024 * 1024;
 /// Data-in bytes the READs of one connection hold at once, from before each runs until its
 /// data is written out. Without it the CmdSN window ([`QUEUE_DEPTH`]) lets 128 READs of the
@@ -261,6 +263,8 @@ pub struct Shared {
     reading: Arc<tokio::sync::Semaphore>,
     /// Data-out bytes held by this connection's writes (see [`MAX_SOLICITED`]).
     solicited: AtomicU64,
+    /// The [`WriteTask::seq`] of each write holding some of `solicited`.
+    holders: Mutex<std::collections::BTreeSet<u64>>,
     /// Told when a write answered gives its budget back: the reader then sends the R2Ts
     /// that waited for it.
     budget_freed: tokio::sync::Notify,
@@ -290,12 +294,22 @@ impl Shared {
             writer_stalled: AtomicBool::new(false),
             reading: Arc::new(tokio::sync::Semaphore::new(MAX_READING as usize)),
             solicited: AtomicU64::new(0),
+            holders: Mutex::new(std::collections::BTreeSet::new()),
             budget_freed: tokio::sync::Notify::new(),
         }
     }
-    /// Give back `bytes` of [`MAX_SOLICITED`].
-    fn unsolicit(&self, bytes: u64) {
+    fn holders(&self) -> MutexGuard<'_, std::collections::BTreeSet<u64>> {
+        self.holders.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// The write `seq` takes `bytes` of [`MAX_SOLICITED`].
+    fn solicit(&self, seq: u64, bytes: u64) {
+        self.holders().insert(seq);
+        self.solicited.fetch_add(bytes, Ordering::AcqRel);
+    }
+    /// The write `seq` gives back the `bytes` of [`MAX_SOLICITED`] it holds.
+    fn unsolicit(&self, seq: u64, bytes: u64) {
         if bytes > 0 {
+            self.holders().remove(&seq);
             self.solicited.fetch_sub(bytes, Ordering::AcqRel);
             self.budget_freed.notify_one();
         }
@@ -1052,7 +1066,7 @@ impl Conn {
                 if read { edtl } else { 0 },
                 wr,
                 slot,
-                0,
+                (0, 0),
                 0,
             );
             return;
@@ -1140,7 +1154,7 @@ impl Conn {
                     return;
                 };
                 let wr = Some((t.spdtl > t.edtl, t.spdtl.abs_diff(t.edtl)));
-                let held = t.solicited;
+                let held = (t.seq, t.solicited);
                 let cmd = Command {
                     nexus,
                     lun: t.lun,
@@ -1168,14 +1182,15 @@ impl Conn {
             // never waits for budget again.
             let need = u64::from(edtl - got);
             let held = self.shared.solicited.load(Ordering::Acquire);
-            let oldest = self.tasks.values().all(|t| t.seq >= seq);
+            let oldest = self.tasks.values().all(|t| t.seq >= seq)
+                && self.shared.holders().first().is_none_or(|&h| h > seq);
             if held + need > MAX_SOLICITED && !oldest {
                 if !self.r2t_wait.contains(&itt) {
                     self.r2t_wait.push_back(itt);
                 }
                 return;
             }
-            self.shared.solicited.fetch_add(need, Ordering::AcqRel);
+            self.shared.solicit(seq, need);
             let Some(task) = self.tasks.get_mut(&itt) else {
                 return;
             };
@@ -1222,12 +1237,18 @@ impl Conn {
     /// to the budget.
     fn take_task(&mut self, itt: u32) -> Option<WriteTask> {
         let t = self.tasks.remove(&itt)?;
-        self.shared.unsolicit(t.solicited);
+        self.shared.unsolicit(t.seq, t.solicited);
         Some(t)
     }
 
-    /// Send the R2Ts that waited for budget, oldest first, while budget lasts.
+    /// Send the R2Ts that waited for budget, oldest write first, while budget lasts (the
+    /// oldest may be over it, see [`MAX_SOLICITED`]: it is tried first whatever order the
+    /// writes' sequences ended in).
     fn pump_r2t(&mut self) {
+        let tasks = &self.tasks;
+        self.r2t_wait
+            .make_contiguous()
+            .sort_by_key(|itt| tasks.get(itt).map_or(0, |t| t.seq));
         while let Some(itt) = self.r2t_wait.pop_front() {
             if !self.tasks.contains_key(&itt) {
                 continue;
@@ -1329,7 +1350,7 @@ impl Conn {
         edtl_in: u32,
         write_residual: Option<(bool, u32)>,
         slot: Slot,
-        solicited: u64,
+        (seq, solicited): (u64, u64),
         r2ts: u32,
     ) {
         // A READ takes its share of the connection's data-in budget first, or is answered
@@ -1342,7 +1363,7 @@ impl Conn {
                 Ok(permit) => Some(permit),
                 Err(_) => {
                     self.shared.release(slot);
-                    self.shared.unsolicit(solicited);
+                    self.shared.unsolicit(seq, solicited);
                     self.send(ScsiResult::early(cmd.tag as u32, lun, task_set_full()));
                     return;
                 }
@@ -1368,7 +1389,7 @@ impl Conn {
         let task = async move {
             let done = target.execute_admitted(cmd, ticket).await;
             shared.release(slot);
-            shared.unsolicit(solicited);
+            shared.unsolicit(seq, solicited);
             {
                 // Send under the lock, so a TMF response can never overtake it unnoticed.
                 let mut running = shared.running();
@@ -1451,7 +1472,7 @@ impl Conn {
         self.tasks.retain(|_, t| {
             let keep = !pred(t.lun);
             if !keep {
-                shared.unsolicit(t.solicited);
+                shared.unsolicit(t.seq, t.solicited);
                 shared.release(t.slot);
             }
             keep
@@ -2561,6 +2582,36 @@ mod tests {
         }
     }
 
+    /// A TEST UNIT READY (CDB all zero, F=1, no data), non-immediate.
+    fn tur_cmd(itt: u32, cmdsn: u32) -> Pdu {
+        let mut tur = write_cmd(false, itt, cmdsn, 0, &[]);
+        tur.bhs.0[1] = 0x81;
+        tur.bhs.0[32..48].fill(0);
+        tur
+    }
+
+    /// CmdSN 1, a TEST UNIT READY, takes the new nexus's unit attention (CHECK CONDITION).
+    async fn take_unit_attention(c: &mut Conn, rx: &mut mpsc::UnboundedReceiver<Out>) {
+        c.handle(tur_cmd(99, 1)).await.ok();
+        assert_eq!(answered(&outs(rx)), vec![(99, 2)], "the unit attention");
+    }
+
+    /// Another initiator's nexus through the same target port.
+    fn other_nexus() -> Arc<ItNexus> {
+        Arc::new(ItNexus {
+            initiator: scsi::InitiatorPort {
+                transport: scsi::Transport::Iscsi,
+                name: "iqn.2026-01.test:other".into(),
+                isid: Some([0x80, 0, 0, 0, 0, 2]),
+            },
+            target: scsi::TargetPort {
+                name: "iqn.2026-01.io.sharedisk:unit".into(),
+                tpgt: 1,
+                relative_id: 1,
+            },
+        })
+    }
+
     /// The ITTs of the SCSI Responses queued, with their status.
     fn answered(outs: &[Out]) -> Vec<(u32, u8)> {
         outs.iter()
@@ -2622,15 +2673,14 @@ mod tests {
         let (itt, ttt, offset, len) = r[0];
         assert_eq!((itt, offset, len), (100, 65_536, (8 << 20) - 65_536));
         c.handle(data_out_pdu(100, ttt, offset, len)).await.ok();
-        // Once the ORDERED write has its data, write 50 is the oldest collecting and gets
-        // its R2T over the budget; write 51 waits until the waiting writes are answered GOOD
-        // and their budget comes back, and the reader is told.
+        // Once the ORDERED write has its data and is answered, writes 50 and 51 still wait:
+        // older writes hold the budget. They are answered GOOD, their budget comes back and
+        // the reader is told, which sends both their R2Ts.
         let mut done = Vec::new();
-        let mut asked: Vec<u32> = Vec::new();
         while done.len() < fill as usize + 1 {
             let o = outs(&mut rx);
             done.extend(answered(&o));
-            asked.extend(r2ts(&o).iter().map(|r| r.0));
+            assert!(r2ts(&o).is_empty(), "{:?}", r2ts(&o));
             if done.len() == fill as usize + 1 {
                 break;
             }
@@ -2640,11 +2690,97 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert!(done.iter().all(|&(_, status)| status == 0), "{done:?}");
-        assert_eq!(asked, vec![50], "write 51 still waits for the reader");
         c.pump_r2t();
         let r = r2ts(&outs(&mut rx));
-        assert_eq!(r.iter().map(|r| r.0).collect::<Vec<_>>(), vec![51]);
+        assert_eq!(r.iter().map(|r| r.0).collect::<Vec<_>>(), vec![50, 51]);
         assert_eq!(c.shared.solicited.load(Ordering::Acquire), 1024);
+    }
+
+    /// Writes that have their data and wait (here behind another nexus's ORDERED command)
+    /// keep their budget, and a younger write is not let over it: only a write older than
+    /// every holder may be, or each would get its R2T in turn and the budget would bound
+    /// nothing.
+    #[tokio::test]
+    async fn a_younger_write_is_not_let_over_the_budget_that_waiting_writes_hold() {
+        let mut params = unsolicited_params();
+        params.max_burst = 8 << 20;
+        let (mut c, mut rx) = conn(params);
+        const BIG: u16 = 16384; // 8 MiB of 512-byte blocks
+        let fill = (MAX_SOLICITED / (8 << 20)) as u32;
+        take_unit_attention(&mut c, &mut rx).await;
+        // Another nexus's ORDERED command has arrived and not finished: SIMPLE commands
+        // that arrive after it wait for it (SAM-5 8.6.3).
+        let other = other_nexus();
+        let target = c.target.clone().expect("normal session");
+        let blocker = target.arrive(&other, 0, None, TaskAttr::Ordered);
+        assert!(blocker.is_some());
+        for i in 0..fill {
+            c.handle(write_attr(i, 2 + i, BIG, 1, true)).await.ok();
+            let r = r2ts(&outs(&mut rx));
+            assert_eq!(r.len(), 1, "write {i}: {r:?}");
+            let (itt, ttt, offset, len) = r[0];
+            c.handle(data_out_pdu(itt, ttt, offset, len)).await.ok();
+        }
+        tokio::task::yield_now().await;
+        assert!(answered(&outs(&mut rx)).is_empty(), "they wait");
+        // The only write still collecting, but younger than those holding the budget.
+        c.handle(write_attr(50, 2 + fill, 1, 1, true)).await.ok();
+        assert!(r2ts(&outs(&mut rx)).is_empty(), "not let over the budget");
+        // The ORDERED command ends: the writes run, give their budget back, and the
+        // waiting write gets its R2T.
+        drop(blocker);
+        let mut done = Vec::new();
+        while done.len() < fill as usize {
+            tokio::time::timeout(Duration::from_secs(10), c.shared.budget_freed.notified())
+                .await
+                .expect("an answered write gives its budget back");
+            tokio::task::yield_now().await;
+            done.extend(answered(&outs(&mut rx)));
+        }
+        c.pump_r2t();
+        let r = r2ts(&outs(&mut rx));
+        assert_eq!(r.iter().map(|r| r.0).collect::<Vec<_>>(), vec![50]);
+    }
+
+    /// The write that may go over the budget is tried first by the R2T pump, whatever order
+    /// the waiting writes' sequences ended in: otherwise a younger write that does not fit
+    /// would stop the pump before it, and the writes holding the budget would wait for it
+    /// for ever.
+    #[tokio::test]
+    async fn the_oldest_waiting_write_gets_its_r2t_first() {
+        let mut params = unsolicited_params();
+        params.max_burst = 8 << 20;
+        let (mut c, mut rx) = conn(params);
+        const BIG: u16 = 16384; // 8 MiB of 512-byte blocks
+        let fill = (MAX_SOLICITED / (8 << 20)) as u32;
+        take_unit_attention(&mut c, &mut rx).await;
+        let other = other_nexus();
+        let target = c.target.clone().expect("normal session");
+        let _blocker = target.arrive(&other, 0, None, TaskAttr::Ordered);
+        // X and A wait for their unsolicited first bursts (F=0).
+        c.handle(write_attr(10, 2, 1, 1, false)).await.ok();
+        c.handle(write_attr(11, 3, BIG, 1, false)).await.ok();
+        // Younger writes fill the budget and wait behind the other nexus's ORDERED command.
+        for i in 0..fill {
+            c.handle(write_attr(i, 4 + i, BIG, 1, true)).await.ok();
+            let r = r2ts(&outs(&mut rx));
+            assert_eq!(r.len(), 1, "write {i}: {r:?}");
+            let (itt, ttt, offset, len) = r[0];
+            c.handle(data_out_pdu(itt, ttt, offset, len)).await.ok();
+        }
+        // B waits for budget; then A's first burst ends while X is older: A waits behind B.
+        c.handle(write_attr(50, 4 + fill, 1, 1, true)).await.ok();
+        c.handle(data_out_pdu(11, 0xffff_ffff, 0, 65_536))
+            .await
+            .ok();
+        assert!(r2ts(&outs(&mut rx)).is_empty());
+        let mut waiting: Vec<u32> = c.r2t_wait.iter().copied().collect();
+        waiting.sort_unstable();
+        assert_eq!(waiting, [11, 50]);
+        // X's data comes: A is now older than every holder and every write collecting.
+        c.handle(data_out_pdu(10, 0xffff_ffff, 0, 512)).await.ok();
+        let r = r2ts(&outs(&mut rx));
+        assert_eq!(r.iter().map(|r| r.0).collect::<Vec<_>>(), vec![11], "{r:?}");
     }
 
     /// The Rejects sent (RFC 7143 11.17): (reason, ITT of the rejected header).
@@ -2701,10 +2837,7 @@ mod tests {
         assert_eq!(rejects(&o), vec![(0x02, 8)]);
         assert_eq!(answered(&o), vec![(8, 0x02)]);
         // CmdSN 3 is not held behind a gap: it runs (and takes the unit attention).
-        let mut tur = write_cmd(false, 9, 3, 0, &[]);
-        tur.bhs.0[1] = 0x81;
-        tur.bhs.0[32..48].fill(0);
-        c.handle(tur).await.ok();
+        c.handle(tur_cmd(9, 3)).await.ok();
         assert_eq!(answered(&outs(&mut rx)), vec![(9, 0x02)]);
         assert!(c.held.is_empty());
         assert_eq!(c.shared.exp(), 4);
@@ -2754,25 +2887,11 @@ mod tests {
         // An ORDERED write still waiting for its unsolicited data, and a TEST UNIT READY
         // behind it.
         c.handle(write_attr(100, 2, 1, 2, false)).await.ok();
-        let mut tur = write_cmd(false, 5, 3, 0, &[]);
-        tur.bhs.0[1] = 0x81;
-        tur.bhs.0[32..48].fill(0);
-        c.handle(tur).await.ok();
+        c.handle(tur_cmd(5, 3)).await.ok();
         tokio::task::yield_now().await;
         assert!(outs(&mut rx).is_empty(), "the TEST UNIT READY waits");
         let max = c.shared.max();
-        let other = Arc::new(ItNexus {
-            initiator: scsi::InitiatorPort {
-                transport: scsi::Transport::Iscsi,
-                name: "iqn.2026-01.test:other".into(),
-                isid: Some([0x80, 0, 0, 0, 0, 2]),
-            },
-            target: scsi::TargetPort {
-                name: "iqn.2026-01.io.sharedisk:unit".into(),
-                tpgt: 1,
-                relative_id: 1,
-            },
-        });
+        let other = other_nexus();
         let target = c.target.clone().expect("normal session");
         let r = tokio::time::timeout(
             Duration::from_secs(10),
