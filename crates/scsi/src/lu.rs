@@ -449,7 +449,9 @@ impl LogicalUnit {
         // with the ACA task attribute has none to run in: it is refused before it runs, with
         // nothing of its nexus's state (unit attentions) touched.
         if cmd.attr == crate::TaskAttr::Aca {
-            guard.finish();
+            if guard.finish() {
+                return Completion::Aborted;
+            }
             return Completion::Done(self.check(cond::INVALID_MESSAGE_ERROR));
         }
         // SAM-5 8.6: wait for the turn the task attribute gives (at once for the usual SIMPLE
@@ -1367,11 +1369,17 @@ impl LogicalUnit {
         self.tasks.any_of(nexus)
     }
 
+    /// A nexus the LU has not seen (or has forgotten) gets POWER ON, RESET, OR BUS DEVICE
+    /// RESET OCCURRED with its first command, so it has one pending.
     pub(crate) fn query_async_event(&self, nexus: &ItNexus) -> bool {
-        self.nexuses.peek(nexus).is_some_and(|s| s.has_pending())
+        self.nexuses.peek(nexus).is_none_or(|s| s.has_pending())
     }
 
     pub(crate) fn nexus_lost(&self, nexus: &ItNexus) {
+        // The epoch first, as every function that ends a nexus's tasks does: a command that
+        // took the nexus's state before `lose` replaces it, and enters the task set after the
+        // scan below, sees it ended instead of running after the loss.
+        self.end_nexus_tasks(nexus);
         self.resv.release_spc2_if(|h| h == nexus);
         self.tasks.abort_now(|n| n == nexus);
         self.nexuses.lose(nexus);

@@ -369,7 +369,13 @@ async fn query_task_reports_running_tasks() {
 async fn query_async_event_reports_pending_unit_attention() {
     let t = mem_target(64, 512);
     let n = nexus();
-    // First contact queues POWER ON, RESET; INQUIRY does not consume it.
+    // A nexus the LU has not seen yet has POWER ON, RESET pending: its first command would
+    // report it (SAM-5 6.3.1).
+    assert_eq!(
+        t.task_management(&n, Tmf::QueryAsyncEvent { lun: 0 }).await,
+        TmfResponse::FunctionSucceeded
+    );
+    // INQUIRY does not consume it.
     assert_good(&run(&t, &n, &[0x12, 0, 0, 0, 36, 0], vec![]).await);
     assert_eq!(
         t.task_management(&n, Tmf::QueryAsyncEvent { lun: 0 }).await,
