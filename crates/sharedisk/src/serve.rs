@@ -1,5 +1,5 @@
 //! Running a [`Plan`]: open the images, build the SCSI targets, bind the portals, announce the
-//! URLs, serve until SIGINT or SIGTERM, then flush every backend.
+//! URLs, serve until SIGINT or SIGTERM (SIGHUP is ignored), then flush every backend.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -217,6 +217,15 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
     // it reads the URL, and the default action would end the process without a flush.
     let mut term = signal(SignalKind::terminate()).context("Cannot catch SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("Cannot catch SIGINT")?;
+    // A hangup (the terminal it was started from closing) does not stop the disks: its
+    // default action would end the process without an orderly stop. There is no
+    // configuration to reload.
+    let mut hup = signal(SignalKind::hangup()).context("Cannot catch SIGHUP")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::warn!("SIGHUP ignored (sharedisk reloads nothing; SIGTERM stops it)");
+        }
+    });
     let mut targets = Vec::new();
     // One logical unit per image, whichever frontends serve it: one task set, one reservation
     // state, one set of range locks.

@@ -192,6 +192,14 @@ fn sigterm_stops_the_daemon_with_success() {
     let mut idle = TcpStream::connect(&portal).expect("connect");
     idle.set_read_timeout(Some(WAIT)).expect("read timeout");
 
+    // A hangup does not stop it: the portal still accepts.
+    d.signal("-HUP");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        TcpStream::connect(&portal).is_ok(),
+        "still serving after SIGHUP"
+    );
+
     d.signal("-TERM");
 
     // Closed (or reset, if it was still in the listen backlog), not timed out.
