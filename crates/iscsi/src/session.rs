@@ -2622,45 +2622,50 @@ mod tests {
             .collect()
     }
 
+    /// 8 MiB of 512-byte blocks: the largest write the test LU takes (Block Limits VPD).
+    const BIG: u16 = 16384;
+    /// How many [`BIG`] writes fill [`MAX_SOLICITED`].
+    const FILL: u32 = (MAX_SOLICITED / (8 << 20)) as u32;
+
+    /// A reader whose writes get one R2T each ([`BIG`] at most), past its unit attention.
+    async fn big_burst_conn() -> (Conn, mpsc::UnboundedReceiver<Out>) {
+        let mut params = unsolicited_params();
+        params.max_burst = 8 << 20;
+        let (mut c, mut rx) = conn(params);
+        take_unit_attention(&mut c, &mut rx).await;
+        (c, rx)
+    }
+
+    /// [`FILL`] SIMPLE writes of [`BIG`], ITT 0 up and CmdSN `cmdsn` up, each sent its R2T
+    /// and all its data: together they hold the whole budget.
+    async fn fill_budget(c: &mut Conn, rx: &mut mpsc::UnboundedReceiver<Out>, cmdsn: u32) {
+        for i in 0..FILL {
+            c.handle(write_attr(i, cmdsn + i, BIG, 1, true)).await.ok();
+            let r = r2ts(&outs(rx));
+            assert_eq!(r.len(), 1, "write {i}: {r:?}");
+            let (itt, ttt, offset, len) = r[0];
+            assert_eq!((itt, offset, len), (i, 0, 8 << 20));
+            c.handle(data_out_pdu(itt, ttt, offset, len)).await.ok();
+        }
+    }
+
     #[tokio::test]
     async fn a_write_holds_its_budget_until_answered_and_the_oldest_still_gets_its_r2t() {
-        let mut params = unsolicited_params();
-        params.max_burst = 8 << 20; // one R2T per 8 MiB write
-        let (mut c, mut rx) = conn(params);
-        const BIG: u16 = 16384; // 8 MiB of 512-byte blocks
-        let fill = (MAX_SOLICITED / (8 << 20)) as u32;
-        // A TEST UNIT READY (CDB all zero, F=1, no data) takes the new nexus's unit
-        // attention.
-        let mut tur = write_cmd(false, 99, 1, 0, &[]);
-        tur.bhs.0[1] = 0x81;
-        tur.bhs.0[32..48].fill(0);
-        c.handle(tur).await.ok();
-        assert_eq!(
-            answered(&outs(&mut rx)),
-            vec![(99, 2)],
-            "CHECK CONDITION, 29h"
-        );
+        let (mut c, mut rx) = big_burst_conn().await;
         // An ORDERED write that sends its unsolicited first burst later: no R2T yet.
         c.handle(write_attr(100, 2, BIG, 2, false)).await.ok();
         assert!(r2ts(&outs(&mut rx)).is_empty());
         // SIMPLE writes that fill the budget, whose data all arrives: they wait for their
         // turn behind the ORDERED one, holding their buffers.
-        for i in 0..fill {
-            c.handle(write_attr(i, 3 + i, BIG, 1, true)).await.ok();
-            let r = r2ts(&outs(&mut rx));
-            assert_eq!(r.len(), 1, "write {i}: {r:?}");
-            let (itt, ttt, offset, len) = r[0];
-            assert_eq!((itt, offset, len), (i, 0, 8 << 20));
-            c.handle(data_out_pdu(itt, ttt, 0, len)).await.ok();
-        }
+        fill_budget(&mut c, &mut rx, 3).await;
         tokio::task::yield_now().await;
         assert!(
             answered(&outs(&mut rx)).is_empty(),
             "behind the ORDERED write"
         );
         // Two more writes: no R2T while the waiting writes hold the budget.
-        c.handle(write_attr(50, 3 + fill, 1, 1, true)).await.ok();
-        c.handle(write_attr(51, 4 + fill, 1, 1, true)).await.ok();
+        c.handle(write_attr(50, 3 + FILL, 1, 1, true)).await.ok();
+        c.handle(write_attr(51, 4 + FILL, 1, 1, true)).await.ok();
         assert!(r2ts(&outs(&mut rx)).is_empty(), "over budget");
         // The ORDERED write's first burst (FirstBurstLength 64 KiB, unsolicited, TTT
         // FFFFFFFFh): it is the oldest still collecting, so it gets its R2T over the budget;
@@ -2677,11 +2682,11 @@ mod tests {
         // older writes hold the budget. They are answered GOOD, their budget comes back and
         // the reader is told, which sends both their R2Ts.
         let mut done = Vec::new();
-        while done.len() < fill as usize + 1 {
+        while done.len() < FILL as usize + 1 {
             let o = outs(&mut rx);
             done.extend(answered(&o));
             assert!(r2ts(&o).is_empty(), "{:?}", r2ts(&o));
-            if done.len() == fill as usize + 1 {
+            if done.len() == FILL as usize + 1 {
                 break;
             }
             tokio::time::timeout(Duration::from_secs(10), c.shared.budget_freed.notified())
@@ -2702,35 +2707,24 @@ mod tests {
     /// nothing.
     #[tokio::test]
     async fn a_younger_write_is_not_let_over_the_budget_that_waiting_writes_hold() {
-        let mut params = unsolicited_params();
-        params.max_burst = 8 << 20;
-        let (mut c, mut rx) = conn(params);
-        const BIG: u16 = 16384; // 8 MiB of 512-byte blocks
-        let fill = (MAX_SOLICITED / (8 << 20)) as u32;
-        take_unit_attention(&mut c, &mut rx).await;
+        let (mut c, mut rx) = big_burst_conn().await;
         // Another nexus's ORDERED command has arrived and not finished: SIMPLE commands
         // that arrive after it wait for it (SAM-5 8.6.3).
         let other = other_nexus();
         let target = c.target.clone().expect("normal session");
         let blocker = target.arrive(&other, 0, None, TaskAttr::Ordered);
         assert!(blocker.is_some());
-        for i in 0..fill {
-            c.handle(write_attr(i, 2 + i, BIG, 1, true)).await.ok();
-            let r = r2ts(&outs(&mut rx));
-            assert_eq!(r.len(), 1, "write {i}: {r:?}");
-            let (itt, ttt, offset, len) = r[0];
-            c.handle(data_out_pdu(itt, ttt, offset, len)).await.ok();
-        }
+        fill_budget(&mut c, &mut rx, 2).await;
         tokio::task::yield_now().await;
         assert!(answered(&outs(&mut rx)).is_empty(), "they wait");
         // The only write still collecting, but younger than those holding the budget.
-        c.handle(write_attr(50, 2 + fill, 1, 1, true)).await.ok();
+        c.handle(write_attr(50, 2 + FILL, 1, 1, true)).await.ok();
         assert!(r2ts(&outs(&mut rx)).is_empty(), "not let over the budget");
         // The ORDERED command ends: the writes run, give their budget back, and the
         // waiting write gets its R2T.
         drop(blocker);
         let mut done = Vec::new();
-        while done.len() < fill as usize {
+        while done.len() < FILL as usize {
             tokio::time::timeout(Duration::from_secs(10), c.shared.budget_freed.notified())
                 .await
                 .expect("an answered write gives its budget back");
@@ -2748,12 +2742,7 @@ mod tests {
     /// for ever.
     #[tokio::test]
     async fn the_oldest_waiting_write_gets_its_r2t_first() {
-        let mut params = unsolicited_params();
-        params.max_burst = 8 << 20;
-        let (mut c, mut rx) = conn(params);
-        const BIG: u16 = 16384; // 8 MiB of 512-byte blocks
-        let fill = (MAX_SOLICITED / (8 << 20)) as u32;
-        take_unit_attention(&mut c, &mut rx).await;
+        let (mut c, mut rx) = big_burst_conn().await;
         let other = other_nexus();
         let target = c.target.clone().expect("normal session");
         let _blocker = target.arrive(&other, 0, None, TaskAttr::Ordered);
@@ -2761,15 +2750,9 @@ mod tests {
         c.handle(write_attr(10, 2, 1, 1, false)).await.ok();
         c.handle(write_attr(11, 3, BIG, 1, false)).await.ok();
         // Younger writes fill the budget and wait behind the other nexus's ORDERED command.
-        for i in 0..fill {
-            c.handle(write_attr(i, 4 + i, BIG, 1, true)).await.ok();
-            let r = r2ts(&outs(&mut rx));
-            assert_eq!(r.len(), 1, "write {i}: {r:?}");
-            let (itt, ttt, offset, len) = r[0];
-            c.handle(data_out_pdu(itt, ttt, offset, len)).await.ok();
-        }
+        fill_budget(&mut c, &mut rx, 4).await;
         // B waits for budget; then A's first burst ends while X is older: A waits behind B.
-        c.handle(write_attr(50, 4 + fill, 1, 1, true)).await.ok();
+        c.handle(write_attr(50, 4 + FILL, 1, 1, true)).await.ok();
         c.handle(data_out_pdu(11, 0xffff_ffff, 0, 65_536))
             .await
             .ok();
