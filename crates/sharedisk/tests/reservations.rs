@@ -397,22 +397,13 @@ fn a_control_path_that_is_not_a_socket_is_refused_and_left_alone() {
     let dir = tempfile::tempdir().expect("temp dir");
     let precious = dir.path().join("precious.img");
     std::fs::write(&precious, b"data").expect("write");
-    let out = Command::new(BIN)
-        .args(["serve", "--file"])
-        .arg(dir.path().join("disk.img"))
-        .args(["--size", "16M", "--listen", "127.0.0.1:0", "--control"])
-        .arg(&precious)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run sharedisk");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("is not a socket"), "{err}");
-    assert_eq!(std::fs::read(&precious).expect("still there"), b"data");
-    // The control socket is bound before any portal serves: a start that fails has
-    // served nothing ("Listening" is logged as a portal starts serving).
-    assert!(!err.contains("Listening"), "{err}");
+    // The control socket is bound before any portal serves: a start that fails has served
+    // nothing.
+    support::refused_for_a_file_that_is_not_a_socket(
+        dir.path(),
+        &["--control".as_ref(), precious.as_ref()],
+        &precious,
+    );
 }
 
 #[test]
