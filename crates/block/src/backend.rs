@@ -54,8 +54,9 @@ pub struct Capabilities {
 /// A caller runs each operation's future to its end. A write-type operation dropped midway
 /// would release its range lock while its driver I/O (an io_uring slot, a job on the
 /// blocking pool) carries on, and could land after an overlapping COMPARE AND WRITE had
-/// compared. The SCSI layer never drops one: task management waits for running tasks, and a
-/// panic is caught around a future that is kept until the command ends.
+/// compared. The SCSI layer never drops one: task management waits for running tasks. The
+/// one exception is a bug: a command whose future panicked is answered INTERNAL TARGET
+/// FAILURE and its future dropped, and a driver I/O it had in flight may land after that.
 pub struct Backend {
     driver: Arc<dyn Driver>,
     info: DriverInfo,
