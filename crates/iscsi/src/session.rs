@@ -58,10 +58,11 @@ const WRITER_STALL: Duration = Duration::from_secs(30);
 /// Data-out bytes one connection's writes hold from their first R2T until they are answered
 /// (collecting, then waiting for their turn or running). A write's first R2T waits for
 /// budget unless the write is older than every write that holds budget or still collects
-/// data: the writes holding budget wait at most for older commands, so the oldest write not
-/// yet answered either holds budget or may take it, and the wait can never close into a
-/// cycle. Only one write is over budget at a time (the writes after it are younger), so a
-/// connection holds at most this plus one write.
+/// data, or is a HEAD OF QUEUE write while no other holds budget. The writes holding budget
+/// wait only for older commands and for HEAD OF QUEUE ones (which wait for nothing, SAM-5
+/// 8.6), so the oldest write not yet answered either holds budget or may take it, and so
+/// may a HEAD OF QUEUE write: the wait can never close into a cycle. One write of each kind
+/// is over budget at a time, so a connection holds at most this plus two writes.
 pub const MAX_SOLICITED: u64 = 64 * 1024 * 1024;
 /// Data-in bytes the READs of one connection hold at once, from before each runs until its
 /// data is written out. Without it the CmdSN window ([`QUEUE_DEPTH`]) lets 128 READs of the
@@ -263,11 +264,15 @@ pub struct Shared {
     reading: Arc<tokio::sync::Semaphore>,
     /// Data-out bytes held by this connection's writes (see [`MAX_SOLICITED`]).
     solicited: AtomicU64,
-    /// The [`WriteTask::seq`] of each write holding some of `solicited`.
-    holders: Mutex<std::collections::BTreeSet<u64>>,
+    /// The [`WriteTask::seq`] of each write holding some of `solicited`, and whether it is a
+    /// HEAD OF QUEUE one.
+    holders: Mutex<BTreeMap<u64, bool>>,
     /// Told when a write answered gives its budget back: the reader then sends the R2Ts
     /// that waited for it.
     budget_freed: tokio::sync::Notify,
+    /// A NOP-In that carries MaxCmdSN ([`Shared::window_reopened`]) is queued and not yet
+    /// stamped: one is enough, as the writer stamps the value current when it writes it.
+    window_nop: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -294,16 +299,32 @@ impl Shared {
             writer_stalled: AtomicBool::new(false),
             reading: Arc::new(tokio::sync::Semaphore::new(MAX_READING as usize)),
             solicited: AtomicU64::new(0),
-            holders: Mutex::new(std::collections::BTreeSet::new()),
+            holders: Mutex::new(BTreeMap::new()),
             budget_freed: tokio::sync::Notify::new(),
+            window_nop: AtomicBool::new(false),
         }
     }
-    fn holders(&self) -> MutexGuard<'_, std::collections::BTreeSet<u64>> {
+    /// A window place reopened with nothing of the command's own to tell the initiator (it
+    /// was ended by task management, which answers no status for it). RFC 7143 11.4.11: "When
+    /// MaxCmdSN changes at the target while the target has no pending PDUs to convey this
+    /// information to the initiator, it MUST generate a NOP-In to carry the new MaxCmdSN":
+    /// ITT and TTT FFFFFFFFh, none wanted back (11.19.1), StatSN not advanced. At most one is
+    /// queued at a time.
+    fn window_reopened(&self, tx: &Sender) {
+        if !self.window_nop.swap(true, Ordering::AcqRel) {
+            let mut b = Bhs::new(op::NOP_IN);
+            b.0[1] = 0x80;
+            b.set_u32(16, RESERVED_TAG);
+            b.set_u32(20, RESERVED_TAG);
+            tx.send_pdu(b, Vec::new(), Sn::Peek);
+        }
+    }
+    fn holders(&self) -> MutexGuard<'_, BTreeMap<u64, bool>> {
         self.holders.lock().unwrap_or_else(|e| e.into_inner())
     }
-    /// The write `seq` takes `bytes` of [`MAX_SOLICITED`].
-    fn solicit(&self, seq: u64, bytes: u64) {
-        self.holders().insert(seq);
+    /// The write `seq` (HEAD OF QUEUE: `head`) takes `bytes` of [`MAX_SOLICITED`].
+    fn solicit(&self, seq: u64, bytes: u64, head: bool) {
+        self.holders().insert(seq, head);
         self.solicited.fetch_add(bytes, Ordering::AcqRel);
     }
     /// The write `seq` gives back the `bytes` of [`MAX_SOLICITED`] it holds.
@@ -1140,7 +1161,8 @@ impl Conn {
             return;
         };
         let got = task.buf.len() as u32;
-        let (edtl, seq_end, solicited, seq) = (task.edtl, task.seq_end, task.solicited, task.seq);
+        let (edtl, seq_end, solicited, seq, attr) =
+            (task.edtl, task.seq_end, task.solicited, task.seq, task.attr);
         if task.crc_error {
             if got >= seq_end {
                 self.fail_task(itt, 0x47, 0x05);
@@ -1182,15 +1204,20 @@ impl Conn {
             // never waits for budget again.
             let need = u64::from(edtl - got);
             let held = self.shared.solicited.load(Ordering::Acquire);
-            let oldest = self.tasks.values().all(|t| t.seq >= seq)
-                && self.shared.holders().first().is_none_or(|&h| h > seq);
-            if held + need > MAX_SOLICITED && !oldest {
+            let head = attr == TaskAttr::HeadOfQueue;
+            let may_exceed = || {
+                let holders = self.shared.holders();
+                let oldest = self.tasks.values().all(|t| t.seq >= seq)
+                    && holders.keys().next().is_none_or(|&h| h > seq);
+                oldest || (head && !holders.values().any(|&h| h))
+            };
+            if held + need > MAX_SOLICITED && !may_exceed() {
                 if !self.r2t_wait.contains(&itt) {
                     self.r2t_wait.push_back(itt);
                 }
                 return;
             }
-            self.shared.solicit(seq, need);
+            self.shared.solicit(seq, need, head);
             let Some(task) = self.tasks.get_mut(&itt) else {
                 return;
             };
@@ -1373,7 +1400,6 @@ impl Conn {
         };
         let tx = self.tx.clone();
         let shared = self.shared.clone();
-        let tmfs = self.tmf_slots.clone();
         let itt = cmd.tag as u32;
         shared.executing.fetch_add(1, Ordering::AcqRel);
         static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -1413,24 +1439,9 @@ impl Conn {
                             reading,
                         })));
                     }
-                    // Ended by task management of another nexus (a reset, PREEMPT AND
-                    // ABORT, CLEAR TASK SET): no response, and, with no function of this
-                    // connection under way (whose response would), nothing of this
-                    // connection's may be on its way to carry the MaxCmdSN its slot just
-                    // opened. RFC 7143 11.4.11 then wants a NOP-In: ITT and TTT FFFFFFFFh,
-                    // none wanted back (11.19.1), StatSN not advanced.
-                    Completion::Aborted
-                        if ours
-                            && then.is_none()
-                            && slot == Slot::Window
-                            && tmfs.available_permits() == MAX_TMF =>
-                    {
-                        let mut b = Bhs::new(op::NOP_IN);
-                        b.0[1] = 0x80;
-                        b.set_u32(16, RESERVED_TAG);
-                        b.set_u32(20, RESERVED_TAG);
-                        tx.send_pdu(b, Vec::new(), Sn::Peek);
-                    }
+                    // Ended by task management, which answers no status for it (a function
+                    // of this connection may have had its response stamped already).
+                    _ if slot == Slot::Window => shared.window_reopened(&tx),
                     _ => {}
                 }
                 if let Some(bhs) = then {
@@ -1959,6 +1970,13 @@ async fn writer<W: AsyncWrite + Unpin>(
                     max_data = n.max(512);
                 }
                 Out::Pdu { mut bhs, data, sn } => {
+                    if bhs.opcode() == op::NOP_IN
+                        && bhs.itt() == RESERVED_TAG
+                        && bhs.field20() == RESERVED_TAG
+                    {
+                        // Cleared before the stamp: a place reopened after it queues another.
+                        shared.window_nop.store(false, Ordering::Release);
+                    }
                     stamp(&mut bhs, &shared, &mut statsn, sn);
                     pdu::write_pdu(&mut w, &mut bhs, &data, framing).await?;
                 }
@@ -2766,6 +2784,39 @@ mod tests {
         assert_eq!(r.iter().map(|r| r.0).collect::<Vec<_>>(), vec![11], "{r:?}");
     }
 
+    /// A HEAD OF QUEUE write holds back every SIMPLE and ORDERED command from the moment
+    /// it arrives (SAM-5 8.6.3), the writes holding the budget included: it gets its R2T
+    /// over the budget, or they would wait for it while it waits for them.
+    #[tokio::test]
+    async fn a_head_of_queue_write_gets_its_r2t_over_the_budget() {
+        let (mut c, mut rx) = big_burst_conn().await;
+        // The budget's writes have their R2Ts, not yet their data.
+        let mut r2t = Vec::new();
+        for i in 0..FILL {
+            c.handle(write_attr(i, 2 + i, BIG, 1, true)).await.ok();
+            r2t.extend(r2ts(&outs(&mut rx)));
+        }
+        assert_eq!(r2t.len(), FILL as usize);
+        // HEAD OF QUEUE (task attribute 3), one block, all solicited.
+        c.handle(write_attr(70, 2 + FILL, 1, 3, true)).await.ok();
+        let z = r2ts(&outs(&mut rx));
+        assert_eq!(z.iter().map(|r| r.0).collect::<Vec<_>>(), vec![70], "{z:?}");
+        // Everyone's data: all run, the HEAD OF QUEUE write first, and all are GOOD.
+        for (itt, ttt, offset, len) in r2t.into_iter().chain(z) {
+            c.handle(data_out_pdu(itt, ttt, offset, len)).await.ok();
+        }
+        let mut done = Vec::new();
+        for _ in 0..1000 {
+            done.extend(answered(&outs(&mut rx)));
+            if done.len() == FILL as usize + 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(done.len(), FILL as usize + 1, "{done:?}");
+        assert!(done.iter().all(|&(_, status)| status == 0), "{done:?}");
+    }
+
     /// The Rejects sent (RFC 7143 11.17): (reason, ITT of the rejected header).
     fn rejects(outs: &[Out]) -> Vec<(u8, u32)> {
         outs.iter()
@@ -2858,21 +2909,14 @@ mod tests {
     #[tokio::test]
     async fn a_window_slot_reopened_by_another_nexus_s_reset_is_told_with_a_nop_in() {
         let (mut c, mut rx) = conn(unsolicited_params());
-        let mut tur = write_cmd(false, 99, 1, 0, &[]);
-        tur.bhs.0[1] = 0x81;
-        tur.bhs.0[32..48].fill(0);
-        c.handle(tur).await.ok();
-        assert_eq!(
-            answered(&outs(&mut rx)),
-            vec![(99, 2)],
-            "the unit attention"
-        );
-        // An ORDERED write still waiting for its unsolicited data, and a TEST UNIT READY
+        take_unit_attention(&mut c, &mut rx).await;
+        // An ORDERED write still waiting for its unsolicited data, and two TEST UNIT READYs
         // behind it.
         c.handle(write_attr(100, 2, 1, 2, false)).await.ok();
         c.handle(tur_cmd(5, 3)).await.ok();
+        c.handle(tur_cmd(6, 4)).await.ok();
         tokio::task::yield_now().await;
-        assert!(outs(&mut rx).is_empty(), "the TEST UNIT READY waits");
+        assert!(outs(&mut rx).is_empty(), "the TEST UNIT READYs wait");
         let max = c.shared.max();
         let other = other_nexus();
         let target = c.target.clone().expect("normal session");
@@ -2898,8 +2942,10 @@ mod tests {
                 _ => None,
             })
             .collect();
+        // One NOP-In for both (the writer, not running here, stamps the MaxCmdSN current
+        // when it writes it).
         assert_eq!(nops, vec![(0xffff_ffff, 0xffff_ffff, Sn::Peek)]);
-        assert_eq!(c.shared.max(), max.wrapping_add(1), "the slot reopened");
+        assert_eq!(c.shared.max(), max.wrapping_add(2), "the places reopened");
     }
 
     #[tokio::test]

@@ -98,6 +98,9 @@ pub struct Client {
     pub s: TcpStream,
     pub cmdsn: u32,
     pub itt: u32,
+    /// NOP-Ins that only carried a new MaxCmdSN (ITT and TTT FFFFFFFFh, RFC 7143 11.4.11,
+    /// 11.19.1), which [`Client::recv`] passed over.
+    pub window_nops: u32,
 }
 
 impl Client {
@@ -123,7 +126,22 @@ impl Client {
         n
     }
 
+    /// The next PDU, passing over (and counting in `window_nops`) the NOP-Ins that only tell
+    /// a new MaxCmdSN: the target sends one whenever a command ends with no response of its
+    /// own (task management ended it), and may send one more than needed.
     pub async fn recv(&mut self) -> Option<Pdu> {
+        loop {
+            let p = self.recv_any().await?;
+            if p.bhs[0] & 0x3f == 0x20 && p.u32(16) == 0xffff_ffff && p.u32(20) == 0xffff_ffff {
+                self.window_nops += 1;
+                continue;
+            }
+            return Some(p);
+        }
+    }
+
+    /// The next PDU, whatever it is.
+    pub async fn recv_any(&mut self) -> Option<Pdu> {
         let mut bhs = [0u8; 48];
         tokio::time::timeout(Duration::from_secs(2), self.s.read_exact(&mut bhs))
             .await
@@ -193,6 +211,7 @@ impl Client {
             s,
             cmdsn: 1,
             itt: 1,
+            window_nops: 0,
         };
         let mut b = [0u8; 48];
         b[0] = 0x43; // I=1, Login Request
