@@ -1268,26 +1268,42 @@ impl Conn {
         Some(t)
     }
 
-    /// Send the R2Ts that waited for budget, oldest write first, while budget lasts (the
-    /// oldest may be over it, see [`MAX_SOLICITED`]: it is tried first whatever order the
-    /// writes' sequences ended in).
+    /// Send the R2Ts that waited for budget, while budget lasts: HEAD OF QUEUE writes first,
+    /// each tried every time (one may go over the budget while no other holds some, and the
+    /// commands holding it wait for every one of them), then the others oldest first (the
+    /// oldest may go over the budget), stopping at the first that does not fit so that a
+    /// younger write never takes budget ahead of an older one.
     fn pump_r2t(&mut self) {
         let tasks = &self.tasks;
-        self.r2t_wait
-            .make_contiguous()
-            .sort_by_key(|itt| tasks.get(itt).map_or(0, |t| t.seq));
+        let key = |itt: &u32| {
+            tasks
+                .get(itt)
+                .map_or((false, 0), |t| (t.attr != TaskAttr::HeadOfQueue, t.seq))
+        };
+        self.r2t_wait.make_contiguous().sort_by_key(key);
+        let mut still = VecDeque::new();
+        let mut blocked = false;
         while let Some(itt) = self.r2t_wait.pop_front() {
-            if !self.tasks.contains_key(&itt) {
+            let Some(head) = self
+                .tasks
+                .get(&itt)
+                .map(|t| t.attr == TaskAttr::HeadOfQueue)
+            else {
+                continue;
+            };
+            if blocked && !head {
+                still.push_back(itt);
                 continue;
             }
             self.advance_write(itt);
             if self.r2t_wait.back() == Some(&itt) {
-                // Still no budget: keep it first in line.
+                // Still no budget: it keeps its place.
                 self.r2t_wait.pop_back();
-                self.r2t_wait.push_front(itt);
-                break;
+                still.push_back(itt);
+                blocked |= !head;
             }
         }
+        self.r2t_wait = still;
     }
 
     fn data_out(&mut self, pdu: Pdu) -> Result<Flow, SessionError> {
@@ -1974,8 +1990,11 @@ async fn writer<W: AsyncWrite + Unpin>(
                         && bhs.itt() == RESERVED_TAG
                         && bhs.field20() == RESERVED_TAG
                     {
-                        // Cleared before the stamp: a place reopened after it queues another.
-                        shared.window_nop.store(false, Ordering::Release);
+                        // Cleared before the stamp, by a read-modify-write: a place reopened
+                        // after it queues another, and one whose `window_reopened` found the
+                        // flag still set is seen by the stamp (the two swaps are ordered, and
+                        // the earlier one's release carries the window's change).
+                        shared.window_nop.swap(false, Ordering::AcqRel);
                     }
                     stamp(&mut bhs, &shared, &mut statsn, sn);
                     pdu::write_pdu(&mut w, &mut bhs, &data, framing).await?;
@@ -2815,6 +2834,48 @@ mod tests {
         }
         assert_eq!(done.len(), FILL as usize + 1, "{done:?}");
         assert!(done.iter().all(|&(_, status)| status == 0), "{done:?}");
+    }
+
+    /// A second HEAD OF QUEUE write waits while the first holds budget, and is tried when
+    /// that one is answered even though an older SIMPLE write waiting before it still does not
+    /// fit: the writes holding the budget wait for it.
+    #[tokio::test]
+    async fn a_second_head_of_queue_write_gets_its_r2t_once_the_first_is_answered() {
+        let (mut c, mut rx) = big_burst_conn().await;
+        let mut r2t = Vec::new();
+        for i in 0..FILL {
+            c.handle(write_attr(i, 2 + i, BIG, 1, true)).await.ok();
+            r2t.extend(r2ts(&outs(&mut rx)));
+        }
+        // A SIMPLE write that waits for budget, then two HEAD OF QUEUE writes: the first
+        // goes over the budget, the second waits.
+        c.handle(write_attr(60, 2 + FILL, 1, 1, true)).await.ok();
+        c.handle(write_attr(70, 3 + FILL, 1, 3, true)).await.ok();
+        c.handle(write_attr(71, 4 + FILL, 1, 3, true)).await.ok();
+        let h0 = r2ts(&outs(&mut rx));
+        assert_eq!(
+            h0.iter().map(|r| r.0).collect::<Vec<_>>(),
+            vec![70],
+            "{h0:?}"
+        );
+        // The budget's writes get their data and wait for the HEAD OF QUEUE writes.
+        for (itt, ttt, offset, len) in r2t {
+            c.handle(data_out_pdu(itt, ttt, offset, len)).await.ok();
+        }
+        let (itt, ttt, offset, len) = h0[0];
+        c.handle(data_out_pdu(itt, ttt, offset, len)).await.ok();
+        tokio::task::yield_now().await;
+        // Its budget came back (the reader pumps after each PDU, and when told): the pump
+        // reaches the second past the SIMPLE one.
+        c.pump_r2t();
+        let o = outs(&mut rx);
+        assert_eq!(answered(&o), vec![(70, 0)]);
+        let h1 = r2ts(&o);
+        assert_eq!(
+            h1.iter().map(|r| r.0).collect::<Vec<_>>(),
+            vec![71],
+            "{h1:?}"
+        );
     }
 
     /// The Rejects sent (RFC 7143 11.17): (reason, ITT of the rejected header).

@@ -920,6 +920,7 @@ async fn discovery(addr: std::net::SocketAddr, mrdsl: u32) -> Client {
         cmdsn: 1,
         itt: 1,
         window_nops: 0,
+        max_cmdsn: 0,
     };
     let mut b = [0u8; 48];
     b[0] = 0x43; // I=1, Login Request
@@ -1165,6 +1166,7 @@ async fn login_skipping_security(addr: std::net::SocketAddr, text: &str) -> (Cli
         cmdsn: 1,
         itt: 1,
         window_nops: 0,
+        max_cmdsn: 0,
     };
     let mut b = [0u8; 48];
     b[0] = 0x43; // I=1, Login Request
@@ -1528,6 +1530,7 @@ async fn target_offers_initial_r2t_no_and_immediate_data_yes_to_an_initiator_tha
         cmdsn: 1,
         itt: 1,
         window_nops: 0,
+        max_cmdsn: 0,
     };
     let mut b = [0u8; 48];
     b[0] = 0x43; // I=1, Login Request
@@ -1694,12 +1697,13 @@ async fn ended_by_another(c: &mut Client, w: (u32, u32)) {
 /// place it frees is told with a NOP-In that wants no answer (RFC 7143 11.4.11; 11.19.1:
 /// ITT and TTT FFFFFFFFh).
 async fn no_response_but_the_window(c: &mut Client) {
-    let before = c.window_nops;
+    let (nops, max) = (c.window_nops, c.max_cmdsn);
     assert!(c.recv().await.is_none(), "no response for the ended write");
+    assert_eq!(c.window_nops, nops + 1, "one NOP-In for the reopened place");
     assert_eq!(
-        c.window_nops,
-        before + 1,
-        "one NOP-In for the reopened place"
+        c.max_cmdsn,
+        max.wrapping_add(1),
+        "its MaxCmdSN counts the place"
     );
 }
 

@@ -101,6 +101,8 @@ pub struct Client {
     /// NOP-Ins that only carried a new MaxCmdSN (ITT and TTT FFFFFFFFh, RFC 7143 11.4.11,
     /// 11.19.1), which [`Client::recv`] passed over.
     pub window_nops: u32,
+    /// The MaxCmdSN of the last PDU received (bytes 32-35 of every target PDU's header).
+    pub max_cmdsn: u32,
 }
 
 impl Client {
@@ -151,6 +153,7 @@ impl Client {
         let mut data = vec![0; len + (4 - len % 4) % 4];
         self.s.read_exact(&mut data).await.ok()?;
         data.truncate(len);
+        self.max_cmdsn = u32::from_be_bytes([bhs[32], bhs[33], bhs[34], bhs[35]]);
         Some(Pdu { bhs, data })
     }
 
@@ -212,6 +215,7 @@ impl Client {
             cmdsn: 1,
             itt: 1,
             window_nops: 0,
+            max_cmdsn: 0,
         };
         let mut b = [0u8; 48];
         b[0] = 0x43; // I=1, Login Request
