@@ -1271,8 +1271,9 @@ impl Conn {
     /// Send the R2Ts that waited for budget, while budget lasts: HEAD OF QUEUE writes first,
     /// each tried every time (one may go over the budget while no other holds some, and the
     /// commands holding it wait for every one of them), then the others oldest first (the
-    /// oldest may go over the budget), stopping at the first that does not fit so that a
-    /// younger write never takes budget ahead of an older one.
+    /// oldest may go over the budget), stopping at the first that does not fit. A write not
+    /// waiting yet (new, or its unsolicited data just ended) takes budget that fits without
+    /// queueing behind these; none waits for ever, as the oldest may always go over.
     fn pump_r2t(&mut self) {
         let tasks = &self.tasks;
         let key = |itt: &u32| {
