@@ -16,7 +16,7 @@
 //! a command that announces data and sends none holds nothing: unsolicited data is at most
 //! FirstBurstLength per command, and the data solicited by R2Ts of one connection at most
 //! [`MAX_SOLICITED`] from the first R2T until the write is answered, beyond it by at most
-//! one write (see [`MAX_SOLICITED`]). Each write is at most [`MAX_WRITE`].
+//! two writes (see [`MAX_SOLICITED`]). Each write is at most [`MAX_WRITE`].
 //! Answers queued for the writer are bounded too: the reader stops taking PDUs while more than
 //! [`MAX_QUEUED`] messages or [`MAX_QUEUED_BYTES`] of data wait to be sent (an initiator that
 //! sends READs and does not read the answers), and gives up on the connection when the writer
@@ -312,11 +312,7 @@ impl Shared {
     /// queued at a time.
     fn window_reopened(&self, tx: &Sender) {
         if !self.window_nop.swap(true, Ordering::AcqRel) {
-            let mut b = Bhs::new(op::NOP_IN);
-            b.0[1] = 0x80;
-            b.set_u32(16, RESERVED_TAG);
-            b.set_u32(20, RESERVED_TAG);
-            tx.send_pdu(b, Vec::new(), Sn::Peek);
+            tx.send_pdu(nop_in(RESERVED_TAG, RESERVED_TAG), Vec::new(), Sn::Peek);
         }
     }
     fn holders(&self) -> MutexGuard<'_, BTreeMap<u64, bool>> {
@@ -781,11 +777,7 @@ impl Conn {
         let ttt = self.alloc_ttt();
         self.ping = Some(ttt);
         // RFC 7143 11.19: a ping carries a valid TTT and ITT 0xffffffff; StatSN not advanced.
-        let mut b = Bhs::new(op::NOP_IN);
-        b.0[1] = 0x80;
-        b.set_u32(16, RESERVED_TAG);
-        b.set_u32(20, ttt);
-        self.send_pdu(b, Vec::new(), Sn::Peek);
+        self.send_pdu(nop_in(RESERVED_TAG, ttt), Vec::new(), Sn::Peek);
     }
 
     fn alloc_ttt(&mut self) -> u32 {
@@ -958,15 +950,21 @@ impl Conn {
             return;
         }
         // RFC 7143 11.19: echo the ping data, TTT 0xffffffff.
-        let mut b = Bhs::new(op::NOP_IN);
-        b.0[1] = 0x80;
+        let mut b = nop_in(itt, RESERVED_TAG);
         b.set_lun(pdu.bhs.lun());
-        b.set_u32(16, itt);
-        b.set_u32(20, RESERVED_TAG);
         let mut data = pdu.data.clone();
         data.truncate(self.params.max_send_dsl as usize);
         self.send_pdu(b, data, Sn::Status);
     }
+}
+
+/// A NOP-In header (RFC 7143 11.19), F set, with `itt` and `ttt`.
+fn nop_in(itt: u32, ttt: u32) -> Bhs {
+    let mut b = Bhs::new(op::NOP_IN);
+    b.0[1] = 0x80;
+    b.set_u32(16, itt);
+    b.set_u32(20, ttt);
+    b
 }
 
 /// Build the CDB from the header and an Extended CDB AHS (RFC 7143 11.2.2.3, 11.3.5).
@@ -1199,10 +1197,10 @@ impl Conn {
         }
         // RFC 7143 11.8: one R2T at a time (MaxOutstandingR2T=1), at most MaxBurstLength.
         let len = (edtl - got).min(max_burst);
+        // The first R2T reserves everything the task still needs, so a started write never
+        // waits for budget again.
+        let need = u64::from(edtl - got);
         if solicited == 0 {
-            // The first R2T reserves everything the task still needs, so a started write
-            // never waits for budget again.
-            let need = u64::from(edtl - got);
             let held = self.shared.solicited.load(Ordering::Acquire);
             let head = attr == TaskAttr::HeadOfQueue;
             let may_exceed = || {
@@ -1218,22 +1216,14 @@ impl Conn {
                 return;
             }
             self.shared.solicit(seq, need, head);
-            let Some(task) = self.tasks.get_mut(&itt) else {
-                return;
-            };
-            task.solicited = need;
         }
+        let ttt = self.alloc_ttt();
         let Some(task) = self.tasks.get_mut(&itt) else {
             return;
         };
-        let ttt = {
-            let t = self.next_ttt;
-            self.next_ttt = self.next_ttt.wrapping_add(1);
-            if self.next_ttt == RESERVED_TAG {
-                self.next_ttt = 1;
-            }
-            t
-        };
+        if solicited == 0 {
+            task.solicited = need;
+        }
         task.unsolicited = false;
         task.asked = std::time::Instant::now();
         task.ttt = ttt;
