@@ -318,22 +318,25 @@ impl<'a> Login<'a> {
                 "TargetAlias" | "TargetAddress" | "TargetPortalGroupTag" | "SendTargets" => {
                     reply.push((k.clone(), "Irrelevant".into()))
                 }
-                _ if self.offered.iter().any(|(o, _)| o == k) => {
+                _ => match self.offered.iter().position(|(o, _)| o == k) {
                     // The initiator's answer to our offer: the result, not answered again.
-                    let at = self.offered.iter().position(|(o, _)| o == k);
-                    let (_, ours) = self.offered.remove(at.unwrap_or_default());
-                    if text::apply_answer(&mut self.params, k, v, &ours).is_err() {
-                        return self.fail(status::INITIATOR_ERROR);
+                    Some(at) => {
+                        let (_, ours) = self.offered.remove(at);
+                        if text::apply_answer(&mut self.params, k, v, &ours).is_err() {
+                            return self.fail(status::INITIATOR_ERROR);
+                        }
                     }
-                }
-                _ => {
-                    let discovery = self.kind == Some(Kind::Discovery);
-                    match text::negotiate(&mut self.params, k, v, discovery) {
-                        Answer::Value(a) => reply.push((k.clone(), a)),
-                        Answer::Silent => {}
-                        Answer::NotOperational => reply.push((k.clone(), "NotUnderstood".into())),
+                    None => {
+                        let discovery = self.kind == Some(Kind::Discovery);
+                        match text::negotiate(&mut self.params, k, v, discovery) {
+                            Answer::Value(a) => reply.push((k.clone(), a)),
+                            Answer::Silent => {}
+                            Answer::NotOperational => {
+                                reply.push((k.clone(), "NotUnderstood".into()))
+                            }
+                        }
                     }
-                }
+                },
             }
         }
         if auth_fail {
