@@ -2665,16 +2665,38 @@ mod tests {
     }
 
     /// [`FILL`] SIMPLE writes of [`BIG`], ITT 0 up and CmdSN `cmdsn` up, each sent its R2T
-    /// and all its data: together they hold the whole budget.
-    async fn fill_budget(c: &mut Conn, rx: &mut mpsc::UnboundedReceiver<Out>, cmdsn: u32) {
+    /// (returned) and none its data yet: together they hold the whole budget.
+    async fn solicit_budget(
+        c: &mut Conn,
+        rx: &mut mpsc::UnboundedReceiver<Out>,
+        cmdsn: u32,
+    ) -> Vec<(u32, u32, u32, u32)> {
+        let mut all = Vec::new();
         for i in 0..FILL {
             c.handle(write_attr(i, cmdsn + i, BIG, 1, true)).await.ok();
             let r = r2ts(&outs(rx));
             assert_eq!(r.len(), 1, "write {i}: {r:?}");
-            let (itt, ttt, offset, len) = r[0];
+            let (itt, _, offset, len) = r[0];
             assert_eq!((itt, offset, len), (i, 0, 8 << 20));
+            all.extend(r);
+        }
+        all
+    }
+
+    /// [`solicit_budget`], then all the writes' data.
+    async fn fill_budget(c: &mut Conn, rx: &mut mpsc::UnboundedReceiver<Out>, cmdsn: u32) {
+        for (itt, ttt, offset, len) in solicit_budget(c, rx, cmdsn).await {
             c.handle(data_out_pdu(itt, ttt, offset, len)).await.ok();
         }
+    }
+
+    /// Another nexus's ORDERED command, arrived at LUN 0 and not finished while the result
+    /// lives: SIMPLE commands that arrive after it wait for it (SAM-5 8.6.3).
+    fn ordered_from_another_nexus(c: &Conn) -> scsi::Arrival {
+        let target = c.target.clone().expect("normal session");
+        target
+            .arrive(&other_nexus(), 0, None, TaskAttr::Ordered)
+            .expect("LUN 0")
     }
 
     #[tokio::test]
@@ -2736,12 +2758,8 @@ mod tests {
     #[tokio::test]
     async fn a_younger_write_is_not_let_over_the_budget_that_waiting_writes_hold() {
         let (mut c, mut rx) = big_burst_conn().await;
-        // Another nexus's ORDERED command has arrived and not finished: SIMPLE commands
-        // that arrive after it wait for it (SAM-5 8.6.3).
-        let other = other_nexus();
-        let target = c.target.clone().expect("normal session");
-        let blocker = target.arrive(&other, 0, None, TaskAttr::Ordered);
-        assert!(blocker.is_some());
+        // Another nexus's ORDERED command has arrived and not finished.
+        let blocker = ordered_from_another_nexus(&c);
         fill_budget(&mut c, &mut rx, 2).await;
         tokio::task::yield_now().await;
         assert!(answered(&outs(&mut rx)).is_empty(), "they wait");
@@ -2771,9 +2789,7 @@ mod tests {
     #[tokio::test]
     async fn the_oldest_waiting_write_gets_its_r2t_first() {
         let (mut c, mut rx) = big_burst_conn().await;
-        let other = other_nexus();
-        let target = c.target.clone().expect("normal session");
-        let _blocker = target.arrive(&other, 0, None, TaskAttr::Ordered);
+        let _blocker = ordered_from_another_nexus(&c);
         // X and A wait for their unsolicited first bursts (F=0).
         c.handle(write_attr(10, 2, 1, 1, false)).await.ok();
         c.handle(write_attr(11, 3, BIG, 1, false)).await.ok();
@@ -2801,12 +2817,7 @@ mod tests {
     async fn a_head_of_queue_write_gets_its_r2t_over_the_budget() {
         let (mut c, mut rx) = big_burst_conn().await;
         // The budget's writes have their R2Ts, not yet their data.
-        let mut r2t = Vec::new();
-        for i in 0..FILL {
-            c.handle(write_attr(i, 2 + i, BIG, 1, true)).await.ok();
-            r2t.extend(r2ts(&outs(&mut rx)));
-        }
-        assert_eq!(r2t.len(), FILL as usize);
+        let r2t = solicit_budget(&mut c, &mut rx, 2).await;
         // HEAD OF QUEUE (task attribute 3), one block, all solicited.
         c.handle(write_attr(70, 2 + FILL, 1, 3, true)).await.ok();
         let z = r2ts(&outs(&mut rx));
@@ -2833,11 +2844,7 @@ mod tests {
     #[tokio::test]
     async fn a_second_head_of_queue_write_gets_its_r2t_once_the_first_is_answered() {
         let (mut c, mut rx) = big_burst_conn().await;
-        let mut r2t = Vec::new();
-        for i in 0..FILL {
-            c.handle(write_attr(i, 2 + i, BIG, 1, true)).await.ok();
-            r2t.extend(r2ts(&outs(&mut rx)));
-        }
+        let r2t = solicit_budget(&mut c, &mut rx, 2).await;
         // A SIMPLE write that waits for budget, then two HEAD OF QUEUE writes: the first
         // goes over the budget, the second waits.
         c.handle(write_attr(60, 2 + FILL, 1, 1, true)).await.ok();
