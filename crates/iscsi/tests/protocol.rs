@@ -140,22 +140,16 @@ async fn unknown_opcode_is_rejected_with_its_header() {
 async fn send_targets_in_a_normal_session() {
     let addr = start().await;
     let mut c = Client::login(addr, "").await;
-    let mut b = [0u8; 48];
-    b[0] = 0x44; // I=1, Text Request
-    b[1] = 0x80; // F=1
-    b[16..20].copy_from_slice(&9u32.to_be_bytes());
-    b[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
-    b[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
     // RFC 7143 Appendix C: All "MUST NOT be supported on an operational session".
-    c.send(b, b"SendTargets=All\0").await;
+    c.send(text_bhs(&c, 0x80, 9, 0xffff_ffff), b"SendTargets=All\0")
+        .await;
     let r = c.recv().await.expect("Text Response");
     assert_eq!(r.bhs[0], 0x24);
     assert_eq!(r.bhs[1], 0x80, "F=1 C=0");
     assert_eq!(r.data, b"SendTargets=Reject\0");
     // The empty value names the session's own target.
-    b[16..20].copy_from_slice(&10u32.to_be_bytes());
-    b[24..28].copy_from_slice(&c.cmdsn.to_be_bytes());
-    c.send(b, b"SendTargets=\0").await;
+    c.send(text_bhs(&c, 0x80, 10, 0xffff_ffff), b"SendTargets=\0")
+        .await;
     let r = c.recv().await.expect("Text Response");
     assert_eq!(r.bhs[0], 0x24);
     assert_eq!(r.bhs[1], 0x80, "F=1 C=0");
