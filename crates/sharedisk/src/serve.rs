@@ -342,7 +342,7 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
         let index = served.add_socket(v.socket.clone(), device.device().clone());
         debug_assert_eq!(index, i);
         vhost_lines.push(format!("vhost-user:{}", v.socket.display()));
-        vhost_bound.push((device, threads));
+        vhost_bound.push((device, v, relative_port_id, threads));
     }
 
     let control = match &plan.control {
@@ -398,10 +398,7 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
     }
     let mut vhost_servers = Vec::new();
     let mut started = Ok(());
-    for ((device, threads), (v, &relative_port_id)) in vhost_bound
-        .into_iter()
-        .zip(plan.vhost.iter().zip(&port_ids))
-    {
+    for (device, v, relative_port_id, threads) in vhost_bound {
         match device.start() {
             Ok(server) => {
                 tracing::info!(
