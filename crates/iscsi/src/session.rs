@@ -407,6 +407,18 @@ enum Held {
     Skip,
 }
 
+/// How a write that ended while data-out was still expected is answered. RFC 7143 11.4: when
+/// an error is found while data from the initiator is still expected, the target waits for
+/// the Data-Out PDU with the F bit set that ends the last expected sequence before it sends
+/// the response; no R2T is sent for it meanwhile.
+enum Ending {
+    /// With this response: its data failed a digest (11.17.1), or broke a rule of the
+    /// transfer (11.4.7.2), or the transport refused it.
+    Answer(Response),
+    /// By running without its data-out, as one the SCSI layer refuses by its CDB alone does.
+    Refused,
+}
+
 /// A write collecting its data-out.
 struct WriteTask {
     lun: u64,
@@ -432,10 +444,9 @@ struct WriteTask {
     solicited: u64,
     /// Its rank among the connection's writes, in the order they arrived.
     seq: u64,
-    /// Its immediate data failed its data digest: once its unsolicited data is in, it ends
-    /// with CHECK CONDITION, ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR (RFC 7143 11.17.1:
-    /// the response waits for the data still to come).
-    crc_error: bool,
+    /// It ended before its data-out was all in: how it is answered once the data still
+    /// expected has arrived (see [`Ending`]). Data-Out for it is then discarded.
+    ending: Option<Ending>,
     /// Taken when the command arrived: task management from any session that ends it while
     /// its data is still arriving makes it complete as aborted (SAM-5 7.x).
     ticket: Option<scsi::Ticket>,
@@ -818,7 +829,7 @@ impl Conn {
                 // At ERL 0 a Data-Out cannot be asked for again, so its task ends with CHECK
                 // CONDITION, PROTOCOL SERVICE CRC ERROR.
                 op::DATA_OUT => {
-                    self.fail_task(pdu.bhs.itt(), 0x47, 0x05);
+                    self.fail_task(pdu.bhs.itt(), 0x47, 0x05, pdu.bhs.final_bit());
                     return Ok(Flow::Continue);
                 }
                 // The header is sound (its own digest held): the request was received and
@@ -1049,14 +1060,27 @@ impl Conn {
         }
         // A write the SCSI layer refuses by its CDB (a transfer beyond MAXIMUM TRANSFER
         // LENGTH, an invalid field, no such LU) runs without its data-out, as LIO does: none
-        // is solicited, immediate data is dropped, and unsolicited Data-Out that follows finds
-        // no task and is discarded (RFC 7143 4.2.3.3).
+        // is solicited and immediate data is dropped. When unsolicited data follows, it runs
+        // once that is in, discarded (`Ending::Refused`).
         let crc_error = pdu.data_digest_bad;
-        if !write || edtl == 0 || target.refuses_cdb(lun, &cdb) {
-            if crc_error {
-                // Data it does not take, damaged: it ends as one with damaged data does.
+        let imm = pdu.data.len() as u32;
+        // Unsolicited data follows unless F=1 or InitialR2T=Yes (RFC 7143 11.3.4).
+        let unsol_end = if write && !self.params.initial_r2t && flags & 0x80 == 0 {
+            self.params.first_burst.min(edtl)
+        } else {
+            imm
+        };
+        let follows = unsol_end > imm;
+        let refused = !write || edtl == 0 || target.refuses_cdb(lun, &cdb);
+        let mut ending = match (crc_error, refused) {
+            // Data it does not take, damaged: it ends as one with damaged data does.
+            (true, _) => Some(Ending::Answer(check_condition(0x0b, 0x47, 0x05))),
+            (false, true) => Some(Ending::Refused),
+            (false, false) => None,
+        };
+        if refused && !follows {
+            if let Some(Ending::Answer(resp)) = ending {
                 self.shared.release(slot);
-                let resp = check_condition(0x0b, 0x47, 0x05);
                 self.send(ScsiResult::early(itt, lun_raw, resp));
                 return;
             }
@@ -1090,29 +1114,27 @@ impl Conn {
             );
             return;
         }
-        let data = pdu.data;
-        let imm = data.len() as u32;
         // Immediate data only when negotiated, never beyond FirstBurstLength or EDTL
         // (RFC 7143 13.11, 13.14).
-        if (imm > 0 && !self.params.immediate_data) || imm > self.params.first_burst || imm > edtl {
+        if !refused
+            && ((imm > 0 && !self.params.immediate_data)
+                || imm > self.params.first_burst
+                || imm > edtl)
+        {
             self.shared.release(slot);
             self.reject(reject::PROTOCOL_ERROR, &bhs);
             return;
         }
-        if edtl > MAX_WRITE {
-            self.shared.release(slot);
+        if edtl > MAX_WRITE && ending.is_none() {
             // ILLEGAL REQUEST, INVALID FIELD IN CDB (24h/00h).
-            let resp = check_condition(0x05, 0x24, 0x00);
-            self.send(ScsiResult::early(itt, lun_raw, resp));
+            ending = Some(Ending::Answer(check_condition(0x05, 0x24, 0x00)));
+        }
+        if let (Some(Ending::Answer(resp)), false) = (&ending, follows) {
+            self.shared.release(slot);
+            self.send(ScsiResult::early(itt, lun_raw, resp.clone()));
             return;
         }
         let spdtl = target.data_out_len(lun, &cdb);
-        // Unsolicited data follows unless F=1 or InitialR2T=Yes (RFC 7143 11.3.4).
-        let unsol_end = if !self.params.initial_r2t && flags & 0x80 == 0 {
-            self.params.first_burst.min(edtl)
-        } else {
-            imm
-        };
         if self.tasks.len() >= MAX_COLLECTING {
             self.shared.release(slot);
             match slot {
@@ -1122,9 +1144,18 @@ impl Conn {
             }
             return;
         }
-        // The immediate data is all that has arrived; the buffer grows with the data-out.
-        let buf = data;
-        let arrival = target.arrive(&nexus, lun, ticket.as_ref(), attr);
+        // The immediate data is all that has arrived; the buffer grows with the data-out. One
+        // that ended keeps none, and takes a place in the arrival order only if it runs.
+        let buf = if ending.is_some() {
+            Vec::new()
+        } else {
+            pdu.data
+        };
+        let arrival = match ending {
+            Some(Ending::Answer(_)) => None,
+            _ => target.arrive(&nexus, lun, ticket.as_ref(), attr),
+        };
+        let draining = ending.is_some();
         let task = WriteTask {
             lun,
             lun_raw,
@@ -1141,14 +1172,16 @@ impl Conn {
             r2tsn: 0,
             solicited: 0,
             seq: self.next_seq,
-            crc_error,
+            ending,
             ticket,
             arrival,
             asked: std::time::Instant::now(),
         };
         self.next_seq += 1;
         self.tasks.insert(itt, task);
-        self.advance_write(itt);
+        if !draining {
+            self.advance_write(itt);
+        }
     }
 
     /// After data arrived for `itt`: execute when complete, or ask for more with an R2T
@@ -1161,34 +1194,13 @@ impl Conn {
         let got = task.buf.len() as u32;
         let (edtl, seq_end, solicited, seq, attr) =
             (task.edtl, task.seq_end, task.solicited, task.seq, task.attr);
-        if task.crc_error {
-            if got >= seq_end {
-                self.fail_task(itt, 0x47, 0x05);
-            }
-            return;
+        if task.ending.is_some() {
+            return; // it waits for the end of the data still expected, with no R2T
         }
         if got >= edtl {
             // Its budget stays held until it is answered.
             if let Some(t) = self.tasks.remove(&itt) {
-                let (Some(target), Some(nexus)) = (self.target.clone(), self.nexus.clone()) else {
-                    return;
-                };
-                let wr = Some((t.spdtl > t.edtl, t.spdtl.abs_diff(t.edtl)));
-                let held = (t.seq, t.solicited);
-                let cmd = Command {
-                    nexus,
-                    lun: t.lun,
-                    tag: u64::from(itt),
-                    attr: t.attr,
-                    cdb: t.cdb,
-                    data_out: t.buf.into(),
-                    data_in_len: 0,
-                    data_in_buf: None,
-                    arrival: t.arrival,
-                };
-                self.execute(
-                    target, cmd, t.ticket, t.lun_raw, 0, wr, t.slot, held, t.r2tsn,
-                );
+                self.run_task(itt, t);
             }
             return;
         }
@@ -1205,7 +1217,10 @@ impl Conn {
             let head = attr == TaskAttr::HeadOfQueue;
             let may_exceed = || {
                 let holders = self.shared.holders();
-                let oldest = self.tasks.values().all(|t| t.seq >= seq)
+                let oldest = self
+                    .tasks
+                    .values()
+                    .all(|t| t.seq >= seq || t.ending.is_some())
                     && holders.keys().next().is_none_or(|&h| h > seq);
                 oldest || (head && !holders.values().any(|&h| h))
             };
@@ -1302,9 +1317,19 @@ impl Conn {
         let itt = bhs.itt();
         let ttt = bhs.field20();
         let Some(task) = self.tasks.get_mut(&itt) else {
-            // Data for a task that was aborted or already failed: discard (RFC 7143 4.2.3.3).
+            // Data for a task that was aborted or already answered: discard (RFC 7143
+            // 4.2.3.3).
             return Ok(Flow::Continue);
         };
+        if task.ending.is_some() {
+            // Discarded; the PDU with the F bit set (or the one reaching the sequence's end)
+            // ends the data still expected, and the task is answered (RFC 7143 11.4).
+            let end = u64::from(bhs.u32_at(40)) + pdu.data.len() as u64;
+            if bhs.final_bit() || end >= u64::from(task.seq_end) {
+                self.end_task(itt);
+            }
+            return Ok(Flow::Continue);
+        }
         let expected_ttt = if task.unsolicited {
             RESERVED_TAG
         } else {
@@ -1315,7 +1340,7 @@ impl Conn {
                 // Unsolicited data where none is allowed (InitialR2T=Yes, or after the first
                 // burst ended): the task ends with UNEXPECTED UNSOLICITED DATA (0Ch/0Ch, RFC
                 // 7143 11.4.7.2).
-                self.fail_task(itt, 0x0c, 0x0c);
+                self.fail_task(itt, 0x0c, 0x0c, bhs.final_bit());
             } else {
                 self.reject(reject::INVALID_FIELD, &bhs);
             }
@@ -1325,7 +1350,7 @@ impl Conn {
         // error, handled as in 7.8; at ERL 0 the task ends with CHECK CONDITION, ABORTED
         // COMMAND / PROTOCOL SERVICE CRC ERROR (11.4.7.2). Later Data-Out for it is discarded.
         if bhs.u32_at(36) != task.datasn {
-            self.fail_task(itt, 0x47, 0x05);
+            self.fail_task(itt, 0x47, 0x05, bhs.final_bit());
             return Ok(Flow::Continue);
         }
         let offset = bhs.u32_at(40);
@@ -1342,7 +1367,7 @@ impl Conn {
             } else {
                 0x0d
             };
-            self.fail_task(itt, 0x0c, ascq);
+            self.fail_task(itt, 0x0c, ascq, bhs.final_bit());
             return Ok(Flow::Continue);
         }
         if task.buf.capacity() < task.seq_end as usize {
@@ -1362,16 +1387,63 @@ impl Conn {
     }
 
     /// End a task still collecting data with CHECK CONDITION, ABORTED COMMAND and the given
-    /// additional sense code.
-    fn fail_task(&mut self, itt: u32, asc: u8, ascq: u8) {
-        let Some(t) = self.take_task(itt) else {
+    /// additional sense code, because of a Data-Out PDU; `ended`: that PDU had the F bit set.
+    /// The answer waits for the end of the sequence still arriving, if one is (RFC 7143
+    /// 11.4); a task that already ended keeps its first answer.
+    fn fail_task(&mut self, itt: u32, asc: u8, ascq: u8, ended: bool) {
+        let Some(task) = self.tasks.get_mut(&itt) else {
             return;
         };
-        self.shared.release(t.slot);
-        self.send(Out::Result(Box::new(ScsiResult {
-            r2ts: t.r2tsn,
-            ..ScsiResult::fields(itt, t.lun_raw, check_condition(0x0b, asc, ascq))
-        })));
+        let arriving = !ended && (task.buf.len() as u32) < task.seq_end;
+        if task.ending.is_none() {
+            task.ending = Some(Ending::Answer(check_condition(0x0b, asc, ascq)));
+            task.buf = Vec::new();
+        }
+        if !arriving {
+            self.end_task(itt);
+        }
+    }
+
+    /// Answer a task that ended while collecting data (see [`Ending`]), now that no more is
+    /// expected.
+    fn end_task(&mut self, itt: u32) {
+        let Some(mut t) = self.tasks.remove(&itt) else {
+            return;
+        };
+        match t.ending.take() {
+            Some(Ending::Answer(resp)) => {
+                self.shared.unsolicit(t.seq, t.solicited);
+                self.shared.release(t.slot);
+                self.send(Out::Result(Box::new(ScsiResult {
+                    r2ts: t.r2tsn,
+                    ..ScsiResult::fields(itt, t.lun_raw, resp)
+                })));
+            }
+            Some(Ending::Refused) | None => self.run_task(itt, t),
+        }
+    }
+
+    /// Run a write whose data-out is in (or, refused, none is taken).
+    fn run_task(&self, itt: u32, t: WriteTask) {
+        let (Some(target), Some(nexus)) = (self.target.clone(), self.nexus.clone()) else {
+            return;
+        };
+        let wr = Some((t.spdtl > t.edtl, t.spdtl.abs_diff(t.edtl)));
+        let held = (t.seq, t.solicited);
+        let cmd = Command {
+            nexus,
+            lun: t.lun,
+            tag: u64::from(itt),
+            attr: t.attr,
+            cdb: t.cdb,
+            data_out: t.buf.into(),
+            data_in_len: 0,
+            data_in_buf: None,
+            arrival: t.arrival,
+        };
+        self.execute(
+            target, cmd, t.ticket, t.lun_raw, 0, wr, t.slot, held, t.r2tsn,
+        );
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -2934,6 +3006,37 @@ mod tests {
         assert_eq!(answered(&outs(&mut rx)), vec![(9, 0x02)]);
         assert!(c.held.is_empty());
         assert_eq!(c.shared.exp(), 4);
+    }
+
+    /// A write the transport will not buffer (EDTL beyond MAX_WRITE) is refused, but not
+    /// before the unsolicited data still expected is in (RFC 7143 11.4); that data is
+    /// discarded as it arrives.
+    #[tokio::test]
+    async fn a_write_beyond_max_write_is_answered_after_its_unsolicited_data() {
+        let (mut c, mut rx) = conn(unsolicited_params());
+        let mut w = write_cmd(false, 7, 1, 1, &[0xa5; 512]);
+        w.bhs.0[20..24].copy_from_slice(&(MAX_WRITE + 512).to_be_bytes()); // EDTL
+        c.handle(w).await.ok();
+        assert!(
+            answered(&outs(&mut rx)).is_empty(),
+            "unsolicited data follows"
+        );
+        c.handle(data_out_pdu(7, 0xffff_ffff, 512, 4096)).await.ok();
+        let o = outs(&mut rx);
+        let r: Vec<_> = o
+            .iter()
+            .filter_map(|o| match o {
+                Out::Result(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(r.len(), 1, "answered at the Data-Out with the F bit set");
+        assert_eq!((r[0].itt, r[0].resp.status.0), (7, 0x02));
+        // ILLEGAL REQUEST, INVALID FIELD IN CDB (24h/00h).
+        let sense = &r[0].resp.sense;
+        assert_eq!((sense[2] & 0x0f, sense[12], sense[13]), (0x05, 0x24, 0x00));
+        assert!(c.tasks.is_empty());
+        assert_eq!(buffered(&c), 0);
     }
 
     /// The same for a NOP-Out that takes a CmdSN (I=0): rejected, its CmdSN used up, no

@@ -1066,15 +1066,35 @@ async fn immediate_then_unsolicited_then_solicited_data() {
     assert_eq!(got, payload);
 }
 
+/// The PDU answering a NOP-Out ping sent now: the next one the target sends, unless it had
+/// already queued another, as PDUs are handled in the order they arrive.
+async fn next_after_ping(c: &mut Client) -> Pdu {
+    c.send(c.nop_out(0x7e57, 0xffff_ffff), &[]).await;
+    c.recv().await.expect("a PDU")
+}
+
+/// Assert that `p` is the NOP-In answering [`next_after_ping`]: nothing came before it.
+fn assert_ping_answer(p: &Pdu, what: &str) {
+    assert_eq!((p.bhs[0] & 0x3f, p.u32(16)), (0x20, 0x7e57), "{what}");
+}
+
 #[tokio::test]
 async fn out_of_order_data_sn_ends_the_task_with_check_condition() {
     let addr = start().await;
     let mut c = Client::login(addr, "InitialR2T=No|ImmediateData=No|").await;
     c.clear_unit_attention().await;
-    let (b, itt) = c.command(0x21, 1024, &write10(0, 2));
+    let (b, itt) = c.command(0x21, 1536, &write10(0, 3));
     c.send(b, &[]).await;
     c.send(data_out(itt, 0xffff_ffff, 1, 0, false), &[0; 512])
         .await; // DataSN 1, expected 0
+                // RFC 7143 11.4: the response waits for the Data-Out with the F bit set that ends the
+                // unsolicited data still expected.
+    let p = next_after_ping(&mut c).await;
+    assert_ping_answer(&p, "no response while unsolicited data is still expected");
+    c.send(data_out(itt, 0xffff_ffff, 1, 512, false), &[0; 512])
+        .await;
+    c.send(data_out(itt, 0xffff_ffff, 2, 1024, true), &[0; 512])
+        .await;
     let rsp = c.recv().await.expect("SCSI Response");
     assert_eq!(rsp.bhs[0], 0x21);
     assert_eq!(rsp.bhs[3], 0x02, "CHECK CONDITION");
@@ -1086,6 +1106,78 @@ async fn out_of_order_data_sn_ends_the_task_with_check_condition() {
     c.send(b, &[]).await;
     let r = c.recv().await.expect("SCSI Response to TEST UNIT READY");
     assert_eq!(r.bhs[3], 0x00);
+}
+
+/// Fixed sense after the SCSI Response's SenseLength: (sense key, ASC, ASCQ).
+fn sense_of(rsp: &Pdu) -> (u8, u8, u8) {
+    (rsp.data[2 + 2] & 0x0f, rsp.data[2 + 12], rsp.data[2 + 13])
+}
+
+/// A write refused by its CDB (here: a LUN with no LU) whose unsolicited data is still to
+/// come is answered only once that data is in (RFC 7143 11.4), and nothing is written.
+#[tokio::test]
+async fn a_refused_write_is_answered_after_its_unsolicited_data() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "InitialR2T=No|ImmediateData=Yes|").await;
+    c.clear_unit_attention().await;
+    let (mut b, itt) = c.command(0x21, 1536, &write10(0, 3));
+    b[9] = 5; // LUN 5: no such LU
+    c.send(b, &[0xee; 512]).await; // one block immediate, two unsolicited to follow
+    let p = next_after_ping(&mut c).await;
+    assert_ping_answer(&p, "no response while unsolicited data is still expected");
+    c.send(data_out(itt, 0xffff_ffff, 0, 512, false), &[0xee; 512])
+        .await;
+    let p = next_after_ping(&mut c).await;
+    assert_ping_answer(&p, "no response before the Data-Out with the F bit set");
+    c.send(data_out(itt, 0xffff_ffff, 1, 1024, true), &[0xee; 512])
+        .await;
+    let rsp = c.recv().await.expect("SCSI Response");
+    assert_eq!((rsp.bhs[0], rsp.u32(16)), (0x21, itt));
+    assert_eq!(rsp.bhs[3], 0x02, "CHECK CONDITION");
+    // ILLEGAL REQUEST, LOGICAL UNIT NOT SUPPORTED (25h/00h).
+    assert_eq!(sense_of(&rsp), (0x05, 0x25, 0x00));
+    // LUN 0 was not written.
+    let (b, _) = c.command(0xc1, 1536, &read10(0, 3));
+    c.send(b, &[]).await;
+    let mut got = Vec::new();
+    while got.len() < 1536 {
+        let d = c.recv().await.expect("Data-In");
+        got.extend_from_slice(&d.data);
+    }
+    assert!(got.iter().all(|&x| x == 0), "nothing written");
+}
+
+/// A Data-Out that breaks the rules in the middle of an R2T's sequence ends its task, but
+/// the response waits for the sequence's last PDU (F bit set), and no further R2T is sent
+/// (RFC 7143 11.4).
+#[tokio::test]
+async fn a_failed_solicited_sequence_is_answered_after_its_last_data_out() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "InitialR2T=Yes|ImmediateData=No|MaxBurstLength=2048|").await;
+    c.clear_unit_attention().await;
+    let (b, itt) = c.command(0xa1, 4096, &write10(0, 8));
+    c.send(b, &[]).await;
+    let r2t = c.recv().await.expect("R2T");
+    assert_eq!((r2t.bhs[0], r2t.u32(40), r2t.u32(44)), (0x31, 0, 2048));
+    let ttt = r2t.u32(20);
+    c.send(data_out(itt, ttt, 0, 0, false), &[0xee; 1024]).await;
+    // DataSN 5 where 1 is expected: the task ends (11.4.7.2, at ErrorRecoveryLevel 0).
+    c.send(data_out(itt, ttt, 5, 1024, false), &[0xee; 512])
+        .await;
+    let p = next_after_ping(&mut c).await;
+    assert_ping_answer(&p, "no response while the R2T's data is still expected");
+    c.send(data_out(itt, ttt, 2, 1536, true), &[0xee; 512])
+        .await;
+    let rsp = c.recv().await.expect("SCSI Response");
+    assert_eq!(
+        (rsp.bhs[0], rsp.u32(16)),
+        (0x21, itt),
+        "the response, no R2T"
+    );
+    assert_eq!(rsp.bhs[3], 0x02, "CHECK CONDITION");
+    // ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR (47h/05h).
+    assert_eq!(sense_of(&rsp), (0x0b, 0x47, 0x05));
+    assert_eq!(rsp.u32(36), 1, "ExpDataSN counts the one R2T");
 }
 
 /// A memory driver with a bug: a write whose data starts with 0xEE panics.
