@@ -1491,6 +1491,7 @@ impl Conn {
                 then: None,
             },
         );
+        let (nexus, lun_id) = (cmd.nexus.clone(), cmd.lun);
         let task = async move {
             let done = target.execute_admitted(cmd, ticket).await;
             shared.release(slot);
@@ -1519,9 +1520,17 @@ impl Conn {
                         })));
                     }
                     // Ended by task management, which answers no status for it (a function
-                    // of this connection may have had its response stamped already).
-                    _ if slot == Slot::Window => shared.window_reopened(&tx),
-                    _ => {}
+                    // of this connection may have had its response stamped already). One
+                    // that had completed first loses its answer here: a unit attention in it
+                    // stays pending.
+                    _ => {
+                        if let Completion::Done(resp) = &done {
+                            target.undelivered(&nexus, lun_id, resp);
+                        }
+                        if slot == Slot::Window {
+                            shared.window_reopened(&tx);
+                        }
+                    }
                 }
                 if let Some(bhs) = then {
                     tx.send_pdu(bhs, Vec::new(), Sn::Status);

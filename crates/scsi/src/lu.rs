@@ -279,6 +279,13 @@ impl LogicalUnit {
             .broadcast(cond::REPORTED_LUNS_CHANGED, |n| n == nexus);
     }
 
+    /// `s`, a unit attention a command of `nexus` reported, never reached it: pending again.
+    pub(crate) fn put_back_unit_attention(&self, nexus: &ItNexus, s: Sense) {
+        if let Some(ns) = self.nexuses.peek(nexus) {
+            ns.put_back(s);
+        }
+    }
+
     /// REPORTED LUNS DATA HAS CHANGED was reported to `nexus` through another LU of a target
     /// this one is in: it is no longer pending here (LUICLR=1).
     pub(crate) fn clear_reported_luns_changed(&self, nexus: &ItNexus) {

@@ -139,6 +139,25 @@ impl Target {
         done
     }
 
+    /// A frontend did not deliver `resp`, the answer to `nexus`'s command to `lun`: task
+    /// management ended the command's task after it had completed, and no status goes out for
+    /// an ended task. A unit attention the answer reported is pending again: it was never
+    /// reported (SAM-5 5.14).
+    pub fn undelivered(&self, nexus: &ItNexus, lun: u64, resp: &Response) {
+        const UNIT_ATTENTION: u8 = 0x06;
+        if resp.status != Status::CHECK_CONDITION {
+            return;
+        }
+        let Some((key, asc, ascq)) = Sense::code_of(&resp.sense) else {
+            return;
+        };
+        if key == UNIT_ATTENTION {
+            if let Some(lu) = self.luns.get(&lun) {
+                lu.put_back_unit_attention(nexus, Sense::new(key, asc, ascq));
+            }
+        }
+    }
+
     fn report_luns(&self, cmd: &Command) -> Response {
         // Sense format follows the addressed LU's control page when it exists.
         let descriptor = self

@@ -536,3 +536,23 @@ fn a_unit_attention_taken_by_a_command_aborted_as_it_took_it_is_reported_again()
     // The race was run (some commands were aborted), or this test proves nothing.
     assert!(aborted > 0, "no command was aborted");
 }
+
+/// A unit attention reported in an answer the frontend could not deliver (task management
+/// ended the task after it completed) is pending again (SAM-5 5.14: only reporting it clears
+/// it); an undelivered answer of another kind queues nothing.
+#[tokio::test]
+async fn an_undelivered_unit_attention_is_reported_again() {
+    let t = mem_target(64, 512);
+    let n = nexus();
+    let r = run(&t, &n, &TUR, vec![]).await;
+    assert_sense(&r, 0x06, 0x29, 0x00); // POWER ON, RESET, OR BUS DEVICE RESET OCCURRED
+    t.undelivered(&n, 0, &r);
+    let again = run(&t, &n, &TUR, vec![]).await;
+    assert_sense(&again, 0x06, 0x29, 0x00);
+    assert_good(&run(&t, &n, &TUR, vec![]).await);
+    // READ(16) beyond the last LBA: ILLEGAL REQUEST, LBA OUT OF RANGE (21h/00h).
+    let r = run(&t, &n, &read16(64, 1), vec![]).await;
+    assert_sense(&r, 0x05, 0x21, 0x00);
+    t.undelivered(&n, 0, &r);
+    assert_good(&run(&t, &n, &TUR, vec![]).await);
+}
