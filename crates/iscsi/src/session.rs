@@ -419,6 +419,23 @@ enum Ending {
     Refused,
 }
 
+impl WriteTask {
+    /// Whether Data-Out `bhs`, with `len` bytes of data, ends the sequence this task is
+    /// receiving: it has the F bit set, or it is of that sequence (its TTT) and reaches its
+    /// end. An F bit on data with another TTT counts too: its initiator, wrong about which
+    /// sequence it answers (unsolicited data for an R2T), sends no more, and waiting for more
+    /// would end the connection for want of data instead of the task.
+    fn ends_sequence(&self, bhs: &Bhs, len: usize) -> bool {
+        let ttt = if self.unsolicited {
+            RESERVED_TAG
+        } else {
+            self.ttt
+        };
+        let end = u64::from(bhs.u32_at(40)) + len as u64;
+        bhs.final_bit() || (bhs.field20() == ttt && end >= u64::from(self.seq_end))
+    }
+}
+
 /// A write collecting its data-out.
 struct WriteTask {
     lun: u64,
@@ -829,7 +846,7 @@ impl Conn {
                 // At ERL 0 a Data-Out cannot be asked for again, so its task ends with CHECK
                 // CONDITION, PROTOCOL SERVICE CRC ERROR.
                 op::DATA_OUT => {
-                    self.fail_task(pdu.bhs.itt(), 0x47, 0x05, pdu.bhs.final_bit());
+                    self.fail_task(pdu.bhs.itt(), 0x47, 0x05, Some((&pdu.bhs, pdu.data.len())));
                     return Ok(Flow::Continue);
                 }
                 // The header is sound (its own digest held): the request was received and
@@ -1322,10 +1339,9 @@ impl Conn {
             return Ok(Flow::Continue);
         };
         if task.ending.is_some() {
-            // Discarded; the PDU with the F bit set (or the one reaching the sequence's end)
-            // ends the data still expected, and the task is answered (RFC 7143 11.4).
-            let end = u64::from(bhs.u32_at(40)) + pdu.data.len() as u64;
-            if bhs.final_bit() || end >= u64::from(task.seq_end) {
+            // Discarded; the PDU that ends the sequence still arriving ends the data still
+            // expected, and the task is answered (RFC 7143 11.4).
+            if task.ends_sequence(&bhs, pdu.data.len()) {
                 self.end_task(itt);
             }
             return Ok(Flow::Continue);
@@ -1340,7 +1356,7 @@ impl Conn {
                 // Unsolicited data where none is allowed (InitialR2T=Yes, or after the first
                 // burst ended): the task ends with UNEXPECTED UNSOLICITED DATA (0Ch/0Ch, RFC
                 // 7143 11.4.7.2).
-                self.fail_task(itt, 0x0c, 0x0c, bhs.final_bit());
+                self.fail_task(itt, 0x0c, 0x0c, Some((&bhs, pdu.data.len())));
             } else {
                 self.reject(reject::INVALID_FIELD, &bhs);
             }
@@ -1350,7 +1366,7 @@ impl Conn {
         // error, handled as in 7.8; at ERL 0 the task ends with CHECK CONDITION, ABORTED
         // COMMAND / PROTOCOL SERVICE CRC ERROR (11.4.7.2). Later Data-Out for it is discarded.
         if bhs.u32_at(36) != task.datasn {
-            self.fail_task(itt, 0x47, 0x05, bhs.final_bit());
+            self.fail_task(itt, 0x47, 0x05, Some((&bhs, pdu.data.len())));
             return Ok(Flow::Continue);
         }
         let offset = bhs.u32_at(40);
@@ -1367,7 +1383,7 @@ impl Conn {
             } else {
                 0x0d
             };
-            self.fail_task(itt, 0x0c, ascq, bhs.final_bit());
+            self.fail_task(itt, 0x0c, ascq, Some((&bhs, pdu.data.len())));
             return Ok(Flow::Continue);
         }
         if task.buf.capacity() < task.seq_end as usize {
@@ -1387,14 +1403,15 @@ impl Conn {
     }
 
     /// End a task still collecting data with CHECK CONDITION, ABORTED COMMAND and the given
-    /// additional sense code, because of a Data-Out PDU; `ended`: that PDU had the F bit set.
-    /// The answer waits for the end of the sequence still arriving, if one is (RFC 7143
-    /// 11.4); a task that already ended keeps its first answer.
-    fn fail_task(&mut self, itt: u32, asc: u8, ascq: u8, ended: bool) {
+    /// additional sense code, because of `pdu`, a Data-Out header and its data's length. The
+    /// answer waits for the end of the sequence still arriving, if one is and that PDU did not
+    /// end it (RFC 7143 11.4); a task that already ended keeps its first answer.
+    fn fail_task(&mut self, itt: u32, asc: u8, ascq: u8, pdu: Option<(&Bhs, usize)>) {
         let Some(task) = self.tasks.get_mut(&itt) else {
             return;
         };
-        let arriving = !ended && (task.buf.len() as u32) < task.seq_end;
+        let expecting = task.ending.is_some() || (task.buf.len() as u32) < task.seq_end;
+        let arriving = expecting && !pdu.is_some_and(|(b, len)| task.ends_sequence(b, len));
         if task.ending.is_none() {
             task.ending = Some(Ending::Answer(check_condition(0x0b, asc, ascq)));
             task.buf = Vec::new();
@@ -1410,7 +1427,17 @@ impl Conn {
         let Some(mut t) = self.tasks.remove(&itt) else {
             return;
         };
+        let ended = match (&self.target, &self.nexus) {
+            (Some(target), Some(nexus)) => {
+                self.ticket_ended(target, nexus, t.lun, t.ticket.as_ref())
+            }
+            _ => false,
+        };
         match t.ending.take() {
+            // Task management ended it meanwhile: it ends as any task it ends, with no
+            // status (the SCSI layer sees its ticket ended, and tells a nexus whose task
+            // another one cleared).
+            Some(Ending::Answer(_)) if ended => self.run_task(itt, t),
             Some(Ending::Answer(resp)) => {
                 self.shared.unsolicit(t.seq, t.solicited);
                 self.shared.release(t.slot);
@@ -3046,6 +3073,50 @@ mod tests {
         assert_eq!((sense[2] & 0x0f, sense[12], sense[13]), (0x05, 0x24, 0x00));
         assert!(c.tasks.is_empty());
         assert_eq!(buffered(&c), 0);
+    }
+
+    /// A Data-Out that fails its task and reaches the end of its sequence ends the data
+    /// expected even without the F bit: the task is answered at once.
+    #[tokio::test]
+    async fn a_failing_data_out_that_ends_its_sequence_is_answered_at_once() {
+        let (mut c, mut rx) = conn(unsolicited_params());
+        take_unit_attention(&mut c, &mut rx).await;
+        // 2 blocks, no immediate data: 1024 bytes of unsolicited data follow.
+        c.handle(write_cmd(false, 7, 2, 2, &[])).await.ok();
+        let mut d = data_out_pdu(7, 0xffff_ffff, 0, 1024);
+        d.bhs.0[1] = 0; // F=0
+        d.bhs.0[36..40].copy_from_slice(&3u32.to_be_bytes()); // DataSN 3, expected 0
+        c.handle(d).await.ok();
+        assert_eq!(answered(&outs(&mut rx)), vec![(7, 0x02)]);
+        assert!(c.tasks.is_empty());
+    }
+
+    /// A write that failed and waits for the rest of its data, then is ended by another
+    /// nexus's task management: it ends as the tasks that function ends do, with no status,
+    /// its window place reopened.
+    #[tokio::test]
+    async fn a_failed_write_that_another_nexus_ends_is_answered_with_no_status() {
+        let (mut c, mut rx) = conn(unsolicited_params());
+        take_unit_attention(&mut c, &mut rx).await;
+        // 3 blocks, no immediate data; the first Data-Out has DataSN 3 (expected 0), F=0.
+        c.handle(write_cmd(false, 7, 2, 3, &[])).await.ok();
+        let mut d = data_out_pdu(7, 0xffff_ffff, 0, 512);
+        d.bhs.0[1] = 0;
+        d.bhs.0[36..40].copy_from_slice(&3u32.to_be_bytes());
+        c.handle(d).await.ok();
+        assert!(answered(&outs(&mut rx)).is_empty(), "data still expected");
+        let target = c.target.clone().expect("normal session");
+        let r = target
+            .task_management(&other_nexus(), Tmf::LogicalUnitReset { lun: 0 })
+            .await;
+        assert_eq!(r, TmfResponse::FunctionComplete);
+        let max = c.shared.max();
+        c.handle(data_out_pdu(7, 0xffff_ffff, 512, 1024)).await.ok();
+        tokio::task::yield_now().await;
+        let o = outs(&mut rx);
+        assert!(answered(&o).is_empty(), "no status for an ended task");
+        assert!(c.tasks.is_empty());
+        assert_eq!(c.shared.max(), max.wrapping_add(1), "its place reopened");
     }
 
     /// The same for a NOP-Out that takes a CmdSN (I=0): rejected, its CmdSN used up, no

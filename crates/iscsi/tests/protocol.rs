@@ -1166,6 +1166,12 @@ async fn a_failed_solicited_sequence_is_answered_after_its_last_data_out() {
         .await;
     let p = next_after_ping(&mut c).await;
     assert_ping_answer(&p, "no response while the R2T's data is still expected");
+    // Unsolicited data of the R2T's length without the F bit: not of the R2T's sequence, so
+    // reaching its end does not end it.
+    c.send(data_out(itt, 0xffff_ffff, 0, 0, false), &[0xee; 2048])
+        .await;
+    let p = next_after_ping(&mut c).await;
+    assert_ping_answer(&p, "data of another sequence does not end this one");
     c.send(data_out(itt, ttt, 2, 1536, true), &[0xee; 512])
         .await;
     let rsp = c.recv().await.expect("SCSI Response");
