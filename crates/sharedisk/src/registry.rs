@@ -428,7 +428,7 @@ impl Registry {
             return Err("The daemon is shutting down".into());
         }
         // Everything is checked before the image is opened (opening may create it).
-        let (socket, image, existing, what) = {
+        let (socket, image, given, existing, what) = {
             let s = self.state();
             let socket = s.socket(&req.socket, &req.cwd)?;
             let sock = &s.sockets[socket];
@@ -510,14 +510,17 @@ impl Registry {
                 }
             };
             let what = format!("{what}, target {} LUN {}", req.target, req.lun);
-            (socket, image, existing, what)
+            (socket, image, file, existing, what)
         };
         let (lu, reused, direct) = match existing {
             Some((lu, name, direct)) => (lu, Some(name), direct),
             None => {
+                // Opened by the path given, as `serve` opens a configured one: a block
+                // device's identity comes from it (`/dev/disk/by-id/…`), not from the device
+                // name it resolves to today.
                 let plan = LuPlan {
                     lun: u64::from(req.lun),
-                    file: image.clone(),
+                    file: given,
                     size: req.size,
                     block_size: req.block_size.unwrap_or(512),
                     physical_block_size: None,

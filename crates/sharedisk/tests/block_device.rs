@@ -11,6 +11,10 @@ use std::process::{Command, Stdio};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sharedisk");
 
+/// Held by each test: loop devices are the machine's, and one test's "reboot" must not see
+/// the other's devices come and go.
+static LOOPS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A loop device over `backing`, detached when dropped.
 struct Loop(PathBuf);
 
@@ -78,6 +82,7 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 
 #[test]
 fn a_block_device_keeps_its_identity_when_its_name_behind_a_link_changes() {
+    let _one_at_a_time = LOOPS.lock().unwrap_or_else(|e| e.into_inner());
     use std::os::unix::ffi::OsStrExt;
     let dir = tempfile::tempdir().expect("tempdir");
     let backing = dir.path().join("backing.img");
@@ -107,4 +112,74 @@ fn a_block_device_keeps_its_identity_when_its_name_behind_a_link_changes() {
     std::fs::remove_file(&link).expect("rm link");
     std::os::unix::fs::symlink(&second.0, &link).expect("symlink");
     assert_eq!(served_id(&link, &control), before);
+}
+
+/// `sharedisk lu add` of a block device by a link derives the LU's identity from the link,
+/// as `serve` does: an LU added at run time is the same disk to its initiators as one
+/// configured.
+#[test]
+fn a_block_device_added_at_run_time_takes_its_identity_from_its_link() {
+    let _one_at_a_time = LOOPS.lock().unwrap_or_else(|e| e.into_inner());
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backing = dir.path().join("backing.img");
+    std::fs::write(&backing, vec![0u8; 1 << 20]).expect("backing");
+    let first = Loop::attach(&backing);
+    let link = dir.path().join("by-id-disk");
+    std::os::unix::fs::symlink(&first.0, &link).expect("symlink");
+    let control = dir.path().join("control.sock");
+    let socket = dir.path().join("vm.sock");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--size", "1M", "--file"])
+        .arg(dir.path().join("other.img"))
+        .arg("--vhost-user")
+        .arg(&socket)
+        .arg("--control")
+        .arg(&control)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sharedisk");
+    let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
+    let mut opened = || loop {
+        let line = lines
+            .next()
+            .expect("the daemon logs the LUs it opens")
+            .expect("log line");
+        if line.contains("Opened logical unit") {
+            return line;
+        }
+    };
+    opened(); // other.img
+    while !control.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = Command::new(BIN)
+        .args(["lu", "add", "--lun", "1", "--vhost-user"])
+        .arg(&socket)
+        .arg("--file")
+        .arg(&link)
+        .arg("--control")
+        .arg(&control)
+        .output()
+        .expect("run sharedisk lu add");
+    let line = opened();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("id="))
+        .expect("id= in the log line");
+    assert_eq!(
+        id,
+        format!("{:#018x}", fnv1a64(link.as_os_str().as_bytes())),
+        "{line}"
+    );
 }
