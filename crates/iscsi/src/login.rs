@@ -445,6 +445,10 @@ impl<'a> Login<'a> {
         if name.is_empty() || name.len() > MAX_NAME {
             return Err(status::INITIATOR_ERROR);
         }
+        // iSCSI names are compared as the stringprep profile of RFC 3722 leaves them: case
+        // folded (its mapping table B.2), as the configuration holds them. A name sent with
+        // capitals is the same initiator, and the same nexus, as its lower-case form.
+        let name = &name.to_lowercase();
         match session_type.unwrap_or("Normal") {
             "Discovery" => {
                 self.kind = Some(Kind::Discovery);
@@ -457,7 +461,7 @@ impl<'a> Login<'a> {
                     .targets
                     .iter()
                     .enumerate()
-                    .find(|(_, t)| t.name == tn)
+                    .find(|(_, t)| t.name == tn.to_lowercase())
                     .ok_or(status::NOT_FOUND)?;
                 if let Some(acl) = &tc.allowed_initiators {
                     if !acl.iter().any(|a| a == name) {
@@ -1167,6 +1171,28 @@ mod tests {
             "AuthMethod=None|InitiatorName=iqn.other|TargetName=iqn.2026-01.io.sharedisk:restricted|",
         ));
         assert!(matches!(o, Outcome::Fail(0x0202)), "{o:?}");
+    }
+
+    /// RFC 3722: iSCSI names are case folded before they are compared, so an initiator and
+    /// a target named with capitals match the lower-case names of the configuration.
+    #[test]
+    fn names_sent_with_capitals_match_their_lower_case_form() {
+        let cfg = config(
+            Auth::default(),
+            Some(vec!["iqn.2026-01.com.example:host1".into()]),
+        );
+        let mut l = Login::new(&cfg, 1);
+        let text = format!(
+            "InitiatorName=iqn.2026-01.com.Example:Host1|TargetName=IQN.2026-01.io.sharedisk:T|\
+             {ALL_FOUR}"
+        );
+        // T=1, CSG 1 (operational), NSG 3 (full feature).
+        let (b, _, o) = l.step(&req(0x87, &text));
+        assert_eq!(b.0[36..38], [0, 0], "Status-Class/Detail: success");
+        let Outcome::Done(est) = o else {
+            panic!("{o:?}")
+        };
+        assert_eq!(est.initiator_name, "iqn.2026-01.com.example:host1");
     }
 
     #[test]
