@@ -212,6 +212,11 @@ async fn answer(stream: UnixStream, registry: &Registry) -> anyhow::Result<()> {
                 state: (*s.lu.persistent_reservations()).clone(),
             },
         },
+        // Clearing drops another host's fence: the LU is always named, so that a daemon which
+        // answers on a socket the operator did not mean, serving one LU, clears nothing.
+        Ok(Request::PrClear { lu: None, .. }) => {
+            Answer::Error(format!("Name the logical unit to clear: {}", names(&lus())))
+        }
         Ok(Request::PrClear { lu, cwd }) => match find(&lus(), lu.as_deref(), cwd.as_deref()) {
             Err(e) => Answer::Error(e),
             Ok(s) => match s.lu.clear_reservations_by_operator().await {

@@ -127,7 +127,20 @@ enum PrCmd {
     Show(PrArgs),
     /// Remove every registration and the reservation (an operator's way out of a stale
     /// reservation; logged by the daemon, and the registrants get a unit attention).
-    Clear(PrArgs),
+    Clear(PrClearArgs),
+}
+
+#[derive(clap::Args)]
+struct PrClearArgs {
+    /// The LU: TARGET-IQN/LUN, its iscsi:// URL, or its image path; always named, as
+    /// clearing drops a cluster's fence.
+    lu: String,
+    /// The daemon's control socket [default: as for `sharedisk pr show`].
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Print the state as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -411,12 +424,12 @@ fn main() -> std::process::ExitCode {
                 .block_on(serve::run(plan, how_to_reach))
         }),
         Cmd::Pr(cmd) => {
-            let (clear, args) = match cmd {
-                PrCmd::Show(a) => (false, a),
-                PrCmd::Clear(a) => (true, a),
+            let (clear, lu, path, json) = match cmd {
+                PrCmd::Show(a) => (false, a.lu, a.control, a.json),
+                PrCmd::Clear(a) => (true, Some(a.lu), a.control, a.json),
             };
-            let path = args.control.unwrap_or_else(control::default_path);
-            control::pr_client(&path, clear, args.lu, args.json)
+            let path = path.unwrap_or_else(control::default_path);
+            control::pr_client(&path, clear, lu, json)
         }
         Cmd::Lu(cmd) => lu(cmd),
     };

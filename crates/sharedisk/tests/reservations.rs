@@ -192,7 +192,12 @@ async fn pr_show_and_clear_reach_a_running_daemon() {
     assert_eq!(json["generation"], 1);
     assert_eq!(json["registrations"][0]["key"], 0x1111);
 
-    let (ok, out, _) = pr(&control, &["clear"]);
+    // Clearing names its LU, even where the daemon serves only one.
+    let (ok, _, err) = pr(&control, &["clear"]);
+    assert!(!ok, "pr clear without an LU");
+    assert!(err.contains("LU"), "{err}");
+    assert_eq!(pr_json(&control)["generation"], 1, "nothing cleared");
+    let (ok, out, _) = pr(&control, &["clear", &format!("{}/0", common::TARGET)]);
     assert!(ok);
     assert!(
         out.starts_with("Cleared the persistent reservations"),
