@@ -28,7 +28,7 @@
 //!   for a socket's I_T nexus still match it after the sockets are reordered, added or removed
 //!   (SPC-5 5.14.5); no two sockets have the same one.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -778,6 +778,7 @@ impl Plan {
                 bail!("{what}: no logical unit (add a [[vhost.lu]])");
             }
             let mut addrs = HashSet::new();
+            let mut here = HashMap::new();
             for l in &v.lus {
                 let what = format!("{what}, target {} LUN {}", l.target, l.lun);
                 if !addrs.insert((l.target, l.lun)) {
@@ -788,6 +789,15 @@ impl Plan {
                 }
                 let canonical = canonical_image_path(&l.lu.file)
                     .with_context(|| format!("{what}: bad image path {}", l.lu.file.display()))?;
+                // One image is one LU, and a socket is one I_T nexus: the same LU at two
+                // places of one socket would be one disk the guest sees twice, whose places
+                // `lu remove` could not take apart (as `lu add` refuses it).
+                if let Some((t, lun)) = here.insert(canonical.clone(), (l.target, l.lun)) {
+                    bail!(
+                        "{what}: image {} is served at target {t} LUN {lun} of this socket                          already",
+                        canonical.display()
+                    );
+                }
                 if iscsi_images.contains(&canonical) {
                     if l.has_settings {
                         bail!(
@@ -1194,6 +1204,15 @@ size = "1M"
         );
         let high = high.replace("file = \"quorum.img\"", "file = \"q.img\"");
         assert!(err(&high).contains("tpgt"), "{}", err(&high));
+        // One image at two places of one socket.
+        let two_places = one(&format!(
+            "{lu0}[[vhost.lu]]\nlun = 1\nfile = \"quorum.img\"\n"
+        ));
+        assert!(
+            err(&two_places).contains("served at target 0 LUN 0 of this socket"),
+            "{}",
+            err(&two_places)
+        );
         // The same image behind two sockets and iSCSI is one LU: accepted.
         let shared = format!("{}\n[[vhost]]\nsocket = \"b.sock\"\n{lu0}", one(lu0));
         plan(&shared).expect("valid");
