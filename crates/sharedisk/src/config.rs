@@ -651,11 +651,21 @@ impl Plan {
         let images: HashSet<&PathBuf> = resolved.iter().map(|(_, image)| image).collect();
         let mut states: std::collections::HashMap<PathBuf, &PathBuf> = Default::default();
         for (lu, image) in &resolved {
-            let Some(state) = &lu.reservation_state else {
-                continue;
+            let (state, canonical) = match &lu.reservation_state {
+                Some(state) => (
+                    state.clone(),
+                    canonical_image_path(state).with_context(|| {
+                        format!("Bad reservation state path {}", state.display())
+                    })?,
+                ),
+                // A block device has no default state file; a regular file (or one still to
+                // be created) keeps its state beside it, where the driver puts it.
+                None if is_block_device(image) => continue,
+                None => {
+                    let state = block::driver::sidecar::sidecar_path(image);
+                    (state.clone(), state)
+                }
             };
-            let canonical = canonical_image_path(state)
-                .with_context(|| format!("Bad reservation state path {}", state.display()))?;
             if images.contains(&canonical) {
                 bail!(
                     "Reservation state file {} of image {} is an image",
@@ -833,6 +843,11 @@ impl Plan {
         }
         Ok(())
     }
+}
+
+fn is_block_device(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
 }
 
 /// The lowest relative target port identifier of a vhost-user socket; they go up to 0xFFFF.
@@ -1031,6 +1046,22 @@ mod tests {
             size = "1M"
             "#);
         assert!(e.contains("b.img of image"), "{e}");
+        assert!(e.contains("is an image"), "{e}");
+        // The default state file (the image's path with .pr) is another LU's image: the
+        // first APTPL change would replace that image with the state.
+        let e = err(r#"
+            [[target]]
+            name = "iqn.2026-01.com.example:db"
+            [[target.lu]]
+            lun = 0
+            file = "a.img"
+            size = "1M"
+            [[target.lu]]
+            lun = 1
+            file = "a.img.pr"
+            size = "1M"
+            "#);
+        assert!(e.contains("a.img.pr of image"), "{e}");
         assert!(e.contains("is an image"), "{e}");
     }
 
