@@ -194,6 +194,9 @@ struct Entry {
     /// answered VIRTIO_SCSI_S_ABORTED; aborted by anything else (a reset, another initiator's
     /// task management, PREEMPT AND ABORT, a stop), VIRTIO_SCSI_S_RESET.
     abort_tmf: bool,
+    /// Its head left the queue's heads in flight as its used entry was written (see
+    /// [`Token::complete`]): the driver owns it again from then.
+    head_released: bool,
 }
 
 #[derive(Default)]
@@ -279,6 +282,11 @@ pub(crate) struct Hooks {
     /// When set, the next chain popped from a request queue waits here, once, until the
     /// flag is true.
     pub after_pop: Mutex<Option<TestGate>>,
+    /// When set, a request's task waits here, its used entry written and its token still
+    /// held, until the flag is true.
+    pub after_complete: Mutex<Option<TestGate>>,
+    /// Requests that reached `after_complete`.
+    pub completed: AtomicUsize,
 }
 
 /// The epochs a chain was popped in: its completion is written only while they are current.
@@ -295,6 +303,25 @@ struct Token {
     id: u64,
     queue: usize,
     epochs: Epochs,
+}
+
+impl Token {
+    /// Give the chain back (see [`Device::complete`]). Its head leaves the heads in flight
+    /// first: once the used entry is written the driver may make that head available again
+    /// at once (virtio 1.2 2.7.13), before this token is dropped, and that is no duplicate.
+    fn complete(&self, vring: &Vring, head: u16, write: impl FnOnce() -> u32) {
+        self.dev.release_head(self.id);
+        self.dev
+            .complete(self.queue, self.epochs, vring, head, write);
+        #[cfg(test)]
+        if self.queue >= 2 {
+            let hook = lock(&self.dev.hooks.after_complete).clone();
+            if let Some(h) = hook {
+                self.dev.hooks.completed.fetch_add(1, Ordering::SeqCst);
+                wait_open(&h);
+            }
+        }
+    }
 }
 
 impl Drop for Token {
@@ -420,6 +447,20 @@ impl Device {
         }
     }
 
+    /// Entry `id` is about to give its chain back: its head is no longer in flight. The
+    /// entry itself (its room, what task management waits for) ends with its [`Token`].
+    fn release_head(&self, id: u64) {
+        let mut guard = lock(&self.inflight);
+        let inf = &mut *guard;
+        if let Some(e) = inf.entries.get_mut(&id) {
+            if !std::mem::replace(&mut e.head_released, true) {
+                if let Some(q) = inf.queues.get_mut(e.queue) {
+                    q.heads.remove(&(e.head, e.epochs));
+                }
+            }
+        }
+    }
+
     /// Whether `head` of `queue`, popped in `epochs`, is still in flight.
     fn head_in_flight(&self, queue: usize, head: u16, epochs: Epochs) -> bool {
         lock(&self.inflight)
@@ -479,6 +520,7 @@ impl Device {
                 tag,
                 bytes,
                 abort_tmf: false,
+                head_released: false,
             },
         );
         Ok(Token {
@@ -525,7 +567,9 @@ impl Device {
                 inf.bytes -= e.bytes;
                 if let Some(q) = inf.queues.get_mut(e.queue) {
                     q.count -= 1;
-                    q.heads.remove(&(e.head, e.epochs));
+                    if !e.head_released {
+                        q.heads.remove(&(e.head, e.epochs));
+                    }
                 }
             }
             for (i, q) in inf.queues.iter_mut().enumerate() {
@@ -1140,33 +1184,31 @@ impl Device {
                     )
                 }
             };
-            token
-                .dev
-                .complete(token.queue, token.epochs, &vring, head, || {
-                    if let Err(e) = wr.write_at(&*mem, u64::from(resp_len), data_in) {
-                        // The data-in buffers are not all guest memory: the header still tells
-                        // the driver, which reads it whatever the used length says.
-                        tracing::warn!(head, error = %e, "Cannot write data-in to guest memory");
-                        let failed = wire::cmd_resp(
-                            status_byte(wire::VIRTIO_SCSI_S_FAILURE),
-                            0,
-                            0,
-                            &[],
-                            sense_size,
-                        );
-                        return match wr.write_at(&*mem, 0, &failed) {
-                            Ok(()) => resp_len,
-                            Err(_) => 0,
-                        };
+            token.complete(&vring, head, || {
+                if let Err(e) = wr.write_at(&*mem, u64::from(resp_len), data_in) {
+                    // The data-in buffers are not all guest memory: the header still tells
+                    // the driver, which reads it whatever the used length says.
+                    tracing::warn!(head, error = %e, "Cannot write data-in to guest memory");
+                    let failed = wire::cmd_resp(
+                        status_byte(wire::VIRTIO_SCSI_S_FAILURE),
+                        0,
+                        0,
+                        &[],
+                        sense_size,
+                    );
+                    return match wr.write_at(&*mem, 0, &failed) {
+                        Ok(()) => resp_len,
+                        Err(_) => 0,
+                    };
+                }
+                match wr.write_at(&*mem, 0, &resp) {
+                    Ok(()) => resp_len + placed as u32,
+                    Err(e) => {
+                        tracing::warn!(head, error = %e, "Cannot write a response to guest memory");
+                        0
                     }
-                    match wr.write_at(&*mem, 0, &resp) {
-                        Ok(()) => resp_len + placed as u32,
-                        Err(e) => {
-                            tracing::warn!(head, error = %e, "Cannot write a response to guest memory");
-                            0
-                        }
-                    }
-                });
+                }
+            });
         };
         // Run the command here until it first has to wait: a read the page cache holds, or a
         // write with no other write in flight, completes on this thread without a task spawn
@@ -1179,7 +1221,7 @@ impl Device {
         // Tests that hold a completion inside `complete` (blocking its thread) need it off the
         // thread that drives the queue.
         #[cfg(test)]
-        if lock(&self.hooks.in_complete).is_some() {
+        if lock(&self.hooks.in_complete).is_some() || lock(&self.hooks.after_complete).is_some() {
             self.shared.runtime.spawn(task);
             return true;
         }
@@ -1353,7 +1395,7 @@ impl Device {
                 scsi::TmfResponse::FunctionRejected => wire::VIRTIO_SCSI_S_FUNCTION_REJECTED,
                 scsi::TmfResponse::IncorrectLun => wire::VIRTIO_SCSI_S_INCORRECT_LUN,
             };
-            token.dev.complete(0, token.epochs, &vring, head, || {
+            token.complete(&vring, head, || {
                 match wr.write_at(&*mem, 0, &[status_byte(response)]) {
                     Ok(()) => wire::TMF_RESP,
                     Err(_) => 0,

@@ -354,9 +354,9 @@ impl VhostScsi {
             } else {
                 map.remove(&target);
             }
-            // Served at no other place of this socket (a config file may put one image at
-            // two), the LU is no longer reached through the socket's port: REGISTER AND MOVE
-            // may not name it.
+            // Served at no other place of this socket (the daemon puts an image at one place
+            // of a socket only; checked all the same), the LU is no longer reached through the
+            // socket's port: REGISTER AND MOVE may not name it.
             let elsewhere = map.values().any(|t| {
                 t.luns()
                     .any(|l| t.lu(l).is_some_and(|other| Arc::ptr_eq(other, &lu)))

@@ -1086,6 +1086,56 @@ fn no_event_is_written_into_a_disabled_event_queue() {
     assert_eq!(h.get(e1, 16), vec![0xEE; 16], "the buffer is untouched");
 }
 
+/// Once a chain's used entry is written the driver owns its head again and may offer it at
+/// once (virtio 1.2 2.7.13; Linux frees descriptors last in, first out), while the task that
+/// answered it has not ended yet: that is a new request, not a duplicate of one in flight.
+#[test]
+fn a_head_given_back_may_be_offered_again_before_its_task_ends() {
+    let mut h = Harness::new();
+    h.tur();
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    // Opened however the test ends, so the runtime can shut down.
+    struct Open(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            self.0 .1.notify_all();
+        }
+    }
+    let _open = Open(gate.clone());
+    *h.dev.hooks.after_complete.lock().unwrap() = Some(gate.clone());
+    let tur = [0x00, 0, 0, 0, 0, 0];
+    let hd = h.header(LUN0, 21, &tur);
+    let r = h.alloc(RESP);
+    let base = h.queue(2).next_desc;
+    h.add_chain(2, &[rd(hd, REQ), wr(r, RESP)]);
+    h.kick(2);
+    assert_eq!(h.wait_used(2).0, u32::from(base));
+    let start = Instant::now();
+    while h
+        .dev
+        .hooks
+        .completed
+        .load(std::sync::atomic::Ordering::SeqCst)
+        == 0
+    {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Its task still holds its place; the driver offers the same head again.
+    *h.dev.hooks.after_complete.lock().unwrap() = None;
+    let hd2 = h.header(LUN0, 22, &tur);
+    let r2 = h.alloc(RESP);
+    h.put(r2, &[0xEE; 12]);
+    h.queue(2).next_desc = base;
+    h.add_chain(2, &[rd(hd2, REQ), wr(r2, RESP)]);
+    h.kick(2);
+    assert_eq!(h.wait_used(2).0, u32::from(base));
+    // virtio_scsi_cmd_resp: sense_len, resid, status_qualifier, then status (byte 10) and
+    // response (byte 11): GOOD, VIRTIO_SCSI_S_OK, not VIRTIO_SCSI_S_FAILURE (9).
+    assert_eq!(h.get(r2, 12)[10..12], [0x00, 0x00]);
+}
+
 #[test]
 fn disconnect_waits_for_a_completion_being_written_and_drops_later_ones() {
     let mut h = Harness::new();
