@@ -461,6 +461,14 @@ impl Device {
         }
     }
 
+    /// Entry `id` addresses logical unit `lu` (see [`Entry::lu`]) after all: the LUN map
+    /// changed between its admission and its ticket.
+    fn relabel(&self, id: u64, lu: usize) {
+        if let Some(e) = lock(&self.inflight).entries.get_mut(&id) {
+            e.lu = lu;
+        }
+    }
+
     /// Whether `head` of `queue`, popped in `epochs`, is still in flight.
     fn head_in_flight(&self, queue: usize, head: u16, epochs: Epochs) -> bool {
         lock(&self.inflight)
@@ -1103,10 +1111,19 @@ impl Device {
         let (target, ticket) = match now {
             Some(now) if same_lu(&now) == same_lu(&target) => (target, ticket),
             Some(now) => {
+                // Its entry names the LU it runs on before it takes that LU's ticket: task
+                // management of that LU that could end the ticket then waits for its answer.
+                self.relabel(
+                    token.id,
+                    now.lu(lun).map_or(0, |lu| Arc::as_ptr(lu) as usize),
+                );
                 let ticket = now.admit(&nexus, lun);
                 (now, ticket)
             }
-            None => (Arc::new(scsi::Target::new()), None),
+            None => {
+                self.relabel(token.id, 0);
+                (Arc::new(scsi::Target::new()), None)
+            }
         };
         let attr = match u32::from(req.task_attr) {
             wire::VIRTIO_SCSI_S_ORDERED => scsi::TaskAttr::Ordered,
