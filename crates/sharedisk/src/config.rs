@@ -634,6 +634,7 @@ impl Plan {
             }
         }
         self.check_secret_directions()?;
+        self.check_portal_overlap()?;
         self.validate_vhost(&images, &mut serials, &mut ids)?;
         self.check_state_files()
     }
@@ -682,6 +683,32 @@ impl Plan {
                     image.display()
                 ),
                 _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Two portals (of any targets: the daemon listens once per address) that the system
+    /// cannot both bind: a wildcard address and another address on the same port (`[::]`
+    /// listens on IPv4 as well, Linux's default). Port 0 (any free port) overlaps nothing.
+    fn check_portal_overlap(&self) -> anyhow::Result<()> {
+        let portals: std::collections::BTreeSet<SocketAddr> = self
+            .targets
+            .iter()
+            .flat_map(|t| t.portals.iter().copied())
+            .filter(|p| p.port() != 0)
+            .collect();
+        for wild in portals.iter().filter(|p| p.ip().is_unspecified()) {
+            let covers = |p: &SocketAddr| wild.is_ipv6() || p.is_ipv4();
+            if let Some(other) = portals
+                .iter()
+                .find(|p| *p != wild && p.port() == wild.port() && covers(p))
+            {
+                bail!(
+                    "Portals {wild} and {other} overlap: {wild} already listens on every                      address{} of port {}; list one of them",
+                    if wild.is_ipv6() { ", IPv4 ones too," } else { "" },
+                    wild.port()
+                );
             }
         }
         Ok(())
@@ -1522,6 +1549,32 @@ size = "1M"
             portal = ["127.0.0.1:3260"]
             "#);
         assert!(e.contains("unknown field `portal`"), "{e}");
+    }
+
+    #[test]
+    fn overlapping_portals_are_refused() {
+        let target = |name: &str, portals: &str| {
+            format!(
+                "[[target]]\nname = \"iqn.2026-01.com.example:{name}\"\nportals = [{portals}]\n\
+                 allowed_initiators = [\"iqn.2026-01.com.example:i\"]\n[[target.lu]]\nlun = 0\nfile = \"{name}.img\"\nsize = \"1M\"\n"
+            )
+        };
+        let e = err(&target("a", r#""0.0.0.0:3260", "127.0.0.1:3260""#));
+        assert!(
+            e.contains("Portals 0.0.0.0:3260 and 127.0.0.1:3260 overlap"),
+            "{e}"
+        );
+        // Across targets, and [::] with an IPv4 address.
+        let two = format!(
+            "{}{}",
+            target("a", r#""[::]:3260""#),
+            target("b", r#""127.0.0.1:3260""#)
+        );
+        assert!(err(&two).contains("overlap"), "{}", err(&two));
+        // Other ports, an IPv6 address beside 0.0.0.0, and port 0 are fine.
+        plan(&target("a", r#""0.0.0.0:3260", "127.0.0.1:3261""#)).expect("other ports");
+        plan(&target("a", r#""0.0.0.0:3260", "[::1]:3260""#)).expect("IPv6 beside 0.0.0.0");
+        plan(&target("a", r#""0.0.0.0:0", "127.0.0.1:0""#)).expect("any free port");
     }
 
     #[test]
