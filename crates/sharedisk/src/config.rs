@@ -576,6 +576,13 @@ impl Plan {
             if t.portals.is_empty() {
                 bail!("{what}: no portal to listen on");
             }
+            // TargetAlias goes out as login text: UTF-8 of at most 255 bytes (RFC 7143
+            // 13.6), and nothing that would end or break its key=value pair.
+            if let Some(a) = &t.alias {
+                if a.len() > 255 || a.chars().any(char::is_control) {
+                    bail!("{what}: alias must be at most 255 bytes, with no control characters");
+                }
+            }
             let mut portals = HashSet::new();
             if let Some(p) = t.portals.iter().find(|p| !portals.insert(*p)) {
                 bail!("{what}: portal {p} is listed twice");
@@ -1575,6 +1582,19 @@ size = "1M"
         plan(&target("a", r#""0.0.0.0:3260", "127.0.0.1:3261""#)).expect("other ports");
         plan(&target("a", r#""0.0.0.0:3260", "[::1]:3260""#)).expect("IPv6 beside 0.0.0.0");
         plan(&target("a", r#""0.0.0.0:0", "127.0.0.1:0""#)).expect("any free port");
+    }
+
+    #[test]
+    fn a_bad_alias_is_refused() {
+        let with = |alias: &str| {
+            format!(
+                "[[target]]\nname = \"iqn.2026-01.com.example:a\"\nalias = \"{alias}\"\n\
+                 [[target.lu]]\nlun = 0\nfile = \"a.img\"\nsize = \"1M\"\n"
+            )
+        };
+        plan(&with("Payroll disks")).expect("a plain alias");
+        assert!(err(&with("a\\u0000b")).contains("no control characters"));
+        assert!(err(&with(&"x".repeat(256))).contains("at most 255 bytes"));
     }
 
     #[test]

@@ -159,8 +159,9 @@ impl Control {
     }
 }
 
-/// Longest request line accepted.
-const MAX_REQUEST: u64 = 4096;
+/// Longest request line accepted: room for a few paths of PATH_MAX (4096) bytes each,
+/// JSON-escaped.
+const MAX_REQUEST: u64 = 64 * 1024;
 
 /// How long a control connection may take to send its request, and to read the answer.
 /// What the request asks for is not bounded: a removal waits for the LU's commands and its
@@ -177,6 +178,9 @@ async fn answer(stream: UnixStream, registry: &Registry) -> anyhow::Result<()> {
         .context("The request did not arrive in time")??;
     let lus = || registry.served();
     let answer = match serde_json::from_str::<Request>(&line) {
+        Err(_) if line.len() as u64 >= MAX_REQUEST && !line.ends_with('\n') => {
+            Answer::Error(format!("Request longer than {MAX_REQUEST} bytes"))
+        }
         Err(e) => Answer::Error(format!("Bad request: {e}")),
         Ok(Request::LuAdd(req)) => match registry.add_vhost_lu(req).await {
             Ok(done) => Answer::Done(done),
