@@ -35,6 +35,15 @@ impl InitiatorPort {
             None => self.name.clone(),
         }
     }
+
+    /// The port as names are compared: an iSCSI initiator name case folded (RFC 3722, as
+    /// the iSCSI frontend folds the names it logs in), others as they are.
+    pub fn folded(mut self) -> Self {
+        if self.transport == Transport::Iscsi {
+            self.name = self.name.to_lowercase();
+        }
+        self
+    }
 }
 
 /// A target port.

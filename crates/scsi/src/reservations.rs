@@ -134,10 +134,23 @@ pub fn decode(bytes: &[u8], lu: u64) -> Result<PrState, String> {
              initiators know it by"
         );
     }
-    form.state
+    // A state stored before iSCSI names were case folded may hold a name with capitals; its
+    // initiator now logs in under the folded name, which must still find its registration.
+    let mut state = form.state;
+    let fold = |who: &mut crate::pr::Registrant| {
+        who.initiator = who.initiator.clone().folded();
+    };
+    state
+        .registrations
+        .iter_mut()
+        .for_each(|r| fold(&mut r.who));
+    if let Some(h) = state.reservation.as_mut().and_then(|r| r.holder.as_mut()) {
+        fold(h);
+    }
+    state
         .check_consistent()
         .map_err(|why| format!("not a state the rules could make: {why}"))?;
-    Ok(form.state)
+    Ok(state)
 }
 
 /// How many times a PERSISTENT RESERVE OUT is evaluated again on a state another holder stored
@@ -419,6 +432,46 @@ mod tests {
         assert_eq!(decode(&bytes, 0x5200_4567_ba64_678d), Ok(state.clone()));
         // Another LU's id: read all the same (and warned about).
         assert_eq!(decode(&bytes, 0x5200_4567_ba64_678e), Ok(state));
+    }
+
+    /// A state stored with an iSCSI initiator name in capitals (before names were case
+    /// folded) reads back folded, holder included, so that the initiator, which now logs in
+    /// under the folded name, still finds its registration and its reservation.
+    #[test]
+    fn iscsi_names_of_a_stored_state_read_back_case_folded() {
+        use crate::pr::{PrType, Registrant, Registration, Reservation};
+        use crate::{InitiatorPort, TargetPort, Transport};
+        let who = |name: &str| Registrant {
+            initiator: InitiatorPort {
+                transport: Transport::Iscsi,
+                name: name.into(),
+                isid: Some([0x80, 0, 0, 0, 0, 1]),
+            },
+            target: Some(TargetPort {
+                name: "iqn.2026-01.io.sharedisk:t".into(),
+                tpgt: 1,
+                relative_id: 1,
+            }),
+        };
+        let state = |name: &str| PrState {
+            generation: 2,
+            aptpl: true,
+            registrations: vec![Registration {
+                who: who(name),
+                key: 0x1234,
+            }],
+            reservation: Some(Reservation {
+                ty: PrType::WriteExclusiveRegistrantsOnly,
+                scope: 0,
+                holder: Some(who(name)),
+            }),
+            lost: false,
+        };
+        let stored = encode(&state("iqn.2026-01.com.Example:Host1"), 1);
+        assert_eq!(
+            decode(&stored, 1),
+            Ok(state("iqn.2026-01.com.example:host1"))
+        );
     }
 
     #[test]

@@ -129,7 +129,8 @@ pub fn decode(data: &[u8], device_transport: Transport) -> Result<InitiatorPort,
             transport: device_transport,
             name: name.to_owned(),
             isid: None,
-        });
+        }
+        .folded());
     }
     // Format 01b: <name>,i,0x<12 hex digits>. The name cannot contain ',' (RFC 3720 3.2.6.2
     // restricts iSCSI names to a-z, 0-9, '-', '.', ':'), so the first ",i,0x" is the separator.
@@ -149,7 +150,8 @@ pub fn decode(data: &[u8], device_transport: Transport) -> Result<InitiatorPort,
         transport: Transport::Iscsi,
         name: name.to_owned(),
         isid: Some(isid),
-    })
+    }
+    .folded())
 }
 
 /// Exactly 12 hex digits (either case) to the 6-byte ISID.
@@ -246,6 +248,20 @@ mod tests {
         let port = decode(&tid, Transport::Iscsi).unwrap();
         assert_eq!(port.isid, Some([0x0A, 0x0B, 0x0C, 0x0D, 0x0E, 0x0F]));
         assert_eq!(port.name, "iqn.q");
+    }
+
+    /// iSCSI names compare case folded (RFC 3722): a TransportID naming an initiator with
+    /// capitals names the one that logged in under the lower-case name, in either format.
+    #[test]
+    fn iscsi_names_are_case_folded() {
+        let mut tid = vec![0x45, 0x00, 0x00, 24];
+        tid.extend_from_slice(b"IQN.Q,i,0x0a0b0c0d0e0f\0");
+        tid.resize(28, 0);
+        assert_eq!(decode(&tid, Transport::Iscsi).unwrap().name, "iqn.q");
+        let mut tid = vec![0x05, 0x00, 0x00, 20];
+        tid.extend_from_slice(b"IQN.Q:Host\0");
+        tid.resize(24, 0);
+        assert_eq!(decode(&tid, Transport::Iscsi).unwrap().name, "iqn.q:host");
     }
 
     #[test]
