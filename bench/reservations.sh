@@ -95,7 +95,7 @@ for r in $(seq "$rounds"); do
             exec {HOLD[1]}>&-
             wait "$holder" 2>/dev/null || true
             holder=""
-            "$bin" pr clear --control "$control" >/dev/null
+            "$bin" pr clear "$iqn/0" --control "$control" >/dev/null
         fi
     done
 done

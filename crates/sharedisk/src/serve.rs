@@ -180,7 +180,9 @@ fn renamed_vhost_registrations(
                 return None;
             }
             Some(format!(
-                "Restored registration (key {:#x}) of {} was made through vhost-user socket {}                  (relative port id {id:#06x}), whose initiator is now named {now}: that guest                  is no longer the registrant; set initiator = {:?} on that socket to keep it",
+                "Restored registration (key {:#x}) of {} was made through vhost-user socket {} \
+                 (relative port id {id:#06x}), whose initiator is now named {now}: that guest \
+                 is no longer the registrant; set initiator = {:?} on that socket to keep it",
                 r.key,
                 r.who.initiator.name,
                 path.display(),

@@ -192,10 +192,26 @@ async fn pr_show_and_clear_reach_a_running_daemon() {
     assert_eq!(json["generation"], 1);
     assert_eq!(json["registrations"][0]["key"], 0x1111);
 
-    // Clearing names its LU, even where the daemon serves only one.
+    // Clearing names its LU, even where the daemon serves only one: the command line asks
+    // for it, and the daemon refuses a request without it (one from another client).
     let (ok, _, err) = pr(&control, &["clear"]);
     assert!(!ok, "pr clear without an LU");
-    assert!(err.contains("LU"), "{err}");
+    assert!(err.contains("<LU>"), "{err}");
+    let answer = {
+        use std::io::{BufRead, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&control).expect("control socket");
+        s.write_all(b"{\"command\": \"pr-clear\", \"lu\": null}\n")
+            .expect("request");
+        let mut line = String::new();
+        std::io::BufReader::new(s)
+            .read_line(&mut line)
+            .expect("answer");
+        line
+    };
+    assert!(
+        answer.contains("Name the logical unit to clear"),
+        "{answer}"
+    );
     assert_eq!(pr_json(&control)["generation"], 1, "nothing cleared");
     let (ok, out, _) = pr(&control, &["clear", &format!("{}/0", common::TARGET)]);
     assert!(ok);
