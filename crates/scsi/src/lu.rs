@@ -1105,7 +1105,15 @@ impl LogicalUnit {
         // back).
         let zero = ndob || (unmap && self.limits.lbprz) || pattern.iter().all(|&b| b == 0);
         let r = if zero {
-            self.backend.write_zeroes(lba, n, unmap).await
+            match self.backend.write_zeroes(lba, n, unmap).await {
+                // The image stopped taking deallocation after it was opened (its file system
+                // refused a punch): the blocks are written as zeros instead, which is what
+                // they read as either way.
+                Err(BlockError::Unsupported) if unmap => {
+                    self.backend.write_zeroes(lba, n, false).await
+                }
+                r => r,
+            }
         } else {
             let chunk = self.chunk_blocks();
             let mut done = 0u64;
@@ -1132,10 +1140,20 @@ impl LogicalUnit {
         self.check_writable()?;
         let ranges = parse_unmap(p, &self.limits, self.backend.capacity())?;
         for (lba, num) in ranges {
-            self.backend
-                .discard(lba, num)
-                .await
-                .map_err(|e| block_error(e, cond::INVALID_OPCODE))?;
+            match self.backend.discard(lba, num).await {
+                Ok(()) => {}
+                // The image stopped taking deallocation after it was opened (its file system
+                // refused a punch): the blocks stay mapped, with their data, which UNMAP
+                // allows (SBC-4 5.31: the device server may deallocate them); the command is
+                // still one this LU supports, so no INVALID COMMAND OPERATION CODE.
+                Err(BlockError::Unsupported) => {
+                    tracing::warn!(
+                        serial = %self.config.serial,
+                        "UNMAP: the image refused to deallocate blocks; they stay mapped"
+                    );
+                }
+                Err(e) => return Err(block_error(e, cond::INVALID_OPCODE)),
+            }
         }
         // With the write cache off, deallocated blocks stay deallocated across a power loss
         // once GOOD is sent, as written ones do: otherwise their old data could come back.
@@ -1173,7 +1191,14 @@ impl LogicalUnit {
         let mut cur = lba;
         let mut n = 0;
         while n < max_desc && cur < cap {
-            let (len, mapped) = match self.backend.block_status(cur).await {
+            // A fully provisioned LU (LBPME=0) maps every block (SBC-4 4.7.2), whatever holes
+            // its image has.
+            let status = if self.limits.thin {
+                self.backend.block_status(cur).await
+            } else {
+                Err(BlockError::Unsupported)
+            };
+            let (len, mapped) = match status {
                 Ok(x) => x,
                 Err(BlockError::Unsupported) => (cap - cur, true),
                 Err(e) => return Err(block_error(e, cond::INVALID_OPCODE)),

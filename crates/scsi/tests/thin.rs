@@ -99,6 +99,52 @@ async fn get_lba_status_on_full_disk_reports_everything_mapped() {
     );
 }
 
+/// SBC-4 4.7.2: every LBA of a fully provisioned LU (LBPME=0) is mapped, even where its image
+/// has holes.
+#[tokio::test]
+async fn get_lba_status_on_a_full_lu_over_an_image_with_holes_reports_everything_mapped() {
+    let d = std::sync::Arc::new(ThinDriver::thick(64 * 512, 512));
+    let t = target_with(d.clone(), 512);
+    let n = nexus();
+    ready(&t, &n).await;
+    write_blocks(&t, &n, 0, vec![1; 8 * BS], BS).await; // blocks 8.. stay holes
+    let r = run(&t, &n, &get_lba_status(0, 40), vec![]).await;
+    assert_good(&r);
+    assert_eq!(
+        r.data_in,
+        vec![
+            0, 0, 0, 20, // PARAMETER DATA LENGTH: 4 + 1 descriptor
+            0, 0, 0, 0, //
+            0, 0, 0, 0, 0, 0, 0, 0, // LBA 0
+            0, 0, 0, 64, // 64 blocks
+            0x00, 0, 0, 0, // mapped
+        ]
+    );
+}
+
+/// An image that stops taking deallocation after it was opened: UNMAP still answers GOOD (the
+/// blocks stay mapped, which SBC-4 5.31 allows), not INVALID COMMAND OPERATION CODE for a
+/// command the LU reports as supported; WRITE SAME with UNMAP writes the zeros instead.
+#[tokio::test]
+async fn deallocation_refused_at_run_time_keeps_unmap_and_write_same_good() {
+    let (t, n, d) = thin_ready().await;
+    write_blocks(&t, &n, 0, vec![0xAB; 16 * BS], BS).await;
+    d.refuse.store(true, std::sync::atomic::Ordering::Relaxed);
+    let p = unmap_params(&[(0, 4)]);
+    assert_good(&run(&t, &n, &unmap_cdb(p.len() as u16), p).await);
+    assert_eq!(
+        read_blocks(&t, &n, 0, 4).await,
+        vec![0xAB; 4 * BS],
+        "still mapped"
+    );
+    // WRITE SAME(16), UNMAP (byte 1 bit 3), LBA 4, 4 blocks, a zero block.
+    let mut c = read16(4, 4);
+    c[0] = 0x93;
+    c[1] = 0x08;
+    assert_good(&run(&t, &n, &c, vec![0u8; BS]).await);
+    assert_eq!(read_blocks(&t, &n, 4, 4).await, vec![0u8; 4 * BS]);
+}
+
 #[tokio::test]
 async fn unmap_with_zero_parameter_list_length_is_good() {
     let (t, n, d) = thin_ready().await;

@@ -246,6 +246,12 @@ pub struct ThinDriver {
     grain: u64,
     pub discards: Mutex<Vec<(u64, u64)>>,
     pub flushes: std::sync::atomic::AtomicUsize,
+    /// Says it cannot deallocate (DriverInfo::discard false): a fully provisioned LU over an
+    /// image that still has holes.
+    pub thick: bool,
+    /// Once set, deallocation fails with `Unsupported` (a file system that stopped taking
+    /// punches after the image was opened).
+    pub refuse: std::sync::atomic::AtomicBool,
 }
 
 impl ThinDriver {
@@ -256,6 +262,16 @@ impl ThinDriver {
             grain,
             discards: Mutex::new(Vec::new()),
             flushes: Default::default(),
+            thick: false,
+            refuse: Default::default(),
+        }
+    }
+
+    /// [`Self::new`], but saying it cannot deallocate (see [`Self::thick`]).
+    pub fn thick(size: u64, grain: u64) -> Self {
+        ThinDriver {
+            thick: true,
+            ..Self::new(size, grain)
         }
     }
 
@@ -275,8 +291,8 @@ impl Driver for ThinDriver {
     fn info(&self) -> DriverInfo {
         DriverInfo {
             size: self.data.lock().unwrap().len() as u64,
-            discard: true,
-            discard_zeroes: true,
+            discard: !self.thick,
+            discard_zeroes: !self.thick,
             native_compare_and_write: 0,
         }
     }
@@ -296,6 +312,9 @@ impl Driver for ThinDriver {
         Ok(())
     }
     async fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        if self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(BlockError::Unsupported);
+        }
         self.discards.lock().unwrap().push((offset, len));
         self.set_mapped(offset, len, false);
         let mut d = self.data.lock().unwrap();
