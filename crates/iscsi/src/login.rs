@@ -440,15 +440,15 @@ impl<'a> Login<'a> {
         let Some(name) = initiator_name else {
             return Err(status::MISSING_PARAMETER);
         };
-        // An iSCSI name is 1 to 223 bytes (RFC 7143 4.2.7.1); it becomes the I_T nexus's
-        // identity and the TransportID that persistent reservations store.
-        if name.is_empty() || name.len() > MAX_NAME {
-            return Err(status::INITIATOR_ERROR);
-        }
         // iSCSI names are compared as the stringprep profile of RFC 3722 leaves them: case
         // folded (its mapping table B.2), as the configuration holds them. A name sent with
         // capitals is the same initiator, and the same nexus, as its lower-case form.
         let name = &name.to_lowercase();
+        // An iSCSI name is 1 to 223 bytes (RFC 7143 4.2.7.1), folded; it becomes the I_T
+        // nexus's identity and the TransportID that persistent reservations store.
+        if name.is_empty() || name.len() > MAX_NAME {
+            return Err(status::INITIATOR_ERROR);
+        }
         match session_type.unwrap_or("Normal") {
             "Discovery" => {
                 self.kind = Some(Kind::Discovery);
