@@ -1973,9 +1973,10 @@ impl Conn {
             ("All", Kind::Discovery) => targets.iter().filter(|t| visible(t)).collect(),
             ("All", Kind::Normal(_)) => Vec::new(),
             ("", Kind::Normal(i)) => targets.get(i).into_iter().collect(),
+            // Case folded, as at login (RFC 3722).
             (name, _) => targets
                 .iter()
-                .filter(|t| t.name == name && visible(t))
+                .filter(|t| t.name == name.to_lowercase() && visible(t))
                 .collect(),
         };
         if chosen.is_empty() {

@@ -985,6 +985,19 @@ async fn send_targets_for_one_name_and_for_an_unknown_name() {
         String::from_utf8(r.data).expect("text"),
         format!("TargetName={TARGET}\0TargetAddress=192.0.2.1:3260,1\0")
     );
+    // The name in capitals: the same target (RFC 3722 case folding).
+    let (b, d) = text_request(
+        &c,
+        9,
+        0xffff_ffff,
+        format!("SendTargets={}\0", TARGET.to_uppercase()).as_bytes(),
+    );
+    c.send(b, &d).await;
+    let r = c.recv().await.expect("Text Response");
+    assert_eq!(
+        String::from_utf8(r.data).expect("text"),
+        format!("TargetName={TARGET}\0TargetAddress=192.0.2.1:3260,1\0")
+    );
     let (b, d) = text_request(&c, 7, 0xffff_ffff, b"SendTargets=iqn.2026-01.nope\0");
     c.send(b, &d).await;
     let r = c.recv().await.expect("Text Response");
