@@ -1518,7 +1518,7 @@ impl Conn {
                 then: None,
             },
         );
-        let (nexus, lun_id) = (cmd.nexus.clone(), cmd.lun);
+        let (nexus, lun_id, opcode) = (cmd.nexus.clone(), cmd.lun, cmd.cdb.first().copied());
         let task = async move {
             let done = target.execute_admitted(cmd, ticket).await;
             shared.release(slot);
@@ -1552,7 +1552,7 @@ impl Conn {
                     // stays pending.
                     _ => {
                         if let Completion::Done(resp) = &done {
-                            target.undelivered(&nexus, lun_id, resp);
+                            target.undelivered(&nexus, lun_id, opcode, resp);
                         }
                         if slot == Slot::Window {
                             shared.window_reopened(&tx);

@@ -143,18 +143,28 @@ impl Target {
     /// management ended the command's task after it had completed, and no status goes out for
     /// an ended task. A unit attention the answer reported is pending again: it was never
     /// reported (SAM-5 5.14).
-    pub fn undelivered(&self, nexus: &ItNexus, lun: u64, resp: &Response) {
+    ///
+    /// `opcode`: the command's operation code (REQUEST SENSE reports a unit attention in its
+    /// data, with status GOOD). REPORTED LUNS DATA HAS CHANGED, which reporting clears on every
+    /// LU of the target (LUICLR=1), is pending again on all of them.
+    pub fn undelivered(&self, nexus: &ItNexus, lun: u64, opcode: Option<u8>, resp: &Response) {
         const UNIT_ATTENTION: u8 = 0x06;
-        if resp.status != Status::CHECK_CONDITION {
-            return;
-        }
-        let Some((key, asc, ascq)) = Sense::code_of(&resp.sense) else {
+        const REQUEST_SENSE: u8 = 0x03;
+        let reported = match resp.status {
+            Status::CHECK_CONDITION => &resp.sense[..],
+            Status::GOOD if opcode == Some(REQUEST_SENSE) => &resp.data_in[..],
+            _ => return,
+        };
+        let Some((key, asc, ascq)) = Sense::code_of(reported) else {
             return;
         };
-        if key == UNIT_ATTENTION {
-            if let Some(lu) = self.luns.get(&lun) {
-                lu.put_back_unit_attention(nexus, Sense::new(key, asc, ascq));
-            }
+        if key != UNIT_ATTENTION {
+            return;
+        }
+        let changed = &cond::REPORTED_LUNS_CHANGED;
+        let everywhere = (asc, ascq) == (changed.asc, changed.ascq);
+        for (_, lu) in self.luns.iter().filter(|(&l, _)| everywhere || l == lun) {
+            lu.put_back_unit_attention(nexus, Sense::new(key, asc, ascq));
         }
     }
 

@@ -546,13 +546,61 @@ async fn an_undelivered_unit_attention_is_reported_again() {
     let n = nexus();
     let r = run(&t, &n, &TUR, vec![]).await;
     assert_sense(&r, 0x06, 0x29, 0x00); // POWER ON, RESET, OR BUS DEVICE RESET OCCURRED
-    t.undelivered(&n, 0, &r);
+    t.undelivered(&n, 0, Some(0x00), &r);
     let again = run(&t, &n, &TUR, vec![]).await;
     assert_sense(&again, 0x06, 0x29, 0x00);
     assert_good(&run(&t, &n, &TUR, vec![]).await);
     // READ(16) beyond the last LBA: ILLEGAL REQUEST, LBA OUT OF RANGE (21h/00h).
     let r = run(&t, &n, &read16(64, 1), vec![]).await;
     assert_sense(&r, 0x05, 0x21, 0x00);
-    t.undelivered(&n, 0, &r);
+    t.undelivered(&n, 0, Some(0x88), &r);
     assert_good(&run(&t, &n, &TUR, vec![]).await);
+    // REQUEST SENSE reports a unit attention in its data, with GOOD (SPC-5 5.14): a LOGICAL
+    // UNIT RESET's BUS DEVICE RESET FUNCTION OCCURRED (29h/03h).
+    t.task_management(&n, Tmf::LogicalUnitReset { lun: 0 })
+        .await;
+    let mut c = cmd(&n, 9, &[0x03, 0, 0, 0, 18, 0], vec![], 18); // REQUEST SENSE, 18 bytes
+    c.lun = 0;
+    let Completion::Done(r) = t.execute(c).await else {
+        panic!("aborted")
+    };
+    assert_good(&r);
+    assert_eq!(
+        (r.data_in[2] & 0x0f, r.data_in[12], r.data_in[13]),
+        (0x06, 0x29, 0x03)
+    );
+    t.undelivered(&n, 0, Some(0x03), &r);
+    assert_sense(&run(&t, &n, &TUR, vec![]).await, 0x06, 0x29, 0x03);
+}
+
+/// REPORTED LUNS DATA HAS CHANGED reported through one LU is cleared on the target's others
+/// (LUICLR=1); undelivered, it is pending again on all of them.
+#[tokio::test]
+async fn an_undelivered_reported_luns_changed_is_pending_again_on_every_lu() {
+    let mut t = Target::new();
+    for lun in [0, 1] {
+        let backend =
+            block::Backend::new(Arc::new(block::driver::mem::MemDriver::new(64 * 512)), 512)
+                .unwrap();
+        t.add_lu(lun, Arc::new(scsi::LogicalUnit::new(backend, config())));
+    }
+    let n = nexus();
+    let on = |lun: u64, tag: u64| {
+        let mut c = cmd(&n, tag, &TUR, vec![], 0);
+        c.lun = lun;
+        c
+    };
+    let sense_of = |done: Completion| match done {
+        Completion::Done(r) => r,
+        Completion::Aborted => panic!("aborted"),
+    };
+    for lun in [0, 1] {
+        // Each LU's power-on unit attention.
+        assert_sense(&sense_of(t.execute(on(lun, 1)).await), 0x06, 0x29, 0x00);
+        t.lu(lun).unwrap().reported_luns_changed(&n);
+    }
+    let r = sense_of(t.execute(on(0, 2)).await);
+    assert_sense(&r, 0x06, 0x3F, 0x0E); // REPORTED LUNS DATA HAS CHANGED
+    t.undelivered(&n, 0, Some(0x00), &r);
+    assert_sense(&sense_of(t.execute(on(1, 3)).await), 0x06, 0x3F, 0x0E);
 }
