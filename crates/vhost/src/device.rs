@@ -88,6 +88,68 @@ const STUCK_WARN: Duration = Duration::from_secs(10);
 /// largest data buffer.
 const MAX_SECTORS: u32 = (8 << 20) / 512;
 
+/// Warnings a guest's own requests cause (a malformed chain, an unknown request type, buffers
+/// outside its memory) are at most this many a second, across the daemon: a guest cannot
+/// flood the host's log. The next one let through says how many were left out.
+const GUEST_WARNINGS_PER_SECOND: u32 = 10;
+
+static GUEST_WARNINGS: WarnLimit = WarnLimit::new(GUEST_WARNINGS_PER_SECOND);
+
+/// A per-second budget of log lines (see [`GUEST_WARNINGS_PER_SECOND`]).
+struct WarnLimit {
+    per_second: u32,
+    second: AtomicU64,
+    count: AtomicU32,
+    dropped: AtomicU64,
+}
+
+impl WarnLimit {
+    const fn new(per_second: u32) -> Self {
+        WarnLimit {
+            per_second,
+            second: AtomicU64::new(0),
+            count: AtomicU32::new(0),
+            dropped: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether one more line may go out this second; if so, how many were left out since the
+    /// last one that did.
+    fn allow(&self) -> Option<u64> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.allow_at(now)
+    }
+
+    fn allow_at(&self, now: u64) -> Option<u64> {
+        let second = self.second.load(Ordering::Relaxed);
+        if second != now
+            && self
+                .second
+                .compare_exchange(second, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.count.store(0, Ordering::Relaxed);
+        }
+        if self.count.fetch_add(1, Ordering::Relaxed) < self.per_second {
+            Some(self.dropped.swap(0, Ordering::Relaxed))
+        } else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// `tracing::warn!` for what a guest's requests cause, within [`GUEST_WARNINGS`].
+macro_rules! guest_warn {
+    ($($arg:tt)+) => {
+        if let Some(suppressed) = GUEST_WARNINGS.allow() {
+            tracing::warn!(suppressed, $($arg)+);
+        }
+    };
+}
+
 /// What the vhost-user connections of one socket share: the socket's I_T nexus and its LUN
 /// map, which outlive any one connection.
 pub(crate) struct Shared {
@@ -827,13 +889,13 @@ impl Device {
                     // (virtio 2.7.13.3 forbids it): no pop can ever consume it. Stop here
                     // rather than spin on it; the queue stays stalled until the driver
                     // resets the device.
-                    tracing::warn!(queue, "Driver's avail index is out of range; queue ignored");
+                    guest_warn!(queue, "Driver's avail index is out of range; queue ignored");
                     return Drained::Held;
                 }
                 if Self::ready(vring) && !vring.get_ref().get_queue().is_valid(&*mem) {
                     // The rings are not (all) in guest memory, so a chain the index offers
                     // cannot be read: the same, rather than poll an entry no pop can reach.
-                    tracing::warn!(
+                    guest_warn!(
                         queue,
                         "Queue's rings are outside guest memory; queue ignored"
                     );
@@ -843,7 +905,7 @@ impl Device {
                     // Guest address 0 is memory a driver may use, but the queue library
                     // takes an avail ring there for one not set up and pops nothing from
                     // it: the same again.
-                    tracing::warn!(queue, "Queue's avail ring is at address 0; queue ignored");
+                    guest_warn!(queue, "Queue's avail ring is at address 0; queue ignored");
                     return Drained::Held;
                 }
                 return Drained::Empty;
@@ -852,7 +914,7 @@ impl Device {
             if self.head_in_flight(queue, head, epochs) {
                 // A driver may not make a head available again before it is used (virtio
                 // 2.7.13); never run it twice.
-                tracing::warn!(queue, head, "Driver offered a head already in flight");
+                guest_warn!(queue, head, "Driver offered a head already in flight");
                 self.refuse_duplicate(queue, epochs, vring, &mem, chain);
                 continue;
             }
@@ -966,7 +1028,7 @@ impl Device {
         let (rd, wr) = match sg::split(chain) {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(queue, head, error = %e, "Malformed request chain");
+                guest_warn!(queue, head, error = %e, "Malformed request chain");
                 return unanswered();
             }
         };
@@ -976,7 +1038,7 @@ impl Device {
         let req_len = wire::CMD_REQ_FIXED + cdb_size;
         if wr.len() < u64::from(resp_len) {
             // Nowhere to put a response: the chain goes back unanswered.
-            tracing::warn!(
+            guest_warn!(
                 queue,
                 head,
                 writable = wr.len(),
@@ -996,7 +1058,7 @@ impl Device {
         };
         let mut hdr = vec![0u8; req_len as usize];
         if rd.len() < u64::from(req_len) || rd.read_at(&**mem, 0, &mut hdr).is_err() {
-            tracing::warn!(
+            guest_warn!(
                 queue,
                 head,
                 readable = rd.len(),
@@ -1010,7 +1072,7 @@ impl Device {
         if data_out_len > 0 && data_in_cap > 0 {
             // Both directions, and VIRTIO_SCSI_F_INOUT is not offered: "immediately returned
             // with a response equal to VIRTIO_SCSI_S_FAILURE" (virtio 1.2 5.6.6.1).
-            tracing::warn!(
+            guest_warn!(
                 queue,
                 head,
                 "Bidirectional request without VIRTIO_SCSI_F_INOUT"
@@ -1034,7 +1096,7 @@ impl Device {
             // (virtio 1.2 5.6.6.1: "requires more data than is available in the datain and
             // dataout buffers"), and nothing of it is written (as QEMU does), rather than a
             // part of the write acknowledged.
-            tracing::warn!(
+            guest_warn!(
                 queue,
                 head,
                 data_out_len,
@@ -1048,7 +1110,7 @@ impl Device {
         // guest has no room for (a READ into the guest's buffers needs no buffer of its own).
         let read = target.read_len(lun, &req.cdb);
         if read > data_in_cap {
-            tracing::warn!(
+            guest_warn!(
                 queue,
                 head,
                 read,
@@ -1078,7 +1140,7 @@ impl Device {
         // (a WRITE's data goes from them to the block driver, a READ's from the driver into
         // them). Data-out outside guest memory fails the request here.
         let Some(data_out) = rd.lend(mem, u64::from(req_len), copy as usize) else {
-            tracing::warn!(queue, head, "Request data-out outside guest memory");
+            guest_warn!(queue, head, "Request data-out outside guest memory");
             fail(wire::VIRTIO_SCSI_S_FAILURE);
             drop(token);
             return true;
@@ -1087,7 +1149,7 @@ impl Device {
         // no READ the guest cannot receive reads into a buffer of the daemon's instead.
         let data_in_buf = if data_in_cap > 0 {
             let Some(buf) = wr.lend(mem, u64::from(resp_len), data_in_cap as usize) else {
-                tracing::warn!(queue, head, "Request data-in outside guest memory");
+                guest_warn!(queue, head, "Request data-in outside guest memory");
                 fail(wire::VIRTIO_SCSI_S_FAILURE);
                 drop(token);
                 return true;
@@ -1205,7 +1267,7 @@ impl Device {
                 if let Err(e) = wr.write_at(&*mem, u64::from(resp_len), data_in) {
                     // The data-in buffers are not all guest memory: the header still tells
                     // the driver, which reads it whatever the used length says.
-                    tracing::warn!(head, error = %e, "Cannot write data-in to guest memory");
+                    guest_warn!(head, error = %e, "Cannot write data-in to guest memory");
                     let failed = wire::cmd_resp(
                         status_byte(wire::VIRTIO_SCSI_S_FAILURE),
                         0,
@@ -1221,7 +1283,7 @@ impl Device {
                 match wr.write_at(&*mem, 0, &resp) {
                     Ok(()) => resp_len + placed as u32,
                     Err(e) => {
-                        tracing::warn!(head, error = %e, "Cannot write a response to guest memory");
+                        guest_warn!(head, error = %e, "Cannot write a response to guest memory");
                         0
                     }
                 }
@@ -1262,20 +1324,20 @@ impl Device {
         let (rd, wr) = match sg::split(chain) {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!(head, error = %e, "Malformed control chain");
+                guest_warn!(head, error = %e, "Malformed control chain");
                 return unanswered();
             }
         };
         let mut ty = [0u8; 4];
         if rd.read_at(&**mem, 0, &mut ty).is_err() {
-            tracing::warn!(head, "Control request without a type");
+            guest_warn!(head, "Control request without a type");
             return unanswered();
         }
         match wire::ctrl_type(&ty) {
             wire::VIRTIO_SCSI_T_TMF => self.tmf(epochs, vring, mem, head, &rd, wr),
             wire::VIRTIO_SCSI_T_AN_QUERY | wire::VIRTIO_SCSI_T_AN_SUBSCRIBE => {
                 if wr.len() < u64::from(wire::AN_RESP) {
-                    tracing::warn!(
+                    guest_warn!(
                         head,
                         "Asynchronous notification request without room for its response"
                     );
@@ -1302,7 +1364,7 @@ impl Device {
                 });
             }
             other => {
-                tracing::warn!(head, ty = other, "Unknown control request type");
+                guest_warn!(head, ty = other, "Unknown control request type");
                 unanswered();
             }
         }
@@ -1313,7 +1375,7 @@ impl Device {
     /// wait with it.
     fn tmf(&self, epochs: Epochs, vring: &Vring, mem: &Arc<Mem>, head: u16, rd: &Sg, wr: Sg) {
         if wr.len() < u64::from(wire::TMF_RESP) {
-            tracing::warn!(
+            guest_warn!(
                 head,
                 "Task management request without room for its response"
             );
@@ -1350,7 +1412,7 @@ impl Device {
             wire::VIRTIO_SCSI_T_TMF_QUERY_TASK => scsi::Tmf::QueryTask { lun, tag },
             wire::VIRTIO_SCSI_T_TMF_QUERY_TASK_SET => scsi::Tmf::QueryTaskSet { lun },
             other => {
-                tracing::warn!(head, subtype = other, "Unknown task management function");
+                guest_warn!(head, subtype = other, "Unknown task management function");
                 return answer(wire::VIRTIO_SCSI_S_FUNCTION_REJECTED);
             }
         };
@@ -1735,7 +1797,7 @@ impl Device {
         let wr = match sg::split(chain) {
             Ok((_, wr)) if wr.len() >= u64::from(wire::EVENT_SIZE) => wr,
             _ => {
-                tracing::warn!(head, "Event buffer too small or malformed");
+                guest_warn!(head, "Event buffer too small or malformed");
                 ev.missed = true;
                 return Self::used(&vring, head, 0);
             }
@@ -1753,7 +1815,7 @@ impl Device {
             Err(_) => {
                 // The buffer is outside guest memory: this event is lost, and the next one
                 // says so (virtio 5.6.6.3: bit 31 when events were lost).
-                tracing::warn!(head, "Event buffer outside guest memory");
+                guest_warn!(head, "Event buffer outside guest memory");
                 ev.missed = true;
                 0
             }
@@ -1976,5 +2038,33 @@ impl VhostUserBackend for Device {
             _ => self.serve_thread(thread_id, vrings),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod warn_limit_tests {
+    use super::WarnLimit;
+
+    #[test]
+    fn at_most_the_budget_goes_out_each_second_and_the_next_says_how_many_were_left_out() {
+        let l = WarnLimit::new(3);
+        let first: Vec<Option<u64>> = (0..10).map(|_| l.allow_at(100)).collect();
+        assert_eq!(
+            first,
+            [
+                Some(0),
+                Some(0),
+                Some(0),
+                None,
+                None,
+                None,
+                None,
+                None,
+                None,
+                None
+            ]
+        );
+        assert_eq!(l.allow_at(101), Some(7), "the seven left out");
+        assert_eq!(l.allow_at(101), Some(0));
     }
 }
