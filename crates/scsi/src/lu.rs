@@ -1363,18 +1363,20 @@ impl LogicalUnit {
     }
 
     /// LOGICAL UNIT RESET (SAM-5 7.7, 6.3.5): abort every task, reset the mode pages, and
-    /// queue `ua` (BUS DEVICE RESET FUNCTION OCCURRED) for every nexus. The tasks are ended
-    /// when this is called; the future waits for the running ones (a target reset ends the
-    /// tasks of every LU before it waits for any: see [`TaskSet::abort`]).
+    /// queue `ua` (BUS DEVICE RESET FUNCTION OCCURRED) for every nexus. All of it happens when
+    /// this is called; the future waits for the running tasks (a target reset ends the tasks
+    /// of every LU before it waits for any: see [`TaskSet::abort`]). A command that arrives
+    /// meanwhile comes after the reset: it reports the reset's unit attention, and what it
+    /// changes (a MODE SELECT) stands.
     pub(crate) fn reset(&self, ua: Sense) -> impl std::future::Future<Output = ()> + Send + '_ {
         self.end_all_tasks();
         // SPC-2 reservations end with a reset; persistent reservations do not (SPC-5 5.14.1).
         self.resv.release_spc2_if(|_| true);
         let aborted = self.tasks.abort(|_, _| true);
+        self.mode.reset();
+        self.nexuses.reset(ua, |_| true);
         async move {
             aborted.await;
-            self.mode.reset();
-            self.nexuses.reset(ua, |_| true);
         }
     }
 

@@ -604,3 +604,36 @@ async fn an_undelivered_reported_luns_changed_is_pending_again_on_every_lu() {
     t.undelivered(&n, 0, Some(0x00), &r);
     assert_sense(&sense_of(t.execute(on(1, 3)).await), 0x06, 0x3F, 0x0E);
 }
+
+/// A LOGICAL UNIT RESET resets the mode pages and establishes its unit attention when it is
+/// received (SAM-5 6.3.5), not once the tasks it aborted have finished: a MODE SELECT another
+/// initiator sends while the reset waits for a running write comes after the reset, reports
+/// its unit attention first, and stands.
+#[tokio::test]
+async fn a_mode_select_sent_while_a_reset_waits_stands() {
+    let (t, d, a, b) = gated().await;
+    let w = start_write(&t, &d, &a, 5, 0, 0x11).await;
+    let mut reset = spawn_tmf(&t, &a, Tmf::LogicalUnitReset { lun: 0 });
+    assert!(
+        is_pending(&mut reset).await,
+        "the reset waits for the write"
+    );
+    // BUS DEVICE RESET FUNCTION OCCURRED (29h/03h).
+    assert_sense(&run(&t, &b, &TUR, vec![]).await, 0x06, 0x29, 0x03);
+    // MODE SELECT(6), PF, the caching page (08h, length 12h) with WCE (byte 2 bit 2) 0.
+    let mut p = vec![0, 0, 0, 0, 0x08, 0x12, 0x00];
+    p.resize(24, 0);
+    assert_good(&run(&t, &b, &[0x15, 0x10, 0, 0, 24, 0], p).await);
+    d.gate.add_permits(100);
+    assert_eq!(reset.await.unwrap(), TmfResponse::FunctionComplete);
+    assert_eq!(w.await.unwrap(), Completion::Aborted);
+    // MODE SENSE(6), DBD, current values of the caching page: header (4 bytes), then the
+    // page: code 08h, length 12h, WCE in its byte 2.
+    let r = run(&t, &b, &[0x1A, 0x08, 0x08, 0, 255, 0], vec![]).await;
+    assert_good(&r);
+    assert_eq!(
+        (r.data_in[4], r.data_in[6] & 0x04),
+        (0x08, 0x00),
+        "WCE stays 0"
+    );
+}
