@@ -557,6 +557,26 @@ fn open_with_state(image: &Path, state: &Path) -> Result<FileDriver, BlockError>
     FileDriver::open_with(image, Some(MIB), &opts)
 }
 
+/// An image another open serves (it holds the image's lock) is never read as a state file,
+/// even when its first bytes look like one (a guest can write anything there): the open that
+/// names it fails, and the image is left byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_image_is_never_taken_for_a_state_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("a.img.pr");
+    // A served image whose first bytes are an empty state file of this format.
+    let mut bytes = b"sharedisk-pr-v1 0 00000000\n".to_vec();
+    bytes.resize(MIB as usize, 0);
+    std::fs::write(&image, &bytes).expect("image");
+    let served = open(&image).expect("serve the image");
+    let e = open_with_state(&dir.path().join("b.img"), &image)
+        .err()
+        .expect("the open that names a served image as its state file fails");
+    assert!(format!("{e:?}").contains("locked"), "{e:?}");
+    drop(served);
+    assert_eq!(std::fs::read(&image).expect("read"), bytes);
+}
+
 /// A state file named by mistake (another image the daemon serves, any other file) would be
 /// taken for damaged state, and the first update (REPLACE LOST RESERVATION, `pr clear`) would
 /// remove or replace it. Only a file a store could have written is used; anything else fails

@@ -33,8 +33,8 @@
 //! (read as lost state, below: it holds nothing, yet a state file is never empty), or one
 //! whose header line starts with this format's magic. Anything else at that path (another
 //! image named by mistake, a format of another version, a device or a folder, a file larger
-//! than any state could be) fails the open before anything beside it is touched, and is never
-//! replaced or removed. Then a leftover temp file (a crash during a write: empty, or beginning
+//! than any state could be, a file another process holds locked as a served image does) fails
+//! the open before anything beside it is touched, and is never replaced or removed. Then a leftover temp file (a crash during a write: empty, or beginning
 //! as a state file does) is removed, and the directory is synced, so what this process acts on
 //! (the state file or its absence) is on stable storage. A state file whose header, length
 //! or checksum is wrong is *lost* state (SPC-5's loss of persistent reservation information,
@@ -341,6 +341,19 @@ fn read_state_file(path: &Path) -> Result<Option<Vec<u8>>, BlockError> {
     let meta = f.metadata().map_err(cannot_read)?;
     if !meta.file_type().is_file() {
         return refuse("not a regular file".into());
+    }
+    // An image a process serves holds an exclusive lock on itself (the file driver's, or
+    // another program's): whatever its first bytes say, it is not a state file to read, nor
+    // to replace later. The shared lock taken to ask goes with `f`.
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor `f` owns, with no pointer arguments.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return refuse("another process holds it locked: an image it serves?".into());
+            }
+        }
     }
     if meta.len() > MAX_STATE_FILE {
         return refuse(format!(
