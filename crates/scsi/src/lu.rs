@@ -13,7 +13,7 @@
 //!
 //! Block layer errors map to sense data in [`block_error`], an exhaustive match.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError};
 
 use block::{Backend, BlockError, IoBuf};
@@ -51,6 +51,9 @@ pub struct LogicalUnit {
     mode: ModeState,
     tasks: TaskSet,
     nexuses: Nexuses,
+    /// The image refused a deallocation UNMAP asked for, and that was logged (once: an
+    /// initiator's discards would repeat it for every range).
+    unmap_refused: AtomicBool,
     /// Bumped by task management that ends every nexus's tasks (LOGICAL UNIT RESET, target
     /// resets, CLEAR TASK SET), before it aborts the task set: see [`Ticket`].
     reset_epoch: AtomicU64,
@@ -114,6 +117,7 @@ impl LogicalUnit {
             mode: ModeState::default(),
             tasks: TaskSet::default(),
             nexuses: Nexuses::default(),
+            unmap_refused: AtomicBool::new(false),
             reset_epoch: AtomicU64::new(0),
             epochs: std::sync::RwLock::new(()),
             #[cfg(test)]
@@ -1147,10 +1151,13 @@ impl LogicalUnit {
                 // allows (SBC-4 5.31: the device server may deallocate them); the command is
                 // still one this LU supports, so no INVALID COMMAND OPERATION CODE.
                 Err(BlockError::Unsupported) => {
-                    tracing::warn!(
-                        serial = %self.config.serial,
-                        "UNMAP: the image refused to deallocate blocks; they stay mapped"
-                    );
+                    if !self.unmap_refused.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            serial = %self.config.serial,
+                            "UNMAP: the image refused to deallocate blocks; they stay mapped \
+                             (logged once)"
+                        );
+                    }
                 }
                 Err(e) => return Err(block_error(e, cond::INVALID_OPCODE)),
             }

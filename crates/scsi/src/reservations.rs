@@ -140,6 +140,7 @@ pub fn decode(bytes: &[u8], lu: u64) -> Result<PrState, String> {
     let fold = |who: &mut crate::pr::Registrant| {
         who.initiator = who.initiator.clone().folded();
     };
+    let spelled: Vec<_> = state.registrations.iter().map(|r| r.who.clone()).collect();
     state
         .registrations
         .iter_mut()
@@ -147,6 +148,30 @@ pub fn decode(bytes: &[u8], lu: u64) -> Result<PrState, String> {
     if let Some(h) = state.reservation.as_mut().and_then(|r| r.holder.as_mut()) {
         fold(h);
     }
+    // Two registrations whose names differ only in case are one I_T nexus's: the first (the
+    // older) stands, rather than a state the rules could not make, which would be lost. (Two
+    // spelled alike are a damaged state, as before.)
+    let mut kept: Vec<(crate::pr::Registrant, &crate::pr::Registrant)> = Vec::new();
+    let mut i = 0;
+    state.registrations.retain(|r| {
+        let original = &spelled[i];
+        i += 1;
+        match kept.iter().find(|(who, _)| *who == r.who) {
+            Some((_, first)) if *first != original => {
+                tracing::warn!(
+                    initiator = %r.who.initiator.port_name(),
+                    key = r.key,
+                    "Restored reservation state: a second registration of one I_T nexus (its \
+                     initiator name differed only in case) is dropped"
+                );
+                false
+            }
+            _ => {
+                kept.push((r.who.clone(), original));
+                true
+            }
+        }
+    });
     state
         .check_consistent()
         .map_err(|why| format!("not a state the rules could make: {why}"))?;
@@ -468,6 +493,17 @@ mod tests {
             lost: false,
         };
         let stored = encode(&state("iqn.2026-01.com.Example:Host1"), 1);
+        assert_eq!(
+            decode(&stored, 1),
+            Ok(state("iqn.2026-01.com.example:host1"))
+        );
+        // The same nexus registered twice under two spellings: one registration, the first.
+        let mut twice = state("iqn.2026-01.com.example:host1");
+        twice.registrations.push(Registration {
+            who: who("iqn.2026-01.com.Example:HOST1"),
+            key: 0x5678,
+        });
+        let stored = encode(&twice, 1);
         assert_eq!(
             decode(&stored, 1),
             Ok(state("iqn.2026-01.com.example:host1"))

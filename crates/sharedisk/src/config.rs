@@ -722,7 +722,7 @@ impl Plan {
                 bail!(
                     "Portals {wild} and {other} overlap: {wild} already listens on every \
                      address{} of port {}; list one of them",
-                    if wild.is_ipv6() {
+                    if wild.is_ipv6() && other.is_ipv4() {
                         ", IPv4 ones too,"
                     } else {
                         ""
