@@ -2749,6 +2749,21 @@ mod tests {
         })
     }
 
+    /// The one SCSI Response queued: its ITT, status, and the sense key, ASC and ASCQ of its
+    /// fixed format sense data (bytes 2, 12 and 13; zeros without sense).
+    fn the_result(outs: &[Out]) -> (u32, u8, (u8, u8, u8)) {
+        let r: Vec<&ScsiResult> = outs
+            .iter()
+            .filter_map(|o| match o {
+                Out::Result(r) => Some(&**r),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(r.len(), 1, "one SCSI Response");
+        let s = |i: usize| r[0].resp.sense.get(i).copied().unwrap_or(0);
+        (r[0].itt, r[0].resp.status.0, (s(2) & 0x0f, s(12), s(13)))
+    }
+
     /// The ITTs of the SCSI Responses queued, with their status.
     fn answered(outs: &[Out]) -> Vec<(u32, u8)> {
         outs.iter()
@@ -3016,19 +3031,8 @@ mod tests {
             "not before the unsolicited data is in"
         );
         c.handle(data_out_pdu(7, 0xffff_ffff, 512, 512)).await.ok();
-        let o = outs(&mut rx);
-        let r: Vec<_> = o
-            .iter()
-            .filter_map(|o| match o {
-                Out::Result(r) => Some(r),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(r.len(), 1);
-        assert_eq!((r[0].itt, r[0].resp.status.0), (7, 0x02));
-        // Fixed format sense: key at byte 2, ASC/ASCQ at bytes 12 and 13.
-        let sense = &r[0].resp.sense;
-        assert_eq!((sense[2] & 0x0f, sense[12], sense[13]), (0x0b, 0x47, 0x05));
+        // CHECK CONDITION, ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR.
+        assert_eq!(the_result(&outs(&mut rx)), (7, 0x02, (0x0b, 0x47, 0x05)));
         assert!(c.tasks.is_empty());
         // CmdSN 2, F=1, all immediate with a bad digest: ended at once.
         let mut w = write_cmd(false, 8, 2, 1, &[0xa5; 512]);
@@ -3059,19 +3063,9 @@ mod tests {
             "unsolicited data follows"
         );
         c.handle(data_out_pdu(7, 0xffff_ffff, 512, 4096)).await.ok();
-        let o = outs(&mut rx);
-        let r: Vec<_> = o
-            .iter()
-            .filter_map(|o| match o {
-                Out::Result(r) => Some(r),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(r.len(), 1, "answered at the Data-Out with the F bit set");
-        assert_eq!((r[0].itt, r[0].resp.status.0), (7, 0x02));
-        // ILLEGAL REQUEST, INVALID FIELD IN CDB (24h/00h).
-        let sense = &r[0].resp.sense;
-        assert_eq!((sense[2] & 0x0f, sense[12], sense[13]), (0x05, 0x24, 0x00));
+        // Answered at the Data-Out with the F bit set: CHECK CONDITION, ILLEGAL REQUEST,
+        // INVALID FIELD IN CDB (24h/00h).
+        assert_eq!(the_result(&outs(&mut rx)), (7, 0x02, (0x05, 0x24, 0x00)));
         assert!(c.tasks.is_empty());
         assert_eq!(buffered(&c), 0);
     }

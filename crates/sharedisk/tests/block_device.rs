@@ -60,16 +60,20 @@ fn served_id(file: &Path, control: &Path) -> String {
     for line in BufReader::new(stderr).lines() {
         let line = line.expect("log line");
         if line.contains("Opened logical unit") {
-            id = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("id="))
-                .map(str::to_owned);
+            id = id_in(&line);
             break;
         }
     }
     let _ = child.kill();
     let _ = child.wait();
     id.expect("the daemon logged the LU it opened, with its id")
+}
+
+/// The `id=` of a daemon's "Opened logical unit" log line.
+fn id_in(line: &str) -> Option<String> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("id="))
+        .map(str::to_owned)
 }
 
 /// 64-bit FNV-1a, written out here from its definition (offset basis 0xcbf29ce484222325,
@@ -82,8 +86,8 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 
 #[test]
 fn a_block_device_keeps_its_identity_when_its_name_behind_a_link_changes() {
-    let _one_at_a_time = LOOPS.lock().unwrap_or_else(|e| e.into_inner());
     use std::os::unix::ffi::OsStrExt;
+    let _one_at_a_time = LOOPS.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let backing = dir.path().join("backing.img");
     std::fs::write(&backing, vec![0u8; 1 << 20]).expect("backing");
@@ -119,8 +123,8 @@ fn a_block_device_keeps_its_identity_when_its_name_behind_a_link_changes() {
 /// configured.
 #[test]
 fn a_block_device_added_at_run_time_takes_its_identity_from_its_link() {
-    let _one_at_a_time = LOOPS.lock().unwrap_or_else(|e| e.into_inner());
     use std::os::unix::ffi::OsStrExt;
+    let _one_at_a_time = LOOPS.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
     let backing = dir.path().join("backing.img");
     std::fs::write(&backing, vec![0u8; 1 << 20]).expect("backing");
@@ -173,10 +177,7 @@ fn a_block_device_added_at_run_time_takes_its_identity_from_its_link() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let id = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("id="))
-        .expect("id= in the log line");
+    let id = id_in(&line).expect("id= in the log line");
     assert_eq!(
         id,
         format!("{:#018x}", fnv1a64(link.as_os_str().as_bytes())),

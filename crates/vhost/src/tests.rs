@@ -1086,15 +1086,9 @@ fn no_event_is_written_into_a_disabled_event_queue() {
     assert_eq!(h.get(e1, 16), vec![0xEE; 16], "the buffer is untouched");
 }
 
-/// Once a chain's used entry is written the driver owns its head again and may offer it at
-/// once (virtio 1.2 2.7.13; Linux frees descriptors last in, first out), while the task that
-/// answered it has not ended yet: that is a new request, not a duplicate of one in flight.
-#[test]
-fn a_head_given_back_may_be_offered_again_before_its_task_ends() {
-    let mut h = Harness::new();
-    h.tur();
-    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
-    // Opened however the test ends, so the runtime can shut down.
+/// A test gate (see `Hooks`), closed, and a guard that opens it however the test ends, so
+/// that a task held there lets the runtime shut down.
+fn closed_gate() -> (Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>, impl Drop) {
     struct Open(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
     impl Drop for Open {
         fn drop(&mut self) {
@@ -1102,7 +1096,18 @@ fn a_head_given_back_may_be_offered_again_before_its_task_ends() {
             self.0 .1.notify_all();
         }
     }
-    let _open = Open(gate.clone());
+    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    (gate.clone(), Open(gate))
+}
+
+/// Once a chain's used entry is written the driver owns its head again and may offer it at
+/// once (virtio 1.2 2.7.13; Linux frees descriptors last in, first out), while the task that
+/// answered it has not ended yet: that is a new request, not a duplicate of one in flight.
+#[test]
+fn a_head_given_back_may_be_offered_again_before_its_task_ends() {
+    let mut h = Harness::new();
+    h.tur();
+    let (gate, _open) = closed_gate();
     *h.dev.hooks.after_complete.lock().unwrap() = Some(gate.clone());
     let tur = [0x00, 0, 0, 0, 0, 0];
     let hd = h.header(LUN0, 21, &tur);
@@ -1141,17 +1146,8 @@ fn disconnect_waits_for_a_completion_being_written_and_drops_later_ones() {
     let mut h = Harness::new();
     h.tur();
     // A completion held after its epoch check, before its guest writes.
-    let gate = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let (gate, _open) = closed_gate();
     *h.dev.hooks.in_complete.lock().unwrap() = Some(gate.clone());
-    // Opened however the test ends, so the runtime can shut down.
-    struct Open(Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
-    impl Drop for Open {
-        fn drop(&mut self) {
-            *self.0 .0.lock().unwrap_or_else(|e| e.into_inner()) = true;
-            self.0 .1.notify_all();
-        }
-    }
-    let _open = Open(gate.clone());
     let hd = h.header(LUN0, 11, &[0x00, 0, 0, 0, 0, 0]);
     let r = h.alloc(RESP);
     h.put(r, &[0xEE; 12]);
