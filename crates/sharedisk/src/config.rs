@@ -737,8 +737,11 @@ impl Plan {
     /// What the plan allows that is legal but weak, one sentence each, for the log: a target
     /// outside the loopback network with an initiator ACL and no CHAP admits whoever claims a
     /// listed name (an InitiatorName is not proof of identity).
+    /// So is a CHAP secret longer than 16 bytes: RFC 7143 sets no upper bound, but the
+    /// Microsoft iSCSI initiator takes secrets of 12 to 16 bytes only.
     pub fn warnings(&self) -> Vec<String> {
-        self.targets
+        let acl_only = self
+            .targets
             .iter()
             .filter(|t| {
                 !t.loopback_only() && t.allowed_initiators.is_some() && t.auth.chap.is_none()
@@ -750,24 +753,40 @@ impl Plan {
                      configure auth.chap",
                     t.name
                 )
-            })
-            .collect()
+            });
+        let long = self.auths().flat_map(|(what, auth)| {
+            [("CHAP", &auth.chap), ("mutual CHAP", &auth.mutual)]
+                .into_iter()
+                .filter_map(move |(kind, c)| {
+                    let c = c.as_ref().filter(|c| c.secret.len() > 16)?;
+                    Some(format!(
+                        "{what}: the {kind} secret of user {} is {} bytes; the Microsoft iSCSI \
+                         initiator takes 12 to 16",
+                        c.user,
+                        c.secret.len()
+                    ))
+                })
+        });
+        acl_only.chain(long).collect()
+    }
+
+    /// Every authentication setting, with what it belongs to: discovery's, then each
+    /// target's.
+    fn auths(&self) -> impl Iterator<Item = (String, &iscsi::Auth)> {
+        std::iter::once(("Discovery".to_string(), &self.discovery_auth)).chain(
+            self.targets
+                .iter()
+                .map(|t| (format!("Target {}", t.name), &t.auth)),
+        )
     }
 
     /// RFC 7143 9.2.1: "Any CHAP secret used for initiator authentication MUST NOT be
     /// configured for authentication of any target, and vice versa": no one-way secret (the
     /// initiators', discovery's included) may be any target's mutual secret.
     fn check_secret_directions(&self) -> anyhow::Result<()> {
-        let auths = || {
-            std::iter::once(("Discovery".to_string(), &self.discovery_auth)).chain(
-                self.targets
-                    .iter()
-                    .map(|t| (format!("Target {}", t.name), &t.auth)),
-            )
-        };
-        for (target_side, auth) in auths() {
+        for (target_side, auth) in self.auths() {
             let Some(m) = &auth.mutual else { continue };
-            for (initiator_side, other) in auths() {
+            for (initiator_side, other) in self.auths() {
                 if other.chap.as_ref().is_some_and(|c| c.secret == m.secret) {
                     bail!(
                         "{target_side}: its mutual CHAP secret is also the initiators' CHAP \
@@ -1864,6 +1883,29 @@ size = "1M"
         assert!(w[0].contains("no CHAP"), "{w:?}");
         // On loopback, nothing to say.
         assert!(acl_only_on("127.0.0.1:3260").is_empty());
+    }
+
+    #[test]
+    fn a_chap_secret_longer_than_16_bytes_is_warned_about() {
+        let with_secret = |secret: &str| {
+            plan(&format!(
+                r#"
+                [[target]]
+                name = "iqn.2026-01.com.example:db"
+                auth.chap = {{ user = "alice", secret = "{secret}" }}
+                [[target.lu]]
+                lun = 0
+                file = "a.img"
+                size = "1M"
+                "#
+            ))
+            .expect("valid")
+            .warnings()
+        };
+        assert!(with_secret("sixteen-bytes-ok").is_empty());
+        let w = with_secret("seventeen-bytes-x");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("17 bytes"), "{w:?}");
     }
 
     #[test]
