@@ -420,19 +420,24 @@ enum Ending {
 }
 
 impl WriteTask {
+    /// The TTT of the sequence it is receiving: 0xffffffff for unsolicited data, else its
+    /// R2T's.
+    fn expected_ttt(&self) -> u32 {
+        if self.unsolicited {
+            RESERVED_TAG
+        } else {
+            self.ttt
+        }
+    }
+
     /// Whether Data-Out `bhs`, with `len` bytes of data, ends the sequence this task is
     /// receiving: it has the F bit set, or it is of that sequence (its TTT) and reaches its
     /// end. An F bit on data with another TTT counts too: its initiator, wrong about which
     /// sequence it answers (unsolicited data for an R2T), sends no more, and waiting for more
     /// would end the connection for want of data instead of the task.
     fn ends_sequence(&self, bhs: &Bhs, len: usize) -> bool {
-        let ttt = if self.unsolicited {
-            RESERVED_TAG
-        } else {
-            self.ttt
-        };
         let end = u64::from(bhs.u32_at(40)) + len as u64;
-        bhs.final_bit() || (bhs.field20() == ttt && end >= u64::from(self.seq_end))
+        bhs.final_bit() || (bhs.field20() == self.expected_ttt() && end >= u64::from(self.seq_end))
     }
 }
 
@@ -1095,12 +1100,7 @@ impl Conn {
             (false, true) => Some(Ending::Refused),
             (false, false) => None,
         };
-        if refused && !follows {
-            if let Some(Ending::Answer(resp)) = ending {
-                self.shared.release(slot);
-                self.send(ScsiResult::early(itt, lun_raw, resp));
-                return;
-            }
+        if !follows && matches!(ending, Some(Ending::Refused)) {
             let cmd = Command {
                 nexus,
                 lun,
@@ -1146,6 +1146,7 @@ impl Conn {
             // ILLEGAL REQUEST, INVALID FIELD IN CDB (24h/00h).
             ending = Some(Ending::Answer(check_condition(0x05, 0x24, 0x00)));
         }
+        // Answered now, with no data still to come; or once it is in (below).
         if let (Some(Ending::Answer(resp)), false) = (&ending, follows) {
             self.shared.release(slot);
             self.send(ScsiResult::early(itt, lun_raw, resp.clone()));
@@ -1346,12 +1347,7 @@ impl Conn {
             }
             return Ok(Flow::Continue);
         }
-        let expected_ttt = if task.unsolicited {
-            RESERVED_TAG
-        } else {
-            task.ttt
-        };
-        if ttt != expected_ttt {
+        if ttt != task.expected_ttt() {
             if ttt == RESERVED_TAG {
                 // Unsolicited data where none is allowed (InitialR2T=Yes, or after the first
                 // burst ended): the task ends with UNEXPECTED UNSOLICITED DATA (0Ch/0Ch, RFC

@@ -76,6 +76,24 @@ fn id_in(line: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// A 1 MiB backing file in `dir`, a loop device over it, and a link to the device (as
+/// `/dev/disk/by-id` holds): (backing file, device, link).
+fn disk_behind_link(dir: &Path) -> (PathBuf, Loop, PathBuf) {
+    let backing = dir.join("backing.img");
+    std::fs::write(&backing, vec![0u8; 1 << 20]).expect("backing");
+    let device = Loop::attach(&backing);
+    let link = dir.join("by-id-disk");
+    std::os::unix::fs::symlink(&device.0, &link).expect("symlink");
+    (backing, device, link)
+}
+
+/// The id the daemon derives from `path` (the NAA identifier's value): its 64-bit FNV-1a
+/// hash, as `0x` and 16 hex digits.
+fn derived_id(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    format!("{:#018x}", fnv1a64(path.as_os_str().as_bytes()))
+}
+
 /// 64-bit FNV-1a, written out here from its definition (offset basis 0xcbf29ce484222325,
 /// prime 0x100000001b3) rather than taken from the daemon's code.
 fn fnv1a64(bytes: &[u8]) -> u64 {
@@ -86,26 +104,16 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 
 #[test]
 fn a_block_device_keeps_its_identity_when_its_name_behind_a_link_changes() {
-    use std::os::unix::ffi::OsStrExt;
     let _one_at_a_time = LOOPS.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
-    let backing = dir.path().join("backing.img");
-    std::fs::write(&backing, vec![0u8; 1 << 20]).expect("backing");
+    let (backing, first, link) = disk_behind_link(dir.path());
     let spare = dir.path().join("spare.img");
     std::fs::write(&spare, vec![0u8; 1 << 20]).expect("spare");
-    let link = dir.path().join("by-id-disk");
     let control = dir.path().join("control.sock");
 
-    let first = Loop::attach(&backing);
-    std::os::unix::fs::symlink(&first.0, &link).expect("symlink");
     let before = served_id(&link, &control);
     // The id comes from the link's path, not from the device it resolves to.
-    assert_eq!(
-        before,
-        format!("{:#018x}", fnv1a64(link.as_os_str().as_bytes())),
-        "{}",
-        first.0.display()
-    );
+    assert_eq!(before, derived_id(&link), "{}", first.0.display());
 
     // "Reboot": the same disk comes back under another device name.
     let old_name = first.0.clone();
@@ -123,14 +131,9 @@ fn a_block_device_keeps_its_identity_when_its_name_behind_a_link_changes() {
 /// configured.
 #[test]
 fn a_block_device_added_at_run_time_takes_its_identity_from_its_link() {
-    use std::os::unix::ffi::OsStrExt;
     let _one_at_a_time = LOOPS.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().expect("tempdir");
-    let backing = dir.path().join("backing.img");
-    std::fs::write(&backing, vec![0u8; 1 << 20]).expect("backing");
-    let first = Loop::attach(&backing);
-    let link = dir.path().join("by-id-disk");
-    std::os::unix::fs::symlink(&first.0, &link).expect("symlink");
+    let (_backing, _first, link) = disk_behind_link(dir.path());
     let control = dir.path().join("control.sock");
     let socket = dir.path().join("vm.sock");
     let mut child = Command::new(BIN)
@@ -178,9 +181,5 @@ fn a_block_device_added_at_run_time_takes_its_identity_from_its_link() {
         String::from_utf8_lossy(&out.stderr)
     );
     let id = id_in(&line).expect("id= in the log line");
-    assert_eq!(
-        id,
-        format!("{:#018x}", fnv1a64(link.as_os_str().as_bytes())),
-        "{line}"
-    );
+    assert_eq!(id, derived_id(&link), "{line}");
 }

@@ -425,6 +425,12 @@ enum Refused {
     Gone,
 }
 
+/// How an in-flight entry names the logical unit at `lun` of `target` (see [`Entry::lu`]):
+/// its address, 0 for none.
+fn lu_identity(target: &scsi::Target, lun: u64) -> usize {
+    target.lu(lun).map_or(0, |lu| Arc::as_ptr(lu) as usize)
+}
+
 fn status_byte(response: u32) -> u8 {
     response as u8
 }
@@ -1130,7 +1136,7 @@ impl Device {
             tracing::debug!(queue, head, data_out_len, "Request data-out too large");
             copy = 0;
         }
-        let lu_id = target.lu(lun).map_or(0, |lu| Arc::as_ptr(lu) as usize);
+        let lu_id = lu_identity(&target, lun);
         let token = match self.enter(queue, head, epochs, lu_id, req.tag, copy) {
             Ok(t) => t,
             Err(Refused::Full) => return false,
@@ -1169,16 +1175,12 @@ impl Device {
         // be valid on the removed LU, but then the swap is seen here: the command goes to
         // the target as it is now (LOGICAL UNIT NOT SUPPORTED, or the LU added since).
         let now = self.shared.target(vt);
-        let same_lu = |t: &scsi::Target| t.lu(lun).map(Arc::as_ptr);
         let (target, ticket) = match now {
-            Some(now) if same_lu(&now) == same_lu(&target) => (target, ticket),
+            Some(now) if lu_identity(&now, lun) == lu_id => (target, ticket),
             Some(now) => {
                 // Its entry names the LU it runs on before it takes that LU's ticket: task
                 // management of that LU that could end the ticket then waits for its answer.
-                self.relabel(
-                    token.id,
-                    now.lu(lun).map_or(0, |lu| Arc::as_ptr(lu) as usize),
-                );
+                self.relabel(token.id, lu_identity(&now, lun));
                 let ticket = now.admit(&nexus, lun);
                 (now, ticket)
             }
@@ -1418,7 +1420,7 @@ impl Device {
         };
         // The requests whose used ring entries must be written before the response: Linux
         // (virtscsi_tmf) takes a completed TMF to mean every request it affected is back.
-        let lu_id = target.lu(lun).map_or(0, |lu| Arc::as_ptr(lu) as usize);
+        let lu_id = lu_identity(&target, lun);
         let affects = match tmf {
             scsi::Tmf::AbortTask { .. } => Affects::Task(lu_id, tag),
             scsi::Tmf::AbortTaskSet { .. }

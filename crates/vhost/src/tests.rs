@@ -320,17 +320,7 @@ impl Harness {
 
     /// Wait until `n` requests reached the hold.
     fn wait_reached(&self, n: usize) {
-        let start = Instant::now();
-        while self
-            .dev
-            .hooks
-            .reached
-            .load(std::sync::atomic::Ordering::SeqCst)
-            < n
-        {
-            assert!(start.elapsed() < Duration::from_secs(10), "not reached");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_count(&self.dev.hooks.reached, n, "not reached");
     }
 
     fn reached(&self) -> usize {
@@ -1086,6 +1076,15 @@ fn no_event_is_written_into_a_disabled_event_queue() {
     assert_eq!(h.get(e1, 16), vec![0xEE; 16], "the buffer is untouched");
 }
 
+/// Wait until `counter`, one of the device's test hook counts, reaches `n`.
+fn wait_count(counter: &std::sync::atomic::AtomicUsize, n: usize, what: &str) {
+    let start = Instant::now();
+    while counter.load(std::sync::atomic::Ordering::SeqCst) < n {
+        assert!(start.elapsed() < Duration::from_secs(10), "{what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// A test gate (see `Hooks`), closed, and a guard that opens it however the test ends, so
 /// that a task held there lets the runtime shut down.
 fn closed_gate() -> (Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>, impl Drop) {
@@ -1116,17 +1115,7 @@ fn a_head_given_back_may_be_offered_again_before_its_task_ends() {
     h.add_chain(2, &[rd(hd, REQ), wr(r, RESP)]);
     h.kick(2);
     assert_eq!(h.wait_used(2).0, u32::from(base));
-    let start = Instant::now();
-    while h
-        .dev
-        .hooks
-        .completed
-        .load(std::sync::atomic::Ordering::SeqCst)
-        == 0
-    {
-        assert!(start.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_count(&h.dev.hooks.completed, 1, "not held after its completion");
     // Its task still holds its place; the driver offers the same head again.
     *h.dev.hooks.after_complete.lock().unwrap() = None;
     let hd2 = h.header(LUN0, 22, &tur);
@@ -1153,11 +1142,7 @@ fn disconnect_waits_for_a_completion_being_written_and_drops_later_ones() {
     h.put(r, &[0xEE; 12]);
     h.add_chain(2, &[rd(hd, REQ), wr(r, RESP)]);
     h.kick(2);
-    let start = Instant::now();
-    while h.dev.hooks.inside.load(std::sync::atomic::Ordering::SeqCst) == 0 {
-        assert!(start.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_count(&h.dev.hooks.inside, 1, "not held in its completion");
     // The disconnect cannot get between that check and the writes: it waits for them.
     let dev = h.dev.clone();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -1185,17 +1170,7 @@ fn disconnect_waits_for_a_completion_being_written_and_drops_later_ones() {
     *h.dev.hooks.before_complete.lock().unwrap() = Some(rx);
     h.add_chain(2, &[rd(hd, REQ), wr(r, RESP)]);
     h.kick(2);
-    let start = Instant::now();
-    while h
-        .dev
-        .hooks
-        .reached
-        .load(std::sync::atomic::Ordering::SeqCst)
-        == 0
-    {
-        assert!(start.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    h.wait_reached(1);
     h.dev.disconnect();
     hold.send_replace(true);
     std::thread::sleep(Duration::from_millis(100));
