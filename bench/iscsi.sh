@@ -2,25 +2,31 @@
 # sharedisk against tgt, side by side on this machine, with neutral clients; fio on the image
 # file itself is the ceiling.
 #
-#   bench/iscsi.sh            # about 15 s per row; BENCH_SECONDS=20 for longer rows
+#   bench/iscsi.sh                    # about 15 s per row and server, one round
+#   BENCH_SECONDS=10 BENCH_ROUNDS=3 bench/iscsi.sh
 #   BENCH_DIRECT=1 bench/iscsi.sh
 #
 # Rows (4 KiB I/O):
 #   iscsi-perf   random reads, 32 in flight              (libiscsi-bin)
 #   qemu-img     reads and writes, 1 and 32 in flight    (qemu-img bench over iscsi://,
 #                                                         QEMU's own iSCSI client)
-# Each row runs against sharedisk, then tgt (tgtd, file-backed LUN on the same image), then
-# fio straight on the file with the same pattern (the better of io_uring at the row's depth and
-# psync), all three with the same cache:
+# sharedisk and tgt (tgtd, file-backed LUN on the same image) both serve the image for the
+# whole run, and each row runs against one, then the other, back to back, in an order that
+# alternates from round to round; only one of them has a client at a time. This machine's
+# speed drifts by more than the differences measured, and a row of each server run minutes
+# apart would compare two machines. The table gives the median of BENCH_ROUNDS rounds (1 by
+# default) per row and server, and every round's figures are kept in out/bench/rounds.txt.
+# fio straight on the file with the same pattern (the better of io_uring at the row's depth
+# and psync) runs once first. All of them with the same cache:
 #   buffered (the default)  through the host's page cache, which is reset (written back,
-#                           dropped, read in full) before each of the three runs (fio with
+#                           dropped, read in full) before each run of a row (fio with
 #                           --invalidate=0: by default fio drops the file's cached pages
 #                           first, and its reads would then measure the disk while the
 #                           targets' reads come from memory)
 #   BENCH_DIRECT=1          direct I/O for all three (sharedisk --direct, tgt --bsoflags
 #                           direct, fio --direct=1): the ceiling is then the device's, which is
 #                           what "fio on the file" means for a target in front of a real disk
-# Everything listens on 127.0.0.1 only, one server at a time, and is stopped on exit.
+# Everything listens on 127.0.0.1 only and is stopped on exit.
 # Prints a table of IOPS with the ratios sharedisk/tgt and sharedisk/fio; the raw output is
 # kept in out/bench/. Needs root to install packages when they are missing. Not part of
 # scripts/test.sh.
@@ -34,6 +40,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 secs=${BENCH_SECONDS:-15}
 size_mib=${BENCH_SIZE_MIB:-1024}
 direct=${BENCH_DIRECT:-0}
+rounds=${BENCH_ROUNDS:-1}
 out=$root/out/bench
 iqn_tgt=iqn.2026-01.io.sharedisk:bench-tgt
 tgt_port=3270
@@ -81,40 +88,41 @@ warm() {
     ((direct)) || reset_page_cache "$image"
 }
 
-# Results: results[ROW,SERVER] = IOPS.
-declare -A results
+# Results: results[ROW,SERVER,ROUND] = IOPS; fio's are results[ROW,fio].
+declare -A results counts
 rows=(perf-randread-qd32 qemu-read-qd1 qemu-read-qd32 qemu-write-qd1 qemu-write-qd32)
 
 # iscsi-perf prints "iops average N" when its time is up.
-run_perf() { # NAME URL
-    local log=$out/$1-perf-randread-qd32.log
+run_perf() { # NAME URL ROUND
+    local log=$out/$1-perf-randread-qd32-r$3.log
     timeout $((secs + 30)) iscsi-perf -t "$secs" -m 32 -b 8 -r "$2" >"$log" 2>&1 || true
-    results[perf-randread-qd32,$1]=$(tr '\r' '\n' <"$log" | sed -n 's/^iops average \([0-9]*\).*/\1/p' |
-        tail -n 1)
+    results[perf-randread-qd32,$1,$3]=$(tr '\r' '\n' <"$log" |
+        sed -n 's/^iops average \([0-9]*\).*/\1/p' | tail -n 1)
 }
 
 # qemu-img bench runs a count of requests; a short first run sizes the count for ~secs seconds
-# (sequential 4 KiB, at most the whole image).
+# (sequential 4 KiB, at most the whole image), once per row and server.
 qemu_bench() { # COUNT DEPTH RW URL LOG -> seconds
     local flag=()
     [[ $3 == write ]] && flag=(-w)
     timeout 120 qemu-img bench -f raw -c "$1" -d "$2" -s 4096 "${flag[@]}" "$4" >"$5" 2>&1 || true
     sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' "$5"
 }
-run_qemu() { # NAME URL
-    local rw depth log t count max=$((size_mib * 256))
-    for rw in read write; do
-        for depth in 1 32; do
-            log=$out/$1-qemu-$rw-qd$depth.log
-            t=$(qemu_bench 2000 "$depth" "$rw" "$2" "$log")
-            [[ -n $t ]] || continue
-            count=$(awk -v t="$t" -v s="$secs" -v m="$max" \
-                'BEGIN { c = int(2000 / (t > 0 ? t : 0.001) * s); print (c > m ? m : c) }')
-            t=$(qemu_bench "$count" "$depth" "$rw" "$2" "$log")
-            [[ -n $t ]] || continue
-            results[qemu-$rw-qd$depth,$1]=$(awk -v c="$count" -v t="$t" 'BEGIN { printf "%d", c / t }')
-        done
-    done
+run_qemu() { # NAME URL ROW ROUND
+    local rw=${3#qemu-} depth t count max=$((size_mib * 256))
+    local log=$out/$1-$3-r$4.log
+    depth=${rw#*-qd} rw=${rw%-qd*}
+    count=${counts[$3,$1]:-}
+    if [[ -z $count ]]; then
+        t=$(qemu_bench 2000 "$depth" "$rw" "$2" "$log")
+        [[ -n $t ]] || return 0
+        count=$(awk -v t="$t" -v s="$secs" -v m="$max" \
+            'BEGIN { c = int(2000 / (t > 0 ? t : 0.001) * s); print (c > m ? m : c) }')
+        counts[$3,$1]=$count
+    fi
+    t=$(qemu_bench "$count" "$depth" "$rw" "$2" "$log")
+    [[ -n $t ]] || return 0
+    results[$3,$1,$4]=$(awk -v c="$count" -v t="$t" 'BEGIN { printf "%d", c / t }')
 }
 
 # The ceiling of a row is the better of two engines: io_uring at the row's depth, and psync
@@ -124,8 +132,8 @@ run_qemu() { # NAME URL
 run_fio() {
     local row rw depth engine iops
     for engine in io_uring psync; do
-        warm
         for row in "${rows[@]}"; do
+            warm
             case $row in
                 perf-randread-qd32) rw=randread depth=32 ;;
                 qemu-*) rw=${row#qemu-} depth=${rw#*-qd} rw=${rw%-qd*} ;;
@@ -151,18 +159,12 @@ print(int(job["read"]["iops"] + job["write"]["iops"]))' "$out/fio-$row-$engine.j
 echo "bench: fio on the file"
 run_fio
 
-echo "bench: sharedisk"
+echo "bench: starting sharedisk and tgt"
 sd_opts=()
 ((direct)) && sd_opts=(--direct)
-warm
 start_sharedisk "${sd_opts[@]}"
-run_perf sharedisk "$url"
-run_qemu sharedisk "$url"
-kill -TERM "$server" 2>/dev/null || true
-wait "$server" || true
-server=""
+sd_url=$url
 
-echo "bench: tgt"
 if tgtadm -C "$tgt_ctl" --op show --mode system >/dev/null 2>&1; then
     echo "bench: another tgtd already uses control port $tgt_ctl" >&2
     exit 1
@@ -178,11 +180,37 @@ tgt_opts=()
 ((direct)) && tgt_opts=(--bsoflags direct)
 tgtadm -C "$tgt_ctl" --lld iscsi --op new --mode logicalunit --tid 1 --lun 1 -b "$image" \
     "${tgt_opts[@]}"
-warm
 tgtadm -C "$tgt_ctl" --lld iscsi --op bind --mode target --tid 1 -I ALL
 tgt_url=iscsi://127.0.0.1:$tgt_port/$iqn_tgt/1
-run_perf tgt "$tgt_url"
-run_qemu tgt "$tgt_url"
+
+# Each row, each server, from the same page-cache state.
+declare -A urls=([sharedisk]=$sd_url [tgt]=$tgt_url)
+for ((r = 1; r <= rounds; r++)); do
+    order=(sharedisk tgt)
+    ((r % 2 == 0)) && order=(tgt sharedisk)
+    for row in "${rows[@]}"; do
+        for name in "${order[@]}"; do
+            warm
+            if [[ $row == perf-* ]]; then
+                run_perf "$name" "${urls[$name]}" "$r"
+            else
+                run_qemu "$name" "${urls[$name]}" "$row" "$r"
+            fi
+            echo "bench: round $r $row $name: ${results[$row,$name,$r]:-failed} IOPS"
+        done
+    done
+done
+
+# median ROW SERVER: the median of the rounds that gave a figure (the lower middle one of an
+# even count), or nothing.
+median() {
+    local r v=()
+    for ((r = 1; r <= rounds; r++)); do
+        [[ -n ${results[$1,$2,$r]:-} ]] && v+=("${results[$1,$2,$r]}")
+    done
+    ((${#v[@]})) || return 0
+    printf '%s\n' "${v[@]}" | sort -n | sed -n "$(((${#v[@]} + 1) / 2))p"
+}
 
 ratio() {
     if [[ -n $1 && -n $2 && $2 != 0 ]]; then
@@ -192,14 +220,29 @@ ratio() {
     fi
 }
 {
-    echo "sharedisk vs tgt vs fio on the file: 4 KiB I/O, ${secs} s per row, ${size_mib} MiB image," \
+    echo "sharedisk vs tgt vs fio on the file: 4 KiB I/O, ${secs} s per row, median of" \
+        "$rounds round(s), ${size_mib} MiB image," \
         "$( ((direct)) && echo "direct I/O" || echo "page cache warm"), $(nproc) cores"
     printf '%-22s %10s %10s %10s %9s %9s\n' row sharedisk tgt fio sd/tgt sd/fio
     for row in "${rows[@]}"; do
-        sd=${results[$row,sharedisk]:-}
-        tg=${results[$row,tgt]:-}
+        sd=$(median "$row" sharedisk)
+        tg=$(median "$row" tgt)
         fi=${results[$row,fio]:-}
         printf '%-22s %10s %10s %10s %9s %9s\n' "$row" "${sd:--}" "${tg:--}" "${fi:--}" \
             "$(ratio "$sd" "$tg")" "$(ratio "$sd" "$fi")"
     done
 } | tee "$out/table.txt"
+
+# Every round, with its own ratio: how far one round is from another.
+{
+    printf '%-22s %6s %10s %10s %9s\n' row round sharedisk tgt sd/tgt
+    for row in "${rows[@]}"; do
+        for ((r = 1; r <= rounds; r++)); do
+            sd=${results[$row,sharedisk,$r]:-}
+            tg=${results[$row,tgt,$r]:-}
+            printf '%-22s %6s %10s %10s %9s\n' "$row" "$r" "${sd:--}" "${tg:--}" \
+                "$(ratio "$sd" "$tg")"
+        done
+    done
+} >"$out/rounds.txt"
+echo "bench: every round's figures: $out/rounds.txt"
