@@ -449,6 +449,17 @@ impl<'a> Login<'a> {
         if name.is_empty() || name.len() > MAX_NAME {
             return Err(status::INITIATOR_ERROR);
         }
+        // Of ASCII, an iSCSI name holds only letters, digits, '-', '.' and ':' (RFC 3720
+        // 3.2.6.2). A comma would make the name's TransportID (`name,i,0x<ISID>`, SPC-5
+        // 7.6.4.6) ambiguous, and a space or control character its log lines; such a name is
+        // refused. Other ASCII punctuation is let through: some initiators are configured with
+        // names that hold it (an underscore), and it breaks nothing here.
+        if name
+            .chars()
+            .any(|ch| ch == ',' || ch == ' ' || ch.is_ascii_control())
+        {
+            return Err(status::INITIATOR_ERROR);
+        }
         match session_type.unwrap_or("Normal") {
             "Discovery" => {
                 self.kind = Some(Kind::Discovery);
@@ -771,6 +782,33 @@ mod tests {
                 assert_eq!((b.0[36], b.0[37]), (0x02, 0x00));
             } else {
                 assert!(!matches!(o, Outcome::Fail(_)), "223 bytes is a name");
+            }
+        }
+    }
+
+    #[test]
+    fn initiator_names_with_a_comma_a_space_or_a_control_character_are_initiator_errors() {
+        // RFC 3720 3.2.6.2: of ASCII, a name holds letters, digits, '-', '.' and ':'. A comma
+        // would make the TransportID "name,i,0x<ISID>" (SPC-5 7.6.4.6) ambiguous. Status
+        // 0200h: initiator error, miscellaneous.
+        let cfg = config(Auth::default(), None);
+        for (name, fails) in [
+            ("iqn.2026-01.test:a,i,0x800000000001", true),
+            ("iqn.2026-01.test:a b", true),
+            ("iqn.2026-01.test:a\tb", true),
+            ("iqn.2026-01.test:host_1", false),
+            ("iqn.2026-01.test:h\u{f6}st", false),
+        ] {
+            let mut l = Login::new(&cfg, 1);
+            let (b, _, o) = l.step(&req(
+                0x87,
+                &format!("InitiatorName={name}|TargetName={TARGET}|"),
+            ));
+            if fails {
+                assert!(matches!(o, Outcome::Fail(0x0200)), "{name:?}");
+                assert_eq!((b.0[36], b.0[37]), (0x02, 0x00));
+            } else {
+                assert!(!matches!(o, Outcome::Fail(_)), "{name:?} is a name");
             }
         }
     }
