@@ -1375,30 +1375,36 @@ impl LogicalUnit {
     /// of every LU before it waits for any: see [`TaskSet::abort`]). A command that arrives
     /// meanwhile comes after the reset: it reports the reset's unit attention, and what it
     /// changes (a MODE SELECT) stands.
+    ///
+    /// The reset's effects come before the tickets move: a command whose ticket the reset
+    /// does not end (admitted after the move) finds all of them, never the mode pages of
+    /// before or no unit attention yet. A command whose ticket it ends and which took the
+    /// unit attention meanwhile puts it back when it ends unanswered.
     pub(crate) fn reset(&self, ua: Sense) -> impl std::future::Future<Output = ()> + Send + '_ {
-        self.end_all_tasks();
         // SPC-2 reservations end with a reset; persistent reservations do not (SPC-5 5.14.1).
         self.resv.release_spc2_if(|_| true);
-        let aborted = self.tasks.abort(|_, _| true);
         self.mode.reset();
         self.nexuses.reset(ua, |_| true);
+        self.end_all_tasks();
+        let aborted = self.tasks.abort(|_, _| true);
         async move {
             aborted.await;
         }
     }
 
-    /// I_T NEXUS RESET on this LU: like [`Self::reset`], the nexus's tasks end when this is
-    /// called.
+    /// I_T NEXUS RESET on this LU: like [`Self::reset`], the nexus's tasks end and I_T NEXUS
+    /// LOSS OCCURRED is pending for it when this is called, so that no command it sends
+    /// meanwhile completes before being told.
     pub(crate) fn nexus_reset<'a>(
         &'a self,
         nexus: &'a ItNexus,
     ) -> impl std::future::Future<Output = ()> + Send + 'a {
         self.resv.release_spc2_if(|h| h == nexus);
+        self.nexuses.reset(cond::IT_NEXUS_LOSS, |n| n == nexus);
         self.end_nexus_tasks(nexus);
         let aborted = self.tasks.abort(move |n, _| n == nexus);
         async move {
             aborted.await;
-            self.nexuses.reset(cond::IT_NEXUS_LOSS, |n| n == nexus);
         }
     }
 

@@ -343,6 +343,22 @@ async fn it_nexus_reset_raises_it_nexus_loss_on_that_nexus() {
     assert_good(&run(&t, &b, &[0x00, 0, 0, 0, 0, 0], vec![]).await);
 }
 
+/// I_T NEXUS RESET waits for the nexus's running write before it answers, but I_T NEXUS
+/// LOSS OCCURRED is pending from the start: a command the nexus sends meanwhile reports it
+/// rather than completing as if nothing had happened.
+#[tokio::test]
+async fn it_nexus_reset_raises_its_unit_attention_before_it_waits_for_running_tasks() {
+    let (t, d, a, _) = gated().await;
+    let w = start_write(&t, &d, &a, 7, 0, 0x11).await;
+    let mut tmf = spawn_tmf(&t, &a, Tmf::ItNexusReset);
+    assert!(is_pending(&mut tmf).await, "waits for the running write");
+    let r = run(&t, &a, &TUR, vec![]).await;
+    assert_sense(&r, 0x06, 0x29, 0x07); // I_T NEXUS LOSS OCCURRED
+    d.gate.add_permits(1);
+    assert_eq!(tmf.await.unwrap(), TmfResponse::FunctionComplete);
+    assert_eq!(w.await.unwrap(), Completion::Aborted);
+}
+
 #[tokio::test]
 async fn query_task_reports_running_tasks() {
     let (t, d, a, _) = gated().await;
