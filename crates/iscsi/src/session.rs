@@ -77,6 +77,9 @@ const MAX_IMMEDIATE: u32 = 16;
 /// most [`QUEUE_DEPTH`] non-immediate commands and [`MAX_IMMEDIATE`] immediate ones, so this
 /// guards that invariant; a command beyond it is refused like one beyond either limit.
 const MAX_COLLECTING: usize = QUEUE_DEPTH as usize + MAX_IMMEDIATE as usize;
+/// Unsolicited Data-Out PDUs kept for one write held for its CmdSN ([`Held::Pdu`]); each
+/// carries some data (a write of FirstBurstLength in 512-byte PDUs is 512 of them at most).
+const MAX_HELD_DATA_OUT: usize = 512;
 /// Longest text (SendTargets) request or response kept.
 const MAX_TEXT: usize = 64 * 1024;
 /// Task management functions of one connection still waiting for the tasks they end. The
@@ -284,8 +287,9 @@ struct Running {
     /// A TMF response that must follow this task's own response: ABORT TASK found the task
     /// already completed in the SCSI layer ("task does not exist") before its response was
     /// queued. Sending the TMF response first would tell the initiator the task is gone while
-    /// its response is still to come, and initiators drop such late responses.
-    then: Option<Bhs>,
+    /// its response is still to come, and initiators drop such late responses. Several ABORT
+    /// TASKs may name it meanwhile: each gets its response, in the order they came.
+    then: Vec<Bhs>,
 }
 
 impl Shared {
@@ -402,8 +406,11 @@ pub fn window(cmdsn: u32, exp: u32, max: u32) -> Window {
 /// A held non-immediate PDU, or a CmdSN to treat as received (an ABORT TASK for a command
 /// not yet received, RFC 7143 11.5.1).
 enum Held {
-    /// With the ticket taken when it arrived (see [`scsi::Ticket`]), for SCSI commands.
-    Pdu(Box<Pdu>, Option<scsi::Ticket>),
+    /// With the ticket taken when it arrived (see [`scsi::Ticket`]), for SCSI commands, and
+    /// the unsolicited Data-Out PDUs of a write that came while it was held (RFC 7143 11.4:
+    /// they follow the command on its connection whatever its CmdSN), taken in order once it
+    /// runs (at most [`MAX_HELD_DATA_OUT`] of them, of FirstBurstLength bytes in all).
+    Pdu(Box<Pdu>, Option<scsi::Ticket>, Vec<Pdu>),
     Skip,
 }
 
@@ -497,10 +504,14 @@ struct Conn {
     next_ttt: u32,
     ping: Option<u32>,
     text_in: Vec<u8>,
-    /// The TTT of the empty answer to a Text Request with C=1, which the initiator copies
-    /// into the request's next part (RFC 7143 11.10.4).
+    /// The TTT the initiator's next Text Request of the sequence under way carries: the one
+    /// of the empty answer to a part sent with C=1, which it copies into the request's next
+    /// part, or the one of the answer with F=0 to a request with F=0, which it copies into
+    /// its next request of the sequence (RFC 7143 11.10.4, 11.11.1).
     text_in_ttt: Option<u32>,
-    text_out: Option<(u32, Vec<u8>)>,
+    /// The rest of a long Text Response, the TTT of the part sent (which the initiator's empty
+    /// request for the next one carries), and whether the request had F=1.
+    text_out: Option<(u32, Vec<u8>, bool)>,
     /// The next [`WriteTask::seq`].
     next_seq: u64,
     /// Tasks waiting to send their next R2T, oldest first.
@@ -852,10 +863,7 @@ impl Conn {
             match pdu.bhs.opcode() {
                 // At ERL 0 a Data-Out cannot be asked for again, so its task ends with CHECK
                 // CONDITION, PROTOCOL SERVICE CRC ERROR.
-                op::DATA_OUT => {
-                    self.fail_task(pdu.bhs.itt(), 0x47, 0x05, Some((&pdu.bhs, pdu.data.len())));
-                    return Ok(Flow::Continue);
-                }
+                op::DATA_OUT => return self.data_out_arrived(pdu),
                 // The header is sound (its own digest held): the request was received and
                 // takes its CmdSN, or the gap would hold every later command until the
                 // initiator gave up on this one. A SCSI command ends with PROTOCOL SERVICE
@@ -869,7 +877,7 @@ impl Conn {
             op::NOP_OUT | op::SCSI_CMD | op::TMF_REQ | op::TEXT_REQ | op::LOGOUT_REQ => {
                 self.ordered(pdu).await
             }
-            op::DATA_OUT => self.data_out(pdu),
+            op::DATA_OUT => self.data_out_arrived(pdu),
             op::SNACK => {
                 // ERL 0: SNACK is not supported (RFC 7143 11.16).
                 self.reject(reject::PROTOCOL_ERROR, &pdu.bhs);
@@ -906,7 +914,7 @@ impl Conn {
                 }
                 let ticket = self.admit(&pdu);
                 self.held
-                    .insert(bhs.cmdsn(), Held::Pdu(Box::new(pdu), ticket));
+                    .insert(bhs.cmdsn(), Held::Pdu(Box::new(pdu), ticket, Vec::new()));
                 self.drain().await
             }
         }
@@ -917,11 +925,16 @@ impl Conn {
         while let Some(next) = self.held.remove(&self.shared.exp()) {
             // A SCSI command is counted as outstanding in the same step that advances
             // ExpCmdSN; `scsi_command` uncounts it if it refuses the command.
-            let counted = matches!(&next, Held::Pdu(p, _) if p.bhs.opcode() == op::SCSI_CMD);
+            let counted = matches!(&next, Held::Pdu(p, ..) if p.bhs.opcode() == op::SCSI_CMD);
             self.shared.advance(counted);
-            if let Held::Pdu(p, ticket) = next {
+            if let Held::Pdu(p, ticket, data) = next {
                 if let Flow::Close = self.process(*p, false, ticket).await? {
                     return Ok(Flow::Close);
+                }
+                for d in data {
+                    if let Flow::Close = self.data_out_pdu(d)? {
+                        return Ok(Flow::Close);
+                    }
                 }
             }
         }
@@ -977,11 +990,13 @@ impl Conn {
 
     fn nop_out(&mut self, pdu: &Pdu) {
         let itt = pdu.bhs.itt();
+        // The answer to our ping carries its TTT (RFC 7143 11.18), whether or not it also
+        // asks for a NOP-In of its own (a valid ITT).
+        if self.ping.is_some() && self.ping == Some(pdu.bhs.field20()) {
+            self.ping = None;
+        }
         if itt == RESERVED_TAG {
-            // The answer to our ping (or a ping wanting no answer).
-            if self.ping == Some(pdu.bhs.field20()) {
-                self.ping = None;
-            }
+            // Wants no answer.
             return;
         }
         // RFC 7143 11.19: echo the ping data, TTT 0xffffffff.
@@ -1332,6 +1347,45 @@ impl Conn {
         self.r2t_wait = still;
     }
 
+    /// A Data-Out PDU as it arrives: kept with its write if that is held for its CmdSN (see
+    /// [`Held::Pdu`]), taken at once otherwise.
+    fn data_out_arrived(&mut self, pdu: Pdu) -> Result<Flow, SessionError> {
+        let itt = pdu.bhs.itt();
+        if !self.tasks.contains_key(&itt) && pdu.bhs.field20() == RESERVED_TAG {
+            let first_burst = self.params.first_burst as usize;
+            let held = self.held.values_mut().find_map(|h| match h {
+                Held::Pdu(p, _, data)
+                    if p.bhs.opcode() == op::SCSI_CMD
+                        && p.bhs.itt() == itt
+                        && p.bhs.flags() & 0x20 != 0 =>
+                {
+                    Some(data)
+                }
+                _ => None,
+            });
+            if let Some(data) = held {
+                let bytes: usize = data.iter().map(|d| d.data.len()).sum();
+                // More than the unsolicited data a write may have is the initiator's error;
+                // the rest is dropped and the write, once it runs, finds its data short.
+                if data.len() < MAX_HELD_DATA_OUT && bytes + pdu.data.len() <= first_burst {
+                    data.push(pdu);
+                }
+                return Ok(Flow::Continue);
+            }
+        }
+        self.data_out_pdu(pdu)
+    }
+
+    /// A Data-Out PDU for a task collecting data, or for none: one whose data failed its
+    /// digest (already rejected as it arrived) ends its task.
+    fn data_out_pdu(&mut self, pdu: Pdu) -> Result<Flow, SessionError> {
+        if pdu.data_digest_bad {
+            self.fail_task(pdu.bhs.itt(), 0x47, 0x05, Some((&pdu.bhs, pdu.data.len())));
+            return Ok(Flow::Continue);
+        }
+        self.data_out(pdu)
+    }
+
     fn data_out(&mut self, pdu: Pdu) -> Result<Flow, SessionError> {
         let bhs = pdu.bhs;
         let itt = bhs.itt();
@@ -1513,7 +1567,7 @@ impl Conn {
             Running {
                 lun: cmd.lun,
                 id,
-                then: None,
+                then: Vec::new(),
             },
         );
         let (nexus, lun_id, opcode) = (cmd.nexus.clone(), cmd.lun, cmd.cdb.first().copied());
@@ -1531,7 +1585,7 @@ impl Conn {
                     _ => None,
                 };
                 let ours = entry.is_some();
-                let then = entry.and_then(|r| r.then);
+                let then = entry.map(|r| r.then).unwrap_or_default();
                 match done {
                     Completion::Done(resp) if ours => {
                         tx.send(Out::Result(Box::new(ScsiResult {
@@ -1557,7 +1611,7 @@ impl Conn {
                         }
                     }
                 }
-                if let Some(bhs) = then {
+                for bhs in then {
                     tx.send_pdu(bhs, Vec::new(), Sn::Status);
                 }
             }
@@ -1620,7 +1674,6 @@ impl Conn {
             && !self.held.contains_key(&refsn)
     }
 
-    /// Whether a SCSI command held for its CmdSN matches `pred`.
     /// Whether a SCSI command held for its CmdSN matches `pred` and is still alive: task
     /// management has not ended it since it arrived (see [`scsi::Ticket`]).
     fn held_command(
@@ -1630,7 +1683,7 @@ impl Conn {
         pred: impl Fn(&Pdu) -> bool,
     ) -> bool {
         self.held.values().any(|h| {
-            matches!(h, Held::Pdu(p, ticket) if p.bhs.opcode() == op::SCSI_CMD
+            matches!(h, Held::Pdu(p, ticket, _) if p.bhs.opcode() == op::SCSI_CMD
                 && pred(p)
                 && !self.ticket_ended(target, nexus, pdu::decode_lun(p.bhs.lun()), ticket.as_ref()))
         })
@@ -1674,7 +1727,7 @@ impl Conn {
                 // Only a SCSI command is a task: a held task management request or Logout
                 // with that ITT is not this one's to end.
                 if let Some((&sn, _)) = self.held.iter().find(|(_, h)| {
-                    matches!(h, Held::Pdu(p, _)
+                    matches!(h, Held::Pdu(p, ..)
                             if p.bhs.opcode() == op::SCSI_CMD
                                 && p.bhs.itt() == rtt
                                 && pdu::decode_lun(p.bhs.lun()) == lun)
@@ -1788,7 +1841,10 @@ impl Conn {
             running
                 .iter()
                 .filter(|(itt, r)| match tmf {
-                    Tmf::AbortTask { tag, .. } => u64::from(**itt) == tag,
+                    // The task on the LUN the function names: a task of that tag on another
+                    // LU is not the one it asks about (its answer, "task does not exist",
+                    // must not wait for that task).
+                    Tmf::AbortTask { lun, tag } => u64::from(**itt) == tag && r.lun == lun,
                     Tmf::AbortTaskSet { lun }
                     | Tmf::ClearTaskSet { lun }
                     | Tmf::LogicalUnitReset { lun } => r.lun == lun,
@@ -1832,7 +1888,7 @@ impl Conn {
                         .and_then(|t| running.get_mut(&t))
                         .filter(|r| ends.contains(&r.id));
                     if let (1, Some(r)) = (code, pending) {
-                        r.then = Some(b);
+                        r.then.push(b);
                         return;
                     }
                 }
@@ -1846,7 +1902,7 @@ impl Conn {
                         if !ends.contains(&r.id) {
                             return true;
                         }
-                        if let Some(bhs) = r.then.take() {
+                        for bhs in r.then.drain(..) {
                             tx.send_pdu(bhs, Vec::new(), Sn::Status);
                         }
                         false
@@ -1872,16 +1928,27 @@ impl Conn {
         let mut b = Bhs::new(op::TEXT_RESP);
         b.set_lun(bhs.lun());
         b.set_u32(16, itt);
+        let (f, c) = (bhs.flags() & 0x80 != 0, bhs.flags() & 0x40 != 0);
+        // "A Text Request with the C bit set to 1 MUST have the F bit set to 0" (RFC 7143
+        // 11.10.2).
+        if f && c {
+            self.text_in.clear();
+            self.text_in_ttt = None;
+            self.text_out = None;
+            self.reject(reject::PROTOCOL_ERROR, &bhs);
+            return;
+        }
         if ttt != RESERVED_TAG {
             // Continuing a long response (RFC 7143 11.10.4).
-            if let Some((t, rest)) = self.text_out.take() {
+            if let Some((t, rest, last)) = self.text_out.take() {
                 if t == ttt {
-                    self.send_text(b, rest);
+                    self.send_text(b, rest, last);
                     return;
                 }
             }
-            // The next part of a request sent with C=1: the initiator copied the TTT of our
-            // empty answer (RFC 7143 11.10.4).
+            // The next part of a request sent with C=1, or the next request of a sequence
+            // answered with F=0: the initiator copied the TTT of our answer (RFC 7143
+            // 11.10.4, 11.11.1).
             if self.text_in_ttt.take() != Some(ttt) {
                 self.text_in.clear();
                 self.reject(reject::INVALID_FIELD, &bhs);
@@ -1900,7 +1967,7 @@ impl Conn {
             return;
         }
         self.text_in.extend_from_slice(&pdu.data);
-        if bhs.flags() & 0x40 != 0 {
+        if c {
             // C=1: more request text follows; answer empty with F=0 and a TTT for the
             // initiator to continue with (RFC 7143 11.10.2, 11.10.4).
             let ttt = self.alloc_ttt();
@@ -1917,11 +1984,20 @@ impl Conn {
                 return;
             }
         };
+        // A key declared or negotiated twice in one request is a protocol error (RFC 7143
+        // 6.2); SendTargets twice would also build its list twice.
+        let mut seen = std::collections::HashSet::new();
+        if !pairs.iter().all(|(k, _)| seen.insert(k.as_str())) {
+            self.reject(reject::PROTOCOL_ERROR, &bhs);
+            return;
+        }
         let mut reply = Vec::new();
         let mut max_data = None;
         for (k, v) in &pairs {
             match k.as_str() {
                 "SendTargets" => self.send_targets(v, &mut reply),
+                // Declarative, of use ALL (RFC 7143 13.6): taken, not answered.
+                "InitiatorAlias" => {}
                 // Declarative and allowed in the full feature phase (RFC 7143 13.12): taken as
                 // at login, without an answer, or answered Reject when out of range.
                 "MaxRecvDataSegmentLength" => {
@@ -1938,20 +2014,30 @@ impl Conn {
         if let Some(n) = max_data {
             self.send(Out::MaxData(n));
         }
-        self.send_text(b, text::encode(&reply));
+        self.send_text(b, text::encode(&reply), f);
     }
 
-    fn send_text(&mut self, mut b: Bhs, mut data: Vec<u8>) {
+    /// Send a Text Response with `data`, in parts of at most the initiator's
+    /// MaxRecvDataSegmentLength (C=1 and a TTT for each but the last). The last part has F=1
+    /// only if the request had (`last`): "A Text Response with the F bit set to 1 in response
+    /// to a Text Request with the F bit set to 0 is a protocol error" (RFC 7143 11.11.1); with
+    /// F=0 it carries a TTT the initiator's next request of the sequence copies.
+    fn send_text(&mut self, mut b: Bhs, mut data: Vec<u8>, last: bool) {
         let max = self.params.max_send_dsl as usize;
         if data.len() > max {
             let rest = data.split_off(max);
             let ttt = self.alloc_ttt();
             b.0[1] = 0x40; // C=1, F=0
             b.set_u32(20, ttt);
-            self.text_out = Some((ttt, rest));
-        } else {
+            self.text_out = Some((ttt, rest, last));
+        } else if last {
             b.0[1] = 0x80; // F=1
             b.set_u32(20, RESERVED_TAG);
+        } else {
+            let ttt = self.alloc_ttt();
+            b.0[1] = 0; // C=0, F=0: the sequence goes on
+            b.set_u32(20, ttt);
+            self.text_in_ttt = Some(ttt);
         }
         self.send_pdu(b, data, Sn::Status);
     }

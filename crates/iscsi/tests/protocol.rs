@@ -210,6 +210,67 @@ async fn a_text_request_in_parts_continues_with_the_copied_ttt() {
     assert_eq!((r.bhs[0], r.bhs[2]), (0x3f, 0x09));
 }
 
+/// RFC 7143 11.11.1: "A Text Response with the F bit set to 1 in response to a Text Request
+/// with the F bit set to 0 is a protocol error": a request with F=0 is answered with F=0 and a
+/// TTT other than FFFFFFFFh, which the initiator's next request of the sequence copies; the
+/// sequence ends with the answer to a request with F=1.
+#[tokio::test]
+async fn a_text_request_with_f_0_is_answered_with_f_0_until_one_with_f_1() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    c.send(text_bhs(&c, 0x00, 9, 0xffff_ffff), b"SendTargets=\0")
+        .await;
+    let r = c.recv().await.expect("Text Response");
+    assert_eq!(r.bhs[0], 0x24, "Text Response");
+    assert_eq!(r.bhs[1], 0x00, "F=0 C=0");
+    let ttt = r.u32(20);
+    assert_ne!(ttt, 0xffff_ffff, "F=0: a TTT the next request copies");
+    assert_eq!(
+        String::from_utf8(r.data).expect("text"),
+        format!("TargetName={TARGET}\0TargetAddress={addr},1\0")
+    );
+    // The sequence's next request (empty, F=1) with that TTT: answered F=1, TTT reserved.
+    c.send(text_bhs(&c, 0x80, 9, ttt), b"").await;
+    let r = c.recv().await.expect("Text Response");
+    assert_eq!(r.bhs[0], 0x24, "Text Response, not a Reject");
+    assert_eq!(r.bhs[1], 0x80, "F=1");
+    assert_eq!(r.u32(20), 0xffff_ffff);
+    assert!(r.data.is_empty(), "{:?}", r.data);
+}
+
+/// RFC 7143 11.10.2: "A Text Request with the C bit set to 1 MUST have the F bit set to 0";
+/// RFC 7143 6.2: a key negotiated or declared twice is a protocol error. Both are answered
+/// with a Reject, reason Protocol Error (04h, 11.17.1). InitiatorAlias is declarative (13.6):
+/// taken without an answer.
+#[tokio::test]
+async fn text_requests_with_c_and_f_or_a_repeated_key_are_rejected() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "").await;
+    c.send(text_bhs(&c, 0xc0, 9, 0xffff_ffff), b"SendTargets=\0")
+        .await;
+    let r = c.recv().await.expect("Reject");
+    assert_eq!((r.bhs[0], r.bhs[2]), (0x3f, 0x04), "Reject, protocol error");
+    c.send(
+        text_bhs(&c, 0x80, 10, 0xffff_ffff),
+        b"SendTargets=\0SendTargets=\0",
+    )
+    .await;
+    let r = c.recv().await.expect("Reject");
+    assert_eq!((r.bhs[0], r.bhs[2]), (0x3f, 0x04), "Reject, protocol error");
+    c.send(
+        text_bhs(&c, 0x80, 11, 0xffff_ffff),
+        b"InitiatorAlias=host1\0",
+    )
+    .await;
+    let r = c.recv().await.expect("Text Response");
+    assert_eq!(r.bhs[0], 0x24, "Text Response");
+    assert!(
+        r.data.is_empty(),
+        "declarative: no answer, got {:?}",
+        r.data
+    );
+}
+
 /// RFC 7143 13.12: MaxRecvDataSegmentLength is declarative and may be sent in the full
 /// feature phase: the target takes it (nothing to answer) and sends no data segment longer
 /// from then on; a value out of range (512 to 2^24-1) is answered Reject.
@@ -504,6 +565,44 @@ async fn abort_task_with_another_lun_does_not_abort_the_task() {
     assert_eq!(rsp.bhs[3], 0x00, "GOOD");
 }
 
+/// The same with the task inside the backend and LUN 1 an LU of the target: LU 1 has no task
+/// of that tag, so the answer is Task does not exist (RFC 7143 11.5.1 c) at once, not after
+/// LUN 0's task ends; a second such request is answered too.
+#[tokio::test]
+async fn abort_task_naming_another_lu_is_answered_while_the_task_runs() {
+    let driver = Arc::new(GatedDriver::new(None));
+    let other: Arc<dyn block::Driver> = Arc::new(block::driver::mem::MemDriver::new(1 << 20));
+    let (addr, _server) = start_with_luns(
+        vec![driver.clone(), other],
+        Auth::default(),
+        Auth::default(),
+    )
+    .await;
+    let mut c = Client::login(addr, "").await;
+    c.clear_unit_attention().await;
+    // WRITE(10) of one block with its data as immediate data: it stops inside LU 0's driver.
+    let (b, itt) = c.command(0xa1, 512, &write10(0, 1));
+    let entered = driver.entered.notified();
+    c.send(b, &[0x5A; 512]).await;
+    entered.await;
+    for tmf_itt in [100, 101] {
+        let mut t = abort_task(&c, tmf_itt, itt, c.cmdsn - 1);
+        t[8..16].copy_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]); // LUN 1 (SAM-5 4.7: peripheral)
+        c.send(t, &[]).await;
+        let r = c.recv().await.expect("TMF Response while the write waits");
+        assert_eq!((r.bhs[0], r.u32(16)), (0x22, tmf_itt), "the TMF's response");
+        assert_eq!(r.bhs[2], 1, "Task does not exist");
+    }
+    driver.gate.add_permits(1);
+    let rsp = c.recv().await.expect("SCSI Response");
+    assert_eq!(
+        (rsp.bhs[0], rsp.u32(16)),
+        (0x21, itt),
+        "the write's response"
+    );
+    assert_eq!(rsp.bhs[3], 0x00, "GOOD");
+}
+
 #[tokio::test]
 async fn logout_closes_the_session() {
     let addr = start().await;
@@ -573,6 +672,29 @@ async fn answered_ping_keeps_the_session() {
         // NOP-Out answer: immediate, ITT 0xffffffff, TTT copied (RFC 7143 11.18).
         c.send(c.nop_out(0xffff_ffff, ping.u32(20)), &[]).await;
     }
+    assert_eq!(server.sessions().len(), 1);
+}
+
+/// RFC 7143 11.18: a NOP-Out may answer the target's ping (its TTT copied) and ask for a
+/// NOP-In of its own (a valid ITT) at once: it is both answered and taken as the answer.
+#[tokio::test]
+async fn a_ping_answered_by_a_nop_out_that_asks_for_an_answer_keeps_the_session() {
+    let (addr, server) = start_server().await;
+    server.set_nop_interval(Duration::from_millis(200));
+    let mut c = Client::login(addr, "").await;
+    for itt in 7..10u32 {
+        let ping = c.recv().await.expect("NOP-In ping");
+        assert_eq!((ping.bhs[0], ping.u32(16)), (0x20, 0xffff_ffff), "a ping");
+        c.send(c.nop_out(itt, ping.u32(20)), &[]).await;
+        let echo = c.recv().await.expect("NOP-In answer");
+        assert_eq!(
+            (echo.bhs[0], echo.u32(16)),
+            (0x20, itt),
+            "the answer to ITT {itt}"
+        );
+        assert_eq!(echo.u32(20), 0xffff_ffff, "an answer, TTT reserved");
+    }
+    assert!(!closed(&mut c).await, "the pings were answered");
     assert_eq!(server.sessions().len(), 1);
 }
 
@@ -1119,6 +1241,60 @@ async fn out_of_order_data_sn_ends_the_task_with_check_condition() {
     c.send(b, &[]).await;
     let r = c.recv().await.expect("SCSI Response to TEST UNIT READY");
     assert_eq!(r.bhs[3], 0x00);
+}
+
+/// A write whose CmdSN is ahead of ExpCmdSN is held until the gap fills (RFC 7143 4.2.2.1);
+/// its unsolicited Data-Out follows it on the connection meanwhile (11.4) and is its data,
+/// kept for it: once the gap fills, the write completes with that data, with no R2T and no
+/// wait for data already sent.
+#[tokio::test]
+async fn unsolicited_data_of_a_write_held_for_its_cmdsn_is_kept_for_it() {
+    let addr = start().await;
+    let mut c = Client::login(addr, "InitialR2T=No|ImmediateData=No|").await;
+    c.clear_unit_attention().await;
+    // CmdSN n is skipped: the write goes with n + 1.
+    let gap = c.cmdsn;
+    c.cmdsn += 1;
+    let (b, itt) = c.command(0x21, 1024, &write10(8, 2)); // F=1, W=1, SIMPLE
+    c.send(b, &[]).await;
+    c.send(data_out(itt, 0xffff_ffff, 0, 0, false), &[0xA5; 512])
+        .await;
+    c.send(data_out(itt, 0xffff_ffff, 1, 512, true), &[0x5A; 512])
+        .await;
+    // Nothing is answered while the write is held: a ping (immediate) comes back first.
+    let p = next_after_ping(&mut c).await;
+    assert_ping_answer(&p, "the write waits for CmdSN n");
+    // TEST UNIT READY with CmdSN n fills the gap.
+    let mut t = [0u8; 48];
+    t[0] = 0x01;
+    t[1] = 0x80; // F=1
+    t[16..20].copy_from_slice(&0x7000u32.to_be_bytes());
+    t[24..28].copy_from_slice(&gap.to_be_bytes());
+    c.send(t, &[]).await;
+    let mut answered = Vec::new();
+    while answered.len() < 2 {
+        let r = c.recv().await.expect("SCSI Responses, no R2T");
+        assert_eq!(
+            r.bhs[0], 0x21,
+            "a SCSI Response, got opcode {:#x}",
+            r.bhs[0]
+        );
+        assert_eq!(r.bhs[3], 0x00, "GOOD");
+        answered.push(r.u32(16));
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, [itt, 0x7000]);
+    // The blocks hold the Data-Outs' bytes.
+    let (b, _) = c.command(0xc1, 1024, &read10(8, 2));
+    c.send(b, &[]).await;
+    let mut got = Vec::new();
+    while got.len() < 1024 {
+        let d = c.recv().await.expect("Data-In");
+        assert_eq!(d.bhs[0], 0x25, "Data-In");
+        got.extend_from_slice(&d.data);
+    }
+    assert_eq!(&got[..512], &[0xA5; 512][..]);
+    assert_eq!(&got[512..], &[0x5A; 512][..]);
 }
 
 /// Fixed sense after the SCSI Response's SenseLength: (sense key, ASC, ASCQ).

@@ -33,19 +33,30 @@ pub async fn start_with_auth(
     auth: Auth,
     discovery_auth: Auth,
 ) -> (std::net::SocketAddr, Arc<Server>) {
-    let backend = block::Backend::new(driver, 512).expect("512-byte blocks");
-    let lu = scsi::LogicalUnit::new(
-        backend,
-        scsi::LuConfig {
-            vendor: "SHAREDSK".into(),
-            product: "memdisk".into(),
-            revision: "0001".into(),
-            serial: "1".into(),
-            id: 1,
-        },
-    );
+    start_with_luns(vec![driver], auth, discovery_auth).await
+}
+
+/// A target whose LUN n is on `drivers[n]`.
+pub async fn start_with_luns(
+    drivers: Vec<Arc<dyn block::Driver>>,
+    auth: Auth,
+    discovery_auth: Auth,
+) -> (std::net::SocketAddr, Arc<Server>) {
     let mut t = scsi::Target::new();
-    t.add_lu(0, Arc::new(lu));
+    for (n, driver) in (0u64..).zip(drivers) {
+        let backend = block::Backend::new(driver, 512).expect("512-byte blocks");
+        let lu = scsi::LogicalUnit::new(
+            backend,
+            scsi::LuConfig {
+                vendor: "SHAREDSK".into(),
+                product: "memdisk".into(),
+                revision: "0001".into(),
+                serial: (n + 1).to_string(),
+                id: n + 1,
+            },
+        );
+        t.add_lu(n, Arc::new(lu));
+    }
     let server = Server::new(ServerConfig {
         targets: vec![TargetConfig {
             name: TARGET.into(),
