@@ -15,7 +15,8 @@
 # alternates from round to round; only one of them has a client at a time. This machine's
 # speed drifts by more than the differences measured, and a row of each server run minutes
 # apart would compare two machines. The table gives the median of BENCH_ROUNDS rounds (1 by
-# default) per row and server, and every round's figures are kept in out/bench/rounds.txt.
+# default) per row and server, and as sd/tgt the median of the rounds' own ratios; every
+# round's figures are kept in out/bench/rounds.txt.
 # fio straight on the file with the same pattern (the better of io_uring at the row's depth
 # and psync) runs once first. All of them with the same cache:
 #   buffered (the default)  through the host's page cache, which is reset (written back,
@@ -119,6 +120,9 @@ run_qemu() { # NAME URL ROW ROUND
         count=$(awk -v t="$t" -v s="$secs" -v m="$max" \
             'BEGIN { c = int(2000 / (t > 0 ? t : 0.001) * s); print (c > m ? m : c) }')
         counts[$3,$1]=$count
+        # The measured run starts from the same page cache as every other (the sizing run
+        # wrote some).
+        warm
     fi
     t=$(qemu_bench "$count" "$depth" "$rw" "$2" "$log")
     [[ -n $t ]] || return 0
@@ -201,15 +205,33 @@ for ((r = 1; r <= rounds; r++)); do
     done
 done
 
-# median ROW SERVER: the median of the rounds that gave a figure (the lower middle one of an
-# even count), or nothing.
+# lower_middle: the median of the numbers on stdin (the lower middle one of an even count),
+# or nothing.
+lower_middle() {
+    sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'
+}
+
+# median ROW SERVER: the median of the rounds that gave a figure.
 median() {
-    local r v=()
+    local r
     for ((r = 1; r <= rounds; r++)); do
-        [[ -n ${results[$1,$2,$r]:-} ]] && v+=("${results[$1,$2,$r]}")
-    done
-    ((${#v[@]})) || return 0
-    printf '%s\n' "${v[@]}" | sort -n | sed -n "$(((${#v[@]} + 1) / 2))p"
+        if [[ -n ${results[$1,$2,$r]:-} ]]; then
+            echo "${results[$1,$2,$r]}"
+        fi
+    done | lower_middle
+}
+
+# median_ratio ROW: the median of the rounds' sharedisk/tgt ratios (each round's two runs
+# are back to back, so a round's ratio is free of the drift between rounds).
+median_ratio() {
+    local r sd tg
+    for ((r = 1; r <= rounds; r++)); do
+        sd=${results[$1,sharedisk,$r]:-}
+        tg=${results[$1,tgt,$r]:-}
+        if [[ -n $sd && -n $tg && $tg != 0 ]]; then
+            awk -v a="$sd" -v b="$tg" 'BEGIN { printf "%.2f\n", a / b }'
+        fi
+    done | lower_middle
 }
 
 ratio() {
@@ -221,15 +243,16 @@ ratio() {
 }
 {
     echo "sharedisk vs tgt vs fio on the file: 4 KiB I/O, ${secs} s per row, median of" \
-        "$rounds round(s), ${size_mib} MiB image," \
+        "$rounds round(s) (sd/tgt: the median of the rounds' ratios), ${size_mib} MiB image," \
         "$( ((direct)) && echo "direct I/O" || echo "page cache warm"), $(nproc) cores"
     printf '%-22s %10s %10s %10s %9s %9s\n' row sharedisk tgt fio sd/tgt sd/fio
     for row in "${rows[@]}"; do
         sd=$(median "$row" sharedisk)
         tg=$(median "$row" tgt)
         fi=${results[$row,fio]:-}
+        rt=$(median_ratio "$row")
         printf '%-22s %10s %10s %10s %9s %9s\n' "$row" "${sd:--}" "${tg:--}" "${fi:--}" \
-            "$(ratio "$sd" "$tg")" "$(ratio "$sd" "$fi")"
+            "${rt:--}" "$(ratio "$sd" "$fi")"
     done
 } | tee "$out/table.txt"
 
