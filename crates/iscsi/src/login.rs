@@ -451,12 +451,13 @@ impl<'a> Login<'a> {
         }
         // Of ASCII, an iSCSI name holds only letters, digits, '-', '.' and ':' (RFC 3720
         // 3.2.6.2). A comma would make the name's TransportID (`name,i,0x<ISID>`, SPC-5
-        // 7.6.4.6) ambiguous, and a space or control character its log lines; such a name is
-        // refused. Other ASCII punctuation is let through: some initiators are configured with
-        // names that hold it (an underscore), and it breaks nothing here.
+        // 7.6.4.6) ambiguous, and a space or control character (any, in Unicode) its log
+        // lines; such a name is refused. Other ASCII punctuation is let through: some
+        // initiators are configured with names that hold it (an underscore), and it breaks
+        // nothing here.
         if name
             .chars()
-            .any(|ch| ch == ',' || ch == ' ' || ch.is_ascii_control())
+            .any(|ch| ch == ',' || ch.is_whitespace() || ch.is_control())
         {
             return Err(status::INITIATOR_ERROR);
         }
@@ -796,6 +797,8 @@ mod tests {
             ("iqn.2026-01.test:a,i,0x800000000001", true),
             ("iqn.2026-01.test:a b", true),
             ("iqn.2026-01.test:a\tb", true),
+            ("iqn.2026-01.test:a\u{a0}b", true), // NO-BREAK SPACE
+            ("iqn.2026-01.test:a\u{85}b", true), // NEXT LINE (C1 control)
             ("iqn.2026-01.test:host_1", false),
             ("iqn.2026-01.test:h\u{f6}st", false),
         ] {

@@ -409,9 +409,24 @@ enum Held {
     /// With the ticket taken when it arrived (see [`scsi::Ticket`]), for SCSI commands, and
     /// the unsolicited Data-Out PDUs of a write that came while it was held (RFC 7143 11.4:
     /// they follow the command on its connection whatever its CmdSN), taken in order once it
-    /// runs (at most [`MAX_HELD_DATA_OUT`] of them, of FirstBurstLength bytes in all).
-    Pdu(Box<Pdu>, Option<scsi::Ticket>, Vec<Pdu>),
+    /// runs.
+    Pdu(Box<Pdu>, Option<scsi::Ticket>, HeldData),
     Skip,
+}
+
+/// The unsolicited Data-Out PDUs of a write held for its CmdSN ([`Held::Pdu`]): at most
+/// [`MAX_HELD_DATA_OUT`] of them and FirstBurstLength bytes in all. Beyond that the initiator
+/// sent more unsolicited data than it may: none is kept any more, and the write, once it runs,
+/// ends as it would have, with UNEXPECTED UNSOLICITED DATA (RFC 7143 11.4.7.2), once the PDU
+/// with the F bit is in.
+#[derive(Default)]
+struct HeldData {
+    pdus: Vec<Pdu>,
+    bytes: usize,
+    /// More came than may be kept.
+    over: bool,
+    /// A PDU with the F bit came (kept or not).
+    last: bool,
 }
 
 /// How a write that ended while data-out was still expected is answered. RFC 7143 11.4: when
@@ -509,9 +524,9 @@ struct Conn {
     /// part, or the one of the answer with F=0 to a request with F=0, which it copies into
     /// its next request of the sequence (RFC 7143 11.10.4, 11.11.1).
     text_in_ttt: Option<u32>,
-    /// The rest of a long Text Response, the TTT of the part sent (which the initiator's empty
-    /// request for the next one carries), and whether the request had F=1.
-    text_out: Option<(u32, Vec<u8>, bool)>,
+    /// The rest of a long Text Response, and the TTT of the part sent (which the initiator's
+    /// empty request for the next one carries).
+    text_out: Option<(u32, Vec<u8>)>,
     /// The next [`WriteTask::seq`].
     next_seq: u64,
     /// Tasks waiting to send their next R2T, oldest first.
@@ -596,7 +611,11 @@ where
             }
         }
         let idle = rd.buffer().is_empty();
-        if let (true, true, Some(fd)) = (idle, pace.worth_watching(), fd) {
+        // Not while a command of this connection waits: a queue-depth-1 initiator waits for
+        // its answer before it sends more, and the task that will answer it, spawned on this
+        // worker, runs only once the reader yields.
+        let waiting = conn.shared.executing.load(Ordering::Acquire) > 0;
+        if let (true, true, false, Some(fd)) = (idle, pace.worth_watching(), waiting, fd) {
             busy_poll(fd, &queued, &conn.shared).await;
         }
         // Wait for the next PDU's first byte, pinging an idle initiator (keep-alive), or
@@ -652,8 +671,9 @@ where
 
 /// Poll `task` once on the reader, as the PDU that starts it is handled, and spawn it only if
 /// it has to wait: what it does before its first wait happens before the next PDU is read.
-/// tokio polls a new task at once, so the real waker replaces the no-op one before anything
-/// can be missed. `io_thread`: the block layer may write in place
+/// A spawned task is polled again (when its worker gets to it), registering its real waker,
+/// and a future finds on each poll whatever happened meanwhile: nothing done while it held
+/// the no-op one is missed. `io_thread`: the block layer may write in place
 /// ([`block::IoThreadScope`]).
 fn run_here_first(task: impl std::future::Future<Output = ()> + Send + 'static, io_thread: bool) {
     let mut task = Box::pin(task);
@@ -913,8 +933,10 @@ impl Conn {
                     return Ok(Flow::Continue);
                 }
                 let ticket = self.admit(&pdu);
-                self.held
-                    .insert(bhs.cmdsn(), Held::Pdu(Box::new(pdu), ticket, Vec::new()));
+                self.held.insert(
+                    bhs.cmdsn(),
+                    Held::Pdu(Box::new(pdu), ticket, HeldData::default()),
+                );
                 self.drain().await
             }
         }
@@ -928,10 +950,23 @@ impl Conn {
             let counted = matches!(&next, Held::Pdu(p, ..) if p.bhs.opcode() == op::SCSI_CMD);
             self.shared.advance(counted);
             if let Held::Pdu(p, ticket, data) = next {
+                let (itt, seq) = (p.bhs.itt(), self.next_seq);
                 if let Flow::Close = self.process(*p, false, ticket).await? {
                     return Ok(Flow::Close);
                 }
-                for d in data {
+                // Its data, if it became a task collecting data; not another task's that has
+                // its ITT (then this one was refused as a duplicate).
+                if self.tasks.get(&itt).is_none_or(|t| t.seq < seq) {
+                    continue;
+                }
+                if data.over {
+                    self.fail_task(itt, 0x0c, 0x0c, None);
+                    if data.last {
+                        self.end_task(itt);
+                    }
+                    continue;
+                }
+                for d in data.pdus {
                     if let Flow::Close = self.data_out_pdu(d)? {
                         return Ok(Flow::Close);
                     }
@@ -1364,11 +1399,14 @@ impl Conn {
                 _ => None,
             });
             if let Some(data) = held {
-                let bytes: usize = data.iter().map(|d| d.data.len()).sum();
-                // More than the unsolicited data a write may have is the initiator's error;
-                // the rest is dropped and the write, once it runs, finds its data short.
-                if data.len() < MAX_HELD_DATA_OUT && bytes + pdu.data.len() <= first_burst {
-                    data.push(pdu);
+                data.last |= pdu.bhs.final_bit();
+                data.over |= data.pdus.len() >= MAX_HELD_DATA_OUT
+                    || data.bytes + pdu.data.len() > first_burst;
+                if data.over {
+                    data.pdus = Vec::new();
+                } else {
+                    data.bytes += pdu.data.len();
+                    data.pdus.push(pdu);
                 }
                 return Ok(Flow::Continue);
             }
@@ -1619,8 +1657,8 @@ impl Conn {
         };
         // Run the command here until it first has to wait: a read the page cache holds
         // completes without a task spawn and a thread hop. Only a command that waits gets a
-        // task of its own; tokio polls a new task at once, so the real waker replaces the no-op
-        // one before anything can be missed.
+        // task of its own, which its worker polls again with the real waker (see
+        // `run_here_first`).
         //
         // The file driver writes into the page cache right here too (`block::IoThreadScope`)
         // instead of handing the write to another thread (`block_in_place` or the ring) and
@@ -1940,9 +1978,10 @@ impl Conn {
         }
         if ttt != RESERVED_TAG {
             // Continuing a long response (RFC 7143 11.10.4).
-            if let Some((t, rest, last)) = self.text_out.take() {
+            if let Some((t, rest)) = self.text_out.take() {
                 if t == ttt {
-                    self.send_text(b, rest, last);
+                    // Its last part has the F bit of the request that asks for it.
+                    self.send_text(b, rest, f);
                     return;
                 }
             }
@@ -2019,9 +2058,9 @@ impl Conn {
 
     /// Send a Text Response with `data`, in parts of at most the initiator's
     /// MaxRecvDataSegmentLength (C=1 and a TTT for each but the last). The last part has F=1
-    /// only if the request had (`last`): "A Text Response with the F bit set to 1 in response
-    /// to a Text Request with the F bit set to 0 is a protocol error" (RFC 7143 11.11.1); with
-    /// F=0 it carries a TTT the initiator's next request of the sequence copies.
+    /// only if the request it answers had (`last`): "A Text Response with the F bit set to 1
+    /// in response to a Text Request with the F bit set to 0 is a protocol error" (RFC 7143
+    /// 11.11.1); with F=0 it carries a TTT the initiator's next request of the sequence copies.
     fn send_text(&mut self, mut b: Bhs, mut data: Vec<u8>, last: bool) {
         let max = self.params.max_send_dsl as usize;
         if data.len() > max {
@@ -2029,7 +2068,7 @@ impl Conn {
             let ttt = self.alloc_ttt();
             b.0[1] = 0x40; // C=1, F=0
             b.set_u32(20, ttt);
-            self.text_out = Some((ttt, rest, last));
+            self.text_out = Some((ttt, rest));
         } else if last {
             b.0[1] = 0x80; // F=1
             b.set_u32(20, RESERVED_TAG);

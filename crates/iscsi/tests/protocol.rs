@@ -1255,7 +1255,7 @@ async fn unsolicited_data_of_a_write_held_for_its_cmdsn_is_kept_for_it() {
     // CmdSN n is skipped: the write goes with n + 1.
     let gap = c.cmdsn;
     c.cmdsn += 1;
-    let (b, itt) = c.command(0x21, 1024, &write10(8, 2)); // F=1, W=1, SIMPLE
+    let (b, itt) = c.command(0x21, 1024, &write10(8, 2)); // F=0 (data follows), W=1, SIMPLE
     c.send(b, &[]).await;
     c.send(data_out(itt, 0xffff_ffff, 0, 0, false), &[0xA5; 512])
         .await;
@@ -1295,6 +1295,50 @@ async fn unsolicited_data_of_a_write_held_for_its_cmdsn_is_kept_for_it() {
     }
     assert_eq!(&got[..512], &[0xA5; 512][..]);
     assert_eq!(&got[512..], &[0x5A; 512][..]);
+}
+
+/// A held write that gets more unsolicited data than FirstBurstLength allows ends, once the
+/// gap fills, as a write that runs at once would: CHECK CONDITION, ABORTED COMMAND,
+/// UNEXPECTED UNSOLICITED DATA (0Ch/0Ch, RFC 7143 11.4.7.2).
+#[tokio::test]
+async fn a_held_write_with_too_much_unsolicited_data_ends_with_unexpected_unsolicited_data() {
+    let addr = start().await;
+    let mut c = Client::login(
+        addr,
+        "InitialR2T=No|ImmediateData=No|FirstBurstLength=512|MaxBurstLength=512|",
+    )
+    .await;
+    c.clear_unit_attention().await;
+    let gap = c.cmdsn;
+    c.cmdsn += 1;
+    let (b, itt) = c.command(0x21, 1024, &write10(8, 2)); // F=0, W=1, SIMPLE
+    c.send(b, &[]).await;
+    c.send(data_out(itt, 0xffff_ffff, 0, 0, false), &[0xA5; 512])
+        .await;
+    // Beyond the first burst of 512 bytes.
+    c.send(data_out(itt, 0xffff_ffff, 1, 512, true), &[0x5A; 512])
+        .await;
+    let mut t = [0u8; 48];
+    t[0] = 0x01;
+    t[1] = 0x80; // F=1: TEST UNIT READY with CmdSN n fills the gap
+    t[16..20].copy_from_slice(&0x7000u32.to_be_bytes());
+    t[24..28].copy_from_slice(&gap.to_be_bytes());
+    c.send(t, &[]).await;
+    let mut write = None;
+    for _ in 0..2 {
+        let r = c.recv().await.expect("SCSI Responses");
+        assert_eq!(
+            r.bhs[0], 0x21,
+            "a SCSI Response, got opcode {:#x}",
+            r.bhs[0]
+        );
+        if r.u32(16) == itt {
+            write = Some(r);
+        }
+    }
+    let r = write.expect("the write's response");
+    assert_eq!(r.bhs[3], 0x02, "CHECK CONDITION");
+    assert_eq!(sense_of(&r), (0x0b, 0x0c, 0x0c));
 }
 
 /// Fixed sense after the SCSI Response's SenseLength: (sense key, ASC, ASCQ).
