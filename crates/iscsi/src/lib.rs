@@ -514,8 +514,18 @@ impl Server {
                 _ = stop.wait_for(|s| *s) => return Ok(()),
                 p = tokio::time::timeout_at(deadline, pdu::read_pdu(&mut rd, framing)) => p,
             };
-            let pdu = pdu.map_err(timed_out)??;
-            let (mut bhs, mut data, outcome) = login.step(&pdu);
+            let (mut bhs, mut data, outcome) = match pdu.map_err(timed_out)? {
+                Ok(pdu) => login.step(&pdu),
+                // A Login Request whose data segment is beyond the login phase's limit
+                // (8192 bytes, RFC 7143 13.12) breaks the login's rules: answered as an
+                // initiator error (its data unread; the connection then closes).
+                Err(pdu::PduError::DataTooLong { bhs, .. })
+                    if bhs.opcode() == pdu::op::LOGIN_REQ =>
+                {
+                    login.fail_request(&bhs, login::status::INITIATOR_ERROR)
+                }
+                Err(e) => return Err(e.into()),
+            };
             let reg = match &outcome {
                 Outcome::Done(est) => {
                     let (target, tname, nexus) = match est.kind {

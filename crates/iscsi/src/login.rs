@@ -186,6 +186,19 @@ impl<'a> Login<'a> {
         (b, d, Outcome::Fail(status))
     }
 
+    /// A final Login Response with the non-zero `status` to the request whose header is `bhs`,
+    /// which could not be taken as a Login Request: another opcode, or a data segment beyond
+    /// the login phase's limit. It answers that request's ITT (and, if no request was taken
+    /// before, its ISID and CmdSN), not the one before it.
+    pub fn fail_request(&mut self, bhs: &Bhs, status: u16) -> (Bhs, Vec<u8>, Outcome) {
+        self.itt = bhs.itt();
+        if !self.started {
+            self.isid.copy_from_slice(&bhs.0[8..14]);
+            self.cmdsn = bhs.cmdsn();
+        }
+        self.fail(status)
+    }
+
     /// Instead of the final response [`Login::step`] built for a completed login (which is not
     /// sent), a refusal with `status`: the session never came to be, so the response carries
     /// the request's stage (CSG) and TSIH (0: a login with another fails earlier) and the StatSN
@@ -202,7 +215,7 @@ impl<'a> Login<'a> {
     pub fn step(&mut self, pdu: &Pdu) -> (Bhs, Vec<u8>, Outcome) {
         let bhs = &pdu.bhs;
         if bhs.opcode() != op::LOGIN_REQ {
-            return self.fail(status::INVALID_DURING_LOGIN);
+            return self.fail_request(bhs, status::INVALID_DURING_LOGIN);
         }
         let flags = bhs.flags();
         let t = flags & 0x80 != 0;
@@ -229,10 +242,11 @@ impl<'a> Login<'a> {
             if tsih != 0 {
                 return self.fail(status::SESSION_DOES_NOT_EXIST);
             }
-        } else if isid != self.isid || tsih != self.tsih {
-            return self.fail(status::INITIATOR_ERROR);
         } else {
             self.itt = bhs.itt();
+            if isid != self.isid || tsih != self.tsih {
+                return self.fail(status::INITIATOR_ERROR);
+            }
         }
         // RFC 7143 11.12.3: CSG must be the current stage, security (0) or operational (1);
         // NSG 2 is reserved; T and C together are a protocol error; a transit must go forward.

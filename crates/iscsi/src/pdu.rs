@@ -51,8 +51,9 @@ pub mod reject {
 pub enum PduError {
     #[error("Connection I/O failed")]
     Io(#[from] std::io::Error),
+    /// With the header of the PDU, whose data was not read.
     #[error("Data segment of {len} bytes exceeds the limit of {max}")]
-    DataTooLong { len: u32, max: u32 },
+    DataTooLong { len: u32, max: u32, bhs: Box<Bhs> },
     #[error("Header digest mismatch")]
     HeaderDigest,
 }
@@ -257,6 +258,7 @@ pub async fn read_pdu<R: AsyncRead + Unpin>(r: &mut R, framing: Framing) -> Resu
         return Err(PduError::DataTooLong {
             len,
             max: framing.max_data,
+            bhs: Box::new(bhs),
         });
     }
     let len = len as usize;

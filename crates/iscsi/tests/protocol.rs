@@ -1503,6 +1503,38 @@ async fn login_skipping_security(addr: std::net::SocketAddr, text: &str) -> (Cli
     (c, r)
 }
 
+/// A Login Request whose data segment is beyond 8192 bytes, the limit of the login phase
+/// (MaxRecvDataSegmentLength's default, RFC 7143 13.12), is answered with a Login Response
+/// of status 0200h (initiator error) carrying its ITT, and the connection closes; so is a
+/// PDU other than a Login Request (status 020Bh, invalid during login), with its own ITT.
+#[tokio::test]
+async fn a_login_request_with_too_much_data_or_another_pdu_is_answered_and_refused() {
+    let addr = start().await;
+    for (opcode, data_len, status) in [(0x43u8, 9000u32, [0x02, 0x00]), (0x40, 0, [0x02, 0x0b])] {
+        let s = TcpStream::connect(addr).await.expect("connect");
+        let mut c = Client {
+            s,
+            cmdsn: 1,
+            itt: 1,
+            window_nops: 0,
+            max_cmdsn: 0,
+        };
+        let mut b = [0u8; 48];
+        b[0] = opcode; // I=1, Login Request (43h) or NOP-Out (40h)
+        b[1] = 0x83; // T=1, CSG=0, NSG=3
+        b[5..8].copy_from_slice(&data_len.to_be_bytes()[1..]); // DataSegmentLength
+        b[8..14].copy_from_slice(&[0x80, 6, 6, 6, 6, 6]); // ISID
+        b[16..20].copy_from_slice(&0x1234u32.to_be_bytes()); // ITT
+        b[24..28].copy_from_slice(&1u32.to_be_bytes()); // CmdSN
+        c.s.write_all(&b).await.expect("send");
+        let r = c.recv().await.expect("Login Response");
+        assert_eq!(r.bhs[0], 0x23, "Login Response");
+        assert_eq!(&r.bhs[36..38], &status, "Status-Class and Status-Detail");
+        assert_eq!(r.u32(16), 0x1234, "the request's ITT");
+        assert!(closed(&mut c).await, "the connection closes");
+    }
+}
+
 #[tokio::test]
 async fn auth_method_none_before_the_target_name_cannot_bypass_chap() {
     let driver = Arc::new(block::driver::mem::MemDriver::new(1 << 20));
