@@ -9,7 +9,6 @@ use std::time::Duration;
 use common::*;
 use iscsi::{Auth, Server, ServerConfig, TargetConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn write_with_r2t_then_read_split_at_max_recv_data_segment_length() {
@@ -987,17 +986,9 @@ async fn initiator_that_never_reads_does_not_stall_others() {
 async fn start_many(n: usize) -> std::net::SocketAddr {
     let targets = (0..n)
         .map(|i| {
-            let driver = block::driver::mem::MemDriver::new(1 << 20);
-            let backend = block::Backend::new(Arc::new(driver), 512).expect("512-byte blocks");
-            let lu = scsi::LogicalUnit::new(
-                backend,
-                scsi::LuConfig {
-                    vendor: "SHAREDSK".into(),
-                    product: "memdisk".into(),
-                    revision: "0001".into(),
-                    serial: format!("{i}"),
-                    id: i as u64,
-                },
+            let lu = lu_on(
+                Arc::new(block::driver::mem::MemDriver::new(1 << 20)),
+                i as u64,
             );
             let mut t = scsi::Target::new();
             t.add_lu(0, Arc::new(lu));
@@ -1030,14 +1021,7 @@ async fn start_many(n: usize) -> std::net::SocketAddr {
 
 /// Log in to a discovery session (RFC 7143 4.3), declaring `mrdsl`.
 async fn discovery(addr: std::net::SocketAddr, mrdsl: u32) -> Client {
-    let s = TcpStream::connect(addr).await.expect("connect");
-    let mut c = Client {
-        s,
-        cmdsn: 1,
-        itt: 1,
-        window_nops: 0,
-        max_cmdsn: 0,
-    };
+    let mut c = Client::connect(addr).await;
     let mut b = [0u8; 48];
     b[0] = 0x43; // I=1, Login Request
     b[1] = 0x87; // T=1, CSG=1, NSG=3
@@ -1485,14 +1469,7 @@ fn chap_auth() -> Auth {
 
 /// Send one Login Request with T=1 CSG=0 NSG=3 and `text`; returns the response.
 async fn login_skipping_security(addr: std::net::SocketAddr, text: &str) -> (Client, Pdu) {
-    let s = TcpStream::connect(addr).await.expect("connect");
-    let mut c = Client {
-        s,
-        cmdsn: 1,
-        itt: 1,
-        window_nops: 0,
-        max_cmdsn: 0,
-    };
+    let mut c = Client::connect(addr).await;
     let mut b = [0u8; 48];
     b[0] = 0x43; // I=1, Login Request
     b[1] = 0x83; // T=1, CSG=0 (security), NSG=3 (full feature)
@@ -1511,14 +1488,7 @@ async fn login_skipping_security(addr: std::net::SocketAddr, text: &str) -> (Cli
 async fn a_login_request_with_too_much_data_or_another_pdu_is_answered_and_refused() {
     let addr = start().await;
     for (opcode, data_len, status) in [(0x43u8, 9000u32, [0x02, 0x00]), (0x40, 0, [0x02, 0x0b])] {
-        let s = TcpStream::connect(addr).await.expect("connect");
-        let mut c = Client {
-            s,
-            cmdsn: 1,
-            itt: 1,
-            window_nops: 0,
-            max_cmdsn: 0,
-        };
+        let mut c = Client::connect(addr).await;
         let mut b = [0u8; 48];
         b[0] = opcode; // I=1, Login Request (43h) or NOP-Out (40h)
         b[1] = 0x83; // T=1, CSG=0, NSG=3
@@ -1881,14 +1851,7 @@ async fn i_t_nexus_reset_ends_the_tasks_and_query_async_event_sees_the_unit_atte
 #[tokio::test]
 async fn target_offers_initial_r2t_no_and_immediate_data_yes_to_an_initiator_that_omits_them() {
     let addr = start().await;
-    let s = TcpStream::connect(addr).await.expect("connect");
-    let mut c = Client {
-        s,
-        cmdsn: 1,
-        itt: 1,
-        window_nops: 0,
-        max_cmdsn: 0,
-    };
+    let mut c = Client::connect(addr).await;
     let mut b = [0u8; 48];
     b[0] = 0x43; // I=1, Login Request
     b[1] = 0x87; // T=1, CSG=1, NSG=3

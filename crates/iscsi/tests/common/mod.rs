@@ -36,6 +36,21 @@ pub async fn start_with_auth(
     start_with_luns(vec![driver], auth, discovery_auth).await
 }
 
+/// An LU of 512-byte blocks on `driver`, with serial number and identifier `id`.
+pub fn lu_on(driver: Arc<dyn block::Driver>, id: u64) -> scsi::LogicalUnit {
+    let backend = block::Backend::new(driver, 512).expect("512-byte blocks");
+    scsi::LogicalUnit::new(
+        backend,
+        scsi::LuConfig {
+            vendor: "SHAREDSK".into(),
+            product: "memdisk".into(),
+            revision: "0001".into(),
+            serial: id.to_string(),
+            id,
+        },
+    )
+}
+
 /// A target whose LUN n is on `drivers[n]`.
 pub async fn start_with_luns(
     drivers: Vec<Arc<dyn block::Driver>>,
@@ -44,18 +59,7 @@ pub async fn start_with_luns(
 ) -> (std::net::SocketAddr, Arc<Server>) {
     let mut t = scsi::Target::new();
     for (n, driver) in (0u64..).zip(drivers) {
-        let backend = block::Backend::new(driver, 512).expect("512-byte blocks");
-        let lu = scsi::LogicalUnit::new(
-            backend,
-            scsi::LuConfig {
-                vendor: "SHAREDSK".into(),
-                product: "memdisk".into(),
-                revision: "0001".into(),
-                serial: (n + 1).to_string(),
-                id: n + 1,
-            },
-        );
-        t.add_lu(n, Arc::new(lu));
+        t.add_lu(n, Arc::new(lu_on(driver, n + 1)));
     }
     let server = Server::new(ServerConfig {
         targets: vec![TargetConfig {
@@ -211,6 +215,18 @@ impl Client {
         }
     }
 
+    /// A TCP connection to `addr`, not logged in; CmdSN and ITT start at 1.
+    pub async fn connect(addr: std::net::SocketAddr) -> Client {
+        let s = TcpStream::connect(addr).await.expect("connect");
+        Client {
+            s,
+            cmdsn: 1,
+            itt: 1,
+            window_nops: 0,
+            max_cmdsn: 0,
+        }
+    }
+
     /// Connect and send the first Login Request of a normal session to the test target, as
     /// initiator `name` with `isid` and `keys` (`|`-separated): one operational-stage request
     /// that asks to go to the full feature phase (CSG=1 → NSG=3). Returns the request's BHS.
@@ -220,14 +236,7 @@ impl Client {
         keys: &str,
         isid: [u8; 6],
     ) -> (Client, [u8; 48]) {
-        let s = TcpStream::connect(addr).await.expect("connect");
-        let mut c = Client {
-            s,
-            cmdsn: 1,
-            itt: 1,
-            window_nops: 0,
-            max_cmdsn: 0,
-        };
+        let mut c = Client::connect(addr).await;
         let mut b = [0u8; 48];
         b[0] = 0x43; // I=1, Login Request
         b[1] = 0x87; // T=1, CSG=1, NSG=3
