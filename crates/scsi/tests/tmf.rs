@@ -518,24 +518,34 @@ fn a_unit_attention_taken_by_a_command_aborted_as_it_took_it_is_reported_again()
         } else {
             (0, (d - 256) * 4)
         };
-        let first = rt.spawn(async move {
-            go1.wait();
-            for _ in 0..wait1 {
-                std::hint::spin_loop();
-            }
-            t1.execute(cmd(&n1, 7, &tur, vec![], 0)).await
-        });
+        // Each on a thread of its own (`block_on` from two threads): the barrier blocks its
+        // thread, and two runtime tasks could both be on one worker (a task spawned from a
+        // worker waits in its LIFO slot, which no other worker takes), each waiting for the
+        // other for ever.
         let (t2, n2) = (t.clone(), n.clone());
-        let abort = rt.spawn(async move {
-            go.wait();
-            for _ in 0..wait2 {
-                std::hint::spin_loop();
-            }
-            t2.task_management(&n2, Tmf::AbortTask { lun: 0, tag: 7 })
-                .await
+        let h = rt.handle();
+        let (first, _) = std::thread::scope(|s| {
+            let first = s.spawn(|| {
+                h.block_on(async move {
+                    go1.wait();
+                    for _ in 0..wait1 {
+                        std::hint::spin_loop();
+                    }
+                    t1.execute(cmd(&n1, 7, &tur, vec![], 0)).await
+                })
+            });
+            let abort = s.spawn(|| {
+                h.block_on(async move {
+                    go.wait();
+                    for _ in 0..wait2 {
+                        std::hint::spin_loop();
+                    }
+                    t2.task_management(&n2, Tmf::AbortTask { lun: 0, tag: 7 })
+                        .await
+                })
+            });
+            (first.join().unwrap(), abort.join().unwrap())
         });
-        let first = rt.block_on(first).unwrap();
-        rt.block_on(abort).unwrap();
         match first {
             // Reported: the next command runs.
             Completion::Done(r) => assert_sense(&r, 0x06, 0x29, 0x00),
