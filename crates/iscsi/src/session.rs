@@ -422,7 +422,6 @@ enum Held {
 #[derive(Default)]
 struct HeldData {
     pdus: Vec<Pdu>,
-    bytes: usize,
     /// More came than may be kept.
     over: bool,
     /// A PDU with the F bit came (kept or not).
@@ -1027,7 +1026,7 @@ impl Conn {
         let itt = pdu.bhs.itt();
         // The answer to our ping carries its TTT (RFC 7143 11.18), whether or not it also
         // asks for a NOP-In of its own (a valid ITT).
-        if self.ping.is_some() && self.ping == Some(pdu.bhs.field20()) {
+        if self.ping == Some(pdu.bhs.field20()) {
             self.ping = None;
         }
         if itt == RESERVED_TAG {
@@ -1400,12 +1399,12 @@ impl Conn {
             });
             if let Some(data) = held {
                 data.last |= pdu.bhs.final_bit();
-                data.over |= data.pdus.len() >= MAX_HELD_DATA_OUT
-                    || data.bytes + pdu.data.len() > first_burst;
+                let bytes: usize = data.pdus.iter().map(|d| d.data.len()).sum();
+                data.over |=
+                    data.pdus.len() >= MAX_HELD_DATA_OUT || bytes + pdu.data.len() > first_burst;
                 if data.over {
                     data.pdus = Vec::new();
                 } else {
-                    data.bytes += pdu.data.len();
                     data.pdus.push(pdu);
                 }
                 return Ok(Flow::Continue);
@@ -1970,9 +1969,7 @@ impl Conn {
         // "A Text Request with the C bit set to 1 MUST have the F bit set to 0" (RFC 7143
         // 11.10.2).
         if f && c {
-            self.text_in.clear();
-            self.text_in_ttt = None;
-            self.text_out = None;
+            self.reset_text();
             self.reject(reject::PROTOCOL_ERROR, &bhs);
             return;
         }
@@ -1996,9 +1993,7 @@ impl Conn {
         } else {
             // TTT 0xffffffff: a new request; whatever was under way is reset (RFC 7143
             // 11.10.4).
-            self.text_in.clear();
-            self.text_in_ttt = None;
-            self.text_out = None;
+            self.reset_text();
         }
         if self.text_in.len() + pdu.data.len() > MAX_TEXT {
             self.text_in.clear();
@@ -2054,6 +2049,13 @@ impl Conn {
             self.send(Out::MaxData(n));
         }
         self.send_text(b, text::encode(&reply), f);
+    }
+
+    /// Forget the text request or response under way.
+    fn reset_text(&mut self) {
+        self.text_in.clear();
+        self.text_in_ttt = None;
+        self.text_out = None;
     }
 
     /// Send a Text Response with `data`, in parts of at most the initiator's

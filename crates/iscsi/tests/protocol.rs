@@ -245,17 +245,15 @@ async fn a_text_request_with_f_0_is_answered_with_f_0_until_one_with_f_1() {
 async fn text_requests_with_c_and_f_or_a_repeated_key_are_rejected() {
     let addr = start().await;
     let mut c = Client::login(addr, "").await;
-    c.send(text_bhs(&c, 0xc0, 9, 0xffff_ffff), b"SendTargets=\0")
-        .await;
-    let r = c.recv().await.expect("Reject");
-    assert_eq!((r.bhs[0], r.bhs[2]), (0x3f, 0x04), "Reject, protocol error");
-    c.send(
-        text_bhs(&c, 0x80, 10, 0xffff_ffff),
-        b"SendTargets=\0SendTargets=\0",
-    )
-    .await;
-    let r = c.recv().await.expect("Reject");
-    assert_eq!((r.bhs[0], r.bhs[2]), (0x3f, 0x04), "Reject, protocol error");
+    let refused: [(u8, &[u8]); 2] = [
+        (0xc0, b"SendTargets=\0"),               // C=1 and F=1
+        (0x80, b"SendTargets=\0SendTargets=\0"), // a key twice
+    ];
+    for (itt, (flags, text)) in (9..).zip(refused) {
+        c.send(text_bhs(&c, flags, itt, 0xffff_ffff), text).await;
+        let r = c.recv().await.expect("Reject");
+        assert_eq!((r.bhs[0], r.bhs[2]), (0x3f, 0x04), "Reject, protocol error");
+    }
     c.send(
         text_bhs(&c, 0x80, 11, 0xffff_ffff),
         b"InitiatorAlias=host1\0",
