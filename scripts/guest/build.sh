@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Builds the test guest from Debian packages: a kernel and an initramfs with busybox, the
-# virtio-scsi and SCSI disk modules, sg3_utils and fio. Prints the folder that holds them:
+# virtio-scsi and SCSI disk modules, sg3_utils and fio, and Linux's own iSCSI initiator (the
+# virtio-net, iscsi_tcp and crc32c modules, open-iscsi's iscsid and iscsiadm). Prints the
+# folder that holds them:
 #
 #   vmlinuz        the kernel of the linux-image-amd64 package
-#   base.cpio.gz   busybox, modules, sg3_utils, fio and their libraries, /init
+#   base.cpio.gz   busybox, modules, sg3_utils, fio, open-iscsi and their libraries, /init
 #   busybox        the static busybox, whose cpio the host uses for the per-boot initramfs
 #
 # The test script is not in it: scripts/guest/run.sh appends a small second initramfs with the
@@ -25,7 +27,9 @@ die() { printf 'guest build: error: %s\n' "$*" >&2; exit 1; }
 # Modules to load, in this order (each after those it needs; no modprobe in the guest).
 modules=(crct10dif_common crct10dif_generic crc-t10dif crc64 crc64-rocksoft
     crc64_rocksoft_generic t10-pi virtio_ring virtio virtio_pci_legacy_dev
-    virtio_pci_modern_dev virtio_pci scsi_common scsi_mod virtio_scsi sd_mod sg)
+    virtio_pci_modern_dev virtio_pci scsi_common scsi_mod virtio_scsi sd_mod sg
+    failover net_failover virtio_net crc32c_generic
+    scsi_transport_iscsi libiscsi libiscsi_tcp iscsi_tcp)
 # sg3_utils tools the guest scripts call.
 sg_tools=(sg_inq sg_vpd sg_readcap sg_compare_and_write sg_write_same sg_unmap
     sg_get_lba_status sg_persist sg_reset sg_turs sg_raw sg_dd sg_rtpg sg_luns sg_sync)
@@ -43,12 +47,15 @@ fi
 kernel_pkg=$(apt-cache depends linux-image-amd64 | awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }')
 [[ -n $kernel_pkg ]] || die "cannot resolve linux-image-amd64 to a kernel package"
 
-# Library packages fio and sg3_utils may need: their dependency closure, less the tools and
-# scripting runtimes (the ld.so closure below picks the files actually needed).
+# open-iscsi's programs (the kernel's iSCSI initiator is driven by iscsid; iscsiadm logs in).
+iscsi_tools=(iscsid iscsiadm)
+
+# Library packages fio, sg3_utils and open-iscsi may need: their dependency closure, less the
+# tools and scripting runtimes (the ld.so closure below picks the files actually needed).
 mapfile -t libs < <(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts \
-        --no-breaks --no-replaces --no-enhances fio sg3-utils |
+        --no-breaks --no-replaces --no-enhances fio sg3-utils open-iscsi |
     grep -v '^ ' | grep -E '^(lib|zlib1g$)' | grep -Ev -- '-(perl|dev|bin|data|tools)$|^libpython' | sort -u)
-pkgs=("$kernel_pkg" busybox-static sg3-utils fio "${libs[@]}")
+pkgs=("$kernel_pkg" busybox-static sg3-utils fio open-iscsi "${libs[@]}")
 
 # Exact versions (and checksums) of what would be downloaded: the cache key.
 uris=$(apt-get download --print-uris "${pkgs[@]}" 2>/dev/null) ||
@@ -113,16 +120,17 @@ cp "$tree/bin/busybox" "$root/bin/busybox"
     [[ -e $root/$applet ]] || ln -s /bin/busybox "$root/$applet"
 done
 
-# sg3_utils, fio, and the libraries they load (found by the packages' own ld.so).
+# sg3_utils, fio, open-iscsi, and the libraries they load (found by the packages' own ld.so).
 ldso=$tree/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2
 [[ -x $ldso ]] || die "no ld.so in libc6"
 libpath=$tree/lib/x86_64-linux-gnu:$tree/usr/lib/x86_64-linux-gnu:$tree/usr/lib/x86_64-linux-gnu/ceph
 bins=()
 for t in "${sg_tools[@]}"; do bins+=("$tree/usr/bin/$t"); done
 bins+=("$tree/usr/bin/fio")
+for t in "${iscsi_tools[@]}"; do bins+=("$tree/sbin/$t"); done
 for b in "${bins[@]}"; do
     [[ -f $b ]] || die "missing $b"
-    cp "$b" "$root/usr/bin/"
+    cp "$b" "$root${b#"$tree"}"
     listing=$("$ldso" --library-path "$libpath" --list "$b") || die "ld.so --list $b failed"
     if grep -q 'not found' <<<"$listing"; then
         die "unresolved libraries for $b: $(grep 'not found' <<<"$listing" | tr -s ' \t' ' ')"

@@ -57,9 +57,106 @@ wait_disks() {
     ls /sys/block | grep '^sd' | sort
 }
 
+# iscsi_attach: reaches the disk through Linux's own iSCSI initiator (iscsi_tcp driven by
+# open-iscsi's iscsid) over the guest's network, QEMU's user networking, in which the host's
+# loopback is 10.0.2.2. Environment: ISCSI_PORTAL (10.0.2.2:PORT), ISCSI_TARGET (the target's
+# name), GUEST_INITIATOR (this guest's name, run.sh's --initiator), ISCSI_DIGEST (None or CRC32C: the header and data
+# digests the initiator asks for and must get). Brings up eth0, starts iscsid, runs a
+# SendTargets discovery (which must list ISCSI_TARGET), logs in and checks what was
+# negotiated; the disk then appears as sdX. Without a session, the script ends there.
+iscsi_attach() {
+    ip link set lo up
+    if ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 &&
+        ip route add default via 10.0.2.2; then
+        pass net-up "eth0 10.0.2.15"
+    else
+        fail net-up "cannot configure eth0"
+        finish
+    fi
+    mkdir -p /etc/iscsi /var/lib/iscsi /run/lock/iscsi /var/lock
+    # iscsid serves only a peer whose uid it can name (getpwuid): root.
+    echo "root:x:0:0:root:/root:/bin/sh" >/etc/passwd
+    echo "root:x:0:" >/etc/group
+    echo "InitiatorName=$GUEST_INITIATOR" >/etc/iscsi/initiatorname.iscsi
+    # open-iscsi's defaults, but iscsid is started here, and the kernel pings the target
+    # (NOP-Out) after 5 s of silence and drops the connection when no NOP-In answers within
+    # 5 s: a guest idle for ISCSI_IDLE seconds exercises the keep-alive (iscsi_detach).
+    cat >/etc/iscsi/iscsid.conf <<EOF
+iscsid.startup = /bin/true
+node.startup = manual
+node.session.timeo.replacement_timeout = 30
+node.conn[0].timeo.login_timeout = 15
+node.conn[0].timeo.logout_timeout = 15
+node.conn[0].timeo.noop_out_interval = 5
+node.conn[0].timeo.noop_out_timeout = 5
+node.session.err_timeo.abort_timeout = 15
+node.session.err_timeo.lu_reset_timeout = 30
+node.session.err_timeo.tgt_reset_timeout = 30
+node.session.initial_login_retry_max = 2
+node.session.iscsi.InitialR2T = No
+node.session.iscsi.ImmediateData = Yes
+node.session.iscsi.FirstBurstLength = 262144
+node.session.iscsi.MaxBurstLength = 16776192
+node.conn[0].iscsi.MaxRecvDataSegmentLength = 262144
+node.conn[0].iscsi.HeaderDigest = ${ISCSI_DIGEST:-None}
+node.conn[0].iscsi.DataDigest = ${ISCSI_DIGEST:-None}
+discovery.sendtargets.iscsi.MaxRecvDataSegmentLength = 32768
+EOF
+    if iscsid; then pass iscsid-starts; else fail iscsid-starts "iscsid exited $?"; finish; fi
+    echo "[guest] \$ iscsiadm -m discovery -t sendtargets -p $ISCSI_PORTAL"
+    found=$(iscsiadm -m discovery -t sendtargets -p "$ISCSI_PORTAL" 2>&1)
+    echo "$found"
+    # "PORTAL,TPGT TARGET" per line.
+    if echo "$found" | grep -q " $ISCSI_TARGET\$"; then
+        pass discovery "SendTargets lists $ISCSI_TARGET"
+    else
+        fail discovery "SendTargets does not list $ISCSI_TARGET"
+    fi
+    # The portal the target names is the host's loopback, not reachable from here: the
+    # session goes to the address the guest reaches the host at.
+    iscsiadm -m node -o new -T "$ISCSI_TARGET" -p "$ISCSI_PORTAL" >/dev/null
+    expect_rc iscsi-login 0 iscsiadm -m node -T "$ISCSI_TARGET" -p "$ISCSI_PORTAL" --login
+    iscsiadm -m session -P 2 >/tmp/session 2>&1
+    cat /tmp/session
+    for key in HeaderDigest DataDigest; do
+        got=$(sed -n "s/^[[:space:]]*$key: *//p" /tmp/session | head -n1)
+        if [ "$got" = "${ISCSI_DIGEST:-None}" ]; then
+            pass "negotiated-$key" "$got"
+        else
+            fail "negotiated-$key" "'$got', want ${ISCSI_DIGEST:-None}"
+        fi
+    done
+    iscsi_attached=1
+}
+
+# iscsi_detach: after ISCSI_IDLE seconds (default 0) with no I/O, in which the kernel pings
+# the target (NOP-Out, every 5 s), checks that the connection never failed (a ping the target
+# did not answer, a PDU the kernel took for a protocol error), then logs the session out
+# (Logout request; the disk goes away).
+iscsi_detach() {
+    iscsi_attached=
+    [ "${ISCSI_IDLE:-0}" -eq 0 ] || { echo "[guest] idle for ${ISCSI_IDLE}s"; sleep "$ISCSI_IDLE"; }
+    dmesg | grep -i 'conn error\|ping timeout\|session recovery' >/tmp/connerr
+    if [ -s /tmp/connerr ]; then
+        fail iscsi-connection-kept "$(head -n 3 /tmp/connerr | tr '\n' ' ')"
+    else
+        pass iscsi-connection-kept "no connection error, ping timeout or session recovery"
+    fi
+    expect_rc iscsi-logout 0 iscsiadm -m node -T "$ISCSI_TARGET" -p "$ISCSI_PORTAL" --logout
+    i=0
+    while ls /sys/block | grep -q '^sd' && [ "$i" -lt 100 ]; do usleep 100000; i=$((i + 1)); done
+    if ls /sys/block | grep -q '^sd'; then
+        fail disk-leaves "the disk is still there 10 s after the logout"
+    else
+        pass disk-leaves
+    fi
+}
+
 # first_disk: waits up to 30 s for the first SCSI disk and sets disk (sdX) and dev (/dev/sdX),
-# with the check disk-appears; without one, the script ends there.
+# with the check disk-appears; without one, the script ends there. With ISCSI_PORTAL set, the
+# disk is first reached through Linux's iSCSI initiator (iscsi_attach).
 first_disk() {
+    [ -z "${ISCSI_PORTAL:-}" ] || iscsi_attach
     disk=$(wait_disks 1 30 | head -n1)
     [ -n "$disk" ] || { fail disk-appears "no /dev/sd* after 30 s"; finish; }
     dev=/dev/$disk
@@ -70,8 +167,9 @@ first_disk() {
 sg_of() { ls "/sys/block/$1/device/scsi_generic" 2>/dev/null | head -n1 | sed 's,^,/dev/,'; }
 
 # finish: ends the script with the number of failed checks as its status, after reporting it
-# (FINISH N) on the results channel.
+# (FINISH N) on the results channel; an iSCSI session of iscsi_attach is logged out first.
 finish() {
+    [ -z "${iscsi_attached:-}" ] || iscsi_detach
     [ "$failures" -gt 100 ] && failures=100
     echo "FINISH $failures" >&3
     exit "$failures"

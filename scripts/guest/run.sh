@@ -17,7 +17,11 @@
 #                         null:SIZE[,num_queues=N]   QEMU's virtio-scsi + scsi-hd over QEMU's
 #                                                    null-co driver (no storage: reads return
 #                                                    zeros, writes are dropped), SIZE bytes
-#   --initiator IQN     the iSCSI initiator name of this guest (iscsi: disks)
+#   --initiator IQN     the iSCSI initiator name of this guest: of QEMU's initiator (iscsi:
+#                       disks), and GUEST_INITIATOR in the guest script's environment (for
+#                       Linux's own initiator in the guest, see lib.sh's iscsi_attach)
+#   --nic user          a virtio-net NIC on QEMU's user networking, where the guest reaches
+#                       the host's loopback at 10.0.2.2 (the guest's own iSCSI initiator)
 #   --data NAME=FILE    repeatable; FILE is /data/NAME in the guest
 #   --env KEY=VALUE     repeatable; exported to the guest script
 #   --timeout SECONDS   default 300
@@ -38,7 +42,7 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-dir= name= script= guest= initiator=
+dir= name= script= guest= initiator= nic=
 timeout=300 mem=512M smp=1 bios=qboot.rom
 disks=() data=() envs=()
 while (($#)); do
@@ -48,6 +52,7 @@ while (($#)); do
     --script) script=$2; shift 2 ;;
     --disk) disks+=("$2"); shift 2 ;;
     --initiator) initiator=$2; shift 2 ;;
+    --nic) nic=$2; shift 2 ;;
     --data) data+=("$2"); shift 2 ;;
     --env) envs+=("$2"); shift 2 ;;
     --timeout) timeout=$2; shift 2 ;;
@@ -61,7 +66,9 @@ done
 [[ -n $dir && -n $name && -n $script ]] || { echo "run.sh: --dir, --name and --script are required" >&2; exit 2; }
 [[ -f $script ]] || { echo "run.sh: no script $script" >&2; exit 2; }
 command -v qemu-system-x86_64 >/dev/null || { echo "run.sh: qemu-system-x86_64 not found" >&2; exit 2; }
+[[ -z $nic || $nic == user ]] || { echo "run.sh: unknown --nic $nic" >&2; exit 2; }
 [[ -n $guest ]] || guest=$("$here/build.sh")
+[[ -z $initiator ]] || envs+=("GUEST_INITIATOR=$initiator")
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 
@@ -91,6 +98,8 @@ args=(-accel tcg -cpu max -smp "$smp" -m "$mem" -nodefaults -display none -no-re
     -serial chardev:ctl)
 [[ $bios == seabios ]] || args+=(-bios "$bios")
 [[ -z $initiator ]] || args+=(-iscsi "initiator-name=$initiator")
+# No option ROM: the firmware does not boot from the network.
+[[ -z $nic ]] || args+=(-netdev user,id=net0 -device virtio-net-pci,netdev=net0,romfile=)
 i=0
 for spec in "${disks[@]}"; do
     kind=${spec%%:*} rest=${spec#*:}

@@ -14,7 +14,9 @@
 #              (and one on an LU with direct I/O, `--direct`);
 #              one booted through SeaBIOS; two guests on two sockets (fence); mixed vhost-user
 #              + iSCSI (fence); LU reset; an LU added and removed while the guest runs
-#              (`sharedisk lu add|remove`, hotplug)
+#              (`sharedisk lu add|remove`, hotplug); and its iSCSI frontend reached by
+#              Linux's own initiator in the guest (open-iscsi, iscsi_tcp): one guest with
+#              digests, two guests (fence), LU reset
 #   peer       the one-guest case against vhost-device-scsi (`cargo install vhost-device-scsi`),
 #              which shows the vhost-user path of the harness; by hand, not in CI
 #
@@ -356,15 +358,19 @@ same_values() {
 }
 
 # --- cases ------------------------------------------------------------------------------------
-# one_guest TARGET DISK-KIND: the one-guest case against a target that case_start began, the
-# disk given to run.sh as DISK, with the host path for the cross-check being an iSCSI URL or
-# an image file (read and written only while no guest runs). sharedisk (TARGET iscsi or
-# vhost-user) serves its image, in out/guest on a file system that punches holes (ext4, XFS),
-# thin with LBPRZ=1: the guest must see that (WANT_LBPRZ), not merely skip the unmap-zeros
-# check when it does not.
+# one_guest TARGET DISK HOSTPATH [RUN-OPTIONS...]: the one-guest case against a target that
+# case_start began, the disk given to run.sh as DISK (none when empty: the guest reaches it
+# itself, see linux_iscsi), with the host path for the cross-check being an iSCSI URL or
+# an image file (read and written only while no guest runs). sharedisk (TARGET iscsi,
+# linux-iscsi or vhost-user) serves its image, in out/guest on a file system that punches holes
+# (ext4, XFS), thin with LBPRZ=1: the guest must see that (WANT_LBPRZ), not merely skip the
+# unmap-zeros check when it does not.
 one_guest() {
     local target=$1 disk=$2 hostpath=$3 want=()
-    [[ $target != iscsi && $target != vhost-user ]] || want=(--env WANT_LBPRZ=1)
+    shift 3
+    [[ $target != iscsi && $target != linux-iscsi && $target != vhost-user ]] ||
+        want=(--env WANT_LBPRZ=1)
+    [[ -z $disk ]] || want+=(--disk "$disk")
     head -c 1048576 /dev/urandom >"$case_dir/from-host.bin"
     head -c 1048576 /dev/urandom >"$case_dir/to-host.bin"
     if [[ $hostpath == iscsi://* ]]; then
@@ -374,9 +380,9 @@ one_guest() {
         dd if="$case_dir/from-host.bin" of="$hostpath" bs=1M seek=$((xcheck_in / 1048576)) \
             conv=notrunc status=none
     fi
-    boot guest one.sh --disk "$disk" --initiator "$initiator_base:guest1" \
+    boot guest one.sh --initiator "$initiator_base:guest1" \
         --data from-host="$case_dir/from-host.bin" --data to-host="$case_dir/to-host.bin" \
-        --env XCHECK_IN="$xcheck_in" --env XCHECK_OUT="$xcheck_out" "${want[@]}"
+        --env XCHECK_IN="$xcheck_in" --env XCHECK_OUT="$xcheck_out" "${want[@]}" "$@"
     if [[ $hostpath == iscsi://* ]]; then
         host_read_iscsi "$hostpath" "$xcheck_out" 1048576 "$case_dir/back.bin" ||
             host_fail host-reads "qemu-img dd over iSCSI failed"
@@ -391,10 +397,14 @@ one_guest() {
 }
 
 # fence NAME1 DISK1 NAME2 DISK2: the two-guest fence sequence, then the agreement of what both
-# saw at each phase.
+# saw at each phase. A DISK is a run.sh disk, or the run options that make the guest reach
+# it itself (linux_iscsi).
 fence() {
-    boot_together "$1 pr-fence.sh --disk $2 --initiator $initiator_base:$1 --env ROLE=1" \
-        "$3 pr-fence.sh --disk $4 --initiator $initiator_base:$3 --env ROLE=2"
+    local d1=$2 d2=$4
+    [[ $d1 == --* ]] || d1="--disk $d1"
+    [[ $d2 == --* ]] || d2="--disk $d2"
+    boot_together "$1 pr-fence.sh $d1 --initiator $initiator_base:$1 --env ROLE=1" \
+        "$3 pr-fence.sh $d2 --initiator $initiator_base:$3 --env ROLE=2"
     same_values "$1" "$3" registered- reserved- preempted-
 }
 
@@ -475,6 +485,18 @@ hotplug_step() {
     esac
 }
 
+# linux_iscsi [DIGEST]: the run options of a guest that reaches the daemon's LU (daemon_url)
+# through Linux's own iSCSI initiator (lib.sh's iscsi_attach), asking for DIGEST (None or
+# CRC32C) as header and data digests.
+linux_iscsi() {
+    local rest=${daemon_url#iscsi://}
+    local port=${rest%%/*}
+    port=${port##*:}
+    rest=${rest#*/}
+    echo "--nic user --env ISCSI_PORTAL=10.0.2.2:$port --env ISCSI_TARGET=${rest%/*}" \
+        "--env ISCSI_DIGEST=${1:-None}"
+}
+
 selftest() {
     local img
     if selected scsi-hd/one; then
@@ -537,6 +559,38 @@ sharedisk() {
             daemon_stop
         fi
         case_end vhost-user.direct guest
+    fi
+
+    # Linux's own iSCSI initiator (open-iscsi, iscsi_tcp) in the guest, over the guest's
+    # network: the one-guest checks with header and data digests, the fence sequence between
+    # two such guests, and LOGICAL UNIT RESET from the kernel's error handler.
+    if selected linux-iscsi/one; then
+        case_start linux-iscsi/one
+        if daemon_start "$case_dir" "$case_dir/disk.img"; then
+            # shellcheck disable=SC2046
+            one_guest linux-iscsi "" "$daemon_url" $(linux_iscsi CRC32C) --env ISCSI_IDLE=12
+            daemon_stop
+        fi
+        case_end linux-iscsi.one guest
+    fi
+
+    if selected linux-iscsi/fence; then
+        case_start linux-iscsi/fence
+        if daemon_start "$case_dir" "$case_dir/disk.img"; then
+            fence guest1 "$(linux_iscsi)" guest2 "$(linux_iscsi)"
+            daemon_stop
+        fi
+        case_end linux-iscsi.fence guest1 guest2
+    fi
+
+    if selected linux-iscsi/lu-reset; then
+        case_start linux-iscsi/lu-reset
+        if daemon_start "$case_dir" "$case_dir/disk.img"; then
+            # shellcheck disable=SC2046
+            boot guest lu-reset.sh --initiator "$initiator_base:guest1" $(linux_iscsi)
+            daemon_stop
+        fi
+        case_end linux-iscsi.lu-reset guest
     fi
 
     if selected vhost-user/seabios; then
