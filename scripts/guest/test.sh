@@ -102,9 +102,17 @@ daemon_start() {
     local dir=$1 img=$2
     shift 2
     rm -f "$img" "$img.pr"
+    daemon_args=("$dir" "$img" "$@")
+    daemon_launch 127.0.0.1:0 "${daemon_args[@]}"
+}
+
+# daemon_launch LISTEN DIR IMAGE ARGS...: daemon_start's launch and wait, on LISTEN.
+daemon_launch() {
+    local listen=$1 dir=$2 img=$3
+    shift 3
     RUST_LOG=${RUST_LOG:-info} "$bin" serve --file "$img" --size "$img_size" \
-        --listen 127.0.0.1:0 --control "$dir/control.sock" "$@" \
-        >"$dir/daemon.out" 2>"$dir/daemon.log" &
+        --listen "$listen" --control "$dir/control.sock" "$@" \
+        >"$dir/daemon.out" 2>>"$dir/daemon.log" &
     daemon_pid=$!
     pids+=("$daemon_pid")
     daemon_url=
@@ -128,6 +136,17 @@ daemon_start() {
         done
         [[ -S $a ]] || { host_fail vhost-user-socket "$a did not appear"; return 1; }
     done
+}
+
+# daemon_crash_restart: the daemon dies (SIGKILL, as in a crash: nothing is flushed, nothing
+# said to the initiators) and starts again on the same image and port.
+daemon_crash_restart() {
+    local port=${daemon_url#iscsi://*:}
+    port=${port%%/*}
+    kill -KILL "$daemon_pid"
+    wait "$daemon_pid" 2>/dev/null || true
+    echo "--- killed (SIGKILL) and started again on port $port" >>"${daemon_args[0]}/daemon.log"
+    daemon_launch "127.0.0.1:$port" "${daemon_args[@]}"
 }
 
 # daemon_stop: SIGTERM; the daemon must still be there, and exit 0.
@@ -497,6 +516,15 @@ linux_iscsi() {
         "--env ISCSI_DIGEST=${1:-None}"
 }
 
+# restart_step POINT: the host's part of the restart guest's SYNC point.
+restart_step() {
+    case $1 in
+    loaded)
+        if daemon_crash_restart; then host_pass daemon-restarts; else host_fail daemon-restarts; fi
+        ;;
+    esac
+}
+
 selftest() {
     local img
     if selected scsi-hd/one; then
@@ -591,6 +619,20 @@ sharedisk() {
             daemon_stop
         fi
         case_end linux-iscsi.lu-reset guest
+    fi
+
+    if selected linux-iscsi/restart; then
+        # The daemon crashes and comes back while the guest writes: the kernel reconnects
+        # and retries, and no write it was told was done is lost.
+        case_start linux-iscsi/restart
+        if daemon_start "$case_dir" "$case_dir/disk.img"; then
+            on_sync=restart_step
+            # shellcheck disable=SC2046
+            boot_together "guest restart.sh --initiator $initiator_base:guest1 $(linux_iscsi)"
+            on_sync=
+            daemon_stop
+        fi
+        case_end linux-iscsi.restart guest
     fi
 
     if selected vhost-user/seabios; then
