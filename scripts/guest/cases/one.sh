@@ -5,7 +5,8 @@
 # reads XCHECK_OUT back after the guest stops).
 #
 # Layout on the disk (bytes, so any block size works): 1 MiB compare and write, 2 MiB write
-# same, 3 MiB unmap, 8 MiB host -> guest, 16 MiB guest -> host, 32-40 MiB fio.
+# same, 3 MiB unmap, 8 MiB host -> guest, 16 MiB guest -> host, 32-40 MiB fio, 48-64 MiB fio
+# with large requests.
 #
 # WANT_LBPRZ (from the host, for targets whose LBPRZ it knows): the LBPRZ bit VPD 0xB2 must
 # report; then unmapped blocks must read zero. Without it (other targets) they are checked
@@ -126,6 +127,11 @@ esac
 # --- fio with verify ----------------------------------------------------------------------
 expect_rc fio-verify 0 fio --name=verify --filename="$dev" --direct=1 --ioengine=libaio \
     --iodepth=8 --rw=randwrite --bs=4k --offset=32m --size=8m --verify=crc32c \
+    --verify_fatal=1 --do_verify=1 --randrepeat=0 --group_reporting
+# Large requests, whose data crosses several iSCSI PDUs (immediate data, then Data-Out
+# solicited by R2T) or a long descriptor chain.
+expect_rc fio-verify-large 0 fio --name=large --filename="$dev" --direct=1 --ioengine=libaio \
+    --iodepth=4 --rw=randwrite --bsrange=64k-1m --offset=48m --size=16m --verify=crc32c \
     --verify_fatal=1 --do_verify=1 --randrepeat=0 --group_reporting
 
 # --- the same data over the host's path ---------------------------------------------------
