@@ -745,6 +745,9 @@ const LONGEST_ROUND: u32 = 64;
 /// A round is [`ROUND`] epochs after a change of choice, and twice the last one's length
 /// (up to [`LONGEST_ROUND`]) after a round that kept it: what the trial costs is one epoch in
 /// 64 spent the slower way while nothing changes, and a change is noticed within 64 epochs.
+/// Against always watching, alternating runs of `qemu-img bench -d 1` reads: 1.48 times the
+/// reads a second with the test suite running beside it (median of 16 pairs), 0.96 times on
+/// the idle machine (10 pairs of 30,000 reads: the probes' cost).
 #[derive(Debug, Default)]
 struct Trial {
     /// Whether the reader prefers to sleep; it starts by watching.
