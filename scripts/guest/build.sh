@@ -51,10 +51,12 @@ kernel_pkg=$(apt-cache depends linux-image-amd64 | awk '$1 == "Depends:" && $2 ~
 iscsi_tools=(iscsid iscsiadm)
 
 # Library packages fio, sg3_utils and open-iscsi may need: their dependency closure, less the
-# tools and scripting runtimes (the ld.so closure below picks the files actually needed).
+# tools and scripting runtimes (the ld.so closure below picks the files actually needed), and
+# less elogind's, whose libsystemd.so.0 would otherwise stand in for libsystemd0's.
 mapfile -t libs < <(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts \
         --no-breaks --no-replaces --no-enhances fio sg3-utils open-iscsi |
-    grep -v '^ ' | grep -E '^(lib|zlib1g$)' | grep -Ev -- '-(perl|dev|bin|data|tools)$|^libpython' | sort -u)
+    grep -v '^ ' | grep -E '^(lib|zlib1g$)' | grep -Ev -- '-(perl|dev|bin|data|tools)$|^libpython' |
+    grep -v '^libelogind' | sort -u)
 pkgs=("$kernel_pkg" busybox-static sg3-utils fio open-iscsi "${libs[@]}")
 
 # Exact versions (and checksums) of what would be downloaded: the cache key.
@@ -127,7 +129,10 @@ libpath=$tree/lib/x86_64-linux-gnu:$tree/usr/lib/x86_64-linux-gnu:$tree/usr/lib/
 bins=()
 for t in "${sg_tools[@]}"; do bins+=("$tree/usr/bin/$t"); done
 bins+=("$tree/usr/bin/fio")
-for t in "${iscsi_tools[@]}"; do bins+=("$tree/sbin/$t"); done
+for t in "${iscsi_tools[@]}"; do
+    # /sbin in Debian 12's package, /usr/sbin in later ones.
+    if [[ -f $tree/sbin/$t ]]; then bins+=("$tree/sbin/$t"); else bins+=("$tree/usr/sbin/$t"); fi
+done
 for b in "${bins[@]}"; do
     [[ -f $b ]] || die "missing $b"
     cp "$b" "$root${b#"$tree"}"

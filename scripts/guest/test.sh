@@ -16,7 +16,8 @@
 #              + iSCSI (fence); LU reset; an LU added and removed while the guest runs
 #              (`sharedisk lu add|remove`, hotplug); and its iSCSI frontend reached by
 #              Linux's own initiator in the guest (open-iscsi, iscsi_tcp): one guest with
-#              digests, two guests (fence), LU reset
+#              digests, two guests (fence), LU reset, the daemon killed and started again
+#              under the guest's writes (restart)
 #   peer       the one-guest case against vhost-device-scsi (`cargo install vhost-device-scsi`),
 #              which shows the vhost-user path of the harness; by hand, not in CI
 #

@@ -16,12 +16,13 @@ timeout 60 fio --name=load --filename="$dev" --direct=1 --ioengine=libaio --iode
     --rw=randrw --bs=4k --size=32m --time_based --runtime=10 --group_reporting >/tmp/fio.log 2>&1 &
 fio=$!
 sleep 3
-# sg_reset -d: SG_SCSI_RESET_DEVICE, which the virtio-scsi driver sends as a LOGICAL UNIT
-# RESET task management function on the control queue, and iscsi_tcp as a Task Management
-# Function Request (function 5).
-expect_rc lu-reset-1 0 sg_reset -d "$dev"
+# sg_reset -N -d: SG_SCSI_RESET_DEVICE without escalation to a target or bus reset (whose unit
+# attention would look the same), which the virtio-scsi driver sends as a LOGICAL UNIT RESET
+# task management function on the control queue, and iscsi_tcp as a Task Management Function
+# Request (function 5).
+expect_rc lu-reset-1 0 sg_reset -N -d "$dev"
 sleep 2
-expect_rc lu-reset-2 0 sg_reset -d "$dev"
+expect_rc lu-reset-2 0 sg_reset -N -d "$dev"
 wait "$fio"
 rc=$?
 cat /tmp/fio.log
