@@ -386,11 +386,11 @@ same_values() {
 # (ext4, XFS), thin with LBPRZ=1: the guest must see that (WANT_LBPRZ), not merely skip the
 # unmap-zeros check when it does not.
 one_guest() {
-    local target=$1 disk=$2 hostpath=$3 want=()
+    local target=$1 disk=$2 hostpath=$3 opts=()
     shift 3
     [[ $target != iscsi && $target != linux-iscsi && $target != vhost-user ]] ||
-        want=(--env WANT_LBPRZ=1)
-    [[ -z $disk ]] || want+=(--disk "$disk")
+        opts=(--env WANT_LBPRZ=1)
+    [[ -z $disk ]] || opts+=(--disk "$disk")
     head -c 1048576 /dev/urandom >"$case_dir/from-host.bin"
     head -c 1048576 /dev/urandom >"$case_dir/to-host.bin"
     if [[ $hostpath == iscsi://* ]]; then
@@ -402,7 +402,7 @@ one_guest() {
     fi
     boot guest one.sh --initiator "$initiator_base:guest1" \
         --data from-host="$case_dir/from-host.bin" --data to-host="$case_dir/to-host.bin" \
-        --env XCHECK_IN="$xcheck_in" --env XCHECK_OUT="$xcheck_out" "${want[@]}" "$@"
+        --env XCHECK_IN="$xcheck_in" --env XCHECK_OUT="$xcheck_out" "${opts[@]}" "$@"
     if [[ $hostpath == iscsi://* ]]; then
         host_read_iscsi "$hostpath" "$xcheck_out" 1048576 "$case_dir/back.bin" ||
             host_fail host-reads "qemu-img dd over iSCSI failed"

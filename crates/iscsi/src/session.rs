@@ -716,8 +716,6 @@ struct Pace {
     /// Whether the pace allowed a watch at the last decision ([`Pace::worth_watching`]): the
     /// cycle that ends at the next record is then one of a queue-depth-1 initiator.
     paced: bool,
-    /// Whether the reader watched at the last decision.
-    watched: bool,
     /// When the reader last found the next PDU.
     last: Option<std::time::Instant>,
     trial: Trial,
@@ -811,14 +809,14 @@ impl Trial {
         self.epochs[usize::from(self.watching())] += 1;
         self.commands = 0;
         self.cycles.sort_unstable();
-        let median = u64::from(self.cycles[EPOCH as usize / 2]);
+        let median = self.cycles[EPOCH as usize / 2];
         let len = self.round_len();
         if self.epoch == len - 2 {
-            self.base = u32::try_from(median).unwrap_or(u32::MAX);
+            self.base = median;
         }
         if self.epoch == len - 1 {
             // The other way was more than a tenth faster.
-            if median * 10 < u64::from(self.base) * 9 {
+            if u64::from(median) * 10 < u64::from(self.base) * 9 {
                 self.sleep = !self.sleep;
                 self.round = ROUND;
             } else {
@@ -840,7 +838,9 @@ impl Pace {
     /// sleeping one).
     fn record(&mut self, pdus: u32, free: std::time::Instant, now: std::time::Instant) {
         let paced = std::mem::take(&mut self.paced);
-        let slept_for_trial = paced && !std::mem::take(&mut self.watched);
+        // The trial's way of waiting has not changed since the decision: it changes only
+        // in `cycle`, below.
+        let slept_for_trial = paced && !self.trial.watching();
         if paced {
             if let Some(last) = self.last {
                 self.trial.cycle(now.saturating_duration_since(last));
@@ -880,8 +880,7 @@ impl Pace {
         self.paced = may
             && self.singles >= 8
             && (20_000..=2 * BUSY_POLL.as_nanos() as u64).contains(&self.avg_ns);
-        self.watched = self.paced && self.trial.watching();
-        self.watched
+        self.paced && self.trial.watching()
     }
 }
 
@@ -2652,6 +2651,16 @@ mod tests {
         assert!(!p.worth_watching(true));
     }
 
+    /// A reader whose initiator has sent 200 single commands, each `us` after it was free.
+    fn paced_at(us: u64) -> (Pace, Clock) {
+        let mut p = Pace::default();
+        let mut c = Clock::new();
+        for _ in 0..200 {
+            c.wait(&mut p, 1, Duration::from_micros(us));
+        }
+        (p, c)
+    }
+
     /// Runs `epochs` epochs of a queue-depth-1 initiator whose next command comes `watched`
     /// after the reader is free when it watches and `slept` when it sleeps; returns how many
     /// of them the reader watched in.
@@ -2668,11 +2677,7 @@ mod tests {
 
     #[test]
     fn the_reader_keeps_the_faster_way_of_waiting() {
-        let mut p = Pace::default();
-        let mut c = Clock::new();
-        for _ in 0..200 {
-            c.wait(&mut p, 1, Duration::from_micros(60));
-        }
+        let (mut p, mut c) = paced_at(60);
         // Watching is faster (an idle host): the reader watches in every epoch but the last
         // of each round, which tries sleeping; rounds of 8, 16, 32, then 64 epochs.
         let rounds = ROUND + 2 * ROUND + 4 * ROUND + 2 * LONGEST_ROUND;
@@ -2710,11 +2715,7 @@ mod tests {
 
     #[test]
     fn a_few_slow_commands_do_not_decide() {
-        let mut p = Pace::default();
-        let mut c = Clock::new();
-        for _ in 0..200 {
-            c.wait(&mut p, 1, Duration::from_micros(60));
-        }
+        let (mut p, mut c) = paced_at(60);
         // Watching is faster (70 µs against 160 µs), but one command in four of the watching
         // epochs is held up 600 µs (the initiator paused, or lost its CPU): their mean is
         // slower than sleeping's, their median is not.
