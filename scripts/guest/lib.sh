@@ -59,9 +59,13 @@ wait_disks() {
 
 # iscsi_attach: reaches the disk through Linux's own iSCSI initiator (iscsi_tcp driven by
 # open-iscsi's iscsid) over the guest's network, QEMU's user networking, in which the host's
-# loopback is 10.0.2.2. Environment: ISCSI_PORTAL (10.0.2.2:PORT), ISCSI_TARGET (the target's
-# name), GUEST_INITIATOR (this guest's name, run.sh's --initiator), ISCSI_DIGEST (None or CRC32C: the header and data
-# digests the initiator asks for and must get). Brings up eth0, starts iscsid, runs a
+# loopback is 10.0.2.2. Environment: ISCSI_PORTAL (10.0.2.2:PORT), ISCSI_TARGET (the
+# target's name), GUEST_INITIATOR (this guest's name, run.sh's --initiator), ISCSI_DIGEST
+# (None or CRC32C: the header and data digests the initiator asks for and must get),
+# ISCSI_SESSIONS (1 or 2: sessions to the target, each with an ISID of its own), and "USER
+# SECRET" pairs for CHAP: ISCSI_DISCOVERY_CHAP (discovery), ISCSI_CHAP (the target's),
+# ISCSI_MUTUAL (the target's own, mutual CHAP); with CHAP, a session without the secret, or
+# with a wrong one either way, must be refused first. Brings up eth0, starts iscsid, runs a
 # SendTargets discovery (which must list ISCSI_TARGET), logs in and checks what was
 # negotiated; the disk then appears as sdX. Without a session, the script ends there.
 iscsi_attach() {
@@ -103,8 +107,17 @@ node.conn[0].iscsi.DataDigest = ${ISCSI_DIGEST:-None}
 discovery.sendtargets.iscsi.MaxRecvDataSegmentLength = 32768
 EOF
     if iscsid; then pass iscsid-starts; else fail iscsid-starts "iscsid exited $?"; finish; fi
-    echo "[guest] \$ iscsiadm -m discovery -t sendtargets -p $ISCSI_PORTAL"
-    found=$(iscsiadm -m discovery -t sendtargets -p "$ISCSI_PORTAL" 2>&1)
+    if [ -n "${ISCSI_DISCOVERY_CHAP:-}" ]; then
+        # A discovery session without CHAP is refused (24: authentication failed).
+        expect_rc discovery-without-chap 24 iscsiadm -m discovery -t sendtargets -p "$ISCSI_PORTAL"
+        iscsi_auth discoverydb -t sendtargets -p "$ISCSI_PORTAL" -- \
+            discovery.sendtargets.auth "$ISCSI_DISCOVERY_CHAP"
+        echo "[guest] \$ iscsiadm -m discoverydb -t sendtargets -p $ISCSI_PORTAL --discover"
+        found=$(iscsiadm -m discoverydb -t sendtargets -p "$ISCSI_PORTAL" --discover 2>&1)
+    else
+        echo "[guest] \$ iscsiadm -m discovery -t sendtargets -p $ISCSI_PORTAL"
+        found=$(iscsiadm -m discovery -t sendtargets -p "$ISCSI_PORTAL" 2>&1)
+    fi
     echo "$found"
     # "PORTAL,TPGT TARGET" per line.
     if echo "$found" | grep -q " $ISCSI_TARGET\$"; then
@@ -114,10 +127,55 @@ EOF
     fi
     # The portal the target names is the host's loopback, not reachable from here: the
     # session goes to the address the guest reaches the host at.
-    iscsiadm -m node -o new -T "$ISCSI_TARGET" -p "$ISCSI_PORTAL" >/dev/null
+    if [ "${ISCSI_SESSIONS:-1}" -eq 2 ]; then
+        # Two sessions to the same portal through two iface records, as multipath setups
+        # make: each session gets an ISID of its own.
+        # (A node record made without the portal's group tag is one per portal, whatever
+        # the iface; the tag is the one discovery reported.)
+        tpgt=$(echo "$found" | sed -n "s/^[^ ]*,\([0-9]*\) $ISCSI_TARGET\$/\1/p" | head -n1)
+        for iface in path1 path2; do
+            iscsiadm -m iface -I "$iface" -o new >/dev/null
+            iscsiadm -m node -o new -T "$ISCSI_TARGET" -p "$ISCSI_PORTAL,${tpgt:-1}" \
+                -I "$iface" >/dev/null
+        done
+    else
+        iscsiadm -m node -o new -T "$ISCSI_TARGET" -p "$ISCSI_PORTAL" >/dev/null
+    fi
+    if [ -n "${ISCSI_CHAP:-}" ]; then
+        # The target admits only an initiator that proves it knows the secret; with mutual
+        # CHAP the initiator admits only a target that proves it knows its own. Each refused
+        # login below is wrong in one thing only.
+        login() { iscsiadm -m node -T "$ISCSI_TARGET" -p "$ISCSI_PORTAL" --login; }
+        auth() { iscsi_auth node -T "$ISCSI_TARGET" -p "$ISCSI_PORTAL" -- node.session.auth "$@"; }
+        wrong() { echo "${1% *} wrong-${1#* }"; }
+        expect_rc login-without-chap 24 login
+        if [ -n "${ISCSI_MUTUAL:-}" ]; then
+            # A target set up for mutual CHAP refuses an initiator that does not ask for it.
+            auth "$ISCSI_CHAP"
+            expect_rc login-without-mutual 24 login
+            auth "$(wrong "$ISCSI_CHAP")" "$ISCSI_MUTUAL"
+            expect_rc login-wrong-secret 24 login
+            # The initiator ends the login itself (19: fatal login error).
+            auth "$ISCSI_CHAP" "$(wrong "$ISCSI_MUTUAL")"
+            expect_rc login-target-unproven 19 login
+            auth "$ISCSI_CHAP" "$ISCSI_MUTUAL"
+        else
+            auth "$(wrong "$ISCSI_CHAP")"
+            expect_rc login-wrong-secret 24 login
+            auth "$ISCSI_CHAP"
+        fi
+    fi
+    # Connection errors count from here on (the refused logins above end in some).
+    dmesg_mark=$(dmesg | wc -l)
     expect_rc iscsi-login 0 iscsiadm -m node -T "$ISCSI_TARGET" -p "$ISCSI_PORTAL" --login
     iscsiadm -m session -P 2 >/tmp/session 2>&1
     cat /tmp/session
+    n=$(iscsiadm -m session 2>/dev/null | grep -c "$ISCSI_TARGET")
+    if [ "$n" -eq "${ISCSI_SESSIONS:-1}" ]; then
+        pass iscsi-sessions "$n"
+    else
+        fail iscsi-sessions "$n sessions, want ${ISCSI_SESSIONS:-1}"
+    fi
     for key in HeaderDigest DataDigest; do
         got=$(sed -n "s/^[[:space:]]*$key: *//p" /tmp/session | head -n1)
         if [ "$got" = "${ISCSI_DIGEST:-None}" ]; then
@@ -129,6 +187,25 @@ EOF
     iscsi_attached=1
 }
 
+# iscsi_auth MODE RECORD-OPTIONS... -- PREFIX "USER SECRET" ["USER_IN SECRET_IN"]: CHAP in an
+# iscsiadm record (node or discoverydb): PREFIX.authmethod, username and password, and the
+# target's own (mutual CHAP) username_in and password_in when given.
+iscsi_auth() {
+    mode=$1
+    shift
+    rec=""
+    while [ "$1" != -- ]; do rec="$rec $1"; shift; done
+    prefix=$2 out=$3 back=${4:-}
+    set -- authmethod CHAP username "${out% *}" password "${out#* }"
+    [ -z "$back" ] || set -- "$@" username_in "${back% *}" password_in "${back#* }"
+    while [ $# -gt 0 ]; do
+        # shellcheck disable=SC2086
+        iscsiadm -m "$mode" $rec -o update -n "$prefix.$1" -v "$2" ||
+            fail iscsi-auth-setting "cannot set $prefix.$1"
+        shift 2
+    done
+}
+
 # iscsi_detach: after ISCSI_IDLE seconds (default 0) with no I/O, in which the kernel pings
 # the target (NOP-Out, every 5 s), checks that the connection never failed (a ping the target
 # did not answer, a PDU the kernel took for a protocol error; unless the script set
@@ -137,7 +214,7 @@ EOF
 iscsi_detach() {
     iscsi_attached=
     [ "${ISCSI_IDLE:-0}" -eq 0 ] || { echo "[guest] idle for ${ISCSI_IDLE}s"; sleep "$ISCSI_IDLE"; }
-    dmesg | grep -i 'conn error\|ping timeout\|session recovery' >/tmp/connerr
+    dmesg | tail -n +$((${dmesg_mark:-0} + 1)) | grep -i 'conn error\|ping timeout\|session recovery' >/tmp/connerr
     if [ -n "${iscsi_recovered:-}" ]; then
         # A script that broke the connection on purpose (restart.sh) checked its recovery.
         :

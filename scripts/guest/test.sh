@@ -11,13 +11,15 @@
 #              (one guest; LU reset), and sharedisk's iSCSI frontend reached through QEMU's
 #              iSCSI initiator and SCSI passthrough (one guest; the two-guest fence sequence)
 #   sharedisk  sharedisk's vhost-user-scsi frontend (`serve --vhost-user SOCKET`): one guest
-#              (and one on an LU with direct I/O, `--direct`);
-#              one booted through SeaBIOS; two guests on two sockets (fence); mixed vhost-user
-#              + iSCSI (fence); LU reset; an LU added and removed while the guest runs
-#              (`sharedisk lu add|remove`, hotplug); and its iSCSI frontend reached by
+#              (and one on an LU with direct I/O, `--direct`, one on an LU of 4096-byte
+#              blocks); one booted through SeaBIOS; two guests on two sockets (fence); mixed
+#              vhost-user + iSCSI (fence); LU reset; an LU added and removed while the guest
+#              runs (`sharedisk lu add|remove`, hotplug); and its iSCSI frontend reached by
 #              Linux's own initiator in the guest (open-iscsi, iscsi_tcp): one guest with
-#              digests, two guests (fence), LU reset, the daemon killed and started again
-#              under the guest's writes (restart)
+#              digests (and one on 4096-byte blocks), CHAP (discovery, one-way and mutual,
+#              wrong secrets refused), two sessions from one guest (two I_T nexuses, one
+#              reservation), two guests (fence), LU reset, the daemon killed and started
+#              again under the guest's writes (restart)
 #   peer       the one-guest case against vhost-device-scsi (`cargo install vhost-device-scsi`),
 #              which shows the vhost-user path of the harness; by hand, not in CI
 #
@@ -114,6 +116,23 @@ daemon_launch() {
     RUST_LOG=${RUST_LOG:-info} "$bin" serve --file "$img" --size "$img_size" \
         --listen "$listen" --control "$dir/control.sock" "$@" \
         >"$dir/daemon.out" 2>>"$dir/daemon.log" &
+    daemon_ready "$dir" "$@"
+}
+
+# daemon_config DIR CONFIG: sharedisk serve --config CONFIG (its portals on ephemeral ports,
+# its control socket in DIR); sets daemon_pid and daemon_url (the first LU's).
+daemon_config() {
+    local dir=$1
+    RUST_LOG=${RUST_LOG:-info} "$bin" serve --config "$2" \
+        >"$dir/daemon.out" 2>>"$dir/daemon.log" &
+    daemon_ready "$dir"
+}
+
+# daemon_ready DIR ARGS...: waits for the daemon just started in the background to print its
+# URL, and for each --vhost-user socket in ARGS to appear.
+daemon_ready() {
+    local dir=$1
+    shift
     daemon_pid=$!
     pids+=("$daemon_pid")
     daemon_url=
@@ -622,6 +641,50 @@ sharedisk() {
         case_end linux-iscsi.lu-reset guest
     fi
 
+    if selected linux-iscsi/chap; then
+        # CHAP on the discovery session and on the target, mutual on the target: the kernel's
+        # initiator gets in with the right secrets only, and refuses a target that cannot
+        # prove itself. Secrets of 12 to 16 bytes, as every initiator takes.
+        case_start linux-iscsi/chap
+        cat >"$case_dir/sharedisk.toml" <<EOF
+control = "control.sock"
+[discovery_auth]
+chap = { user = "discoverer", secret = "discovery-12ab" }
+[[target]]
+name = "iqn.2026-01.io.sharedisk:chap"
+portals = ["127.0.0.1:0"]
+auth.chap = { user = "guest1-user", secret = "initiator-12ab" }
+auth.mutual = { user = "target-user", secret = "target-12abcd" }
+[[target.lu]]
+lun = 0
+file = "disk.img"
+size = "$img_size"
+EOF
+        chmod 600 "$case_dir/sharedisk.toml"
+        rm -f "$case_dir/disk.img" "$case_dir/disk.img.pr"
+        if daemon_config "$case_dir" "$case_dir/sharedisk.toml"; then
+            # shellcheck disable=SC2046
+            boot guest smoke.sh --initiator "$initiator_base:guest1" $(linux_iscsi) \
+                --env ISCSI_DISCOVERY_CHAP="discoverer discovery-12ab" \
+                --env ISCSI_CHAP="guest1-user initiator-12ab" \
+                --env ISCSI_MUTUAL="target-user target-12abcd"
+            daemon_stop
+        fi
+        case_end linux-iscsi.chap guest
+    fi
+
+    if selected linux-iscsi/sessions; then
+        # Two sessions from one guest, each its own I_T nexus: cases/sessions.sh.
+        case_start linux-iscsi/sessions
+        if daemon_start "$case_dir" "$case_dir/disk.img"; then
+            # shellcheck disable=SC2046
+            boot guest sessions.sh --initiator "$initiator_base:guest1" $(linux_iscsi) \
+                --env ISCSI_SESSIONS=2
+            daemon_stop
+        fi
+        case_end linux-iscsi.sessions guest
+    fi
+
     if selected linux-iscsi/restart; then
         # The daemon crashes and comes back while the guest writes: the kernel reconnects
         # and retries, and no write it was told was done is lost.
@@ -634,6 +697,28 @@ sharedisk() {
             daemon_stop
         fi
         case_end linux-iscsi.restart guest
+    fi
+
+    # 4096-byte logical blocks, through each way a guest reaches the LU: the same checks
+    # (one.sh lays its ranges out in bytes, and checks the block size the kernel took).
+    if selected vhost-user/4kn; then
+        case_start vhost-user/4kn
+        s1=$case_dir/vhost1.sock
+        if daemon_start "$case_dir" "$case_dir/disk.img" --block-size 4096 --vhost-user "$s1"; then
+            one_guest vhost-user "vhost-user:$s1,num_queues=2" "$daemon_url" --env WANT_BLOCK_SIZE=4096
+            daemon_stop
+        fi
+        case_end vhost-user.4kn guest
+    fi
+
+    if selected linux-iscsi/4kn; then
+        case_start linux-iscsi/4kn
+        if daemon_start "$case_dir" "$case_dir/disk.img" --block-size 4096; then
+            # shellcheck disable=SC2046
+            one_guest linux-iscsi "" "$daemon_url" $(linux_iscsi) --env WANT_BLOCK_SIZE=4096
+            daemon_stop
+        fi
+        case_end linux-iscsi.4kn guest
     fi
 
     if selected vhost-user/seabios; then

@@ -10,7 +10,8 @@
 #
 # WANT_LBPRZ (from the host, for targets whose LBPRZ it knows): the LBPRZ bit VPD 0xB2 must
 # report; then unmapped blocks must read zero. Without it (other targets) they are checked
-# only when the target reports LBPRZ=1.
+# only when the target reports LBPRZ=1. WANT_BLOCK_SIZE: the logical block size READ
+# CAPACITY must report.
 . /lib.sh
 . /etc/test.env
 
@@ -57,6 +58,10 @@ else
     bs=$sysbs
 fi
 value block-size "$bs"
+if [ -n "${WANT_BLOCK_SIZE:-}" ]; then
+    [ "$bs" = "$WANT_BLOCK_SIZE" ] && pass block-size "$bs" ||
+        fail block-size "$bs bytes, want $WANT_BLOCK_SIZE"
+fi
 value blocks "$blocks"
 lba() { echo $(($1 / bs)); }
 
