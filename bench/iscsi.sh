@@ -28,8 +28,11 @@
 #                           direct, fio --direct=1): the ceiling is then the device's, which is
 #                           what "fio on the file" means for a target in front of a real disk
 # Everything listens on 127.0.0.1 only and is stopped on exit.
-# Prints a table of IOPS with the ratios sharedisk/tgt and sharedisk/fio; the raw output is
-# kept in out/bench/. Needs root to install packages when they are missing. Not part of
+# Prints a table of IOPS with the ratios sharedisk/tgt and sharedisk/fio, then for the
+# every row the client's own CPU time per request (bash's `time` around iscsi-perf or
+# qemu-img, each of which runs its requests on one thread): 1e6 over it is an IOPS no server
+# can exceed with that client, and that bound over tgt's (fio's) IOPS the highest sd/tgt
+# (sd/fio) any server could show on the row on this machine. The raw output is kept in out/bench/. Needs root to install packages when they are missing. Not part of
 # scripts/test.sh.
 #
 # QEMU's iSCSI driver is in qemu-block-extra, which Debian 12 ships only for its own QEMU 7.2:
@@ -90,23 +93,31 @@ warm() {
 }
 
 # Results: results[ROW,SERVER,ROUND] = IOPS; fio's are results[ROW,fio].
-declare -A results counts
+declare -A results counts client_us
 rows=(perf-randread-qd32 qemu-read-qd1 qemu-read-qd32 qemu-write-qd1 qemu-write-qd32)
 
 # iscsi-perf prints "iops average N" when its time is up.
+# Its CPU time (bash's `time`, as for qemu-img below) over the requests of its run (the
+# average times the seconds) gives client_us.
 run_perf() { # NAME URL ROUND
-    local log=$out/$1-perf-randread-qd32-r$3.log
-    timeout $((secs + 30)) iscsi-perf -t "$secs" -m 32 -b 8 -r "$2" >"$log" 2>&1 || true
-    results[perf-randread-qd32,$1,$3]=$(tr '\r' '\n' <"$log" |
-        sed -n 's/^iops average \([0-9]*\).*/\1/p' | tail -n 1)
+    local log=$out/$1-perf-randread-qd32-r$3.log TIMEFORMAT='%U %S' iops
+    { time timeout $((secs + 30)) iscsi-perf -t "$secs" -m 32 -b 8 -r "$2" >"$log" 2>&1; } \
+        2>"$log.cpu" || true
+    iops=$(tr '\r' '\n' <"$log" | sed -n 's/^iops average \([0-9]*\).*/\1/p' | tail -n 1)
+    results[perf-randread-qd32,$1,$3]=$iops
+    [[ -n $iops && $iops != 0 ]] || return 0
+    client_us[perf-randread-qd32,$1,$3]=$(awk -v n="$((iops * secs))" \
+        '{ printf "%.1f", ($1 + $2) * 1e6 / n }' "$log.cpu")
 }
 
 # qemu-img bench runs a count of requests; a short first run sizes the count for ~secs seconds
 # (sequential 4 KiB, at most the whole image), once per row and server.
+# qemu-img's own CPU time (user + system, bash's `time`) goes to LOG.cpu.
 qemu_bench() { # COUNT DEPTH RW URL LOG -> seconds
-    local flag=()
+    local flag=() TIMEFORMAT='%U %S'
     [[ $3 == write ]] && flag=(-w)
-    timeout 120 qemu-img bench -f raw -c "$1" -d "$2" -s 4096 "${flag[@]}" "$4" >"$5" 2>&1 || true
+    { time timeout 120 qemu-img bench -f raw -c "$1" -d "$2" -s 4096 "${flag[@]}" "$4" \
+        >"$5" 2>&1; } 2>"$5.cpu" || true
     sed -n 's/^Run completed in \([0-9.]*\) seconds.*/\1/p' "$5"
 }
 run_qemu() { # NAME URL ROW ROUND
@@ -127,6 +138,9 @@ run_qemu() { # NAME URL ROW ROUND
     t=$(qemu_bench "$count" "$depth" "$rw" "$2" "$log")
     [[ -n $t ]] || return 0
     results[$3,$1,$4]=$(awk -v c="$count" -v t="$t" 'BEGIN { printf "%d", c / t }')
+    # Microseconds of qemu-img's CPU per request: qemu-img runs its requests on one thread,
+    # so no server can give it more than 1e6 / this many requests a second.
+    client_us[$3,$1,$4]=$(awk -v c="$count" '{ printf "%.1f", ($1 + $2) * 1e6 / c }' "$log.cpu")
 }
 
 # The ceiling of a row is the better of two engines: io_uring at the row's depth, and psync
@@ -211,15 +225,19 @@ lower_middle() {
     sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'
 }
 
-# median ROW SERVER: the median of the rounds that gave a figure.
-median() {
+# median_of ARRAY ROW SERVER: the median of the rounds that gave a figure in ARRAY.
+median_of() {
+    local -n figures=$1
     local r
     for ((r = 1; r <= rounds; r++)); do
-        if [[ -n ${results[$1,$2,$r]:-} ]]; then
-            echo "${results[$1,$2,$r]}"
+        if [[ -n ${figures[$2,$3,$r]:-} ]]; then
+            echo "${figures[$2,$3,$r]}"
         fi
     done | lower_middle
 }
+
+# median ROW SERVER: the median IOPS of the rounds that gave a figure.
+median() { median_of results "$1" "$2"; }
 
 # median_ratio ROW: the median of the rounds' sharedisk/tgt ratios (each round's two runs
 # are back to back, so a round's ratio is free of the drift between rounds).
@@ -253,6 +271,21 @@ ratio() {
         rt=$(median_ratio "$row")
         printf '%-22s %10s %10s %10s %9s %9s\n' "$row" "${sd:--}" "${tg:--}" "${fi:--}" \
             "${rt:--}" "$(ratio "$sd" "$fi")"
+    done
+
+    # The client's own cost: however fast a server, a client on one thread (iscsi-perf,
+    # qemu-img) cannot go beyond 1e6 / its CPU microseconds per request; "bound/tgt" is the
+    # highest sd/tgt, "bound/fio" the highest sd/fio, any server could reach on the row here.
+    echo
+    echo "the client's own CPU per request (us, median of rounds), the IOPS that bounds," \
+        "and that bound over tgt's and fio's IOPS"
+    printf '%-22s %10s %10s %10s %9s %9s\n' row "us(sd)" "us(tgt)" bound bound/tgt bound/fio
+    for row in "${rows[@]}"; do
+        cs=$(median_of client_us "$row" sharedisk)
+        ct=$(median_of client_us "$row" tgt)
+        bound=$( [[ -n $cs ]] && awk -v u="$cs" 'BEGIN { if (u > 0) printf "%d", 1e6 / u }')
+        printf '%-22s %10s %10s %10s %9s %9s\n' "$row" "${cs:--}" "${ct:--}" "${bound:--}" \
+            "$(ratio "$bound" "$(median "$row" tgt)")" "$(ratio "$bound" "${results[$row,fio]:-}")"
     done
 } | tee "$out/table.txt"
 
