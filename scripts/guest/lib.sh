@@ -165,8 +165,9 @@ EOF
             auth "$ISCSI_CHAP"
         fi
     fi
-    # Connection errors count from here on (the refused logins above end in some).
-    dmesg_mark=$(dmesg | wc -l)
+    # Connection errors count from here on (the refused logins above end in some): from a
+    # mark in the kernel's log, which a ring buffer that wraps cannot move.
+    echo "sharedisk-test: logging in" >/dev/kmsg
     expect_rc iscsi-login 0 iscsiadm -m node -T "$ISCSI_TARGET" -p "$ISCSI_PORTAL" --login
     iscsiadm -m session -P 2 >/tmp/session 2>&1
     cat /tmp/session
@@ -214,10 +215,14 @@ iscsi_auth() {
 iscsi_detach() {
     iscsi_attached=
     [ "${ISCSI_IDLE:-0}" -eq 0 ] || { echo "[guest] idle for ${ISCSI_IDLE}s"; sleep "$ISCSI_IDLE"; }
-    dmesg | tail -n +$((${dmesg_mark:-0} + 1)) | grep -i 'conn error\|ping timeout\|session recovery' >/tmp/connerr
+    dmesg >/tmp/dmesg
+    sed -n '/sharedisk-test: logging in/,$p' /tmp/dmesg |
+        grep -i 'conn error\|ping timeout\|session recovery' >/tmp/connerr
     if [ -n "${iscsi_recovered:-}" ]; then
         # A script that broke the connection on purpose (restart.sh) checked its recovery.
         :
+    elif ! grep -q 'sharedisk-test: logging in' /tmp/dmesg; then
+        fail iscsi-connection-kept "the mark iscsi_attach left in the kernel's log is gone"
     elif [ -s /tmp/connerr ]; then
         fail iscsi-connection-kept "$(head -n 3 /tmp/connerr | tr '\n' ' ')"
     else

@@ -16,12 +16,12 @@ pass two-disks "$a $b"
 
 # One LU: the same identification through both.
 for page in 0x80 0x83; do
-    sg_vpd -p "$page" "$a" >/tmp/vpd-a 2>&1
-    sg_vpd -p "$page" "$b" >/tmp/vpd-b 2>&1
-    if [ -s /tmp/vpd-a ] && cmp -s /tmp/vpd-a /tmp/vpd-b; then
+    sg_vpd -p "$page" "$a" >/tmp/vpd-a 2>&1 && ra=0 || ra=$?
+    sg_vpd -p "$page" "$b" >/tmp/vpd-b 2>&1 && rb=0 || rb=$?
+    if [ "$ra" -eq 0 ] && [ "$rb" -eq 0 ] && [ -s /tmp/vpd-a ] && cmp -s /tmp/vpd-a /tmp/vpd-b; then
         pass "same-vpd-$page"
     else
-        fail "same-vpd-$page" "$(head -c 300 /tmp/vpd-a | tr '\n' ' ') vs $(head -c 300 /tmp/vpd-b | tr '\n' ' ')"
+        fail "same-vpd-$page" "exit $ra: $(head -c 300 /tmp/vpd-a | tr '\n' ' ') vs exit $rb: $(head -c 300 /tmp/vpd-b | tr '\n' ' ')"
     fi
 done
 
@@ -32,9 +32,10 @@ expect_rc read-path-b 0 dd if="$b" of=/tmp/back bs=65536 skip=128 count=16 iflag
 cmp -s /tmp/r /tmp/back && pass path-b-reads-path-a "1 MiB" || fail path-b-reads-path-a "data differs"
 
 clear_ua() { for _ in 1 2 3 4; do sg_turs "$1" >/dev/null 2>&1 && return 0; done; return 1; }
-keys() { # DEV: the registered keys, sorted, comma-separated
-    sg_persist -n --in --read-keys "$1" 2>&1 | grep -E '^ +0x[0-9a-f]+$' | tr -d ' ' | sort |
-        tr '\n' ',' | sed 's/,$//'
+keys() { # DEV: the registered keys, sorted, comma-separated ("none" for none)
+    out=$(sg_persist -n --in --read-keys "$1" 2>&1) || { echo "error: $out" | tr '\n' ' '; return; }
+    ks=$(echo "$out" | grep -E '^ +0x[0-9a-f]+$' | tr -d ' ' | sort | tr '\n' ',' | sed 's/,$//')
+    echo "${ks:-none}"
 }
 clear_ua "$a"
 clear_ua "$b"
@@ -62,5 +63,5 @@ expect_rc path-b-writes-after-release 0 sg_write_same --lba="$lba" --num=1 --in=
 expect_rc unregister-path-a 0 sg_persist -n --out --register --param-rk=0xa1 "$a"
 expect_rc unregister-path-b 0 sg_persist -n --out --register --param-rk=0xb2 "$b"
 k=$(keys "$a")
-[ -z "$k" ] && pass no-registrations || fail no-registrations "'$k'"
+[ "$k" = none ] && pass no-registrations || fail no-registrations "'$k'"
 finish
