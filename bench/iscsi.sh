@@ -29,16 +29,19 @@
 #                           what "fio on the file" means for a target in front of a real disk
 # Everything listens on 127.0.0.1 only and is stopped on exit.
 # Prints a table of IOPS with the ratios sharedisk/tgt and sharedisk/fio, then for the
-# every row the client's own CPU time per request (bash's `time` around iscsi-perf or
-# qemu-img, each of which runs its requests on one thread): 1e6 over it is an IOPS no server
-# can exceed with that client, and that bound over tgt's (fio's) IOPS the highest sd/tgt
-# (sd/fio) any server could show on the row on this machine. The raw output is kept in out/bench/. Needs root to install packages when they are missing. Not part of
+# every row the client's own CPU time per request against sharedisk (bash's `time` around
+# iscsi-perf or qemu-img, each of which runs its requests on one thread; for qemu-img less
+# what its start and login cost): 1e6 over it is an IOPS that client cannot exceed while its
+# cost per request stays the same, and that bound over tgt's (fio's) IOPS the highest sd/tgt
+# (sd/fio) sharedisk could show on the row on this machine, however fast it answered. The raw output is kept in out/bench/. Needs root to install packages when they are missing. Not part of
 # scripts/test.sh.
 #
 # QEMU's iSCSI driver is in qemu-block-extra, which Debian 12 ships only for its own QEMU 7.2:
 # when the installed qemu-img is a newer one without that driver, this installs qemu-utils 7.2
 # from bookworm with it (a downgrade of qemu-img).
 set -euo pipefail
+# bash's `time` prints seconds with the locale's decimal point; awk reads a dot.
+export LC_NUMERIC=C
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 secs=${BENCH_SECONDS:-15}
@@ -93,21 +96,22 @@ warm() {
 }
 
 # Results: results[ROW,SERVER,ROUND] = IOPS; fio's are results[ROW,fio].
-declare -A results counts client_us
+declare -A results counts client_us sizing_cpu
 rows=(perf-randread-qd32 qemu-read-qd1 qemu-read-qd32 qemu-write-qd1 qemu-write-qd32)
 
 # iscsi-perf prints "iops average N" when its time is up.
-# Its CPU time (bash's `time`, as for qemu-img below) over the requests of its run (the
-# average times the seconds) gives client_us.
+# Its CPU time (bash's `time`, as for qemu-img below) over the requests of its whole run (the
+# average times the run's elapsed time, its login included: if anything, more requests than
+# it made) gives client_us.
 run_perf() { # NAME URL ROUND
-    local log=$out/$1-perf-randread-qd32-r$3.log TIMEFORMAT='%U %S' iops
+    local log=$out/$1-perf-randread-qd32-r$3.log TIMEFORMAT='%R %U %S' iops
     { time timeout $((secs + 30)) iscsi-perf -t "$secs" -m 32 -b 8 -r "$2" >"$log" 2>&1; } \
         2>"$log.cpu" || true
     iops=$(tr '\r' '\n' <"$log" | sed -n 's/^iops average \([0-9]*\).*/\1/p' | tail -n 1)
     results[perf-randread-qd32,$1,$3]=$iops
     [[ -n $iops && $iops != 0 ]] || return 0
-    client_us[perf-randread-qd32,$1,$3]=$(awk -v n="$((iops * secs))" \
-        '{ printf "%.1f", ($1 + $2) * 1e6 / n }' "$log.cpu")
+    client_us[perf-randread-qd32,$1,$3]=$(awk -v i="$iops" \
+        '{ if ($1 > 0) printf "%.1f", ($2 + $3) * 1e6 / (i * $1) }' "$log.cpu")
 }
 
 # qemu-img bench runs a count of requests; a short first run sizes the count for ~secs seconds
@@ -131,6 +135,7 @@ run_qemu() { # NAME URL ROW ROUND
         count=$(awk -v t="$t" -v s="$secs" -v m="$max" \
             'BEGIN { c = int(2000 / (t > 0 ? t : 0.001) * s); print (c > m ? m : c) }')
         counts[$3,$1]=$count
+        sizing_cpu[$3,$1]=$(awk '{ print $1 + $2 }' "$log.cpu")
         # The measured run starts from the same page cache as every other (the sizing run
         # wrote some).
         warm
@@ -138,9 +143,12 @@ run_qemu() { # NAME URL ROW ROUND
     t=$(qemu_bench "$count" "$depth" "$rw" "$2" "$log")
     [[ -n $t ]] || return 0
     results[$3,$1,$4]=$(awk -v c="$count" -v t="$t" 'BEGIN { printf "%d", c / t }')
-    # Microseconds of qemu-img's CPU per request: qemu-img runs its requests on one thread,
-    # so no server can give it more than 1e6 / this many requests a second.
-    client_us[$3,$1,$4]=$(awk -v c="$count" '{ printf "%.1f", ($1 + $2) * 1e6 / c }' "$log.cpu")
+    # Microseconds of qemu-img's CPU per request, what its start, login and logout cost
+    # taken out: the sizing run's CPU (2000 requests) subtracted, over the requests beyond
+    # those. qemu-img runs its requests on one thread (see the table).
+    ((count > 2000)) || return 0
+    client_us[$3,$1,$4]=$(awk -v c="$count" -v s="${sizing_cpu[$3,$1]}" \
+        '{ u = ($1 + $2 - s) * 1e6 / (c - 2000); if (u > 0) printf "%.1f", u }' "$log.cpu")
 }
 
 # The ceiling of a row is the better of two engines: io_uring at the row's depth, and psync
@@ -273,9 +281,11 @@ ratio() {
             "${rt:--}" "$(ratio "$sd" "$fi")"
     done
 
-    # The client's own cost: however fast a server, a client on one thread (iscsi-perf,
-    # qemu-img) cannot go beyond 1e6 / its CPU microseconds per request; "bound/tgt" is the
-    # highest sd/tgt, "bound/fio" the highest sd/fio, any server could reach on the row here.
+    # The client's own cost: a client on one thread (iscsi-perf, qemu-img) cannot go beyond
+    # 1e6 / its CPU microseconds per request. That cost is the client's with sharedisk's
+    # answers as they are (how many PDUs a response takes, how many arrive per read); with
+    # it, "bound/tgt" is the highest sd/tgt and "bound/fio" the highest sd/fio sharedisk could
+    # reach on the row here, however little time it took itself.
     echo
     echo "the client's own CPU per request (us, median of rounds), the IOPS that bounds," \
         "and that bound over tgt's and fio's IOPS"
@@ -283,7 +293,7 @@ ratio() {
     for row in "${rows[@]}"; do
         cs=$(median_of client_us "$row" sharedisk)
         ct=$(median_of client_us "$row" tgt)
-        bound=$( [[ -n $cs ]] && awk -v u="$cs" 'BEGIN { if (u > 0) printf "%d", 1e6 / u }')
+        bound=$(awk -v u="${cs:-0}" 'BEGIN { if (u > 0) printf "%d", 1e6 / u }')
         printf '%-22s %10s %10s %10s %9s %9s\n' "$row" "${cs:--}" "${ct:--}" "${bound:--}" \
             "$(ratio "$bound" "$(median "$row" tgt)")" "$(ratio "$bound" "${results[$row,fio]:-}")"
     done
