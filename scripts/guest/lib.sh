@@ -63,7 +63,8 @@ wait_disks() {
 # target's name), GUEST_INITIATOR (this guest's name, run.sh's --initiator), ISCSI_DIGEST
 # (None or CRC32C: the header and data digests the initiator asks for and must get),
 # ISCSI_SESSIONS (1 or 2: sessions to the target, each with an ISID of its own), and "USER
-# SECRET" pairs for CHAP: ISCSI_DISCOVERY_CHAP (discovery), ISCSI_CHAP (the target's),
+# SECRET" pairs for CHAP: ISCSI_DISCOVERY_CHAP and ISCSI_DISCOVERY_MUTUAL (discovery's,
+# the second the target's own for mutual CHAP), ISCSI_CHAP (the target's),
 # ISCSI_MUTUAL (the target's own, mutual CHAP); with CHAP, a session without the secret, or
 # with a wrong one either way, must be refused first. Brings up eth0, starts iscsid, runs a
 # SendTargets discovery (which must list ISCSI_TARGET), logs in and checks what was
@@ -110,8 +111,16 @@ EOF
     if [ -n "${ISCSI_DISCOVERY_CHAP:-}" ]; then
         # A discovery session without CHAP is refused (24: authentication failed).
         expect_rc discovery-without-chap 24 iscsiadm -m discovery -t sendtargets -p "$ISCSI_PORTAL"
+        if [ -n "${ISCSI_DISCOVERY_MUTUAL:-}" ]; then
+            # A portal that cannot prove itself is refused by the initiator.
+            iscsi_auth discoverydb -t sendtargets -p "$ISCSI_PORTAL" -- \
+                discovery.sendtargets.auth "$ISCSI_DISCOVERY_CHAP" \
+                "${ISCSI_DISCOVERY_MUTUAL% *} wrong-${ISCSI_DISCOVERY_MUTUAL#* }"
+            expect_rc discovery-target-unproven 19 \
+                iscsiadm -m discoverydb -t sendtargets -p "$ISCSI_PORTAL" --discover
+        fi
         iscsi_auth discoverydb -t sendtargets -p "$ISCSI_PORTAL" -- \
-            discovery.sendtargets.auth "$ISCSI_DISCOVERY_CHAP"
+            discovery.sendtargets.auth "$ISCSI_DISCOVERY_CHAP" "${ISCSI_DISCOVERY_MUTUAL:-}"
         echo "[guest] \$ iscsiadm -m discoverydb -t sendtargets -p $ISCSI_PORTAL --discover"
         found=$(iscsiadm -m discoverydb -t sendtargets -p "$ISCSI_PORTAL" --discover 2>&1)
     else

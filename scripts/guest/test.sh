@@ -650,6 +650,7 @@ sharedisk() {
 control = "control.sock"
 [discovery_auth]
 chap = { user = "discoverer", secret = "discovery-12ab" }
+mutual = { user = "portal-user", secret = "portal-12abcd" }
 [[target]]
 name = "iqn.2026-01.io.sharedisk:chap"
 portals = ["127.0.0.1:0"]
@@ -666,6 +667,7 @@ EOF
             # shellcheck disable=SC2046
             boot guest smoke.sh --initiator "$initiator_base:guest1" $(linux_iscsi) \
                 --env ISCSI_DISCOVERY_CHAP="discoverer discovery-12ab" \
+                --env ISCSI_DISCOVERY_MUTUAL="portal-user portal-12abcd" \
                 --env ISCSI_CHAP="guest1-user initiator-12ab" \
                 --env ISCSI_MUTUAL="target-user target-12abcd"
             daemon_stop

@@ -49,8 +49,8 @@ enum Drained {
 /// How long a request queue's thread watches the avail ring after a drain before it asks the
 /// guest for a kick. Measured with bench/vhost.sh (guest fio, TCG): 50 µs lifted 4 KiB random
 /// reads at QD16 by half, 200 µs the QD1 rows and writes as well. At 200 µs a guest at QD1
-/// still offered its next request after the watch ended 40-65% of the time (and paid a kick
-/// for it); at 600 µs under 2%, and every row rose (four runs alternating the two). The cost
+/// still offered its next request after the watch ended 39-63% of the time (and paid a kick
+/// for it); at 600 µs about 1%, and every row rose (four runs alternating the two). The cost
 /// is at most this much of the thread's time after each drain (yielding, not sleeping); an
 /// idle queue waits in epoll.
 const AVAIL_POLL: Duration = Duration::from_micros(600);
