@@ -28,20 +28,21 @@
 #                           direct, fio --direct=1): the ceiling is then the device's, which is
 #                           what "fio on the file" means for a target in front of a real disk
 # Everything listens on 127.0.0.1 only and is stopped on exit.
-# Prints a table of IOPS with the ratios sharedisk/tgt and sharedisk/fio, then for the
+# Prints a table of IOPS with the ratios sharedisk/tgt and sharedisk/fio, then for
 # every row the client's own CPU time per request against sharedisk (bash's `time` around
 # iscsi-perf or qemu-img, each of which runs its requests on one thread; for qemu-img less
 # what its start and login cost): 1e6 over it is an IOPS that client cannot exceed while its
 # cost per request stays the same, and that bound over tgt's (fio's) IOPS the highest sd/tgt
-# (sd/fio) sharedisk could show on the row on this machine, however fast it answered. The raw output is kept in out/bench/. Needs root to install packages when they are missing. Not part of
-# scripts/test.sh.
+# (sd/fio) sharedisk could show on the row on this machine, however fast it answered. The
+# raw output is kept in out/bench/. Needs root to install packages when they are missing. Not
+# part of scripts/test.sh.
 #
 # QEMU's iSCSI driver is in qemu-block-extra, which Debian 12 ships only for its own QEMU 7.2:
 # when the installed qemu-img is a newer one without that driver, this installs qemu-utils 7.2
 # from bookworm with it (a downgrade of qemu-img).
 set -euo pipefail
 # bash's `time` prints seconds with the locale's decimal point; awk reads a dot.
-export LC_NUMERIC=C
+export LC_ALL=C
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 secs=${BENCH_SECONDS:-15}

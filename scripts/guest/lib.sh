@@ -109,7 +109,8 @@ discovery.sendtargets.iscsi.MaxRecvDataSegmentLength = 32768
 EOF
     if iscsid; then pass iscsid-starts; else fail iscsid-starts "iscsid exited $?"; finish; fi
     if [ -n "${ISCSI_DISCOVERY_CHAP:-}" ]; then
-        # A discovery session without CHAP is refused (24: authentication failed).
+        # A discovery session without CHAP is refused (24: authentication failed). That
+        # first try also makes the discoverydb record the settings below go into.
         expect_rc discovery-without-chap 24 iscsiadm -m discovery -t sendtargets -p "$ISCSI_PORTAL"
         if [ -n "${ISCSI_DISCOVERY_MUTUAL:-}" ]; then
             # A portal that cannot prove itself is refused by the initiator.

@@ -642,7 +642,7 @@ sharedisk() {
     fi
 
     if selected linux-iscsi/chap; then
-        # CHAP on the discovery session and on the target, mutual on the target: the kernel's
+        # CHAP on the discovery session and on the target, mutual on both: the kernel's
         # initiator gets in with the right secrets only, and refuses a target that cannot
         # prove itself. Secrets of 12 to 16 bytes, as every initiator takes.
         case_start linux-iscsi/chap
