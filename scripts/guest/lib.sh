@@ -108,6 +108,9 @@ node.conn[0].iscsi.DataDigest = ${ISCSI_DIGEST:-None}
 discovery.sendtargets.iscsi.MaxRecvDataSegmentLength = 32768
 EOF
     if iscsid; then pass iscsid-starts; else fail iscsid-starts "iscsid exited $?"; finish; fi
+    # wrong "USER SECRET": the same user with another secret.
+    wrong() { echo "${1% *} wrong-${1#* }"; }
+    login() { iscsiadm -m node -T "$ISCSI_TARGET" -p "$ISCSI_PORTAL" --login; }
     if [ -n "${ISCSI_DISCOVERY_CHAP:-}" ]; then
         # A discovery session without CHAP is refused (24: authentication failed). That
         # first try also makes the discoverydb record the settings below go into.
@@ -115,8 +118,7 @@ EOF
         if [ -n "${ISCSI_DISCOVERY_MUTUAL:-}" ]; then
             # A portal that cannot prove itself is refused by the initiator.
             iscsi_auth discoverydb -t sendtargets -p "$ISCSI_PORTAL" -- \
-                discovery.sendtargets.auth "$ISCSI_DISCOVERY_CHAP" \
-                "${ISCSI_DISCOVERY_MUTUAL% *} wrong-${ISCSI_DISCOVERY_MUTUAL#* }"
+                discovery.sendtargets.auth "$ISCSI_DISCOVERY_CHAP" "$(wrong "$ISCSI_DISCOVERY_MUTUAL")"
             expect_rc discovery-target-unproven 19 \
                 iscsiadm -m discoverydb -t sendtargets -p "$ISCSI_PORTAL" --discover
         fi
@@ -155,9 +157,7 @@ EOF
         # The target admits only an initiator that proves it knows the secret; with mutual
         # CHAP the initiator admits only a target that proves it knows its own. Each refused
         # login below is wrong in one thing only.
-        login() { iscsiadm -m node -T "$ISCSI_TARGET" -p "$ISCSI_PORTAL" --login; }
         auth() { iscsi_auth node -T "$ISCSI_TARGET" -p "$ISCSI_PORTAL" -- node.session.auth "$@"; }
-        wrong() { echo "${1% *} wrong-${1#* }"; }
         expect_rc login-without-chap 24 login
         if [ -n "${ISCSI_MUTUAL:-}" ]; then
             # A target set up for mutual CHAP refuses an initiator that does not ask for it.
@@ -178,7 +178,7 @@ EOF
     # Connection errors count from here on (the refused logins above end in some): from a
     # mark in the kernel's log, which a ring buffer that wraps cannot move.
     echo "sharedisk-test: logging in" >/dev/kmsg
-    expect_rc iscsi-login 0 iscsiadm -m node -T "$ISCSI_TARGET" -p "$ISCSI_PORTAL" --login
+    expect_rc iscsi-login 0 login
     iscsiadm -m session -P 2 >/tmp/session 2>&1
     cat /tmp/session
     n=$(iscsiadm -m session 2>/dev/null | grep -c "$ISCSI_TARGET")
@@ -257,6 +257,20 @@ first_disk() {
     [ -n "$disk" ] || { fail disk-appears "no /dev/sd* after 30 s"; finish; }
     dev=/dev/$disk
     pass disk-appears "$dev"
+}
+
+# clear_ua DEV: TEST UNIT READY until one passes, at most four times. A unit attention
+# (registrations preempted, reservations released, ...) is reported once per nexus, on
+# whatever command comes first: this takes them before a check.
+clear_ua() { for _ in 1 2 3 4; do sg_turs "$1" >/dev/null 2>&1 && return 0; done; return 1; }
+
+# pr_keys DEV: what READ KEYS shows, as "generation=G keys=K1,K2" (the keys sorted; "none"
+# for none), or "error: ..." with sg_persist's output.
+pr_keys() {
+    out=$(sg_persist -n --in --read-keys "$1" 2>&1) || { echo "error: $out" | tr '\n' ' '; return; }
+    gen=$(echo "$out" | sed -n 's/.*PR generation=\(0x[0-9a-f]*\).*/\1/p')
+    ks=$(echo "$out" | grep -E '^ +0x[0-9a-f]+$' | tr -d ' ' | sort | tr '\n' ',' | sed 's/,$//')
+    echo "generation=$gen keys=${ks:-none}"
 }
 
 # sg_of DISK: the sg node (/dev/sgN) of a disk (sdX).

@@ -18,17 +18,6 @@ dd if=/dev/urandom of=/tmp/blk bs="$bs" count=1 2>/dev/null
 # Each guest writes its own block (guest 1 at 4 MiB, guest 2 one block after).
 wlba=$((4194304 / bs + ROLE - 1))
 
-# A unit attention (registrations preempted, reservations released, ...) is reported once per
-# nexus, on whatever command comes first; take it with TEST UNIT READY before checking.
-clear_ua() { for _ in 1 2 3 4; do sg_turs "$dev" >/dev/null 2>&1 && return 0; done; return 1; }
-
-# keys: "generation=G keys=K1,K2" (sorted)
-keys() {
-    out=$(sg_persist -n --in --read-keys "$dev" 2>&1) || { echo "error: $out" | tr '\n' ' '; return; }
-    gen=$(echo "$out" | sed -n 's/.*PR generation=\(0x[0-9a-f]*\).*/\1/p')
-    ks=$(echo "$out" | grep -E '^ +0x[0-9a-f]+$' | tr -d ' ' | sort | tr '\n' ',' | sed 's/,$//')
-    echo "generation=$gen keys=${ks:-none}"
-}
 # reservation: "generation=G holder=KEY type=TYPE" or "generation=G none"
 reservation() {
     out=$(sg_persist -n --in --read-reservation "$dev" 2>&1) || { echo "error: $out" | tr '\n' ' '; return; }
@@ -39,13 +28,13 @@ reservation() {
 }
 # report PHASE: the state both guests must agree on at this phase.
 report() {
-    clear_ua
-    value "$1-keys" "$(keys)"
+    clear_ua "$dev"
+    value "$1-keys" "$(pr_keys "$dev")"
     value "$1-reservation" "$(reservation)"
 }
 
 # Phase 1: both register.
-clear_ua
+clear_ua "$dev"
 expect_rc register 0 sg_persist -n --out --register --param-sark="$mine" "$dev"
 sync_point registered
 report registered
@@ -72,7 +61,7 @@ if [ "$ROLE" = 2 ]; then
         --param-sark="$k1" --prout-type=5 "$dev"
 fi
 sync_point preempted
-clear_ua
+clear_ua "$dev"
 if [ "$ROLE" = 1 ]; then
     # No longer registered: writes conflict (sg3_utils exit 24), the kernel fails dd, reads work.
     expect_rc write-conflicts 24 sg_write_same --lba="$wlba" --num=1 --in=/tmp/blk "$dev"
@@ -95,7 +84,7 @@ case $r in
 *"holder=$k2 "*) pass sees-preemption "$r" ;;
 *) fail sees-preemption "$r, want holder $k2" ;;
 esac
-k=$(keys)
+k=$(pr_keys "$dev")
 case $k in
 *"keys=$k2") pass sees-only-guest-2 "$k" ;;
 *) fail sees-only-guest-2 "$k, want only $k2" ;;

@@ -31,11 +31,9 @@ expect_rc write-path-a 0 dd if=/tmp/r of="$a" bs=65536 seek=128 oflag=direct con
 expect_rc read-path-b 0 dd if="$b" of=/tmp/back bs=65536 skip=128 count=16 iflag=direct
 cmp -s /tmp/r /tmp/back && pass path-b-reads-path-a "1 MiB" || fail path-b-reads-path-a "data differs"
 
-clear_ua() { for _ in 1 2 3 4; do sg_turs "$1" >/dev/null 2>&1 && return 0; done; return 1; }
 keys() { # DEV: the registered keys, sorted, comma-separated ("none" for none)
-    out=$(sg_persist -n --in --read-keys "$1" 2>&1) || { echo "error: $out" | tr '\n' ' '; return; }
-    ks=$(echo "$out" | grep -E '^ +0x[0-9a-f]+$' | tr -d ' ' | sort | tr '\n' ',' | sed 's/,$//')
-    echo "${ks:-none}"
+    k=$(pr_keys "$1")
+    echo "${k#generation=* keys=}"
 }
 clear_ua "$a"
 clear_ua "$b"
