@@ -35,6 +35,17 @@ struct Draining {
     owed: bool,
 }
 
+/// How a watch of the avail rings ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watched {
+    /// A chain is available.
+    Caught,
+    /// The window (which began then) passed with none.
+    Missed(std::time::Instant),
+    /// No request queue was there to watch, or none could be read.
+    Unwatched,
+}
+
 /// How a queue's drain ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Drained {
@@ -46,14 +57,83 @@ enum Drained {
     Held,
 }
 
-/// How long a request queue's thread watches the avail ring after a drain before it asks the
-/// guest for a kick. Measured with bench/vhost.sh (guest fio, TCG): 50 µs lifted 4 KiB random
-/// reads at QD16 by half, 200 µs the QD1 rows and writes as well. At 200 µs a guest at QD1
-/// still offered its next request after the watch ended 39-63% of the time (and paid a kick
-/// for it); at 600 µs about 1%, and every row rose (four runs alternating the two). The cost
-/// is at most this much of the thread's time after each drain (yielding, not sleeping); an
-/// idle queue waits in epoll.
-const AVAIL_POLL: Duration = Duration::from_micros(600);
+/// The longest a request queue's thread watches the avail ring after a drain before it asks
+/// the guest for a kick. Measured with bench/vhost.sh (guest fio, TCG): 50 µs lifted 4 KiB
+/// random reads at QD16 by half, 200 µs the QD1 rows and writes as well. At 200 µs a guest at
+/// QD1 still offered its next request after the watch had ended 39-63% of the time (and paid
+/// a kick for it); at 600 µs about 1%, and every row rose (four runs alternating the two).
+/// How long each watch lasts within this is [`Watch`]'s choice.
+const WATCH_MAX: Duration = Duration::from_micros(600);
+
+/// The window a watch that missed grows to from below it (see [`Watch`]).
+const WATCH_GROW_FROM: Duration = Duration::from_micros(50);
+
+/// How many late kicks in a row (see [`Watch`]) halve the window.
+const WATCH_LATE_RUN: u8 = 3;
+
+/// The avail-ring watch of one worker thread, sized much as KVM sizes its halt polling. A
+/// watch that catches a chain leaves the window as it is; one that ends with none (the thread
+/// then waits in epoll for a kick) is judged when the kick comes. A kick within [`WATCH_MAX`]
+/// of the watch's start would have been caught by a longer watch: the window doubles (to at
+/// least [`WATCH_GROW_FROM`]), up to the maximum. A later kick says the guest may not be that
+/// busy, and [`WATCH_LATE_RUN`] of them with no catch and no early kick between say it is
+/// not: the window halves, to none below [`WATCH_GROW_FROM`]. So a guest that offers requests
+/// close together is watched for as long as it needs, and one that offers them further apart
+/// than the maximum costs the thread no watching after a dozen requests (at a fixed window a
+/// thread spent up to that window after every request, most of its time at a gap just beyond
+/// it). A single late kick does not count: under TCG on a busy host a guest at QD1 offers
+/// most requests well within the maximum but many late (the kick's own path and the thread's
+/// wake-up are in the measured gap: in bench/vhost.sh's QD1 rows half the kicks that judged a
+/// missed watch came later than 600 µs), and halving at each made the next watches miss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Watch {
+    window: Duration,
+    /// When the last watch began that ended without a chain, until a kick judges it.
+    missed: Option<std::time::Instant>,
+    /// Late kicks since the last catch or early kick.
+    late: u8,
+}
+
+impl Watch {
+    const fn new() -> Self {
+        Watch {
+            window: WATCH_MAX,
+            missed: None,
+            late: 0,
+        }
+    }
+
+    /// The thread served its queues: `caught` whether a watch caught a chain, `missed` when
+    /// the last watch began if it ended with none (a kick judges it).
+    fn served(&mut self, caught: bool, missed: Option<std::time::Instant>) {
+        if caught {
+            self.late = 0;
+        }
+        self.missed = missed;
+    }
+
+    /// A kick of the guest woke the thread at `now`: judge the watch that missed, if one did.
+    fn kicked(&mut self, now: std::time::Instant) {
+        let Some(start) = self.missed.take() else {
+            return;
+        };
+        if now.saturating_duration_since(start) <= WATCH_MAX {
+            self.late = 0;
+            self.window = (self.window * 2).clamp(WATCH_GROW_FROM, WATCH_MAX);
+            return;
+        }
+        self.late += 1;
+        if self.late < WATCH_LATE_RUN {
+            return;
+        }
+        self.late = 0;
+        self.window = if self.window / 2 < WATCH_GROW_FROM {
+            Duration::ZERO
+        } else {
+            self.window / 2
+        };
+    }
+}
 
 thread_local! {
     static DRAINING: std::cell::Cell<Option<Draining>> = const { std::cell::Cell::new(None) };
@@ -298,6 +378,8 @@ pub struct Device {
     /// on a queue of that thread that had stopped popping; registered with the thread's epoll
     /// as event [`Device::wake_event`].
     wakes: Vec<Option<EventFd>>,
+    /// One per worker thread: how long it watches its request queues' avail rings.
+    watches: Vec<Mutex<Watch>>,
     /// [`DATA_OUT_BUDGET`]; lowered by tests.
     pub(crate) data_out_budget: AtomicU64,
     /// Entries below this id were waited for by a queue stop already.
@@ -451,6 +533,9 @@ impl Device {
         let wakes = (0..1 + usize::from(shared.threads))
             .map(|_| EventFd::new(EFD_NONBLOCK).ok())
             .collect();
+        let watches = (0..1 + usize::from(shared.threads))
+            .map(|_| Mutex::new(Watch::new()))
+            .collect();
         Arc::new_cyclic(|me| Device {
             me: me.clone(),
             shared,
@@ -466,6 +551,7 @@ impl Device {
             inflight: Mutex::new(inflight),
             left: tokio::sync::Notify::new(),
             wakes,
+            watches,
             data_out_budget: AtomicU64::new(DATA_OUT_BUDGET),
             stopped_upto: AtomicU64::new(0),
             stops: AtomicU64::new(0),
@@ -776,20 +862,25 @@ impl Device {
         }
     }
 
-    /// Serve `queues` (the ready queues of one worker thread) until no chain is available on
-    /// any: pop and handle each one's chains, then, for request queues, watch their avail
-    /// rings for [`AVAIL_POLL`] (a busy guest usually offers its next request within that,
-    /// and so does not pay a kick, an exit that is dear above all under TCG); with
+    /// Serve `queues` (the ready queues of worker thread `thread`) until no chain is available
+    /// on any: pop and handle each one's chains, then, for request queues, watch their avail
+    /// rings for the thread's [`Watch`] window (a busy guest usually offers its next request
+    /// within that, and so does not pay a kick, an exit that is dear above all under TCG); with
     /// VIRTIO_RING_F_EVENT_IDX notifications are off meanwhile, and a chain that arrived
     /// before they were back on is served too. At most a queue size of chains is in flight
     /// per queue, and the data-out held stays within the budget: without room the chain stays
     /// in the ring (that queue's notifications stay off) and the completion that makes room
     /// wakes the thread, which serves again.
-    fn serve(&self, queues: &[(usize, &Vring)]) {
+    fn serve(&self, thread: usize, queues: &[(usize, &Vring)]) {
         let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let watch = self.watches.get(thread);
+        let window = watch.map_or(Duration::ZERO, |w| lock(w).window);
         let mut empty: Vec<(usize, &Vring)> = Vec::with_capacity(queues.len());
+        let mut missed;
+        let mut caught = false;
         loop {
             empty.clear();
+            missed = None;
             for &(queue, vring) in queues {
                 // Checked on every round: a queue may be stopped while another is served.
                 if !Self::ready(vring) {
@@ -802,8 +893,13 @@ impl Device {
                     empty.push((queue, vring));
                 }
             }
-            if self.poll_avail(&empty) {
-                continue;
+            match self.poll_avail(&empty, window) {
+                Watched::Caught => {
+                    caught = true;
+                    continue;
+                }
+                Watched::Missed(start) => missed = Some(start),
+                Watched::Unwatched => {}
             }
             if !event_idx {
                 break;
@@ -825,6 +921,9 @@ impl Device {
             if !more {
                 break;
             }
+        }
+        if let Some(w) = watch {
+            lock(w).served(caught, missed);
         }
     }
 
@@ -943,12 +1042,12 @@ impl Device {
         }
     }
 
-    /// Watch the avail rings of the request queues among `queues` for [`AVAIL_POLL`]
-    /// (yielding, not sleeping); `true` as soon as one has a chain available.
-    fn poll_avail(&self, queues: &[(usize, &Vring)]) -> bool {
+    /// Watch the avail rings of the request queues among `queues` for `window` (yielding,
+    /// not sleeping), until one has a chain available. A window of zero looks once.
+    fn poll_avail(&self, queues: &[(usize, &Vring)], window: Duration) -> Watched {
         let watched = || queues.iter().filter(|&&(q, _)| q >= 2).map(|&(_, v)| v);
         if watched().next().is_none() {
-            return false;
+            return Watched::Unwatched;
         }
         let mem = self.mem.memory().into_inner();
         let start = std::time::Instant::now();
@@ -957,12 +1056,15 @@ impl Device {
             for vring in watched() {
                 match Self::avail_ahead(vring, &mem) {
                     Some(0) => valid = true,
-                    Some(_) => return true,
+                    Some(_) => return Watched::Caught,
                     None => {}
                 }
             }
-            if !valid || start.elapsed() >= AVAIL_POLL {
-                return false;
+            if !valid {
+                return Watched::Unwatched;
+            }
+            if start.elapsed() >= window {
+                return Watched::Missed(start);
             }
             std::thread::yield_now();
         }
@@ -1840,9 +1942,9 @@ impl Device {
     }
 
     /// Serve the queues of worker thread `thread` (`vrings` are its vrings, in the order of
-    /// [`Device::thread_queues`]) after a kick of one of its request queues or a wake: every
-    /// one of its request queues, or on thread 0 the control queue.
-    fn serve_thread(&self, thread: usize, vrings: &[Vring]) {
+    /// [`Device::thread_queues`]) after a kick of one of its request queues (`kicked`) or a
+    /// wake: every one of its request queues, or on thread 0 the control queue.
+    fn serve_thread(&self, thread: usize, vrings: &[Vring], kicked: bool) {
         let queues: Vec<(usize, &Vring)> = self
             .thread_queues(thread)
             .zip(vrings)
@@ -1853,7 +1955,12 @@ impl Device {
                 state.vring.get_or_init(|| vring.clone());
             }
         }
-        self.serve(&queues);
+        if kicked {
+            if let Some(w) = self.watches.get(thread) {
+                lock(w).kicked(std::time::Instant::now());
+            }
+        }
+        self.serve(thread, &queues);
     }
 }
 
@@ -2028,7 +2135,7 @@ impl VhostUserBackend for Device {
             if let Some(fd) = self.wake(thread_id) {
                 let _ = fd.read();
             }
-            self.serve_thread(thread_id, vrings);
+            self.serve_thread(thread_id, vrings, false);
             return Ok(());
         }
         let local = usize::from(device_event);
@@ -2038,9 +2145,9 @@ impl VhostUserBackend for Device {
             return Ok(());
         };
         match queue {
-            0 => self.serve(&[(0, vring)]),
+            0 => self.serve(thread_id, &[(0, vring)]),
             1 => self.event_kick(vring),
-            _ => self.serve_thread(thread_id, vrings),
+            _ => self.serve_thread(thread_id, vrings, true),
         }
         Ok(())
     }
@@ -2071,5 +2178,136 @@ mod warn_limit_tests {
         );
         assert_eq!(l.allow_at(101), Some(7), "the seven left out");
         assert_eq!(l.allow_at(101), Some(0));
+    }
+}
+
+#[cfg(test)]
+mod watch_tests {
+    use super::Watch;
+    use std::time::{Duration, Instant};
+
+    const US: Duration = Duration::from_micros(1);
+
+    /// Watches of `w`'s window that each miss, judged by a kick each, `gaps` after their start.
+    fn judge(w: &mut Watch, gaps: &[Duration]) {
+        for &gap in gaps {
+            let t0 = Instant::now();
+            w.served(false, Some(t0));
+            w.kicked(t0 + gap);
+            assert_eq!(w.missed, None, "a kick judges the miss once");
+        }
+    }
+
+    fn with(window: Duration) -> Watch {
+        Watch {
+            window,
+            ..Watch::new()
+        }
+    }
+
+    fn judged(window: Duration, gaps: &[Duration]) -> Duration {
+        let mut w = with(window);
+        judge(&mut w, gaps);
+        w.window
+    }
+
+    #[test]
+    fn a_kick_within_the_longest_watch_doubles_the_window_up_to_it() {
+        assert_eq!(
+            judged(Duration::ZERO, &[300 * US]),
+            50 * US,
+            "from none to the least"
+        );
+        assert_eq!(judged(20 * US, &[300 * US]), 50 * US);
+        assert_eq!(judged(100 * US, &[300 * US]), 200 * US);
+        assert_eq!(judged(400 * US, &[450 * US]), 600 * US, "capped at 600 µs");
+        assert_eq!(
+            judged(600 * US, &[600 * US]),
+            600 * US,
+            "600 µs is still within"
+        );
+    }
+
+    #[test]
+    fn three_late_kicks_in_a_row_halve_the_window_to_none_below_the_least() {
+        let late = 601 * US;
+        assert_eq!(
+            judged(600 * US, &[late, late]),
+            600 * US,
+            "two are not enough"
+        );
+        assert_eq!(judged(600 * US, &[late, late, late]), 300 * US);
+        assert_eq!(
+            judged(600 * US, &[late; 6]),
+            150 * US,
+            "three more halve again"
+        );
+        let far = Duration::from_millis(5);
+        assert_eq!(judged(100 * US, &[far; 3]), 50 * US);
+        assert_eq!(
+            judged(99 * US, &[far; 3]),
+            Duration::ZERO,
+            "49.5 µs is below 50"
+        );
+        assert_eq!(judged(Duration::ZERO, &[far; 3]), Duration::ZERO);
+    }
+
+    #[test]
+    fn an_early_kick_or_a_catch_between_late_ones_keeps_the_window() {
+        let late = Duration::from_millis(1);
+        let mut w = with(600 * US);
+        // Late, late, early (the window is at the maximum already), late, late.
+        judge(&mut w, &[late, late, 300 * US, late, late]);
+        assert_eq!(w.window, 600 * US);
+        judge(&mut w, &[late]);
+        assert_eq!(w.window, 300 * US, "the third in a row since the early one");
+        let mut w = with(600 * US);
+        judge(&mut w, &[late, late]);
+        w.served(true, None);
+        judge(&mut w, &[late, late]);
+        assert_eq!(w.window, 600 * US, "a catch starts the count again");
+    }
+
+    #[test]
+    fn a_kick_after_a_watch_that_caught_changes_nothing() {
+        let mut w = Watch::new();
+        assert_eq!(w.window, 600 * US, "a new device watches as long as it may");
+        w.served(true, None);
+        w.kicked(Instant::now() + Duration::from_secs(1));
+        assert_eq!(w, Watch::new());
+    }
+
+    /// A guest offering a request every 700 µs (just beyond the longest watch), then one every
+    /// 250 µs, as the thread sees them: each watch catches or misses, and each miss is judged
+    /// by the next kick.
+    #[test]
+    fn sparse_requests_stop_the_watch_and_close_ones_bring_it_back() {
+        let mut w = Watch::new();
+        let mut t = Instant::now();
+        let mut watched = Duration::ZERO;
+        for _ in 0..20 {
+            // The window passes before the request 700 µs later: a miss, then a kick.
+            watched += w.window;
+            w.served(false, Some(t));
+            t += 700 * US;
+            w.kicked(t);
+        }
+        assert_eq!(w.window, Duration::ZERO);
+        // Three each of 600, 300, 150 and 75 µs, then nothing: no more watching at this pace.
+        assert_eq!(watched, 3375 * US);
+        let mut misses = 0;
+        for _ in 0..20 {
+            t += 250 * US;
+            if w.window >= 250 * US {
+                w.served(true, None);
+            } else {
+                misses += 1;
+                w.served(false, Some(t - 250 * US));
+            }
+            w.kicked(t);
+        }
+        // 0 -> 50 -> 100 -> 200 -> 400 µs, which catches every one after.
+        assert_eq!(misses, 4);
+        assert_eq!(w.window, 400 * US);
     }
 }
