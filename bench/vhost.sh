@@ -23,6 +23,13 @@
 #   randread-qd1, randwrite-qd1           one job, iodepth 1
 #   randread-qd16, randwrite-qd16         one job per vCPU (pinned, so each submits on its own
 #                                         request queue), 16 in flight in all
+#   randread-qd1-1k                       one job, iodepth 1, at most 1000 requests a second:
+#                                         not a race (every target keeps up), only for the
+#                                         back ends' CPU below
+# For the two vhost-user back ends (sharedisk, vhost-device-scsi) a second table gives the CPU
+# the back-end process used through each row (user + system, all its threads, from
+# /proc/PID/stat at the console line that begins each row, so a row's ramp counts), as a
+# share of one host core and per request (that share over the row's IOPS).
 # Every guest has the same vCPUs and memory; scsi-hd uses the host page cache like the two
 # vhost-user back ends (cache=writeback; BENCH_SCSI_HD_CACHE=none for O_DIRECT).
 # Before each target the image's page cache is reset: written back, dropped, read once.
@@ -70,8 +77,12 @@ qd16_depth=$((16 / qd16_jobs))
 rows=(randread-qd1 randwrite-qd1 randread-qd16 randwrite-qd16)
 row_specs="randread-qd1:randread:1:1 randwrite-qd1:randwrite:1:1"
 row_specs+=" randread-qd16:randread:$qd16_depth:$qd16_jobs randwrite-qd16:randwrite:$qd16_depth:$qd16_jobs"
+# Rows that are no race, only measured for the back ends' CPU.
+paced=(randread-qd1-1k)
+row_specs+=" randread-qd1-1k:randread:1:1:1000"
+all_rows=("${rows[@]}" "${paced[@]}")
 # Boot, then each row's ramp and run, with room for TCG's slowness.
-guest_timeout=$((180 + ${#rows[@]} * (secs + ramp) * 2))
+guest_timeout=$((180 + ${#all_rows[@]} * (secs + ramp) * 2))
 
 bench_needs=vhost
 # shellcheck source=bench/install.sh
@@ -86,6 +97,7 @@ guest=$("$guest_dir/build.sh")
 rm -rf "$out"
 mkdir -p "$out"
 printf 'round\ttarget\trow\tiops\n' >"$out/results.tsv"
+printf 'round\ttarget\trow\tcpu_percent\n' >"$out/cpu.tsv"
 work=$(mktemp -d /var/tmp/sharedisk-bench-vhost.XXXXXX)
 image=$work/disk.img
 sock=$work/vhost.sock
@@ -142,8 +154,25 @@ stop_backend() {
     server=""
 }
 
-# Results: results[ROW,TARGET] = IOPS of each round, space-separated; failures: lines.
-declare -A results
+# cpu_watch PID CONSOLE FILE: while PID lives, each time CONSOLE gets a "[guest] fio " line
+# (a row begins, or the rows are done), append "COUNT TICKS SECONDS" to FILE: the count of such
+# lines, the CPU time PID has used so far (user + system, all threads, in clock ticks) and the
+# time. It follows the console (tail -F), which is quiet while a row runs: no polling beside
+# the back end.
+cpu_watch() {
+    local pid=$1 console=$2 file=$3 n=0 st f line
+    while read -r line; do
+        n=$((n + 1))
+        st=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+        # utime and stime are fields 14 and 15; the name in field 2 ends with ") ".
+        read -r -a f <<<"${st##*) }"
+        echo "$n $((f[11] + f[12])) $(date +%s.%N)" >>"$file"
+    done < <(tail -n +1 -F --pid="$pid" "$console" 2>/dev/null | grep --line-buffered '^\[guest\] fio ')
+}
+
+# Results: results[ROW,TARGET] = IOPS of each round, space-separated; cpu[ROW,TARGET] the
+# back end's CPU percentages likewise; failures: lines.
+declare -A results cpu
 failures=()
 
 # run_target ROUND TARGET: one guest against TARGET; collects its rows.
@@ -166,6 +195,11 @@ run_target() {
             return
         fi
     fi
+    local watcher=""
+    if [[ -n $server ]]; then
+        cpu_watch "$server" "$out/$name.console" "$out/$name.cpu" &
+        watcher=$!
+    fi
     "$guest_dir/run.sh" --guest "$guest" --dir "$out" --name "$name" --timeout "$guest_timeout" \
         --smp "$vcpus" --mem "$mem" --script "$guest_dir/cases/bench.sh" --disk "$disk" \
         --env BENCH_ROWS="$row_specs" --env BENCH_SECONDS="$secs" --env BENCH_RAMP="$ramp" \
@@ -176,6 +210,21 @@ run_target() {
         failures+=("$target (round $round): the daemon exited during the run; see $out/$name.backend.log")
     fi
     stop_backend
+    if [[ -n $watcher ]]; then
+        wait "$watcher" 2>/dev/null || true
+        # Row i ran from the i-th line to the next one.
+        while read -r row v; do
+            cpu[$row,$target]+="$v "
+            printf '%s\t%s\t%s\t%s\n' "$round" "$target" "$row" "$v" >>"$out/cpu.tsv"
+        done < <(awk -v rows="${all_rows[*]}" -v hz="$(getconf CLK_TCK)" '
+            { ticks[$1] = $2; at[$1] = $3 }
+            END {
+                n = split(rows, r, " ")
+                for (i = 1; i <= n; i++)
+                    if ((i in ticks) && ((i + 1) in ticks) && at[i + 1] > at[i])
+                        printf "%s %.1f\n", r[i], 100 * (ticks[i + 1] - ticks[i]) / hz / (at[i + 1] - at[i])
+            }' "$out/$name.cpu" 2>/dev/null)
+    fi
     rm -f "$out/$name.initrd" # the base initramfs and $name.test.cpio.gz, 38 MB
     ((rc != 124)) || failures+=("$target (round $round): the guest timed out after ${guest_timeout}s")
     local f=$out/$name.results row v line want=$queues
@@ -183,7 +232,7 @@ run_target() {
     v=$(awk '$1 == "VALUE" && $2 == "hw-queues" { print $3; exit }' "$f" 2>/dev/null || true)
     [[ -z $v || $v == "$want" ]] ||
         failures+=("$target (round $round): the guest has $v request queues, not $want")
-    for row in "${rows[@]}"; do
+    for row in "${all_rows[@]}"; do
         v=$(awk -v n="iops-$row" '$1 == "VALUE" && $2 == n { print $3; exit }' "$f" 2>/dev/null || true)
         [[ -n $v ]] || continue
         results[$row,$target]+="$v "
@@ -205,7 +254,7 @@ done
 median() { # VALUES...: the median (the mean of the two middle ones of an even count), or nothing
     (($#)) || return 0
     printf '%s\n' "$@" | sort -n |
-        awk '{ v[NR] = $1 } END { m = int((NR + 1) / 2); printf "%d\n", NR % 2 ? v[m] : (v[m] + v[m + 1]) / 2 }'
+        awk -v f="${MEDIAN_FORMAT:-%d}" '{ v[NR] = $1 } END { m = int((NR + 1) / 2); printf f "\n", NR % 2 ? v[m] : (v[m] + v[m + 1]) / 2 }'
 }
 ratio() {
     if [[ -n $1 && -n $2 && $2 != 0 ]]; then
@@ -225,13 +274,23 @@ meet() {
     fi
 }
 
-declare -A med
-for row in "${rows[@]}"; do
+declare -A med med_cpu
+for row in "${all_rows[@]}"; do
     for t in sharedisk scsi-hd-threads scsi-hd-io_uring vhost-device-scsi scsi-hd-null; do
         # shellcheck disable=SC2086
         med[$row,$t]=$(median ${results[$row,$t]:-})
+        # shellcheck disable=SC2086
+        med_cpu[$row,$t]=$(MEDIAN_FORMAT=%.1f median ${cpu[$row,$t]:-})
     done
 done
+# per_request PERCENT IOPS: microseconds of CPU per request, or "-".
+per_request() {
+    if [[ -n $1 && -n $2 && $2 != 0 ]]; then
+        awk -v p="$1" -v i="$2" 'BEGIN { printf "%.0f", p * 1e4 / i }'
+    else
+        echo "-"
+    fi
+}
 ok_hd=yes ok_vds=yes
 {
     echo "sharedisk over vhost-user vs QEMU scsi-hd vs vhost-device-scsi, from a Linux guest:"
@@ -257,6 +316,20 @@ ok_hd=yes ok_vds=yes
             "${iu:--}" "${vd:--}" "$r_hd" "$r_vd" "${ce:--}" "$(ratio "$ce" "$vd")"
         meet ok_hd "$r_hd" 1
         [[ $row != *-qd16 ]] || meet ok_vds "$r_vd" 1.5
+    done
+    for row in "${paced[@]}"; do
+        printf '%-16s %10s %10s %10s %10s %9s %9s\n' "$row" "${med[$row,sharedisk]:--}" \
+            "${med[$row,scsi-hd-threads]:--}" "${med[$row,scsi-hd-io_uring]:--}" \
+            "${med[$row,vhost-device-scsi]:--}" "(paced)" ""
+    done
+    echo "back-end CPU through each row, % of one host core (ramp included), and per request:"
+    printf '%-16s %10s %10s %12s %12s %9s\n' row sharedisk "vhost-dev" "sd us/req" "vds us/req" "sd/vds"
+    for row in "${all_rows[@]}"; do
+        c_sd=${med_cpu[$row,sharedisk]} c_vd=${med_cpu[$row,vhost-device-scsi]}
+        u_sd=$(per_request "$c_sd" "${med[$row,sharedisk]}")
+        u_vd=$(per_request "$c_vd" "${med[$row,vhost-device-scsi]}")
+        [[ $u_sd == - || $u_vd == - ]] && r_u=- || r_u=$(ratio "$u_sd" "$u_vd")
+        printf '%-16s %10s %10s %12s %12s %9s\n' "$row" "${c_sd:--}" "${c_vd:--}" "$u_sd" "$u_vd" "$r_u"
     done
     echo "target: sharedisk >= the better scsi-hd on every row: $ok_hd;" \
         ">= 1.5x vhost-device-scsi at qd16: $ok_vds"

@@ -3,8 +3,11 @@
 # reported as "VALUE iops-ROW N" (read plus write IOPS, rounded down) and a RESULT line.
 #
 # Environment (/etc/test.env):
-#   BENCH_ROWS       "NAME:RW:IODEPTH:JOBS ..."; JOBS jobs of IODEPTH each, one per vCPU
-#                    (cpus_allowed split), so each submits on its own request queue
+#   BENCH_ROWS       "NAME:RW:IODEPTH:JOBS[:RATE] ..."; JOBS jobs of IODEPTH each, one per
+#                    vCPU (cpus_allowed split), so each submits on its own request queue; with
+#                    RATE each job offers at most RATE requests a second (fio rate_iops)
+# Each row begins with a "[guest] fio NAME: ..." line on the console, and "[guest] fio rows
+# done" follows the last (bench/vhost.sh times the back end's CPU between them).
 #   BENCH_SECONDS    measured seconds per row
 #   BENCH_RAMP       seconds per row before measuring
 #   BENCH_IOENGINE   io_uring or libaio
@@ -34,16 +37,18 @@ cpus=$(grep -c ^processor /proc/cpuinfo)
 for row in $BENCH_ROWS; do
     name=${row%%:*} rest=${row#*:}
     rw=${rest%%:*} rest=${rest#*:}
-    depth=${rest%%:*} jobs=${rest#*:}
+    depth=${rest%%:*} rest=${rest#*:}
+    jobs=${rest%%:*} rate=
+    [ "$rest" = "$jobs" ] || rate="--rate_iops=${rest#*:}"
     aff=
     if [ "$jobs" -gt 1 ] && [ "$jobs" -le "$cpus" ]; then
         aff="--cpus_allowed=0-$((jobs - 1)) --cpus_allowed_policy=split"
     fi
-    echo "[guest] fio $name: $rw, $jobs job(s) x iodepth $depth"
+    echo "[guest] fio $name: $rw, $jobs job(s) x iodepth $depth${rate:+, $rate}"
     # shellcheck disable=SC2086
     timeout $((BENCH_SECONDS + BENCH_RAMP + 60)) fio --name="$name" --filename="$dev" \
         --direct=1 --ioengine="$BENCH_IOENGINE" --rw="$rw" --bs=4k --iodepth="$depth" \
-        --numjobs="$jobs" $aff --group_reporting --norandommap --randrepeat=0 \
+        --numjobs="$jobs" $aff $rate --group_reporting --norandommap --randrepeat=0 \
         --time_based --runtime="$BENCH_SECONDS" --ramp_time="$BENCH_RAMP" \
         --output-format=json --output=/tmp/fio.json >/tmp/fio.err 2>&1
     rc=$?
@@ -59,4 +64,5 @@ for row in $BENCH_ROWS; do
         fail "fio-$name" "fio exit $rc, error ${err:-none}, $iops IOPS: $(tail -n 3 /tmp/fio.err | tr '\n' ' ')"
     fi
 done
+echo "[guest] fio rows done"
 finish
