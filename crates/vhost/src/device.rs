@@ -38,8 +38,8 @@ struct Draining {
 /// How a watch of the avail rings ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Watched {
-    /// A chain is available.
-    Caught,
+    /// A chain is available, this long after the watch began.
+    Caught(Duration),
     /// The window (which began then) passed with none.
     Missed(std::time::Instant),
     /// No request queue was there to watch, or none could be read.
@@ -73,15 +73,19 @@ const WATCH_LATE_RUN: u8 = 3;
 
 /// The avail-ring watch of one worker thread, sized much as KVM sizes its halt polling. A
 /// watch that catches a chain leaves the window as it is; one that ends with none (the thread
-/// then waits in epoll for a kick) is judged when the kick comes. A kick within [`WATCH_MAX`]
-/// of the watch's start would have been caught by a longer watch: the window doubles (to at
-/// least [`WATCH_GROW_FROM`]), up to the maximum. A later kick says the guest may not be that
-/// busy, and [`WATCH_LATE_RUN`] of them with no catch and no early kick between say it is
-/// not: the window halves, to none below [`WATCH_GROW_FROM`]. So a guest that offers requests
-/// close together is watched for as long as it needs, and one that offers them further apart
-/// than the maximum costs the thread no watching after a dozen requests (at a fixed window a
-/// thread spent up to that window after every request, most of its time at a gap just beyond
-/// it). A single late kick does not count: under TCG on a busy host a guest at QD1 offers
+/// then waits in epoll for a kick) is judged when the kick comes, if the kick brings a chain
+/// (one for a chain served meanwhile says nothing of the guest's pace). A kick within
+/// [`WATCH_MAX`] of the watch's start would have been caught by a longer watch: the window
+/// doubles (to at least [`WATCH_GROW_FROM`]), up to the maximum. A later kick says the guest
+/// may not be that busy, and [`WATCH_LATE_RUN`] of them in a row say it is not: the window
+/// halves, to none below [`WATCH_GROW_FROM`]. An early kick breaks the run, and so does a
+/// catch in the second half of the window (a watch half as long would have missed it); an
+/// earlier catch does not, so a guest that offers requests in bursts far apart is watched
+/// about as long as a burst takes. So a guest that offers requests close together is watched
+/// for as long as it needs, and one that offers them further apart than the maximum costs the
+/// thread no watching after a dozen requests (at a fixed window a thread spent up to that
+/// window after every request, most of its time at a gap just beyond it). A single late kick
+/// does not halve: under TCG on a busy host a guest at QD1 offers
 /// most requests well within the maximum but many late (the kick's own path and the thread's
 /// wake-up are in the measured gap: in bench/vhost.sh's QD1 rows half the kicks that judged a
 /// missed watch came later than 600 µs), and halving at each made the next watches miss.
@@ -90,7 +94,7 @@ struct Watch {
     window: Duration,
     /// When the last watch began that ended without a chain, until a kick judges it.
     missed: Option<std::time::Instant>,
-    /// Late kicks since the last catch or early kick.
+    /// Late kicks since the last early kick or catch in the second half of a window.
     late: u8,
 }
 
@@ -103,13 +107,19 @@ impl Watch {
         }
     }
 
-    /// The thread served its queues: `caught` whether a watch caught a chain, `missed` when
-    /// the last watch began if it ended with none (a kick judges it).
-    fn served(&mut self, caught: bool, missed: Option<std::time::Instant>) {
-        if caught {
+    /// The thread served its queues: `needed` whether a watch caught a chain in the second
+    /// half of its window, `missed` when the last watch began if it ended with none (a kick
+    /// judges it).
+    fn served(&mut self, needed: bool, missed: Option<std::time::Instant>) {
+        if needed {
             self.late = 0;
         }
         self.missed = missed;
+    }
+
+    /// Whether a catch `after` the start of a watch of `window` was in the window's second half.
+    fn needed(window: Duration, after: Duration) -> bool {
+        after > window / 2
     }
 
     /// A kick of the guest woke the thread at `now`: judge the watch that missed, if one did.
@@ -877,7 +887,7 @@ impl Device {
         let window = watch.map_or(Duration::ZERO, |w| lock(w).window);
         let mut empty: Vec<(usize, &Vring)> = Vec::with_capacity(queues.len());
         let mut missed;
-        let mut caught = false;
+        let mut needed = false;
         loop {
             empty.clear();
             missed = None;
@@ -894,8 +904,8 @@ impl Device {
                 }
             }
             match self.poll_avail(&empty, window) {
-                Watched::Caught => {
-                    caught = true;
+                Watched::Caught(after) => {
+                    needed |= Watch::needed(window, after);
                     continue;
                 }
                 Watched::Missed(start) => missed = Some(start),
@@ -923,7 +933,7 @@ impl Device {
             }
         }
         if let Some(w) = watch {
-            lock(w).served(caught, missed);
+            lock(w).served(needed, missed);
         }
     }
 
@@ -1056,7 +1066,7 @@ impl Device {
             for vring in watched() {
                 match Self::avail_ahead(vring, &mem) {
                     Some(0) => valid = true,
-                    Some(_) => return Watched::Caught,
+                    Some(_) => return Watched::Caught(start.elapsed()),
                     None => {}
                 }
             }
@@ -1942,8 +1952,9 @@ impl Device {
     }
 
     /// Serve the queues of worker thread `thread` (`vrings` are its vrings, in the order of
-    /// [`Device::thread_queues`]) after a kick of one of its request queues (`kicked`) or a
-    /// wake: every one of its request queues, or on thread 0 the control queue.
+    /// [`Device::thread_queues`]) after a kick of one of its request queues that brought a
+    /// chain (`kicked`) or a wake or another kick: every one of its request queues, or on
+    /// thread 0 the control queue.
     fn serve_thread(&self, thread: usize, vrings: &[Vring], kicked: bool) {
         let queues: Vec<(usize, &Vring)> = self
             .thread_queues(thread)
@@ -2147,7 +2158,13 @@ impl VhostUserBackend for Device {
         match queue {
             0 => self.serve(thread_id, &[(0, vring)]),
             1 => self.event_kick(vring),
-            _ => self.serve_thread(thread_id, vrings, true),
+            _ => {
+                // A kick for a chain served since (a watch caught it, or a drain of this
+                // thread's other queue took it) says nothing of the guest's pace.
+                let mem = self.mem.memory().into_inner();
+                let fresh = Self::avail_ahead(vring, &mem).is_some_and(|n| n > 0);
+                self.serve_thread(thread_id, vrings, fresh);
+            }
         }
         Ok(())
     }
@@ -2263,9 +2280,38 @@ mod watch_tests {
         assert_eq!(w.window, 300 * US, "the third in a row since the early one");
         let mut w = with(600 * US);
         judge(&mut w, &[late, late]);
-        w.served(true, None);
+        w.served(Watch::needed(600 * US, 400 * US), None);
         judge(&mut w, &[late, late]);
-        assert_eq!(w.window, 600 * US, "a catch starts the count again");
+        assert_eq!(
+            w.window,
+            600 * US,
+            "a catch late in the window starts the count again"
+        );
+        let mut w = with(600 * US);
+        judge(&mut w, &[late, late]);
+        w.served(Watch::needed(600 * US, 200 * US), None);
+        judge(&mut w, &[late]);
+        assert_eq!(w.window, 300 * US, "one early in it does not");
+    }
+
+    /// A guest offering two requests 50 µs apart every 5 ms: each serve catches the second
+    /// and then watches in vain until the next pair's kick.
+    #[test]
+    fn bursts_far_apart_are_watched_about_as_long_as_a_burst_takes() {
+        let mut w = Watch::new();
+        let mut t = Instant::now();
+        for _ in 0..30 {
+            assert!(
+                w.window > 50 * US,
+                "the second of each pair is still caught"
+            );
+            let needed = Watch::needed(w.window, 50 * US);
+            w.served(needed, Some(t + 50 * US));
+            t += 5 * Duration::from_millis(1);
+            w.kicked(t);
+        }
+        // 600 -> 300 -> 150 -> 75 µs, where the catch at 50 µs is in the second half.
+        assert_eq!(w.window, 75 * US);
     }
 
     #[test]
