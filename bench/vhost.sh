@@ -3,7 +3,7 @@
 # vhost-device-scsi, seen from a real Linux guest: the same fio rows run in the same guest
 # (scripts/guest/, QEMU TCG) against each target, one target at a time, on one image.
 #
-#   bench/vhost.sh            # BENCH_SECONDS=20 per row (+ BENCH_RAMP=3); about 8 minutes
+#   bench/vhost.sh            # BENCH_SECONDS=20 per row (+ BENCH_RAMP=3); about 10 minutes
 #   BENCH_SECONDS=5 bench/vhost.sh          # a short run, to try it
 #
 # Targets (columns), each a fresh guest booted on the same image, which is filled with data
@@ -28,8 +28,9 @@
 #                                         back ends' CPU below
 # For the two vhost-user back ends (sharedisk, vhost-device-scsi) a second table gives the CPU
 # the back-end process used through each row (user + system, all its threads, from
-# /proc/PID/stat at the console line that begins each row, so a row's ramp counts), as a
-# share of one host core and per request (that share over the row's IOPS).
+# /proc/PID/stat at the console lines just before and after the row's fio run, so its start
+# and ramp count), as a share of one host core and per request (that share over the row's
+# IOPS).
 # Every guest has the same vCPUs and memory; scsi-hd uses the host page cache like the two
 # vhost-user back ends (cache=writeback; BENCH_SCSI_HD_CACHE=none for O_DIRECT).
 # Before each target the image's page cache is reset: written back, dropped, read once.
@@ -154,19 +155,24 @@ stop_backend() {
     server=""
 }
 
-# cpu_watch PID CONSOLE FILE: while PID lives, each time CONSOLE gets a "[guest] fio " line
-# (a row begins, or the rows are done), append "COUNT TICKS SECONDS" to FILE: the count of such
-# lines, the CPU time PID has used so far (user + system, all threads, in clock ticks) and the
-# time. It follows the console (tail -F), which is quiet while a row runs: no polling beside
-# the back end.
+# cpu_watch PID CONSOLE FILE: while PID lives, each time CONSOLE gets a "[guest] fio ROW: ..."
+# or "[guest] fio ROW end" line (ROW's fio run begins or ends), append "start|end ROW TICKS
+# SECONDS" to FILE: the CPU time PID has used so far (user + system, all threads, in clock
+# ticks) and the time. It follows the console (tail -F), which is quiet while a row runs: no
+# polling beside the back end.
 cpu_watch() {
-    local pid=$1 console=$2 file=$3 n=0 st f line
-    while read -r line; do
-        n=$((n + 1))
+    local pid=$1 console=$2 file=$3 st f kind line
+    while read -r _ _ line; do
+        line=${line%$'\r'} # the serial console ends lines with CR LF
+        case $line in
+        *:*) kind=start line=${line%%:*} ;;
+        *" end") kind=end line=${line% end} ;;
+        *) continue ;;
+        esac
         st=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
         # utime and stime are fields 14 and 15; the name in field 2 ends with ") ".
         read -r -a f <<<"${st##*) }"
-        echo "$n $((f[11] + f[12])) $(date +%s.%N)" >>"$file"
+        echo "$kind $line $((f[11] + f[12])) $(date +%s.%N)" >>"$file"
     done < <(tail -n +1 -F --pid="$pid" "$console" 2>/dev/null | grep --line-buffered '^\[guest\] fio ')
 }
 
@@ -212,17 +218,15 @@ run_target() {
     stop_backend
     if [[ -n $watcher ]]; then
         wait "$watcher" 2>/dev/null || true
-        # Row i ran from the i-th line to the next one.
         while read -r row v; do
             cpu[$row,$target]+="$v "
             printf '%s\t%s\t%s\t%s\n' "$round" "$target" "$row" "$v" >>"$out/cpu.tsv"
-        done < <(awk -v rows="${all_rows[*]}" -v hz="$(getconf CLK_TCK)" '
-            { ticks[$1] = $2; at[$1] = $3 }
+        done < <(awk -v hz="$(getconf CLK_TCK)" '
+            { ticks[$1, $2] = $3; at[$1, $2] = $4; rows[$2] = 1 }
             END {
-                n = split(rows, r, " ")
-                for (i = 1; i <= n; i++)
-                    if ((i in ticks) && ((i + 1) in ticks) && at[i + 1] > at[i])
-                        printf "%s %.1f\n", r[i], 100 * (ticks[i + 1] - ticks[i]) / hz / (at[i + 1] - at[i])
+                for (r in rows)
+                    if ((("start", r) in at) && (("end", r) in at) && at["end", r] > at["start", r])
+                        printf "%s %.1f\n", r, 100 * (ticks["end", r] - ticks["start", r]) / hz / (at["end", r] - at["start", r])
             }' "$out/$name.cpu" 2>/dev/null)
     fi
     rm -f "$out/$name.initrd" # the base initramfs and $name.test.cpio.gz, 38 MB
@@ -286,7 +290,7 @@ done
 # per_request PERCENT IOPS: microseconds of CPU per request, or "-".
 per_request() {
     if [[ -n $1 && -n $2 && $2 != 0 ]]; then
-        awk -v p="$1" -v i="$2" 'BEGIN { printf "%.0f", p * 1e4 / i }'
+        awk -v p="$1" -v i="$2" 'BEGIN { printf "%.1f", p * 1e4 / i }'
     else
         echo "-"
     fi

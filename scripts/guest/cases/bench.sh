@@ -6,8 +6,8 @@
 #   BENCH_ROWS       "NAME:RW:IODEPTH:JOBS[:RATE] ..."; JOBS jobs of IODEPTH each, one per
 #                    vCPU (cpus_allowed split), so each submits on its own request queue; with
 #                    RATE each job offers at most RATE requests a second (fio rate_iops)
-# Each row begins with a "[guest] fio NAME: ..." line on the console, and "[guest] fio rows
-# done" follows the last (bench/vhost.sh times the back end's CPU between them).
+# Each row's fio run begins with a "[guest] fio NAME: ..." line on the console and ends with
+# "[guest] fio NAME end" (bench/vhost.sh times the back end's CPU between them).
 #   BENCH_SECONDS    measured seconds per row
 #   BENCH_RAMP       seconds per row before measuring
 #   BENCH_IOENGINE   io_uring or libaio
@@ -52,6 +52,7 @@ for row in $BENCH_ROWS; do
         --time_based --runtime="$BENCH_SECONDS" --ramp_time="$BENCH_RAMP" \
         --output-format=json --output=/tmp/fio.json >/tmp/fio.err 2>&1
     rc=$?
+    echo "[guest] fio $name end"
     cat /tmp/fio.json /tmp/fio.err
     r=$(iops_of /tmp/fio.json read)
     w=$(iops_of /tmp/fio.json write)
@@ -64,5 +65,4 @@ for row in $BENCH_ROWS; do
         fail "fio-$name" "fio exit $rc, error ${err:-none}, $iops IOPS: $(tail -n 3 /tmp/fio.err | tr '\n' ' ')"
     fi
 done
-echo "[guest] fio rows done"
 finish
