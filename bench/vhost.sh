@@ -218,7 +218,26 @@ run_target() {
     stop_backend
     if [[ -n $watcher ]]; then
         wait "$watcher" 2>/dev/null || true
+    fi
+    rm -f "$out/$name.initrd" # the base initramfs and $name.test.cpio.gz, 38 MB
+    ((rc != 124)) || failures+=("$target (round $round): the guest timed out after ${guest_timeout}s")
+    local f=$out/$name.results row v line want=$queues
+    [[ $target != vhost-device-scsi ]] || want=1
+    v=$(awk '$1 == "VALUE" && $2 == "hw-queues" { print $3; exit }' "$f" 2>/dev/null || true)
+    [[ -z $v || $v == "$want" ]] ||
+        failures+=("$target (round $round): the guest has $v request queues, not $want")
+    local -A measured=()
+    for row in "${all_rows[@]}"; do
+        v=$(awk -v n="iops-$row" '$1 == "VALUE" && $2 == n { print $3; exit }' "$f" 2>/dev/null || true)
+        [[ -n $v ]] || continue
+        measured[$row]=1
+        results[$row,$target]+="$v "
+        printf '%s\t%s\t%s\t%s\n' "$round" "$target" "$row" "$v" >>"$out/results.tsv"
+    done
+    if [[ -n $watcher ]]; then
+        # The CPU of the rows that gave IOPS (a failed fio's run says nothing).
         while read -r row v; do
+            [[ -n ${measured[$row]:-} ]] || continue
             cpu[$row,$target]+="$v "
             printf '%s\t%s\t%s\t%s\n' "$round" "$target" "$row" "$v" >>"$out/cpu.tsv"
         done < <(awk -v hz="$(getconf CLK_TCK)" '
@@ -229,19 +248,6 @@ run_target() {
                         printf "%s %.1f\n", r, 100 * (ticks["end", r] - ticks["start", r]) / hz / (at["end", r] - at["start", r])
             }' "$out/$name.cpu" 2>/dev/null)
     fi
-    rm -f "$out/$name.initrd" # the base initramfs and $name.test.cpio.gz, 38 MB
-    ((rc != 124)) || failures+=("$target (round $round): the guest timed out after ${guest_timeout}s")
-    local f=$out/$name.results row v line want=$queues
-    [[ $target != vhost-device-scsi ]] || want=1
-    v=$(awk '$1 == "VALUE" && $2 == "hw-queues" { print $3; exit }' "$f" 2>/dev/null || true)
-    [[ -z $v || $v == "$want" ]] ||
-        failures+=("$target (round $round): the guest has $v request queues, not $want")
-    for row in "${all_rows[@]}"; do
-        v=$(awk -v n="iops-$row" '$1 == "VALUE" && $2 == n { print $3; exit }' "$f" 2>/dev/null || true)
-        [[ -n $v ]] || continue
-        results[$row,$target]+="$v "
-        printf '%s\t%s\t%s\t%s\n' "$round" "$target" "$row" "$v" >>"$out/results.tsv"
-    done
     while read -r line; do
         failures+=("$target (round $round): $line")
     done < <(awk '$1 == "RESULT" && $3 == "FAIL" { $1 = ""; print substr($0, 2) }' "$f" 2>/dev/null)

@@ -38,7 +38,7 @@ struct Draining {
 /// How a watch of the avail rings ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Watched {
-    /// A chain is available, this long after the watch began.
+    /// A chain is available; the rings were last seen empty this long after the watch began.
     Caught(Duration),
     /// The window (which began then) passed with none.
     Missed(std::time::Instant),
@@ -71,24 +71,24 @@ const WATCH_GROW_FROM: Duration = Duration::from_micros(50);
 /// How many late kicks in a row (see [`Watch`]) halve the window.
 const WATCH_LATE_RUN: u8 = 3;
 
-/// The avail-ring watch of one worker thread, sized much as KVM sizes its halt polling. A
-/// watch that catches a chain leaves the window as it is; one that ends with none (the thread
-/// then waits in epoll for a kick) is judged when the kick comes, if the kick brings a chain
-/// (one for a chain served meanwhile says nothing of the guest's pace). A kick within
-/// [`WATCH_MAX`] of the watch's start would have been caught by a longer watch: the window
-/// doubles (to at least [`WATCH_GROW_FROM`]), up to the maximum. A later kick says the guest
-/// may not be that busy, and [`WATCH_LATE_RUN`] of them in a row say it is not: the window
-/// halves, to none below [`WATCH_GROW_FROM`]. An early kick breaks the run, and so does a
-/// catch in the second half of the window (a watch half as long would have missed it); an
-/// earlier catch does not, so a guest that offers requests in bursts far apart is watched
+/// The avail-ring watch of one worker thread, sized much as KVM sizes its halt polling. A watch
+/// that catches a chain leaves the window as it is; one that ends with none (the thread then
+/// waits in epoll for a kick) is judged when a kick comes with a chain waiting on one of the
+/// thread's request queues (a kick for a chain served meanwhile says nothing of the guest's
+/// pace). A kick within [`WATCH_MAX`] of the watch's start would have been caught by a longer
+/// watch: the window doubles (to at least [`WATCH_GROW_FROM`]), up to the maximum. A later kick
+/// says the guest may not be that busy, and [`WATCH_LATE_RUN`] of them in a row say it is not:
+/// the window halves, to none below [`WATCH_GROW_FROM`]. An early kick breaks the run, and so
+/// does a catch in the second half of the window (a watch half as long would have missed it);
+/// an earlier catch does not, so a guest that offers requests in bursts far apart is watched
 /// about as long as a burst takes. So a guest that offers requests close together is watched
 /// for as long as it needs, and one that offers them further apart than the maximum costs the
 /// thread no watching after a dozen requests (at a fixed window a thread spent up to that
 /// window after every request, most of its time at a gap just beyond it). A single late kick
-/// does not halve: under TCG on a busy host a guest at QD1 offers
-/// most requests well within the maximum but many late (the kick's own path and the thread's
-/// wake-up are in the measured gap: in bench/vhost.sh's QD1 rows half the kicks that judged a
-/// missed watch came later than 600 µs), and halving at each made the next watches miss.
+/// does not halve: under TCG on a busy host a guest at QD1 offers most requests well within the
+/// maximum but many late (the kick's own path and the thread's wake-up are in the measured gap:
+/// in bench/vhost.sh's QD1 rows half the kicks that judged a missed watch came later than
+/// 600 µs), and halving at each made the next watches miss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Watch {
     window: Duration,
@@ -117,9 +117,10 @@ impl Watch {
         self.missed = missed;
     }
 
-    /// Whether a catch `after` the start of a watch of `window` was in the window's second half.
+    /// Whether a watch of `window` needed its second half for a catch: `after` its start the
+    /// rings were last seen empty. (A watch of no window needed nothing.)
     fn needed(window: Duration, after: Duration) -> bool {
-        after > window / 2
+        !window.is_zero() && after >= window / 2
     }
 
     /// A kick of the guest woke the thread at `now`: judge the watch that missed, if one did.
@@ -1061,19 +1062,23 @@ impl Device {
         }
         let mem = self.mem.memory().into_inner();
         let start = std::time::Instant::now();
+        // When the rings were last seen empty (a yield may keep the thread away for long; the
+        // chain came after this).
+        let mut empty_at = Duration::ZERO;
         loop {
             let mut valid = false;
             for vring in watched() {
                 match Self::avail_ahead(vring, &mem) {
                     Some(0) => valid = true,
-                    Some(_) => return Watched::Caught(start.elapsed()),
+                    Some(_) => return Watched::Caught(empty_at),
                     None => {}
                 }
             }
             if !valid {
                 return Watched::Unwatched;
             }
-            if start.elapsed() >= window {
+            empty_at = start.elapsed();
+            if empty_at >= window {
                 return Watched::Missed(start);
             }
             std::thread::yield_now();
@@ -1952,9 +1957,9 @@ impl Device {
     }
 
     /// Serve the queues of worker thread `thread` (`vrings` are its vrings, in the order of
-    /// [`Device::thread_queues`]) after a kick of one of its request queues that brought a
-    /// chain (`kicked`) or a wake or another kick: every one of its request queues, or on
-    /// thread 0 the control queue.
+    /// [`Device::thread_queues`]) after a kick of one of its request queues with a chain
+    /// waiting on one (`kicked`), or a wake or another kick: every one of its request queues,
+    /// or on thread 0 the control queue.
     fn serve_thread(&self, thread: usize, vrings: &[Vring], kicked: bool) {
         let queues: Vec<(usize, &Vring)> = self
             .thread_queues(thread)
@@ -2160,9 +2165,14 @@ impl VhostUserBackend for Device {
             1 => self.event_kick(vring),
             _ => {
                 // A kick for a chain served since (a watch caught it, or a drain of this
-                // thread's other queue took it) says nothing of the guest's pace.
+                // thread's other queue took it) says nothing of the guest's pace; a chain on
+                // any of the thread's request queues does (the last serve left them empty,
+                // so it came after the watch began), even one whose own kick an earlier
+                // serve of this batch answered.
                 let mem = self.mem.memory().into_inner();
-                let fresh = Self::avail_ahead(vring, &mem).is_some_and(|n| n > 0);
+                let fresh = self.thread_queues(thread_id).zip(vrings).any(|(q, v)| {
+                    q >= 2 && Self::ready(v) && Self::avail_ahead(v, &mem).is_some_and(|n| n > 0)
+                });
                 self.serve_thread(thread_id, vrings, fresh);
             }
         }
@@ -2270,7 +2280,7 @@ mod watch_tests {
     }
 
     #[test]
-    fn an_early_kick_or_a_catch_between_late_ones_keeps_the_window() {
+    fn an_early_kick_or_a_catch_late_in_the_window_breaks_a_run_of_late_kicks() {
         let late = Duration::from_millis(1);
         let mut w = with(600 * US);
         // Late, late, early (the window is at the maximum already), late, late.
@@ -2292,6 +2302,15 @@ mod watch_tests {
         w.served(Watch::needed(600 * US, 200 * US), None);
         judge(&mut w, &[late]);
         assert_eq!(w.window, 300 * US, "one early in it does not");
+        assert!(
+            Watch::needed(600 * US, 300 * US),
+            "the second half begins at 300 µs"
+        );
+        assert!(!Watch::needed(600 * US, 299 * US));
+        assert!(
+            !Watch::needed(Duration::ZERO, 10 * US),
+            "a watch of no window needs nothing"
+        );
     }
 
     /// A guest offering two requests 50 µs apart every 5 ms: each serve catches the second
