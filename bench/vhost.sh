@@ -158,8 +158,9 @@ stop_backend() {
 # cpu_watch PID CONSOLE FILE: while PID lives, each time CONSOLE gets a "[guest] fio ROW: ..."
 # or "[guest] fio ROW end" line (ROW's fio run begins or ends), append "start|end ROW TICKS
 # SECONDS" to FILE: the CPU time PID has used so far (user + system, all threads, in clock
-# ticks) and the time. It follows the console (tail -F), which is quiet while a row runs: no
-# polling beside the back end.
+# ticks) and the time. It follows the console with tail -F, which here looks at the file
+# every 50 ms (it fell back to its default of a second, which put a row's bounds up to a
+# second late and lost the last row's end: the back end is stopped about 0.3 s after it).
 cpu_watch() {
     local pid=$1 console=$2 file=$3 st f kind line
     while read -r _ _ line; do
@@ -173,7 +174,7 @@ cpu_watch() {
         # utime and stime are fields 14 and 15; the name in field 2 ends with ") ".
         read -r -a f <<<"${st##*) }"
         echo "$kind $line $((f[11] + f[12])) $(date +%s.%N)" >>"$file"
-    done < <(tail -n +1 -F --pid="$pid" "$console" 2>/dev/null | grep --line-buffered '^\[guest\] fio ')
+    done < <(tail -n +1 -F -s 0.05 --pid="$pid" "$console" 2>/dev/null | grep --line-buffered '^\[guest\] fio ')
 }
 
 # Results: results[ROW,TARGET] = IOPS of each round, space-separated; cpu[ROW,TARGET] the
