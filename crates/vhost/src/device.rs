@@ -541,12 +541,11 @@ impl Device {
         };
         // Thread 0 and each request-queue thread; an eventfd that cannot be made leaves its
         // thread's queues to the driver's kicks.
-        let wakes = (0..1 + usize::from(shared.threads))
+        let threads = 1 + usize::from(shared.threads);
+        let wakes = (0..threads)
             .map(|_| EventFd::new(EFD_NONBLOCK).ok())
             .collect();
-        let watches = (0..1 + usize::from(shared.threads))
-            .map(|_| Mutex::new(Watch::new()))
-            .collect();
+        let watches = (0..threads).map(|_| Mutex::new(Watch::new())).collect();
         Arc::new_cyclic(|me| Device {
             me: me.clone(),
             shared,
@@ -1957,9 +1956,8 @@ impl Device {
     }
 
     /// Serve the queues of worker thread `thread` (`vrings` are its vrings, in the order of
-    /// [`Device::thread_queues`]) after a kick of one of its request queues with a chain
-    /// waiting on one (`kicked`), or a wake or another kick: every one of its request queues,
-    /// or on thread 0 the control queue.
+    /// [`Device::thread_queues`]) after a kick of one of its request queues (`kicked`) or a
+    /// wake: every one of its request queues, or on thread 0 the control queue.
     fn serve_thread(&self, thread: usize, vrings: &[Vring], kicked: bool) {
         let queues: Vec<(usize, &Vring)> = self
             .thread_queues(thread)
@@ -1972,11 +1970,32 @@ impl Device {
             }
         }
         if kicked {
-            if let Some(w) = self.watches.get(thread) {
-                lock(w).kicked(std::time::Instant::now());
-            }
+            self.judge_kick(thread, &queues);
         }
         self.serve(thread, &queues);
+    }
+
+    /// A kick woke worker thread `thread`: if its last watch missed, the kick judges it when a
+    /// chain waits on one of the thread's request queues (`queues`). A kick for a chain served
+    /// since (a watch caught it, or a drain of the thread's other queue took it) says nothing
+    /// of the guest's pace; a chain waiting does (the last serve left the queues empty, so it
+    /// came after the watch began), even one whose own kick an earlier serve of this batch
+    /// answered.
+    fn judge_kick(&self, thread: usize, queues: &[(usize, &Vring)]) {
+        let Some(w) = self.watches.get(thread) else {
+            return;
+        };
+        let mut w = lock(w);
+        if w.missed.is_none() {
+            return;
+        }
+        let mem = self.mem.memory().into_inner();
+        let waiting = queues.iter().any(|&(q, v)| {
+            q >= 2 && Self::ready(v) && Self::avail_ahead(v, &mem).is_some_and(|n| n > 0)
+        });
+        if waiting {
+            w.kicked(std::time::Instant::now());
+        }
     }
 }
 
@@ -2163,18 +2182,7 @@ impl VhostUserBackend for Device {
         match queue {
             0 => self.serve(thread_id, &[(0, vring)]),
             1 => self.event_kick(vring),
-            _ => {
-                // A kick for a chain served since (a watch caught it, or a drain of this
-                // thread's other queue took it) says nothing of the guest's pace; a chain on
-                // any of the thread's request queues does (the last serve left them empty,
-                // so it came after the watch began), even one whose own kick an earlier
-                // serve of this batch answered.
-                let mem = self.mem.memory().into_inner();
-                let fresh = self.thread_queues(thread_id).zip(vrings).any(|(q, v)| {
-                    q >= 2 && Self::ready(v) && Self::avail_ahead(v, &mem).is_some_and(|n| n > 0)
-                });
-                self.serve_thread(thread_id, vrings, fresh);
-            }
+            _ => self.serve_thread(thread_id, vrings, true),
         }
         Ok(())
     }

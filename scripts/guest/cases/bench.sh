@@ -6,11 +6,11 @@
 #   BENCH_ROWS       "NAME:RW:IODEPTH:JOBS[:RATE] ..."; JOBS jobs of IODEPTH each, one per
 #                    vCPU (cpus_allowed split), so each submits on its own request queue; with
 #                    RATE each job offers at most RATE requests a second (fio rate_iops)
-# Each row's fio run begins with a "[guest] fio NAME: ..." line on the console and ends with
-# "[guest] fio NAME end" (bench/vhost.sh times the back end's CPU between them).
 #   BENCH_SECONDS    measured seconds per row
 #   BENCH_RAMP       seconds per row before measuring
 #   BENCH_IOENGINE   io_uring or libaio
+# Each row's fio run begins with a "[guest] fio NAME: ..." line on the console and ends with
+# "[guest] fio NAME end" (bench/vhost.sh times the back end's CPU between them).
 # The fio JSON of each row goes to the console.
 . /lib.sh
 . /etc/test.env
