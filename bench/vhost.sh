@@ -31,6 +31,11 @@
 # /proc/PID/stat at the console lines just before and after the row's fio run, so its start
 # and ramp count), as a share of one host core and per request (that share over the row's
 # IOPS).
+# A third table gives, for every target, what each request cost the guest: the interrupts of
+# its request queues, and the µs its vCPUs were busy (both counted in the guest around the
+# row's fio run, ramp included, over the requests its disk completed meanwhile; guest.tsv).
+# Under TCG the guest's CPU is the bottleneck, so this is where a back end's effect on the
+# guest shows.
 # Every guest has the same vCPUs and memory; scsi-hd uses the host page cache like the two
 # vhost-user back ends (cache=writeback; BENCH_SCSI_HD_CACHE=none for O_DIRECT).
 # Before each target the image's page cache is reset: written back, dropped, read once.
@@ -40,7 +45,7 @@
 # (the better of the two aio modes) and sharedisk/vhost-device-scsi, and whether the targets
 # are met (at least scsi-hd on every row, at least 1.5x vhost-device-scsi at QD16). The raw
 # output (guest consoles with fio's JSON, results channels, QEMU command lines, back-end logs,
-# results.tsv with every round's IOPS, table.txt) is kept in out/bench-vhost/. Exits 1 when
+# results.tsv with every round's IOPS, cpu.tsv, guest.tsv, table.txt) is kept in out/bench-vhost/. Exits 1 when
 # something failed (a row, a guest, a back end; listed under the table). Needs root to install
 # packages when they are missing. Not part of scripts/test.sh.
 #
@@ -99,6 +104,7 @@ rm -rf "$out"
 mkdir -p "$out"
 printf 'round\ttarget\trow\tiops\n' >"$out/results.tsv"
 printf 'round\ttarget\trow\tcpu_percent\n' >"$out/cpu.tsv"
+printf 'round\ttarget\trow\tios\tirqs\tbusy_ticks\n' >"$out/guest.tsv"
 work=$(mktemp -d /var/tmp/sharedisk-bench-vhost.XXXXXX)
 image=$work/disk.img
 sock=$work/vhost.sock
@@ -178,8 +184,9 @@ cpu_watch() {
 }
 
 # Results: results[ROW,TARGET] = IOPS of each round, space-separated; cpu[ROW,TARGET] the
-# back end's CPU percentages likewise; failures: lines.
-declare -A results cpu
+# back end's CPU percentages likewise; irq_req and busy_req[ROW,TARGET] the guest's
+# interrupts and busy vCPU µs per request likewise; failures: lines.
+declare -A results cpu irq_req busy_req
 failures=()
 
 # run_target ROUND TARGET: one guest against TARGET; collects its rows.
@@ -222,7 +229,7 @@ run_target() {
     fi
     rm -f "$out/$name.initrd" # the base initramfs and $name.test.cpio.gz, 38 MB
     ((rc != 124)) || failures+=("$target (round $round): the guest timed out after ${guest_timeout}s")
-    local f=$out/$name.results row v line want=$queues
+    local f=$out/$name.results row v line want=$queues ios irqs busy
     [[ $target != vhost-device-scsi ]] || want=1
     v=$(awk '$1 == "VALUE" && $2 == "hw-queues" { print $3; exit }' "$f" 2>/dev/null || true)
     [[ -z $v || $v == "$want" ]] ||
@@ -234,6 +241,15 @@ run_target() {
         measured[$row]=1
         results[$row,$target]+="$v "
         printf '%s\t%s\t%s\t%s\n' "$round" "$target" "$row" "$v" >>"$out/results.tsv"
+        # What each request cost the guest: interrupts, and µs of busy vCPU time (ticks are
+        # 10 ms), over the requests completed through the same fio run.
+        read -r ios irqs busy < <(awk -v r="$row" '$1 == "VALUE" { v[$2] = $3 }
+            END { print v["ios-" r] + 0, v["irqs-" r] + 0, v["busy-" r] + 0 }' "$f")
+        if ((ios > 0)); then
+            irq_req[$row,$target]+="$(awk -v a="$irqs" -v n="$ios" 'BEGIN { printf "%.3f", a / n }') "
+            busy_req[$row,$target]+="$(awk -v a="$busy" -v n="$ios" 'BEGIN { printf "%.1f", a * 1e4 / n }') "
+            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$target" "$row" "$ios" "$irqs" "$busy" >>"$out/guest.tsv"
+        fi
     done
     if [[ -n $watcher ]]; then
         # The CPU of the rows that gave IOPS (a failed fio's run says nothing).
@@ -285,9 +301,13 @@ meet() {
     fi
 }
 
-declare -A med med_cpu
+declare -A med med_cpu med_irq med_busy
 for row in "${all_rows[@]}"; do
     for t in sharedisk scsi-hd-threads scsi-hd-io_uring vhost-device-scsi scsi-hd-null; do
+        # shellcheck disable=SC2086
+        med_irq[$row,$t]=$(MEDIAN_FORMAT=%.2f median ${irq_req[$row,$t]:-})
+        # shellcheck disable=SC2086
+        med_busy[$row,$t]=$(MEDIAN_FORMAT=%.0f median ${busy_req[$row,$t]:-})
         # shellcheck disable=SC2086
         med[$row,$t]=$(median ${results[$row,$t]:-})
         # shellcheck disable=SC2086
@@ -341,6 +361,19 @@ ok_hd=yes ok_vds=yes
         u_vd=$(per_request "$c_vd" "${med[$row,vhost-device-scsi]}")
         [[ $u_sd == - || $u_vd == - ]] && r_u=- || r_u=$(ratio "$u_sd" "$u_vd")
         printf '%-16s %10s %10s %12s %12s %9s\n' "$row" "${c_sd:--}" "${c_vd:--}" "$u_sd" "$u_vd" "$r_u"
+    done
+    echo "what each request cost the guest (medians): interrupts / µs of busy vCPU time (all vCPUs," \
+        "ramp included)"
+    printf '%-16s %14s %14s %14s %14s %14s\n' row sharedisk "scsi-hd thr" "scsi-hd iou" \
+        "vhost-dev" "scsi-hd null"
+    for row in "${all_rows[@]}"; do
+        line=$(printf '%-16s' "$row")
+        for t in sharedisk scsi-hd-threads scsi-hd-io_uring vhost-device-scsi scsi-hd-null; do
+            c=-
+            [[ -z ${med_irq[$row,$t]} ]] || c="${med_irq[$row,$t]} / ${med_busy[$row,$t]}"
+            line+=$(printf ' %14s' "$c")
+        done
+        echo "$line"
     done
     echo "target: sharedisk >= the better scsi-hd on every row: $ok_hd;" \
         ">= 1.5x vhost-device-scsi at qd16: $ok_vds"

@@ -11,7 +11,10 @@
 #   BENCH_IOENGINE   io_uring or libaio
 # Each row's fio run begins with a "[guest] fio NAME: ..." line on the console and ends with
 # "[guest] fio NAME end" (bench/vhost.sh times the back end's CPU between them).
-# The fio JSON of each row goes to the console.
+# The fio JSON of each row goes to the console. Around each fio run (ramp included) the guest
+# counts what each request cost it: "VALUE ios-ROW N" requests the disk completed,
+# "VALUE irqs-ROW N" interrupts of the virtio request queues, "VALUE busy-ROW N" clock ticks
+# (100 a second) the vCPUs were busy, all of them together.
 . /lib.sh
 . /etc/test.env
 
@@ -33,6 +36,20 @@ iops_of() {
     ' "$1"
 }
 
+# counters: "IOS IRQS BUSY" so far: reads plus writes the disk completed (fields 1 and 5 of
+# /sys/block/DISK/stat), interrupts of the request queues on every CPU (named
+# virtioN-request, or virtioN-virtqueues when the queues share one vector), and user, nice,
+# system, irq and softirq ticks of all CPUs (/proc/stat).
+counters() {
+    # shellcheck disable=SC2046
+    set -- $(cat "/sys/block/$disk/stat")
+    echo "$(($1 + $5)) $(awk '
+        $NF ~ /^virtio[0-9]+-(request|virtqueues)$/ {
+            for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i
+        }
+        END { print s + 0 }' /proc/interrupts) $(awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat)"
+}
+
 cpus=$(grep -c ^processor /proc/cpuinfo)
 for row in $BENCH_ROWS; do
     name=${row%%:*} rest=${row#*:}
@@ -45,6 +62,7 @@ for row in $BENCH_ROWS; do
         aff="--cpus_allowed=0-$((jobs - 1)) --cpus_allowed_policy=split"
     fi
     echo "[guest] fio $name: $rw, $jobs job(s) x iodepth $depth${rate:+, $rate}"
+    before=$(counters)
     # shellcheck disable=SC2086
     timeout $((BENCH_SECONDS + BENCH_RAMP + 60)) fio --name="$name" --filename="$dev" \
         --direct=1 --ioengine="$BENCH_IOENGINE" --rw="$rw" --bs=4k --iodepth="$depth" \
@@ -53,6 +71,11 @@ for row in $BENCH_ROWS; do
         --output-format=json --output=/tmp/fio.json >/tmp/fio.err 2>&1
     rc=$?
     echo "[guest] fio $name end"
+    after=$(counters)
+    set -- $before $after
+    value "ios-$name" $(($4 - $1))
+    value "irqs-$name" $(($5 - $2))
+    value "busy-$name" $(($6 - $3))
     cat /tmp/fio.json /tmp/fio.err
     r=$(iops_of /tmp/fio.json read)
     w=$(iops_of /tmp/fio.json write)
