@@ -25,7 +25,7 @@
 #                                         request queue), 16 in flight in all
 #   randread-qd1-1k                       one job, iodepth 1, at most 1000 requests a second:
 #                                         not a race (every target keeps up), only for the
-#                                         back ends' CPU below
+#                                         tables of CPU below
 # For the two vhost-user back ends (sharedisk, vhost-device-scsi) a second table gives the CPU
 # the back-end process used through each row (user + system, all its threads, from
 # /proc/PID/stat at the console lines just before and after the row's fio run, so its start
@@ -34,8 +34,9 @@
 # A third table gives, for every target, what each request cost the guest: the interrupts of
 # its request queues, and the µs its vCPUs were busy (both counted in the guest around the
 # row's fio run, ramp included, over the requests its disk completed meanwhile; guest.tsv).
-# Under TCG the guest's CPU is the bottleneck, so this is where a back end's effect on the
-# guest shows.
+# TCG reports no steal time: a vCPU the host preempts still counts as busy, so a back end
+# that takes host CPU from the vCPUs raises the busy figure too. The interrupts are exact. At
+# the paced row the busy figure is mostly fio's pacing and the idle guest, not the requests.
 # Every guest has the same vCPUs and memory; scsi-hd uses the host page cache like the two
 # vhost-user back ends (cache=writeback; BENCH_SCSI_HD_CACHE=none for O_DIRECT).
 # Before each target the image's page cache is reset: written back, dropped, read once.
@@ -45,9 +46,10 @@
 # (the better of the two aio modes) and sharedisk/vhost-device-scsi, and whether the targets
 # are met (at least scsi-hd on every row, at least 1.5x vhost-device-scsi at QD16). The raw
 # output (guest consoles with fio's JSON, results channels, QEMU command lines, back-end logs,
-# results.tsv with every round's IOPS, cpu.tsv, guest.tsv, table.txt) is kept in out/bench-vhost/. Exits 1 when
-# something failed (a row, a guest, a back end; listed under the table). Needs root to install
-# packages when they are missing. Not part of scripts/test.sh.
+# results.tsv with every round's IOPS, cpu.tsv, guest.tsv, table.txt) is kept in
+# out/bench-vhost/. Exits 1 when something failed (a row, a guest, a back end; listed under
+# the table). Needs root to install packages when they are missing. Not part of
+# scripts/test.sh.
 #
 # Knobs: BENCH_SECONDS (20), BENCH_RAMP (3), BENCH_ROUNDS (1), BENCH_VCPUS (2), BENCH_QUEUES
 # (= vCPUs), BENCH_MEM (1G), BENCH_SIZE_MIB (1024), BENCH_IOENGINE (io_uring, which the guest
@@ -243,10 +245,12 @@ run_target() {
         printf '%s\t%s\t%s\t%s\n' "$round" "$target" "$row" "$v" >>"$out/results.tsv"
         # What each request cost the guest: interrupts, and µs of busy vCPU time (ticks are
         # 10 ms), over the requests completed through the same fio run.
+        # (No irqs when the guest found no interrupt line of the queues.)
         read -r ios irqs busy < <(awk -v r="$row" '$1 == "VALUE" { v[$2] = $3 }
-            END { print v["ios-" r] + 0, v["irqs-" r] + 0, v["busy-" r] + 0 }' "$f")
+            END { print v["ios-" r] + 0, (("irqs-" r) in v) ? v["irqs-" r] : "-", v["busy-" r] + 0 }' "$f")
         if ((ios > 0)); then
-            irq_req[$row,$target]+="$(awk -v a="$irqs" -v n="$ios" 'BEGIN { printf "%.3f", a / n }') "
+            [[ $irqs == - ]] ||
+                irq_req[$row,$target]+="$(awk -v a="$irqs" -v n="$ios" 'BEGIN { printf "%.3f", a / n }') "
             busy_req[$row,$target]+="$(awk -v a="$busy" -v n="$ios" 'BEGIN { printf "%.1f", a * 1e4 / n }') "
             printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$target" "$row" "$ios" "$irqs" "$busy" >>"$out/guest.tsv"
         fi
@@ -362,15 +366,15 @@ ok_hd=yes ok_vds=yes
         [[ $u_sd == - || $u_vd == - ]] && r_u=- || r_u=$(ratio "$u_sd" "$u_vd")
         printf '%-16s %10s %10s %12s %12s %9s\n' "$row" "${c_sd:--}" "${c_vd:--}" "$u_sd" "$u_vd" "$r_u"
     done
-    echo "what each request cost the guest (medians): interrupts / µs of busy vCPU time (all vCPUs," \
-        "ramp included)"
+    echo "what each request cost the guest (medians): interrupts / us of busy vCPU time" \
+        "(all vCPUs, ramp included)"
     printf '%-16s %14s %14s %14s %14s %14s\n' row sharedisk "scsi-hd thr" "scsi-hd iou" \
         "vhost-dev" "scsi-hd null"
     for row in "${all_rows[@]}"; do
         line=$(printf '%-16s' "$row")
         for t in sharedisk scsi-hd-threads scsi-hd-io_uring vhost-device-scsi scsi-hd-null; do
             c=-
-            [[ -z ${med_irq[$row,$t]} ]] || c="${med_irq[$row,$t]} / ${med_busy[$row,$t]}"
+            [[ -z ${med_busy[$row,$t]} ]] || c="${med_irq[$row,$t]:--} / ${med_busy[$row,$t]}"
             line+=$(printf ' %14s' "$c")
         done
         echo "$line"

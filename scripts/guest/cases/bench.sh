@@ -13,8 +13,9 @@
 # "[guest] fio NAME end" (bench/vhost.sh times the back end's CPU between them).
 # The fio JSON of each row goes to the console. Around each fio run (ramp included) the guest
 # counts what each request cost it: "VALUE ios-ROW N" requests the disk completed,
-# "VALUE irqs-ROW N" interrupts of the virtio request queues, "VALUE busy-ROW N" clock ticks
-# (100 a second) the vCPUs were busy, all of them together.
+# "VALUE irqs-ROW N" interrupts of the virtio request queues (not given when no interrupt line
+# of theirs was found), "VALUE busy-ROW N" clock ticks (100 a second) the vCPUs were busy, all
+# of them together.
 . /lib.sh
 . /etc/test.env
 
@@ -37,17 +38,22 @@ iops_of() {
 }
 
 # counters: "IOS IRQS BUSY" so far: reads plus writes the disk completed (fields 1 and 5 of
-# /sys/block/DISK/stat), interrupts of the request queues on every CPU (named
-# virtioN-request, or virtioN-virtqueues when the queues share one vector), and user, nice,
-# system, irq and softirq ticks of all CPUs (/proc/stat).
+# /sys/block/DISK/stat); interrupts of the request queues on every CPU (named
+# virtioN-request, or virtioN-virtqueues when all the device's queues, control and event
+# included, share one vector), "-" when there is no such line (no MSI-X); and user, nice,
+# system, irq and softirq ticks of all CPUs (/proc/stat). Prints nothing when the disk's
+# counts cannot be read.
 counters() {
     # shellcheck disable=SC2046
     set -- $(cat "/sys/block/$disk/stat")
-    echo "$(($1 + $5)) $(awk '
+    irqs=$(awk '
         $NF ~ /^virtio[0-9]+-(request|virtqueues)$/ {
+            n++
             for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) s += $i
         }
-        END { print s + 0 }' /proc/interrupts) $(awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat)"
+        END { print n ? s : "-" }' /proc/interrupts)
+    busy=$(awk '$1 == "cpu" { print $2 + $3 + $4 + $7 + $8; exit }' /proc/stat)
+    echo "$(($1 + $5)) $irqs $busy"
 }
 
 cpus=$(grep -c ^processor /proc/cpuinfo)
@@ -61,8 +67,8 @@ for row in $BENCH_ROWS; do
     if [ "$jobs" -gt 1 ] && [ "$jobs" -le "$cpus" ]; then
         aff="--cpus_allowed=0-$((jobs - 1)) --cpus_allowed_policy=split"
     fi
-    echo "[guest] fio $name: $rw, $jobs job(s) x iodepth $depth${rate:+, $rate}"
     before=$(counters)
+    echo "[guest] fio $name: $rw, $jobs job(s) x iodepth $depth${rate:+, $rate}"
     # shellcheck disable=SC2086
     timeout $((BENCH_SECONDS + BENCH_RAMP + 60)) fio --name="$name" --filename="$dev" \
         --direct=1 --ioengine="$BENCH_IOENGINE" --rw="$rw" --bs=4k --iodepth="$depth" \
@@ -72,10 +78,13 @@ for row in $BENCH_ROWS; do
     rc=$?
     echo "[guest] fio $name end"
     after=$(counters)
+    # shellcheck disable=SC2086
     set -- $before $after
-    value "ios-$name" $(($4 - $1))
-    value "irqs-$name" $(($5 - $2))
-    value "busy-$name" $(($6 - $3))
+    if [ $# -eq 6 ]; then
+        value "ios-$name" $(($4 - $1))
+        value "busy-$name" $(($6 - $3))
+        [ "$2" = - ] || [ "$5" = - ] || value "irqs-$name" $(($5 - $2))
+    fi
     cat /tmp/fio.json /tmp/fio.err
     r=$(iops_of /tmp/fio.json read)
     w=$(iops_of /tmp/fio.json write)
