@@ -68,7 +68,9 @@ mem=${BENCH_MEM:-1G}
 size_mib=${BENCH_SIZE_MIB:-1024}
 ioengine=${BENCH_IOENGINE:-io_uring}
 hd_cache=${BENCH_SCSI_HD_CACHE:-writeback}
-read -ra targets <<<"${BENCH_TARGETS:-sharedisk scsi-hd-threads scsi-hd-io_uring vhost-device-scsi scsi-hd-null}"
+# Every target, in the tables' order.
+all_targets=(sharedisk scsi-hd-threads scsi-hd-io_uring vhost-device-scsi scsi-hd-null)
+read -ra targets <<<"${BENCH_TARGETS:-${all_targets[*]}}"
 out=$root/out/bench-vhost
 guest_dir=$root/scripts/guest
 for t in "${targets[@]}"; do
@@ -231,7 +233,7 @@ run_target() {
     fi
     rm -f "$out/$name.initrd" # the base initramfs and $name.test.cpio.gz, 38 MB
     ((rc != 124)) || failures+=("$target (round $round): the guest timed out after ${guest_timeout}s")
-    local f=$out/$name.results row v line want=$queues ios irqs busy
+    local f=$out/$name.results row v line want=$queues ios irqs busy irq_io busy_io
     [[ $target != vhost-device-scsi ]] || want=1
     v=$(awk '$1 == "VALUE" && $2 == "hw-queues" { print $3; exit }' "$f" 2>/dev/null || true)
     [[ -z $v || $v == "$want" ]] ||
@@ -244,14 +246,17 @@ run_target() {
         results[$row,$target]+="$v "
         printf '%s\t%s\t%s\t%s\n' "$round" "$target" "$row" "$v" >>"$out/results.tsv"
         # What each request cost the guest: interrupts, and µs of busy vCPU time (ticks are
-        # 10 ms), over the requests completed through the same fio run.
-        # (No irqs when the guest found no interrupt line of the queues.)
-        read -r ios irqs busy < <(awk -v r="$row" '$1 == "VALUE" { v[$2] = $3 }
-            END { print v["ios-" r] + 0, (("irqs-" r) in v) ? v["irqs-" r] : "-", v["busy-" r] + 0 }' "$f")
+        # 10 ms), over the requests completed through the same fio run: "IOS IRQS BUSY
+        # IRQS/IO BUSY-µs/IO", IRQS "-" when the guest found no interrupt line of the queues.
+        read -r ios irqs busy irq_io busy_io < <(awk -v r="$row" '$1 == "VALUE" { v[$2] = $3 }
+            END {
+                n = v["ios-" r] + 0; b = v["busy-" r] + 0; i = ("irqs-" r) in v
+                printf "%d %s %d %s %.1f\n", n, i ? v["irqs-" r] : "-", b,
+                    i && n ? sprintf("%.3f", v["irqs-" r] / n) : "-", n ? b * 1e4 / n : 0
+            }' "$f")
         if ((ios > 0)); then
-            [[ $irqs == - ]] ||
-                irq_req[$row,$target]+="$(awk -v a="$irqs" -v n="$ios" 'BEGIN { printf "%.3f", a / n }') "
-            busy_req[$row,$target]+="$(awk -v a="$busy" -v n="$ios" 'BEGIN { printf "%.1f", a * 1e4 / n }') "
+            [[ $irq_io == - ]] || irq_req[$row,$target]+="$irq_io "
+            busy_req[$row,$target]+="$busy_io "
             printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$target" "$row" "$ios" "$irqs" "$busy" >>"$out/guest.tsv"
         fi
     done
@@ -307,7 +312,7 @@ meet() {
 
 declare -A med med_cpu med_irq med_busy
 for row in "${all_rows[@]}"; do
-    for t in sharedisk scsi-hd-threads scsi-hd-io_uring vhost-device-scsi scsi-hd-null; do
+    for t in "${all_targets[@]}"; do
         # shellcheck disable=SC2086
         med_irq[$row,$t]=$(MEDIAN_FORMAT=%.2f median ${irq_req[$row,$t]:-})
         # shellcheck disable=SC2086
@@ -372,7 +377,7 @@ ok_hd=yes ok_vds=yes
         "vhost-dev" "scsi-hd null"
     for row in "${all_rows[@]}"; do
         line=$(printf '%-16s' "$row")
-        for t in sharedisk scsi-hd-threads scsi-hd-io_uring vhost-device-scsi scsi-hd-null; do
+        for t in "${all_targets[@]}"; do
             c=-
             [[ -z ${med_busy[$row,$t]} ]] || c="${med_irq[$row,$t]:--} / ${med_busy[$row,$t]}"
             line+=$(printf ' %14s' "$c")
