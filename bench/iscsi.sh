@@ -20,7 +20,8 @@
 # fio straight on the file with the same pattern (the better of io_uring at the row's depth
 # and psync) runs once first. All of them with the same cache:
 #   buffered (the default)  through the host's page cache, which is reset (written back,
-#                           dropped, read in full) before each run of a row (fio with
+#                           dropped, read in full with readahead off: reset_page_cache in
+#                           bench/install.sh) before each run of a row (fio with
 #                           --invalidate=0: by default fio drops the file's cached pages
 #                           first, and its reads would then measure the disk while the
 #                           targets' reads come from memory)

@@ -39,7 +39,8 @@
 # the paced row the busy figure is mostly fio's pacing and the idle guest, not the requests.
 # Every guest has the same vCPUs and memory; scsi-hd uses the host page cache like the two
 # vhost-user back ends (cache=writeback; BENCH_SCSI_HD_CACHE=none for O_DIRECT).
-# Before each target the image's page cache is reset: written back, dropped, read once.
+# Before each target the image's page cache is reset: written back, dropped, read once with
+# readahead off (bench/install.sh reset_page_cache).
 #
 # Under TCG the guest's CPU emulation dominates every number: compare the ratios, not the IOPS.
 # Prints a table of IOPS (median of BENCH_ROUNDS rounds) with the ratios sharedisk/scsi-hd
