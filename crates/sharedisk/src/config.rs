@@ -31,6 +31,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde::Deserialize;
@@ -72,6 +73,10 @@ pub struct VhostConfig {
     /// Threads serving the request queues, 1 to `num_queues`; default half the host's
     /// cores, at most `num_queues` (`vhost_scsi::default_threads`).
     pub threads: Option<u16>,
+    /// The longest a request-queue thread watches its avail rings after a drain, in µs, 0 to
+    /// 10000; 0: never (a kick for every request that finds the thread asleep). Default 600
+    /// (`vhost_scsi::DEFAULT_WATCH_MAX`).
+    pub watch_us: Option<u64>,
     /// The socket's relative target port identifier, 0x8000 to 0xFFFF; derived from the
     /// socket's path when absent. Read wider than a `u16`, so that a value out of range gets
     /// the config's own message.
@@ -217,6 +222,8 @@ pub struct VhostPlan {
     pub num_queues: u16,
     /// Request-queue threads; `None`: the default for `num_queues`.
     pub threads: Option<u16>,
+    /// The avail-ring watch's longest window (`vhost_scsi::SocketConfig::watch_max`).
+    pub watch_max: Duration,
     /// The configured relative target port identifier; `None`: derived from the socket's path
     /// (see [`VhostPlan::port_id`]).
     pub relative_port_id: Option<u16>,
@@ -383,6 +390,9 @@ impl FileConfig {
                 socket,
                 num_queues: v.num_queues.unwrap_or(DEFAULT_VHOST_QUEUES),
                 threads: v.threads,
+                watch_max: v
+                    .watch_us
+                    .map_or(vhost_scsi::DEFAULT_WATCH_MAX, Duration::from_micros),
                 lus,
             });
         }
@@ -852,6 +862,9 @@ impl Plan {
             if let Err(e) = vhost_scsi::check_queues(v.num_queues, v.threads) {
                 bail!("{what}: {e}");
             }
+            if let Err(e) = vhost_scsi::check_watch(v.watch_max) {
+                bail!("{what}: {e}");
+            }
             if v.lus.is_empty() {
                 bail!("{what}: no logical unit (add a [[vhost.lu]])");
             }
@@ -1283,6 +1296,23 @@ size = "1M"
         assert!(err(&one(&format!("threads = 0\n{lu0}"))).contains("threads must be 1 to"));
         assert!(err(&one(&format!("num_queues = 2\nthreads = 3\n{lu0}"))).contains("threads"));
         assert!(err(&one(&format!("threads = 9\n{lu0}"))).contains("num_queues (8)"));
+        let watch = |body: &str| plan(&one(&format!("{body}{lu0}"))).map(|p| p.vhost[0].watch_max);
+        assert_eq!(
+            watch("").expect("a valid socket"),
+            Duration::from_micros(600),
+            "the default"
+        );
+        assert_eq!(
+            watch("watch_us = 0\n").expect("a valid socket"),
+            Duration::ZERO
+        );
+        assert_eq!(
+            watch("watch_us = 10000\n").expect("a valid socket"),
+            Duration::from_millis(10)
+        );
+        assert!(err(&one(&format!("watch_us = 10001\n{lu0}")))
+            .contains("watch (watch_us) must be 0 to 10000 µs, not 10001 µs"));
+        assert!(err(&one(&format!("watch_us = -1\n{lu0}"))).contains("watch_us"));
         assert_eq!(
             plan(&one(&format!("num_queues = 4\nthreads = 2\n{lu0}")))
                 .expect("a valid socket")

@@ -160,7 +160,7 @@ struct PrArgs {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// A TOML config file (several targets, LUs, portals, ACLs, CHAP).
-    #[arg(long, conflicts_with_all = ["file", "size", "listen", "block_size", "physical_block_size", "name", "allow_initiator", "chap_user", "control", "vhost_user", "vhost_initiator", "vhost_relative_port_id", "vhost_queues", "vhost_threads", "direct", "reservation_state"])]
+    #[arg(long, conflicts_with_all = ["file", "size", "listen", "block_size", "physical_block_size", "name", "allow_initiator", "chap_user", "control", "vhost_user", "vhost_initiator", "vhost_relative_port_id", "vhost_queues", "vhost_threads", "vhost_watch_us", "direct", "reservation_state"])]
     config: Option<PathBuf>,
     /// The image file; created sparse with --size when it does not exist.
     #[arg(long, required_unless_present = "config")]
@@ -218,6 +218,11 @@ struct ServeArgs {
     /// half the host's cores, at most --vhost-queues].
     #[arg(long)]
     vhost_threads: Option<u16>,
+    /// The longest each vhost-user socket's request-queue threads watch their avail rings
+    /// after serving them, in µs, 0 to 10000; 0: never watch (a kick for every request that
+    /// finds the thread asleep, less CPU on hosts short of cores) [default: 600].
+    #[arg(long, value_name = "US")]
+    vhost_watch_us: Option<u64>,
 }
 
 /// A target name made from an image's file name: lower-case letters, digits and '-'.
@@ -300,6 +305,10 @@ fn quick_start_plan(args: ServeArgs) -> anyhow::Result<Plan> {
                 .unwrap_or_else(|| config::default_vhost_initiator(socket)),
             num_queues: args.vhost_queues,
             threads: args.vhost_threads,
+            watch_max: args.vhost_watch_us.map_or(
+                vhost_scsi::DEFAULT_WATCH_MAX,
+                std::time::Duration::from_micros,
+            ),
             relative_port_id: args.vhost_relative_port_id.get(i).copied(),
             lus: vec![config::VhostLuPlan {
                 target: 0,

@@ -335,6 +335,7 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
                 relative_port_id,
                 num_queues: v.num_queues,
                 threads,
+                watch_max: v.watch_max,
                 luns,
             },
             tokio::runtime::Handle::current(),

@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -48,6 +48,8 @@ fn vhost_user_sockets_serve_and_accept_again() {
             "iqn.2026-01.com.example:vm1",
             "--vhost-queues",
             "2",
+            "--vhost-watch-us",
+            "0",
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -110,4 +112,39 @@ fn a_start_that_fails_on_a_later_socket_has_served_nothing_and_leaves_no_socket(
     assert!(!err.contains("socket ready"), "{err}");
     // The socket bound for the first path is gone with the daemon.
     assert!(!s1.exists());
+}
+
+/// `--vhost-watch-us` beyond 10 ms is refused at start with the limit named, and no socket is
+/// created.
+#[test]
+fn a_watch_beyond_the_limit_is_refused_at_start() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sock = dir.path().join("vm.sock");
+    let mut child = Command::new(BIN)
+        .args(["serve", "--file"])
+        .arg(dir.path().join("disk.img"))
+        .args(["--size", "1M", "--listen", "127.0.0.1:0", "--control"])
+        .arg(dir.path().join("control.sock"))
+        .arg("--vhost-user")
+        .arg(&sock)
+        .args(["--vhost-watch-us", "10001"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sharedisk");
+    let status = support::wait_exit(&mut child, WAIT);
+    assert!(!status.success(), "{status:?}");
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("piped stderr")
+        .read_to_string(&mut err)
+        .expect("stderr");
+    assert!(
+        err.contains("the avail-ring watch (watch_us) must be 0 to 10000 µs, not 10001 µs"),
+        "{err}"
+    );
+    assert!(!sock.exists(), "no socket created");
 }

@@ -57,14 +57,6 @@ enum Drained {
     Held,
 }
 
-/// The longest a request queue's thread watches the avail ring after a drain before it asks
-/// the guest for a kick. Measured with bench/vhost.sh (guest fio, TCG): 50 µs lifted 4 KiB
-/// random reads at QD16 by half, 200 µs the QD1 rows and writes as well. At 200 µs a guest at
-/// QD1 still offered its next request after the watch had ended 39-63% of the time (and paid
-/// a kick for it); at 600 µs about 1%, and every row rose (four runs alternating the two).
-/// How long each watch lasts within this is [`Watch`]'s choice.
-const WATCH_MAX: Duration = Duration::from_micros(600);
-
 /// The window a watch that missed grows to from below it (see [`Watch`]).
 const WATCH_GROW_FROM: Duration = Duration::from_micros(50);
 
@@ -75,8 +67,9 @@ const WATCH_LATE_RUN: u8 = 3;
 /// that catches a chain leaves the window as it is; one that ends with none (the thread then
 /// waits in epoll for a kick) is judged when a kick comes with a chain waiting on one of the
 /// thread's request queues (a kick for a chain served meanwhile says nothing of the guest's
-/// pace). A kick within [`WATCH_MAX`] of the watch's start would have been caught by a longer
-/// watch: the window doubles (to at least [`WATCH_GROW_FROM`]), up to the maximum. A later kick
+/// pace). A kick within the maximum ([`crate::SocketConfig::watch_max`]) of the watch's start
+/// would have been caught by a longer watch: the window doubles (to at least
+/// [`WATCH_GROW_FROM`], or the maximum when that is below it), up to the maximum. A later kick
 /// says the guest may not be that busy, and [`WATCH_LATE_RUN`] of them in a row say it is not:
 /// the window halves, to none below [`WATCH_GROW_FROM`]. An early kick breaks the run, and so
 /// does a catch in the second half of the window (a watch half as long would have missed it);
@@ -92,6 +85,8 @@ const WATCH_LATE_RUN: u8 = 3;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Watch {
     window: Duration,
+    /// The longest window ([`crate::SocketConfig::watch_max`]); zero: never watch.
+    max: Duration,
     /// When the last watch began that ended without a chain, until a kick judges it.
     missed: Option<std::time::Instant>,
     /// Late kicks since the last early kick or catch in the second half of a window.
@@ -99,9 +94,10 @@ struct Watch {
 }
 
 impl Watch {
-    const fn new() -> Self {
+    const fn new(max: Duration) -> Self {
         Watch {
-            window: WATCH_MAX,
+            window: max,
+            max,
             missed: None,
             late: 0,
         }
@@ -128,9 +124,9 @@ impl Watch {
         let Some(start) = self.missed.take() else {
             return;
         };
-        if now.saturating_duration_since(start) <= WATCH_MAX {
+        if now.saturating_duration_since(start) <= self.max {
             self.late = 0;
-            self.window = (self.window * 2).clamp(WATCH_GROW_FROM, WATCH_MAX);
+            self.window = (self.window * 2).clamp(WATCH_GROW_FROM.min(self.max), self.max);
             return;
         }
         self.late += 1;
@@ -257,6 +253,8 @@ pub(crate) struct Shared {
     pub num_queues: u16,
     /// Threads serving the request queues (1..=`num_queues`).
     pub threads: u16,
+    /// See [`crate::SocketConfig::watch_max`].
+    pub watch_max: Duration,
     /// Largest virtio target id (`max_target` in the configuration space).
     pub max_target: u8,
     /// The device of the connection now served, for events.
@@ -545,7 +543,9 @@ impl Device {
         let wakes = (0..threads)
             .map(|_| EventFd::new(EFD_NONBLOCK).ok())
             .collect();
-        let watches = (0..threads).map(|_| Mutex::new(Watch::new())).collect();
+        let watches = (0..threads)
+            .map(|_| Mutex::new(Watch::new(shared.watch_max)))
+            .collect();
         Arc::new_cyclic(|me| Device {
             me: me.clone(),
             shared,
@@ -935,6 +935,12 @@ impl Device {
         if let Some(w) = watch {
             lock(w).served(needed, missed);
         }
+    }
+
+    /// Each thread's watch window now.
+    #[cfg(test)]
+    pub(crate) fn watch_windows(&self) -> Vec<Duration> {
+        self.watches.iter().map(|w| lock(w).window).collect()
     }
 
     /// Whether the driver has set `vring` up and enabled it.
@@ -2236,7 +2242,7 @@ mod watch_tests {
     fn with(window: Duration) -> Watch {
         Watch {
             window,
-            ..Watch::new()
+            ..Watch::new(crate::DEFAULT_WATCH_MAX)
         }
     }
 
@@ -2325,7 +2331,7 @@ mod watch_tests {
     /// and then watches in vain until the next pair's kick.
     #[test]
     fn bursts_far_apart_are_watched_about_as_long_as_a_burst_takes() {
-        let mut w = Watch::new();
+        let mut w = Watch::new(crate::DEFAULT_WATCH_MAX);
         let mut t = Instant::now();
         for _ in 0..30 {
             assert!(
@@ -2341,13 +2347,49 @@ mod watch_tests {
         assert_eq!(w.window, 75 * US);
     }
 
+    /// A socket configured without the watch: no kick, early or late, opens a window.
+    #[test]
+    fn a_watch_of_no_maximum_never_opens() {
+        let mut w = Watch::new(Duration::ZERO);
+        assert_eq!(w.window, Duration::ZERO);
+        judge(
+            &mut w,
+            &[
+                Duration::ZERO,
+                US,
+                700 * US,
+                700 * US,
+                700 * US,
+                Duration::ZERO,
+            ],
+        );
+        assert_eq!(w.window, Duration::ZERO);
+        assert!(!Watch::needed(w.window, Duration::ZERO));
+    }
+
+    /// A maximum below the window a missed watch grows to (50 µs): the window grows to the
+    /// maximum, never past it.
+    #[test]
+    fn a_maximum_below_the_growth_floor_caps_the_window() {
+        let mut w = Watch::new(30 * US);
+        assert_eq!(w.window, 30 * US);
+        // Three late kicks: 30 halves to 15, below 50 µs, so to none.
+        judge(&mut w, &[40 * US, 40 * US, 40 * US]);
+        assert_eq!(w.window, Duration::ZERO);
+        // An early kick (within the maximum) grows it again, to the maximum.
+        judge(&mut w, &[20 * US]);
+        assert_eq!(w.window, 30 * US);
+        judge(&mut w, &[10 * US]);
+        assert_eq!(w.window, 30 * US);
+    }
+
     #[test]
     fn a_kick_after_a_watch_that_caught_changes_nothing() {
-        let mut w = Watch::new();
+        let mut w = Watch::new(crate::DEFAULT_WATCH_MAX);
         assert_eq!(w.window, 600 * US, "a new device watches as long as it may");
         w.served(true, None);
         w.kicked(Instant::now() + Duration::from_secs(1));
-        assert_eq!(w, Watch::new());
+        assert_eq!(w, Watch::new(crate::DEFAULT_WATCH_MAX));
     }
 
     /// A guest offering a request every 700 µs (just beyond the longest watch), then one every
@@ -2355,7 +2397,7 @@ mod watch_tests {
     /// by the next kick.
     #[test]
     fn sparse_requests_stop_the_watch_and_close_ones_bring_it_back() {
-        let mut w = Watch::new();
+        let mut w = Watch::new(crate::DEFAULT_WATCH_MAX);
         let mut t = Instant::now();
         let mut watched = Duration::ZERO;
         for _ in 0..20 {

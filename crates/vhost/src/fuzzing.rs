@@ -75,6 +75,7 @@ pub fn queues(data: &[u8]) -> Vec<u16> {
             relative_port_id: crate::FIRST_RELATIVE_PORT_ID,
             num_queues: reqs.len() as u16,
             threads: 1,
+            watch_max: crate::DEFAULT_WATCH_MAX,
             luns: vec![
                 LunConfig {
                     target: 0,

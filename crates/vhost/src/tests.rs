@@ -59,6 +59,7 @@ fn socket_config(num_queues: u16, threads: u16, luns: Vec<LunConfig>) -> SocketC
         relative_port_id: crate::FIRST_RELATIVE_PORT_ID,
         num_queues,
         threads,
+        watch_max: crate::DEFAULT_WATCH_MAX,
         luns,
     }
 }
@@ -151,6 +152,21 @@ impl Harness {
     /// A harness whose device has `num_queues` request queues (1 or 2) served by `threads`
     /// threads.
     fn with_queues(lu: Arc<scsi::LogicalUnit>, num_queues: u16, threads: u16) -> Harness {
+        let config = socket_config(
+            num_queues,
+            threads,
+            vec![LunConfig {
+                target: 0,
+                lun: 0,
+                lu: lu.clone(),
+            }],
+        );
+        Harness::with_config(lu, config)
+    }
+
+    /// A harness whose device serves `config` (its `num_queues` 1 or 2) with `lu` in it.
+    fn with_config(lu: Arc<scsi::LogicalUnit>, config: SocketConfig) -> Harness {
+        let (num_queues, threads) = (config.num_queues, config.threads);
         assert!(num_queues == 1 || num_queues == 2);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -159,19 +175,7 @@ impl Harness {
             .unwrap();
         let mem: Mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let gm: Gm = GuestMemoryAtomic::new(mem);
-        let vs = VhostScsi::new(
-            socket_config(
-                num_queues,
-                threads,
-                vec![LunConfig {
-                    target: 0,
-                    lun: 0,
-                    lu: lu.clone(),
-                }],
-            ),
-            rt.handle().clone(),
-        )
-        .unwrap();
+        let vs = VhostScsi::new(config, rt.handle().clone()).unwrap();
         let dev = Device::new(vs.shared.clone(), gm.clone(), Arc::default());
         dev.acked_features(dev.features());
         *crate::device::lock(&vs.shared.current) = Some(dev.clone());
@@ -588,6 +592,72 @@ fn write_and_read_round_trip_with_residuals() {
     assert_eq!(stored, vec![0; 1024], "not written");
 }
 
+/// A socket configured without the avail-ring watch (`watch_max` zero) never watches, and
+/// serves each request on its kick.
+#[test]
+fn a_socket_without_a_watch_serves_each_request_on_its_kick() {
+    let lu = lu(64);
+    let mut config = socket_config(
+        1,
+        1,
+        vec![LunConfig {
+            target: 0,
+            lun: 0,
+            lu: lu.clone(),
+        }],
+    );
+    config.watch_max = Duration::ZERO;
+    let mut h = Harness::with_config(lu, config);
+    let windows = |h: &Harness| -> Vec<Duration> { h.dev.watch_windows() };
+    assert_eq!(windows(&h), [Duration::ZERO; 2]);
+    h.tur();
+    for tag in 2..6u64 {
+        // WRITE(10) LBA `tag`, 1 block (SBC-4 5.40), then READ(10) of it (SBC-4 5.16).
+        let block = vec![tag as u8; 512];
+        let hd = h.header(LUN0, tag, &[0x2A, 0, 0, 0, 0, tag as u8, 0, 0, 1, 0]);
+        let (a, r) = (h.alloc(512), h.alloc(RESP));
+        h.put(a, &block);
+        h.add_chain(2, &[rd(hd, REQ), rd(a, 512), wr(r, RESP)]);
+        h.kick(2);
+        assert_eq!(h.wait_used(2).1, RESP);
+        assert_eq!(&h.get(r, 12), &[0; 12]);
+        let hd = h.header(LUN0, 100 + tag, &[0x28, 0, 0, 0, 0, tag as u8, 0, 0, 1, 0]);
+        let (r, d) = (h.alloc(RESP), h.alloc(512));
+        h.add_chain(2, &[rd(hd, REQ), wr(r, RESP), wr(d, 512)]);
+        h.kick(2);
+        assert_eq!(h.wait_used(2).1, RESP + 512);
+        assert_eq!(h.get(d, 512), block);
+    }
+    assert_eq!(
+        windows(&h),
+        [Duration::ZERO; 2],
+        "no kick grows a window of no maximum"
+    );
+}
+
+/// `watch_max` up to 10 ms is served; beyond, the socket is refused with the reason.
+#[test]
+fn a_watch_longer_than_the_limit_is_refused() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let config = |us: u64| {
+        let mut c = socket_config(1, 1, Vec::new());
+        c.watch_max = Duration::from_micros(us);
+        c
+    };
+    assert!(VhostScsi::new(config(10_000), rt.handle().clone()).is_ok());
+    assert!(VhostScsi::new(config(0), rt.handle().clone()).is_ok());
+    let e = VhostScsi::new(config(10_001), rt.handle().clone())
+        .err()
+        .expect("refused");
+    assert_eq!(e, crate::ConfigError::Watch(10_001));
+    assert_eq!(
+        e.to_string(),
+        "the avail-ring watch (watch_us) must be 0 to 10000 µs, not 10001 µs"
+    );
+}
+
 #[test]
 fn malformed_chains_get_failure_or_nothing() {
     let mut h = Harness::new();
@@ -976,6 +1046,7 @@ fn disconnect_loses_the_nexus_and_the_socket_accepts_again() {
             relative_port_id: crate::FIRST_RELATIVE_PORT_ID,
             num_queues: 2,
             threads: 1,
+            watch_max: crate::DEFAULT_WATCH_MAX,
             luns: vec![LunConfig {
                 target: 0,
                 lun: 0,
