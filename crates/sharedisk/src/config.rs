@@ -15,7 +15,7 @@
 //!   target's or discovery's `chap`) is any target's `mutual` secret (RFC 7143 9.2.1);
 //! - vhost-user sockets (`[[vhost]]`) are unique, each has an initiator name (1 to 223
 //!   printable ASCII characters, no spaces), 1 to 62 request queues and at least one LU, with
-//!   (target, LUN) unique per socket. A socket's LU names an image: when an iSCSI target serves
+//!   (target, LUN) unique per socket, and an avail-ring watch (`watch_us`) of 0 to 10000 µs. A socket's LU names an image: when an iSCSI target serves
 //!   that image the socket serves the same logical unit (and the `[[vhost.lu]]` entry carries no
 //!   LU settings of its own); otherwise the entry's settings make the LU, and every socket that
 //!   names the image must give the same settings;
@@ -1311,8 +1311,9 @@ size = "1M"
             Duration::from_millis(10)
         );
         assert!(err(&one(&format!("watch_us = 10001\n{lu0}")))
-            .contains("watch (watch_us) must be 0 to 10000 µs, not 10001 µs"));
-        assert!(err(&one(&format!("watch_us = -1\n{lu0}"))).contains("watch_us"));
+            .contains("--vhost-watch-us) must be 0 to 10000 µs, not 10001 µs"));
+        let e = err(&one(&format!("watch_us = -1\n{lu0}")));
+        assert!(e.contains("watch_us") && e.contains("expected u64"), "{e}");
         assert_eq!(
             plan(&one(&format!("num_queues = 4\nthreads = 2\n{lu0}")))
                 .expect("a valid socket")

@@ -453,6 +453,8 @@ fn main() -> std::process::ExitCode {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn args(list: &[&str]) -> ServeArgs {
@@ -621,6 +623,38 @@ mod tests {
             .expect("refused")
             .to_string();
         assert!(e.contains("\"x\" is not a number"), "{e}");
+    }
+
+    #[test]
+    fn quick_start_watch_is_the_flag_or_600_us() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("disk.img");
+        let sock = dir.path().join("vm.sock");
+        let watch = |more: &[&str]| {
+            let mut list = vec![
+                "--file",
+                file.to_str().expect("utf-8"),
+                "--size",
+                "1M",
+                "--vhost-user",
+                sock.to_str().expect("utf-8"),
+            ];
+            list.extend_from_slice(more);
+            quick_start_plan(args(&list)).map(|p| p.vhost[0].watch_max)
+        };
+        assert_eq!(watch(&[]).expect("valid"), Duration::from_micros(600));
+        assert_eq!(
+            watch(&["--vhost-watch-us", "0"]).expect("valid"),
+            Duration::ZERO
+        );
+        assert_eq!(
+            watch(&["--vhost-watch-us", "250"]).expect("valid"),
+            Duration::from_micros(250)
+        );
+        let e = watch(&["--vhost-watch-us", "10001"])
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("must be 0 to 10000 µs, not 10001 µs"), "{e}");
     }
 
     #[test]

@@ -410,6 +410,7 @@ pub async fn run(plan: Plan, hint: impl Fn(&[String]) -> String) -> anyhow::Resu
                     relative_port_id,
                     num_queues = v.num_queues,
                     threads,
+                    watch_us = v.watch_max.as_micros(),
                     "vhost-user-scsi socket ready"
                 );
                 vhost_servers.push(server);

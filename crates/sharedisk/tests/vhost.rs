@@ -48,8 +48,6 @@ fn vhost_user_sockets_serve_and_accept_again() {
             "iqn.2026-01.com.example:vm1",
             "--vhost-queues",
             "2",
-            "--vhost-watch-us",
-            "0",
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -143,7 +141,7 @@ fn a_watch_beyond_the_limit_is_refused_at_start() {
         .read_to_string(&mut err)
         .expect("stderr");
     assert!(
-        err.contains("the avail-ring watch (watch_us) must be 0 to 10000 µs, not 10001 µs"),
+        err.contains("the avail-ring watch (watch_us; quick start: --vhost-watch-us) must be 0 to 10000 µs, not 10001 µs"),
         "{err}"
     );
     assert!(!sock.exists(), "no socket created");

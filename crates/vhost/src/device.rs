@@ -76,8 +76,12 @@ const WATCH_LATE_RUN: u8 = 3;
 /// an earlier catch does not, so a guest that offers requests in bursts far apart is watched
 /// about as long as a burst takes. So a guest that offers requests close together is watched
 /// for as long as it needs, and one that offers them further apart than the maximum costs the
-/// thread no watching after a dozen requests (at a fixed window a thread spent up to that
-/// window after every request, most of its time at a gap just beyond it). A single late kick
+/// thread no watching after [`WATCH_LATE_RUN`] late kicks per halving from the maximum down
+/// below [`WATCH_GROW_FROM`]: a dozen requests at the default 600 µs, 27 at the 10 ms limit
+/// (at a fixed window a thread spent up to that window after every request, most of its time
+/// at a gap just beyond it). A kick is early when it comes within the maximum, so a larger
+/// maximum keeps watching a guest whose requests come further apart; one below what a kick
+/// takes to wake the thread in effect turns the watch off. A single late kick
 /// does not halve: under TCG on a busy host a guest at QD1 offers most requests well within the
 /// maximum but many late (the kick's own path and the thread's wake-up are in the measured gap:
 /// in bench/vhost.sh's QD1 rows half the kicks that judged a missed watch came later than
@@ -1992,7 +1996,8 @@ impl Device {
             return;
         };
         let mut w = lock(w);
-        if w.missed.is_none() {
+        // No watch (a maximum of zero) has nothing to judge.
+        if w.missed.is_none() || w.max.is_zero() {
             return;
         }
         let mem = self.mem.memory().into_inner();

@@ -43,8 +43,9 @@
 //! write in flight, completes on the queue's thread with no task and no thread hop, and the
 //! used entries of everything that completed during one drain of the queue share one interrupt
 //! (interrupts are what a guest pays most for). After a drain the thread sends that interrupt
-//! and watches the avail ring for a moment before it turns the guest's notifications back on,
-//! so a busy guest does not pay a kick (an exit) for every request. A command that waits (io_uring, range locks,
+//! and watches the avail ring for a moment (at most [`SocketConfig::watch_max`]; not at all when
+//! that is zero) before it turns the guest's notifications back on, so a busy guest does not
+//! pay a kick (an exit) for every request. A command that waits (io_uring, range locks,
 //! the reservation lock) becomes a task on the daemon's tokio runtime: the SCSI and block
 //! layers are async, and a queue's thread must keep popping while its earlier commands wait for
 //! the disk, or a guest's queue depth would collapse to 1. The task writes the response and
@@ -203,7 +204,8 @@ pub fn check_watch(watch_max: Duration) -> Result<(), ConfigError> {
 
 /// The request-queue threads a socket with `num_queues` request queues gets when none are
 /// configured: half the host's cores (at least one), at most one per queue. A queue's thread
-/// spins on its avail ring after each drain (see the module documentation), and the guest's
+/// spins on its avail ring after each drain unless the socket's watch is off (see the module
+/// documentation and [`SocketConfig::watch_max`]), and the guest's
 /// vCPUs need cores too. On a 2-core host with a 2-vCPU guest (bench/vhost.sh's rows, two
 /// queues, four alternating runs each), one thread serving both queues did 4 KiB random reads
 /// at QD16 15% faster than a thread per queue (medians 43.2k and 37.5k IOPS) and writes 11%
@@ -233,7 +235,7 @@ pub enum ConfigError {
     Queues(u16),
     #[error("threads must be 1 to num_queues ({1}), not {0}")]
     Threads(u16, u16),
-    #[error("the avail-ring watch (watch_us) must be 0 to {limit} µs, not {0} µs", limit = WATCH_LIMIT.as_micros())]
+    #[error("the avail-ring watch (watch_us; quick start: --vhost-watch-us) must be 0 to {limit} µs, not {0} µs", limit = WATCH_LIMIT.as_micros())]
     Watch(u128),
     #[error("LUN {0} is above {MAX_LUN}")]
     Lun(u16),

@@ -654,7 +654,7 @@ fn a_watch_longer_than_the_limit_is_refused() {
     assert_eq!(e, crate::ConfigError::Watch(10_001));
     assert_eq!(
         e.to_string(),
-        "the avail-ring watch (watch_us) must be 0 to 10000 µs, not 10001 µs"
+        "the avail-ring watch (watch_us; quick start: --vhost-watch-us) must be 0 to 10000 µs, not 10001 µs"
     );
 }
 
