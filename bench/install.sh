@@ -80,8 +80,9 @@ start_sharedisk() {
 # what the ones before it left, and the folio sizes decide what a 4 KiB buffered write costs:
 # read with readahead (a plain dd), this machine's 6.18 kernel caches the file in large folios,
 # and fio's 4 KiB psync random writes to a 1 GiB image on ext4 then ran at 16,688 and 18,109
-# IOPS, against 207,736 and 212,975 after this read (two alternating rounds). The kernel's
-# cost of each write would then be most of a row's host CPU, the same for every server.
+# IOPS, against 207,736 and 212,975 after this read (two alternating rounds). In a vhost
+# bench with large folios, one ext4 function took 80-84% of each back end's write time (perf),
+# the same cost for every server.
 reset_page_cache() {
     sync "$1"
     dd if="$1" iflag=nocache count=0 status=none
