@@ -114,7 +114,8 @@ impl Watch {
         if needed {
             self.late = 0;
         }
-        self.missed = missed;
+        // With no watch (a maximum of zero) there is no miss for a kick to judge.
+        self.missed = missed.filter(|_| !self.max.is_zero());
     }
 
     /// Whether a watch of `window` needed its second half for a catch: `after` its start the
@@ -1996,8 +1997,7 @@ impl Device {
             return;
         };
         let mut w = lock(w);
-        // No watch (a maximum of zero) has nothing to judge.
-        if w.missed.is_none() || w.max.is_zero() {
+        if w.missed.is_none() {
             return;
         }
         let mem = self.mem.memory().into_inner();
@@ -2357,6 +2357,8 @@ mod watch_tests {
     fn a_watch_of_no_maximum_never_opens() {
         let mut w = Watch::new(Duration::ZERO);
         assert_eq!(w.window, Duration::ZERO);
+        w.served(false, Some(Instant::now()));
+        assert_eq!(w.missed, None, "no miss for a kick to judge");
         judge(
             &mut w,
             &[
