@@ -14,11 +14,12 @@
 //!   needs one-way CHAP and a different secret; no secret that authenticates initiators (a
 //!   target's or discovery's `chap`) is any target's `mutual` secret (RFC 7143 9.2.1);
 //! - vhost-user sockets (`[[vhost]]`) are unique, each has an initiator name (1 to 223
-//!   printable ASCII characters, no spaces), 1 to 62 request queues and at least one LU, with
-//!   (target, LUN) unique per socket, and an avail-ring watch (`watch_us`) of 0 to 10000 µs. A socket's LU names an image: when an iSCSI target serves
-//!   that image the socket serves the same logical unit (and the `[[vhost.lu]]` entry carries no
-//!   LU settings of its own); otherwise the entry's settings make the LU, and every socket that
-//!   names the image must give the same settings;
+//!   printable ASCII characters, no spaces), 1 to 62 request queues, an avail-ring watch
+//!   (`watch_us`) of 0 to 10000 µs and at least one LU, with (target, LUN) unique per socket.
+//!   A socket's LU names an image: when an iSCSI target serves that image the socket serves
+//!   the same logical unit (and the `[[vhost.lu]]` entry carries no LU settings of its own);
+//!   otherwise the entry's settings make the LU, and every socket that names the image must
+//!   give the same settings;
 //! - with vhost-user sockets configured, iSCSI TPGTs stay below 0x8000: an iSCSI target's port
 //!   is its TPGT, and the sockets' relative target port identifiers are in 0x8000..=0xFFFF;
 //! - a socket's relative target port identifier is its `relative_port_id` (quick start:
