@@ -212,16 +212,16 @@ struct ServeArgs {
     #[arg(long = "vhost-relative-port-id", value_name = "ID", value_parser = parse_port_id)]
     vhost_relative_port_id: Vec<u16>,
     /// Request queues each vhost-user socket offers (QEMU's num_queues may be at most this).
-    #[arg(long, default_value_t = config::DEFAULT_VHOST_QUEUES)]
+    #[arg(long, default_value_t = config::DEFAULT_VHOST_QUEUES, requires = "vhost_user")]
     vhost_queues: u16,
     /// Threads serving each vhost-user socket's request queues, 1 to --vhost-queues [default:
     /// half the host's cores, at most --vhost-queues].
-    #[arg(long)]
+    #[arg(long, requires = "vhost_user")]
     vhost_threads: Option<u16>,
     /// The longest each vhost-user socket's request-queue threads watch their avail rings
     /// after serving them, in µs, 0 to 10000; 0: never watch (a kick for every request that
     /// finds the thread asleep, less CPU on hosts short of cores) [default: 600].
-    #[arg(long, value_name = "US")]
+    #[arg(long, value_name = "US", requires = "vhost_user")]
     vhost_watch_us: Option<u64>,
 }
 
@@ -655,6 +655,35 @@ mod tests {
             .expect_err("refused")
             .to_string();
         assert!(e.contains("must be 0 to 10000 µs, not 10001 µs"), "{e}");
+    }
+
+    /// The per-socket settings of the quick start do nothing without a socket: they are
+    /// refused then, not ignored.
+    #[test]
+    fn vhost_settings_need_a_vhost_socket() {
+        for flag in [
+            "--vhost-queues=2",
+            "--vhost-threads=1",
+            "--vhost-watch-us=0",
+        ] {
+            let e = Cli::try_parse_from(["sharedisk", "serve", "--file", "d.img", flag])
+                .err()
+                .expect(flag)
+                .to_string();
+            assert!(e.contains("--vhost-user <SOCKET>"), "{flag}: {e}");
+            Cli::try_parse_from([
+                "sharedisk",
+                "serve",
+                "--file",
+                "d.img",
+                "--vhost-user",
+                "/vm.sock",
+                flag,
+            ])
+            .expect(flag);
+        }
+        // The default of --vhost-queues does not count as given.
+        Cli::try_parse_from(["sharedisk", "serve", "--file", "d.img"]).expect("no vhost flags");
     }
 
     #[test]
