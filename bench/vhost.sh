@@ -37,6 +37,12 @@
 # TCG reports no steal time: a vCPU the host preempts still counts as busy, so a back end
 # that takes host CPU from the vCPUs raises the busy figure too. The interrupts are exact. At
 # the paced row the busy figure is mostly fio's pacing and the idle guest, not the requests.
+# A fourth table gives, for every target, the share of the host's CPU time the hypervisor
+# under this machine took (steal, from /proc/stat, over the same span as the back end's CPU):
+# a guest that ran slow in one round while the host was stolen from is the host's noise, not
+# its target's (steal.tsv has every round).
+# The targets run in the order given in odd rounds and in the reverse order in even ones, so
+# that no target always runs first after the image is filled or always follows the same one.
 # Every guest has the same vCPUs and memory; scsi-hd uses the host page cache like the two
 # vhost-user back ends (cache=writeback; BENCH_SCSI_HD_CACHE=none for O_DIRECT).
 # Before each target the image's page cache is reset: written back, dropped, read once with
@@ -47,7 +53,7 @@
 # (the better of the two aio modes) and sharedisk/vhost-device-scsi, and whether the targets
 # are met (at least scsi-hd on every row, at least 1.5x vhost-device-scsi at QD16). The raw
 # output (guest consoles with fio's JSON, results channels, QEMU command lines, back-end logs,
-# results.tsv with every round's IOPS, cpu.tsv, guest.tsv, table.txt) is kept in
+# results.tsv with every round's IOPS, cpu.tsv, guest.tsv, steal.tsv, table.txt) is kept in
 # out/bench-vhost/. Exits 1 when something failed (a row, a guest, a back end; listed under
 # the table). Needs root to install packages when they are missing. Not part of
 # scripts/test.sh.
@@ -110,6 +116,7 @@ mkdir -p "$out"
 printf 'round\ttarget\trow\tiops\n' >"$out/results.tsv"
 printf 'round\ttarget\trow\tcpu_percent\n' >"$out/cpu.tsv"
 printf 'round\ttarget\trow\tios\tirqs\tbusy_ticks\n' >"$out/guest.tsv"
+printf 'round\ttarget\trow\tsteal_percent\n' >"$out/steal.tsv"
 work=$(mktemp -d /var/tmp/sharedisk-bench-vhost.XXXXXX)
 image=$work/disk.img
 sock=$work/vhost.sock
@@ -166,14 +173,15 @@ stop_backend() {
     server=""
 }
 
-# cpu_watch PID CONSOLE FILE: while PID lives, each time CONSOLE gets a "[guest] fio ROW: ..."
-# or "[guest] fio ROW end" line (ROW's fio run begins or ends), append "start|end ROW TICKS
-# SECONDS" to FILE: the CPU time PID has used so far (user + system, all threads, in clock
-# ticks) and the time. It follows the console with tail -F, which here looks at the file
-# every 50 ms (it fell back to its default of a second, which put a row's bounds up to a
-# second late and lost the last row's end: the back end is stopped about 0.3 s after it).
-cpu_watch() {
-    local pid=$1 console=$2 file=$3 st f kind line
+# row_watch GUEST CONSOLE FILE [BACKEND]: while the process GUEST lives, each time CONSOLE
+# gets a "[guest] fio ROW: ..." or "[guest] fio ROW end" line (ROW's fio run begins or ends),
+# append "start|end ROW TICKS SECONDS STEAL TOTAL" to FILE: the CPU time BACKEND has used so
+# far (user + system, all threads, in clock ticks; 0 without a BACKEND), the time, and the
+# host's stolen and total CPU time so far (the "cpu" line of /proc/stat: user to steal, in
+# clock ticks). It follows the console with tail -F, which here looks at the file every 50 ms
+# (it fell back to its default of a second, which put a row's bounds up to a second late).
+row_watch() {
+    local guest=$1 console=$2 file=$3 backend=${4:-} st f kind line ticks
     while read -r _ _ line; do
         line=${line%$'\r'} # the serial console ends lines with CR LF
         case $line in
@@ -181,17 +189,25 @@ cpu_watch() {
         *" end") kind=end line=${line% end} ;;
         *) continue ;;
         esac
-        st=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
-        # utime and stime are fields 14 and 15; the name in field 2 ends with ") ".
-        read -r -a f <<<"${st##*) }"
-        echo "$kind $line $((f[11] + f[12])) $(date +%s.%N)" >>"$file"
-    done < <(tail -n +1 -F -s 0.05 --pid="$pid" "$console" 2>/dev/null | grep --line-buffered '^\[guest\] fio ')
+        ticks=0
+        if [[ -n $backend ]]; then
+            st=$(cat "/proc/$backend/stat" 2>/dev/null) || continue
+            # utime and stime are fields 14 and 15; the name in field 2 ends with ") ".
+            read -r -a f <<<"${st##*) }"
+            ticks=$((f[11] + f[12]))
+        fi
+        # "cpu user nice system idle iowait irq softirq steal guest guest_nice": guest time
+        # is already in user and nice.
+        read -r -a f </proc/stat
+        echo "$kind $line $ticks $(date +%s.%N) ${f[8]} $((f[1] + f[2] + f[3] + f[4] + f[5] + f[6] + f[7] + f[8]))" >>"$file"
+    done < <(tail -n +1 -F -s 0.05 --pid="$guest" "$console" 2>/dev/null | grep --line-buffered '^\[guest\] fio ')
 }
 
 # Results: results[ROW,TARGET] = IOPS of each round, space-separated; cpu[ROW,TARGET] the
 # back end's CPU percentages likewise; irq_req and busy_req[ROW,TARGET] the guest's
-# interrupts and busy vCPU µs per request likewise; failures: lines.
-declare -A results cpu irq_req busy_req
+# interrupts and busy vCPU µs per request likewise; steal[ROW,TARGET] the host's stolen
+# percentages likewise; failures: lines.
+declare -A results cpu irq_req busy_req steal
 failures=()
 
 # run_target ROUND TARGET: one guest against TARGET; collects its rows.
@@ -214,24 +230,21 @@ run_target() {
             return
         fi
     fi
-    local watcher=""
-    if [[ -n $server ]]; then
-        cpu_watch "$server" "$out/$name.console" "$out/$name.cpu" &
-        watcher=$!
-    fi
     "$guest_dir/run.sh" --guest "$guest" --dir "$out" --name "$name" --timeout "$guest_timeout" \
         --smp "$vcpus" --mem "$mem" --script "$guest_dir/cases/bench.sh" --disk "$disk" \
         --env BENCH_ROWS="$row_specs" --env BENCH_SECONDS="$secs" --env BENCH_RAMP="$ramp" \
-        --env BENCH_IOENGINE="$ioengine" 2>>"$out/run.log" || rc=$?
+        --env BENCH_IOENGINE="$ioengine" 2>>"$out/run.log" &
+    local guest_pid=$! server_was=$server
+    row_watch "$guest_pid" "$out/$name.console" "$out/$name.cpu" "$server" &
+    local watcher=$!
+    wait "$guest_pid" || rc=$?
     # sharedisk keeps serving after the guest goes (vhost-device-scsi exits when its one
     # front end disconnects, as it is meant to).
     if [[ $target == sharedisk ]] && ! kill -0 "$server" 2>/dev/null; then
         failures+=("$target (round $round): the daemon exited during the run; see $out/$name.backend.log")
     fi
     stop_backend
-    if [[ -n $watcher ]]; then
-        wait "$watcher" 2>/dev/null || true
-    fi
+    wait "$watcher" 2>/dev/null || true
     rm -f "$out/$name.initrd" # the base initramfs and $name.test.cpio.gz, 38 MB
     ((rc != 124)) || failures+=("$target (round $round): the guest timed out after ${guest_timeout}s")
     local f=$out/$name.results row v line want=$queues ios irqs busy irq_io busy_io
@@ -261,20 +274,27 @@ run_target() {
             printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$target" "$row" "$ios" "$irqs" "$busy" >>"$out/guest.tsv"
         fi
     done
-    if [[ -n $watcher ]]; then
-        # The CPU of the rows that gave IOPS (a failed fio's run says nothing).
-        while read -r row v; do
-            [[ -n ${measured[$row]:-} ]] || continue
+    # The back end's CPU and the host's steal through the rows that gave IOPS (a failed fio's
+    # run says nothing): "ROW CPU% STEAL%", CPU% "-" without a back end.
+    local sv
+    while read -r row v sv; do
+        [[ -n ${measured[$row]:-} ]] || continue
+        if [[ -n $server_was ]]; then
             cpu[$row,$target]+="$v "
             printf '%s\t%s\t%s\t%s\n' "$round" "$target" "$row" "$v" >>"$out/cpu.tsv"
-        done < <(awk -v hz="$(getconf CLK_TCK)" '
-            { ticks[$1, $2] = $3; at[$1, $2] = $4; rows[$2] = 1 }
-            END {
-                for (r in rows)
-                    if ((("start", r) in at) && (("end", r) in at) && at["end", r] > at["start", r])
-                        printf "%s %.1f\n", r, 100 * (ticks["end", r] - ticks["start", r]) / hz / (at["end", r] - at["start", r])
-            }' "$out/$name.cpu" 2>/dev/null)
-    fi
+        fi
+        steal[$row,$target]+="$sv "
+        printf '%s\t%s\t%s\t%s\n' "$round" "$target" "$row" "$sv" >>"$out/steal.tsv"
+    done < <(awk -v hz="$(getconf CLK_TCK)" '
+        { ticks[$1, $2] = $3; at[$1, $2] = $4; st[$1, $2] = $5; all[$1, $2] = $6; rows[$2] = 1 }
+        END {
+            for (r in rows)
+                if ((("start", r) in at) && (("end", r) in at) && at["end", r] > at["start", r] &&
+                    all["end", r] > all["start", r])
+                    printf "%s %.1f %.1f\n", r,
+                        100 * (ticks["end", r] - ticks["start", r]) / hz / (at["end", r] - at["start", r]),
+                        100 * (st["end", r] - st["start", r]) / (all["end", r] - all["start", r])
+        }' "$out/$name.cpu" 2>/dev/null)
     while read -r line; do
         failures+=("$target (round $round): $line")
     done < <(awk '$1 == "RESULT" && $3 == "FAIL" { $1 = ""; print substr($0, 2) }' "$f" 2>/dev/null)
@@ -283,7 +303,14 @@ run_target() {
 }
 
 for ((r = 1; r <= rounds; r++)); do
-    for t in "${targets[@]}"; do
+    order=("${targets[@]}")
+    if ((r % 2 == 0)); then
+        order=()
+        for ((i = ${#targets[@]} - 1; i >= 0; i--)); do
+            order+=("${targets[i]}")
+        done
+    fi
+    for t in "${order[@]}"; do
         run_target "$r" "$t"
     done
 done
@@ -311,7 +338,7 @@ meet() {
     fi
 }
 
-declare -A med med_cpu med_irq med_busy
+declare -A med med_cpu med_irq med_busy med_steal
 for row in "${all_rows[@]}"; do
     for t in "${all_targets[@]}"; do
         # shellcheck disable=SC2086
@@ -322,6 +349,8 @@ for row in "${all_rows[@]}"; do
         med[$row,$t]=$(median ${results[$row,$t]:-})
         # shellcheck disable=SC2086
         med_cpu[$row,$t]=$(MEDIAN_FORMAT=%.1f median ${cpu[$row,$t]:-})
+        # shellcheck disable=SC2086
+        med_steal[$row,$t]=$(MEDIAN_FORMAT=%.1f median ${steal[$row,$t]:-})
     done
 done
 # per_request PERCENT IOPS: microseconds of CPU per request, or "-".
@@ -382,6 +411,17 @@ ok_hd=yes ok_vds=yes
             c=-
             [[ -z ${med_busy[$row,$t]} ]] || c="${med_irq[$row,$t]:--} / ${med_busy[$row,$t]}"
             line+=$(printf ' %14s' "$c")
+        done
+        echo "$line"
+    done
+    echo "host CPU time taken by the hypervisor (steal) through each row, % (median; every" \
+        "round in steal.tsv)"
+    printf '%-16s %14s %14s %14s %14s %14s\n' row sharedisk "scsi-hd thr" "scsi-hd iou" \
+        "vhost-dev" "scsi-hd null"
+    for row in "${all_rows[@]}"; do
+        line=$(printf '%-16s' "$row")
+        for t in "${all_targets[@]}"; do
+            line+=$(printf ' %14s' "${med_steal[$row,$t]:--}")
         done
         echo "$line"
     done
