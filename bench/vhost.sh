@@ -42,7 +42,8 @@
 # a guest that ran slow in one round while the host was stolen from is the host's noise, not
 # its target's (steal.tsv has every round).
 # The targets run in the order given in odd rounds and in the reverse order in even ones, so
-# that no target always runs first after the image is filled or always follows the same one.
+# that (with BENCH_ROUNDS of 2 or more) no target always runs first in a round or always
+# follows the same one.
 # Every guest has the same vCPUs and memory; scsi-hd uses the host page cache like the two
 # vhost-user back ends (cache=writeback; BENCH_SCSI_HD_CACHE=none for O_DIRECT).
 # Before each target the image's page cache is reset: written back, dropped, read once with
@@ -121,8 +122,12 @@ work=$(mktemp -d /var/tmp/sharedisk-bench-vhost.XXXXXX)
 image=$work/disk.img
 sock=$work/vhost.sock
 server=""
+guest_pid=""
 cleanup() {
     local f
+    # The guest's run.sh: started in the background, it ignores SIGINT, and its QEMU's pid
+    # file is written only once its initramfs is built.
+    [[ -z $guest_pid ]] || kill -TERM "$guest_pid" 2>/dev/null || true
     # A guest still running (an interrupted run): run.sh's timeout passes SIGTERM on to QEMU.
     for f in "$out"/*.pid; do
         [[ -f $f ]] && kill -TERM "$(cat "$f")" 2>/dev/null || true
@@ -234,10 +239,12 @@ run_target() {
         --smp "$vcpus" --mem "$mem" --script "$guest_dir/cases/bench.sh" --disk "$disk" \
         --env BENCH_ROWS="$row_specs" --env BENCH_SECONDS="$secs" --env BENCH_RAMP="$ramp" \
         --env BENCH_IOENGINE="$ioengine" 2>>"$out/run.log" &
-    local guest_pid=$! server_was=$server
+    guest_pid=$!
+    local server_was=$server
     row_watch "$guest_pid" "$out/$name.console" "$out/$name.cpu" "$server" &
     local watcher=$!
     wait "$guest_pid" || rc=$?
+    guest_pid=""
     # sharedisk keeps serving after the guest goes (vhost-device-scsi exits when its one
     # front end disconnects, as it is meant to).
     if [[ $target == sharedisk ]] && ! kill -0 "$server" 2>/dev/null; then
