@@ -282,7 +282,7 @@ run_target() {
         fi
     done
     # The back end's CPU and the host's steal through the rows that gave IOPS (a failed fio's
-    # run says nothing): "ROW CPU% STEAL%", CPU% "-" without a back end.
+    # run says nothing): "ROW CPU% STEAL%", CPU% 0.0 (and not kept) without a back end.
     local sv
     while read -r row v sv; do
         [[ -n ${measured[$row]:-} ]] || continue
@@ -368,6 +368,30 @@ per_request() {
         echo "-"
     fi
 }
+# per_target_table CELL: a table of every row by every target, each cell printed by
+# "CELL ROW TARGET".
+per_target_table() {
+    local row t line
+    printf '%-16s %14s %14s %14s %14s %14s\n' row sharedisk "scsi-hd thr" "scsi-hd iou" \
+        "vhost-dev" "scsi-hd null"
+    for row in "${all_rows[@]}"; do
+        line=$(printf '%-16s' "$row")
+        for t in "${all_targets[@]}"; do
+            line+=$(printf ' %14s' "$("$1" "$row" "$t")")
+        done
+        echo "$line"
+    done
+}
+guest_cell() { # ROW TARGET: "interrupts / busy µs" per request, or "-"
+    if [[ -z ${med_busy[$1,$2]} ]]; then
+        echo -
+    else
+        echo "${med_irq[$1,$2]:--} / ${med_busy[$1,$2]}"
+    fi
+}
+steal_cell() { # ROW TARGET: the median steal %, or "-"
+    echo "${med_steal[$1,$2]:--}"
+}
 ok_hd=yes ok_vds=yes
 {
     echo "sharedisk over vhost-user vs QEMU scsi-hd vs vhost-device-scsi, from a Linux guest:"
@@ -410,28 +434,10 @@ ok_hd=yes ok_vds=yes
     done
     echo "what each request cost the guest (medians): interrupts / us of busy vCPU time" \
         "(all vCPUs, ramp included)"
-    printf '%-16s %14s %14s %14s %14s %14s\n' row sharedisk "scsi-hd thr" "scsi-hd iou" \
-        "vhost-dev" "scsi-hd null"
-    for row in "${all_rows[@]}"; do
-        line=$(printf '%-16s' "$row")
-        for t in "${all_targets[@]}"; do
-            c=-
-            [[ -z ${med_busy[$row,$t]} ]] || c="${med_irq[$row,$t]:--} / ${med_busy[$row,$t]}"
-            line+=$(printf ' %14s' "$c")
-        done
-        echo "$line"
-    done
+    per_target_table guest_cell
     echo "host CPU time taken by the hypervisor (steal) through each row, % (median; every" \
         "round in steal.tsv)"
-    printf '%-16s %14s %14s %14s %14s %14s\n' row sharedisk "scsi-hd thr" "scsi-hd iou" \
-        "vhost-dev" "scsi-hd null"
-    for row in "${all_rows[@]}"; do
-        line=$(printf '%-16s' "$row")
-        for t in "${all_targets[@]}"; do
-            line+=$(printf ' %14s' "${med_steal[$row,$t]:--}")
-        done
-        echo "$line"
-    done
+    per_target_table steal_cell
     echo "target: sharedisk >= the better scsi-hd on every row: $ok_hd;" \
         ">= 1.5x vhost-device-scsi at qd16: $ok_vds"
     if ((${#failures[@]})); then
