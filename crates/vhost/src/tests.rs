@@ -530,6 +530,42 @@ fn power_on_unit_attention_then_good_with_sense_truncated_to_sense_size() {
     assert!(h.dev.set_config(20, &[0, 1, 0, 0]).is_err());
 }
 
+/// The driver may shrink the CDB field (virtio 1.2 5.6.4: cdb_size is writable): a request
+/// header is then 19 + cdb_size bytes, and what follows it in the chain is data-out.
+#[test]
+fn the_cdb_size_the_driver_writes_is_where_the_data_out_begins() {
+    let mut h = Harness::new();
+    h.tur();
+    // cdb_size is the 4 bytes at offset 24 of the config space (virtio 1.2 5.6.4).
+    h.dev.set_config(24, &[16, 0, 0, 0]).unwrap();
+    assert_eq!(h.dev.get_config(24, 4), vec![16, 0, 0, 0]);
+    // One device-readable descriptor: a 35-byte header (LUN 8, tag 8, task attribute, prio,
+    // crn, CDB 16) whose CDB is WRITE(10) LBA 3, 1 block (SBC-4 5.40), then the 512 bytes of
+    // data-out. Read as a 51-byte header, 16 bytes of data would be taken for the CDB and the
+    // rest would fall short of the block (VIRTIO_SCSI_S_OVERRUN).
+    let data: Vec<u8> = (0..512u32).map(|i| (i * 13 % 251) as u8).collect();
+    let mut req = vec![0u8; 35];
+    req[0..8].copy_from_slice(&LUN0);
+    req[8..16].copy_from_slice(&9u64.to_le_bytes());
+    req[19..29].copy_from_slice(&[0x2A, 0, 0, 0, 0, 3, 0, 0, 1, 0]);
+    req.extend_from_slice(&data);
+    let a = h.alloc(req.len() as u32);
+    h.put(a, &req);
+    let r = h.alloc(RESP);
+    h.add_chain(2, &[rd(a, req.len() as u32), wr(r, RESP)]);
+    h.kick(2);
+    let (_, len) = h.wait_used(2);
+    assert_eq!(len, RESP);
+    // sense_len 0, resid 0, status_qualifier 0, status GOOD, response VIRTIO_SCSI_S_OK.
+    assert_eq!(&h.get(r, 12), &[0; 12]);
+    assert_eq!(h.stored(3, 1), data);
+    // 0, and 261 (more than the longest CDB, a variable-length one of 260 bytes), are
+    // refused, and the size stays.
+    assert!(h.dev.set_config(24, &[0, 0, 0, 0]).is_err());
+    assert!(h.dev.set_config(24, &[5, 1, 0, 0]).is_err());
+    assert_eq!(h.dev.get_config(24, 4), vec![16, 0, 0, 0]);
+}
+
 #[test]
 fn write_and_read_round_trip_with_residuals() {
     let mut h = Harness::new();
@@ -750,6 +786,56 @@ fn an_avail_index_beyond_the_queue_size_stalls_the_queue_without_spinning() {
     assert_eq!(h.used_count(2), used_before);
 }
 
+/// Two virtio targets behind one socket (a config file may do that): each request goes to
+/// the LU its LUN field addresses, and max_target tells the driver to scan both.
+#[test]
+fn each_virtio_target_of_a_socket_is_its_own_lu() {
+    let (l0, l1) = (lu(64), lu(64));
+    let config = socket_config(
+        1,
+        1,
+        vec![
+            LunConfig {
+                target: 0,
+                lun: 0,
+                lu: l0.clone(),
+            },
+            LunConfig {
+                target: 1,
+                lun: 0,
+                lu: l1.clone(),
+            },
+        ],
+    );
+    let mut h = Harness::with_config(l0, config);
+    // max_target (u16 at offset 30 of the config space, virtio 1.2 5.6.4) is 1.
+    assert_eq!(h.dev.get_config(30, 2), vec![1, 0]);
+    // Target 1, LUN 0 in the LUN field: [1, target, 40h | LUN >> 8, LUN & FFh, 0...].
+    let t1 = [1, 1, 0x40, 0, 0, 0, 0, 0];
+    for target in [LUN0, t1] {
+        // Each target's LU has its own power-on unit attention for the nexus.
+        for _ in 0..4 {
+            if h.command(target, &[0x00, 0, 0, 0, 0, 0], &[], 0).1[10] == 0 {
+                break;
+            }
+        }
+    }
+    // WRITE(10) LBA 5, 1 block (SBC-4 5.40) to target 1: GOOD, and it lands on target 1's LU
+    // only.
+    let data = vec![0xA5u8; 512];
+    let (_, resp, _) = h.command(t1, &[0x2A, 0, 0, 0, 0, 5, 0, 0, 1, 0], &data, 0);
+    assert_eq!(&resp[..12], &[0; 12]);
+    let on = |l: &Arc<scsi::LogicalUnit>| {
+        let l = l.clone();
+        h.rt.block_on(async move { l.backend().read(5, 1).await.expect("read") })
+    };
+    assert_eq!(on(&l1), data);
+    assert_eq!(on(&h.lu), vec![0u8; 512]);
+    // READ(10) of the same block through target 0 reads target 0's LU.
+    let (_, resp, din) = h.command(LUN0, &[0x28, 0, 0, 0, 0, 5, 0, 0, 1, 0], &[], 512);
+    assert_eq!((resp[10], din), (0, vec![0u8; 512]));
+}
+
 #[test]
 fn unknown_target_and_lun() {
     let mut h = Harness::new();
@@ -854,6 +940,49 @@ fn a_parameter_change_is_posted_with_its_asc_and_ascq() {
         h.get(e, 16),
         vec![3, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0x2A, 0x09, 0, 0]
     );
+}
+
+/// Events go only to a driver that negotiated their feature (virtio 1.2 5.6.6.3: transport
+/// reset events with VIRTIO_SCSI_F_HOTPLUG, parameter changes with VIRTIO_SCSI_F_CHANGE); a
+/// driver without it keeps its event buffers, and is not told of events lost.
+#[test]
+fn events_go_only_to_a_driver_that_negotiated_their_feature() {
+    let mut h = Harness::new();
+    let all = h.dev.features();
+    // Feature bits 1 (VIRTIO_SCSI_F_HOTPLUG) and 2 (VIRTIO_SCSI_F_CHANGE).
+    let (hotplug, change) = (1u64 << 1, 1u64 << 2);
+    let e = h.alloc(16);
+    h.add_chain(1, &[wr(e, 16)]);
+    h.kick(1);
+    h.dev.acked_features(all & !(hotplug | change));
+    h.vs.add_lu(0, 1, lu(8)).unwrap();
+    h.vs.param_change(0, 0, 0x2A, 0x09);
+    assert_eq!(h.used_count(1), 0, "neither feature: no event");
+    h.dev.acked_features(all & !hotplug);
+    assert!(h.vs.remove_lu(0, 1).is_some());
+    assert_eq!(
+        h.used_count(1),
+        0,
+        "no VIRTIO_SCSI_F_HOTPLUG: no transport reset"
+    );
+    h.vs.param_change(0, 0, 0x2A, 0x09);
+    assert_eq!(h.wait_used(1), (0, 16));
+    // event VIRTIO_SCSI_T_PARAM_CHANGE (3), without VIRTIO_SCSI_T_EVENTS_MISSED (8000_0000h).
+    assert_eq!(le32(&h.get(e, 16), 0), 3);
+    let e = h.alloc(16);
+    h.add_chain(1, &[wr(e, 16)]);
+    h.dev.acked_features(all & !change);
+    h.vs.param_change(0, 0, 0x2A, 0x09);
+    assert_eq!(
+        h.used_count(1),
+        1,
+        "no VIRTIO_SCSI_F_CHANGE: no parameter change"
+    );
+    h.vs.add_lu(0, 1, lu(8)).unwrap();
+    assert_eq!(h.wait_used(1), (1, 16));
+    // event VIRTIO_SCSI_T_TRANSPORT_RESET (1), reason RESCAN (1) at byte 12.
+    let ev = h.get(e, 16);
+    assert_eq!((le32(&ev, 0), le32(&ev, 12)), (1, 1));
 }
 
 /// An LU served at two places of one socket (a config file may do that) is still reached
@@ -2411,6 +2540,30 @@ fn hold_a_popped_chain(
         std::thread::sleep(Duration::from_millis(1));
     }
     (gate, r, kicked)
+}
+
+/// Two request queues on two threads are served in parallel: while the first queue's thread
+/// is held between a pop and its request, the second queue's thread serves its own.
+#[test]
+fn a_thread_held_in_its_queue_does_not_hold_up_another_threads_queue() {
+    let mut h = Harness::with_queues(lu(64), 2, 2);
+    h.tur();
+    assert_ne!(h.thread_of(2).0, h.thread_of(3).0, "a thread each");
+    let (gate, r2, kicked) = hold_a_popped_chain(&mut h);
+    let r3 = tur_chain(&mut h, 3, 6);
+    h.kick(3);
+    assert_eq!(h.wait_used(3).1, RESP);
+    // GOOD: sense_len 0, resid 0, status 0, response VIRTIO_SCSI_S_OK.
+    assert_eq!(h.get(r3, 12), vec![0; 12]);
+    assert!(
+        !kicked.is_finished(),
+        "the first queue's thread is still held"
+    );
+    *gate.0.lock().unwrap() = true;
+    gate.1.notify_all();
+    kicked.join().unwrap();
+    assert_eq!(h.wait_used(2).1, RESP);
+    assert_eq!(h.get(r2, 12), vec![0; 12]);
 }
 
 /// ABORT TASK of a request the queue's thread has popped but not yet put in flight: the
