@@ -11,15 +11,16 @@
 #              (one guest; LU reset), and sharedisk's iSCSI frontend reached through QEMU's
 #              iSCSI initiator and SCSI passthrough (one guest; the two-guest fence sequence)
 #   sharedisk  sharedisk's vhost-user-scsi frontend (`serve --vhost-user SOCKET`): one guest
-#              (and one on an LU with direct I/O, `--direct`, one on an LU of 4096-byte
-#              blocks); one booted through SeaBIOS; two guests on two sockets (fence); mixed
-#              vhost-user + iSCSI (fence); LU reset; an LU added and removed while the guest
-#              runs (`sharedisk lu add|remove`, hotplug); and its iSCSI frontend reached by
+#              (and one on an LU with direct I/O, `--direct`, one on an LU of 4096-byte blocks);
+#              one booted through SeaBIOS; two guests on two sockets (fence); mixed vhost-user +
+#              iSCSI (fence); LU reset; an LU added and removed while the guest runs (`sharedisk
+#              lu add|remove`, hotplug); a guest killed while it holds a persistent reservation
+#              and the next booted on its socket (reconnect); and its iSCSI frontend reached by
 #              Linux's own initiator in the guest (open-iscsi, iscsi_tcp): one guest with
-#              digests (and one on 4096-byte blocks), CHAP (discovery, one-way and mutual,
-#              wrong secrets refused), two sessions from one guest (two I_T nexuses, one
-#              reservation), two guests (fence), LU reset, the daemon killed and started
-#              again under the guest's writes (restart)
+#              digests (and one on 4096-byte blocks), CHAP (discovery, one-way and mutual, wrong
+#              secrets refused), two sessions from one guest (two I_T nexuses, one reservation),
+#              two guests (fence), LU reset, the daemon killed and started again under the
+#              guest's writes (restart)
 #   peer       the one-guest case against vhost-device-scsi (`cargo install vhost-device-scsi`),
 #              which shows the vhost-user path of the harness; by hand, not in CI
 #
@@ -524,6 +525,82 @@ hotplug_step() {
     esac
 }
 
+# host_may_write NAME WANT: the check NAME that the host's own iSCSI nexus (daemon_url) writes
+# 4 KiB at 32 MiB (WANT ok) or is refused (WANT refused: QEMU's initiator reports a
+# reservation conflict as an I/O error like any other failed write, so the case pairs this
+# with host_sees_holder).
+host_may_write() {
+    local out rc=0
+    out=$(qemu-io -f raw -c "write -q -P 0x5a 33554432 4096" "$daemon_url" 2>&1) || rc=$?
+    echo "$1: exit $rc: $out" >>"$case_dir/host-io.log"
+    out=$(echo "$out" | tr '\n' ' ')
+    case $2,$rc in
+    ok,0) host_pass "$1" ;;
+    refused,0) host_fail "$1" "the write went through" ;;
+    refused,*) host_pass "$1" "$out" ;;
+    *) host_fail "$1" "exit $rc: $out" ;;
+    esac
+}
+
+# host_sees_holder NAME INITIATOR: the check NAME that `sharedisk pr show` has the LU reserved
+# Write Exclusive (type 1) by INITIATOR.
+host_sees_holder() {
+    local out
+    out=$("$bin" pr show --control "$case_dir/control.sock" 2>&1) || true
+    echo "$1: $out" >>"$case_dir/host-io.log"
+    if grep -q "^reservation: type 1h .*held by .*$2" <<<"$out"; then
+        host_pass "$1" "$(grep '^reservation:' <<<"$out")"
+    else
+        host_fail "$1" "$(tr '\n' ' ' <<<"$out")"
+    fi
+}
+
+# reconnect SOCKET INITIATOR: cases/reconnect.sh on the daemon that case_start began, whose
+# socket SOCKET is configured with INITIATOR: guest1 registers and reserves, its QEMU is
+# killed (SIGKILL: the socket closes with nothing released), then guest2 boots on the same
+# socket; between them the host's iSCSI nexus checks the reservation holds.
+reconnect() {
+    local sock=$1 name=$2 i rc=0 bg n detail
+    head -c 1048576 /dev/urandom >"$case_dir/pattern.bin"
+    local opts=(--disk "vhost-user:$sock,num_queues=2" --initiator "$name"
+        --data pattern="$case_dir/pattern.bin" --env WANT_INITIATOR="$name")
+    "$here/run.sh" --guest "$guest" --dir "$case_dir" --name guest1 --timeout "$guest_timeout" \
+        --script "$here/cases/reconnect.sh" "${opts[@]}" --env ROLE=1 2>>"$case_dir/run.log" &
+    bg=$!
+    pids+=("$bg")
+    for ((i = 0; i < guest_timeout * 5; i++)); do
+        grep -qx "SYNC held" "$case_dir/guest1.results" 2>/dev/null && break
+        kill -0 "$bg" 2>/dev/null || break
+        sleep 0.2
+    done
+    if grep -qx "SYNC held" "$case_dir/guest1.results" 2>/dev/null; then
+        host_may_write host-refused-while-held refused
+        host_sees_holder host-sees-holder-while-held "$name"
+        # run.sh's pid file names the `timeout` that runs QEMU: QEMU is its child.
+        pkill -KILL -P "$(cat "$case_dir/guest1.pid")" || host_fail guest1-killed "no QEMU to kill"
+    fi
+    wait "$bg" || rc=$?
+    # QEMU killed: run.sh reports QEMU failing (3), as it must.
+    ((rc == 3)) && host_pass guest1-killed || host_fail guest1-killed "run.sh exited $rc, not 3"
+    # guest1 never finishes: its checks up to the kill count here.
+    while read -r _ n _ detail; do
+        host_fail "guest1-$n" "$detail"
+    done < <(grep '^RESULT [^ ]* FAIL' "$case_dir/guest1.results" 2>/dev/null || true)
+    grep -q '^RESULT full-status-names-initiator PASS' "$case_dir/guest1.results" ||
+        host_fail guest1-checked "guest1 did not check READ FULL STATUS"
+    # The daemon saw the socket close and ended the nexus before the next guest connects.
+    for ((i = 0; i < 50; i++)); do
+        grep -q 'frontend disconnected; I_T nexus lost' "$case_dir/daemon.log" && break
+        sleep 0.1
+    done
+    grep -q 'frontend disconnected; I_T nexus lost' "$case_dir/daemon.log" &&
+        host_pass nexus-lost || host_fail nexus-lost "the daemon did not log the disconnection"
+    host_may_write host-refused-after-kill refused
+    host_sees_holder host-sees-holder-after-kill "$name"
+    boot guest2 reconnect.sh "${opts[@]}" --env ROLE=2
+    host_may_write host-writes-after-release ok
+}
+
 # linux_iscsi [DIGEST]: the run options of a guest that reaches the daemon's LU (daemon_url)
 # through Linux's own iSCSI initiator (lib.sh's iscsi_attach), asking for DIGEST (None or
 # CRC32C) as header and data digests.
@@ -762,6 +839,17 @@ EOF
             daemon_stop
         fi
         case_end vhost-user.hotplug guest
+    fi
+
+    if selected vhost-user/reconnect; then
+        case_start vhost-user/reconnect
+        s1=$case_dir/vhost1.sock
+        if daemon_start "$case_dir" "$case_dir/disk.img" --vhost-user "$s1" \
+            --vhost-initiator "$initiator_base:reconnecting"; then
+            reconnect "$s1" "$initiator_base:reconnecting"
+            daemon_stop
+        fi
+        case_end vhost-user.reconnect guest2
     fi
 
     if selected vhost-user/lu-reset; then

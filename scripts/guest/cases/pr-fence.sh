@@ -38,6 +38,11 @@ clear_ua "$dev"
 expect_rc register 0 sg_persist -n --out --register --param-sark="$mine" "$dev"
 sync_point registered
 report registered
+k=$(pr_keys "$dev")
+case $k in
+*"keys=$k1,$k2") pass sees-both-registered "$k" ;;
+*) fail sees-both-registered "$k, want $k1,$k2" ;;
+esac
 
 # Phase 2: guest 1 reserves, type 5.
 sync_point reported-registered
