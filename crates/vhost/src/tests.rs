@@ -552,6 +552,7 @@ fn the_cdb_size_the_driver_writes_is_where_the_data_out_begins() {
     let a = h.alloc(req.len() as u32);
     h.put(a, &req);
     let r = h.alloc(RESP);
+    h.put(r, &[0xEE; 12]);
     h.add_chain(2, &[rd(a, req.len() as u32), wr(r, RESP)]);
     h.kick(2);
     let (_, len) = h.wait_used(2);
@@ -564,6 +565,8 @@ fn the_cdb_size_the_driver_writes_is_where_the_data_out_begins() {
     assert!(h.dev.set_config(24, &[0, 0, 0, 0]).is_err());
     assert!(h.dev.set_config(24, &[5, 1, 0, 0]).is_err());
     assert_eq!(h.dev.get_config(24, 4), vec![16, 0, 0, 0]);
+    h.dev.set_config(24, &[4, 1, 0, 0]).unwrap();
+    assert_eq!(h.dev.get_config(24, 4), vec![4, 1, 0, 0], "260 is taken");
 }
 
 #[test]
@@ -813,15 +816,17 @@ fn each_virtio_target_of_a_socket_is_its_own_lu() {
     // Target 1, LUN 0 in the LUN field: [1, target, 40h | LUN >> 8, LUN & FFh, 0...].
     let t1 = [1, 1, 0x40, 0, 0, 0, 0, 0];
     for target in [LUN0, t1] {
-        // Each target's LU has its own power-on unit attention for the nexus.
-        for _ in 0..4 {
-            if h.command(target, &[0x00, 0, 0, 0, 0, 0], &[], 0).1[10] == 0 {
-                break;
-            }
-        }
+        // Each target's LU has its own power-on unit attention for the nexus: TEST UNIT
+        // READY is CHECK CONDITION (02h) once, then GOOD.
+        let tur = |h: &mut Harness| h.command(target, &[0x00, 0, 0, 0, 0, 0], &[], 0).1[10];
+        assert_eq!(tur(&mut h), 0x02);
+        assert_eq!(tur(&mut h), 0);
     }
-    // WRITE(10) LBA 5, 1 block (SBC-4 5.40) to target 1: GOOD, and it lands on target 1's LU
-    // only.
+    // WRITE(10) LBA 5, 1 block (SBC-4 5.40): a pattern through target 0, then other data
+    // through target 1, each GOOD; each lands on its own target's LU.
+    let pattern = vec![0x3Cu8; 512];
+    let (_, resp, _) = h.command(LUN0, &[0x2A, 0, 0, 0, 0, 5, 0, 0, 1, 0], &pattern, 0);
+    assert_eq!(&resp[..12], &[0; 12]);
     let data = vec![0xA5u8; 512];
     let (_, resp, _) = h.command(t1, &[0x2A, 0, 0, 0, 0, 5, 0, 0, 1, 0], &data, 0);
     assert_eq!(&resp[..12], &[0; 12]);
@@ -830,10 +835,11 @@ fn each_virtio_target_of_a_socket_is_its_own_lu() {
         h.rt.block_on(async move { l.backend().read(5, 1).await.expect("read") })
     };
     assert_eq!(on(&l1), data);
-    assert_eq!(on(&h.lu), vec![0u8; 512]);
-    // READ(10) of the same block through target 0 reads target 0's LU.
+    assert_eq!(on(&h.lu), pattern);
+    // READ(10) of the same block through target 0 reads target 0's LU: GOOD, the pattern.
     let (_, resp, din) = h.command(LUN0, &[0x28, 0, 0, 0, 0, 5, 0, 0, 1, 0], &[], 512);
-    assert_eq!((resp[10], din), (0, vec![0u8; 512]));
+    assert_eq!(&resp[..12], &[0; 12]);
+    assert_eq!(din, pattern);
 }
 
 #[test]
@@ -2534,8 +2540,12 @@ fn hold_a_popped_chain(
         dev.handle_event(local, EventSet::IN, &vrings, thread)
             .unwrap();
     });
+    // Popped, and the hook taken by that thread (the pop moves the queue on before the hook
+    // is taken: another request queue's pop in between would take it).
     let start = Instant::now();
-    while h.req.vring.queue_next_avail() == popped {
+    while h.req.vring.queue_next_avail() == popped
+        || h.dev.hooks.after_pop.lock().unwrap().is_some()
+    {
         assert!(start.elapsed() < Duration::from_secs(10), "not popped");
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -2548,19 +2558,37 @@ fn hold_a_popped_chain(
 fn a_thread_held_in_its_queue_does_not_hold_up_another_threads_queue() {
     let mut h = Harness::with_queues(lu(64), 2, 2);
     h.tur();
-    assert_ne!(h.thread_of(2).0, h.thread_of(3).0, "a thread each");
+    // Thread 0: the control and event queues; thread 1: queue 2; thread 2: queue 3.
+    assert_eq!(h.dev.queues_per_thread(), vec![0b11, 0b100, 0b1000]);
     let (gate, r2, kicked) = hold_a_popped_chain(&mut h);
+    // Opens the gate however the test ends, so that no thread stays held.
+    struct Open(crate::device::TestGate);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            *self.0 .0.lock().unwrap() = true;
+            self.0 .1.notify_all();
+        }
+    }
+    let open = Open(gate);
     let r3 = tur_chain(&mut h, 3, 6);
-    h.kick(3);
+    // Kicked from another thread: were queue 3 held up by queue 2, the kick would block, and
+    // `wait_used` would fail the test after its 10 s rather than the test hang.
+    let (thread, local) = h.thread_of(3);
+    let (dev, vrings) = (h.dev.clone(), h.thread_vrings(thread));
+    let kicked3 = std::thread::spawn(move || {
+        dev.handle_event(local, EventSet::IN, &vrings, thread)
+            .unwrap();
+    });
     assert_eq!(h.wait_used(3).1, RESP);
-    // GOOD: sense_len 0, resid 0, status 0, response VIRTIO_SCSI_S_OK.
+    // GOOD: sense_len 0, resid 0, status 0, response VIRTIO_SCSI_S_OK (over the EEh the
+    // response buffer was filled with).
     assert_eq!(h.get(r3, 12), vec![0; 12]);
     assert!(
         !kicked.is_finished(),
         "the first queue's thread is still held"
     );
-    *gate.0.lock().unwrap() = true;
-    gate.1.notify_all();
+    kicked3.join().unwrap();
+    drop(open);
     kicked.join().unwrap();
     assert_eq!(h.wait_used(2).1, RESP);
     assert_eq!(h.get(r2, 12), vec![0; 12]);
