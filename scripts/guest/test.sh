@@ -578,6 +578,8 @@ reconnect() {
         host_sees_holder host-sees-holder-while-held "$name"
         # run.sh's pid file names the `timeout` that runs QEMU: QEMU is its child.
         pkill -KILL -P "$(cat "$case_dir/guest1.pid")" || host_fail guest1-killed "no QEMU to kill"
+    else
+        host_fail guest1-held "guest1 never reached SYNC held"
     fi
     wait "$bg" || rc=$?
     # QEMU killed: run.sh reports QEMU failing (3), as it must.
