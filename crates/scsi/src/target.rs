@@ -300,8 +300,8 @@ impl Target {
     }
 
     /// The nexus is gone (session closed, connection lost, guest disconnected): its tasks are
-    /// aborted (SAM-5 6.3.4: I_T nexus loss) and its unit attention state is dropped, so a new
-    /// nexus with the same name starts with POWER ON, RESET.
+    /// aborted (SAM-5 6.3.4: I_T nexus loss), and when a nexus of the same name comes back,
+    /// each LU that had seen it first reports I_T NEXUS LOSS OCCURRED (29h/07h) to it.
     pub fn nexus_lost(&self, nexus: &Arc<ItNexus>) {
         for lu in self.luns.values() {
             lu.nexus_lost(nexus);
