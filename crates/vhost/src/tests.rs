@@ -2523,6 +2523,57 @@ fn an_event_without_a_buffer_asks_the_driver_to_kick_for_the_next_one() {
     assert_eq!(le32(&h.get(e2, 16), 0), 0x8000_0000);
 }
 
+/// Give `vring` a call eventfd, as the frontend does (SET_VRING_CALL); returns the test's end
+/// of it (non-blocking: a read fails while no interrupt was signalled).
+fn give_call_fd(vring: &Vring) -> vmm_sys_util::eventfd::EventFd {
+    let call = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(call.try_clone().unwrap());
+    // SAFETY: `fd` is a descriptor of its own (a duplicate), owned by the File from here on.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    vring.set_call(Some(file));
+    call
+}
+
+/// VIRTIO_F_EVENT_IDX on a request queue (virtio 1.2 2.7.10): the device interrupts only when
+/// the used index passes the driver's used_event, and once it has served the queue it asks
+/// for a kick at the next chain through avail_event.
+#[test]
+fn a_request_queue_with_event_idx_interrupts_and_asks_for_kicks_as_the_driver_set() {
+    let mut h = Harness::new();
+    h.tur();
+    h.dev.set_event_idx(true);
+    h.req.vring.set_queue_event_idx(true);
+    let call = give_call_fd(&h.req.vring);
+    let (avail, used) = (h.req.avail, h.req.used);
+    // used_event is the u16 after the avail ring's entries, avail_event the u16 after the
+    // used ring's (virtio 1.2 2.7.6, 2.7.8).
+    let used_event_at = avail + 4 + 2 * u64::from(QSIZE);
+    let avail_event_at = used + 4 + 8 * u64::from(QSIZE);
+    let u = h.used_count(2);
+    // The driver wants an interrupt once the used index passes u + 1: not for the next
+    // answer (u -> u + 1), but for the one after (u + 1 -> u + 2).
+    h.put(used_event_at, &u.wrapping_add(1).to_le_bytes());
+    for (tag, interrupt) in [(11, false), (12, true)] {
+        let r = tur_chain(&mut h, 2, tag);
+        h.kick(2);
+        assert_eq!(h.wait_used(2).1, RESP);
+        assert_eq!(h.get(r, 12), vec![0; 12]);
+        let signalled = call.read().ok();
+        assert_eq!(
+            signalled.is_some(),
+            interrupt,
+            "tag {tag}: interrupt {signalled:?}"
+        );
+    }
+    // Served and no chain left: avail_event is the next chain's avail index, so the driver's
+    // vring_need_event(avail_event, new, old) holds for that chain and it kicks.
+    let next = h.req.vring.queue_next_avail();
+    let avail_event = u16::from_le_bytes(h.get(avail_event_at, 2).try_into().unwrap());
+    assert_eq!(avail_event, next);
+    let (new, old) = (next.wrapping_add(1), next);
+    assert!(new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old));
+}
+
 /// Put a TEST UNIT READY chain (tag 5) on request queue 2 and kick it: the queue's thread pops
 /// it and stops right after (the `after_pop` hook), holding the queue's pop lock until the
 /// returned gate opens. Returns the gate, the chain's response address, and the thread
@@ -2634,12 +2685,7 @@ fn a_queue_stop_waits_for_a_chain_popped_just_before_it() {
     let mut h = Harness::new();
     h.tur();
     let used = h.used_count(2);
-    // The queue's call eventfd, as the frontend gives it (SET_VRING_CALL).
-    let call = vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
-    let fd = std::os::fd::IntoRawFd::into_raw_fd(call.try_clone().unwrap());
-    // SAFETY: `fd` is a descriptor of its own (a duplicate), owned by the File from here on.
-    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    h.req.vring.set_call(Some(file));
+    let call = give_call_fd(&h.req.vring);
     let (gate, r, kicked) = hold_a_popped_chain(&mut h);
     // GET_VRING_BASE of the queue: not ready, stop_vring, then the call fd is dropped.
     h.req.vring.set_queue_ready(false);
