@@ -358,6 +358,16 @@ impl Harness {
             .unwrap();
     }
 
+    /// [`Self::kick`] of request queue `which` on a thread of its own, which it returns.
+    fn kick_in_thread(&self, which: usize) -> std::thread::JoinHandle<()> {
+        let (thread, local) = self.thread_of(which);
+        let (dev, vrings) = (self.dev.clone(), self.thread_vrings(thread));
+        std::thread::spawn(move || {
+            dev.handle_event(local, EventSet::IN, &vrings, thread)
+                .unwrap();
+        })
+    }
+
     fn kick(&self, which: usize) {
         let r = match which {
             0 => self.dev.handle_event(
@@ -2576,21 +2586,14 @@ fn a_request_queue_with_event_idx_interrupts_and_asks_for_kicks_as_the_driver_se
 
 /// Put a TEST UNIT READY chain (tag 5) on request queue 2 and kick it: the queue's thread pops
 /// it and stops right after (the `after_pop` hook), holding the queue's pop lock until the
-/// returned gate opens. Returns the gate, the chain's response address, and the thread
-/// handling the kick.
-fn hold_a_popped_chain(
-    h: &mut Harness,
-) -> (crate::device::TestGate, u64, std::thread::JoinHandle<()>) {
-    let gate: crate::device::TestGate = Arc::default();
-    *h.dev.hooks.after_pop.lock().unwrap() = Some(gate.clone());
+/// returned guard is dropped (which opens the gate however the test ends). Returns the guard,
+/// the chain's response address, and the thread handling the kick.
+fn hold_a_popped_chain(h: &mut Harness) -> (impl Drop, u64, std::thread::JoinHandle<()>) {
+    let (gate, open) = closed_gate();
+    *h.dev.hooks.after_pop.lock().unwrap() = Some(gate);
     let popped = h.req.vring.queue_next_avail();
     let r = tur_chain(h, 2, 5);
-    let (thread, local) = h.thread_of(2);
-    let (dev, vrings) = (h.dev.clone(), h.thread_vrings(thread));
-    let kicked = std::thread::spawn(move || {
-        dev.handle_event(local, EventSet::IN, &vrings, thread)
-            .unwrap();
-    });
+    let kicked = h.kick_in_thread(2);
     // Popped, and the hook taken by that thread (the pop moves the queue on before the hook
     // is taken: another request queue's pop in between would take it).
     let start = Instant::now();
@@ -2600,7 +2603,7 @@ fn hold_a_popped_chain(
         assert!(start.elapsed() < Duration::from_secs(10), "not popped");
         std::thread::sleep(Duration::from_millis(1));
     }
-    (gate, r, kicked)
+    (open, r, kicked)
 }
 
 /// Two request queues on two threads are served in parallel: while the first queue's thread
@@ -2611,25 +2614,11 @@ fn a_thread_held_in_its_queue_does_not_hold_up_another_threads_queue() {
     h.tur();
     // Thread 0: the control and event queues; thread 1: queue 2; thread 2: queue 3.
     assert_eq!(h.dev.queues_per_thread(), vec![0b11, 0b100, 0b1000]);
-    let (gate, r2, kicked) = hold_a_popped_chain(&mut h);
-    // Opens the gate however the test ends, so that no thread stays held.
-    struct Open(crate::device::TestGate);
-    impl Drop for Open {
-        fn drop(&mut self) {
-            *self.0 .0.lock().unwrap() = true;
-            self.0 .1.notify_all();
-        }
-    }
-    let open = Open(gate);
+    let (open, r2, kicked) = hold_a_popped_chain(&mut h);
     let r3 = tur_chain(&mut h, 3, 6);
     // Kicked from another thread: were queue 3 held up by queue 2, the kick would block, and
     // `wait_used` would fail the test after its 10 s rather than the test hang.
-    let (thread, local) = h.thread_of(3);
-    let (dev, vrings) = (h.dev.clone(), h.thread_vrings(thread));
-    let kicked3 = std::thread::spawn(move || {
-        dev.handle_event(local, EventSet::IN, &vrings, thread)
-            .unwrap();
-    });
+    let kicked3 = h.kick_in_thread(3);
     assert_eq!(h.wait_used(3).1, RESP);
     // GOOD: sense_len 0, resid 0, status 0, response VIRTIO_SCSI_S_OK (over the EEh the
     // response buffer was filled with).
@@ -2653,7 +2642,7 @@ fn task_management_waits_for_a_chain_popped_but_not_yet_in_flight() {
     let mut h = Harness::new();
     h.tur();
     let used = h.used_count(2);
-    let (gate, _r, kicked) = hold_a_popped_chain(&mut h);
+    let (open, _r, kicked) = hold_a_popped_chain(&mut h);
     // ABORT TASK (subtype 0) of tag 5, the popped TEST UNIT READY.
     let (tr, ctrl0) = h.send_tmf(0, LUN0, 5);
     std::thread::sleep(Duration::from_millis(200));
@@ -2662,8 +2651,7 @@ fn task_management_waits_for_a_chain_popped_but_not_yet_in_flight() {
         ctrl0,
         "ABORT TASK answered while its task was popped but not in flight"
     );
-    *gate.0.lock().unwrap() = true;
-    gate.1.notify_all();
+    drop(open);
     kicked.join().unwrap();
     h.wait_control_used(ctrl0);
     assert_eq!(
@@ -2686,7 +2674,7 @@ fn a_queue_stop_waits_for_a_chain_popped_just_before_it() {
     h.tur();
     let used = h.used_count(2);
     let call = give_call_fd(&h.req.vring);
-    let (gate, r, kicked) = hold_a_popped_chain(&mut h);
+    let (open, r, kicked) = hold_a_popped_chain(&mut h);
     // GET_VRING_BASE of the queue: not ready, stop_vring, then the call fd is dropped.
     h.req.vring.set_queue_ready(false);
     let (dev, vring) = (h.dev.clone(), h.req.vring.clone());
@@ -2699,8 +2687,7 @@ fn a_queue_stop_waits_for_a_chain_popped_just_before_it() {
         !stop.is_finished(),
         "the stop did not wait for the popped chain"
     );
-    *gate.0.lock().unwrap() = true;
-    gate.1.notify_all();
+    drop(open);
     kicked.join().unwrap();
     stop.join().unwrap();
     assert_eq!(
@@ -2722,11 +2709,10 @@ fn a_queue_stop_waits_for_a_chain_popped_just_before_it() {
 fn a_stop_and_a_reset_waiting_for_a_queue_thread_give_up_when_the_socket_closes() {
     let mut h = Harness::new();
     h.tur();
-    let (gate, _, kicked) = hold_a_popped_chain(&mut h);
+    let (open, _, kicked) = hold_a_popped_chain(&mut h);
     let gave_up = stop_and_reset_until_closing(&h.dev, "while the queue's thread held a chain");
     // Frees the queue's thread (and a wait still running), so the test ends either way.
-    *gate.0.lock().unwrap() = true;
-    gate.1.notify_all();
+    drop(open);
     kicked.join().unwrap();
     assert_eq!(
         gave_up,
