@@ -273,6 +273,17 @@ pr_keys() {
     echo "generation=$gen keys=${ks:-none}"
 }
 
+# pr_reservation DEV: what READ RESERVATION shows, as "generation=G holder=KEY type=TYPE"
+# (TYPE as sg_persist names it, blanks and commas made underscores) or "generation=G none",
+# or "error: ..." with sg_persist's output.
+pr_reservation() {
+    out=$(sg_persist -n --in --read-reservation "$1" 2>&1) || { echo "error: $out" | tr '\n' ' '; return; }
+    gen=$(echo "$out" | sed -n 's/.*PR generation=\(0x[0-9a-f]*\).*/\1/p')
+    holder=$(echo "$out" | sed -n 's/^ *Key=\(0x[0-9a-f]*\).*/\1/p')
+    rtype=$(echo "$out" | sed -n 's/.*type: *\(.*\)$/\1/p' | tr -s ' ' | tr ' ,' '_')
+    if [ -n "$holder" ]; then echo "generation=$gen holder=$holder type=$rtype"; else echo "generation=$gen none"; fi
+}
+
 # sg_of DISK: the sg node (/dev/sgN) of a disk (sdX).
 sg_of() { ls "/sys/block/$1/device/scsi_generic" 2>/dev/null | head -n1 | sed 's,^,/dev/,'; }
 

@@ -18,19 +18,11 @@ dd if=/dev/urandom of=/tmp/blk bs="$bs" count=1 2>/dev/null
 # Each guest writes its own block (guest 1 at 4 MiB, guest 2 one block after).
 wlba=$((4194304 / bs + ROLE - 1))
 
-# reservation: "generation=G holder=KEY type=TYPE" or "generation=G none"
-reservation() {
-    out=$(sg_persist -n --in --read-reservation "$dev" 2>&1) || { echo "error: $out" | tr '\n' ' '; return; }
-    gen=$(echo "$out" | sed -n 's/.*PR generation=\(0x[0-9a-f]*\).*/\1/p')
-    key=$(echo "$out" | sed -n 's/^ *Key=\(0x[0-9a-f]*\).*/\1/p')
-    typ=$(echo "$out" | sed -n 's/.*type: *\(.*\)$/\1/p' | tr -s ' ' | tr ' ,' '_')
-    if [ -n "$key" ]; then echo "generation=$gen holder=$key type=$typ"; else echo "generation=$gen none"; fi
-}
 # report PHASE: the state both guests must agree on at this phase.
 report() {
     clear_ua "$dev"
     value "$1-keys" "$(pr_keys "$dev")"
-    value "$1-reservation" "$(reservation)"
+    value "$1-reservation" "$(pr_reservation "$dev")"
 }
 
 # Phase 1: both register.
@@ -51,7 +43,7 @@ if [ "$ROLE" = 1 ]; then
 fi
 sync_point reserved
 report reserved
-r=$(reservation)
+r=$(pr_reservation "$dev")
 case $r in
 *"holder=$k1 "*) pass sees-reservation "$r" ;;
 *) fail sees-reservation "$r, want holder $k1" ;;
@@ -84,7 +76,7 @@ else
     expect_rc dd-write-succeeds 0 dd if=/tmp/blk of="$dev" bs="$bs" seek="$wlba" count=1 \
         oflag=direct conv=notrunc
 fi
-r=$(reservation)
+r=$(pr_reservation "$dev")
 case $r in
 *"holder=$k2 "*) pass sees-preemption "$r" ;;
 *) fail sees-preemption "$r, want holder $k2" ;;

@@ -22,14 +22,6 @@ clear_ua "$dev"
 bs=$(cat "/sys/block/$disk/queue/logical_block_size")
 at=$((4194304 / bs))
 
-# reservation: "holder=KEY type=TYPE" or "none", from READ RESERVATION.
-reservation() {
-    out=$(sg_persist -n --in --read-reservation "$dev" 2>&1) || { echo "error: $out" | tr '\n' ' '; return; }
-    holder=$(echo "$out" | sed -n 's/^ *Key=\(0x[0-9a-f]*\).*/\1/p')
-    typ=$(echo "$out" | sed -n 's/.*type: *\(.*\)$/\1/p' | tr -s ' ' | tr ' ,' '_')
-    if [ -n "$holder" ]; then echo "holder=$holder type=$typ"; else echo none; fi
-}
-
 if [ "$ROLE" = 1 ]; then
     expect_rc register 0 sg_persist -n --out --register --param-sark="$key" "$dev"
     expect_rc reserve 0 sg_persist -n --out --reserve --param-rk="$key" --prout-type=1 "$dev"
@@ -56,9 +48,9 @@ case $k in
 *"keys=$key") pass registration-outlives-nexus "$k" ;;
 *) fail registration-outlives-nexus "$k, want only $key" ;;
 esac
-r=$(reservation)
+r=$(pr_reservation "$dev")
 case $r in
-"holder=$key type=Write_Exclusive") pass reservation-outlives-nexus "$r" ;;
+"generation="*" holder=$key type=Write_Exclusive") pass reservation-outlives-nexus "$r" ;;
 *) fail reservation-outlives-nexus "$r, want holder $key type Write Exclusive" ;;
 esac
 # Only the holder may write under Write Exclusive: this is the same I_T nexus.
